@@ -1,0 +1,1 @@
+"""Getting bytes into memory safely: base model, module injection, adapter files, the adapter registry."""

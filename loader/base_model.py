@@ -1,0 +1,44 @@
+"""Load the frozen base model and its tokenizer from a local Hugging Face directory (never the hub)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from loader.default_model import ensure_default_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    model_type: str
+    vocab_size: int
+    max_context: int
+    eos_token_ids: frozenset[int]
+    pad_token_id: int
+
+
+def load_base_model(model: str, device: str, dtype: str) -> BaseModel:
+    """`model` is a local HF causal-LM directory, or `default` for the built-in model."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = ensure_default_model() if model == "default" else Path(model)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
+                                              attn_implementation="sdpa")
+    hf.to(device).eval().requires_grad_(False)
+    config = hf.config
+    max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    eos_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0)
+    return BaseModel(hf, tokenizer, str(model), config.model_type, config.vocab_size, int(max_context),
+                     eos_ids, int(pad))

@@ -1,0 +1,150 @@
+"""Adapter registry: disk (the adapter root) -> host memory (an LRU bounded in bytes) -> device slots.
+
+Thread-safe; file reads run on the caller's thread (never the engine's) outside the registry lock.
+Device slots are the engine's business (adapters.slot_bank.SlotBank); requests carry the exact
+CanonicalAdapter they resolved, so eviction or hot-swap never changes a running request's weights.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from adapters.canonical import CanonicalAdapter
+from server.errors import AlreadyExists, InvalidArgument, NotFound
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+Reader = Callable[[Path, str, int], CanonicalAdapter]  # (directory, adapter_id, load_serial)
+
+
+@dataclass
+class AdapterRecord:
+    adapter_id: str
+    path: Path
+    version: int
+    pinned: bool
+    weights: CanonicalAdapter | None  # None: evicted from host memory, read again on next use
+    size_bytes: int
+    last_used: float
+    kind: str
+    module_ranks: dict[str, int]
+
+
+class AdapterRegistry:
+    def __init__(self, root: Path | None, reader: Reader, cache_bytes: int, autoload: bool,
+                 on_evict: Callable[[CanonicalAdapter], None] = lambda adapter: None) -> None:
+        self.root = root.resolve() if root is not None else None
+        self._reader = reader
+        self.cache_bytes = cache_bytes
+        self.autoload = autoload
+        self._on_evict = on_evict
+        self._lock = threading.Lock()
+        self._records: dict[str, AdapterRecord] = {}
+        self._id_locks: dict[str, threading.Lock] = {}
+        self._serial = itertools.count(1)
+
+    def path_for(self, adapter_id: str) -> Path:
+        """The adapter's directory, confined to the root: no separators, no '..', no symlink escapes."""
+        if not _ID.fullmatch(adapter_id) or ".." in adapter_id:
+            raise InvalidArgument(
+                f"invalid adapter_id {adapter_id!r}: use 1-128 characters from [A-Za-z0-9._-], starting with a "
+                f"letter or digit; ids name a directory directly under the adapter root")
+        if self.root is None:
+            raise NotFound(f"adapter {adapter_id!r} not found: the server has no --adapter-root")
+        path = (self.root / adapter_id).resolve()
+        if path.parent != self.root:
+            raise InvalidArgument(f"invalid adapter_id {adapter_id!r}: it resolves outside the adapter root")
+        return path
+
+    # -- request path ---------------------------------------------------------------------------
+    def resolve(self, adapter_id: str) -> CanonicalAdapter:
+        """Weights for a request, loading on first use when auto-load is on. Blocking: call off the event loop."""
+        path = self.path_for(adapter_id)
+        with self._lock:
+            record = self._records.get(adapter_id)
+            if record is not None and record.weights is not None:
+                record.last_used = time.monotonic()
+                return record.weights
+        if record is None and not self.autoload:
+            raise NotFound(f"adapter {adapter_id!r} is not loaded and auto-load is off; call LoadAdapter first")
+        return self._read(adapter_id, path, replace=record is not None, pin=None, reread=True).weights
+
+    # -- admin ----------------------------------------------------------------------------------
+    def load(self, adapter_id: str, replace: bool, pin: bool) -> AdapterRecord:
+        path = self.path_for(adapter_id)
+        with self._lock:
+            if adapter_id in self._records and not replace:
+                raise AlreadyExists(f"adapter {adapter_id!r} is already loaded; set replace to swap in new files")
+        return self._read(adapter_id, path, replace=replace, pin=pin, reread=False)
+
+    def unload(self, adapter_id: str) -> AdapterRecord:
+        self.path_for(adapter_id)
+        with self._lock:
+            record = self._records.pop(adapter_id, None)
+        if record is None:
+            raise NotFound(f"adapter {adapter_id!r} is not loaded")
+        if record.weights is not None:
+            self._on_evict(record.weights)
+        return record
+
+    def get(self, adapter_id: str) -> AdapterRecord:
+        self.path_for(adapter_id)
+        with self._lock:
+            record = self._records.get(adapter_id)
+        if record is None:
+            raise NotFound(f"adapter {adapter_id!r} is not loaded")
+        return record
+
+    def records(self) -> list[AdapterRecord]:
+        with self._lock:
+            return sorted(self._records.values(), key=lambda r: r.adapter_id)
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(r.size_bytes for r in self._records.values() if r.weights is not None)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _read(self, adapter_id: str, path: Path, replace: bool, pin: bool | None, reread: bool) -> AdapterRecord:
+        with self._lock:
+            id_lock = self._id_locks.setdefault(adapter_id, threading.Lock())
+        with id_lock:  # one read per id at a time; concurrent first uses share the result
+            with self._lock:
+                current = self._records.get(adapter_id)
+                if reread and current is not None and current.weights is not None:
+                    return current
+            if not path.is_dir():
+                raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
+            weights = self._reader(path, adapter_id, next(self._serial))
+            with self._lock:
+                current = self._records.get(adapter_id)
+                version = 1 if current is None else current.version + (0 if reread else 1)
+                record = AdapterRecord(adapter_id, path, version,
+                                       pinned=(current.pinned if current and pin is None else bool(pin)),
+                                       weights=weights, size_bytes=weights.size_bytes, last_used=time.monotonic(),
+                                       kind=weights.kind.value,
+                                       module_ranks={m: f.rank for m, f in weights.modules.items()})
+                self._records[adapter_id] = record
+                evicted = self._evict_over_budget(keep=adapter_id)
+            if current is not None and current.weights is not None and not reread:
+                evicted.append(current.weights)
+            for old in evicted:
+                self._on_evict(old)
+            return record
+
+    def _evict_over_budget(self, keep: str) -> list[CanonicalAdapter]:
+        evicted = []
+        resident = sorted((r for r in self._records.values() if r.weights is not None), key=lambda r: r.last_used)
+        total = sum(r.size_bytes for r in resident)
+        for record in resident:
+            if total <= self.cache_bytes:
+                break
+            if record.pinned or record.adapter_id == keep:
+                continue
+            evicted.append(record.weights)
+            record.weights = None
+            total -= record.size_bytes
+        return evicted

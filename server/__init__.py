@@ -1,0 +1,1 @@
+"""The gRPC process: config, app, servicers, engine, batch, sampling, stopping, metrics, errors."""

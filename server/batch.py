@@ -1,0 +1,115 @@
+"""The running batch: rows, their KV cache, attention masks and adapter factors; prefill and decode.
+
+Rows are left-padded on one shared time axis. The engine owns scheduling; this module owns tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters.slot_bank import AdapterContext, RowFactors, SlotBank
+from server.kv_cache import KVCache
+
+
+@dataclass
+class Row:
+    """One request while it holds a place in the batch. `state` is the engine's per-request bookkeeping."""
+
+    prompt_ids: list[int]
+    slot: int
+    state: object = None
+    last_token: int = -1
+
+
+@dataclass
+class Batch:
+    rows: list[Row]
+    cache: KVCache
+    valid: torch.Tensor       # [B, T] bool: which cached columns hold real tokens
+    positions: torch.Tensor   # [B] position id of the next token
+    factors: RowFactors | None = field(default=None)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class Runner:
+    """Runs the model for batches: the only place that calls the HF forward."""
+
+    def __init__(self, model: torch.nn.Module, context: AdapterContext, bank: SlotBank, pad_id: int,
+                 max_context: int) -> None:
+        self.model = model
+        self.context = context
+        self.bank = bank
+        self.pad_id = pad_id
+        self.max_context = max_context
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.num_layers = model.config.get_text_config().num_hidden_layers
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                 factors: RowFactors | None) -> torch.Tensor:
+        additive = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
+        additive.masked_fill_(~mask, torch.finfo(self.dtype).min)
+        self.context.rows = factors
+        try:
+            out = self.model(input_ids=ids, attention_mask=additive, position_ids=positions,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            self.context.rows = None
+        cache.length += ids.shape[1]
+        return out.logits[:, -1, :].float()
+
+    @torch.inference_mode()
+    def prefill(self, rows: list[Row]) -> tuple[Batch, torch.Tensor]:
+        """Run the prompts of `rows` (left-padded together); returns their batch and last-position logits."""
+        length = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        valid = torch.zeros((len(rows), length), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, length - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            valid[i, length - len(r.prompt_ids):] = True
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
+        mask = (causal[None] & valid[:, None, :])[:, None]  # [N, 1, L, L]
+        # A pad query attends to nothing real; let it see itself so its (unused) output stays finite.
+        mask |= torch.eye(length, dtype=torch.bool, device=self.device)[None, None]
+        factors = self.bank.gather([r.slot for r in rows])
+        cache = KVCache(self.num_layers, self.max_context)
+        logits = self._forward(ids, mask, positions, cache, factors)
+        batch = Batch(rows, cache, valid, positions[:, -1] + 1, factors)
+        return batch, logits
+
+    @torch.inference_mode()
+    def decode_step(self, batch: Batch) -> torch.Tensor:
+        """Feed every row its last token; returns next-token logits [B, V]."""
+        ids = torch.tensor([[r.last_token] for r in batch.rows], dtype=torch.long, device=self.device)
+        batch.valid = torch.cat([batch.valid, batch.valid.new_ones(len(batch), 1)], dim=1)
+        logits = self._forward(ids, batch.valid[:, None, None, :], batch.positions[:, None], batch.cache,
+                               batch.factors)
+        batch.positions = batch.positions + 1
+        return logits
+
+    def keep(self, batch: Batch, keep: list[int]) -> Batch | None:
+        """The batch without the rows not in `keep` (indices), trimming pad columns no row needs any more."""
+        if not keep:
+            return None
+        if len(keep) == len(batch):
+            return batch
+        rows = torch.tensor(keep, device=self.device)
+        valid = batch.valid.index_select(0, rows)
+        start = int(valid.any(dim=0).long().argmax())
+        new_rows = [batch.rows[i] for i in keep]
+        return Batch(new_rows, batch.cache.select(rows, start), valid[:, start:].contiguous(),
+                     batch.positions.index_select(0, rows), self.bank.gather([r.slot for r in new_rows]))
+
+    def merge(self, a: Batch | None, b: Batch) -> Batch:
+        if a is None:
+            return b
+        length = max(a.valid.shape[1], b.valid.shape[1])
+        pad = lambda v: torch.cat([v.new_zeros(v.shape[0], length - v.shape[1]), v], dim=1)  # noqa: E731
+        rows = a.rows + b.rows
+        return Batch(rows, KVCache.merge(a.cache, b.cache), torch.cat([pad(a.valid), pad(b.valid)]),
+                     torch.cat([a.positions, b.positions]), self.bank.gather([r.slot for r in rows]))

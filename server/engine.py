@@ -1,0 +1,279 @@
+"""The engine thread: owns the model and runs continuous batching.
+
+Each iteration: take new requests and control calls, drop cancelled rows, admit waiting requests
+(acquiring device slots), prefill the newcomers, merge them into the running batch, run one decode
+step for every row, sample, push tokens to the requests' sinks, retire finished rows. Requests join
+and leave between steps. An exception in a step fails only that step's requests.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+from adapters.canonical import CanonicalAdapter
+from adapters.slot_bank import SlotBank, SlotsFull
+from server.batch import Batch, Row, Runner
+from server.errors import InternalError, ResourceExhausted, Unavailable
+from server.metrics import Metrics
+from server.sampling import SamplingParams, make_generator, sample
+from server.stopping import FinishReason, StoppingParams, TextStream
+
+log = logging.getLogger("loraplex.engine")
+
+
+@dataclass
+class TokenEvent:
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class FinishEvent:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class ErrorEvent:
+    error: Exception
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_ids: list[int]
+    adapter: CanonicalAdapter | None
+    sampling: SamplingParams
+    stopping: StoppingParams
+    sink: Callable[[object], None]  # thread-safe; receives TokenEvent/FinishEvent/ErrorEvent
+    adapter_label: str = ""
+    arrival: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # set from any thread; the engine drops the request at its next step
+
+
+@dataclass
+class _RowState:
+    request: EngineRequest
+    stream: TextStream
+    generator: object
+    admitted: float
+    last_token_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int
+    max_queue_size: int
+
+
+class Engine:
+    def __init__(self, runner: Runner, tokenizer, eos_token_ids: frozenset[int], config: EngineConfig,
+                 metrics: Metrics) -> None:
+        self.runner = runner
+        self.bank: SlotBank = runner.bank
+        self.tokenizer = tokenizer
+        self.eos = eos_token_ids
+        self.config = config
+        self.metrics = metrics
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: deque[EngineRequest] = deque()
+        self._pending = 0  # submitted, not yet admitted (inbox + waiting); guarded by _count_lock
+        self._count_lock = threading.Lock()
+        self._batch: Batch | None = None
+        self._wake = threading.Event()
+        self._stop = False
+        self.draining = False
+        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+
+    # -- any thread -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, request: EngineRequest) -> None:
+        if self.draining or self._stop:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        with self._count_lock:
+            if self._pending >= self.config.max_queue_size:
+                raise ResourceExhausted(
+                    f"the waiting queue is full ({self.config.max_queue_size} requests, --max-queue-size); retry later")
+            self._pending += 1
+        self.metrics.waiting.inc()
+        self._inbox.put(request)
+        self._wake.set()
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the engine thread between steps (slot bank changes must not race a forward)."""
+        future: Future = Future()
+        self._inbox.put((fn, future))
+        self._wake.set()
+        return future
+
+    def idle(self) -> bool:
+        return self._batch is None and self._pending == 0
+
+    # -- engine thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop:
+            self._take_inbox()
+            self._drop_cancelled()
+            newcomers = self._admit()
+            if newcomers:
+                self._prefill(newcomers)
+            if self._batch is not None:
+                self._decode()
+            elif not newcomers:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+        self._fail_all(Unavailable("the server stopped"))
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, EngineRequest):
+                self._waiting.append(item)
+                continue
+            fn, future = item
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # reported to the caller, never kills the loop
+                future.set_exception(exc)
+
+    def _unqueue(self, n: int = 1) -> None:
+        with self._count_lock:
+            self._pending -= n
+        self.metrics.waiting.dec(n)
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(request)
+            self._unqueue()
+            self._finish_metrics(request, FinishReason.CANCELLED)
+        if self._batch is not None and any(r.state.request.cancelled for r in self._batch.rows):
+            for row in self._batch.rows:
+                if row.state.request.cancelled:
+                    self._finish_metrics(row.state.request, FinishReason.CANCELLED)
+            self._retire([i for i, r in enumerate(self._batch.rows) if r.state.request.cancelled])
+
+    def _admit(self) -> list[Row]:
+        room = self.config.max_batch_size - (len(self._batch) if self._batch else 0)
+        admitted, skipped = [], deque()
+        while self._waiting and len(admitted) < room:
+            request = self._waiting.popleft()
+            try:
+                slot = self.bank.acquire(request.adapter)
+            except SlotsFull:  # every slot serves running rows: wait, let others with resident adapters pass
+                skipped.append(request)
+                continue
+            now = time.monotonic()
+            self.metrics.queue_time.observe(now - request.arrival)
+            state = _RowState(request, TextStream(self.tokenizer, request.stopping, self.eos),
+                              make_generator(request.sampling), now)
+            admitted.append(Row(request.prompt_ids, slot, state))
+        self._waiting.extendleft(reversed(skipped))
+        if admitted:
+            self._unqueue(len(admitted))
+            self.metrics.running.set((len(self._batch) if self._batch else 0) + len(admitted))
+            self.metrics.adapter_slots_used.set(self.bank.used)
+        return admitted
+
+    def _prefill(self, rows: list[Row]) -> None:
+        start = time.monotonic()
+        try:
+            batch, logits = self.runner.prefill(rows)
+            tokens = sample(logits, [r.state.request.sampling for r in rows], [r.state.generator for r in rows])
+        except Exception as exc:
+            log.exception("prefill failed for %d requests", len(rows))
+            for row in rows:
+                self._fail_row(row, exc)
+            return
+        self.metrics.step_time.labels("prefill").observe(time.monotonic() - start)
+        self.metrics.batch_size.labels("prefill").observe(len(rows))
+        self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
+        self._batch = self.runner.merge(self._batch, batch)
+        self._emit(rows, tokens, first=True)
+
+    def _decode(self) -> None:
+        batch = self._batch
+        start = time.monotonic()
+        try:
+            logits = self.runner.decode_step(batch)
+            tokens = sample(logits, [r.state.request.sampling for r in batch.rows],
+                            [r.state.generator for r in batch.rows])
+        except Exception as exc:
+            log.exception("decode step failed for %d requests", len(batch))
+            for row in batch.rows:
+                self._fail_row(row, exc)
+            self._batch = None
+            self.metrics.running.set(0)
+            return
+        self.metrics.step_time.labels("decode").observe(time.monotonic() - start)
+        self.metrics.batch_size.labels("decode").observe(len(batch))
+        self._emit(batch.rows, tokens, first=False)
+
+    def _emit(self, rows: list[Row], tokens: list[int], first: bool) -> None:
+        now = time.monotonic()
+        finished = []
+        for row, token in zip(rows, tokens):
+            state = row.state
+            row.last_token = token
+            text = state.stream.push(token)
+            if first:
+                self.metrics.ttft.observe(now - state.request.arrival)
+            else:
+                self.metrics.itl.observe(now - state.last_token_time)
+            state.last_token_time = now
+            state.request.sink(TokenEvent([token], text))
+            if state.stream.finish is not None:
+                finished.append(row)
+        self.metrics.generation_tokens.inc(len(rows))
+        if finished:
+            done = {id(r) for r in finished}
+            for row in finished:
+                request = row.state.request
+                request.sink(FinishEvent(row.state.stream.finish, len(row.prompt_ids), len(row.state.stream.ids)))
+                self._finish_metrics(request, row.state.stream.finish)
+            self._retire([i for i, r in enumerate(self._batch.rows) if id(r) in done])
+
+    def _retire(self, indices: list[int]) -> None:
+        gone = set(indices)
+        for i in gone:
+            self.bank.release(self._batch.rows[i].slot)
+        self._batch = self.runner.keep(self._batch, [i for i in range(len(self._batch)) if i not in gone])
+        self.metrics.running.set(len(self._batch) if self._batch else 0)
+        self.metrics.adapter_slots_used.set(self.bank.used)
+
+    def _finish_metrics(self, request: EngineRequest, reason: FinishReason) -> None:
+        self.metrics.success.labels(reason.value).inc()
+        self.metrics.e2e.observe(time.monotonic() - request.arrival)
+        self.metrics.adapter_requests.labels(request.adapter_label).inc()
+
+    def _fail_row(self, row: Row, exc: Exception) -> None:
+        self.bank.release(row.slot)
+        self.metrics.failure.labels("INTERNAL").inc()
+        row.state.request.sink(ErrorEvent(InternalError(f"request failed inside the engine: {type(exc).__name__}")))
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request in self._waiting:
+            request.sink(ErrorEvent(exc))
+        if self._batch is not None:
+            for row in self._batch.rows:
+                row.state.request.sink(ErrorEvent(exc))

@@ -1,0 +1,86 @@
+"""KV cache for a left-padded batch: per-layer buffers [B, H, capacity, D] that grow geometrically.
+
+transformers' DynamicLayer concatenates the whole cache at every step; here a step writes one
+column in place and attention reads a view. All rows share the time axis (right-aligned, pads on
+the left), which is what lets rows join (`merge`) and leave (`select`) between steps.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class _Layer(DynamicLayer):
+    def __init__(self, cache: "KVCache") -> None:
+        super().__init__()
+        self._cache = cache
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        t0 = self._cache.length
+        t1 = t0 + key_states.shape[-2]
+        if self.k is None or self.k.shape[2] < t1:
+            self._grow(key_states, value_states, t1)
+        self.k[:, :, t0:t1] = key_states
+        self.v[:, :, t0:t1] = value_states
+        self.is_initialized = True
+        return self.k[:, :, :t1], self.v[:, :, :t1]
+
+    def _grow(self, key_states, value_states, needed: int) -> None:
+        capacity = min(max(needed, 2 * (0 if self.k is None else self.k.shape[2]), 16), self._cache.max_length)
+        capacity = max(capacity, needed)
+        k = key_states.new_zeros(*key_states.shape[:2], capacity, key_states.shape[-1])
+        v = value_states.new_zeros(*value_states.shape[:2], capacity, value_states.shape[-1])
+        if self.k is not None:
+            t = self._cache.length
+            k[:, :, :t] = self.k[:, :, :t]
+            v[:, :, :t] = self.v[:, :, :t]
+        self.k, self.v = k, v
+
+    def get_seq_length(self) -> int:
+        return self._cache.length
+
+
+class KVCache(Cache):
+    """`length` is the shared number of filled columns; the batch advances it after each forward."""
+
+    def __init__(self, num_layers: int, max_length: int) -> None:
+        super().__init__(layers=[_Layer(self) for _ in range(num_layers)])
+        self.length = 0
+        self.max_length = max_length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.k[:, :, :self.length], layer.v[:, :, :self.length]) for layer in self.layers]
+
+    @classmethod
+    def from_tensors(cls, kv: list[tuple[torch.Tensor, torch.Tensor]], max_length: int) -> "KVCache":
+        cache = cls(len(kv), max_length)
+        for layer, (k, v) in zip(cache.layers, kv):
+            layer.k, layer.v = k, v
+            layer.is_initialized = True
+        cache.length = kv[0][0].shape[2]
+        return cache
+
+    def select(self, rows: torch.Tensor, start: int) -> "KVCache":
+        """Keep `rows` and the columns from `start` on (dropping pad columns no row needs)."""
+        return KVCache.from_tensors(
+            [(k.index_select(0, rows)[:, :, start:].contiguous(), v.index_select(0, rows)[:, :, start:].contiguous())
+             for k, v in self.tensors()], self.max_length)
+
+    @staticmethod
+    def merge(a: "KVCache", b: "KVCache") -> "KVCache":
+        """Stack two batches' rows, right-aligned on a common length (the shorter one padded on the left)."""
+        length = max(a.length, b.length)
+        merged = []
+        for (ka, va), (kb, vb) in zip(a.tensors(), b.tensors()):
+            shape = (ka.shape[0] + kb.shape[0], ka.shape[1], length, ka.shape[3])
+            k, v = ka.new_zeros(shape), va.new_zeros(shape)
+            n = ka.shape[0]
+            k[:n, :, length - a.length:], v[:n, :, length - a.length:] = ka, va
+            k[n:, :, length - b.length:], v[n:, :, length - b.length:] = kb, vb
+            merged.append((k, v))
+        return KVCache.from_tensors(merged, a.max_length)

@@ -1,0 +1,59 @@
+"""Prometheus metrics (prefix loraplex_, base units) on their own registry, served over HTTP."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80,
+                160, 640, 2560)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5,
+               10, 20, 40, 80)
+REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960,
+                   1920, 7680)
+OTHER = "other"
+BASE = "__base__"
+
+
+class Metrics:
+    def __init__(self, max_batch_size: int, max_adapter_labels: int = 100) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "loraplex_"
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "Arrival to first generated token.",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram(p + "inter_token_latency_seconds", "Time between consecutive tokens of a request.",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(p + "e2e_request_latency_seconds", "Arrival to last token.", buckets=REQUEST_BUCKETS,
+                             registry=r)
+        self.queue_time = Histogram(p + "request_queue_time_seconds", "Arrival to admission into the batch.",
+                                    buckets=REQUEST_BUCKETS, registry=r)
+        self.running = Gauge(p + "num_requests_running", "Requests in the running batch.", registry=r)
+        self.waiting = Gauge(p + "num_requests_waiting", "Requests waiting for admission.", registry=r)
+        sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch_size] + [max_batch_size]
+        self.batch_size = Histogram(p + "batch_size", "Rows per forward pass.", ["phase"], buckets=sizes, registry=r)
+        self.step_time = Histogram(p + "step_duration_seconds", "Forward pass plus sampling.", ["phase"],
+                                   buckets=ITL_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated.", registry=r)
+        self.success = Counter(p + "request_success", "Finished requests.", ["finished_reason"], registry=r)
+        self.failure = Counter(p + "request_failure", "Requests ended by an error.", ["code"], registry=r)
+        self.adapter_requests = Counter(p + "adapter_requests", "Requests per adapter (bounded label set).",
+                                        ["adapter"], registry=r)
+        self.adapters_loaded = Gauge(p + "adapters_loaded", "Registered adapters by tier.", ["tier"], registry=r)
+        self.adapter_slots_used = Gauge(p + "adapter_slots_used", "Device slots holding an adapter in use.",
+                                        registry=r)
+        self.adapter_load = Histogram(p + "adapter_load_seconds", "Reading an adapter from disk.", ["result"],
+                                      buckets=TTFT_BUCKETS, registry=r)
+        self._labels: set[str] = set()
+        self._max_labels = max_adapter_labels
+
+    def adapter_label(self, adapter_id: str) -> str:
+        """The adapter's own label for the first N ids seen, `other` after that: cardinality stays bounded."""
+        if not adapter_id:
+            return BASE
+        if adapter_id in self._labels or len(self._labels) < self._max_labels:
+            self._labels.add(adapter_id)
+            return adapter_id
+        return OTHER
+
+    def serve(self, host: str, port: int) -> int:
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port

@@ -1,0 +1,225 @@
+"""gRPC servicers: validate protobufs, map them to engine types and back. No tensors here."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from protos.loraplex.v1 import inference_pb2 as pb
+from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
+from server.engine import Engine, EngineRequest, ErrorEvent, FinishEvent, TokenEvent
+from server.errors import InvalidArgument, LoraplexError, OutOfRange, Unavailable, status_for
+from server.sampling import SamplingParams
+from server.stopping import FinishReason, StoppingParams
+
+log = logging.getLogger("loraplex.servicers")
+
+FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.EOS_TOKEN: pb.FINISH_REASON_EOS_TOKEN,
+          FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE}
+KINDS = {"lora": pb.ADAPTER_KIND_LORA, "adalora": pb.ADAPTER_KIND_ADALORA, "hydralora": pb.ADAPTER_KIND_HYDRALORA,
+         "reslora": pb.ADAPTER_KIND_RESLORA}
+MAX_STOP_SEQUENCES, MAX_STOP_LENGTH, MAX_REQUEST_ID = 16, 256, 256
+
+
+@dataclass
+class Serving:
+    """What the servicers reach once the model is loaded; None fields mean 'not ready yet'."""
+
+    engine: Engine | None = None
+    registry: object = None
+    base: object = None
+    config: object = None
+    metrics: object = None
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, metrics=None) -> None:
+    code, details = status_for(exc)
+    if not isinstance(exc, LoraplexError):
+        log.error("unexpected error", exc_info=exc)
+    if metrics is not None:
+        metrics.failure.labels(code.name).inc()
+    await context.abort(code, details)
+
+
+def _ready(serving: Serving) -> Serving:
+    if serving.engine is None:
+        raise Unavailable("the model is still loading; retry when health reports SERVING")
+    if serving.engine.draining:
+        raise Unavailable("the server is shutting down; retry on another replica")
+    if not serving.engine.alive:
+        raise Unavailable("the engine has stopped; this replica cannot serve")
+    return serving
+
+
+def _finite(value: float, name: str) -> float:
+    if not math.isfinite(value):
+        raise InvalidArgument(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def sampling_from(msg: pb.SamplingParams) -> SamplingParams:
+    temperature = _finite(msg.temperature, "sampling.temperature") if msg.HasField("temperature") else 0.0
+    if temperature < 0:
+        raise InvalidArgument(f"sampling.temperature must be >= 0 (0 = greedy), got {temperature}")
+    top_k = msg.top_k if msg.HasField("top_k") else 0
+    if top_k < 0:
+        raise InvalidArgument(f"sampling.top_k must be >= 0 (0 disables), got {top_k}")
+    top_p = _finite(msg.top_p, "sampling.top_p") if msg.HasField("top_p") else 1.0
+    if not 0.0 < top_p <= 1.0:
+        raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {top_p}")
+    return SamplingParams(temperature, top_k, top_p, msg.seed if msg.HasField("seed") else None)
+
+
+def stopping_from(msg: pb.StoppingCriteria, default_max_new: int, limit: int) -> StoppingParams:
+    max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else default_max_new
+    if max_new < 1:
+        raise InvalidArgument(f"stopping.max_new_tokens must be >= 1, got {max_new}")
+    if max_new > limit:
+        raise OutOfRange(f"stopping.max_new_tokens {max_new} exceeds the model context of {limit} tokens")
+    stops = tuple(msg.stop)
+    if len(stops) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
+        raise InvalidArgument(f"stopping.stop takes at most {MAX_STOP_SEQUENCES} non-empty strings of at most "
+                              f"{MAX_STOP_LENGTH} characters")
+    return StoppingParams(max_new, stops, msg.ignore_eos)
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, serving: Serving) -> None:
+        self.serving = serving
+
+    def _prepare(self, request: pb.GenerateRequest) -> EngineRequest:
+        """Validation, tokenization and adapter resolution: blocking work, run in the executor."""
+        s = _ready(self.serving)
+        base, config = s.base, s.config
+        if len(request.request_id) > MAX_REQUEST_ID:
+            raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
+        sampling = sampling_from(request.sampling)
+        stopping = stopping_from(request.stopping, config.default_max_new_tokens, base.max_context)
+        which = request.WhichOneof("input")
+        if which == "prompt":
+            if not request.prompt:
+                raise InvalidArgument("prompt is empty")
+            ids = base.tokenizer(request.prompt).input_ids
+        elif which == "prompt_token_ids":
+            ids = list(request.prompt_token_ids.ids)
+            bad = [t for t in ids if not 0 <= t < base.vocab_size]
+            if bad:
+                raise InvalidArgument(f"prompt_token_ids holds {bad[0]}, outside the vocabulary [0, {base.vocab_size})")
+        else:
+            raise InvalidArgument("set either prompt or prompt_token_ids")
+        if not ids:
+            raise InvalidArgument("the prompt encodes to no tokens")
+        if len(ids) + stopping.max_new_tokens > base.max_context:
+            raise OutOfRange(f"prompt ({len(ids)} tokens) + max_new_tokens ({stopping.max_new_tokens}) exceeds the "
+                             f"model context of {base.max_context} tokens")
+        adapter = s.registry.resolve(request.adapter_id) if request.adapter_id else None
+        return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=adapter,
+                             sampling=sampling, stopping=stopping, sink=lambda event: None,
+                             adapter_label=s.metrics.adapter_label(request.adapter_id))
+
+    async def _events(self, request: pb.GenerateRequest):
+        loop = asyncio.get_running_loop()
+        arrival = time.monotonic()  # TTFT counts from here, adapter loading included
+        engine_request = await loop.run_in_executor(None, self._prepare, request)
+        engine_request.arrival = arrival
+        events: asyncio.Queue = asyncio.Queue()
+        engine_request.sink = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        self.serving.engine.submit(engine_request)
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, ErrorEvent):
+                    raise event.error
+                yield engine_request, event
+                if isinstance(event, FinishEvent):
+                    return
+        finally:  # client cancel, deadline or an error: free the row at the engine's next step
+            engine_request.cancelled = True
+
+    async def Generate(self, request, context):
+        try:
+            ids, texts = [], []
+            async for engine_request, event in self._events(request):
+                if isinstance(event, TokenEvent):
+                    ids.extend(event.token_ids)
+                    texts.append(event.text)
+                else:
+                    return pb.GenerateResponse(
+                        request_id=engine_request.request_id, text="".join(texts), token_ids=ids,
+                        finish_reason=FINISH[event.reason],
+                        usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))
+        except Exception as exc:
+            await _abort(context, exc, self.serving.metrics)
+
+    async def GenerateStream(self, request, context):
+        try:
+            async for engine_request, event in self._events(request):
+                if isinstance(event, TokenEvent):
+                    yield pb.GenerateStreamResponse(request_id=engine_request.request_id, text=event.text,
+                                                    token_ids=event.token_ids)
+                else:
+                    yield pb.GenerateStreamResponse(
+                        request_id=engine_request.request_id, finish_reason=FINISH[event.reason],
+                        usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))
+        except Exception as exc:
+            await _abort(context, exc, self.serving.metrics)
+
+    async def GetServerInfo(self, request, context):
+        try:
+            s = _ready(self.serving)
+            c, b = s.config, s.base
+            return pb.ServerInfo(
+                version="0.1.0", model=b.name, model_type=b.model_type, device=c.device, dtype=c.dtype,
+                vocab_size=b.vocab_size, max_context_length=b.max_context, max_batch_size=c.max_batch_size,
+                max_active_adapters=c.max_active_adapters, max_lora_rank=c.max_lora_rank,
+                max_queue_size=c.max_queue_size, default_max_new_tokens=c.default_max_new_tokens,
+                autoload_adapters=c.autoload_adapters,
+                adapter_target_modules=[shape.name for shape in s.engine.bank.shapes],
+                supported_adapter_kinds=[pb.ADAPTER_KIND_LORA])
+        except Exception as exc:
+            await _abort(context, exc)
+
+
+class AdaptersServicer(pb_grpc.AdaptersServicer):
+    def __init__(self, serving: Serving) -> None:
+        self.serving = serving
+
+    def _info(self, record) -> pb.AdapterInfo:
+        bank = self.serving.engine.bank
+        key = record.weights.key if record.weights is not None else None
+        if key is not None and bank.resident(key):
+            tier = pb.ADAPTER_TIER_DEVICE
+        else:
+            tier = pb.ADAPTER_TIER_CPU if key is not None else pb.ADAPTER_TIER_DISK
+        return pb.AdapterInfo(
+            adapter_id=record.adapter_id, kind=KINDS[record.kind], rank=max(record.module_ranks.values(), default=0),
+            module_ranks=record.module_ranks, target_modules=sorted(record.module_ranks), size_bytes=record.size_bytes,
+            tier=tier, pinned=record.pinned, version=record.version,
+            active_requests=bank.active_requests(key) if key else 0, heads=1)
+
+    async def _call(self, context, fn, *args):
+        try:
+            _ready(self.serving)
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def LoadAdapter(self, request, context):
+        return await self._call(context, lambda: self._info(
+            self.serving.registry.load(request.adapter_id, request.replace, request.pin)))
+
+    async def UnloadAdapter(self, request, context):
+        record = await self._call(context, self.serving.registry.unload, request.adapter_id)
+        return pb.UnloadAdapterResponse(adapter_id=record.adapter_id)
+
+    async def ListAdapters(self, request, context):
+        return await self._call(context, lambda: pb.ListAdaptersResponse(
+            adapters=[self._info(r) for r in self.serving.registry.records()]))
+
+    async def GetAdapter(self, request, context):
+        return await self._call(context, lambda: self._info(self.serving.registry.get(request.adapter_id)))

@@ -1,0 +1,76 @@
+"""Incremental detokenization and stop conditions for one row."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class FinishReason(Enum):
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas that never split a UTF-8 character and never
+    show any part of a stop sequence (text that could still become one is held back)."""
+
+    def __init__(self, tokenizer, params: StoppingParams, eos_token_ids: frozenset[int]) -> None:
+        self._tokenizer = tokenizer
+        self._params = params
+        self._eos = eos_token_ids
+        self.ids: list[int] = []
+        self._prefix = 0  # ids[_prefix:_read] decode to the tail already folded into `text`
+        self._read = 0
+        self.text = ""
+        self._emitted = 0
+        self.finish: FinishReason | None = None
+
+    def push(self, token: int) -> str:
+        """Add one generated token; returns the text that may be shown now. Sets `finish` when done."""
+        self.ids.append(token)
+        if token in self._eos and not self._params.ignore_eos:
+            self.finish = FinishReason.EOS_TOKEN
+        else:
+            self._decode_tail()
+            if self._cut_at_stop():
+                self.finish = FinishReason.STOP_SEQUENCE
+        if self.finish is None and len(self.ids) >= self._params.max_new_tokens:
+            self.finish = FinishReason.LENGTH
+        safe = len(self.text) if self.finish else len(self.text) - self._held_back()
+        delta = self.text[self._emitted:safe]
+        self._emitted = max(self._emitted, safe)
+        return delta
+
+    def _decode_tail(self) -> None:
+        decode = self._tokenizer.decode
+        before = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        after = decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+
+    def _cut_at_stop(self) -> bool:
+        hits = [i for i in (self.text.find(s) for s in self._params.stop if s) if i >= 0]
+        if not hits:
+            return False
+        self.text = self.text[:min(hits)]
+        return True
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop sequence."""
+        best = 0
+        for s in self._params.stop:
+            for n in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:n]):
+                    best = n
+                    break
+        return best

@@ -1,0 +1,10 @@
+import pytest
+
+from loader.default_model import build_model_dir
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Tiny random Llama, Qwen2 and GPT-2 models (fp32, byte tokenizer), built once per session."""
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_model_dir(root / arch, arch, seed=1) for arch in ("llama", "qwen2", "gpt2")}

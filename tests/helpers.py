@@ -1,0 +1,42 @@
+"""Shared test helpers: tiny random models, PEFT-made adapters, the real server on 127.0.0.1."""
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from server.app import BackgroundServer
+from server.config import ServerConfig
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft_adapter(model_dir: Path, out: Path, seed: int, **lora) -> Path:
+    """Save a PEFT LoRA adapter with random (non-zero) A and B, as `PeftModel.save_pretrained` writes it."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(init_lora_weights=False, **lora))
+    model.save_pretrained(out)
+    return out
+
+
+def start_server(model_dir: Path, adapter_root: Path | None, **overrides) -> BackgroundServer:
+    settings = dict(model=str(model_dir), adapter_root=str(adapter_root) if adapter_root else None, port=0,
+                    metrics_port=0, max_batch_size=16, max_active_adapters=8, max_lora_rank=16, threads=2,
+                    log_level="WARNING")
+    settings.update(overrides)
+    return BackgroundServer(ServerConfig(**settings)).start()
+
+
+def scrape(server: BackgroundServer) -> dict[str, float]:
+    """Prometheus text exposition over HTTP -> {'name{labels}': value}."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10).read().decode()
+    samples = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples

@@ -1,0 +1,182 @@
+"""Every bad input gets a precise status and an actionable message; none of them stops the server."""
+import asyncio
+import json
+import math
+import os
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from clients.client import AsyncClient, Client
+from tests.helpers import make_peft_adapter, start_server
+
+C = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def adapter_root(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    llama = model_dirs["llama"]
+    good = make_peft_adapter(llama, root / "good", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    tensors = load_file(good / "adapter_model.safetensors")
+
+    def variant(name, tensors=tensors, config_edit=None, raw_config=None):
+        d = root / name
+        d.mkdir()
+        config = json.loads((good / "adapter_config.json").read_text())
+        if config_edit:
+            config.update(config_edit)
+        (d / "adapter_config.json").write_text(raw_config if raw_config is not None else json.dumps(config))
+        if tensors is not None:
+            save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(d / "adapter_model.safetensors"),
+                      metadata={"format": "pt"})
+        return d
+
+    pickle_dir = variant("pickled", tensors=None)
+    torch.save(tensors, pickle_dir / "adapter_model.bin")
+    variant("missing-module", {k.replace("layers.1.", "layers.7."): v for k, v in tensors.items()})
+    variant("bad-shape", {k: (v[:, :-1] if "q_proj.lora_A" in k else v) for k, v in tensors.items()})
+    variant("rank-too-high", {k: torch.cat([v] * 8, dim=0 if "lora_A" in k else 1) for k, v in tensors.items()},
+            config_edit={"r": 32})
+    variant("not-json", raw_config="{not json")
+    variant("dora", config_edit={"use_dora": True})
+    variant("unknown-key", {**tensors, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude": tensors[
+        next(iter(tensors))]})
+    variant("nan", {k: (torch.full_like(v, math.nan) if i == 0 else v) for i, (k, v) in enumerate(tensors.items())})
+    variant("missing-b", {k: v for k, v in tensors.items() if "layers.0.self_attn.q_proj.lora_B" not in k})
+    variant("unknown-type", config_edit={"peft_type": "IA3"})
+    outside = root.parent / (root.name + "-outside")
+    outside.mkdir()
+    os.symlink(outside, root / "escape")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, adapter_root):
+    s = start_server(model_dirs["llama"], adapter_root, max_lora_rank=16)
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def client(server):
+    with Client(server.target, timeout=30) as c:
+        yield c
+
+
+def status_of(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        fn(*args, **kwargs)
+    return info.value.code(), info.value.details()
+
+
+def test_unknown_adapter_is_not_found_never_the_base_model(client):
+    code, details = status_of(client.generate, "hi", "no-such-adapter")
+    assert code == C.NOT_FOUND and "no-such-adapter" in details
+
+
+@pytest.mark.parametrize("bad_id", ["../good", "a/b", "/etc", ".", "..", "x" * 200, "good\x00", "-lead"])
+def test_ids_escaping_the_root_are_invalid(client, bad_id):
+    code, details = status_of(client.generate, "hi", bad_id)
+    assert code == C.INVALID_ARGUMENT and "adapter_id" in details
+
+
+def test_symlink_out_of_the_root_is_invalid(client):
+    code, details = status_of(client.load_adapter, "escape")
+    assert code == C.INVALID_ARGUMENT and "outside the adapter root" in details
+
+
+@pytest.mark.parametrize("adapter_id,needle", [
+    ("pickled", "convert to safetensors"),
+    ("missing-module", "model.layers.7.self_attn.q_proj"),
+    ("bad-shape", "model.layers.0.self_attn.q_proj.lora_A.weight has shape"),
+    ("rank-too-high", "above the server's --max-lora-rank 16"),
+    ("not-json", "not valid JSON"),
+    ("dora", "use_dora"),
+    ("unknown-key", "lora_magnitude"),
+    ("nan", "NaN or Inf"),
+    ("missing-b", "missing key base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"),
+    ("unknown-type", "'IA3'"),
+])
+def test_unservable_adapters_fail_precondition_naming_the_problem(client, adapter_id, needle):
+    for call in (lambda: client.generate("hi", adapter_id), lambda: client.load_adapter(adapter_id)):
+        code, details = status_of(call)
+        assert code == C.FAILED_PRECONDITION and needle in details, details
+    assert len(client.generate("hi", "good", max_new_tokens=2).token_ids) == 2  # still serving
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(temperature=1.0, top_p=0.0), "top_p"),
+    (dict(temperature=1.0, top_p=1.5), "top_p"),
+    (dict(temperature=1.0, top_p=math.inf), "top_p"),
+    (dict(temperature=1.0, top_k=-3), "top_k"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-5), "max_new_tokens"),
+    (dict(stop=[""]), "stop"),
+])
+def test_bad_sampling_and_stopping_are_invalid(client, kwargs, needle):
+    code, details = status_of(client.generate, "hi", **kwargs)
+    assert code == C.INVALID_ARGUMENT and needle in details
+
+
+def test_bad_prompts_are_invalid(client):
+    from protos.loraplex.v1 import inference_pb2 as pb
+    assert status_of(client.inference.Generate, pb.GenerateRequest())[0] == C.INVALID_ARGUMENT
+    assert status_of(client.generate, "")[0] == C.INVALID_ARGUMENT
+    code, details = status_of(client.generate, [5, 100000])
+    assert code == C.INVALID_ARGUMENT and "100000" in details
+    assert status_of(client.generate, [-1])[0] == C.INVALID_ARGUMENT
+
+
+def test_context_overflow_is_out_of_range(client):
+    context = client.server_info().max_context_length
+    code, details = status_of(client.generate, [5] * 10, max_new_tokens=context - 5)
+    assert code == C.OUT_OF_RANGE and str(context) in details
+    assert status_of(client.generate, "hi", max_new_tokens=context + 1)[0] == C.OUT_OF_RANGE
+
+
+def test_load_twice_without_replace_already_exists(client):
+    version = client.load_adapter("good", replace=True).version  # loaded (maybe already, by first use)
+    code, details = status_of(client.load_adapter, "good")
+    assert code == C.ALREADY_EXISTS and "replace" in details
+    assert client.load_adapter("good", replace=True).version == version + 1
+
+
+def test_full_queue_is_resource_exhausted(model_dirs, adapter_root):
+    server = start_server(model_dirs["llama"], adapter_root, max_batch_size=1, max_queue_size=1)
+
+    async def scenario():
+        async with AsyncClient(server.target, timeout=60) as client:
+            running = client.inference.GenerateStream(
+                __import__("clients.client", fromlist=["x"]).build_request([5], max_new_tokens=480, ignore_eos=True))
+            await running.read()  # admitted and decoding: the batch (size 1) is full
+            queued = asyncio.create_task(client.generate([6], max_new_tokens=2))
+            await asyncio.sleep(0.2)  # now waiting: the queue (size 1) is full
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.generate([7], max_new_tokens=2)
+            assert info.value.code() == C.RESOURCE_EXHAUSTED and "--max-queue-size" in info.value.details()
+            running.cancel()
+            assert len((await queued).token_ids) == 2  # the queued one still runs
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+
+
+def test_autoload_off_means_not_found_until_loaded(model_dirs, adapter_root):
+    server = start_server(model_dirs["llama"], adapter_root, autoload_adapters=False)
+    try:
+        with Client(server.target, timeout=30) as client:
+            code, details = status_of(client.generate, "hi", "good")
+            assert code == C.NOT_FOUND and "LoadAdapter" in details
+            client.load_adapter("good")
+            assert len(client.generate("hi", "good", max_new_tokens=3).token_ids) == 3
+            client.unload_adapter("good")
+            assert status_of(client.generate, "hi", "good")[0] == C.NOT_FOUND
+            assert status_of(client.unload_adapter, "good")[0] == C.NOT_FOUND
+    finally:
+        server.stop()

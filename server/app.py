@@ -88,8 +88,10 @@ def _warm_up(engine: Engine, base) -> None:
         raise RuntimeError(f"engine warm-up failed: {outcome[0].error if outcome else 'timed out'}")
 
 
-async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or `stop_event`). `on_ready(ports)` is called once health says SERVING."""
+async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event | None = None,
+                on_listening=None) -> None:
+    """Run until SIGTERM/SIGINT (or `stop_event`). `on_listening(ports)` is called once the ports are bound
+    (health still NOT_SERVING), `on_ready(ports)` once the model is warm and health says SERVING."""
     metrics = Metrics(config.max_batch_size)
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port)
     serving = Serving()
@@ -107,6 +109,8 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     log.info("grpc listening on %s:%d, metrics on %s:%d", config.host, port, config.metrics_host, metrics_port)
+    if on_listening is not None:
+        on_listening(Ports(port, metrics_port))
 
     stop = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -139,7 +143,7 @@ class BackgroundServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.ports: Ports | None = None
+        self.ports: Ports | None = None  # set once bound; `start` returns when the model is ready
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -150,16 +154,16 @@ class BackgroundServer:
         async def main():
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            await serve(self.config, on_ready=self._on_ready, stop_event=self._stop)
+            await serve(self.config, on_ready=lambda ports: self._ready.set(), stop_event=self._stop,
+                        on_listening=self._on_listening)
         try:
             asyncio.run(main())
         except BaseException as exc:
             self._error = exc
             self._ready.set()
 
-    def _on_ready(self, ports: Ports) -> None:
+    def _on_listening(self, ports: Ports) -> None:
         self.ports = ports
-        self._ready.set()
 
     def start(self, timeout: float = 300) -> "BackgroundServer":
         self._thread.start()

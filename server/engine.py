@@ -232,6 +232,7 @@ class Engine:
     def _emit(self, rows: list[Row], tokens: list[int], first: bool) -> None:
         now = time.monotonic()
         finished = []
+        self.metrics.generation_tokens.inc(len(rows))
         for row, token in zip(rows, tokens):
             state = row.state
             row.last_token = token
@@ -244,13 +245,12 @@ class Engine:
             state.request.sink(TokenEvent([token], text))
             if state.stream.finish is not None:
                 finished.append(row)
-        self.metrics.generation_tokens.inc(len(rows))
         if finished:
             done = {id(r) for r in finished}
             for row in finished:
                 request = row.state.request
+                self._finish_metrics(request, row.state.stream.finish)  # before the client can see the end
                 request.sink(FinishEvent(row.state.stream.finish, len(row.prompt_ids), len(row.state.stream.ids)))
-                self._finish_metrics(request, row.state.stream.finish)
             self._retire([i for i, r in enumerate(self._batch.rows) if id(r) in done])
 
     def _retire(self, indices: list[int]) -> None:

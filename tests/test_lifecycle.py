@@ -1,0 +1,198 @@
+"""Cancellation, deadlines, health, drain on SIGTERM, reflection, metrics, hot-swap and adapter residency."""
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from server import app as server_app
+from clients.client import AsyncClient, Client
+from protos.loraplex.v1 import inference_pb2 as pb
+from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, start_server
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def adapter_root(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    make_peft_adapter(model_dirs["llama"], root / "v1", 21, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
+    make_peft_adapter(model_dirs["llama"], root / "v2", 22, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
+    make_peft_adapter(model_dirs["llama"], root / "small", 23, r=2, lora_alpha=4, target_modules=["q_proj"])
+    shutil.copytree(root / "v1", root / "swap")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, adapter_root):
+    s = start_server(model_dirs["llama"], adapter_root)
+    yield s
+    s.stop()
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_cancelled_stream_frees_its_row(server):
+    with Client(server.target) as client:
+        before = scrape(server).get('loraplex_request_success_total{finished_reason="cancelled"}', 0)
+        stream = client.generate_stream([5, 6], "v1", max_new_tokens=480, ignore_eos=True)
+        next(stream), next(stream)
+        assert scrape(server)["loraplex_num_requests_running"] == 1
+        stream.cancel()
+        assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0)
+        assert scrape(server)['loraplex_request_success_total{finished_reason="cancelled"}'] == before + 1
+
+
+def test_deadline_frees_its_row(server):
+    with Client(server.target, timeout=0.5) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate([5, 6], "v1", max_new_tokens=480, ignore_eos=True)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0)
+
+
+def test_reflection_lists_both_services(server):
+    with grpc.insecure_channel(server.target) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"loraplex.v1.Inference", "loraplex.v1.Adapters", "grpc.health.v1.Health"} <= services
+
+
+def test_metrics_present_and_increasing(server):
+    names = ["loraplex_time_to_first_token_seconds_count", "loraplex_inter_token_latency_seconds_count",
+             "loraplex_e2e_request_latency_seconds_count", "loraplex_request_queue_time_seconds_count",
+             "loraplex_prompt_tokens_total", "loraplex_generation_tokens_total"]
+    before = scrape(server)
+    with Client(server.target, timeout=30) as client:
+        client.generate([5, 6, 7], "small", max_new_tokens=4, ignore_eos=True)
+    after = scrape(server)
+    for name in names:
+        assert after[name] > before.get(name, 0), name
+    assert after["loraplex_generation_tokens_total"] - before.get("loraplex_generation_tokens_total", 0) >= 4
+    assert after['loraplex_adapter_requests_total{adapter="small"}'] >= 1
+    assert after['loraplex_request_success_total{finished_reason="length"}'] >= 1
+    assert "loraplex_num_requests_running" in after and "loraplex_num_requests_waiting" in after
+    assert any(k.startswith("loraplex_batch_size_bucket") for k in after)
+    assert any(k.startswith("loraplex_adapter_load_seconds_count") for k in after)
+    handled = [k for k in after if k.startswith("grpc_server_handled_total") and 'grpc_method="Generate"' in k]
+    assert handled and any('grpc_code="OK"' in k for k in handled)
+
+
+def test_adapter_info_and_tiers(server):
+    with Client(server.target, timeout=30) as client:
+        client.generate([5], "small", max_new_tokens=1)
+        info = client.get_adapter("small")
+        assert info.kind == pb.ADAPTER_KIND_LORA and info.rank == 2 and info.heads == 1
+        assert info.tier == pb.ADAPTER_TIER_DEVICE and info.size_bytes > 0
+        assert set(info.target_modules) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+        assert "small" in [a.adapter_id for a in client.list_adapters()]
+
+
+def test_host_memory_budget_evicts_to_disk_and_reloads(model_dirs, adapter_root):
+    server = start_server(model_dirs["llama"], adapter_root, adapter_cache_bytes=1)
+    try:
+        with Client(server.target, timeout=30) as client:
+            want = list(client.generate([5, 6], "v1", max_new_tokens=5, ignore_eos=True).token_ids)
+            client.load_adapter("v2")  # over budget: v1 leaves host memory
+            assert client.get_adapter("v1").tier == pb.ADAPTER_TIER_DISK
+            assert client.get_adapter("v2").tier in (pb.ADAPTER_TIER_CPU, pb.ADAPTER_TIER_DEVICE)
+            assert list(client.generate([5, 6], "v1", max_new_tokens=5, ignore_eos=True).token_ids) == want
+    finally:
+        server.stop()
+
+
+def test_hot_swap_running_request_keeps_its_version(server, adapter_root):
+    prompt, n = [9, 8, 7], 60
+    with Client(server.target, timeout=60) as client:
+        old = list(client.generate(prompt, "v1", max_new_tokens=n, ignore_eos=True).token_ids)
+        new = list(client.generate(prompt, "v2", max_new_tokens=n, ignore_eos=True).token_ids)
+        assert old != new
+        client.load_adapter("swap", replace=True)
+        version = client.get_adapter("swap").version
+        stream = client.generate_stream(prompt, "swap", max_new_tokens=n, ignore_eos=True)
+        got = list(next(stream).token_ids)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy(adapter_root / "v2" / name, adapter_root / "swap" / name)
+        assert client.load_adapter("swap", replace=True).version == version + 1
+        after = list(client.generate(prompt, "swap", max_new_tokens=n, ignore_eos=True).token_ids)
+        for message in stream:
+            got.extend(message.token_ids)
+    assert got == old, "the running request changed adapter version mid-generation"
+    assert after == new
+
+
+def test_health_not_serving_until_model_is_warm(model_dirs, monkeypatch):
+    gate = threading.Event()
+    real = server_app.build_serving
+
+    def gated(*args):
+        gate.wait(60)
+        return real(*args)
+    monkeypatch.setattr(server_app, "build_serving", gated)
+    config = server_app.ServerConfig(model=str(model_dirs["llama"]), port=0, metrics_port=0, log_level="WARNING")
+    background = server_app.BackgroundServer(config)
+    threading.Thread(target=background.start, daemon=True).start()
+    assert wait_for(lambda: background.ports is not None)  # bound, model still loading
+    with Client(f"127.0.0.1:{background.ports.grpc}", timeout=5) as client:
+        assert client.health() == NOT_SERVING and client.health("loraplex.v1.Inference") == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate("hi")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        gate.set()
+        assert wait_for(lambda: client.health() == SERVING, timeout=60)
+        assert len(client.generate("hi", max_new_tokens=2).token_ids) == 2
+    background.stop()
+
+
+def test_sigterm_drains_then_exits_zero(model_dirs):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--model", str(model_dirs["llama"]), "--port", "0", "--metrics-port", "0",
+         "--grace-period", "20", "--threads", "1"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        port = None
+        for line in proc.stdout:
+            match = re.search(r"grpc listening on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                port = int(match.group(1))
+                break
+        assert port, "server never reported its port"
+        with Client(f"127.0.0.1:{port}", timeout=30) as client:
+            assert wait_for(lambda: _health(client) == SERVING, timeout=60)
+            stream = client.generate_stream([5, 6], max_new_tokens=150, ignore_eos=True)
+            first = next(stream)
+            proc.send_signal(signal.SIGTERM)
+            assert wait_for(lambda: _health(client) != SERVING, timeout=10)
+            with pytest.raises(grpc.RpcError) as info:
+                client.generate("hi", max_new_tokens=2)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            messages = [first, *stream]  # the in-flight request finishes within the grace period
+            assert messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            assert sum(len(m.token_ids) for m in messages) == 150
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+
+
+def _health(client) -> int:
+    try:
+        return client.health()
+    except grpc.RpcError:
+        return -1

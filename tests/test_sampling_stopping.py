@@ -1,0 +1,90 @@
+"""Sampling and stopping: seeded sampling is reproducible whatever the batch; text never leaks a stop sequence."""
+import asyncio
+
+import pytest
+import torch
+
+from clients.client import AsyncClient, Client
+from loader.default_model import build_tokenizer
+from server.sampling import SamplingParams, make_generator, sample
+from server.stopping import FinishReason, StoppingParams, TextStream
+from tests.helpers import start_server
+
+
+def test_greedy_and_degenerate_sampling_equal_argmax():
+    logits = torch.randn(4, 50)
+    greedy = sample(logits, [SamplingParams()] * 4, [None] * 4)
+    assert greedy == logits.argmax(-1).tolist()
+    top1 = [SamplingParams(temperature=1.0, top_k=1, seed=i) for i in range(4)]
+    assert sample(logits, top1, [make_generator(p) for p in top1]) == greedy
+    tiny_p = [SamplingParams(temperature=1.0, top_p=1e-6, seed=i) for i in range(4)]
+    assert sample(logits, tiny_p, [make_generator(p) for p in tiny_p]) == greedy
+
+
+def test_top_k_only_draws_from_the_k_best():
+    logits = torch.randn(1, 100)
+    best = set(logits[0].topk(5).indices.tolist())
+    params = SamplingParams(temperature=2.0, top_k=5, seed=7)
+    g = make_generator(params)
+    assert all(sample(logits, [params], [g])[0] in best for _ in range(200))
+
+
+def _stream(stop=(), max_new=50):
+    tokenizer = build_tokenizer()
+    return tokenizer, TextStream(tokenizer, StoppingParams(max_new, tuple(stop)), frozenset({2}))
+
+
+def test_stop_sequence_is_never_streamed():
+    tokenizer, stream = _stream(stop=["END"])
+    shown = ""
+    for token in tokenizer("abc ENx EN").input_ids + tokenizer("D tail").input_ids:
+        shown += stream.push(token)
+        if stream.finish:
+            break
+    assert stream.finish is FinishReason.STOP_SEQUENCE
+    assert shown == stream.text == "abc ENx "
+
+
+def test_multibyte_characters_are_never_split():
+    tokenizer, stream = _stream()
+    pieces = [stream.push(t) for t in tokenizer("héllo ✓").input_ids]
+    assert "".join(pieces) == "héllo ✓" and all("\ufffd" not in p for p in pieces)
+
+
+def test_eos_and_length():
+    _, stream = _stream(max_new=3)
+    stream.push(70)
+    stream.push(2)
+    assert stream.finish is FinishReason.EOS_TOKEN
+    _, stream = _stream(max_new=2)
+    stream.push(70), stream.push(71)
+    assert stream.finish is FinishReason.LENGTH
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs):
+    s = start_server(model_dirs["llama"], None)
+    yield s
+    s.stop()
+
+
+def test_seeded_sampling_is_reproducible_inside_any_batch(server):
+    kwargs = dict(max_new_tokens=16, temperature=0.9, top_p=0.95, top_k=40, seed=1234, ignore_eos=True)
+    with Client(server.target, timeout=60) as client:
+        alone = list(client.generate([5, 6, 7], **kwargs).token_ids)
+
+    async def crowded():
+        async with AsyncClient(server.target, timeout=60) as client:
+            others = [client.generate([9 + i], max_new_tokens=16, temperature=1.0, ignore_eos=True) for i in range(6)]
+            results = await asyncio.gather(client.generate([5, 6, 7], **kwargs), *others)
+            return list(results[0].token_ids)
+    assert asyncio.run(crowded()) == alone
+
+
+def test_stream_ends_with_finish_reason_and_usage(server):
+    with Client(server.target, timeout=60) as client:
+        messages = list(client.generate_stream("abc", max_new_tokens=6, ignore_eos=True, request_id="r-1"))
+    assert all(m.request_id == "r-1" for m in messages)
+    assert sum(len(m.token_ids) for m in messages) == 6 and messages[-1].finish_reason != 0
+    assert messages[-1].usage.prompt_tokens == 3 and messages[-1].usage.completion_tokens == 6
+    assert all(m.finish_reason == 0 for m in messages[:-1])

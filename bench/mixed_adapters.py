@@ -3,7 +3,7 @@ against the same engine on the base model and against HF PEFT's mixed-batch `gen
 
 One random Llama-shaped model (fixed seed, fp32) and 32 random PEFT LoRA adapters (rank 16, all seven
 projections, B non-zero) are built in a temporary directory. Measured, interleaved, `--repeats` times:
-  (a) 32 base-model requests through the real gRPC server (in-process BackgroundServer, asyncio client)
+  (a) 32 base-model requests through the real gRPC server (`python -m server`, asyncio client)
   (b) 32 requests over 32 distinct adapters through the same server
   (c) HF PEFT `PeftModel.generate(..., adapter_names=[...32 names...])`, one left-padded batch of 32
   (d) HF base model `generate`, same batch, for reference
@@ -11,9 +11,14 @@ Every request generates exactly --max-new-tokens tokens (ignore_eos / min_new_to
 generated tokens / wall time (first send to last response; for HF, the whole `generate` call).
 Adapters are preloaded with LoadAdapter and one untimed warm-up round of each configuration runs first.
 
+The server runs in its own process by default, as deployed. In-process (`--server inprocess`) the
+HF/PEFT rounds and the engine thread are two OpenMP root threads of one libgomp, which then has more
+managed threads than cores and throttles its spin-waits: both sides slow down (see bench/RESULTS.md).
+
     .venv/bin/python bench/mixed_adapters.py                 # CPU, 2 threads (the defaults)
     .venv/bin/python bench/mixed_adapters.py --device cuda   # on a GPU
     .venv/bin/python bench/mixed_adapters.py --breakdown     # plus direct Runner.decode_step timings + profile
+    .venv/bin/python bench/mixed_adapters.py --server-env OMP_WAIT_POLICY=active   # server spin policy
 """
 from __future__ import annotations
 
@@ -23,9 +28,13 @@ import datetime
 import os
 import platform
 import shlex
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -34,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import grpc  # noqa: E402
 import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -66,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--kv-heads", type=int, default=8)
     a("--vocab", type=int, default=32000)
     a("--seed", type=int, default=0)
+    a("--server", choices=["process", "inprocess"], default="process",
+      help="process: `python -m server` in a child process (default); inprocess: server.app.BackgroundServer here")
+    a("--server-env", action="append", default=[], metavar="KEY=VALUE",
+      help="extra environment for the server process (repeatable), e.g. OMP_WAIT_POLICY=active")
     a("--skip-peft", action="store_true", help="only (a) and (b)")
     a("--breakdown", action="store_true",
       help="after the rounds: Runner.decode_step timed directly (base vs mixed) and a torch.profiler op table")
@@ -133,20 +147,60 @@ ENGINE_STATS = {  # name in the table -> Prometheus sample
 }
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class EngineBench:
+    """The real server, driven over gRPC by the asyncio client. `mode` "process" runs `python -m server`
+    (what `loraplex serve` runs) in a child process; "inprocess" runs server.app.BackgroundServer in this
+    process, where this process's own torch threads (HF/PEFT rounds) share libgomp with the engine."""
+
     def __init__(self, model_dir: Path, adapter_root: Path, names: list[str], args) -> None:
-        self.config = ServerConfig(model=str(model_dir), adapter_root=str(adapter_root), port=0, metrics_port=0,
-                                   device=args.device, max_batch_size=args.requests,
+        self.config = ServerConfig(model=str(model_dir), adapter_root=str(adapter_root), port=free_port(),
+                                   metrics_port=free_port(), device=args.device, max_batch_size=args.requests,
                                    max_active_adapters=args.adapters, max_lora_rank=args.rank,
                                    threads=args.threads, log_level="WARNING")
-        self.server = BackgroundServer(self.config).start()
+        self.proc: subprocess.Popen | None = None
+        self.server: BackgroundServer | None = None
+        if args.server == "process":
+            c = self.config
+            flags = ["--model", c.model, "--adapter-root", c.adapter_root, "--port", c.port,
+                     "--metrics-port", c.metrics_port, "--device", c.device, "--max-batch-size", c.max_batch_size,
+                     "--max-active-adapters", c.max_active_adapters, "--max-lora-rank", c.max_lora_rank,
+                     "--threads", c.threads, "--log-level", c.log_level]
+            env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.server_env))
+            self.proc = subprocess.Popen([sys.executable, "-m", "server", *map(str, flags)], cwd=ROOT, env=env)
+            self._wait_serving(timeout=600)
+        else:
+            self.server = BackgroundServer(self.config).start()
+        self.target = f"127.0.0.1:{self.config.port}"
         self.loop = asyncio.new_event_loop()
         self.client: AsyncClient = self.loop.run_until_complete(self._connect())
         for name in names:  # disk reads happen here, never inside a timed round
             self.loop.run_until_complete(self.client.load_adapter(name))
 
+    def _wait_serving(self, timeout: float) -> None:
+        from grpc_health.v1 import health_pb2
+
+        from clients.client import Client
+        deadline = time.monotonic() + timeout
+        with Client(f"127.0.0.1:{self.config.port}", timeout=5) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the server process exited with status {self.proc.returncode}")
+                try:
+                    if client.health() == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise RuntimeError("the server did not report SERVING in time")
+
     async def _connect(self) -> AsyncClient:
-        return AsyncClient(self.server.target, timeout=600)
+        return AsyncClient(self.target, timeout=600)
 
     def round(self, prompts: list[list[int]], adapter_ids: list[str], max_new: int):
         async def go():
@@ -154,17 +208,24 @@ class EngineBench:
             responses = await asyncio.gather(*(self.client.generate(p, a, max_new_tokens=max_new, ignore_eos=True)
                                                for p, a in zip(prompts, adapter_ids)))
             return time.perf_counter() - start, responses
-        before = scrape(self.server.ports.metrics)
+        before = scrape(self.config.metrics_port)
         wall, responses = self.loop.run_until_complete(go())
-        after = scrape(self.server.ports.metrics)
+        after = scrape(self.config.metrics_port)
         stats = {k: after.get(m, 0.0) - before.get(m, 0.0) for k, m in ENGINE_STATS.items()}
-        tokens = [list(r.token_ids) for r in responses]
-        return wall, tokens, stats
+        return wall, [list(r.token_ids) for r in responses], stats
 
     def close(self) -> None:
         self.loop.run_until_complete(self.client.close())
         self.loop.close()
-        self.server.stop()
+        if self.server is not None:
+            self.server.stop()
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 # -- HF / PEFT -----------------------------------------------------------------------------------------
@@ -236,16 +297,38 @@ def breakdown(model_dir: Path, adapter_root: Path, names: list[str], prompts, ar
 
     mixed = [slots[i % len(slots)] for i in range(len(prompts))]
     base_rows = [0] * len(prompts)
-    results = {"base": [], "mixed": []}
+    results = {"base": [], "mixed": [], "base, 2nd OpenMP root": [], "mixed, 2nd OpenMP root": []}
     for _ in range(3):
         results["base"] += run(base_rows)[4:]
         results["mixed"] += run(mixed)[4:]
-    med = {k: statistics.median(v) * 1e3 for k, v in results.items()}
+    if not args.device.startswith("cuda"):
+        # The server loads the model on an executor thread and decodes on the engine thread: two threads that
+        # have run OpenMP regions. Reproduce that here with an idle thread that once ran a parallel matmul.
+        release = threading.Event()
+
+        def other_root():
+            big = torch.randn(512, 512)
+            for _ in range(3):
+                big @ big
+            release.wait()
+        thread = threading.Thread(target=other_root, daemon=True)
+        thread.start()
+        time.sleep(0.2)
+        for _ in range(3):
+            results["base, 2nd OpenMP root"] += run(base_rows)[4:]
+            results["mixed, 2nd OpenMP root"] += run(mixed)[4:]
+        release.set()
+        thread.join()
+    med = {k: statistics.median(v) * 1e3 for k, v in results.items() if v}
     print(f"\nRunner.decode_step, batch {len(prompts)}, context ~{args.prompt_max}-{args.prompt_max + steps} "
-          f"(median of {len(results['base'])} steps, no gRPC/sampling/detokenization):")
-    print(f"  base rows      {med['base']:7.2f} ms/step  ({len(prompts) / med['base'] * 1e3:7.1f} tok/s)")
-    print(f"  32 adapters    {med['mixed']:7.2f} ms/step  ({len(prompts) / med['mixed'] * 1e3:7.1f} tok/s)")
-    print(f"  ratio base/mixed step time {med['base'] / med['mixed']:.3f}")
+          f"(median of {len(results['base'])} steps, argmax included, no gRPC/sampling/detokenization):")
+    for key, ms in med.items():
+        print(f"  {key:26s} {ms:7.2f} ms/step  ({len(prompts) / ms * 1e3:7.1f} tok/s)")
+    print(f"  step-time ratio base/mixed: {med['base'] / med['mixed']:.3f}", end="")
+    if "base, 2nd OpenMP root" in med:
+        print(f"; with a 2nd OpenMP root: {med['base, 2nd OpenMP root'] / med['mixed, 2nd OpenMP root']:.3f}")
+    else:
+        print()
 
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
@@ -279,6 +362,44 @@ def agreement(x: list[list[int]], y: list[list[int]]) -> str:
     same_rows = sum(a == b for a, b in zip(x, y))
     prefix = [next((i for i, (s, t) in enumerate(zip(a, b)) if s != t), len(a)) for a, b in zip(x, y)]
     return f"{same_rows}/{len(x)} rows identical, median common prefix {statistics.median(prefix):.0f} tokens"
+
+
+def report(args, command: str, configs: dict, results: dict, outputs: dict) -> str:
+    median = {k: statistics.median(r[0] for r in v) for k, v in results.items()}
+    server = ("`python -m server` child process" if args.server == "process" else "in-process BackgroundServer")
+    if args.server_env:
+        server += " with " + " ".join(args.server_env)
+    lines = [
+        f"mixed_adapters: {args.requests} requests x {args.max_new_tokens} new tokens, prompts {args.prompt_min}-"
+        f"{args.prompt_max} tokens; Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} "
+        f"layers, {args.heads}/{args.kv_heads} heads, vocab {args.vocab}, fp32, {args.device}; LoRA r={args.rank} "
+        f"alpha={2 * args.rank} on {','.join(TARGETS)}; engine: {server}; median of {args.repeats} interleaved runs",
+        f"date: {datetime.date.today().isoformat()}",
+        f"command: {command}",
+        f"machine: {machine(args)}",
+        "",
+        "| config | tokens/s (median) | runs (tok/s) |",
+        "|---|---:|---|",
+    ]
+    for key, (label, _) in configs.items():
+        runs = ", ".join(f"{r[0]:.1f}" for r in results[key])
+        lines.append(f"| ({key}) {label} | {median[key]:.1f} | {runs} |")
+    lines.append("")
+    ba = median["b"] / median["a"]
+    lines.append(f"b/a = {ba:.3f} (target >= 0.80: {'met' if ba >= 0.80 else 'NOT met'})")
+    if "c" in median:
+        bc = median["b"] / median["c"]
+        lines.append(f"b/c = {bc:.2f} (target >= 3.0: {'met' if bc >= 3.0 else 'NOT met'})")
+        lines.append(f"a/d = {median['a'] / median['d']:.3f} (engine vs HF generate, base model)")
+    for key in ("a", "b"):
+        s = {k: statistics.median(r[1][k] for r in results[key]) for k in ENGINE_STATS}
+        lines.append(f"engine ({key}), server metrics: {s['prefills']:.0f} prefill passes ({s['prefill_s']:.2f}s), "
+                     f"{s['decode_steps']:.0f} decode steps ({s['decode_s']:.2f}s, "
+                     f"{s['decode_s'] / max(s['decode_steps'], 1) * 1e3:.1f} ms/step incl. sampling)")
+    if "c" in outputs:
+        lines.append(f"greedy tokens (b) vs (c): {agreement(outputs['b'], outputs['c'])}")
+        lines.append(f"greedy tokens (a) vs (d): {agreement(outputs['a'], outputs['d'])}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -330,40 +451,9 @@ def main(argv=None) -> int:
                 outputs[key] = tokens
         engine.close()
         if not args.skip_peft:
-            del peft_model, plain
+            del peft_model, plain  # free memory before the breakdown; the table only needs labels
 
-        median = {k: statistics.median(r[0] for r in v) for k, v in results.items()}
-        lines = [
-            f"mixed_adapters: {args.requests} requests x {new} new tokens, prompts {args.prompt_min}-{args.prompt_max} "
-            f"tokens, Llama hidden {args.hidden}/inter {args.intermediate}/{args.layers} layers/{args.heads} heads/"
-            f"{args.kv_heads} kv heads/vocab {args.vocab}, fp32, {args.device}; LoRA r={args.rank} alpha={2 * args.rank} "
-            f"on {','.join(TARGETS)}",
-            f"date: {datetime.date.today().isoformat()}",
-            f"command: {command}",
-            f"machine: {machine(args)}",
-            "",
-            "| config | tokens/s (median) | runs (tok/s) |",
-            "|---|---:|---|",
-        ]
-        for key, (label, _) in configs.items():
-            runs = ", ".join(f"{r[0]:.1f}" for r in results[key])
-            lines.append(f"| ({key}) {label} | {median[key]:.1f} | {runs} |")
-        lines.append("")
-        ba = median["b"] / median["a"]
-        lines.append(f"b/a = {ba:.3f} (target >= 0.80: {'met' if ba >= 0.80 else 'NOT met'})")
-        if "c" in median:
-            bc = median["b"] / median["c"]
-            lines.append(f"b/c = {bc:.2f} (target >= 3.0: {'met' if bc >= 3.0 else 'NOT met'})")
-            lines.append(f"a/d = {median['a'] / median['d']:.3f} (engine vs HF generate, base model)")
-        for key in ("a", "b"):
-            s = {k: statistics.median(r[1][k] for r in results[key]) for k in ENGINE_STATS}
-            lines.append(f"engine ({key}): {s['prefills']:.0f} prefill passes ({s['prefill_s']:.2f}s), "
-                         f"{s['decode_steps']:.0f} decode steps ({s['decode_s']:.2f}s, "
-                         f"{s['decode_s'] / max(s['decode_steps'], 1) * 1e3:.1f} ms/step incl. sampling)")
-        if "c" in outputs:
-            lines.append(f"greedy tokens (b) vs (c): {agreement(outputs['b'], outputs['c'])}")
-            lines.append(f"greedy tokens (a) vs (d): {agreement(outputs['a'], outputs['d'])}")
-        print("\n" + "\n".join(lines), flush=True)
+        print("\n" + report(args, command, configs, results, outputs), flush=True)
 
         if args.breakdown:
             breakdown(model_dir, adapter_root, names, prompts, args)

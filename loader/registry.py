@@ -36,12 +36,14 @@ class AdapterRecord:
 
 class AdapterRegistry:
     def __init__(self, root: Path | None, reader: Reader, cache_bytes: int, autoload: bool,
-                 on_evict: Callable[[CanonicalAdapter], None] = lambda adapter: None) -> None:
+                 on_evict: Callable[[CanonicalAdapter], None] = lambda adapter: None,
+                 on_change: Callable[[int, int], None] = lambda in_memory, on_disk: None) -> None:
         self.root = root.resolve() if root is not None else None
         self._reader = reader
         self.cache_bytes = cache_bytes
         self.autoload = autoload
         self._on_evict = on_evict
+        self._on_change = on_change  # (adapters in host memory, adapters evicted to disk) after every change
         self._lock = threading.Lock()
         self._records: dict[str, AdapterRecord] = {}
         self._id_locks: dict[str, threading.Lock] = {}
@@ -89,6 +91,7 @@ class AdapterRegistry:
             raise NotFound(f"adapter {adapter_id!r} is not loaded")
         if record.weights is not None:
             self._on_evict(record.weights)
+        self._report()
         return record
 
     def get(self, adapter_id: str) -> AdapterRecord:
@@ -133,7 +136,14 @@ class AdapterRegistry:
                 evicted.append(current.weights)
             for old in evicted:
                 self._on_evict(old)
+            self._report()
             return record
+
+    def _report(self) -> None:
+        with self._lock:
+            in_memory = sum(r.weights is not None for r in self._records.values())
+            total = len(self._records)
+        self._on_change(in_memory, total - in_memory)
 
     def _evict_over_budget(self, keep: str) -> list[CanonicalAdapter]:
         evicted = []

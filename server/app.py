@@ -66,7 +66,9 @@ def build_serving(config: ServerConfig, metrics: Metrics) -> Serving:
 
     root = Path(config.adapter_root) if config.adapter_root else None
     registry = AdapterRegistry(root, read, config.adapter_cache_bytes, config.autoload_adapters,
-                               on_evict=lambda adapter: engine.call(lambda: bank.forget(adapter.key)))
+                               on_evict=lambda adapter: engine.call(lambda: bank.forget(adapter.key)),
+                               on_change=lambda memory, disk: (metrics.adapters_loaded.labels("cpu").set(memory),
+                                                               metrics.adapters_loaded.labels("disk").set(disk)))
     engine.start()
     _warm_up(engine, base)
     return Serving(engine=engine, registry=registry, base=base, config=config, metrics=metrics)

@@ -113,6 +113,9 @@ def test_host_memory_budget_evicts_to_disk_and_reloads(model_dirs, adapter_root)
             client.load_adapter("v2")  # over budget: v1 leaves host memory
             assert client.get_adapter("v1").tier == pb.ADAPTER_TIER_DISK
             assert client.get_adapter("v2").tier in (pb.ADAPTER_TIER_CPU, pb.ADAPTER_TIER_DEVICE)
+            metrics = scrape(server)
+            assert metrics['loraplex_adapters_loaded{tier="disk"}'] == 1
+            assert metrics['loraplex_adapters_loaded{tier="cpu"}'] == 1
             assert list(client.generate([5, 6], "v1", max_new_tokens=5, ignore_eos=True).token_ids) == want
     finally:
         server.stop()

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors, lora_scaling, resolve_pattern
+from adapters.canonical import CanonicalAdapter
 from adapters.slot_bank import ModuleShape
 from server.errors import FailedPrecondition
 
@@ -17,7 +17,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
 def read_config(path: Path, adapter_id: str) -> dict:
@@ -65,7 +64,7 @@ def _targets(config: dict, module: str) -> bool:
     return matches(config.get("target_modules")) and not matches(config.get("exclude_modules"))
 
 
-def _refuse_unservable(config: dict, adapter_id: str) -> None:
+def refuse_unservable(config: dict, adapter_id: str) -> None:
     checks = [
         (config.get("use_dora"), "use_dora is true (DoRA is not served)"),
         (config.get("modules_to_save"), "modules_to_save is set (full module copies cannot share a batch)"),
@@ -81,56 +80,62 @@ def _refuse_unservable(config: dict, adapter_id: str) -> None:
             raise FailedPrecondition(f"adapter {adapter_id!r}: {why}")
 
 
-def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], max_rank: int,
-              load_serial: int) -> CanonicalAdapter:
-    _refuse_unservable(config, adapter_id)
-    tensors = read_tensors(path, adapter_id)
+def group_tensors(tensors: dict[str, torch.Tensor], key: re.Pattern, adapter_id: str, kind: str,
+                  shapes: dict[str, ModuleShape]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {part: tensor}} from keys matching `key` (groups `module` and `part`); any other key is refused."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = _LORA_KEY.match(key)
+    for name, t in tensors.items():
+        m = key.match(name)
         if m is None:
-            raise FailedPrecondition(f"adapter {adapter_id!r}: unsupported tensor {key} in a LORA adapter")
+            raise FailedPrecondition(f"adapter {adapter_id!r}: unsupported tensor {name} in a {kind} adapter")
         module = m["module"]
         if module not in shapes:
             raise FailedPrecondition(
-                f"adapter {adapter_id!r}: tensor {key} targets module {module!r}, which this base model does not "
+                f"adapter {adapter_id!r}: tensor {name} targets module {module!r}, which this base model does not "
                 f"have or the server does not adapt (see --target-modules)")
         parts.setdefault(module, {})[m["part"]] = t
+    return parts
+
+
+def require_parts(parts: dict[str, dict[str, torch.Tensor]], config: dict, shapes: dict[str, ModuleShape],
+                  adapter_id: str, key_names: dict[str, str]) -> None:
+    """Every targeted module has every part: a missing tensor is an error, never a silent zero.
+    key_names maps part -> key suffix (e.g. {'A': 'lora_A.weight'})."""
     for module in shapes:
         if _targets(config, module) and module not in parts:
+            first = next(iter(key_names.values()))
             raise FailedPrecondition(
                 f"adapter {adapter_id!r}: target module {module!r} has no weights (missing key "
-                f"{KEY_PREFIX}{module}.lora_A.weight)")
+                f"{KEY_PREFIX}{module}.{first})")
+    for module, have in parts.items():
+        for part, suffix in key_names.items():
+            if part not in have:
+                raise FailedPrecondition(f"adapter {adapter_id!r}: missing key {KEY_PREFIX}{module}.{suffix}")
     if not parts:
-        raise FailedPrecondition(f"adapter {adapter_id!r}: {WEIGHTS_FILE} holds no LoRA tensors")
+        raise FailedPrecondition(f"adapter {adapter_id!r}: {WEIGHTS_FILE} holds no adapter tensors")
 
-    r_default, alpha_default = int(config.get("r", 8)), config.get("lora_alpha", 8)
-    modules = {}
-    for module, ab in sorted(parts.items()):
-        for part in "AB":
-            if part not in ab:
-                raise FailedPrecondition(f"adapter {adapter_id!r}: missing key {KEY_PREFIX}{module}.lora_{part}.weight")
-        shape = shapes[module]
-        r = int(resolve_pattern(config.get("rank_pattern"), module, r_default))
-        alpha = float(resolve_pattern(config.get("alpha_pattern"), module, alpha_default))
-        for part, got, want in (("A", ab["A"].shape, (r, shape.d_in)), ("B", ab["B"].shape, (shape.d_out, r))):
-            if tuple(got) != want:
-                raise FailedPrecondition(
-                    f"adapter {adapter_id!r}: {KEY_PREFIX}{module}.lora_{part}.weight has shape {tuple(got)}, "
-                    f"expected {want} (rank {r} from the config, base module {shape.d_in}->{shape.d_out})")
-        if r > max_rank:
-            raise FailedPrecondition(
-                f"adapter {adapter_id!r}: module {module!r} has rank {r}, above the server's --max-lora-rank {max_rank}")
-        scale = lora_scaling(alpha, r, bool(config.get("use_rslora", False)))
-        modules[module] = ModuleFactors(a=ab["A"].float().contiguous(), b=(ab["B"].float() * scale).contiguous())
-    return CanonicalAdapter(adapter_id, AdapterKind.LORA, modules, load_serial=load_serial,
-                            metadata={"peft_type": "LORA"})
+
+def check_shape(adapter_id: str, key: str, got: torch.Size, want: tuple[int, ...], why: str) -> None:
+    if tuple(got) != want:
+        raise FailedPrecondition(
+            f"adapter {adapter_id!r}: {KEY_PREFIX}{key} has shape {tuple(got)}, expected {want} ({why})")
+
+
+def check_rank(adapter_id: str, module: str, rank: int, max_rank: int) -> None:
+    if rank > max_rank:
+        raise FailedPrecondition(
+            f"adapter {adapter_id!r}: module {module!r} has rank {rank}, above the server's --max-lora-rank {max_rank}")
 
 
 def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], max_rank: int,
                  load_serial: int) -> CanonicalAdapter:
+    """Dispatch on peft_type to the kind's reader; each returns the canonical form."""
+    from loader import adalora_files, lora_files  # kind readers build on the helpers above
+    readers = {"LORA": lora_files.read_lora, "ADALORA": adalora_files.read_adalora}
     config = read_config(path, adapter_id)
     peft_type = config["peft_type"]
-    if peft_type == "LORA":
-        return read_lora(path, adapter_id, config, shapes, max_rank, load_serial)
-    raise FailedPrecondition(f"adapter {adapter_id!r}: peft_type {peft_type!r} is not served (supported: LORA)")
+    if peft_type not in readers:
+        raise FailedPrecondition(f"adapter {adapter_id!r}: peft_type {peft_type!r} is not served "
+                                 f"(supported: {', '.join(readers)})")
+    refuse_unservable(config, adapter_id)
+    return readers[peft_type](path, adapter_id, config, shapes, max_rank, load_serial)

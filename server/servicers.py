@@ -180,7 +180,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 max_queue_size=c.max_queue_size, default_max_new_tokens=c.default_max_new_tokens,
                 autoload_adapters=c.autoload_adapters,
                 adapter_target_modules=[shape.name for shape in s.engine.bank.shapes],
-                supported_adapter_kinds=[pb.ADAPTER_KIND_LORA])
+                supported_adapter_kinds=[pb.ADAPTER_KIND_LORA, pb.ADAPTER_KIND_ADALORA])
         except Exception as exc:
             await _abort(context, exc)
 

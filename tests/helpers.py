@@ -40,3 +40,22 @@ def scrape(server: BackgroundServer) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     return samples
+
+
+def make_peft_adalora(model_dir: Path, out: Path, seed: int, steps: int = 10, **adalora) -> Path:
+    """Train a few steps with PEFT's own update_and_allocate so per-layer ranks really differ, then save."""
+    from peft import AdaLoraConfig
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    settings = dict(init_r=6, target_r=2, tinit=2, tfinal=2, deltaT=1, total_step=steps, lora_alpha=8)
+    settings.update(adalora)
+    model = get_peft_model(base, AdaLoraConfig(**settings))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for step in range(steps):
+        ids = torch.randint(3, 250, (4, 12))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        model.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    return out

@@ -18,14 +18,30 @@ class AdapterKind(Enum):
 
 @dataclass(frozen=True)
 class ModuleFactors:
-    """delta(x) = b @ (a @ x). a: (r, d_in); b: (d_out, r) with the adapter's scaling already folded in."""
+    """shrink -> optional per-token gate -> expand, scaling folded into b.
+
+    a: (r, d_in). Without a router, b: (d_out, r) and delta(x) = b (a x).
+    With a router (HydraLoRA, K heads): router: (K, d_in), router_bias: (K,) or None, b: (d_out, K·r) = [B_1 … B_K],
+    and delta(x) = b (g ⊗ a x) with g = softmax(router x + bias) per token, in fp32.
+    """
 
     a: torch.Tensor
     b: torch.Tensor
+    router: torch.Tensor | None = None
+    router_bias: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
         return self.a.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return 1 if self.router is None else self.router.shape[0]
+
+    @property
+    def width(self) -> int:
+        """Columns of the expand: K·r."""
+        return self.b.shape[1]
 
 
 @dataclass(frozen=True)
@@ -48,8 +64,13 @@ class CanonicalAdapter:
         return max((f.rank for f in self.modules.values()), default=0)
 
     @property
+    def max_heads(self) -> int:
+        return max((f.heads for f in self.modules.values()), default=1)
+
+    @property
     def size_bytes(self) -> int:
-        return sum(f.a.numel() * f.a.element_size() + f.b.numel() * f.b.element_size() for f in self.modules.values())
+        tensors = [t for f in self.modules.values() for t in (f.a, f.b, f.router, f.router_bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:

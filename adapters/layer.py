@@ -31,19 +31,34 @@ class MultiAdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         rows = self.context.rows
-        if rows is None:
+        if rows is None or rows.a[self.index] is None:
             return y
-        a = rows.a[self.index]
-        if a is None:
-            return y
+        a, b, route = rows.a[self.index], rows.b[self.index], rows.route[self.index]
         batch = x.shape[0]
-        xa = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(a.dtype), a)  # [B, T, r]
-        delta = torch.bmm(xa, rows.b[self.index])                         # [B, T, d_out]
-        return y + delta.view(y.shape).to(y.dtype)
+        x3 = x.reshape(batch, -1, x.shape[-1])
+        z = torch.bmm(x3.to(a.dtype), a)                                  # shrink: [B, T, r]
+        if route is not None:                                              # per-token gate (HydraLoRA)
+            gate = (torch.bmm(x3.float(), route.router) + route.bias).softmax(-1).to(z.dtype)   # [B, T, K]
+            shape = (batch, z.shape[1], route.j.shape[-1])
+            z = z.gather(-1, route.j.expand(shape)) * gate.gather(-1, route.k.expand(shape))  # g ⊗ a: [B, T, K·r]
+        # expand, added in place into the fresh base output: one pass instead of bmm + add
+        y.view(batch, -1, y.shape[-1]).baddbmm_(z, b)
+        return y
 
 
 def reference_delta(x: torch.Tensor, factors: list[ModuleFactors | None], d_out: int) -> torch.Tensor:
-    """Test oracle: a plain per-row loop, delta[i] = B_i (A_i x_i), zero for rows without an adapter. x: [B, T, d_in]."""
-    rows = [x.new_zeros(x.shape[1], d_out) if f is None else x[i] @ f.a.t().to(x.dtype) @ f.b.t().to(x.dtype)
-            for i, f in enumerate(factors)]
+    """Test oracle: a plain per-row loop over the canonical form, zero for rows without an adapter. x: [B, T, d_in]."""
+    rows = []
+    for xi, f in zip(x, factors):
+        if f is None:
+            rows.append(xi.new_zeros(xi.shape[0], d_out))
+            continue
+        h = xi @ f.a.t()                                                     # [T, r]
+        if f.router is not None:
+            logits = xi.float() @ f.router.t().float()
+            if f.router_bias is not None:
+                logits = logits + f.router_bias
+            g = logits.softmax(-1).to(xi.dtype)                             # [T, K]
+            h = (g[:, :, None] * h[:, None, :]).reshape(xi.shape[0], -1)     # [T, K·r], head-major
+        rows.append(h @ f.b.t())
     return torch.stack(rows)

@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="process: `python -m server` in a child process (default); inprocess: server.app.BackgroundServer here")
     a("--server-env", action="append", default=[], metavar="KEY=VALUE",
       help="extra environment for the server process (repeatable), e.g. OMP_WAIT_POLICY=active")
+    a("--server-module", default="server",
+      help="module run as `python -m MODULE` for --server process (to A/B an engine variant; default: server)")
     a("--skip-peft", action="store_true", help="only (a) and (b)")
     a("--breakdown", action="store_true",
       help="after the rounds: Runner.decode_step timed directly (base vs mixed) and a torch.profiler op table")
@@ -172,7 +174,8 @@ class EngineBench:
                      "--max-active-adapters", c.max_active_adapters, "--max-lora-rank", c.max_lora_rank,
                      "--threads", c.threads, "--log-level", c.log_level]
             env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.server_env))
-            self.proc = subprocess.Popen([sys.executable, "-m", "server", *map(str, flags)], cwd=ROOT, env=env)
+            self.proc = subprocess.Popen([sys.executable, "-m", args.server_module, *map(str, flags)], cwd=ROOT,
+                                         env=env)
             self._wait_serving(timeout=600)
         else:
             self.server = BackgroundServer(self.config).start()
@@ -366,7 +369,8 @@ def agreement(x: list[list[int]], y: list[list[int]]) -> str:
 
 def report(args, command: str, configs: dict, results: dict, outputs: dict) -> str:
     median = {k: statistics.median(r[0] for r in v) for k, v in results.items()}
-    server = ("`python -m server` child process" if args.server == "process" else "in-process BackgroundServer")
+    server = (f"`python -m {args.server_module}` child process" if args.server == "process"
+              else "in-process BackgroundServer")
     if args.server_env:
         server += " with " + " ".join(args.server_env)
     lines = [

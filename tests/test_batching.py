@@ -125,3 +125,32 @@ def test_newcomer_gets_first_token_before_long_request_finishes(server):
             await task
             assert first_short < long_done.result()
     asyncio.run(scenario())
+
+
+def test_routed_layer_equals_per_row_reference():
+    """HydraLoRA rows with different head counts and ranks, LoRA rows and base rows in one batch."""
+    torch.manual_seed(1)
+    d_in, d_out = 24, 40
+    bank = SlotBank([ModuleShape("m", d_in, d_out)], num_slots=4, max_rank=12, device=torch.device("cpu"),
+                    dtype=torch.float32, max_heads=4)
+
+    class Fake:
+        def __init__(self, i, r, k=None, bias=False):
+            self.key = ("x", i)
+            router = None if k is None else torch.randn(k, d_in)
+            self.modules = {"m": ModuleFactors(torch.randn(r, d_in), torch.randn(d_out, r * (k or 1)), router,
+                                               torch.randn(k) if bias else None)}
+    hydra2, hydra4, lora, hydra3b = Fake(1, 3, 2), Fake(2, 2, 4), Fake(3, 5), Fake(4, 4, 3, bias=True)
+    per_row = [hydra2, None, lora, hydra4, hydra3b, hydra2, None]
+    row_slots = [0 if a is None else bank.acquire(a) for a in per_row]
+    x = torch.randn(len(per_row), 5, d_in)
+    from adapters.layer import MultiAdapterLinear
+    context = AdapterContext()
+    layer = MultiAdapterLinear(torch.nn.Linear(d_in, d_out), 0, context)
+    context.rows = bank.gather(row_slots)
+    got = layer(x) - layer.base(x)
+    want = reference_delta(x, [None if a is None else a.modules["m"] for a in per_row], d_out)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # a LoRA row gets exactly what it gets in a batch without any router
+    context.rows = bank.gather([row_slots[2]])
+    torch.testing.assert_close(got[2], (layer(x[2:3]) - layer.base(x[2:3]))[0], atol=0, rtol=0)

@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max-new-tokens", type=int, default=64)
     a("--prompt-min", type=int, default=16)
     a("--prompt-max", type=int, default=32)
-    a("--repeats", type=int, default=2, help="interleaved timed rounds per configuration (median reported)")
+    a("--repeats", type=int, default=3, help="interleaved timed rounds per configuration (median reported)")
     a("--hidden", type=int, default=512)
     a("--intermediate", type=int, default=1408)
     a("--layers", type=int, default=8)
@@ -361,6 +361,18 @@ def machine(args) -> str:
     return text
 
 
+def code_version() -> str:
+    """The commit measured, with '+dirty' when engine code differs from it (the numbers are for the tree)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "adapters", "loader", "server"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return head + (" + uncommitted changes in adapters/loader/server" if dirty else "")
+
+
 def agreement(x: list[list[int]], y: list[list[int]]) -> str:
     same_rows = sum(a == b for a, b in zip(x, y))
     prefix = [next((i for i, (s, t) in enumerate(zip(a, b)) if s != t), len(a)) for a, b in zip(x, y)]
@@ -381,6 +393,7 @@ def report(args, command: str, configs: dict, results: dict, outputs: dict) -> s
         f"date: {datetime.date.today().isoformat()}",
         f"command: {command}",
         f"machine: {machine(args)}",
+        f"code: {args.code}",
         "",
         "| config | tokens/s (median) | runs (tok/s) |",
         "|---|---:|---|",
@@ -408,6 +421,7 @@ def report(args, command: str, configs: dict, results: dict, outputs: dict) -> s
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.code = code_version()  # read at the start: the tree may change while the benchmark runs
     torch.set_num_threads(args.threads)
     command = "cd " + shlex.quote(os.getcwd()) + " && " + " ".join(
         shlex.quote(a) for a in [os.path.relpath(sys.executable) if not sys.executable.startswith("/usr")

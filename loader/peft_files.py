@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from adapters.canonical import CanonicalAdapter
 from adapters.slot_bank import ModuleShape
+from adapters.targets import matches
 from server.errors import FailedPrecondition
 
 CONFIG_FILE = "adapter_config.json"
@@ -54,14 +56,7 @@ def read_tensors(path: Path, adapter_id: str) -> dict[str, torch.Tensor]:
 
 
 def _targets(config: dict, module: str) -> bool:
-    """PEFT's target rule: a string is a full-match regex, a list matches by name or dotted suffix."""
-    def matches(spec) -> bool:
-        if spec is None:
-            return False
-        if isinstance(spec, str):
-            return spec == "all-linear" or re.fullmatch(spec, module) is not None
-        return any(module == t or module.endswith("." + t) for t in spec)
-    return matches(config.get("target_modules")) and not matches(config.get("exclude_modules"))
+    return matches(config.get("target_modules"), module) and not matches(config.get("exclude_modules"), module)
 
 
 def refuse_unservable(config: dict, adapter_id: str) -> None:
@@ -121,21 +116,28 @@ def check_shape(adapter_id: str, key: str, got: torch.Size, want: tuple[int, ...
             f"adapter {adapter_id!r}: {KEY_PREFIX}{key} has shape {tuple(got)}, expected {want} ({why})")
 
 
-def check_rank(adapter_id: str, module: str, rank: int, max_rank: int) -> None:
-    if rank > max_rank:
-        raise FailedPrecondition(
-            f"adapter {adapter_id!r}: module {module!r} has rank {rank}, above the server's --max-lora-rank {max_rank}")
+def check_rank(adapter_id: str, module: str, rank: int, limits: "Limits", what: str = "rank") -> None:
+    if rank > limits.max_rank:
+        raise FailedPrecondition(f"adapter {adapter_id!r}: module {module!r} has {what} {rank}, above the server's "
+                                 f"--max-lora-rank {limits.max_rank}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_rank: int       # widest expand (K·r for HydraLoRA) a slot holds
+    max_heads: int = 8  # HydraLoRA heads a slot's router holds
 
 
 def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], max_rank: int,
-                 load_serial: int) -> CanonicalAdapter:
+                 load_serial: int, max_heads: int = 8) -> CanonicalAdapter:
     """Dispatch on peft_type to the kind's reader; each returns the canonical form."""
-    from loader import adalora_files, lora_files  # kind readers build on the helpers above
-    readers = {"LORA": lora_files.read_lora, "ADALORA": adalora_files.read_adalora}
+    from loader import adalora_files, hydra_files, lora_files  # kind readers build on the helpers above
+    readers = {"LORA": lora_files.read_lora, "ADALORA": adalora_files.read_adalora,
+               "HYDRALORA": hydra_files.read_hydralora}
     config = read_config(path, adapter_id)
     peft_type = config["peft_type"]
     if peft_type not in readers:
         raise FailedPrecondition(f"adapter {adapter_id!r}: peft_type {peft_type!r} is not served "
                                  f"(supported: {', '.join(readers)})")
     refuse_unservable(config, adapter_id)
-    return readers[peft_type](path, adapter_id, config, shapes, max_rank, load_serial)
+    return readers[peft_type](path, adapter_id, config, shapes, Limits(max_rank, max_heads), load_serial)

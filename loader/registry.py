@@ -32,6 +32,7 @@ class AdapterRecord:
     last_used: float
     kind: str
     module_ranks: dict[str, int]
+    heads: int
 
 
 class AdapterRegistry:
@@ -129,7 +130,8 @@ class AdapterRegistry:
                                        pinned=(current.pinned if current and pin is None else bool(pin)),
                                        weights=weights, size_bytes=weights.size_bytes, last_used=time.monotonic(),
                                        kind=weights.kind.value,
-                                       module_ranks={m: f.rank for m, f in weights.modules.items()})
+                                       module_ranks={m: f.rank for m, f in weights.modules.items()},
+                                       heads=weights.max_heads)
                 self._records[adapter_id] = record
                 evicted = self._evict_over_budget(keep=adapter_id)
             if current is not None and current.weights is not None and not reread:

@@ -48,7 +48,8 @@ def build_serving(config: ServerConfig, metrics: Metrics) -> Serving:
     targets = ALL_LINEAR if config.target_modules == ALL_LINEAR else config.target_modules.split(",")
     context, shapes = inject(base.model, targets)
     dtype = next(base.model.parameters()).dtype
-    bank = SlotBank(shapes, config.max_active_adapters, config.max_lora_rank, torch.device(config.device), dtype)
+    bank = SlotBank(shapes, config.max_active_adapters, config.max_lora_rank, torch.device(config.device), dtype,
+                    config.max_hydra_heads)
     runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
     engine = Engine(runner, base.tokenizer, base.eos_token_ids,
                     EngineConfig(config.max_batch_size, config.max_queue_size), metrics)
@@ -58,7 +59,7 @@ def build_serving(config: ServerConfig, metrics: Metrics) -> Serving:
         start = time.monotonic()
         result = "error"
         try:
-            adapter = read_adapter(path, adapter_id, by_name, config.max_lora_rank, serial)
+            adapter = read_adapter(path, adapter_id, by_name, config.max_lora_rank, serial, config.max_hydra_heads)
             result = "ok"
             return adapter
         finally:

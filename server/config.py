@@ -18,6 +18,7 @@ class ServerConfig:
     max_batch_size: int = 32
     max_active_adapters: int = 32
     max_lora_rank: int = 64
+    max_hydra_heads: int = 8
     max_queue_size: int = 256
     max_concurrent_rpcs: int = 1024
     default_max_new_tokens: int = 64
@@ -43,7 +44,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     a("--max-batch-size", type=int, default=d.max_batch_size, help="rows per forward pass")
     a("--max-active-adapters", type=int, default=d.max_active_adapters, help="device adapter slots")
-    a("--max-lora-rank", type=int, default=d.max_lora_rank, help="largest adapter rank accepted (slot width)")
+    a("--max-lora-rank", type=int, default=d.max_lora_rank,
+      help="slot width: the largest adapter rank (HydraLoRA: heads x rank) accepted")
+    a("--max-hydra-heads", type=int, default=d.max_hydra_heads, help="largest HydraLoRA head count accepted")
     a("--max-queue-size", type=int, default=d.max_queue_size, help="waiting requests before RESOURCE_EXHAUSTED")
     a("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs)
     a("--default-max-new-tokens", type=int, default=d.default_max_new_tokens)

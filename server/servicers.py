@@ -180,7 +180,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 max_queue_size=c.max_queue_size, default_max_new_tokens=c.default_max_new_tokens,
                 autoload_adapters=c.autoload_adapters,
                 adapter_target_modules=[shape.name for shape in s.engine.bank.shapes],
-                supported_adapter_kinds=[pb.ADAPTER_KIND_LORA, pb.ADAPTER_KIND_ADALORA])
+                supported_adapter_kinds=[pb.ADAPTER_KIND_LORA, pb.ADAPTER_KIND_ADALORA,
+                                         pb.ADAPTER_KIND_HYDRALORA])
         except Exception as exc:
             await _abort(context, exc)
 
@@ -200,7 +201,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             adapter_id=record.adapter_id, kind=KINDS[record.kind], rank=max(record.module_ranks.values(), default=0),
             module_ranks=record.module_ranks, target_modules=sorted(record.module_ranks), size_bytes=record.size_bytes,
             tier=tier, pinned=record.pinned, version=record.version,
-            active_requests=bank.active_requests(key) if key else 0, heads=1)
+            active_requests=bank.active_requests(key) if key else 0, heads=record.heads)
 
     async def _call(self, context, fn, *args):
         try:

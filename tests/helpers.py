@@ -59,3 +59,17 @@ def make_peft_adalora(model_dir: Path, out: Path, seed: int, steps: int = 10, **
         optimizer.zero_grad()
     model.save_pretrained(out)
     return out
+
+
+def make_hydra_model(model_dir: Path, seed: int, heads: int, r: int, alpha: float, targets, router_bias=False):
+    """A base model with trainable HydraLoRA layers whose heads are random (not zero), in eval mode."""
+    from adapters.hydralora import add_hydralora
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    layers = add_hydralora(model, targets, r=r, alpha=alpha, heads=heads, router_bias=router_bias)
+    with torch.no_grad():
+        for layer in layers.values():
+            for head in layer.lora_B:
+                head.weight.normal_(0, 0.3)
+            layer.lora_route.weight.mul_(8)  # sharper routing, so heads really differ per token
+    return model.eval(), layers

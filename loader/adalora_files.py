@@ -11,13 +11,13 @@ from pathlib import Path
 
 from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors
 from adapters.slot_bank import ModuleShape
-from loader.peft_files import Limits, check_rank, check_shape, group_tensors, read_tensors, require_parts
+from loader.peft_files import LoadContext, check_rank, check_shape, group_tensors, read_tensors, require_parts
 from server.errors import FailedPrecondition
 
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[ABE])$")  # Parameters: no `.weight`
 
 
-def read_adalora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], limits: Limits,
+def read_adalora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], ctx: LoadContext,
                  load_serial: int) -> CanonicalAdapter:
     if not isinstance(config.get("init_r"), int) or config["init_r"] < 1:
         raise FailedPrecondition(f"adapter {adapter_id!r}: ADALORA config needs a positive integer init_r")
@@ -40,7 +40,7 @@ def read_adalora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Mo
         check_shape(adapter_id, f"{module}.lora_E", abe["E"].shape, (r, 1), why)
         if r == 0:
             continue
-        check_rank(adapter_id, module, r, limits)
+        check_rank(adapter_id, module, r, ctx)
         a = (abe["E"].float() * abe["A"].float()).contiguous()
         modules[module] = ModuleFactors(a=a, b=(abe["B"].float() * c).contiguous())
     return CanonicalAdapter(adapter_id, AdapterKind.ADALORA, modules, load_serial=load_serial,

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors, lora_scaling
 from adapters.hydralora import HydraLoraLinear
 from adapters.slot_bank import ModuleShape
-from loader.peft_files import (CONFIG_FILE, Limits, KEY_PREFIX, WEIGHTS_FILE, check_rank, check_shape, group_tensors,
+from loader.peft_files import (CONFIG_FILE, LoadContext, KEY_PREFIX, WEIGHTS_FILE, check_rank, check_shape, group_tensors,
                                read_tensors, require_parts)
 from server.errors import FailedPrecondition
 
@@ -43,15 +43,15 @@ def save_hydralora(modules: dict[str, HydraLoraLinear], out: Path, config: dict)
     (out / CONFIG_FILE).write_text(json.dumps(full, indent=2, sort_keys=True))
 
 
-def read_hydralora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], limits: Limits,
+def read_hydralora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], ctx: LoadContext,
                    load_serial: int) -> CanonicalAdapter:
     for field in ("r", "lora_nums"):
         if not isinstance(config.get(field), int) or config[field] < 1:
             raise FailedPrecondition(f"adapter {adapter_id!r}: HYDRALORA config needs a positive integer {field}")
     r, heads, bias = config["r"], config["lora_nums"], bool(config.get("router_bias", False))
-    if heads > limits.max_heads:
+    if heads > ctx.max_heads:
         raise FailedPrecondition(f"adapter {adapter_id!r}: lora_nums {heads} is above the server's "
-                                 f"--max-hydra-heads {limits.max_heads}")
+                                 f"--max-hydra-heads {ctx.max_heads}")
     scale = lora_scaling(float(config.get("lora_alpha", 8)), r, bool(config.get("use_rslora", False)))
     parts = group_tensors(read_tensors(path, adapter_id), KEY, adapter_id, "HYDRALORA", shapes)
     names = {"A": "lora_A.weight", "route": "lora_route.weight", **({"bias": "lora_route.bias"} if bias else {}),
@@ -76,7 +76,7 @@ def read_hydralora(path: Path, adapter_id: str, config: dict, shapes: dict[str, 
             check_shape(adapter_id, f"{module}.lora_route.bias", t["bias"].shape, (heads,), why)
         for j in range(heads):
             check_shape(adapter_id, f"{module}.lora_B.{j}.weight", t[f"B{j}"].shape, (shape.d_out, r), why)
-        check_rank(adapter_id, module, heads * r, limits, what=f"expand width lora_nums·r =")
+        check_rank(adapter_id, module, heads * r, ctx, what=f"expand width lora_nums·r =")
         b = torch.cat([t[f"B{j}"].float() for j in range(heads)], dim=1) * scale
         modules[module] = ModuleFactors(t["A"].float().contiguous(), b.contiguous(), t["route"].float().contiguous(),
                                         t["bias"].float().contiguous() if bias else None)

@@ -1,6 +1,7 @@
 """Replace the base model's target linear layers with multi-adapter layers sharing one context."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from adapters.layer import MultiAdapterLinear, linear_dims
@@ -19,3 +20,11 @@ def inject(model: nn.Module, targets: str | list[str] = ALL_LINEAR) -> tuple[Ada
     if not shapes:
         raise ValueError(f"no linear module of the model matches target modules {targets!r}")
     return context, shapes
+
+
+def base_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """fp32 copy of an adapted module's frozen weight in (d_out, d_in) layout (Conv1D stores (d_in, d_out))."""
+    module = model.get_submodule(name)
+    base = module.base if isinstance(module, MultiAdapterLinear) else module
+    weight = base.weight.detach().float()
+    return (weight.t() if type(base).__name__ == "Conv1D" else weight).clone()

@@ -6,12 +6,12 @@ from pathlib import Path
 
 from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors, lora_scaling, resolve_pattern
 from adapters.slot_bank import ModuleShape
-from loader.peft_files import Limits, check_rank, check_shape, group_tensors, read_tensors, require_parts
+from loader.peft_files import LoadContext, check_rank, check_shape, group_tensors, read_tensors, require_parts
 
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
-def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], limits: Limits,
+def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], ctx: LoadContext,
               load_serial: int) -> CanonicalAdapter:
     parts = group_tensors(read_tensors(path, adapter_id), KEY, adapter_id, "LORA", shapes)
     require_parts(parts, config, shapes, adapter_id, {"A": "lora_A.weight", "B": "lora_B.weight"})
@@ -24,7 +24,7 @@ def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Modul
         why = f"rank {r} from the config, base module {shape.d_in}->{shape.d_out}"
         check_shape(adapter_id, f"{module}.lora_A.weight", ab["A"].shape, (r, shape.d_in), why)
         check_shape(adapter_id, f"{module}.lora_B.weight", ab["B"].shape, (shape.d_out, r), why)
-        check_rank(adapter_id, module, r, limits)
+        check_rank(adapter_id, module, r, ctx)
         scale = lora_scaling(alpha, r, bool(config.get("use_rslora", False)))
         modules[module] = ModuleFactors(a=ab["A"].float().contiguous(), b=(ab["B"].float() * scale).contiguous())
     return CanonicalAdapter(adapter_id, AdapterKind.LORA, modules, load_serial=load_serial,

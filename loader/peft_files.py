@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -116,28 +117,33 @@ def check_shape(adapter_id: str, key: str, got: torch.Size, want: tuple[int, ...
             f"adapter {adapter_id!r}: {KEY_PREFIX}{key} has shape {tuple(got)}, expected {want} ({why})")
 
 
-def check_rank(adapter_id: str, module: str, rank: int, limits: "Limits", what: str = "rank") -> None:
-    if rank > limits.max_rank:
+def check_rank(adapter_id: str, module: str, rank: int, ctx: "LoadContext", what: str = "rank") -> None:
+    if rank > ctx.max_rank:
         raise FailedPrecondition(f"adapter {adapter_id!r}: module {module!r} has {what} {rank}, above the server's "
-                                 f"--max-lora-rank {limits.max_rank}")
+                                 f"--max-lora-rank {ctx.max_rank}")
 
 
 @dataclass(frozen=True)
-class Limits:
+class LoadContext:
+    """What a kind's reader may know about the server: slot limits, and the frozen base weights
+    ((d_out, d_in) fp32 copies by module path) for merges that need them."""
+
     max_rank: int       # widest expand (K·r for HydraLoRA) a slot holds
     max_heads: int = 8  # HydraLoRA heads a slot's router holds
+    base_weight: Callable[[str], torch.Tensor] | None = None
 
 
 def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], max_rank: int,
-                 load_serial: int, max_heads: int = 8) -> CanonicalAdapter:
+                 load_serial: int, max_heads: int = 8,
+                 base_weight: Callable[[str], torch.Tensor] | None = None) -> CanonicalAdapter:
     """Dispatch on peft_type to the kind's reader; each returns the canonical form."""
-    from loader import adalora_files, hydra_files, lora_files  # kind readers build on the helpers above
+    from loader import adalora_files, hydra_files, lora_files, reslora_files  # readers build on the helpers above
     readers = {"LORA": lora_files.read_lora, "ADALORA": adalora_files.read_adalora,
-               "HYDRALORA": hydra_files.read_hydralora}
+               "HYDRALORA": hydra_files.read_hydralora, "RESLORA": reslora_files.read_reslora}
     config = read_config(path, adapter_id)
     peft_type = config["peft_type"]
     if peft_type not in readers:
         raise FailedPrecondition(f"adapter {adapter_id!r}: peft_type {peft_type!r} is not served "
                                  f"(supported: {', '.join(readers)})")
     refuse_unservable(config, adapter_id)
-    return readers[peft_type](path, adapter_id, config, shapes, Limits(max_rank, max_heads), load_serial)
+    return readers[peft_type](path, adapter_id, config, shapes, LoadContext(max_rank, max_heads, base_weight), load_serial)

@@ -33,6 +33,7 @@ class AdapterRecord:
     kind: str
     module_ranks: dict[str, int]
     heads: int
+    metadata: dict
 
 
 class AdapterRegistry:
@@ -131,7 +132,7 @@ class AdapterRegistry:
                                        weights=weights, size_bytes=weights.size_bytes, last_used=time.monotonic(),
                                        kind=weights.kind.value,
                                        module_ranks={m: f.rank for m, f in weights.modules.items()},
-                                       heads=weights.max_heads)
+                                       heads=weights.max_heads, metadata=dict(weights.metadata))
                 self._records[adapter_id] = record
                 evicted = self._evict_over_budget(keep=adapter_id)
             if current is not None and current.weights is not None and not reread:

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from adapters.slot_bank import SlotBank
 from loader.base_model import load_base_model
-from loader.inject import ALL_LINEAR, inject
+from loader.inject import ALL_LINEAR, base_weight, inject
 from loader.peft_files import read_adapter
 from loader.registry import AdapterRegistry
 from protos.loraplex.v1 import inference_pb2 as pb
@@ -59,7 +59,8 @@ def build_serving(config: ServerConfig, metrics: Metrics) -> Serving:
         start = time.monotonic()
         result = "error"
         try:
-            adapter = read_adapter(path, adapter_id, by_name, config.max_lora_rank, serial, config.max_hydra_heads)
+            adapter = read_adapter(path, adapter_id, by_name, config.max_lora_rank, serial, config.max_hydra_heads,
+                                   base_weight=lambda name: base_weight(base.model, name))
             result = "ok"
             return adapter
         finally:

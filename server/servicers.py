@@ -181,7 +181,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 autoload_adapters=c.autoload_adapters,
                 adapter_target_modules=[shape.name for shape in s.engine.bank.shapes],
                 supported_adapter_kinds=[pb.ADAPTER_KIND_LORA, pb.ADAPTER_KIND_ADALORA,
-                                         pb.ADAPTER_KIND_HYDRALORA])
+                                         pb.ADAPTER_KIND_HYDRALORA, pb.ADAPTER_KIND_RESLORA])
         except Exception as exc:
             await _abort(context, exc)
 
@@ -197,8 +197,13 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             tier = pb.ADAPTER_TIER_DEVICE
         else:
             tier = pb.ADAPTER_TIER_CPU if key is not None else pb.ADAPTER_TIER_DISK
+        reslora = None
+        if record.kind == "reslora":
+            meta = record.metadata
+            reslora = pb.ResLoraInfo(structure=meta["structure"], pre_num=meta["pre_num"],
+                                     merge_method=meta["merge_method"], merge_error=meta["merge_error"])
         return pb.AdapterInfo(
-            adapter_id=record.adapter_id, kind=KINDS[record.kind], rank=max(record.module_ranks.values(), default=0),
+            reslora=reslora, adapter_id=record.adapter_id, kind=KINDS[record.kind], rank=max(record.module_ranks.values(), default=0),
             module_ranks=record.module_ranks, target_modules=sorted(record.module_ranks), size_bytes=record.size_bytes,
             tier=tier, pinned=record.pinned, version=record.version,
             active_requests=bank.active_requests(key) if key else 0, heads=record.heads)

@@ -73,3 +73,20 @@ def make_hydra_model(model_dir: Path, seed: int, heads: int, r: int, alpha: floa
                 head.weight.normal_(0, 0.3)
             layer.lora_route.weight.mul_(8)  # sharper routing, so heads really differ per token
     return model.eval(), layers
+
+
+def make_reslora_model(model_dir: Path, seed: int, structure: str, pre_num: int, targets, r: int = 4,
+                       alpha: float = 8):
+    """A base model with ResLoRA layers (random B), after a few training-mode forwards that record the
+    merge statistics; returned in eval mode (the unmerged training formula without dropout)."""
+    from adapters.reslora import add_reslora
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    layers = add_reslora(model, targets, r=r, alpha=alpha, dropout=0.0, structure=structure, pre_num=pre_num)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.weight.normal_(0, 0.2)
+        model.train()
+        for _ in range(3):
+            model(torch.randint(3, 250, (2, 10)))
+    return model.eval(), layers

@@ -1,0 +1,91 @@
+"""ResLoRA adapters (`peft_type: RESLORA`): raw factors in the PEFT LoRA key layout, plus the chain
+topology and training statistics in the config; merged into plain LoRA when loaded (never served
+with residual paths). Config keys: r, lora_alpha, lora_dropout, target_modules, structure (is|bs|ms),
+pre_num, chains (ordered module paths), merge_method, statistics {module: {input_norm, shrunk_norm}},
+stats_window, and optionally merge_error {method: relative error measured on eval data}.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from adapters.canonical import AdapterKind, CanonicalAdapter
+from adapters.reslora import MERGE_METHODS, ResLoraLinear, build_chains, merge_chain
+from adapters.slot_bank import ModuleShape
+from loader.lora_files import KEY
+from loader.peft_files import (CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, LoadContext, check_rank, check_shape,
+                               group_tensors, read_tensors, require_parts)
+from server.errors import FailedPrecondition
+
+DEFAULT_MERGE = {"bs": "exact", "is": "input_norm", "ms": "input_norm"}
+
+
+def save_reslora(modules: dict[str, ResLoraLinear], out: Path, config: dict) -> None:
+    """Write trained ResLoraLinear layers (by module path) with their topology and statistics."""
+    tensors = {}
+    for name, layer in modules.items():
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    first = next(iter(modules.values()))
+    full = {"peft_type": "RESLORA", "task_type": "CAUSAL_LM", "target_modules": sorted(modules),
+            "structure": first.structure, "pre_num": first.pre_num, "chains": build_chains(list(modules)),
+            "merge_method": DEFAULT_MERGE[first.structure], "stats_window": first.input_norms.maxlen,
+            "statistics": {name: layer.statistics() for name, layer in modules.items()}, **config}
+    (out / CONFIG_FILE).write_text(json.dumps(full, indent=2, sort_keys=True))
+
+
+def read_reslora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], ctx: LoadContext,
+                 load_serial: int) -> CanonicalAdapter:
+    def refuse(why: str):
+        raise FailedPrecondition(f"adapter {adapter_id!r}: {why}")
+    structure, method = config.get("structure"), config.get("merge_method")
+    if structure not in MERGE_METHODS:
+        refuse(f"RESLORA structure must be one of {sorted(MERGE_METHODS)}, got {structure!r}")
+    method = method or DEFAULT_MERGE[structure]
+    if method not in MERGE_METHODS[structure]:
+        refuse(f"merge_method {method!r} does not apply to structure {structure!r} (use {MERGE_METHODS[structure]})")
+    r, pre_num, chains = config.get("r"), config.get("pre_num", 0), config.get("chains")
+    if not isinstance(r, int) or r < 1 or not isinstance(pre_num, int) or pre_num < 0:
+        refuse("RESLORA config needs a positive integer r and a non-negative integer pre_num")
+    if not isinstance(chains, list) or not all(isinstance(c, list) and c for c in chains):
+        refuse("RESLORA config needs 'chains': a list of non-empty lists of module paths")
+    parts = group_tensors(read_tensors(path, adapter_id), KEY, adapter_id, "RESLORA", shapes)
+    require_parts(parts, config, shapes, adapter_id, {"A": "lora_A.weight", "B": "lora_B.weight"})
+    chained = [m for chain in chains for m in chain]
+    if sorted(chained) != sorted(parts):
+        refuse(f"'chains' and the tensors disagree on modules {sorted(set(chained) ^ set(parts))[:3]}")
+    for module, ab in parts.items():
+        shape = shapes[module]
+        why = f"rank {r} from the config, base module {shape.d_in}->{shape.d_out}"
+        check_shape(adapter_id, f"{module}.lora_A.weight", ab["A"].shape, (r, shape.d_in), why)
+        check_shape(adapter_id, f"{module}.lora_B.weight", ab["B"].shape, (shape.d_out, r), why)
+    stats = config.get("statistics") or {}
+    if method in ("input_norm", "modified_a"):
+        for module in chained:
+            values = stats.get(module, {})
+            if not all(isinstance(values.get(k), (int, float)) and math.isfinite(values[k]) and values[k] > 0
+                       for k in ("input_norm", "shrunk_norm")):
+                refuse(f"statistics for {module!r} are missing or not positive; the {method} merge needs the "
+                       f"training statistics (retrain, or choose merge_method weight_norm/exact where it applies)")
+    if method == "weight_norm" and ctx.base_weight is None:
+        refuse("the weight_norm merge needs the base weights, which this loader was not given")
+
+    scaling = float(config.get("lora_alpha", 8)) / r
+    modules = {}
+    for chain in chains:
+        weights = [ctx.base_weight(m) for m in chain] if method == "weight_norm" else None
+        merged = merge_chain(structure, method, pre_num, scaling, [parts[m]["A"].float() for m in chain],
+                             [parts[m]["B"].float() for m in chain], [stats.get(m, {}) for m in chain], weights)
+        for module, factors in zip(chain, merged):
+            check_rank(adapter_id, module, factors.rank, ctx, what="merged rank")
+            modules[module] = factors
+    error = (config.get("merge_error") or {}).get(method)
+    return CanonicalAdapter(adapter_id, AdapterKind.RESLORA, modules, load_serial=load_serial,
+                            metadata={"peft_type": "RESLORA", "structure": structure, "pre_num": pre_num,
+                                      "merge_method": method, "merge_error": 0.0 if method == "exact" else error})

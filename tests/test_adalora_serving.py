@@ -71,3 +71,33 @@ def test_greedy_tokens_and_info_through_server(model_dirs, adapter_root):
                     assert list(client.generate(p, adapter_id, max_new_tokens=8, ignore_eos=True).token_ids) == want
     finally:
         server.stop()
+
+
+def test_invalid_adalora_files_name_the_problem(model_dirs, adapter_root):
+    import grpc
+    from safetensors.torch import load_file, save_file
+    source = adapter_root / "ada-qvd"
+    tensors = load_file(source / "adapter_model.safetensors")
+    config = json.loads((source / "adapter_config.json").read_text())
+    e_key = "base_model.model.model.layers.1.self_attn.v_proj.lora_E"
+    a_key = "base_model.model.model.layers.1.self_attn.v_proj.lora_A"
+    cases = {
+        "ada-no-e": ({k: v for k, v in tensors.items() if k != e_key}, {}, f"missing key {e_key}"),
+        "ada-shape": ({**tensors, a_key: tensors[a_key][:, :-1].contiguous()}, {}, f"{a_key} has shape"),
+        "ada-alpha0": (tensors, {"lora_alpha": 0}, "lora_alpha must be > 0"),
+        "ada-no-init-r": (tensors, {"init_r": None}, "positive integer init_r"),
+    }
+    for name, (t, edit, _) in cases.items():
+        (adapter_root / name).mkdir()
+        save_file(t, str(adapter_root / name / "adapter_model.safetensors"))
+        (adapter_root / name / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    server = start_server(model_dirs["llama"], adapter_root)
+    try:
+        with Client(server.target, timeout=30) as client:
+            for name, (_, _, needle) in cases.items():
+                with pytest.raises(grpc.RpcError) as info:
+                    client.load_adapter(name)
+                assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert needle in info.value.details(), info.value.details()
+    finally:
+        server.stop()

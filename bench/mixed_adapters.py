@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max-new-tokens", type=int, default=64)
     a("--prompt-min", type=int, default=16)
     a("--prompt-max", type=int, default=32)
-    a("--repeats", type=int, default=3, help="interleaved timed rounds per configuration (median reported)")
+    a("--repeats", type=int, default=5, help="interleaved timed rounds per configuration (median reported)")
     a("--hidden", type=int, default=512)
     a("--intermediate", type=int, default=1408)
     a("--layers", type=int, default=8)

@@ -76,7 +76,7 @@ def read_hydralora(path: Path, adapter_id: str, config: dict, shapes: dict[str, 
             check_shape(adapter_id, f"{module}.lora_route.bias", t["bias"].shape, (heads,), why)
         for j in range(heads):
             check_shape(adapter_id, f"{module}.lora_B.{j}.weight", t[f"B{j}"].shape, (shape.d_out, r), why)
-        check_rank(adapter_id, module, heads * r, ctx, what=f"expand width lora_nums·r =")
+        check_rank(adapter_id, module, heads * r, ctx, what="expand width lora_nums·r =")
         b = torch.cat([t[f"B{j}"].float() for j in range(heads)], dim=1) * scale
         modules[module] = ModuleFactors(t["A"].float().contiguous(), b.contiguous(), t["route"].float().contiguous(),
                                         t["bias"].float().contiguous() if bias else None)

@@ -90,3 +90,34 @@ def make_reslora_model(model_dir: Path, seed: int, structure: str, pre_num: int,
         for _ in range(3):
             model(torch.randint(3, 250, (2, 10)))
     return model.eval(), layers
+
+
+def decode_forced(runner, rows, forced=None, steps: int = 5):
+    """Prefill `rows`, then greedy-decode `steps` tokens; `forced` ([B, steps]) feeds given tokens instead, so a
+    near-tie cannot fork two runs being compared. Returns logits [B, steps+1, V] and the fed tokens [B, steps]."""
+    batch, logits = runner.prefill(rows)
+    out, fed = [logits], []
+    for step in range(steps):
+        tokens = out[-1].argmax(-1) if forced is None else forced[:, step]
+        for row, token in zip(batch.rows, tokens.tolist()):
+            row.last_token = token
+        fed.append(tokens)
+        out.append(runner.decode_step(batch))
+    return torch.stack(out, dim=1), torch.stack(fed, dim=1)
+
+
+def assert_load_refused(model_dir: Path, adapter_root: Path, cases: dict[str, str], **server_overrides) -> None:
+    """LoadAdapter of each id in `cases` is FAILED_PRECONDITION with a message containing its needle."""
+    import grpc
+    import pytest
+    from clients.client import Client
+    server = start_server(model_dir, adapter_root, **server_overrides)
+    try:
+        with Client(server.target, timeout=30) as client:
+            for adapter_id, needle in cases.items():
+                with pytest.raises(grpc.RpcError) as info:
+                    client.load_adapter(adapter_id)
+                assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, adapter_id
+                assert needle in info.value.details(), info.value.details()
+    finally:
+        server.stop()

@@ -13,7 +13,7 @@ from loader.base_model import load_base_model
 from loader.inject import inject
 from loader.peft_files import read_adapter
 from server.batch import Row, Runner
-from tests.helpers import LLAMA_TARGETS, make_peft_adapter, start_server
+from tests.helpers import LLAMA_TARGETS, decode_forced, make_peft_adapter, start_server
 
 ADAPTERS = {
     "a-qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -74,21 +74,9 @@ def test_mixed_batch_logits_equal_each_alone(model_dirs, adapter_root):
         slot[adapter_id] = bank.acquire(read_adapter(adapter_root / adapter_id, adapter_id, by_name, 16, i + 1))
     runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
 
-    def run(rows, forced=None, steps=5):
-        """Greedy decode; `forced` ([B, steps] tokens) feeds the same tokens, so a near-tie cannot fork the runs."""
-        batch, logits = runner.prefill(rows)
-        out, fed = [logits], []
-        for step in range(steps):
-            tokens = out[-1].argmax(-1) if forced is None else forced[:, step]
-            for row, token in zip(batch.rows, tokens.tolist()):
-                row.last_token = token
-            fed.append(tokens)
-            out.append(runner.decode_step(batch))
-        return torch.stack(out, dim=1), torch.stack(fed, dim=1)  # [B, steps+1, V], [B, steps]
-
-    mixed, tokens = run([Row(p, slot[ORDER[i % 4]]) for i, p in enumerate(PROMPTS)])
+    mixed, tokens = decode_forced(runner, [Row(p, slot[ORDER[i % 4]]) for i, p in enumerate(PROMPTS)])
     for i, p in enumerate(PROMPTS):
-        alone, _ = run([Row(p, slot[ORDER[i % 4]])], forced=tokens[i:i + 1])
+        alone, _ = decode_forced(runner, [Row(p, slot[ORDER[i % 4]])], forced=tokens[i:i + 1])
         torch.testing.assert_close(mixed[i], alone[0], atol=1e-5, rtol=0)
 
 

@@ -1,5 +1,4 @@
 """Cancellation, deadlines, health, drain on SIGTERM, reflection, metrics, hot-swap and adapter residency."""
-import asyncio
 import os
 import re
 import shutil
@@ -16,7 +15,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from server import app as server_app
-from clients.client import AsyncClient, Client
+from clients.client import Client
 from protos.loraplex.v1 import inference_pb2 as pb
 from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, start_server
 

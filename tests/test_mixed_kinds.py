@@ -12,7 +12,7 @@ from loader.inject import inject
 from loader.peft_files import read_adapter
 from loader.reslora_files import save_reslora
 from server.batch import Row, Runner
-from tests.helpers import (LLAMA_TARGETS, make_hydra_model, make_peft_adalora, make_peft_adapter, make_reslora_model,
+from tests.helpers import (LLAMA_TARGETS, decode_forced, make_hydra_model, make_peft_adalora, make_peft_adapter, make_reslora_model,
                            start_server)
 
 KINDS = ["", "lora", "adalora", "hydra", "hydra-wide", "reslora"]
@@ -43,21 +43,10 @@ def test_mixed_kinds_logits_equal_each_alone(model_dirs, adapter_root):
                       for i, k in enumerate(KINDS[1:])}}
     runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
 
-    def run(rows, forced=None, steps=4):
-        batch, logits = runner.prefill(rows)
-        out, fed = [logits], []
-        for step in range(steps):
-            tokens = out[-1].argmax(-1) if forced is None else forced[:, step]
-            for row, token in zip(batch.rows, tokens.tolist()):
-                row.last_token = token
-            fed.append(tokens)
-            out.append(runner.decode_step(batch))
-        return torch.stack(out, dim=1), torch.stack(fed, dim=1)
-
     kind = lambda i: KINDS[i % len(KINDS)]  # noqa: E731
-    mixed, tokens = run([Row(p, slot[kind(i)]) for i, p in enumerate(PROMPTS)])
+    mixed, tokens = decode_forced(runner, [Row(p, slot[kind(i)]) for i, p in enumerate(PROMPTS)], steps=4)
     for i, p in enumerate(PROMPTS):
-        alone, _ = run([Row(p, slot[kind(i)])], forced=tokens[i:i + 1])
+        alone, _ = decode_forced(runner, [Row(p, slot[kind(i)])], forced=tokens[i:i + 1], steps=4)
         torch.testing.assert_close(mixed[i], alone[0], atol=1e-5, rtol=0)
 
 

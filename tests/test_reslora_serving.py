@@ -1,7 +1,6 @@
 """ResLoRA adapters are merged into plain LoRA at load: block-shortcut exactly, is/ms approximately."""
 import json
 
-import grpc
 import pytest
 import torch
 
@@ -14,7 +13,7 @@ from loader.peft_files import read_adapter
 from loader.reslora_files import save_reslora
 from protos.loraplex.v1 import inference_pb2 as pb
 from server.batch import Row, Runner
-from tests.helpers import make_reslora_model, start_server
+from tests.helpers import assert_load_refused, make_reslora_model, start_server
 
 PROMPTS = [[5, 17, 99, 3, 42], [200, 11, 12], [64, 65, 66, 67, 68, 69, 70, 71]]
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -135,27 +134,16 @@ def test_served_through_server_and_reported(model_dirs, adapters):
         server.stop()
 
 
-def test_invalid_reslora_configs_are_refused(model_dirs, adapters, tmp_path):
+def test_invalid_reslora_configs_are_refused(model_dirs, adapters):
     root, _ = adapters
     import shutil
-    for name, edit, needle in [
-            ("no-stats", {"statistics": {}}, "statistics for"),
-            ("bad-structure", {"structure": "xs"}, "structure must be one of"),
-            ("bad-method", {"merge_method": "weight_norm"}, "does not apply to structure 'ms'"),
-            ("bad-chains", {"chains": [["model.layers.0.self_attn.q_proj"]]}, "disagree on modules")]:
+    cases = [("no-stats", {"statistics": {}}, "statistics for"),
+             ("bad-structure", {"structure": "xs"}, "structure must be one of"),
+             ("bad-method", {"merge_method": "weight_norm"}, "does not apply to structure 'ms'"),
+             ("bad-chains", {"chains": [["model.layers.0.self_attn.q_proj"]]}, "disagree on modules")]
+    for name, edit, _ in cases:
         shutil.copytree(root / "ms", root / name)
         config = json.loads((root / name / "adapter_config.json").read_text())
         config.update(edit)
         (root / name / "adapter_config.json").write_text(json.dumps(config))
-    server = start_server(model_dirs["llama"], root)
-    try:
-        with Client(server.target, timeout=30) as client:
-            for name, _, needle in [("no-stats", 0, "statistics for"), ("bad-structure", 0, "structure must be one"),
-                                    ("bad-method", 0, "does not apply to structure 'ms'"),
-                                    ("bad-chains", 0, "disagree on modules")]:
-                with pytest.raises(grpc.RpcError) as info:
-                    client.load_adapter(name)
-                assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-                assert needle in info.value.details(), info.value.details()
-    finally:
-        server.stop()
+    assert_load_refused(model_dirs["llama"], root, {name: needle for name, _, needle in cases})

@@ -40,6 +40,29 @@ class Ports:
     metrics: int
 
 
+def run_isolated(fn, *args):
+    """Run `fn` on a fresh thread that exits afterwards, and return its result (or raise its error).
+
+    torch's GNU OpenMP keeps a worker pool per thread that ever ran parallel code. A long-lived executor
+    thread that loaded the model or folded adapter tensors would keep a second pool next to the engine's;
+    on a 2-core machine that oversubscription throttled every decode step (adapter batches 0.80 -> 0.70 of
+    the base throughput, bench/RESULTS.md). So only the engine thread lives long and runs torch.
+    """
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as exc:  # re-raised on the caller's thread
+            outcome["error"] = exc
+    thread = threading.Thread(target=target, name=f"loraplex-{getattr(fn, '__name__', 'task')}")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def build_serving(config: ServerConfig, metrics: Metrics) -> Serving:
     """Load the model, inject adapter layers, allocate the slot bank, start the engine (blocking)."""
     if config.threads:
@@ -59,8 +82,9 @@ def build_serving(config: ServerConfig, metrics: Metrics) -> Serving:
         start = time.monotonic()
         result = "error"
         try:
-            adapter = read_adapter(path, adapter_id, by_name, config.max_lora_rank, serial, config.max_hydra_heads,
-                                   base_weight=lambda name: base_weight(base.model, name))
+            adapter = run_isolated(lambda: read_adapter(
+                path, adapter_id, by_name, config.max_lora_rank, serial, config.max_hydra_heads,
+                base_weight=lambda name: base_weight(base.model, name)))
             result = "ok"
             return adapter
         finally:
@@ -122,7 +146,7 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
-    loaded = await loop.run_in_executor(None, build_serving, config, metrics)
+    loaded = await loop.run_in_executor(None, run_isolated, build_serving, config, metrics)
     serving.__dict__.update(loaded.__dict__)
     for name in ["", *SERVICES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

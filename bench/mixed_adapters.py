@@ -18,7 +18,8 @@ managed threads than cores and throttles its spin-waits: both sides slow down (s
     .venv/bin/python bench/mixed_adapters.py                 # CPU, 2 threads (the defaults)
     .venv/bin/python bench/mixed_adapters.py --device cuda   # on a GPU
     .venv/bin/python bench/mixed_adapters.py --breakdown     # plus direct Runner.decode_step timings + profile
-    .venv/bin/python bench/mixed_adapters.py --server-env OMP_WAIT_POLICY=active   # server spin policy
+    .venv/bin/python bench/mixed_adapters.py --skip-peft --server-module my_variant \
+        --server-env PYTHONPATH=/path/to/variant:.      # A/B an engine variant (a module like `server`)
 """
 from __future__ import annotations
 
@@ -156,8 +157,8 @@ def free_port() -> int:
 
 
 class EngineBench:
-    """The real server, driven over gRPC by the asyncio client. `mode` "process" runs `python -m server`
-    (what `loraplex serve` runs) in a child process; "inprocess" runs server.app.BackgroundServer in this
+    """The real server, driven over gRPC by the asyncio client. `--server process` runs `python -m server`
+    (what `loraplex serve` runs) in a child process; `inprocess` runs server.app.BackgroundServer in this
     process, where this process's own torch threads (HF/PEFT rounds) share libgomp with the engine."""
 
     def __init__(self, model_dir: Path, adapter_root: Path, names: list[str], args) -> None:
@@ -176,7 +177,11 @@ class EngineBench:
             env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.server_env))
             self.proc = subprocess.Popen([sys.executable, "-m", args.server_module, *map(str, flags)], cwd=ROOT,
                                          env=env)
-            self._wait_serving(timeout=600)
+            try:
+                self._wait_serving(timeout=600)
+            except BaseException:
+                self.proc.kill()
+                raise
         else:
             self.server = BackgroundServer(self.config).start()
         self.target = f"127.0.0.1:{self.config.port}"
@@ -423,9 +428,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.code = code_version()  # read at the start: the tree may change while the benchmark runs
     torch.set_num_threads(args.threads)
-    command = "cd " + shlex.quote(os.getcwd()) + " && " + " ".join(
-        shlex.quote(a) for a in [os.path.relpath(sys.executable) if not sys.executable.startswith("/usr")
-                                 else sys.executable, *sys.argv])
+    python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd() + os.sep) else sys.executable
+    command = "cd " + shlex.quote(os.getcwd()) + " && " + " ".join(shlex.quote(a) for a in [python, *sys.argv])
     names = [f"lora{i:02d}" for i in range(args.adapters)]
     adapter_ids = [names[i % len(names)] for i in range(args.requests)]
     prompts = make_prompts(args)
@@ -456,18 +460,20 @@ def main(argv=None) -> int:
 
         results: dict[str, list[tuple[float, dict]]] = {k: [] for k in configs}
         outputs: dict[str, list[list[int]]] = {}
-        for rnd in range(args.repeats + 1):  # round 0 is the untimed warm-up
-            for key, (label, fn) in configs.items():
-                wall, tokens, stats = fn()
-                generated = sum(len(t) for t in tokens)
-                if generated != len(prompts) * new:
-                    raise RuntimeError(f"({key}) generated {generated} tokens, expected {len(prompts) * new}")
-                tag = "warm-up" if rnd == 0 else f"round {rnd}"
-                print(f"  {tag:8s} ({key}) {label:48s} {wall:7.2f}s  {generated / wall:8.1f} tok/s", flush=True)
-                if rnd > 0:
-                    results[key].append((generated / wall, stats))
-                outputs[key] = tokens
-        engine.close()
+        try:
+            for rnd in range(args.repeats + 1):  # round 0 is the untimed warm-up
+                for key, (label, fn) in configs.items():
+                    wall, tokens, stats = fn()
+                    generated = sum(len(t) for t in tokens)
+                    if generated != len(prompts) * new:
+                        raise RuntimeError(f"({key}) generated {generated} tokens, expected {len(prompts) * new}")
+                    tag = "warm-up" if rnd == 0 else f"round {rnd}"
+                    print(f"  {tag:8s} ({key}) {label:48s} {wall:7.2f}s  {generated / wall:8.1f} tok/s", flush=True)
+                    if rnd > 0:
+                        results[key].append((generated / wall, stats))
+                    outputs[key] = tokens
+        finally:
+            engine.close()
         if not args.skip_peft:
             del peft_model, plain  # free memory before the breakdown; the table only needs labels
 

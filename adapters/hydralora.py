@@ -14,7 +14,7 @@ from torch import nn
 
 from adapters.canonical import ModuleFactors, lora_scaling
 from adapters.layer import linear_dims
-from adapters.targets import linear_modules
+from adapters.lora import wrap_modules
 
 
 class HydraLoraLinear(nn.Module):
@@ -60,13 +60,5 @@ class HydraLoraLinear(nn.Module):
 def add_hydralora(model: nn.Module, targets, r: int, alpha: float, heads: int, dropout: float = 0.0,
                   router_bias: bool = False, use_rslora: bool = False) -> dict[str, HydraLoraLinear]:
     """Wrap every targeted linear module of `model` in place; returns them by module path."""
-    wrapped = {}
-    for name, module in linear_modules(model, targets):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = HydraLoraLinear(module, r, alpha, heads, dropout, router_bias, use_rslora)
-        setattr(parent, child, layer)
-        wrapped[name] = layer
-    if not wrapped:
-        raise ValueError(f"no linear module of the model matches target modules {targets!r}")
-    return wrapped
+    return wrap_modules(model, targets,
+                        lambda m: HydraLoraLinear(m, r, alpha, heads, dropout, router_bias, use_rslora))

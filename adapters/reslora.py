@@ -70,9 +70,13 @@ class ResLoraLinear(nn.Module):
         self.shrunk_norms: deque[float] = deque(maxlen=window)
         self._chain: _Chain | None = None  # set by add_reslora; not a submodule (no double registration)
         self.index = 0
+        self.merged: ModuleFactors | None = None  # when set, forward is the merged plain LoRA (to measure merges)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.merged is not None:
+            f = self.merged
+            return y + (x.to(f.a.dtype) @ f.a.t() @ f.b.t()).to(y.dtype)
         chain, n = self._chain, self.index
         m = min(self.pre_num, n)
         xa_in = x.to(self.lora_A.weight.dtype)
@@ -152,3 +156,40 @@ def merge_chain(structure: str, method: str, pre_num: int, scaling: float, a: li
                                 for k in range(1, m + 1))
             merged.append(ModuleFactors(shrink, scaling * b[n]))
     return merged
+
+
+@torch.no_grad()
+def merge_error(model: nn.Module, layers: dict[str, ResLoraLinear], method: str,
+                batches: list[dict[str, torch.Tensor]]) -> float:
+    """Relative error ‖logits_merged − logits_unmerged‖ / ‖logits_unmerged‖ over the labelled positions of
+    `batches` (eval data), with every chain merged by `method`. The layers are left unmerged."""
+    first = next(iter(layers.values()))
+    merged: dict[str, ModuleFactors] = {}
+    for names in build_chains(list(layers)):
+        chain = [layers[n] for n in names]
+        weights = [_base_weight(b.base) for b in chain] if method == "weight_norm" else None
+        merged.update(zip(names, merge_chain(
+            first.structure, method, first.pre_num, first.scaling, [b.lora_A.weight.float() for b in chain],
+            [b.lora_B.weight.float() for b in chain], [b.statistics() for b in chain], weights)))
+
+    def logits(batch, use_merged: bool) -> torch.Tensor:
+        for name, block in layers.items():
+            block.merged = merged[name] if use_merged else None
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return out[batch["labels"] != -100].float()
+
+    diff = ref = 0.0
+    try:
+        for batch in batches:
+            unmerged = logits(batch, False)
+            diff += float((logits(batch, True) - unmerged).pow(2).sum())
+            ref += float(unmerged.pow(2).sum())
+    finally:
+        for block in layers.values():
+            block.merged = None
+    return math.sqrt(diff / ref) if ref > 0 else 0.0
+
+
+def _base_weight(base: nn.Module) -> torch.Tensor:
+    weight = base.weight.detach().float()
+    return weight.t() if type(base).__name__ == "Conv1D" else weight

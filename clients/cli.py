@@ -58,6 +58,34 @@ def _adapters(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from tqdm import tqdm
+
+    from adapters.training import TrainSettings
+    from loader.train_data import DataError
+    from loader.training_job import JobError, TrainJob, run_job
+    settings = TrainSettings(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                             grad_accum=args.grad_accum, eval_every=args.eval_every, seed=args.seed)
+    targets = args.target_modules.split(",") if args.target_modules and args.target_modules != "all-linear" \
+        else args.target_modules
+    job = TrainJob(method=args.method, data=args.data, out=args.out, model=args.model, eval=args.eval,
+                   rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets, rslora=args.rslora,
+                   max_length=args.max_length, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
+                   resume=args.resume, heads=args.heads if args.heads == "auto" else int(args.heads),
+                   router_bias=args.router_bias, init_r=args.init_r, target_r=args.target_r, tinit=args.tinit,
+                   tfinal=args.tfinal, delta_t=args.delta_t, orth_reg_weight=args.orth_reg_weight,
+                   structure=args.structure, pre_num=args.pre_num, settings=settings)
+    try:
+        summary = run_job(job, progress=lambda steps: tqdm(steps, desc=f"train {args.method}", unit="step"))
+    except (JobError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    last = summary["eval_loss"][-1][1] if summary["eval_loss"] else None
+    print(f"{summary['out']}\t{args.method}\tsteps={summary['steps']}\ttrainable={summary['trainable_params']}"
+          + (f"\teval_loss={last:.4f}" if last is not None else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from server.config import add_serve_arguments
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LLM inference server")
@@ -94,6 +122,42 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--replace", action="store_true", help="swap in new files for a loaded id")
             p.add_argument("--pin", action="store_true", help="never evict from host memory")
     adapters.set_defaults(func=_adapters)
+
+    train = sub.add_parser("train", help="fine-tune an adapter (lora, adalora, hydralora, reslora) from JSONL")
+    t = train.add_argument
+    t("--method", required=True, choices=["lora", "adalora", "hydralora", "reslora"])
+    t("--model", default="default", help="local HF causal-LM directory, or 'default'")
+    t("--data", required=True, help='JSONL: {"prompt", "completion"} (loss on the completion) or {"text"}')
+    t("--eval", default=None, help="JSONL eval set: eval loss is reported every --eval-every steps")
+    t("--out", required=True, help="adapter directory to write")
+    t("--rank", type=int, default=8)
+    t("--alpha", type=float, default=16.0)
+    t("--dropout", type=float, default=0.0)
+    t("--target-modules", default=None, help="comma-separated module names, or all-linear (default: per method)")
+    t("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
+    t("--lr", type=float, default=2e-4)
+    t("--epochs", type=int, default=1)
+    t("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    t("--batch-size", type=int, default=8)
+    t("--grad-accum", type=int, default=1)
+    t("--max-length", type=int, default=256)
+    t("--eval-every", type=int, default=50, help="steps between eval losses and checkpoints")
+    t("--seed", type=int, default=0)
+    t("--device", default="cpu")
+    t("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    t("--overwrite", action="store_true", help="replace an adapter already in --out")
+    t("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t("--init-r", type=int, default=12, help="AdaLoRA initial rank")
+    t("--target-r", type=int, default=8, help="AdaLoRA target average rank")
+    t("--tinit", type=int, default=0, help="AdaLoRA warm-up steps before pruning")
+    t("--tfinal", type=int, default=0, help="AdaLoRA final steps at the target budget")
+    t("--delta-t", type=int, default=1, help="AdaLoRA steps between rank reallocations")
+    t("--orth-reg-weight", type=float, default=0.5, help="AdaLoRA orthogonal regulariser weight")
+    t("--heads", default="4", help="HydraLoRA B heads: a number, or auto (k-means over the prompts)")
+    t("--router-bias", action="store_true", help="HydraLoRA router with a bias")
+    t("--structure", default="bs", choices=["is", "bs", "ms"], help="ResLoRA shortcut structure")
+    t("--pre-num", type=int, default=1, help="ResLoRA: how many previous blocks a block links to")
+    train.set_defaults(func=_train)
     return parser
 
 

@@ -7,17 +7,15 @@ no extra key, shapes checked, head counts consistent.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors, lora_scaling
 from adapters.hydralora import HydraLoraLinear
 from adapters.slot_bank import ModuleShape
-from loader.peft_files import (CONFIG_FILE, LoadContext, KEY_PREFIX, WEIGHTS_FILE, check_rank, check_shape, group_tensors,
+from loader.peft_files import (KEY_PREFIX, LoadContext, check_rank, check_shape, group_tensors, write_adapter,
                                read_tensors, require_parts)
 from server.errors import FailedPrecondition
 
@@ -35,12 +33,9 @@ def save_hydralora(modules: dict[str, HydraLoraLinear], out: Path, config: dict)
         tensors[f"{KEY_PREFIX}{name}.lora_route.weight"] = layer.lora_route.weight
         if layer.lora_route.bias is not None:
             tensors[f"{KEY_PREFIX}{name}.lora_route.bias"] = layer.lora_route.bias
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
-              metadata={"format": "pt"})
     full = {"peft_type": "HYDRALORA", "task_type": "CAUSAL_LM", "target_modules": sorted(modules),
             "router_bias": any(m.lora_route.bias is not None for m in modules.values()), **config}
-    (out / CONFIG_FILE).write_text(json.dumps(full, indent=2, sort_keys=True))
+    write_adapter(out, tensors, full)
 
 
 def read_hydralora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], ctx: LoadContext,

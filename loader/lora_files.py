@@ -6,7 +6,8 @@ from pathlib import Path
 
 from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors, lora_scaling, resolve_pattern
 from adapters.slot_bank import ModuleShape
-from loader.peft_files import LoadContext, check_rank, check_shape, group_tensors, read_tensors, require_parts
+from loader.peft_files import (KEY_PREFIX, PEFT_FORMAT_VERSION, LoadContext, check_rank, check_shape, group_tensors,
+                               read_tensors, require_parts, write_adapter)
 
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
@@ -29,3 +30,19 @@ def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Modul
         modules[module] = ModuleFactors(a=ab["A"].float().contiguous(), b=(ab["B"].float() * scale).contiguous())
     return CanonicalAdapter(adapter_id, AdapterKind.LORA, modules, load_serial=load_serial,
                             metadata={"peft_type": "LORA"})
+
+
+def save_lora(modules: dict, out: Path, config: dict) -> None:
+    """Write trained LoraLinear layers (by module path) in PEFT's LoRA layout, loadable by
+    `PeftModel.from_pretrained`. `config` carries r, lora_alpha, lora_dropout, use_rslora, base_model_name_or_path."""
+    tensors = {}
+    for name, layer in modules.items():
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+    conv1d = any(type(layer.base).__name__ == "Conv1D" for layer in modules.values())
+    full = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": 8, "lora_alpha": 8,
+            "lora_dropout": 0.0, "target_modules": sorted(modules), "rank_pattern": {}, "alpha_pattern": {},
+            "use_rslora": False, "fan_in_fan_out": conv1d, "bias": "none", "modules_to_save": None,
+            "init_lora_weights": True, "inference_mode": True, "use_dora": False, "layers_to_transform": None,
+            "peft_version": PEFT_FORMAT_VERSION, **config}
+    write_adapter(out, tensors, full)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from adapters.canonical import CanonicalAdapter
 from adapters.slot_bank import ModuleShape
@@ -20,6 +20,15 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose on-disk layout we write and test against
+
+
+def write_adapter(out: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """The PEFT directory layout: fp32 contiguous safetensors (metadata format=pt) + sorted, indented JSON."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def read_config(path: Path, adapter_id: str) -> dict:

@@ -6,18 +6,16 @@ stats_window, and optionally merge_error {method: relative error measured on eva
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from safetensors.torch import save_file
 
 from adapters.canonical import AdapterKind, CanonicalAdapter
 from adapters.reslora import MERGE_METHODS, ResLoraLinear, build_chains, merge_chain
 from adapters.slot_bank import ModuleShape
 from loader.lora_files import KEY
-from loader.peft_files import (CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, LoadContext, check_rank, check_shape,
-                               group_tensors, read_tensors, require_parts)
+from loader.peft_files import (KEY_PREFIX, LoadContext, check_rank, check_shape, group_tensors, read_tensors,
+                               require_parts, write_adapter)
 from server.errors import FailedPrecondition
 
 DEFAULT_MERGE = {"bs": "exact", "is": "input_norm", "ms": "input_norm"}
@@ -29,15 +27,12 @@ def save_reslora(modules: dict[str, ResLoraLinear], out: Path, config: dict) -> 
     for name, layer in modules.items():
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
-              metadata={"format": "pt"})
     first = next(iter(modules.values()))
     full = {"peft_type": "RESLORA", "task_type": "CAUSAL_LM", "target_modules": sorted(modules),
             "structure": first.structure, "pre_num": first.pre_num, "chains": build_chains(list(modules)),
             "merge_method": DEFAULT_MERGE[first.structure], "stats_window": first.input_norms.maxlen,
             "statistics": {name: layer.statistics() for name, layer in modules.items()}, **config}
-    (out / CONFIG_FILE).write_text(json.dumps(full, indent=2, sort_keys=True))
+    write_adapter(out, tensors, full)
 
 
 def read_reslora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], ctx: LoadContext,

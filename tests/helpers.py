@@ -121,3 +121,18 @@ def assert_load_refused(model_dir: Path, adapter_root: Path, cases: dict[str, st
                 assert needle in info.value.details(), info.value.details()
     finally:
         server.stop()
+
+
+def write_task(path: Path, n: int, seed: int, task: str = "reverse", text: bool = False) -> Path:
+    """A tiny synthetic string task as JSONL: `<task>: <input> =>` -> ` <output>`."""
+    import json
+    import random
+    rng = random.Random(seed)
+    ops = {"reverse": lambda s: s[::-1], "upper": str.upper, "first": lambda s: s[0], "double": lambda s: s + s}
+    with path.open("w") as f:
+        for _ in range(n):
+            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 5)))
+            prompt, completion = f"{task}: {word} =>", f" {ops[task](word)}"
+            record = {"text": prompt + completion} if text else {"prompt": prompt, "completion": completion}
+            f.write(json.dumps(record) + "\n")
+    return path

@@ -1,0 +1,62 @@
+"""HydraLoRA `--heads auto`: choose the number of heads K by k-means over the training prompts.
+
+The paper picks K once by clustering the training corpus; the reference repo ships no clustering code.
+Features here: L2-normalised TF-IDF over character 3-grams of each prompt (cheap, tokenizer-independent).
+K is the candidate in [2, max_k] with the best silhouette score of a seeded k-means (k-means++ init)."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+
+
+def tfidf(texts: list[str], n: int = 3, max_features: int = 2048) -> torch.Tensor:
+    grams = [Counter(t[i:i + n] for i in range(max(1, len(t) - n + 1))) for t in texts]
+    df = Counter(g for c in grams for g in c)
+    vocab = {g: i for i, (g, _) in enumerate(df.most_common(max_features))}
+    x = torch.zeros(len(texts), len(vocab))
+    for row, counts in enumerate(grams):
+        for g, c in counts.items():
+            if g in vocab:
+                x[row, vocab[g]] = c * math.log((1 + len(texts)) / (1 + df[g]))
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 50) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centers = [x[torch.randint(len(x), (1,), generator=g)].squeeze(0)]
+    for _ in range(k - 1):  # k-means++: next center drawn proportionally to squared distance
+        d = torch.cdist(x, torch.stack(centers)).min(dim=1).values.pow(2)
+        centers.append(x[torch.multinomial(d + 1e-12, 1, generator=g)].squeeze(0))
+    c = torch.stack(centers)
+    for _ in range(iters):
+        labels = torch.cdist(x, c).argmin(dim=1)
+        new = torch.stack([x[labels == j].mean(0) if (labels == j).any() else c[j] for j in range(k)])
+        if torch.allclose(new, c):
+            break
+        c = new
+    return torch.cdist(x, c).argmin(dim=1)
+
+
+def silhouette(x: torch.Tensor, labels: torch.Tensor) -> float:
+    d = torch.cdist(x, x)
+    scores = []
+    for i in range(len(x)):
+        same = labels == labels[i]
+        if same.sum() <= 1:
+            scores.append(0.0)
+            continue
+        a = d[i][same].sum() / (same.sum() - 1)
+        b = min(d[i][labels == j].mean() for j in labels.unique() if j != labels[i])
+        scores.append(float((b - a) / max(a, b)))
+    return sum(scores) / len(scores)
+
+
+def choose_heads(prompts: list[str], max_k: int = 8, sample: int = 512, seed: int = 0) -> int:
+    if len(prompts) < 4:
+        return 2
+    idx = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:sample]
+    x = tfidf([prompts[i] for i in idx.tolist()])
+    candidates = range(2, min(max_k, len(x) - 1) + 1)
+    return max(candidates, key=lambda k: silhouette(x, kmeans(x, k, seed)))

@@ -1,0 +1,69 @@
+"""Training data: JSONL, one object per line, `{"prompt", "completion"}` (loss on the completion only) or
+`{"text"}` (loss on every token). Errors name the file, the line and the reason."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE = -100  # label of tokens that carry no loss (prompt, padding): HF's ignore_index
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def read_jsonl(path: Path, tokenizer, max_length: int) -> list[Example]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    eos = tokenizer.eos_token_id
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if "text" in record and isinstance(record["text"], str) and record["text"]:
+            ids = tokenizer(record["text"]).input_ids + ([eos] if eos is not None else [])
+            labels = list(ids)
+        elif all(isinstance(record.get(k), str) for k in ("prompt", "completion")) and record["completion"]:
+            prompt = tokenizer(record["prompt"]).input_ids
+            completion = tokenizer(record["completion"], add_special_tokens=False).input_ids
+            completion += [eos] if eos is not None else []
+            ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
+        else:
+            raise DataError(f"{where}: needs a non-empty string 'text', or string 'prompt' and non-empty string "
+                            f"'completion'; got keys {sorted(record)}")
+        ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE for label in labels):
+            raise DataError(f"{where}: the prompt fills --max-length {max_length}; no completion token is left to "
+                            f"learn from")
+        examples.append(Example(ids, labels))
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (IGNORE on padding)."""
+    length = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(e.input_ids), 1, torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

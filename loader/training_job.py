@@ -1,0 +1,190 @@
+"""One training job end to end: read data, build the base model with the kind's trainable layers, train
+(with checkpoints and --resume), and write the adapter in the format the server loads."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adapters.targets import ALL_LINEAR, linear_modules
+from adapters.training import Hooks, Trainer, TrainSettings, evaluate
+from loader.default_model import ensure_default_model
+from loader.peft_files import CONFIG_FILE
+from loader.train_data import collate, read_jsonl
+
+METHODS = ("lora", "adalora", "hydralora", "reslora")
+DEFAULT_TARGETS = {  # PEFT's per-architecture defaults; HydraLoRA's reference adapts the FFN
+    "lora": {"gpt2": ["c_attn"], None: ["q_proj", "v_proj"]},
+    "adalora": {"gpt2": ["c_attn"], None: ["q_proj", "v_proj"]},
+    "reslora": {"gpt2": ["c_attn"], None: ["q_proj", "v_proj"]},
+    "hydralora": {"gpt2": ["c_fc", "mlp.c_proj"], None: ["gate_proj", "up_proj", "down_proj"]},
+}
+CHECKPOINT = "checkpoint.pt"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class JobError(ValueError):
+    """A problem with the job's inputs, reported to the user as is."""
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    method: str
+    data: str
+    out: str
+    model: str = "default"
+    eval: str | None = None
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    rslora: bool = False
+    max_length: int = 256
+    device: str = "cpu"
+    dtype: str = "float32"
+    overwrite: bool = False
+    resume: bool = False
+    heads: int | str = 4                 # HydraLoRA: K, or "auto" (k-means over the prompts)
+    router_bias: bool = False
+    init_r: int = 12                     # AdaLoRA
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    orth_reg_weight: float = 0.5
+    structure: str = "bs"                # ResLoRA
+    pre_num: int = 1
+    settings: TrainSettings = field(default_factory=TrainSettings)
+
+
+def _load(job: TrainJob):
+    path = ensure_default_model() if job.model == "default" else Path(job.model)
+    if not (path / "config.json").is_file():
+        raise JobError(f"--model {job.model}: not a Hugging Face model directory (no config.json)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[job.dtype])
+    model.requires_grad_(False)
+    return path, model.to(job.device), tokenizer
+
+
+def _targets(job: TrainJob, model) -> list[str] | str:
+    targets = job.target_modules or DEFAULT_TARGETS[job.method].get(model.config.model_type,
+                                                                    DEFAULT_TARGETS[job.method][None])
+    if not linear_modules(model, targets):
+        names = sorted({n.rsplit(".", 1)[-1] for n, _ in linear_modules(model, ALL_LINEAR)})
+        raise JobError(f"--target-modules {targets!r} matches no linear module of this model; its linear "
+                       f"modules are named {names}")
+    return targets
+
+
+class _AdaLoraHooks(Hooks):
+    def __init__(self, modules, allocator, orth_reg_weight: float) -> None:
+        self.modules, self.allocator, self.weight = modules, allocator, orth_reg_weight
+
+    def extra_loss(self):
+        from adapters.adalora import orthogonal_regularizer
+        return self.weight * orthogonal_regularizer(self.modules) if self.weight > 0 else None
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.allocator.update_and_allocate(step)
+
+    def state_dict(self) -> dict:
+        return self.allocator.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.allocator.load_state_dict(state)
+
+
+def _prepare(job: TrainJob, model, targets, total: int, train_prompts: list[str]):
+    """The kind's trainable layers, loop hooks and writer (a function of the output directory)."""
+    common = {"r": job.rank, "lora_alpha": job.alpha, "lora_dropout": job.dropout,
+              "base_model_name_or_path": None if job.model == "default" else str(job.model)}
+    if job.method == "lora":
+        from adapters.lora import add_lora
+        from loader.lora_files import save_lora
+        layers = add_lora(model, targets, job.rank, job.alpha, job.dropout, job.rslora)
+        return layers, Hooks(), lambda out: save_lora(layers, out, {**common, "use_rslora": job.rslora})
+    if job.method == "hydralora":
+        from adapters.hydralora import add_hydralora
+        from loader.hydra_files import save_hydralora
+        from loader.heads import choose_heads
+        heads = choose_heads(train_prompts) if job.heads == "auto" else int(job.heads)
+        layers = add_hydralora(model, targets, job.rank, job.alpha, heads, job.dropout, job.router_bias, job.rslora)
+        return layers, Hooks(), lambda out: save_hydralora(
+            layers, out, {**common, "lora_nums": heads, "use_rslora": job.rslora})
+    if job.method == "reslora":
+        from adapters.reslora import add_reslora
+        from loader.reslora_files import save_reslora
+        layers = add_reslora(model, targets, job.rank, job.alpha, job.dropout, job.structure, job.pre_num)
+        return layers, Hooks(), lambda out, errors=None: save_reslora(
+            layers, out, {**common, **({"merge_error": errors} if errors else {})})
+    from adapters.adalora import RankAllocator, add_adalora
+    from loader.adalora_files import save_adalora
+    layers = add_adalora(model, targets, job.init_r, job.alpha, job.dropout)
+    allocator = RankAllocator(layers, job.init_r, job.target_r, job.tinit, job.tfinal, job.delta_t,
+                              total_step=total)
+    config = {**common, "init_r": job.init_r, "target_r": job.target_r, "tinit": job.tinit, "tfinal": job.tfinal,
+              "deltaT": job.delta_t, "orth_reg_weight": job.orth_reg_weight, "total_step": total}
+    return layers, _AdaLoraHooks(layers, allocator, job.orth_reg_weight), lambda out: save_adalora(
+        layers, allocator.rank_pattern, out, config)
+
+
+def run_job(job: TrainJob, progress=None) -> dict:
+    """Train one adapter; returns a summary (also written to <out>/training_log.json)."""
+    if job.method not in METHODS:
+        raise JobError(f"--method must be one of {METHODS}, got {job.method!r}")
+    out = Path(job.out)
+    if (out / CONFIG_FILE).exists() and not job.overwrite:
+        raise JobError(f"{out} already holds an adapter; pass --overwrite to replace it")
+    if job.resume and not (out / CONFIG_FILE).exists() and not (out / CHECKPOINT).exists():
+        raise JobError(f"--resume: {out / CHECKPOINT} does not exist")
+    path, model, tokenizer = _load(job)
+    train = read_jsonl(Path(job.data), tokenizer, job.max_length)
+    evaluation = read_jsonl(Path(job.eval), tokenizer, job.max_length) if job.eval else None
+    targets = _targets(job, model)
+    from adapters.training import total_steps
+    total = total_steps(len(train), job.settings)
+    prompts = [tokenizer.decode([t for t, label in zip(e.input_ids, e.labels) if label == -100] or e.input_ids)
+               for e in train]
+    torch.manual_seed(job.settings.seed)  # adapter initialisation is part of the seeded run
+    layers, hooks, write = _prepare(job, model, targets, total, prompts)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = Trainer(model, job.settings, pad, hooks)
+    identity = {k: v for k, v in asdict(job).items() if k not in ("overwrite", "resume", "out")}
+    resume = None
+    if job.resume and (out / CHECKPOINT).exists():
+        resume = torch.load(out / CHECKPOINT, weights_only=True)
+        if resume.get("job") != json.loads(json.dumps(identity, default=str)):
+            raise JobError(f"--resume: {out / CHECKPOINT} was written by a different job configuration")
+
+    def checkpoint(state: dict) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        state["job"] = json.loads(json.dumps(identity, default=str))
+        torch.save(state, out / (CHECKPOINT + ".tmp"))
+        os.replace(out / (CHECKPOINT + ".tmp"), out / CHECKPOINT)  # atomic: a crash never leaves half a file
+
+    result = trainer.run(train, evaluation, checkpoint, resume, progress)
+    if job.method == "reslora":
+        from adapters.reslora import MERGE_METHODS, merge_error
+        batches = [{k: v.to(job.device) for k, v in collate((evaluation or train)[i:i + 8], pad).items()}
+                   for i in range(0, min(len(evaluation or train), 64), 8)]
+        errors = {m: merge_error(model, layers, m, batches) for m in MERGE_METHODS[job.structure]}
+        write(out, errors)
+    else:
+        errors = None
+        write(out)
+    summary = {"method": job.method, "out": str(out), "steps": result.steps, "trainable_params": trainable,
+               "seconds": round(result.seconds, 2), "tokens": result.tokens, "train_loss": result.train_loss,
+               "eval_loss": result.eval_loss, "merge_error": errors, "targets": targets}
+    if evaluation and not result.eval_loss:
+        summary["eval_loss"] = [(result.steps, evaluate(model, evaluation, pad, job.settings.batch_size, job.device))]
+    (out / "training_log.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {job.method} adapter to {out} ({result.steps} steps, {result.seconds:.1f}s)", file=sys.stderr)
+    return summary

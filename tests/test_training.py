@@ -1,0 +1,169 @@
+"""`loraplex train`: every kind learns, writes what the server (and PEFT, for LoRA) loads, resumes exactly."""
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from adapters.lora import add_lora
+from adapters.training import Trainer, TrainSettings
+from loader.lora_files import save_lora
+from loader.train_data import DataError, read_jsonl
+from loader.training_job import JobError, TrainJob, run_job
+from tests.helpers import write_task
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = TrainSettings(lr=1e-2, max_steps=60, batch_size=16, eval_every=30, seed=3)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_task(d / "train.jsonl", 200, 0), write_task(d / "eval.jsonl", 32, 1)
+
+
+def job(model_dirs, data, out, method, **kw):
+    base = dict(method=method, data=str(data[0]), eval=str(data[1]), out=str(out), model=str(model_dirs["llama"]),
+                target_modules=["q_proj", "v_proj", "down_proj"], settings=FAST)
+    base.update(kw)
+    return TrainJob(**base)
+
+
+@pytest.mark.parametrize("method,extra", [("lora", {}), ("lora", {"rslora": True}), ("hydralora", {"heads": 3}),
+                                          ("reslora", {"structure": "bs", "pre_num": 1}),
+                                          ("reslora", {"structure": "is"}), ("reslora", {"structure": "ms"})])
+def test_each_kind_learns_and_is_servable(model_dirs, data, tmp_path, method, extra):
+    from loader.base_model import load_base_model
+    from loader.inject import base_weight, inject
+    from loader.peft_files import read_adapter
+    summary = run_job(job(model_dirs, data, tmp_path / "a", method, **extra))
+    (_, before), (_, after) = summary["eval_loss"][0], summary["eval_loss"][-1]
+    assert summary["train_loss"][-1][1] < summary["train_loss"][0][1] - 0.3
+    assert after < before, summary["eval_loss"]
+    base = load_base_model(str(model_dirs["llama"]), "cpu", "float32")
+    _, shapes = inject(base.model)
+    adapter = read_adapter(tmp_path / "a", "a", {s.name: s for s in shapes}, 64, 1,
+                           base_weight=lambda n: base_weight(base.model, n))
+    assert adapter.kind.value == method and adapter.modules
+    if method == "reslora":
+        errors = summary["merge_error"]
+        assert all(e == e and e >= 0 for e in errors.values())  # finite, recorded for every applicable merge
+        if extra["structure"] == "bs":
+            assert errors["exact"] < 1e-5
+        config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+        assert config["merge_error"] == errors and config["statistics"]
+
+
+def test_lora_file_loads_in_peft_with_equal_logits(model_dirs, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"])
+    torch.manual_seed(0)
+    layers = add_lora(model, ["c_attn", "c_fc"], r=4, alpha=8)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.weight.normal_(0, 0.5)
+    save_lora(layers, tmp_path / "lora", {"r": 4, "lora_alpha": 8})
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"]), tmp_path / "lora")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, peft.eval()(ids).logits, atol=1e-5, rtol=0)
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+
+
+def test_peft_initialisation_and_scaling(model_dirs):
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    layer = add_lora(model, ["q_proj"], r=4, alpha=8, use_rslora=True)["model.layers.0.self_attn.q_proj"]
+    bound = 1 / layer.lora_A.in_features ** 0.5  # kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(d_in), 1/sqrt(d_in))
+    assert layer.lora_A.weight.abs().max() <= bound and layer.lora_B.weight.abs().max() == 0
+    assert layer.scaling == 8 / 4 ** 0.5
+
+
+def test_hydra_with_one_head_trains_exactly_like_lora(model_dirs, data, tmp_path):
+    """K=1: the gate is identically 1 and the router gets no gradient, so from the same start both train alike."""
+    from adapters.hydralora import add_hydralora
+    train = read_jsonl(data[0], __import__("loader.default_model", fromlist=["x"]).build_tokenizer(), 64)
+    models = []
+    for kind in ("lora", "hydra"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).requires_grad_(False)
+        layers = (add_lora(model, ["q_proj", "v_proj"], 4, 8) if kind == "lora"
+                  else add_hydralora(model, ["q_proj", "v_proj"], 4, 8, heads=1))
+        models.append((model, layers))
+    with torch.no_grad():
+        for name, hydra in models[1][1].items():
+            hydra.lora_A.weight.copy_(models[0][1][name].lora_A.weight)
+    for model, _ in models:
+        Trainer(model, replace(FAST, max_steps=20), pad_id=0).run(train)
+    for name, lora in models[0][1].items():
+        hydra = models[1][1][name]
+        torch.testing.assert_close(hydra.lora_A.weight, lora.lora_A.weight, atol=1e-6, rtol=0)
+        torch.testing.assert_close(hydra.lora_B[0].weight, lora.lora_B.weight, atol=1e-6, rtol=0)
+
+
+def test_resume_continues_exactly(model_dirs, data):
+    from loader.default_model import build_tokenizer
+    train = read_jsonl(data[0], build_tokenizer(), 64)
+    settings = replace(FAST, max_steps=24, eval_every=8, grad_accum=2, batch_size=8)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).requires_grad_(False)
+        return model, add_lora(model, ["q_proj", "v_proj"], 4, 8, dropout=0.1)
+
+    model, layers = fresh()
+    Trainer(model, settings, 0).run(train)
+    straight = {n: l.lora_B.weight.clone() for n, l in layers.items()}
+
+    class Stop(Exception):
+        pass
+    saved = {}
+
+    def crash_at_16(state):
+        if state["step"] == 16:
+            saved.update(state)
+            raise Stop
+    model, layers = fresh()
+    with pytest.raises(Stop):
+        Trainer(model, settings, 0).run(train, checkpoint=crash_at_16)
+    model, layers = fresh()  # a new process: fresh weights, everything else from the checkpoint
+    Trainer(model, settings, 0).run(train, resume=saved)
+    for name, layer in layers.items():
+        torch.testing.assert_close(layer.lora_B.weight, straight[name], atol=0, rtol=0)
+
+
+def test_same_seed_same_adapter(model_dirs, data, tmp_path):
+    for out in ("x", "y"):
+        run_job(job(model_dirs, data, tmp_path / out, "lora", settings=replace(FAST, max_steps=10)))
+    a, b = (load_file(tmp_path / o / "adapter_model.safetensors") for o in ("x", "y"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_clear_errors(model_dirs, data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:3: needs a non-empty string 'text'"):
+        run_job(job(model_dirs, (bad, data[1]), tmp_path / "o", "lora"))
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        run_job(job(model_dirs, (bad, data[1]), tmp_path / "o", "lora"))
+    with pytest.raises(JobError, match="matches no linear module.*q_proj"):
+        run_job(job(model_dirs, data, tmp_path / "o", "lora", target_modules=["nope_proj"]))
+    run_job(job(model_dirs, data, tmp_path / "done", "lora", settings=replace(FAST, max_steps=2)))
+    with pytest.raises(JobError, match="already holds an adapter; pass --overwrite"):
+        run_job(job(model_dirs, data, tmp_path / "done", "lora"))
+
+
+def test_cli_train_end_to_end(model_dirs, data, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "from clients.cli import main; main()", "train", "--method", "hydralora", "--model",
+         str(model_dirs["llama"]), "--data", str(data[0]), "--eval", str(data[1]), "--out", str(tmp_path / "h"),
+         "--max-steps", "6", "--heads", "auto", "--target-modules", "gate_proj,up_proj"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "hydralora\tsteps=6" in result.stdout and "train hydralora" in result.stderr  # tqdm bar
+    assert json.loads((tmp_path / "h" / "adapter_config.json").read_text())["lora_nums"] >= 2

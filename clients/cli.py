@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 import grpc
 
@@ -61,9 +62,13 @@ def _adapters(args) -> int:
 def _train(args) -> int:
     from tqdm import tqdm
 
+    if not args.jobs and not (args.method and args.data and args.out):
+        print("error: --method, --data and --out are required (or --jobs)", file=sys.stderr)
+        return 2
+
     from adapters.training import TrainSettings
     from loader.train_data import DataError
-    from loader.training_job import JobError, TrainJob, run_job
+    from loader.training_job import JobError, TrainJob
     settings = TrainSettings(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                              grad_accum=args.grad_accum, eval_every=args.eval_every, seed=args.seed)
     targets = args.target_modules.split(",") if args.target_modules and args.target_modules != "all-linear" \
@@ -75,15 +80,36 @@ def _train(args) -> int:
                    router_bias=args.router_bias, init_r=args.init_r, target_r=args.target_r, tinit=args.tinit,
                    tfinal=args.tfinal, delta_t=args.delta_t, orth_reg_weight=args.orth_reg_weight,
                    structure=args.structure, pre_num=args.pre_num, settings=settings)
+    progress = lambda steps: tqdm(steps, desc=f"train {args.method}", unit="step")  # noqa: E731
+    if args.jobs:
+        from loader.batch_jobs import read_jobs, run_jobs, summary_table
+        try:
+            jobs = read_jobs(Path(args.jobs), job)
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        rows = run_jobs(jobs, lambda j, progress: _train_one(j, args, progress), progress)
+        print(summary_table(rows))
+        return 0 if all(r["status"] == "ok" for r in rows) else 1
     try:
-        summary = run_job(job, progress=lambda steps: tqdm(steps, desc=f"train {args.method}", unit="step"))
+        _train_one(job, args, progress)
     except (JobError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    last = summary["eval_loss"][-1][1] if summary["eval_loss"] else None
-    print(f"{summary['out']}\t{args.method}\tsteps={summary['steps']}\ttrainable={summary['trainable_params']}"
-          + (f"\teval_loss={last:.4f}" if last is not None else ""))
     return 0
+
+
+def _train_one(job, args, progress) -> dict:
+    from loader.training_job import run_job
+    summary = run_job(job, progress=progress)
+    last = summary["eval_loss"][-1][1] if summary["eval_loss"] else None
+    print(f"{summary['out']}\t{job.method}\tsteps={summary['steps']}\ttrainable={summary['trainable_params']}"
+          + (f"\teval_loss={last:.4f}" if last is not None else ""))
+    if args.deploy:
+        from loader.deploy import deploy
+        info = deploy(Path(job.out), args.deploy, copy_to_root=Path(args.deploy_root) if args.deploy_root else None)
+        print(f"deployed {info.adapter_id} (version {info.version}) to {args.deploy}")
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,11 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="fine-tune an adapter (lora, adalora, hydralora, reslora) from JSONL")
     t = train.add_argument
-    t("--method", required=True, choices=["lora", "adalora", "hydralora", "reslora"])
+    t("--method", choices=["lora", "adalora", "hydralora", "reslora"], help="required unless --jobs gives it")
     t("--model", default="default", help="local HF causal-LM directory, or 'default'")
-    t("--data", required=True, help='JSONL: {"prompt", "completion"} (loss on the completion) or {"text"}')
+    t("--data", help='JSONL: {"prompt", "completion"} (loss on the completion) or {"text"}')
     t("--eval", default=None, help="JSONL eval set: eval loss is reported every --eval-every steps")
-    t("--out", required=True, help="adapter directory to write")
+    t("--out", help="adapter directory to write")
+    t("--jobs", default=None, help="JSONL of jobs (method, data, out, overrides); under torchrun each rank "
+                                   "takes its share")
+    t("--deploy", default=None, metavar="HOST:PORT", help="make this running server load the trained adapter")
+    t("--deploy-root", default=None, help="with --deploy: copy the adapter under this (the server's) adapter root")
     t("--rank", type=int, default=8)
     t("--alpha", type=float, default=16.0)
     t("--dropout", type=float, default=0.0)

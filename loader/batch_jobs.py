@@ -1,0 +1,76 @@
+"""Batch training: `loraplex train --jobs jobs.jsonl`, one job per line (method, data, out, overrides).
+
+Under torchrun each rank takes jobs[RANK::WORLD_SIZE] (adapters are independent: no process group, no
+DDP); without torchrun the same command is rank 0 of 1. A failed job is reported and the others still run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from dataclasses import fields, replace
+from pathlib import Path
+
+from adapters.training import TrainSettings
+from loader.train_data import DataError
+from loader.training_job import JobError, TrainJob
+
+JOB_FIELDS = {f.name for f in fields(TrainJob)} - {"settings"}
+SETTING_FIELDS = {f.name for f in fields(TrainSettings)}
+
+
+def read_jobs(path: Path, defaults: TrainJob) -> list[TrainJob]:
+    """Each line overrides `defaults` (the command line's flags); unknown keys are an error, with the line."""
+    jobs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        unknown = set(record) - JOB_FIELDS - SETTING_FIELDS
+        if not isinstance(record, dict) or unknown or not {"method", "data", "out"} <= set(record):
+            raise DataError(f"{path}:{number}: a job needs 'method', 'data' and 'out'; unknown keys "
+                            f"{sorted(unknown)}; allowed: {sorted(JOB_FIELDS | SETTING_FIELDS)}")
+        settings = replace(defaults.settings, **{k: v for k, v in record.items() if k in SETTING_FIELDS})
+        jobs.append(replace(defaults, settings=settings, **{k: v for k, v in record.items() if k in JOB_FIELDS}))
+    return jobs
+
+
+def my_share(jobs: list[TrainJob]) -> tuple[int, int, list[tuple[int, TrainJob]]]:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    mine = [(i, j) for i, j in enumerate(jobs) if i % world == rank]
+    if world > 1 and all(j.device.startswith("cuda") for _, j in mine):
+        mine = [(i, replace(j, device=f"cuda:{local}")) for i, j in mine]
+    return rank, world, mine
+
+
+def run_jobs(jobs: list[TrainJob], run, progress=None) -> list[dict]:
+    """Run this rank's share; returns one row per job: index, method, out, status, steps, eval_loss, error."""
+    _, _, mine = my_share(jobs)
+    rows = []
+    for index, job in mine:
+        try:
+            summary = run(job, progress=progress)
+            eval_loss = summary["eval_loss"][-1][1] if summary["eval_loss"] else None
+            rows.append({"job": index, "method": job.method, "out": job.out, "status": "ok",
+                         "steps": summary["steps"], "eval_loss": eval_loss, "seconds": summary["seconds"]})
+        except (JobError, DataError) as exc:
+            rows.append({"job": index, "method": job.method, "out": job.out, "status": "failed", "error": str(exc)})
+        except Exception as exc:  # a bug in one job must not stop the others; the traceback is printed
+            traceback.print_exc()
+            rows.append({"job": index, "method": job.method, "out": job.out, "status": "failed",
+                         "error": f"{type(exc).__name__}: {exc}"})
+    return rows
+
+
+def summary_table(rows: list[dict]) -> str:
+    lines = ["job  method     status  steps  eval_loss  seconds  out / error"]
+    for r in rows:
+        loss = f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "-"
+        tail = r["out"] if r["status"] == "ok" else f"{r['out']}: {r['error']}"
+        lines.append(f"{r['job']:<4} {r['method']:<10} {r['status']:<7} {r.get('steps', '-')!s:<6} {loss:<10} "
+                     f"{r.get('seconds', '-')!s:<8} {tail}")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Batch training (--jobs, torchrun sharding, failures isolated) and train -> deploy -> Generate on a real server."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from clients.client import Client
+from loader.batch_jobs import my_share, read_jobs
+from loader.training_job import TrainJob
+from tests.helpers import start_server, write_task
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-c", "from clients.cli import main; main()"]
+
+
+def test_jobs_file_runs_all_and_reports_failures(model_dirs, tmp_path):
+    data = write_task(tmp_path / "train.jsonl", 64, 0)
+    (tmp_path / "broken.jsonl").write_text("{oops\n")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(j) for j in [
+        {"method": "lora", "data": str(data), "out": str(tmp_path / "a"), "rank": 4},
+        {"method": "hydralora", "data": str(tmp_path / "broken.jsonl"), "out": str(tmp_path / "b")},
+        {"method": "reslora", "data": str(data), "out": str(tmp_path / "c"), "structure": "is", "lr": 1e-3},
+    ]) + "\n")
+    result = subprocess.run([*CLI, "train", "--jobs", str(jobs), "--model", str(model_dirs["llama"]),
+                             "--max-steps", "3", "--target-modules", "q_proj,v_proj"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 1, result.stderr  # one job failed
+    table = result.stdout.splitlines()
+    row = {line.split()[0]: line for line in table if line[:1].isdigit()}
+    assert " ok " in row["0"] and " ok " in row["2"]
+    assert "failed" in row["1"] and "broken.jsonl:1: not valid JSON" in row["1"]
+    assert (tmp_path / "a" / "adapter_model.safetensors").exists() and (tmp_path / "c" / "adapter_config.json").exists()
+
+
+def test_each_torchrun_rank_takes_its_share(monkeypatch, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"method": "lora", "data": "d", "out": f"o{i}", "lr": 0.1 * i}) + "\n"
+                            for i in range(5)))
+    parsed = read_jobs(jobs, TrainJob(method=None, data=None, out=None))
+    assert [j.settings.lr for j in parsed] == [0.0, 0.1, 0.2, 0.30000000000000004, 0.4]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert [i for i, _ in my_share(parsed)[2]] == [1, 3]
+
+
+def test_train_deploy_generate(model_dirs, tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    server = start_server(model_dirs["llama"], root, autoload_adapters=False)
+    try:
+        data = write_task(tmp_path / "train.jsonl", 128, 0)
+        out = tmp_path / "trained" / "reverser"
+        result = subprocess.run([*CLI, "train", "--method", "lora", "--model", str(model_dirs["llama"]), "--data",
+                                 str(data), "--out", str(out), "--max-steps", "20", "--lr", "1e-2",
+                                 "--deploy", server.target, "--deploy-root", str(root)],
+                                capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert result.returncode == 0, result.stderr
+        assert "deployed reverser (version 1)" in result.stdout
+        prompt = [5, 6, 7, 8]
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dirs["llama"]), out).eval()
+        want = peft.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)[0, len(prompt):].tolist()
+        with Client(server.target, timeout=60) as client:
+            assert list(client.generate(prompt, "reverser", max_new_tokens=8, ignore_eos=True).token_ids) == want
+    finally:
+        server.stop()

@@ -112,6 +112,23 @@ def _train_one(job, args, progress) -> dict:
     return summary
 
 
+def _merge(args) -> int:
+    from loader.merge import merge_reslora
+    from loader.train_data import DataError
+    from loader.training_job import JobError
+    from server.errors import LoraplexError
+    try:
+        report = merge_reslora(Path(args.adapter_dir), Path(args.out), args.model, args.eval, args.merge_method,
+                               args.max_length, args.device)
+    except (JobError, DataError, LoraplexError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    error = report["merge_error"]
+    print(f"wrote plain LoRA to {report['out']} ({report['structure']}, {report['merge_method']}); merge error on "
+          f"eval data: {'not measured (no --eval)' if error is None else f'{error:.3e}'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from server.config import add_serve_arguments
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LLM inference server")
@@ -188,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     t("--structure", default="bs", choices=["is", "bs", "ms"], help="ResLoRA shortcut structure")
     t("--pre-num", type=int, default=1, help="ResLoRA: how many previous blocks a block links to")
     train.set_defaults(func=_train)
+
+    merge = sub.add_parser("merge", help="write a ResLoRA adapter as a plain PEFT LoRA, measuring the merge error")
+    merge.add_argument("adapter_dir")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--model", default="default", help="the base model the adapter was trained on")
+    merge.add_argument("--eval", default=None, help="JSONL eval data to measure the merge error on")
+    merge.add_argument("--merge-method", default=None, help="exact (bs), input_norm, weight_norm (is), "
+                                                            "input_norm, modified_a (ms); default: the adapter's")
+    merge.add_argument("--max-length", type=int, default=256)
+    merge.add_argument("--device", default="cpu")
+    merge.set_defaults(func=_merge)
     return parser
 
 

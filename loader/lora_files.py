@@ -46,3 +46,24 @@ def save_lora(modules: dict, out: Path, config: dict) -> None:
             "init_lora_weights": True, "inference_mode": True, "use_dora": False, "layers_to_transform": None,
             "peft_version": PEFT_FORMAT_VERSION, **config}
     write_adapter(out, tensors, full)
+
+
+def save_canonical_as_lora(adapter, out: Path, extra: dict | None = None) -> None:
+    """A router-less canonical adapter as a PEFT LoRA directory: per-module ranks in rank_pattern and
+    alpha_pattern = rank, so PEFT's scaling is 1 and the folded B is used as is."""
+    tensors, ranks = {}, {}
+    for name, f in adapter.modules.items():
+        if f.router is not None:
+            raise ValueError(f"module {name} has a router; a HydraLoRA adapter has no plain-LoRA form")
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = f.a
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = f.b
+        ranks[name] = f.rank
+    r = max(ranks.values())
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": r,
+              "lora_alpha": r, "lora_dropout": 0.0, "target_modules": sorted(ranks),
+              "rank_pattern": {k: v for k, v in ranks.items() if v != r},
+              "alpha_pattern": {k: v for k, v in ranks.items() if v != r}, "use_rslora": False,
+              "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "init_lora_weights": True,
+              "inference_mode": True, "use_dora": False, "layers_to_transform": None,
+              "peft_version": PEFT_FORMAT_VERSION, **(extra or {})}
+    write_adapter(out, tensors, config)

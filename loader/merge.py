@@ -1,0 +1,70 @@
+"""`loraplex merge`: a ResLoRA adapter -> a plain PEFT LoRA directory (any LoRA server can load it), with the
+merge error measured on eval data (unmerged vs merged logits)."""
+from __future__ import annotations
+
+import json
+from collections import deque
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from adapters.reslora import add_reslora, build_chains, merge_error
+from loader.inject import base_weight
+from loader.lora_files import save_canonical_as_lora
+from loader.peft_files import CONFIG_FILE, WEIGHTS_FILE, read_adapter, read_config
+from loader.train_data import collate, read_jsonl
+from loader.training_job import JobError, TrainJob, _load
+
+
+def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_path: str | None = None,
+                  method: str | None = None, max_length: int = 256, device: str = "cpu") -> dict:
+    config = read_config(adapter_dir, adapter_dir.name)
+    if config.get("peft_type") != "RESLORA":
+        raise JobError(f"{adapter_dir}: peft_type is {config.get('peft_type')!r}; only RESLORA adapters merge")
+    method = method or config.get("merge_method")
+    _, base, tokenizer = _load(TrainJob(method="reslora", data="", out=str(out), model=model, device=device))
+    modules = {name: None for chain in config["chains"] for name in chain}
+    from adapters.layer import linear_dims
+    from adapters.slot_bank import ModuleShape
+    shapes = {}
+    for name in modules:
+        d_in, d_out = linear_dims(base.get_submodule(name))
+        shapes[name] = ModuleShape(name, d_in, d_out)
+    staged = dict(config, merge_method=method)  # the server's reader does the validated merge
+    merged = _read_with_config(adapter_dir, staged, shapes, base)
+    error = None
+    if eval_path:
+        layers = add_reslora(base, sorted(modules), config["r"], config["lora_alpha"], 0.0, config["structure"],
+                             config["pre_num"])
+        if build_chains(sorted(layers)) != config["chains"]:
+            raise JobError(f"{adapter_dir}: the saved chains do not match this model's module order")
+        tensors = load_file(adapter_dir / WEIGHTS_FILE)
+        for name, layer in layers.items():
+            layer.lora_A.weight.data.copy_(tensors[f"base_model.model.{name}.lora_A.weight"])
+            layer.lora_B.weight.data.copy_(tensors[f"base_model.model.{name}.lora_B.weight"])
+            stats = config["statistics"].get(name, {})
+            layer.input_norms = deque([stats.get("input_norm", float("nan"))])
+            layer.shrunk_norms = deque([stats.get("shrunk_norm", float("nan"))])
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        examples = read_jsonl(Path(eval_path), tokenizer, max_length)
+        batches = [{k: v.to(device) for k, v in collate(examples[i:i + 8], pad).items()}
+                   for i in range(0, len(examples), 8)]
+        error = merge_error(base.eval(), layers, method, batches)
+    save_canonical_as_lora(merged, out, {"base_model_name_or_path": config.get("base_model_name_or_path")})
+    report = {"structure": config["structure"], "merge_method": method, "merge_error": error,
+              "recorded_merge_error": (config.get("merge_error") or {}).get(method), "out": str(out)}
+    (out / "merge_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _read_with_config(adapter_dir: Path, config: dict, shapes, model):
+    """read_adapter on the directory's tensors with an edited config (the merge method), via a staging copy."""
+    import shutil
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp) / adapter_dir.name
+        staging.mkdir()
+        shutil.copy2(adapter_dir / WEIGHTS_FILE, staging / WEIGHTS_FILE)
+        (staging / CONFIG_FILE).write_text(json.dumps(config))
+        return read_adapter(staging, adapter_dir.name, shapes, max_rank=1 << 20, load_serial=0,
+                            base_weight=lambda name: base_weight(model, name))

@@ -1,0 +1,47 @@
+"""`loraplex merge`: ResLoRA -> plain PEFT LoRA, with the merge error measured on eval data."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from loader.reslora_files import save_reslora
+from tests.helpers import make_reslora_model, write_task
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-c", "from clients.cli import main; main()"]
+
+
+def merge(model_dir, adapter, out, eval_path, *extra):
+    return subprocess.run([*CLI, "merge", str(adapter), "--out", str(out), "--model", str(model_dir),
+                           "--eval", str(eval_path), *extra], capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_block_shortcut_merges_exactly_into_peft_lora(model_dirs, tmp_path):
+    model, layers = make_reslora_model(model_dirs["llama"], 0, "bs", 2, ["q_proj", "v_proj", "down_proj"])
+    save_reslora(layers, tmp_path / "res", {"r": 4, "lora_alpha": 8})
+    eval_path = write_task(tmp_path / "eval.jsonl", 16, 2)
+    result = merge(model_dirs["llama"], tmp_path / "res", tmp_path / "plain", eval_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "plain" / "merge_report.json").read_text())
+    assert report["merge_method"] == "exact" and report["merge_error"] < 1e-5
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dirs["llama"]), tmp_path / "plain")
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft.eval()(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_input_shortcut_merge_reports_its_error(model_dirs, tmp_path):
+    _, layers = make_reslora_model(model_dirs["llama"], 1, "is", 1, ["q_proj", "v_proj"])
+    save_reslora(layers, tmp_path / "res", {"r": 4, "lora_alpha": 8})
+    eval_path = write_task(tmp_path / "eval.jsonl", 16, 2)
+    for method in ("input_norm", "weight_norm"):
+        result = merge(model_dirs["llama"], tmp_path / "res", tmp_path / method, eval_path, "--merge-method", method)
+        assert result.returncode == 0, result.stderr
+        error = json.loads((tmp_path / method / "merge_report.json").read_text())["merge_error"]
+        assert 0 < error < 10 and f"merge error on eval data: {error:.3e}" in result.stdout
+    bad = merge(model_dirs["llama"], tmp_path / "res", tmp_path / "x", eval_path, "--merge-method", "modified_a")
+    assert bad.returncode == 2 and "does not apply to structure 'is'" in bad.stderr

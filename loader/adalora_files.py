@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from adapters.adalora import AdaLoraLinear
 from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors
 from adapters.slot_bank import ModuleShape
-from loader.peft_files import LoadContext, check_rank, check_shape, group_tensors, read_tensors, require_parts
+from loader.peft_files import (KEY_PREFIX, PEFT_FORMAT_VERSION, LoadContext, check_rank, check_shape, group_tensors,
+                               read_tensors, require_parts, write_adapter)
 from server.errors import FailedPrecondition
 
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[ABE])$")  # Parameters: no `.weight`
@@ -45,3 +47,45 @@ def read_adalora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Mo
         modules[module] = ModuleFactors(a=a, b=(abe["B"].float() * c).contiguous())
     return CanonicalAdapter(adapter_id, AdapterKind.ADALORA, modules, load_serial=load_serial,
                             metadata={"peft_type": "ADALORA", "init_r": init_r, "target_r": config.get("target_r")})
+
+
+# PEFT AdaLoraConfig defaults for the schedule keys a caller's config does not set.
+ADALORA_DEFAULTS = {"target_r": 8, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85,
+                    "orth_reg_weight": 0.5}
+
+
+def save_adalora(modules: dict[str, AdaLoraLinear], rank_pattern: dict[str, list[bool]] | None, out: Path,
+                 config: dict) -> None:
+    """Write trained AdaLoraLinear layers (by module path) in PEFT's AdaLoRA layout (reference/methods.md §2.8),
+    loadable by `PeftModel.from_pretrained`: `<module>.lora_A|lora_E|lora_B` (no `.weight`) sliced to the triplets
+    `rank_pattern` keeps (all init_r when None), fully pruned modules as empty tensors, no `ranknum`.
+    `config` carries total_step and the schedule (target_r, tinit, tfinal, deltaT, beta1, beta2, orth_reg_weight;
+    PEFT defaults otherwise) and may set base_model_name_or_path; init_r, lora_alpha and lora_dropout come from
+    the modules."""
+    layers = list(modules.values())
+    if len({(m.init_r, m.alpha, m.dropout_p) for m in layers}) != 1:
+        raise ValueError("AdaLoRA modules of one adapter must share init_r, lora_alpha and lora_dropout")
+    derived = {"init_r": layers[0].init_r, "lora_alpha": layers[0].alpha, "lora_dropout": layers[0].dropout_p}
+    for key, value in derived.items():
+        if key in config and config[key] != value:
+            raise ValueError(f"config {key}={config[key]!r} differs from the modules' {value!r}")
+    if derived["lora_alpha"] <= 0:
+        raise ValueError("AdaLoRA lora_alpha must be > 0: PEFT's fallback scale changes between training and reload")
+    if rank_pattern is not None and set(rank_pattern) != {f"{name}.lora_E" for name in modules}:
+        raise ValueError("rank_pattern must hold exactly one '<module>.lora_E' mask per AdaLoRA module")
+    full = {"peft_type": "ADALORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": 8,
+            "target_modules": sorted(modules), "alpha_pattern": {}, "use_rslora": False,
+            "fan_in_fan_out": any(type(m.base).__name__ == "Conv1D" for m in layers), "bias": "none",
+            "modules_to_save": None, "init_lora_weights": True, "use_dora": False, "layers_to_transform": None,
+            "peft_version": PEFT_FORMAT_VERSION, **ADALORA_DEFAULTS, **derived, **config,
+            "rank_pattern": rank_pattern, "inference_mode": True}
+    total = full.get("total_step")
+    if not isinstance(total, int) or total <= 0 or not 0 <= full["tinit"] < total - full["tfinal"]:
+        raise ValueError(f"PEFT loads AdaLoRA only with total_step > 0 and 0 <= tinit < total_step - tfinal, got "
+                         f"total_step={total!r}, tinit={full['tinit']!r}, tfinal={full['tfinal']!r}")
+    tensors = {}
+    for name, layer in modules.items():
+        a, e, b = layer.kept(None if rank_pattern is None else rank_pattern[f"{name}.lora_E"])
+        tensors.update({f"{KEY_PREFIX}{name}.lora_A": a, f"{KEY_PREFIX}{name}.lora_E": e,
+                        f"{KEY_PREFIX}{name}.lora_B": b})
+    write_adapter(out, tensors, full)

@@ -131,8 +131,11 @@ def _prepare(job: TrainJob, model, targets, total: int, train_prompts: list[str]
                               total_step=total)
     config = {**common, "init_r": job.init_r, "target_r": job.target_r, "tinit": job.tinit, "tfinal": job.tfinal,
               "deltaT": job.delta_t, "orth_reg_weight": job.orth_reg_weight, "total_step": total}
-    return layers, _AdaLoraHooks(layers, allocator, job.orth_reg_weight), lambda out: save_adalora(
-        layers, allocator.rank_pattern, out, config)
+
+    def write(out: Path) -> None:
+        allocator.finalize()  # the saved ranks sum to target_r · n exactly, whatever tfinal was
+        save_adalora(layers, allocator.rank_pattern, out, config)
+    return layers, _AdaLoraHooks(layers, allocator, job.orth_reg_weight), write
 
 
 def run_job(job: TrainJob, progress=None) -> dict:

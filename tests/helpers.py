@@ -47,7 +47,8 @@ def make_peft_adalora(model_dir: Path, out: Path, seed: int, steps: int = 10, **
     from peft import AdaLoraConfig
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     torch.manual_seed(seed)
-    settings = dict(init_r=6, target_r=2, tinit=2, tfinal=2, deltaT=1, total_step=steps, lora_alpha=8)
+    settings = dict(init_r=6, target_r=2, tinit=2, tfinal=2, deltaT=1, total_step=steps, lora_alpha=8,
+                    task_type="CAUSAL_LM")  # without task_type PEFT silently skips the orthogonal regulariser
     settings.update(adalora)
     model = get_peft_model(base, AdaLoraConfig(**settings))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)

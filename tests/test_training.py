@@ -36,6 +36,7 @@ def job(model_dirs, data, out, method, **kw):
 
 
 @pytest.mark.parametrize("method,extra", [("lora", {}), ("lora", {"rslora": True}), ("hydralora", {"heads": 3}),
+                                          ("adalora", {"init_r": 6, "target_r": 2, "tinit": 5}),
                                           ("reslora", {"structure": "bs", "pre_num": 1}),
                                           ("reslora", {"structure": "is"}), ("reslora", {"structure": "ms"})])
 def test_each_kind_learns_and_is_servable(model_dirs, data, tmp_path, method, extra):
@@ -51,6 +52,10 @@ def test_each_kind_learns_and_is_servable(model_dirs, data, tmp_path, method, ex
     adapter = read_adapter(tmp_path / "a", "a", {s.name: s for s in shapes}, 64, 1,
                            base_weight=lambda n: base_weight(base.model, n))
     assert adapter.kind.value == method and adapter.modules
+    if method == "adalora":  # the final budget is exact (target_r · n) even with the default tfinal = 0
+        masks = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["rank_pattern"]
+        assert sum(map(sum, masks.values())) == 2 * len(masks)
+        assert sum(f.rank for f in adapter.modules.values()) == 2 * len(masks)
     if method == "reslora":
         errors = summary["merge_error"]
         assert all(e == e and e >= 0 for e in errors.values())  # finite, recorded for every applicable merge

@@ -172,3 +172,16 @@ def test_cli_train_end_to_end(model_dirs, data, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "hydralora\tsteps=6" in result.stdout and "train hydralora" in result.stderr  # tqdm bar
     assert json.loads((tmp_path / "h" / "adapter_config.json").read_text())["lora_nums"] >= 2
+
+
+def test_job_resume_uses_the_checkpoint_and_refuses_another_config(model_dirs, data, tmp_path):
+    settings = replace(FAST, max_steps=12, eval_every=6)
+    run_job(job(model_dirs, data, tmp_path / "r", "lora", settings=settings))
+    first = load_file(tmp_path / "r" / "adapter_model.safetensors")
+    assert (tmp_path / "r" / "checkpoint.pt").exists()
+    # resuming from the final checkpoint restores the trained weights and writes the same adapter
+    run_job(job(model_dirs, data, tmp_path / "r", "lora", settings=settings, resume=True, overwrite=True))
+    again = load_file(tmp_path / "r" / "adapter_model.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    with pytest.raises(JobError, match="different job configuration"):
+        run_job(job(model_dirs, data, tmp_path / "r", "lora", rank=4, settings=settings, resume=True, overwrite=True))

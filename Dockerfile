@@ -2,8 +2,9 @@
 #   docker build -t loraplex .
 #   docker run -p 50051:50051 -p 9090:9090 -v "$PWD/my-adapters:/adapters:ro" loraplex
 # The builder makes one self-contained virtualenv (torch, the pinned dependencies, the generated gRPC
-# stubs, the project and the built-in default model); the runtime stage copies only that venv and
-# runs it as a fixed non-root UID. CPU torch by default; for CUDA pass e.g.
+# stubs and the project); the runtime stage copies that venv and the shipped built-in model
+# (models/builtin: `--model default` and its demo adapters) and runs as a fixed non-root UID.
+# CPU torch by default; for CUDA pass e.g.
 #   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 # (the host then needs only the NVIDIA driver and container toolkit).
 
@@ -31,10 +32,6 @@ COPY . .
 RUN python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/loraplex/v1/*.proto \
  && pip install --no-deps . \
  && pip uninstall --yes grpcio-tools
-# Build the default model now: loader.default_model writes it next to the installed packages
-# (site-packages/models/default), which the runtime user cannot write. -P keeps /src off sys.path,
-# so the installed copy of `loader`, the one the server imports, decides where it goes.
-RUN python -P -c "from loader.default_model import ensure_default_model; print(ensure_default_model())"
 
 
 FROM ${PYTHON_IMAGE} AS runtime
@@ -44,14 +41,16 @@ FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
-    HF_HOME=/home/loraplex/.cache/huggingface
+    HF_HOME=/home/loraplex/.cache/huggingface \
+    LORAPLEX_BUILTIN=/opt/loraplex/builtin
 RUN groupadd --gid 10001 loraplex \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/loraplex --shell /usr/sbin/nologin loraplex \
  && mkdir -p "${HF_HOME}" /models /adapters \
  && chown -R 10001:10001 /home/loraplex /models /adapters
 
-# Root-owned and so read-only for the server: code, dependencies and the default model.
+# Root-owned and so read-only for the server: code, dependencies and the built-in model.
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /src/models/builtin /opt/loraplex/builtin
 
 WORKDIR /home/loraplex
 USER 10001:10001

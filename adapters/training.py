@@ -138,7 +138,7 @@ class Trainer:
                 extra = self.hooks.extra_loss()
                 (((loss + extra) if extra is not None else loss) / s.grad_accum).backward()
                 tokens += int(batch["attention_mask"].sum())
-                window.append(float(loss))
+                window.append(float(loss.detach()))
                 pending += 1
                 if pending < s.grad_accum and position < len(batches):  # an epoch's last batch flushes
                     continue

@@ -129,6 +129,18 @@ def _merge(args) -> int:
     return 0
 
 
+def _build_default(args) -> int:
+    from dataclasses import replace
+
+    from loader.builtin import BUILTIN_DIR, QUICK, BuildSettings, build
+    settings = replace(QUICK if args.quick else BuildSettings(), seed=args.seed, device=args.device)
+    report = build(Path(args.out) if args.out else BUILTIN_DIR, settings, args.adapters)
+    for name, value in report["accuracy"].items():
+        print(f"{name:24s} {value:6.1%}")
+    print(f"built in {report['seconds']:.0f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from server.config import add_serve_arguments
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LLM inference server")
@@ -216,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-length", type=int, default=256)
     merge.add_argument("--device", default="cpu")
     merge.set_defaults(func=_merge)
+
+    builder = sub.add_parser("build-default", help="rebuild the built-in model and its demo adapters")
+    builder.add_argument("--out", default=None, help="default: models/builtin in the repository")
+    builder.add_argument("--quick", action="store_true", help="a few steps only (tests): wiring, not quality")
+    builder.add_argument("--seed", type=int, default=0)
+    builder.add_argument("--device", default="cpu")
+    builder.add_argument("--adapters", nargs="+", default=None, metavar="ID",
+                         help="retrain only these demo adapters on the base model already built in --out")
+    builder.set_defaults(func=_build_default)
     return parser
 
 

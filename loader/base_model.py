@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loader.default_model import ensure_default_model
+from loader.default_model import default_model_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,7 +28,7 @@ class BaseModel:
 def load_base_model(model: str, device: str, dtype: str) -> BaseModel:
     """`model` is a local HF causal-LM directory, or `default` for the built-in model."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = ensure_default_model() if model == "default" else Path(model)
+    path = default_model_dir() if model == "default" else Path(model)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -1,9 +1,5 @@
-"""The built-in default model: a small fixed-seed Llama with a byte-level tokenizer, built locally.
-
-This is the stand-in until the trained built-in model lands (issue 5): it is a real HF model
-directory (config.json, model.safetensors, tokenizer.json) that any HF loader can read, but its
-weights are random, so its text is gibberish. Nothing is downloaded.
-"""
+"""The byte-level tokenizer and small random models (tests, benchmarks, and the built-in model's start),
+and where the shipped built-in model lives (`--model default`; rebuilt by `loraplex build-default`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +9,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
+import os
+
+BUILTIN_DIR = Path(os.environ.get("LORAPLEX_BUILTIN", Path(__file__).resolve().parent.parent / "models" / "builtin"))
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -52,8 +50,13 @@ def build_model_dir(out: Path, model_type: str = "llama", seed: int = 0, **overr
     return out
 
 
-def ensure_default_model(path: Path = DEFAULT_DIR) -> Path:
+def default_model_dir() -> Path:
+    path = BUILTIN_DIR / "model"
     if not (path / "config.json").is_file():
-        build_model_dir(path, "llama", seed=0, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
+        raise FileNotFoundError(f"the built-in model is missing from {path}; rebuild it with `loraplex build-default`")
     return path
+
+
+def default_adapter_root() -> Path:
+    """The demo adapters shipped with the built-in model."""
+    return BUILTIN_DIR / "adapters"

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.targets import ALL_LINEAR, linear_modules
 from adapters.training import Hooks, Trainer, TrainSettings, evaluate
-from loader.default_model import ensure_default_model
+from loader.default_model import default_model_dir
 from loader.peft_files import CONFIG_FILE
 from loader.train_data import collate, read_jsonl
 
@@ -63,7 +63,7 @@ class TrainJob:
 
 
 def _load(job: TrainJob):
-    path = ensure_default_model() if job.model == "default" else Path(job.model)
+    path = default_model_dir() if job.model == "default" else Path(job.model)
     if not (path / "config.json").is_file():
         raise JobError(f"--model {job.model}: not a Hugging Face model directory (no config.json)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -157,6 +157,7 @@ def run_job(job: TrainJob, progress=None) -> dict:
                for e in train]
     torch.manual_seed(job.settings.seed)  # adapter initialisation is part of the seeded run
     layers, hooks, write = _prepare(job, model, targets, total, prompts)
+    model.to(job.device)  # the new adapter layers were created on the CPU
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model, job.settings, pad, hooks)

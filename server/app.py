@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from adapters.slot_bank import SlotBank
 from loader.base_model import load_base_model
+from loader.default_model import default_adapter_root
 from loader.inject import ALL_LINEAR, base_weight, inject
 from loader.peft_files import read_adapter
 from loader.registry import AdapterRegistry
@@ -91,6 +92,8 @@ def build_serving(config: ServerConfig, metrics: Metrics) -> Serving:
             metrics.adapter_load.labels(result).observe(time.monotonic() - start)
 
     root = Path(config.adapter_root) if config.adapter_root else None
+    if root is None and config.model == "default":
+        root = default_adapter_root()  # the built-in model comes with its demo adapters
     registry = AdapterRegistry(root, read, config.adapter_cache_bytes, config.autoload_adapters,
                                on_evict=lambda adapter: engine.call(lambda: bank.forget(adapter.key)),
                                on_change=lambda memory, disk: (metrics.adapters_loaded.labels("cpu").set(memory),

@@ -1,0 +1,168 @@
+"""`loraplex build-default`: pretrain the built-in base model on BASE_TASKS, train one demo adapter per kind on
+tasks the base never saw (with `loraplex train`'s own job runner), and measure exact match on held-out
+words through the serving stack (slot bank + Runner, as the server runs them). Deterministic for a seed."""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from adapters.slot_bank import SlotBank
+from adapters.training import Trainer, TrainSettings
+from loader.base_model import load_base_model
+from loader.builtin_tasks import BASE_TASKS, DEMO_TASKS, examples
+from loader.default_model import BUILTIN_DIR, build_tokenizer, tiny_config
+from loader.inject import base_weight, inject
+from loader.peft_files import read_adapter
+from loader.train_data import read_jsonl
+from loader.training_job import TrainJob, run_job
+from server.batch import Row, Runner
+
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    hidden: int = 192
+    layers: int = 4
+    heads: int = 6
+    kv_heads: int = 3
+    intermediate: int = 384
+    base_steps: int = 3000
+    base_lr: float = 2e-3
+    batch_size: int = 64
+    adapter_steps: int = 1500
+    adapter_lr: float = 5e-3
+    adapter_rank: int = 16
+    eval_words: int = 200
+    seed: int = 0
+    device: str = "cpu"
+
+
+QUICK = BuildSettings(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, base_steps=4, batch_size=8,
+                      adapter_steps=2, adapter_rank=4, eval_words=8)
+ADAPTER_JOBS = {  # kind -> extra TrainJob fields (ranks scale with settings.adapter_rank)
+    "lora": lambda r: {},
+    "adalora": lambda r: {"init_r": r + r // 2, "target_r": r, "orth_reg_weight": 0.1},
+    "hydralora": lambda r: {"rank": max(1, r // 2), "heads": 3},
+    "reslora": lambda r: {"structure": "bs", "pre_num": 1},
+}
+# The mixture adapter learns three tasks (more steps) and its router is less stable at the one-task lr:
+# at rank 12, lr 5e-3 it stalled (train loss 2.7, 0% exact); rank 8, lr 3e-3, 2000 steps reached 100%.
+STEPS_FACTOR = {"hydralora": 4 / 3}
+LR_FACTOR = {"hydralora": 0.6}
+TASK_WEIGHTS = {"double": 2}  # the hardest of the three (it must count to stop): sampled twice as often
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n" for r in rows))
+    return path
+
+
+def pretrain(out: Path, s: BuildSettings, work: Path) -> None:
+    tokenizer = build_tokenizer()
+    config = tiny_config("llama", len(tokenizer), hidden_size=s.hidden, intermediate_size=s.intermediate,
+                         num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                         max_position_embeddings=256)
+    torch.manual_seed(s.seed)
+    model = AutoModelForCausalLM.from_config(config).to(s.device)
+    data = _write(work / "base.jsonl", examples(sorted(BASE_TASKS), s.base_steps * s.batch_size // 4, s.seed))
+    settings = TrainSettings(lr=s.base_lr, epochs=4, batch_size=s.batch_size, warmup_ratio=0.05, seed=s.seed,
+                             eval_every=10 ** 9, weight_decay=0.01)
+    Trainer(model, settings, tokenizer.pad_token_id).run(read_jsonl(data, tokenizer, 64))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def train_adapters(model_dir: Path, root: Path, s: BuildSettings, work: Path, only: list[str] | None = None) -> dict:
+    logs = {}
+    for adapter_id, (kind, tasks) in DEMO_TASKS.items():
+        if only is not None and adapter_id not in only:
+            continue
+        steps = int(s.adapter_steps * STEPS_FACTOR.get(kind, 1))
+        mixture = [t for t in sorted(tasks) for _ in range(TASK_WEIGHTS.get(t, 1))]
+        data = _write(work / f"{adapter_id}.jsonl", examples(mixture, steps * s.batch_size, s.seed + 1))
+        fields = {"rank": s.adapter_rank, "alpha": 2 * s.adapter_rank, **ADAPTER_JOBS[kind](s.adapter_rank)}
+        job = TrainJob(method=kind, data=str(data), out=str(root / adapter_id), model=str(model_dir), device=s.device,
+                       target_modules="all-linear", overwrite=True,
+                       settings=TrainSettings(lr=s.adapter_lr * LR_FACTOR.get(kind, 1), max_steps=steps,
+                                              batch_size=s.batch_size,
+                                              eval_every=10 ** 9, seed=s.seed), **fields)
+        if kind == "adalora":
+            job = replace(job, tinit=steps // 10, tfinal=steps // 4)
+        summary = run_job(job)
+        (root / adapter_id / "checkpoint.pt").unlink(missing_ok=True)  # shipped adapters carry no optimizer state
+        logs[adapter_id] = {"kind": kind, "steps": summary["steps"], "seconds": summary["seconds"],
+                            "final_train_loss": summary["train_loss"][-1][1]}
+    return logs
+
+
+@torch.inference_mode()
+def greedy(runner: Runner, prompts: list[list[int]], slot: int, eos: int, max_new: int = 16) -> list[list[int]]:
+    batch, logits = runner.prefill([Row(p, slot) for p in prompts])
+    out = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new):
+        for i, (row, token) in enumerate(zip(batch.rows, logits.argmax(-1).tolist())):
+            row.last_token = token
+            if not done[i]:
+                done[i] = token == eos
+                if not done[i]:
+                    out[i].append(token)
+        if all(done):
+            break
+        logits = runner.decode_step(batch)
+    return out
+
+
+def accuracy(model_dir: Path, adapter_root: Path, s: BuildSettings) -> dict:
+    """Exact match on held-out words, per adapter (None = base) and task, through the serving stack."""
+    base = load_base_model(str(model_dir), s.device, "float32")
+    context, shapes = inject(base.model)
+    bank = SlotBank(shapes, num_slots=len(DEMO_TASKS), max_rank=128, device=torch.device(s.device),
+                    dtype=torch.float32)
+    runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
+    by_name = {x.name: x for x in shapes}
+    eos = next(iter(base.eos_token_ids))
+    result = {}
+    for adapter_id in [None, *DEMO_TASKS]:
+        slot = 0 if adapter_id is None else bank.acquire(read_adapter(
+            adapter_root / adapter_id, adapter_id, by_name, 128, 1, base_weight=lambda n: base_weight(base.model, n)))
+        # the base is measured on the demo tasks too: it must fail them (they are what the adapters add)
+        tasks = ({**BASE_TASKS, **{t: f for _, ts in DEMO_TASKS.values() for t, f in ts.items()}}
+                 if adapter_id is None else DEMO_TASKS[adapter_id][1])
+        for task in sorted(tasks):
+            rows = examples([task], s.eval_words, s.seed + 99, evaluation=True)
+            prompts = [base.tokenizer(r["prompt"]).input_ids for r in rows]
+            got = [base.tokenizer.decode(t) for t in greedy(runner, prompts, slot, eos)]
+            hits = sum(g == r["completion"] for g, r in zip(got, rows))
+            result[f"{adapter_id or 'base'}/{task}"] = hits / len(rows)
+    return result
+
+
+def build(out: Path = BUILTIN_DIR, settings: BuildSettings = BuildSettings(), only: list[str] | None = None) -> dict:
+    """Everything, or with `only`: retrain just those demo adapters on the base already in `out` (same seeds,
+    so the result equals a full build's). BUILD.json keeps each part's measured seconds."""
+    start = time.perf_counter()
+    model_dir, root = out / "model", out / "adapters"
+    previous = json.loads((out / "BUILD.json").read_text()) if only and (out / "BUILD.json").exists() else {}
+    with tempfile.TemporaryDirectory(prefix="loraplex-build-") as tmp:
+        if only is None:
+            pretrain(model_dir, settings, Path(tmp))
+        base_seconds = time.perf_counter() - start if only is None else previous.get("base_seconds")
+        logs = {**previous.get("adapters", {}), **train_adapters(model_dir, root, settings, Path(tmp), only)}
+    eval_start = time.perf_counter()
+    scores = accuracy(model_dir, root, settings)
+    eval_seconds = time.perf_counter() - eval_start
+    parts = (base_seconds or 0) + sum(a["seconds"] for a in logs.values()) + eval_seconds
+    report = {"settings": asdict(settings), "base_seconds": round(base_seconds or 0, 1), "adapters": logs,
+              "eval_seconds": round(eval_seconds, 1), "accuracy": scores,
+              # a full build's time: measured directly, or the sum of the measured parts after a partial rebuild
+              "seconds": round(time.perf_counter() - start if only is None else parts, 1),
+              "seconds_measured_as": "one run" if only is None else "sum of parts (partial rebuild)"}
+    (out / "BUILD.json").write_text(json.dumps(report, indent=2))
+    return report

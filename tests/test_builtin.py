@@ -72,3 +72,13 @@ def test_build_command_runs_end_to_end_in_quick_mode(tmp_path):
     for adapter_id in DEMO_TASKS:
         assert (tmp_path / "b" / "adapters" / adapter_id / "adapter_config.json").exists()
     assert "reverse/reverse" in json.loads((tmp_path / "b" / "BUILD.json").read_text())["accuracy"]
+
+
+def test_build_is_deterministic_for_a_seed(tmp_path):
+    from loader.builtin import QUICK, build
+    from safetensors.torch import load_file
+    for name in ("x", "y"):
+        build(tmp_path / name, QUICK)
+    for rel in ["model/model.safetensors", *[f"adapters/{a}/adapter_model.safetensors" for a in DEMO_TASKS]]:
+        a, b = load_file(tmp_path / "x" / rel), load_file(tmp_path / "y" / rel)
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), rel

@@ -36,32 +36,15 @@ from adapters.hydralora import add_hydralora  # noqa: E402
 from adapters.reslora import add_reslora  # noqa: E402
 from loader.hydra_files import save_hydralora  # noqa: E402
 from loader.reslora_files import save_reslora  # noqa: E402
-from mixed_adapters import TARGETS, EngineBench, build_model_dir, code_version, machine, make_prompts  # noqa: E402
+from mixed_adapters import (TARGETS, EngineBench, add_common_arguments, build_model_dir, code_version,  # noqa: E402
+                            machine, make_prompts)
 
 PER_KIND = 32
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    a = p.add_argument
-    a("--device", default="cpu")
-    a("--threads", type=int, default=2)
-    a("--requests", type=int, default=32)
-    a("--max-new-tokens", type=int, default=64)
-    a("--prompt-min", type=int, default=16)
-    a("--prompt-max", type=int, default=32)
-    a("--repeats", type=int, default=5)
-    a("--hidden", type=int, default=512)
-    a("--intermediate", type=int, default=1408)
-    a("--layers", type=int, default=8)
-    a("--heads", type=int, default=8)
-    a("--kv-heads", type=int, default=8)
-    a("--vocab", type=int, default=32000)
-    a("--seed", type=int, default=0)
-    a("--server", choices=["process", "inprocess"], default="process")
-    a("--server-module", default="server")
-    a("--server-env", action="append", default=[])
-    a("--workdir", default=None)
+    add_common_arguments(p)
     args = p.parse_args(argv)
     args.rank = 32              # slot width: LoRA r=32, Hydra 4x8, AdaLoRA up to 32, ResLoRA bs 2x16
     args.adapters = 4 * PER_KIND  # every adapter keeps its slot: no slot writes inside a timed round

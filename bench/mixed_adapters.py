@@ -58,14 +58,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PAD_ID = 0
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """Model, workload and server flags shared by the benchmarks that drive the real server."""
     a = p.add_argument
     a("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     a("--threads", type=int, default=2, help="torch CPU threads, for the engine and for HF/PEFT alike")
     a("--requests", type=int, default=32, help="requests per round (= batch size)")
-    a("--adapters", type=int, default=32, help="distinct adapters; request i uses adapter i %% adapters")
-    a("--rank", type=int, default=16)
     a("--max-new-tokens", type=int, default=64)
     a("--prompt-min", type=int, default=16)
     a("--prompt-max", type=int, default=32)
@@ -83,10 +81,18 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="extra environment for the server process (repeatable), e.g. OMP_WAIT_POLICY=active")
     a("--server-module", default="server",
       help="module run as `python -m MODULE` for --server process (to A/B an engine variant; default: server)")
+    a("--workdir", default=None, help="where to build model and adapters (default: a temporary directory)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(p)
+    a = p.add_argument
+    a("--adapters", type=int, default=32, help="distinct adapters; request i uses adapter i %% adapters")
+    a("--rank", type=int, default=16)
     a("--skip-peft", action="store_true", help="only (a) and (b)")
     a("--breakdown", action="store_true",
       help="after the rounds: Runner.decode_step timed directly (base vs mixed) and a torch.profiler op table")
-    a("--workdir", default=None, help="where to build model and adapters (default: a temporary directory)")
     return p.parse_args(argv)
 
 

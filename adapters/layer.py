@@ -18,6 +18,12 @@ def linear_dims(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"cannot adapt {type(base).__name__}: only nn.Linear and Conv1D are supported")
 
 
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """fp32 copy of an nn.Linear or Conv1D weight in (d_out, d_in) layout."""
+    weight = base.weight.detach().float()
+    return (weight.t() if type(base).__name__ == "Conv1D" else weight).clone()
+
+
 class MultiAdapterLinear(nn.Module):
     """Wraps a frozen base layer. The delta is two batched matmuls over batch-ordered factors:
     no Python loop over adapters, no per-step gather. Rows without an adapter carry zero factors."""

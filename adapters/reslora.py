@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from adapters.canonical import ModuleFactors
-from adapters.layer import linear_dims
+from adapters.layer import dense_weight, linear_dims
 from adapters.targets import linear_modules
 
 STRUCTURES = ("is", "bs", "ms")
@@ -167,7 +167,7 @@ def merge_error(model: nn.Module, layers: dict[str, ResLoraLinear], method: str,
     merged: dict[str, ModuleFactors] = {}
     for names in build_chains(list(layers)):
         chain = [layers[n] for n in names]
-        weights = [_base_weight(b.base) for b in chain] if method == "weight_norm" else None
+        weights = [dense_weight(b.base) for b in chain] if method == "weight_norm" else None
         merged.update(zip(names, merge_chain(
             first.structure, method, first.pre_num, first.scaling, [b.lora_A.weight.float() for b in chain],
             [b.lora_B.weight.float() for b in chain], [b.statistics() for b in chain], weights)))
@@ -189,7 +189,3 @@ def merge_error(model: nn.Module, layers: dict[str, ResLoraLinear], method: str,
             block.merged = None
     return math.sqrt(diff / ref) if ref > 0 else 0.0
 
-
-def _base_weight(base: nn.Module) -> torch.Tensor:
-    weight = base.weight.detach().float()
-    return weight.t() if type(base).__name__ == "Conv1D" else weight

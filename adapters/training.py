@@ -100,7 +100,8 @@ class Trainer:
     def state_dict(self, step: int, epoch: int, position: int) -> dict:
         trainable = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         return {"step": step, "epoch": epoch, "position": position, "params": trainable,
-                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "hooks": self.hooks.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                "hooks": self.hooks.state_dict()}
 
     def _restore(self, state: dict) -> tuple[int, int, int]:
         named = dict(self.model.named_parameters())

@@ -71,7 +71,8 @@ def main(argv=None) -> int:
             s = run_job(job)
             rows.append((label, s["eval_loss"][0][1], s["eval_loss"][-1][1], s["trainable_params"], s["seconds"],
                          s.get("merge_error")))
-    print(f"\ntrain_methods: {args.steps} steps, batch 16, lr 5e-3 (warmup + cosine), seed {args.seed}; Llama hidden 128, "
+    print(f"\ntrain_methods: {args.steps} steps, batch 16, lr 5e-3 (warmup + cosine), seed {args.seed}; "
+          f"Llama hidden 128, "
           f"4 layers, byte tokenizer, random init; 2000 train / 200 eval examples of reverse/upper/double; "
           f"targets {','.join(TARGETS)}\n")
     print(f"| method | eval loss @{args.steps // 3} | final eval loss | trainable params | seconds | merge error |")

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from adapters.slot_bank import SlotBank
 from adapters.training import Trainer, TrainSettings
 from loader.base_model import load_base_model
-from loader.builtin_tasks import BASE_TASKS, DEMO_TASKS, examples
+from loader.builtin_tasks import ALL_TASKS, BASE_TASKS, DEMO_TASKS, examples
 from loader.default_model import BUILTIN_DIR, build_tokenizer, tiny_config
 from loader.inject import base_weight, inject
 from loader.peft_files import read_adapter
@@ -133,8 +133,7 @@ def accuracy(model_dir: Path, adapter_root: Path, s: BuildSettings) -> dict:
         slot = 0 if adapter_id is None else bank.acquire(read_adapter(
             adapter_root / adapter_id, adapter_id, by_name, 128, 1, base_weight=lambda n: base_weight(base.model, n)))
         # the base is measured on the demo tasks too: it must fail them (they are what the adapters add)
-        tasks = ({**BASE_TASKS, **{t: f for _, ts in DEMO_TASKS.values() for t, f in ts.items()}}
-                 if adapter_id is None else DEMO_TASKS[adapter_id][1])
+        tasks = ALL_TASKS if adapter_id is None else DEMO_TASKS[adapter_id][1]
         for task in sorted(tasks):
             rows = examples([task], s.eval_words, s.seed + 99, evaluation=True)
             prompts = [base.tokenizer(r["prompt"]).input_ids for r in rows]

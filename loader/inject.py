@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters.layer import MultiAdapterLinear, linear_dims
+from adapters.layer import MultiAdapterLinear, dense_weight, linear_dims
 from adapters.slot_bank import AdapterContext, ModuleShape
 from adapters.targets import ALL_LINEAR, linear_modules
+
 
 def inject(model: nn.Module, targets: str | list[str] = ALL_LINEAR) -> tuple[AdapterContext, list[ModuleShape]]:
     context = AdapterContext()
@@ -25,6 +26,4 @@ def inject(model: nn.Module, targets: str | list[str] = ALL_LINEAR) -> tuple[Ada
 def base_weight(model: nn.Module, name: str) -> torch.Tensor:
     """fp32 copy of an adapted module's frozen weight in (d_out, d_in) layout (Conv1D stores (d_in, d_out))."""
     module = model.get_submodule(name)
-    base = module.base if isinstance(module, MultiAdapterLinear) else module
-    weight = base.weight.detach().float()
-    return (weight.t() if type(base).__name__ == "Conv1D" else weight).clone()
+    return dense_weight(module.base if isinstance(module, MultiAdapterLinear) else module)

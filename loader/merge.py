@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from adapters.reslora import add_reslora, build_chains, merge_error
 from loader.inject import base_weight
 from loader.lora_files import save_canonical_as_lora
-from loader.peft_files import CONFIG_FILE, WEIGHTS_FILE, read_adapter, read_config
+from loader.peft_files import WEIGHTS_FILE, read_adapter, read_config
 from loader.train_data import collate, read_jsonl
 from loader.training_job import JobError, TrainJob, _load
 
@@ -30,8 +30,9 @@ def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_pat
     for name in modules:
         d_in, d_out = linear_dims(base.get_submodule(name))
         shapes[name] = ModuleShape(name, d_in, d_out)
-    staged = dict(config, merge_method=method)  # the server's reader does the validated merge
-    merged = _read_with_config(adapter_dir, staged, shapes, base)
+    merged = read_adapter(adapter_dir, adapter_dir.name, shapes, max_rank=1 << 20, load_serial=0,
+                          base_weight=lambda name: base_weight(base, name),  # the server's validated merge
+                          config=dict(config, merge_method=method))
     error = None
     if eval_path:
         layers = add_reslora(base, sorted(modules), config["r"], config["lora_alpha"], 0.0, config["structure"],
@@ -56,15 +57,3 @@ def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_pat
     (out / "merge_report.json").write_text(json.dumps(report, indent=2))
     return report
 
-
-def _read_with_config(adapter_dir: Path, config: dict, shapes, model):
-    """read_adapter on the directory's tensors with an edited config (the merge method), via a staging copy."""
-    import shutil
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        staging = Path(tmp) / adapter_dir.name
-        staging.mkdir()
-        shutil.copy2(adapter_dir / WEIGHTS_FILE, staging / WEIGHTS_FILE)
-        (staging / CONFIG_FILE).write_text(json.dumps(config))
-        return read_adapter(staging, adapter_dir.name, shapes, max_rank=1 << 20, load_serial=0,
-                            base_weight=lambda name: base_weight(model, name))

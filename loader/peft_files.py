@@ -59,7 +59,8 @@ def read_tensors(path: Path, adapter_id: str) -> dict[str, torch.Tensor]:
         raise FailedPrecondition(f"adapter {adapter_id!r}: cannot read {WEIGHTS_FILE}: {exc}") from None
     for key, t in tensors.items():
         if not t.is_floating_point():
-            raise FailedPrecondition(f"adapter {adapter_id!r}: tensor {key} has dtype {t.dtype}, expected floating point")
+            raise FailedPrecondition(
+                f"adapter {adapter_id!r}: tensor {key} has dtype {t.dtype}, expected floating point")
         if not torch.isfinite(t).all():
             raise FailedPrecondition(f"adapter {adapter_id!r}: tensor {key} contains NaN or Inf")
     return tensors
@@ -144,15 +145,18 @@ class LoadContext:
 
 def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], max_rank: int,
                  load_serial: int, max_heads: int = 8,
-                 base_weight: Callable[[str], torch.Tensor] | None = None) -> CanonicalAdapter:
-    """Dispatch on peft_type to the kind's reader; each returns the canonical form."""
+                 base_weight: Callable[[str], torch.Tensor] | None = None,
+                 config: dict | None = None) -> CanonicalAdapter:
+    """Dispatch on peft_type to the kind's reader; each returns the canonical form. `config` replaces the
+    directory's adapter_config.json (e.g. `loraplex merge` choosing another merge method)."""
     from loader import adalora_files, hydra_files, lora_files, reslora_files  # readers build on the helpers above
     readers = {"LORA": lora_files.read_lora, "ADALORA": adalora_files.read_adalora,
                "HYDRALORA": hydra_files.read_hydralora, "RESLORA": reslora_files.read_reslora}
-    config = read_config(path, adapter_id)
+    config = read_config(path, adapter_id) if config is None else config
     peft_type = config["peft_type"]
     if peft_type not in readers:
         raise FailedPrecondition(f"adapter {adapter_id!r}: peft_type {peft_type!r} is not served "
                                  f"(supported: {', '.join(readers)})")
     refuse_unservable(config, adapter_id)
-    return readers[peft_type](path, adapter_id, config, shapes, LoadContext(max_rank, max_heads, base_weight), load_serial)
+    context = LoadContext(max_rank, max_heads, base_weight)
+    return readers[peft_type](path, adapter_id, config, shapes, context, load_serial)

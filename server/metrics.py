@@ -37,7 +37,8 @@ class Metrics:
         self.failure = Counter(p + "request_failure", "Requests ended by an error.", ["code"], registry=r)
         self.adapter_requests = Counter(p + "adapter_requests", "Requests per adapter (bounded label set).",
                                         ["adapter"], registry=r)
-        self.adapters_loaded = Gauge(p + "adapters_loaded", "Registered adapters: in host memory (cpu) or evicted (disk).", ["tier"], registry=r)
+        self.adapters_loaded = Gauge(p + "adapters_loaded", "Registered adapters: in host memory (cpu) or evicted "
+                                     "(disk).", ["tier"], registry=r)
         self.adapter_slots_used = Gauge(p + "adapter_slots_used", "Device slots holding an adapter in use.",
                                         registry=r)
         self.adapter_load = Histogram(p + "adapter_load_seconds", "Reading an adapter from disk.", ["result"],

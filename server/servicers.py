@@ -203,7 +203,8 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             reslora = pb.ResLoraInfo(structure=meta["structure"], pre_num=meta["pre_num"],
                                      merge_method=meta["merge_method"], merge_error=meta["merge_error"])
         return pb.AdapterInfo(
-            reslora=reslora, adapter_id=record.adapter_id, kind=KINDS[record.kind], rank=max(record.module_ranks.values(), default=0),
+            reslora=reslora, adapter_id=record.adapter_id, kind=KINDS[record.kind],
+            rank=max(record.module_ranks.values(), default=0),
             module_ranks=record.module_ranks, target_modules=sorted(record.module_ranks), size_bytes=record.size_bytes,
             tier=tier, pinned=record.pinned, version=record.version,
             active_requests=bank.active_requests(key) if key else 0, heads=record.heads)

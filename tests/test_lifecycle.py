@@ -167,7 +167,8 @@ def test_sigterm_drains_then_exits_zero(model_dirs):
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--model", str(model_dirs["llama"]), "--port", "0", "--metrics-port", "0",
          "--grace-period", "20", "--threads", "1"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         port = None
         for line in proc.stdout:

@@ -102,7 +102,8 @@ def test_approximate_merges_follow_the_saved_statistics(model_dirs, adapters, ad
         if adapter_id == "is":
             want_a, want_b = a, (1 + stats[prev]["input_norm"] / stats[name]["input_norm"]) * s * b
         elif adapter_id == "ms":  # pre_num 2: both predecessors' activation norms
-            alpha = sum(stats[chain[n - k]]["shrunk_norm"] / stats[name]["shrunk_norm"] for k in range(1, min(2, n) + 1))
+            alpha = sum(stats[chain[n - k]]["shrunk_norm"] / stats[name]["shrunk_norm"]
+                        for k in range(1, min(2, n) + 1))
             want_a, want_b = a, (1 + alpha) * s * b
         else:
             want_a = a + stats[prev]["input_norm"] / stats[name]["input_norm"] * layers[prev].lora_A.weight

@@ -119,28 +119,40 @@ def greedy(runner: Runner, prompts: list[list[int]], slot: int, eos: int, max_ne
     return out
 
 
-def accuracy(model_dir: Path, adapter_root: Path, s: BuildSettings) -> dict:
-    """Exact match on held-out words, per adapter (None = base) and task, through the serving stack."""
-    base = load_base_model(str(model_dir), s.device, "float32")
+def served_accuracy(model_dir: Path, plan: dict[str | None, tuple[Path | None, list[str]]], eval_words: int,
+                    seed: int, device: str = "cpu") -> tuple[dict[str, float], dict[str, int]]:
+    """Exact match on held-out words through the serving stack (slot bank + Runner, as the server runs them).
+    `plan` maps an adapter id (None = the base model) to its directory and the tasks to measure it on.
+    Returns accuracies keyed `<adapter id or base>/<task>` and each adapter's served parameter count."""
+    base = load_base_model(str(model_dir), device, "float32")
     context, shapes = inject(base.model)
-    bank = SlotBank(shapes, num_slots=len(DEMO_TASKS), max_rank=128, device=torch.device(s.device),
+    bank = SlotBank(shapes, num_slots=max(1, len(plan)), max_rank=128, device=torch.device(device),
                     dtype=torch.float32)
     runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
     by_name = {x.name: x for x in shapes}
     eos = next(iter(base.eos_token_ids))
-    result = {}
-    for adapter_id in [None, *DEMO_TASKS]:
-        slot = 0 if adapter_id is None else bank.acquire(read_adapter(
-            adapter_root / adapter_id, adapter_id, by_name, 128, 1, base_weight=lambda n: base_weight(base.model, n)))
-        # the base is measured on the demo tasks too: it must fail them (they are what the adapters add)
-        tasks = ALL_TASKS if adapter_id is None else DEMO_TASKS[adapter_id][1]
+    result, params = {}, {}
+    for adapter_id, (path, tasks) in plan.items():
+        slot = 0
+        if adapter_id is not None:
+            adapter = read_adapter(path, adapter_id, by_name, 128, 1, base_weight=lambda n: base_weight(base.model, n))
+            params[adapter_id] = adapter.size_bytes // 4  # canonical factors are fp32
+            slot = bank.acquire(adapter)
         for task in sorted(tasks):
-            rows = examples([task], s.eval_words, s.seed + 99, evaluation=True)
+            rows = examples([task], eval_words, seed + 99, evaluation=True)
             prompts = [base.tokenizer(r["prompt"]).input_ids for r in rows]
             got = [base.tokenizer.decode(t) for t in greedy(runner, prompts, slot, eos)]
             hits = sum(g == r["completion"] for g, r in zip(got, rows))
             result[f"{adapter_id or 'base'}/{task}"] = hits / len(rows)
-    return result
+    return result, params
+
+
+def accuracy(model_dir: Path, adapter_root: Path, s: BuildSettings) -> dict:
+    """Per demo adapter on its tasks; the base on every task (it must fail the demo tasks: they are what the
+    adapters add)."""
+    plan = {None: (None, sorted(ALL_TASKS)),
+            **{a: (adapter_root / a, sorted(tasks)) for a, (_, tasks) in DEMO_TASKS.items()}}
+    return served_accuracy(model_dir, plan, s.eval_words, s.seed, s.device)[0]
 
 
 def build(out: Path = BUILTIN_DIR, settings: BuildSettings = BuildSettings(), only: list[str] | None = None) -> dict:

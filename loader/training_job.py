@@ -138,8 +138,9 @@ def _prepare(job: TrainJob, model, targets, total: int, train_prompts: list[str]
     return layers, _AdaLoraHooks(layers, allocator, job.orth_reg_weight), write
 
 
-def run_job(job: TrainJob, progress=None) -> dict:
-    """Train one adapter; returns a summary (also written to <out>/training_log.json)."""
+def run_job(job: TrainJob, progress=None, inspect=None) -> dict:
+    """Train one adapter; returns a summary (also written to <out>/training_log.json). `inspect(model, tokenizer)`
+    sees the trained model in its training form (adapter layers in place, eval mode) before it is freed."""
     if job.method not in METHODS:
         raise JobError(f"--method must be one of {METHODS}, got {job.method!r}")
     out = Path(job.out)
@@ -190,5 +191,7 @@ def run_job(job: TrainJob, progress=None) -> dict:
     if evaluation and not result.eval_loss:
         summary["eval_loss"] = [(result.steps, evaluate(model, evaluation, pad, job.settings.batch_size, job.device))]
     (out / "training_log.json").write_text(json.dumps(summary, indent=2))
+    if inspect is not None:
+        inspect(model, tokenizer)
     print(f"wrote {job.method} adapter to {out} ({result.steps} steps, {result.seconds:.1f}s)", file=sys.stderr)
     return summary

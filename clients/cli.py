@@ -23,9 +23,23 @@ def _serve(args) -> int:
     return 0
 
 
+def _connection(args) -> dict:
+    """Client keyword arguments from the connection flags: the token from --token-file or $LORAPLEX_TOKEN (never
+    argv, where other users of the machine could read it), TLS when any --tls* flag is given."""
+    from clients.client import Tls, token_from
+    tls = Tls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls or args.tls_ca or args.tls_cert else None
+    try:
+        token = token_from(args.token_file)
+        if tls is not None:
+            tls.credentials()  # read the PEM files now: a wrong path is a one-line error, not a traceback
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    return {"token": token, "tls": tls}
+
+
 def _generate(args) -> int:
     from clients.client import Client
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, timeout=args.timeout, **_connection(args)) as client:
         stream = client.generate_stream(args.prompt, args.adapter, max_new_tokens=args.max_new_tokens,
                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                         seed=args.seed, stop=args.stop or ())
@@ -42,14 +56,15 @@ def _generate(args) -> int:
 
 def _adapters(args) -> int:
     from clients.client import Client
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, timeout=args.timeout, **_connection(args)) as client:
         if args.action == "list":
             infos = client.list_adapters()
         elif args.action == "load":
             infos = [client.load_adapter(args.adapter_id, replace=args.replace, pin=args.pin)]
         else:
-            client.unload_adapter(args.adapter_id)
-            print(f"unloaded {args.adapter_id}")
+            response = client.unload_adapter(args.adapter_id, drain=args.drain)
+            print(f"unloaded {args.adapter_id}" + (f" ({response.drained_requests} requests drained)"
+                                                   if response.drained_requests else ""))
             return 0
     for info in infos:
         kind = pb.AdapterKind.Name(info.kind).removeprefix("ADAPTER_KIND_").lower()
@@ -107,7 +122,8 @@ def _train_one(job, args, progress) -> dict:
           + (f"\teval_loss={last:.4f}" if last is not None else ""))
     if args.deploy:
         from loader.deploy import deploy
-        info = deploy(Path(job.out), args.deploy, copy_to_root=Path(args.deploy_root) if args.deploy_root else None)
+        info = deploy(Path(job.out), args.deploy, copy_to_root=Path(args.deploy_root) if args.deploy_root else None,
+                      **_connection(args))
         print(f"deployed {info.adapter_id} (version {info.version}) to {args.deploy}")
     return summary
 
@@ -143,18 +159,27 @@ def _build_default(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from server.config import add_serve_arguments
-    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LLM inference server")
+    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LLM inference server",
+                                     allow_abbrev=False)  # `--token SECRET` must not pass for --token-file
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="start the gRPC server")
+    serve = sub.add_parser("serve", allow_abbrev=False, help="start the gRPC server")
     add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
+
+    def connection_args(p):
+        p.add_argument("--token-file", default=None, help="file holding the bearer token (else $LORAPLEX_TOKEN)")
+        p.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
+        p.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate (TLS)")
+        p.add_argument("--tls-cert", default=None, help="PEM client certificate chain (mutual TLS)")
+        p.add_argument("--tls-key", default=None, help="PEM client private key (mutual TLS)")
 
     def client_args(p):
         p.add_argument("--target", default=DEFAULT_TARGET, help="server address host:port")
         p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+        connection_args(p)
 
-    gen = sub.add_parser("generate", help="stream a completion to the terminal")
+    gen = sub.add_parser("generate", allow_abbrev=False, help="stream a completion to the terminal")
     client_args(gen)
     gen.add_argument("prompt")
     gen.add_argument("--adapter", default="", help="adapter id ('' = base model)")
@@ -166,19 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     gen.set_defaults(func=_generate)
 
-    adapters = sub.add_parser("adapters", help="list, load or unload adapters")
+    adapters = sub.add_parser("adapters", allow_abbrev=False, help="list, load or unload adapters")
     adapter_sub = adapters.add_subparsers(dest="action", required=True)
     for action in ("list", "load", "unload"):
-        p = adapter_sub.add_parser(action)
+        p = adapter_sub.add_parser(action, allow_abbrev=False)
         client_args(p)
         if action != "list":
             p.add_argument("adapter_id")
         if action == "load":
             p.add_argument("--replace", action="store_true", help="swap in new files for a loaded id")
             p.add_argument("--pin", action="store_true", help="never evict from host memory")
+        if action == "unload":
+            p.add_argument("--drain", action="store_true",
+                           help="with requests in flight: unload for new ones and wait for these (else refused)")
     adapters.set_defaults(func=_adapters)
 
-    train = sub.add_parser("train", help="fine-tune an adapter (lora, adalora, hydralora, reslora) from JSONL")
+    train = sub.add_parser("train", allow_abbrev=False,
+                           help="fine-tune an adapter (lora, adalora, hydralora, reslora) from JSONL")
     t = train.add_argument
     t("--method", choices=["lora", "adalora", "hydralora", "reslora"], help="required unless --jobs gives it")
     t("--model", default="default", help="local HF causal-LM directory, or 'default'")
@@ -189,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "takes its share")
     t("--deploy", default=None, metavar="HOST:PORT", help="make this running server load the trained adapter")
     t("--deploy-root", default=None, help="with --deploy: copy the adapter under this (the server's) adapter root")
+    connection_args(train)
     t("--rank", type=int, default=8)
     t("--alpha", type=float, default=16.0)
     t("--dropout", type=float, default=0.0)
@@ -218,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     t("--pre-num", type=int, default=1, help="ResLoRA: how many previous blocks a block links to")
     train.set_defaults(func=_train)
 
-    merge = sub.add_parser("merge", help="write a ResLoRA adapter as a plain PEFT LoRA, measuring the merge error")
+    merge = sub.add_parser("merge", allow_abbrev=False,
+                           help="write a ResLoRA adapter as a plain PEFT LoRA, measuring the merge error")
     merge.add_argument("adapter_dir")
     merge.add_argument("--out", required=True)
     merge.add_argument("--model", default="default", help="the base model the adapter was trained on")
@@ -229,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="cpu")
     merge.set_defaults(func=_merge)
 
-    builder = sub.add_parser("build-default", help="rebuild the built-in model and its demo adapters")
+    builder = sub.add_parser("build-default", allow_abbrev=False,
+                             help="rebuild the built-in model and its demo adapters")
     builder.add_argument("--out", default=None, help="default: models/builtin in the repository")
     builder.add_argument("--quick", action="store_true", help="a few steps only (tests): wiring, not quality")
     builder.add_argument("--seed", type=int, default=0)
@@ -247,5 +279,6 @@ def main(argv: list[str] | None = None) -> None:
     except grpc.RpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
         sys.exit(1)
+
     except KeyboardInterrupt:
         sys.exit(130)

@@ -1,6 +1,13 @@
-"""Thin, typed wrappers over the loraplex.v1 stubs: one sync client, one asyncio client."""
+"""Thin, typed wrappers over the loraplex.v1 stubs: one sync client, one asyncio client.
+
+Both take an optional bearer token (sent as `authorization` metadata on every call) and an optional `Tls`
+(server CA, and a client certificate for mutual TLS). `token_from(file, env)` reads a token the way the
+CLI does: from a file or an environment variable, never from the command line."""
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
@@ -25,39 +32,74 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
     return request
 
 
+TOKEN_ENV = "LORAPLEX_TOKEN"
+
+
+def token_from(path: str | None = None, env: str = TOKEN_ENV) -> str | None:
+    """The first token in `path` (blank lines and # comments skipped), else $LORAPLEX_TOKEN, else None."""
+    if path:
+        for line in Path(path).read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                return line.strip()
+        raise ValueError(f"token file {path} holds no token")
+    return os.environ.get(env) or None
+
+
+@dataclass(frozen=True)
+class Tls:
+    """PEM files: the CA that signed the server's certificate (None: the system roots), and for mutual TLS
+    the client's certificate chain and key."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+def _call_options(timeout: float | None, token: str | None) -> dict:
+    return {"timeout": timeout, "metadata": (("authorization", f"Bearer {token}"),) if token else None}
+
+
 class Client:
-    def __init__(self, target: str, channel: grpc.Channel | None = None, timeout: float | None = None) -> None:
-        self.channel = channel or grpc.insecure_channel(target)
+    def __init__(self, target: str, channel: grpc.Channel | None = None, timeout: float | None = None,
+                 token: str | None = None, tls: Tls | None = None) -> None:
+        self.channel = channel or (grpc.secure_channel(target, tls.credentials()) if tls
+                                   else grpc.insecure_channel(target))
         self.timeout = timeout
+        self._options = _call_options(timeout, token)
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.adapters = pb_grpc.AdaptersStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def generate(self, prompt, adapter_id: str = "", **kwargs) -> pb.GenerateResponse:
-        return self.inference.Generate(build_request(prompt, adapter_id, **kwargs), timeout=self.timeout)
+        return self.inference.Generate(build_request(prompt, adapter_id, **kwargs), **self._options)
 
     def generate_stream(self, prompt, adapter_id: str = "", **kwargs) -> Iterator[pb.GenerateStreamResponse]:
         """Iterate the stream; call `.cancel()` on the returned call object to stop early."""
-        return self.inference.GenerateStream(build_request(prompt, adapter_id, **kwargs), timeout=self.timeout)
+        return self.inference.GenerateStream(build_request(prompt, adapter_id, **kwargs), **self._options)
 
     def server_info(self) -> pb.ServerInfo:
-        return self.inference.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout)
+        return self.inference.GetServerInfo(pb.GetServerInfoRequest(), **self._options)
 
     def load_adapter(self, adapter_id: str, replace: bool = False, pin: bool = False) -> pb.AdapterInfo:
         return self.adapters.LoadAdapter(pb.LoadAdapterRequest(adapter_id=adapter_id, replace=replace, pin=pin),
-                                         timeout=self.timeout)
+                                         **self._options)
 
-    def unload_adapter(self, adapter_id: str) -> pb.UnloadAdapterResponse:
-        return self.adapters.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), timeout=self.timeout)
+    def unload_adapter(self, adapter_id: str, drain: bool = False) -> pb.UnloadAdapterResponse:
+        return self.adapters.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id, drain=drain),
+                                           **self._options)
 
     def list_adapters(self) -> list[pb.AdapterInfo]:
-        return list(self.adapters.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout).adapters)
+        return list(self.adapters.ListAdapters(pb.ListAdaptersRequest(), **self._options).adapters)
 
     def get_adapter(self, adapter_id: str) -> pb.AdapterInfo:
-        return self.adapters.GetAdapter(pb.GetAdapterRequest(adapter_id=adapter_id), timeout=self.timeout)
+        return self.adapters.GetAdapter(pb.GetAdapterRequest(adapter_id=adapter_id), **self._options)
 
     def health(self, service: str = "") -> int:
-        return self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout).status
+        return self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), **self._options).status
 
     def close(self) -> None:
         self.channel.close()
@@ -70,18 +112,21 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, target: str, channel: grpc.aio.Channel | None = None, timeout: float | None = None) -> None:
-        self.channel = channel or grpc.aio.insecure_channel(target)
+    def __init__(self, target: str, channel: grpc.aio.Channel | None = None, timeout: float | None = None,
+                 token: str | None = None, tls: Tls | None = None) -> None:
+        self.channel = channel or (grpc.aio.secure_channel(target, tls.credentials()) if tls
+                                   else grpc.aio.insecure_channel(target))
         self.timeout = timeout
+        self._options = _call_options(timeout, token)
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.adapters = pb_grpc.AdaptersStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     async def generate(self, prompt, adapter_id: str = "", **kwargs) -> pb.GenerateResponse:
-        return await self.inference.Generate(build_request(prompt, adapter_id, **kwargs), timeout=self.timeout)
+        return await self.inference.Generate(build_request(prompt, adapter_id, **kwargs), **self._options)
 
     async def generate_stream(self, prompt, adapter_id: str = "", **kwargs) -> AsyncIterator[pb.GenerateStreamResponse]:
-        call = self.inference.GenerateStream(build_request(prompt, adapter_id, **kwargs), timeout=self.timeout)
+        call = self.inference.GenerateStream(build_request(prompt, adapter_id, **kwargs), **self._options)
         try:
             async for message in call:
                 yield message
@@ -89,24 +134,25 @@ class AsyncClient:
             call.cancel()
 
     async def server_info(self) -> pb.ServerInfo:
-        return await self.inference.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout)
+        return await self.inference.GetServerInfo(pb.GetServerInfoRequest(), **self._options)
 
     async def load_adapter(self, adapter_id: str, replace: bool = False, pin: bool = False) -> pb.AdapterInfo:
         return await self.adapters.LoadAdapter(
-            pb.LoadAdapterRequest(adapter_id=adapter_id, replace=replace, pin=pin), timeout=self.timeout)
+            pb.LoadAdapterRequest(adapter_id=adapter_id, replace=replace, pin=pin), **self._options)
 
-    async def unload_adapter(self, adapter_id: str) -> pb.UnloadAdapterResponse:
-        return await self.adapters.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), timeout=self.timeout)
+    async def unload_adapter(self, adapter_id: str, drain: bool = False) -> pb.UnloadAdapterResponse:
+        return await self.adapters.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id, drain=drain),
+                                                 **self._options)
 
     async def list_adapters(self) -> list[pb.AdapterInfo]:
-        return list((await self.adapters.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout)).adapters)
+        return list((await self.adapters.ListAdapters(pb.ListAdaptersRequest(), **self._options)).adapters)
 
     async def get_adapter(self, adapter_id: str) -> pb.AdapterInfo:
-        return await self.adapters.GetAdapter(pb.GetAdapterRequest(adapter_id=adapter_id), timeout=self.timeout)
+        return await self.adapters.GetAdapter(pb.GetAdapterRequest(adapter_id=adapter_id), **self._options)
 
     async def health(self, service: str = "") -> int:
         return (await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                             timeout=self.timeout)).status
+                                             **self._options)).status
 
     async def close(self) -> None:
         await self.channel.close()

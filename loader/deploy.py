@@ -10,7 +10,8 @@ from loader.peft_files import CONFIG_FILE, WEIGHTS_FILE
 
 
 def deploy(adapter_dir: Path, target: str, adapter_id: str | None = None, copy_to_root: Path | None = None,
-           timeout: float = 120) -> object:
+           timeout: float = 120, **connection) -> object:
+    """`connection`: Client's token= and tls= (LoadAdapter needs the admin token where one is configured)."""
     adapter_id = adapter_id or adapter_dir.name
     if copy_to_root is not None:
         dest = copy_to_root / adapter_id
@@ -22,5 +23,5 @@ def deploy(adapter_dir: Path, target: str, adapter_id: str | None = None, copy_t
         if dest.exists():
             shutil.rmtree(dest)
         staging.rename(dest)  # the server never sees a half-copied adapter directory
-    with Client(target, timeout=timeout) as client:
+    with Client(target, timeout=timeout, **connection) as client:
         return client.load_adapter(adapter_id, replace=True)

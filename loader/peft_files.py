@@ -146,9 +146,10 @@ class LoadContext:
 def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], max_rank: int,
                  load_serial: int, max_heads: int = 8,
                  base_weight: Callable[[str], torch.Tensor] | None = None,
-                 config: dict | None = None) -> CanonicalAdapter:
+                 config: dict | None = None, max_bytes: int | None = None) -> CanonicalAdapter:
     """Dispatch on peft_type to the kind's reader; each returns the canonical form. `config` replaces the
-    directory's adapter_config.json (e.g. `loraplex merge` choosing another merge method)."""
+    directory's adapter_config.json (e.g. `loraplex merge` choosing another merge method); `max_bytes` bounds
+    the weights file, checked before it is read."""
     from loader import adalora_files, hydra_files, lora_files, reslora_files  # readers build on the helpers above
     readers = {"LORA": lora_files.read_lora, "ADALORA": adalora_files.read_adalora,
                "HYDRALORA": hydra_files.read_hydralora, "RESLORA": reslora_files.read_reslora}
@@ -158,5 +159,9 @@ def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], ma
         raise FailedPrecondition(f"adapter {adapter_id!r}: peft_type {peft_type!r} is not served "
                                  f"(supported: {', '.join(readers)})")
     refuse_unservable(config, adapter_id)
+    weights = path / WEIGHTS_FILE
+    if max_bytes is not None and weights.is_file() and weights.stat().st_size > max_bytes:
+        raise FailedPrecondition(f"adapter {adapter_id!r}: {WEIGHTS_FILE} is {weights.stat().st_size} bytes, above "
+                                 f"the server's --max-adapter-bytes {max_bytes}")
     context = LoadContext(max_rank, max_heads, base_weight)
     return readers[peft_type](path, adapter_id, config, shapes, context, load_serial)

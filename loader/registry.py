@@ -3,10 +3,16 @@
 Thread-safe; file reads run on the caller's thread (never the engine's) outside the registry lock.
 Device slots are the engine's business (adapters.slot_bank.SlotBank); requests carry the exact
 CanonicalAdapter they resolved, so eviction or hot-swap never changes a running request's weights.
+
+Adapters loaded with LoadAdapter (not those auto-loaded on first use) are recorded in a state file, written
+atomically (temporary file, fsync, rename) after every change, and loaded again by `restore` on restart.
 """
 from __future__ import annotations
 
 import itertools
+import json
+import logging
+import os
 import re
 import threading
 import time
@@ -17,6 +23,7 @@ from typing import Callable
 from adapters.canonical import CanonicalAdapter
 from server.errors import AlreadyExists, InvalidArgument, NotFound
 
+log = logging.getLogger("loraplex.registry")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 Reader = Callable[[Path, str, int], CanonicalAdapter]  # (directory, adapter_id, load_serial)
 
@@ -39,7 +46,8 @@ class AdapterRecord:
 class AdapterRegistry:
     def __init__(self, root: Path | None, reader: Reader, cache_bytes: int, autoload: bool,
                  on_evict: Callable[[CanonicalAdapter], None] = lambda adapter: None,
-                 on_change: Callable[[int, int], None] = lambda in_memory, on_disk: None) -> None:
+                 on_change: Callable[[int, int], None] = lambda in_memory, on_disk: None,
+                 state_file: Path | None = None) -> None:
         self.root = root.resolve() if root is not None else None
         self._reader = reader
         self.cache_bytes = cache_bytes
@@ -50,6 +58,8 @@ class AdapterRegistry:
         self._records: dict[str, AdapterRecord] = {}
         self._id_locks: dict[str, threading.Lock] = {}
         self._serial = itertools.count(1)
+        self.state_file = state_file
+        self._loaded: dict[str, bool] = {}  # ids loaded with LoadAdapter -> pinned; what the state file records
 
     def path_for(self, adapter_id: str) -> Path:
         """The adapter's directory, confined to the root: no separators, no '..', no symlink escapes."""
@@ -83,7 +93,9 @@ class AdapterRegistry:
         with self._lock:
             if adapter_id in self._records and not replace:
                 raise AlreadyExists(f"adapter {adapter_id!r} is already loaded; set replace to swap in new files")
-        return self._read(adapter_id, path, replace=replace, pin=pin, reread=False)
+        record = self._read(adapter_id, path, replace=replace, pin=pin, reread=False)
+        self._record_state(adapter_id, record.pinned)
+        return record
 
     def unload(self, adapter_id: str) -> AdapterRecord:
         self.path_for(adapter_id)
@@ -93,8 +105,28 @@ class AdapterRegistry:
             raise NotFound(f"adapter {adapter_id!r} is not loaded")
         if record.weights is not None:
             self._on_evict(record.weights)
+        self._record_state(adapter_id, None)
         self._report()
         return record
+
+    def restore(self) -> list[str]:
+        """Load again what the state file records (at start-up); returns the ids that failed, which are logged
+        and dropped from the file (their directories changed or vanished while the server was down)."""
+        if self.state_file is None or not self.state_file.exists():
+            return []
+        try:
+            entries = json.loads(self.state_file.read_text())["adapters"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("ignoring unreadable adapter state file %s: %s", self.state_file, exc)
+            return []
+        failed = []
+        for entry in entries:
+            try:
+                self.load(entry["id"], replace=True, pin=bool(entry.get("pinned")))
+            except Exception as exc:  # one broken adapter must not keep the server down
+                log.error("could not load adapter %r again from the state file: %s", entry.get("id"), exc)
+                failed.append(entry.get("id"))
+        return failed
 
     def get(self, adapter_id: str) -> AdapterRecord:
         self.path_for(adapter_id)
@@ -141,6 +173,27 @@ class AdapterRegistry:
                 self._on_evict(old)
             self._report()
             return record
+
+    def _record_state(self, adapter_id: str, pinned: bool | None) -> None:
+        with self._lock:
+            if pinned is None:
+                self._loaded.pop(adapter_id, None)
+            else:
+                self._loaded[adapter_id] = pinned
+            if self.state_file is None:
+                return
+            body = json.dumps({"adapters": [{"id": i, "pinned": p} for i, p in sorted(self._loaded.items())]},
+                              indent=1)
+            tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+            try:
+                with open(tmp, "w") as f:  # a crash leaves the old file or the new one, never half of one
+                    f.write(body)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.state_file)
+            except OSError as exc:  # the change itself took effect; only its survival across restarts is lost
+                log.error("could not record loaded adapters in %s (%s): a restart will not load them again",
+                          self.state_file, exc)
 
     def _report(self) -> None:
         with self._lock:

@@ -22,7 +22,8 @@ from loader.peft_files import read_adapter
 from loader.registry import AdapterRegistry
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
-from server.config import ServerConfig
+from server.auth import AuthInterceptor, read_tokens
+from server.config import ServerConfig, check_config, resolve_limits
 from server.engine import Engine, EngineConfig, EngineRequest, ErrorEvent, FinishEvent
 from server.batch import Runner
 from server.interceptors import MetricsInterceptor
@@ -33,6 +34,9 @@ from server.stopping import StoppingParams
 
 log = logging.getLogger("loraplex.app")
 SERVICES = [pb.DESCRIPTOR.services_by_name["Inference"].full_name, pb.DESCRIPTOR.services_by_name["Adapters"].full_name]
+
+
+STATE_FILE = ".loraplex-state.json"  # ids must start with a letter or digit, so this is never an adapter
 
 
 @dataclass
@@ -75,8 +79,9 @@ def build_serving(config: ServerConfig, metrics: Metrics) -> Serving:
     bank = SlotBank(shapes, config.max_active_adapters, config.max_lora_rank, torch.device(config.device), dtype,
                     config.max_hydra_heads)
     runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
+    limits = resolve_limits(config, base.max_context)
     engine = Engine(runner, base.tokenizer, base.eos_token_ids,
-                    EngineConfig(config.max_batch_size, config.max_queue_size), metrics)
+                    EngineConfig(config.max_batch_size, config.max_queue_size, limits.max_kv_tokens), metrics)
     by_name = {s.name: s for s in shapes}
 
     def read(path: Path, adapter_id: str, serial: int):
@@ -85,7 +90,7 @@ def build_serving(config: ServerConfig, metrics: Metrics) -> Serving:
         try:
             adapter = run_isolated(lambda: read_adapter(
                 path, adapter_id, by_name, config.max_lora_rank, serial, config.max_hydra_heads,
-                base_weight=lambda name: base_weight(base.model, name)))
+                base_weight=lambda name: base_weight(base.model, name), max_bytes=config.max_adapter_bytes))
             result = "ok"
             return adapter
         finally:
@@ -97,10 +102,18 @@ def build_serving(config: ServerConfig, metrics: Metrics) -> Serving:
     registry = AdapterRegistry(root, read, config.adapter_cache_bytes, config.autoload_adapters,
                                on_evict=lambda adapter: engine.call(lambda: bank.forget(adapter.key)),
                                on_change=lambda memory, disk: (metrics.adapters_loaded.labels("cpu").set(memory),
-                                                               metrics.adapters_loaded.labels("disk").set(disk)))
+                                                               metrics.adapters_loaded.labels("disk").set(disk)),
+                               state_file=_state_file(config, root))
+    registry.restore()  # adapters loaded at run time before a restart; health says SERVING only after this
     engine.start()
     _warm_up(engine, base)
-    return Serving(engine=engine, registry=registry, base=base, config=config, metrics=metrics)
+    return Serving(engine=engine, registry=registry, base=base, config=config, metrics=metrics, limits=limits)
+
+
+def _state_file(config: ServerConfig, root: Path | None) -> Path | None:
+    if config.state_file:
+        return Path(config.state_file)
+    return root / STATE_FILE if root is not None else None
 
 
 def _warm_up(engine: Engine, base) -> None:
@@ -120,14 +133,21 @@ def _warm_up(engine: Engine, base) -> None:
 
 
 async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event | None = None,
-                on_listening=None) -> None:
+                on_listening=None, serving: Serving | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `stop_event`). `on_listening(ports)` is called once the ports are bound
-    (health still NOT_SERVING), `on_ready(ports)` once the model is warm and health says SERVING."""
+    (health still NOT_SERVING), `on_ready(ports)` once the model is warm and health says SERVING. `serving`,
+    when given, is filled in with the live parts (tests reach the engine through it)."""
+    check_config(config)
+    user_tokens = read_tokens(config.auth_token_file) if config.auth_token_file else ()
+    admin_tokens = read_tokens(config.admin_token_file) if config.admin_token_file else ()
     metrics = Metrics(config.max_batch_size)
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port)
-    serving = Serving()
-    server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics.registry)],
-                             maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    serving = serving if serving is not None else Serving()
+    # Outermost first: every RPC is counted (refused ones too), then authenticated.
+    interceptors = [MetricsInterceptor(metrics.registry, config.max_concurrent_rpcs)]
+    if user_tokens or admin_tokens:
+        interceptors.append(AuthInterceptor(user_tokens, admin_tokens, reflection_open=config.reflection))
+    server = grpc.aio.server(interceptors=interceptors)
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(serving), server)
     pb_grpc.add_AdaptersServicer_to_server(AdaptersServicer(serving), server)
     health_servicer = health.aio.HealthServicer()
@@ -137,9 +157,13 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     if config.reflection:
         reflection.enable_server_reflection([*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, _tls_credentials(config)) if config.tls_cert \
+        else server.add_insecure_port(address)
     await server.start()
-    log.info("grpc listening on %s:%d, metrics on %s:%d", config.host, port, config.metrics_host, metrics_port)
+    log.info("grpc listening on %s:%d (%s%s), metrics on %s:%d", config.host, port,
+             "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext",
+             ", bearer tokens required" if user_tokens else "", config.metrics_host, metrics_port)
     if on_listening is not None:
         on_listening(Ports(port, metrics_port))
 
@@ -157,7 +181,9 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     if on_ready is not None:
         on_ready(Ports(port, metrics_port))
 
+    watchdog = asyncio.create_task(_watch_engine(serving.engine, health_servicer, stop))
     await stop.wait()
+    watchdog.cancel()
     log.info("draining: health NOT_SERVING, new calls UNAVAILABLE, %.0fs grace", config.grace_period)
     await health_servicer.enter_graceful_shutdown()
     serving.engine.draining = True
@@ -167,6 +193,30 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     await server.stop(max(0.0, deadline - time.monotonic()))
     serving.engine.stop()
     log.info("stopped")
+
+
+async def _watch_engine(engine: Engine, health_servicer, stop: asyncio.Event) -> None:
+    """If the engine thread ever dies, say so to load balancers: every service turns NOT_SERVING."""
+    while not stop.is_set():
+        if not engine.alive:
+            log.critical("the engine thread has died; health is NOT_SERVING and calls get UNAVAILABLE")
+            for name in ["", *SERVICES]:
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            return
+        await asyncio.sleep(0.1)
+
+
+def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    def read(path: str, what: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from None
+    chain = [(read(config.tls_key, "--tls-key"), read(config.tls_cert, "--tls-cert"))]
+    if config.tls_client_ca:
+        return grpc.ssl_server_credentials(chain, root_certificates=read(config.tls_client_ca, "--tls-client-ca"),
+                                           require_client_auth=True)
+    return grpc.ssl_server_credentials(chain)
 
 
 class BackgroundServer:
@@ -179,6 +229,7 @@ class BackgroundServer:
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self.serving = Serving()  # the live engine, registry and model once started
         self._thread = threading.Thread(target=self._main, name="loraplex-server", daemon=True)
 
     def _main(self) -> None:
@@ -186,7 +237,7 @@ class BackgroundServer:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
             await serve(self.config, on_ready=lambda ports: self._ready.set(), stop_event=self._stop,
-                        on_listening=self._on_listening)
+                        on_listening=self._on_listening, serving=self.serving)
         try:
             asyncio.run(main())
         except BaseException as exc:

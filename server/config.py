@@ -22,6 +22,16 @@ class ServerConfig:
     max_queue_size: int = 256
     max_concurrent_rpcs: int = 1024
     default_max_new_tokens: int = 64
+    max_prompt_tokens: int = 0       # 0: the model's context length
+    max_new_tokens: int = 0          # 0: the model's context length
+    max_kv_tokens: int = 0           # 0: max_batch_size x the model's context length
+    max_adapter_bytes: int = 1 << 30
+    auth_token_file: str | None = None
+    admin_token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    state_file: str | None = None    # None: <adapter root>/.loraplex-loaded.json
     adapter_cache_bytes: int = 2 << 30
     autoload_adapters: bool = True
     target_modules: str = "all-linear"
@@ -48,8 +58,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
       help="slot width: the largest adapter rank (HydraLoRA: heads x rank) accepted")
     a("--max-hydra-heads", type=int, default=d.max_hydra_heads, help="largest HydraLoRA head count accepted")
     a("--max-queue-size", type=int, default=d.max_queue_size, help="waiting requests before RESOURCE_EXHAUSTED")
-    a("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs)
+    a("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
+      help="RPCs in flight before RESOURCE_EXHAUSTED (health checks are not counted)")
     a("--default-max-new-tokens", type=int, default=d.default_max_new_tokens)
+    a("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longest prompt accepted (0: context)")
+    a("--max-new-tokens", type=int, default=d.max_new_tokens, help="largest max_new_tokens accepted (0: context)")
+    a("--max-kv-tokens", type=int, default=d.max_kv_tokens,
+      help="KV-cache capacity in token slots (rows x cached positions) that running requests may reserve; "
+           "requests wait for room (0: max-batch-size x context)")
+    a("--max-adapter-bytes", type=int, default=d.max_adapter_bytes, help="largest adapter weights file accepted")
+    a("--auth-token-file", default=d.auth_token_file,
+      help="file of bearer tokens (one per line) required on every RPC except health and reflection")
+    a("--admin-token-file", default=d.admin_token_file,
+      help="file of bearer tokens required for LoadAdapter/UnloadAdapter")
+    a("--tls-cert", default=d.tls_cert, help="PEM certificate chain: serve over TLS (with --tls-key)")
+    a("--tls-key", default=d.tls_key, help="PEM private key for --tls-cert")
+    a("--tls-client-ca", default=d.tls_client_ca, help="PEM CA bundle: require client certificates (mutual TLS)")
+    a("--state-file", default=d.state_file,
+      help="where adapters loaded at run time are recorded, to be loaded again on restart "
+           "(default: <adapter-root>/.loraplex-loaded.json)")
     a("--adapter-cache-bytes", type=int, default=d.adapter_cache_bytes, help="host-memory budget for adapters")
     a("--no-autoload-adapters", dest="autoload_adapters", action="store_false",
       help="answer NOT_FOUND for adapters not loaded with LoadAdapter instead of loading them on first use")
@@ -63,3 +90,35 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+
+
+def check_config(c: ServerConfig) -> None:
+    """Flag combinations that cannot work, reported before anything is loaded."""
+    if bool(c.tls_cert) != bool(c.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if c.tls_client_ca and not c.tls_cert:
+        raise ValueError("--tls-client-ca needs --tls-cert/--tls-key (mutual TLS is TLS first)")
+    for name in ("max_batch_size", "max_active_adapters", "max_lora_rank", "max_hydra_heads", "max_queue_size",
+                 "max_concurrent_rpcs", "default_max_new_tokens", "max_adapter_bytes"):
+        if getattr(c, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+    for name in ("max_prompt_tokens", "max_new_tokens", "max_kv_tokens"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: derived from the model), "
+                             f"got {getattr(c, name)}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits in force, with the model-derived defaults (the 0s of the flags) resolved."""
+
+    max_prompt_tokens: int
+    max_new_tokens: int
+    max_kv_tokens: int
+    max_context: int
+
+
+def resolve_limits(c: ServerConfig, max_context: int) -> Limits:
+    return Limits(max_prompt_tokens=min(c.max_prompt_tokens or max_context, max_context),
+                  max_new_tokens=min(c.max_new_tokens or max_context, max_context),
+                  max_kv_tokens=c.max_kv_tokens or c.max_batch_size * max_context, max_context=max_context)

@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
@@ -71,6 +71,7 @@ class _RowState:
 class EngineConfig:
     max_batch_size: int
     max_queue_size: int
+    max_kv_tokens: int = 1 << 62  # token slots (rows x cached positions) the running batch may reserve
 
 
 class Engine:
@@ -108,6 +109,8 @@ class Engine:
     def submit(self, request: EngineRequest) -> None:
         if self.draining or self._stop:
             raise Unavailable("the server is shutting down; retry on another replica")
+        if not self.alive:
+            raise Unavailable("the engine has stopped; this replica cannot serve")
         with self._count_lock:
             if self._pending >= self.config.max_queue_size:
                 raise ResourceExhausted(
@@ -124,23 +127,64 @@ class Engine:
         self._wake.set()
         return future
 
+    def requests_on(self, adapter_id: str) -> Future:
+        """{adapter version key: waiting or running requests} for `adapter_id` (counted between steps)."""
+        def count() -> Counter:
+            requests = [*self._waiting, *(row.state.request for row in (self._batch.rows if self._batch else []))]
+            return Counter(r.adapter.key for r in requests
+                           if r.adapter is not None and r.adapter.adapter_id == adapter_id)
+        return self.call(count)
+
     def idle(self) -> bool:
         return self._batch is None and self._pending == 0
 
     # -- engine thread ----------------------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stop:
-            self._take_inbox()
-            self._drop_cancelled()
-            newcomers = self._admit()
-            if newcomers:
-                self._prefill(newcomers)
-            if self._batch is not None:
-                self._decode()
-            elif not newcomers:
-                self._wake.wait(timeout=0.05)
-                self._wake.clear()
-        self._fail_all(Unavailable("the server stopped"))
+        try:
+            while not self._stop:
+                try:
+                    self._iterate()
+                except Exception as exc:  # a bug outside the forward: fail what is in flight, keep serving
+                    log.exception("engine iteration failed; failing %d running and %d waiting requests",
+                                  len(self._batch) if self._batch else 0, len(self._waiting))
+                    self._reset(InternalError(f"request failed inside the engine: {type(exc).__name__}"))
+                    self._wake.wait(timeout=0.01)  # a fault that repeats must not spin a core
+        finally:  # also when the thread dies: nobody is left waiting for an answer (health turns NOT_SERVING)
+            stopped = Unavailable("the engine stopped")
+            while True:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, EngineRequest):
+                    self._waiting.append(item)
+                else:
+                    item[1].set_exception(stopped)
+            self._fail_all(stopped)
+
+    def _iterate(self) -> None:
+        self._take_inbox()
+        self._drop_cancelled()
+        newcomers = self._admit()
+        if newcomers:
+            self._prefill(newcomers)
+        if self._batch is not None:
+            self._decode()
+        elif not newcomers:
+            self._wake.wait(timeout=0.05)
+            self._wake.clear()
+
+    def _reset(self, error: Exception) -> None:
+        self._fail_all(error)
+        if self._batch is not None:
+            for row in self._batch.rows:
+                self.bank.release(row.slot)
+        self.metrics.failure.labels("INTERNAL").inc(len(self._waiting) + (len(self._batch) if self._batch else 0))
+        self._unqueue(len(self._waiting))
+        self._waiting.clear()
+        self._batch = None
+        self.metrics.running.set(0)
+        self._kv_report()
 
     def _take_inbox(self) -> None:
         while True:
@@ -173,11 +217,27 @@ class Engine:
                     self._finish_metrics(row.state.request, FinishReason.CANCELLED)
             self._retire([i for i, r in enumerate(self._batch.rows) if r.state.request.cancelled])
 
+    def _kv_plan(self, newcomers: list[EngineRequest]) -> tuple[int, int]:
+        """(columns, token slots) the running batch plus `newcomers` may grow to: every row stays until the
+        longest finishes, each step adds a column, and newcomers join right-aligned on the time axis."""
+        rows = self._batch.rows if self._batch else []
+        columns = self._batch.valid.shape[1] if self._batch else 0
+        remaining = [r.state.request.stopping.max_new_tokens - len(r.state.stream.ids) for r in rows]
+        for request in newcomers:
+            columns = max(columns, len(request.prompt_ids))
+            remaining.append(request.stopping.max_new_tokens)
+        peak = columns + max(remaining, default=0)
+        return peak, (len(rows) + len(newcomers)) * peak
+
     def _admit(self) -> list[Row]:
         room = self.config.max_batch_size - (len(self._batch) if self._batch else 0)
         admitted, skipped = [], deque()
         while self._waiting and len(admitted) < room:
-            request = self._waiting.popleft()
+            request = self._waiting[0]
+            candidates = [r.state.request for r in admitted] + [request]
+            if (admitted or self._batch) and self._kv_plan(candidates)[1] > self.config.max_kv_tokens:
+                break  # first come, first served: later requests wait too, so a large one is never starved
+            self._waiting.popleft()
             try:
                 slot = self.bank.acquire(request.adapter)
             except SlotsFull:  # every slot serves running rows: wait, let others with resident adapters pass
@@ -210,6 +270,7 @@ class Engine:
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
         self._batch = self.runner.merge(self._batch, batch)
         self._emit(rows, tokens, first=True)
+        self._kv_report()
 
     def _decode(self) -> None:
         batch = self._batch
@@ -224,10 +285,12 @@ class Engine:
                 self._fail_row(row, exc)
             self._batch = None
             self.metrics.running.set(0)
+            self._kv_report()
             return
         self.metrics.step_time.labels("decode").observe(time.monotonic() - start)
         self.metrics.batch_size.labels("decode").observe(len(batch))
         self._emit(batch.rows, tokens, first=False)
+        self._kv_report()
 
     def _emit(self, rows: list[Row], tokens: list[int], first: bool) -> None:
         now = time.monotonic()
@@ -258,8 +321,22 @@ class Engine:
         for i in gone:
             self.bank.release(self._batch.rows[i].slot)
         self._batch = self.runner.keep(self._batch, [i for i in range(len(self._batch)) if i not in gone])
+        self._kv_report()
         self.metrics.running.set(len(self._batch) if self._batch else 0)
         self.metrics.adapter_slots_used.set(self.bank.used)
+
+    def _kv_report(self) -> None:
+        """Cap the cache's growth at the planned peak and publish what it holds (cancelled or finished rows'
+        memory is released here, at the step they leave)."""
+        if self._batch is None:
+            slots = nbytes = reserved = 0
+        else:
+            peak, reserved = self._kv_plan([])
+            self._batch.cache.max_length = min(self.runner.max_context, peak)
+            slots, nbytes = self._batch.cache.allocated()
+        self.metrics.kv_slots.set(slots)
+        self.metrics.kv_bytes.set(nbytes)
+        self.metrics.kv_reserved.set(reserved)
 
     def _finish_metrics(self, request: EngineRequest, reason: FinishReason) -> None:
         self.metrics.success.labels(reason.value).inc()
@@ -273,7 +350,14 @@ class Engine:
 
     def _fail_all(self, exc: Exception) -> None:
         for request in self._waiting:
-            request.sink(ErrorEvent(exc))
+            self._tell(request, ErrorEvent(exc))
         if self._batch is not None:
             for row in self._batch.rows:
-                row.state.request.sink(ErrorEvent(exc))
+                self._tell(row.state.request, ErrorEvent(exc))
+
+    @staticmethod
+    def _tell(request: EngineRequest, event) -> None:
+        try:
+            request.sink(event)
+        except Exception:  # a broken sink (its event loop closed) must not stop the others being told
+            log.exception("could not deliver %s to request %s", type(event).__name__, request.request_id)

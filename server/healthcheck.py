@@ -14,10 +14,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def check(addr: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
+def check(addr: str, service: str = "", timeout: float = 3.0,
+          credentials: grpc.ChannelCredentials | None = None) -> tuple[bool, str]:
     """Ask `addr` for the status of `service` ("" is the whole server): (serving?, one-word reason)."""
     # A probe of a local port must never go through an HTTP proxy inherited from the environment.
-    with grpc.insecure_channel(addr, options=[("grpc.enable_http_proxy", 0)]) as channel:
+    options = [("grpc.enable_http_proxy", 0)]
+    channel = grpc.secure_channel(addr, credentials, options) if credentials else grpc.insecure_channel(addr, options)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -32,8 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--addr", default="127.0.0.1:50051", help="server address host:port")
     parser.add_argument("--service", default="", help="service name to check ('' = the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="deadline of the Check call in seconds")
+    parser.add_argument("--tls-ca", default=None, help="PEM CA of a TLS server (health needs no token, but TLS "
+                                                       "needs the CA)")
+    parser.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", default=None, help="PEM client key (mutual TLS)")
     args = parser.parse_args(argv)
-    serving, reason = check(args.addr, args.service, args.timeout)
+    read = lambda path: open(path, "rb").read() if path else None  # noqa: E731
+    credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert)) \
+        if args.tls_ca or args.tls_cert else None
+    serving, reason = check(args.addr, args.service, args.timeout, credentials)
     print(f"{args.addr} service {args.service!r}: {reason}")
     return 0 if serving else 1
 

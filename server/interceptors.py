@@ -1,4 +1,7 @@
-"""grpc_server_* metrics for every RPC (go-grpc-prometheus names and labels)."""
+"""grpc_server_* metrics for every RPC (go-grpc-prometheus names and labels), and the concurrent-RPC limit.
+
+The limit is enforced here rather than with grpc's `maximum_concurrent_rpcs`, whose refusal says only
+"Concurrent RPC limit exceeded!": ours names the flag. Health checks are neither counted nor refused."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from server.metrics import REQUEST_BUCKETS
 
+UNLIMITED = ("/grpc.health.v1.Health/",)
+
 
 def _cancel_code(context) -> grpc.StatusCode:
     remaining = context.time_remaining()
@@ -16,7 +21,9 @@ def _cancel_code(context) -> grpc.StatusCode:
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, max_concurrent_rpcs: int) -> None:
+        self.limit = max_concurrent_rpcs
+        self.in_flight = 0  # counted RPCs now running; touched only on the event loop
         labels = ["grpc_type", "grpc_service", "grpc_method"]
         self.started = Counter("grpc_server_started", "RPCs started.", labels, registry=registry)
         self.handled = Counter("grpc_server_handled", "RPCs completed, by status code.", labels + ["grpc_code"],
@@ -32,6 +39,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not (handler.unary_unary or handler.unary_stream):
             return handler
         service, _, method = details.method.lstrip("/").rpartition("/")
+        counted = not details.method.startswith(UNLIMITED)
         if handler.unary_unary:
             labels = ("unary", service, method)
             inner = handler.unary_unary
@@ -40,6 +48,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 code = self._begin(labels)
                 start = time.perf_counter()
                 try:
+                    await self._admit(context, counted)
                     response = await inner(request, context)
                     self.sent.labels(*labels).inc()
                     code = context.code() or grpc.StatusCode.OK
@@ -51,7 +60,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 finally:
-                    self._end(labels, code, start)
+                    self._end(labels, code, start, counted)
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
                                                        handler.response_serializer)
         labels = ("server_stream", service, method)
@@ -61,6 +70,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             code = self._begin(labels)
             start = time.perf_counter()
             try:
+                await self._admit(context, counted)
                 async for response in inner_stream(request, context):
                     self.sent.labels(*labels).inc()
                     yield response
@@ -72,7 +82,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                self._end(labels, code, start)
+                self._end(labels, code, start, counted)
         return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
 
     def _begin(self, labels) -> grpc.StatusCode:
@@ -81,7 +91,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         self.handling.labels(*labels).inc()
         return grpc.StatusCode.UNKNOWN
 
-    def _end(self, labels, code: grpc.StatusCode, start: float) -> None:
+    async def _admit(self, context, counted: bool) -> None:
+        if not counted:
+            return
+        self.in_flight += 1
+        if self.in_flight > self.limit:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the server is handling its limit of {self.limit} concurrent RPCs "
+                                f"(--max-concurrent-rpcs); retry later")
+
+    def _end(self, labels, code: grpc.StatusCode, start: float, counted: bool) -> None:
+        if counted:
+            self.in_flight -= 1
         self.handling.labels(*labels).dec()
         self.handled.labels(*labels, code.name).inc()
         self.seconds.labels(*labels).observe(time.perf_counter() - start)

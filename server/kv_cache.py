@@ -43,7 +43,9 @@ class _Layer(DynamicLayer):
 
 
 class KVCache(Cache):
-    """`length` is the shared number of filled columns; the batch advances it after each forward."""
+    """`length` is the shared number of filled columns; the batch advances it after each forward.
+    `max_length` caps how far the buffers grow: the engine lowers it to the running batch's planned peak, so
+    the memory allocated never exceeds what admission reserved (--max-kv-tokens)."""
 
     def __init__(self, num_layers: int, max_length: int) -> None:
         super().__init__(layers=[_Layer(self) for _ in range(num_layers)])
@@ -52,6 +54,14 @@ class KVCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
+
+    def allocated(self) -> tuple[int, int]:
+        """(token slots, bytes) held by the buffers: rows x capacity, and every layer's K and V."""
+        filled = [layer for layer in self.layers if layer.k is not None]
+        if not filled:
+            return 0, 0
+        slots = filled[0].k.shape[0] * filled[0].k.shape[2]
+        return slots, sum(2 * layer.k.numel() * layer.k.element_size() for layer in filled)
 
     def tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer.k[:, :, :self.length], layer.v[:, :, :self.length]) for layer in self.layers]

@@ -39,6 +39,11 @@ class Metrics:
                                         ["adapter"], registry=r)
         self.adapters_loaded = Gauge(p + "adapters_loaded", "Registered adapters: in host memory (cpu) or evicted "
                                      "(disk).", ["tier"], registry=r)
+        self.kv_slots = Gauge(p + "kv_cache_token_slots", "KV-cache token slots (rows x positions) allocated.",
+                              registry=r)
+        self.kv_reserved = Gauge(p + "kv_cache_token_slots_reserved", "Token slots the running batch may grow to "
+                                 "(checked against --max-kv-tokens).", registry=r)
+        self.kv_bytes = Gauge(p + "kv_cache_bytes", "KV-cache memory allocated.", registry=r)
         self.adapter_slots_used = Gauge(p + "adapter_slots_used", "Device slots holding an adapter in use.",
                                         registry=r)
         self.adapter_load = Histogram(p + "adapter_load_seconds", "Reading an adapter from disk.", ["result"],

@@ -39,7 +39,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
-    logits = logits / p.temperature
+    # Shift before scaling: the best token stays at 0, so a tiny temperature sends the others to -inf (greedy in
+    # the limit) instead of overflowing every logit to +-inf and the softmax to NaN.
+    logits = (logits - logits.max()) / p.temperature
     if 0 < p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

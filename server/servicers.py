@@ -13,7 +13,8 @@ import grpc
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.engine import Engine, EngineRequest, ErrorEvent, FinishEvent, TokenEvent
-from server.errors import InvalidArgument, LoraplexError, OutOfRange, Unavailable, status_for
+from server.errors import (FailedPrecondition, InvalidArgument, LoraplexError, OutOfRange,
+                           ResourceExhausted, Unavailable, status_for)
 from server.sampling import SamplingParams
 from server.stopping import FinishReason, StoppingParams
 
@@ -35,6 +36,7 @@ class Serving:
     base: object = None
     config: object = None
     metrics: object = None
+    limits: object = None
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, metrics=None) -> None:
@@ -75,12 +77,16 @@ def sampling_from(msg: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(temperature, top_k, top_p, msg.seed if msg.HasField("seed") else None)
 
 
-def stopping_from(msg: pb.StoppingCriteria, default_max_new: int, limit: int) -> StoppingParams:
-    max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else default_max_new
+def stopping_from(msg: pb.StoppingCriteria, default_max_new: int, limits) -> StoppingParams:
+    max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else min(default_max_new, limits.max_new_tokens)
     if max_new < 1:
         raise InvalidArgument(f"stopping.max_new_tokens must be >= 1, got {max_new}")
-    if max_new > limit:
-        raise OutOfRange(f"stopping.max_new_tokens {max_new} exceeds the model context of {limit} tokens")
+    if max_new > limits.max_context:
+        raise OutOfRange(f"stopping.max_new_tokens {max_new} exceeds the model context of {limits.max_context} "
+                         f"tokens")
+    if max_new > limits.max_new_tokens:
+        raise InvalidArgument(f"stopping.max_new_tokens {max_new} is above the server's --max-new-tokens "
+                              f"{limits.max_new_tokens}")
     stops = tuple(msg.stop)
     if len(stops) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
         raise InvalidArgument(f"stopping.stop takes at most {MAX_STOP_SEQUENCES} non-empty strings of at most "
@@ -99,7 +105,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if len(request.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
         sampling = sampling_from(request.sampling)
-        stopping = stopping_from(request.stopping, config.default_max_new_tokens, base.max_context)
+        limits = s.limits
+        stopping = stopping_from(request.stopping, config.default_max_new_tokens, limits)
         which = request.WhichOneof("input")
         if which == "prompt":
             if not request.prompt:
@@ -114,9 +121,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise InvalidArgument("set either prompt or prompt_token_ids")
         if not ids:
             raise InvalidArgument("the prompt encodes to no tokens")
+        if len(ids) > limits.max_prompt_tokens:
+            raise InvalidArgument(f"the prompt has {len(ids)} tokens, above the server's --max-prompt-tokens "
+                                  f"{limits.max_prompt_tokens}")
         if len(ids) + stopping.max_new_tokens > base.max_context:
             raise OutOfRange(f"prompt ({len(ids)} tokens) + max_new_tokens ({stopping.max_new_tokens}) exceeds the "
                              f"model context of {base.max_context} tokens")
+        if len(ids) + stopping.max_new_tokens > limits.max_kv_tokens:
+            raise ResourceExhausted(f"prompt ({len(ids)} tokens) + max_new_tokens ({stopping.max_new_tokens}) needs "
+                                    f"more KV-cache token slots than the server's --max-kv-tokens "
+                                    f"{limits.max_kv_tokens}, even alone")
         adapter = s.registry.resolve(request.adapter_id) if request.adapter_id else None
         return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=adapter,
                              sampling=sampling, stopping=stopping, sink=lambda event: None,
@@ -178,7 +192,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 vocab_size=b.vocab_size, max_context_length=b.max_context, max_batch_size=c.max_batch_size,
                 max_active_adapters=c.max_active_adapters, max_lora_rank=c.max_lora_rank,
                 max_queue_size=c.max_queue_size, default_max_new_tokens=c.default_max_new_tokens,
-                autoload_adapters=c.autoload_adapters,
+                autoload_adapters=c.autoload_adapters, auth_required=bool(c.auth_token_file),
+                admin_auth_required=bool(c.admin_token_file or c.auth_token_file),
+                limits=pb.Limits(
+                    max_prompt_tokens=s.limits.max_prompt_tokens, max_new_tokens=s.limits.max_new_tokens,
+                    max_concurrent_rpcs=c.max_concurrent_rpcs, max_queue_size=c.max_queue_size,
+                    max_kv_tokens=s.limits.max_kv_tokens, max_adapter_bytes=c.max_adapter_bytes,
+                    max_lora_rank=c.max_lora_rank, max_hydra_heads=c.max_hydra_heads,
+                    max_batch_size=c.max_batch_size, max_active_adapters=c.max_active_adapters),
                 adapter_target_modules=[shape.name for shape in s.engine.bank.shapes],
                 supported_adapter_kinds=[pb.ADAPTER_KIND_LORA, pb.ADAPTER_KIND_ADALORA,
                                          pb.ADAPTER_KIND_HYDRALORA, pb.ADAPTER_KIND_RESLORA])
@@ -221,8 +242,26 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             self.serving.registry.load(request.adapter_id, request.replace, request.pin)))
 
     async def UnloadAdapter(self, request, context):
-        record = await self._call(context, self.serving.registry.unload, request.adapter_id)
-        return pb.UnloadAdapterResponse(adapter_id=record.adapter_id)
+        """Refuses while requests run on the adapter, unless `drain`: then new requests stop finding it at once
+        and the call returns when the running ones have finished (bounded by the caller's deadline)."""
+        try:
+            s = _ready(self.serving)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, s.registry.get, request.adapter_id)  # NOT_FOUND / INVALID_ARGUMENT
+            versions = await asyncio.wrap_future(s.engine.requests_on(request.adapter_id))
+            in_flight = sum(versions.values())
+            if in_flight and not request.drain:
+                plural = "s" * (in_flight != 1)
+                raise FailedPrecondition(f"adapter {request.adapter_id!r} has {in_flight} request{plural} in flight; "
+                                         f"set drain to unload it once they finish, or retry later")
+            await loop.run_in_executor(None, s.registry.unload, request.adapter_id)
+            while versions:  # requests that auto-load the id again meanwhile get a new version: not waited for
+                await asyncio.sleep(0.02)
+                now = await asyncio.wrap_future(s.engine.requests_on(request.adapter_id))
+                versions = {key: n for key, n in now.items() if key in versions}
+            return pb.UnloadAdapterResponse(adapter_id=request.adapter_id, drained_requests=in_flight)
+        except Exception as exc:
+            await _abort(context, exc)
 
     async def ListAdapters(self, request, context):
         return await self._call(context, lambda: pb.ListAdaptersResponse(

@@ -1,6 +1,7 @@
 """Shared test helpers: tiny random models, PEFT-made adapters, the real server on 127.0.0.1."""
 from __future__ import annotations
 
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -24,9 +25,11 @@ def make_peft_adapter(model_dir: Path, out: Path, seed: int, **lora) -> Path:
 
 
 def start_server(model_dir: Path, adapter_root: Path | None, **overrides) -> BackgroundServer:
+    """Each server records its loaded adapters in its own fresh state file unless `state_file` is given
+    (servers sharing an adapter root would otherwise restore each other's loads)."""
     settings = dict(model=str(model_dir), adapter_root=str(adapter_root) if adapter_root else None, port=0,
                     metrics_port=0, max_batch_size=16, max_active_adapters=8, max_lora_rank=16, threads=2,
-                    log_level="WARNING")
+                    log_level="WARNING", state_file=str(Path(tempfile.mkdtemp(prefix="loraplex-state-")) / "s.json"))
     settings.update(overrides)
     return BackgroundServer(ServerConfig(**settings)).start()
 

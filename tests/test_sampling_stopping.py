@@ -19,6 +19,9 @@ def test_greedy_and_degenerate_sampling_equal_argmax():
     assert sample(logits, top1, [make_generator(p) for p in top1]) == greedy
     tiny_p = [SamplingParams(temperature=1.0, top_p=1e-6, seed=i) for i in range(4)]
     assert sample(logits, tiny_p, [make_generator(p) for p in tiny_p]) == greedy
+    # the smallest float32 temperature: greedy in the limit, not an overflowed softmax (found by tests/test_fuzz.py)
+    tiny_t = [SamplingParams(temperature=1e-45, seed=i) for i in range(4)]
+    assert sample(logits * 100, tiny_t, [make_generator(p) for p in tiny_t]) == greedy
 
 
 def test_top_k_only_draws_from_the_k_best():

@@ -1,0 +1,103 @@
+"""Bearer-token authentication: user tokens for every RPC, admin tokens for adapter mutations.
+
+Tokens come from files (one per line; blank lines and `#` comments ignored), never from argv, and are never
+logged. Comparison is constant-time and runs against every configured token, so timing reveals neither a
+token's prefix nor which token matched. Health (for load balancers) and, when enabled, reflection (the schema
+only) stay open; everything else needs `authorization: Bearer <token>`.
+"""
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+import grpc
+
+ADMIN_METHODS = frozenset({"/loraplex.v1.Adapters/LoadAdapter", "/loraplex.v1.Adapters/UnloadAdapter"})
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+REFLECTION_PREFIX = "/grpc.reflection."
+
+
+class TokenFileError(ValueError):
+    pass
+
+
+def read_tokens(path: str) -> tuple[bytes, ...]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise TokenFileError(f"cannot read token file {path}: {exc.strerror}") from None
+    tokens = tuple(line.strip().encode() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    if not tokens:
+        raise TokenFileError(f"token file {path} holds no token")
+    if any(len(t) < 16 for t in tokens):
+        raise TokenFileError(f"token file {path}: every token must be at least 16 characters")
+    return tokens
+
+
+def _matches(presented: bytes, tokens: tuple[bytes, ...]) -> bool:
+    found = False
+    for token in tokens:  # no early exit: the time taken does not depend on which token matched
+        found |= hmac.compare_digest(presented, token)
+    return found
+
+
+def _bearer(metadata) -> bytes | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            value = value.decode() if isinstance(value, bytes) else value
+            scheme, _, token = value.partition(" ")
+            return token.strip().encode() if scheme.lower() == "bearer" else None
+    return None
+
+
+def _deny(code: grpc.StatusCode, details: str, streaming: bool):
+    async def abort(request, context):
+        await context.abort(code, details)
+
+    async def abort_stream(request, context):  # an async generator, like the streaming handlers it replaces
+        await context.abort(code, details)
+        yield  # never reached
+    return abort_stream if streaming else abort
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, user_tokens: tuple[bytes, ...], admin_tokens: tuple[bytes, ...], reflection_open: bool) -> None:
+        # Without user tokens only the mutations are guarded; without admin tokens the user tokens guard them.
+        self.user = user_tokens
+        self.admin = admin_tokens
+        self.reflection_open = reflection_open
+
+    def _verdict(self, method: str, token: bytes | None) -> tuple[grpc.StatusCode, str] | None:
+        if method.startswith(OPEN_PREFIXES) or (self.reflection_open and method.startswith(REFLECTION_PREFIX)):
+            return None
+        is_admin = bool(self.admin) and token is not None and _matches(token, self.admin)
+        if method in ADMIN_METHODS and self.admin:
+            if is_admin:
+                return None
+            if token is not None and self.user and _matches(token, self.user):
+                return grpc.StatusCode.PERMISSION_DENIED, f"{method.rsplit('/', 1)[1]} needs an admin token " \
+                                                          "(--admin-token-file); this token is a user token"
+            return grpc.StatusCode.UNAUTHENTICATED, _missing(token, "an admin")
+        if not self.user or is_admin or (token is not None and _matches(token, self.user)):
+            return None
+        return grpc.StatusCode.UNAUTHENTICATED, _missing(token, "a")
+
+    async def intercept_service(self, continuation, details):
+        verdict = self._verdict(details.method, _bearer(details.invocation_metadata))
+        handler = await continuation(details)
+        if verdict is None or handler is None:
+            return handler
+        make = {"unary_unary": grpc.unary_unary_rpc_method_handler,
+                "unary_stream": grpc.unary_stream_rpc_method_handler,
+                "stream_unary": grpc.stream_unary_rpc_method_handler,
+                "stream_stream": grpc.stream_stream_rpc_method_handler}
+        kind = next(k for k in make if getattr(handler, k))
+        return make[kind](_deny(*verdict, streaming=kind.endswith("stream")), handler.request_deserializer,
+                          handler.response_serializer)
+
+
+def _missing(token: bytes | None, which: str) -> str:
+    if token is None:
+        return f"this server needs {which} token: send metadata 'authorization: Bearer <token>' " \
+               "(loraplex CLI: --token-file or LORAPLEX_TOKEN)"
+    return f"the bearer token is not valid for this RPC (needs {which} token)"

@@ -1,0 +1,104 @@
+"""Every limit is a flag, listed by GetServerInfo, and its violation names the flag; KV capacity makes requests
+wait instead of exhausting memory."""
+import asyncio
+
+import grpc
+import pytest
+
+from clients.client import AsyncClient, Client
+from tests.helpers import make_peft_adapter, scrape, start_server
+
+C = grpc.StatusCode
+
+
+def status_of(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        fn(*args, **kwargs)
+    return info.value.code(), info.value.details()
+
+
+@pytest.fixture(scope="module")
+def adapter_root(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    make_peft_adapter(model_dirs["llama"], root / "small", 1, r=2, lora_alpha=4, target_modules=["q_proj"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, adapter_root):
+    s = start_server(model_dirs["llama"], adapter_root, max_prompt_tokens=20, max_new_tokens=50, max_kv_tokens=150,
+                     max_adapter_bytes=1000, max_concurrent_rpcs=3, max_queue_size=7, max_hydra_heads=3)
+    yield s
+    s.stop()
+
+
+def test_server_info_lists_every_limit(server):
+    with Client(server.target, timeout=30) as client:
+        limits = client.server_info().limits
+    assert (limits.max_prompt_tokens, limits.max_new_tokens, limits.max_kv_tokens) == (20, 50, 150)
+    assert (limits.max_adapter_bytes, limits.max_concurrent_rpcs, limits.max_queue_size) == (1000, 3, 7)
+    assert (limits.max_lora_rank, limits.max_hydra_heads, limits.max_batch_size) == (16, 3, 16)
+    assert limits.max_active_adapters == 8
+
+
+def test_defaults_derive_from_the_model(model_dirs):
+    server = start_server(model_dirs["llama"], None)
+    try:
+        with Client(server.target, timeout=30) as client:
+            info = client.server_info()
+        assert info.limits.max_prompt_tokens == info.limits.max_new_tokens == info.max_context_length
+        assert info.limits.max_kv_tokens == info.max_batch_size * info.max_context_length
+        assert not info.auth_required
+    finally:
+        server.stop()
+
+
+def test_prompt_and_new_token_limits_name_their_flags(server):
+    with Client(server.target, timeout=30) as client:
+        code, details = status_of(client.generate, list(range(5, 26)), max_new_tokens=2)
+        assert code == C.INVALID_ARGUMENT and "21 tokens" in details and "--max-prompt-tokens 20" in details
+        code, details = status_of(client.generate, "hi", max_new_tokens=51)
+        assert code == C.INVALID_ARGUMENT and "--max-new-tokens 50" in details
+        assert len(client.generate(list(range(5, 25)), max_new_tokens=3).token_ids) == 3  # at the limit: fine
+
+
+def test_kv_capacity_makes_requests_wait_not_fail(model_dirs):
+    # each request reserves (10 + 40) = 50 token slots; 120 holds two at a time, never three
+    server = start_server(model_dirs["llama"], None, max_kv_tokens=120)
+    try:
+        async def run():
+            async with AsyncClient(server.target, timeout=120) as client:
+                return await asyncio.gather(*[client.generate(list(range(5 + i, 15 + i)), max_new_tokens=40,
+                                                              ignore_eos=True) for i in range(6)])
+        replies = asyncio.run(run())
+        assert [len(r.token_ids) for r in replies] == [40] * 6
+        metrics = scrape(server)
+        batches = metrics['loraplex_batch_size_count{phase="decode"}']
+        assert metrics['loraplex_batch_size_bucket{le="2.0",phase="decode"}'] == batches  # never 3 rows at once
+        assert metrics["loraplex_kv_cache_token_slots"] == metrics["loraplex_kv_cache_bytes"] == 0  # all returned
+        with Client(server.target, timeout=30) as client:
+            code, details = status_of(client.generate, list(range(5, 105)), max_new_tokens=30)
+            assert code == C.RESOURCE_EXHAUSTED and "--max-kv-tokens 120" in details
+    finally:
+        server.stop()
+
+
+def test_adapter_file_size_limit_names_the_flag(server):
+    with Client(server.target, timeout=30) as client:
+        code, details = status_of(client.generate, "hi", "small", max_new_tokens=2)
+        assert code == C.FAILED_PRECONDITION and "--max-adapter-bytes 1000" in details
+        assert len(client.generate("hi", max_new_tokens=2).token_ids) == 2  # and the server serves on
+
+
+def test_concurrent_rpc_limit_names_the_flag(server):
+    async def run():
+        async with AsyncClient(server.target, timeout=60) as client:
+            calls = [client.generate(list(range(5, 10)), max_new_tokens=40, ignore_eos=True) for _ in range(6)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert await client.health() == 1  # health is never counted against the limit
+            return results
+    results = asyncio.run(run())
+    refused = [r for r in results if isinstance(r, grpc.RpcError)]
+    assert refused and all(r.code() == C.RESOURCE_EXHAUSTED and "--max-concurrent-rpcs" in r.details()
+                           for r in refused)
+    assert sum(not isinstance(r, Exception) for r in results) >= 3

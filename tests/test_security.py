@@ -1,0 +1,168 @@
+"""Bearer-token auth (user and admin tokens) and TLS / mutual TLS, through the real server and real clients."""
+import logging
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from clients import cli
+from clients.client import Client, Tls
+from server.auth import TokenFileError, read_tokens
+from tests.certs import make_pki
+from tests.helpers import make_peft_adapter, start_server
+
+C = grpc.StatusCode
+USER, ADMIN, WRONG = "user-token-0123456789abcdef", "admin-token-0123456789abcdef", "not-the-token-0123456789"
+
+
+def status_of(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        fn(*args, **kwargs)
+    return info.value.code(), info.value.details()
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokens")
+    (d / "user").write_text(f"# user tokens\n{USER}\n\nsecond-user-token-0123456789\n")
+    (d / "admin").write_text(ADMIN + "\n")
+    (d / "client").write_text(USER + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def adapter_root(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    make_peft_adapter(model_dirs["llama"], root / "a1", 1, r=4, lora_alpha=8, target_modules=["q_proj"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, adapter_root, tokens):
+    s = start_server(model_dirs["llama"], adapter_root, auth_token_file=str(tokens / "user"),
+                     admin_token_file=str(tokens / "admin"), log_level="DEBUG")
+    yield s
+    s.stop()
+
+
+def test_no_or_wrong_token_is_unauthenticated(server):
+    with Client(server.target, timeout=30) as anonymous:
+        code, details = status_of(anonymous.generate, "hi", max_new_tokens=2)
+        assert code == C.UNAUTHENTICATED and "authorization: Bearer" in details and "--token-file" in details
+        assert status_of(anonymous.list_adapters)[0] == C.UNAUTHENTICATED
+        assert status_of(lambda: list(anonymous.generate_stream("hi", max_new_tokens=2)))[0] == C.UNAUTHENTICATED
+    with Client(server.target, timeout=30, token=WRONG) as wrong:
+        code, details = status_of(wrong.generate, "hi", max_new_tokens=2)
+        assert code == C.UNAUTHENTICATED and WRONG not in details
+        assert status_of(wrong.load_adapter, "a1")[0] == C.UNAUTHENTICATED
+
+
+def test_user_token_serves_but_cannot_mutate_adapters(server):
+    for token in (USER, "second-user-token-0123456789"):
+        with Client(server.target, timeout=30, token=token) as user:
+            assert len(user.generate("hi", max_new_tokens=3).token_ids) == 3
+            assert len(list(user.generate_stream("hi", "a1", max_new_tokens=2))) >= 2
+            info = user.server_info()
+            assert info.auth_required and info.admin_auth_required
+            code, details = status_of(user.load_adapter, "a1", replace=True)
+            assert code == C.PERMISSION_DENIED and "admin token" in details
+            assert status_of(user.unload_adapter, "a1")[0] == C.PERMISSION_DENIED
+
+
+def test_admin_token_mutates_and_serves(server):
+    with Client(server.target, timeout=30, token=ADMIN) as admin:
+        assert admin.load_adapter("a1", replace=True).adapter_id == "a1"
+        assert len(admin.generate("hi", "a1", max_new_tokens=2).token_ids) == 2
+        assert admin.unload_adapter("a1").adapter_id == "a1"
+
+
+def test_health_and_reflection_need_no_token(server):
+    with Client(server.target, timeout=30) as anonymous:
+        assert anonymous.health() == 1  # SERVING
+    with grpc.insecure_channel(server.target) as channel:
+        assert "loraplex.v1.Inference" in set(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+
+def test_tokens_never_reach_the_log(server, caplog):
+    caplog.set_level(logging.DEBUG)
+    with Client(server.target, timeout=30, token=WRONG) as wrong:
+        status_of(wrong.generate, "hi", max_new_tokens=2)
+    with Client(server.target, timeout=30, token=USER) as user:
+        user.generate("hi", max_new_tokens=2)
+        status_of(user.load_adapter, "a1")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert not any(t in text for t in (USER, ADMIN, WRONG))
+
+
+def test_cli_takes_the_token_from_a_file_or_the_environment_never_argv(server, tokens, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "hi", "--target", server.target, "--max-new-tokens", "2",
+                  "--token-file", str(tokens / "client")])
+    assert exit_info.value.code == 0
+    monkeypatch.setenv("LORAPLEX_TOKEN", USER)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["adapters", "list", "--target", server.target])
+    assert exit_info.value.code == 0
+    monkeypatch.delenv("LORAPLEX_TOKEN")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["adapters", "list", "--target", server.target])
+    assert exit_info.value.code == 1 and "UNAUTHENTICATED" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # there is no flag that would put a token in argv
+        cli.main(["generate", "hi", "--target", server.target, "--token", USER])
+    assert exit_info.value.code == 2
+
+
+def test_token_files_are_checked(tmp_path):
+    (tmp_path / "empty").write_text("# nothing\n\n")
+    (tmp_path / "short").write_text("abc\n")
+    with pytest.raises(TokenFileError, match="holds no token"):
+        read_tokens(str(tmp_path / "empty"))
+    with pytest.raises(TokenFileError, match="at least 16"):
+        read_tokens(str(tmp_path / "short"))
+    with pytest.raises(TokenFileError, match="cannot read"):
+        read_tokens(str(tmp_path / "missing"))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_generate_over_tls(model_dirs, adapter_root, pki):
+    server = start_server(model_dirs["llama"], adapter_root, tls_cert=pki["server_cert"], tls_key=pki["server_key"])
+    try:
+        with Client(server.target, timeout=30, tls=Tls(ca=pki["ca"])) as client:
+            reply = client.generate("hi", "a1", max_new_tokens=4)
+            assert len(reply.token_ids) == 4
+            assert client.server_info().model
+        with Client(server.target, timeout=5) as plaintext:
+            assert status_of(plaintext.generate, "hi", max_new_tokens=2)[0] == C.UNAVAILABLE
+        with Client(server.target, timeout=5, tls=Tls(ca=pki["rogue_cert"])) as untrusting:  # wrong CA
+            assert status_of(untrusting.generate, "hi", max_new_tokens=2)[0] == C.UNAVAILABLE
+    finally:
+        server.stop()
+
+
+def test_mutual_tls_with_tokens_end_to_end(model_dirs, adapter_root, pki, tokens, capsys):
+    server = start_server(model_dirs["llama"], adapter_root, tls_cert=pki["server_cert"], tls_key=pki["server_key"],
+                          tls_client_ca=pki["ca"], auth_token_file=str(tokens / "user"))
+    try:
+        mutual = Tls(ca=pki["ca"], cert=pki["client_cert"], key=pki["client_key"])
+        with Client(server.target, timeout=30, tls=mutual, token=USER) as client:
+            streamed = list(client.generate_stream("hi", "a1", max_new_tokens=3))
+            assert streamed[-1].usage.completion_tokens == 3
+        with Client(server.target, timeout=30, tls=mutual) as no_token:
+            assert status_of(no_token.generate, "hi", max_new_tokens=2)[0] == C.UNAUTHENTICATED
+        with Client(server.target, timeout=5, tls=Tls(ca=pki["ca"]), token=USER) as no_cert:
+            assert status_of(no_cert.generate, "hi", max_new_tokens=2)[0] == C.UNAVAILABLE
+        rogue = Tls(ca=pki["ca"], cert=pki["rogue_cert"], key=pki["rogue_key"])
+        with Client(server.target, timeout=5, tls=rogue, token=USER) as stranger:
+            assert status_of(stranger.generate, "hi", max_new_tokens=2)[0] == C.UNAVAILABLE
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["generate", "hi", "--target", server.target, "--max-new-tokens", "2",
+                      "--token-file", str(tokens / "client"), "--tls-ca", pki["ca"],
+                      "--tls-cert", pki["client_cert"], "--tls-key", pki["client_key"]])
+        assert exit_info.value.code == 0
+        assert "2 completion tokens" in capsys.readouterr().err
+    finally:
+        server.stop()

@@ -26,11 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+from dataclasses import replace
 import os
 import platform
 import shlex
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
 import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -53,6 +51,7 @@ from clients.client import AsyncClient  # noqa: E402
 from loader.default_model import build_tokenizer, tiny_config  # noqa: E402
 from server.app import BackgroundServer  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
+from bench.server_process import ServerProcess, free_port  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD_ID = 0
@@ -156,12 +155,6 @@ ENGINE_STATS = {  # name in the table -> Prometheus sample
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class EngineBench:
     """The real server, driven over gRPC by the asyncio client. `--server process` runs `python -m server`
     (what `loraplex serve` runs) in a child process; `inprocess` runs server.app.BackgroundServer in this
@@ -172,22 +165,15 @@ class EngineBench:
                                    metrics_port=free_port(), device=args.device, max_batch_size=args.requests,
                                    max_active_adapters=args.adapters, max_lora_rank=args.rank,
                                    threads=args.threads, log_level="WARNING")
-        self.proc: subprocess.Popen | None = None
+        self.proc: ServerProcess | None = None
         self.server: BackgroundServer | None = None
         if args.server == "process":
             c = self.config
-            flags = ["--model", c.model, "--adapter-root", c.adapter_root, "--port", c.port,
-                     "--metrics-port", c.metrics_port, "--device", c.device, "--max-batch-size", c.max_batch_size,
-                     "--max-active-adapters", c.max_active_adapters, "--max-lora-rank", c.max_lora_rank,
-                     "--threads", c.threads, "--log-level", c.log_level]
-            env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.server_env))
-            self.proc = subprocess.Popen([sys.executable, "-m", args.server_module, *map(str, flags)], cwd=ROOT,
-                                         env=env)
-            try:
-                self._wait_serving(timeout=600)
-            except BaseException:
-                self.proc.kill()
-                raise
+            flags = ["--model", c.model, "--adapter-root", c.adapter_root, "--device", c.device,
+                     "--max-batch-size", c.max_batch_size, "--max-active-adapters", c.max_active_adapters,
+                     "--max-lora-rank", c.max_lora_rank, "--threads", c.threads, "--log-level", c.log_level]
+            self.proc = ServerProcess(flags, args.server_module, dict(kv.split("=", 1) for kv in args.server_env))
+            self.config = replace(c, port=self.proc.port, metrics_port=self.proc.metrics_port)
         else:
             self.server = BackgroundServer(self.config).start()
         self.target = f"127.0.0.1:{self.config.port}"
@@ -195,23 +181,6 @@ class EngineBench:
         self.client: AsyncClient = self.loop.run_until_complete(self._connect())
         for name in names:  # disk reads happen here, never inside a timed round
             self.loop.run_until_complete(self.client.load_adapter(name))
-
-    def _wait_serving(self, timeout: float) -> None:
-        from grpc_health.v1 import health_pb2
-
-        from clients.client import Client
-        deadline = time.monotonic() + timeout
-        with Client(f"127.0.0.1:{self.config.port}", timeout=5) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the server process exited with status {self.proc.returncode}")
-                try:
-                    if client.health() == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        raise RuntimeError("the server did not report SERVING in time")
 
     async def _connect(self) -> AsyncClient:
         return AsyncClient(self.target, timeout=600)
@@ -234,12 +203,7 @@ class EngineBench:
         if self.server is not None:
             self.server.stop()
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.stop()
 
 
 # -- HF / PEFT -----------------------------------------------------------------------------------------

@@ -41,6 +41,17 @@ class AdapterRecord:
     module_ranks: dict[str, int]
     heads: int
     metadata: dict
+    files: tuple = ()  # identity of the files read (inode, size, mtime): changed files are a new version
+
+
+def _files_identity(path: Path) -> tuple:
+    """What tells one set of adapter files from another without reading them."""
+    out = []
+    for child in sorted(path.iterdir()):
+        if child.is_file():
+            st = child.stat()
+            out.append((child.name, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 class AdapterRegistry:
@@ -155,16 +166,19 @@ class AdapterRegistry:
                     return current
             if not path.is_dir():
                 raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
+            files = _files_identity(path)
             weights = self._reader(path, adapter_id, next(self._serial))
             with self._lock:
                 current = self._records.get(adapter_id)
-                version = 1 if current is None else current.version + (0 if reread else 1)
+                # a re-read after eviction is the same version only if the files are the same files
+                same = reread and current is not None and current.files == files
+                version = 1 if current is None else current.version + (0 if same else 1)
                 record = AdapterRecord(adapter_id, path, version,
                                        pinned=(current.pinned if current and pin is None else bool(pin)),
                                        weights=weights, size_bytes=weights.size_bytes, last_used=time.monotonic(),
                                        kind=weights.kind.value,
                                        module_ranks={m: f.rank for m, f in weights.modules.items()},
-                                       heads=weights.max_heads, metadata=dict(weights.metadata))
+                                       heads=weights.max_heads, metadata=dict(weights.metadata), files=files)
                 self._records[adapter_id] = record
                 evicted = self._evict_over_budget(keep=adapter_id)
             if current is not None and current.weights is not None and not reread:

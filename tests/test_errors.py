@@ -47,6 +47,12 @@ def adapter_root(model_dirs, tmp_path_factory):
     variant("nan", {k: (torch.full_like(v, math.nan) if i == 0 else v) for i, (k, v) in enumerate(tensors.items())})
     variant("missing-b", {k: v for k, v in tensors.items() if "layers.0.self_attn.q_proj.lora_B" not in k})
     variant("unknown-type", config_edit={"peft_type": "IA3"})
+    variant("inf", {k: (torch.full_like(v, -math.inf) if i == 1 else v) for i, (k, v) in enumerate(tensors.items())})
+    variant("int-dtype", {k: (v.to(torch.int32) if i == 0 else v) for i, (k, v) in enumerate(tensors.items())})
+    blob = (good / "adapter_model.safetensors").read_bytes()
+    (variant("truncated") / "adapter_model.safetensors").write_bytes(blob[:len(blob) // 2])
+    (variant("corrupt") / "adapter_model.safetensors").write_bytes(b"\xff" * 64 + blob[64:])
+    variant("config-not-object", raw_config="[1, 2]")
     outside = root.parent / (root.name + "-outside")
     outside.mkdir()
     os.symlink(outside, root / "escape")
@@ -99,6 +105,11 @@ def test_symlink_out_of_the_root_is_invalid(client):
     ("nan", "NaN or Inf"),
     ("missing-b", "missing key base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"),
     ("unknown-type", "'IA3'"),
+    ("inf", "NaN or Inf"),
+    ("int-dtype", "dtype torch.int32, expected floating point"),
+    ("truncated", "cannot read adapter_model.safetensors"),
+    ("corrupt", "cannot read adapter_model.safetensors"),
+    ("config-not-object", "must be an object"),
 ])
 def test_unservable_adapters_fail_precondition_naming_the_problem(client, adapter_id, needle):
     for call in (lambda: client.generate("hi", adapter_id), lambda: client.load_adapter(adapter_id)):
@@ -178,5 +189,32 @@ def test_autoload_off_means_not_found_until_loaded(model_dirs, adapter_root):
             client.unload_adapter("good")
             assert status_of(client.generate, "hi", "good")[0] == C.NOT_FOUND
             assert status_of(client.unload_adapter, "good")[0] == C.NOT_FOUND
+    finally:
+        server.stop()
+
+
+def test_adapter_directory_deleted_or_replaced_while_loaded(model_dirs, adapter_root, tmp_path):
+    import shutil
+    root = tmp_path / "root"
+    shutil.copytree(adapter_root / "good", root / "moving")
+    shutil.copytree(adapter_root / "good", root / "other")
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=1)  # one adapter in host memory at a time
+    try:
+        with Client(server.target, timeout=30) as client:
+            first = client.generate([5, 6, 7], "moving", max_new_tokens=6, ignore_eos=True).token_ids
+            shutil.rmtree(root / "moving")
+            # still in memory: it keeps serving; a reload from the missing directory fails precisely
+            assert client.generate([5, 6, 7], "moving", max_new_tokens=6, ignore_eos=True).token_ids == first
+            code, details = status_of(client.load_adapter, "moving", replace=True)
+            assert code == C.NOT_FOUND and "'moving'" in details
+            client.generate("hi", "other", max_new_tokens=2)  # evicts 'moving' from host memory
+            code, details = status_of(client.generate, [5, 6, 7], "moving", max_new_tokens=6)
+            assert code == C.NOT_FOUND and "'moving'" in details
+            assert len(client.generate("hi", "other", max_new_tokens=2).token_ids) == 2  # others still serve
+            make_peft_adapter(model_dirs["llama"], root / "moving", 7, r=4, lora_alpha=64,
+                              target_modules=["q_proj", "v_proj"])  # replaced by different weights
+            again = client.generate([5, 6, 7], "moving", max_new_tokens=6, ignore_eos=True).token_ids
+            assert again != first
+            assert client.get_adapter("moving").version == 2  # new files are a new version, never passed as the old
     finally:
         server.stop()

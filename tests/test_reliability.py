@@ -75,6 +75,18 @@ def test_hundred_cancelled_streams_free_rows_and_kv_memory(server):
     assert steps <= 10  # each had 400 tokens to go; the engine drops flagged rows at its next step
 
 
+def test_expired_deadlines_free_rows_and_kv_memory(server):
+    async def run():
+        async with AsyncClient(server.target, timeout=0.5) as client:
+            calls = [client.generate([5 + i, 6, 7], max_new_tokens=400, ignore_eos=True) for i in range(50)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+    results = asyncio.run(run())
+    assert all(isinstance(r, grpc.RpcError) and r.code() == C.DEADLINE_EXCEEDED for r in results)
+    assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0)
+    after = scrape(server)
+    assert after["loraplex_kv_cache_bytes"] == 0 and after["loraplex_num_requests_waiting"] == 0
+
+
 def _request(i: int):
     from clients.client import build_request
     return build_request([5 + i % 50, 6, 7], max_new_tokens=400, ignore_eos=True)

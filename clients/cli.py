@@ -16,10 +16,14 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 def _serve(args) -> int:
     from server.app import serve
-    from server.config import config_from_args
+    from server.config import ConfigError, config_from_args
     config = config_from_args(args)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -23,7 +23,7 @@ from loader.registry import AdapterRegistry
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.auth import AuthInterceptor, read_tokens
-from server.config import ServerConfig, check_config, resolve_limits
+from server.config import ConfigError, ServerConfig, check_config, resolve_limits
 from server.engine import Engine, EngineConfig, EngineRequest, ErrorEvent, FinishEvent
 from server.batch import Runner
 from server.interceptors import MetricsInterceptor
@@ -211,7 +211,7 @@ def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials:
         try:
             return Path(path).read_bytes()
         except OSError as exc:
-            raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from None
+            raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     chain = [(read(config.tls_key, "--tls-key"), read(config.tls_cert, "--tls-cert"))]
     if config.tls_client_ca:
         return grpc.ssl_server_credentials(chain, root_certificates=read(config.tls_client_ca, "--tls-client-ca"),

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import grpc
 
+from server.config import ConfigError
+
 ADMIN_METHODS = frozenset({"/loraplex.v1.Adapters/LoadAdapter", "/loraplex.v1.Adapters/UnloadAdapter"})
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 REFLECTION_PREFIX = "/grpc.reflection."
 
 
-class TokenFileError(ValueError):
+class TokenFileError(ConfigError):
     pass
 
 

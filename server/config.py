@@ -92,19 +92,23 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
 
 
+class ConfigError(ValueError):
+    """A flag, or a file a flag names, that cannot work: reported in one line before anything is loaded."""
+
+
 def check_config(c: ServerConfig) -> None:
     """Flag combinations that cannot work, reported before anything is loaded."""
     if bool(c.tls_cert) != bool(c.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
+        raise ConfigError("--tls-cert and --tls-key go together")
     if c.tls_client_ca and not c.tls_cert:
-        raise ValueError("--tls-client-ca needs --tls-cert/--tls-key (mutual TLS is TLS first)")
+        raise ConfigError("--tls-client-ca needs --tls-cert/--tls-key (mutual TLS is TLS first)")
     for name in ("max_batch_size", "max_active_adapters", "max_lora_rank", "max_hydra_heads", "max_queue_size",
                  "max_concurrent_rpcs", "default_max_new_tokens", "max_adapter_bytes"):
         if getattr(c, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
     for name in ("max_prompt_tokens", "max_new_tokens", "max_kv_tokens"):
         if getattr(c, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: derived from the model), "
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0: derived from the model), "
                              f"got {getattr(c, name)}")
 
 

@@ -166,3 +166,14 @@ def test_mutual_tls_with_tokens_end_to_end(model_dirs, adapter_root, pki, tokens
         assert "2 completion tokens" in capsys.readouterr().err
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--tls-cert", "server.crt"], "--tls-cert and --tls-key go together"),
+    (["--tls-client-ca", "ca.crt"], "needs --tls-cert"),
+    (["--auth-token-file", "/nonexistent/tokens"], "cannot read token file"),
+])
+def test_serve_rejects_unworkable_security_flags_in_one_line(flags, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--port", "0", "--metrics-port", "0", *flags])
+    assert exit_info.value.code == 2 and needle in capsys.readouterr().err

@@ -95,7 +95,12 @@ class SlotBank:
             old = self._key_of.pop(slot, None)
             if old is not None:
                 del self._slot_of[old]
-            self._write(slot, adapter)
+            try:
+                self._write(slot, adapter)
+            except BaseException:
+                self._idle[slot] = None  # a failed write leaves an empty idle slot, not a lost one
+                self._idle.move_to_end(slot, last=False)
+                raise
             self._slot_of[adapter.key] = slot
             self._key_of[slot] = adapter.key
         elif self._refs[slot] == 0:

@@ -155,7 +155,7 @@ def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], ma
                "HYDRALORA": hydra_files.read_hydralora, "RESLORA": reslora_files.read_reslora}
     config = read_config(path, adapter_id) if config is None else config
     peft_type = config["peft_type"]
-    if peft_type not in readers:
+    if not isinstance(peft_type, str) or peft_type not in readers:
         raise FailedPrecondition(f"adapter {adapter_id!r}: peft_type {peft_type!r} is not served "
                                  f"(supported: {', '.join(readers)})")
     refuse_unservable(config, adapter_id)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from adapters.canonical import CanonicalAdapter
-from server.errors import AlreadyExists, InvalidArgument, NotFound
+from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger("loraplex.registry")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -67,10 +68,11 @@ class AdapterRegistry:
         self._on_change = on_change  # (adapters in host memory, adapters evicted to disk) after every change
         self._lock = threading.Lock()
         self._records: dict[str, AdapterRecord] = {}
-        self._id_locks: dict[str, threading.Lock] = {}
+        self._id_locks: dict[str, threading.RLock] = {}  # per id: reads, loads, unloads and their state records
         self._serial = itertools.count(1)
         self.state_file = state_file
         self._loaded: dict[str, bool] = {}  # ids loaded with LoadAdapter -> pinned; what the state file records
+        self._state_lock = threading.Lock()  # serialises file writes, outside the registry lock (fsync is slow)
 
     def path_for(self, adapter_id: str) -> Path:
         """The adapter's directory, confined to the root: no separators, no '..', no symlink escapes."""
@@ -104,39 +106,46 @@ class AdapterRegistry:
         with self._lock:
             if adapter_id in self._records and not replace:
                 raise AlreadyExists(f"adapter {adapter_id!r} is already loaded; set replace to swap in new files")
-        record = self._read(adapter_id, path, replace=replace, pin=pin, reread=False)
-        self._record_state(adapter_id, record.pinned)
+        with self._id_lock(adapter_id):  # the record and the state file change together
+            record = self._read(adapter_id, path, replace=replace, pin=pin, reread=False)
+            self._record_state(adapter_id, record.pinned)
         return record
 
     def unload(self, adapter_id: str) -> AdapterRecord:
         self.path_for(adapter_id)
-        with self._lock:
-            record = self._records.pop(adapter_id, None)
-        if record is None:
-            raise NotFound(f"adapter {adapter_id!r} is not loaded")
-        if record.weights is not None:
-            self._on_evict(record.weights)
-        self._record_state(adapter_id, None)
+        with self._id_lock(adapter_id):
+            with self._lock:
+                record = self._records.pop(adapter_id, None)
+            if record is None:
+                raise NotFound(f"adapter {adapter_id!r} is not loaded")
+            if record.weights is not None:
+                self._on_evict(record.weights)
+            self._record_state(adapter_id, None)
         self._report()
         return record
 
     def restore(self) -> list[str]:
-        """Load again what the state file records (at start-up); returns the ids that failed, which are logged
-        and dropped from the file (their directories changed or vanished while the server was down)."""
+        """Load again what the state file records (at start-up). Every entry stays recorded until it has been
+        tried, so a restart interrupted mid-way loses nothing; entries that fail (directory gone or changed while
+        the server was down) are logged, dropped, and returned."""
         if self.state_file is None or not self.state_file.exists():
             return []
         try:
             entries = json.loads(self.state_file.read_text())["adapters"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            entries = {e["id"]: bool(e.get("pinned")) for e in entries if isinstance(e["id"], str)}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.error("ignoring unreadable adapter state file %s: %s", self.state_file, exc)
             return []
+        with self._lock:
+            self._loaded.update(entries)
         failed = []
-        for entry in entries:
+        for adapter_id, pinned in entries.items():
             try:
-                self.load(entry["id"], replace=True, pin=bool(entry.get("pinned")))
+                self.load(adapter_id, replace=True, pin=pinned)
             except Exception as exc:  # one broken adapter must not keep the server down
-                log.error("could not load adapter %r again from the state file: %s", entry.get("id"), exc)
-                failed.append(entry.get("id"))
+                log.error("could not load adapter %r again from the state file: %s", adapter_id, exc)
+                failed.append(adapter_id)
+                self._record_state(adapter_id, None)
         return failed
 
     def get(self, adapter_id: str) -> AdapterRecord:
@@ -156,17 +165,22 @@ class AdapterRegistry:
             return sum(r.size_bytes for r in self._records.values() if r.weights is not None)
 
     # -- internals ------------------------------------------------------------------------------
-    def _read(self, adapter_id: str, path: Path, replace: bool, pin: bool | None, reread: bool) -> AdapterRecord:
+    def _id_lock(self, adapter_id: str) -> threading.RLock:
         with self._lock:
-            id_lock = self._id_locks.setdefault(adapter_id, threading.Lock())
-        with id_lock:  # one read per id at a time; concurrent first uses share the result
+            return self._id_locks.setdefault(adapter_id, threading.RLock())
+
+    def _read(self, adapter_id: str, path: Path, replace: bool, pin: bool | None, reread: bool) -> AdapterRecord:
+        with self._id_lock(adapter_id):  # one read per id at a time; concurrent first uses share the result
             with self._lock:
                 current = self._records.get(adapter_id)
                 if reread and current is not None and current.weights is not None:
                     return current
             if not path.is_dir():
                 raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
-            files = _files_identity(path)
+            try:
+                files = _files_identity(path)
+            except OSError as exc:
+                raise FailedPrecondition(f"adapter {adapter_id!r}: cannot read its directory: {exc.strerror}") from None
             weights = self._reader(path, adapter_id, next(self._serial))
             with self._lock:
                 current = self._records.get(adapter_id)
@@ -194,13 +208,15 @@ class AdapterRegistry:
                 self._loaded.pop(adapter_id, None)
             else:
                 self._loaded[adapter_id] = pinned
-            if self.state_file is None:
-                return
-            body = json.dumps({"adapters": [{"id": i, "pinned": p} for i, p in sorted(self._loaded.items())]},
-                              indent=1)
-            tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-            try:
-                with open(tmp, "w") as f:  # a crash leaves the old file or the new one, never half of one
+        if self.state_file is None:
+            return
+        with self._state_lock:
+            with self._lock:  # the newest state, whichever change wrote it
+                body = json.dumps({"adapters": [{"id": i, "pinned": p} for i, p in sorted(self._loaded.items())]},
+                                  indent=1)
+            try:  # a unique temporary file, then rename: a crash leaves the old file or the new one, never half
+                fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=self.state_file.name + ".")
+                with os.fdopen(fd, "w") as f:
                     f.write(body)
                     f.flush()
                     os.fsync(f.fileno())

@@ -148,6 +148,8 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     if user_tokens or admin_tokens:
         interceptors.append(AuthInterceptor(user_tokens, admin_tokens, reflection_open=config.reflection))
     server = grpc.aio.server(interceptors=interceptors)
+    if (user_tokens or admin_tokens) and not config.tls_cert:
+        log.warning("bearer tokens travel in plaintext without --tls-cert/--tls-key: use TLS beyond localhost")
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(serving), server)
     pb_grpc.add_AdaptersServicer_to_server(AdaptersServicer(serving), server)
     health_servicer = health.aio.HealthServicer()

@@ -25,9 +25,11 @@ class TokenFileError(ConfigError):
 
 def read_tokens(path: str) -> tuple[bytes, ...]:
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise TokenFileError(f"cannot read token file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise TokenFileError(f"token file {path} is not UTF-8 text") from None
     tokens = tuple(line.strip().encode() for line in lines if line.strip() and not line.lstrip().startswith("#"))
     if not tokens:
         raise TokenFileError(f"token file {path} holds no token")

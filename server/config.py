@@ -31,7 +31,7 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
-    state_file: str | None = None    # None: <adapter root>/.loraplex-loaded.json
+    state_file: str | None = None    # None: <adapter root>/.loraplex-state.json
     adapter_cache_bytes: int = 2 << 30
     autoload_adapters: bool = True
     target_modules: str = "all-linear"
@@ -76,7 +76,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--tls-client-ca", default=d.tls_client_ca, help="PEM CA bundle: require client certificates (mutual TLS)")
     a("--state-file", default=d.state_file,
       help="where adapters loaded at run time are recorded, to be loaded again on restart "
-           "(default: <adapter-root>/.loraplex-loaded.json)")
+           "(default: <adapter-root>/.loraplex-state.json; replicas sharing a root need their own)")
     a("--adapter-cache-bytes", type=int, default=d.adapter_cache_bytes, help="host-memory budget for adapters")
     a("--no-autoload-adapters", dest="autoload_adapters", action="store_false",
       help="answer NOT_FOUND for adapters not loaded with LoadAdapter instead of loading them on first use")
@@ -106,6 +106,10 @@ def check_config(c: ServerConfig) -> None:
                  "max_concurrent_rpcs", "default_max_new_tokens", "max_adapter_bytes"):
         if getattr(c, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+    for name in ("max_batch_size", "max_active_adapters", "max_lora_rank", "max_hydra_heads", "max_queue_size",
+                 "max_concurrent_rpcs", "default_max_new_tokens", "max_prompt_tokens", "max_new_tokens"):
+        if getattr(c, name) > 2 ** 31 - 1:  # GetServerInfo reports them as 32-bit
+            raise ConfigError(f"--{name.replace('_', '-')} must be < 2^31, got {getattr(c, name)}")
     for name in ("max_prompt_tokens", "max_new_tokens", "max_kv_tokens"):
         if getattr(c, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0: derived from the model), "

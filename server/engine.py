@@ -123,6 +123,9 @@ class Engine:
     def call(self, fn: Callable[[], object]) -> Future:
         """Run `fn` on the engine thread between steps (slot bank changes must not race a forward)."""
         future: Future = Future()
+        if not self.alive:
+            future.set_exception(Unavailable("the engine has stopped; this replica cannot serve"))
+            return future
         self._inbox.put((fn, future))
         self._wake.set()
         return future
@@ -158,7 +161,7 @@ class Engine:
                     break
                 if isinstance(item, EngineRequest):
                     self._waiting.append(item)
-                else:
+                elif item[1].set_running_or_notify_cancel():
                     item[1].set_exception(stopped)
             self._fail_all(stopped)
 
@@ -196,6 +199,8 @@ class Engine:
                 self._waiting.append(item)
                 continue
             fn, future = item
+            if not future.set_running_or_notify_cancel():  # the caller gave up (its deadline): skip, don't fail
+                continue
             try:
                 future.set_result(fn())
             except Exception as exc:  # reported to the caller, never kills the loop
@@ -218,16 +223,16 @@ class Engine:
             self._retire([i for i, r in enumerate(self._batch.rows) if r.state.request.cancelled])
 
     def _kv_plan(self, newcomers: list[EngineRequest]) -> tuple[int, int]:
-        """(columns, token slots) the running batch plus `newcomers` may grow to: every row stays until the
-        longest finishes, each step adds a column, and newcomers join right-aligned on the time axis."""
+        """(columns, token slots) the running batch plus `newcomers` may grow to, if every row stayed until the
+        longest finished."""
         rows = self._batch.rows if self._batch else []
-        columns = self._batch.valid.shape[1] if self._batch else 0
-        remaining = [r.state.request.stopping.max_new_tokens - len(r.state.stream.ids) for r in rows]
-        for request in newcomers:
-            columns = max(columns, len(request.prompt_ids))
-            remaining.append(request.stopping.max_new_tokens)
-        peak = columns + max(remaining, default=0)
-        return peak, (len(rows) + len(newcomers)) * peak
+        # Rows are right-aligned and leading pad columns are trimmed, so the width is the longest live row:
+        # it never exceeds any row's final length (cached tokens now + tokens still to come).
+        final = [] if not rows else [int(n) + r.state.request.stopping.max_new_tokens - len(r.state.stream.ids)
+                                     for n, r in zip(self._batch.valid.sum(1).tolist(), rows)]
+        final += [len(request.prompt_ids) + request.stopping.max_new_tokens for request in newcomers]
+        peak = max(final, default=0)
+        return peak, len(final) * peak
 
     def _admit(self) -> list[Row]:
         room = self.config.max_batch_size - (len(self._batch) if self._batch else 0)
@@ -242,6 +247,13 @@ class Engine:
                 slot = self.bank.acquire(request.adapter)
             except SlotsFull:  # every slot serves running rows: wait, let others with resident adapters pass
                 skipped.append(request)
+                continue
+            except Exception as exc:  # e.g. out of memory writing the slot: this request fails, the rest go on
+                log.exception("could not place the adapter of request %s", request.request_id)
+                self._unqueue()
+                self.metrics.failure.labels("INTERNAL").inc()
+                self._tell(request, ErrorEvent(InternalError(f"request failed inside the engine: "
+                                                             f"{type(exc).__name__}")))
                 continue
             now = time.monotonic()
             self.metrics.queue_time.observe(now - request.arrival)
@@ -260,6 +272,7 @@ class Engine:
         try:
             batch, logits = self.runner.prefill(rows)
             tokens = sample(logits, [r.state.request.sampling for r in rows], [r.state.generator for r in rows])
+            merged = self.runner.merge(self._batch, batch)  # allocates the joined cache: can run out of memory too
         except Exception as exc:
             log.exception("prefill failed for %d requests", len(rows))
             for row in rows:
@@ -268,7 +281,7 @@ class Engine:
         self.metrics.step_time.labels("prefill").observe(time.monotonic() - start)
         self.metrics.batch_size.labels("prefill").observe(len(rows))
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
-        self._batch = self.runner.merge(self._batch, batch)
+        self._batch = merged
         self._emit(rows, tokens, first=True)
         self._kv_report()
 
@@ -346,7 +359,8 @@ class Engine:
     def _fail_row(self, row: Row, exc: Exception) -> None:
         self.bank.release(row.slot)
         self.metrics.failure.labels("INTERNAL").inc()
-        row.state.request.sink(ErrorEvent(InternalError(f"request failed inside the engine: {type(exc).__name__}")))
+        self._tell(row.state.request, ErrorEvent(InternalError(f"request failed inside the engine: "
+                                                               f"{type(exc).__name__}")))
 
     def _fail_all(self, exc: Exception) -> None:
         for request in self._waiting:

@@ -45,7 +45,8 @@ class _Layer(DynamicLayer):
 class KVCache(Cache):
     """`length` is the shared number of filled columns; the batch advances it after each forward.
     `max_length` caps how far the buffers grow: the engine lowers it to the running batch's planned peak, so
-    the memory allocated never exceeds what admission reserved (--max-kv-tokens)."""
+    the buffers stay within what admission reserved (--max-kv-tokens), apart from the moment a merge, trim or
+    growth copies them (old and new buffers alive together)."""
 
     def __init__(self, num_layers: int, max_length: int) -> None:
         super().__init__(layers=[_Layer(self) for _ in range(num_layers)])

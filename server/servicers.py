@@ -13,8 +13,7 @@ import grpc
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.engine import Engine, EngineRequest, ErrorEvent, FinishEvent, TokenEvent
-from server.errors import (FailedPrecondition, InvalidArgument, LoraplexError, OutOfRange,
-                           ResourceExhausted, Unavailable, status_for)
+from server.errors import FailedPrecondition, InvalidArgument, LoraplexError, OutOfRange, Unavailable, status_for
 from server.sampling import SamplingParams
 from server.stopping import FinishReason, StoppingParams
 
@@ -127,10 +126,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if len(ids) + stopping.max_new_tokens > base.max_context:
             raise OutOfRange(f"prompt ({len(ids)} tokens) + max_new_tokens ({stopping.max_new_tokens}) exceeds the "
                              f"model context of {base.max_context} tokens")
-        if len(ids) + stopping.max_new_tokens > limits.max_kv_tokens:
-            raise ResourceExhausted(f"prompt ({len(ids)} tokens) + max_new_tokens ({stopping.max_new_tokens}) needs "
-                                    f"more KV-cache token slots than the server's --max-kv-tokens "
-                                    f"{limits.max_kv_tokens}, even alone")
+        if len(ids) + stopping.max_new_tokens > limits.max_kv_tokens:  # permanent, unlike a full queue
+            raise OutOfRange(f"prompt ({len(ids)} tokens) + max_new_tokens ({stopping.max_new_tokens}) needs more "
+                             f"KV-cache token slots than the server's --max-kv-tokens {limits.max_kv_tokens}, even "
+                             f"alone")
         adapter = s.registry.resolve(request.adapter_id) if request.adapter_id else None
         return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=adapter,
                              sampling=sampling, stopping=stopping, sink=lambda event: None,
@@ -257,6 +256,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             await loop.run_in_executor(None, s.registry.unload, request.adapter_id)
             while versions:  # requests that auto-load the id again meanwhile get a new version: not waited for
                 await asyncio.sleep(0.02)
+                _ready(s)  # a dead engine or a shutdown ends the wait with UNAVAILABLE
                 now = await asyncio.wrap_future(s.engine.requests_on(request.adapter_id))
                 versions = {key: n for key, n in now.items() if key in versions}
             return pb.UnloadAdapterResponse(adapter_id=request.adapter_id, drained_requests=in_flight)

@@ -53,6 +53,7 @@ def adapter_root(model_dirs, tmp_path_factory):
     (variant("truncated") / "adapter_model.safetensors").write_bytes(blob[:len(blob) // 2])
     (variant("corrupt") / "adapter_model.safetensors").write_bytes(b"\xff" * 64 + blob[64:])
     variant("config-not-object", raw_config="[1, 2]")
+    variant("type-not-string", config_edit={"peft_type": ["LORA"]})
     outside = root.parent / (root.name + "-outside")
     outside.mkdir()
     os.symlink(outside, root / "escape")
@@ -110,6 +111,7 @@ def test_symlink_out_of_the_root_is_invalid(client):
     ("truncated", "cannot read adapter_model.safetensors"),
     ("corrupt", "cannot read adapter_model.safetensors"),
     ("config-not-object", "must be an object"),
+    ("type-not-string", "peft_type ['LORA'] is not served"),
 ])
 def test_unservable_adapters_fail_precondition_naming_the_problem(client, adapter_id, needle):
     for call in (lambda: client.generate("hi", adapter_id), lambda: client.load_adapter(adapter_id)):

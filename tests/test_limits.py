@@ -78,7 +78,7 @@ def test_kv_capacity_makes_requests_wait_not_fail(model_dirs):
         assert metrics["loraplex_kv_cache_token_slots"] == metrics["loraplex_kv_cache_bytes"] == 0  # all returned
         with Client(server.target, timeout=30) as client:
             code, details = status_of(client.generate, list(range(5, 105)), max_new_tokens=30)
-            assert code == C.RESOURCE_EXHAUSTED and "--max-kv-tokens 120" in details
+            assert code == C.OUT_OF_RANGE and "--max-kv-tokens 120" in details
     finally:
         server.stop()
 

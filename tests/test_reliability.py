@@ -149,6 +149,43 @@ def test_unload_refuses_or_drains_requests_in_flight(server):
         assert "v1" not in [a.adapter_id for a in client.list_adapters()]
 
 
+def test_a_drain_that_hits_its_deadline_harms_no_request(server):
+    engine = server.serving.engine
+    real = engine.runner.decode_step
+
+    def slow(batch):  # long steps: the drain's pending engine calls are what its deadline cancels
+        time.sleep(0.05)
+        return real(batch)
+    engine.runner.decode_step = slow
+    try:
+        with Client(server.target, timeout=60) as client:
+            client.load_adapter("v7", replace=True)
+            stream = client.generate_stream(PROMPT, "v7", max_new_tokens=40, ignore_eos=True)
+            first = next(stream)
+            for _ in range(3):
+                with Client(server.target, timeout=0.3) as impatient:
+                    with pytest.raises(grpc.RpcError) as info:
+                        impatient.unload_adapter("v7", drain=True)
+                    assert info.value.code() == C.DEADLINE_EXCEEDED
+                    client.load_adapter("v7", replace=True)
+            messages = [first, *stream]  # the abandoned drains must not have failed the engine step
+            assert sum(len(m.token_ids) for m in messages) == 40 and messages[-1].finish_reason
+    finally:
+        engine.runner.decode_step = real
+
+
+@pytest.mark.parametrize("body", ['{"adapters": 5}', '{"adapters": ["v2"]}', '[]', 'not json'])
+def test_a_malformed_state_file_is_ignored_not_fatal(model_dirs, adapter_root, tmp_path, body):
+    state = tmp_path / "state.json"
+    state.write_text(body)
+    server = start_server(model_dirs["llama"], adapter_root, state_file=str(state))
+    try:
+        with Client(server.target, timeout=60) as client:
+            assert client.list_adapters() == [] and client.health() == 1
+    finally:
+        server.stop()
+
+
 def test_loaded_adapters_survive_a_restart(model_dirs, adapter_root, tmp_path):
     state = tmp_path / "state.json"
     first = start_server(model_dirs["llama"], adapter_root, state_file=str(state))
@@ -162,7 +199,7 @@ def test_loaded_adapters_survive_a_restart(model_dirs, adapter_root, tmp_path):
     finally:
         first.stop()
     assert json.loads(state.read_text()) == {"adapters": [{"id": "v2", "pinned": True}, {"id": "v3", "pinned": False}]}
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [f.name for f in tmp_path.iterdir()] == ["state.json"]  # no temporary file left behind
     second = start_server(model_dirs["llama"], adapter_root, state_file=str(state), autoload_adapters=False)
     try:
         with Client(second.target, timeout=60) as client:
@@ -206,6 +243,8 @@ def test_a_failing_step_fails_only_its_requests(server):
     real_admit = engine._admit
 
     def buggy():
+        if not engine._waiting:  # idle iterations run too: fail the first one that has a request to lose
+            return real_admit()
         engine._admit = real_admit  # one failure, then back to normal
         raise RuntimeError("bug outside the forward")
     engine._admit = buggy

@@ -1,5 +1,7 @@
 """Batch training (--jobs, torchrun sharding, failures isolated) and train -> deploy -> Generate on a real server."""
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from clients.client import Client
 from loader.batch_jobs import my_share, read_jobs
 from loader.training_job import TrainJob
-from tests.helpers import start_server, write_task
+from tests.helpers import make_peft_adapter, start_server, write_task
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-c", "from clients.cli import main; main()"]
@@ -67,5 +69,27 @@ def test_train_deploy_generate(model_dirs, tmp_path):
                              eos_token_id=None)[0, len(prompt):].tolist()
         with Client(server.target, timeout=60) as client:
             assert list(client.generate(prompt, "reverser", max_new_tokens=8, ignore_eos=True).token_ids) == want
+    finally:
+        server.stop()
+
+
+def test_install_flips_a_symlink_and_keeps_one_previous_version(model_dirs, tmp_path):
+    from loader.deploy import install
+    root = tmp_path / "root"
+    versions = [make_peft_adapter(model_dirs["llama"], tmp_path / f"src{i}", 10 + i, r=4, lora_alpha=64,
+                                  target_modules=["q_proj", "v_proj"]) for i in range(3)]
+    shutil.copytree(versions[0], root / "a")  # a plain directory deployed before symlinks: migrated
+    server = start_server(model_dirs["llama"], root)
+    try:
+        with Client(server.target, timeout=60) as client:
+            outputs = [client.generate([5, 6, 7], "a", max_new_tokens=6, ignore_eos=True).token_ids]
+            for i in (1, 2):
+                install(versions[i], root, "a")
+                assert (root / "a").is_symlink()
+                assert client.load_adapter("a", replace=True).version == i + 1
+                outputs.append(client.generate([5, 6, 7], "a", max_new_tokens=6, ignore_eos=True).token_ids)
+        assert len({tuple(o) for o in outputs}) == 3  # each deploy really serves its own weights
+        hidden = sorted(p.name for p in root.iterdir() if p.name.startswith(".a@"))
+        assert len(hidden) == 2 and os.readlink(root / "a") in hidden  # the current one and the one before
     finally:
         server.stop()

@@ -225,12 +225,10 @@ class Engine:
     def _kv_plan(self, newcomers: list[EngineRequest]) -> tuple[int, int]:
         """(columns, token slots) the running batch plus `newcomers` may grow to, if every row stayed until the
         longest finished."""
-        rows = self._batch.rows if self._batch else []
-        # Rows are right-aligned and leading pad columns are trimmed, so the width is the longest live row:
-        # it never exceeds any row's final length (cached tokens now + tokens still to come).
-        final = [] if not rows else [int(n) + r.state.request.stopping.max_new_tokens - len(r.state.stream.ids)
-                                     for n, r in zip(self._batch.valid.sum(1).tolist(), rows)]
-        final += [len(request.prompt_ids) + request.stopping.max_new_tokens for request in newcomers]
+        # Rows are right-aligned and leading pad columns are trimmed, so the width is the longest live row, and
+        # no row ever holds more than its prompt + max_new_tokens: known on the host, no device sync per step.
+        requests = [r.state.request for r in (self._batch.rows if self._batch else [])] + newcomers
+        final = [len(q.prompt_ids) + q.stopping.max_new_tokens for q in requests]
         peak = max(final, default=0)
         return peak, len(final) * peak
 

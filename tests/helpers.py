@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
+import grpc
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -32,6 +35,22 @@ def start_server(model_dir: Path, adapter_root: Path | None, **overrides) -> Bac
                     log_level="WARNING", state_file=str(Path(tempfile.mkdtemp(prefix="loraplex-state-")) / "s.json"))
     settings.update(overrides)
     return BackgroundServer(ServerConfig(**settings)).start()
+
+
+def status_of(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
+    """The status code and details of the RpcError that `fn(*args, **kwargs)` must raise."""
+    with pytest.raises(grpc.RpcError) as info:
+        fn(*args, **kwargs)
+    return info.value.code(), info.value.details()
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def scrape(server: BackgroundServer) -> dict[str, float]:

@@ -33,6 +33,14 @@ def toy_modules(n: int = 2, init_r: int = 3, d: int = 4) -> dict[str, AdaLoraLin
     return {f"layers.{i}.proj": AdaLoraLinear(nn.Linear(d, d), init_r, alpha=ALPHA) for i in range(n)}
 
 
+def random_grad_step(alloc: RankAllocator, modules: dict[str, AdaLoraLinear], step: int) -> None:
+    """One allocator step with random gradients on every factor (the allocator reads them)."""
+    for layer in modules.values():
+        for part in PARTS:
+            getattr(layer, part).grad = torch.randn_like(getattr(layer, part))
+    alloc.update_and_allocate(step)
+
+
 def copy_from_peft(peft, modules) -> None:
     params = dict(peft.base_model.model.named_parameters())
     with torch.no_grad():
@@ -111,10 +119,7 @@ def test_masks_only_every_delta_t_then_freeze_then_reapply(monkeypatch):
     monkeypatch.setattr(alloc, "mask_to_budget", lambda b: masked.append((step, b)) or real_mask(b))
     monkeypatch.setattr(alloc, "apply_rank_pattern", lambda: reapplied.append(step) or real_apply())
     for step in range(14):
-        for layer in modules.values():
-            for part in PARTS:
-                getattr(layer, part).grad = torch.randn_like(getattr(layer, part))
-        alloc.update_and_allocate(step)
+        random_grad_step(alloc, modules, step)
         assert (alloc.rank_pattern is None) == (step < 3)
     decay = [(t, alloc.budget_schedule(t)[0]) for t in (3, 6, 9)]  # tinit < t < T − tfinal = 11, t % 3 == 0
     assert masked == decay + [(11, 2)] and reapplied == [12, 13] and alloc.frozen
@@ -196,10 +201,7 @@ def test_init_r_equal_target_r_keeps_everything():
     modules = toy_modules(n=2, init_r=2)
     alloc = allocator(modules, init_r=2, target_r=2, tinit=0, tfinal=1, total_step=4, deltaT=1)
     for step in range(4):
-        for layer in modules.values():
-            for part in PARTS:
-                getattr(layer, part).grad = torch.randn_like(getattr(layer, part))
-        alloc.update_and_allocate(step)
+        random_grad_step(alloc, modules, step)
     assert all(all(mask) for mask in alloc.rank_pattern.values())
 
 
@@ -207,10 +209,7 @@ def test_allocator_state_round_trips():
     modules = toy_modules()
     alloc = allocator(modules, init_r=3, target_r=1, tinit=0, tfinal=2, total_step=8, deltaT=1)
     for step in range(3):
-        for layer in modules.values():
-            for part in PARTS:
-                getattr(layer, part).grad = torch.randn_like(getattr(layer, part))
-        alloc.update_and_allocate(step)
+        random_grad_step(alloc, modules, step)
     resumed = allocator(modules, init_r=3, target_r=1, tinit=0, tfinal=2, total_step=8, deltaT=1)
     resumed.load_state_dict(alloc.state_dict())
     assert resumed.rank_pattern == alloc.rank_pattern and resumed.frozen == alloc.frozen

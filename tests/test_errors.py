@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clients.client import AsyncClient, Client
-from tests.helpers import make_peft_adapter, start_server
+from tests.helpers import make_peft_adapter, start_server, status_of
 
 C = grpc.StatusCode
 
@@ -71,12 +71,6 @@ def server(model_dirs, adapter_root):
 def client(server):
     with Client(server.target, timeout=30) as c:
         yield c
-
-
-def status_of(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value.code(), info.value.details()
 
 
 def test_unknown_adapter_is_not_found_never_the_base_model(client):

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -17,7 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from server import app as server_app
 from clients.client import Client
 from protos.loraplex.v1 import inference_pb2 as pb
-from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, start_server
+from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, start_server, wait_for
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 REPO = Path(__file__).resolve().parent.parent
@@ -38,15 +37,6 @@ def server(model_dirs, adapter_root):
     s = start_server(model_dirs["llama"], adapter_root)
     yield s
     s.stop()
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_cancelled_stream_frees_its_row(server):

@@ -6,15 +6,9 @@ import grpc
 import pytest
 
 from clients.client import AsyncClient, Client
-from tests.helpers import make_peft_adapter, scrape, start_server
+from tests.helpers import make_peft_adapter, scrape, start_server, status_of
 
 C = grpc.StatusCode
-
-
-def status_of(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value.code(), info.value.details()
 
 
 @pytest.fixture(scope="module")

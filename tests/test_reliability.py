@@ -10,19 +10,10 @@ import grpc
 import pytest
 
 from clients.client import AsyncClient, Client
-from tests.helpers import make_peft_adapter, scrape, start_server
+from tests.helpers import make_peft_adapter, scrape, start_server, wait_for
 
 C = grpc.StatusCode
 PROMPT = [5, 6, 7, 8]
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +52,7 @@ def test_hundred_cancelled_streams_free_rows_and_kv_memory(server):
         start_time = time.monotonic()
         for call in calls:
             call.cancel()
-        assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0)
+        assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0, timeout=10)
         freed = time.monotonic() - start_time
         after = scrape(server)
     finally:
@@ -82,7 +73,7 @@ def test_expired_deadlines_free_rows_and_kv_memory(server):
             return await asyncio.gather(*calls, return_exceptions=True)
     results = asyncio.run(run())
     assert all(isinstance(r, grpc.RpcError) and r.code() == C.DEADLINE_EXCEEDED for r in results)
-    assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0)
+    assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0, timeout=10)
     after = scrape(server)
     assert after["loraplex_kv_cache_bytes"] == 0 and after["loraplex_num_requests_waiting"] == 0
 
@@ -267,7 +258,7 @@ def test_engine_thread_death_turns_health_not_serving(model_dirs):
             raise SystemExit("injected: the engine thread dies")
         server.serving.engine.call(die)
         with Client(server.target, timeout=30) as client:
-            assert wait_for(lambda: client.health() == 2)  # NOT_SERVING
+            assert wait_for(lambda: client.health() == 2, timeout=10)  # NOT_SERVING
             with pytest.raises(grpc.RpcError) as info:
                 client.generate(PROMPT, max_new_tokens=2)
             assert info.value.code() == C.UNAVAILABLE and "engine" in info.value.details()

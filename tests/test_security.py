@@ -9,16 +9,10 @@ from clients import cli
 from clients.client import Client, Tls
 from server.auth import TokenFileError, read_tokens
 from tests.certs import make_pki
-from tests.helpers import make_peft_adapter, start_server
+from tests.helpers import make_peft_adapter, start_server, status_of
 
 C = grpc.StatusCode
 USER, ADMIN, WRONG = "user-token-0123456789abcdef", "admin-token-0123456789abcdef", "not-the-token-0123456789"
-
-
-def status_of(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value.code(), info.value.details()
 
 
 @pytest.fixture(scope="module")

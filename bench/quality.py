@@ -15,7 +15,6 @@ the train loss, averaged over a 20-step window, falls to --loss-threshold.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from adapters.layer import linear_dims  # noqa: E402
 from adapters.reslora import MERGE_METHODS  # noqa: E402
 from adapters.targets import ALL_LINEAR, linear_modules  # noqa: E402
 from adapters.training import TrainSettings  # noqa: E402
-from loader.builtin import served_accuracy  # noqa: E402
+from loader.builtin import served_accuracy, write_jsonl  # noqa: E402
 from loader.builtin_tasks import examples  # noqa: E402
 from loader.default_model import BUILTIN_DIR  # noqa: E402
 from loader.merge import merge_reslora  # noqa: E402
@@ -91,16 +90,11 @@ def steps_to(losses: list[tuple[int, float]], threshold: float) -> int | None:
     return None
 
 
-def write_data(path: Path, tasks: list[str], n: int, seed: int) -> Path:
-    path.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n"
-                            for r in examples(tasks, n, seed)))
-    return path
-
-
 def run_one(name: str, fields: dict, tasks: list[str], model_dir: Path, work: Path, args, seed: int) -> list[dict]:
     """Train one config on `tasks`; one result row for its training form and one per served form."""
     out = work / f"{name.replace(' ', '_')}-{'+'.join(tasks)}-{seed}"
-    data = write_data(work / f"{'+'.join(tasks)}-{seed}.jsonl", tasks, args.steps * args.batch_size, seed + 1)
+    data = write_jsonl(work / f"{'+'.join(tasks)}-{seed}.jsonl",
+                       examples(tasks, args.steps * args.batch_size, seed + 1))
     job = TrainJob(data=str(data), out=str(out), model=str(model_dir), target_modules="all-linear",
                    overwrite=True, settings=TrainSettings(lr=args.lr, max_steps=args.steps,
                                                           batch_size=args.batch_size, eval_every=10 ** 9, seed=seed),

@@ -58,7 +58,8 @@ LR_FACTOR = {"hydralora": 0.6}
 TASK_WEIGHTS = {"double": 2}  # the hardest of the three (it must count to stop): sampled twice as often
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Training data in `loraplex train`'s prompt/completion JSONL."""
     path.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n" for r in rows))
     return path
 
@@ -70,7 +71,7 @@ def pretrain(out: Path, s: BuildSettings, work: Path) -> None:
                          max_position_embeddings=256)
     torch.manual_seed(s.seed)
     model = AutoModelForCausalLM.from_config(config).to(s.device)
-    data = _write(work / "base.jsonl", examples(sorted(BASE_TASKS), s.base_steps * s.batch_size // 4, s.seed))
+    data = write_jsonl(work / "base.jsonl", examples(sorted(BASE_TASKS), s.base_steps * s.batch_size // 4, s.seed))
     settings = TrainSettings(lr=s.base_lr, epochs=4, batch_size=s.batch_size, warmup_ratio=0.05, seed=s.seed,
                              eval_every=10 ** 9, weight_decay=0.01)
     Trainer(model, settings, tokenizer.pad_token_id).run(read_jsonl(data, tokenizer, 64))
@@ -85,7 +86,7 @@ def train_adapters(model_dir: Path, root: Path, s: BuildSettings, work: Path, on
             continue
         steps = int(s.adapter_steps * STEPS_FACTOR.get(kind, 1))
         mixture = [t for t in sorted(tasks) for _ in range(TASK_WEIGHTS.get(t, 1))]
-        data = _write(work / f"{adapter_id}.jsonl", examples(mixture, steps * s.batch_size, s.seed + 1))
+        data = write_jsonl(work / f"{adapter_id}.jsonl", examples(mixture, steps * s.batch_size, s.seed + 1))
         fields = {"rank": s.adapter_rank, "alpha": 2 * s.adapter_rank, **ADAPTER_JOBS[kind](s.adapter_rank)}
         job = TrainJob(method=kind, data=str(data), out=str(root / adapter_id), model=str(model_dir), device=s.device,
                        target_modules="all-linear", overwrite=True,

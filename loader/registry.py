@@ -136,16 +136,18 @@ class AdapterRegistry:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.error("ignoring unreadable adapter state file %s: %s", self.state_file, exc)
             return []
-        with self._lock:
-            self._loaded.update(entries)
         failed = []
-        for adapter_id, pinned in entries.items():
+        for adapter_id, pinned in entries.items():  # the file is left as is until every entry has been tried
             try:
-                self.load(adapter_id, replace=True, pin=pinned)
+                with self._id_lock(adapter_id):
+                    self._read(adapter_id, self.path_for(adapter_id), replace=True, pin=pinned, reread=False)
+                with self._lock:
+                    self._loaded[adapter_id] = pinned
             except Exception as exc:  # one broken adapter must not keep the server down
                 log.error("could not load adapter %r again from the state file: %s", adapter_id, exc)
                 failed.append(adapter_id)
-                self._record_state(adapter_id, None)
+        if failed:
+            self._write_state()
         return failed
 
     def get(self, adapter_id: str) -> AdapterRecord:
@@ -208,6 +210,9 @@ class AdapterRegistry:
                 self._loaded.pop(adapter_id, None)
             else:
                 self._loaded[adapter_id] = pinned
+        self._write_state()
+
+    def _write_state(self) -> None:
         if self.state_file is None:
             return
         with self._state_lock:

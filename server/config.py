@@ -92,6 +92,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
 
 
+INT32 = 2 ** 31 - 1  # GetServerInfo reports these limits as 32-bit
+BOUNDS = {  # flag -> (lowest, highest or None); 0 lets the model decide where the lowest is 0
+    "max_batch_size": (1, INT32), "max_active_adapters": (1, INT32), "max_lora_rank": (1, INT32),
+    "max_hydra_heads": (1, INT32), "max_queue_size": (1, INT32), "max_concurrent_rpcs": (1, INT32),
+    "default_max_new_tokens": (1, INT32), "max_adapter_bytes": (1, None), "max_prompt_tokens": (0, INT32),
+    "max_new_tokens": (0, INT32), "max_kv_tokens": (0, None),
+}
+
+
 class ConfigError(ValueError):
     """A flag, or a file a flag names, that cannot work: reported in one line before anything is loaded."""
 
@@ -102,18 +111,13 @@ def check_config(c: ServerConfig) -> None:
         raise ConfigError("--tls-cert and --tls-key go together")
     if c.tls_client_ca and not c.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert/--tls-key (mutual TLS is TLS first)")
-    for name in ("max_batch_size", "max_active_adapters", "max_lora_rank", "max_hydra_heads", "max_queue_size",
-                 "max_concurrent_rpcs", "default_max_new_tokens", "max_adapter_bytes"):
-        if getattr(c, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
-    for name in ("max_batch_size", "max_active_adapters", "max_lora_rank", "max_hydra_heads", "max_queue_size",
-                 "max_concurrent_rpcs", "default_max_new_tokens", "max_prompt_tokens", "max_new_tokens"):
-        if getattr(c, name) > 2 ** 31 - 1:  # GetServerInfo reports them as 32-bit
-            raise ConfigError(f"--{name.replace('_', '-')} must be < 2^31, got {getattr(c, name)}")
-    for name in ("max_prompt_tokens", "max_new_tokens", "max_kv_tokens"):
-        if getattr(c, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0: derived from the model), "
-                             f"got {getattr(c, name)}")
+    for name, (low, high) in BOUNDS.items():
+        value, flag = getattr(c, name), "--" + name.replace("_", "-")
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low}{' (0: derived from the model)' if low == 0 else ''}, "
+                              f"got {value}")
+        if high is not None and value > high:
+            raise ConfigError(f"{flag} must be < 2^31, got {value}")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,12 @@ from server.stopping import FinishReason, StoppingParams, TextStream
 log = logging.getLogger("loraplex.engine")
 
 
+def _failed(exc: Exception) -> InternalError:
+    """What a request hears when the engine failed on its behalf: the exception's type only (the traceback is
+    logged; its text may hold internals)."""
+    return InternalError(f"request failed inside the engine: {type(exc).__name__}")
+
+
 @dataclass
 class TokenEvent:
     token_ids: list[int]
@@ -150,7 +156,7 @@ class Engine:
                 except Exception as exc:  # a bug outside the forward: fail what is in flight, keep serving
                     log.exception("engine iteration failed; failing %d running and %d waiting requests",
                                   len(self._batch) if self._batch else 0, len(self._waiting))
-                    self._reset(InternalError(f"request failed inside the engine: {type(exc).__name__}"))
+                    self._reset(_failed(exc))
                     self._wake.wait(timeout=0.01)  # a fault that repeats must not spin a core
         finally:  # also when the thread dies: nobody is left waiting for an answer (health turns NOT_SERVING)
             stopped = Unavailable("the engine stopped")
@@ -250,8 +256,7 @@ class Engine:
                 log.exception("could not place the adapter of request %s", request.request_id)
                 self._unqueue()
                 self.metrics.failure.labels("INTERNAL").inc()
-                self._tell(request, ErrorEvent(InternalError(f"request failed inside the engine: "
-                                                             f"{type(exc).__name__}")))
+                self._tell(request, ErrorEvent(_failed(exc)))
                 continue
             now = time.monotonic()
             self.metrics.queue_time.observe(now - request.arrival)
@@ -357,8 +362,7 @@ class Engine:
     def _fail_row(self, row: Row, exc: Exception) -> None:
         self.bank.release(row.slot)
         self.metrics.failure.labels("INTERNAL").inc()
-        self._tell(row.state.request, ErrorEvent(InternalError(f"request failed inside the engine: "
-                                                               f"{type(exc).__name__}")))
+        self._tell(row.state.request, ErrorEvent(_failed(exc)))
 
     def _fail_all(self, exc: Exception) -> None:
         for request in self._waiting:

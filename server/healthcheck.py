@@ -1,7 +1,7 @@
 """Container health probe: exit 0 only when grpc.health.v1.Health/Check answers SERVING.
 
 `python -m server.healthcheck --addr 127.0.0.1:50051` is the Dockerfile HEALTHCHECK; Kubernetes
-probes can run the same command. It imports only grpc, never torch, so each probe starts fast.
+probes can run the same command. It imports grpc and the client, never torch, so each probe starts fast.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.client import Tls
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -40,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
     parser.add_argument("--tls-key", default=None, help="PEM client key (mutual TLS)")
     args = parser.parse_args(argv)
-    read = lambda path: open(path, "rb").read() if path else None  # noqa: E731
-    credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert)) \
-        if args.tls_ca or args.tls_cert else None
+    credentials = Tls(args.tls_ca, args.tls_cert, args.tls_key).credentials() if args.tls_ca or args.tls_cert else None
     serving, reason = check(args.addr, args.service, args.timeout, credentials)
     print(f"{args.addr} service {args.service!r}: {reason}")
     return 0 if serving else 1

@@ -32,6 +32,10 @@ COPY . .
 RUN python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/loraplex/v1/*.proto \
  && pip install --no-deps . \
  && pip uninstall --yes grpcio-tools
+# The native CPU adapter kernel, built here because the runtime image has no compiler (it runs on CPUs
+# with AVX-512; elsewhere the server uses its torch path and says so in the log).
+RUN apt-get update && apt-get install --yes --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/* \
+ && LORAPLEX_KERNEL_DIR=/opt/loraplex/kernels python -m adapters.cpu_kernel
 
 
 FROM ${PYTHON_IMAGE} AS runtime
@@ -42,7 +46,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     HF_HOME=/home/loraplex/.cache/huggingface \
-    LORAPLEX_BUILTIN=/opt/loraplex/builtin
+    LORAPLEX_BUILTIN=/opt/loraplex/builtin \
+    LORAPLEX_KERNEL_DIR=/opt/loraplex/kernels
 RUN groupadd --gid 10001 loraplex \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/loraplex --shell /usr/sbin/nologin loraplex \
  && mkdir -p "${HF_HOME}" /models /adapters \
@@ -51,6 +56,7 @@ RUN groupadd --gid 10001 loraplex \
 # Root-owned and so read-only for the server: code, dependencies and the built-in model.
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /src/models/builtin /opt/loraplex/builtin
+COPY --from=builder /opt/loraplex/kernels /opt/loraplex/kernels
 
 WORKDIR /home/loraplex
 USER 10001:10001

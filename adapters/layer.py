@@ -25,8 +25,8 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
 
 
 class MultiAdapterLinear(nn.Module):
-    """Wraps a frozen base layer. The delta is two batched matmuls over batch-ordered factors:
-    no Python loop over adapters, no per-step gather. Rows without an adapter carry zero factors."""
+    """Wraps a frozen base layer: base(x) plus each row's own adapter delta, all rows in one call (no Python
+    loop over adapters). How the delta is computed is the batch's RowFactors' business (slot_bank.gather)."""
 
     def __init__(self, base: nn.Module, index: int, context: AdapterContext) -> None:
         super().__init__()
@@ -37,19 +37,7 @@ class MultiAdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         rows = self.context.rows
-        if rows is None or rows.a[self.index] is None:
-            return y
-        a, b, route = rows.a[self.index], rows.b[self.index], rows.route[self.index]
-        batch = x.shape[0]
-        x3 = x.reshape(batch, -1, x.shape[-1])
-        z = torch.bmm(x3.to(a.dtype), a)                                  # shrink: [B, T, r]
-        if route is not None:                                              # per-token gate (HydraLoRA)
-            gate = (torch.bmm(x3.float(), route.router) + route.bias).softmax(-1).to(z.dtype)   # [B, T, K]
-            shape = (batch, z.shape[1], route.j.shape[-1])
-            z = z.gather(-1, route.j.expand(shape)) * gate.gather(-1, route.k.expand(shape))  # g ⊗ a: [B, T, K·r]
-        # expand, added in place into the fresh base output: one pass instead of bmm + add
-        y.view(batch, -1, y.shape[-1]).baddbmm_(z, b)
-        return y
+        return y if rows is None else rows.add_delta(self.index, x, y)
 
 
 def reference_delta(x: torch.Tensor, factors: list[ModuleFactors | None], d_out: int) -> torch.Tensor:

@@ -1,24 +1,28 @@
 """Device-resident adapter slots and the per-batch row factors the adapted layers read.
 
-Per adapted module the bank keeps A^T as [S, d_in, R] and (scaled) B^T as [S, R, d_out], R =
---max-lora-rank: the expand width K·r of every adapter must fit in R. Routers (HydraLoRA) live in
-fp32 as [S, d_in, K_max] with a bias row [S, K_max] that is -inf on padded heads, so a router-less
-slot's gate is exactly (1, 0, …). Slot 0 is all zeros and means "no adapter".
+Per adapted module the bank keeps A as [S, R, d_in] and (scaled) B^T as [S, R, d_out], R =
+--max-lora-rank, in the factor dtype (the model's, or bf16 with --adapter-dtype): the expand width K·r
+of every adapter must fit in R. Routers (HydraLoRA) live in fp32 as [S, K_max, d_in] with a bias row
+[S, K_max] per module that is -inf on padded heads, so a router-less slot's gate is exactly (1, 0, …).
+Slot 0 is all zeros and means "no adapter". Per module and slot, `ranks` and `heads` record the shrink
+rank (0: not adapted) and head count.
 
-A batch does not gather from the bank at every step: `gather` copies each row's factors once into
-batch-ordered tensors (`RowFactors`), rebuilt only when the batch composition changes. Measured on 2
-CPU cores, a per-step gather costs ~60% of the base matmul, batch-ordered factors ~14%.
+`gather` turns the slots of a batch's rows into what the adapted layers read, once per batch change:
+with the native CPU kernel (adapters/cpu_kernel.py) just the slot list, the kernel reading the bank
+directly; with the torch path, batch-ordered copies of the rows' factors (adapters/torch_rows.py).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from adapters.canonical import CanonicalAdapter
 
 NO_ADAPTER = 0
+KERNELS = ("torch", "native")
 
 
 @dataclass(frozen=True)
@@ -28,24 +32,11 @@ class ModuleShape:
     d_out: int
 
 
-@dataclass(frozen=True)
-class Route:
-    """Per-row gating for one module: router [B, d_in, K] and bias [B, 1, K] (fp32); z[c] = a[j[c]] · g[k[c]]."""
+class RowFactors(Protocol):
+    """The adapters of one batch's rows, as the adapted layers apply them."""
 
-    router: torch.Tensor
-    bias: torch.Tensor
-    j: torch.Tensor  # [B, 1, W] shrink column feeding expand column c
-    k: torch.Tensor  # [B, 1, W] head gating expand column c
-
-
-@dataclass(frozen=True)
-class RowFactors:
-    """Per adapted module (by index): A^T rows [B, d_in, r], B^T rows [B, W, d_out] and an optional Route;
-    None when no row of the batch adapts the module."""
-
-    a: list[torch.Tensor | None]
-    b: list[torch.Tensor | None]
-    route: list[Route | None]
+    def add_delta(self, index: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + every row's delta of module `index` for activations x [B, T, d_in]; may update y in place."""
 
 
 class AdapterContext:
@@ -61,22 +52,30 @@ class SlotsFull(Exception):
 
 class SlotBank:
     def __init__(self, shapes: list[ModuleShape], num_slots: int, max_rank: int,
-                 device: torch.device, dtype: torch.dtype, max_heads: int = 8) -> None:
+                 device: torch.device, dtype: torch.dtype, max_heads: int = 8, kernel: str = "torch",
+                 compute_dtype: torch.dtype | None = None) -> None:
+        """dtype: how factors are stored; compute_dtype: the activations' (the model's) dtype, default dtype."""
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
         self.shapes = shapes
         self.index = {s.name: i for i, s in enumerate(shapes)}
         self.num_slots = num_slots  # usable slots, slot 0 excluded
         self.max_rank = max_rank
         self.max_heads = max_heads
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.kernel = device, dtype, kernel
+        self.compute_dtype = compute_dtype or dtype
+        if kernel == "native":
+            from adapters.cpu_kernel import check_bank
+            check_bank(device, dtype, self.compute_dtype)
         n = num_slots + 1
-        self.a = [torch.zeros(n, s.d_in, max_rank, device=device, dtype=dtype) for s in shapes]
+        self.a = [torch.zeros(n, max_rank, s.d_in, device=device, dtype=dtype) for s in shapes]
         self.b = [torch.zeros(n, max_rank, s.d_out, device=device, dtype=dtype) for s in shapes]
         self.g: list[torch.Tensor | None] = [None] * len(shapes)  # allocated on the first routed adapter
         self.g_bias = torch.full((n, len(shapes), max_heads), float("-inf"), device=device)
         self.g_bias[:, :, 0] = 0.0
-        # Per slot and module: shrink rank (0 = not adapted) and head count; they size the row gather.
-        self.ranks = torch.zeros(n, len(shapes), dtype=torch.long)
-        self.heads = torch.ones(n, len(shapes), dtype=torch.long)
+        # Per module and slot (module-major: one module's row is contiguous for the kernel).
+        self.ranks = torch.zeros(len(shapes), n, dtype=torch.int32, device=device)
+        self.heads = torch.ones(len(shapes), n, dtype=torch.int32, device=device)
         self._slot_of: dict[tuple, int] = {}
         self._key_of: dict[int, tuple] = {}
         self._refs = [0] * n
@@ -134,8 +133,8 @@ class SlotBank:
         return self.num_slots - len(self._idle)
 
     def _write(self, slot: int, adapter: CanonicalAdapter) -> None:
-        self.ranks[slot].zero_()
-        self.heads[slot].fill_(1)
+        self.ranks[:, slot] = 0
+        self.heads[:, slot] = 1
         self.g_bias[slot].fill_(float("-inf"))
         self.g_bias[slot, :, 0] = 0.0
         for i in range(len(self.shapes)):
@@ -145,42 +144,25 @@ class SlotBank:
                 self.g[i][slot].zero_()
         for name, f in adapter.modules.items():
             i, r, w = self.index[name], f.rank, f.width
-            self.a[i][slot, :, :r].copy_(f.a.t())
+            self.a[i][slot, :r, :].copy_(f.a)
             self.b[i][slot, :w, :].copy_(f.b.t())
-            self.ranks[slot, i] = r
+            self.ranks[i, slot] = r
             if f.router is not None:
                 if self.g[i] is None:
-                    self.g[i] = torch.zeros(self.num_slots + 1, self.shapes[i].d_in, self.max_heads,
+                    self.g[i] = torch.zeros(self.num_slots + 1, self.max_heads, self.shapes[i].d_in,
                                             device=self.device)
                 k = f.heads
-                self.g[i][slot, :, :k].copy_(f.router.t())
+                self.g[i][slot, :k, :].copy_(f.router)
                 self.g_bias[slot, i, :k] = 0.0 if f.router_bias is None else f.router_bias
-                self.heads[slot, i] = k
+                self.heads[i, slot] = k
 
     # -- per batch ------------------------------------------------------------------------------
     def gather(self, slots: list[int]) -> RowFactors | None:
-        """Batch-ordered factors for rows using `slots`, cut to the widest rank (and head count) present."""
+        """What the adapted layers read for rows using `slots` (None: no row has an adapter)."""
         if not any(slots):
             return None
-        idx = torch.tensor(slots, dtype=torch.long)
-        ranks, heads = self.ranks.index_select(0, idx), self.heads.index_select(0, idx)
-        dev_idx = idx.to(self.device)
-        a, b, route = [], [], []
-        for i, (r, k, w) in enumerate(zip(ranks.amax(0).tolist(), heads.amax(0).tolist(),
-                                          (ranks * heads).amax(0).tolist())):
-            if r == 0:
-                a.append(None), b.append(None), route.append(None)
-                continue
-            a.append(self.a[i][:, :, :r].index_select(0, dev_idx))
-            b.append(self.b[i][:, :w, :].index_select(0, dev_idx))
-            route.append(None if k == 1 else self._route(i, idx, dev_idx, ranks[:, i], k, w))
-        return RowFactors(a, b, route)
-
-    def _route(self, i: int, idx, dev_idx, ranks: torch.Tensor, k: int, w: int) -> Route:
-        column = torch.arange(w)
-        own = ranks.clamp(min=1)[:, None]  # each row's own rank: head h fills columns [h·r, (h+1)·r)
-        j = torch.minimum(column % own, own - 1)
-        h = (column // own).clamp(max=k - 1)
-        return Route(self.g[i][:, :, :k].index_select(0, dev_idx),
-                     self.g_bias[:, i, :k].index_select(0, dev_idx)[:, None, :].to(self.device),
-                     j[:, None, :].to(self.device), h[:, None, :].to(self.device))
+        if self.kernel == "native":
+            from adapters.cpu_kernel import NativeRows
+            return NativeRows(self, slots)
+        from adapters.torch_rows import TorchRows
+        return TorchRows.gather(self, slots)

@@ -5,8 +5,10 @@ configuration relative to the base model, measured side by side in interleaved r
   (c) AdaLoRA, per-layer ranks averaging 16 (32 distinct; PEFT ADALORA layout with rank_pattern masks)
   (d) an even mix: 8 LoRA + 8 AdaLoRA + 8 HydraLoRA + 8 ResLoRA (bs, pre_num 1, merged at load)
 Targets: Hydra time <= 1.15 x LoRA time at equal effective rank (a/b <= 1.15); mix >= 0.75 x base.
+Each server variant (--variants: adapter kernel / factor dtype) runs in its own server process; every round
+runs every configuration on every variant, so all ratios are measured side by side.
 
-    .venv/bin/python bench/adapter_kinds.py [--device cuda] [--repeats 5]
+    .venv/bin/python bench/adapter_kinds.py [--device cuda --variants torch/auto] [--repeats 5]
 
 Same model, prompts, server process and reporting conventions as bench/mixed_adapters.py.
 """
@@ -45,6 +47,8 @@ PER_KIND = 32
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(p)
+    p.add_argument("--variants", default="torch/float32,native/float32,native/bfloat16",
+                   help="comma-separated server variants KERNEL/FACTOR_DTYPE (--adapter-kernel / --adapter-dtype)")
     args = p.parse_args(argv)
     args.rank = 32              # slot width: LoRA r=32, Hydra 4x8, AdaLoRA up to 32, ResLoRA bs 2x16
     args.adapters = 4 * PER_KIND  # every adapter keeps its slot: no slot writes inside a timed round
@@ -132,33 +136,40 @@ def main(argv=None) -> int:
             "c": ("AdaLoRA ranks 8-24 (mean 16)", kinds["adalora"][:args.requests]),
             "d": ("mix: LoRA+AdaLoRA+Hydra+ResLoRA", mix),
         }
-        engine = EngineBench(model_dir, root, [n for names in kinds.values() for n in names], args)
-        results: dict[str, list[float]] = {k: [] for k in configs}
+        variants = [tuple(v.split("/")) for v in args.variants.split(",")]
+        engines = {v: EngineBench(model_dir, root, [n for names in kinds.values() for n in names], args, *v)
+                   for v in variants}
+        results: dict[tuple, list[float]] = {(v, k): [] for v in variants for k in configs}
         try:
             for rnd in range(args.repeats + 1):
-                for key, (label, ids) in configs.items():
-                    wall, tokens, _ = engine.round(prompts, ids, new)
-                    assert sum(map(len, tokens)) == len(prompts) * new
-                    print(f"  {'warm-up' if rnd == 0 else f'round {rnd}':8s} ({key}) {label:34s} "
-                          f"{len(prompts) * new / wall:8.1f} tok/s", flush=True)
-                    if rnd:
-                        results[key].append(len(prompts) * new / wall)
+                for v, engine in engines.items():
+                    for key, (label, ids) in configs.items():
+                        wall, tokens, _ = engine.round(prompts, ids, new)
+                        assert sum(map(len, tokens)) == len(prompts) * new
+                        print(f"  {'warm-up' if rnd == 0 else f'round {rnd}':8s} {'/'.join(v):16s} ({key}) "
+                              f"{label:34s} {len(prompts) * new / wall:8.1f} tok/s", flush=True)
+                        if rnd:
+                            results[v, key].append(len(prompts) * new / wall)
         finally:
-            engine.close()
+            for engine in engines.values():
+                engine.close()
     median = {k: statistics.median(v) for k, v in results.items()}
     lines = [f"adapter_kinds: {args.requests} rows x {new} new tokens, prompts {args.prompt_min}-{args.prompt_max} "
              f"tokens; same model as mixed_adapters ({args.device}, fp32); all seven projections adapted; "
-             f"median of {args.repeats} interleaved runs",
+             f"median of {args.repeats} interleaved runs; server variants (--adapter-kernel/--adapter-dtype) "
+             f"{', '.join('/'.join(v) for v in variants)}",
              f"command: {command}", f"machine: {machine(args)}", f"code: {args.code}", "",
-             "| config | tokens/s (median) | vs base | runs |", "|---|---:|---:|---|"]
+             "| config | " + " | ".join(f"{'/'.join(v)} tok/s | vs base" for v in variants) + " |",
+             "|---|" + "---:|---:|" * len(variants)]
     for key, (label, _) in configs.items():
-        lines.append(f"| ({key}) {label} | {median[key]:.1f} | {median[key] / median['base']:.3f} | "
-                     f"{', '.join(f'{x:.1f}' for x in results[key])} |")
-    hydra_cost = median["a"] / median["b"]
-    lines += ["", f"Hydra time / LoRA time (equal width 32) = {hydra_cost:.3f} "
-                  f"(target <= 1.15: {'met' if hydra_cost <= 1.15 else 'NOT met'})",
-              f"mix / base = {median['d'] / median['base']:.3f} "
-              f"(target >= 0.75: {'met' if median['d'] / median['base'] >= 0.75 else 'NOT met'})"]
+        cells = [f"{median[v, key]:.1f} | {median[v, key] / median[v, 'base']:.3f}" for v in variants]
+        lines.append(f"| ({key}) {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for v in variants:
+        hydra_cost, mix = median[v, "a"] / median[v, "b"], median[v, "d"] / median[v, "base"]
+        lines.append(f"{'/'.join(v)}: Hydra time / LoRA time (equal width 32) = {hydra_cost:.3f} "
+                     f"(target <= 1.15: {'met' if hydra_cost <= 1.15 else 'NOT met'}); mix / base = {mix:.3f} "
+                     f"(target >= 0.75: {'met' if mix >= 0.75 else 'NOT met'})")
     print("\n" + "\n".join(lines), flush=True)
     return 0
 

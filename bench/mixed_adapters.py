@@ -81,6 +81,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     a("--server-module", default="server",
       help="module run as `python -m MODULE` for --server process (to A/B an engine variant; default: server)")
     a("--workdir", default=None, help="where to build model and adapters (default: a temporary directory)")
+    a("--adapter-kernel", default="auto", choices=["auto", "native", "torch"], help="the server's --adapter-kernel")
+    a("--adapter-dtype", default="auto", help="the server's --adapter-dtype")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -160,18 +162,22 @@ class EngineBench:
     (what `loraplex serve` runs) in a child process; `inprocess` runs server.app.BackgroundServer in this
     process, where this process's own torch threads (HF/PEFT rounds) share libgomp with the engine."""
 
-    def __init__(self, model_dir: Path, adapter_root: Path, names: list[str], args) -> None:
+    def __init__(self, model_dir: Path, adapter_root: Path, names: list[str], args, kernel: str | None = None,
+                 factors: str | None = None) -> None:
         self.config = ServerConfig(model=str(model_dir), adapter_root=str(adapter_root), port=free_port(),
                                    metrics_port=free_port(), device=args.device, max_batch_size=args.requests,
                                    max_active_adapters=args.adapters, max_lora_rank=args.rank,
-                                   threads=args.threads, log_level="WARNING")
+                                   threads=args.threads, log_level="WARNING",
+                                   adapter_kernel=kernel or args.adapter_kernel,
+                                   adapter_dtype=factors or args.adapter_dtype)
         self.proc: ServerProcess | None = None
         self.server: BackgroundServer | None = None
         if args.server == "process":
             c = self.config
             flags = ["--model", c.model, "--adapter-root", c.adapter_root, "--device", c.device,
                      "--max-batch-size", c.max_batch_size, "--max-active-adapters", c.max_active_adapters,
-                     "--max-lora-rank", c.max_lora_rank, "--threads", c.threads, "--log-level", c.log_level]
+                     "--max-lora-rank", c.max_lora_rank, "--threads", c.threads, "--log-level", c.log_level,
+                     "--adapter-kernel", c.adapter_kernel, "--adapter-dtype", c.adapter_dtype]
             self.proc = ServerProcess(flags, args.server_module, dict(kv.split("=", 1) for kv in args.server_env))
             self.config = replace(c, port=self.proc.port, metrics_port=self.proc.metrics_port)
         else:

@@ -14,6 +14,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from adapters import cpu_kernel
 from adapters.slot_bank import SlotBank
 from loader.base_model import load_base_model
 from loader.default_model import default_adapter_root
@@ -68,7 +69,28 @@ def run_isolated(fn, *args):
     return outcome["value"]
 
 
-def build_serving(config: ServerConfig, metrics: Metrics) -> Serving:
+def adapter_kernel(config: ServerConfig) -> str:
+    """--adapter-kernel resolved before anything is loaded: native where it can run, else torch (a ConfigError
+    when native was asked for by name). Builds the kernel on its first use on this machine (about a second)."""
+    factors = config.dtype if config.adapter_dtype == "auto" else config.adapter_dtype
+    if config.adapter_kernel == "torch":
+        why = "--adapter-kernel torch"
+    elif not config.device.startswith("cpu") or config.dtype != "float32":
+        why = f"it computes on the CPU in float32 (here {config.device}, {config.dtype})"
+    elif getattr(torch, factors) not in cpu_kernel.FACTOR_DTYPES:
+        why = f"it reads float32 or bfloat16 factors, not {factors}"
+    else:
+        why = cpu_kernel.available()
+    if why is None:
+        log.info("adapter kernel: native CPU kernel, %s factors", factors)
+        return "native"
+    if config.adapter_kernel == "native":
+        raise ConfigError(f"--adapter-kernel native cannot run: {why}")
+    log.info("adapter kernel: torch, %s factors (native CPU kernel not used: %s)", factors, why)
+    return "torch"
+
+
+def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Serving:
     """Load the model, inject adapter layers, allocate the slot bank, start the engine (blocking)."""
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -76,8 +98,9 @@ def build_serving(config: ServerConfig, metrics: Metrics) -> Serving:
     targets = ALL_LINEAR if config.target_modules == ALL_LINEAR else config.target_modules.split(",")
     context, shapes = inject(base.model, targets)
     dtype = next(base.model.parameters()).dtype
-    bank = SlotBank(shapes, config.max_active_adapters, config.max_lora_rank, torch.device(config.device), dtype,
-                    config.max_hydra_heads)
+    factor_dtype = dtype if config.adapter_dtype == "auto" else getattr(torch, config.adapter_dtype)
+    bank = SlotBank(shapes, config.max_active_adapters, config.max_lora_rank, torch.device(config.device),
+                    factor_dtype, config.max_hydra_heads, kernel, dtype)
     runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
     limits = resolve_limits(config, base.max_context)
     engine = Engine(runner, base.tokenizer, base.eos_token_ids,
@@ -138,6 +161,7 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     (health still NOT_SERVING), `on_ready(ports)` once the model is warm and health says SERVING. `serving`,
     when given, is filled in with the live parts (tests reach the engine through it)."""
     check_config(config)
+    kernel = adapter_kernel(config)
     user_tokens = read_tokens(config.auth_token_file) if config.auth_token_file else ()
     admin_tokens = read_tokens(config.admin_token_file) if config.admin_token_file else ()
     metrics = Metrics(config.max_batch_size)
@@ -175,7 +199,7 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
-    loaded = await loop.run_in_executor(None, run_isolated, build_serving, config, metrics)
+    loaded = await loop.run_in_executor(None, run_isolated, build_serving, config, metrics, kernel)
     serving.__dict__.update(loaded.__dict__)
     for name in ["", *SERVICES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -15,6 +15,8 @@ class ServerConfig:
     metrics_port: int = 9090
     device: str = "cpu"
     dtype: str = "float32"
+    adapter_kernel: str = "auto"     # auto: native on a CPU with AVX-512 where it builds, else torch
+    adapter_dtype: str = "auto"      # how slot factors are stored; auto: the model's dtype
     max_batch_size: int = 32
     max_active_adapters: int = 32
     max_lora_rank: int = 64
@@ -52,6 +54,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port (0 picks a free one)")
     a("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
     a("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    a("--adapter-kernel", default=d.adapter_kernel, choices=["auto", "native", "torch"],
+      help="how adapter deltas are computed: native (CPU, AVX-512, float32 model; built with the system C compiler "
+           "on first use), torch (batched matmuls, any device), auto (native where it runs, else torch)")
+    a("--adapter-dtype", default=d.adapter_dtype, choices=["auto", "float32", "bfloat16", "float16"],
+      help="dtype adapter factors are stored in on the device (auto: the model's); bfloat16 halves the bytes each "
+           "decode step reads, rounding factors to 8 significant bits (the arithmetic stays in the model's dtype)")
     a("--max-batch-size", type=int, default=d.max_batch_size, help="rows per forward pass")
     a("--max-active-adapters", type=int, default=d.max_active_adapters, help="device adapter slots")
     a("--max-lora-rank", type=int, default=d.max_lora_rank,
@@ -109,6 +117,8 @@ def check_config(c: ServerConfig) -> None:
     """Flag combinations that cannot work, reported before anything is loaded."""
     if bool(c.tls_cert) != bool(c.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    if c.adapter_kernel == "native" and (not c.device.startswith("cpu") or c.dtype != "float32"):
+        raise ConfigError(f"--adapter-kernel native runs on the CPU with --dtype float32, not {c.device} / {c.dtype}")
     if c.tls_client_ca and not c.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert/--tls-key (mutual TLS is TLS first)")
     for name, (low, high) in BOUNDS.items():

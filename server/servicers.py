@@ -193,6 +193,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 max_queue_size=c.max_queue_size, default_max_new_tokens=c.default_max_new_tokens,
                 autoload_adapters=c.autoload_adapters, auth_required=bool(c.auth_token_file),
                 admin_auth_required=bool(c.admin_token_file or c.auth_token_file),
+                adapter_kernel=s.engine.bank.kernel, adapter_dtype=str(s.engine.bank.dtype).removeprefix("torch."),
                 limits=pb.Limits(
                     max_prompt_tokens=s.limits.max_prompt_tokens, max_new_tokens=s.limits.max_new_tokens,
                     max_concurrent_rpcs=c.max_concurrent_rpcs, max_queue_size=c.max_queue_size,

@@ -34,10 +34,11 @@ def adapter_root(model_dirs, tmp_path_factory):
     return root
 
 
-def test_mixed_kinds_logits_equal_each_alone(model_dirs, adapter_root):
+@pytest.mark.parametrize("kernel", ["torch", "native"])
+def test_mixed_kinds_logits_equal_each_alone(model_dirs, adapter_root, kernel):
     base = load_base_model(str(model_dirs["llama"]), "cpu", "float32")
     context, shapes = inject(base.model)
-    bank = SlotBank(shapes, num_slots=8, max_rank=16, device=torch.device("cpu"), dtype=torch.float32)
+    bank = SlotBank(shapes, num_slots=8, max_rank=16, device=torch.device("cpu"), dtype=torch.float32, kernel=kernel)
     by_name = {s.name: s for s in shapes}
     slot = {"": 0, **{k: bank.acquire(read_adapter(adapter_root / k, k, by_name, 16, i + 1))
                       for i, k in enumerate(KINDS[1:])}}

@@ -1,0 +1,188 @@
+"""The native CPU kernel against the per-row reference: every kind of row, prefill and decode shapes, odd
+dimensions, fp32 and bf16 factors; a row's delta does not depend on its batch; the server picks the kernel,
+reports it, and refuses `--adapter-kernel native` where it cannot run."""
+import asyncio
+import logging
+
+import pytest
+import torch
+
+from adapters import cpu_kernel
+from adapters.canonical import ModuleFactors
+from adapters.layer import MultiAdapterLinear, reference_delta
+from adapters.slot_bank import AdapterContext, ModuleShape, SlotBank
+from clients import cli
+from clients.client import AsyncClient, Client
+from loader.hydra_files import save_hydralora
+from tests.helpers import LLAMA_TARGETS, make_hydra_model, make_peft_adalora, make_peft_adapter, start_server
+
+if cpu_kernel._cpu_problem():  # a CPU without AVX-512 cannot run the kernel at all; anything else must work
+    pytest.skip(f"native kernel: {cpu_kernel._cpu_problem()}", allow_module_level=True)
+
+
+class Fake:
+    """An adapter with one module 'm': rank r, K heads (router) or plain LoRA."""
+
+    def __init__(self, serial: int, d_in: int, d_out: int, r: int, heads: int | None = None, bias: bool = False):
+        self.key = ("fake", serial)
+        router = None if heads is None else torch.randn(heads, d_in)
+        self.modules = {"m": ModuleFactors(torch.randn(r, d_in) / d_in ** 0.5, torch.randn(d_out, r * (heads or 1)),
+                                           router, torch.randn(heads) if bias else None)}
+
+
+def rounded(adapter, dtype):
+    """The factors as a bank of `dtype` holds them (routers stay fp32)."""
+    if adapter is None:
+        return None
+    f = adapter.modules["m"]
+    return ModuleFactors(f.a.to(dtype).float(), f.b.to(dtype).float(), f.router, f.router_bias)
+
+
+def layer_delta(bank, slots, x):
+    context = AdapterContext()
+    layer = MultiAdapterLinear(torch.nn.Linear(x.shape[-1], bank.shapes[0].d_out), 0, context)
+    context.rows = bank.gather(slots)
+    with torch.inference_mode():
+        return layer(x) - layer.base(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d_in,d_out", [(24, 40), (64, 96), (70, 33), (512, 1408)])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_native_delta_equals_per_row_reference(dtype, d_in, d_out, tokens):
+    """LoRA of several ranks, HydraLoRA with 2-4 heads (with and without router bias), full-width rows and
+    base rows in one batch; dimensions that are and are not multiples of the vector width."""
+    torch.manual_seed(d_in + d_out + tokens)
+    bank = SlotBank([ModuleShape("m", d_in, d_out)], num_slots=6, max_rank=12, device=torch.device("cpu"),
+                    dtype=dtype, max_heads=4, kernel="native", compute_dtype=torch.float32)
+    kinds = [Fake(1, d_in, d_out, 3, 2), Fake(2, d_in, d_out, 2, 4), Fake(3, d_in, d_out, 5),
+             Fake(4, d_in, d_out, 4, 3, bias=True), Fake(5, d_in, d_out, 12), Fake(6, d_in, d_out, 1)]
+    per_row = [kinds[0], None, kinds[2], kinds[1], kinds[3], kinds[0], None, kinds[4], kinds[5]]
+    slots = [0 if a is None else bank.acquire(a) for a in per_row]
+    x = torch.randn(len(per_row), tokens, d_in)
+    got = layer_delta(bank, slots, x)
+    want = reference_delta(x, [rounded(a, dtype) for a in per_row], d_out)
+    torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    assert got[1].abs().max() == 0 and got[6].abs().max() == 0  # base rows get exactly nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_delta_is_bitwise_the_same_in_any_batch(dtype):
+    torch.manual_seed(0)
+    bank = SlotBank([ModuleShape("m", 96, 160)], num_slots=4, max_rank=16, device=torch.device("cpu"),
+                    dtype=dtype, max_heads=4, kernel="native", compute_dtype=torch.float32)
+    lora, hydra, narrow = Fake(1, 96, 160, 16), Fake(2, 96, 160, 4, 4), Fake(3, 96, 160, 2)
+    slots = [bank.acquire(a) for a in (lora, hydra, narrow)]
+    x = torch.randn(7, 3, 96)
+
+    def delta(slots, x):  # straight into zeros: the base matmul's own blocking may differ with the batch size
+        return bank.gather(slots).add_delta(0, x, torch.zeros(*x.shape[:-1], 160))
+    mixed = delta([slots[0], slots[1], 0, slots[2], slots[1], slots[0], slots[2]], x)
+    for row, slot in ((0, slots[0]), (1, slots[1]), (3, slots[2])):
+        assert torch.equal(mixed[row], delta([slot], x[row:row + 1])[0])
+
+
+def test_native_and_torch_paths_agree_on_a_model(model_dirs, tmp_path):
+    """The same LoRA, AdaLoRA and HydraLoRA rows through the whole model with either kernel."""
+    from loader.base_model import load_base_model
+    from loader.inject import inject
+    from loader.peft_files import read_adapter
+    from server.batch import Row, Runner
+    from tests.helpers import decode_forced
+
+    llama = model_dirs["llama"]
+    make_peft_adapter(llama, tmp_path / "lora", 1, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
+    make_peft_adalora(llama, tmp_path / "adalora", 2, target_modules=["q_proj", "v_proj", "up_proj"])
+    _, layers = make_hydra_model(llama, 3, heads=3, r=4, alpha=8, targets=["q_proj", "gate_proj", "down_proj"])
+    save_hydralora(layers, tmp_path / "hydra", {"r": 4, "lora_alpha": 8, "lora_nums": 3})
+    prompts = [[(5 * i + j) % 200 + 4 for j in range(3 + i)] for i in range(6)]
+    logits = {}
+    for kernel in ("torch", "native"):
+        base = load_base_model(str(llama), "cpu", "float32")
+        context, shapes = inject(base.model)
+        bank = SlotBank(shapes, num_slots=4, max_rank=16, device=torch.device("cpu"), dtype=torch.float32,
+                        kernel=kernel)
+        by_name = {s.name: s for s in shapes}
+        slots = [0] + [bank.acquire(read_adapter(tmp_path / k, k, by_name, 16, i + 1))
+                       for i, k in enumerate(["lora", "adalora", "hydra"])]
+        runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
+        forced = None if not logits else logits["torch"][1]
+        logits[kernel] = decode_forced(runner, [Row(p, slots[i % 4]) for i, p in enumerate(prompts)], forced=forced)
+    for got, want in zip(logits["native"][0], logits["torch"][0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_unbuildable_kernel_is_reported_with_its_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAPLEX_KERNEL_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither gcc nor cc: only $CC=false, which is not found either
+    cpu_kernel.load.cache_clear()
+    try:
+        assert "no C compiler" in cpu_kernel.available()
+        (tmp_path / "cc").write_text("#!/bin/sh\necho 'cc: fatal error: broken' >&2\nexit 1\n")
+        (tmp_path / "cc").chmod(0o755)
+        cpu_kernel.load.cache_clear()
+        assert "failed to build cpu_kernel.c" in cpu_kernel.available() and "broken" in cpu_kernel.available()
+        assert not list((tmp_path / "empty").iterdir())  # no half-written library left behind
+    finally:
+        cpu_kernel.load.cache_clear()
+
+
+def test_kernel_builds_into_a_fresh_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAPLEX_KERNEL_DIR", str(tmp_path))
+    cpu_kernel.load.cache_clear()
+    try:
+        assert cpu_kernel.available() is None
+        assert [p.name for p in tmp_path.iterdir()] == [cpu_kernel._library_name()]
+    finally:
+        cpu_kernel.load.cache_clear()
+
+
+def test_server_reports_kernel_and_serves_bf16_factors_batch_invariantly(model_dirs, tmp_path):
+    llama = model_dirs["llama"]
+    make_peft_adapter(llama, tmp_path / "lora", 1, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
+    _, layers = make_hydra_model(llama, 3, heads=3, r=4, alpha=8, targets=["q_proj", "down_proj"])
+    save_hydralora(layers, tmp_path / "hydra", {"r": 4, "lora_alpha": 8, "lora_nums": 3})
+    prompts = [[(3 * i + j) % 200 + 4 for j in range(2 + i)] for i in range(6)]
+    ids = ["", "lora", "hydra"]
+    outputs = {}
+    for factors in ("float32", "bfloat16"):
+        server = start_server(llama, tmp_path, adapter_dtype=factors)
+        try:
+            with Client(server.target, timeout=60) as client:
+                info = client.server_info()
+                assert (info.adapter_kernel, info.adapter_dtype) == ("native", factors)
+                alone = [list(client.generate(p, ids[i % 3], max_new_tokens=8, ignore_eos=True).token_ids)
+                         for i, p in enumerate(prompts)]
+
+            async def together():
+                async with AsyncClient(server.target, timeout=60) as client:
+                    return await asyncio.gather(*[client.generate(p, ids[i % 3], max_new_tokens=8, ignore_eos=True)
+                                                  for i, p in enumerate(prompts)])
+            assert [list(r.token_ids) for r in asyncio.run(together())] == alone
+            outputs[factors] = alone
+        finally:
+            server.stop()
+    # base rows do not depend on the factor dtype at all
+    assert [outputs["float32"][i] for i in (0, 3)] == [outputs["bfloat16"][i] for i in (0, 3)]
+
+
+def test_torch_kernel_is_used_when_asked_for(model_dirs, caplog):
+    caplog.set_level(logging.INFO, logger="loraplex.app")
+    server = start_server(model_dirs["llama"], None, adapter_kernel="torch", log_level="INFO")
+    try:
+        with Client(server.target, timeout=30) as client:
+            assert client.server_info().adapter_kernel == "torch"
+    finally:
+        server.stop()
+    assert any("adapter kernel: torch" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--adapter-kernel", "native", "--dtype", "bfloat16"], "native runs on the CPU with --dtype float32"),
+    (["--adapter-kernel", "native", "--adapter-dtype", "float16"], "reads float32 or bfloat16 factors, not float16"),
+])
+def test_native_kernel_where_it_cannot_run_is_a_one_line_error(flags, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--port", "0", "--metrics-port", "0", *flags])
+    assert exit_info.value.code == 2 and needle in capsys.readouterr().err

@@ -19,6 +19,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
+# A C compiler for the native adapter kernel (built below, after the source is copied).
+RUN apt-get update && apt-get install --yes --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 # Dependencies before the source so that code edits reuse these layers. torch goes first and alone,
 # from its own index: every range in requirements.txt is then satisfied by it and no other build is pulled.
 RUN python -m venv /opt/venv \
@@ -32,10 +34,9 @@ COPY . .
 RUN python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/loraplex/v1/*.proto \
  && pip install --no-deps . \
  && pip uninstall --yes grpcio-tools
-# The native CPU adapter kernel, built here because the runtime image has no compiler (it runs on CPUs
-# with AVX-512; elsewhere the server uses its torch path and says so in the log).
-RUN apt-get update && apt-get install --yes --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/* \
- && LORAPLEX_KERNEL_DIR=/opt/loraplex/kernels python -m adapters.cpu_kernel
+# The native CPU adapter kernel, built here because the runtime image has no compiler (it runs on x86
+# CPUs with AVX-512; elsewhere the server uses its torch path and says so in the log).
+RUN mkdir -p /opt/loraplex/kernels && LORAPLEX_KERNEL_DIR=/opt/loraplex/kernels python -m adapters.cpu_kernel
 
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -11,8 +11,8 @@
    bf16 factors are widened without shuffles: a 512-bit load holds 32 bf16, and (v << 16) and
    (v & 0xffff0000) are exactly the even- and odd-indexed values as fp32. The activations are split
    into even/odd halves once per token to match (shrink), and the expand accumulates into even/odd
-   halves that are interleaved back into y at the end. Each row is computed by one thread, in an
-   order that does not depend on the other rows: a row's result is the same in any batch. */
+   halves that are interleaved back into y at the end. Each token of each row is computed by one
+   thread, in an order that does not depend on the other rows: a row's result is the same in any batch. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -123,24 +123,27 @@ static void gate(const float* router, const float* bias, int k, const float* x, 
 
 /* rows x tokens activations x [rows, tokens, d_in] and outputs y [rows, tokens, d_out] (both fp32,
    contiguous). slots[row] indexes the bank; ranks/heads[slot] are this module's (rank 0: not adapted).
-   router may be NULL when no slot adapts this module with a router; bias rows are bias_stride apart. */
-void loraplex_add_delta(int rows, int tokens, const float* x, float* y, int d_in, int d_out,
+   router may be NULL when no slot adapts this module with a router; bias rows are bias_stride apart.
+   Returns 0, or -1 when scratch memory could not be allocated (y is then incomplete). */
+int loraplex_add_delta(int rows, int tokens, const float* x, float* y, int d_in, int d_out,
                         const int32_t* slots, const int32_t* ranks, const int32_t* heads,
                         const void* a, const void* b, int factor_dtype, int max_rank,
                         const float* router, const float* bias, int64_t bias_stride, int max_heads,
                         int threads) {
+    int failed = 0;  /* a thread that cannot get its scratch memory: reported, never a partial silent result */
     const int items = rows * tokens;  /* one token of one row each; a row's tokens may go to different threads */
     const int chunk = items / (threads * 8) > 1 ? items / (threads * 8) : 1;
     #pragma omp parallel num_threads(threads)
     {
         const int half_in = d_in / 32 * 16, half_out = d_out / 32 * 16;
         float* scratch = malloc(sizeof(float) * (size_t)(2 * half_in + 2 * half_out + max_rank + max_heads));
+        const int ok = scratch != NULL;
         float *xe = scratch, *xo = xe + half_in, *ye = xo + half_in, *yo = ye + half_out;
         float *z = yo + half_out, *g = z + max_rank;
         #pragma omp for schedule(dynamic, chunk)
         for (int item = 0; item < items; item++) {
             const int s = slots[item / tokens], r = ranks[s];
-            if (r == 0) continue;
+            if (r == 0 || !ok) continue;
             const int k = heads[s], w = r * k;
             const float* xt = x + (int64_t)item * d_in;
             float* yt = y + (int64_t)item * d_out;
@@ -169,5 +172,10 @@ void loraplex_add_delta(int rows, int tokens, const float* x, float* y, int d_in
             }
         }
         free(scratch);
+        if (!ok) {
+            #pragma omp atomic write
+            failed = 1;
+        }
     }
+    return failed ? -1 : 0;
 }

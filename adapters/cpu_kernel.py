@@ -8,7 +8,7 @@ gates HydraLoRA heads in the same pass, and reads bf16 factors at full bandwidth
 matmuls reach half of it on CPU). The torch path (adapters/torch_rows.py) is the oracle it is tested against.
 
 The library is compiled with fixed AVX-512 flags (not -march=native) into $LORAPLEX_KERNEL_DIR (default
-~/.cache/loraplex), named by a hash of source, flags and compiler, so a prebuilt copy (the Docker image
+~/.cache/loraplex), named by a hash of source and flags, so a prebuilt copy (the Docker image
 ships one) is used where no compiler is installed.
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ def load() -> ctypes.CDLL:
     fn = lib.loraplex_add_delta
     p, i = ctypes.c_void_p, ctypes.c_int
     fn.argtypes = [i, i, p, p, i, i, p, p, p, p, p, i, i, p, p, ctypes.c_int64, i, i]
-    fn.restype = None
+    fn.restype = ctypes.c_int
     return lib
 
 
@@ -118,10 +118,12 @@ def add_delta(rows: int, tokens: int, x: torch.Tensor, y: torch.Tensor, slots: t
     """y += delta(x) in place for one module. x [rows·tokens, d_in] and y [rows·tokens, d_out]: contiguous fp32
     on the CPU; slots int32 [rows]; ranks/heads int32 [S] (this module); a [S, R, d_in], b [S, R, d_out];
     router [S, K, d_in] or None; bias: this module's [S, ·, K] view (slot stride given by its stride(0))."""
-    load().loraplex_add_delta(
+    status = load().loraplex_add_delta(
         rows, tokens, x.data_ptr(), y.data_ptr(), x.shape[-1], y.shape[-1], slots.data_ptr(), ranks.data_ptr(),
         heads.data_ptr(), a.data_ptr(), b.data_ptr(), FACTOR_DTYPES[a.dtype], a.shape[1],
         None if router is None else router.data_ptr(), bias.data_ptr(), bias.stride(0), max_heads, threads)
+    if status != 0:
+        raise MemoryError("the native adapter kernel could not allocate its scratch memory")
 
 
 class NativeRows:
@@ -136,9 +138,14 @@ class NativeRows:
     def add_delta(self, index: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.adapted[index]:
             return y
+        bank, rows = self.bank, len(self.slots)
+        # The kernel trusts these; a mismatch would pair rows with the wrong tokens or write out of bounds.
+        if x.dim() != 3 or x.shape[0] != rows or x.dtype != torch.float32 or y.shape != (*x.shape[:2], y.shape[-1]) \
+                or y.dtype != torch.float32 or y.shape[-1] != bank.shapes[index].d_out:
+            raise ValueError(f"native kernel: x {tuple(x.shape)} {x.dtype} / y {tuple(y.shape)} {y.dtype} do not fit "
+                             f"{rows} rows of module {bank.shapes[index].name}")
         x = x.reshape(-1, x.shape[-1]).contiguous()
         y = y.contiguous()
-        bank, rows = self.bank, len(self.slots)
         add_delta(rows, x.shape[0] // rows, x, y, self.slots, bank.ranks[index], bank.heads[index], bank.a[index],
                   bank.b[index], bank.g[index], bank.g_bias[:, index, :], bank.max_heads, self.threads)
         return y
@@ -152,4 +159,7 @@ def check_bank(device: torch.device, dtype: torch.dtype, compute_dtype: torch.dt
 
 
 if __name__ == "__main__":  # ahead-of-time build, e.g. in an image without a compiler at run time
-    print(build())
+    if platform.machine() in ("x86_64", "AMD64"):
+        print(build())
+    else:
+        print(f"no native kernel for {platform.machine()}: the server will use its torch path")

@@ -42,7 +42,7 @@ class TorchRows:
                 a.append(None), b.append(None), route.append(None)
                 continue
             a_t = bank.a[i][:, :r, :].index_select(0, idx).transpose(1, 2)  # [B, d_in, r]: bmm's fast layout on CPU
-            a.append(a_t.to(dtype, memory_format=torch.contiguous_format))
+            a.append(a_t.to(dtype).contiguous())
             b.append(bank.b[i][:, :w, :].index_select(0, idx).to(dtype))
             route.append(None if k == 1 else _route(bank, i, idx, ranks[i].long(), k, w))
         return cls(a, b, route)

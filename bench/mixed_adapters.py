@@ -169,7 +169,10 @@ class EngineBench:
                                    max_active_adapters=args.adapters, max_lora_rank=args.rank,
                                    threads=args.threads, log_level="WARNING",
                                    adapter_kernel=kernel or args.adapter_kernel,
-                                   adapter_dtype=factors or args.adapter_dtype)
+                                   adapter_dtype=factors or args.adapter_dtype,
+                                   # its own state file: servers sharing the adapter root must not restore each
+                                   # other's loads
+                                   state_file=str(Path(tempfile.mkdtemp(prefix="loraplex-bench-")) / "state.json"))
         self.proc: ServerProcess | None = None
         self.server: BackgroundServer | None = None
         if args.server == "process":
@@ -177,7 +180,8 @@ class EngineBench:
             flags = ["--model", c.model, "--adapter-root", c.adapter_root, "--device", c.device,
                      "--max-batch-size", c.max_batch_size, "--max-active-adapters", c.max_active_adapters,
                      "--max-lora-rank", c.max_lora_rank, "--threads", c.threads, "--log-level", c.log_level,
-                     "--adapter-kernel", c.adapter_kernel, "--adapter-dtype", c.adapter_dtype]
+                     "--adapter-kernel", c.adapter_kernel, "--adapter-dtype", c.adapter_dtype,
+                     "--state-file", c.state_file]
             self.proc = ServerProcess(flags, args.server_module, dict(kv.split("=", 1) for kv in args.server_env))
             self.config = replace(c, port=self.proc.port, metrics_port=self.proc.metrics_port)
         else:

@@ -19,7 +19,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
-# A C compiler for the native adapter kernel (built below, after the source is copied).
+# A C compiler for the native adapter kernel (built below, after the source is copied). Not pinned: the
+# base image is, and Debian replaces libc6-dev's exact version with each security update.
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install --yes --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 # Dependencies before the source so that code edits reuse these layers. torch goes first and alone,
 # from its own index: every range in requirements.txt is then satisfied by it and no other build is pulled.

@@ -73,9 +73,9 @@ class SlotBank:
         self.g: list[torch.Tensor | None] = [None] * len(shapes)  # allocated on the first routed adapter
         self.g_bias = torch.full((n, len(shapes), max_heads), float("-inf"), device=device)
         self.g_bias[:, :, 0] = 0.0
-        # Per module and slot (module-major: one module's row is contiguous for the kernel).
-        self.ranks = torch.zeros(len(shapes), n, dtype=torch.int32, device=device)
-        self.heads = torch.ones(len(shapes), n, dtype=torch.int32, device=device)
+        # Per module and slot, on the host (module-major: one module's row is contiguous for the kernel).
+        self.ranks = torch.zeros(len(shapes), n, dtype=torch.int32)
+        self.heads = torch.ones(len(shapes), n, dtype=torch.int32)
         self._slot_of: dict[tuple, int] = {}
         self._key_of: dict[int, tuple] = {}
         self._refs = [0] * n

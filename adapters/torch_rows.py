@@ -32,8 +32,9 @@ class TorchRows:
 
     @classmethod
     def gather(cls, bank, slots: list[int]) -> TorchRows:
-        idx = torch.tensor(slots, dtype=torch.long, device=bank.device)
-        ranks, heads = bank.ranks.index_select(1, idx).cpu(), bank.heads.index_select(1, idx).cpu()
+        host_idx = torch.tensor(slots, dtype=torch.long)
+        idx = host_idx.to(bank.device)
+        ranks, heads = bank.ranks.index_select(1, host_idx), bank.heads.index_select(1, host_idx)
         dtype = bank.compute_dtype
         a, b, route = [], [], []
         for i, (r, k, w) in enumerate(zip(ranks.amax(1).tolist(), heads.amax(1).tolist(),

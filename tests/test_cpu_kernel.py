@@ -46,15 +46,17 @@ def layer_delta(bank, slots, x):
         return layer(x) - layer.base(x)
 
 
+@pytest.mark.parametrize("kernel", ["native", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d_in,d_out", [(24, 40), (64, 96), (70, 33), (512, 1408)])
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_native_delta_equals_per_row_reference(dtype, d_in, d_out, tokens):
+def test_delta_equals_per_row_reference(kernel, dtype, d_in, d_out, tokens):
     """LoRA of several ranks, HydraLoRA with 2-4 heads (with and without router bias), full-width rows and
-    base rows in one batch; dimensions that are and are not multiples of the vector width."""
+    base rows in one batch; dimensions that are and are not multiples of the vector width; factors stored in
+    fp32 or bf16 (computed in fp32 either way)."""
     torch.manual_seed(d_in + d_out + tokens)
     bank = SlotBank([ModuleShape("m", d_in, d_out)], num_slots=6, max_rank=12, device=torch.device("cpu"),
-                    dtype=dtype, max_heads=4, kernel="native", compute_dtype=torch.float32)
+                    dtype=dtype, max_heads=4, kernel=kernel, compute_dtype=torch.float32)
     kinds = [Fake(1, d_in, d_out, 3, 2), Fake(2, d_in, d_out, 2, 4), Fake(3, d_in, d_out, 5),
              Fake(4, d_in, d_out, 4, 3, bias=True), Fake(5, d_in, d_out, 12), Fake(6, d_in, d_out, 1)]
     per_row = [kinds[0], None, kinds[2], kinds[1], kinds[3], kinds[0], None, kinds[4], kinds[5]]

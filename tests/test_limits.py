@@ -96,3 +96,29 @@ def test_concurrent_rpc_limit_names_the_flag(server):
     assert refused and all(r.code() == C.RESOURCE_EXHAUSTED and "--max-concurrent-rpcs" in r.details()
                            for r in refused)
     assert sum(not isinstance(r, Exception) for r in results) >= 3
+
+
+def test_kv_buffers_never_exceed_what_the_running_rows_reserved(model_dirs):
+    """After every prefill, step and retirement: token slots allocated <= rows x planned peak (the reservation),
+    with rows of different lengths joining and leaving."""
+    server = start_server(model_dirs["llama"], None, max_kv_tokens=400, max_batch_size=6)
+    engine, seen = server.serving.engine, []
+    report = engine._kv_report
+
+    def checked():
+        report()
+        allocated = engine._batch.cache.allocated()[0] if engine._batch else 0
+        seen.append((allocated, engine._kv_plan([])[1]))
+    engine._kv_report = checked
+    try:
+        async def run():
+            async with AsyncClient(server.target, timeout=120) as client:
+                return await asyncio.gather(*[client.generate(list(range(3, 3 + 2 + (7 * i) % 23)),
+                                                              max_new_tokens=1 + (5 * i) % 37, ignore_eos=True)
+                                              for i in range(16)])
+        replies = asyncio.run(run())
+        assert [len(r.token_ids) for r in replies] == [1 + (5 * i) % 37 for i in range(16)]
+    finally:
+        server.stop()
+    assert len(seen) > 40 and max(a for a, _ in seen) > 0
+    assert all(allocated <= reserved for allocated, reserved in seen), [s for s in seen if s[0] > s[1]][:5]

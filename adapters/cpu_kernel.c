@@ -2,13 +2,13 @@
 
        y[t] += B_s^T (g_s(x[t]) ⊗ A_s x[t])      s = the row's slot, g = softmax(R_s x[t] + bias_s) or 1
 
-   read straight from the slot bank: A [S, R, d_in] and B [S, R, d_out] (fp32 or bf16), router
+   read straight from the slot bank: A [S, R, d_in] and B [S, R, d_out] (fp32, bf16 or fp16), router
    [S, K_max, d_in] and bias [S, n_modules, K_max] (fp32). Only each row's own rank r and head count K
    are read (expand width K·r, head-major: column h·r + j carries z[j]·g[h]), so a batch pays for its
    rows' own bytes, not for the widest row's. Decode is bound by reading the factors, so everything
    here is about streaming them once at full bandwidth; the arithmetic is fp32 throughout.
 
-   bf16 factors are widened without shuffles: a 512-bit load holds 32 bf16, and (v << 16) and
+   fp16 factors are widened as they are loaded (vcvtph2ps). bf16 factors are widened without shuffles: a 512-bit load holds 32 bf16, and (v << 16) and
    (v & 0xffff0000) are exactly the even- and odd-indexed values as fp32. The activations are split
    into even/odd halves once per token to match (shrink), and the expand accumulates into even/odd
    halves that are interleaved back into y at the end. Each token of each row is computed by one
@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { FACTORS_F32 = 0, FACTORS_BF16 = 1 };
+enum { FACTORS_F32 = 0, FACTORS_BF16 = 1, FACTORS_F16 = 2 };
 
 #define GROUP 4  /* factor rows read side by side (1, 2, 4 and 8 measured the same) */
 
@@ -37,21 +37,43 @@ static inline __m512 odd_half(__m512i v) {
     return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
-/* out[q] = <row q of p, x> for q < n (n <= GROUP), rows ld elements apart. */
-static void dot_f32(const float* p, int64_t ld, int n, const float* x, int d, float* out) {
-    __m512 acc[GROUP];
-    for (int q = 0; q < n; q++) acc[q] = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= d; i += 16) {
-        __m512 xv = _mm512_loadu_ps(x + i);
-        for (int q = 0; q < n; q++) acc[q] = _mm512_fmadd_ps(_mm512_loadu_ps(p + q * ld + i), xv, acc[q]);
-    }
-    for (int q = 0; q < n; q++) {
-        float s = _mm512_reduce_add_ps(acc[q]);
-        for (int k = i; k < d; k++) s += p[q * ld + k] * x[k];
-        out[q] = s;
-    }
+/* fp32 and fp16 rows take the same path, 16 values per vector, widened (fp16) as they are loaded. */
+static inline __m512 load16_f32(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline float value_f32(float v) { return v; }
+static inline float value_f16(uint16_t v) { return _cvtsh_ss(v); }
+
+#define DOT_AND_AXPY(NAME, T)                                                                                  \
+/* out[q] = <row q of p, x> for q < n (n <= GROUP), rows ld elements apart. */                                 \
+static void dot_##NAME(const T* p, int64_t ld, int n, const float* x, int d, float* out) {                     \
+    __m512 acc[GROUP];                                                                                         \
+    for (int q = 0; q < n; q++) acc[q] = _mm512_setzero_ps();                                                  \
+    int i = 0;                                                                                                 \
+    for (; i + 16 <= d; i += 16) {                                                                             \
+        __m512 xv = _mm512_loadu_ps(x + i);                                                                    \
+        for (int q = 0; q < n; q++) acc[q] = _mm512_fmadd_ps(load16_##NAME(p + q * ld + i), xv, acc[q]);       \
+    }                                                                                                          \
+    for (int q = 0; q < n; q++) {                                                                              \
+        float s = _mm512_reduce_add_ps(acc[q]);                                                                \
+        for (int k = i; k < d; k++) s += value_##NAME(p[q * ld + k]) * x[k];                                   \
+        out[q] = s;                                                                                            \
+    }                                                                                                          \
+}                                                                                                              \
+/* y += sum_q c[q] * (row q of p), n <= GROUP rows ld elements apart. */                                       \
+static void axpy_##NAME(const T* p, int64_t ld, int n, const float* c, float* y, int d) {                      \
+    __m512 cv[GROUP];                                                                                          \
+    for (int q = 0; q < n; q++) cv[q] = _mm512_set1_ps(c[q]);                                                  \
+    int o = 0;                                                                                                 \
+    for (; o + 16 <= d; o += 16) {                                                                             \
+        __m512 acc = _mm512_loadu_ps(y + o);                                                                   \
+        for (int q = 0; q < n; q++) acc = _mm512_fmadd_ps(cv[q], load16_##NAME(p + q * ld + o), acc);         \
+        _mm512_storeu_ps(y + o, acc);                                                                          \
+    }                                                                                                          \
+    for (; o < d; o++)                                                                                         \
+        for (int q = 0; q < n; q++) y[o] += c[q] * value_##NAME(p[q * ld + o]);                                \
 }
+DOT_AND_AXPY(f32, float)
+DOT_AND_AXPY(f16, uint16_t)
 
 /* Same for bf16 rows; xe/xo are x's even/odd elements (the first d/32*16 of each). */
 static void dot_bf16(const uint16_t* p, int64_t ld, int n, const float* x, const float* xe, const float* xo,
@@ -71,20 +93,6 @@ static void dot_bf16(const uint16_t* p, int64_t ld, int n, const float* x, const
         for (int k = i; k < d; k++) s += bf16_value(p[q * ld + k]) * x[k];
         out[q] = s;
     }
-}
-
-/* y += sum_q c[q] * (row q of p), n <= GROUP rows ld elements apart. */
-static void axpy_f32(const float* p, int64_t ld, int n, const float* c, float* y, int d) {
-    __m512 cv[GROUP];
-    for (int q = 0; q < n; q++) cv[q] = _mm512_set1_ps(c[q]);
-    int o = 0;
-    for (; o + 16 <= d; o += 16) {
-        __m512 acc = _mm512_loadu_ps(y + o);
-        for (int q = 0; q < n; q++) acc = _mm512_fmadd_ps(cv[q], _mm512_loadu_ps(p + q * ld + o), acc);
-        _mm512_storeu_ps(y + o, acc);
-    }
-    for (; o < d; o++)
-        for (int q = 0; q < n; q++) y[o] += c[q] * p[q * ld + o];
 }
 
 /* Same for bf16 rows, accumulating even/odd outputs into ye/yo (the first d/32*16 of each) and the tail
@@ -148,28 +156,35 @@ int loraplex_add_delta(int rows, int tokens, const float* x, float* y, int d_in,
             const float* xt = x + (int64_t)item * d_in;
             float* yt = y + (int64_t)item * d_out;
             const int64_t first = (int64_t)s * max_rank;  /* row index of the slot's first rank in A and B */
-            if (factor_dtype == FACTORS_BF16) {
+            if (factor_dtype == FACTORS_BF16)
                 for (int m = 0; m < half_in; m++) xe[m] = xt[2 * m], xo[m] = xt[2 * m + 1];
-                for (int j = 0; j < r; j += GROUP)
-                    dot_bf16((const uint16_t*)a + (first + j) * d_in, d_in, group(r - j), xt, xe, xo, d_in, z + j);
-            } else {
-                for (int j = 0; j < r; j += GROUP)
-                    dot_f32((const float*)a + (first + j) * d_in, d_in, group(r - j), xt, d_in, z + j);
+            for (int j = 0; j < r; j += GROUP) {
+                const int64_t at = (first + j) * d_in;
+                if (factor_dtype == FACTORS_BF16)
+                    dot_bf16((const uint16_t*)a + at, d_in, group(r - j), xt, xe, xo, d_in, z + j);
+                else if (factor_dtype == FACTORS_F16)
+                    dot_f16((const uint16_t*)a + at, d_in, group(r - j), xt, d_in, z + j);
+                else
+                    dot_f32((const float*)a + at, d_in, group(r - j), xt, d_in, z + j);
             }
             if (k > 1) {
                 gate(router + (int64_t)s * max_heads * d_in, bias + s * bias_stride, k, xt, d_in, g);
                 for (int h = k - 1; h >= 0; h--)  /* backwards: column h*r + j is written after it is read */
                     for (int j = r - 1; j >= 0; j--) z[h * r + j] = z[j] * g[h];
             }
-            if (factor_dtype == FACTORS_BF16) {
+            if (factor_dtype == FACTORS_BF16)
                 memset(ye, 0, sizeof(float) * (size_t)(2 * half_out));
-                for (int c = 0; c < w; c += GROUP)
-                    axpy_bf16((const uint16_t*)b + (first + c) * d_out, d_out, group(w - c), z + c, ye, yo, yt, d_out);
-                for (int m = 0; m < half_out; m++) yt[2 * m] += ye[m], yt[2 * m + 1] += yo[m];
-            } else {
-                for (int c = 0; c < w; c += GROUP)
-                    axpy_f32((const float*)b + (first + c) * d_out, d_out, group(w - c), z + c, yt, d_out);
+            for (int c = 0; c < w; c += GROUP) {
+                const int64_t at = (first + c) * d_out;
+                if (factor_dtype == FACTORS_BF16)
+                    axpy_bf16((const uint16_t*)b + at, d_out, group(w - c), z + c, ye, yo, yt, d_out);
+                else if (factor_dtype == FACTORS_F16)
+                    axpy_f16((const uint16_t*)b + at, d_out, group(w - c), z + c, yt, d_out);
+                else
+                    axpy_f32((const float*)b + at, d_out, group(w - c), z + c, yt, d_out);
             }
+            if (factor_dtype == FACTORS_BF16)
+                for (int m = 0; m < half_out; m++) yt[2 * m] += ye[m], yt[2 * m + 1] += yo[m];
         }
         free(scratch);
         if (!ok) {

@@ -47,7 +47,7 @@ PER_KIND = 32
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(p)
-    p.add_argument("--variants", default="torch/float32,native/float32,native/bfloat16",
+    p.add_argument("--variants", default="torch/float32,native/float32,native/bfloat16,native/float16",
                    help="comma-separated server variants KERNEL/FACTOR_DTYPE (--adapter-kernel / --adapter-dtype)")
     args = p.parse_args(argv)
     args.rank = 32              # slot width: LoRA r=32, Hydra 4x8, AdaLoRA up to 32, ResLoRA bs 2x16

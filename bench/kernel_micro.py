@@ -3,7 +3,7 @@
 prompts of T tokens per row (T=1 is a decode step). The torch time includes building its batch-ordered copies,
 which it redoes whenever the batch changes; the kernel reads the slot bank directly.
 
-    .venv/bin/python bench/kernel_micro.py [--rank 32] [--rows 32] [--dtype float32|bfloat16] [--tokens 1,8,32,128]
+    .venv/bin/python bench/kernel_micro.py [--rank 32] [--rows 32] [--dtype float32|bfloat16|float16] [--tokens 1,8,32,128]
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--rows", type=int, default=32)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--tokens", default="1,8,32,128")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)

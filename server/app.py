@@ -77,8 +77,6 @@ def adapter_kernel(config: ServerConfig) -> str:
         why = "--adapter-kernel torch"
     elif not config.device.startswith("cpu") or config.dtype != "float32":
         why = f"it computes on the CPU in float32 (here {config.device}, {config.dtype})"
-    elif getattr(torch, factors) not in cpu_kernel.FACTOR_DTYPES:
-        why = f"it reads float32 or bfloat16 factors, not {factors}"
     else:
         why = cpu_kernel.available()
     if why is None:

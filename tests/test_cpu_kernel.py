@@ -1,5 +1,5 @@
 """The native CPU kernel against the per-row reference: every kind of row, prefill and decode shapes, odd
-dimensions, fp32 and bf16 factors; a row's delta does not depend on its batch; the server picks the kernel,
+dimensions, fp32, bf16 and fp16 factors; a row's delta does not depend on its batch; the server picks the kernel,
 reports it, and refuses `--adapter-kernel native` where it cannot run."""
 import asyncio
 import logging
@@ -47,7 +47,7 @@ def layer_delta(bank, slots, x):
 
 
 @pytest.mark.parametrize("kernel", ["native", "torch"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d_in,d_out", [(24, 40), (64, 96), (70, 33), (512, 1408)])
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_delta_equals_per_row_reference(kernel, dtype, d_in, d_out, tokens):
@@ -68,7 +68,7 @@ def test_delta_equals_per_row_reference(kernel, dtype, d_in, d_out, tokens):
     assert got[1].abs().max() == 0 and got[6].abs().max() == 0  # base rows get exactly nothing
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_rows_delta_is_bitwise_the_same_in_any_batch(dtype):
     torch.manual_seed(0)
     bank = SlotBank([ModuleShape("m", 96, 160)], num_slots=4, max_rank=16, device=torch.device("cpu"),
@@ -140,7 +140,7 @@ def test_kernel_builds_into_a_fresh_directory(tmp_path, monkeypatch):
         cpu_kernel.load.cache_clear()
 
 
-def test_server_reports_kernel_and_serves_bf16_factors_batch_invariantly(model_dirs, tmp_path):
+def test_server_reports_kernel_and_serves_half_precision_factors_batch_invariantly(model_dirs, tmp_path):
     llama = model_dirs["llama"]
     make_peft_adapter(llama, tmp_path / "lora", 1, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
     _, layers = make_hydra_model(llama, 3, heads=3, r=4, alpha=8, targets=["q_proj", "down_proj"])
@@ -148,7 +148,7 @@ def test_server_reports_kernel_and_serves_bf16_factors_batch_invariantly(model_d
     prompts = [[(3 * i + j) % 200 + 4 for j in range(2 + i)] for i in range(6)]
     ids = ["", "lora", "hydra"]
     outputs = {}
-    for factors in ("float32", "bfloat16"):
+    for factors in ("float32", "bfloat16", "float16"):
         server = start_server(llama, tmp_path, adapter_dtype=factors)
         try:
             with Client(server.target, timeout=60) as client:
@@ -166,7 +166,8 @@ def test_server_reports_kernel_and_serves_bf16_factors_batch_invariantly(model_d
         finally:
             server.stop()
     # base rows do not depend on the factor dtype at all
-    assert [outputs["float32"][i] for i in (0, 3)] == [outputs["bfloat16"][i] for i in (0, 3)]
+    for factors in ("bfloat16", "float16"):
+        assert [outputs["float32"][i] for i in (0, 3)] == [outputs[factors][i] for i in (0, 3)]
 
 
 def test_torch_kernel_is_used_when_asked_for(model_dirs, caplog):
@@ -182,7 +183,7 @@ def test_torch_kernel_is_used_when_asked_for(model_dirs, caplog):
 
 @pytest.mark.parametrize("flags,needle", [
     (["--adapter-kernel", "native", "--dtype", "bfloat16"], "native runs on the CPU with --dtype float32"),
-    (["--adapter-kernel", "native", "--adapter-dtype", "float16"], "reads float32 or bfloat16 factors, not float16"),
+    (["--adapter-kernel", "native", "--dtype", "float16"], "native runs on the CPU with --dtype float32"),
 ])
 def test_native_kernel_where_it_cannot_run_is_a_one_line_error(flags, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:

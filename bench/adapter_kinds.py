@@ -8,7 +8,7 @@ Targets: Hydra time <= 1.15 x LoRA time at equal effective rank (a/b <= 1.15); m
 Each server variant (--variants: adapter kernel / factor dtype) runs in its own server process; every round
 runs every configuration on every variant, so all ratios are measured side by side.
 
-    .venv/bin/python bench/adapter_kinds.py [--device cuda --variants torch/auto] [--repeats 5]
+    .venv/bin/python bench/adapter_kinds.py [--device cuda] [--repeats 5]
 
 Same model, prompts, server process and reporting conventions as bench/mixed_adapters.py.
 """
@@ -47,9 +47,13 @@ PER_KIND = 32
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(p)
-    p.add_argument("--variants", default="torch/float32,native/float32,native/bfloat16,native/float16",
-                   help="comma-separated server variants KERNEL/FACTOR_DTYPE (--adapter-kernel / --adapter-dtype)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated server variants KERNEL/FACTOR_DTYPE (--adapter-kernel / --adapter-dtype); "
+                        "default: torch/float32 and native/{float32,bfloat16,float16} on CPU, torch/auto on GPU")
     args = p.parse_args(argv)
+    if args.variants is None:
+        args.variants = "torch/float32,native/float32,native/bfloat16,native/float16" if args.device == "cpu" \
+            else "torch/auto"
     args.rank = 32              # slot width: LoRA r=32, Hydra 4x8, AdaLoRA up to 32, ResLoRA bs 2x16
     args.adapters = 4 * PER_KIND  # every adapter keeps its slot: no slot writes inside a timed round
     return args

@@ -3,7 +3,8 @@
 prompts of T tokens per row (T=1 is a decode step). The torch time includes building its batch-ordered copies,
 which it redoes whenever the batch changes; the kernel reads the slot bank directly.
 
-    .venv/bin/python bench/kernel_micro.py [--rank 32] [--rows 32] [--dtype float32|bfloat16|float16] [--tokens 1,8,32,128]
+    .venv/bin/python bench/kernel_micro.py [--rank 32] [--rows 32] [--dtype float32|bfloat16|float16]
+                                           [--tokens 1,8,32,128]
 """
 from __future__ import annotations
 

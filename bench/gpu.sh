@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The GPU benchmarks, for a lent GPU machine (see bench/RESULTS.md for earlier runs). That machine has
+# python3 and a CUDA torch but not our other dependencies and no registry: carry wheels for its Python in
+# .whl/ (grpcio, grpcio-health-checking, grpcio-reflection, protobuf, transformers, tokenizers, peft) and
+# the generated stubs (protos/loraplex/v1/*_pb2*.py, from `make protos`), e.g. with the device tool:
+#   run(command="bash bench/gpu.sh", carry=[".whl", "protos/loraplex/v1/inference_pb2.py",
+#       "protos/loraplex/v1/inference_pb2_grpc.py"])
+# Output goes to $OUT (or ./gpu-results) for RESULTS.md.
+set -euo pipefail
+out="${OUT:-gpu-results}"
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:.
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$out/gpu.txt"
+python3 bench/adapter_kinds.py --device cuda --repeats 3 2>&1 | tee "$out/adapter_kinds.txt"
+python3 bench/mixed_adapters.py --device cuda --repeats 3 2>&1 | tee "$out/mixed_adapters.txt"

@@ -38,11 +38,12 @@ def test_ranks_really_differ_and_budget_is_exact(adapter_root):
     assert sum(ranks.values()) == 2 * len(ranks)  # target_r * n
 
 
+@pytest.mark.parametrize("kernel", ["torch", "native"])
 @pytest.mark.parametrize("arch,adapter_id", [("llama", "ada-qvd"), ("llama", "ada-all"), ("qwen2", "ada-qwen")])
-def test_logits_match_peft_adalora(model_dirs, adapter_root, arch, adapter_id):
+def test_logits_match_peft_adalora(model_dirs, adapter_root, arch, adapter_id, kernel):
     base = load_base_model(str(model_dirs[arch]), "cpu", "float32")
     context, shapes = inject(base.model)
-    bank = SlotBank(shapes, num_slots=1, max_rank=16, device=torch.device("cpu"), dtype=torch.float32)
+    bank = SlotBank(shapes, num_slots=1, max_rank=16, device=torch.device("cpu"), dtype=torch.float32, kernel=kernel)
     adapter = read_adapter(adapter_root / adapter_id, adapter_id, {s.name: s for s in shapes}, 16, 1)
     assert {m: f.rank for m, f in adapter.modules.items()} == {m: r for m, r in kept_ranks(
         adapter_root / adapter_id).items() if r > 0}

@@ -46,17 +46,18 @@ def adapters(model_dirs, tmp_path_factory):
     return root, models
 
 
-def _runner(model_dir):
+def _runner(model_dir, kernel: str = "torch"):
     base = load_base_model(str(model_dir), "cpu", "float32")
     context, shapes = inject(base.model)
-    bank = SlotBank(shapes, num_slots=4, max_rank=16, device=torch.device("cpu"), dtype=torch.float32)
+    bank = SlotBank(shapes, num_slots=4, max_rank=16, device=torch.device("cpu"), dtype=torch.float32, kernel=kernel)
     return Runner(base.model, context, bank, base.pad_token_id, base.max_context), {s.name: s for s in shapes}
 
 
+@pytest.mark.parametrize("kernel", ["torch", "native"])
 @pytest.mark.parametrize("adapter_id", list(SPECS))
-def test_served_logits_equal_the_trainable_module(model_dirs, adapters, adapter_id):
+def test_served_logits_equal_the_trainable_module(model_dirs, adapters, adapter_id, kernel):
     root, models = adapters
-    runner, shapes = _runner(model_dirs["llama"])
+    runner, shapes = _runner(model_dirs["llama"], kernel)
     slot = runner.bank.acquire(read_adapter(root / adapter_id, adapter_id, shapes, 16, 1))
     batch, logits = runner.prefill([Row(p, slot) for p in PROMPTS])
     sequences = [list(p) for p in PROMPTS]

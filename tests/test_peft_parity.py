@@ -51,11 +51,12 @@ def _peft_model(model_dir, adapter_dir):
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir).eval()
 
 
+@pytest.mark.parametrize("kernel", ["torch", "native"])
 @pytest.mark.parametrize("arch,adapter_id", [(a, i) for a, cases in CASES.items() for i in cases])
-def test_logits_match_peft(model_dirs, adapter_roots, arch, adapter_id):
+def test_logits_match_peft(model_dirs, adapter_roots, arch, adapter_id, kernel):
     base = load_base_model(str(model_dirs[arch]), "cpu", "float32")
     context, shapes = inject(base.model)
-    bank = SlotBank(shapes, num_slots=2, max_rank=16, device=torch.device("cpu"), dtype=torch.float32)
+    bank = SlotBank(shapes, num_slots=2, max_rank=16, device=torch.device("cpu"), dtype=torch.float32, kernel=kernel)
     adapter = read_adapter(adapter_roots[arch] / adapter_id, adapter_id, {s.name: s for s in shapes}, 16, 1)
     slot = bank.acquire(adapter)
     runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)

@@ -33,10 +33,10 @@ def adapters(model_dirs, tmp_path_factory):
     return root, models
 
 
-def _served_logits(model_dir, root, adapter_id, sequences):
+def _served_logits(model_dir, root, adapter_id, sequences, kernel: str = "torch"):
     base = load_base_model(str(model_dir), "cpu", "float32")
     context, shapes = inject(base.model)
-    bank = SlotBank(shapes, num_slots=1, max_rank=16, device=torch.device("cpu"), dtype=torch.float32)
+    bank = SlotBank(shapes, num_slots=1, max_rank=16, device=torch.device("cpu"), dtype=torch.float32, kernel=kernel)
     adapter = read_adapter(root / adapter_id, adapter_id, {s.name: s for s in shapes}, 16, 1,
                            base_weight=lambda name: base_weight(base.model, name))
     runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
@@ -44,10 +44,11 @@ def _served_logits(model_dir, root, adapter_id, sequences):
     return adapter, runner.prefill([Row(s, slot) for s in sequences])[1]
 
 
+@pytest.mark.parametrize("kernel", ["torch", "native"])
 @pytest.mark.parametrize("adapter_id", ["bs2", "bs-all"])
-def test_block_shortcut_merge_is_exact(model_dirs, adapters, adapter_id):
+def test_block_shortcut_merge_is_exact(model_dirs, adapters, adapter_id, kernel):
     root, models = adapters
-    adapter, served = _served_logits(model_dirs["llama"], root, adapter_id, PROMPTS)
+    adapter, served = _served_logits(model_dirs["llama"], root, adapter_id, PROMPTS, kernel)
     ranks = {m: f.rank for m, f in adapter.modules.items()}
     assert ranks["model.layers.1.self_attn.q_proj"] == 8  # (m_n + 1)·r: the merged block carries its predecessor
     with torch.no_grad():

@@ -5,8 +5,9 @@ Why: decode with one adapter per row is bound by reading every row's factors. Th
 row to the batch's widest rank and head count and copies all rows' factors into batch order whenever the
 batch changes; the kernel reads each row's own factors straight from the slot bank (no padding, no copies),
 gates HydraLoRA heads in the same pass, and reads bf16 or fp16 factors (half the bytes of fp32) in fewer ms
-than fp32 (torch's bf16 batched matmuls on CPU take longer than its fp32 ones). The torch path
-(adapters/torch_rows.py) is the oracle it is tested against.
+than fp32 at decode (torch's bf16 batched matmuls on CPU take longer than its fp32 ones). Prompts go through
+it token by token: faster than the torch path up to a few dozen tokens per row, slower for long fp32 prompts
+(bench/kernel_micro.py). The torch path (adapters/torch_rows.py) is the oracle it is tested against.
 
 The library is compiled with fixed AVX-512 flags (not -march=native) into $LORAPLEX_KERNEL_DIR (default
 ~/.cache/loraplex), named by a hash of source and flags, so a prebuilt copy (the Docker image
@@ -141,10 +142,11 @@ class NativeRows:
             return y
         bank, rows = self.bank, len(self.slots)
         # The kernel trusts these; a mismatch would pair rows with the wrong tokens or write out of bounds.
-        if x.dim() != 3 or x.shape[0] != rows or x.dtype != torch.float32 or y.shape != (*x.shape[:2], y.shape[-1]) \
-                or y.dtype != torch.float32 or y.shape[-1] != bank.shapes[index].d_out:
+        shape = bank.shapes[index]
+        if x.dim() != 3 or x.shape[0] != rows or x.shape[-1] != shape.d_in or x.dtype != torch.float32 \
+                or y.shape != (*x.shape[:2], shape.d_out) or y.dtype != torch.float32:
             raise ValueError(f"native kernel: x {tuple(x.shape)} {x.dtype} / y {tuple(y.shape)} {y.dtype} do not fit "
-                             f"{rows} rows of module {bank.shapes[index].name}")
+                             f"{rows} rows of module {shape.name}")
         x = x.reshape(-1, x.shape[-1]).contiguous()
         y = y.contiguous()
         add_delta(rows, x.shape[0] // rows, x, y, self.slots, bank.ranks[index], bank.heads[index], bank.a[index],

@@ -1,7 +1,7 @@
 """Device-resident adapter slots and the per-batch row factors the adapted layers read.
 
 Per adapted module the bank keeps A as [S, R, d_in] and (scaled) B^T as [S, R, d_out], R =
---max-lora-rank, in the factor dtype (the model's, or bf16 with --adapter-dtype): the expand width K·r
+--max-lora-rank, in the factor dtype (--adapter-dtype; default the model's): the expand width K·r
 of every adapter must fit in R. Routers (HydraLoRA) live in fp32 as [S, K_max, d_in] with a bias row
 [S, K_max] per module that is -inf on padded heads, so a router-less slot's gate is exactly (1, 0, …).
 Slot 0 is all zeros and means "no adapter". Per module and slot, `ranks` and `heads` record the shrink

@@ -49,11 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_common_arguments(p)
     p.add_argument("--variants", default=None,
                    help="comma-separated server variants KERNEL/FACTOR_DTYPE (--adapter-kernel / --adapter-dtype); "
-                        "default: torch/float32 and native/{float32,bfloat16,float16} on CPU, torch/auto on GPU")
+                        "default: torch/float32 and native/{float32,bfloat16,float16} where the native kernel runs, "
+                        "else torch/auto")
     args = p.parse_args(argv)
-    if args.variants is None:
-        args.variants = "torch/float32,native/float32,native/bfloat16,native/float16" if args.device == "cpu" \
-            else "torch/auto"
+    if args.variants is None:  # the native kernel's variants where it runs (CPU with AVX-512)
+        from adapters import cpu_kernel
+        native = args.device == "cpu" and cpu_kernel.available() is None
+        args.variants = "torch/float32,native/float32,native/bfloat16,native/float16" if native else "torch/auto"
     args.rank = 32              # slot width: LoRA r=32, Hydra 4x8, AdaLoRA up to 32, ResLoRA bs 2x16
     args.adapters = 4 * PER_KIND  # every adapter keeps its slot: no slot writes inside a timed round
     return args

@@ -254,16 +254,21 @@ def hf_round(model, ids, mask, max_new: int, device: str, adapter_names: list[st
 # -- direct decode-step timing (diagnosis) ---------------------------------------------------------------
 def breakdown(model_dir: Path, adapter_root: Path, names: list[str], prompts, args) -> None:
     """Runner.decode_step on a full batch of 32, base rows vs 32 distinct adapters, with no gRPC, sampling
-    or detokenization around it; then a torch.profiler op table for a few mixed decode steps."""
+    or detokenization around it; then a torch.profiler op table for a few mixed decode steps. The adapter
+    kernel and factor dtype are the ones the benchmarked server resolves from --adapter-kernel/--adapter-dtype."""
     from adapters.slot_bank import SlotBank
     from loader.base_model import load_base_model
     from loader.inject import inject
     from loader.peft_files import read_adapter
+    from server.app import adapter_kernel
     from server.batch import Row, Runner
 
     base = load_base_model(str(model_dir), args.device, "float32")
     context, shapes = inject(base.model)
-    bank = SlotBank(shapes, args.adapters, args.rank, torch.device(args.device), torch.float32)
+    config = ServerConfig(device=args.device, adapter_kernel=args.adapter_kernel, adapter_dtype=args.adapter_dtype)
+    factors = torch.float32 if args.adapter_dtype == "auto" else getattr(torch, args.adapter_dtype)
+    bank = SlotBank(shapes, args.adapters, args.rank, torch.device(args.device), factors,
+                    kernel=adapter_kernel(config), compute_dtype=torch.float32)
     runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
     by_name = {s.name: s for s in shapes}
     slots = [bank.acquire(read_adapter(adapter_root / n, n, by_name, args.rank, i + 1)) for i, n in enumerate(names)]

@@ -58,9 +58,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
       help="how adapter deltas are computed: native (CPU, AVX-512, float32 model; built with the system C compiler "
            "on first use), torch (batched matmuls, any device), auto (native where it runs, else torch)")
     a("--adapter-dtype", default=d.adapter_dtype, choices=["auto", "float32", "bfloat16", "float16"],
-      help="dtype adapter factors are stored in on the device (auto: the model's); bfloat16 or float16 halve the "
-           "bytes each decode step reads, rounding factors to 8 or 11 significant bits (float16: exact for adapters "
-           "saved in float16); the arithmetic stays in the model's dtype")
+      help="dtype adapter factors are stored in on the device (auto: the model's); with the native kernel "
+           "bfloat16 or float16 halve the bytes each decode step reads, rounding the (scaled) factors to 8 or 11 "
+           "significant bits; the arithmetic stays in the model's dtype")
     a("--max-batch-size", type=int, default=d.max_batch_size, help="rows per forward pass")
     a("--max-active-adapters", type=int, default=d.max_active_adapters, help="device adapter slots")
     a("--max-lora-rank", type=int, default=d.max_lora_rank,

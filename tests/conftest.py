@@ -1,6 +1,13 @@
+import os
+import tempfile
+
 import pytest
 
 from loader.default_model import build_model_dir
+
+# The native kernel is built into a directory of this test session, not the user's ~/.cache (which may be
+# read-only, or hold a build of other sources).
+os.environ["LORAPLEX_KERNEL_DIR"] = tempfile.mkdtemp(prefix="loraplex-kernel-")
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from adapters import cpu_kernel
 from server.app import BackgroundServer
 from server.config import ServerConfig
+
+# Both ways of computing the adapter delta; the native one only where it can run (the reason is shown as a skip).
+KERNELS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
+    cpu_kernel.available() is not None, reason=f"native kernel: {cpu_kernel.available()}"))]
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -13,7 +13,7 @@ from loader.inject import inject
 from loader.peft_files import read_adapter
 from protos.loraplex.v1 import inference_pb2 as pb
 from server.batch import Row, Runner
-from tests.helpers import LLAMA_TARGETS, assert_load_refused, make_peft_adalora, start_server
+from tests.helpers import KERNELS, LLAMA_TARGETS, assert_load_refused, make_peft_adalora, start_server
 
 PROMPTS = [[5, 17, 99, 3, 42], [200, 11, 12], [64, 65, 66, 67, 68, 69, 70, 71]]
 
@@ -38,7 +38,7 @@ def test_ranks_really_differ_and_budget_is_exact(adapter_root):
     assert sum(ranks.values()) == 2 * len(ranks)  # target_r * n
 
 
-@pytest.mark.parametrize("kernel", ["torch", "native"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("arch,adapter_id", [("llama", "ada-qvd"), ("llama", "ada-all"), ("qwen2", "ada-qwen")])
 def test_logits_match_peft_adalora(model_dirs, adapter_root, arch, adapter_id, kernel):
     base = load_base_model(str(model_dirs[arch]), "cpu", "float32")

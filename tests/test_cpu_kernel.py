@@ -53,7 +53,7 @@ def layer_delta(bank, slots, x):
 def test_delta_equals_per_row_reference(kernel, dtype, d_in, d_out, tokens):
     """LoRA of several ranks, HydraLoRA with 2-4 heads (with and without router bias), full-width rows and
     base rows in one batch; dimensions that are and are not multiples of the vector width; factors stored in
-    fp32 or bf16 (computed in fp32 either way)."""
+    fp32, bf16 or fp16 (computed in fp32 either way)."""
     torch.manual_seed(d_in + d_out + tokens)
     bank = SlotBank([ModuleShape("m", d_in, d_out)], num_slots=6, max_rank=12, device=torch.device("cpu"),
                     dtype=dtype, max_heads=4, kernel=kernel, compute_dtype=torch.float32)

@@ -15,7 +15,7 @@ from loader.inject import inject
 from loader.peft_files import read_adapter
 from protos.loraplex.v1 import inference_pb2 as pb
 from server.batch import Row, Runner
-from tests.helpers import assert_load_refused, make_hydra_model, start_server
+from tests.helpers import KERNELS, assert_load_refused, make_hydra_model, start_server
 
 PROMPTS = [[5, 17, 99, 3, 42], [200, 11, 12], [64, 65, 66, 67, 68, 69, 70, 71]]
 SPECS = {  # id: (heads, r, alpha, targets, router_bias)
@@ -53,7 +53,7 @@ def _runner(model_dir, kernel: str = "torch"):
     return Runner(base.model, context, bank, base.pad_token_id, base.max_context), {s.name: s for s in shapes}
 
 
-@pytest.mark.parametrize("kernel", ["torch", "native"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("adapter_id", list(SPECS))
 def test_served_logits_equal_the_trainable_module(model_dirs, adapters, adapter_id, kernel):
     root, models = adapters

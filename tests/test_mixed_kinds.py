@@ -12,8 +12,8 @@ from loader.inject import inject
 from loader.peft_files import read_adapter
 from loader.reslora_files import save_reslora
 from server.batch import Row, Runner
-from tests.helpers import (LLAMA_TARGETS, decode_forced, make_hydra_model, make_peft_adalora, make_peft_adapter,
-                           make_reslora_model, start_server)
+from tests.helpers import (KERNELS, LLAMA_TARGETS, decode_forced, make_hydra_model, make_peft_adalora,
+                           make_peft_adapter, make_reslora_model, start_server)
 
 KINDS = ["", "lora", "adalora", "hydra", "hydra-wide", "reslora"]
 PROMPTS = [[(11 * i + j) % 240 + 5 for j in range(2 + (7 * i) % 11)] for i in range(12)]
@@ -34,7 +34,7 @@ def adapter_root(model_dirs, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("kernel", ["torch", "native"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_mixed_kinds_logits_equal_each_alone(model_dirs, adapter_root, kernel):
     base = load_base_model(str(model_dirs["llama"]), "cpu", "float32")
     context, shapes = inject(base.model)

@@ -10,7 +10,7 @@ from loader.base_model import load_base_model
 from loader.inject import inject
 from loader.peft_files import read_adapter
 from server.batch import Row, Runner
-from tests.helpers import LLAMA_TARGETS, make_peft_adapter, start_server
+from tests.helpers import KERNELS, LLAMA_TARGETS, make_peft_adapter, start_server
 
 # (arch, adapter id, LoraConfig kwargs): rsLoRA, rank/alpha patterns, different ranks and target sets.
 CASES = {
@@ -51,7 +51,7 @@ def _peft_model(model_dir, adapter_dir):
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir).eval()
 
 
-@pytest.mark.parametrize("kernel", ["torch", "native"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("arch,adapter_id", [(a, i) for a, cases in CASES.items() for i in cases])
 def test_logits_match_peft(model_dirs, adapter_roots, arch, adapter_id, kernel):
     base = load_base_model(str(model_dirs[arch]), "cpu", "float32")

@@ -13,7 +13,7 @@ from loader.peft_files import read_adapter
 from loader.reslora_files import save_reslora
 from protos.loraplex.v1 import inference_pb2 as pb
 from server.batch import Row, Runner
-from tests.helpers import assert_load_refused, make_reslora_model, start_server
+from tests.helpers import KERNELS, assert_load_refused, make_reslora_model, start_server
 
 PROMPTS = [[5, 17, 99, 3, 42], [200, 11, 12], [64, 65, 66, 67, 68, 69, 70, 71]]
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -44,7 +44,7 @@ def _served_logits(model_dir, root, adapter_id, sequences, kernel: str = "torch"
     return adapter, runner.prefill([Row(s, slot) for s in sequences])[1]
 
 
-@pytest.mark.parametrize("kernel", ["torch", "native"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("adapter_id", ["bs2", "bs-all"])
 def test_block_shortcut_merge_is_exact(model_dirs, adapters, adapter_id, kernel):
     root, models = adapters

@@ -150,6 +150,12 @@ class AdapterRegistry:
             self._write_state()
         return failed
 
+    def hold(self, adapter_id: str) -> threading.RLock:
+        """The id's lock: load, replace and unload of this id wait while it is held. The server resolves and
+        queues a request under it, and counts and unloads under it, so no request slips between the two."""
+        self.path_for(adapter_id)
+        return self._id_lock(adapter_id)
+
     def get(self, adapter_id: str) -> AdapterRecord:
         self.path_for(adapter_id)
         with self._lock:

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import grpc
@@ -97,6 +98,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
 
+    def _submit(self, request: pb.GenerateRequest, sink) -> EngineRequest:
+        """Prepare and queue a request (blocking, run in the executor). An adapter is resolved and the request
+        queued under the id's lock, so UnloadAdapter, which counts and unloads under it, sees the request."""
+        if not request.adapter_id:
+            engine_request = self._prepare(request)
+        else:
+            with self.serving.registry.hold(request.adapter_id):
+                engine_request = self._prepare(request)
+        engine_request.sink = sink
+        self.serving.engine.submit(engine_request)
+        return engine_request
+
     def _prepare(self, request: pb.GenerateRequest) -> EngineRequest:
         """Validation, tokenization and adapter resolution: blocking work, run in the executor."""
         s = _ready(self.serving)
@@ -138,11 +151,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _events(self, request: pb.GenerateRequest):
         loop = asyncio.get_running_loop()
         arrival = time.monotonic()  # TTFT counts from here, adapter loading included
-        engine_request = await loop.run_in_executor(None, self._prepare, request)
-        engine_request.arrival = arrival
         events: asyncio.Queue = asyncio.Queue()
-        engine_request.sink = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
-        self.serving.engine.submit(engine_request)
+        engine_request = await loop.run_in_executor(
+            None, self._submit, request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        engine_request.arrival = arrival
         try:
             while True:
                 event = await events.get()
@@ -247,14 +259,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         try:
             s = _ready(self.serving)
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, s.registry.get, request.adapter_id)  # NOT_FOUND / INVALID_ARGUMENT
-            versions = await asyncio.wrap_future(s.engine.requests_on(request.adapter_id))
-            in_flight = sum(versions.values())
-            if in_flight and not request.drain:
-                plural = "s" * (in_flight != 1)
-                raise FailedPrecondition(f"adapter {request.adapter_id!r} has {in_flight} request{plural} in flight; "
-                                         f"set drain to unload it once they finish, or retry later")
-            await loop.run_in_executor(None, s.registry.unload, request.adapter_id)
+            versions, in_flight = await loop.run_in_executor(None, self._count_and_unload, s, request)
             while versions:  # requests that auto-load the id again meanwhile get a new version: not waited for
                 await asyncio.sleep(0.02)
                 _ready(s)  # a dead engine or a shutdown ends the wait with UNAVAILABLE
@@ -263,6 +268,26 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             return pb.UnloadAdapterResponse(adapter_id=request.adapter_id, drained_requests=in_flight)
         except Exception as exc:
             await _abort(context, exc)
+
+    @staticmethod
+    def _count_and_unload(s: Serving, request: pb.UnloadAdapterRequest):
+        """Under the id's lock (see InferenceServicer._submit): requests resolved before it are all counted."""
+        with s.registry.hold(request.adapter_id):
+            s.registry.get(request.adapter_id)  # NOT_FOUND / INVALID_ARGUMENT
+            counted = s.engine.requests_on(request.adapter_id)  # the engine answers between steps
+            while True:
+                try:
+                    versions = counted.result(timeout=1.0)
+                    break
+                except FutureTimeout:
+                    _ready(s)  # a dead engine or a shutdown ends the wait with UNAVAILABLE
+            in_flight = sum(versions.values())
+            if in_flight and not request.drain:
+                plural = "s" * (in_flight != 1)
+                raise FailedPrecondition(f"adapter {request.adapter_id!r} has {in_flight} request{plural} in flight; "
+                                         f"set drain to unload it once they finish, or retry later")
+            s.registry.unload(request.adapter_id)
+        return versions, in_flight
 
     async def ListAdapters(self, request, context):
         return await self._call(context, lambda: pb.ListAdaptersResponse(

@@ -140,6 +140,41 @@ def test_unload_refuses_or_drains_requests_in_flight(server):
         assert "v1" not in [a.adapter_id for a in client.list_adapters()]
 
 
+def test_unload_counts_a_request_caught_between_resolving_its_adapter_and_queueing(server, monkeypatch):
+    """A Generate that has resolved its adapter but is not queued yet is still counted as in flight."""
+    registry = server.serving.registry
+    resolve, resolved, go_on = registry.resolve, threading.Event(), threading.Event()
+
+    def paused(adapter_id):
+        weights = resolve(adapter_id)
+        if adapter_id == "v2":
+            resolved.set()
+            go_on.wait(30)
+        return weights
+    monkeypatch.setattr(registry, "resolve", paused)
+    with Client(server.target, timeout=60) as client:
+        client.load_adapter("v2", replace=True)
+        replies, unload = [], {}
+        generate = threading.Thread(target=lambda: replies.append(client.generate(PROMPT, "v2", max_new_tokens=4)))
+        generate.start()
+        assert resolved.wait(30)
+
+        def try_unload():
+            try:
+                unload["response"] = client.unload_adapter("v2")
+            except grpc.RpcError as err:
+                unload["error"] = err
+        unloader = threading.Thread(target=try_unload)
+        unloader.start()
+        time.sleep(0.3)  # the unload is waiting for the id, not racing past the request
+        assert unloader.is_alive() and not unload
+        go_on.set()
+        generate.join(30), unloader.join(30)
+        assert len(replies[0].token_ids) == 4
+        assert unload["error"].code() == C.FAILED_PRECONDITION and "1 request in flight" in unload["error"].details()
+        assert "v2" in [a.adapter_id for a in client.list_adapters()]
+
+
 def test_a_drain_that_hits_its_deadline_harms_no_request(server):
     engine = server.serving.engine
     real = engine.runner.decode_step

@@ -14,7 +14,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from adapters.canonical import CanonicalAdapter
 from adapters.slot_bank import SlotBank, SlotsFull
@@ -160,15 +160,9 @@ class Engine:
                     self._wake.wait(timeout=0.01)  # a fault that repeats must not spin a core
         finally:  # also when the thread dies: nobody is left waiting for an answer (health turns NOT_SERVING)
             stopped = Unavailable("the engine stopped")
-            while True:
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, EngineRequest):
-                    self._waiting.append(item)
-                elif item[1].set_running_or_notify_cancel():
-                    item[1].set_exception(stopped)
+            for _, future in self._inbox_calls():
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(stopped)
             self._fail_all(stopped)
 
     def _iterate(self) -> None:
@@ -195,7 +189,8 @@ class Engine:
         self.metrics.running.set(0)
         self._kv_report()
 
-    def _take_inbox(self) -> None:
+    def _inbox_calls(self) -> Iterator[tuple[Callable[[], object], Future]]:
+        """Empty the inbox: requests join the waiting queue, engine calls are yielded to the caller."""
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -203,8 +198,11 @@ class Engine:
                 return
             if isinstance(item, EngineRequest):
                 self._waiting.append(item)
-                continue
-            fn, future = item
+            else:
+                yield item
+
+    def _take_inbox(self) -> None:
+        for fn, future in self._inbox_calls():
             if not future.set_running_or_notify_cancel():  # the caller gave up (its deadline): skip, don't fail
                 continue
             try:

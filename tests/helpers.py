@@ -1,6 +1,7 @@
 """Shared test helpers: tiny random models, PEFT-made adapters, the real server on 127.0.0.1."""
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import time
 import urllib.request
@@ -13,12 +14,14 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from adapters import cpu_kernel
+from clients.client import AsyncClient, Client
 from server.app import BackgroundServer
 from server.config import ServerConfig
 
 # Both ways of computing the adapter delta; the native one only where it can run (the reason is shown as a skip).
+_NATIVE_PROBLEM = cpu_kernel.available()
 KERNELS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
-    cpu_kernel.available() is not None, reason=f"native kernel: {cpu_kernel.available()}"))]
+    _NATIVE_PROBLEM is not None, reason=f"native kernel: {_NATIVE_PROBLEM}"))]
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -40,6 +43,19 @@ def start_server(model_dir: Path, adapter_root: Path | None, **overrides) -> Bac
                     log_level="WARNING", state_file=str(Path(tempfile.mkdtemp(prefix="loraplex-state-")) / "s.json"))
     settings.update(overrides)
     return BackgroundServer(ServerConfig(**settings)).start()
+
+
+def tokens_alone_and_together(target: str, prompts: list, adapter_ids: list[str], max_new_tokens: int):
+    """Greedy token ids of each prompt with its adapter: one request at a time, then all at once (one batch)."""
+    with Client(target, timeout=60) as client:
+        alone = [list(client.generate(p, a, max_new_tokens=max_new_tokens, ignore_eos=True).token_ids)
+                 for p, a in zip(prompts, adapter_ids)]
+
+    async def together():
+        async with AsyncClient(target, timeout=60) as client:
+            return await asyncio.gather(*[client.generate(p, a, max_new_tokens=max_new_tokens, ignore_eos=True)
+                                          for p, a in zip(prompts, adapter_ids)])
+    return alone, [list(r.token_ids) for r in asyncio.run(together())]
 
 
 def status_of(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str]:

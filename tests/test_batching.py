@@ -8,12 +8,12 @@ import torch
 from adapters.canonical import ModuleFactors
 from adapters.layer import reference_delta
 from adapters.slot_bank import AdapterContext, ModuleShape, SlotBank
-from clients.client import AsyncClient, Client
+from clients.client import AsyncClient
 from loader.base_model import load_base_model
 from loader.inject import inject
 from loader.peft_files import read_adapter
 from server.batch import Row, Runner
-from tests.helpers import LLAMA_TARGETS, decode_forced, make_peft_adapter, start_server
+from tests.helpers import LLAMA_TARGETS, decode_forced, make_peft_adapter, start_server, tokens_alone_and_together
 
 ADAPTERS = {
     "a-qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -81,16 +81,8 @@ def test_mixed_batch_logits_equal_each_alone(model_dirs, adapter_root):
 
 
 def test_mixed_batch_tokens_equal_each_alone_through_server(server):
-    with Client(server.target, timeout=60) as client:
-        alone = [list(client.generate(p, ORDER[i % 4], max_new_tokens=12, ignore_eos=True).token_ids)
-                 for i, p in enumerate(PROMPTS)]
-
-    async def together():
-        async with AsyncClient(server.target, timeout=60) as client:
-            return await asyncio.gather(*[client.generate(p, ORDER[i % 4], max_new_tokens=12, ignore_eos=True)
-                                          for i, p in enumerate(PROMPTS)])
-    mixed = asyncio.run(together())
-    assert [list(r.token_ids) for r in mixed] == alone
+    alone, mixed = tokens_alone_and_together(server.target, PROMPTS, [ORDER[i % 4] for i in range(len(PROMPTS))], 12)
+    assert mixed == alone
     # the four kinds of row really differ, so equality above is not vacuous
     assert len({tuple(alone[i]) for i in range(4)}) == 4
 

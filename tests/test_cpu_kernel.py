@@ -1,7 +1,6 @@
 """The native CPU kernel against the per-row reference: every kind of row, prefill and decode shapes, odd
 dimensions, fp32, bf16 and fp16 factors; a row's delta does not depend on its batch; the server picks the kernel,
 reports it, and refuses `--adapter-kernel native` where it cannot run."""
-import asyncio
 import logging
 
 import pytest
@@ -12,9 +11,10 @@ from adapters.canonical import ModuleFactors
 from adapters.layer import MultiAdapterLinear, reference_delta
 from adapters.slot_bank import AdapterContext, ModuleShape, SlotBank
 from clients import cli
-from clients.client import AsyncClient, Client
+from clients.client import Client
 from loader.hydra_files import save_hydralora
-from tests.helpers import LLAMA_TARGETS, make_hydra_model, make_peft_adalora, make_peft_adapter, start_server
+from tests.helpers import (LLAMA_TARGETS, make_hydra_model, make_peft_adalora, make_peft_adapter, start_server,
+                           tokens_alone_and_together)
 
 if cpu_kernel._cpu_problem():  # a CPU without AVX-512 cannot run the kernel at all; anything else must work
     pytest.skip(f"native kernel: {cpu_kernel._cpu_problem()}", allow_module_level=True)
@@ -154,14 +154,9 @@ def test_server_reports_kernel_and_serves_half_precision_factors_batch_invariant
             with Client(server.target, timeout=60) as client:
                 info = client.server_info()
                 assert (info.adapter_kernel, info.adapter_dtype) == ("native", factors)
-                alone = [list(client.generate(p, ids[i % 3], max_new_tokens=8, ignore_eos=True).token_ids)
-                         for i, p in enumerate(prompts)]
-
-            async def together():
-                async with AsyncClient(server.target, timeout=60) as client:
-                    return await asyncio.gather(*[client.generate(p, ids[i % 3], max_new_tokens=8, ignore_eos=True)
-                                                  for i, p in enumerate(prompts)])
-            assert [list(r.token_ids) for r in asyncio.run(together())] == alone
+            per_row = [ids[i % 3] for i in range(len(prompts))]
+            alone, mixed = tokens_alone_and_together(server.target, prompts, per_row, 8)
+            assert mixed == alone
             outputs[factors] = alone
         finally:
             server.stop()

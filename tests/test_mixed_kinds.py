@@ -1,11 +1,9 @@
 """Base, LoRA, AdaLoRA, HydraLoRA and merged-ResLoRA rows in one batch: each gets exactly what it gets alone."""
-import asyncio
 
 import pytest
 import torch
 
 from adapters.slot_bank import SlotBank
-from clients.client import AsyncClient, Client
 from loader.base_model import load_base_model
 from loader.hydra_files import save_hydralora
 from loader.inject import inject
@@ -13,7 +11,8 @@ from loader.peft_files import read_adapter
 from loader.reslora_files import save_reslora
 from server.batch import Row, Runner
 from tests.helpers import (KERNELS, LLAMA_TARGETS, decode_forced, make_hydra_model, make_peft_adalora,
-                           make_peft_adapter, make_reslora_model, start_server)
+                           make_peft_adapter, make_reslora_model, start_server,
+                           tokens_alone_and_together)
 
 KINDS = ["", "lora", "adalora", "hydra", "hydra-wide", "reslora"]
 PROMPTS = [[(11 * i + j) % 240 + 5 for j in range(2 + (7 * i) % 11)] for i in range(12)]
@@ -53,17 +52,10 @@ def test_mixed_kinds_logits_equal_each_alone(model_dirs, adapter_root, kernel):
 
 def test_mixed_kinds_tokens_equal_each_alone_through_server(model_dirs, adapter_root):
     server = start_server(model_dirs["llama"], adapter_root)
-    kind = lambda i: KINDS[i % len(KINDS)]  # noqa: E731
     try:
-        with Client(server.target, timeout=60) as client:
-            alone = [list(client.generate(p, kind(i), max_new_tokens=10, ignore_eos=True).token_ids)
-                     for i, p in enumerate(PROMPTS)]
-
-        async def together():
-            async with AsyncClient(server.target, timeout=60) as client:
-                return await asyncio.gather(*[client.generate(p, kind(i), max_new_tokens=10, ignore_eos=True)
-                                              for i, p in enumerate(PROMPTS)])
-        assert [list(r.token_ids) for r in asyncio.run(together())] == alone
+        alone, mixed = tokens_alone_and_together(server.target, PROMPTS,
+                                                  [KINDS[i % len(KINDS)] for i in range(len(PROMPTS))], 10)
+        assert mixed == alone
         assert len({tuple(alone[i]) for i in range(len(KINDS))}) == len(KINDS)  # the kinds really differ
     finally:
         server.stop()

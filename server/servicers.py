@@ -99,19 +99,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.serving = serving
 
     def _submit(self, request: pb.GenerateRequest, sink) -> EngineRequest:
-        """Prepare and queue a request (blocking, run in the executor). An adapter is resolved and the request
-        queued under the id's lock, so UnloadAdapter, which counts and unloads under it, sees the request."""
-        if not request.adapter_id:
-            engine_request = self._prepare(request)
-        else:
-            with self.serving.registry.hold(request.adapter_id):
-                engine_request = self._prepare(request)
+        """Prepare and queue a request (blocking, run in the executor). The adapter is resolved and the request
+        queued under the id's lock, so UnloadAdapter, which counts and unloads under it, sees the request;
+        validation and tokenization happen before, outside the lock."""
+        engine_request = self._prepare(request)
         engine_request.sink = sink
-        self.serving.engine.submit(engine_request)
+        if not request.adapter_id:
+            self.serving.engine.submit(engine_request)
+            return engine_request
+        with self.serving.registry.hold(request.adapter_id):
+            engine_request.adapter = self.serving.registry.resolve(request.adapter_id)
+            self.serving.engine.submit(engine_request)
         return engine_request
 
     def _prepare(self, request: pb.GenerateRequest) -> EngineRequest:
-        """Validation, tokenization and adapter resolution: blocking work, run in the executor."""
+        """Validation and tokenization: blocking work, run in the executor. The adapter is resolved by _submit."""
         s = _ready(self.serving)
         base, config = s.base, s.config
         if len(request.request_id) > MAX_REQUEST_ID:
@@ -143,8 +145,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise OutOfRange(f"prompt ({len(ids)} tokens) + max_new_tokens ({stopping.max_new_tokens}) needs more "
                              f"KV-cache token slots than the server's --max-kv-tokens {limits.max_kv_tokens}, even "
                              f"alone")
-        adapter = s.registry.resolve(request.adapter_id) if request.adapter_id else None
-        return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=adapter,
+        return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=None,
                              sampling=sampling, stopping=stopping, sink=lambda event: None,
                              adapter_label=s.metrics.adapter_label(request.adapter_id))
 

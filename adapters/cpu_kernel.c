@@ -167,7 +167,7 @@ int loraplex_add_delta(int rows, int tokens, const float* x, float* y, int d_in,
                 else
                     dot_f32((const float*)a + at, d_in, group(r - j), xt, d_in, z + j);
             }
-            if (k > 1) {
+            if (k > 1 && router != NULL) {  /* NULL: no slot of this module has a router (then k is 1) */
                 gate(router + (int64_t)s * max_heads * d_in, bias + s * bias_stride, k, xt, d_in, g);
                 for (int h = k - 1; h >= 0; h--)  /* backwards: column h*r + j is written after it is read */
                     for (int j = r - 1; j >= 0; j--) z[h * r + j] = z[j] * g[h];

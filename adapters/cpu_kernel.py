@@ -100,6 +100,7 @@ def load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     fn = lib.loraplex_add_delta
     p, i = ctypes.c_void_p, ctypes.c_int
+    # rows, tokens, x, y, then what NativeRows.calls holds per module
     fn.argtypes = [i, i, p, p, i, i, p, p, p, p, p, i, i, p, p, ctypes.c_int64, i, i]
     fn.restype = ctypes.c_int
     return lib
@@ -114,43 +115,45 @@ def available() -> str | None:
     return None
 
 
-def add_delta(rows: int, tokens: int, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor,
-              ranks: torch.Tensor, heads: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-              router: torch.Tensor | None, bias: torch.Tensor, max_heads: int, threads: int) -> None:
-    """y += delta(x) in place for one module. x [rows·tokens, d_in] and y [rows·tokens, d_out]: contiguous fp32
-    on the CPU; slots int32 [rows]; ranks/heads int32 [S] (this module); a [S, R, d_in], b [S, R, d_out];
-    router [S, K, d_in] or None; bias: this module's [S, ·, K] view (slot stride given by its stride(0))."""
-    status = load().loraplex_add_delta(
-        rows, tokens, x.data_ptr(), y.data_ptr(), x.shape[-1], y.shape[-1], slots.data_ptr(), ranks.data_ptr(),
-        heads.data_ptr(), a.data_ptr(), b.data_ptr(), FACTOR_DTYPES[a.dtype], a.shape[1],
-        None if router is None else router.data_ptr(), bias.data_ptr(), bias.stride(0), max_heads, threads)
-    if status != 0:
-        raise MemoryError("the native adapter kernel could not allocate its scratch memory")
-
-
 class NativeRows:
-    """A batch's rows for the kernel: their slots (int32) and which modules any of them adapts."""
+    """A batch's rows for the kernel: their slots (int32) and, per module any of them adapts, the kernel's
+    arguments but the activations. Resolved once per batch change, because a decode step calls the kernel once
+    per adapted module (56 calls for the benchmark model): building the arguments call by call cost ~2 ms of a
+    ~50 ms step (bench/RESULTS.md). The pointers stay valid: the bank's tensors are allocated once, and a slot
+    in use by a batch is never rewritten (a router tensor allocated later belongs to slots not in this batch)."""
 
     def __init__(self, bank, slots: list[int]) -> None:
         self.bank = bank
-        self.slots = torch.tensor(slots, dtype=torch.int32)
-        self.adapted = (bank.ranks.index_select(1, self.slots.long()).amax(1) > 0).tolist()
-        self.threads = torch.get_num_threads()
+        self.rows = len(slots)
+        self.slots = torch.tensor(slots, dtype=torch.int32)  # kept alive: the kernel reads it by address
+        adapted = (bank.ranks.index_select(1, self.slots.long()).amax(1) > 0).tolist()
+        threads, dtype = torch.get_num_threads(), FACTOR_DTYPES[bank.dtype]
+        self.calls: list[tuple | None] = []
+        for i, shape in enumerate(bank.shapes):
+            router = bank.g[i]
+            self.calls.append((
+                shape.d_in, shape.d_out, self.slots.data_ptr(), bank.ranks[i].data_ptr(), bank.heads[i].data_ptr(),
+                bank.a[i].data_ptr(), bank.b[i].data_ptr(), dtype, bank.max_rank,
+                None if router is None else router.data_ptr(), bank.g_bias[:, i, :].data_ptr(),
+                bank.g_bias.stride(0), bank.max_heads, threads) if adapted[i] else None)
+        self.kernel = load().loraplex_add_delta
 
     def add_delta(self, index: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if not self.adapted[index]:
+        """y += delta(x) in place for module `index`; x [rows, T, d_in] and y [rows, T, d_out], fp32 on the CPU."""
+        call = self.calls[index]
+        if call is None:
             return y
-        bank, rows = self.bank, len(self.slots)
+        shape = x.shape
         # The kernel trusts these; a mismatch would pair rows with the wrong tokens or write out of bounds.
-        shape = bank.shapes[index]
-        if x.dim() != 3 or x.shape[0] != rows or x.shape[-1] != shape.d_in or x.dtype != torch.float32 \
-                or y.shape != (*x.shape[:2], shape.d_out) or y.dtype != torch.float32:
+        if len(shape) != 3 or shape[0] != self.rows or shape[2] != call[0] or x.dtype != torch.float32 \
+                or y.shape != (shape[0], shape[1], call[1]) or y.dtype != torch.float32:
             raise ValueError(f"native kernel: x {tuple(x.shape)} {x.dtype} / y {tuple(y.shape)} {y.dtype} do not fit "
-                             f"{rows} rows of module {shape.name}")
-        x = x.reshape(-1, x.shape[-1]).contiguous()
-        y = y.contiguous()
-        add_delta(rows, x.shape[0] // rows, x, y, self.slots, bank.ranks[index], bank.heads[index], bank.a[index],
-                  bank.b[index], bank.g[index], bank.g_bias[:, index, :], bank.max_heads, self.threads)
+                             f"{self.rows} rows of module {self.bank.shapes[index].name}")
+        x = x.contiguous()
+        if not y.is_contiguous():
+            y = y.contiguous()
+        if self.kernel(self.rows, shape[1], x.data_ptr(), y.data_ptr(), *call) != 0:
+            raise MemoryError("the native adapter kernel could not allocate its scratch memory")
         return y
 
 

@@ -84,6 +84,28 @@ def test_a_rows_delta_is_bitwise_the_same_in_any_batch(dtype):
         assert torch.equal(mixed[row], delta([slot], x[row:row + 1])[0])
 
 
+def test_activations_that_do_not_fit_the_batch_are_refused_and_strided_ones_work():
+    """The kernel trusts its arguments, so anything else is refused before the call; strided x and y are
+    computed on contiguous copies."""
+    torch.manual_seed(0)
+    bank = SlotBank([ModuleShape("m", 32, 48)], num_slots=2, max_rank=4, device=torch.device("cpu"),
+                    dtype=torch.float32, max_heads=2, kernel="native", compute_dtype=torch.float32)
+    lora = Fake(1, 32, 48, 4)
+    rows = bank.gather([bank.acquire(lora), 0])
+    for x, y in ((torch.randn(3, 1, 32), torch.zeros(3, 1, 48)),     # a row too many
+                 (torch.randn(2, 1, 33), torch.zeros(2, 1, 48)),     # wrong d_in
+                 (torch.randn(2, 1, 32), torch.zeros(2, 1, 47)),     # wrong d_out
+                 (torch.randn(2, 1, 32), torch.zeros(2, 2, 48)),     # tokens differ
+                 (torch.randn(2, 32), torch.zeros(2, 48)),           # no token axis
+                 (torch.randn(2, 1, 32).double(), torch.zeros(2, 1, 48))):
+        with pytest.raises(ValueError, match="do not fit 2 rows of module m"):
+            rows.add_delta(0, x, y)
+    x = torch.randn(2, 32, 3).transpose(1, 2)                         # [2, 3, 32], not contiguous
+    y = torch.randn(48, 3, 2).permute(2, 1, 0)                        # [2, 3, 48], not contiguous
+    want = y + reference_delta(x, [lora.modules["m"], None], 48)
+    torch.testing.assert_close(rows.add_delta(0, x, y.clone()), want, atol=1e-5, rtol=1e-5)
+
+
 def test_native_and_torch_paths_agree_on_a_model(model_dirs, tmp_path):
     """The same LoRA, AdaLoRA and HydraLoRA rows through the whole model with either kernel."""
     from loader.base_model import load_base_model

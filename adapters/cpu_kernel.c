@@ -6,13 +6,17 @@
    [S, K_max, d_in] and bias [S, n_modules, K_max] (fp32). Only each row's own rank r and head count K
    are read (expand width K·r, head-major: column h·r + j carries z[j]·g[h]), so a batch pays for its
    rows' own bytes, not for the widest row's. Decode is bound by reading the factors, so everything
-   here is about streaming them once at full bandwidth; the arithmetic is fp32 throughout.
+   here is about streaming them once at full bandwidth; the arithmetic is fp32 throughout. Prompts are
+   computed in blocks of TOKENS tokens of one row, so each factor vector loaded serves every token of the
+   block (a prompt's cost is arithmetic, not loads).
 
-   fp16 factors are widened as they are loaded (vcvtph2ps). bf16 factors are widened without shuffles: a 512-bit load holds 32 bf16, and (v << 16) and
-   (v & 0xffff0000) are exactly the even- and odd-indexed values as fp32. The activations are split
-   into even/odd halves once per token to match (shrink), and the expand accumulates into even/odd
-   halves that are interleaved back into y at the end. Each token of each row is computed by one
-   thread, in an order that does not depend on the other rows: a row's result is the same in any batch. */
+   fp16 factors are widened as they are loaded (vcvtph2ps). bf16 factors are widened without shuffles: a
+   512-bit load holds 32 bf16, and (v << 16) and (v & 0xffff0000) are exactly the even- and odd-indexed
+   values as fp32. The activations are split into even/odd halves once per token to match (shrink), and
+   the expand accumulates into even/odd halves that are interleaved back into y at the end. Each token of
+   each row is computed by one thread, in an order that depends neither on the other rows nor on the
+   other tokens of its block: a row's result is the same in any batch, and a token's the same in a prompt
+   as in a decode step. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -21,9 +25,11 @@
 
 enum { FACTORS_F32 = 0, FACTORS_BF16 = 1, FACTORS_F16 = 2 };
 
-#define GROUP 4  /* factor rows read side by side (1, 2, 4 and 8 measured the same) */
+#define GROUP 4   /* factor rows read side by side (1, 2, 4 and 8 measured the same at decode) */
+#define TOKENS 4  /* a row's tokens computed side by side (prompts): each factor vector loaded once per block */
 
 static inline int group(int left) { return left < GROUP ? left : GROUP; }
+static inline int block(int left) { return left < TOKENS ? left : TOKENS; }
 
 static inline float bf16_value(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -43,84 +49,138 @@ static inline __m512 load16_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm2
 static inline float value_f32(float v) { return v; }
 static inline float value_f16(uint16_t v) { return _cvtsh_ss(v); }
 
+/* Every (factor row q, token t) pair is computed by the same sequence of operations whatever n and nt are, so
+   a token's result does not depend on how many rows or tokens share its block. A prompt's full block
+   (n = GROUP, nt = TOKENS) and a decode step's full group (n = GROUP, nt = 1) are dispatched to copies with
+   constant bounds, whose accumulators the compiler keeps in registers. */
+#define INLINE static inline __attribute__((always_inline))
+#define SPECIALISE(F, ...)                                                                     \
+    if (n == GROUP && nt == TOKENS) F(__VA_ARGS__, GROUP, TOKENS);                             \
+    else if (n == GROUP && nt == 1) F(__VA_ARGS__, GROUP, 1);                                  \
+    else F(__VA_ARGS__, n, nt)
+
 #define DOT_AND_AXPY(NAME, T)                                                                                  \
-/* out[q] = <row q of p, x> for q < n (n <= GROUP), rows ld elements apart. */                                 \
-static void dot_##NAME(const T* p, int64_t ld, int n, const float* x, int d, float* out) {                     \
-    __m512 acc[GROUP];                                                                                         \
-    for (int q = 0; q < n; q++) acc[q] = _mm512_setzero_ps();                                                  \
+/* out[t·ldo + q] = <row q of p, token t of x> for q < n <= GROUP, t < nt <= TOKENS; rows ld apart,             \
+   tokens ldx apart. */                                                                                        \
+INLINE void dot_block_##NAME(const T* p, int64_t ld, const float* x, int64_t ldx, int d, float* out, int ldo,   \
+                             int n, int nt) {                                                                  \
+    __m512 acc[GROUP][TOKENS];                                                                                 \
+    for (int q = 0; q < n; q++)                                                                                \
+        for (int t = 0; t < nt; t++) acc[q][t] = _mm512_setzero_ps();                                          \
     int i = 0;                                                                                                 \
     for (; i + 16 <= d; i += 16) {                                                                             \
-        __m512 xv = _mm512_loadu_ps(x + i);                                                                    \
-        for (int q = 0; q < n; q++) acc[q] = _mm512_fmadd_ps(load16_##NAME(p + q * ld + i), xv, acc[q]);       \
+        __m512 xv[TOKENS];                                                                                     \
+        for (int t = 0; t < nt; t++) xv[t] = _mm512_loadu_ps(x + t * ldx + i);                                 \
+        for (int q = 0; q < n; q++) {                                                                          \
+            __m512 f = load16_##NAME(p + q * ld + i);                                                          \
+            for (int t = 0; t < nt; t++) acc[q][t] = _mm512_fmadd_ps(f, xv[t], acc[q][t]);                     \
+        }                                                                                                      \
     }                                                                                                          \
-    for (int q = 0; q < n; q++) {                                                                              \
-        float s = _mm512_reduce_add_ps(acc[q]);                                                                \
-        for (int k = i; k < d; k++) s += value_##NAME(p[q * ld + k]) * x[k];                                   \
-        out[q] = s;                                                                                            \
-    }                                                                                                          \
+    for (int q = 0; q < n; q++)                                                                                \
+        for (int t = 0; t < nt; t++) {                                                                         \
+            float s = _mm512_reduce_add_ps(acc[q][t]);                                                         \
+            for (int k = i; k < d; k++) s += value_##NAME(p[q * ld + k]) * x[t * ldx + k];                     \
+            out[t * ldo + q] = s;                                                                              \
+        }                                                                                                      \
 }                                                                                                              \
-/* y += sum_q c[q] * (row q of p), n <= GROUP rows ld elements apart. */                                       \
-static void axpy_##NAME(const T* p, int64_t ld, int n, const float* c, float* y, int d) {                      \
-    __m512 cv[GROUP];                                                                                          \
-    for (int q = 0; q < n; q++) cv[q] = _mm512_set1_ps(c[q]);                                                  \
+static void dot_##NAME(const T* p, int64_t ld, int n, const float* x, int64_t ldx, int nt, int d, float* out,  \
+                       int ldo) {                                                                              \
+    SPECIALISE(dot_block_##NAME, p, ld, x, ldx, d, out, ldo);                                                  \
+}                                                                                                              \
+/* y_t += sum_q c[t·ldc + q] · (row q of p) for t < nt, tokens of y ldy apart. */                              \
+INLINE void axpy_block_##NAME(const T* p, int64_t ld, const float* c, int ldc, float* y, int64_t ldy, int d,   \
+                              int n, int nt) {                                                                 \
+    __m512 cv[TOKENS][GROUP];                                                                                  \
+    for (int t = 0; t < nt; t++)                                                                               \
+        for (int q = 0; q < n; q++) cv[t][q] = _mm512_set1_ps(c[t * ldc + q]);                                 \
     int o = 0;                                                                                                 \
     for (; o + 16 <= d; o += 16) {                                                                             \
-        __m512 acc = _mm512_loadu_ps(y + o);                                                                   \
-        for (int q = 0; q < n; q++) acc = _mm512_fmadd_ps(cv[q], load16_##NAME(p + q * ld + o), acc);         \
-        _mm512_storeu_ps(y + o, acc);                                                                          \
+        __m512 acc[TOKENS];                                                                                    \
+        for (int t = 0; t < nt; t++) acc[t] = _mm512_loadu_ps(y + t * ldy + o);                                \
+        for (int q = 0; q < n; q++) {                                                                          \
+            __m512 f = load16_##NAME(p + q * ld + o);                                                          \
+            for (int t = 0; t < nt; t++) acc[t] = _mm512_fmadd_ps(cv[t][q], f, acc[t]);                        \
+        }                                                                                                      \
+        for (int t = 0; t < nt; t++) _mm512_storeu_ps(y + t * ldy + o, acc[t]);                                \
     }                                                                                                          \
     for (; o < d; o++)                                                                                         \
-        for (int q = 0; q < n; q++) y[o] += c[q] * value_##NAME(p[q * ld + o]);                                \
+        for (int t = 0; t < nt; t++)                                                                           \
+            for (int q = 0; q < n; q++) y[t * ldy + o] += c[t * ldc + q] * value_##NAME(p[q * ld + o]);        \
+}                                                                                                              \
+static void axpy_##NAME(const T* p, int64_t ld, int n, const float* c, int ldc, float* y, int64_t ldy, int nt, \
+                        int d) {                                                                               \
+    SPECIALISE(axpy_block_##NAME, p, ld, c, ldc, y, ldy, d);                                                   \
 }
 DOT_AND_AXPY(f32, float)
 DOT_AND_AXPY(f16, uint16_t)
 
-/* Same for bf16 rows; xe/xo are x's even/odd elements (the first d/32*16 of each). */
-static void dot_bf16(const uint16_t* p, int64_t ld, int n, const float* x, const float* xe, const float* xo,
-                     int d, float* out) {
-    __m512 acc[GROUP];
-    for (int q = 0; q < n; q++) acc[q] = _mm512_setzero_ps();
+/* Same for bf16 rows; xe/xo hold each token's even/odd elements (the first d/32*16 of each, tokens h apart). */
+INLINE void dot_block_bf16(const uint16_t* p, int64_t ld, const float* x, const float* xe, const float* xo, int h,
+                           int64_t ldx, int d, float* out, int ldo, int n, int nt) {
+    __m512 acc[GROUP][TOKENS];
+    for (int q = 0; q < n; q++)
+        for (int t = 0; t < nt; t++) acc[q][t] = _mm512_setzero_ps();
     int i = 0;
     for (; i + 32 <= d; i += 32) {
-        __m512 ev = _mm512_loadu_ps(xe + i / 2), ov = _mm512_loadu_ps(xo + i / 2);
+        __m512 ev[TOKENS], ov[TOKENS];
+        for (int t = 0; t < nt; t++)
+            ev[t] = _mm512_loadu_ps(xe + t * h + i / 2), ov[t] = _mm512_loadu_ps(xo + t * h + i / 2);
         for (int q = 0; q < n; q++) {
             __m512i v = _mm512_loadu_si512(p + q * ld + i);
-            acc[q] = _mm512_fmadd_ps(even_half(v), ev, _mm512_fmadd_ps(odd_half(v), ov, acc[q]));
+            __m512 e = even_half(v), od = odd_half(v);
+            for (int t = 0; t < nt; t++)
+                acc[q][t] = _mm512_fmadd_ps(e, ev[t], _mm512_fmadd_ps(od, ov[t], acc[q][t]));
         }
     }
-    for (int q = 0; q < n; q++) {
-        float s = _mm512_reduce_add_ps(acc[q]);
-        for (int k = i; k < d; k++) s += bf16_value(p[q * ld + k]) * x[k];
-        out[q] = s;
-    }
+    for (int q = 0; q < n; q++)
+        for (int t = 0; t < nt; t++) {
+            float s = _mm512_reduce_add_ps(acc[q][t]);
+            for (int k = i; k < d; k++) s += bf16_value(p[q * ld + k]) * x[t * ldx + k];
+            out[t * ldo + q] = s;
+        }
+}
+static void dot_bf16(const uint16_t* p, int64_t ld, int n, const float* x, const float* xe, const float* xo, int h,
+                     int64_t ldx, int nt, int d, float* out, int ldo) {
+    SPECIALISE(dot_block_bf16, p, ld, x, xe, xo, h, ldx, d, out, ldo);
 }
 
-/* Same for bf16 rows, accumulating even/odd outputs into ye/yo (the first d/32*16 of each) and the tail
-   straight into y. */
-static void axpy_bf16(const uint16_t* p, int64_t ld, int n, const float* c, float* ye, float* yo, float* y,
-                      int d) {
-    __m512 cv[GROUP];
-    for (int q = 0; q < n; q++) cv[q] = _mm512_set1_ps(c[q]);
+/* Same for bf16 rows, accumulating each token's even/odd outputs into ye/yo (the first d/32*16 of each,
+   tokens h apart) and the tail straight into y. */
+INLINE void axpy_block_bf16(const uint16_t* p, int64_t ld, const float* c, int ldc, float* ye, float* yo, int h,
+                            float* y, int64_t ldy, int d, int n, int nt) {
+    __m512 cv[TOKENS][GROUP];
+    for (int t = 0; t < nt; t++)
+        for (int q = 0; q < n; q++) cv[t][q] = _mm512_set1_ps(c[t * ldc + q]);
     int o = 0;
     for (; o + 32 <= d; o += 32) {
-        __m512 e = _mm512_loadu_ps(ye + o / 2), od = _mm512_loadu_ps(yo + o / 2);
+        __m512 e[TOKENS], od[TOKENS];
+        for (int t = 0; t < nt; t++)
+            e[t] = _mm512_loadu_ps(ye + t * h + o / 2), od[t] = _mm512_loadu_ps(yo + t * h + o / 2);
         for (int q = 0; q < n; q++) {
             __m512i v = _mm512_loadu_si512(p + q * ld + o);
-            e = _mm512_fmadd_ps(cv[q], even_half(v), e);
-            od = _mm512_fmadd_ps(cv[q], odd_half(v), od);
+            __m512 fe = even_half(v), fo = odd_half(v);
+            for (int t = 0; t < nt; t++) {
+                e[t] = _mm512_fmadd_ps(cv[t][q], fe, e[t]);
+                od[t] = _mm512_fmadd_ps(cv[t][q], fo, od[t]);
+            }
         }
-        _mm512_storeu_ps(ye + o / 2, e);
-        _mm512_storeu_ps(yo + o / 2, od);
+        for (int t = 0; t < nt; t++)
+            _mm512_storeu_ps(ye + t * h + o / 2, e[t]), _mm512_storeu_ps(yo + t * h + o / 2, od[t]);
     }
     for (; o < d; o++)
-        for (int q = 0; q < n; q++) y[o] += c[q] * bf16_value(p[q * ld + o]);
+        for (int t = 0; t < nt; t++)
+            for (int q = 0; q < n; q++) y[t * ldy + o] += c[t * ldc + q] * bf16_value(p[q * ld + o]);
+}
+static void axpy_bf16(const uint16_t* p, int64_t ld, int n, const float* c, int ldc, float* ye, float* yo, int h,
+                      float* y, int64_t ldy, int nt, int d) {
+    SPECIALISE(axpy_block_bf16, p, ld, c, ldc, ye, yo, h, y, ldy, d);
 }
 
 /* Softmax of the router logits for heads < k, in place into g. */
 static void gate(const float* router, const float* bias, int k, const float* x, int d, float* g) {
     float top = -INFINITY;
     for (int h = 0; h < k; h++) {
-        dot_f32(router + (int64_t)h * d, 0, 1, x, d, g + h);
+        dot_f32(router + (int64_t)h * d, 0, 1, x, 0, 1, d, g + h, 0);
         g[h] += bias[h];
         if (g[h] > top) top = g[h];
     }
@@ -132,59 +192,71 @@ static void gate(const float* router, const float* bias, int k, const float* x, 
 /* rows x tokens activations x [rows, tokens, d_in] and outputs y [rows, tokens, d_out] (both fp32,
    contiguous). slots[row] indexes the bank; ranks/heads[slot] are this module's (rank 0: not adapted).
    router may be NULL when no slot adapts this module with a router; bias rows are bias_stride apart.
-   Returns 0, or -1 when scratch memory could not be allocated (y is then incomplete). */
+   Work items are blocks of up to TOKENS tokens of one row. Returns 0, or -1 when scratch memory could not be
+   allocated (y is then incomplete). */
 int loraplex_add_delta(int rows, int tokens, const float* x, float* y, int d_in, int d_out,
                         const int32_t* slots, const int32_t* ranks, const int32_t* heads,
                         const void* a, const void* b, int factor_dtype, int max_rank,
                         const float* router, const float* bias, int64_t bias_stride, int max_heads,
                         int threads) {
     int failed = 0;  /* a thread that cannot get its scratch memory: reported, never a partial silent result */
-    const int items = rows * tokens;  /* one token of one row each; a row's tokens may go to different threads */
+    const int blocks = (tokens + TOKENS - 1) / TOKENS, items = rows * blocks;
     const int chunk = items / (threads * 8) > 1 ? items / (threads * 8) : 1;
     #pragma omp parallel num_threads(threads)
     {
         const int half_in = d_in / 32 * 16, half_out = d_out / 32 * 16;
-        float* scratch = malloc(sizeof(float) * (size_t)(2 * half_in + 2 * half_out + max_rank + max_heads));
+        const size_t floats = (size_t)TOKENS * (2 * half_in + 2 * half_out + max_rank) + (size_t)max_heads;
+        float* scratch = malloc(sizeof(float) * floats);
         const int ok = scratch != NULL;
-        float *xe = scratch, *xo = xe + half_in, *ye = xo + half_in, *yo = ye + half_out;
-        float *z = yo + half_out, *g = z + max_rank;
+        float *xe = scratch, *xo = xe + TOKENS * half_in, *ye = xo + TOKENS * half_in, *yo = ye + TOKENS * half_out;
+        float *z = yo + TOKENS * half_out, *g = z + TOKENS * max_rank;  /* z: [TOKENS][max_rank] */
         #pragma omp for schedule(dynamic, chunk)
         for (int item = 0; item < items; item++) {
-            const int s = slots[item / tokens], r = ranks[s];
+            const int row = item / blocks, t0 = item % blocks * TOKENS, nt = block(tokens - t0);
+            const int s = slots[row], r = ranks[s];
             if (r == 0 || !ok) continue;
             const int k = heads[s], w = r * k;
-            const float* xt = x + (int64_t)item * d_in;
-            float* yt = y + (int64_t)item * d_out;
+            const float* xt = x + ((int64_t)row * tokens + t0) * d_in;
+            float* yt = y + ((int64_t)row * tokens + t0) * d_out;
             const int64_t first = (int64_t)s * max_rank;  /* row index of the slot's first rank in A and B */
             if (factor_dtype == FACTORS_BF16)
-                for (int m = 0; m < half_in; m++) xe[m] = xt[2 * m], xo[m] = xt[2 * m + 1];
+                for (int t = 0; t < nt; t++)
+                    for (int m = 0; m < half_in; m++)
+                        xe[t * half_in + m] = xt[t * d_in + 2 * m], xo[t * half_in + m] = xt[t * d_in + 2 * m + 1];
             for (int j = 0; j < r; j += GROUP) {
                 const int64_t at = (first + j) * d_in;
                 if (factor_dtype == FACTORS_BF16)
-                    dot_bf16((const uint16_t*)a + at, d_in, group(r - j), xt, xe, xo, d_in, z + j);
+                    dot_bf16((const uint16_t*)a + at, d_in, group(r - j), xt, xe, xo, half_in, d_in, nt, d_in,
+                             z + j, max_rank);
                 else if (factor_dtype == FACTORS_F16)
-                    dot_f16((const uint16_t*)a + at, d_in, group(r - j), xt, d_in, z + j);
+                    dot_f16((const uint16_t*)a + at, d_in, group(r - j), xt, d_in, nt, d_in, z + j, max_rank);
                 else
-                    dot_f32((const float*)a + at, d_in, group(r - j), xt, d_in, z + j);
+                    dot_f32((const float*)a + at, d_in, group(r - j), xt, d_in, nt, d_in, z + j, max_rank);
             }
-            if (k > 1 && router != NULL) {  /* NULL: no slot of this module has a router (then k is 1) */
-                gate(router + (int64_t)s * max_heads * d_in, bias + s * bias_stride, k, xt, d_in, g);
-                for (int h = k - 1; h >= 0; h--)  /* backwards: column h*r + j is written after it is read */
-                    for (int j = r - 1; j >= 0; j--) z[h * r + j] = z[j] * g[h];
-            }
+            if (k > 1 && router != NULL)  /* NULL: no slot of this module has a router (then k is 1) */
+                for (int t = 0; t < nt; t++) {
+                    float* zt = z + t * max_rank;
+                    gate(router + (int64_t)s * max_heads * d_in, bias + s * bias_stride, k, xt + t * d_in, d_in, g);
+                    for (int h = k - 1; h >= 0; h--)  /* backwards: column h*r + j is written after it is read */
+                        for (int j = r - 1; j >= 0; j--) zt[h * r + j] = zt[j] * g[h];
+                }
             if (factor_dtype == FACTORS_BF16)
-                memset(ye, 0, sizeof(float) * (size_t)(2 * half_out));
+                memset(ye, 0, sizeof(float) * (size_t)(2 * TOKENS * half_out));
             for (int c = 0; c < w; c += GROUP) {
                 const int64_t at = (first + c) * d_out;
                 if (factor_dtype == FACTORS_BF16)
-                    axpy_bf16((const uint16_t*)b + at, d_out, group(w - c), z + c, ye, yo, yt, d_out);
+                    axpy_bf16((const uint16_t*)b + at, d_out, group(w - c), z + c, max_rank, ye, yo, half_out, yt,
+                              d_out, nt, d_out);
                 else if (factor_dtype == FACTORS_F16)
-                    axpy_f16((const uint16_t*)b + at, d_out, group(w - c), z + c, yt, d_out);
+                    axpy_f16((const uint16_t*)b + at, d_out, group(w - c), z + c, max_rank, yt, d_out, nt, d_out);
                 else
-                    axpy_f32((const float*)b + at, d_out, group(w - c), z + c, yt, d_out);
+                    axpy_f32((const float*)b + at, d_out, group(w - c), z + c, max_rank, yt, d_out, nt, d_out);
             }
             if (factor_dtype == FACTORS_BF16)
-                for (int m = 0; m < half_out; m++) yt[2 * m] += ye[m], yt[2 * m + 1] += yo[m];
+                for (int t = 0; t < nt; t++)
+                    for (int m = 0; m < half_out; m++)
+                        yt[t * d_out + 2 * m] += ye[t * half_out + m],
+                        yt[t * d_out + 2 * m + 1] += yo[t * half_out + m];
         }
         free(scratch);
         if (!ok) {

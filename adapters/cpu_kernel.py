@@ -6,8 +6,9 @@ row to the batch's widest rank and head count and copies all rows' factors into 
 batch changes; the kernel reads each row's own factors straight from the slot bank (no padding, no copies),
 gates HydraLoRA heads in the same pass, and reads bf16 or fp16 factors (half the bytes of fp32) in fewer ms
 than fp32 at decode (torch's bf16 batched matmuls on CPU take longer than its fp32 ones). Prompts go through
-it token by token: faster than the torch path up to a few dozen tokens per row, slower for long fp32 prompts
-(bench/kernel_micro.py). The torch path (adapters/torch_rows.py) is the oracle it is tested against.
+it in blocks of 4 tokens of a row, each factor vector loaded once per block: faster than the torch path at
+every prompt length measured, 1 to 128 tokens per row (bench/kernel_micro.py). The torch path
+(adapters/torch_rows.py) is the oracle it is tested against.
 
 The library is compiled with fixed AVX-512 flags (not -march=native) into $LORAPLEX_KERNEL_DIR (default
 ~/.cache/loraplex), named by a hash of source and flags, so a prebuilt copy (the Docker image

@@ -82,6 +82,12 @@ def test_a_rows_delta_is_bitwise_the_same_in_any_batch(dtype):
     mixed = delta([slots[0], slots[1], 0, slots[2], slots[1], slots[0], slots[2]], x)
     for row, slot in ((0, slots[0]), (1, slots[1]), (3, slots[2])):
         assert torch.equal(mixed[row], delta([slot], x[row:row + 1])[0])
+    # Prompts go through in blocks of tokens: a token's delta is the same whatever block it shares
+    # (here 11 tokens: two full blocks and a partial one) as it is alone, as in a decode step.
+    long = torch.randn(3, 11, 96)
+    prompt = delta(slots, long)
+    for t in range(11):
+        assert torch.equal(prompt[:, t], delta(slots, long[:, t:t + 1].contiguous())[:, 0])
 
 
 def test_activations_that_do_not_fit_the_batch_are_refused_and_strided_ones_work():

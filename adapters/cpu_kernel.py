@@ -144,15 +144,13 @@ class NativeRows:
         call = self.calls[index]
         if call is None:
             return y
-        shape = x.shape
+        shape, (d_in, d_out) = x.shape, call[:2]
         # The kernel trusts these; a mismatch would pair rows with the wrong tokens or write out of bounds.
-        if len(shape) != 3 or shape[0] != self.rows or shape[2] != call[0] or x.dtype != torch.float32 \
-                or y.shape != (shape[0], shape[1], call[1]) or y.dtype != torch.float32:
+        if len(shape) != 3 or shape[0] != self.rows or shape[2] != d_in or x.dtype != torch.float32 \
+                or y.shape != (shape[0], shape[1], d_out) or y.dtype != torch.float32:
             raise ValueError(f"native kernel: x {tuple(x.shape)} {x.dtype} / y {tuple(y.shape)} {y.dtype} do not fit "
                              f"{self.rows} rows of module {self.bank.shapes[index].name}")
-        x = x.contiguous()
-        if not y.is_contiguous():
-            y = y.contiguous()
+        x, y = x.contiguous(), y.contiguous()
         if self.kernel(self.rows, shape[1], x.data_ptr(), y.data_ptr(), *call) != 0:
             raise MemoryError("the native adapter kernel could not allocate its scratch memory")
         return y

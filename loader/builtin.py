@@ -97,9 +97,18 @@ def train_adapters(model_dir: Path, root: Path, s: BuildSettings, work: Path, on
             job = replace(job, tinit=steps // 10, tfinal=steps // 4)
         summary = run_job(job)
         (root / adapter_id / "checkpoint.pt").unlink(missing_ok=True)  # shipped adapters carry no optimizer state
+        _forget_build_path(root / adapter_id / "adapter_config.json")
         logs[adapter_id] = {"kind": kind, "steps": summary["steps"], "seconds": summary["seconds"],
                             "final_train_loss": summary["train_loss"][-1][1]}
     return logs
+
+
+def _forget_build_path(config_path: Path) -> None:
+    """The demo adapters belong to the built-in model, whatever scratch directory it was built in: they record no
+    base path (as `loraplex train` does for the default model), not one that exists only on the build machine."""
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = None
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))  # as peft_files.write_adapter writes it
 
 
 @torch.inference_mode()

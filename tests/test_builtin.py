@@ -62,6 +62,9 @@ def test_shipped_files_and_build_report():
                if not k.startswith("base/") or k.split("/")[1] in BASE_TASKS)
     size = sum(f.stat().st_size for f in BUILTIN_DIR.rglob("*") if f.is_file())
     assert size <= 20 * 2 ** 20, size
+    for adapter_id in DEMO_TASKS:  # no path that exists only on the machine that built them
+        config = json.loads((BUILTIN_DIR / "adapters" / adapter_id / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] is None, adapter_id
 
 
 def test_build_command_runs_end_to_end_in_quick_mode(tmp_path):
@@ -70,7 +73,8 @@ def test_build_command_runs_end_to_end_in_quick_mode(tmp_path):
                             cwd=REPO)
     assert result.returncode == 0, result.stderr
     for adapter_id in DEMO_TASKS:
-        assert (tmp_path / "b" / "adapters" / adapter_id / "adapter_config.json").exists()
+        config = json.loads((tmp_path / "b" / "adapters" / adapter_id / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] is None, adapter_id
     assert "reverse/reverse" in json.loads((tmp_path / "b" / "BUILD.json").read_text())["accuracy"]
 
 

@@ -110,6 +110,8 @@ class SlotBank:
     def release(self, slot: int) -> None:
         if slot == NO_ADAPTER:
             return
+        if self._refs[slot] == 0:  # a bookkeeping bug: going on would let another adapter overwrite a slot in use
+            raise RuntimeError(f"slot {slot} released more often than acquired")
         self._refs[slot] -= 1
         if self._refs[slot] == 0:
             self._idle[slot] = None

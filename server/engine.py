@@ -332,9 +332,12 @@ class Engine:
 
     def _retire(self, indices: list[int]) -> None:
         gone = set(indices)
+        # The trim copies the cache and can run out of memory: release nothing before it succeeds, or _reset
+        # would release the leaving rows' slots a second time.
+        kept = self.runner.keep(self._batch, [i for i in range(len(self._batch)) if i not in gone])
         for i in gone:
             self.bank.release(self._batch.rows[i].slot)
-        self._batch = self.runner.keep(self._batch, [i for i in range(len(self._batch)) if i not in gone])
+        self._batch = kept
         self._kv_report()
         self.metrics.running.set(len(self._batch) if self._batch else 0)
         self.metrics.adapter_slots_used.set(self.bank.used)

@@ -285,6 +285,27 @@ def test_a_failing_step_fails_only_its_requests(server):
         assert len(client.generate(PROMPT, max_new_tokens=2).token_ids) == 2 and engine.alive
 
 
+def test_a_trim_that_runs_out_of_memory_releases_each_slot_once(server):
+    """Retiring finished rows copies the KV cache; when that copy fails, the engine resets the batch and must
+    release each row's adapter slot exactly once (a second release would free a slot still in use)."""
+    engine = server.serving.engine
+    real = engine.runner.keep
+
+    def failing(batch, keep):
+        engine.runner.keep = real  # one failure, then back to normal
+        raise MemoryError("injected: the trimmed cache does not fit")
+    engine.runner.keep = failing
+    try:
+        with Client(server.target, timeout=60) as client:
+            assert len(client.generate(PROMPT, "v1", max_new_tokens=2, ignore_eos=True).token_ids) == 2
+            assert wait_for(lambda: engine.idle(), timeout=10) and engine.alive
+            assert len(client.generate(PROMPT, "v1", max_new_tokens=3, ignore_eos=True).token_ids) == 3
+            assert wait_for(lambda: engine.idle(), timeout=10) and engine.alive
+            assert client.get_adapter("v1").active_requests == 0
+    finally:
+        engine.runner.keep = real
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected death
 def test_engine_thread_death_turns_health_not_serving(model_dirs):
     server = start_server(model_dirs["llama"], None)

@@ -98,16 +98,16 @@ class AdapterRegistry:
                 return record.weights
         if record is None and not self.autoload:
             raise NotFound(f"adapter {adapter_id!r} is not loaded and auto-load is off; call LoadAdapter first")
-        return self._read(adapter_id, path, replace=record is not None, pin=None, reread=True).weights
+        return self._read(adapter_id, path, pin=None, reread=True).weights
 
     # -- admin ----------------------------------------------------------------------------------
     def load(self, adapter_id: str, replace: bool, pin: bool) -> AdapterRecord:
         path = self.path_for(adapter_id)
-        with self._lock:
-            if adapter_id in self._records and not replace:
-                raise AlreadyExists(f"adapter {adapter_id!r} is already loaded; set replace to swap in new files")
         with self._id_lock(adapter_id):  # the record and the state file change together
-            record = self._read(adapter_id, path, replace=replace, pin=pin, reread=False)
+            with self._lock:  # checked under the id's lock: of two concurrent first loads, the second is told
+                if adapter_id in self._records and not replace:
+                    raise AlreadyExists(f"adapter {adapter_id!r} is already loaded; set replace to swap in new files")
+            record = self._read(adapter_id, path, pin=pin, reread=False)
             self._record_state(adapter_id, record.pinned)
         return record
 
@@ -140,7 +140,7 @@ class AdapterRegistry:
         for adapter_id, pinned in entries.items():  # the file is left as is until every entry has been tried
             try:
                 with self._id_lock(adapter_id):
-                    self._read(adapter_id, self.path_for(adapter_id), replace=True, pin=pinned, reread=False)
+                    self._read(adapter_id, self.path_for(adapter_id), pin=pinned, reread=False)
                 with self._lock:
                     self._loaded[adapter_id] = pinned
             except Exception as exc:  # one broken adapter must not keep the server down
@@ -152,8 +152,14 @@ class AdapterRegistry:
 
     def hold(self, adapter_id: str) -> threading.RLock:
         """The id's lock: load, replace and unload of this id wait while it is held. The server resolves and
-        queues a request under it, and counts and unloads under it, so no request slips between the two."""
-        self.path_for(adapter_id)
+        queues a request under it, and counts and unloads under it, so no request slips between the two.
+        An id that is neither registered nor a directory is NOT_FOUND here: locks are kept per id, so ids that name
+        nothing must not create them (a flood of made-up ids would grow the table without bound)."""
+        path = self.path_for(adapter_id)
+        with self._lock:
+            known = adapter_id in self._records or adapter_id in self._id_locks
+        if not known and not path.is_dir():
+            raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
         return self._id_lock(adapter_id)
 
     def get(self, adapter_id: str) -> AdapterRecord:
@@ -177,7 +183,7 @@ class AdapterRegistry:
         with self._lock:
             return self._id_locks.setdefault(adapter_id, threading.RLock())
 
-    def _read(self, adapter_id: str, path: Path, replace: bool, pin: bool | None, reread: bool) -> AdapterRecord:
+    def _read(self, adapter_id: str, path: Path, pin: bool | None, reread: bool) -> AdapterRecord:
         with self._id_lock(adapter_id):  # one read per id at a time; concurrent first uses share the result
             with self._lock:
                 current = self._records.get(adapter_id)

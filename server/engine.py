@@ -182,7 +182,6 @@ class Engine:
         if self._batch is not None:
             for row in self._batch.rows:
                 self.bank.release(row.slot)
-        self.metrics.failure.labels("INTERNAL").inc(len(self._waiting) + (len(self._batch) if self._batch else 0))
         self._unqueue(len(self._waiting))
         self._waiting.clear()
         self._batch = None
@@ -253,7 +252,6 @@ class Engine:
             except Exception as exc:  # e.g. out of memory writing the slot: this request fails, the rest go on
                 log.exception("could not place the adapter of request %s", request.request_id)
                 self._unqueue()
-                self.metrics.failure.labels("INTERNAL").inc()
                 self._tell(request, ErrorEvent(_failed(exc)))
                 continue
             now = time.monotonic()
@@ -362,7 +360,6 @@ class Engine:
 
     def _fail_row(self, row: Row, exc: Exception) -> None:
         self.bank.release(row.slot)
-        self.metrics.failure.labels("INTERNAL").inc()
         self._tell(row.state.request, ErrorEvent(_failed(exc)))
 
     def _fail_all(self, exc: Exception) -> None:

@@ -34,7 +34,8 @@ class Metrics:
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens prefilled.", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated.", registry=r)
         self.success = Counter(p + "request_success", "Finished requests.", ["finished_reason"], registry=r)
-        self.failure = Counter(p + "request_failure", "Requests ended by an error.", ["code"], registry=r)
+        self.failure = Counter(p + "request_failure", "Requests ended by an error, by the status their client got.",
+                               ["code"], registry=r)
         self.adapter_requests = Counter(p + "adapter_requests", "Requests per adapter (bounded label set).",
                                         ["adapter"], registry=r)
         self.adapters_loaded = Gauge(p + "adapters_loaded", "Registered adapters: in host memory (cpu) or evicted "

@@ -94,21 +94,31 @@ def stopping_from(msg: pb.StoppingCriteria, default_max_new: int, limits) -> Sto
     return StoppingParams(max_new, stops, msg.ignore_eos)
 
 
+def _cancel_once_queued(submitted: asyncio.Future) -> None:
+    if not submitted.cancelled() and submitted.exception() is None:
+        submitted.result().cancelled = True
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
 
-    def _submit(self, request: pb.GenerateRequest, sink) -> EngineRequest:
+    def _submit(self, request: pb.GenerateRequest, sink, arrival: float) -> EngineRequest:
         """Prepare and queue a request (blocking, run in the executor). The adapter is resolved and the request
         queued under the id's lock, so UnloadAdapter, which counts and unloads under it, sees the request;
-        validation and tokenization happen before, outside the lock."""
+        validation and tokenization happen before, outside the lock. `arrival` (when the RPC came in) is set
+        before queueing: queue time and TTFT include tokenization and adapter loading."""
         engine_request = self._prepare(request)
-        engine_request.sink = sink
+        engine_request.sink, engine_request.arrival = sink, arrival
+        metrics = self.serving.metrics
         if not request.adapter_id:
+            engine_request.adapter_label = metrics.adapter_label("")
             self.serving.engine.submit(engine_request)
             return engine_request
         with self.serving.registry.hold(request.adapter_id):
             engine_request.adapter = self.serving.registry.resolve(request.adapter_id)
+            # labelled only once resolved: unknown or malformed ids never take one of the bounded labels
+            engine_request.adapter_label = metrics.adapter_label(request.adapter_id)
             self.serving.engine.submit(engine_request)
         return engine_request
 
@@ -135,27 +145,34 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise InvalidArgument("set either prompt or prompt_token_ids")
         if not ids:
             raise InvalidArgument("the prompt encodes to no tokens")
-        if len(ids) > limits.max_prompt_tokens:
-            raise InvalidArgument(f"the prompt has {len(ids)} tokens, above the server's --max-prompt-tokens "
-                                  f"{limits.max_prompt_tokens}")
+        # the model's own limit first: by default --max-prompt-tokens is the context, which the user did not set
         if len(ids) + stopping.max_new_tokens > base.max_context:
             raise OutOfRange(f"prompt ({len(ids)} tokens) + max_new_tokens ({stopping.max_new_tokens}) exceeds the "
                              f"model context of {base.max_context} tokens")
+        if len(ids) > limits.max_prompt_tokens:
+            raise InvalidArgument(f"the prompt has {len(ids)} tokens, above the server's --max-prompt-tokens "
+                                  f"{limits.max_prompt_tokens}")
         if len(ids) + stopping.max_new_tokens > limits.max_kv_tokens:  # permanent, unlike a full queue
             raise OutOfRange(f"prompt ({len(ids)} tokens) + max_new_tokens ({stopping.max_new_tokens}) needs more "
                              f"KV-cache token slots than the server's --max-kv-tokens {limits.max_kv_tokens}, even "
                              f"alone")
         return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=None,
-                             sampling=sampling, stopping=stopping, sink=lambda event: None,
-                             adapter_label=s.metrics.adapter_label(request.adapter_id))
+                             sampling=sampling, stopping=stopping, sink=lambda event: None)
 
     async def _events(self, request: pb.GenerateRequest):
         loop = asyncio.get_running_loop()
-        arrival = time.monotonic()  # TTFT counts from here, adapter loading included
         events: asyncio.Queue = asyncio.Queue()
-        engine_request = await loop.run_in_executor(
-            None, self._submit, request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-        engine_request.arrival = arrival
+        submitted = loop.run_in_executor(None, self._submit, request,
+                                         lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                                         time.monotonic())
+        try:
+            # shielded: a client that leaves while its request is being prepared (an adapter loading from disk,
+            # a LoadAdapter holding the id) cannot stop the executor thread, so its request is cancelled once
+            # queued instead of running to the end for nobody
+            engine_request = await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            submitted.add_done_callback(_cancel_once_queued)
+            raise
         try:
             while True:
                 event = await events.get()

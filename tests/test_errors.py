@@ -144,6 +144,8 @@ def test_context_overflow_is_out_of_range(client):
     code, details = status_of(client.generate, [5] * 10, max_new_tokens=context - 5)
     assert code == C.OUT_OF_RANGE and str(context) in details
     assert status_of(client.generate, "hi", max_new_tokens=context + 1)[0] == C.OUT_OF_RANGE
+    code, details = status_of(client.generate, [5] * (context + 1), max_new_tokens=1)  # the prompt alone is too long
+    assert code == C.OUT_OF_RANGE and "max-prompt-tokens" not in details and str(context) in details
 
 
 def test_load_twice_without_replace_already_exists(client):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -82,6 +83,47 @@ def test_metrics_present_and_increasing(server):
     assert any(k.startswith("loraplex_adapter_load_seconds_count") for k in after)
     handled = [k for k in after if k.startswith("grpc_server_handled_total") and 'grpc_method="Generate"' in k]
     assert handled and any('grpc_code="OK"' in k for k in handled)
+
+
+def test_unknown_adapter_ids_take_no_metric_label(server, adapter_root):
+    """Per-adapter labels are bounded (first 100 ids, then `other`); ids that resolve to nothing must not use
+    them up, or a flood of bad requests would leave every real adapter labelled `other`."""
+    shutil.copytree(adapter_root / "v1", adapter_root / "labelled")
+    with Client(server.target, timeout=30) as client:
+        for i in range(101):
+            with pytest.raises(grpc.RpcError) as info:
+                client.generate([5], f"ghost-{i}", max_new_tokens=1)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        client.generate([5], "labelled", max_new_tokens=1)
+    assert scrape(server)['loraplex_adapter_requests_total{adapter="labelled"}'] == 1
+
+
+def test_two_concurrent_first_loads_one_succeeds_one_already_exists(server, adapter_root, monkeypatch):
+    shutil.copytree(adapter_root / "v1", adapter_root / "twice")
+    registry = server.serving.registry
+    read = registry._reader
+
+    def slow(*args):  # the second LoadAdapter arrives while the first is still reading
+        time.sleep(0.3)
+        return read(*args)
+    monkeypatch.setattr(registry, "_reader", slow)
+    codes = []
+
+    def load():
+        with Client(server.target, timeout=30) as client:
+            try:
+                client.load_adapter("twice")
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                codes.append(err.code())
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(codes, key=str) == sorted([grpc.StatusCode.OK, grpc.StatusCode.ALREADY_EXISTS], key=str)
+    with Client(server.target, timeout=30) as client:
+        assert client.get_adapter("twice").version == 1
 
 
 def test_adapter_info_and_tiers(server):

@@ -175,6 +175,28 @@ def test_unload_counts_a_request_caught_between_resolving_its_adapter_and_queuei
         assert "v2" in [a.adapter_id for a in client.list_adapters()]
 
 
+def test_a_client_gone_while_its_adapter_resolves_leaves_no_request_running(server, monkeypatch):
+    """The deadline passes while the request is still being prepared (its adapter resolving, which cannot be
+    interrupted): once queued, the request is cancelled at the engine's next step, not generated for nobody."""
+    registry = server.serving.registry
+    resolve, go_on = registry.resolve, threading.Event()
+
+    def slow(adapter_id):
+        if adapter_id == "v3":
+            go_on.wait(30)
+        return resolve(adapter_id)
+    monkeypatch.setattr(registry, "resolve", slow)
+    cancelled = 'loraplex_request_success_total{finished_reason="cancelled"}'
+    before = scrape(server).get(cancelled, 0)
+    with Client(server.target, timeout=0.5) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate(PROMPT, "v3", max_new_tokens=40, ignore_eos=True)
+    assert info.value.code() == C.DEADLINE_EXCEEDED
+    go_on.set()
+    assert wait_for(lambda: scrape(server).get(cancelled, 0) == before + 1, timeout=10)
+    assert wait_for(lambda: server.serving.engine.idle(), timeout=10)
+
+
 def test_a_drain_that_hits_its_deadline_harms_no_request(server):
     engine = server.serving.engine
     real = engine.runner.decode_step
@@ -258,11 +280,14 @@ def test_a_failing_step_fails_only_its_requests(server):
             raise RuntimeError("injected fault")
         return real(batch)
     engine.runner.decode_step = flaky
+    internal = 'loraplex_request_failure_total{code="INTERNAL"}'
+    before = scrape(server).get(internal, 0)
     try:
         with Client(server.target, timeout=60) as client:
             with pytest.raises(grpc.RpcError) as info:
                 client.generate(PROMPT, max_new_tokens=5, ignore_eos=True)
             assert info.value.code() == C.INTERNAL and "injected" not in info.value.details()
+            assert scrape(server)[internal] == before + 1  # counted once, as the client saw it
             assert len(client.generate(PROMPT, max_new_tokens=5, ignore_eos=True).token_ids) == 5
     finally:
         engine.runner.decode_step = real

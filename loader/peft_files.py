@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -133,6 +134,54 @@ def check_rank(adapter_id: str, module: str, rank: int, ctx: "LoadContext", what
                                  f"--max-lora-rank {ctx.max_rank}")
 
 
+COUNTS = ("r", "init_r", "target_r", "lora_nums", "pre_num")  # integers where present (pre_num may be 0)
+LIMIT = 2 ** 31  # counts travel in uint32 fields of AdapterInfo
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_config_values(config: dict, adapter_id: str) -> None:
+    """Numbers where the readers read numbers. JSON parsing accepts NaN and Infinity, and a string or a list
+    where a number belongs would otherwise surface as an INTERNAL error or as NaN weights at serving time."""
+    def refuse(key: str, value, what: str):
+        raise FailedPrecondition(f"adapter {adapter_id!r}: config {key} must be {what}, got {value!r}")
+    for key in COUNTS:
+        value = config.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and (0 if key == "pre_num" else 1) <= value < LIMIT):
+            refuse(key, value, "a non-negative integer" if key == "pre_num" else "a positive integer")
+    if config.get("lora_alpha") is not None and not _number(config["lora_alpha"]):
+        refuse("lora_alpha", config["lora_alpha"], "a finite number")
+    for key in ("rank_pattern", "alpha_pattern", "merge_error"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            refuse(key, config[key], "an object")
+    for module, value in (config.get("alpha_pattern") or {}).items():
+        if not _number(value):
+            refuse(f"alpha_pattern[{module!r}]", value, "a finite number")
+    adalora = config.get("peft_type") == "ADALORA"  # its rank_pattern holds masks; the others', ranks
+    for module, value in (config.get("rank_pattern") or {}).items():
+        ok = (isinstance(value, list) and all(isinstance(m, bool) for m in value)) if adalora else \
+            (isinstance(value, int) and not isinstance(value, bool) and 1 <= value < LIMIT)
+        if not ok:
+            refuse(f"rank_pattern[{module!r}]", value, "a list of booleans" if adalora else "a positive integer")
+    for method, value in (config.get("merge_error") or {}).items():
+        if value is not None and not _number(value):
+            refuse(f"merge_error[{method!r}]", value, "a finite number or null")
+
+
+def check_finite_factors(adapter: CanonicalAdapter) -> None:
+    """After the config's scaling is folded in: a huge lora_alpha can overflow fp32 even when every stored tensor
+    is finite, and a non-finite factor would turn its rows' logits into NaN."""
+    for module, f in adapter.modules.items():
+        for name, t in (("lora_A", f.a), ("lora_B x scaling", f.b), ("router", f.router),
+                        ("router bias", f.router_bias)):
+            if t is not None and not torch.isfinite(t).all():
+                raise FailedPrecondition(f"adapter {adapter.adapter_id!r}: module {module!r}: {name} is not finite "
+                                         f"once the config's scaling (lora_alpha / r) is applied; check lora_alpha")
+
+
 @dataclass(frozen=True)
 class LoadContext:
     """What a kind's reader may know about the server: slot limits, and the frozen base weights
@@ -159,9 +208,12 @@ def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], ma
         raise FailedPrecondition(f"adapter {adapter_id!r}: peft_type {peft_type!r} is not served "
                                  f"(supported: {', '.join(readers)})")
     refuse_unservable(config, adapter_id)
+    check_config_values(config, adapter_id)
     weights = path / WEIGHTS_FILE
     if max_bytes is not None and weights.is_file() and weights.stat().st_size > max_bytes:
         raise FailedPrecondition(f"adapter {adapter_id!r}: {WEIGHTS_FILE} is {weights.stat().st_size} bytes, above "
                                  f"the server's --max-adapter-bytes {max_bytes}")
     context = LoadContext(max_rank, max_heads, base_weight)
-    return readers[peft_type](path, adapter_id, config, shapes, context, load_serial)
+    adapter = readers[peft_type](path, adapter_id, config, shapes, context, load_serial)
+    check_finite_factors(adapter)
+    return adapter

@@ -54,6 +54,10 @@ def adapter_root(model_dirs, tmp_path_factory):
     (variant("corrupt") / "adapter_model.safetensors").write_bytes(b"\xff" * 64 + blob[64:])
     variant("config-not-object", raw_config="[1, 2]")
     variant("type-not-string", config_edit={"peft_type": ["LORA"]})
+    variant("alpha-nan", config_edit={"lora_alpha": math.nan})  # json writes NaN, and Python's json reads it
+    variant("alpha-overflows", config_edit={"lora_alpha": 1e300})  # finite, but B x scaling is not in fp32
+    variant("rank-text", config_edit={"r": "4"})
+    variant("rank-pattern-list", config_edit={"rank_pattern": [4]})
     outside = root.parent / (root.name + "-outside")
     outside.mkdir()
     os.symlink(outside, root / "escape")
@@ -106,6 +110,10 @@ def test_symlink_out_of_the_root_is_invalid(client):
     ("corrupt", "cannot read adapter_model.safetensors"),
     ("config-not-object", "must be an object"),
     ("type-not-string", "peft_type ['LORA'] is not served"),
+    ("alpha-nan", "config lora_alpha must be a finite number, got nan"),
+    ("alpha-overflows", "lora_B x scaling is not finite"),
+    ("rank-text", "config r must be a positive integer, got '4'"),
+    ("rank-pattern-list", "config rank_pattern must be an object"),
 ])
 def test_unservable_adapters_fail_precondition_naming_the_problem(client, adapter_id, needle):
     for call in (lambda: client.generate("hi", adapter_id), lambda: client.load_adapter(adapter_id)):

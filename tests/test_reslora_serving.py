@@ -142,7 +142,10 @@ def test_invalid_reslora_configs_are_refused(model_dirs, adapters):
     cases = [("no-stats", {"statistics": {}}, "statistics for"),
              ("bad-structure", {"structure": "xs"}, "structure must be one of"),
              ("bad-method", {"merge_method": "weight_norm"}, "does not apply to structure 'ms'"),
-             ("bad-chains", {"chains": [["model.layers.0.self_attn.q_proj"]]}, "disagree on modules")]
+             ("bad-chains", {"chains": [["model.layers.0.self_attn.q_proj"]]}, "disagree on modules"),
+             # reported in AdapterInfo (a float and a uint32): refused at load, not met by GetAdapter/ListAdapters
+             ("text-error", {"merge_error": {"input_norm": "0.1"}}, "merge_error['input_norm'] must be a finite"),
+             ("huge-pre-num", {"pre_num": 2 ** 40}, "pre_num must be a non-negative integer")]
     for name, edit, _ in cases:
         shutil.copytree(root / "ms", root / name)
         config = json.loads((root / name / "adapter_config.json").read_text())

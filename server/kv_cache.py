@@ -28,8 +28,10 @@ class _Layer(DynamicLayer):
         return self.k[:, :, :t1], self.v[:, :, :t1]
 
     def _grow(self, key_states, value_states, needed: int) -> None:
-        capacity = min(max(needed, 2 * (0 if self.k is None else self.k.shape[2]), 16), self._cache.max_length)
-        capacity = max(capacity, needed)
+        # The first allocation (a prefill) is exactly the prompt: the engine has not yet capped max_length at the
+        # batch's planned peak, which can be shorter than a rounded-up buffer. Later growth doubles, up to the cap.
+        capacity = needed if self.k is None else max(min(max(needed, 2 * self.k.shape[2], 16), self._cache.max_length),
+                                                     needed)
         k = key_states.new_zeros(*key_states.shape[:2], capacity, key_states.shape[-1])
         v = value_states.new_zeros(*value_states.shape[:2], capacity, value_states.shape[-1])
         if self.k is not None:

@@ -92,7 +92,10 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     """Load the model, inject adapter layers, allocate the slot bank, start the engine (blocking)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    base = load_base_model(config.model, config.device, config.dtype)
+    try:
+        base = load_base_model(config.model, config.device, config.dtype)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--model: {exc}") from None
     targets = ALL_LINEAR if config.target_modules == ALL_LINEAR else config.target_modules.split(",")
     context, shapes = inject(base.model, targets)
     dtype = next(base.model.parameters()).dtype
@@ -163,13 +166,18 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     user_tokens = read_tokens(config.auth_token_file) if config.auth_token_file else ()
     admin_tokens = read_tokens(config.admin_token_file) if config.admin_token_file else ()
     metrics = Metrics(config.max_batch_size)
-    metrics_port = metrics.serve(config.metrics_host, config.metrics_port)
+    try:
+        metrics_port = metrics.serve(config.metrics_host, config.metrics_port)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port} (--metrics-port): "
+                          f"{exc.strerror}") from None
     serving = serving if serving is not None else Serving()
     # Outermost first: every RPC is counted (refused ones too), then authenticated.
     interceptors = [MetricsInterceptor(metrics.registry, config.max_concurrent_rpcs)]
     if user_tokens or admin_tokens:
         interceptors.append(AuthInterceptor(user_tokens, admin_tokens, reflection_open=config.reflection))
-    server = grpc.aio.server(interceptors=interceptors)
+    # grpcio sets SO_REUSEPORT by default: a second server on a busy port would bind too and take part of its calls
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     if (user_tokens or admin_tokens) and not config.tls_cert:
         log.warning("bearer tokens travel in plaintext without --tls-cert/--tls-key: use TLS beyond localhost")
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(serving), server)
@@ -182,8 +190,12 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     if config.reflection:
         reflection.enable_server_reflection([*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, _tls_credentials(config)) if config.tls_cert \
-        else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, _tls_credentials(config)) if config.tls_cert \
+            else server.add_insecure_port(address)
+    except RuntimeError:  # grpcio's "Failed to bind"
+        raise ConfigError(f"cannot listen on {address} (--host/--port): the port is in use, or the address is not "
+                          f"one of this machine's") from None
     await server.start()
     log.info("grpc listening on %s:%d (%s%s), metrics on %s:%d", config.host, port,
              "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext",
@@ -197,7 +209,11 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
-    loaded = await loop.run_in_executor(None, run_isolated, build_serving, config, metrics, kernel)
+    try:
+        loaded = await loop.run_in_executor(None, run_isolated, build_serving, config, metrics, kernel)
+    except BaseException:
+        await server.stop(None)
+        raise
     serving.__dict__.update(loaded.__dict__)
     for name in ["", *SERVICES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -42,3 +42,17 @@ def test_adapters_load_list_unload_and_errors(server):
     assert run("adapters", "unload", "--target", server.target, "demo").stdout.strip() == "unloaded demo"
     again = run("adapters", "unload", "--target", server.target, "demo")
     assert again.returncode == 1 and "NOT_FOUND" in again.stderr
+
+
+@pytest.mark.parametrize("what", ["grpc", "metrics", "model"])
+def test_serve_start_up_failures_are_one_line_errors(server, model_dirs, what):
+    """A busy gRPC port fails the second server (grpcio's default SO_REUSEPORT would let it bind and take part of
+    the first one's calls); a busy metrics port and a missing model directory likewise: one line, no traceback."""
+    flags = {"grpc": ["--model", str(model_dirs["llama"]), "--port", str(server.ports.grpc), "--metrics-port", "0"],
+             "metrics": ["--model", str(model_dirs["llama"]), "--port", "0",
+                         "--metrics-port", str(server.ports.metrics)],
+             "model": ["--model", "/nonexistent/model", "--port", "0", "--metrics-port", "0"]}[what]
+    result = run("serve", *flags)
+    needle = {"grpc": f"cannot listen on 127.0.0.1:{server.ports.grpc}", "metrics": "cannot serve metrics on",
+              "model": "--model: /nonexistent/model is not a Hugging Face model directory"}[what]
+    assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -115,6 +115,11 @@ def require_parts(parts: dict[str, dict[str, torch.Tensor]], config: dict, shape
                 f"adapter {adapter_id!r}: target module {module!r} has no weights (missing key "
                 f"{KEY_PREFIX}{module}.{first})")
     for module, have in parts.items():
+        if config.get("target_modules") is not None and not _targets(config, module):  # PEFT would leave it out
+            key = f"{KEY_PREFIX}{module}.{key_names.get(next(iter(have)), '')}"
+            raise FailedPrecondition(
+                f"adapter {adapter_id!r}: tensor {key} is for module {module!r}, which the config's target_modules "
+                f"{config['target_modules']!r} (minus exclude_modules) does not select")
         for part, suffix in key_names.items():
             if part not in have:
                 raise FailedPrecondition(f"adapter {adapter_id!r}: missing key {KEY_PREFIX}{module}.{suffix}")
@@ -149,11 +154,23 @@ def check_config_values(config: dict, adapter_id: str) -> None:
         raise FailedPrecondition(f"adapter {adapter_id!r}: config {key} must be {what}, got {value!r}")
     for key in COUNTS:
         value = config.get(key)
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
-                                      and (0 if key == "pre_num" else 1) <= value < LIMIT):
+        if key in config and not (isinstance(value, int) and not isinstance(value, bool)
+                                  and (0 if key == "pre_num" else 1) <= value < LIMIT):
             refuse(key, value, "a non-negative integer" if key == "pre_num" else "a positive integer")
-    if config.get("lora_alpha") is not None and not _number(config["lora_alpha"]):
+    if "lora_alpha" in config and not _number(config["lora_alpha"]):
         refuse("lora_alpha", config["lora_alpha"], "a finite number")
+    for key in ("use_rslora", "router_bias"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            refuse(key, config[key], "true or false")
+    for key in ("target_modules", "exclude_modules"):
+        value = config.get(key)
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                refuse(key, value, f"a valid regular expression ({exc})")
+        elif value is not None and not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
+            refuse(key, value, "a list of module names or a regular expression")
     for key in ("rank_pattern", "alpha_pattern", "merge_error"):
         if config.get(key) is not None and not isinstance(config[key], dict):
             refuse(key, config[key], "an object")

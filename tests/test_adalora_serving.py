@@ -85,7 +85,7 @@ def test_invalid_adalora_files_name_the_problem(model_dirs, adapter_root):
         "ada-no-e": ({k: v for k, v in tensors.items() if k != e_key}, {}, f"missing key {e_key}"),
         "ada-shape": ({**tensors, a_key: tensors[a_key][:, :-1].contiguous()}, {}, f"{a_key} has shape"),
         "ada-alpha0": (tensors, {"lora_alpha": 0}, "lora_alpha must be > 0"),
-        "ada-no-init-r": (tensors, {"init_r": None}, "positive integer init_r"),
+        "ada-no-init-r": (tensors, {"init_r": None}, "init_r must be a positive integer"),
     }
     for name, (t, edit, _) in cases.items():
         (adapter_root / name).mkdir()

@@ -58,6 +58,11 @@ def adapter_root(model_dirs, tmp_path_factory):
     variant("alpha-overflows", config_edit={"lora_alpha": 1e300})  # finite, but B x scaling is not in fp32
     variant("rank-text", config_edit={"r": "4"})
     variant("rank-pattern-list", config_edit={"rank_pattern": [4]})
+    variant("rank-null", config_edit={"r": None})
+    variant("rslora-text", config_edit={"use_rslora": "false"})  # bool("false") is True: a different scaling
+    variant("targets-number", config_edit={"target_modules": 5})
+    variant("targets-bad-regex", config_edit={"target_modules": "(["})
+    variant("untargeted-tensors", config_edit={"target_modules": ["q_proj"]})  # PEFT would drop the v_proj ones
     outside = root.parent / (root.name + "-outside")
     outside.mkdir()
     os.symlink(outside, root / "escape")
@@ -114,6 +119,11 @@ def test_symlink_out_of_the_root_is_invalid(client):
     ("alpha-overflows", "lora_B x scaling is not finite"),
     ("rank-text", "config r must be a positive integer, got '4'"),
     ("rank-pattern-list", "config rank_pattern must be an object"),
+    ("rank-null", "config r must be a positive integer, got None"),
+    ("rslora-text", "config use_rslora must be true or false"),
+    ("targets-number", "config target_modules must be a list of module names or a regular expression"),
+    ("targets-bad-regex", "config target_modules must be a valid regular expression"),
+    ("untargeted-tensors", "v_proj.lora_A.weight is for module 'model.layers.0.self_attn.v_proj', which the config"),
 ])
 def test_unservable_adapters_fail_precondition_naming_the_problem(client, adapter_id, needle):
     for call in (lambda: client.generate("hi", adapter_id), lambda: client.load_adapter(adapter_id)):

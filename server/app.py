@@ -130,7 +130,7 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
                                state_file=_state_file(config, root))
     registry.restore()  # adapters loaded at run time before a restart; health says SERVING only after this
     engine.start()
-    _warm_up(engine, base)
+    _warm_up(engine, base, metrics)
     return Serving(engine=engine, registry=registry, base=base, config=config, metrics=metrics, limits=limits)
 
 
@@ -140,8 +140,19 @@ def _state_file(config: ServerConfig, root: Path | None) -> Path | None:
     return root / STATE_FILE if root is not None else None
 
 
-def _warm_up(engine: Engine, base) -> None:
-    """One real generation through the engine before reporting SERVING."""
+def _warm_up(engine: Engine, base, metrics: Metrics) -> None:
+    """One real generation through the engine before reporting SERVING, counted in a scratch registry: operators'
+    latency and request metrics start with the first client's request."""
+    engine.metrics = Metrics(engine.config.max_batch_size)
+    try:
+        _generate_once(engine, base)
+        while not engine.idle():  # its row retired, so no step records into the scratch registry after the swap
+            time.sleep(0.001)
+    finally:
+        engine.metrics = metrics
+
+
+def _generate_once(engine: Engine, base) -> None:
     done = threading.Event()
     outcome: list = []
 

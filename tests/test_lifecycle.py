@@ -85,6 +85,24 @@ def test_metrics_present_and_increasing(server):
     assert handled and any('grpc_code="OK"' in k for k in handled)
 
 
+def test_warm_up_is_not_counted_as_a_request(model_dirs):
+    server = start_server(model_dirs["llama"], None)
+    try:
+        fresh = scrape(server)
+        counted = [k for k, v in fresh.items() if v and k.startswith((
+            "loraplex_time_to_first_token_seconds_count", "loraplex_e2e_request_latency_seconds_count",
+            "loraplex_request_queue_time_seconds_count", "loraplex_request_success_total",
+            "loraplex_adapter_requests_total", "loraplex_prompt_tokens_total", "loraplex_generation_tokens_total"))]
+        assert counted == []
+        with Client(server.target, timeout=30) as client:
+            client.generate([5, 6], max_new_tokens=2, ignore_eos=True)
+        after = scrape(server)
+        assert after["loraplex_time_to_first_token_seconds_count"] == 1
+        assert after['loraplex_adapter_requests_total{adapter="__base__"}'] == 1
+    finally:
+        server.stop()
+
+
 def test_unknown_adapter_ids_take_no_metric_label(server, adapter_root):
     """Per-adapter labels are bounded (first 100 ids, then `other`); ids that resolve to nothing must not use
     them up, or a flood of bad requests would leave every real adapter labelled `other`."""

@@ -95,10 +95,12 @@ def _train(args) -> int:
     job = TrainJob(method=args.method, data=args.data, out=args.out, model=args.model, eval=args.eval,
                    rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets, rslora=args.rslora,
                    max_length=args.max_length, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
-                   resume=args.resume, heads=args.heads if args.heads == "auto" else int(args.heads),
+                   resume=args.resume, heads=args.heads if args.heads == "auto" else _int_or(args.heads),
                    router_bias=args.router_bias, init_r=args.init_r, target_r=args.target_r, tinit=args.tinit,
                    tfinal=args.tfinal, delta_t=args.delta_t, orth_reg_weight=args.orth_reg_weight,
                    structure=args.structure, pre_num=args.pre_num, settings=settings)
+    if args.deploy:
+        _connection(args)  # a wrong --token-file or --tls-* path: one line now, not after the first job trained
     progress = lambda steps: tqdm(steps, desc=f"train {args.method}", unit="step")  # noqa: E731
     if args.jobs:
         from loader.batch_jobs import read_jobs, run_jobs, summary_table
@@ -116,6 +118,14 @@ def _train(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _int_or(text: str):
+    """An int where the text is one, else the text (for the job's own check to name)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _train_one(job, args, progress) -> dict:

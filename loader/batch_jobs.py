@@ -12,7 +12,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from adapters.training import TrainSettings
-from loader.train_data import DataError
+from loader.train_data import DataError, jsonl_lines
 from loader.training_job import JobError, TrainJob
 
 JOB_FIELDS = {f.name for f in fields(TrainJob)} - {"settings"}
@@ -22,14 +22,14 @@ SETTING_FIELDS = {f.name for f in fields(TrainSettings)}
 def read_jobs(path: Path, defaults: TrainJob) -> list[TrainJob]:
     """Each line overrides `defaults` (the command line's flags); unknown keys are an error, with the line."""
     jobs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(path), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        unknown = set(record) - JOB_FIELDS - SETTING_FIELDS
+        unknown = set(record) - JOB_FIELDS - SETTING_FIELDS if isinstance(record, dict) else set()
         if not isinstance(record, dict) or unknown or not {"method", "data", "out"} <= set(record):
             raise DataError(f"{path}:{number}: a job needs 'method', 'data' and 'out'; unknown keys "
                             f"{sorted(unknown)}; allowed: {sorted(JOB_FIELDS | SETTING_FIELDS)}")

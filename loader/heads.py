@@ -40,6 +40,9 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 50) -> torch.Ten
 
 
 def silhouette(x: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean silhouette; -1 (the worst) when k-means found a single cluster (identical prompts): undefined there."""
+    if len(labels.unique()) < 2:
+        return -1.0
     d = torch.cdist(x, x)
     scores = []
     for i in range(len(x)):

@@ -21,12 +21,18 @@ class Example:
     labels: list[int]
 
 
+def jsonl_lines(path: Path) -> list[str]:
+    """The file's lines split at newlines only: str.splitlines() also splits at U+2028, U+2029, U+0085 and other
+    separators that JSON strings may hold unescaped (json.dumps(..., ensure_ascii=False) writes them so)."""
+    return path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")
+
+
 def read_jsonl(path: Path, tokenizer, max_length: int) -> list[Example]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     eos = tokenizer.eos_token_id
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(path), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,33 @@ class TrainJob:
     structure: str = "bs"                # ResLoRA
     pre_num: int = 1
     settings: TrainSettings = field(default_factory=TrainSettings)
+
+
+def check_job(job: TrainJob) -> None:
+    """Every number in range before anything is loaded (from flags or a --jobs line alike): a zero batch size or
+    eval interval would otherwise fail as a ZeroDivisionError, after the model loaded or a first step ran."""
+    s = job.settings
+    positive_int = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
+    count = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer")
+    positive = (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0, "a positive number")
+    fraction = (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)")
+    non_negative = (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, "a non-negative number")
+    checks = [("rank", job.rank, positive_int), ("alpha", job.alpha, positive), ("dropout", job.dropout, fraction),
+              ("max_length", job.max_length, positive_int), ("init_r", job.init_r, positive_int),
+              ("target_r", job.target_r, positive_int), ("tinit", job.tinit, count), ("tfinal", job.tfinal, count),
+              ("delta_t", job.delta_t, positive_int), ("orth_reg_weight", job.orth_reg_weight, non_negative),
+              ("pre_num", job.pre_num, count), ("lr", s.lr, positive), ("epochs", s.epochs, positive_int),
+              ("batch_size", s.batch_size, positive_int), ("grad_accum", s.grad_accum, positive_int),
+              ("eval_every", s.eval_every, positive_int), ("weight_decay", s.weight_decay, non_negative),
+              ("warmup_ratio", s.warmup_ratio, fraction), ("max_grad_norm", s.max_grad_norm, positive)]
+    if s.max_steps is not None:
+        checks.append(("max_steps", s.max_steps, positive_int))
+    if job.heads != "auto":
+        checks.append(("heads", job.heads, positive_int))
+    for name, value, (ok, what) in checks:
+        if not ok(value):
+            raise JobError(f"--{name.replace('_', '-')} must be {what}, got {value!r}"
+                           + (" (or auto)" if name == "heads" else ""))
 
 
 def _load(job: TrainJob):
@@ -143,6 +171,7 @@ def run_job(job: TrainJob, progress=None, inspect=None) -> dict:
     sees the trained model in its training form (adapter layers in place, eval mode) before it is freed."""
     if job.method not in METHODS:
         raise JobError(f"--method must be one of {METHODS}, got {job.method!r}")
+    check_job(job)
     out = Path(job.out)
     if (out / CONFIG_FILE).exists() and not job.overwrite:
         raise JobError(f"{out} already holds an adapter; pass --overwrite to replace it")

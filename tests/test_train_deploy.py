@@ -6,12 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from clients.client import Client
 from loader.batch_jobs import my_share, read_jobs
+from loader.train_data import DataError
 from loader.training_job import TrainJob
 from tests.helpers import make_peft_adapter, start_server, write_task
 
@@ -48,6 +50,14 @@ def test_each_torchrun_rank_takes_its_share(monkeypatch, tmp_path):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert [i for i, _ in my_share(parsed)[2]] == [1, 3]
+
+
+@pytest.mark.parametrize("line", ["5", "null", '[{"method": "lora"}]'])
+def test_a_jobs_line_that_is_not_an_object_names_its_line(tmp_path, line):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"method": "lora", "data": "d", "out": "o"}) + "\n" + line + "\n")
+    with pytest.raises(DataError, match="jobs.jsonl:2: a job needs"):
+        read_jobs(jobs, TrainJob(method=None, data=None, out=None))
 
 
 def test_train_deploy_generate(model_dirs, tmp_path):

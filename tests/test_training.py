@@ -163,6 +163,35 @@ def test_clear_errors(model_dirs, data, tmp_path):
         run_job(job(model_dirs, data, tmp_path / "done", "lora"))
 
 
+@pytest.mark.parametrize("change,needle", [
+    ({"settings": replace(FAST, eval_every=0)}, "--eval-every must be a positive integer, got 0"),
+    ({"settings": replace(FAST, batch_size=0)}, "--batch-size must be a positive integer, got 0"),
+    ({"settings": replace(FAST, lr=-1.0)}, "--lr must be a positive number, got -1.0"),
+    ({"settings": replace(FAST, max_steps=0)}, "--max-steps must be a positive integer, got 0"),
+    ({"rank": 0}, "--rank must be a positive integer, got 0"),
+    ({"dropout": 1.0}, "--dropout must be in [0, 1), got 1.0"),
+    ({"heads": "x"}, "--heads must be a positive integer, got 'x' (or auto)"),
+])
+def test_out_of_range_settings_are_refused_before_loading(model_dirs, data, tmp_path, change, needle):
+    with pytest.raises(JobError) as info:
+        run_job(job(model_dirs, data, tmp_path / "o", "hydralora", **change))
+    assert needle in str(info.value) and not (tmp_path / "o").exists()
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(model_dirs, tmp_path):
+    from transformers import AutoTokenizer
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps({"prompt": "a\u2028b\x85c =>", "completion": " d"}, ensure_ascii=False) + "\n"
+                    + json.dumps({"text": "e\u2029f"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")  # written raw, as ensure_ascii=False does
+    assert len(read_jsonl(path, AutoTokenizer.from_pretrained(model_dirs["llama"]), 64)) == 2
+
+
+def test_heads_auto_with_identical_prompts():
+    from loader.heads import choose_heads
+    assert choose_heads(["Summarize:"] * 10) == 2
+
+
 def test_cli_train_end_to_end(model_dirs, data, tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", "from clients.cli import main; main()", "train", "--method", "hydralora", "--model",

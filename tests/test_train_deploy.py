@@ -94,12 +94,40 @@ def test_install_flips_a_symlink_and_keeps_one_previous_version(model_dirs, tmp_
         with Client(server.target, timeout=60) as client:
             outputs = [client.generate([5, 6, 7], "a", max_new_tokens=6, ignore_eos=True).token_ids]
             for i in (1, 2):
-                install(versions[i], root, "a")
+                before = os.readlink(root / "a") if (root / "a").is_symlink() else None
+                version, previous = install(versions[i], root, "a")
+                assert os.readlink(root / "a") == version.name and (before is None or previous.name == before)
                 assert (root / "a").is_symlink()
                 assert client.load_adapter("a", replace=True).version == i + 1
                 outputs.append(client.generate([5, 6, 7], "a", max_new_tokens=6, ignore_eos=True).token_ids)
         assert len({tuple(o) for o in outputs}) == 3  # each deploy really serves its own weights
         hidden = sorted(p.name for p in root.iterdir() if p.name.startswith(".a@"))
         assert len(hidden) == 2 and os.readlink(root / "a") in hidden  # the current one and the one before
+    finally:
+        server.stop()
+
+
+def test_a_deploy_the_server_refuses_is_rolled_back(model_dirs, tmp_path):
+    """The new files go under the root, LoadAdapter refuses them (rank above --max-lora-rank): the id points at
+    the version it served before, so an auto-load after eviction or a restart never reads the refused files."""
+    import grpc
+    from loader.deploy import deploy, install
+    root = tmp_path / "root"
+    root.mkdir()
+    good = make_peft_adapter(model_dirs["llama"], tmp_path / "good", 1, r=4, lora_alpha=8, target_modules=["q_proj"])
+    wide = make_peft_adapter(model_dirs["llama"], tmp_path / "wide", 2, r=32, lora_alpha=8, target_modules=["q_proj"])
+    live, _ = install(good, root, "a")
+    server = start_server(model_dirs["llama"], root, max_lora_rank=8)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            deploy(wide, server.target, adapter_id="a", copy_to_root=root)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert os.readlink(root / "a") == live.name
+        assert {p.name for p in root.iterdir()} == {"a", live.name}
+        with pytest.raises(grpc.RpcError):
+            deploy(wide, server.target, adapter_id="b", copy_to_root=root)  # a new id: nothing stays behind
+        assert {p.name for p in root.iterdir()} == {"a", live.name}
+        with Client(server.target, timeout=60) as client:
+            assert client.load_adapter("a", replace=True).rank == 4
     finally:
         server.stop()

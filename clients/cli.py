@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -103,14 +104,15 @@ def _train(args) -> int:
         _connection(args)  # a wrong --token-file or --tls-* path: one line now, not after the first job trained
     progress = lambda steps: tqdm(steps, desc=f"train {args.method}", unit="step")  # noqa: E731
     if args.jobs:
-        from loader.batch_jobs import read_jobs, run_jobs, summary_table
+        from loader.batch_jobs import gather_rows, read_jobs, run_jobs, summary_table
         try:
             jobs = read_jobs(Path(args.jobs), job)
         except DataError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        rows = run_jobs(jobs, lambda j, progress: _train_one(j, args, progress), progress)
-        print(summary_table(rows))
+        rows = gather_rows(run_jobs(jobs, lambda j, progress: _train_one(j, args, progress), progress))
+        if int(os.environ.get("RANK", 0)) == 0:  # one table for the whole run
+            print(summary_table(rows))
         return 0 if all(r["status"] == "ok" for r in rows) else 1
     try:
         _train_one(job, args, progress)
@@ -296,3 +298,7 @@ def main(argv: list[str] | None = None) -> None:
 
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":  # `python -m clients.cli` (what torchrun runs: `torchrun ... -m clients.cli train`)
+    main()

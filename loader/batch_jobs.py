@@ -1,7 +1,8 @@
 """Batch training: `loraplex train --jobs jobs.jsonl`, one job per line (method, data, out, overrides).
 
-Under torchrun each rank takes jobs[RANK::WORLD_SIZE] (adapters are independent: no process group, no
-DDP); without torchrun the same command is rank 0 of 1. A failed job is reported and the others still run.
+Under torchrun each rank takes jobs[RANK::WORLD_SIZE] (adapters are independent: no DDP; the ranks meet once,
+at the end, to report together); without torchrun the same command is rank 0 of 1. A failed job is reported and
+the others still run, on every rank.
 """
 from __future__ import annotations
 
@@ -64,6 +65,25 @@ def run_jobs(jobs: list[TrainJob], run, progress=None) -> list[dict]:
             rows.append({"job": index, "method": job.method, "out": job.out, "status": "failed",
                          "error": f"{type(exc).__name__}: {exc}"})
     return rows
+
+
+def gather_rows(rows: list[dict]) -> list[dict]:
+    """Every rank's rows, once every rank has finished its share (by job index). torchrun stops all workers as
+    soon as one exits non-zero, so a rank whose job failed must wait for the others before anyone exits; the
+    only collective is this one, at the end (gloo, over the store torchrun already runs)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return rows
+    import datetime
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))  # the slowest rank may train for days
+    try:
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, rows)
+    finally:
+        dist.destroy_process_group()
+    return sorted((row for part in everyone for row in part), key=lambda row: row["job"])
 
 
 def summary_table(rows: list[dict]) -> str:

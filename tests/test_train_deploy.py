@@ -41,6 +41,25 @@ def test_jobs_file_runs_all_and_reports_failures(model_dirs, tmp_path):
     assert (tmp_path / "a" / "adapter_model.safetensors").exists() and (tmp_path / "c" / "adapter_config.json").exists()
 
 
+def test_under_torchrun_a_failed_job_does_not_stop_the_other_ranks(model_dirs, tmp_path):
+    """torchrun stops every worker as soon as one exits non-zero: rank 0's job fails at once, rank 1's trains on
+    and must finish; one table for both, exit code 1."""
+    data = write_task(tmp_path / "train.jsonl", 64, 0)
+    (tmp_path / "broken.jsonl").write_text("{oops\n")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"method": "lora", "data": str(tmp_path / "broken.jsonl"), "out": str(tmp_path / "a")})
+                    + "\n" + json.dumps({"method": "lora", "data": str(data), "out": str(tmp_path / "b")}) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "clients.cli",
+         "train", "--jobs", str(jobs), "--model", str(model_dirs["llama"]), "--max-steps", "40", "--batch-size", "4",
+         "--target-modules", "q_proj,v_proj"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert (tmp_path / "b" / "adapter_model.safetensors").exists(), result.stderr[-2000:]
+    row = {line.split()[0]: line for line in result.stdout.splitlines() if line[:1].isdigit()}
+    assert "failed" in row["0"] and " ok " in row["1"] and row["1"].split()[3] == "40"
+
+
 def test_each_torchrun_rank_takes_its_share(monkeypatch, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("".join(json.dumps({"method": "lora", "data": "d", "out": f"o{i}", "lr": 0.1 * i}) + "\n"

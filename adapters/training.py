@@ -101,6 +101,8 @@ class Trainer:
         trainable = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         return {"step": step, "epoch": epoch, "position": position, "params": trainable,
                 "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                # dropout on a GPU draws from the CUDA generators
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
                 "hooks": self.hooks.state_dict()}
 
     def _restore(self, state: dict) -> tuple[int, int, int]:
@@ -110,6 +112,8 @@ class Trainer:
                 named[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.hooks.load_state_dict(state["hooks"])
         return state["step"], state["epoch"], state["position"]
 

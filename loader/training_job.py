@@ -129,6 +129,26 @@ class _AdaLoraHooks(Hooks):
         self.allocator.load_state_dict(state)
 
 
+class _ResLoraHooks(Hooks):
+    """The merge statistics (windows of recent training forwards) go into checkpoints: a resumed job saves the
+    statistics, and so the merged weights, of the uninterrupted run (a resume from the final checkpoint, with no
+    forward left to run, would otherwise save none)."""
+
+    def __init__(self, layers: dict) -> None:
+        self.layers = layers
+
+    def state_dict(self) -> dict:
+        return {name: {"input_norms": list(layer.input_norms), "shrunk_norms": list(layer.shrunk_norms)}
+                for name, layer in self.layers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, layer in self.layers.items():
+            for key in ("input_norms", "shrunk_norms"):
+                window = getattr(layer, key)
+                window.clear()
+                window.extend(state[name][key])
+
+
 def _prepare(job: TrainJob, model, targets, total: int, train_prompts: list[str]):
     """The kind's trainable layers, loop hooks and writer (a function of the output directory)."""
     common = {"r": job.rank, "lora_alpha": job.alpha, "lora_dropout": job.dropout,
@@ -150,7 +170,7 @@ def _prepare(job: TrainJob, model, targets, total: int, train_prompts: list[str]
         from adapters.reslora import add_reslora
         from loader.reslora_files import save_reslora
         layers = add_reslora(model, targets, job.rank, job.alpha, job.dropout, job.structure, job.pre_num)
-        return layers, Hooks(), lambda out, errors=None: save_reslora(
+        return layers, _ResLoraHooks(layers), lambda out, errors=None: save_reslora(
             layers, out, {**common, **({"merge_error": errors} if errors else {})})
     from adapters.adalora import RankAllocator, add_adalora
     from loader.adalora_files import save_adalora
@@ -194,7 +214,7 @@ def run_job(job: TrainJob, progress=None, inspect=None) -> dict:
     identity = {k: v for k, v in asdict(job).items() if k not in ("overwrite", "resume", "out")}
     resume = None
     if job.resume and (out / CHECKPOINT).exists():
-        resume = torch.load(out / CHECKPOINT, weights_only=True)
+        resume = torch.load(out / CHECKPOINT, weights_only=True, map_location="cpu")  # written on any device
         if resume.get("job") != json.loads(json.dumps(identity, default=str)):
             raise JobError(f"--resume: {out / CHECKPOINT} was written by a different job configuration")
 

@@ -141,6 +141,17 @@ def test_resume_continues_exactly(model_dirs, data):
         torch.testing.assert_close(layer.lora_B.weight, straight[name], atol=0, rtol=0)
 
 
+def test_reslora_resume_keeps_the_merge_statistics(model_dirs, data, tmp_path):
+    """Resuming from the final checkpoint runs no training forward: the statistics the merges use (and so the
+    merged weights the server serves) come from the checkpoint, equal to the uninterrupted run's."""
+    settings = replace(FAST, max_steps=12, eval_every=6)
+    run_job(job(model_dirs, data, tmp_path / "r", "reslora", structure="is", settings=settings))
+    first = (tmp_path / "r" / "adapter_config.json").read_text()
+    run_job(job(model_dirs, data, tmp_path / "r", "reslora", structure="is", settings=settings, resume=True,
+                overwrite=True))
+    assert (tmp_path / "r" / "adapter_config.json").read_text() == first and "NaN" not in first
+
+
 def test_same_seed_same_adapter(model_dirs, data, tmp_path):
     for out in ("x", "y"):
         run_job(job(model_dirs, data, tmp_path / out, "lora", settings=replace(FAST, max_steps=10)))

@@ -1,4 +1,4 @@
-"""The `loraplex` command line: serve, generate, adapters {list,load,unload}."""
+"""The `loraplex` command line: serve, generate, adapters {list,get,load,unload}, train, merge, build-default."""
 from __future__ import annotations
 
 import argparse
@@ -47,7 +47,7 @@ def _generate(args) -> int:
     with Client(args.target, timeout=args.timeout, **_connection(args)) as client:
         stream = client.generate_stream(args.prompt, args.adapter, max_new_tokens=args.max_new_tokens,
                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                        seed=args.seed, stop=args.stop or ())
+                                        seed=args.seed, stop=args.stop or (), ignore_eos=args.ignore_eos)
         for message in stream:
             sys.stdout.write(message.text)
             sys.stdout.flush()
@@ -64,6 +64,8 @@ def _adapters(args) -> int:
     with Client(args.target, timeout=args.timeout, **_connection(args)) as client:
         if args.action == "list":
             infos = client.list_adapters()
+        elif args.action == "get":
+            infos = [client.get_adapter(args.adapter_id)]
         elif args.action == "load":
             infos = [client.load_adapter(args.adapter_id, replace=args.replace, pin=args.pin)]
         else:
@@ -74,8 +76,14 @@ def _adapters(args) -> int:
     for info in infos:
         kind = pb.AdapterKind.Name(info.kind).removeprefix("ADAPTER_KIND_").lower()
         tier = pb.AdapterTier.Name(info.tier).removeprefix("ADAPTER_TIER_").lower()
+        extra = f"\theads={info.heads}" if info.heads > 1 else ""
+        if info.HasField("reslora"):
+            r = info.reslora
+            error = f"{r.merge_error:.3e}" if r.HasField("merge_error") else "not recorded"
+            extra += f"\tstructure={r.structure}\tpre_num={r.pre_num}\tmerge={r.merge_method}\tmerge_error={error}"
         print(f"{info.adapter_id}\t{kind}\trank={info.rank}\tmodules={len(info.target_modules)}\t"
-              f"{info.size_bytes} bytes\ttier={tier}\tversion={info.version}\tpinned={info.pinned}")
+              f"{info.size_bytes} bytes\ttier={tier}\tversion={info.version}\tpinned={info.pinned}\t"
+              f"running={info.active_requests}{extra}")
     return 0
 
 
@@ -205,11 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past end-of-sequence")
     gen.set_defaults(func=_generate)
 
-    adapters = sub.add_parser("adapters", allow_abbrev=False, help="list, load or unload adapters")
+    adapters = sub.add_parser("adapters", allow_abbrev=False, help="list, get, load or unload adapters")
     adapter_sub = adapters.add_subparsers(dest="action", required=True)
-    for action in ("list", "load", "unload"):
+    for action in ("list", "get", "load", "unload"):
         p = adapter_sub.add_parser(action, allow_abbrev=False)
         client_args(p)
         if action != "list":

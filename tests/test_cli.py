@@ -25,7 +25,7 @@ def run(*args) -> subprocess.CompletedProcess:
 
 
 def test_generate_streams_text_and_reports_usage(server):
-    result = run("generate", "--target", server.target, "--max-new-tokens", "5", "hello")
+    result = run("generate", "--target", server.target, "--max-new-tokens", "5", "--ignore-eos", "hello")
     assert result.returncode == 0, result.stderr
     assert "[length; 5 prompt + 5 completion tokens]" in result.stderr
 
@@ -37,6 +37,9 @@ def test_adapters_load_list_unload_and_errors(server):
     assert loaded.returncode == 0 and loaded.stdout.startswith("demo\tlora\trank=4")
     listed = run("adapters", "list", "--target", server.target)
     assert "demo\tlora" in listed.stdout
+    got = run("adapters", "get", "--target", server.target, "demo")
+    assert got.returncode == 0 and got.stdout.startswith("demo\tlora\trank=4") and "running=0" in got.stdout
+    assert "NOT_FOUND" in run("adapters", "get", "--target", server.target, "nope").stderr
     ok = run("generate", "--target", server.target, "--adapter", "demo", "--max-new-tokens", "3", "hi")
     assert ok.returncode == 0 and "3 completion tokens" in ok.stderr
     assert run("adapters", "unload", "--target", server.target, "demo").stdout.strip() == "unloaded demo"

@@ -129,6 +129,14 @@ class _AdaLoraHooks(Hooks):
         self.allocator.load_state_dict(state)
 
 
+def _best_merge(errors: dict[str, float], structure: str) -> str:
+    """The merge the server will use: the one with the smallest error measured on the eval data (the structure's
+    default when none was measured finite)."""
+    from loader.reslora_files import DEFAULT_MERGE
+    finite = {m: e for m, e in errors.items() if math.isfinite(e)}
+    return min(finite, key=finite.get) if finite else DEFAULT_MERGE[structure]
+
+
 class _ResLoraHooks(Hooks):
     """The merge statistics (windows of recent training forwards) go into checkpoints: a resumed job saves the
     statistics, and so the merged weights, of the uninterrupted run (a resume from the final checkpoint, with no
@@ -171,7 +179,8 @@ def _prepare(job: TrainJob, model, targets, total: int, train_prompts: list[str]
         from loader.reslora_files import save_reslora
         layers = add_reslora(model, targets, job.rank, job.alpha, job.dropout, job.structure, job.pre_num)
         return layers, _ResLoraHooks(layers), lambda out, errors=None: save_reslora(
-            layers, out, {**common, **({"merge_error": errors} if errors else {})})
+            layers, out, {**common, **({"merge_error": errors, "merge_method": _best_merge(errors, job.structure)}
+                                if errors else {})})
     from adapters.adalora import RankAllocator, add_adalora
     from loader.adalora_files import save_adalora
     layers = add_adalora(model, targets, job.init_r, job.alpha, job.dropout)

@@ -150,6 +150,9 @@ def test_reslora_resume_keeps_the_merge_statistics(model_dirs, data, tmp_path):
     run_job(job(model_dirs, data, tmp_path / "r", "reslora", structure="is", settings=settings, resume=True,
                 overwrite=True))
     assert (tmp_path / "r" / "adapter_config.json").read_text() == first and "NaN" not in first
+    config = json.loads(first)  # served with the merge that measured best on the eval data
+    assert set(config["merge_error"]) == {"input_norm", "weight_norm"}
+    assert config["merge_method"] == min(config["merge_error"], key=config["merge_error"].get)
 
 
 def test_same_seed_same_adapter(model_dirs, data, tmp_path):

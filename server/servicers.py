@@ -302,8 +302,9 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             in_flight = sum(versions.values())
             if in_flight and not request.drain:
                 plural = "s" * (in_flight != 1)
-                raise FailedPrecondition(f"adapter {request.adapter_id!r} has {in_flight} request{plural} in flight; "
-                                         f"set drain to unload it once they finish, or retry later")
+                raise FailedPrecondition(f"adapter {request.adapter_id!r} has {in_flight} request{plural} in flight "
+                                         f"(running or waiting); set drain to unload it once they finish, or retry "
+                                         f"later")
             s.registry.unload(request.adapter_id)
         return versions, in_flight
 

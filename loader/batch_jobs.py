@@ -43,8 +43,8 @@ def my_share(jobs: list[TrainJob]) -> tuple[int, int, list[tuple[int, TrainJob]]
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     mine = [(i, j) for i, j in enumerate(jobs) if i % world == rank]
-    if world > 1 and all(j.device.startswith("cuda") for _, j in mine):
-        mine = [(i, replace(j, device=f"cuda:{local}")) for i, j in mine]
+    if world > 1:  # each rank's GPU jobs on its own GPU, whatever devices its other jobs use
+        mine = [(i, replace(j, device=f"cuda:{local}") if j.device.startswith("cuda") else j) for i, j in mine]
     return rank, world, mine
 
 

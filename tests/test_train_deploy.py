@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,10 @@ def test_each_torchrun_rank_takes_its_share(monkeypatch, tmp_path):
     assert [j.settings.lr for j in parsed] == [0.0, 0.1, 0.2, 0.30000000000000004, 0.4]
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     assert [i for i, _ in my_share(parsed)[2]] == [1, 3]
+    mixed = [replace(job, device=d) for job, d in zip(parsed, ["cpu", "cuda", "cpu", "cpu", "cuda"])]
+    assert [j.device for _, j in my_share(mixed)[2]] == ["cuda:1", "cpu"]  # GPU jobs on this rank's own GPU
 
 
 @pytest.mark.parametrize("line", ["5", "null", '[{"method": "lora"}]'])

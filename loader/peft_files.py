@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -25,11 +26,16 @@ PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose on-disk layout we write
 
 
 def write_adapter(out: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """The PEFT directory layout: fp32 contiguous safetensors (metadata format=pt) + sorted, indented JSON."""
+    """The PEFT directory layout: fp32 contiguous safetensors (metadata format=pt) + sorted, indented JSON. Each
+    file is written beside its final name and renamed over it: a server reading the directory meanwhile never
+    sees a truncated file (swapping both files at once is what `--deploy-root`'s versioned directories are for)."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
+    weights, config_file = out / (WEIGHTS_FILE + ".tmp"), out / (CONFIG_FILE + ".tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(weights),
               metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(weights, out / WEIGHTS_FILE)
+    os.replace(config_file, out / CONFIG_FILE)
 
 
 def read_config(path: Path, adapter_id: str) -> dict:

@@ -310,6 +310,42 @@ def test_a_failing_step_fails_only_its_requests(server):
         assert len(client.generate(PROMPT, max_new_tokens=2).token_ids) == 2 and engine.alive
 
 
+def test_non_finite_logits_fail_their_row_alone(server):
+    """One row's logits turn NaN (an fp16 overflow, say): that request fails with INTERNAL, never a garbage token,
+    and the other row of its batch goes on to exactly the tokens it gets alone."""
+    engine = server.serving.engine
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    with Client(server.target, timeout=60) as client:
+        alone = [client.generate(p, "v1", max_new_tokens=6, ignore_eos=True).token_ids for p in prompts]
+    real = engine.runner.decode_step
+    poisoned = []
+
+    def poison(batch):
+        logits = real(batch).clone()  # an inference tensor: writable once cloned here
+        if len(batch) == 2 and not poisoned:
+            poisoned.append(batch.rows[0].prompt_ids)
+            logits[0, 3] = float("nan")
+        return logits
+    engine.runner.decode_step = poison
+    gate = threading.Event()
+    engine.call(lambda: gate.wait(10))  # the engine waits between steps until both requests are queued
+    threading.Timer(0.5, gate.set).start()
+    try:
+        async def run():
+            async with AsyncClient(server.target, timeout=60) as client:
+                return await asyncio.gather(*[client.generate(p, "v1", max_new_tokens=6, ignore_eos=True)
+                                              for p in prompts], return_exceptions=True)
+        results = asyncio.run(run())
+    finally:
+        engine.runner.decode_step = real
+    assert poisoned, "the two requests never shared a decode step"
+    bad = prompts.index(poisoned[0])
+    assert isinstance(results[bad], grpc.RpcError) and results[bad].code() == C.INTERNAL
+    assert "not finite" in results[bad].details()
+    assert list(results[1 - bad].token_ids) == list(alone[1 - bad])
+    assert wait_for(lambda: engine.idle(), timeout=10) and engine.alive
+
+
 def test_a_trim_that_runs_out_of_memory_releases_each_slot_once(server):
     """Retiring finished rows copies the KV cache; when that copy fails, the engine resets the batch and must
     release each row's adapter slot exactly once (a second release would free a slot still in use)."""

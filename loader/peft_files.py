@@ -194,15 +194,24 @@ def check_config_values(config: dict, adapter_id: str) -> None:
             refuse(f"merge_error[{method!r}]", value, "a finite number or null")
 
 
-def check_finite_factors(adapter: CanonicalAdapter) -> None:
-    """After the config's scaling is folded in: a huge lora_alpha can overflow fp32 even when every stored tensor
-    is finite, and a non-finite factor would turn its rows' logits into NaN."""
+def check_finite_factors(adapter: CanonicalAdapter, dtype: torch.dtype = torch.float32) -> None:
+    """After the config's scaling is folded in, and in the dtype the slots store factors in: a huge lora_alpha can
+    overflow fp32 (or fp16's 65504, in an fp16 bank) even when every stored tensor is finite, and a non-finite
+    factor would turn its rows' logits into NaN on every request. Routers are kept in fp32."""
+    limit = torch.finfo(dtype).max
     for module, f in adapter.modules.items():
-        for name, t in (("lora_A", f.a), ("lora_B x scaling", f.b), ("router", f.router),
-                        ("router bias", f.router_bias)):
-            if t is not None and not torch.isfinite(t).all():
+        for name, t, bound in (("lora_A", f.a, limit), ("lora_B x scaling", f.b, limit),
+                               ("router", f.router, None), ("router bias", f.router_bias, None)):
+            if t is None:
+                continue
+            if not torch.isfinite(t).all():
                 raise FailedPrecondition(f"adapter {adapter.adapter_id!r}: module {module!r}: {name} is not finite "
                                          f"once the config's scaling (lora_alpha / r) is applied; check lora_alpha")
+            if bound is not None and t.abs().max() > bound:
+                raise FailedPrecondition(
+                    f"adapter {adapter.adapter_id!r}: module {module!r}: {name} reaches {float(t.abs().max()):.4g}, "
+                    f"beyond {str(dtype).removeprefix('torch.')} (max {bound:.4g}) that this server stores factors "
+                    f"in (--adapter-dtype); check lora_alpha, or serve with float32 factors")
 
 
 @dataclass(frozen=True)
@@ -218,10 +227,12 @@ class LoadContext:
 def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], max_rank: int,
                  load_serial: int, max_heads: int = 8,
                  base_weight: Callable[[str], torch.Tensor] | None = None,
-                 config: dict | None = None, max_bytes: int | None = None) -> CanonicalAdapter:
+                 config: dict | None = None, max_bytes: int | None = None,
+                 factor_dtype: torch.dtype = torch.float32) -> CanonicalAdapter:
     """Dispatch on peft_type to the kind's reader; each returns the canonical form. `config` replaces the
     directory's adapter_config.json (e.g. `loraplex merge` choosing another merge method); `max_bytes` bounds
-    the weights file, checked before it is read."""
+    the weights file, checked before it is read; `factor_dtype` is what the slots store factors in (fp16 overflows
+    beyond 65504)."""
     from loader import adalora_files, hydra_files, lora_files, reslora_files  # readers build on the helpers above
     readers = {"LORA": lora_files.read_lora, "ADALORA": adalora_files.read_adalora,
                "HYDRALORA": hydra_files.read_hydralora, "RESLORA": reslora_files.read_reslora}
@@ -238,5 +249,5 @@ def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], ma
                                  f"the server's --max-adapter-bytes {max_bytes}")
     context = LoadContext(max_rank, max_heads, base_weight)
     adapter = readers[peft_type](path, adapter_id, config, shapes, context, load_serial)
-    check_finite_factors(adapter)
+    check_finite_factors(adapter, factor_dtype)
     return adapter

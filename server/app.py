@@ -114,7 +114,8 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
         try:
             adapter = run_isolated(lambda: read_adapter(
                 path, adapter_id, by_name, config.max_lora_rank, serial, config.max_hydra_heads,
-                base_weight=lambda name: base_weight(base.model, name), max_bytes=config.max_adapter_bytes))
+                base_weight=lambda name: base_weight(base.model, name), max_bytes=config.max_adapter_bytes,
+                factor_dtype=factor_dtype))
             result = "ok"
             return adapter
         finally:

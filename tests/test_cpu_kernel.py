@@ -69,22 +69,23 @@ def test_delta_equals_per_row_reference(kernel, dtype, d_in, d_out, tokens):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_a_rows_delta_is_bitwise_the_same_in_any_batch(dtype):
+@pytest.mark.parametrize("d_in,d_out", [(96, 160), (70, 33)])  # (70, 33): the tails past whole vectors too
+def test_a_rows_delta_is_bitwise_the_same_in_any_batch(dtype, d_in, d_out):
     torch.manual_seed(0)
-    bank = SlotBank([ModuleShape("m", 96, 160)], num_slots=4, max_rank=16, device=torch.device("cpu"),
+    bank = SlotBank([ModuleShape("m", d_in, d_out)], num_slots=4, max_rank=16, device=torch.device("cpu"),
                     dtype=dtype, max_heads=4, kernel="native", compute_dtype=torch.float32)
-    lora, hydra, narrow = Fake(1, 96, 160, 16), Fake(2, 96, 160, 4, 4), Fake(3, 96, 160, 2)
+    lora, hydra, narrow = Fake(1, d_in, d_out, 16), Fake(2, d_in, d_out, 4, 4), Fake(3, d_in, d_out, 2)
     slots = [bank.acquire(a) for a in (lora, hydra, narrow)]
-    x = torch.randn(7, 3, 96)
+    x = torch.randn(7, 3, d_in)
 
     def delta(slots, x):  # straight into zeros: the base matmul's own blocking may differ with the batch size
-        return bank.gather(slots).add_delta(0, x, torch.zeros(*x.shape[:-1], 160))
+        return bank.gather(slots).add_delta(0, x, torch.zeros(*x.shape[:-1], d_out))
     mixed = delta([slots[0], slots[1], 0, slots[2], slots[1], slots[0], slots[2]], x)
     for row, slot in ((0, slots[0]), (1, slots[1]), (3, slots[2])):
         assert torch.equal(mixed[row], delta([slot], x[row:row + 1])[0])
     # Prompts go through in blocks of tokens: a token's delta is the same whatever block it shares
     # (here 11 tokens: two full blocks and a partial one) as it is alone, as in a decode step.
-    long = torch.randn(3, 11, 96)
+    long = torch.randn(3, 11, d_in)
     prompt = delta(slots, long)
     for t in range(11):
         assert torch.equal(prompt[:, t], delta(slots, long[:, t:t + 1].contiguous())[:, 0])

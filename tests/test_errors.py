@@ -234,3 +234,19 @@ def test_adapter_directory_deleted_or_replaced_while_loaded(model_dirs, adapter_
             assert client.get_adapter("moving").version == 2  # new files are a new version, never passed as the old
     finally:
         server.stop()
+
+
+def test_factors_beyond_the_bank_dtype_are_refused_at_load(model_dirs, tmp_path):
+    """Finite in fp32 but beyond fp16's 65504 once scaled: an fp16 bank would store inf and every request on the
+    adapter would fail; the load is refused instead, naming the dtype."""
+    from transformers import AutoModelForCausalLM
+
+    from loader.inject import inject
+    from loader.peft_files import read_adapter
+    from server.errors import FailedPrecondition
+    path = make_peft_adapter(model_dirs["llama"], tmp_path / "loud", 5, r=2, lora_alpha=3e6, target_modules=["q_proj"])
+    _, shapes = inject(AutoModelForCausalLM.from_pretrained(model_dirs["llama"]))
+    by_name = {s.name: s for s in shapes}
+    assert read_adapter(path, "loud", by_name, 16, 1, factor_dtype=torch.float32).modules  # fine in fp32
+    with pytest.raises(FailedPrecondition, match=r"beyond float16 \(max 6.55e\+04\).*--adapter-dtype"):
+        read_adapter(path, "loud", by_name, 16, 1, factor_dtype=torch.float16)

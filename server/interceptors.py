@@ -71,9 +71,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             try:
                 await self._admit(context, counted)
-                async for response in inner_stream(request, context):
-                    self.sent.labels(*labels).inc()
-                    yield response
+                responses = inner_stream(request, context)
+                if hasattr(responses, "__aiter__"):
+                    async for response in responses:
+                        self.sent.labels(*labels).inc()
+                        yield response
+                else:  # a handler that writes with context.write and returns (grpc_health's Watch)
+                    await responses
                 code = context.code() or grpc.StatusCode.OK
             except asyncio.CancelledError:
                 code = _cancel_code(context)

@@ -249,3 +249,12 @@ def _health(client) -> int:
         return client.health()
     except grpc.RpcError:
         return -1
+
+
+def test_health_watch_streams_the_serving_status(server):
+    """Health/Watch (what gRPC client-side health checking uses) writes through context.write, not by yielding."""
+    from grpc_health.v1 import health_pb2_grpc
+    with grpc.insecure_channel(server.target) as channel:
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert next(call).status == SERVING
+        call.cancel()

@@ -18,7 +18,7 @@ from loader.base_model import load_base_model
 from loader.builtin_tasks import ALL_TASKS, BASE_TASKS, DEMO_TASKS, examples
 from loader.default_model import BUILTIN_DIR, build_tokenizer, tiny_config
 from loader.inject import base_weight, inject
-from loader.peft_files import read_adapter
+from loader.peft_files import CONFIG_FILE, read_adapter, write_config
 from loader.train_data import read_jsonl
 from loader.training_job import TrainJob, run_job
 from server.batch import Row, Runner
@@ -97,18 +97,17 @@ def train_adapters(model_dir: Path, root: Path, s: BuildSettings, work: Path, on
             job = replace(job, tinit=steps // 10, tfinal=steps // 4)
         summary = run_job(job)
         (root / adapter_id / "checkpoint.pt").unlink(missing_ok=True)  # shipped adapters carry no optimizer state
-        _forget_build_path(root / adapter_id / "adapter_config.json")
+        _forget_build_path(root / adapter_id)
         logs[adapter_id] = {"kind": kind, "steps": summary["steps"], "seconds": summary["seconds"],
                             "final_train_loss": summary["train_loss"][-1][1]}
     return logs
 
 
-def _forget_build_path(config_path: Path) -> None:
+def _forget_build_path(adapter_dir: Path) -> None:
     """The demo adapters belong to the built-in model, whatever scratch directory it was built in: they record no
     base path (as `loraplex train` does for the default model), not one that exists only on the build machine."""
-    config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = None
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))  # as peft_files.write_adapter writes it
+    config = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    write_config(adapter_dir, {**config, "base_model_name_or_path": None})
 
 
 @torch.inference_mode()

@@ -30,12 +30,18 @@ def write_adapter(out: Path, tensors: dict[str, torch.Tensor], config: dict) -> 
     file is written beside its final name and renamed over it: a server reading the directory meanwhile never
     sees a truncated file (swapping both files at once is what `--deploy-root`'s versioned directories are for)."""
     out.mkdir(parents=True, exist_ok=True)
-    weights, config_file = out / (WEIGHTS_FILE + ".tmp"), out / (CONFIG_FILE + ".tmp")
+    weights = out / (WEIGHTS_FILE + ".tmp")
     save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(weights),
               metadata={"format": "pt"})
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
     os.replace(weights, out / WEIGHTS_FILE)
-    os.replace(config_file, out / CONFIG_FILE)
+    write_config(out, config)
+
+
+def write_config(out: Path, config: dict) -> None:
+    """adapter_config.json as sorted, indented JSON, renamed over the old one."""
+    tmp = out / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(tmp, out / CONFIG_FILE)
 
 
 def read_config(path: Path, adapter_id: str) -> dict:

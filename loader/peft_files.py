@@ -159,6 +159,10 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _count(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value < LIMIT
+
+
 def check_config_values(config: dict, adapter_id: str) -> None:
     """Numbers where the readers read numbers. JSON parsing accepts NaN and Infinity, and a string or a list
     where a number belongs would otherwise surface as an INTERNAL error or as NaN weights at serving time."""
@@ -166,8 +170,7 @@ def check_config_values(config: dict, adapter_id: str) -> None:
         raise FailedPrecondition(f"adapter {adapter_id!r}: config {key} must be {what}, got {value!r}")
     for key in COUNTS:
         value = config.get(key)
-        if key in config and not (isinstance(value, int) and not isinstance(value, bool)
-                                  and (0 if key == "pre_num" else 1) <= value < LIMIT):
+        if key in config and not _count(value, 0 if key == "pre_num" else 1):
             refuse(key, value, "a non-negative integer" if key == "pre_num" else "a positive integer")
     if "lora_alpha" in config and not _number(config["lora_alpha"]):
         refuse("lora_alpha", config["lora_alpha"], "a finite number")
@@ -191,8 +194,7 @@ def check_config_values(config: dict, adapter_id: str) -> None:
             refuse(f"alpha_pattern[{module!r}]", value, "a finite number")
     adalora = config.get("peft_type") == "ADALORA"  # its rank_pattern holds masks; the others', ranks
     for module, value in (config.get("rank_pattern") or {}).items():
-        ok = (isinstance(value, list) and all(isinstance(m, bool) for m in value)) if adalora else \
-            (isinstance(value, int) and not isinstance(value, bool) and 1 <= value < LIMIT)
+        ok = (isinstance(value, list) and all(isinstance(m, bool) for m in value)) if adalora else _count(value, 1)
         if not ok:
             refuse(f"rank_pattern[{module!r}]", value, "a list of booleans" if adalora else "a positive integer")
     for method, value in (config.get("merge_error") or {}).items():
@@ -208,14 +210,15 @@ def check_finite_factors(adapter: CanonicalAdapter, dtype: torch.dtype = torch.f
     for module, f in adapter.modules.items():
         for name, t, bound in (("lora_A", f.a, limit), ("lora_B x scaling", f.b, limit),
                                ("router", f.router, None), ("router bias", f.router_bias, None)):
-            if t is None:
+            if t is None or t.numel() == 0:
                 continue
-            if not torch.isfinite(t).all():
+            peak = float(t.abs().max())  # NaN when any element is: one pass answers both questions
+            if not math.isfinite(peak):
                 raise FailedPrecondition(f"adapter {adapter.adapter_id!r}: module {module!r}: {name} is not finite "
                                          f"once the config's scaling (lora_alpha / r) is applied; check lora_alpha")
-            if bound is not None and t.abs().max() > bound:
+            if bound is not None and peak > bound:
                 raise FailedPrecondition(
-                    f"adapter {adapter.adapter_id!r}: module {module!r}: {name} reaches {float(t.abs().max()):.4g}, "
+                    f"adapter {adapter.adapter_id!r}: module {module!r}: {name} reaches {peak:.4g}, "
                     f"beyond {str(dtype).removeprefix('torch.')} (max {bound:.4g}) that this server stores factors "
                     f"in (--adapter-dtype); check lora_alpha, or serve with float32 factors")
 

@@ -30,8 +30,10 @@ class _Layer(DynamicLayer):
     def _grow(self, key_states, value_states, needed: int) -> None:
         # The first allocation (a prefill) is exactly the prompt: the engine has not yet capped max_length at the
         # batch's planned peak, which can be shorter than a rounded-up buffer. Later growth doubles, up to the cap.
-        capacity = needed if self.k is None else max(min(max(needed, 2 * self.k.shape[2], 16), self._cache.max_length),
-                                                     needed)
+        if self.k is None:
+            capacity = needed
+        else:
+            capacity = max(needed, min(max(2 * self.k.shape[2], 16), self._cache.max_length))
         k = key_states.new_zeros(*key_states.shape[:2], capacity, key_states.shape[-1])
         v = value_states.new_zeros(*value_states.shape[:2], capacity, value_states.shape[-1])
         if self.k is not None:

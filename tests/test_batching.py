@@ -131,6 +131,9 @@ def test_routed_layer_equals_per_row_reference():
     got = layer(x) - layer.base(x)
     want = reference_delta(x, [None if a is None else a.modules["m"] for a in per_row], d_out)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # a LoRA row gets exactly what it gets in a batch without any router
+    # A LoRA row beside routed rows gets what it gets in a batch without any router: its gate is exactly
+    # one-hot, so only rounding may differ. Not bitwise: torch's CPU bmm rounds a row differently with the
+    # batch size and padded width (seen on AMD EPYC Zen 4, torch 2.13); the native kernel's bitwise batch
+    # invariance is tested in test_cpu_kernel.
     context.rows = bank.gather([row_slots[2]])
-    torch.testing.assert_close(got[2], (layer(x[2:3]) - layer.base(x[2:3]))[0], atol=0, rtol=0)
+    torch.testing.assert_close(got[2], (layer(x[2:3]) - layer.base(x[2:3]))[0], atol=1e-5, rtol=1e-5)

@@ -99,6 +99,32 @@ def _cancel_once_queued(submitted: asyncio.Future) -> None:
         submitted.result().cancelled = True
 
 
+def _check_prompt_chars(chars: int, base, limits) -> None:
+    """A prompt text that cannot fit whatever it encodes to: at most base.max_token_chars characters a token."""
+    per_token = base.max_token_chars
+    if chars > base.max_context * per_token:
+        raise OutOfRange(f"the prompt has {chars} characters, more than the model context of {base.max_context} "
+                         f"tokens can hold (a token stands for at most {per_token} characters)")
+    if chars > limits.max_prompt_tokens * per_token:
+        raise InvalidArgument(f"the prompt has {chars} characters, more than the server's --max-prompt-tokens "
+                              f"{limits.max_prompt_tokens} can hold (a token stands for at most {per_token} "
+                              f"characters)")
+
+
+def _check_prompt_length(tokens: int, stopping: StoppingParams, base, limits) -> None:
+    # the model's own limit first: by default --max-prompt-tokens is the context, which the user did not set
+    if tokens + stopping.max_new_tokens > base.max_context:
+        raise OutOfRange(f"prompt ({tokens} tokens) + max_new_tokens ({stopping.max_new_tokens}) exceeds the "
+                         f"model context of {base.max_context} tokens")
+    if tokens > limits.max_prompt_tokens:
+        raise InvalidArgument(f"the prompt has {tokens} tokens, above the server's --max-prompt-tokens "
+                              f"{limits.max_prompt_tokens}")
+    if tokens + stopping.max_new_tokens > limits.max_kv_tokens:  # permanent, unlike a full queue
+        raise OutOfRange(f"prompt ({tokens} tokens) + max_new_tokens ({stopping.max_new_tokens}) needs more "
+                         f"KV-cache token slots than the server's --max-kv-tokens {limits.max_kv_tokens}, even "
+                         f"alone")
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
@@ -135,27 +161,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if which == "prompt":
             if not request.prompt:
                 raise InvalidArgument("prompt is empty")
+            _check_prompt_chars(len(request.prompt), base, limits)  # before tokenizing: its memory grows with it
             ids = base.tokenizer(request.prompt).input_ids
+            if not ids:
+                raise InvalidArgument("the prompt encodes to no tokens")
+            _check_prompt_length(len(ids), stopping, base, limits)
         elif which == "prompt_token_ids":
+            if not request.prompt_token_ids.ids:
+                raise InvalidArgument("prompt_token_ids is empty")
+            _check_prompt_length(len(request.prompt_token_ids.ids), stopping, base, limits)  # before copying them
             ids = list(request.prompt_token_ids.ids)
             bad = [t for t in ids if not 0 <= t < base.vocab_size]
             if bad:
                 raise InvalidArgument(f"prompt_token_ids holds {bad[0]}, outside the vocabulary [0, {base.vocab_size})")
         else:
             raise InvalidArgument("set either prompt or prompt_token_ids")
-        if not ids:
-            raise InvalidArgument("the prompt encodes to no tokens")
-        # the model's own limit first: by default --max-prompt-tokens is the context, which the user did not set
-        if len(ids) + stopping.max_new_tokens > base.max_context:
-            raise OutOfRange(f"prompt ({len(ids)} tokens) + max_new_tokens ({stopping.max_new_tokens}) exceeds the "
-                             f"model context of {base.max_context} tokens")
-        if len(ids) > limits.max_prompt_tokens:
-            raise InvalidArgument(f"the prompt has {len(ids)} tokens, above the server's --max-prompt-tokens "
-                                  f"{limits.max_prompt_tokens}")
-        if len(ids) + stopping.max_new_tokens > limits.max_kv_tokens:  # permanent, unlike a full queue
-            raise OutOfRange(f"prompt ({len(ids)} tokens) + max_new_tokens ({stopping.max_new_tokens}) needs more "
-                             f"KV-cache token slots than the server's --max-kv-tokens {limits.max_kv_tokens}, even "
-                             f"alone")
         return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=None,
                              sampling=sampling, stopping=stopping, sink=lambda event: None)
 

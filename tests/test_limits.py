@@ -56,6 +56,28 @@ def test_prompt_and_new_token_limits_name_their_flags(server):
         assert len(client.generate(list(range(5, 25)), max_new_tokens=3).token_ids) == 3  # at the limit: fine
 
 
+def test_prompt_text_too_long_to_fit_is_refused_before_it_is_tokenized(server, monkeypatch):
+    """A prompt with more characters than its token limit can hold (a token stands for at most max_token_chars of
+    them) is refused without being tokenized: tokenizing a 4 MiB prompt took about 1 GB of server memory."""
+    tokenizer = server.serving.base.tokenizer
+    per_token, context = server.serving.base.max_token_chars, server.serving.base.max_context
+    calls = []
+    original = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    with Client(server.target, timeout=30) as client:
+        code, details = status_of(client.generate, "a" * (20 * per_token + 1), max_new_tokens=2)
+        assert code == C.INVALID_ARGUMENT and "--max-prompt-tokens 20" in details and "characters" in details
+        code, details = status_of(client.generate, "a" * (3 << 20), max_new_tokens=2)  # 3 MiB: under gRPC's 4 MiB
+        assert code == C.OUT_OF_RANGE and f"model context of {context} tokens" in details
+        assert calls == []
+        # within the character bound the token count decides, after tokenizing
+        code, details = status_of(client.generate, "a" * 21, max_new_tokens=2)
+        assert code == C.INVALID_ARGUMENT and "21 tokens" in details and calls == [1]
+        assert len(client.generate("a" * 20, max_new_tokens=2, ignore_eos=True).token_ids) == 2
+        code, details = status_of(client.generate, [], max_new_tokens=2)
+        assert code == C.INVALID_ARGUMENT and "prompt_token_ids is empty" in details
+
+
 def test_kv_capacity_makes_requests_wait_not_fail(model_dirs):
     # each request reserves (10 + 40) = 50 token slots; 120 holds two at a time, never three
     server = start_server(model_dirs["llama"], None, max_kv_tokens=120)

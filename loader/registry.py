@@ -3,6 +3,8 @@
 Thread-safe; file reads run on the caller's thread (never the engine's) outside the registry lock.
 Device slots are the engine's business (adapters.slot_bank.SlotBank); requests carry the exact
 CanonicalAdapter they resolved, so eviction or hot-swap never changes a running request's weights.
+The host-memory budget is a hard limit: it counts the weights that requests in flight hold (`resolve` ..
+`release`), which eviction cannot free, and an adapter that would go beyond it is RESOURCE_EXHAUSTED.
 
 Adapters loaded with LoadAdapter (not those auto-loaded on first use) are recorded in a state file, written
 atomically (temporary file, fsync, rename) after every change, and loaded again by `restore` on restart.
@@ -22,7 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 from adapters.canonical import CanonicalAdapter
-from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from loader.peft_files import WEIGHTS_FILE
+from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 log = logging.getLogger("loraplex.registry")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -73,6 +76,7 @@ class AdapterRegistry:
         self.state_file = state_file
         self._loaded: dict[str, bool] = {}  # ids loaded with LoadAdapter -> pinned; what the state file records
         self._state_lock = threading.Lock()  # serialises file writes, outside the registry lock (fsync is slow)
+        self._held: dict[tuple, list] = {}  # weights key -> [weights, requests holding them] (resolve .. release)
 
     def path_for(self, adapter_id: str) -> Path:
         """The adapter's directory, confined to the root: no separators, no '..', no symlink escapes."""
@@ -89,16 +93,25 @@ class AdapterRegistry:
 
     # -- request path ---------------------------------------------------------------------------
     def resolve(self, adapter_id: str) -> CanonicalAdapter:
-        """Weights for a request, loading on first use when auto-load is on. Blocking: call off the event loop."""
+        """Weights for a request, loading on first use when auto-load is on; held (never evicted, counted in the
+        budget) until `release`, which every resolve must be paired with. Blocking: call off the event loop."""
         path = self.path_for(adapter_id)
         with self._lock:
             record = self._records.get(adapter_id)
             if record is not None and record.weights is not None:
                 record.last_used = time.monotonic()
-                return record.weights
+                return self._hold(record.weights)
         if record is None and not self.autoload:
             raise NotFound(f"adapter {adapter_id!r} is not loaded and auto-load is off; call LoadAdapter first")
-        return self._read(adapter_id, path, pin=None, reread=True).weights
+        return self._read(adapter_id, path, pin=None, reread=True, hold=True).weights
+
+    def release(self, weights: CanonicalAdapter) -> None:
+        """A request that resolved `weights` is done with them."""
+        with self._lock:
+            entry = self._held[weights.key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._held[weights.key]
 
     # -- admin ----------------------------------------------------------------------------------
     def load(self, adapter_id: str, replace: bool, pin: bool) -> AdapterRecord:
@@ -183,11 +196,17 @@ class AdapterRegistry:
         with self._lock:
             return self._id_locks.setdefault(adapter_id, threading.RLock())
 
-    def _read(self, adapter_id: str, path: Path, pin: bool | None, reread: bool) -> AdapterRecord:
+    def _hold(self, weights: CanonicalAdapter) -> CanonicalAdapter:  # under self._lock
+        self._held.setdefault(weights.key, [weights, 0])[1] += 1
+        return weights
+
+    def _read(self, adapter_id: str, path: Path, pin: bool | None, reread: bool, hold: bool = False) -> AdapterRecord:
         with self._id_lock(adapter_id):  # one read per id at a time; concurrent first uses share the result
             with self._lock:
                 current = self._records.get(adapter_id)
                 if reread and current is not None and current.weights is not None:
+                    if hold:
+                        self._hold(current.weights)
                     return current
             if not path.is_dir():
                 raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
@@ -195,9 +214,12 @@ class AdapterRegistry:
                 files = _files_identity(path)
             except OSError as exc:
                 raise FailedPrecondition(f"adapter {adapter_id!r}: cannot read its directory: {exc.strerror}") from None
+            with self._lock:  # the weights file's size is a lower bound of their size in memory: refuse before reading
+                self._check_fits(adapter_id, next((size for name, _, size, _ in files if name == WEIGHTS_FILE), 0))
             weights = self._reader(path, adapter_id, next(self._serial))
             with self._lock:
                 current = self._records.get(adapter_id)
+                self._check_fits(adapter_id, weights.size_bytes)
                 # a re-read after eviction is the same version only if the files are the same files
                 same = reread and current is not None and current.files == files
                 version = 1 if current is None else current.version + (0 if same else 1)
@@ -208,6 +230,8 @@ class AdapterRegistry:
                                        module_ranks={m: f.rank for m, f in weights.modules.items()},
                                        heads=weights.max_heads, metadata=dict(weights.metadata), files=files)
                 self._records[adapter_id] = record
+                if hold:
+                    self._hold(weights)
                 evicted = self._evict_over_budget(keep=adapter_id)
             if current is not None and current.weights is not None and not reread:
                 evicted.append(current.weights)
@@ -248,14 +272,36 @@ class AdapterRegistry:
             total = len(self._records)
         self._on_change(in_memory, total - in_memory)
 
+    def _check_fits(self, adapter_id: str, size: int) -> None:
+        """RESOURCE_EXHAUSTED unless `size` more bytes fit the budget beside what eviction cannot free (under
+        self._lock). An adapter alone may exceed the budget, as before: there is nothing to wait for."""
+        unfreeable = self._unfreeable_bytes(replacing=adapter_id)
+        if unfreeable and unfreeable + size > self.cache_bytes:
+            raise ResourceExhausted(
+                f"adapter {adapter_id!r} ({size} bytes) does not fit the host-memory budget --adapter-cache-bytes "
+                f"{self.cache_bytes}: {unfreeable} bytes are held by requests in flight and pinned adapters; retry "
+                f"when requests finish")
+
+    def _unfreeable_bytes(self, replacing: str) -> int:
+        """Host bytes no eviction can free (under self._lock): weights requests hold, resident or not (an old
+        version after a hot-swap, an unloaded adapter still draining), and pinned adapters other than `replacing`."""
+        sizes = {key: weights.size_bytes for key, (weights, _) in self._held.items()}
+        for r in self._records.values():
+            if r.weights is not None and r.pinned and r.adapter_id != replacing:
+                sizes[r.weights.key] = r.size_bytes
+        return sum(sizes.values())
+
     def _evict_over_budget(self, keep: str) -> list[CanonicalAdapter]:
+        """Least recently used first; never pinned, held (evicting would free nothing and read them twice) or `keep`."""
         evicted = []
         resident = sorted((r for r in self._records.values() if r.weights is not None), key=lambda r: r.last_used)
-        total = sum(r.size_bytes for r in resident)
+        keys = {r.weights.key for r in resident}
+        total = sum(r.size_bytes for r in resident) + sum(
+            weights.size_bytes for key, (weights, _) in self._held.items() if key not in keys)
         for record in resident:
             if total <= self.cache_bytes:
                 break
-            if record.pinned or record.adapter_id == keep:
+            if record.pinned or record.adapter_id == keep or record.weights.key in self._held:
                 continue
             evicted.append(record.weights)
             record.weights = None

@@ -74,6 +74,7 @@ class EngineRequest:
     adapter_label: str = ""
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set from any thread; the engine drops the request at its next step
+    released: bool = False  # the front end has released its hold on `adapter` (the registry's memory budget)
 
 
 @dataclass

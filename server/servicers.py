@@ -94,11 +94,6 @@ def stopping_from(msg: pb.StoppingCriteria, default_max_new: int, limits) -> Sto
     return StoppingParams(max_new, stops, msg.ignore_eos)
 
 
-def _cancel_once_queued(submitted: asyncio.Future) -> None:
-    if not submitted.cancelled() and submitted.exception() is None:
-        submitted.result().cancelled = True
-
-
 def _check_prompt_chars(chars: int, base, limits) -> None:
     """A prompt text that cannot fit whatever it encodes to: at most base.max_token_chars characters a token."""
     per_token = base.max_token_chars
@@ -141,12 +136,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             engine_request.adapter_label = metrics.adapter_label("")
             self.serving.engine.submit(engine_request)
             return engine_request
-        with self.serving.registry.hold(request.adapter_id):
-            engine_request.adapter = self.serving.registry.resolve(request.adapter_id)
+        registry = self.serving.registry
+        with registry.hold(request.adapter_id):
+            engine_request.adapter = registry.resolve(request.adapter_id)  # released by _events
             # labelled only once resolved: unknown or malformed ids never take one of the bounded labels
             engine_request.adapter_label = metrics.adapter_label(request.adapter_id)
-            self.serving.engine.submit(engine_request)
+            try:
+                self.serving.engine.submit(engine_request)
+            except BaseException:
+                registry.release(engine_request.adapter)
+                raise
         return engine_request
+
+    def _release(self, engine_request: EngineRequest) -> None:
+        """Once per request: its adapter's weights no longer count against the host-memory budget."""
+        if engine_request.adapter is not None and not engine_request.released:
+            engine_request.released = True
+            self.serving.registry.release(engine_request.adapter)
 
     def _prepare(self, request: pb.GenerateRequest) -> EngineRequest:
         """Validation and tokenization: blocking work, run in the executor. The adapter is resolved by _submit."""
@@ -191,11 +197,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             # queued instead of running to the end for nobody
             engine_request = await asyncio.shield(submitted)
         except asyncio.CancelledError:
-            submitted.add_done_callback(_cancel_once_queued)
+            submitted.add_done_callback(self._cancel_once_queued)
             raise
         try:
             while True:
                 event = await events.get()
+                if isinstance(event, (FinishEvent, ErrorEvent)):  # before the client can send its next request
+                    self._release(engine_request)
                 if isinstance(event, ErrorEvent):
                     raise event.error
                 yield engine_request, event
@@ -203,6 +211,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     return
         finally:  # client cancel, deadline or an error: free the row at the engine's next step
             engine_request.cancelled = True
+            self._release(engine_request)
+
+    def _cancel_once_queued(self, submitted: asyncio.Future) -> None:
+        if not submitted.cancelled() and submitted.exception() is None:
+            submitted.result().cancelled = True
+            self._release(submitted.result())
 
     async def Generate(self, request, context):
         try:

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from server import app as server_app
 from clients.client import Client
 from protos.loraplex.v1 import inference_pb2 as pb
-from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, start_server, wait_for
+from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, start_server, status_of, wait_for
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 REPO = Path(__file__).resolve().parent.parent
@@ -166,6 +166,36 @@ def test_host_memory_budget_evicts_to_disk_and_reloads(model_dirs, adapter_root)
             assert metrics['loraplex_adapters_loaded{tier="disk"}'] == 1
             assert metrics['loraplex_adapters_loaded{tier="cpu"}'] == 1
             assert list(client.generate([5, 6], "v1", max_new_tokens=5, ignore_eos=True).token_ids) == want
+    finally:
+        server.stop()
+
+
+def test_host_memory_budget_is_a_hard_limit_counting_adapters_requests_hold(model_dirs, adapter_root, tmp_path):
+    """Requests in flight hold their adapter's weights, which no eviction can free: an adapter that would take host
+    memory beyond --adapter-cache-bytes is RESOURCE_EXHAUSTED until they finish, not read anyway (queued requests
+    on distinct adapters grew the server by ~300 MB under a 4 MB budget)."""
+    root = tmp_path / "root"
+    for name in ("a", "b", "c"):
+        shutil.copytree(adapter_root / "v1", root / name)
+    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size  # fp32 factors: their size in memory
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=2 * size + size // 2)  # two fit, not three
+    registry = server.serving.registry
+    try:
+        with Client(server.target, timeout=60) as client:
+            streams = [client.generate_stream([5, 6], name, max_new_tokens=480, ignore_eos=True) for name in "ab"]
+            for stream in streams:
+                next(stream)
+            code, details = status_of(client.generate, [5, 6], "c", max_new_tokens=2)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--adapter-cache-bytes" in details
+            assert "'c'" in details and "retry" in details
+            assert client.get_adapter("a").tier != pb.ADAPTER_TIER_DISK  # held adapters are never evicted
+            streams[0].cancel()
+            assert wait_for(lambda: len(registry._held) == 1)
+            assert len(client.generate([5, 6], "c", max_new_tokens=2, ignore_eos=True).token_ids) == 2  # room now
+            assert client.get_adapter("a").tier == pb.ADAPTER_TIER_DISK  # evicted once released
+            streams[1].cancel()
+        assert wait_for(lambda: not registry._held)  # every hold released: finished, cancelled and refused alike
+        assert wait_for(lambda: server.serving.engine.idle())
     finally:
         server.stop()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import threading
@@ -192,6 +193,10 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     if (user_tokens or admin_tokens) and not config.tls_cert:
         log.warning("bearer tokens travel in plaintext without --tls-cert/--tls-key: use TLS beyond localhost")
+    if not (user_tokens or admin_tokens) and not _loopback(config.host):
+        log.warning("serving on %s without --auth-token-file: anyone who reaches the port can generate and load or "
+                    "unload adapters (LoadAdapter/UnloadAdapter); set --auth-token-file/--admin-token-file, or bind "
+                    "127.0.0.1 behind a proxy that authenticates", config.host)
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(serving), server)
     pb_grpc.add_AdaptersServicer_to_server(AdaptersServicer(serving), server)
     health_servicer = health.aio.HealthServicer()
@@ -245,6 +250,16 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     await server.stop(max(0.0, deadline - time.monotonic()))
     serving.engine.stop()
     log.info("stopped")
+
+
+def _loopback(host: str) -> bool:
+    """Whether `host` (a --host value) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 async def _watch_engine(engine: Engine, health_servicer, stop: asyncio.Event) -> None:

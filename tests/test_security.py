@@ -171,3 +171,12 @@ def test_serve_rejects_unworkable_security_flags_in_one_line(flags, needle, caps
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["serve", "--port", "0", "--metrics-port", "0", *flags])
     assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host,alone", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("[::1]", True),
+                                        ("127.0.0.2", True), ("0.0.0.0", False), ("::", False), ("10.0.0.5", False),
+                                        ("my-host", False)])
+def test_loopback_hosts_are_told_from_exposed_ones(host, alone):
+    """serve warns when it listens beyond loopback with no tokens (the Docker image's 0.0.0.0, say)."""
+    from server.app import _loopback
+    assert _loopback(host) is alone

@@ -21,6 +21,7 @@ from server.errors import FailedPrecondition
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
+MAX_CONFIG_BYTES = 4 << 20  # ResLoRA's per-module statistics for an 80-layer model take ~100 KB
 KEY_PREFIX = "base_model.model."
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose on-disk layout we write and test against
 
@@ -49,7 +50,16 @@ def read_config(path: Path, adapter_id: str) -> dict:
     if not config_path.is_file():
         raise FailedPrecondition(f"adapter {adapter_id!r}: {CONFIG_FILE} is missing")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        with config_path.open("rb") as f:  # sized on the open file: a huge one is never read into memory
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_CONFIG_BYTES:
+                raise FailedPrecondition(f"adapter {adapter_id!r}: {CONFIG_FILE} is {size} bytes, above "
+                                         f"{MAX_CONFIG_BYTES}: it holds settings, not weights")
+            text = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise FailedPrecondition(f"adapter {adapter_id!r}: cannot read {CONFIG_FILE}: {exc.strerror}") from None
+    try:
+        config = json.loads(text.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FailedPrecondition(f"adapter {adapter_id!r}: {CONFIG_FILE} is not valid JSON ({exc})") from None
     if not isinstance(config, dict) or "peft_type" not in config:

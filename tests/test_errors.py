@@ -63,6 +63,7 @@ def adapter_root(model_dirs, tmp_path_factory):
     variant("targets-number", config_edit={"target_modules": 5})
     variant("targets-bad-regex", config_edit={"target_modules": "(["})
     variant("untargeted-tensors", config_edit={"target_modules": ["q_proj"]})  # PEFT would drop the v_proj ones
+    variant("huge-config", config_edit={"notes": "x" * (4 << 20)})  # never read into memory
     outside = root.parent / (root.name + "-outside")
     outside.mkdir()
     os.symlink(outside, root / "escape")
@@ -124,6 +125,7 @@ def test_symlink_out_of_the_root_is_invalid(client):
     ("targets-number", "config target_modules must be a list of module names or a regular expression"),
     ("targets-bad-regex", "config target_modules must be a valid regular expression"),
     ("untargeted-tensors", "v_proj.lora_A.weight is for module 'model.layers.0.self_attn.v_proj', which the config"),
+    ("huge-config", "bytes, above 4194304: it holds settings, not weights"),
 ])
 def test_unservable_adapters_fail_precondition_naming_the_problem(client, adapter_id, needle):
     for call in (lambda: client.generate("hi", adapter_id), lambda: client.load_adapter(adapter_id)):

@@ -263,7 +263,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     max_concurrent_rpcs=c.max_concurrent_rpcs, max_queue_size=c.max_queue_size,
                     max_kv_tokens=s.limits.max_kv_tokens, max_adapter_bytes=c.max_adapter_bytes,
                     max_lora_rank=c.max_lora_rank, max_hydra_heads=c.max_hydra_heads,
-                    max_batch_size=c.max_batch_size, max_active_adapters=c.max_active_adapters),
+                    max_batch_size=c.max_batch_size, max_active_adapters=c.max_active_adapters,
+                    adapter_cache_bytes=c.adapter_cache_bytes),
                 adapter_target_modules=[shape.name for shape in s.engine.bank.shapes],
                 supported_adapter_kinds=[pb.ADAPTER_KIND_LORA, pb.ADAPTER_KIND_ADALORA,
                                          pb.ADAPTER_KIND_HYDRALORA, pb.ADAPTER_KIND_RESLORA])

@@ -32,7 +32,7 @@ def test_server_info_lists_every_limit(server):
     assert (limits.max_prompt_tokens, limits.max_new_tokens, limits.max_kv_tokens) == (20, 50, 150)
     assert (limits.max_adapter_bytes, limits.max_concurrent_rpcs, limits.max_queue_size) == (1000, 3, 7)
     assert (limits.max_lora_rank, limits.max_hydra_heads, limits.max_batch_size) == (16, 3, 16)
-    assert limits.max_active_adapters == 8
+    assert limits.max_active_adapters == 8 and limits.adapter_cache_bytes == 2 << 30
 
 
 def test_defaults_derive_from_the_model(model_dirs):

@@ -1,7 +1,8 @@
 """grpc_server_* metrics for every RPC (go-grpc-prometheus names and labels), and the concurrent-RPC limit.
 
 The limit is enforced here rather than with grpc's `maximum_concurrent_rpcs`, whose refusal says only
-"Concurrent RPC limit exceeded!": ours names the flag. Health checks are neither counted nor refused."""
+"Concurrent RPC limit exceeded!": ours names the flag. Health checks are neither counted nor refused; reflection
+streams are both."""
 from __future__ import annotations
 
 import asyncio
@@ -36,7 +37,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or not (handler.unary_unary or handler.unary_stream):
+        if handler is None or handler.stream_unary:  # none of our services takes a client stream alone
             return handler
         service, _, method = details.method.lstrip("/").rpartition("/")
         counted = not details.method.startswith(UNLIMITED)
@@ -63,15 +64,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     self._end(labels, code, start, counted)
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
                                                        handler.response_serializer)
-        labels = ("server_stream", service, method)
-        inner_stream = handler.unary_stream
+        # server streams (GenerateStream, health Watch) and bidirectional ones (reflection: counted and limited
+        # like any other RPC, or a client could hold any number of them open)
+        bidi = handler.stream_stream is not None
+        labels = ("bidi_stream" if bidi else "server_stream", service, method)
+        inner_stream = handler.stream_stream if bidi else handler.unary_stream
 
         async def stream(request, context):
-            code = self._begin(labels)
+            code = self._begin(labels, count_received=not bidi)
             start = time.perf_counter()
             try:
                 await self._admit(context, counted)
-                responses = inner_stream(request, context)
+                responses = inner_stream(self._counting(request, labels) if bidi else request, context)
                 if hasattr(responses, "__aiter__"):
                     async for response in responses:
                         self.sent.labels(*labels).inc()
@@ -87,11 +91,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 self._end(labels, code, start, counted)
-        return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
+        wrap = grpc.stream_stream_rpc_method_handler if bidi else grpc.unary_stream_rpc_method_handler
+        return wrap(stream, handler.request_deserializer, handler.response_serializer)
 
-    def _begin(self, labels) -> grpc.StatusCode:
+    async def _counting(self, requests, labels):
+        async for request in requests:
+            self.received.labels(*labels).inc()
+            yield request
+
+    def _begin(self, labels, count_received: bool = True) -> grpc.StatusCode:
         self.started.labels(*labels).inc()
-        self.received.labels(*labels).inc()
+        if count_received:
+            self.received.labels(*labels).inc()
         self.handling.labels(*labels).inc()
         return grpc.StatusCode.UNKNOWN
 

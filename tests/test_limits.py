@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from clients.client import AsyncClient, Client
-from tests.helpers import make_peft_adapter, scrape, start_server, status_of
+from tests.helpers import make_peft_adapter, scrape, start_server, status_of, wait_for
 
 C = grpc.StatusCode
 
@@ -118,6 +118,37 @@ def test_concurrent_rpc_limit_names_the_flag(server):
     assert refused and all(r.code() == C.RESOURCE_EXHAUSTED and "--max-concurrent-rpcs" in r.details()
                            for r in refused)
     assert sum(not isinstance(r, Exception) for r in results) >= 3
+
+
+def test_reflection_streams_are_counted_and_limited(server):
+    """Bidirectional reflection streams count against --max-concurrent-rpcs and show in grpc_server_*: a client
+    holding them open cannot take the server beyond its limit unseen."""
+    import threading
+
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    hold = threading.Event()
+
+    def requests():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        hold.wait(30)  # the stream stays open until the test lets it end
+    def reflection(name, **labels):  # the reflection streams' samples of one grpc_server_* metric, added up
+        want = ['grpc_type="bidi_stream"', 'grpc_method="ServerReflectionInfo"',
+                *(f'{k}="{v}"' for k, v in labels.items())]
+        return sum(v for k, v in scrape(server).items() if k.startswith(name + "{") and all(w in k for w in want))
+    started, received, ok = (reflection("grpc_server_started_total"), reflection("grpc_server_msg_received_total"),
+                             reflection("grpc_server_handled_total", grpc_code="OK"))
+    with grpc.insecure_channel(server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        streams = [stub.ServerReflectionInfo(requests()) for _ in range(3)]
+        assert all(next(stream).list_services_response.service for stream in streams)
+        with Client(server.target, timeout=30) as client:
+            code, details = status_of(client.generate, "hi", max_new_tokens=2)
+        assert code == C.RESOURCE_EXHAUSTED and "--max-concurrent-rpcs" in details
+        hold.set()
+        assert all(list(stream) == [] for stream in streams)
+    assert reflection("grpc_server_started_total") == started + 3
+    assert reflection("grpc_server_msg_received_total") == received + 3  # each message, not each stream
+    assert wait_for(lambda: reflection("grpc_server_handled_total", grpc_code="OK") == ok + 3)
 
 
 def test_kv_buffers_never_exceed_what_the_running_rows_reserved(model_dirs):

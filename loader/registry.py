@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable
 
 from adapters.canonical import CanonicalAdapter
-from loader.peft_files import WEIGHTS_FILE
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 log = logging.getLogger("loraplex.registry")
@@ -214,9 +213,11 @@ class AdapterRegistry:
                 files = _files_identity(path)
             except OSError as exc:
                 raise FailedPrecondition(f"adapter {adapter_id!r}: cannot read its directory: {exc.strerror}") from None
-            with self._lock:  # the weights file's size is a lower bound of their size in memory: refuse before reading
-                self._check_fits(adapter_id, next((size for name, _, size, _ in files if name == WEIGHTS_FILE), 0))
-            weights = self._reader(path, adapter_id, next(self._serial))
+            with self._lock:  # the same files read before take the same memory: refuse before reading them again
+                known = self._records.get(adapter_id)
+                if known is not None and known.files == files:
+                    self._check_fits(adapter_id, known.size_bytes)
+            weights = self._reader(path, adapter_id, next(self._serial))  # (new files: checked once read)
             with self._lock:
                 current = self._records.get(adapter_id)
                 self._check_fits(adapter_id, weights.size_bytes)

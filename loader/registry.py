@@ -220,7 +220,11 @@ class AdapterRegistry:
             weights = self._reader(path, adapter_id, next(self._serial))  # (new files: checked once read)
             with self._lock:
                 current = self._records.get(adapter_id)
-                self._check_fits(adapter_id, weights.size_bytes)
+                try:
+                    self._check_fits(adapter_id, weights.size_bytes)
+                except ResourceExhausted:
+                    del weights  # the error's traceback keeps this frame alive until the RPC is answered
+                    raise
                 # a re-read after eviction is the same version only if the files are the same files
                 same = reread and current is not None and current.files == files
                 version = 1 if current is None else current.version + (0 if same else 1)

@@ -200,6 +200,65 @@ def test_host_memory_budget_is_a_hard_limit_counting_adapters_requests_hold(mode
         server.stop()
 
 
+def test_budget_accounting_survives_churn(model_dirs, adapter_root, tmp_path):
+    """Concurrent requests on six adapters under a budget for two, with cancels, deadlines, a hot-swap and a drained
+    unload in between: every request ends with tokens or an explicit status, and afterwards no hold is left and
+    host memory is back within the budget."""
+    import asyncio
+    import random
+
+    from clients.client import AsyncClient
+    root = tmp_path / "root"
+    names = [f"a{i}" for i in range(6)]
+    for name in names:
+        shutil.copytree(adapter_root / "v1", root / name)
+    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=2 * size + size // 2)
+    registry = server.serving.registry
+    rng = random.Random(0)
+
+    async def one(client, hasty, i):
+        name = rng.choice(names)
+        try:
+            if i % 5 == 0:  # a stream the client leaves after its first token
+                stream = client.generate_stream([5, 6], name, max_new_tokens=200, ignore_eos=True)
+                await stream.__anext__()
+                await stream.aclose()
+                return "left"
+            reply = await (hasty if i % 7 == 0 else client).generate(  # hasty: a 50 ms deadline
+                [5, 6, i % 50 + 7], name, max_new_tokens=rng.randint(1, 30), ignore_eos=True)
+            return "ok" if reply.token_ids else "empty"
+        except grpc.RpcError as err:
+            return err.code().name
+
+    async def admin(client):
+        await asyncio.sleep(0.2)
+        outcomes = []
+        for call in (lambda: client.load_adapter("a1", replace=True), lambda: client.unload_adapter("a2", drain=True)):
+            try:
+                await call()
+                outcomes.append("ok")
+            except grpc.RpcError as err:
+                outcomes.append(err.code().name)
+        return outcomes
+
+    async def run():
+        async with AsyncClient(server.target, timeout=60) as client, \
+                AsyncClient(server.target, timeout=0.05) as hasty:
+            return await asyncio.gather(admin(client), *[one(client, hasty, i) for i in range(80)])
+    try:
+        admin_outcomes, *outcomes = asyncio.run(run())
+        assert set(outcomes) <= {"ok", "left", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, outcomes
+        assert outcomes.count("ok") >= 5 and "RESOURCE_EXHAUSTED" in outcomes
+        assert set(admin_outcomes) <= {"ok", "RESOURCE_EXHAUSTED"}, admin_outcomes
+        assert wait_for(lambda: not registry._held and server.serving.engine.idle(), timeout=30)
+        assert registry.resident_bytes() <= 2 * size + size // 2
+        with Client(server.target, timeout=30) as client:  # and it still serves
+            assert len(client.generate([5, 6], "a0", max_new_tokens=3, ignore_eos=True).token_ids) == 3
+    finally:
+        server.stop()
+
+
 def test_hot_swap_running_request_keeps_its_version(server, adapter_root):
     prompt, n = [9, 8, 7], 60
     with Client(server.target, timeout=60) as client:

@@ -4,7 +4,7 @@ Thread-safe; file reads run on the caller's thread (never the engine's) outside 
 Device slots are the engine's business (adapters.slot_bank.SlotBank); requests carry the exact
 CanonicalAdapter they resolved, so eviction or hot-swap never changes a running request's weights.
 The host-memory budget is a hard limit: it counts the weights that requests in flight hold (`resolve` ..
-`release`), which eviction cannot free, and an adapter that would go beyond it is RESOURCE_EXHAUSTED.
+`release`), which eviction cannot free, and an adapter that would go beyond it is AdapterMemoryFull.
 
 Adapters loaded with LoadAdapter (not those auto-loaded on first use) are recorded in a state file, written
 atomically (temporary file, fsync, rename) after every change, and loaded again by `restore` on restart.
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from adapters.canonical import CanonicalAdapter
-from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from server.errors import AdapterMemoryFull, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger("loraplex.registry")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -76,6 +76,7 @@ class AdapterRegistry:
         self._loaded: dict[str, bool] = {}  # ids loaded with LoadAdapter -> pinned; what the state file records
         self._state_lock = threading.Lock()  # serialises file writes, outside the registry lock (fsync is slow)
         self._held: dict[tuple, list] = {}  # weights key -> [weights, requests holding them] (resolve .. release)
+        self._refused: dict[str, tuple] = {}  # id -> (files, size) of a read refused for want of room
 
     def path_for(self, adapter_id: str) -> Path:
         """The adapter's directory, confined to the root: no separators, no '..', no symlink escapes."""
@@ -104,13 +105,25 @@ class AdapterRegistry:
             raise NotFound(f"adapter {adapter_id!r} is not loaded and auto-load is off; call LoadAdapter first")
         return self._read(adapter_id, path, pin=None, reread=True, hold=True).weights
 
-    def release(self, weights: CanonicalAdapter) -> None:
-        """A request that resolved `weights` is done with them."""
+    def release(self, weights: CanonicalAdapter) -> bool:
+        """A request that resolved `weights` is done with them. True when that frees their memory for others."""
         with self._lock:
             entry = self._held[weights.key]
             entry[1] -= 1
             if entry[1] == 0:
                 del self._held[weights.key]
+            return entry[1] == 0
+
+    def might_fit(self, adapter_id: str) -> bool:
+        """Whether the adapter, at the size it had when last read, would fit the budget now: a cheap gate (no I/O,
+        the files are not looked at) before a request waiting for room tries again."""
+        with self._lock:
+            record = self._records.get(adapter_id)
+            if record is not None and record.weights is not None:
+                return True  # in memory already
+            size = record.size_bytes if record is not None else self._refused.get(adapter_id, ((), 0))[1]
+            unfreeable = self._unfreeable_bytes(replacing=adapter_id)
+            return not unfreeable or unfreeable + size <= self.cache_bytes
 
     # -- admin ----------------------------------------------------------------------------------
     def load(self, adapter_id: str, replace: bool, pin: bool) -> AdapterRecord:
@@ -215,16 +228,19 @@ class AdapterRegistry:
                 raise FailedPrecondition(f"adapter {adapter_id!r}: cannot read its directory: {exc.strerror}") from None
             with self._lock:  # the same files read before take the same memory: refuse before reading them again
                 known = self._records.get(adapter_id)
-                if known is not None and known.files == files:
-                    self._check_fits(adapter_id, known.size_bytes)
+                known = (known.files, known.size_bytes) if known is not None else self._refused.get(adapter_id)
+                if known is not None and known[0] == files:
+                    self._check_fits(adapter_id, known[1])
             weights = self._reader(path, adapter_id, next(self._serial))  # (new files: checked once read)
             with self._lock:
                 current = self._records.get(adapter_id)
                 try:
                     self._check_fits(adapter_id, weights.size_bytes)
-                except ResourceExhausted:
+                except AdapterMemoryFull:
+                    self._refused[adapter_id] = (files, weights.size_bytes)  # a retry need not read them again
                     del weights  # the error's traceback keeps this frame alive until the RPC is answered
                     raise
+                self._refused.pop(adapter_id, None)
                 # a re-read after eviction is the same version only if the files are the same files
                 same = reread and current is not None and current.files == files
                 version = 1 if current is None else current.version + (0 if same else 1)
@@ -278,11 +294,11 @@ class AdapterRegistry:
         self._on_change(in_memory, total - in_memory)
 
     def _check_fits(self, adapter_id: str, size: int) -> None:
-        """RESOURCE_EXHAUSTED unless `size` more bytes fit the budget beside what eviction cannot free (under
+        """AdapterMemoryFull unless `size` more bytes fit the budget beside what eviction cannot free (under
         self._lock). An adapter alone may exceed the budget, as before: there is nothing to wait for."""
         unfreeable = self._unfreeable_bytes(replacing=adapter_id)
         if unfreeable and unfreeable + size > self.cache_bytes:
-            raise ResourceExhausted(
+            raise AdapterMemoryFull(
                 f"adapter {adapter_id!r} ({size} bytes) does not fit the host-memory budget --adapter-cache-bytes "
                 f"{self.cache_bytes}: {unfreeable} bytes are held by requests in flight and pinned adapters; retry "
                 f"when requests finish")

@@ -32,6 +32,11 @@ class ResourceExhausted(LoraplexError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class AdapterMemoryFull(ResourceExhausted):
+    """The adapter does not fit the host-memory budget beside what requests in flight hold: a Generate waits for
+    room (they finish), a LoadAdapter is told to retry."""
+
+
 class OutOfRange(LoraplexError):
     code = grpc.StatusCode.OUT_OF_RANGE
 

@@ -14,7 +14,8 @@ import grpc
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.engine import Engine, EngineRequest, ErrorEvent, FinishEvent, TokenEvent
-from server.errors import FailedPrecondition, InvalidArgument, LoraplexError, OutOfRange, Unavailable, status_for
+from server.errors import (AdapterMemoryFull, FailedPrecondition, InvalidArgument, LoraplexError, OutOfRange,
+                           Unavailable, status_for)
 from server.sampling import SamplingParams
 from server.stopping import FinishReason, StoppingParams
 
@@ -123,6 +124,9 @@ def _check_prompt_length(tokens: int, stopping: StoppingParams, base, limits) ->
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
+        self._memory_freed = asyncio.Event()  # set (and replaced) whenever a release frees adapter memory
+        self._memory_turn = asyncio.Lock()  # the one request waiting for adapter memory that may try again
+        self._memory_waiters = 0
 
     def _submit(self, request: pb.GenerateRequest, sink, arrival: float) -> EngineRequest:
         """Prepare and queue a request (blocking, run in the executor). The adapter is resolved and the request
@@ -149,10 +153,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return engine_request
 
     def _release(self, engine_request: EngineRequest) -> None:
-        """Once per request: its adapter's weights no longer count against the host-memory budget."""
+        """Once per request (on the event loop): its adapter's weights no longer count against the host-memory
+        budget; requests waiting for room try again."""
         if engine_request.adapter is not None and not engine_request.released:
             engine_request.released = True
-            self.serving.registry.release(engine_request.adapter)
+            if self.serving.registry.release(engine_request.adapter):
+                self._memory_freed.set()
+                self._memory_freed = asyncio.Event()
 
     def _prepare(self, request: pb.GenerateRequest) -> EngineRequest:
         """Validation and tokenization: blocking work, run in the executor. The adapter is resolved by _submit."""
@@ -188,17 +195,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _events(self, request: pb.GenerateRequest):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        submitted = loop.run_in_executor(None, self._submit, request,
-                                         lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                                         time.monotonic())
-        try:
-            # shielded: a client that leaves while its request is being prepared (an adapter loading from disk,
-            # a LoadAdapter holding the id) cannot stop the executor thread, so its request is cancelled once
-            # queued instead of running to the end for nobody
-            engine_request = await asyncio.shield(submitted)
-        except asyncio.CancelledError:
-            submitted.add_done_callback(self._cancel_once_queued)
-            raise
+        engine_request = await self._queued(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
             while True:
                 event = await events.get()
@@ -212,6 +209,47 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finally:  # client cancel, deadline or an error: free the row at the engine's next step
             engine_request.cancelled = True
             self._release(engine_request)
+
+    async def _queued(self, request: pb.GenerateRequest, sink) -> EngineRequest:
+        """Prepare and queue the request off the event loop. While its adapter does not fit the host-memory
+        budget beside those that requests in flight hold, it waits, holding nothing (no thread, no weights), at
+        most --max-queue-size requests at a time: waiting requests try again one at a time, in arrival order,
+        when a request releases its adapter."""
+        arrival = time.monotonic()
+        try:
+            return await self._submitted(request, sink, arrival)
+        except AdapterMemoryFull:
+            if self._memory_waiters >= self.serving.config.max_queue_size:
+                raise
+        self._memory_waiters += 1
+        self.serving.metrics.waiting.inc()
+        try:
+            async with self._memory_turn:
+                while True:
+                    freed = self._memory_freed
+                    if self.serving.registry.might_fit(request.adapter_id):  # else trying would read it again
+                        try:
+                            return await self._submitted(request, sink, arrival)
+                        except AdapterMemoryFull:
+                            continue
+                    try:  # looked at each second too: unloads and unpins free memory without a release
+                        await asyncio.wait_for(freed.wait(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        pass
+        finally:
+            self._memory_waiters -= 1
+            self.serving.metrics.waiting.dec()
+
+    async def _submitted(self, request: pb.GenerateRequest, sink, arrival: float) -> EngineRequest:
+        submitted = asyncio.get_running_loop().run_in_executor(None, self._submit, request, sink, arrival)
+        try:
+            # shielded: a client that leaves while its request is being prepared (an adapter loading from disk,
+            # a LoadAdapter holding the id) cannot stop the executor thread, so its request is cancelled once
+            # queued instead of running to the end for nobody
+            return await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            submitted.add_done_callback(self._cancel_once_queued)
+            raise
 
     def _cancel_once_queued(self, submitted: asyncio.Future) -> None:
         if not submitted.cancelled() and submitted.exception() is None:

@@ -121,9 +121,16 @@ class AdapterRegistry:
             record = self._records.get(adapter_id)
             if record is not None and record.weights is not None:
                 return True  # in memory already
-            size = record.size_bytes if record is not None else self._refused.get(adapter_id, ((), 0))[1]
+            size = (self._last_seen(adapter_id) or ((), 0))[1]
             unfreeable = self._unfreeable_bytes(replacing=adapter_id)
             return not unfreeable or unfreeable + size <= self.cache_bytes
+
+    def _last_seen(self, adapter_id: str) -> tuple | None:
+        """(files, size in memory) of the adapter's latest read, refused or not (under self._lock)."""
+        if adapter_id in self._refused:  # newer than the record: it is dropped when a read succeeds
+            return self._refused[adapter_id]
+        record = self._records.get(adapter_id)
+        return (record.files, record.size_bytes) if record is not None else None
 
     # -- admin ----------------------------------------------------------------------------------
     def load(self, adapter_id: str, replace: bool, pin: bool) -> AdapterRecord:
@@ -227,8 +234,7 @@ class AdapterRegistry:
             except OSError as exc:
                 raise FailedPrecondition(f"adapter {adapter_id!r}: cannot read its directory: {exc.strerror}") from None
             with self._lock:  # the same files read before take the same memory: refuse before reading them again
-                known = self._records.get(adapter_id)
-                known = (known.files, known.size_bytes) if known is not None else self._refused.get(adapter_id)
+                known = self._last_seen(adapter_id)
                 if known is not None and known[0] == files:
                     self._check_fits(adapter_id, known[1])
             weights = self._reader(path, adapter_id, next(self._serial))  # (new files: checked once read)

@@ -226,6 +226,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             async with self._memory_turn:
                 while True:
+                    _ready(self.serving)  # a shutdown ends the wait with UNAVAILABLE
                     freed = self._memory_freed
                     if self.serving.registry.might_fit(request.adapter_id):  # else trying would read it again
                         try:

@@ -139,7 +139,7 @@ class AdapterRegistry:
             with self._lock:  # checked under the id's lock: of two concurrent first loads, the second is told
                 if adapter_id in self._records and not replace:
                     raise AlreadyExists(f"adapter {adapter_id!r} is already loaded; set replace to swap in new files")
-            record = self._read(adapter_id, path, pin=pin, reread=False)
+            record = self._read(adapter_id, path, pin=pin, reread=False, budget=not pin)  # pins: the operator's call
             self._record_state(adapter_id, record.pinned)
         return record
 
@@ -172,7 +172,8 @@ class AdapterRegistry:
         for adapter_id, pinned in entries.items():  # the file is left as is until every entry has been tried
             try:
                 with self._id_lock(adapter_id):
-                    self._read(adapter_id, self.path_for(adapter_id), pin=pinned, reread=False)
+                    # nothing is in flight yet: the unpinned are evicted by LRU as ever, the pinned stay
+                    self._read(adapter_id, self.path_for(adapter_id), pin=pinned, reread=False, budget=False)
                 with self._lock:
                     self._loaded[adapter_id] = pinned
             except Exception as exc:  # one broken adapter must not keep the server down
@@ -219,7 +220,8 @@ class AdapterRegistry:
         self._held.setdefault(weights.key, [weights, 0])[1] += 1
         return weights
 
-    def _read(self, adapter_id: str, path: Path, pin: bool | None, reread: bool, hold: bool = False) -> AdapterRecord:
+    def _read(self, adapter_id: str, path: Path, pin: bool | None, reread: bool, hold: bool = False,
+              budget: bool = True) -> AdapterRecord:
         with self._id_lock(adapter_id):  # one read per id at a time; concurrent first uses share the result
             with self._lock:
                 current = self._records.get(adapter_id)
@@ -235,14 +237,15 @@ class AdapterRegistry:
                 raise FailedPrecondition(f"adapter {adapter_id!r}: cannot read its directory: {exc.strerror}") from None
             with self._lock:  # the same files read before take the same memory: refuse before reading them again
                 known = self._last_seen(adapter_id)
-                if known is not None and known[0] == files:
+                if budget and known is not None and known[0] == files:
                     self._check_fits(adapter_id, known[1])
             weights = self._reader(path, adapter_id, next(self._serial))  # (new files: checked once read)
             with self._lock:
                 current = self._records.get(adapter_id)
                 try:
-                    self._check_fits(adapter_id, weights.size_bytes)
-                except AdapterMemoryFull:
+                    if budget:
+                        self._check_fits(adapter_id, weights.size_bytes)
+                except (AdapterMemoryFull, FailedPrecondition):
                     self._refused[adapter_id] = (files, weights.size_bytes)  # a retry need not read them again
                     del weights  # the error's traceback keeps this frame alive until the RPC is answered
                     raise
@@ -301,7 +304,13 @@ class AdapterRegistry:
 
     def _check_fits(self, adapter_id: str, size: int) -> None:
         """AdapterMemoryFull unless `size` more bytes fit the budget beside what eviction cannot free (under
-        self._lock). An adapter alone may exceed the budget, as before: there is nothing to wait for."""
+        self._lock); FailedPrecondition if they never will, beside the pinned adapters. An adapter alone may exceed
+        the budget, as before: there is nothing to wait for."""
+        pinned = self._pinned_bytes(replacing=adapter_id)
+        if pinned and pinned + size > self.cache_bytes:  # requests finishing would not make room: say so now
+            raise FailedPrecondition(
+                f"adapter {adapter_id!r} ({size} bytes) does not fit the host-memory budget --adapter-cache-bytes "
+                f"{self.cache_bytes} beside the pinned adapters ({pinned} bytes); unpin some or raise the budget")
         unfreeable = self._unfreeable_bytes(replacing=adapter_id)
         if unfreeable and unfreeable + size > self.cache_bytes:
             raise AdapterMemoryFull(
@@ -313,10 +322,15 @@ class AdapterRegistry:
         """Host bytes no eviction can free (under self._lock): weights requests hold, resident or not (an old
         version after a hot-swap, an unloaded adapter still draining), and pinned adapters other than `replacing`."""
         sizes = {key: weights.size_bytes for key, (weights, _) in self._held.items()}
-        for r in self._records.values():
-            if r.weights is not None and r.pinned and r.adapter_id != replacing:
-                sizes[r.weights.key] = r.size_bytes
+        sizes.update(self._pinned(replacing))
         return sum(sizes.values())
+
+    def _pinned(self, replacing: str) -> dict[tuple, int]:
+        return {r.weights.key: r.size_bytes for r in self._records.values()
+                if r.weights is not None and r.pinned and r.adapter_id != replacing}
+
+    def _pinned_bytes(self, replacing: str) -> int:
+        return sum(self._pinned(replacing).values())
 
     def _evict_over_budget(self, keep: str) -> list[CanonicalAdapter]:
         """Least recently used first; never pinned, held (evicting would free nothing and read them twice) or `keep`."""

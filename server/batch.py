@@ -47,11 +47,13 @@ class Runner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.num_layers = model.config.get_text_config().num_hidden_layers
-        # logits_to_keep as an index, not the int 1: HF then slices hidden[:, -1:], a strided view that
-        # torch.matmul does not fold into one matmul against a frozen weight; it ran as a bmm against the
-        # vocabulary matrix expanded per row (prefill of 31 rows, vocab 32000: 113 ms instead of ~20). An index
-        # gathers the last position into a contiguous tensor.
-        self.last_position = torch.tensor([-1], device=self.device)
+        # HF slices the last position (logits_to_keep=1) as hidden[:, -1:], a strided view that torch.matmul
+        # does not fold into one matmul against a frozen weight: the vocabulary projection ran as a bmm against
+        # the weight expanded per row (prefill of 31 rows, vocab 32000: 113 ms instead of ~20). Handing it a
+        # contiguous copy keeps the int form, which some models' own prefill shortcuts need (Gemma-4).
+        head = model.get_output_embeddings()
+        if head is not None:
+            head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  factors: RowFactors | None) -> torch.Tensor:
@@ -60,7 +62,7 @@ class Runner:
         self.context.rows = factors
         try:
             out = self.model(input_ids=ids, attention_mask=additive, position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=self.last_position)
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
         finally:
             self.context.rows = None
         cache.length += ids.shape[1]

@@ -124,6 +124,7 @@ def _check_prompt_length(tokens: int, stopping: StoppingParams, base, limits) ->
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
+        self._loop = asyncio.get_running_loop()  # built by serve(), on the loop that runs the handlers
         self._memory_freed = asyncio.Event()  # set (and replaced) whenever a release frees adapter memory
         self._memory_turn = asyncio.Lock()  # the one request waiting for adapter memory that may try again
         self._memory_waiters = 0
@@ -148,7 +149,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             try:
                 self.serving.engine.submit(engine_request)
             except BaseException:
-                registry.release(engine_request.adapter)
+                if registry.release(engine_request.adapter):
+                    self._loop.call_soon_threadsafe(self._wake_memory_waiters)
                 raise
         return engine_request
 
@@ -158,8 +160,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if engine_request.adapter is not None and not engine_request.released:
             engine_request.released = True
             if self.serving.registry.release(engine_request.adapter):
-                self._memory_freed.set()
-                self._memory_freed = asyncio.Event()
+                self._wake_memory_waiters()
+
+    def _wake_memory_waiters(self) -> None:  # on the event loop
+        self._memory_freed.set()
+        self._memory_freed = asyncio.Event()
 
     def _prepare(self, request: pb.GenerateRequest) -> EngineRequest:
         """Validation and tokenization: blocking work, run in the executor. The adapter is resolved by _submit."""
@@ -213,14 +218,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _queued(self, request: pb.GenerateRequest, sink) -> EngineRequest:
         """Prepare and queue the request off the event loop. While its adapter does not fit the host-memory
         budget beside those that requests in flight hold, it waits, holding nothing (no thread, no weights), at
-        most --max-queue-size requests at a time: waiting requests try again one at a time, in arrival order,
-        when a request releases its adapter."""
+        most --max-queue-size requests at a time. Waiting requests try again one at a time, in arrival order,
+        when a request releases its adapter, and while any wait, every request on an adapter waits behind them:
+        otherwise steady traffic on adapters in memory would hold the budget and starve the rest."""
         arrival = time.monotonic()
-        try:
-            return await self._submitted(request, sink, arrival)
-        except AdapterMemoryFull:
-            if self._memory_waiters >= self.serving.config.max_queue_size:
-                raise
+        if not (request.adapter_id and self._memory_waiters):
+            try:
+                return await self._submitted(request, sink, arrival)
+            except AdapterMemoryFull:
+                pass
+        if self._memory_waiters >= self.serving.config.max_queue_size:
+            raise AdapterMemoryFull(f"{self._memory_waiters} requests already wait for adapter host memory "
+                                    f"(--adapter-cache-bytes {self.serving.config.adapter_cache_bytes}, at most "
+                                    f"--max-queue-size of them); retry later")
         self._memory_waiters += 1
         self.serving.metrics.waiting.inc()
         try:

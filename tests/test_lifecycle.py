@@ -191,7 +191,8 @@ def test_host_memory_budget_is_a_hard_limit_counting_adapters_requests_hold(mode
             waiting = client.inference.Generate.future(build_request([5, 6], "c", max_new_tokens=2, ignore_eos=True))
             assert wait_for(lambda: scrape(server)["loraplex_num_requests_waiting"] == 1)
             code, details = status_of(client.generate, [5, 6], "d", max_new_tokens=2)  # a second waiter: too many
-            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--adapter-cache-bytes" in details and "'d'" in details
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--adapter-cache-bytes" in details
+            assert "--max-queue-size" in details
             code, details = status_of(client.load_adapter, "d")
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in details
             assert client.get_adapter("a").tier != pb.ADAPTER_TIER_DISK  # held adapters are never evicted
@@ -203,6 +204,50 @@ def test_host_memory_budget_is_a_hard_limit_counting_adapters_requests_hold(mode
         assert wait_for(lambda: not registry._held)  # every hold released: finished, cancelled and refused alike
         assert wait_for(lambda: server.serving.engine.idle())
         assert scrape(server)["loraplex_num_requests_waiting"] == 0
+    finally:
+        server.stop()
+
+
+def test_an_adapter_out_of_memory_is_not_starved_by_steady_traffic_on_those_in_memory(model_dirs, adapter_root,
+                                                                                        tmp_path):
+    """Steady overlapping traffic on two adapters in memory holds the whole budget; a request for a third one
+    still gets in (requests arriving after it wait behind it, so the holds drain), and an adapter that cannot fit
+    beside the pinned ones is refused at once rather than left waiting."""
+    import asyncio
+
+    from clients.client import AsyncClient
+    root = tmp_path / "root"
+    for name in "abcd":
+        shutil.copytree(adapter_root / "v1", root / name)
+    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=2 * size + size // 2)
+    try:
+        async def run():
+            async with AsyncClient(server.target, timeout=60) as client:
+                stop = asyncio.Event()
+
+                async def hot(name, i):
+                    served = 0
+                    while not stop.is_set():
+                        await client.generate([5, 6], name, max_new_tokens=20 + 7 * ((served + i) % 5),
+                                              ignore_eos=True)
+                        served += 1
+                    return served
+
+                async def cold():
+                    await asyncio.sleep(0.5)  # the hot adapters hold the budget by now
+                    try:
+                        async with AsyncClient(server.target, timeout=10) as other:
+                            return len((await other.generate([5, 6], "c", max_new_tokens=2, ignore_eos=True)).token_ids)
+                    finally:
+                        stop.set()
+                return await asyncio.gather(cold(), *[hot(name, i) for i, name in enumerate("aaaabbbb")])
+        cold_tokens, *hot_served = asyncio.run(run())
+        assert cold_tokens == 2 and all(n >= 1 for n in hot_served)
+        with Client(server.target, timeout=30) as client:
+            client.load_adapter("a", replace=True, pin=True), client.load_adapter("b", replace=True, pin=True)
+            code, details = status_of(client.generate, [5, 6], "d", max_new_tokens=2)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "beside the pinned adapters" in details
     finally:
         server.stop()
 

@@ -1,6 +1,7 @@
 """Load the frozen base model and its tokenizer from a local Hugging Face directory (never the hub)."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,20 +24,58 @@ class BaseModel:
     max_context: int
     eos_token_ids: frozenset[int]
     pad_token_id: int
-    max_token_chars: int  # most characters of text one token can stand for (see longest_token_chars)
+    max_token_chars: int | None  # most characters of text one token stands for (longest_token_chars)
 
 
-def longest_token_chars(tokenizer) -> int:
+# Pieces of a fast tokenizer (tokenizer.json) that never drop or merge away characters of the text.
+KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts", "Split", "Sequence"}
+COMPOSING_NORMALIZERS = {"NFC", "NFKC", "NFD", "NFKD", "Lowercase", "Prepend", "Replace", "Sequence"}
+
+
+def _kinds(spec: dict | None) -> list[dict]:
+    """A tokenizer.json component and the ones a Sequence holds."""
+    if not spec:
+        return []
+    inner = spec.get("pretokenizers") or spec.get("normalizers") or []
+    return [spec, *(part for child in inner for part in _kinds(child))]
+
+
+def _lengthening(replace: dict) -> bool:
+    """A Replace normalizer that never shortens the text: a literal pattern (a regex may match any run of
+    characters, as SentencePiece conversions' " {2,}") replaced by content at least as long."""
+    literal = (replace.get("pattern") or {}).get("String")
+    return literal is not None and len(replace.get("content") or "") >= len(literal)
+
+
+def longest_token_chars(tokenizer) -> int | None:
     """An upper bound on the characters of text one token stands for, so that a prompt of C characters has at
     least C / bound tokens and one too long to fit is refused before it is tokenized (tokenizing a 4 MiB prompt
-    takes about 1 GB). From the vocabulary's token strings: byte-level tokens spell one character per byte and a
-    character is at least one byte, so they never undercount; SentencePiece byte-fallback tokens (<0x41>)
-    overcount. Four times that where a normalizer runs, which may compose several characters into one (NFC/NFKC,
-    Hangul jamo: at most three). A normalizer that deletes characters (BERT's control-character cleaning) could
-    still undercount; causal LMs' tokenizers do not have one, and prompt_token_ids are never bounded this way."""
-    longest = max((len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) if t), default=1)
+    takes about 1 GB). None where the tokenizer may drop characters or fuse any number of them into one token,
+    so that no bound holds: whitespace-splitting pre-tokenizers, stripping normalizers, unknown tokens fused
+    without byte fallback, added tokens that swallow the whitespace around them. Then prompts are tokenized whole
+    (gRPC's 4 MiB message limit still bounds them).
+
+    The bound is the longest token string: byte-level tokens spell one character per byte and a character is at
+    least one byte, so they never undercount; SentencePiece byte-fallback tokens (<0x41>) overcount. Four times
+    that where a normalizer may compose several characters into one (NFC/NFKC, Hangul jamo: at most three)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    return longest * (1 if backend is not None and backend.normalizer is None else 4)
+    if backend is None:  # a slow tokenizer: nothing is known of what it does
+        return None
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    fuses_unknown = model.get("type") in ("WordPiece", "WordLevel") or (
+        model.get("type") in ("BPE", "Unigram") and model.get("fuse_unk", model.get("type") == "Unigram")
+        and not model.get("byte_fallback"))
+    pre = _kinds(spec.get("pre_tokenizer"))
+    if (fuses_unknown or any(p["type"] not in KEEPING_PRE_TOKENIZERS or p.get("behavior") == "Removed" for p in pre)
+            or any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens") or [])):
+        return None
+    normalizers = _kinds(spec.get("normalizer"))
+    if any(n["type"] not in COMPOSING_NORMALIZERS or (n["type"] == "Replace" and not _lengthening(n))
+           for n in normalizers):
+        return None
+    longest = max((len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) if t), default=1)
+    return longest * (4 if normalizers else 1)
 
 
 def load_base_model(model: str, device: str, dtype: str) -> BaseModel:

@@ -97,6 +97,9 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
         base = load_base_model(config.model, config.device, config.dtype)
     except FileNotFoundError as exc:
         raise ConfigError(f"--model: {exc}") from None
+    if base.max_token_chars is None:
+        log.info("prompt texts are tokenized whole before their length is checked: this tokenizer may drop or fuse "
+                 "characters, so their count bounds no token count (gRPC's 4 MiB message limit still applies)")
     targets = ALL_LINEAR if config.target_modules == ALL_LINEAR else config.target_modules.split(",")
     context, shapes = inject(base.model, targets)
     dtype = next(base.model.parameters()).dtype

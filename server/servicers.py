@@ -96,8 +96,11 @@ def stopping_from(msg: pb.StoppingCriteria, default_max_new: int, limits) -> Sto
 
 
 def _check_prompt_chars(chars: int, base, limits) -> None:
-    """A prompt text that cannot fit whatever it encodes to: at most base.max_token_chars characters a token."""
+    """A prompt text that cannot fit whatever it encodes to: at most base.max_token_chars characters a token
+    (None: this tokenizer gives no such bound)."""
     per_token = base.max_token_chars
+    if per_token is None:
+        return
     if chars > base.max_context * per_token:
         raise OutOfRange(f"the prompt has {chars} characters, more than the model context of {base.max_context} "
                          f"tokens can hold (a token stands for at most {per_token} characters)")

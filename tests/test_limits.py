@@ -1,6 +1,7 @@
 """Every limit is a flag, listed by GetServerInfo, and its violation names the flag; KV capacity makes requests
 wait instead of exhausting memory."""
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
@@ -179,3 +180,46 @@ def test_kv_buffers_never_exceed_what_the_running_rows_reserved(model_dirs):
         server.stop()
     assert len(seen) > 40 and max(a for a, _ in seen) > 0
     assert all(allocated <= reserved for allocated, reserved in seen), [s for s in seen if s[0] > s[1]][:5]
+
+
+def _trained(normalizer, pre_tokenizer, model, special=(), added=()):
+    from tokenizers import Tokenizer, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(model)
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    corpus = [(Path(__file__).parent.parent / "README.md").read_text()] * 2
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=list(special)))
+    tok.add_special_tokens(list(added))
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_the_prompt_character_bound_holds_or_is_not_used():
+    """longest_token_chars bounds the characters per token where the tokenizer keeps every character (then no
+    prompt is refused that would fit), and gives no bound where it may drop or fuse any number of them."""
+    from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers
+
+    from loader.base_model import longest_token_chars
+    fallback = ["<unk>"] + [f"<0x{i:02X}>" for i in range(256)]
+    bounded = {
+        "byte-level": _trained(None, pre_tokenizers.ByteLevel(), models.BPE()),
+        "sentencepiece, byte fallback": _trained(
+            normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]), None,
+            models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True), fallback),
+    }
+    unbounded = {
+        "whitespace split": _trained(None, pre_tokenizers.Whitespace(), models.BPE(unk_token="<unk>"), ["<unk>"]),
+        "unknowns fused": _trained(None, pre_tokenizers.Metaspace(), models.BPE(unk_token="<unk>", fuse_unk=True),
+                                   ["<unk>"]),
+        "spaces collapsed": _trained(normalizers.Replace(Regex(" {2,}"), "▁"), pre_tokenizers.Metaspace(),
+                                     models.BPE(unk_token="<unk>", byte_fallback=True), fallback),
+        "stripping added token": _trained(None, pre_tokenizers.ByteLevel(), models.BPE(),
+                                          added=[AddedToken("<|end|>", lstrip=True, rstrip=True, special=True)]),
+    }
+    prompts = ["| name" + " " * 60 + "|\n" * 40, "模型服务器。" * 50, "e\u0301" * 100 + "한국어" * 30, "abc " * 200]
+    for name, tok in bounded.items():
+        bound = longest_token_chars(tok)
+        assert bound is not None, name
+        for prompt in prompts:
+            assert len(prompt) <= len(tok(prompt).input_ids) * bound, (name, prompt[:20])
+    for name, tok in unbounded.items():
+        assert longest_token_chars(tok) is None, name

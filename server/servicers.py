@@ -157,6 +157,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise
         return engine_request
 
+    def _validate(self, request: pb.GenerateRequest) -> None:
+        """What _submit would refuse before resolving: bad parameters or prompt, an id that names no adapter."""
+        self._prepare(request)
+        self.serving.registry.hold(request.adapter_id)
+
     def _release(self, engine_request: EngineRequest) -> None:
         """Once per request (on the event loop): its adapter's weights no longer count against the host-memory
         budget; requests waiting for room try again."""
@@ -225,7 +230,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         when a request releases its adapter, and while any wait, every request on an adapter waits behind them:
         otherwise steady traffic on adapters in memory would hold the budget and starve the rest."""
         arrival = time.monotonic()
-        if not (request.adapter_id and self._memory_waiters):
+        if request.adapter_id and self._memory_waiters:  # behind them, but a request that cannot run fails now
+            await asyncio.get_running_loop().run_in_executor(None, self._validate, request)
+        else:
             try:
                 return await self._submitted(request, sink, arrival)
             except AdapterMemoryFull:

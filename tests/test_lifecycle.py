@@ -193,6 +193,9 @@ def test_host_memory_budget_is_a_hard_limit_counting_adapters_requests_hold(mode
             code, details = status_of(client.generate, [5, 6], "d", max_new_tokens=2)  # a second waiter: too many
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--adapter-cache-bytes" in details
             assert "--max-queue-size" in details
+            # requests that cannot run fail at once, not after their turn behind the waiter
+            assert status_of(client.generate, [5, 6], "nope", max_new_tokens=2)[0] == grpc.StatusCode.NOT_FOUND
+            assert status_of(client.generate, [5, 6], "d", max_new_tokens=0)[0] == grpc.StatusCode.INVALID_ARGUMENT
             code, details = status_of(client.load_adapter, "d")
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in details
             assert client.get_adapter("a").tier != pb.ADAPTER_TIER_DISK  # held adapters are never evicted

@@ -121,9 +121,11 @@ class AdapterRegistry:
             record = self._records.get(adapter_id)
             if record is not None and record.weights is not None:
                 return True  # in memory already
-            size = (self._last_seen(adapter_id) or ((), 0))[1]
-            unfreeable = self._unfreeable_bytes(replacing=adapter_id)
-            return not unfreeable or unfreeable + size <= self.cache_bytes
+            try:
+                self._check_fits(adapter_id, (self._last_seen(adapter_id) or ((), 0))[1])
+            except AdapterMemoryFull:
+                return False
+            return True  # (an adapter that never fits beside the pins: trying says so)
 
     def _last_seen(self, adapter_id: str) -> tuple | None:
         """(files, size in memory) of the adapter's latest read, refused or not (under self._lock)."""
@@ -306,31 +308,22 @@ class AdapterRegistry:
         """AdapterMemoryFull unless `size` more bytes fit the budget beside what eviction cannot free (under
         self._lock); FailedPrecondition if they never will, beside the pinned adapters. An adapter alone may exceed
         the budget, as before: there is nothing to wait for."""
-        pinned = self._pinned_bytes(replacing=adapter_id)
-        if pinned and pinned + size > self.cache_bytes:  # requests finishing would not make room: say so now
+        # unfreeable: weights requests hold, resident or not (an old version after a hot-swap, an unloaded adapter
+        # still draining), and pinned adapters other than the one being replaced
+        pinned = {r.weights.key: r.size_bytes for r in self._records.values()
+                  if r.weights is not None and r.pinned and r.adapter_id != adapter_id}
+        pinned_bytes = sum(pinned.values())
+        if pinned_bytes and pinned_bytes + size > self.cache_bytes:  # finishing requests would not make room
             raise FailedPrecondition(
                 f"adapter {adapter_id!r} ({size} bytes) does not fit the host-memory budget --adapter-cache-bytes "
-                f"{self.cache_bytes} beside the pinned adapters ({pinned} bytes); unpin some or raise the budget")
-        unfreeable = self._unfreeable_bytes(replacing=adapter_id)
+                f"{self.cache_bytes} beside the pinned adapters ({pinned_bytes} bytes); unpin some or raise the "
+                f"budget")
+        unfreeable = sum({**{key: w.size_bytes for key, (w, _) in self._held.items()}, **pinned}.values())
         if unfreeable and unfreeable + size > self.cache_bytes:
             raise AdapterMemoryFull(
                 f"adapter {adapter_id!r} ({size} bytes) does not fit the host-memory budget --adapter-cache-bytes "
                 f"{self.cache_bytes}: {unfreeable} bytes are held by requests in flight and pinned adapters; retry "
                 f"when requests finish")
-
-    def _unfreeable_bytes(self, replacing: str) -> int:
-        """Host bytes no eviction can free (under self._lock): weights requests hold, resident or not (an old
-        version after a hot-swap, an unloaded adapter still draining), and pinned adapters other than `replacing`."""
-        sizes = {key: weights.size_bytes for key, (weights, _) in self._held.items()}
-        sizes.update(self._pinned(replacing))
-        return sum(sizes.values())
-
-    def _pinned(self, replacing: str) -> dict[tuple, int]:
-        return {r.weights.key: r.size_bytes for r in self._records.values()
-                if r.weights is not None and r.pinned and r.adapter_id != replacing}
-
-    def _pinned_bytes(self, replacing: str) -> int:
-        return sum(self._pinned(replacing).values())
 
     def _evict_over_budget(self, keep: str) -> list[CanonicalAdapter]:
         """Least recently used first; never pinned, held (evicting would free nothing and read them twice) or `keep`."""

@@ -146,14 +146,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return engine_request
         registry = self.serving.registry
         with registry.hold(request.adapter_id):
-            engine_request.adapter = registry.resolve(request.adapter_id)  # released by _events
+            engine_request.adapter = registry.resolve(request.adapter_id)  # released by _events or below
             # labelled only once resolved: unknown or malformed ids never take one of the bounded labels
             engine_request.adapter_label = metrics.adapter_label(request.adapter_id)
             try:
                 self.serving.engine.submit(engine_request)
             except BaseException:
-                if registry.release(engine_request.adapter):
-                    self._loop.call_soon_threadsafe(self._wake_memory_waiters)
+                self._loop.call_soon_threadsafe(self._release, engine_request)  # never returned: nobody else will
                 raise
         return engine_request
 

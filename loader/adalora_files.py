@@ -29,7 +29,7 @@ def read_adalora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Mo
         raise FailedPrecondition(f"adapter {adapter_id!r}: ADALORA lora_alpha must be > 0, got {alpha!r}")
     c = alpha / (init_r + 1e-5)
     masks = config.get("rank_pattern") or {}
-    parts = group_tensors(read_tensors(path, adapter_id), KEY, adapter_id, "ADALORA", shapes)
+    parts = group_tensors(read_tensors(path, adapter_id, ctx.max_bytes), KEY, adapter_id, "ADALORA", shapes)
     require_parts(parts, config, shapes, adapter_id, {"A": "lora_A", "B": "lora_B", "E": "lora_E"})
     modules = {}
     for module, abe in sorted(parts.items()):

@@ -48,7 +48,7 @@ def read_hydralora(path: Path, adapter_id: str, config: dict, shapes: dict[str, 
         raise FailedPrecondition(f"adapter {adapter_id!r}: lora_nums {heads} is above the server's "
                                  f"--max-hydra-heads {ctx.max_heads}")
     scale = lora_scaling(float(config.get("lora_alpha", 8)), r, bool(config.get("use_rslora", False)))
-    parts = group_tensors(read_tensors(path, adapter_id), KEY, adapter_id, "HYDRALORA", shapes)
+    parts = group_tensors(read_tensors(path, adapter_id, ctx.max_bytes), KEY, adapter_id, "HYDRALORA", shapes)
     names = {"A": "lora_A.weight", "route": "lora_route.weight", **({"bias": "lora_route.bias"} if bias else {}),
              **{f"B{j}": f"lora_B.{j}.weight" for j in range(heads)}}
     by_suffix = {suffix: part for part, suffix in names.items()}

@@ -14,7 +14,7 @@ KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weig
 
 def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], ctx: LoadContext,
               load_serial: int) -> CanonicalAdapter:
-    parts = group_tensors(read_tensors(path, adapter_id), KEY, adapter_id, "LORA", shapes)
+    parts = group_tensors(read_tensors(path, adapter_id, ctx.max_bytes), KEY, adapter_id, "LORA", shapes)
     require_parts(parts, config, shapes, adapter_id, {"A": "lora_A.weight", "B": "lora_B.weight"})
     r_default, alpha_default = int(config.get("r", 8)), config.get("lora_alpha", 8)
     modules = {}

@@ -1,17 +1,19 @@
 """Read adapter directories in the PEFT layout into the canonical form, refusing what we cannot serve exactly."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors, save_file
 
 from adapters.canonical import CanonicalAdapter
 from adapters.slot_bank import ModuleShape
@@ -45,19 +47,47 @@ def write_config(out: Path, config: dict) -> None:
     os.replace(tmp, out / CONFIG_FILE)
 
 
-def read_config(path: Path, adapter_id: str) -> dict:
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise FailedPrecondition(f"adapter {adapter_id!r}: {CONFIG_FILE} is missing")
-    try:
-        with config_path.open("rb") as f:  # sized on the open file: a huge one is never read into memory
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_CONFIG_BYTES:
-                raise FailedPrecondition(f"adapter {adapter_id!r}: {CONFIG_FILE} is {size} bytes, above "
-                                         f"{MAX_CONFIG_BYTES}: it holds settings, not weights")
-            text = f.read(MAX_CONFIG_BYTES + 1)
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+
+
+def read_file(path: Path, name: str, adapter_id: str, limit: int | None, limit_why: str) -> bytes | None:
+    """The bytes of the adapter file `path/name`, or None where there is none. One open that follows no symlink at
+    `name`; type and size are checked on the descriptor the bytes come from, and no more bytes are read than were
+    checked, so a file swapped or grown between check and read cannot slip past the limit. Only the directory may
+    be a link (deploys flip it; the registry confines it to the root). A linked file is refused even where it points
+    inside the root: checking its target would be a resolve-then-open that whoever owns the link can race.
+    Read, not memory-mapped: a mapped file truncated meanwhile would take the process down with SIGBUS."""
+    def refuse(why: str) -> FailedPrecondition:
+        return FailedPrecondition(f"adapter {adapter_id!r}: {why}")
+    try:  # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; it is refused below, never read
+        fd = os.open(path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
     except OSError as exc:
-        raise FailedPrecondition(f"adapter {adapter_id!r}: cannot read {CONFIG_FILE}: {exc.strerror}") from None
+        if exc.errno == errno.ELOOP:
+            raise refuse(f"{name} is a symbolic link; adapter files must be regular files in the adapter's "
+                         f"directory (link the whole directory instead, as --deploy-root does)") from None
+        raise refuse(f"cannot read {name}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse(f"{name} is {_KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')}, not a regular file")
+        if limit is not None and st.st_size > limit:
+            raise refuse(f"{name} is {st.st_size} bytes, above {limit_why}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(st.st_size)
+    except OSError as exc:
+        raise refuse(f"cannot read {name}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def read_config(path: Path, adapter_id: str) -> dict:
+    text = read_file(path, CONFIG_FILE, adapter_id, MAX_CONFIG_BYTES,
+                     f"{MAX_CONFIG_BYTES}: it holds settings, not weights")
+    if text is None:
+        raise FailedPrecondition(f"adapter {adapter_id!r}: {CONFIG_FILE} is missing")
     try:
         config = json.loads(text.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -67,9 +97,9 @@ def read_config(path: Path, adapter_id: str) -> dict:
     return config
 
 
-def read_tensors(path: Path, adapter_id: str) -> dict[str, torch.Tensor]:
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
+def read_tensors(path: Path, adapter_id: str, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    data = read_file(path, WEIGHTS_FILE, adapter_id, max_bytes, f"the server's --max-adapter-bytes {max_bytes}")
+    if data is None:
         if (path / PICKLE_FILE).exists():
             raise FailedPrecondition(
                 f"adapter {adapter_id!r}: pickle weights ({PICKLE_FILE}) are refused because loading them can run "
@@ -77,8 +107,8 @@ def read_tensors(path: Path, adapter_id: str) -> dict[str, torch.Tensor]:
                 f"safetensors.torch.save_file(torch.load(f, weights_only=True), '{WEIGHTS_FILE}', {{'format': 'pt'}})")
         raise FailedPrecondition(f"adapter {adapter_id!r}: {WEIGHTS_FILE} is missing")
     try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
+        tensors = dict(sorted(load_tensors(data).items()))  # in load_file's order: errors name the same tensor
+    except (SafetensorError, ValueError) as exc:
         raise FailedPrecondition(f"adapter {adapter_id!r}: cannot read {WEIGHTS_FILE}: {exc}") from None
     for key, t in tensors.items():
         if not t.is_floating_point():
@@ -241,6 +271,7 @@ class LoadContext:
     max_rank: int       # widest expand (K·r for HydraLoRA) a slot holds
     max_heads: int = 8  # HydraLoRA heads a slot's router holds
     base_weight: Callable[[str], torch.Tensor] | None = None
+    max_bytes: int | None = None  # the weights file's limit (--max-adapter-bytes), checked on the open file
 
 
 def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], max_rank: int,
@@ -262,11 +293,7 @@ def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], ma
                                  f"(supported: {', '.join(readers)})")
     refuse_unservable(config, adapter_id)
     check_config_values(config, adapter_id)
-    weights = path / WEIGHTS_FILE
-    if max_bytes is not None and weights.is_file() and weights.stat().st_size > max_bytes:
-        raise FailedPrecondition(f"adapter {adapter_id!r}: {WEIGHTS_FILE} is {weights.stat().st_size} bytes, above "
-                                 f"the server's --max-adapter-bytes {max_bytes}")
-    context = LoadContext(max_rank, max_heads, base_weight)
+    context = LoadContext(max_rank, max_heads, base_weight, max_bytes)
     adapter = readers[peft_type](path, adapter_id, config, shapes, context, load_serial)
     check_finite_factors(adapter, factor_dtype)
     return adapter

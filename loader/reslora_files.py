@@ -50,7 +50,7 @@ def read_reslora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Mo
         refuse("RESLORA config needs a positive integer r and a non-negative integer pre_num")
     if not isinstance(chains, list) or not all(isinstance(c, list) and c for c in chains):
         refuse("RESLORA config needs 'chains': a list of non-empty lists of module paths")
-    parts = group_tensors(read_tensors(path, adapter_id), KEY, adapter_id, "RESLORA", shapes)
+    parts = group_tensors(read_tensors(path, adapter_id, ctx.max_bytes), KEY, adapter_id, "RESLORA", shapes)
     require_parts(parts, config, shapes, adapter_id, {"A": "lora_A.weight", "B": "lora_B.weight"})
     chained = [m for chain in chains for m in chain]
     if sorted(chained) != sorted(parts):

@@ -3,6 +3,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 
 import grpc
 import pytest
@@ -67,6 +68,16 @@ def adapter_root(model_dirs, tmp_path_factory):
     outside = root.parent / (root.name + "-outside")
     outside.mkdir()
     os.symlink(outside, root / "escape")
+    # files are never followed out of their directory, even to files in the root: deploys link whole directories
+    for name, target in (("weights-link-out", outside / "adapter_model.safetensors"),
+                         ("config-link-out", outside / "adapter_config.json"),
+                         ("weights-link-in", good / "adapter_model.safetensors")):
+        shutil.copy(good / target.name, outside / target.name)
+        link = variant(name) / target.name
+        link.unlink()
+        os.symlink(target, link)
+    os.mkfifo(variant("weights-fifo", tensors=None) / "adapter_model.safetensors")  # would block a plain open
+    (variant("weights-dir", tensors=None) / "adapter_model.safetensors").mkdir()
     return root
 
 
@@ -126,6 +137,11 @@ def test_symlink_out_of_the_root_is_invalid(client):
     ("targets-bad-regex", "config target_modules must be a valid regular expression"),
     ("untargeted-tensors", "v_proj.lora_A.weight is for module 'model.layers.0.self_attn.v_proj', which the config"),
     ("huge-config", "bytes, above 4194304: it holds settings, not weights"),
+    ("weights-link-out", "'weights-link-out': adapter_model.safetensors is a symbolic link; adapter files must be"),
+    ("config-link-out", "'config-link-out': adapter_config.json is a symbolic link; adapter files must be"),
+    ("weights-link-in", "'weights-link-in': adapter_model.safetensors is a symbolic link; adapter files must be"),
+    ("weights-fifo", "'weights-fifo': adapter_model.safetensors is a named pipe, not a regular file"),
+    ("weights-dir", "'weights-dir': adapter_model.safetensors is a directory, not a regular file"),
 ])
 def test_unservable_adapters_fail_precondition_naming_the_problem(client, adapter_id, needle):
     for call in (lambda: client.generate("hi", adapter_id), lambda: client.load_adapter(adapter_id)):

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 
@@ -47,6 +49,21 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, metrics=
     if metrics is not None:
         metrics.failure.labels(code.name).inc()
     await context.abort(code, details)
+
+
+def _gathering(post: Callable[[object], None]) -> Callable[[object], None]:
+    """A sink for the engine thread that keeps token events until the end, then posts them as one."""
+    gathered: list[TokenEvent] = []
+
+    def sink(event) -> None:
+        if isinstance(event, TokenEvent):
+            gathered.append(event)
+            return
+        if gathered:
+            post(TokenEvent([t for e in gathered for t in e.token_ids], "".join(e.text for e in gathered)))
+            gathered.clear()
+        post(event)
+    return sink
 
 
 def _ready(serving: Serving) -> Serving:
@@ -204,10 +221,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=None,
                              sampling=sampling, stopping=stopping, sink=lambda event: None)
 
-    async def _events(self, request: pb.GenerateRequest):
-        loop = asyncio.get_running_loop()
+    async def _events(self, request: pb.GenerateRequest, stream: bool):
+        """(engine request, event) pairs for `request`: for a stream every step's tokens; for a unary call one
+        event with all its tokens, then the end (its handler would only gather them: the tokens are gathered
+        on the engine thread instead, and the loop is woken once, not once per token)."""
         events: asyncio.Queue = asyncio.Queue()
-        engine_request = await self._queued(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        post = functools.partial(self._loop.call_soon_threadsafe, events.put_nowait)
+        engine_request = await self._queued(request, post if stream else _gathering(post))
         try:
             while True:
                 event = await events.get()
@@ -279,7 +299,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Generate(self, request, context):
         try:
             ids, texts = [], []
-            async for engine_request, event in self._events(request):
+            async for engine_request, event in self._events(request, stream=False):
                 if isinstance(event, TokenEvent):
                     ids.extend(event.token_ids)
                     texts.append(event.text)
@@ -293,7 +313,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def GenerateStream(self, request, context):
         try:
-            async for engine_request, event in self._events(request):
+            async for engine_request, event in self._events(request, stream=True):
                 if isinstance(event, TokenEvent):
                     yield pb.GenerateStreamResponse(request_id=engine_request.request_id, text=event.text,
                                                     token_ids=event.token_ids)

@@ -6,6 +6,7 @@ import torch
 
 from clients.client import AsyncClient, Client
 from loader.default_model import build_tokenizer
+from protos.loraplex.v1 import inference_pb2 as pb
 from server.sampling import SamplingParams, make_generator, sample
 from server.stopping import FinishReason, StoppingParams, TextStream
 from tests.helpers import start_server
@@ -91,3 +92,27 @@ def test_stream_ends_with_finish_reason_and_usage(server):
     assert sum(len(m.token_ids) for m in messages) == 6 and messages[-1].finish_reason != 0
     assert messages[-1].usage.prompt_tokens == 3 and messages[-1].usage.completion_tokens == 6
     assert all(m.finish_reason == 0 for m in messages[:-1])
+
+
+def test_unary_reply_equals_the_stream_it_gathers(server):
+    """A unary Generate gathers its tokens on the engine thread and hears only the end: its ids, text and finish
+    equal what a stream of the same request shows, with and without a stop sequence, with other requests
+    decoding beside it."""
+    with Client(server.target, timeout=60) as client:
+        probe = client.generate("abc", max_new_tokens=12, ignore_eos=True)
+        stop = probe.text[3:5] if len(probe.text) >= 5 else None
+
+    async def both(**kwargs):
+        async with AsyncClient(server.target, timeout=60) as client:
+            async def streamed():
+                return [m async for m in client.generate_stream("abc", **kwargs)]
+            others = [client.generate([9 + i], max_new_tokens=20, ignore_eos=True) for i in range(4)]
+            unary, messages, *_ = await asyncio.gather(client.generate("abc", **kwargs), streamed(), *others)
+            return unary, messages
+    for kwargs in [dict(max_new_tokens=12, ignore_eos=True), dict(max_new_tokens=12, stop=[stop] if stop else [])]:
+        unary, messages = asyncio.run(both(**kwargs))
+        assert list(unary.token_ids) == [t for m in messages for t in m.token_ids]
+        assert unary.text == "".join(m.text for m in messages)
+        assert unary.finish_reason == messages[-1].finish_reason != 0
+        assert unary.usage.completion_tokens == messages[-1].usage.completion_tokens == len(unary.token_ids)
+    assert stop is None or unary.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE  # the stop case really stopped

@@ -109,7 +109,8 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
     limits = resolve_limits(config, base.max_context)
     engine = Engine(runner, base.tokenizer, base.eos_token_ids,
-                    EngineConfig(config.max_batch_size, config.max_queue_size, limits.max_kv_tokens), metrics)
+                    EngineConfig(config.max_batch_size, config.max_queue_size, limits.max_kv_tokens,
+                                 config.max_prefill_tokens), metrics)
     by_name = {s.name: s for s in shapes}
 
     def read(path: Path, adapter_id: str, serial: int):

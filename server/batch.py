@@ -112,11 +112,12 @@ class Runner:
         return Batch(new_rows, batch.cache.select(rows, start), valid[:, start:].contiguous(),
                      batch.positions.index_select(0, rows), self.bank.gather([r.slot for r in new_rows]))
 
-    def merge(self, a: Batch | None, b: Batch) -> Batch:
+    def merge(self, a: Batch | None, b: Batch, max_length: int) -> Batch:
+        """`b`'s rows joined to `a`'s; `max_length`: the longest the joined cache may grow (its planned peak)."""
         if a is None:
             return b
         length = max(a.valid.shape[1], b.valid.shape[1])
         pad = lambda v: torch.cat([v.new_zeros(v.shape[0], length - v.shape[1]), v], dim=1)  # noqa: E731
         rows = a.rows + b.rows
-        return Batch(rows, KVCache.merge(a.cache, b.cache), torch.cat([pad(a.valid), pad(b.valid)]),
+        return Batch(rows, KVCache.merge(a.cache, b.cache, min(max_length, self.max_context)), torch.cat([pad(a.valid), pad(b.valid)]),
                      torch.cat([a.positions, b.positions]), self.bank.gather([r.slot for r in rows]))

@@ -27,6 +27,7 @@ class ServerConfig:
     max_prompt_tokens: int = 0       # 0: the model's context length
     max_new_tokens: int = 0          # 0: the model's context length
     max_kv_tokens: int = 0           # 0: max_batch_size x the model's context length
+    max_prefill_tokens: int = 2048   # padded prompt tokens one prefill may run (a longer prompt runs alone)
     max_adapter_bytes: int = 1 << 30
     auth_token_file: str | None = None
     admin_token_file: str | None = None
@@ -75,6 +76,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-kv-tokens", type=int, default=d.max_kv_tokens,
       help="KV-cache capacity in token slots (rows x cached positions) that running requests may reserve; "
            "requests wait for room (0: max-batch-size x context)")
+    a("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
+      help="prompt tokens (rows x longest prompt, as padded) prefilled together; later arrivals wait for the "
+           "next step, so a burst of long prompts stalls running streams for one such prefill at a time, not "
+           "for all of them (a longer prompt is prefilled alone)")
     a("--max-adapter-bytes", type=int, default=d.max_adapter_bytes, help="largest adapter weights file accepted")
     a("--auth-token-file", default=d.auth_token_file,
       help="file of bearer tokens (one per line) required on every RPC except health and reflection")
@@ -106,7 +111,7 @@ BOUNDS = {  # flag -> (lowest, highest or None); 0 lets the model decide where t
     "max_batch_size": (1, INT32), "max_active_adapters": (1, INT32), "max_lora_rank": (1, INT32),
     "max_hydra_heads": (1, INT32), "max_queue_size": (1, INT32), "max_concurrent_rpcs": (1, INT32),
     "default_max_new_tokens": (1, INT32), "max_adapter_bytes": (1, None), "max_prompt_tokens": (0, INT32),
-    "max_new_tokens": (0, INT32), "max_kv_tokens": (0, None),
+    "max_new_tokens": (0, INT32), "max_kv_tokens": (0, None), "max_prefill_tokens": (1, None),
 }
 
 

@@ -91,6 +91,7 @@ class EngineConfig:
     max_batch_size: int
     max_queue_size: int
     max_kv_tokens: int = 1 << 62  # token slots (rows x cached positions) the running batch may reserve
+    max_prefill_tokens: int = 1 << 62  # padded prompt tokens (rows x longest prompt) one prefill may run
 
 
 class Engine:
@@ -256,6 +257,9 @@ class Engine:
             candidates = [r.state.request for r in admitted] + [request]
             if (admitted or self._batch) and self._kv_plan(candidates)[1] > self.config.max_kv_tokens:
                 break  # first come, first served: later requests wait too, so a large one is never starved
+            if admitted and len(candidates) * max(len(r.prompt_ids) for r in candidates) > \
+                    self.config.max_prefill_tokens:
+                break  # the rest next step: running rows get a token between prefills, not after all of them
             self._waiting.popleft()
             try:
                 slot = self.bank.acquire(request.adapter)
@@ -285,7 +289,8 @@ class Engine:
             batch, logits = self.runner.prefill(rows)
             logits, broken = _set_aside_non_finite(logits)
             tokens = sample(logits, [r.state.request.sampling for r in rows], [r.state.generator for r in rows])
-            merged = self.runner.merge(self._batch, batch)  # allocates the joined cache: can run out of memory too
+            # allocates the joined cache: can run out of memory too
+            merged = self.runner.merge(self._batch, batch, self._kv_plan([r.state.request for r in rows])[0])
         except Exception as exc:
             log.exception("prefill failed for %d requests", len(rows))
             for row in rows:

@@ -87,15 +87,19 @@ class KVCache(Cache):
              for k, v in self.tensors()], self.max_length)
 
     @staticmethod
-    def merge(a: "KVCache", b: "KVCache") -> "KVCache":
-        """Stack two batches' rows, right-aligned on a common length (the shorter one padded on the left)."""
+    def merge(a: "KVCache", b: "KVCache", max_length: int) -> "KVCache":
+        """Stack two batches' rows, right-aligned on a common length (the shorter one padded on the left), in
+        buffers with the room the next decode step would grow them to (one copy of the cache instead of two).
+        `max_length`: the merged batch's cap (its planned peak)."""
         length = max(a.length, b.length)
-        merged = []
-        for (ka, va), (kb, vb) in zip(a.tensors(), b.tensors()):
-            shape = (ka.shape[0] + kb.shape[0], ka.shape[1], length, ka.shape[3])
+        capacity = max(length, min(max(2 * length, 16), max_length))
+        cache = KVCache(len(a.layers), max_length)
+        for layer, (ka, va), (kb, vb) in zip(cache.layers, a.tensors(), b.tensors()):
+            shape = (ka.shape[0] + kb.shape[0], ka.shape[1], capacity, ka.shape[3])
             k, v = ka.new_zeros(shape), va.new_zeros(shape)
             n = ka.shape[0]
-            k[:n, :, length - a.length:], v[:n, :, length - a.length:] = ka, va
-            k[n:, :, length - b.length:], v[n:, :, length - b.length:] = kb, vb
-            merged.append((k, v))
-        return KVCache.from_tensors(merged, a.max_length)
+            k[:n, :, length - a.length:length], v[:n, :, length - a.length:length] = ka, va
+            k[n:, :, length - b.length:length], v[n:, :, length - b.length:length] = kb, vb
+            layer.k, layer.v, layer.is_initialized = k, v, True
+        cache.length = length
+        return cache

@@ -227,3 +227,35 @@ def test_the_prompt_character_bound_holds_or_is_not_used():
             assert len(prompt) <= len(tok(prompt).input_ids) * bound, (name, prompt[:20])
     for name, tok in unbounded.items():
         assert longest_token_chars(tok) is None, name
+
+
+def test_a_burst_is_prefilled_in_groups_within_max_prefill_tokens(model_dirs):
+    """Requests queued together are prefilled in groups of at most --max-prefill-tokens padded tokens (a longer
+    prompt alone), oldest first, with a decode step for the running rows between two groups."""
+    import threading
+    server = start_server(model_dirs["llama"], None, max_prefill_tokens=25)
+    runner, engine = server.serving.engine.runner, server.serving.engine
+    steps = []
+    prefill, decode_step = runner.prefill, runner.decode_step
+    runner.prefill = lambda rows: (steps.append(("prefill", [len(r.prompt_ids) for r in rows])), prefill(rows))[1]
+    runner.decode_step = lambda batch: (steps.append(("decode", len(batch))), decode_step(batch))[1]
+    try:
+        async def run():
+            async with AsyncClient(server.target, timeout=120) as client:
+                long = asyncio.create_task(client.generate([3, 4], max_new_tokens=60, ignore_eos=True))
+                assert await asyncio.to_thread(wait_for, lambda: ("decode", 1) in steps)
+                gate = threading.Event()
+                engine.call(lambda: gate.wait(30))  # holds the engine between steps while the burst queues
+                prompts = [list(range(5 + i, 15 + i)) for i in range(5)] + [list(range(5, 45))]
+                burst = [asyncio.create_task(client.generate(p, max_new_tokens=3, ignore_eos=True)) for p in prompts]
+                assert await asyncio.to_thread(wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == 6)
+                gate.set()
+                return await long, await asyncio.gather(*burst)
+        long, burst = asyncio.run(run())
+        assert len(long.token_ids) == 60 and [len(r.token_ids) for r in burst] == [3] * 6
+    finally:
+        server.stop()
+    groups = [(i, lengths) for i, (kind, lengths) in enumerate(steps) if kind == "prefill"][1:]  # the burst's
+    assert [lengths for _, lengths in groups] == [[10, 10], [10, 10], [10], [40]]  # 3 x 10 > 25; 40 alone
+    for (i, _), (j, _) in zip(groups, groups[1:]):  # the running rows got a token between two groups
+        assert any(kind == "decode" for kind, _ in steps[i + 1:j]), steps

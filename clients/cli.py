@@ -108,8 +108,15 @@ def _train(args) -> int:
                    router_bias=args.router_bias, init_r=args.init_r, target_r=args.target_r, tinit=args.tinit,
                    tfinal=args.tfinal, delta_t=args.delta_t, orth_reg_weight=args.orth_reg_weight,
                    structure=args.structure, pre_num=args.pre_num, settings=settings)
+    if args.deploy_root and not args.deploy:
+        print("error: --deploy-root copies the adapter for --deploy HOST:PORT to load; give both, or neither",
+              file=sys.stderr)
+        return 2
     if args.deploy:
         _connection(args)  # a wrong --token-file or --tls-* path: one line now, not after the first job trained
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     progress = lambda steps: tqdm(steps, desc=f"train {args.method}", unit="step")  # noqa: E731
     if args.jobs:
         from loader.batch_jobs import gather_rows, read_jobs, run_jobs, summary_table
@@ -258,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     t("--eval-every", type=int, default=50, help="steps between eval losses and checkpoints")
     t("--seed", type=int, default=0)
     t("--device", default="cpu")
+    t("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     t("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     t("--overwrite", action="store_true", help="replace an adapter already in --out")
     t("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -297,7 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _openmp_waits_passively() -> None:
+    """Unless the environment says otherwise, torch's OpenMP threads sleep at a barrier instead of spinning.
+    Spinning wins a few percent on an idle machine and loses several times over beside any other busy process
+    (a trainer, a sidecar, a CPU quota): a spinning thread holds the core its partner needs to finish the parallel
+    region. Measured in bench/RESULTS.md ("OpenMP waits"). Only takes effect before torch is first imported."""
+    if not any(name in os.environ for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> None:
+    _openmp_waits_passively()
     args = build_parser().parse_args(argv)
     try:
         sys.exit(args.func(args))

@@ -184,8 +184,12 @@ def _prepare(job: TrainJob, model, targets, total: int, train_prompts: list[str]
     from adapters.adalora import RankAllocator, add_adalora
     from loader.adalora_files import save_adalora
     layers = add_adalora(model, targets, job.init_r, job.alpha, job.dropout)
-    allocator = RankAllocator(layers, job.init_r, job.target_r, job.tinit, job.tfinal, job.delta_t,
-                              total_step=total)
+    try:
+        allocator = RankAllocator(layers, job.init_r, job.target_r, job.tinit, job.tfinal, job.delta_t,
+                                  total_step=total)
+    except ValueError as exc:  # the flags' values, told as a user error (--max-steps or --epochs set total_step)
+        raise JobError(f"{exc} (--init-r, --target-r, --tinit, --tfinal, --delta-t; total_step is the run's "
+                       f"optimizer steps, from --max-steps or --epochs)") from None
     config = {**common, "init_r": job.init_r, "target_r": job.target_r, "tinit": job.tinit, "tfinal": job.tfinal,
               "deltaT": job.delta_t, "orth_reg_weight": job.orth_reg_weight, "total_step": total}
 

@@ -1,5 +1,6 @@
 """`loraplex train`: every kind learns, writes what the server (and PEFT, for LoRA) loads, resumes exactly."""
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -172,6 +173,9 @@ def test_clear_errors(model_dirs, data, tmp_path):
         run_job(job(model_dirs, (bad, data[1]), tmp_path / "o", "lora"))
     with pytest.raises(JobError, match="matches no linear module.*q_proj"):
         run_job(job(model_dirs, data, tmp_path / "o", "lora", target_modules=["nope_proj"]))
+    with pytest.raises(JobError, match=r"no budgeting phase.*tinit=50, tfinal=100, total_step=6 \(--init-r"):
+        run_job(job(model_dirs, data, tmp_path / "o", "adalora", tinit=50, tfinal=100,
+                    settings=replace(FAST, max_steps=6)))
     run_job(job(model_dirs, data, tmp_path / "done", "lora", settings=replace(FAST, max_steps=2)))
     with pytest.raises(JobError, match="already holds an adapter; pass --overwrite"):
         run_job(job(model_dirs, data, tmp_path / "done", "lora"))
@@ -228,3 +232,30 @@ def test_job_resume_uses_the_checkpoint_and_refuses_another_config(model_dirs, d
     assert all(torch.equal(first[k], again[k]) for k in first)
     with pytest.raises(JobError, match="different job configuration"):
         run_job(job(model_dirs, data, tmp_path / "r", "lora", rank=4, settings=settings, resume=True, overwrite=True))
+
+
+def test_cli_refuses_deploy_root_without_deploy(model_dirs, data, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "from clients.cli import main; main()", "train", "--method", "lora", "--model",
+         str(model_dirs["llama"]), "--data", str(data[0]), "--out", str(tmp_path / "x"), "--deploy-root",
+         str(tmp_path / "root")], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and "--deploy-root copies the adapter for --deploy" in result.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "root").exists()  # nothing trained, nothing copied
+
+
+def test_torch_threads_wait_passively_unless_the_environment_says(tmp_path):
+    """serve and train: OpenMP threads sleep at barriers (spinning ones collapse beside other busy processes);
+    libgomp reads the setting when torch loads, which this checks by having libgomp print what it uses."""
+    script = "from clients import cli; cli._openmp_waits_passively(); import torch; torch.ones(2).sum()"
+    # libgomp's own default spins 300000 times before it sleeps; PASSIVE spins 0; the user's choice stands
+    for preset, spins in ((None, "'0'"), ("ACTIVE", "'30000000000'"), ("GOMP_SPINCOUNT", "'1000'")):
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env["OMP_DISPLAY_ENV"] = "VERBOSE"
+        if preset == "GOMP_SPINCOUNT":
+            env["GOMP_SPINCOUNT"] = "1000"
+        elif preset:
+            env["OMP_WAIT_POLICY"] = preset
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                                cwd=REPO, env=env)
+        assert result.returncode == 0, result.stderr
+        assert f"GOMP_SPINCOUNT = {spins}" in result.stderr, result.stderr

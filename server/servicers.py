@@ -99,12 +99,12 @@ def stopping_from(msg: pb.StoppingCriteria, default_max_new: int, limits) -> Sto
     max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else min(default_max_new, limits.max_new_tokens)
     if max_new < 1:
         raise InvalidArgument(f"stopping.max_new_tokens must be >= 1, got {max_new}")
+    if max_new > limits.max_new_tokens and limits.max_new_tokens < limits.max_context:  # a flag set below the model's
+        raise InvalidArgument(f"stopping.max_new_tokens {max_new} is above the server's --max-new-tokens "
+                              f"{limits.max_new_tokens}")
     if max_new > limits.max_context:
         raise OutOfRange(f"stopping.max_new_tokens {max_new} exceeds the model context of {limits.max_context} "
                          f"tokens")
-    if max_new > limits.max_new_tokens:
-        raise InvalidArgument(f"stopping.max_new_tokens {max_new} is above the server's --max-new-tokens "
-                              f"{limits.max_new_tokens}")
     stops = tuple(msg.stop)
     if len(stops) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
         raise InvalidArgument(f"stopping.stop takes at most {MAX_STOP_SEQUENCES} non-empty strings of at most "
@@ -118,23 +118,24 @@ def _check_prompt_chars(chars: int, base, limits) -> None:
     per_token = base.max_token_chars
     if per_token is None:
         return
-    if chars > base.max_context * per_token:
-        raise OutOfRange(f"the prompt has {chars} characters, more than the model context of {base.max_context} "
-                         f"tokens can hold (a token stands for at most {per_token} characters)")
-    if chars > limits.max_prompt_tokens * per_token:
+    if chars > limits.max_prompt_tokens * per_token and limits.max_prompt_tokens < base.max_context:
         raise InvalidArgument(f"the prompt has {chars} characters, more than the server's --max-prompt-tokens "
                               f"{limits.max_prompt_tokens} can hold (a token stands for at most {per_token} "
                               f"characters)")
+    if chars > base.max_context * per_token:
+        raise OutOfRange(f"the prompt has {chars} characters, more than the model context of {base.max_context} "
+                         f"tokens can hold (a token stands for at most {per_token} characters)")
 
 
 def _check_prompt_length(tokens: int, stopping: StoppingParams, base, limits) -> None:
-    # the model's own limit first: by default --max-prompt-tokens is the context, which the user did not set
+    # A flag set below the model's own limit first, naming the flag; by default --max-prompt-tokens is the context,
+    # and a prompt beyond it is the model's limit (OUT_OF_RANGE), not a flag the user never set.
+    if tokens > limits.max_prompt_tokens and limits.max_prompt_tokens < base.max_context:
+        raise InvalidArgument(f"the prompt has {tokens} tokens, above the server's --max-prompt-tokens "
+                              f"{limits.max_prompt_tokens}")
     if tokens + stopping.max_new_tokens > base.max_context:
         raise OutOfRange(f"prompt ({tokens} tokens) + max_new_tokens ({stopping.max_new_tokens}) exceeds the "
                          f"model context of {base.max_context} tokens")
-    if tokens > limits.max_prompt_tokens:
-        raise InvalidArgument(f"the prompt has {tokens} tokens, above the server's --max-prompt-tokens "
-                              f"{limits.max_prompt_tokens}")
     if tokens + stopping.max_new_tokens > limits.max_kv_tokens:  # permanent, unlike a full queue
         raise OutOfRange(f"prompt ({tokens} tokens) + max_new_tokens ({stopping.max_new_tokens}) needs more "
                          f"KV-cache token slots than the server's --max-kv-tokens {limits.max_kv_tokens}, even "
@@ -332,7 +333,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 version="0.1.0", model=b.name, model_type=b.model_type, device=c.device, dtype=c.dtype,
                 vocab_size=b.vocab_size, max_context_length=b.max_context, max_batch_size=c.max_batch_size,
                 max_active_adapters=c.max_active_adapters, max_lora_rank=c.max_lora_rank,
-                max_queue_size=c.max_queue_size, default_max_new_tokens=c.default_max_new_tokens,
+                max_queue_size=c.max_queue_size, default_max_new_tokens=min(c.default_max_new_tokens, s.limits.max_new_tokens),
                 autoload_adapters=c.autoload_adapters, auth_required=bool(c.auth_token_file),
                 admin_auth_required=bool(c.admin_token_file or c.auth_token_file),
                 adapter_kernel=s.engine.bank.kernel, adapter_dtype=str(s.engine.bank.dtype).removeprefix("torch."),

@@ -55,6 +55,14 @@ def test_prompt_and_new_token_limits_name_their_flags(server):
         code, details = status_of(client.generate, "hi", max_new_tokens=51)
         assert code == C.INVALID_ARGUMENT and "--max-new-tokens 50" in details
         assert len(client.generate(list(range(5, 25)), max_new_tokens=3).token_ids) == 3  # at the limit: fine
+        # beyond the model's context too: still the flag that was set below it (the README's INVALID_ARGUMENT)
+        context = client.server_info().max_context_length
+        code, details = status_of(client.generate, "hi", max_new_tokens=10 ** 9)
+        assert code == C.INVALID_ARGUMENT and "--max-new-tokens 50" in details
+        code, details = status_of(client.generate, [5] * (context + 1), max_new_tokens=2)
+        assert code == C.INVALID_ARGUMENT and "--max-prompt-tokens 20" in details
+        # the default a request gets is what it may have: 64 by default, capped by --max-new-tokens 50
+        assert client.server_info().default_max_new_tokens == 50
 
 
 def test_prompt_text_too_long_to_fit_is_refused_before_it_is_tokenized(server, monkeypatch):
@@ -69,7 +77,7 @@ def test_prompt_text_too_long_to_fit_is_refused_before_it_is_tokenized(server, m
         code, details = status_of(client.generate, "a" * (20 * per_token + 1), max_new_tokens=2)
         assert code == C.INVALID_ARGUMENT and "--max-prompt-tokens 20" in details and "characters" in details
         code, details = status_of(client.generate, "a" * (3 << 20), max_new_tokens=2)  # 3 MiB: under gRPC's 4 MiB
-        assert code == C.OUT_OF_RANGE and f"model context of {context} tokens" in details
+        assert code == C.INVALID_ARGUMENT and "--max-prompt-tokens 20" in details  # the flag, set below the context
         assert calls == []
         # within the character bound the token count decides, after tokenizing
         code, details = status_of(client.generate, "a" * 21, max_new_tokens=2)

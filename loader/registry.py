@@ -140,7 +140,9 @@ class AdapterRegistry:
         with self._id_lock(adapter_id):  # the record and the state file change together
             with self._lock:  # checked under the id's lock: of two concurrent first loads, the second is told
                 if adapter_id in self._records and not replace:
-                    raise AlreadyExists(f"adapter {adapter_id!r} is already loaded; set replace to swap in new files")
+                    how = "pinned" if self._records[adapter_id].pinned else "not pinned"
+                    raise AlreadyExists(f"adapter {adapter_id!r} is already loaded ({how}); set replace to swap in "
+                                        f"new files, and pin with it to pin them")
             record = self._read(adapter_id, path, pin=pin, reread=False, budget=not pin)  # pins: the operator's call
             self._record_state(adapter_id, record.pinned)
         return record

@@ -188,6 +188,8 @@ def test_load_twice_without_replace_already_exists(client):
     version = client.load_adapter("good", replace=True).version  # loaded (maybe already, by first use)
     code, details = status_of(client.load_adapter, "good")
     assert code == C.ALREADY_EXISTS and "replace" in details
+    code, details = status_of(client.load_adapter, "good", pin=True)  # how to pin it is in the message
+    assert code == C.ALREADY_EXISTS and "(not pinned); set replace to swap in new files, and pin with it" in details
     assert client.load_adapter("good", replace=True).version == version + 1
 
 

@@ -114,6 +114,9 @@ def _train(args) -> int:
         return 2
     if args.deploy:
         _connection(args)  # a wrong --token-file or --tls-* path: one line now, not after the first job trained
+    if args.threads < 0:
+        print(f"error: --threads must be >= 0 (0: torch's default), got {args.threads}", file=sys.stderr)
+        return 2
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

@@ -67,7 +67,7 @@ def read_file(path: Path, name: str, adapter_id: str, limit: int | None, limit_w
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise refuse(f"{name} is a symbolic link; adapter files must be regular files in the adapter's "
-                         f"directory (link the whole directory instead, as --deploy-root does)") from None
+                         f"directory (copy the files in, or link the whole directory, as --deploy-root does)") from None
         raise refuse(f"cannot read {name}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
@@ -108,7 +108,7 @@ def read_tensors(path: Path, adapter_id: str, max_bytes: int | None = None) -> d
         raise FailedPrecondition(f"adapter {adapter_id!r}: {WEIGHTS_FILE} is missing")
     try:
         tensors = dict(sorted(load_tensors(data).items()))  # in load_file's order: errors name the same tensor
-    except (SafetensorError, ValueError) as exc:
+    except (SafetensorError, ValueError, KeyError) as exc:  # KeyError: a dtype safetensors parses but torch lacks
         raise FailedPrecondition(f"adapter {adapter_id!r}: cannot read {WEIGHTS_FILE}: {exc}") from None
     for key, t in tensors.items():
         if not t.is_floating_point():

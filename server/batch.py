@@ -119,5 +119,6 @@ class Runner:
         length = max(a.valid.shape[1], b.valid.shape[1])
         pad = lambda v: torch.cat([v.new_zeros(v.shape[0], length - v.shape[1]), v], dim=1)  # noqa: E731
         rows = a.rows + b.rows
-        return Batch(rows, KVCache.merge(a.cache, b.cache, min(max_length, self.max_context)), torch.cat([pad(a.valid), pad(b.valid)]),
-                     torch.cat([a.positions, b.positions]), self.bank.gather([r.slot for r in rows]))
+        cache = KVCache.merge(a.cache, b.cache, min(max_length, self.max_context))
+        return Batch(rows, cache, torch.cat([pad(a.valid), pad(b.valid)]), torch.cat([a.positions, b.positions]),
+                     self.bank.gather([r.slot for r in rows]))

@@ -52,16 +52,18 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, metrics=
 
 
 def _gathering(post: Callable[[object], None]) -> Callable[[object], None]:
-    """A sink for the engine thread that keeps token events until the end, then posts them as one."""
-    gathered: list[TokenEvent] = []
+    """A sink for the engine thread that keeps the tokens until the end, then posts them as one event."""
+    ids: list[int] = []
+    texts: list[str] = []
 
     def sink(event) -> None:
         if isinstance(event, TokenEvent):
-            gathered.append(event)
+            ids.extend(event.token_ids)
+            texts.append(event.text)
             return
-        if gathered:
-            post(TokenEvent([t for e in gathered for t in e.token_ids], "".join(e.text for e in gathered)))
-            gathered.clear()
+        if ids:
+            post(TokenEvent(ids[:], "".join(texts)))
+            ids.clear(), texts.clear()
         post(event)
     return sink
 
@@ -333,7 +335,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 version="0.1.0", model=b.name, model_type=b.model_type, device=c.device, dtype=c.dtype,
                 vocab_size=b.vocab_size, max_context_length=b.max_context, max_batch_size=c.max_batch_size,
                 max_active_adapters=c.max_active_adapters, max_lora_rank=c.max_lora_rank,
-                max_queue_size=c.max_queue_size, default_max_new_tokens=min(c.default_max_new_tokens, s.limits.max_new_tokens),
+                max_queue_size=c.max_queue_size,
+                default_max_new_tokens=min(c.default_max_new_tokens, s.limits.max_new_tokens),
                 autoload_adapters=c.autoload_adapters, auth_required=bool(c.auth_token_file),
                 admin_auth_required=bool(c.admin_token_file or c.auth_token_file),
                 adapter_kernel=s.engine.bank.kernel, adapter_dtype=str(s.engine.bank.dtype).removeprefix("torch."),

@@ -270,3 +270,15 @@ def test_factors_beyond_the_bank_dtype_are_refused_at_load(model_dirs, tmp_path)
     assert read_adapter(path, "loud", by_name, 16, 1, factor_dtype=torch.float32).modules  # fine in fp32
     with pytest.raises(FailedPrecondition, match=r"beyond float16 \(max 6.55e\+04\).*--adapter-dtype"):
         read_adapter(path, "loud", by_name, 16, 1, factor_dtype=torch.float16)
+
+
+def test_weights_in_a_dtype_torch_cannot_hold_fail_precondition(tmp_path):
+    """safetensors parses 4-bit floats, torch has no dtype for them: a user error naming the file, not INTERNAL."""
+    import struct
+
+    from loader.peft_files import read_tensors
+    from server.errors import FailedPrecondition
+    header = json.dumps({"a": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}).encode()
+    (tmp_path / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0")
+    with pytest.raises(FailedPrecondition, match="'x': cannot read adapter_model.safetensors"):
+        read_tensors(tmp_path, "x")

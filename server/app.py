@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import threading
 import time
@@ -93,6 +94,10 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     """Load the model, inject adapter layers, allocate the slot bank, start the engine (blocking)."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.device.startswith("cpu"):  # the two settings that decide CPU throughput, and how to change them
+        waits = os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'default')}"
+        log.info("torch CPU threads: %d (--threads), OpenMP waits: %s (OMP_WAIT_POLICY)", torch.get_num_threads(),
+                 waits)
     try:
         base = load_base_model(config.model, config.device, config.dtype)
     except FileNotFoundError as exc:

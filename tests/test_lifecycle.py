@@ -51,12 +51,21 @@ def test_cancelled_stream_frees_its_row(server):
         assert scrape(server)['loraplex_request_success_total{finished_reason="cancelled"}'] == before + 1
 
 
-def test_deadline_frees_its_row(server):
+def test_deadline_frees_its_row(server, monkeypatch):
+    runner, steps = server.serving.engine.runner, []
+    decode_step = runner.decode_step
+
+    def slow_step(batch):  # 480 steps take >= 2.4 s, whatever the machine: the deadline ends it while it runs
+        steps.append(len(batch))
+        time.sleep(0.005)
+        return decode_step(batch)
+    monkeypatch.setattr(runner, "decode_step", slow_step)
     with Client(server.target, timeout=0.5) as client:
         with pytest.raises(grpc.RpcError) as info:
             client.generate([5, 6], "v1", max_new_tokens=480, ignore_eos=True)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0)
+    assert 0 < len(steps) < 479  # it was decoding, and stopped long before its 480 tokens
 
 
 def test_reflection_lists_both_services(server):

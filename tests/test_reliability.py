@@ -66,7 +66,12 @@ def test_hundred_cancelled_streams_free_rows_and_kv_memory(server):
     assert steps <= 10  # each had 400 tokens to go; the engine drops flagged rows at its next step
 
 
-def test_expired_deadlines_free_rows_and_kv_memory(server):
+def test_expired_deadlines_free_rows_and_kv_memory(server, monkeypatch):
+    decode_step = server.serving.engine.runner.decode_step
+    # 400 steps take >= 2 s on any machine: every deadline passes while its request runs (or waits for a row)
+    monkeypatch.setattr(server.serving.engine.runner, "decode_step", lambda batch: (time.sleep(0.005),
+                                                                                     decode_step(batch))[1])
+
     async def run():
         async with AsyncClient(server.target, timeout=0.5) as client:
             calls = [client.generate([5 + i, 6, 7], max_new_tokens=400, ignore_eos=True) for i in range(50)]

@@ -1,6 +1,7 @@
 """Every limit is a flag, listed by GetServerInfo, and its violation names the flag; KV capacity makes requests
 wait instead of exhausting memory."""
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
@@ -119,7 +120,12 @@ def test_adapter_file_size_limit_names_the_flag(server):
         assert len(client.generate("hi", max_new_tokens=2).token_ids) == 2  # and the server serves on
 
 
-def test_concurrent_rpc_limit_names_the_flag(server):
+def test_concurrent_rpc_limit_names_the_flag(server, monkeypatch):
+    decode_step = server.serving.engine.runner.decode_step
+    # 40 steps take >= 0.2 s on any machine: the first three calls are still running when the others arrive
+    monkeypatch.setattr(server.serving.engine.runner, "decode_step", lambda batch: (time.sleep(0.005),
+                                                                                     decode_step(batch))[1])
+
     async def run():
         async with AsyncClient(server.target, timeout=60) as client:
             calls = [client.generate(list(range(5, 10)), max_new_tokens=40, ignore_eos=True) for _ in range(6)]

@@ -8,16 +8,16 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Callable
+from typing import BinaryIO, Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors, save_file
+from safetensors.torch import save_file
 
 from adapters.canonical import CanonicalAdapter
 from adapters.slot_bank import ModuleShape
 from adapters.targets import matches
+from loader.tensor_bytes import TensorFileError, read_tensors_from
 from server.errors import FailedPrecondition
 
 CONFIG_FILE = "adapter_config.json"
@@ -51,9 +51,10 @@ _KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe", stat.S_IFSO
           stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
 
 
-def read_file(path: Path, name: str, adapter_id: str, limit: int | None, limit_why: str) -> bytes | None:
-    """The bytes of the adapter file `path/name`, or None where there is none. One open that follows no symlink at
-    `name`; type and size are checked on the descriptor the bytes come from, and no more bytes are read than were
+def read_file(path: Path, name: str, adapter_id: str, limit: int | None, limit_why: str,
+              read: Callable[[BinaryIO, int], object] = lambda f, size: f.read(size)):
+    """What `read(file, size)` makes of the adapter file `path/name` (default: its bytes), or None where there is
+    none. One open that follows no symlink at `name`; type and size are checked on the descriptor the bytes come from, and no more bytes are read than were
     checked, so a file swapped or grown between check and read cannot slip past the limit. Only the directory may
     be a link (deploys flip it; the registry confines it to the root). A linked file is refused even where it points
     inside the root: checking its target would be a resolve-then-open that whoever owns the link can race.
@@ -76,7 +77,7 @@ def read_file(path: Path, name: str, adapter_id: str, limit: int | None, limit_w
         if limit is not None and st.st_size > limit:
             raise refuse(f"{name} is {st.st_size} bytes, above {limit_why}")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(st.st_size)
+            return read(f, st.st_size)
     except OSError as exc:
         raise refuse(f"cannot read {name}: {exc.strerror}") from None
     finally:
@@ -98,18 +99,18 @@ def read_config(path: Path, adapter_id: str) -> dict:
 
 
 def read_tensors(path: Path, adapter_id: str, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
-    data = read_file(path, WEIGHTS_FILE, adapter_id, max_bytes, f"the server's --max-adapter-bytes {max_bytes}")
-    if data is None:
+    try:  # each tensor read into a buffer of its own: the file is held once (safetensors.torch.load held it twice)
+        tensors = read_file(path, WEIGHTS_FILE, adapter_id, max_bytes, f"the server's --max-adapter-bytes {max_bytes}",
+                            read_tensors_from)
+    except TensorFileError as exc:
+        raise FailedPrecondition(f"adapter {adapter_id!r}: cannot read {WEIGHTS_FILE}: {exc}") from None
+    if tensors is None:
         if (path / PICKLE_FILE).exists():
             raise FailedPrecondition(
                 f"adapter {adapter_id!r}: pickle weights ({PICKLE_FILE}) are refused because loading them can run "
                 f"code; convert to safetensors, e.g. PeftModel.from_pretrained(...).save_pretrained(dir) or "
                 f"safetensors.torch.save_file(torch.load(f, weights_only=True), '{WEIGHTS_FILE}', {{'format': 'pt'}})")
         raise FailedPrecondition(f"adapter {adapter_id!r}: {WEIGHTS_FILE} is missing")
-    try:
-        tensors = dict(sorted(load_tensors(data).items()))  # in load_file's order: errors name the same tensor
-    except (SafetensorError, ValueError, KeyError) as exc:  # KeyError: a dtype safetensors parses but torch lacks
-        raise FailedPrecondition(f"adapter {adapter_id!r}: cannot read {WEIGHTS_FILE}: {exc}") from None
     for key, t in tensors.items():
         if not t.is_floating_point():
             raise FailedPrecondition(

@@ -1,0 +1,72 @@
+"""Read a safetensors file's tensors from an open file, each into its own buffer.
+
+`safetensors.torch.load(bytes)` copies every tensor out of the bytes it parses, so reading the whole file
+first held it twice until the read returned. Here the header is parsed and each tensor is read into a buffer
+it owns: the file is held once, and nothing is memory-mapped (a file truncated in place while mapped would
+kill the process with SIGBUS). Checked as safetensors checks them: known dtypes, sizes that match the
+shapes, and ranges that lie within the data without overlapping, so no more bytes are read than the file has.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import BinaryIO
+
+import torch
+
+MAX_HEADER = 100 * 1024 * 1024  # what safetensors itself accepts
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class TensorFileError(ValueError):
+    """Not a safetensors file this server can read; the message says where."""
+
+
+def read_tensors_from(f: BinaryIO, size: int) -> dict[str, torch.Tensor]:
+    """{name: tensor} in name order from `f`, a file of `size` bytes positioned at its start."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise TensorFileError(f"{len(head)} bytes: too short for a safetensors header")
+    length = int.from_bytes(head, "little")
+    if length > min(MAX_HEADER, size - 8):
+        raise TensorFileError(f"header length {length} does not fit the file's {size} bytes")
+    try:
+        header = json.loads(f.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TensorFileError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise TensorFileError("header is not a JSON object")
+    start, data = 8 + length, size - 8 - length
+    entries = sorted((_entry(name, info, data) for name, info in header.items() if name != "__metadata__"),
+                     key=lambda e: e[3])
+    for previous, entry in zip(entries, entries[1:]):  # by offset: each byte is read at most once
+        if entry[3] < previous[4]:
+            raise TensorFileError(f"tensors {previous[0]} and {entry[0]} overlap")
+    tensors = {}
+    for name, dtype, shape, begin, end in entries:
+        buffer = bytearray(end - begin)
+        f.seek(start + begin)
+        if f.readinto(buffer) != len(buffer):
+            raise TensorFileError(f"tensor {name}: the file ends before its data (truncated?)")
+        tensors[name] = torch.frombuffer(buffer, dtype=dtype).view(shape) if buffer else torch.empty(shape,
+                                                                                                     dtype=dtype)
+    return dict(sorted(tensors.items()))
+
+
+def _entry(name: str, info, data: int) -> tuple[str, torch.dtype, list[int], int, int]:
+    try:
+        dtype, shape, (begin, end) = DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+    except KeyError as exc:
+        raise TensorFileError(f"tensor {name}: unknown dtype or missing field {exc}") from None
+    except (TypeError, ValueError):
+        raise TensorFileError(f"tensor {name}: malformed entry {info!r:.200}") from None
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+            and type(begin) is int and type(end) is int):
+        raise TensorFileError(f"tensor {name}: shape and offsets must be non-negative integers")
+    count = math.prod(shape)
+    if not 0 <= begin <= end <= data or end - begin != count * torch.empty((), dtype=dtype).element_size():
+        raise TensorFileError(f"tensor {name}: offsets [{begin}, {end}] do not hold {count} {info['dtype']} "
+                              f"values within the {data} data bytes")
+    return name, dtype, shape, begin, end

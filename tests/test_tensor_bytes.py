@@ -1,0 +1,53 @@
+"""Adapter weights read tensor by tensor: the same tensors safetensors gives, and hostile headers refused."""
+import io
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loader.tensor_bytes import TensorFileError, read_tensors_from
+
+
+def test_same_tensors_as_safetensors(tmp_path):
+    tensors = {"b": torch.randn(3, 5), "a": torch.randn(7).to(torch.bfloat16), "empty": torch.zeros(0, 4),
+               "h": torch.randn(2, 2).half(), "i": torch.arange(5), "d": torch.randn(3, dtype=torch.float64)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    data = path.read_bytes()
+    got, want = read_tensors_from(io.BytesIO(data), len(data)), load_file(str(path))
+    assert list(got) == sorted(want)
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    got["b"].mul_(2)  # each tensor owns its memory: writable, and independent of the others
+    assert torch.equal(got["b"], 2 * want["b"]) and torch.equal(got["h"], want["h"])
+
+
+def _file(header: dict, body: bytes) -> io.BytesIO:
+    raw = json.dumps(header).encode()
+    return io.BytesIO(struct.pack("<Q", len(raw)) + raw + body)
+
+
+@pytest.mark.parametrize("header,body,needle", [
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, b"\0" * 24, "overlap"),  # bytes read twice
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "do not hold 4 F32 values"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, b"\0" * 16, "do not hold 3 F32 values"),
+    ({"a": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}, b"\0", "unknown dtype"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "non-negative integers"),
+    ({"a": "x"}, b"", "malformed entry"),
+])
+def test_hostile_headers_are_refused(header, body, needle):
+    f = _file(header, body)
+    with pytest.raises(TensorFileError, match=needle):
+        read_tensors_from(f, len(f.getvalue()))
+
+
+def test_a_header_longer_than_the_file_and_a_file_shorter_than_checked_are_refused():
+    with pytest.raises(TensorFileError, match="does not fit the file"):
+        read_tensors_from(io.BytesIO(struct.pack("<Q", 1 << 40)), 8)
+    f = _file({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16)
+    size = len(f.getvalue())
+    f = io.BytesIO(f.getvalue()[:-4])  # the file shrank after its size was checked
+    with pytest.raises(TensorFileError, match="ends before its data"):
+        read_tensors_from(f, size)

@@ -54,8 +54,9 @@ _KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe", stat.S_IFSO
 def read_file(path: Path, name: str, adapter_id: str, limit: int | None, limit_why: str,
               read: Callable[[BinaryIO, int], object] = lambda f, size: f.read(size)):
     """What `read(file, size)` makes of the adapter file `path/name` (default: its bytes), or None where there is
-    none. One open that follows no symlink at `name`; type and size are checked on the descriptor the bytes come from, and no more bytes are read than were
-    checked, so a file swapped or grown between check and read cannot slip past the limit. Only the directory may
+    none. One open that follows no symlink at `name`; type and size are checked on the descriptor the bytes come
+    from, and `read` takes no more than `size` bytes, so a file swapped or grown between check and read cannot slip
+    past the limit. Only the directory may
     be a link (deploys flip it; the registry confines it to the root). A linked file is refused even where it points
     inside the root: checking its target would be a resolve-then-open that whoever owns the link can race.
     Read, not memory-mapped: a mapped file truncated meanwhile would take the process down with SIGBUS."""

@@ -95,9 +95,8 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.device.startswith("cpu"):  # the two settings that decide CPU throughput, and how to change them
-        waits = os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'default')}"
-        log.info("torch CPU threads: %d (--threads), OpenMP waits: %s (OMP_WAIT_POLICY)", torch.get_num_threads(),
-                 waits)
+        waits = " ".join(f"{name}={os.environ.get(name, 'unset')}" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+        log.info("torch CPU threads: %d (--threads); OpenMP waits: %s", torch.get_num_threads(), waits)
     try:
         base = load_base_model(config.model, config.device, config.dtype)
     except FileNotFoundError as exc:

@@ -144,9 +144,12 @@ class Limits:
     max_new_tokens: int
     max_kv_tokens: int
     max_context: int
+    default_max_new_tokens: int  # what a request that sets none gets: --default-max-new-tokens within --max-new-tokens
 
 
 def resolve_limits(c: ServerConfig, max_context: int) -> Limits:
+    max_new_tokens = min(c.max_new_tokens or max_context, max_context)
     return Limits(max_prompt_tokens=min(c.max_prompt_tokens or max_context, max_context),
-                  max_new_tokens=min(c.max_new_tokens or max_context, max_context),
-                  max_kv_tokens=c.max_kv_tokens or c.max_batch_size * max_context, max_context=max_context)
+                  max_new_tokens=max_new_tokens,
+                  max_kv_tokens=c.max_kv_tokens or c.max_batch_size * max_context, max_context=max_context,
+                  default_max_new_tokens=min(c.default_max_new_tokens, max_new_tokens))

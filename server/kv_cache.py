@@ -10,6 +10,11 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
+def grown(capacity: int, needed: int, max_length: int) -> int:
+    """The next capacity of buffers holding `capacity` columns that must hold `needed`: double, up to the cap."""
+    return max(needed, min(max(2 * capacity, 16), max_length))
+
+
 class _Layer(DynamicLayer):
     def __init__(self, cache: "KVCache") -> None:
         super().__init__()
@@ -33,7 +38,7 @@ class _Layer(DynamicLayer):
         if self.k is None:
             capacity = needed
         else:
-            capacity = max(needed, min(max(2 * self.k.shape[2], 16), self._cache.max_length))
+            capacity = grown(self.k.shape[2], needed, self._cache.max_length)
         k = key_states.new_zeros(*key_states.shape[:2], capacity, key_states.shape[-1])
         v = value_states.new_zeros(*value_states.shape[:2], capacity, value_states.shape[-1])
         if self.k is not None:
@@ -92,7 +97,7 @@ class KVCache(Cache):
         buffers with the room the next decode step would grow them to (one copy of the cache instead of two).
         `max_length`: the merged batch's cap (its planned peak)."""
         length = max(a.length, b.length)
-        capacity = max(length, min(max(2 * length, 16), max_length))
+        capacity = grown(length, length, max_length)
         cache = KVCache(len(a.layers), max_length)
         for layer, (ka, va), (kb, vb) in zip(cache.layers, a.tensors(), b.tensors()):
             shape = (ka.shape[0] + kb.shape[0], ka.shape[1], capacity, ka.shape[3])

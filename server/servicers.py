@@ -97,8 +97,8 @@ def sampling_from(msg: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(temperature, top_k, top_p, msg.seed if msg.HasField("seed") else None)
 
 
-def stopping_from(msg: pb.StoppingCriteria, default_max_new: int, limits) -> StoppingParams:
-    max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else min(default_max_new, limits.max_new_tokens)
+def stopping_from(msg: pb.StoppingCriteria, limits) -> StoppingParams:
+    max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens
     if max_new < 1:
         raise InvalidArgument(f"stopping.max_new_tokens must be >= 1, got {max_new}")
     if max_new > limits.max_new_tokens and limits.max_new_tokens < limits.max_context:  # a flag set below the model's
@@ -201,7 +201,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
         sampling = sampling_from(request.sampling)
         limits = s.limits
-        stopping = stopping_from(request.stopping, config.default_max_new_tokens, limits)
+        stopping = stopping_from(request.stopping, limits)
         which = request.WhichOneof("input")
         if which == "prompt":
             if not request.prompt:
@@ -335,8 +335,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 version="0.1.0", model=b.name, model_type=b.model_type, device=c.device, dtype=c.dtype,
                 vocab_size=b.vocab_size, max_context_length=b.max_context, max_batch_size=c.max_batch_size,
                 max_active_adapters=c.max_active_adapters, max_lora_rank=c.max_lora_rank,
-                max_queue_size=c.max_queue_size,
-                default_max_new_tokens=min(c.default_max_new_tokens, s.limits.max_new_tokens),
+                max_queue_size=c.max_queue_size, default_max_new_tokens=s.limits.default_max_new_tokens,
                 autoload_adapters=c.autoload_adapters, auth_required=bool(c.auth_token_file),
                 admin_auth_required=bool(c.admin_token_file or c.auth_token_file),
                 adapter_kernel=s.engine.bank.kernel, adapter_dtype=str(s.engine.bank.dtype).removeprefix("torch."),

@@ -20,6 +20,8 @@ def _serve(args) -> int:
     from server.config import ConfigError, config_from_args
     config = config_from_args(args)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()  # a server's log is read line by line, not as a terminal
     try:
         asyncio.run(serve(config))
     except ConfigError as err:

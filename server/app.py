@@ -28,6 +28,7 @@ from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.auth import AuthInterceptor, read_tokens
 from server.config import ConfigError, ServerConfig, check_config, resolve_limits
 from server.engine import Engine, EngineConfig, EngineRequest, ErrorEvent, FinishEvent
+from server.errors import Unavailable
 from server.batch import Runner
 from server.interceptors import MetricsInterceptor
 from server.metrics import Metrics
@@ -39,6 +40,7 @@ log = logging.getLogger("loraplex.app")
 SERVICES = [pb.DESCRIPTOR.services_by_name["Inference"].full_name, pb.DESCRIPTOR.services_by_name["Adapters"].full_name]
 
 
+HANDLER_GRACE = 2.0  # seconds the open handlers get to send their status once a shutdown's grace is over
 STATE_FILE = ".loraplex-state.json"  # ids must start with a letter or digit, so this is never an adapter
 
 
@@ -255,7 +257,14 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     deadline = time.monotonic() + config.grace_period
     while not serving.engine.idle() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    await server.stop(max(0.0, deadline - time.monotonic()))
+    if not serving.engine.idle():
+        cut = Unavailable(f"the server shut down before this request finished (--grace-period "
+                          f"{config.grace_period:g}s ran out); retry on another replica")
+        log.info("grace period over: ending the requests still in flight with UNAVAILABLE")
+        await asyncio.wrap_future(serving.engine.fail_in_flight(cut))
+    # The handlers still open have just been told their status (or were never the engine's, e.g. a LoadAdapter
+    # reading a file): they get a moment to send it before the transport cuts them.
+    await server.stop(max(HANDLER_GRACE, deadline - time.monotonic()))
     serving.engine.stop()
     log.info("stopped")
 

@@ -161,6 +161,11 @@ class Engine:
     def idle(self) -> bool:
         return self._batch is None and self._pending == 0
 
+    def fail_in_flight(self, error: Exception) -> Future:
+        """End every waiting and running request with `error` between steps (a shutdown's grace has run out):
+        each hears why, instead of its call being cut by the transport."""
+        return self.call(lambda: self._reset(error))
+
     # -- engine thread ----------------------------------------------------------------------------
     def _run(self) -> None:
         try:

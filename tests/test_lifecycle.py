@@ -393,8 +393,41 @@ def test_sigterm_drains_then_exits_zero(model_dirs):
             assert messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
             assert sum(len(m.token_ids) for m in messages) == 150
         assert proc.wait(timeout=30) == 0
+        log = proc.stdout.read()
+        assert "stopped" in log and "Traceback" not in log and "Loading weights" not in log, log  # no tqdm bars
     finally:
         proc.kill()
+
+
+def test_requests_left_when_the_grace_runs_out_hear_why(model_dirs, monkeypatch, caplog):
+    """A stream still running and a request still waiting when the grace period is over each end with
+    UNAVAILABLE saying so; the transport does not cut them (grpc would log a traceback for each)."""
+    server = start_server(model_dirs["llama"], None, grace_period=0.0, max_batch_size=1)
+    runner = server.serving.engine.runner
+    decode_step = runner.decode_step
+    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    outcomes = {}
+
+    def run(name, call):
+        try:
+            outcomes[name] = list(call())
+        except grpc.RpcError as exc:
+            outcomes[name] = (exc.code(), exc.details())
+    with Client(server.target, timeout=30) as client:
+        running = client.generate_stream([5, 6], max_new_tokens=400, ignore_eos=True)
+        next(running)
+        waiting = threading.Thread(target=run, args=("waiting", lambda: [client.generate([7], max_new_tokens=4)]))
+        waiting.start()
+        assert wait_for(lambda: scrape(server)["loraplex_num_requests_waiting"] == 1)
+        with caplog.at_level("ERROR"):
+            server.stop()
+            run("running", lambda: running)
+            waiting.join(timeout=30)
+    for name in ("running", "waiting"):
+        code, details = outcomes[name]
+        assert code == grpc.StatusCode.UNAVAILABLE, (name, outcomes[name])
+        assert "--grace-period 0s ran out" in details and "retry on another replica" in details
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
 
 
 def _health(client) -> int:

@@ -110,12 +110,11 @@ def _train(args) -> int:
                    router_bias=args.router_bias, init_r=args.init_r, target_r=args.target_r, tinit=args.tinit,
                    tfinal=args.tfinal, delta_t=args.delta_t, orth_reg_weight=args.orth_reg_weight,
                    structure=args.structure, pre_num=args.pre_num, settings=settings)
-    if args.deploy_root and not args.deploy:
-        print("error: --deploy-root copies the adapter for --deploy HOST:PORT to load; give both, or neither",
+    if bool(args.deploy_root) != bool(args.deploy):
+        print("error: --deploy HOST:PORT and --deploy-root DIR go together: the server loads adapters only from its "
+              "own --adapter-root, so a deploy copies the adapter there (DIR) and then has the server load it",
               file=sys.stderr)
         return 2
-    if args.deploy:
-        _connection(args)  # a wrong --token-file or --tls-* path: one line now, not after the first job trained
     if args.threads < 0:
         print(f"error: --threads must be >= 0 (0: torch's default), got {args.threads}", file=sys.stderr)
         return 2
@@ -127,6 +126,7 @@ def _train(args) -> int:
         from loader.batch_jobs import gather_rows, read_jobs, run_jobs, summary_table
         try:
             jobs = read_jobs(Path(args.jobs), job)
+            _check_deploy(args, jobs)
         except DataError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -135,11 +135,27 @@ def _train(args) -> int:
             print(summary_table(rows))
         return 0 if all(r["status"] == "ok" for r in rows) else 1
     try:
+        _check_deploy(args, [job])
         _train_one(job, args, progress)
     except (JobError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_deploy(args, jobs) -> None:
+    """With --deploy, before any training: the connection flags, the root, the server and every job's id."""
+    if not args.deploy:
+        return
+    from loader.deploy import DeployError, adapter_id_for, check
+    from loader.train_data import DataError
+    connection = _connection(args)  # a wrong --token-file or --tls-* path: one line now, not after training
+    try:
+        for job in jobs:
+            adapter_id_for(Path(job.out))
+        check(args.deploy, Path(args.deploy_root), **connection)
+    except DeployError as err:
+        raise DataError(str(err)) from None
 
 
 def _int_or(text: str):
@@ -157,10 +173,17 @@ def _train_one(job, args, progress) -> dict:
     print(f"{summary['out']}\t{job.method}\tsteps={summary['steps']}\ttrainable={summary['trainable_params']}"
           + (f"\teval_loss={last:.4f}" if last is not None else ""))
     if args.deploy:
-        from loader.deploy import deploy
-        info = deploy(Path(job.out), args.deploy, copy_to_root=Path(args.deploy_root) if args.deploy_root else None,
-                      **_connection(args))
-        print(f"deployed {info.adapter_id} (version {info.version}) to {args.deploy}")
+        from loader.deploy import DeployError, deploy
+        from loader.training_job import JobError
+        try:
+            info, moved = deploy(Path(job.out), args.deploy, Path(args.deploy_root), **_connection(args))
+        except DeployError as err:
+            raise JobError(f"trained and saved to {job.out}, but not deployed: {err}") from None
+        if moved is not None:
+            print(f"kept the directory that was at {Path(args.deploy_root) / info.adapter_id} as {moved} "
+                  f"(a deploy never deletes what it did not create)")
+        print(f"deployed {info.adapter_id} (version {info.version}{', pinned' if info.pinned else ''}) to "
+              f"{args.deploy}")
     return summary
 
 
@@ -253,8 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     t("--out", help="adapter directory to write")
     t("--jobs", default=None, help="JSONL of jobs (method, data, out, overrides); under torchrun each rank "
                                    "takes its share")
-    t("--deploy", default=None, metavar="HOST:PORT", help="make this running server load the trained adapter")
-    t("--deploy-root", default=None, help="with --deploy: copy the adapter under this (the server's) adapter root")
+    t("--deploy", default=None, metavar="HOST:PORT", help="make this running server load the trained adapter "
+      "(with --deploy-root)")
+    t("--deploy-root", default=None, metavar="DIR", help="with --deploy: the server's --adapter-root, where the "
+      "adapter is copied for it to load (id: the --out directory's name)")
     connection_args(train)
     t("--rank", type=int, default=8)
     t("--alpha", type=float, default=16.0)

@@ -1,10 +1,13 @@
-"""Deploy a trained adapter to a running server: optionally copy it under the server's adapter root, then
+"""Deploy a trained adapter to a running server: copy it under the server's adapter root, then
 LoadAdapter(replace=True) so the next Generate with that id uses it.
 
+The server reads adapters only from its own --adapter-root, so a deploy always names that root: loading
+an id whose files were never copied there would report success and serve whatever the root held before.
 Copies land in a hidden, versioned directory next to the id (`.<id>@<stamp>`: ids start with a letter or
 digit, so it is never an id itself), and `<root>/<id>` becomes a symlink to it in one atomic rename. A reader
 (an auto-load after eviction, another replica) sees the old files or the new ones, never a missing or
 half-copied directory. The previous version is kept for readers that resolved it a moment ago; older ones go.
+A plain directory found at `<root>/<id>` was not made by a deploy: it is moved aside and kept, never removed.
 """
 from __future__ import annotations
 
@@ -14,13 +17,45 @@ import time
 import uuid
 from pathlib import Path
 
+import grpc
+
 from clients.client import Client
 from loader.peft_files import CONFIG_FILE, WEIGHTS_FILE
+from loader.registry import ID_RULE, valid_id
+
+KEPT = "@0-replaced-"  # marks a plain directory a deploy moved aside: never pruned
+
+
+class DeployError(Exception):
+    """A deploy that cannot be done or was refused; the message says what to change."""
+
+
+def adapter_id_for(out: Path) -> str:
+    """The id a trained adapter deploys as: its output directory's name, which must be a valid id."""
+    adapter_id = out.resolve().name
+    if not valid_id(adapter_id):
+        raise DeployError(f"--out {out} would deploy as adapter id {adapter_id!r}: {ID_RULE}; name the output "
+                          f"directory after the id")
+    return adapter_id
+
+
+def check(target: str, root: Path, timeout: float = 10, **connection) -> None:
+    """Before training: the root is a directory this user can write to and the server answers, so a deploy
+    problem is found before the training time is spent, not after."""
+    if not root.is_dir():
+        raise DeployError(f"--deploy-root {root} is not a directory: give the server's --adapter-root")
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise DeployError(f"--deploy-root {root} is not writable by this user: the adapter is copied there")
+    try:
+        with Client(target, timeout=timeout, **connection) as client:
+            client.server_info()
+    except grpc.RpcError as exc:
+        raise DeployError(f"cannot deploy to {target}: {exc.code().name}: {exc.details()}") from None
 
 
 def install(adapter_dir: Path, root: Path, adapter_id: str) -> tuple[Path, Path | None]:
     """Copy the adapter's files under `root` and point `root/adapter_id` at them atomically. Returns the copy and
-    what the id pointed at before (None for a new id), for `roll_back`; every other version of the id is removed."""
+    what the id pointed at before (None for a new id), for `roll_back`; other deployed versions are removed."""
     stamp = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"
     version = root / f".{adapter_id}@{stamp}"
     version.mkdir(parents=True)
@@ -34,12 +69,12 @@ def install(adapter_dir: Path, root: Path, adapter_id: str) -> tuple[Path, Path 
     previous = None
     if dest.is_symlink():
         previous = root / os.readlink(dest)
-    elif dest.is_dir():  # a plain directory from before: one short swap, then links only
-        previous = root / f".{adapter_id}@0-replaced-{stamp}"
+    elif dest.is_dir():  # someone else's directory: moved aside in one rename, kept (links only from now on)
+        previous = root / f".{adapter_id}{KEPT}{stamp}"
         dest.rename(previous)
     _point(root, adapter_id, version)
     for old in root.glob(f".{adapter_id}@*"):  # keep the new version and the one readers may have just resolved
-        if old not in (version, previous):
+        if old not in (version, previous) and KEPT not in old.name:
             shutil.rmtree(old, ignore_errors=True)
     return version, previous
 
@@ -60,17 +95,31 @@ def _point(root: Path, adapter_id: str, target: Path) -> None:
     os.replace(link, root / adapter_id)
 
 
-def deploy(adapter_dir: Path, target: str, adapter_id: str | None = None, copy_to_root: Path | None = None,
-           timeout: float = 120, **connection) -> object:
-    """`connection`: Client's token= and tls= (LoadAdapter needs the admin token where one is configured). With
-    `copy_to_root`, a LoadAdapter the server refuses (files it cannot serve, a missing admin token) rolls the root
-    back: the files it refused never become what the id's next auto-load or a restart would read."""
-    adapter_id = adapter_id or adapter_dir.name
-    installed = install(adapter_dir, copy_to_root, adapter_id) if copy_to_root is not None else None
+def deploy(adapter_dir: Path, target: str, root: Path, adapter_id: str | None = None, timeout: float = 120,
+           **connection) -> tuple[object, Path | None]:
+    """Copy `adapter_dir` under `root` (unless it already is `root/<id>`) and have the server at `target` load it,
+    keeping the id's pin. Returns the server's AdapterInfo and where a plain directory found at `root/<id>` was
+    moved (None when there was none). `connection`: Client's token= and tls= (LoadAdapter needs the admin token
+    where one is configured). A LoadAdapter the server refuses (files it cannot serve, a missing admin token) rolls
+    the root back: the refused files never become what the id's next auto-load or a restart would read."""
+    adapter_id = adapter_id or adapter_id_for(adapter_dir)
+    in_place = (root / adapter_id).resolve() == adapter_dir.resolve()  # trained straight into the root
+    installed = None if in_place else install(adapter_dir, root, adapter_id)
     try:
         with Client(target, timeout=timeout, **connection) as client:
-            return client.load_adapter(adapter_id, replace=True)
-    except BaseException:
+            try:
+                pinned = client.get_adapter(adapter_id).pinned
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                pinned = False
+            info = client.load_adapter(adapter_id, replace=True, pin=pinned)
+    except BaseException as exc:
         if installed is not None:
-            roll_back(copy_to_root, adapter_id, *installed)
+            roll_back(root, adapter_id, *installed)
+        if isinstance(exc, grpc.RpcError):
+            raise DeployError(f"{target} did not load {adapter_id!r} (the root is as it was): {exc.code().name}: "
+                              f"{exc.details()}") from None
         raise
+    moved = installed[1] if installed and installed[1] is not None and KEPT in installed[1].name else None
+    return info, moved

@@ -28,7 +28,13 @@ from server.errors import AdapterMemoryFull, AlreadyExists, FailedPrecondition, 
 
 log = logging.getLogger("loraplex.registry")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ID_RULE = ("use 1-128 characters from [A-Za-z0-9._-], starting with a letter or digit; ids name a directory "
+           "directly under the adapter root")
 Reader = Callable[[Path, str, int], CanonicalAdapter]  # (directory, adapter_id, load_serial)
+
+
+def valid_id(adapter_id: str) -> bool:
+    return bool(_ID.fullmatch(adapter_id)) and ".." not in adapter_id
 
 
 @dataclass
@@ -80,10 +86,8 @@ class AdapterRegistry:
 
     def path_for(self, adapter_id: str) -> Path:
         """The adapter's directory, confined to the root: no separators, no '..', no symlink escapes."""
-        if not _ID.fullmatch(adapter_id) or ".." in adapter_id:
-            raise InvalidArgument(
-                f"invalid adapter_id {adapter_id!r}: use 1-128 characters from [A-Za-z0-9._-], starting with a "
-                f"letter or digit; ids name a directory directly under the adapter root")
+        if not valid_id(adapter_id):
+            raise InvalidArgument(f"invalid adapter_id {adapter_id!r}: {ID_RULE}")
         if self.root is None:
             raise NotFound(f"adapter {adapter_id!r} not found: the server has no --adapter-root")
         path = (self.root / adapter_id).resolve()

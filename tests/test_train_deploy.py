@@ -96,6 +96,14 @@ def test_train_deploy_generate(model_dirs, tmp_path):
                                 capture_output=True, text=True, timeout=300, cwd=REPO)
         assert result.returncode == 0, result.stderr
         assert "deployed reverser (version 1)" in result.stdout
+        with Client(server.target, timeout=60) as client:
+            client.load_adapter("reverser", replace=True, pin=True)
+        again = subprocess.run([*CLI, "train", "--method", "lora", "--model", str(model_dirs["llama"]), "--data",
+                                str(data), "--out", str(out), "--max-steps", "20", "--lr", "1e-2", "--overwrite",
+                                "--deploy", server.target, "--deploy-root", str(root)],
+                               capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert again.returncode == 0, again.stderr
+        assert "deployed reverser (version 3, pinned)" in again.stdout  # a deploy keeps the id's pin
         prompt = [5, 6, 7, 8]
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dirs["llama"]), out).eval()
         want = peft.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0,
@@ -111,7 +119,8 @@ def test_install_flips_a_symlink_and_keeps_one_previous_version(model_dirs, tmp_
     root = tmp_path / "root"
     versions = [make_peft_adapter(model_dirs["llama"], tmp_path / f"src{i}", 10 + i, r=4, lora_alpha=64,
                                   target_modules=["q_proj", "v_proj"]) for i in range(3)]
-    shutil.copytree(versions[0], root / "a")  # a plain directory deployed before symlinks: migrated
+    shutil.copytree(versions[0], root / "a")  # a plain directory: moved aside and kept, never removed
+    (root / "a" / "notes.txt").write_text("mine")
     server = start_server(model_dirs["llama"], root)
     try:
         with Client(server.target, timeout=60) as client:
@@ -124,8 +133,10 @@ def test_install_flips_a_symlink_and_keeps_one_previous_version(model_dirs, tmp_
                 assert client.load_adapter("a", replace=True).version == i + 1
                 outputs.append(client.generate([5, 6, 7], "a", max_new_tokens=6, ignore_eos=True).token_ids)
         assert len({tuple(o) for o in outputs}) == 3  # each deploy really serves its own weights
-        hidden = sorted(p.name for p in root.iterdir() if p.name.startswith(".a@"))
+        hidden = sorted(p.name for p in root.iterdir() if p.name.startswith(".a@") and "@0-replaced-" not in p.name)
         assert len(hidden) == 2 and os.readlink(root / "a") in hidden  # the current one and the one before
+        [kept] = root.glob(".a@0-replaced-*")
+        assert (kept / "notes.txt").read_text() == "mine"
     finally:
         server.stop()
 
@@ -133,8 +144,7 @@ def test_install_flips_a_symlink_and_keeps_one_previous_version(model_dirs, tmp_
 def test_a_deploy_the_server_refuses_is_rolled_back(model_dirs, tmp_path):
     """The new files go under the root, LoadAdapter refuses them (rank above --max-lora-rank): the id points at
     the version it served before, so an auto-load after eviction or a restart never reads the refused files."""
-    import grpc
-    from loader.deploy import deploy, install
+    from loader.deploy import DeployError, deploy, install
     root = tmp_path / "root"
     root.mkdir()
     good = make_peft_adapter(model_dirs["llama"], tmp_path / "good", 1, r=4, lora_alpha=8, target_modules=["q_proj"])
@@ -142,13 +152,12 @@ def test_a_deploy_the_server_refuses_is_rolled_back(model_dirs, tmp_path):
     live, _ = install(good, root, "a")
     server = start_server(model_dirs["llama"], root, max_lora_rank=8)
     try:
-        with pytest.raises(grpc.RpcError) as info:
-            deploy(wide, server.target, adapter_id="a", copy_to_root=root)
-        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(DeployError, match="did not load 'a' .* FAILED_PRECONDITION"):
+            deploy(wide, server.target, root, adapter_id="a")
         assert os.readlink(root / "a") == live.name
         assert {p.name for p in root.iterdir()} == {"a", live.name}
-        with pytest.raises(grpc.RpcError):
-            deploy(wide, server.target, adapter_id="b", copy_to_root=root)  # a new id: nothing stays behind
+        with pytest.raises(DeployError):
+            deploy(wide, server.target, root, adapter_id="b")  # a new id: nothing stays behind
         assert {p.name for p in root.iterdir()} == {"a", live.name}
         with Client(server.target, timeout=60) as client:
             assert client.load_adapter("a", replace=True).rank == 4

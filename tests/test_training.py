@@ -234,13 +234,22 @@ def test_job_resume_uses_the_checkpoint_and_refuses_another_config(model_dirs, d
         run_job(job(model_dirs, data, tmp_path / "r", "lora", rank=4, settings=settings, resume=True, overwrite=True))
 
 
-def test_cli_refuses_deploy_root_without_deploy(model_dirs, data, tmp_path):
+@pytest.mark.parametrize("flags, says", [
+    (["--deploy-root", "ROOT"], "--deploy HOST:PORT and --deploy-root DIR go together"),
+    (["--deploy", "127.0.0.1:1"], "--deploy HOST:PORT and --deploy-root DIR go together"),  # would serve old files
+    (["--deploy", "127.0.0.1:1", "--deploy-root", "ROOT/missing"], "is not a directory"),
+    (["--deploy", "127.0.0.1:1", "--deploy-root", "ROOT"], "cannot deploy to 127.0.0.1:1: UNAVAILABLE"),
+])
+def test_cli_checks_a_deploy_before_training(model_dirs, data, tmp_path, flags, says):
+    (tmp_path / "root").mkdir()
+    flags = [f.replace("ROOT", str(tmp_path / "root")) for f in flags]
     result = subprocess.run(
         [sys.executable, "-c", "from clients.cli import main; main()", "train", "--method", "lora", "--model",
-         str(model_dirs["llama"]), "--data", str(data[0]), "--out", str(tmp_path / "x"), "--deploy-root",
-         str(tmp_path / "root")], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert result.returncode == 2 and "--deploy-root copies the adapter for --deploy" in result.stderr
-    assert not (tmp_path / "x").exists() and not (tmp_path / "root").exists()  # nothing trained, nothing copied
+         str(model_dirs["llama"]), "--data", str(data[0]), "--out", str(tmp_path / "x"), *flags],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists() and not any((tmp_path / "root").iterdir())  # nothing trained or copied
 
 
 def test_torch_threads_wait_passively_unless_the_environment_says(tmp_path):

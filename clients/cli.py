@@ -110,6 +110,12 @@ def _train(args) -> int:
                    router_bias=args.router_bias, init_r=args.init_r, target_r=args.target_r, tinit=args.tinit,
                    tfinal=args.tfinal, delta_t=args.delta_t, orth_reg_weight=args.orth_reg_weight,
                    structure=args.structure, pre_num=args.pre_num, settings=settings)
+    if not args.jobs:  # a jobs file's lines are checked as it is read (shared flags may serve some methods only)
+        from loader.training_job import changed_flags, inapplicable
+        problem = inapplicable(job.method, changed_flags(job))
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     if bool(args.deploy_root) != bool(args.deploy):
         print("error: --deploy HOST:PORT and --deploy-root DIR go together: the server loads adapters only from its "
               "own --adapter-root, so a deploy copies the adapter there (DIR) and then has the server load it",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from adapters.training import TrainSettings
 from loader.train_data import DataError, jsonl_lines
-from loader.training_job import JobError, TrainJob
+from loader.training_job import JobError, TrainJob, inapplicable
 
 JOB_FIELDS = {f.name for f in fields(TrainJob)} - {"settings"}
 SETTING_FIELDS = {f.name for f in fields(TrainSettings)}
@@ -31,11 +31,25 @@ def read_jobs(path: Path, defaults: TrainJob) -> list[TrainJob]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
         unknown = set(record) - JOB_FIELDS - SETTING_FIELDS if isinstance(record, dict) else set()
-        if not isinstance(record, dict) or unknown or not {"method", "data", "out"} <= set(record):
-            raise DataError(f"{path}:{number}: a job needs 'method', 'data' and 'out'; unknown keys "
-                            f"{sorted(unknown)}; allowed: {sorted(JOB_FIELDS | SETTING_FIELDS)}")
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        if unknown:
+            raise DataError(f"{path}:{number}: unknown keys {sorted(unknown)}; allowed: "
+                            f"{sorted(JOB_FIELDS | SETTING_FIELDS)}")
+        missing = [k for k in ("method", "data", "out") if k not in record and getattr(defaults, k) is None]
+        if missing:
+            raise DataError(f"{path}:{number}: a job needs 'method', 'data' and 'out' (from the line or the "
+                            f"command line); missing {missing}")
+        problem = inapplicable(record.get("method", defaults.method), record)
+        if problem:
+            raise DataError(f"{path}:{number}: {problem}")
         settings = replace(defaults.settings, **{k: v for k, v in record.items() if k in SETTING_FIELDS})
         jobs.append(replace(defaults, settings=settings, **{k: v for k, v in record.items() if k in JOB_FIELDS}))
+    outs = [Path(j.out).resolve() for j in jobs]
+    for i, out in enumerate(outs):
+        if out in outs[:i]:
+            raise DataError(f"{path}: jobs {outs.index(out)} and {i} both write {jobs[i].out}; give each its own "
+                            f"'out'")
     return jobs
 
 

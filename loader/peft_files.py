@@ -12,7 +12,7 @@ from typing import BinaryIO, Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from adapters.canonical import CanonicalAdapter
 from adapters.slot_bank import ModuleShape
@@ -34,8 +34,10 @@ def write_adapter(out: Path, tensors: dict[str, torch.Tensor], config: dict) -> 
     sees a truncated file (swapping both files at once is what `--deploy-root`'s versioned directories are for)."""
     out.mkdir(parents=True, exist_ok=True)
     weights = out / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(weights),
-              metadata={"format": "pt"})
+    # Written with open(), so the file's mode follows the umask like the config's: safetensors' save_file
+    # creates 0600, which a server running as another user (a container's) could not read.
+    weights.write_bytes(save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+                             metadata={"format": "pt"}))
     os.replace(weights, out / WEIGHTS_FILE)
     write_config(out, config)
 

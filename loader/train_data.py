@@ -24,12 +24,20 @@ class Example:
 def jsonl_lines(path: Path) -> list[str]:
     """The file's lines split at newlines only: str.splitlines() also splits at U+2028, U+2029, U+0085 and other
     separators that JSON strings may hold unescaped (json.dumps(..., ensure_ascii=False) writes them so)."""
-    return path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start}); JSONL is "
+                        f"UTF-8 text") from None
+    return text.replace("\r\n", "\n").split("\n")
 
 
 def read_jsonl(path: Path, tokenizer, max_length: int) -> list[Example]:
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
     eos = tokenizer.eos_token_id
     examples = []
     for number, line in enumerate(jsonl_lines(path), start=1):

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -63,6 +63,29 @@ class TrainJob:
     settings: TrainSettings = field(default_factory=TrainSettings)
 
 
+METHOD_FLAGS = {"hydralora": ("heads", "router_bias"), "reslora": ("structure", "pre_num"),
+                "adalora": ("init_r", "target_r", "tinit", "tfinal", "delta_t", "orth_reg_weight")}
+
+
+def inapplicable(method: str, names) -> str | None:
+    """Why one of the settings `names` (set by the user) does nothing for `method`, or None: a flag that is
+    silently ignored trains something other than what was asked for."""
+    for owner, flags in METHOD_FLAGS.items():
+        for name in flags:
+            if name in names and method != owner:
+                return f"--{name.replace('_', '-')} applies to --method {owner} only, not {method}"
+    if "rslora" in names and method in ("adalora", "reslora"):
+        return f"--rslora applies to lora and hydralora; {method} scales by alpha/r"
+    return None
+
+
+def changed_flags(job: TrainJob) -> set[str]:
+    """The method-specific settings `job` holds at other than their defaults (what a command line set)."""
+    defaults = {f.name: f.default for f in fields(TrainJob)}
+    names = {n for flags in METHOD_FLAGS.values() for n in flags} | {"rslora"}
+    return {n for n in names if getattr(job, n) != defaults[n]}
+
+
 def check_job(job: TrainJob) -> None:
     """Every number in range before anything is loaded (from flags or a --jobs line alike): a zero batch size or
     eval interval would otherwise fail as a ZeroDivisionError, after the model loaded or a first step ran."""
@@ -76,7 +99,7 @@ def check_job(job: TrainJob) -> None:
               ("max_length", job.max_length, positive_int), ("init_r", job.init_r, positive_int),
               ("target_r", job.target_r, positive_int), ("tinit", job.tinit, count), ("tfinal", job.tfinal, count),
               ("delta_t", job.delta_t, positive_int), ("orth_reg_weight", job.orth_reg_weight, non_negative),
-              ("pre_num", job.pre_num, count), ("lr", s.lr, positive), ("epochs", s.epochs, positive_int),
+              ("pre_num", job.pre_num, positive_int), ("lr", s.lr, positive), ("epochs", s.epochs, positive_int),
               ("batch_size", s.batch_size, positive_int), ("grad_accum", s.grad_accum, positive_int),
               ("eval_every", s.eval_every, positive_int), ("weight_decay", s.weight_decay, non_negative),
               ("warmup_ratio", s.warmup_ratio, fraction), ("max_grad_norm", s.max_grad_norm, positive)]
@@ -88,6 +111,32 @@ def check_job(job: TrainJob) -> None:
         if not ok(value):
             raise JobError(f"--{name.replace('_', '-')} must be {what}, got {value!r}"
                            + (" (or auto)" if name == "heads" else ""))
+    try:
+        device = torch.device(job.device)
+    except (RuntimeError, TypeError):
+        raise JobError(f"--device {job.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise JobError(f"--device {job.device}: this torch build or machine has no CUDA device "
+                       f"(torch {torch.__version__}); use --device cpu")
+
+
+def check_out(job: TrainJob) -> None:
+    """--out can be written, and holds nothing this job would silently replace: an adapter (--overwrite) or an
+    interrupted run's checkpoint (--resume continues it; --overwrite starts over)."""
+    out = Path(job.out)
+    if (out / CONFIG_FILE).exists() and not job.overwrite:
+        raise JobError(f"{out} already holds an adapter; pass --overwrite to replace it")
+    if job.resume and not (out / CONFIG_FILE).exists() and not (out / CHECKPOINT).exists():
+        raise JobError(f"--resume: {out / CHECKPOINT} does not exist")
+    if (out / CHECKPOINT).exists() and not (out / CONFIG_FILE).exists() and not (job.resume or job.overwrite):
+        raise JobError(f"{out} holds the checkpoint of an interrupted run; pass --resume to continue it, or "
+                       f"--overwrite to start over")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JobError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise JobError(f"--out {out}: not writable by this user")
 
 
 def _load(job: TrainJob):
@@ -104,10 +153,13 @@ def _load(job: TrainJob):
 def _targets(job: TrainJob, model) -> list[str] | str:
     targets = job.target_modules or DEFAULT_TARGETS[job.method].get(model.config.model_type,
                                                                     DEFAULT_TARGETS[job.method][None])
-    if not linear_modules(model, targets):
-        names = sorted({n.rsplit(".", 1)[-1] for n, _ in linear_modules(model, ALL_LINEAR)})
-        raise JobError(f"--target-modules {targets!r} matches no linear module of this model; its linear "
-                       f"modules are named {names}")
+    names = sorted({n.rsplit(".", 1)[-1] for n, _ in linear_modules(model, ALL_LINEAR)})
+    unmatched = [t for t in targets if not linear_modules(model, [t])] if isinstance(targets, list) else \
+        [] if linear_modules(model, targets) else [targets]
+    if unmatched:  # each name must adapt something: one that matches nothing would silently train less
+        raise JobError(f"--target-modules {', '.join(map(str, unmatched))} matches no adaptable linear module of "
+                       f"this model (the output head and embeddings are never adapted); its linear modules are "
+                       f"named {names}")
     return targets
 
 
@@ -171,12 +223,18 @@ def _prepare(job: TrainJob, model, targets, total: int, train_prompts: list[str]
         from loader.hydra_files import save_hydralora
         from loader.heads import choose_heads
         heads = choose_heads(train_prompts) if job.heads == "auto" else int(job.heads)
+        if job.heads == "auto":
+            print(f"--heads auto: {heads} heads (k-means over {len(train_prompts)} training prompts)", file=sys.stderr)
         layers = add_hydralora(model, targets, job.rank, job.alpha, heads, job.dropout, job.router_bias, job.rslora)
         return layers, Hooks(), lambda out: save_hydralora(
             layers, out, {**common, "lora_nums": heads, "use_rslora": job.rslora})
     if job.method == "reslora":
         from adapters.reslora import add_reslora
         from loader.reslora_files import save_reslora
+        depth = model.config.num_hidden_layers
+        if job.pre_num >= depth:
+            raise JobError(f"--pre-num {job.pre_num}: this model has {depth} layers, so a block links back to at most "
+                           f"{depth - 1} previous blocks")
         layers = add_reslora(model, targets, job.rank, job.alpha, job.dropout, job.structure, job.pre_num)
         return layers, _ResLoraHooks(layers), lambda out, errors=None: save_reslora(
             layers, out, {**common, **({"merge_error": errors, "merge_method": _best_merge(errors, job.structure)}
@@ -205,11 +263,8 @@ def run_job(job: TrainJob, progress=None, inspect=None) -> dict:
     if job.method not in METHODS:
         raise JobError(f"--method must be one of {METHODS}, got {job.method!r}")
     check_job(job)
+    check_out(job)
     out = Path(job.out)
-    if (out / CONFIG_FILE).exists() and not job.overwrite:
-        raise JobError(f"{out} already holds an adapter; pass --overwrite to replace it")
-    if job.resume and not (out / CONFIG_FILE).exists() and not (out / CHECKPOINT).exists():
-        raise JobError(f"--resume: {out / CHECKPOINT} does not exist")
     path, model, tokenizer = _load(job)
     train = read_jsonl(Path(job.data), tokenizer, job.max_length)
     evaluation = read_jsonl(Path(job.eval), tokenizer, job.max_length) if job.eval else None

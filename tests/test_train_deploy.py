@@ -79,7 +79,7 @@ def test_each_torchrun_rank_takes_its_share(monkeypatch, tmp_path):
 def test_a_jobs_line_that_is_not_an_object_names_its_line(tmp_path, line):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"method": "lora", "data": "d", "out": "o"}) + "\n" + line + "\n")
-    with pytest.raises(DataError, match="jobs.jsonl:2: a job needs"):
+    with pytest.raises(DataError, match="jobs.jsonl:2: expected a JSON object"):
         read_jobs(jobs, TrainJob(method=None, data=None, out=None))
 
 

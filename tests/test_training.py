@@ -1,6 +1,8 @@
 """`loraplex train`: every kind learns, writes what the server (and PEFT, for LoRA) loads, resumes exactly."""
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 from dataclasses import replace
@@ -163,7 +165,7 @@ def test_same_seed_same_adapter(model_dirs, data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_clear_errors(model_dirs, data, tmp_path):
+def test_clear_errors(model_dirs, data, tmp_path, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:3: needs a non-empty string 'text'"):
@@ -171,14 +173,49 @@ def test_clear_errors(model_dirs, data, tmp_path):
     bad.write_text('{"text": "fine"}\nnot json\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
         run_job(job(model_dirs, (bad, data[1]), tmp_path / "o", "lora"))
-    with pytest.raises(JobError, match="matches no linear module.*q_proj"):
+    with pytest.raises(JobError, match="nope_proj matches no adaptable linear module.*q_proj"):
         run_job(job(model_dirs, data, tmp_path / "o", "lora", target_modules=["nope_proj"]))
+    with pytest.raises(JobError, match="lm_head matches no adaptable linear module"):  # not silently dropped
+        run_job(job(model_dirs, data, tmp_path / "o", "lora", target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(JobError, match="this model has 2 layers, so a block links back to at most 1"):
+        run_job(job(model_dirs, data, tmp_path / "o", "reslora", pre_num=2))
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not UTF-8 \(byte 0xe9"):
+        run_job(job(model_dirs, (bad, data[1]), tmp_path / "o", "lora"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(JobError, match="--out .*file/o: cannot create the directory"):
+        run_job(job(model_dirs, data, tmp_path / "file" / "o", "lora"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU build or a machine without a GPU
+    with pytest.raises(JobError, match="--device cuda: this torch build or machine has no CUDA device"):
+        run_job(job(model_dirs, data, tmp_path / "o", "lora", device="cuda"))
     with pytest.raises(JobError, match=r"no budgeting phase.*tinit=50, tfinal=100, total_step=6 \(--init-r"):
         run_job(job(model_dirs, data, tmp_path / "o", "adalora", tinit=50, tfinal=100,
                     settings=replace(FAST, max_steps=6)))
     run_job(job(model_dirs, data, tmp_path / "done", "lora", settings=replace(FAST, max_steps=2)))
     with pytest.raises(JobError, match="already holds an adapter; pass --overwrite"):
         run_job(job(model_dirs, data, tmp_path / "done", "lora"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "done" / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~umask
+    (tmp_path / "done" / "adapter_config.json").unlink()  # as if interrupted: only the checkpoint is there
+    with pytest.raises(JobError, match="holds the checkpoint of an interrupted run; pass --resume"):
+        run_job(job(model_dirs, data, tmp_path / "done", "lora"))
+
+
+@pytest.mark.parametrize("method, flags, says", [
+    ("lora", {"heads": 8}, "--heads applies to --method hydralora only, not lora"),
+    ("hydralora", {"structure": "is"}, "--structure applies to --method reslora only, not hydralora"),
+    ("reslora", {"init_r": 6}, "--init-r applies to --method adalora only, not reslora"),
+    ("adalora", {"rslora": True}, "--rslora applies to lora and hydralora; adalora scales by alpha/r"),
+])
+def test_a_flag_the_method_would_ignore_is_refused(model_dirs, data, tmp_path, method, flags, says):
+    from loader.batch_jobs import read_jobs
+    from loader.training_job import changed_flags, inapplicable
+    assert inapplicable(method, changed_flags(job(model_dirs, data, tmp_path / "o", method, **flags))) == says
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text(json.dumps({"method": method, "data": "d", "out": "o", **flags}) + "\n")
+    with pytest.raises(DataError, match=f"jobs.jsonl:1: {re.escape(says)}"):
+        read_jobs(lines, TrainJob(method=None, data=None, out=None))
 
 
 @pytest.mark.parametrize("change,needle", [

@@ -126,9 +126,10 @@ class SlotBank:
     def resident(self, key: tuple) -> bool:
         return key in self._slot_of
 
-    def active_requests(self, key: tuple) -> int:
-        slot = self._slot_of.get(key)
-        return 0 if slot is None else self._refs[slot]
+    def active_requests(self, adapter_id: str) -> int:
+        """Rows running on any version of `adapter_id`: a replaced version's rows run on to their end. (Read from
+        other threads: list() copies the dict in one step under the GIL.)"""
+        return sum(self._refs[slot] for key, slot in list(self._slot_of.items()) if key[0] == adapter_id)
 
     @property
     def used(self) -> int:

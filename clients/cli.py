@@ -266,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("adapter_id")
         if action == "load":
             p.add_argument("--replace", action="store_true", help="swap in new files for a loaded id")
-            p.add_argument("--pin", action="store_true", help="never evict from host memory")
+            pinning = p.add_mutually_exclusive_group()
+            pinning.add_argument("--pin", action="store_true", default=None,
+                                 help="never evict from host memory (default: a --replace keeps the pin)")
+            pinning.add_argument("--unpin", dest="pin", action="store_false", help="make it evictable again")
         if action == "unload":
             p.add_argument("--drain", action="store_true",
                            help="with requests in flight: unload for new ones and wait for these (else refused)")

@@ -84,7 +84,8 @@ class Client:
     def server_info(self) -> pb.ServerInfo:
         return self.inference.GetServerInfo(pb.GetServerInfoRequest(), **self._options)
 
-    def load_adapter(self, adapter_id: str, replace: bool = False, pin: bool = False) -> pb.AdapterInfo:
+    def load_adapter(self, adapter_id: str, replace: bool = False, pin: bool | None = None) -> pb.AdapterInfo:
+        """pin None: a replace keeps the id's pin, a first load is evictable."""
         return self.adapters.LoadAdapter(pb.LoadAdapterRequest(adapter_id=adapter_id, replace=replace, pin=pin),
                                          **self._options)
 
@@ -136,7 +137,7 @@ class AsyncClient:
     async def server_info(self) -> pb.ServerInfo:
         return await self.inference.GetServerInfo(pb.GetServerInfoRequest(), **self._options)
 
-    async def load_adapter(self, adapter_id: str, replace: bool = False, pin: bool = False) -> pb.AdapterInfo:
+    async def load_adapter(self, adapter_id: str, replace: bool = False, pin: bool | None = None) -> pb.AdapterInfo:
         return await self.adapters.LoadAdapter(
             pb.LoadAdapterRequest(adapter_id=adapter_id, replace=replace, pin=pin), **self._options)
 

@@ -107,13 +107,7 @@ def deploy(adapter_dir: Path, target: str, root: Path, adapter_id: str | None = 
     installed = None if in_place else install(adapter_dir, root, adapter_id)
     try:
         with Client(target, timeout=timeout, **connection) as client:
-            try:
-                pinned = client.get_adapter(adapter_id).pinned
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
-                pinned = False
-            info = client.load_adapter(adapter_id, replace=True, pin=pinned)
+            info = client.load_adapter(adapter_id, replace=True)  # pin unset: the id keeps its pin
     except BaseException as exc:
         if installed is not None:
             roll_back(root, adapter_id, *installed)

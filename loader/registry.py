@@ -139,7 +139,8 @@ class AdapterRegistry:
         return (record.files, record.size_bytes) if record is not None else None
 
     # -- admin ----------------------------------------------------------------------------------
-    def load(self, adapter_id: str, replace: bool, pin: bool) -> AdapterRecord:
+    def load(self, adapter_id: str, replace: bool, pin: bool | None) -> AdapterRecord:
+        """pin None: a replace keeps the id's pin (a hot-swap must not make a pinned adapter evictable)."""
         path = self.path_for(adapter_id)
         with self._id_lock(adapter_id):  # the record and the state file change together
             with self._lock:  # checked under the id's lock: of two concurrent first loads, the second is told
@@ -147,6 +148,8 @@ class AdapterRegistry:
                     how = "pinned" if self._records[adapter_id].pinned else "not pinned"
                     raise AlreadyExists(f"adapter {adapter_id!r} is already loaded ({how}); set replace to swap in "
                                         f"new files, and pin with it to pin them")
+                current = self._records.get(adapter_id)
+            pin = bool(current and current.pinned) if pin is None else pin
             record = self._read(adapter_id, path, pin=pin, reread=False, budget=not pin)  # pins: the operator's call
             self._record_state(adapter_id, record.pinned)
         return record

@@ -374,7 +374,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             rank=max(record.module_ranks.values(), default=0),
             module_ranks=record.module_ranks, target_modules=sorted(record.module_ranks), size_bytes=record.size_bytes,
             tier=tier, pinned=record.pinned, version=record.version,
-            active_requests=bank.active_requests(key) if key else 0, heads=record.heads)
+            active_requests=bank.active_requests(record.adapter_id), heads=record.heads)
 
     async def _call(self, context, fn, *args):
         try:
@@ -385,7 +385,8 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
 
     async def LoadAdapter(self, request, context):
         return await self._call(context, lambda: self._info(
-            self.serving.registry.load(request.adapter_id, request.replace, request.pin)))
+            self.serving.registry.load(request.adapter_id, request.replace,
+                                       request.pin if request.HasField("pin") else None)))
 
     async def UnloadAdapter(self, request, context):
         """Refuses while requests run on the adapter, unless `drain`: then new requests stop finding it at once

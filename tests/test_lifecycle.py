@@ -343,6 +343,22 @@ def test_hot_swap_running_request_keeps_its_version(server, adapter_root):
     assert after == new
 
 
+def test_a_replace_keeps_the_pin_and_counts_the_old_versions_rows(server, monkeypatch):
+    runner = server.serving.engine.runner
+    decode_step = runner.decode_step  # 400 steps take >= 2 s: the stream still runs while it is looked at
+    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    with Client(server.target, timeout=60) as client:
+        assert client.load_adapter("small", replace=True, pin=True).pinned
+        stream = client.generate_stream([5, 6], "small", max_new_tokens=400, ignore_eos=True)
+        next(stream)
+        swapped = client.load_adapter("small", replace=True)  # pin unset: kept (a deploy is such a replace)
+        assert swapped.pinned
+        assert client.get_adapter("small").active_requests == 1  # the stream runs on the version before
+        stream.cancel()
+        assert not client.load_adapter("small", replace=True, pin=False).pinned  # unpinned only when asked
+        assert not client.load_adapter("small", replace=True).pinned
+
+
 def test_health_not_serving_until_model_is_warm(model_dirs, monkeypatch):
     gate = threading.Event()
     real = server_app.build_serving

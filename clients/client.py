@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -112,6 +112,34 @@ class Client:
         self.close()
 
 
+class AsyncStream:
+    """`async for` the messages of a GenerateStream call; `.cancel()` stops it early, and so does dropping it
+    unfinished (breaking out of the loop): the server stops generating at once. Iterating grpc's call directly, or
+    through an async generator, keeps the call alive in a reference cycle until the garbage collector runs, and the
+    server generates every token for nobody. Other attributes are the call's (code(), details(), ...)."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+        self.call = call
+
+    def __aiter__(self) -> "AsyncStream":
+        return self
+
+    async def __anext__(self) -> pb.GenerateStreamResponse:
+        message = await self.call.read()
+        if message is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return message
+
+    def cancel(self) -> bool:
+        return self.call.cancel()
+
+    def __getattr__(self, name: str):
+        return getattr(self.call, name)
+
+    def __del__(self) -> None:
+        self.call.cancel()  # a no-op once the call has finished
+
+
 class AsyncClient:
     def __init__(self, target: str, channel: grpc.aio.Channel | None = None, timeout: float | None = None,
                  token: str | None = None, tls: Tls | None = None) -> None:
@@ -126,13 +154,8 @@ class AsyncClient:
     async def generate(self, prompt, adapter_id: str = "", **kwargs) -> pb.GenerateResponse:
         return await self.inference.Generate(build_request(prompt, adapter_id, **kwargs), **self._options)
 
-    async def generate_stream(self, prompt, adapter_id: str = "", **kwargs) -> AsyncIterator[pb.GenerateStreamResponse]:
-        call = self.inference.GenerateStream(build_request(prompt, adapter_id, **kwargs), **self._options)
-        try:
-            async for message in call:
-                yield message
-        finally:
-            call.cancel()
+    def generate_stream(self, prompt, adapter_id: str = "", **kwargs) -> "AsyncStream":
+        return AsyncStream(self.inference.GenerateStream(build_request(prompt, adapter_id, **kwargs), **self._options))
 
     async def server_info(self) -> pb.ServerInfo:
         return await self.inference.GetServerInfo(pb.GetServerInfoRequest(), **self._options)

@@ -1,4 +1,5 @@
 """Cancellation, deadlines, health, drain on SIGTERM, reflection, metrics, hot-swap and adapter residency."""
+import asyncio
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from server import app as server_app
-from clients.client import Client, build_request
+from clients.client import AsyncClient, Client, build_request
 from protos.loraplex.v1 import inference_pb2 as pb
 from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, start_server, status_of, wait_for
 
@@ -49,6 +50,34 @@ def test_cancelled_stream_frees_its_row(server):
         stream.cancel()
         assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0)
         assert scrape(server)['loraplex_request_success_total{finished_reason="cancelled"}'] == before + 1
+
+
+def test_an_async_stream_left_or_cancelled_stops_on_the_server(server, monkeypatch):
+    runner = server.serving.engine.runner
+    decode_step = runner.decode_step  # 480 steps take >= 2.4 s: only a cancel ends them early
+    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    key = 'loraplex_request_success_total{finished_reason="cancelled"}'
+
+    async def cancelled_after(leave) -> bool:
+        before = scrape(server).get(key, 0)
+        async with AsyncClient(server.target, timeout=60) as client:
+            await leave(client)
+            for _ in range(100):  # the client stays open: only the cancel can end the row
+                if scrape(server).get(key, 0) == before + 1:
+                    return scrape(server)["loraplex_num_requests_running"] == 0
+                await asyncio.sleep(0.02)
+        return False
+
+    async def break_out(client):
+        async for _ in client.generate_stream([5, 6], "v1", max_new_tokens=480, ignore_eos=True):
+            break
+
+    async def cancel(client):
+        stream = client.generate_stream([5, 6], "v1", max_new_tokens=480, ignore_eos=True)
+        await anext(stream)
+        stream.cancel()  # the stream is still referenced: only the cancel ends it
+    assert asyncio.run(cancelled_after(break_out))
+    assert asyncio.run(cancelled_after(cancel))
 
 
 def test_deadline_frees_its_row(server, monkeypatch):
@@ -287,7 +316,7 @@ def test_budget_accounting_survives_churn(model_dirs, adapter_root, tmp_path):
             if i % 5 == 0:  # a stream the client leaves after its first token
                 stream = client.generate_stream([5, 6], name, max_new_tokens=200, ignore_eos=True)
                 await stream.__anext__()
-                await stream.aclose()
+                stream.cancel()
                 return "left"
             reply = await (hasty if i % 7 == 0 else client).generate(  # hasty: a 50 ms deadline
                 [5, 6, i % 50 + 7], name, max_new_tokens=rng.randint(1, 30), ignore_eos=True)

@@ -8,7 +8,7 @@ import math
 import time
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import grpc
@@ -129,12 +129,20 @@ def _check_prompt_chars(chars: int, base, limits) -> None:
                          f"tokens can hold (a token stands for at most {per_token} characters)")
 
 
-def _check_prompt_length(tokens: int, stopping: StoppingParams, base, limits) -> None:
+def _fit_prompt(tokens: int, stopping: StoppingParams, explicit: bool, base, limits) -> StoppingParams:
+    """The stopping a prompt of `tokens` tokens runs with. A request that sets no max_new_tokens gets the server's
+    default within the room its prompt leaves in the context; one that sets it gets exactly that or an error."""
     # A flag set below the model's own limit first, naming the flag; by default --max-prompt-tokens is the context,
     # and a prompt beyond it is the model's limit (OUT_OF_RANGE), not a flag the user never set.
     if tokens > limits.max_prompt_tokens and limits.max_prompt_tokens < base.max_context:
         raise InvalidArgument(f"the prompt has {tokens} tokens, above the server's --max-prompt-tokens "
                               f"{limits.max_prompt_tokens}")
+    if tokens >= base.max_context:
+        raise OutOfRange(f"the prompt has {tokens} tokens and the model context is {base.max_context}: no room is "
+                         f"left for a new token")
+    if not explicit:
+        room = min(base.max_context, limits.max_kv_tokens) - tokens
+        stopping = replace(stopping, max_new_tokens=max(1, min(stopping.max_new_tokens, room)))
     if tokens + stopping.max_new_tokens > base.max_context:
         raise OutOfRange(f"prompt ({tokens} tokens) + max_new_tokens ({stopping.max_new_tokens}) exceeds the "
                          f"model context of {base.max_context} tokens")
@@ -142,6 +150,7 @@ def _check_prompt_length(tokens: int, stopping: StoppingParams, base, limits) ->
         raise OutOfRange(f"prompt ({tokens} tokens) + max_new_tokens ({stopping.max_new_tokens}) needs more "
                          f"KV-cache token slots than the server's --max-kv-tokens {limits.max_kv_tokens}, even "
                          f"alone")
+    return stopping
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -202,6 +211,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         sampling = sampling_from(request.sampling)
         limits = s.limits
         stopping = stopping_from(request.stopping, limits)
+        explicit = request.stopping.HasField("max_new_tokens")
         which = request.WhichOneof("input")
         if which == "prompt":
             if not request.prompt:
@@ -210,11 +220,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             ids = base.tokenizer(request.prompt).input_ids
             if not ids:
                 raise InvalidArgument("the prompt encodes to no tokens")
-            _check_prompt_length(len(ids), stopping, base, limits)
+            stopping = _fit_prompt(len(ids), stopping, explicit, base, limits)
         elif which == "prompt_token_ids":
             if not request.prompt_token_ids.ids:
                 raise InvalidArgument("prompt_token_ids is empty")
-            _check_prompt_length(len(request.prompt_token_ids.ids), stopping, base, limits)  # before copying them
+            stopping = _fit_prompt(len(request.prompt_token_ids.ids), stopping, explicit, base, limits)  # before copying
             ids = list(request.prompt_token_ids.ids)
             bad = [t for t in ids if not 0 <= t < base.vocab_size]
             if bad:

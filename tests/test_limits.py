@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from clients.client import AsyncClient, Client
+from protos.loraplex.v1 import inference_pb2 as pb
 from tests.helpers import make_peft_adapter, scrape, start_server, status_of, wait_for
 
 C = grpc.StatusCode
@@ -45,6 +46,15 @@ def test_defaults_derive_from_the_model(model_dirs):
         assert info.limits.max_prompt_tokens == info.limits.max_new_tokens == info.max_context_length
         assert info.limits.max_kv_tokens == info.max_batch_size * info.max_context_length
         assert not info.auth_required
+        # a request that sets no max_new_tokens gets the default (64) within the room its prompt leaves
+        context = info.max_context_length
+        with Client(server.target, timeout=60) as client:
+            reply = client.generate([5] * (context - 3), ignore_eos=True)
+            assert len(reply.token_ids) == 3 and reply.finish_reason == pb.FINISH_REASON_LENGTH
+            code, details = status_of(client.generate, [5] * (context - 3), max_new_tokens=4)  # asked for: refused
+            assert code == C.OUT_OF_RANGE and "exceeds the model context" in details
+            code, details = status_of(client.generate, [5] * context)
+            assert code == C.OUT_OF_RANGE and "no room is left for a new token" in details
     finally:
         server.stop()
 

@@ -10,16 +10,20 @@ from adapters.targets import ALL_LINEAR, linear_modules
 
 
 def inject(model: nn.Module, targets: str | list[str] = ALL_LINEAR) -> tuple[AdapterContext, list[ModuleShape]]:
+    found = linear_modules(model, targets)
+    unmatched = [t for t in targets if not linear_modules(model, [t])] if isinstance(targets, list) else []
+    if not found or unmatched:  # a name that adapts nothing would leave adapters targeting it unservable
+        names = sorted({n.rsplit(".", 1)[-1] for n, _ in linear_modules(model, ALL_LINEAR)})
+        raise ValueError(f"{', '.join(unmatched) or targets} matches no adaptable linear module of the model; its "
+                         f"linear modules are named {names}")
     context = AdapterContext()
     shapes = []
-    for index, (name, module) in enumerate(linear_modules(model, targets)):
+    for index, (name, module) in enumerate(found):
         d_in, d_out = linear_dims(module)
         shapes.append(ModuleShape(name, d_in, d_out))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, MultiAdapterLinear(module, index, context))
-    if not shapes:
-        raise ValueError(f"no linear module of the model matches target modules {targets!r}")
     return context, shapes
 
 

@@ -107,7 +107,10 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
         log.info("prompt texts are tokenized whole before their length is checked: this tokenizer may drop or fuse "
                  "characters, so their count bounds no token count (gRPC's 4 MiB message limit still applies)")
     targets = ALL_LINEAR if config.target_modules == ALL_LINEAR else config.target_modules.split(",")
-    context, shapes = inject(base.model, targets)
+    try:
+        context, shapes = inject(base.model, targets)
+    except ValueError as exc:
+        raise ConfigError(f"--target-modules: {exc}") from None
     dtype = next(base.model.parameters()).dtype
     factor_dtype = dtype if config.adapter_dtype == "auto" else getattr(torch, config.adapter_dtype)
     bank = SlotBank(shapes, config.max_active_adapters, config.max_lora_rank, torch.device(config.device),
@@ -251,7 +254,7 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     watchdog = asyncio.create_task(_watch_engine(serving.engine, health_servicer, stop))
     await stop.wait()
     watchdog.cancel()
-    log.info("draining: health NOT_SERVING, new calls UNAVAILABLE, %.0fs grace", config.grace_period)
+    log.info("draining: health NOT_SERVING, new calls UNAVAILABLE, %gs grace", config.grace_period)
     await health_servicer.enter_graceful_shutdown()
     serving.engine.draining = True
     deadline = time.monotonic() + config.grace_period

@@ -47,15 +47,32 @@ def test_adapters_load_list_unload_and_errors(server):
     assert again.returncode == 1 and "NOT_FOUND" in again.stderr
 
 
-@pytest.mark.parametrize("what", ["grpc", "metrics", "model"])
+@pytest.mark.parametrize("what", ["grpc", "metrics", "model", "threads", "grace", "device", "root", "targets"])
 def test_serve_start_up_failures_are_one_line_errors(server, model_dirs, what):
     """A busy gRPC port fails the second server (grpcio's default SO_REUSEPORT would let it bind and take part of
     the first one's calls); a busy metrics port and a missing model directory likewise: one line, no traceback."""
     flags = {"grpc": ["--model", str(model_dirs["llama"]), "--port", str(server.ports.grpc), "--metrics-port", "0"],
              "metrics": ["--model", str(model_dirs["llama"]), "--port", "0",
                          "--metrics-port", str(server.ports.metrics)],
-             "model": ["--model", "/nonexistent/model", "--port", "0", "--metrics-port", "0"]}[what]
+             "model": ["--model", "/nonexistent/model", "--port", "0", "--metrics-port", "0"]}.get(what)
+    if flags is None:  # flags that cannot work: refused before anything is bound or loaded
+        flags = ["--model", str(model_dirs["llama"]), "--port", "0", "--metrics-port", "0",
+                 *{"threads": ["--threads", "-1"], "grace": ["--grace-period", "-1"], "device": ["--device", "gpu"],
+                   "root": ["--adapter-root", "/nonexistent/root"],
+                   "targets": ["--target-modules", "q_proj,foo_proj"]}[what]]
     result = run("serve", *flags)
     needle = {"grpc": f"cannot listen on 127.0.0.1:{server.ports.grpc}", "metrics": "cannot serve metrics on",
-              "model": "--model: /nonexistent/model is not a Hugging Face model directory"}[what]
+              "model": "--model: /nonexistent/model is not a Hugging Face model directory",
+              "threads": "--threads must be >= 0", "grace": "--grace-period must be a number of seconds >= 0",
+              "device": "--device 'gpu' is not a torch device", "root": "--adapter-root /nonexistent/root is not a",
+              "targets": "--target-modules: foo_proj matches no adaptable linear module"}[what]
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_cuda_device_without_cuda_is_a_config_error(monkeypatch):
+    import torch
+
+    from server.config import ConfigError, ServerConfig, check_config
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU build, or a machine without a GPU
+    with pytest.raises(ConfigError, match="--device cuda:1: this torch build or machine has no CUDA device"):
+        check_config(ServerConfig(device="cuda:1"))

@@ -214,12 +214,28 @@ def _build_default(args) -> int:
     from dataclasses import replace
 
     from loader.builtin import BUILTIN_DIR, QUICK, BuildSettings, build
+    if args.quick and not args.out:
+        print(f"error: --quick builds a wiring check, not a usable model: give --out DIR (without it, it would "
+              f"replace the shipped model in {BUILTIN_DIR})", file=sys.stderr)
+        return 2
     settings = replace(QUICK if args.quick else BuildSettings(), seed=args.seed, device=args.device)
     report = build(Path(args.out) if args.out else BUILTIN_DIR, settings, args.adapters)
     for name, value in report["accuracy"].items():
         print(f"{name:24s} {value:6.1%}")
     print(f"built in {report['seconds']:.0f}s")
     return 0
+
+
+def _ranged(low: int, high: int):
+    """An argparse type: an integer the request's protobuf field can hold (low <= value < high); the server checks
+    what it means, a value the field cannot carry would fail in the client with a bare ValueError."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value < high:
+            raise argparse.ArgumentTypeError(f"{value} is outside [{low}, {high})")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in its message
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,11 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     client_args(gen)
     gen.add_argument("prompt")
     gen.add_argument("--adapter", default="", help="adapter id ('' = base model)")
-    gen.add_argument("--max-new-tokens", type=int, default=None)
+    gen.add_argument("--max-new-tokens", type=_ranged(-2 ** 31, 2 ** 31), default=None)  # the server says what fits
     gen.add_argument("--temperature", type=float, default=None)
-    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-k", type=_ranged(-2 ** 31, 2 ** 31), default=None)
     gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--seed", type=_ranged(0, 2 ** 64), default=None)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past end-of-sequence")
     gen.set_defaults(func=_generate)

@@ -87,7 +87,8 @@ class AdapterRegistry:
     def path_for(self, adapter_id: str) -> Path:
         """The adapter's directory, confined to the root: no separators, no '..', no symlink escapes."""
         if not valid_id(adapter_id):
-            raise InvalidArgument(f"invalid adapter_id {adapter_id!r}: {ID_RULE}")
+            shown = adapter_id if len(adapter_id) <= 140 else adapter_id[:128] + f"... ({len(adapter_id)} characters)"
+            raise InvalidArgument(f"invalid adapter_id {shown!r}: {ID_RULE}")
         if self.root is None:
             raise NotFound(f"adapter {adapter_id!r} not found: the server has no --adapter-root")
         path = (self.root / adapter_id).resolve()

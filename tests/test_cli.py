@@ -76,3 +76,11 @@ def test_a_cuda_device_without_cuda_is_a_config_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU build, or a machine without a GPU
     with pytest.raises(ConfigError, match="--device cuda:1: this torch build or machine has no CUDA device"):
         check_config(ServerConfig(device="cuda:1"))
+
+
+def test_values_a_request_cannot_carry_and_a_quick_build_over_the_shipped_model_are_refused():
+    for flag, value in (("--seed", "-1"), ("--max-new-tokens", "3000000000")):
+        result = run("generate", flag, value, "hi")
+        assert result.returncode == 2 and f"argument {flag}: {value} is outside" in result.stderr, result.stderr
+    result = run("build-default", "--quick")
+    assert result.returncode == 2 and "give --out DIR" in result.stderr

@@ -71,7 +71,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-hydra-heads", type=int, default=d.max_hydra_heads, help="largest HydraLoRA head count accepted")
     a("--max-queue-size", type=int, default=d.max_queue_size, help="waiting requests before RESOURCE_EXHAUSTED")
     a("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
-      help="RPCs in flight before RESOURCE_EXHAUSTED (health checks are not counted)")
+      help="RPCs in flight before RESOURCE_EXHAUSTED (not counted: health checks, the Adapters service, "
+           "GetServerInfo)")
     a("--default-max-new-tokens", type=int, default=d.default_max_new_tokens)
     a("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longest prompt accepted (0: context)")
     a("--max-new-tokens", type=int, default=d.max_new_tokens, help="largest max_new_tokens accepted (0: context)")

@@ -1,8 +1,9 @@
 """grpc_server_* metrics for every RPC (go-grpc-prometheus names and labels), and the concurrent-RPC limit.
 
 The limit is enforced here rather than with grpc's `maximum_concurrent_rpcs`, whose refusal says only
-"Concurrent RPC limit exceeded!": ours names the flag. Health checks are neither counted nor refused; reflection
-streams are both."""
+"Concurrent RPC limit exceeded!": ours names the flag. Health checks and the operator's calls (the Adapters
+service, GetServerInfo: short, and needed most when generation traffic is at its peak) are neither counted nor
+refused; reflection streams are both."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from server.metrics import REQUEST_BUCKETS
 
-UNLIMITED = ("/grpc.health.v1.Health/",)
+UNLIMITED = ("/grpc.health.v1.Health/", "/loraplex.v1.Adapters/", "/loraplex.v1.Inference/GetServerInfo")
 
 
 def _cancel_code(context) -> grpc.StatusCode:

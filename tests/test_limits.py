@@ -138,9 +138,12 @@ def test_concurrent_rpc_limit_names_the_flag(server, monkeypatch):
 
     async def run():
         async with AsyncClient(server.target, timeout=60) as client:
-            calls = [client.generate(list(range(5, 10)), max_new_tokens=40, ignore_eos=True) for _ in range(6)]
+            calls = [asyncio.ensure_future(client.generate(list(range(5, 10)), max_new_tokens=40, ignore_eos=True))
+                     for _ in range(6)]
+            await asyncio.sleep(0.05)  # the first three hold the limit: the operator's calls still get through
+            assert await client.health() == 1 and (await client.server_info()).max_batch_size
+            assert await client.list_adapters() is not None
             results = await asyncio.gather(*calls, return_exceptions=True)
-            assert await client.health() == 1  # health is never counted against the limit
             return results
     results = asyncio.run(run())
     refused = [r for r in results if isinstance(r, grpc.RpcError)]

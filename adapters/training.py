@@ -97,9 +97,10 @@ class Trainer:
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    def state_dict(self, step: int, epoch: int, position: int) -> dict:
+    def state_dict(self, step: int, epoch: int, position: int, log: dict | None = None) -> dict:
+        """`log`: the run's losses, tokens and seconds so far, so that a resumed run's log is the whole run's."""
         trainable = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        return {"step": step, "epoch": epoch, "position": position, "params": trainable,
+        return {"step": step, "epoch": epoch, "position": position, "params": trainable, "log": log,
                 "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
                 # dropout on a GPU draws from the CUDA generators
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
@@ -126,6 +127,9 @@ class Trainer:
         if resume is None:
             torch.manual_seed(s.seed)  # dropout draws; a resumed run restores the generator instead
         result = TrainResult(steps=total)
+        before = (resume or {}).get("log") or {}  # what the interrupted run had logged
+        result.train_loss = [tuple(x) for x in before.get("train_loss", [])]
+        result.eval_loss = [tuple(x) for x in before.get("eval_loss", [])]
         bar = progress(range(total)) if progress else None
         if bar is not None and step:
             bar.update(step)
@@ -168,9 +172,13 @@ class Trainer:
                         if bar is not None:
                             bar.set_postfix(loss=f"{mean:.4f}", eval=f"{result.eval_loss[-1][1]:.4f}")
                     if checkpoint is not None:
-                        checkpoint(self.state_dict(step, epoch, position))
+                        log = {"train_loss": list(result.train_loss), "eval_loss": list(result.eval_loss),
+                               "tokens": before.get("tokens", 0) + tokens,
+                               "seconds": before.get("seconds", 0.0) + time.perf_counter() - start}
+                        checkpoint(self.state_dict(step, epoch, position, log))
             if position >= len(batches):
                 epoch, position = epoch + 1, 0
-        result.seconds, result.tokens = time.perf_counter() - start, tokens
+        result.seconds = before.get("seconds", 0.0) + time.perf_counter() - start
+        result.tokens = before.get("tokens", 0) + tokens
         self.model.eval()
         return result

@@ -90,6 +90,16 @@ def _adapters(args) -> int:
 
 
 def _train(args) -> int:
+    try:
+        return _train_all(args)
+    except KeyboardInterrupt:
+        where = args.out or "each job's --out"
+        print(f"\ninterrupted: run the same command with --resume to continue from the last checkpoint in {where} "
+              f"(written every --eval-every steps)", file=sys.stderr)
+        return 130
+
+
+def _train_all(args) -> int:
     from tqdm import tqdm
 
     if not args.jobs and not (args.method and args.data and args.out):
@@ -178,6 +188,12 @@ def _train_one(job, args, progress) -> dict:
     last = summary["eval_loss"][-1][1] if summary["eval_loss"] else None
     print(f"{summary['out']}\t{job.method}\tsteps={summary['steps']}\ttrainable={summary['trainable_params']}"
           + (f"\teval_loss={last:.4f}" if last is not None else ""))
+    if summary["merge_error"]:  # ResLoRA: what is served is the merged adapter, not the one the loss measured
+        method = summary["merge_method"]
+        error = summary["merge_error"][method]
+        print(f"served merged into plain LoRA ({job.structure}, {method}): relative error {error:.3g} on the "
+              f"{'eval' if job.eval else 'training'} data" + ("" if error < 0.01 else
+              "; the served adapter is not the trained one: --structure bs merges exactly"))
     if args.deploy:
         from loader.deploy import DeployError, deploy
         from loader.training_job import JobError

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+log = logging.getLogger("loraplex.train")
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding): HF's ignore_index
 
 
@@ -39,7 +41,7 @@ def jsonl_lines(path: Path) -> list[str]:
 
 def read_jsonl(path: Path, tokenizer, max_length: int) -> list[Example]:
     eos = tokenizer.eos_token_id
-    examples = []
+    examples, truncated = [], 0
     for number, line in enumerate(jsonl_lines(path), start=1):
         if not line.strip():
             continue
@@ -61,6 +63,7 @@ def read_jsonl(path: Path, tokenizer, max_length: int) -> list[Example]:
         else:
             raise DataError(f"{where}: needs a non-empty string 'text', or string 'prompt' and non-empty string "
                             f"'completion'; got keys {sorted(record)}")
+        truncated += len(ids) > max_length
         ids, labels = ids[:max_length], labels[:max_length]
         if all(label == IGNORE for label in labels):
             raise DataError(f"{where}: the prompt fills --max-length {max_length}; no completion token is left to "
@@ -68,6 +71,9 @@ def read_jsonl(path: Path, tokenizer, max_length: int) -> list[Example]:
         examples.append(Example(ids, labels))
     if not examples:
         raise DataError(f"{path}: no examples")
+    if truncated:  # their ends (often the EOS the model should learn to stop with) are not trained on
+        log.warning("%s: %d of %d examples are longer than --max-length %d tokens and were cut to it", path,
+                    truncated, len(examples), max_length)
     return examples
 
 

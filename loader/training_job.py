@@ -283,8 +283,11 @@ def run_job(job: TrainJob, progress=None, inspect=None) -> dict:
     resume = None
     if job.resume and (out / CHECKPOINT).exists():
         resume = torch.load(out / CHECKPOINT, weights_only=True, map_location="cpu")  # written on any device
-        if resume.get("job") != json.loads(json.dumps(identity, default=str)):
-            raise JobError(f"--resume: {out / CHECKPOINT} was written by a different job configuration")
+        now, then = json.loads(json.dumps(identity, default=str)), resume.get("job") or {}
+        if then != now:
+            changed = sorted(k for k in {*now, *then} if now.get(k) != then.get(k))
+            raise JobError(f"--resume: {out / CHECKPOINT} was written by a different job configuration ("
+                           + ", ".join(f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in changed) + ")")
 
     def checkpoint(state: dict) -> None:
         out.mkdir(parents=True, exist_ok=True)
@@ -304,7 +307,8 @@ def run_job(job: TrainJob, progress=None, inspect=None) -> dict:
         write(out)
     summary = {"method": job.method, "out": str(out), "steps": result.steps, "trainable_params": trainable,
                "seconds": round(result.seconds, 2), "tokens": result.tokens, "train_loss": result.train_loss,
-               "eval_loss": result.eval_loss, "merge_error": errors, "targets": targets}
+               "eval_loss": result.eval_loss, "merge_error": errors, "targets": targets,
+               "merge_method": _best_merge(errors, job.structure) if errors else None}
     if evaluation and not result.eval_loss:
         summary["eval_loss"] = [(result.steps, evaluate(model, evaluation, pad, job.settings.batch_size, job.device))]
     (out / "training_log.json").write_text(json.dumps(summary, indent=2))

@@ -124,7 +124,7 @@ def test_resume_continues_exactly(model_dirs, data):
         return model, add_lora(model, ["q_proj", "v_proj"], 4, 8, dropout=0.1)
 
     model, layers = fresh()
-    Trainer(model, settings, 0).run(train)
+    whole = Trainer(model, settings, 0).run(train)
     straight = {n: l.lora_B.weight.clone() for n, l in layers.items()}
 
     class Stop(Exception):
@@ -139,9 +139,11 @@ def test_resume_continues_exactly(model_dirs, data):
     with pytest.raises(Stop):
         Trainer(model, settings, 0).run(train, checkpoint=crash_at_16)
     model, layers = fresh()  # a new process: fresh weights, everything else from the checkpoint
-    Trainer(model, settings, 0).run(train, resume=saved)
+    resumed = Trainer(model, settings, 0).run(train, resume=saved)
     for name, layer in layers.items():
         torch.testing.assert_close(layer.lora_B.weight, straight[name], atol=0, rtol=0)
+    # the log is the whole run's, not only what ran after the resume
+    assert resumed.train_loss == whole.train_loss and len(whole.train_loss) == 24 and resumed.tokens == whole.tokens
 
 
 def test_reslora_resume_keeps_the_merge_statistics(model_dirs, data, tmp_path):
@@ -233,6 +235,16 @@ def test_out_of_range_settings_are_refused_before_loading(model_dirs, data, tmp_
     assert needle in str(info.value) and not (tmp_path / "o").exists()
 
 
+def test_examples_cut_to_max_length_are_reported(tmp_path, caplog):
+    from loader.default_model import build_tokenizer
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "a b", "completion": " c" * n}) + "\n" for n in (2, 40, 50)))
+    with caplog.at_level("WARNING", logger="loraplex.train"):
+        examples = read_jsonl(path, build_tokenizer(), 16)
+    assert max(len(e.input_ids) for e in examples) == 16
+    assert "2 of 3 examples are longer than --max-length 16 tokens" in caplog.text
+
+
 def test_jsonl_strings_may_hold_unicode_line_separators(model_dirs, tmp_path):
     from transformers import AutoTokenizer
     path = tmp_path / "u.jsonl"
@@ -267,7 +279,7 @@ def test_job_resume_uses_the_checkpoint_and_refuses_another_config(model_dirs, d
     run_job(job(model_dirs, data, tmp_path / "r", "lora", settings=settings, resume=True, overwrite=True))
     again = load_file(tmp_path / "r" / "adapter_model.safetensors")
     assert all(torch.equal(first[k], again[k]) for k in first)
-    with pytest.raises(JobError, match="different job configuration"):
+    with pytest.raises(JobError, match=r"different job configuration \(rank: 8 then, 4 now\)"):
         run_job(job(model_dirs, data, tmp_path / "r", "lora", rank=4, settings=settings, resume=True, overwrite=True))
 
 

@@ -178,7 +178,13 @@ class AdapterRegistry:
             entries = json.loads(self.state_file.read_text())["adapters"]
             entries = {e["id"]: bool(e.get("pinned")) for e in entries if isinstance(e["id"], str)}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.error("ignoring unreadable adapter state file %s: %s", self.state_file, exc)
+            # kept aside, not overwritten by the next LoadAdapter: it may be the only list of what was loaded
+            kept = self.state_file.with_name(f"{self.state_file.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+            try:
+                os.replace(self.state_file, kept)
+            except OSError:
+                kept = self.state_file
+            log.error("ignoring unreadable adapter state file %s (%s); it is kept as %s", self.state_file, exc, kept)
             return []
         failed = []
         for adapter_id, pinned in entries.items():  # the file is left as is until every entry has been tried

@@ -235,6 +235,9 @@ def test_a_malformed_state_file_is_ignored_not_fatal(model_dirs, adapter_root, t
     try:
         with Client(server.target, timeout=60) as client:
             assert client.list_adapters() == [] and client.health() == 1
+            client.load_adapter("v1")  # writes a fresh state file; the unreadable one was kept aside
+        [kept] = tmp_path.glob("state.json.unreadable-*")
+        assert kept.read_text() == body and "v1" in state.read_text()
     finally:
         server.stop()
 

@@ -256,7 +256,8 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     watchdog.cancel()
     log.info("draining: health NOT_SERVING, new calls UNAVAILABLE, %gs grace", config.grace_period)
     await health_servicer.enter_graceful_shutdown()
-    serving.engine.draining = True
+    await _between_steps(serving.engine.drain(Unavailable(
+        "the server is shutting down and this request had not started; retry on another replica")))
     deadline = time.monotonic() + config.grace_period
     while not serving.engine.idle() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
@@ -264,12 +265,21 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         cut = Unavailable(f"the server shut down before this request finished (--grace-period "
                           f"{config.grace_period:g}s ran out); retry on another replica")
         log.info("grace period over: ending the requests still in flight with UNAVAILABLE")
-        await asyncio.wrap_future(serving.engine.fail_in_flight(cut))
+        await _between_steps(serving.engine.fail_in_flight(cut))
     # The handlers still open have just been told their status (or were never the engine's, e.g. a LoadAdapter
     # reading a file): they get a moment to send it before the transport cuts them.
     await server.stop(max(HANDLER_GRACE, deadline - time.monotonic()))
     serving.engine.stop()
     log.info("stopped")
+
+
+async def _between_steps(future) -> None:
+    """Wait for an engine call made while shutting down; a stopped engine (its requests already failed) must
+    not stop the shutdown."""
+    try:
+        await asyncio.wrap_future(future)
+    except Exception as exc:
+        log.warning("shutting down without the engine: %s", exc)
 
 
 def _loopback(host: str) -> bool:

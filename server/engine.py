@@ -161,6 +161,19 @@ class Engine:
     def idle(self) -> bool:
         return self._batch is None and self._pending == 0
 
+    def drain(self, error: Exception) -> Future:
+        """Accept no more requests, and end those still waiting (none started) with `error` between steps: on
+        another replica they start now, here they would wait for rows that may be cut when the grace runs out.
+        The running ones go on."""
+        self.draining = True
+
+        def refuse_waiting() -> None:
+            for request in self._waiting:
+                self._tell(request, ErrorEvent(error))
+            self._unqueue(len(self._waiting))
+            self._waiting.clear()
+        return self.call(refuse_waiting)
+
     def fail_in_flight(self, error: Exception) -> Future:
         """End every waiting and running request with `error` between steps (a shutdown's grace has run out):
         each hears why, instead of its call being cut by the transport."""

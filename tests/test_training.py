@@ -3,6 +3,7 @@ import json
 import os
 import re
 import stat
+import time
 import subprocess
 import sys
 from dataclasses import replace
@@ -243,6 +244,19 @@ def test_examples_cut_to_max_length_are_reported(tmp_path, caplog):
         examples = read_jsonl(path, build_tokenizer(), 16)
     assert max(len(e.input_ids) for e in examples) == 16
     assert "2 of 3 examples are longer than --max-length 16 tokens" in caplog.text
+
+
+def test_a_huge_line_is_cut_before_tokenizing_and_keeps_the_same_tokens(tmp_path):
+    from loader.default_model import build_tokenizer
+    tokenizer = build_tokenizer()
+    text = " ".join(f"w{i % 97} reverse: x{i % 13} =>" for i in range(400_000))  # ~8 MB
+    path = tmp_path / "huge.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"prompt": "p", "completion": text}) + "\n")
+    start = time.perf_counter()
+    whole, completion = read_jsonl(path, tokenizer, 64)
+    assert time.perf_counter() - start < 5  # tokenizing all of it takes ~10x longer and GBs of memory
+    assert whole.input_ids == tokenizer(text[:20_000]).input_ids[:64]  # what tokenizing it whole would keep
+    assert completion.input_ids[1:] == tokenizer(text[:20_000], add_special_tokens=False).input_ids[:63]
 
 
 def test_jsonl_strings_may_hold_unicode_line_separators(model_dirs, tmp_path):

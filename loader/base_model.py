@@ -47,6 +47,18 @@ def _lengthening(replace: dict) -> bool:
     return literal is not None and len(replace.get("content") or "") >= len(literal)
 
 
+def device_problem(device: str) -> str | None:
+    """Why `device` (a --device flag) cannot hold a model here, or None."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        return f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: this torch build or machine has no CUDA device (torch {torch.__version__}); use " \
+               f"--device cpu"
+    return None
+
+
 def longest_token_chars(tokenizer) -> int | None:
     """An upper bound on the characters of text one token stands for, so that a prompt of C characters has at
     least C / bound tokens and one too long to fit is refused before it is tokenized (tokenizing a 4 MiB prompt

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.targets import ALL_LINEAR, linear_modules
 from adapters.training import Hooks, Trainer, TrainSettings, evaluate
+from loader.base_model import device_problem
 from loader.default_model import default_model_dir
 from loader.peft_files import CONFIG_FILE
 from loader.train_data import collate, read_jsonl
@@ -111,13 +112,9 @@ def check_job(job: TrainJob) -> None:
         if not ok(value):
             raise JobError(f"--{name.replace('_', '-')} must be {what}, got {value!r}"
                            + (" (or auto)" if name == "heads" else ""))
-    try:
-        device = torch.device(job.device)
-    except (RuntimeError, TypeError):
-        raise JobError(f"--device {job.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise JobError(f"--device {job.device}: this torch build or machine has no CUDA device "
-                       f"(torch {torch.__version__}); use --device cpu")
+    problem = device_problem(job.device)
+    if problem:
+        raise JobError(problem)
 
 
 def check_out(job: TrainJob) -> None:

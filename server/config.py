@@ -130,18 +130,14 @@ def check_config(c: ServerConfig) -> None:
         raise ConfigError(f"--adapter-kernel native runs on the CPU with --dtype float32, not {c.device} / {c.dtype}")
     if c.tls_client_ca and not c.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert/--tls-key (mutual TLS is TLS first)")
-    import torch  # here, not at import: the CLI's parser reads this module, and torch is slow to import
+    from loader.base_model import device_problem  # here, not at import: the CLI's parser reads this module
     if c.threads < 0:
         raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {c.threads}")
     if not math.isfinite(c.grace_period) or c.grace_period < 0:
         raise ConfigError(f"--grace-period must be a number of seconds >= 0, got {c.grace_period}")
-    try:
-        device = torch.device(c.device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"--device {c.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {c.device}: this torch build or machine has no CUDA device (torch "
-                          f"{torch.__version__}); use --device cpu")
+    problem = device_problem(c.device)
+    if problem:
+        raise ConfigError(problem)
     if c.adapter_root and not Path(c.adapter_root).is_dir():
         raise ConfigError(f"--adapter-root {c.adapter_root} is not a directory: every adapter would be NOT_FOUND")
     for name, (low, high) in BOUNDS.items():

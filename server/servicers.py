@@ -275,6 +275,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                     f"--max-queue-size of them); retry later")
         self._memory_waiters += 1
         self.serving.metrics.waiting.inc()
+        submitting = False
         try:
             async with self._memory_turn:
                 while True:
@@ -282,13 +283,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     freed = self._memory_freed
                     if self.serving.registry.might_fit(request.adapter_id):  # else trying would read it again
                         try:
+                            submitting = True
                             return await self._submitted(request, sink, arrival)
                         except AdapterMemoryFull:
+                            submitting = False
                             continue
                     try:  # looked at each second too: unloads and unpins free memory without a release
                         await asyncio.wait_for(freed.wait(), timeout=1.0)
                     except asyncio.TimeoutError:
                         pass
+        except asyncio.CancelledError:  # the client left (cancel, deadline) while waiting for room
+            if not submitting:  # else the engine counts it, once its request is queued
+                self.serving.metrics.success.labels(FinishReason.CANCELLED.value).inc()
+            raise
         finally:
             self._memory_waiters -= 1
             self.serving.metrics.waiting.dec()

@@ -293,6 +293,32 @@ def test_an_adapter_out_of_memory_is_not_starved_by_steady_traffic_on_those_in_m
         server.stop()
 
 
+def test_a_client_that_leaves_while_waiting_for_adapter_memory_is_counted(model_dirs, adapter_root, tmp_path,
+                                                                          monkeypatch):
+    root = tmp_path / "root"
+    for name in "ab":
+        shutil.copytree(adapter_root / "v1", root / name)
+    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2)  # one at a time
+    runner = server.serving.engine.runner
+    decode_step = runner.decode_step  # 400 steps take >= 2 s: "a" holds the budget throughout
+    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    key = 'loraplex_request_success_total{finished_reason="cancelled"}'
+    try:
+        with Client(server.target, timeout=60) as client:
+            holding = client.generate_stream([5, 6], "a", max_new_tokens=400, ignore_eos=True)
+            next(holding)
+            before = scrape(server).get(key, 0)
+            with Client(server.target, timeout=0.5) as hasty:
+                code, _ = status_of(hasty.generate, [5, 6], "b", max_new_tokens=2)
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert wait_for(lambda: scrape(server).get(key, 0) == before + 1)
+            assert scrape(server)["loraplex_num_requests_waiting"] == 0
+            holding.cancel()
+    finally:
+        server.stop()
+
+
 def test_budget_accounting_survives_churn(model_dirs, adapter_root, tmp_path):
     """Concurrent requests on six adapters under a budget for two, with cancels, deadlines, a hot-swap and a drained
     unload in between: every request ends with tokens (after waiting for room) or its client's own exit, and

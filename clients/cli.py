@@ -163,13 +163,11 @@ def _check_deploy(args, jobs) -> None:
     """With --deploy, before any training: the connection flags, the root, the server and every job's id."""
     if not args.deploy:
         return
-    from loader.deploy import DeployError, adapter_id_for, check
+    from loader.deploy import DeployError, check
     from loader.train_data import DataError
     connection = _connection(args)  # a wrong --token-file or --tls-* path: one line now, not after training
     try:
-        for job in jobs:
-            adapter_id_for(Path(job.out))
-        check(args.deploy, Path(args.deploy_root), **connection)
+        check(args.deploy, Path(args.deploy_root), [Path(job.out) for job in jobs], **connection)
     except DeployError as err:
         raise DataError(str(err)) from None
 

@@ -113,10 +113,11 @@ class Client:
 
 
 class AsyncStream:
-    """`async for` the messages of a GenerateStream call; `.cancel()` stops it early, and so does dropping it
-    unfinished (breaking out of the loop): the server stops generating at once. Iterating grpc's call directly, or
-    through an async generator, keeps the call alive in a reference cycle until the garbage collector runs, and the
-    server generates every token for nobody. Other attributes are the call's (code(), details(), ...)."""
+    """`async for` the messages of a GenerateStream call; `.cancel()` (or `await .aclose()`) stops it early, and so
+    does dropping it unfinished (breaking out of the loop): the call is cancelled at that moment. An async generator
+    around the call (what this client returned before) was closed only when the event loop next ran its finalizer,
+    so a caller that left the loop and then blocked kept the server generating; grpc's call iterated directly stays
+    alive in a reference cycle until the garbage collector runs. Other attributes are the call's (code(), ...)."""
 
     def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
         self.call = call
@@ -132,6 +133,9 @@ class AsyncStream:
 
     def cancel(self) -> bool:
         return self.call.cancel()
+
+    async def aclose(self) -> None:  # what the async generator offered (contextlib.aclosing)
+        self.call.cancel()
 
     def __getattr__(self, name: str):
         return getattr(self.call, name)

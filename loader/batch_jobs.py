@@ -17,6 +17,7 @@ from loader.train_data import DataError, jsonl_lines
 from loader.training_job import JobError, TrainJob, inapplicable
 
 JOB_FIELDS = {f.name for f in fields(TrainJob)} - {"settings"}
+DEFAULTS = {f.name: f.default for f in fields(TrainJob) if f.name != "settings"}
 SETTING_FIELDS = {f.name for f in fields(TrainSettings)}
 
 
@@ -40,7 +41,8 @@ def read_jobs(path: Path, defaults: TrainJob) -> list[TrainJob]:
         if missing:
             raise DataError(f"{path}:{number}: a job needs 'method', 'data' and 'out' (from the line or the "
                             f"command line); missing {missing}")
-        problem = inapplicable(record.get("method", defaults.method), record)
+        problem = inapplicable(record.get("method", defaults.method),
+                               {k for k, v in record.items() if k in DEFAULTS and v != DEFAULTS[k]})
         if problem:
             raise DataError(f"{path}:{number}: {problem}")
         settings = replace(defaults.settings, **{k: v for k, v in record.items() if k in SETTING_FIELDS})

@@ -31,17 +31,28 @@ class DeployError(Exception):
 
 
 def adapter_id_for(out: Path) -> str:
-    """The id a trained adapter deploys as: its output directory's name, which must be a valid id."""
-    adapter_id = out.resolve().name
+    """The id a trained adapter deploys as: its output directory's name (as given, links not followed), which must
+    be a valid id."""
+    adapter_id = Path(os.path.abspath(out)).name
     if not valid_id(adapter_id):
         raise DeployError(f"--out {out} would deploy as adapter id {adapter_id!r}: {ID_RULE}; name the output "
                           f"directory after the id")
     return adapter_id
 
 
-def check(target: str, root: Path, timeout: float = 10, **connection) -> None:
-    """Before training: the root is a directory this user can write to and the server answers, so a deploy
-    problem is found before the training time is spent, not after."""
+def check(target: str, root: Path, outs: list[Path], timeout: float = 10, **connection) -> None:
+    """Before training: every output has its own valid id and is not a version the server reads, the root is a
+    directory this user can write to, and the server answers: a deploy problem is found before the training time
+    is spent, not after."""
+    ids: dict[str, Path] = {}
+    for out in outs:
+        adapter_id = adapter_id_for(out)
+        if adapter_id in ids:
+            raise DeployError(f"--out {ids[adapter_id]} and {out} would both deploy as adapter id {adapter_id!r}")
+        ids[adapter_id] = out
+        if (root / adapter_id).is_symlink() and os.path.abspath(out) == os.path.abspath(root / adapter_id):
+            raise DeployError(f"--out {out} is the version of {adapter_id!r} the server reads now (a deploy's link): "
+                              f"train into another directory and deploy from there")
     if not root.is_dir():
         raise DeployError(f"--deploy-root {root} is not a directory: give the server's --adapter-root")
     if not os.access(root, os.W_OK | os.X_OK):
@@ -103,7 +114,8 @@ def deploy(adapter_dir: Path, target: str, root: Path, adapter_id: str | None = 
     where one is configured). A LoadAdapter the server refuses (files it cannot serve, a missing admin token) rolls
     the root back: the refused files never become what the id's next auto-load or a restart would read."""
     adapter_id = adapter_id or adapter_id_for(adapter_dir)
-    in_place = (root / adapter_id).resolve() == adapter_dir.resolve()  # trained straight into the root
+    dest = root / adapter_id  # trained straight into the root (a plain directory there): served as it is
+    in_place = not dest.is_symlink() and os.path.abspath(dest) == os.path.abspath(adapter_dir)
     installed = None if in_place else install(adapter_dir, root, adapter_id)
     try:
         with Client(target, timeout=timeout, **connection) as client:
@@ -112,7 +124,8 @@ def deploy(adapter_dir: Path, target: str, root: Path, adapter_id: str | None = 
         if installed is not None:
             roll_back(root, adapter_id, *installed)
         if isinstance(exc, grpc.RpcError):
-            raise DeployError(f"{target} did not load {adapter_id!r} (the root is as it was): {exc.code().name}: "
+            state = "the root is as it was" if installed is not None else f"the refused files stay in {dest}"
+            raise DeployError(f"{target} did not load {adapter_id!r} ({state}): {exc.code().name}: "
                               f"{exc.details()}") from None
         raise
     moved = installed[1] if installed and installed[1] is not None and KEPT in installed[1].name else None

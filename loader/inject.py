@@ -9,13 +9,17 @@ from adapters.slot_bank import AdapterContext, ModuleShape
 from adapters.targets import ALL_LINEAR, linear_modules
 
 
+def unmatched_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """The names in a --target-modules list that match no adaptable module of `model`."""
+    return [t for t in targets if not linear_modules(model, [t])] if isinstance(targets, list) else []
+
+
 def inject(model: nn.Module, targets: str | list[str] = ALL_LINEAR) -> tuple[AdapterContext, list[ModuleShape]]:
     found = linear_modules(model, targets)
-    unmatched = [t for t in targets if not linear_modules(model, [t])] if isinstance(targets, list) else []
-    if not found or unmatched:  # a name that adapts nothing would leave adapters targeting it unservable
+    if not found:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in linear_modules(model, ALL_LINEAR)})
-        raise ValueError(f"{', '.join(unmatched) or targets} matches no adaptable linear module of the model; its "
-                         f"linear modules are named {names}")
+        raise ValueError(f"{targets} matches no adaptable linear module of the model; its linear modules are named "
+                         f"{names}")
     context = AdapterContext()
     shapes = []
     for index, (name, module) in enumerate(found):

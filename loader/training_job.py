@@ -100,7 +100,7 @@ def check_job(job: TrainJob) -> None:
               ("max_length", job.max_length, positive_int), ("init_r", job.init_r, positive_int),
               ("target_r", job.target_r, positive_int), ("tinit", job.tinit, count), ("tfinal", job.tfinal, count),
               ("delta_t", job.delta_t, positive_int), ("orth_reg_weight", job.orth_reg_weight, non_negative),
-              ("pre_num", job.pre_num, positive_int), ("lr", s.lr, positive), ("epochs", s.epochs, positive_int),
+              ("pre_num", job.pre_num, count), ("lr", s.lr, positive), ("epochs", s.epochs, positive_int),
               ("batch_size", s.batch_size, positive_int), ("grad_accum", s.grad_accum, positive_int),
               ("eval_every", s.eval_every, positive_int), ("weight_decay", s.weight_decay, non_negative),
               ("warmup_ratio", s.warmup_ratio, fraction), ("max_grad_norm", s.max_grad_norm, positive)]
@@ -154,9 +154,9 @@ def _targets(job: TrainJob, model) -> list[str] | str:
     unmatched = [t for t in targets if not linear_modules(model, [t])] if isinstance(targets, list) else \
         [] if linear_modules(model, targets) else [targets]
     if unmatched:  # each name must adapt something: one that matches nothing would silently train less
-        raise JobError(f"--target-modules {', '.join(map(str, unmatched))} matches no adaptable linear module of "
-                       f"this model (the output head and embeddings are never adapted); its linear modules are "
-                       f"named {names}")
+        given = "--target-modules" if job.target_modules else f"{job.method}'s default target modules"
+        raise JobError(f"{given}: {', '.join(map(str, unmatched))} matches no adaptable linear module of this model "
+                       f"(the output head and embeddings are never adapted); its linear modules are named {names}")
     return targets
 
 

@@ -20,7 +20,7 @@ from adapters import cpu_kernel
 from adapters.slot_bank import SlotBank
 from loader.base_model import load_base_model
 from loader.default_model import default_adapter_root
-from loader.inject import ALL_LINEAR, base_weight, inject
+from loader.inject import ALL_LINEAR, base_weight, inject, unmatched_targets
 from loader.peft_files import read_adapter
 from loader.registry import AdapterRegistry
 from protos.loraplex.v1 import inference_pb2 as pb
@@ -107,10 +107,14 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
         log.info("prompt texts are tokenized whole before their length is checked: this tokenizer may drop or fuse "
                  "characters, so their count bounds no token count (gRPC's 4 MiB message limit still applies)")
     targets = ALL_LINEAR if config.target_modules == ALL_LINEAR else config.target_modules.split(",")
+    unmatched = unmatched_targets(base.model, targets)
     try:
         context, shapes = inject(base.model, targets)
     except ValueError as exc:
         raise ConfigError(f"--target-modules: {exc}") from None
+    if unmatched:  # a list shared across model families may name modules this one lacks
+        log.warning("--target-modules: %s matches no module of this model; adapters targeting it are refused",
+                    ", ".join(unmatched))
     dtype = next(base.model.parameters()).dtype
     factor_dtype = dtype if config.adapter_dtype == "auto" else getattr(torch, config.adapter_dtype)
     bank = SlotBank(shapes, config.max_active_adapters, config.max_lora_rank, torch.device(config.device),
@@ -255,17 +259,17 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     await stop.wait()
     watchdog.cancel()
     log.info("draining: health NOT_SERVING, new calls UNAVAILABLE, %gs grace", config.grace_period)
+    deadline = time.monotonic() + config.grace_period
     await health_servicer.enter_graceful_shutdown()
     await _between_steps(serving.engine.drain(Unavailable(
-        "the server is shutting down and this request had not started; retry on another replica")))
-    deadline = time.monotonic() + config.grace_period
+        "the server is shutting down and this request had not started; retry on another replica")), deadline)
     while not serving.engine.idle() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     if not serving.engine.idle():
         cut = Unavailable(f"the server shut down before this request finished (--grace-period "
                           f"{config.grace_period:g}s ran out); retry on another replica")
         log.info("grace period over: ending the requests still in flight with UNAVAILABLE")
-        await _between_steps(serving.engine.fail_in_flight(cut))
+        await _between_steps(serving.engine.fail_in_flight(cut), time.monotonic())
     # The handlers still open have just been told their status (or were never the engine's, e.g. a LoadAdapter
     # reading a file): they get a moment to send it before the transport cuts them.
     await server.stop(max(HANDLER_GRACE, deadline - time.monotonic()))
@@ -273,13 +277,13 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     log.info("stopped")
 
 
-async def _between_steps(future) -> None:
-    """Wait for an engine call made while shutting down; a stopped engine (its requests already failed) must
-    not stop the shutdown."""
+async def _between_steps(future, deadline: float) -> None:
+    """Wait for an engine call made while shutting down, until `deadline` (time.monotonic) and HANDLER_GRACE more:
+    a stopped engine (its requests already failed) or one stuck in a step must not stop the shutdown."""
     try:
-        await asyncio.wrap_future(future)
-    except Exception as exc:
-        log.warning("shutting down without the engine: %s", exc)
+        await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, deadline - time.monotonic()) + HANDLER_GRACE)
+    except Exception as exc:  # TimeoutError too: the transport ends the calls instead
+        log.warning("shutting down without the engine: %s", exc or type(exc).__name__)
 
 
 def _loopback(host: str) -> bool:

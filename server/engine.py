@@ -111,6 +111,7 @@ class Engine:
         self._wake = threading.Event()
         self._stop = False
         self.draining = False
+        self._refusal: Exception | None = None  # what requests hear once draining
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
 
     # -- any thread -------------------------------------------------------------------------------
@@ -165,6 +166,7 @@ class Engine:
         """Accept no more requests, and end those still waiting (none started) with `error` between steps: on
         another replica they start now, here they would wait for rows that may be cut when the grace runs out.
         The running ones go on."""
+        self._refusal = error
         self.draining = True
 
         def refuse_waiting() -> None:
@@ -227,7 +229,10 @@ class Engine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, EngineRequest):
+            if isinstance(item, EngineRequest) and self.draining:  # it passed submit's check just before the drain
+                self._tell(item, ErrorEvent(self._refusal))
+                self._unqueue()
+            elif isinstance(item, EngineRequest):
                 self._waiting.append(item)
             else:
                 yield item

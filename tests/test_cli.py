@@ -59,13 +59,13 @@ def test_serve_start_up_failures_are_one_line_errors(server, model_dirs, what):
         flags = ["--model", str(model_dirs["llama"]), "--port", "0", "--metrics-port", "0",
                  *{"threads": ["--threads", "-1"], "grace": ["--grace-period", "-1"], "device": ["--device", "gpu"],
                    "root": ["--adapter-root", "/nonexistent/root"],
-                   "targets": ["--target-modules", "q_proj,foo_proj"]}[what]]
+                   "targets": ["--target-modules", "foo_proj,bar_proj"]}[what]]
     result = run("serve", *flags)
     needle = {"grpc": f"cannot listen on 127.0.0.1:{server.ports.grpc}", "metrics": "cannot serve metrics on",
               "model": "--model: /nonexistent/model is not a Hugging Face model directory",
               "threads": "--threads must be >= 0", "grace": "--grace-period must be a number of seconds >= 0",
               "device": "--device 'gpu' is not a torch device", "root": "--adapter-root /nonexistent/root is not a",
-              "targets": "--target-modules: foo_proj matches no adaptable linear module"}[what]
+              "targets": "--target-modules: ['foo_proj', 'bar_proj'] matches no adaptable linear module"}[what]
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 

@@ -1,5 +1,6 @@
 """Cancellation, deadlines, health, drain on SIGTERM, reflection, metrics, hot-swap and adapter residency."""
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -62,11 +63,10 @@ def test_an_async_stream_left_or_cancelled_stops_on_the_server(server, monkeypat
         before = scrape(server).get(key, 0)
         async with AsyncClient(server.target, timeout=60) as client:
             await leave(client)
-            for _ in range(100):  # the client stays open: only the cancel can end the row
-                if scrape(server).get(key, 0) == before + 1:
-                    return scrape(server)["loraplex_num_requests_running"] == 0
-                await asyncio.sleep(0.02)
-        return False
+            # the client stays open and the event loop blocked (a caller busy with other work): only a cancel
+            # made at the moment the stream was left can end the row
+            return wait_for(lambda: scrape(server).get(key, 0) == before + 1) and \
+                scrape(server)["loraplex_num_requests_running"] == 0
 
     async def break_out(client):
         async for _ in client.generate_stream([5, 6], "v1", max_new_tokens=480, ignore_eos=True):
@@ -76,8 +76,14 @@ def test_an_async_stream_left_or_cancelled_stops_on_the_server(server, monkeypat
         stream = client.generate_stream([5, 6], "v1", max_new_tokens=480, ignore_eos=True)
         await anext(stream)
         stream.cancel()  # the stream is still referenced: only the cancel ends it
+
+    async def close(client):
+        async with contextlib.aclosing(client.generate_stream([5, 6], "v1", max_new_tokens=480,
+                                                              ignore_eos=True)) as stream:
+            await anext(stream)
     assert asyncio.run(cancelled_after(break_out))
     assert asyncio.run(cancelled_after(cancel))
+    assert asyncio.run(cancelled_after(close))
 
 
 def test_deadline_frees_its_row(server, monkeypatch):

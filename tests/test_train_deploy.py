@@ -163,3 +163,29 @@ def test_a_deploy_the_server_refuses_is_rolled_back(model_dirs, tmp_path):
             assert client.load_adapter("a", replace=True).rank == 4
     finally:
         server.stop()
+
+
+def test_deploy_checks_ids_before_training(tmp_path):
+    """Two outputs deploying as one id, or an output that is the version the server reads (a deploy's link), are
+    refused before any training; an output reached through a link deploys under the name given."""
+    from loader.deploy import DeployError, adapter_id_for, check, install
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(DeployError, match="would both deploy as adapter id 'x'"):
+        check("127.0.0.1:1", root, [tmp_path / "a" / "x", tmp_path / "b" / "x"])
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "adapter_config.json").write_text("{}")
+    (trained / "adapter_model.safetensors").write_bytes(b"")
+    install(trained, root, "live")
+    with pytest.raises(DeployError, match="is the version of 'live' the server reads now"):
+        check("127.0.0.1:1", root, [root / "live"])
+    (tmp_path / "latest").symlink_to(trained)
+    assert adapter_id_for(tmp_path / "latest") == "latest"
+
+
+def test_a_jobs_line_may_spell_out_other_methods_defaults(tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"method": "adalora", "data": "d", "out": "o", "rslora": False, "heads": 4,
+                                "structure": "bs", "pre_num": 1}) + "\n")
+    assert read_jobs(jobs, TrainJob(method=None, data=None, out=None))[0].method == "adalora"

@@ -4,11 +4,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import time
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import grpc
@@ -16,10 +15,10 @@ import grpc
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.engine import Engine, EngineRequest, ErrorEvent, FinishEvent, TokenEvent
-from server.errors import (AdapterMemoryFull, FailedPrecondition, InvalidArgument, LoraplexError, OutOfRange,
-                           Unavailable, status_for)
-from server.sampling import SamplingParams
-from server.stopping import FinishReason, StoppingParams
+from server.errors import (AdapterMemoryFull, FailedPrecondition, InvalidArgument, LoraplexError, Unavailable,
+                           status_for)
+from server.stopping import FinishReason
+from server.validation import MAX_REQUEST_ID, prompt_and_stopping, sampling_from
 
 log = logging.getLogger("loraplex.servicers")
 
@@ -27,7 +26,6 @@ FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.EOS_TOKEN: 
           FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE}
 KINDS = {"lora": pb.ADAPTER_KIND_LORA, "adalora": pb.ADAPTER_KIND_ADALORA, "hydralora": pb.ADAPTER_KIND_HYDRALORA,
          "reslora": pb.ADAPTER_KIND_RESLORA}
-MAX_STOP_SEQUENCES, MAX_STOP_LENGTH, MAX_REQUEST_ID = 16, 256, 256
 
 
 @dataclass
@@ -76,81 +74,6 @@ def _ready(serving: Serving) -> Serving:
     if not serving.engine.alive:
         raise Unavailable("the engine has stopped; this replica cannot serve")
     return serving
-
-
-def _finite(value: float, name: str) -> float:
-    if not math.isfinite(value):
-        raise InvalidArgument(f"{name} must be a finite number, got {value}")
-    return value
-
-
-def sampling_from(msg: pb.SamplingParams) -> SamplingParams:
-    temperature = _finite(msg.temperature, "sampling.temperature") if msg.HasField("temperature") else 0.0
-    if temperature < 0:
-        raise InvalidArgument(f"sampling.temperature must be >= 0 (0 = greedy), got {temperature}")
-    top_k = msg.top_k if msg.HasField("top_k") else 0
-    if top_k < 0:
-        raise InvalidArgument(f"sampling.top_k must be >= 0 (0 disables), got {top_k}")
-    top_p = _finite(msg.top_p, "sampling.top_p") if msg.HasField("top_p") else 1.0
-    if not 0.0 < top_p <= 1.0:
-        raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {top_p}")
-    return SamplingParams(temperature, top_k, top_p, msg.seed if msg.HasField("seed") else None)
-
-
-def stopping_from(msg: pb.StoppingCriteria, limits) -> StoppingParams:
-    max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens
-    if max_new < 1:
-        raise InvalidArgument(f"stopping.max_new_tokens must be >= 1, got {max_new}")
-    if max_new > limits.max_new_tokens and limits.max_new_tokens < limits.max_context:  # a flag set below the model's
-        raise InvalidArgument(f"stopping.max_new_tokens {max_new} is above the server's --max-new-tokens "
-                              f"{limits.max_new_tokens}")
-    if max_new > limits.max_context:
-        raise OutOfRange(f"stopping.max_new_tokens {max_new} exceeds the model context of {limits.max_context} "
-                         f"tokens")
-    stops = tuple(msg.stop)
-    if len(stops) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
-        raise InvalidArgument(f"stopping.stop takes at most {MAX_STOP_SEQUENCES} non-empty strings of at most "
-                              f"{MAX_STOP_LENGTH} characters")
-    return StoppingParams(max_new, stops, msg.ignore_eos)
-
-
-def _check_prompt_chars(chars: int, base, limits) -> None:
-    """A prompt text that cannot fit whatever it encodes to: at most base.max_token_chars characters a token
-    (None: this tokenizer gives no such bound)."""
-    per_token = base.max_token_chars
-    if per_token is None:
-        return
-    if chars > limits.max_prompt_tokens * per_token and limits.max_prompt_tokens < base.max_context:
-        raise InvalidArgument(f"the prompt has {chars} characters, more than the server's --max-prompt-tokens "
-                              f"{limits.max_prompt_tokens} can hold (a token stands for at most {per_token} "
-                              f"characters)")
-    if chars > base.max_context * per_token:
-        raise OutOfRange(f"the prompt has {chars} characters, more than the model context of {base.max_context} "
-                         f"tokens can hold (a token stands for at most {per_token} characters)")
-
-
-def _fit_prompt(tokens: int, stopping: StoppingParams, explicit: bool, base, limits) -> StoppingParams:
-    """The stopping a prompt of `tokens` tokens runs with. A request that sets no max_new_tokens gets the server's
-    default within the room its prompt leaves in the context; one that sets it gets exactly that or an error."""
-    # A flag set below the model's own limit first, naming the flag; by default --max-prompt-tokens is the context,
-    # and a prompt beyond it is the model's limit (OUT_OF_RANGE), not a flag the user never set.
-    if tokens > limits.max_prompt_tokens and limits.max_prompt_tokens < base.max_context:
-        raise InvalidArgument(f"the prompt has {tokens} tokens, above the server's --max-prompt-tokens "
-                              f"{limits.max_prompt_tokens}")
-    if tokens >= base.max_context:
-        raise OutOfRange(f"the prompt has {tokens} tokens and the model context is {base.max_context}: no room is "
-                         f"left for a new token")
-    if not explicit:
-        room = min(base.max_context, limits.max_kv_tokens) - tokens
-        stopping = replace(stopping, max_new_tokens=max(1, min(stopping.max_new_tokens, room)))
-    if tokens + stopping.max_new_tokens > base.max_context:
-        raise OutOfRange(f"prompt ({tokens} tokens) + max_new_tokens ({stopping.max_new_tokens}) exceeds the "
-                         f"model context of {base.max_context} tokens")
-    if tokens + stopping.max_new_tokens > limits.max_kv_tokens:  # permanent, unlike a full queue
-        raise OutOfRange(f"prompt ({tokens} tokens) + max_new_tokens ({stopping.max_new_tokens}) needs more "
-                         f"KV-cache token slots than the server's --max-kv-tokens {limits.max_kv_tokens}, even "
-                         f"alone")
-    return stopping
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -205,32 +128,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _prepare(self, request: pb.GenerateRequest) -> EngineRequest:
         """Validation and tokenization: blocking work, run in the executor. The adapter is resolved by _submit."""
         s = _ready(self.serving)
-        base, config = s.base, s.config
         if len(request.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
         sampling = sampling_from(request.sampling)
-        limits = s.limits
-        stopping = stopping_from(request.stopping, limits)
-        explicit = request.stopping.HasField("max_new_tokens")
-        which = request.WhichOneof("input")
-        if which == "prompt":
-            if not request.prompt:
-                raise InvalidArgument("prompt is empty")
-            _check_prompt_chars(len(request.prompt), base, limits)  # before tokenizing: its memory grows with it
-            ids = base.tokenizer(request.prompt).input_ids
-            if not ids:
-                raise InvalidArgument("the prompt encodes to no tokens")
-            stopping = _fit_prompt(len(ids), stopping, explicit, base, limits)
-        elif which == "prompt_token_ids":
-            if not request.prompt_token_ids.ids:
-                raise InvalidArgument("prompt_token_ids is empty")
-            stopping = _fit_prompt(len(request.prompt_token_ids.ids), stopping, explicit, base, limits)  # before copying
-            ids = list(request.prompt_token_ids.ids)
-            bad = [t for t in ids if not 0 <= t < base.vocab_size]
-            if bad:
-                raise InvalidArgument(f"prompt_token_ids holds {bad[0]}, outside the vocabulary [0, {base.vocab_size})")
-        else:
-            raise InvalidArgument("set either prompt or prompt_token_ids")
+        ids, stopping = prompt_and_stopping(request, s.base, s.limits)
         return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=None,
                              sampling=sampling, stopping=stopping, sink=lambda event: None)
 

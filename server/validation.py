@@ -1,0 +1,113 @@
+"""Generate requests' fields checked and turned into engine types: sampling, stopping, the prompt's tokens.
+Every refusal names the field or the flag it breaks (INVALID_ARGUMENT), or the model limit (OUT_OF_RANGE)."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from protos.loraplex.v1 import inference_pb2 as pb
+from server.errors import InvalidArgument, OutOfRange
+from server.sampling import SamplingParams
+from server.stopping import StoppingParams
+
+MAX_STOP_SEQUENCES, MAX_STOP_LENGTH, MAX_REQUEST_ID = 16, 256, 256
+
+
+def _finite(value: float, name: str) -> float:
+    if not math.isfinite(value):
+        raise InvalidArgument(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def sampling_from(msg: pb.SamplingParams) -> SamplingParams:
+    temperature = _finite(msg.temperature, "sampling.temperature") if msg.HasField("temperature") else 0.0
+    if temperature < 0:
+        raise InvalidArgument(f"sampling.temperature must be >= 0 (0 = greedy), got {temperature}")
+    top_k = msg.top_k if msg.HasField("top_k") else 0
+    if top_k < 0:
+        raise InvalidArgument(f"sampling.top_k must be >= 0 (0 disables), got {top_k}")
+    top_p = _finite(msg.top_p, "sampling.top_p") if msg.HasField("top_p") else 1.0
+    if not 0.0 < top_p <= 1.0:
+        raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {top_p}")
+    return SamplingParams(temperature, top_k, top_p, msg.seed if msg.HasField("seed") else None)
+
+
+def stopping_from(msg: pb.StoppingCriteria, limits) -> StoppingParams:
+    max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens
+    if max_new < 1:
+        raise InvalidArgument(f"stopping.max_new_tokens must be >= 1, got {max_new}")
+    if max_new > limits.max_new_tokens and limits.max_new_tokens < limits.max_context:  # a flag set below the model's
+        raise InvalidArgument(f"stopping.max_new_tokens {max_new} is above the server's --max-new-tokens "
+                              f"{limits.max_new_tokens}")
+    if max_new > limits.max_context:
+        raise OutOfRange(f"stopping.max_new_tokens {max_new} exceeds the model context of {limits.max_context} "
+                         f"tokens")
+    stops = tuple(msg.stop)
+    if len(stops) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
+        raise InvalidArgument(f"stopping.stop takes at most {MAX_STOP_SEQUENCES} non-empty strings of at most "
+                              f"{MAX_STOP_LENGTH} characters")
+    return StoppingParams(max_new, stops, msg.ignore_eos)
+
+
+def _check_prompt_chars(chars: int, base, limits) -> None:
+    """A prompt text that cannot fit whatever it encodes to: at most base.max_token_chars characters a token
+    (None: this tokenizer gives no such bound)."""
+    per_token = base.max_token_chars
+    if per_token is None:
+        return
+    if chars > limits.max_prompt_tokens * per_token and limits.max_prompt_tokens < base.max_context:
+        raise InvalidArgument(f"the prompt has {chars} characters, more than the server's --max-prompt-tokens "
+                              f"{limits.max_prompt_tokens} can hold (a token stands for at most {per_token} "
+                              f"characters)")
+    if chars > base.max_context * per_token:
+        raise OutOfRange(f"the prompt has {chars} characters, more than the model context of {base.max_context} "
+                         f"tokens can hold (a token stands for at most {per_token} characters)")
+
+
+def _fit_prompt(tokens: int, stopping: StoppingParams, explicit: bool, base, limits) -> StoppingParams:
+    """The stopping a prompt of `tokens` tokens runs with. A request that sets no max_new_tokens gets the server's
+    default within the room its prompt leaves in the context; one that sets it gets exactly that or an error."""
+    # A flag set below the model's own limit first, naming the flag; by default --max-prompt-tokens is the context,
+    # and a prompt beyond it is the model's limit (OUT_OF_RANGE), not a flag the user never set.
+    if tokens > limits.max_prompt_tokens and limits.max_prompt_tokens < base.max_context:
+        raise InvalidArgument(f"the prompt has {tokens} tokens, above the server's --max-prompt-tokens "
+                              f"{limits.max_prompt_tokens}")
+    if tokens >= base.max_context:
+        raise OutOfRange(f"the prompt has {tokens} tokens and the model context is {base.max_context}: no room is "
+                         f"left for a new token")
+    if not explicit:
+        room = min(base.max_context, limits.max_kv_tokens) - tokens
+        stopping = replace(stopping, max_new_tokens=max(1, min(stopping.max_new_tokens, room)))
+    if tokens + stopping.max_new_tokens > base.max_context:
+        raise OutOfRange(f"prompt ({tokens} tokens) + max_new_tokens ({stopping.max_new_tokens}) exceeds the "
+                         f"model context of {base.max_context} tokens")
+    if tokens + stopping.max_new_tokens > limits.max_kv_tokens:  # permanent, unlike a full queue
+        raise OutOfRange(f"prompt ({tokens} tokens) + max_new_tokens ({stopping.max_new_tokens}) needs more "
+                         f"KV-cache token slots than the server's --max-kv-tokens {limits.max_kv_tokens}, even "
+                         f"alone")
+    return stopping
+
+
+def prompt_and_stopping(request: pb.GenerateRequest, base, limits) -> tuple[list[int], StoppingParams]:
+    """The prompt's token ids and the stopping it runs with (tokenizing a text prompt: blocking work)."""
+    stopping = stopping_from(request.stopping, limits)
+    explicit = request.stopping.HasField("max_new_tokens")
+    which = request.WhichOneof("input")
+    if which == "prompt":
+        if not request.prompt:
+            raise InvalidArgument("prompt is empty")
+        _check_prompt_chars(len(request.prompt), base, limits)  # before tokenizing: its memory grows with it
+        ids = base.tokenizer(request.prompt).input_ids
+        if not ids:
+            raise InvalidArgument("the prompt encodes to no tokens")
+        return ids, _fit_prompt(len(ids), stopping, explicit, base, limits)
+    if which == "prompt_token_ids":
+        if not request.prompt_token_ids.ids:
+            raise InvalidArgument("prompt_token_ids is empty")
+        stopping = _fit_prompt(len(request.prompt_token_ids.ids), stopping, explicit, base, limits)  # before copying
+        ids = list(request.prompt_token_ids.ids)
+        bad = [t for t in ids if not 0 <= t < base.vocab_size]
+        if bad:
+            raise InvalidArgument(f"prompt_token_ids holds {bad[0]}, outside the vocabulary [0, {base.vocab_size})")
+        return ids, stopping
+    raise InvalidArgument("set either prompt or prompt_token_ids")

@@ -34,7 +34,8 @@ def _connection(args) -> dict:
     """Client keyword arguments from the connection flags: the token from --token-file or $LORAPLEX_TOKEN (never
     argv, where other users of the machine could read it), TLS when any --tls* flag is given."""
     from clients.client import Tls, token_from
-    tls = Tls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls or args.tls_ca or args.tls_cert else None
+    tls = Tls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls or args.tls_ca or args.tls_cert or args.tls_key \
+        else None
     try:
         token = token_from(args.token_file)
         if tls is not None:

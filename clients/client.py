@@ -55,6 +55,8 @@ class Tls:
     key: str | None = None
 
     def credentials(self) -> grpc.ChannelCredentials:
+        if bool(self.cert) != bool(self.key):  # grpc's C core aborts the whole process on half a pair
+            raise ValueError("a client certificate and its key go together (--tls-cert and --tls-key)")
         read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 

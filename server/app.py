@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 import signal
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -307,6 +308,23 @@ async def _watch_engine(engine: Engine, health_servicer, stop: asyncio.Event) ->
         await asyncio.sleep(0.1)
 
 
+def _check_pem(config: ServerConfig) -> None:
+    """grpc takes any bytes here and fails later, at bind, as if the port were the problem: the files are parsed
+    now (with Python's ssl, OpenSSL like grpc's) so that a wrong one is named."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: not a PEM certificate chain "
+                          f"and its private key ({exc.reason or exc})") from None
+    if config.tls_client_ca:
+        try:
+            context.load_verify_locations(cafile=config.tls_client_ca)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"--tls-client-ca {config.tls_client_ca}: not PEM CA certificates "
+                              f"({exc.reason or exc})") from None
+
+
 def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials:
     def read(path: str, what: str) -> bytes:
         try:
@@ -314,6 +332,7 @@ def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials:
         except OSError as exc:
             raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     chain = [(read(config.tls_key, "--tls-key"), read(config.tls_cert, "--tls-cert"))]
+    _check_pem(config)
     if config.tls_client_ca:
         return grpc.ssl_server_credentials(chain, root_certificates=read(config.tls_client_ca, "--tls-client-ca"),
                                            require_client_auth=True)

@@ -33,6 +33,9 @@ def read_tokens(path: str) -> tuple[bytes, ...]:
     tokens = tuple(line.strip().encode() for line in lines if line.strip() and not line.lstrip().startswith("#"))
     if not tokens:
         raise TokenFileError(f"token file {path} holds no token")
+    if any(len(t.split()) > 1 for t in tokens):
+        raise TokenFileError(f"token file {path}: a token cannot hold whitespace (one token a line; a comment goes "
+                             f"on its own line, starting with #)")
     if any(len(t) < 16 for t in tokens):
         raise TokenFileError(f"token file {path}: every token must be at least 16 characters")
     return tokens

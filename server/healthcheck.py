@@ -34,7 +34,8 @@ def check(addr: str, service: str = "", timeout: float = 3.0,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.healthcheck",
                                      description="Exit 0 if the gRPC health service says SERVING, else 1.")
-    parser.add_argument("--addr", default="127.0.0.1:50051", help="server address host:port")
+    parser.add_argument("--addr", "--target", dest="addr", default="127.0.0.1:50051",
+                        help="server address host:port (--target, as in the loraplex CLI)")
     parser.add_argument("--service", default="", help="service name to check ('' = the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="deadline of the Check call in seconds")
     parser.add_argument("--tls-ca", default=None, help="PEM CA of a TLS server (health needs no token, but TLS "
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
     parser.add_argument("--tls-key", default=None, help="PEM client key (mutual TLS)")
     args = parser.parse_args(argv)
-    credentials = Tls(args.tls_ca, args.tls_cert, args.tls_key).credentials() if args.tls_ca or args.tls_cert else None
+    try:
+        credentials = Tls(args.tls_ca, args.tls_cert, args.tls_key).credentials() \
+            if args.tls_ca or args.tls_cert or args.tls_key else None
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
     serving, reason = check(args.addr, args.service, args.timeout, credentials)
     print(f"{args.addr} service {args.service!r}: {reason}")
     return 0 if serving else 1

@@ -115,6 +115,25 @@ def test_token_files_are_checked(tmp_path):
         read_tokens(str(tmp_path / "short"))
     with pytest.raises(TokenFileError, match="cannot read"):
         read_tokens(str(tmp_path / "missing"))
+    (tmp_path / "inline").write_text("user-token-bbbbbbbbbbbb # the CI's token\n")  # would never match
+    with pytest.raises(TokenFileError, match="a token cannot hold whitespace"):
+        read_tokens(str(tmp_path / "inline"))
+
+
+def test_tls_files_that_do_not_fit_are_named(pki, tmp_path):
+    """A server key that is not its certificate's, or a CA file that is no PEM, is named at start-up (grpc failed
+    at bind, as if the port were taken); a client certificate without its key is an error, not an abort."""
+    from server.app import _check_pem
+    from server.config import ConfigError, ServerConfig
+    with pytest.raises(ConfigError, match=r"--tls-key .*: not a PEM certificate chain and its private key \(KEY_VALUES"):
+        _check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=pki["rogue_key"]))
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="--tls-client-ca .*: not PEM CA certificates"):
+        _check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=pki["server_key"],
+                                tls_client_ca=str(tmp_path / "ca.pem")))
+    _check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=pki["ca"]))
+    with pytest.raises(ValueError, match="a client certificate and its key go together"):
+        Tls(ca=pki["ca"], cert=pki["client_cert"]).credentials()
 
 
 @pytest.fixture(scope="module")

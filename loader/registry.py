@@ -81,6 +81,7 @@ class AdapterRegistry:
         self.state_file = state_file
         self._loaded: dict[str, bool] = {}  # ids loaded with LoadAdapter -> pinned; what the state file records
         self._state_lock = threading.Lock()  # serialises file writes, outside the registry lock (fsync is slow)
+        self._frozen = False  # freeze_state
         self._held: dict[tuple, list] = {}  # weights key -> [weights, requests holding them] (resolve .. release)
         self._refused: dict[str, tuple] = {}  # id -> (files, size) of a read refused for want of room
 
@@ -296,10 +297,18 @@ class AdapterRegistry:
                 self._loaded[adapter_id] = pinned
         self._write_state()
 
+    def freeze_state(self) -> None:
+        """From now on the state file is left as it is: the server is stopping, and a LoadAdapter/UnloadAdapter
+        still running was just told UNAVAILABLE, so the restart must not see it as done."""
+        with self._state_lock:
+            self._frozen = True
+
     def _write_state(self) -> None:
         if self.state_file is None:
             return
         with self._state_lock:
+            if self._frozen:
+                return
             with self._lock:  # the newest state, whichever change wrote it
                 body = json.dumps({"adapters": [{"id": i, "pinned": p} for i, p in sorted(self._loaded.items())]},
                                   indent=1)

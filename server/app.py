@@ -239,10 +239,17 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         on_listening(Ports(port, metrics_port))
 
     stop = stop_event or asyncio.Event()
+    hurry = asyncio.Event()  # a second signal: the grace period is not waited for
+
+    def on_signal() -> None:
+        if stop.is_set() and not hurry.is_set():
+            log.warning("second signal: ending the requests in flight now, without waiting for the grace period")
+            hurry.set()
+        stop.set()
     loop = asyncio.get_running_loop()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
 
     try:
         loaded = await loop.run_in_executor(None, run_isolated, build_serving, config, metrics, kernel)
@@ -250,11 +257,12 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         await server.stop(None)
         raise
     serving.__dict__.update(loaded.__dict__)
-    for name in ["", *SERVICES]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("model %s ready (%s, %s)", config.model, config.device, config.dtype)
-    if on_ready is not None:
-        on_ready(Ports(port, metrics_port))
+    if not stop.is_set():  # a signal while loading: never announced SERVING, straight to the shutdown
+        for name in ["", *SERVICES]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("model %s ready (%s, %s)", config.model, config.device, config.dtype)
+        if on_ready is not None:
+            on_ready(Ports(port, metrics_port))
 
     watchdog = asyncio.create_task(_watch_engine(serving.engine, health_servicer, stop))
     await stop.wait()
@@ -264,16 +272,21 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     await health_servicer.enter_graceful_shutdown()
     await _between_steps(serving.engine.drain(Unavailable(
         "the server is shutting down and this request had not started; retry on another replica")), deadline)
-    while not serving.engine.idle() and time.monotonic() < deadline:
+    while (not serving.engine.idle() or serving.busy_admin_calls) and time.monotonic() < deadline \
+            and not hurry.is_set():
         await asyncio.sleep(0.05)
     if not serving.engine.idle():
-        cut = Unavailable(f"the server shut down before this request finished (--grace-period "
-                          f"{config.grace_period:g}s ran out); retry on another replica")
+        why = "a second signal" if hurry.is_set() else f"--grace-period {config.grace_period:g}s ran out"
+        cut = Unavailable(f"the server shut down before this request finished ({why}); retry on another replica")
         log.info("grace period over: ending the requests still in flight with UNAVAILABLE")
         await _between_steps(serving.engine.fail_in_flight(cut), time.monotonic())
     # The handlers still open have just been told their status (or were never the engine's, e.g. a LoadAdapter
     # reading a file): they get a moment to send it before the transport cuts them.
-    await server.stop(max(HANDLER_GRACE, deadline - time.monotonic()))
+    await server.stop(HANDLER_GRACE if hurry.is_set() else max(HANDLER_GRACE, deadline - time.monotonic()))
+    if serving.busy_admin_calls:  # cut by the transport: their clients heard UNAVAILABLE, so they must not count
+        log.warning("%d LoadAdapter/UnloadAdapter calls were cut by the shutdown; the adapter state file keeps what it "
+                    "held before them", serving.busy_admin_calls)
+        serving.registry.freeze_state()
     serving.engine.stop()
     log.info("stopped")
 

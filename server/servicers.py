@@ -38,6 +38,7 @@ class Serving:
     config: object = None
     metrics: object = None
     limits: object = None
+    busy_admin_calls: int = 0  # LoadAdapter/UnloadAdapter reading or changing the registry (the loop's count)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, metrics=None) -> None:
@@ -297,22 +298,36 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     async def _call(self, context, fn, *args):
         try:
             _ready(self.serving)
-            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+            return await self._registry_work(fn, *args)
         except Exception as exc:
             await _abort(context, exc)
 
+    async def _registry_work(self, fn, *args):
+        """Off the loop, counted: a shutdown waits for it, so that the client hears how a load it started ended
+        (cut by the transport, a load that went on to succeed was reported UNAVAILABLE)."""
+        self.serving.busy_admin_calls += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        finally:
+            self.serving.busy_admin_calls -= 1
+
     async def LoadAdapter(self, request, context):
-        return await self._call(context, lambda: self._info(
+        info = await self._call(context, lambda: self._info(
             self.serving.registry.load(request.adapter_id, request.replace,
                                        request.pin if request.HasField("pin") else None)))
+        if info is not None:  # the operator's actions, in the log (an audit trail; failures are their status)
+            log.info("LoadAdapter %r: version %d, %s, %s", info.adapter_id, info.version,
+                     "replaced" if request.replace else "loaded", "pinned" if info.pinned else "not pinned")
+        return info
 
     async def UnloadAdapter(self, request, context):
         """Refuses while requests run on the adapter, unless `drain`: then new requests stop finding it at once
         and the call returns when the running ones have finished (bounded by the caller's deadline)."""
         try:
             s = _ready(self.serving)
-            loop = asyncio.get_running_loop()
-            versions, in_flight = await loop.run_in_executor(None, self._count_and_unload, s, request)
+            versions, in_flight = await self._registry_work(self._count_and_unload, s, request)
+            log.info("UnloadAdapter %r: unloaded, %d requests in flight%s", request.adapter_id, in_flight,
+                     " (draining)" if in_flight else "")
             while versions:  # requests that auto-load the id again meanwhile get a new version: not waited for
                 await asyncio.sleep(0.02)
                 _ready(s)  # a dead engine or a shutdown ends the wait with UNAVAILABLE

@@ -508,6 +508,86 @@ def test_requests_left_when_the_grace_runs_out_hear_why(model_dirs, monkeypatch,
     assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.parametrize("grace, read_seconds", [(10.0, 1.0), (0.0, 3.0)])
+def test_a_load_running_at_shutdown_is_told_how_it_ended(model_dirs, adapter_root, monkeypatch, caplog, grace,
+                                                         read_seconds):
+    """A LoadAdapter running when the server stops either finishes within the grace (and is told so, and logged)
+    or is cut and told UNAVAILABLE, and then the restart does not load it either (it was recorded in the state
+    file though its client heard it failed)."""
+    server = start_server(model_dirs["llama"], adapter_root, grace_period=grace)
+    registry = server.serving.registry
+    load = registry.load
+    monkeypatch.setattr(registry, "load", lambda *args: (time.sleep(read_seconds), load(*args))[1])  # a big read
+    outcome = {}
+
+    def run():
+        with Client(server.target, timeout=30) as client:
+            try:
+                outcome["info"] = client.load_adapter("v2")
+            except grpc.RpcError as exc:
+                outcome["error"] = (exc.code(), exc.details())
+    with caplog.at_level("INFO", logger="loraplex.servicers"):
+        loading = threading.Thread(target=run)
+        loading.start()
+        assert wait_for(lambda: server.serving.busy_admin_calls == 1)
+        started = time.monotonic()
+        server.stop()
+        loading.join(timeout=30)
+    time.sleep(max(0.0, read_seconds - (time.monotonic() - started)) + 0.5)  # the cut load's thread is done
+    recorded = "v2" in Path(server.config.state_file).read_text() if Path(server.config.state_file).exists() else False
+    if grace:
+        assert outcome.get("info") is not None and outcome["info"].adapter_id == "v2", outcome
+        assert time.monotonic() - started < 8  # waited for the load, not for the whole grace
+        assert "LoadAdapter 'v2': version 1, loaded, not pinned" in caplog.text and recorded
+    else:
+        assert outcome.get("error", (None,))[0] == grpc.StatusCode.UNAVAILABLE, outcome
+        assert not recorded
+
+
+def test_a_second_sigterm_ends_the_requests_without_waiting_for_the_grace(model_dirs):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--model", str(model_dirs["llama"]), "--port", "0", "--metrics-port", "0",
+         "--grace-period", "120", "--threads", "1", "--max-batch-size", "16"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        port = None
+        for line in proc.stdout:
+            match = re.search(r"grpc listening on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                port = int(match.group(1))
+                break
+        assert port, "server never reported its port"
+        outcomes = []
+
+        def run(stream):
+            try:
+                outcomes.append(sum(len(m.token_ids) for m in stream))
+            except grpc.RpcError as exc:
+                outcomes.append((exc.code(), exc.details()))
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            assert wait_for(lambda: _health(client) == SERVING, timeout=60)
+            streams = [client.generate_stream([5 + i, 6], max_new_tokens=480, ignore_eos=True) for i in range(16)]
+            for stream in streams:
+                next(stream)
+            threads = [threading.Thread(target=run, args=(s,)) for s in streams]
+            for t in threads:
+                t.start()
+            proc.send_signal(signal.SIGTERM)
+            assert wait_for(lambda: _health(client) != SERVING, timeout=10)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0 and time.monotonic() - started < 20  # not the 120 s grace
+            for t in threads:
+                t.join(timeout=10)
+        cut = [o for o in outcomes if isinstance(o, tuple)]
+        assert cut and all(code == grpc.StatusCode.UNAVAILABLE and "(a second signal)" in details
+                           for code, details in cut), outcomes
+        assert "second signal" in proc.stdout.read()
+    finally:
+        proc.kill()
+
+
 def _health(client) -> int:
     try:
         return client.health()

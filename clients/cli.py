@@ -114,16 +114,17 @@ def _train_all(args) -> int:
                              grad_accum=args.grad_accum, eval_every=args.eval_every, seed=args.seed)
     targets = args.target_modules.split(",") if args.target_modules and args.target_modules != "all-linear" \
         else args.target_modules
+    # Method-specific flags default to None here, so that one given at all (even at its default) is known.
+    given = {name: getattr(args, name) for name in METHOD_SPECIFIC if getattr(args, name) is not None}
+    if "heads" in given and given["heads"] != "auto":
+        given["heads"] = _int_or(given["heads"])
     job = TrainJob(method=args.method, data=args.data, out=args.out, model=args.model, eval=args.eval,
-                   rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets, rslora=args.rslora,
-                   max_length=args.max_length, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
-                   resume=args.resume, heads=args.heads if args.heads == "auto" else _int_or(args.heads),
-                   router_bias=args.router_bias, init_r=args.init_r, target_r=args.target_r, tinit=args.tinit,
-                   tfinal=args.tfinal, delta_t=args.delta_t, orth_reg_weight=args.orth_reg_weight,
-                   structure=args.structure, pre_num=args.pre_num, settings=settings)
+                   alpha=args.alpha, dropout=args.dropout, target_modules=targets, max_length=args.max_length,
+                   device=args.device, dtype=args.dtype, overwrite=args.overwrite, resume=args.resume,
+                   settings=settings, **given)
     if not args.jobs:  # a jobs file's lines are checked as it is read (shared flags may serve some methods only)
-        from loader.training_job import changed_flags, inapplicable
-        problem = inapplicable(job.method, changed_flags(job))
+        from loader.training_job import inapplicable
+        problem = inapplicable(job.method, set(given))
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
@@ -171,6 +172,10 @@ def _check_deploy(args, jobs) -> None:
         check(args.deploy, Path(args.deploy_root), [Path(job.out) for job in jobs], **connection)
     except DeployError as err:
         raise DataError(str(err)) from None
+
+
+METHOD_SPECIFIC = ("rank", "rslora", "heads", "router_bias", "init_r", "target_r", "tinit", "tfinal", "delta_t",
+                   "orth_reg_weight", "structure", "pre_num")
 
 
 def _int_or(text: str):
@@ -321,11 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     t("--deploy-root", default=None, metavar="DIR", help="with --deploy: the server's --adapter-root, where the "
       "adapter is copied for it to load (id: the --out directory's name)")
     connection_args(train)
-    t("--rank", type=int, default=8)
+    t("--rank", type=int, default=None, help="adapter rank (default 8; AdaLoRA's are --init-r/--target-r)")
     t("--alpha", type=float, default=16.0)
     t("--dropout", type=float, default=0.0)
     t("--target-modules", default=None, help="comma-separated module names, or all-linear (default: per method)")
-    t("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
+    t("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r) (lora, hydralora)")
     t("--lr", type=float, default=2e-4)
     t("--epochs", type=int, default=1)
     t("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
@@ -339,16 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     t("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     t("--overwrite", action="store_true", help="replace an adapter already in --out")
     t("--resume", action="store_true", help="continue from the checkpoint in --out")
-    t("--init-r", type=int, default=12, help="AdaLoRA initial rank")
-    t("--target-r", type=int, default=8, help="AdaLoRA target average rank")
-    t("--tinit", type=int, default=0, help="AdaLoRA warm-up steps before pruning")
-    t("--tfinal", type=int, default=0, help="AdaLoRA final steps at the target budget")
-    t("--delta-t", type=int, default=1, help="AdaLoRA steps between rank reallocations")
-    t("--orth-reg-weight", type=float, default=0.5, help="AdaLoRA orthogonal regulariser weight")
-    t("--heads", default="4", help="HydraLoRA B heads: a number, or auto (k-means over the prompts)")
-    t("--router-bias", action="store_true", help="HydraLoRA router with a bias")
-    t("--structure", default="bs", choices=["is", "bs", "ms"], help="ResLoRA shortcut structure")
-    t("--pre-num", type=int, default=1, help="ResLoRA: how many previous blocks a block links to")
+    t("--init-r", type=int, default=None, help="AdaLoRA initial rank (default 12)")
+    t("--target-r", type=int, default=None, help="AdaLoRA target average rank (default 8)")
+    t("--tinit", type=int, default=None, help="AdaLoRA warm-up steps before pruning (default 0)")
+    t("--tfinal", type=int, default=None, help="AdaLoRA final steps at the target budget (default 0)")
+    t("--delta-t", type=int, default=None, help="AdaLoRA steps between rank reallocations (default 1)")
+    t("--orth-reg-weight", type=float, default=None, help="AdaLoRA orthogonal regulariser weight (default 0.5)")
+    t("--heads", default=None, help="HydraLoRA B heads: a number, or auto (k-means over the prompts); default 4")
+    t("--router-bias", action="store_true", default=None, help="HydraLoRA router with a bias")
+    t("--structure", default=None, choices=["is", "bs", "ms"], help="ResLoRA shortcut structure (default bs)")
+    t("--pre-num", type=int, default=None, help="ResLoRA: how many previous blocks a block links to (default 1)")
     train.set_defaults(func=_train)
 
     merge = sub.add_parser("merge", allow_abbrev=False,

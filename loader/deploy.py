@@ -60,6 +60,11 @@ def check(target: str, root: Path, outs: list[Path], timeout: float = 10, **conn
     try:
         with Client(target, timeout=timeout, **connection) as client:
             client.server_info()
+            try:  # may this client load adapters? An id no server accepts: INVALID_ARGUMENT, and nothing changes
+                client.load_adapter("-")
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
     except grpc.RpcError as exc:
         raise DeployError(f"cannot deploy to {target}: {exc.code().name}: {exc.details()}") from None
 

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -77,14 +77,9 @@ def inapplicable(method: str, names) -> str | None:
                 return f"--{name.replace('_', '-')} applies to --method {owner} only, not {method}"
     if "rslora" in names and method in ("adalora", "reslora"):
         return f"--rslora applies to lora and hydralora; {method} scales by alpha/r"
+    if "rank" in names and method == "adalora":
+        return "--rank does nothing for adalora: its ranks are --init-r (start) and --target-r (average kept)"
     return None
-
-
-def changed_flags(job: TrainJob) -> set[str]:
-    """The method-specific settings `job` holds at other than their defaults (what a command line set)."""
-    defaults = {f.name: f.default for f in fields(TrainJob)}
-    names = {n for flags in METHOD_FLAGS.values() for n in flags} | {"rslora"}
-    return {n for n in names if getattr(job, n) != defaults[n]}
 
 
 def check_job(job: TrainJob) -> None:

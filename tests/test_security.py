@@ -70,6 +70,17 @@ def test_admin_token_mutates_and_serves(server):
         assert admin.unload_adapter("a1").adapter_id == "a1"
 
 
+def test_a_deploy_is_checked_for_the_admin_token_before_training(server, tmp_path):
+    from loader.deploy import DeployError, check
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(DeployError, match="PERMISSION_DENIED"):
+        check(server.target, root, [tmp_path / "x"], token=USER)
+    check(server.target, root, [tmp_path / "x"], token=ADMIN)  # may load: the probe changed nothing
+    with Client(server.target, timeout=30, token=ADMIN) as admin:
+        assert "x" not in [a.adapter_id for a in admin.list_adapters()]
+
+
 def test_health_and_reflection_need_no_token(server):
     with Client(server.target, timeout=30) as anonymous:
         assert anonymous.health() == 1  # SERVING

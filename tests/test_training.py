@@ -210,11 +210,19 @@ def test_clear_errors(model_dirs, data, tmp_path, monkeypatch):
     ("hydralora", {"structure": "is"}, "--structure applies to --method reslora only, not hydralora"),
     ("reslora", {"init_r": 6}, "--init-r applies to --method adalora only, not reslora"),
     ("adalora", {"rslora": True}, "--rslora applies to lora and hydralora; adalora scales by alpha/r"),
+    ("adalora", {"rank": 4}, "--rank does nothing for adalora"),
 ])
-def test_a_flag_the_method_would_ignore_is_refused(model_dirs, data, tmp_path, method, flags, says):
+def test_a_flag_the_method_would_ignore_is_refused(model_dirs, data, tmp_path, method, flags, says, capsys):
+    from clients import cli
     from loader.batch_jobs import read_jobs
-    from loader.training_job import changed_flags, inapplicable
-    assert inapplicable(method, changed_flags(job(model_dirs, data, tmp_path / "o", method, **flags))) == says
+    argv = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in flags.items()]
+    defaults = {"heads": "4", "structure": "bs", "init_r": "12", "rank": "8"}  # given at the default: refused too
+    argv_at_default = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={defaults[k]}") for k, v in flags.items()]
+    for extra in (argv, argv_at_default):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["train", "--method", method, "--data", str(data[0]), "--out", str(tmp_path / "o"), *extra])
+        assert exit_info.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     lines = tmp_path / "jobs.jsonl"
     lines.write_text(json.dumps({"method": method, "data": "d", "out": "o", **flags}) + "\n")
     with pytest.raises(DataError, match=f"jobs.jsonl:1: {re.escape(says)}"):

@@ -1,4 +1,4 @@
 """Python clients (sync and asyncio) and the `loraplex` command line."""
-from clients.client import AsyncClient, Client
+from clients.client import AsyncClient, AsyncStream, Client, Tls
 
-__all__ = ["Client", "AsyncClient"]
+__all__ = ["Client", "AsyncClient", "AsyncStream", "Tls"]

@@ -258,13 +258,23 @@ def _ranged(low: int, high: int):
     return parse
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that names each flag's default, where it has one to name (not None or a switch's False)."""
+
+    def _get_help_string(self, action) -> str:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from server.config import add_serve_arguments
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LLM inference server",
                                      allow_abbrev=False)  # `--token SECRET` must not pass for --token-file
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", allow_abbrev=False, help="start the gRPC server")
+    serve = sub.add_parser("serve", allow_abbrev=False, help="start the gRPC server",
+                           formatter_class=_ShowDefaults)
     add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
 
@@ -276,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tls-key", default=None, help="PEM client private key (mutual TLS)")
 
     def client_args(p):
-        p.add_argument("--target", default=DEFAULT_TARGET, help="server address host:port")
+        p.add_argument("--target", default=DEFAULT_TARGET,
+                       help=f"server address host:port (default {DEFAULT_TARGET})")
         p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
         connection_args(p)
 
@@ -311,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with requests in flight: unload for new ones and wait for these (else refused)")
     adapters.set_defaults(func=_adapters)
 
-    train = sub.add_parser("train", allow_abbrev=False,
+    train = sub.add_parser("train", allow_abbrev=False, formatter_class=_ShowDefaults,
                            help="fine-tune an adapter (lora, adalora, hydralora, reslora) from JSONL")
     t = train.add_argument
     t("--method", choices=["lora", "adalora", "hydralora", "reslora"], help="required unless --jobs gives it")
@@ -327,19 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
       "adapter is copied for it to load (id: the --out directory's name)")
     connection_args(train)
     t("--rank", type=int, default=None, help="adapter rank (default 8; AdaLoRA's are --init-r/--target-r)")
-    t("--alpha", type=float, default=16.0)
-    t("--dropout", type=float, default=0.0)
+    t("--alpha", type=float, default=16.0, help="scaling numerator: alpha/r (alpha/sqrt(r) with --rslora)")
+    t("--dropout", type=float, default=0.0, help="dropout on the adapter's input")
     t("--target-modules", default=None, help="comma-separated module names, or all-linear (default: per method)")
     t("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r) (lora, hydralora)")
-    t("--lr", type=float, default=2e-4)
-    t("--epochs", type=int, default=1)
+    t("--lr", type=float, default=2e-4, help="peak learning rate (AdamW, warm-up then cosine)")
+    t("--epochs", type=int, default=1, help="passes over --data (unless --max-steps)")
     t("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    t("--batch-size", type=int, default=8)
-    t("--grad-accum", type=int, default=1)
-    t("--max-length", type=int, default=256)
+    t("--batch-size", type=int, default=8, help="examples per micro-batch")
+    t("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t("--max-length", type=int, default=256, help="tokens an example is cut to")
     t("--eval-every", type=int, default=50, help="steps between eval losses and checkpoints")
-    t("--seed", type=int, default=0)
-    t("--device", default="cpu")
+    t("--seed", type=int, default=0, help="initialisation, data order and dropout")
+    t("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     t("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     t("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     t("--overwrite", action="store_true", help="replace an adapter already in --out")

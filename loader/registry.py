@@ -28,8 +28,8 @@ from server.errors import AdapterMemoryFull, AlreadyExists, FailedPrecondition, 
 
 log = logging.getLogger("loraplex.registry")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-ID_RULE = ("use 1-128 characters from [A-Za-z0-9._-], starting with a letter or digit; ids name a directory "
-           "directly under the adapter root")
+ID_RULE = ("use 1-128 characters from [A-Za-z0-9._-], starting with a letter or digit, without '..'; ids name a "
+           "directory directly under the adapter root")
 Reader = Callable[[Path, str, int], CanonicalAdapter]  # (directory, adapter_id, load_serial)
 
 

@@ -51,12 +51,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--model", default=d.model, help="local Hugging Face causal-LM directory, or 'default' (built-in model)")
     a("--adapter-root", default=d.adapter_root, help="directory holding one sub-directory per adapter id")
-    a("--host", default=d.host)
+    a("--host", default=d.host, help="address the gRPC port binds (0.0.0.0: every interface)")
     a("--port", type=int, default=d.port, help="gRPC port (0 picks a free one)")
-    a("--metrics-host", default=d.metrics_host)
+    a("--metrics-host", default=d.metrics_host, help="address the Prometheus port binds")
     a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port (0 picks a free one)")
     a("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
-    a("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    a("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="the model's weights and compute")
     a("--adapter-kernel", default=d.adapter_kernel, choices=["auto", "native", "torch"],
       help="how adapter deltas are computed: native (CPU, AVX-512, float32 model; built with the system C compiler "
            "on first use), torch (batched matmuls, any device), auto (native where it runs, else torch)")
@@ -73,7 +73,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
       help="RPCs in flight before RESOURCE_EXHAUSTED (not counted: health checks, the Adapters service, "
            "GetServerInfo)")
-    a("--default-max-new-tokens", type=int, default=d.default_max_new_tokens)
+    a("--default-max-new-tokens", type=int, default=d.default_max_new_tokens,
+      help="what a request that sets no max_new_tokens gets (within the room its prompt leaves)")
     a("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longest prompt accepted (0: context)")
     a("--max-new-tokens", type=int, default=d.max_new_tokens, help="largest max_new_tokens accepted (0: context)")
     a("--max-kv-tokens", type=int, default=d.max_kv_tokens,
@@ -99,10 +100,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
       help="answer NOT_FOUND for adapters not loaded with LoadAdapter instead of loading them on first use")
     a("--target-modules", default=d.target_modules,
       help="modules adapters may target: 'all-linear' or a comma-separated list of names")
-    a("--no-reflection", dest="reflection", action="store_false")
+    a("--no-reflection", dest="reflection", action="store_false", help="do not serve gRPC server reflection")
     a("--grace-period", type=float, default=d.grace_period, help="seconds in-flight requests get on SIGTERM")
-    a("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
-    a("--log-level", default=d.log_level)
+    a("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default, one per core)")
+    a("--log-level", default=d.log_level, type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+      help="server log level (any case)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

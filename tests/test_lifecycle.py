@@ -443,20 +443,24 @@ def test_health_not_serving_until_model_is_warm(model_dirs, monkeypatch):
     background.stop()
 
 
-def test_sigterm_drains_then_exits_zero(model_dirs):
+def _server_process(model_dir, *flags) -> tuple[subprocess.Popen, int]:
+    """`python -m server` in its own process (signals reach it), and its gRPC port once bound."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model", str(model_dirs["llama"]), "--port", "0", "--metrics-port", "0",
-         "--grace-period", "20", "--threads", "1"],
+        [sys.executable, "-m", "server", "--model", str(model_dir), "--port", "0", "--metrics-port", "0",
+         "--threads", "1", *flags],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)})
+    for line in proc.stdout:
+        match = re.search(r"grpc listening on 127\.0\.0\.1:(\d+)", line)
+        if match:
+            return proc, int(match.group(1))
+    proc.kill()
+    raise AssertionError("server never reported its port")
+
+
+def test_sigterm_drains_then_exits_zero(model_dirs):
+    proc, port = _server_process(model_dirs["llama"], "--grace-period", "20")
     try:
-        port = None
-        for line in proc.stdout:
-            match = re.search(r"grpc listening on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                port = int(match.group(1))
-                break
-        assert port, "server never reported its port"
         with Client(f"127.0.0.1:{port}", timeout=30) as client:
             assert wait_for(lambda: _health(client) == SERVING, timeout=60)
             stream = client.generate_stream([5, 6], max_new_tokens=150, ignore_eos=True)
@@ -545,19 +549,8 @@ def test_a_load_running_at_shutdown_is_told_how_it_ended(model_dirs, adapter_roo
 
 
 def test_a_second_sigterm_ends_the_requests_without_waiting_for_the_grace(model_dirs):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model", str(model_dirs["llama"]), "--port", "0", "--metrics-port", "0",
-         "--grace-period", "120", "--threads", "1", "--max-batch-size", "16"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc, port = _server_process(model_dirs["llama"], "--grace-period", "120", "--max-batch-size", "16")
     try:
-        port = None
-        for line in proc.stdout:
-            match = re.search(r"grpc listening on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                port = int(match.group(1))
-                break
-        assert port, "server never reported its port"
         outcomes = []
 
         def run(stream):

@@ -40,6 +40,9 @@ def token_from(path: str | None = None, env: str = TOKEN_ENV) -> str | None:
     if path:
         for line in Path(path).read_text().splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
+                if len(line.split()) > 1:  # as the server's token files: an inline comment would be sent along
+                    raise ValueError(f"token file {path}: a token cannot hold whitespace (a comment goes on its own "
+                                     f"line, starting with #)")
                 return line.strip()
         raise ValueError(f"token file {path} holds no token")
     return os.environ.get(env) or None

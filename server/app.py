@@ -251,8 +251,14 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
 
+    building = loop.run_in_executor(None, run_isolated, build_serving, config, metrics, kernel)
     try:
-        loaded = await loop.run_in_executor(None, run_isolated, build_serving, config, metrics, kernel)
+        hurried = asyncio.ensure_future(hurry.wait())
+        await asyncio.wait([building, hurried], return_when=asyncio.FIRST_COMPLETED)
+        if not building.done():  # a second signal: the model load cannot be interrupted, the process can
+            _exit_now("a second signal while the model loads: exiting without waiting for it", 1)
+        hurried.cancel()
+        loaded = building.result()
     except BaseException:
         await server.stop(None)
         raise
@@ -272,8 +278,7 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     await health_servicer.enter_graceful_shutdown()
     await _between_steps(serving.engine.drain(Unavailable(
         "the server is shutting down and this request had not started; retry on another replica")), deadline)
-    while (not serving.engine.idle() or serving.busy_admin_calls) and time.monotonic() < deadline \
-            and not hurry.is_set():
+    while not serving.engine.idle() and time.monotonic() < deadline and not hurry.is_set():
         await asyncio.sleep(0.05)
     if not serving.engine.idle():
         why = "a second signal" if hurry.is_set() else f"--grace-period {config.grace_period:g}s ran out"
@@ -289,6 +294,15 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         serving.registry.freeze_state()
     serving.engine.stop()
     log.info("stopped")
+    if hurry.is_set() and serving.busy_admin_calls:  # asyncio.run would wait for their threads' file reads
+        _exit_now("a second signal: not waiting for the cut LoadAdapter/UnloadAdapter reads", 0)
+
+
+def _exit_now(why: str, code: int) -> None:
+    """Only after a second signal (signals are handled on the main thread only, so never in tests' servers)."""
+    log.warning(why)
+    logging.shutdown()
+    os._exit(code)
 
 
 async def _between_steps(future, deadline: float) -> None:
@@ -325,11 +339,13 @@ def _check_pem(config: ServerConfig) -> None:
     """grpc takes any bytes here and fails later, at bind, as if the port were the problem: the files are parsed
     now (with Python's ssl, OpenSSL like grpc's) so that a wrong one is named."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
-    except ssl.SSLError as exc:
+    context.set_ciphers("ALL:@SECLEVEL=0")  # parse only: what grpc accepts (small keys too) must pass here
+    try:  # an empty password: an encrypted key fails here instead of prompting on the terminal
+        context.load_cert_chain(config.tls_cert, config.tls_key, password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
         raise ConfigError(f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: not a PEM certificate chain "
-                          f"and its private key ({exc.reason or exc})") from None
+                          f"and its unencrypted private key ({reason})") from None
     if config.tls_client_ca:
         try:
             context.load_verify_locations(cafile=config.tls_client_ca)

@@ -103,7 +103,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--no-reflection", dest="reflection", action="store_false", help="do not serve gRPC server reflection")
     a("--grace-period", type=float, default=d.grace_period, help="seconds in-flight requests get on SIGTERM")
     a("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default, one per core)")
-    a("--log-level", default=d.log_level, type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    a("--log-level", default=d.log_level, type=str.upper,
+      choices=["DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"],
       help="server log level (any case)")
 
 

@@ -298,13 +298,13 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     async def _call(self, context, fn, *args):
         try:
             _ready(self.serving)
-            return await self._registry_work(fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
         except Exception as exc:
             await _abort(context, exc)
 
-    async def _registry_work(self, fn, *args):
-        """Off the loop, counted: a shutdown waits for it, so that the client hears how a load it started ended
-        (cut by the transport, a load that went on to succeed was reported UNAVAILABLE)."""
+    async def _changing_registry(self, fn, *args):
+        """Off the loop, counted: a LoadAdapter/UnloadAdapter the shutdown cuts (its client hears UNAVAILABLE)
+        must not go on to be recorded for the restart (serve() freezes the state file when any is left)."""
         self.serving.busy_admin_calls += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -312,12 +312,16 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             self.serving.busy_admin_calls -= 1
 
     async def LoadAdapter(self, request, context):
-        info = await self._call(context, lambda: self._info(
-            self.serving.registry.load(request.adapter_id, request.replace,
-                                       request.pin if request.HasField("pin") else None)))
-        if info is not None:  # the operator's actions, in the log (an audit trail; failures are their status)
-            log.info("LoadAdapter %r: version %d, %s, %s", info.adapter_id, info.version,
-                     "replaced" if request.replace else "loaded", "pinned" if info.pinned else "not pinned")
+        try:
+            _ready(self.serving)
+            info = await self._changing_registry(lambda: self._info(self.serving.registry.load(
+                request.adapter_id, request.replace, request.pin if request.HasField("pin") else None)))
+        except Exception as exc:
+            await _abort(context, exc)
+            return
+        # the operator's actions, in the log (an audit trail; failures are their status)
+        log.info("LoadAdapter %r: version %d, %s, %s", info.adapter_id, info.version,
+                 "replaced" if request.replace else "loaded", "pinned" if info.pinned else "not pinned")
         return info
 
     async def UnloadAdapter(self, request, context):
@@ -325,12 +329,13 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         and the call returns when the running ones have finished (bounded by the caller's deadline)."""
         try:
             s = _ready(self.serving)
-            versions, in_flight = await self._registry_work(self._count_and_unload, s, request)
+            versions, in_flight = await self._changing_registry(self._count_and_unload, s, request)
             log.info("UnloadAdapter %r: unloaded, %d requests in flight%s", request.adapter_id, in_flight,
                      " (draining)" if in_flight else "")
             while versions:  # requests that auto-load the id again meanwhile get a new version: not waited for
                 await asyncio.sleep(0.02)
-                _ready(s)  # a dead engine or a shutdown ends the wait with UNAVAILABLE
+                if not s.engine.alive:  # a shutdown does not end the wait: the unload is done and recorded, and
+                    raise Unavailable("the engine has stopped; this replica cannot serve")  # its grace ends them
                 now = await asyncio.wrap_future(s.engine.requests_on(request.adapter_id))
                 versions = {key: n for key, n in now.items() if key in versions}
             return pb.UnloadAdapterResponse(adapter_id=request.adapter_id, drained_requests=in_flight)

@@ -40,14 +40,14 @@ def _issue(subject: str, key, issuer_name, issuer_key, *, ca: bool = False, serv
     return builder.sign(issuer_key or key, hashes.SHA256())
 
 
-def make_pki(directory: Path) -> dict[str, str]:
+def make_pki(directory: Path, key=None) -> dict[str, str]:
     """Paths: ca, server_cert, server_key, client_cert, client_key, and a second CA (other_ca) that signed nothing
-    the server trusts."""
+    the server trusts. `key`: makes the server's private key (default: P-256)."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key = _key()
     ca = _issue("loraplex test CA", ca_key, None, None, ca=True)
     ca_path, _ = _write(directory / "ca", ca, ca_key)
-    server_key = _key()
+    server_key = (key or _key)()
     server_cert, server_key_path = _write(directory / "server", _issue("localhost", server_key, ca.subject, ca_key,
                                                                        server=True), server_key)
     client_key = _key()

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from server import app as server_app
+from server.config import ServerConfig
 from clients.client import AsyncClient, Client, build_request
 from protos.loraplex.v1 import inference_pb2 as pb
 from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, start_server, status_of, wait_for
@@ -458,6 +459,28 @@ def _server_process(model_dir, *flags) -> tuple[subprocess.Popen, int]:
     raise AssertionError("server never reported its port")
 
 
+def test_a_stop_while_the_model_loads_never_reports_serving(model_dirs, monkeypatch, caplog):
+    gate = threading.Event()
+    real = server_app.build_serving
+    monkeypatch.setattr(server_app, "build_serving", lambda *args: (gate.wait(60), real(*args))[1])
+    background = server_app.BackgroundServer(ServerConfig(model=str(model_dirs["llama"]), port=0, metrics_port=0,
+                                                          threads=1, log_level="WARNING"))
+    threading.Thread(target=background.start, kwargs={"timeout": 60}, daemon=True).start()
+    assert wait_for(lambda: background.ports is not None and background._stop is not None)
+    stopping = threading.Thread(target=background.stop)
+    stopping.start()  # the stop arrives while the model loads
+    seen = set()
+    with caplog.at_level("INFO", logger="loraplex.app"), \
+            Client(f"127.0.0.1:{background.ports.grpc}", timeout=5) as client:
+        seen.add(_health(client))
+        gate.set()
+        while stopping.is_alive():
+            seen.add(_health(client))
+            time.sleep(0.005)
+    assert SERVING not in seen and NOT_SERVING in seen, seen
+    assert "stopped" in caplog.text and "ready" not in caplog.text  # never announced, not even for a moment
+
+
 def test_sigterm_drains_then_exits_zero(model_dirs):
     proc, port = _server_process(model_dirs["llama"], "--grace-period", "20")
     try:
@@ -546,6 +569,36 @@ def test_a_load_running_at_shutdown_is_told_how_it_ended(model_dirs, adapter_roo
     else:
         assert outcome.get("error", (None,))[0] == grpc.StatusCode.UNAVAILABLE, outcome
         assert not recorded
+
+
+def test_a_draining_unload_at_shutdown_ends_as_it_was_recorded(model_dirs, adapter_root, monkeypatch):
+    """The unload is done (and recorded) before it waits for the requests on the adapter: a shutdown lets that
+    wait end with them, successfully, instead of telling the client UNAVAILABLE."""
+    server = start_server(model_dirs["llama"], adapter_root, grace_period=30.0)
+    runner = server.serving.engine.runner
+    decode_step = runner.decode_step  # 300 steps take >= 1.5 s: the stream runs through the shutdown's start
+    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    outcome = {}
+    with Client(server.target, timeout=60) as client:
+        client.load_adapter("v1")
+        stream = client.generate_stream([5, 6], "v1", max_new_tokens=300, ignore_eos=True)
+        next(stream)
+
+        def unload():
+            with Client(server.target, timeout=60) as admin:
+                try:
+                    outcome["unload"] = admin.unload_adapter("v1", drain=True).drained_requests
+                except grpc.RpcError as exc:
+                    outcome["unload"] = (exc.code(), exc.details())
+        unloading = threading.Thread(target=unload)
+        unloading.start()
+        assert wait_for(lambda: "v1" not in Path(server.config.state_file).read_text())
+        stopping = threading.Thread(target=server.stop)
+        stopping.start()
+        assert sum(len(m.token_ids) for m in stream) == 299  # the running request finished within the grace
+        unloading.join(timeout=30)
+        stopping.join(timeout=60)
+    assert outcome["unload"] == 1, outcome
 
 
 def test_a_second_sigterm_ends_the_requests_without_waiting_for_the_grace(model_dirs):

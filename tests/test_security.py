@@ -1,12 +1,13 @@
 """Bearer-token auth (user and admin tokens) and TLS / mutual TLS, through the real server and real clients."""
 import logging
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from clients import cli
-from clients.client import Client, Tls
+from clients.client import Client, Tls, token_from
 from server.auth import TokenFileError, read_tokens
 from tests.certs import make_pki
 from tests.helpers import make_peft_adapter, start_server, status_of
@@ -136,15 +137,30 @@ def test_tls_files_that_do_not_fit_are_named(pki, tmp_path):
     at bind, as if the port were taken); a client certificate without its key is an error, not an abort."""
     from server.app import _check_pem
     from server.config import ConfigError, ServerConfig
-    with pytest.raises(ConfigError, match=r"--tls-key .*: not a PEM certificate chain and its private key \(KEY_VALUES"):
+    with pytest.raises(ConfigError, match=r"--tls-key .*: not a PEM certificate chain and its unencrypted private key"):
         _check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=pki["rogue_key"]))
     (tmp_path / "ca.pem").write_text("not a certificate\n")
     with pytest.raises(ConfigError, match="--tls-client-ca .*: not PEM CA certificates"):
         _check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=pki["server_key"],
                                 tls_client_ca=str(tmp_path / "ca.pem")))
     _check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=pki["ca"]))
+    # an encrypted key (grpc cannot use one) fails at once instead of prompting for a passphrase
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = serialization.load_pem_private_key(Path(pki["server_key"]).read_bytes(), password=None)
+    locked = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.BestAvailableEncryption(b"secret"))
+    (tmp_path / "locked.key").write_bytes(locked)
+    with pytest.raises(ConfigError, match="unencrypted private key"):
+        _check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=str(tmp_path / "locked.key")))
+    # what grpc accepts passes, small keys included (OpenSSL's default security level would refuse 1024-bit RSA)
+    small = make_pki(tmp_path / "small", key=lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024))
+    _check_pem(ServerConfig(tls_cert=small["server_cert"], tls_key=small["server_key"]))
     with pytest.raises(ValueError, match="a client certificate and its key go together"):
         Tls(ca=pki["ca"], cert=pki["client_cert"]).credentials()
+    (tmp_path / "client-token").write_text(f"{USER} # the CI's\n")
+    with pytest.raises(ValueError, match="a token cannot hold whitespace"):
+        token_from(str(tmp_path / "client-token"))
 
 
 @pytest.fixture(scope="module")

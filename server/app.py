@@ -231,13 +231,6 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     except RuntimeError:  # grpcio's "Failed to bind"
         raise ConfigError(f"cannot listen on {address} (--host/--port): the port is in use, or the address is not "
                           f"one of this machine's") from None
-    await server.start()
-    log.info("grpc listening on %s:%d (%s%s), metrics on %s:%d", config.host, port,
-             "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext",
-             ", bearer tokens required" if user_tokens else "", config.metrics_host, metrics_port)
-    if on_listening is not None:
-        on_listening(Ports(port, metrics_port))
-
     stop = stop_event or asyncio.Event()
     hurry = asyncio.Event()  # a second signal: the grace period is not waited for
 
@@ -250,6 +243,12 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+    await server.start()  # after the signal handlers: a SIGTERM once the port is announced is a drain
+    log.info("grpc listening on %s:%d (%s%s), metrics on %s:%d", config.host, port,
+             "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext",
+             ", bearer tokens required" if user_tokens else "", config.metrics_host, metrics_port)
+    if on_listening is not None:
+        on_listening(Ports(port, metrics_port))
 
     building = loop.run_in_executor(None, run_isolated, build_serving, config, metrics, kernel)
     try:

@@ -481,6 +481,22 @@ def test_a_stop_while_the_model_loads_never_reports_serving(model_dirs, monkeypa
     assert "stopped" in caplog.text and "ready" not in caplog.text  # never announced, not even for a moment
 
 
+def test_a_sigterm_as_soon_as_the_port_is_announced_is_a_clean_stop(model_dirs):
+    """The signal handlers are installed before the port is announced (a SIGTERM in between killed the process
+    with the default action, exit -15); a second one while the model loads exits at once."""
+    for signals, code in ((1, 0), (2, 1)):
+        proc, _ = _server_process(model_dirs["llama"])
+        try:
+            for _ in range(signals):
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.05)
+            assert proc.wait(timeout=60) == code
+            log = proc.stdout.read()
+            assert "ready" not in log and ("stopped" in log if code == 0 else "while the model loads" in log), log
+        finally:
+            proc.kill()
+
+
 def test_sigterm_drains_then_exits_zero(model_dirs):
     proc, port = _server_process(model_dirs["llama"], "--grace-period", "20")
     try:

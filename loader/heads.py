@@ -1,8 +1,12 @@
 """HydraLoRA `--heads auto`: choose the number of heads K by k-means over the training prompts.
 
 The paper picks K once by clustering the training corpus; the reference repo ships no clustering code.
-Features here: L2-normalised TF-IDF over character 3-grams of each prompt (cheap, tokenizer-independent).
-K is the candidate in [2, max_k] with the best silhouette score of a seeded k-means (k-means++ init)."""
+Features here: which of the prompts' frequent words (whitespace-split, in at least 1% of the prompts and at
+least 2) each prompt holds, L2-normalised: cheap, tokenizer-independent, and what a task is made of in
+instruction data, its shared wording. Rare words (the inputs themselves) are left out: weighted in (as an
+earlier TF-IDF of character 3-grams did), they drowned the tasks, and one-, three- and five-task prompt sets
+got 8, 2 and 7 heads. K is the candidate in [2, max_k] with the best silhouette score of a seeded k-means
+(k-means++ init); ties go to the smaller K."""
 from __future__ import annotations
 
 import math
@@ -11,15 +15,15 @@ from collections import Counter
 import torch
 
 
-def tfidf(texts: list[str], n: int = 3, max_features: int = 2048) -> torch.Tensor:
-    grams = [Counter(t[i:i + n] for i in range(max(1, len(t) - n + 1))) for t in texts]
-    df = Counter(g for c in grams for g in c)
-    vocab = {g: i for i, (g, _) in enumerate(df.most_common(max_features))}
-    x = torch.zeros(len(texts), len(vocab))
-    for row, counts in enumerate(grams):
-        for g, c in counts.items():
-            if g in vocab:
-                x[row, vocab[g]] = c * math.log((1 + len(texts)) / (1 + df[g]))
+def word_features(texts: list[str], min_share: float = 0.01, max_features: int = 2048) -> torch.Tensor:
+    docs = [set(t.split()) for t in texts]
+    df = Counter(w for d in docs for w in d)
+    floor = max(2, math.ceil(min_share * len(texts)))
+    vocab = {w: i for i, (w, n) in enumerate(df.most_common(max_features)) if n >= floor}
+    x = torch.zeros(len(texts), max(1, len(vocab)))  # a prompt with none of them: a zero row, its own "task"
+    for row, words in enumerate(docs):
+        for w in words & vocab.keys():
+            x[row, vocab[w]] = 1.0
     return torch.nn.functional.normalize(x, dim=1)
 
 
@@ -60,6 +64,6 @@ def choose_heads(prompts: list[str], max_k: int = 8, sample: int = 512, seed: in
     if len(prompts) < 4:
         return 2
     idx = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:sample]
-    x = tfidf([prompts[i] for i in idx.tolist()])
+    x = word_features([prompts[i] for i in idx.tolist()])
     candidates = range(2, min(max_k, len(x) - 1) + 1)
     return max(candidates, key=lambda k: silhouette(x, kmeans(x, k, seed)))

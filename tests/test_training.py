@@ -281,6 +281,15 @@ def test_heads_auto_with_identical_prompts():
     assert choose_heads(["Summarize:"] * 10) == 2
 
 
+@pytest.mark.parametrize("tasks, heads", [(["reverse"], 2), (["double", "swap", "rotate"], 3),
+                                          (["copy", "upper", "first", "last", "count"], 5)])
+def test_heads_auto_finds_the_tasks_in_templated_prompts(tasks, heads):
+    """One head per task (at least 2): the tasks' shared wording, not their random inputs, decides."""
+    from loader.builtin_tasks import examples
+    from loader.heads import choose_heads
+    assert choose_heads([e["prompt"] for e in examples(tasks, 300, 1)]) == heads
+
+
 def test_cli_train_end_to_end(model_dirs, data, tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", "from clients.cli import main; main()", "train", "--method", "hydralora", "--model",

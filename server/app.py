@@ -6,7 +6,6 @@ import ipaddress
 import logging
 import os
 import signal
-import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from loader.registry import AdapterRegistry
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.auth import AuthInterceptor, read_tokens
+from server.tls import tls_credentials
 from server.config import ConfigError, ServerConfig, check_config, resolve_limits
 from server.engine import Engine, EngineConfig, EngineRequest, ErrorEvent, FinishEvent
 from server.errors import Unavailable
@@ -226,7 +226,7 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         reflection.enable_server_reflection([*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{config.host}:{config.port}"
     try:
-        port = server.add_secure_port(address, _tls_credentials(config)) if config.tls_cert \
+        port = server.add_secure_port(address, tls_credentials(config)) if config.tls_cert \
             else server.add_insecure_port(address)
     except RuntimeError:  # grpcio's "Failed to bind"
         raise ConfigError(f"cannot listen on {address} (--host/--port): the port is in use, or the address is not "
@@ -332,39 +332,6 @@ async def _watch_engine(engine: Engine, health_servicer, stop: asyncio.Event) ->
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             return
         await asyncio.sleep(0.1)
-
-
-def _check_pem(config: ServerConfig) -> None:
-    """grpc takes any bytes here and fails later, at bind, as if the port were the problem: the files are parsed
-    now (with Python's ssl, OpenSSL like grpc's) so that a wrong one is named."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.set_ciphers("ALL:@SECLEVEL=0")  # parse only: what grpc accepts (small keys too) must pass here
-    try:  # an empty password: an encrypted key fails here instead of prompting on the terminal
-        context.load_cert_chain(config.tls_cert, config.tls_key, password=lambda: b"")
-    except (ssl.SSLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise ConfigError(f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: not a PEM certificate chain "
-                          f"and its unencrypted private key ({reason})") from None
-    if config.tls_client_ca:
-        try:
-            context.load_verify_locations(cafile=config.tls_client_ca)
-        except ssl.SSLError as exc:
-            raise ConfigError(f"--tls-client-ca {config.tls_client_ca}: not PEM CA certificates "
-                              f"({exc.reason or exc})") from None
-
-
-def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials:
-    def read(path: str, what: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-    chain = [(read(config.tls_key, "--tls-key"), read(config.tls_cert, "--tls-cert"))]
-    _check_pem(config)
-    if config.tls_client_ca:
-        return grpc.ssl_server_credentials(chain, root_certificates=read(config.tls_client_ca, "--tls-client-ca"),
-                                           require_client_auth=True)
-    return grpc.ssl_server_credentials(chain)
 
 
 class BackgroundServer:

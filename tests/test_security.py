@@ -135,15 +135,15 @@ def test_token_files_are_checked(tmp_path):
 def test_tls_files_that_do_not_fit_are_named(pki, tmp_path):
     """A server key that is not its certificate's, or a CA file that is no PEM, is named at start-up (grpc failed
     at bind, as if the port were taken); a client certificate without its key is an error, not an abort."""
-    from server.app import _check_pem
+    from server.tls import check_pem
     from server.config import ConfigError, ServerConfig
     with pytest.raises(ConfigError, match=r"--tls-key .*: not a PEM certificate chain and its unencrypted private key"):
-        _check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=pki["rogue_key"]))
+        check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=pki["rogue_key"]))
     (tmp_path / "ca.pem").write_text("not a certificate\n")
     with pytest.raises(ConfigError, match="--tls-client-ca .*: not PEM CA certificates"):
-        _check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=pki["server_key"],
+        check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=pki["server_key"],
                                 tls_client_ca=str(tmp_path / "ca.pem")))
-    _check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=pki["ca"]))
+    check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=pki["ca"]))
     # an encrypted key (grpc cannot use one) fails at once instead of prompting for a passphrase
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -152,10 +152,10 @@ def test_tls_files_that_do_not_fit_are_named(pki, tmp_path):
                                serialization.BestAvailableEncryption(b"secret"))
     (tmp_path / "locked.key").write_bytes(locked)
     with pytest.raises(ConfigError, match="unencrypted private key"):
-        _check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=str(tmp_path / "locked.key")))
+        check_pem(ServerConfig(tls_cert=pki["server_cert"], tls_key=str(tmp_path / "locked.key")))
     # what grpc accepts passes, small keys included (OpenSSL's default security level would refuse 1024-bit RSA)
     small = make_pki(tmp_path / "small", key=lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024))
-    _check_pem(ServerConfig(tls_cert=small["server_cert"], tls_key=small["server_key"]))
+    check_pem(ServerConfig(tls_cert=small["server_cert"], tls_key=small["server_key"]))
     with pytest.raises(ValueError, match="a client certificate and its key go together"):
         Tls(ca=pki["ca"], cert=pki["client_cert"]).credentials()
     (tmp_path / "client-token").write_text(f"{USER} # the CI's\n")

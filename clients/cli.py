@@ -122,8 +122,8 @@ def _train_all(args) -> int:
                    alpha=args.alpha, dropout=args.dropout, target_modules=targets, max_length=args.max_length,
                    device=args.device, dtype=args.dtype, overwrite=args.overwrite, resume=args.resume,
                    settings=settings, **given)
-    if not args.jobs:  # a jobs file's lines are checked as it is read (shared flags may serve some methods only)
-        from loader.training_job import inapplicable
+    from loader.training_job import inapplicable
+    if not args.jobs:  # with --jobs: the lines are checked as they are read, shared flags against all the jobs
         problem = inapplicable(job.method, set(given))
         if problem:
             print(f"error: {problem}", file=sys.stderr)
@@ -144,6 +144,10 @@ def _train_all(args) -> int:
         from loader.batch_jobs import gather_rows, read_jobs, run_jobs, summary_table
         try:
             jobs = read_jobs(Path(args.jobs), job)
+            unused = [name for name in given if all(inapplicable(j.method, {name}) for j in jobs)]
+            if unused:  # a shared flag no job's method uses would be silently ignored
+                raise DataError(f"--{unused[0].replace('_', '-')} is given for the jobs, but no job's method uses "
+                                f"it ({inapplicable(jobs[0].method, {unused[0]})})")
             _check_deploy(args, jobs)
         except DataError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -295,11 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     client_args(gen)
     gen.add_argument("prompt")
     gen.add_argument("--adapter", default="", help="adapter id ('' = base model)")
-    gen.add_argument("--max-new-tokens", type=_ranged(-2 ** 31, 2 ** 31), default=None)  # the server says what fits
-    gen.add_argument("--temperature", type=float, default=None)
-    gen.add_argument("--top-k", type=_ranged(-2 ** 31, 2 ** 31), default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=_ranged(0, 2 ** 64), default=None)
+    gen.add_argument("--max-new-tokens", type=_ranged(-2 ** 31, 2 ** 31), default=None,
+                     help="tokens to generate at most (default: the server's, within the room the prompt leaves)")
+    gen.add_argument("--temperature", type=float, default=None, help="0 or unset: greedy")
+    gen.add_argument("--top-k", type=_ranged(-2 ** 31, 2 ** 31), default=None, help="sample from the k likeliest")
+    gen.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of this mass")
+    gen.add_argument("--seed", type=_ranged(0, 2 ** 64), default=None,
+                     help="reproducible sampling, whatever else is in the batch")
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past end-of-sequence")
     gen.set_defaults(func=_generate)
@@ -352,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     t("--seed", type=int, default=0, help="initialisation, data order and dropout")
     t("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     t("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    t("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    t("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+      help="the frozen base model's dtype while training (the adapter is saved in float32)")
     t("--overwrite", action="store_true", help="replace an adapter already in --out")
     t("--resume", action="store_true", help="continue from the checkpoint in --out")
     t("--init-r", type=int, default=None, help="AdaLoRA initial rank (default 12)")

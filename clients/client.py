@@ -5,6 +5,7 @@ Both take an optional bearer token (sent as `authorization` metadata on every ca
 CLI does: from a file or an environment variable, never from the command line."""
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,17 +127,26 @@ class AsyncStream:
 
     def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
         self.call = call
+        self._cancelled = False
 
     def __aiter__(self) -> "AsyncStream":
         return self
 
     async def __anext__(self) -> pb.GenerateStreamResponse:
-        message = await self.call.read()
+        if self._cancelled:  # cancel() inside the loop ends it, as a break would
+            raise StopAsyncIteration
+        try:
+            message = await self.call.read()
+        except asyncio.CancelledError:
+            if self._cancelled:  # grpc's read of a call we cancelled, not this task being cancelled
+                raise StopAsyncIteration from None
+            raise
         if message is grpc.aio.EOF:
             raise StopAsyncIteration
         return message
 
     def cancel(self) -> bool:
+        self._cancelled = True
         return self.call.cancel()
 
     async def aclose(self) -> None:  # what the async generator offered (contextlib.aclosing)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from adapters.training import TrainSettings
 from loader.train_data import DataError, jsonl_lines
-from loader.training_job import JobError, TrainJob, inapplicable
+from loader.training_job import METHODS, JobError, TrainJob, inapplicable
 
 JOB_FIELDS = {f.name for f in fields(TrainJob)} - {"settings"}
 DEFAULTS = {f.name: f.default for f in fields(TrainJob) if f.name != "settings"}
@@ -41,7 +41,10 @@ def read_jobs(path: Path, defaults: TrainJob) -> list[TrainJob]:
         if missing:
             raise DataError(f"{path}:{number}: a job needs 'method', 'data' and 'out' (from the line or the "
                             f"command line); missing {missing}")
-        problem = inapplicable(record.get("method", defaults.method),
+        method = record.get("method", defaults.method)
+        if method not in METHODS:
+            raise DataError(f"{path}:{number}: 'method' must be one of {list(METHODS)}, got {method!r}")
+        problem = inapplicable(method,
                                {k for k, v in record.items() if k in DEFAULTS and v != DEFAULTS[k]})
         if problem:
             raise DataError(f"{path}:{number}: {problem}")

@@ -195,6 +195,8 @@ class AdapterRegistry:
                     self._read(adapter_id, self.path_for(adapter_id), pin=pinned, reread=False, budget=False)
                 with self._lock:
                     self._loaded[adapter_id] = pinned
+                log.info("restored adapter %r from the state file (%s)", adapter_id,
+                         "pinned" if pinned else "not pinned")
             except Exception as exc:  # one broken adapter must not keep the server down
                 log.error("could not load adapter %r again from the state file: %s", adapter_id, exc)
                 failed.append(adapter_id)

@@ -249,14 +249,29 @@ def _prepare(job: TrainJob, model, targets, total: int, train_prompts: list[str]
     return layers, _AdaLoraHooks(layers, allocator, job.orth_reg_weight), write
 
 
+def _flat(identity: dict) -> dict:
+    """A job's identity with its training settings as keys of their own (a refused resume names the one changed)."""
+    return {**{k: v for k, v in identity.items() if k != "settings"}, **(identity.get("settings") or {})}
+
+
 def run_job(job: TrainJob, progress=None, inspect=None) -> dict:
     """Train one adapter; returns a summary (also written to <out>/training_log.json). `inspect(model, tokenizer)`
     sees the trained model in its training form (adapter layers in place, eval mode) before it is freed."""
     if job.method not in METHODS:
         raise JobError(f"--method must be one of {METHODS}, got {job.method!r}")
     check_job(job)
-    check_out(job)
     out = Path(job.out)
+    created = not out.exists()
+    check_out(job)
+    try:
+        return _train(job, out, progress, inspect)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # failed before writing anything: leave nothing
+            out.rmdir()
+        raise
+
+
+def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
     path, model, tokenizer = _load(job)
     train = read_jsonl(Path(job.data), tokenizer, job.max_length)
     evaluation = read_jsonl(Path(job.eval), tokenizer, job.max_length) if job.eval else None
@@ -275,7 +290,7 @@ def run_job(job: TrainJob, progress=None, inspect=None) -> dict:
     resume = None
     if job.resume and (out / CHECKPOINT).exists():
         resume = torch.load(out / CHECKPOINT, weights_only=True, map_location="cpu")  # written on any device
-        now, then = json.loads(json.dumps(identity, default=str)), resume.get("job") or {}
+        now, then = _flat(json.loads(json.dumps(identity, default=str))), _flat(resume.get("job") or {})
         if then != now:
             changed = sorted(k for k in {*now, *then} if now.get(k) != then.get(k))
             raise JobError(f"--resume: {out / CHECKPOINT} was written by a different job configuration ("

@@ -18,6 +18,8 @@ def check_pem(config: ServerConfig) -> None:
         context.load_cert_chain(config.tls_cert, config.tls_key, password=lambda: b"")
     except (ssl.SSLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc
+        if reason == "KEY_VALUES_MISMATCH":
+            reason = "the key is not the certificate's"
         raise ConfigError(f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: not a PEM certificate chain "
                           f"and its unencrypted private key ({reason})") from None
     if config.tls_client_ca:

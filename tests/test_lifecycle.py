@@ -78,6 +78,11 @@ def test_an_async_stream_left_or_cancelled_stops_on_the_server(server, monkeypat
         await anext(stream)
         stream.cancel()  # the stream is still referenced: only the cancel ends it
 
+    async def cancel_inside(client):
+        stream = client.generate_stream([5, 6], "v1", max_new_tokens=480, ignore_eos=True)
+        async for _ in stream:
+            stream.cancel()  # the loop then ends as after a break (grpc's read would raise CancelledError)
+
     async def close(client):
         async with contextlib.aclosing(client.generate_stream([5, 6], "v1", max_new_tokens=480,
                                                               ignore_eos=True)) as stream:
@@ -85,6 +90,7 @@ def test_an_async_stream_left_or_cancelled_stops_on_the_server(server, monkeypat
     assert asyncio.run(cancelled_after(break_out))
     assert asyncio.run(cancelled_after(cancel))
     assert asyncio.run(cancelled_after(close))
+    assert asyncio.run(cancelled_after(cancel_inside))
 
 
 def test_deadline_frees_its_row(server, monkeypatch):

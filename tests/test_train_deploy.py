@@ -189,3 +189,22 @@ def test_a_jobs_line_may_spell_out_other_methods_defaults(tmp_path):
     jobs.write_text(json.dumps({"method": "adalora", "data": "d", "out": "o", "rslora": False, "heads": 4,
                                 "structure": "bs", "pre_num": 1}) + "\n")
     assert read_jobs(jobs, TrainJob(method=None, data=None, out=None))[0].method == "adalora"
+
+
+def test_jobs_that_cannot_run_are_refused_before_any_trains(model_dirs, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"method": "nope", "data": "d", "out": "o"}) + "\n")
+    with pytest.raises(DataError, match="jobs.jsonl:1: 'method' must be one of"):
+        read_jobs(jobs, TrainJob(method=None, data=None, out=None))
+    jobs.write_text(json.dumps({"method": "lora", "data": "d", "out": str(tmp_path / "o")}) + "\n")
+    result = subprocess.run([*CLI, "train", "--jobs", str(jobs), "--model", str(model_dirs["llama"]), "--heads", "3"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and "--heads is given for the jobs, but no job's method uses it" in result.stderr
+
+
+def test_a_job_that_fails_before_writing_leaves_no_directory(model_dirs, tmp_path):
+    from loader.training_job import run_job
+    with pytest.raises(DataError):
+        run_job(TrainJob(method="lora", data=str(tmp_path / "missing.jsonl"), out=str(tmp_path / "new" / "o"),
+                         model=str(model_dirs["llama"])))
+    assert not (tmp_path / "new" / "o").exists()

@@ -312,6 +312,9 @@ def test_job_resume_uses_the_checkpoint_and_refuses_another_config(model_dirs, d
     assert all(torch.equal(first[k], again[k]) for k in first)
     with pytest.raises(JobError, match=r"different job configuration \(rank: 8 then, 4 now\)"):
         run_job(job(model_dirs, data, tmp_path / "r", "lora", rank=4, settings=settings, resume=True, overwrite=True))
+    with pytest.raises(JobError, match=r"different job configuration \(max_steps: 12 then, 24 now\)"):
+        run_job(job(model_dirs, data, tmp_path / "r", "lora", settings=replace(settings, max_steps=24), resume=True,
+                    overwrite=True))
 
 
 @pytest.mark.parametrize("flags, says", [

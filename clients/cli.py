@@ -173,9 +173,18 @@ def _check_deploy(args, jobs) -> None:
     from loader.train_data import DataError
     connection = _connection(args)  # a wrong --token-file or --tls-* path: one line now, not after training
     try:
-        check(args.deploy, Path(args.deploy_root), [Path(job.out) for job in jobs], **connection)
+        limits = check(args.deploy, Path(args.deploy_root), [Path(job.out) for job in jobs], **connection).limits
     except DeployError as err:
         raise DataError(str(err)) from None
+    from loader.training_job import slot_needs
+    for job in jobs:
+        width, heads = slot_needs(job) or (0, 0)
+        if width > limits.max_lora_rank or heads > limits.max_hydra_heads:  # refused after training otherwise
+            raise DataError(f"--out {job.out}: a {job.method} adapter of rank {job.rank}"
+                            + (f" with {heads} heads" if job.method == "hydralora" else "")
+                            + f" needs a slot {width} wide and {heads} head(s); {args.deploy} takes at most "
+                              f"--max-lora-rank {limits.max_lora_rank} and --max-hydra-heads "
+                              f"{limits.max_hydra_heads}")
 
 
 METHOD_SPECIFIC = ("rank", "rslora", "heads", "router_bias", "init_r", "target_r", "tinit", "tfinal", "delta_t",

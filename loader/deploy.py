@@ -40,10 +40,10 @@ def adapter_id_for(out: Path) -> str:
     return adapter_id
 
 
-def check(target: str, root: Path, outs: list[Path], timeout: float = 10, **connection) -> None:
+def check(target: str, root: Path, outs: list[Path], timeout: float = 10, **connection):
     """Before training: every output has its own valid id and is not a version the server reads, the root is a
     directory this user can write to, and the server answers: a deploy problem is found before the training time
-    is spent, not after."""
+    is spent, not after. Returns the server's ServerInfo (its limits)."""
     ids: dict[str, Path] = {}
     for out in outs:
         adapter_id = adapter_id_for(out)
@@ -59,7 +59,7 @@ def check(target: str, root: Path, outs: list[Path], timeout: float = 10, **conn
         raise DeployError(f"--deploy-root {root} is not writable by this user: the adapter is copied there")
     try:
         with Client(target, timeout=timeout, **connection) as client:
-            client.server_info()
+            info = client.server_info()
             try:  # may this client load adapters? An id no server accepts: INVALID_ARGUMENT, and nothing changes
                 client.load_adapter("-")
             except grpc.RpcError as exc:
@@ -67,6 +67,7 @@ def check(target: str, root: Path, outs: list[Path], timeout: float = 10, **conn
                     raise
     except grpc.RpcError as exc:
         raise DeployError(f"cannot deploy to {target}: {exc.code().name}: {exc.details()}") from None
+    return info
 
 
 def install(adapter_dir: Path, root: Path, adapter_id: str) -> tuple[Path, Path | None]:

@@ -82,6 +82,17 @@ def inapplicable(method: str, names) -> str | None:
     return None
 
 
+def slot_needs(job: TrainJob) -> tuple[int, int] | None:
+    """(slot width, heads) the server will need for this job's adapter, where the flags alone decide it: LoRA's
+    rank, HydraLoRA's heads x rank. None where training decides (AdaLoRA's kept ranks, --heads auto, ResLoRA's
+    merge)."""
+    if job.method == "lora":
+        return job.rank, 1
+    if job.method == "hydralora" and job.heads != "auto":
+        return int(job.heads) * job.rank, int(job.heads)
+    return None
+
+
 def check_job(job: TrainJob) -> None:
     """Every number in range before anything is loaded (from flags or a --jobs line alike): a zero batch size or
     eval interval would otherwise fail as a ZeroDivisionError, after the model loaded or a first step ran."""

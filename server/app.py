@@ -287,13 +287,13 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     # The handlers still open have just been told their status (or were never the engine's, e.g. a LoadAdapter
     # reading a file): they get a moment to send it before the transport cuts them.
     await server.stop(HANDLER_GRACE if hurry.is_set() else max(HANDLER_GRACE, deadline - time.monotonic()))
-    if serving.busy_admin_calls:  # cut by the transport: their clients heard UNAVAILABLE, so they must not count
+    if serving.registry_changes.count:  # cut by the transport: their clients heard UNAVAILABLE, so they must not count
         log.warning("%d LoadAdapter/UnloadAdapter calls were cut by the shutdown; the adapter state file keeps what it "
-                    "held before them", serving.busy_admin_calls)
+                    "held before them", serving.registry_changes.count)
         serving.registry.freeze_state()
     serving.engine.stop()
     log.info("stopped")
-    if hurry.is_set() and serving.busy_admin_calls:  # asyncio.run would wait for their threads' file reads
+    if hurry.is_set() and serving.registry_changes.count:  # asyncio.run would wait for their threads' file reads
         _exit_now("a second signal: not waiting for the cut LoadAdapter/UnloadAdapter reads", 0)
 
 

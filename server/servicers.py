@@ -4,10 +4,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import grpc
@@ -28,6 +29,27 @@ KINDS = {"lora": pb.ADAPTER_KIND_LORA, "adalora": pb.ADAPTER_KIND_ADALORA, "hydr
          "reslora": pb.ADAPTER_KIND_RESLORA}
 
 
+class Running:
+    """A count of work items on executor threads, kept by the threads themselves: a handler the shutdown cancels
+    stops waiting, but its thread goes on, and still counts."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def enter(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._count -= 1
+
+
 @dataclass
 class Serving:
     """What the servicers reach once the model is loaded; None fields mean 'not ready yet'."""
@@ -38,7 +60,7 @@ class Serving:
     config: object = None
     metrics: object = None
     limits: object = None
-    busy_admin_calls: int = 0  # LoadAdapter/UnloadAdapter reading or changing the registry (the loop's count)
+    registry_changes: Running = field(default_factory=Running)  # LoadAdapter/UnloadAdapter work under way
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, metrics=None) -> None:
@@ -305,11 +327,15 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     async def _changing_registry(self, fn, *args):
         """Off the loop, counted: a LoadAdapter/UnloadAdapter the shutdown cuts (its client hears UNAVAILABLE)
         must not go on to be recorded for the restart (serve() freezes the state file when any is left)."""
-        self.serving.busy_admin_calls += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-        finally:
-            self.serving.busy_admin_calls -= 1
+        running = self.serving.registry_changes
+        running.enter()  # before the thread starts: a change submitted just before the cut counts too
+
+        def work():
+            try:
+                return fn(*args)
+            finally:
+                running.leave()
+        return await asyncio.get_running_loop().run_in_executor(None, work)
 
     async def LoadAdapter(self, request, context):
         try:

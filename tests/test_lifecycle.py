@@ -578,7 +578,7 @@ def test_a_load_running_at_shutdown_is_told_how_it_ended(model_dirs, adapter_roo
     with caplog.at_level("INFO", logger="loraplex.servicers"):
         loading = threading.Thread(target=run)
         loading.start()
-        assert wait_for(lambda: server.serving.busy_admin_calls == 1)
+        assert wait_for(lambda: server.serving.registry_changes.count == 1)
         started = time.monotonic()
         server.stop()
         loading.join(timeout=30)

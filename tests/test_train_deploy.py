@@ -208,3 +208,19 @@ def test_a_job_that_fails_before_writing_leaves_no_directory(model_dirs, tmp_pat
         run_job(TrainJob(method="lora", data=str(tmp_path / "missing.jsonl"), out=str(tmp_path / "new" / "o"),
                          model=str(model_dirs["llama"])))
     assert not (tmp_path / "new" / "o").exists()
+
+
+def test_an_adapter_the_server_could_not_take_is_refused_before_training(model_dirs, tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    server = start_server(model_dirs["llama"], root, max_lora_rank=16)
+    try:
+        data = write_task(tmp_path / "train.jsonl", 16, 0)
+        for flags in (["--method", "lora", "--rank", "32"], ["--method", "hydralora", "--rank", "8", "--heads", "4"]):
+            result = subprocess.run([*CLI, "train", *flags, "--model", str(model_dirs["llama"]), "--data", str(data),
+                                     "--out", str(tmp_path / "x"), "--deploy", server.target, "--deploy-root",
+                                     str(root)], capture_output=True, text=True, timeout=120, cwd=REPO)
+            assert result.returncode == 2 and "--max-lora-rank 16" in result.stderr, result.stderr
+            assert "a slot 32 wide" in result.stderr and not (tmp_path / "x").exists()
+    finally:
+        server.stop()

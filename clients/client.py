@@ -150,7 +150,7 @@ class AsyncStream:
         return self.call.cancel()
 
     async def aclose(self) -> None:  # what the async generator offered (contextlib.aclosing)
-        self.call.cancel()
+        self.cancel()
 
     def __getattr__(self, name: str):
         return getattr(self.call, name)

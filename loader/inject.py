@@ -10,16 +10,22 @@ from adapters.targets import ALL_LINEAR, linear_modules
 
 
 def unmatched_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """The names in a --target-modules list that match no adaptable module of `model`."""
-    return [t for t in targets if not linear_modules(model, [t])] if isinstance(targets, list) else []
+    """The target-module names (a list's entries, or one pattern) that match no adaptable module of `model`."""
+    if isinstance(targets, list):
+        return [t for t in targets if not linear_modules(model, [t])]
+    return [] if linear_modules(model, targets) else [targets]
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct last names of the model's adaptable linear modules (what a target list may name)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, _ in linear_modules(model, ALL_LINEAR)})
 
 
 def inject(model: nn.Module, targets: str | list[str] = ALL_LINEAR) -> tuple[AdapterContext, list[ModuleShape]]:
     found = linear_modules(model, targets)
     if not found:
-        names = sorted({n.rsplit(".", 1)[-1] for n, _ in linear_modules(model, ALL_LINEAR)})
         raise ValueError(f"{targets} matches no adaptable linear module of the model; its linear modules are named "
-                         f"{names}")
+                         f"{linear_module_names(model)}")
     context = AdapterContext()
     shapes = []
     for index, (name, module) in enumerate(found):

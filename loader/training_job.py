@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapters.targets import ALL_LINEAR, linear_modules
 from adapters.training import Hooks, Trainer, TrainSettings, evaluate
 from loader.base_model import device_problem
 from loader.default_model import default_model_dir
+from loader.inject import linear_module_names, unmatched_targets
 from loader.peft_files import CONFIG_FILE
 from loader.train_data import collate, read_jsonl
 
@@ -156,13 +156,12 @@ def _load(job: TrainJob):
 def _targets(job: TrainJob, model) -> list[str] | str:
     targets = job.target_modules or DEFAULT_TARGETS[job.method].get(model.config.model_type,
                                                                     DEFAULT_TARGETS[job.method][None])
-    names = sorted({n.rsplit(".", 1)[-1] for n, _ in linear_modules(model, ALL_LINEAR)})
-    unmatched = [t for t in targets if not linear_modules(model, [t])] if isinstance(targets, list) else \
-        [] if linear_modules(model, targets) else [targets]
+    unmatched = unmatched_targets(model, targets)
     if unmatched:  # each name must adapt something: one that matches nothing would silently train less
         given = "--target-modules" if job.target_modules else f"{job.method}'s default target modules"
         raise JobError(f"{given}: {', '.join(map(str, unmatched))} matches no adaptable linear module of this model "
-                       f"(the output head and embeddings are never adapted); its linear modules are named {names}")
+                       f"(the output head and embeddings are never adapted); its linear modules are named "
+                       f"{linear_module_names(model)}")
     return targets
 
 

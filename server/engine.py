@@ -168,13 +168,7 @@ class Engine:
         The running ones go on."""
         self._refusal = error
         self.draining = True
-
-        def refuse_waiting() -> None:
-            for request in self._waiting:
-                self._tell(request, ErrorEvent(error))
-            self._unqueue(len(self._waiting))
-            self._waiting.clear()
-        return self.call(refuse_waiting)
+        return self.call(lambda: self._fail_waiting(error))
 
     def fail_in_flight(self, error: Exception) -> Future:
         """End every waiting and running request with `error` between steps (a shutdown's grace has run out):
@@ -212,12 +206,11 @@ class Engine:
             self._wake.clear()
 
     def _reset(self, error: Exception) -> None:
-        self._fail_all(error)
+        self._fail_waiting(error)
         if self._batch is not None:
             for row in self._batch.rows:
+                self._tell(row.state.request, ErrorEvent(error))
                 self.bank.release(row.slot)
-        self._unqueue(len(self._waiting))
-        self._waiting.clear()
         self._batch = None
         self.metrics.running.set(0)
         self._kv_report()
@@ -411,6 +404,12 @@ class Engine:
     def _fail_row(self, row: Row, exc: Exception) -> None:
         self.bank.release(row.slot)
         self._tell(row.state.request, ErrorEvent(_failed(exc)))
+
+    def _fail_waiting(self, error: Exception) -> None:
+        for request in self._waiting:
+            self._tell(request, ErrorEvent(error))
+        self._unqueue(len(self._waiting))
+        self._waiting.clear()
 
     def _fail_all(self, exc: Exception) -> None:
         for request in self._waiting:

@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=None,
                    help="comma-separated server variants KERNEL/FACTOR_DTYPE (--adapter-kernel / --adapter-dtype); "
                         "default: torch/float32 and native/{float32,bfloat16,float16} where the native kernel runs, "
-                        "else torch/auto")
+                        "else torch/auto; a variant may add server environment after @, e.g. "
+                        "native/float32@GOMP_SPINCOUNT=300 (several: @A=1@B=2)")
     args = p.parse_args(argv)
     if args.variants is None:  # the native kernel's variants where it runs (CPU with AVX-512)
         from adapters import cpu_kernel
@@ -142,8 +143,9 @@ def main(argv=None) -> int:
             "c": ("AdaLoRA ranks 8-24 (mean 16)", kinds["adalora"][:args.requests]),
             "d": ("mix: LoRA+AdaLoRA+Hydra+ResLoRA", mix),
         }
-        variants = [tuple(v.split("/")) for v in args.variants.split(",")]
-        engines = {v: EngineBench(model_dir, root, [n for names in kinds.values() for n in names], args, *v)
+        variants = args.variants.split(",")
+        engines = {v: EngineBench(model_dir, root, [n for names in kinds.values() for n in names], args,
+                                  *v.split("@")[0].split("/"), env=dict(kv.split("=", 1) for kv in v.split("@")[1:]))
                    for v in variants}
         results: dict[tuple, list[float]] = {(v, k): [] for v in variants for k in configs}
         try:
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
                     for key, (label, ids) in configs.items():
                         wall, tokens, _ = engine.round(prompts, ids, new)
                         assert sum(map(len, tokens)) == len(prompts) * new
-                        print(f"  {'warm-up' if rnd == 0 else f'round {rnd}':8s} {'/'.join(v):16s} ({key}) "
+                        print(f"  {'warm-up' if rnd == 0 else f'round {rnd}':8s} {v:16s} ({key}) "
                               f"{label:34s} {len(prompts) * new / wall:8.1f} tok/s", flush=True)
                         if rnd:
                             results[v, key].append(len(prompts) * new / wall)
@@ -163,9 +165,9 @@ def main(argv=None) -> int:
     lines = [f"adapter_kinds: {args.requests} rows x {new} new tokens, prompts {args.prompt_min}-{args.prompt_max} "
              f"tokens; same model as mixed_adapters ({args.device}, fp32); all seven projections adapted; "
              f"median of {args.repeats} interleaved runs; server variants (--adapter-kernel/--adapter-dtype) "
-             f"{', '.join('/'.join(v) for v in variants)}",
+             f"{', '.join(variants)}",
              f"command: {command}", f"machine: {machine(args)}", f"code: {args.code}", "",
-             "| config | " + " | ".join(f"{'/'.join(v)} tok/s | vs base" for v in variants) + " |",
+             "| config | " + " | ".join(f"{v} tok/s | vs base" for v in variants) + " |",
              "|---|" + "---:|---:|" * len(variants)]
     for key, (label, _) in configs.items():
         cells = [f"{median[v, key]:.1f} | {median[v, key] / median[v, 'base']:.3f}" for v in variants]
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
     lines.append("")
     for v in variants:
         hydra_cost, mix = median[v, "a"] / median[v, "b"], median[v, "d"] / median[v, "base"]
-        lines.append(f"{'/'.join(v)}: Hydra time / LoRA time (equal width 32) = {hydra_cost:.3f} "
+        lines.append(f"{v}: Hydra time / LoRA time (equal width 32) = {hydra_cost:.3f} "
                      f"(target <= 1.15: {'met' if hydra_cost <= 1.15 else 'NOT met'}); mix / base = {mix:.3f} "
                      f"(target >= 0.75: {'met' if mix >= 0.75 else 'NOT met'})")
     print("\n" + "\n".join(lines), flush=True)

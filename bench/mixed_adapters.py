@@ -163,7 +163,7 @@ class EngineBench:
     process, where this process's own torch threads (HF/PEFT rounds) share libgomp with the engine."""
 
     def __init__(self, model_dir: Path, adapter_root: Path, names: list[str], args, kernel: str | None = None,
-                 factors: str | None = None) -> None:
+                 factors: str | None = None, env: dict | None = None) -> None:
         self.config = ServerConfig(model=str(model_dir), adapter_root=str(adapter_root), port=free_port(),
                                    metrics_port=free_port(), device=args.device, max_batch_size=args.requests,
                                    max_active_adapters=args.adapters, max_lora_rank=args.rank,
@@ -182,7 +182,8 @@ class EngineBench:
                      "--max-lora-rank", c.max_lora_rank, "--threads", c.threads, "--log-level", c.log_level,
                      "--adapter-kernel", c.adapter_kernel, "--adapter-dtype", c.adapter_dtype,
                      "--state-file", c.state_file]
-            self.proc = ServerProcess(flags, args.server_module, dict(kv.split("=", 1) for kv in args.server_env))
+            env = {**dict(kv.split("=", 1) for kv in args.server_env), **(env or {})}
+            self.proc = ServerProcess(flags, args.server_module, env)
             self.config = replace(c, port=self.proc.port, metrics_port=self.proc.metrics_port)
         else:
             self.server = BackgroundServer(self.config).start()

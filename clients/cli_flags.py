@@ -1,0 +1,36 @@
+"""What the `loraplex` commands share: the connection flags (token, TLS) and help that names defaults."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token-file", default=None, help="file holding the bearer token (else $LORAPLEX_TOKEN)")
+    p.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
+    p.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate (TLS)")
+    p.add_argument("--tls-cert", default=None, help="PEM client certificate chain (mutual TLS)")
+    p.add_argument("--tls-key", default=None, help="PEM client private key (mutual TLS)")
+
+
+def connection(args) -> dict:
+    """Client keyword arguments from the connection flags: the token from --token-file or $LORAPLEX_TOKEN (never
+    argv, where other users of the machine could read it), TLS when any --tls* flag is given."""
+    from clients.client import Tls, token_from
+    tls = Tls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls or args.tls_ca or args.tls_cert or args.tls_key \
+        else None
+    try:
+        token = token_from(args.token_file)
+        if tls is not None:
+            tls.credentials()  # read the PEM files now: a wrong path is a one-line error, not a traceback
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    return {"token": token, "tls": tls}
+
+
+class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that names each flag's default, where it has one to name (not None or a switch's False)."""
+
+    def _get_help_string(self, action) -> str:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)

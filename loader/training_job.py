@@ -238,9 +238,7 @@ def _prepare(job: TrainJob, model, targets, total: int, train_prompts: list[str]
             raise JobError(f"--pre-num {job.pre_num}: this model has {depth} layers, so a block links back to at most "
                            f"{depth - 1} previous blocks")
         layers = add_reslora(model, targets, job.rank, job.alpha, job.dropout, job.structure, job.pre_num)
-        return layers, _ResLoraHooks(layers), lambda out, errors=None: save_reslora(
-            layers, out, {**common, **({"merge_error": errors, "merge_method": _best_merge(errors, job.structure)}
-                                if errors else {})})
+        return layers, _ResLoraHooks(layers), lambda out, merge: save_reslora(layers, out, {**common, **merge})
     from adapters.adalora import RankAllocator, add_adalora
     from loader.adalora_files import save_adalora
     layers = add_adalora(model, targets, job.init_r, job.alpha, job.dropout)
@@ -318,14 +316,14 @@ def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
         batches = [{k: v.to(job.device) for k, v in collate((evaluation or train)[i:i + 8], pad).items()}
                    for i in range(0, min(len(evaluation or train), 64), 8)]
         errors = {m: merge_error(model, layers, m, batches) for m in MERGE_METHODS[job.structure]}
-        write(out, errors)
+        merge = {"merge_error": errors, "merge_method": _best_merge(errors, job.structure)}
+        write(out, merge)
     else:
-        errors = None
+        merge = {"merge_error": None, "merge_method": None}
         write(out)
     summary = {"method": job.method, "out": str(out), "steps": result.steps, "trainable_params": trainable,
                "seconds": round(result.seconds, 2), "tokens": result.tokens, "train_loss": result.train_loss,
-               "eval_loss": result.eval_loss, "merge_error": errors, "targets": targets,
-               "merge_method": _best_merge(errors, job.structure) if errors else None}
+               "eval_loss": result.eval_loss, "targets": targets, **merge}
     if evaluation and not result.eval_loss:
         summary["eval_loss"] = [(result.steps, evaluate(model, evaluation, pad, job.settings.batch_size, job.device))]
     (out / "training_log.json").write_text(json.dumps(summary, indent=2))

@@ -127,7 +127,28 @@ def _targets(config: dict, module: str) -> bool:
     return matches(config.get("target_modules"), module) and not matches(config.get("exclude_modules"), module)
 
 
+# PEFT's LoraConfig/AdaLoraConfig keys that the readers serve exactly, or that only shape training or the
+# initialisation (their values do not change what a saved adapter computes). PEFT keeps adding LoRA variants as
+# config keys (aLoRA's alora_invocation_tokens, BD-LoRA, Arrow, ...), each with its own forward: serving one as
+# plain LoRA would be silently wrong, so any other key set to a value is refused by name.
+PEFT_KEYS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
+    "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern",
+    "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config",
+    "runtime_config", "use_dora", "trainable_token_indices", "target_parameters", "lora_bias", "layer_replication",
+    "ensure_weight_tying", "qalora_group_size",
+    "use_qalora",  # only changes GPTQ-quantized layers, which a base model here never has
+    # AdaLoRA's rank allocation schedule (training only)
+    "target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
+})
+# Initialisations that rewrite the base model's weights: the adapter is a correction to those, not to the
+# original weights the server holds, until PEFT converts it at save time (which resets the value to true).
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga")
+
+
 def refuse_unservable(config: dict, adapter_id: str) -> None:
+    init = config.get("init_lora_weights")
     checks = [
         (config.get("use_dora"), "use_dora is true (DoRA is not served)"),
         (config.get("modules_to_save"), "modules_to_save is set (full module copies cannot share a batch)"),
@@ -137,7 +158,15 @@ def refuse_unservable(config: dict, adapter_id: str) -> None:
         (config.get("lora_bias"), "lora_bias is true"),
         (config.get("layers_to_transform") is not None, "layers_to_transform is set; list modules in target_modules"),
         (config.get("layer_replication"), "layer_replication is set"),
+        (isinstance(init, str) and init.startswith(BASE_REWRITING_INITS),
+         f"init_lora_weights is {init!r}: that initialisation rewrote the base model's weights, and this adapter "
+         f"only works on top of them; save it with PEFT's save_pretrained(..., "
+         f"path_initial_model_for_weight_conversion=...) to get an adapter for the original base model"),
     ]
+    if config.get("peft_type") in ("LORA", "ADALORA"):
+        checks += [(value not in (None, False, "", [], {}), f"adapter_config.json sets {key} = {value!r}, a PEFT "
+                                                              f"feature the server does not serve")
+                   for key, value in config.items() if key not in PEFT_KEYS]
     for bad, why in checks:
         if bad:
             raise FailedPrecondition(f"adapter {adapter_id!r}: {why}")

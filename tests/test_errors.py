@@ -43,6 +43,11 @@ def adapter_root(model_dirs, tmp_path_factory):
             config_edit={"r": 32})
     variant("not-json", raw_config="{not json")
     variant("dora", config_edit={"use_dora": True})
+    # later PEFT LoRA variants, each a config key with its own forward: refused by name, never served as LoRA
+    variant("alora", config_edit={"alora_invocation_tokens": [5, 6]})
+    variant("bdlora", config_edit={"use_bdlora": {"target_modules_bd_a": ["q_proj"], "nblocks": 2}})
+    variant("future-variant", config_edit={"some_new_variant": True})
+    variant("pissa-unconverted", config_edit={"init_lora_weights": "pissa_niter_4"})
     variant("unknown-key", {**tensors, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude": tensors[
         next(iter(tensors))]})
     variant("nan", {k: (torch.full_like(v, math.nan) if i == 0 else v) for i, (k, v) in enumerate(tensors.items())})
@@ -118,6 +123,10 @@ def test_symlink_out_of_the_root_is_invalid(client):
     ("rank-too-high", "above the server's --max-lora-rank 16"),
     ("not-json", "not valid JSON"),
     ("dora", "use_dora"),
+    ("alora", "sets alora_invocation_tokens = [5, 6], a PEFT feature the server does not serve"),
+    ("bdlora", "sets use_bdlora = "),
+    ("future-variant", "sets some_new_variant = True"),
+    ("pissa-unconverted", "path_initial_model_for_weight_conversion"),
     ("unknown-key", "lora_magnitude"),
     ("nan", "NaN or Inf"),
     ("missing-b", "missing key base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"),

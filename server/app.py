@@ -27,6 +27,7 @@ from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.auth import AuthInterceptor, read_tokens
 from server.tls import tls_credentials
+from server.attention import UnsupportedAttention
 from server.config import ConfigError, ServerConfig, check_config, resolve_limits
 from server.engine import Engine, EngineConfig, EngineRequest, ErrorEvent, FinishEvent
 from server.errors import Unavailable
@@ -120,7 +121,10 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     factor_dtype = dtype if config.adapter_dtype == "auto" else getattr(torch, config.adapter_dtype)
     bank = SlotBank(shapes, config.max_active_adapters, config.max_lora_rank, torch.device(config.device),
                     factor_dtype, config.max_hydra_heads, kernel, dtype)
-    runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
+    try:
+        runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
+    except UnsupportedAttention as exc:
+        raise ConfigError(f"--model: {exc}") from None
     limits = resolve_limits(config, base.max_context)
     engine = Engine(runner, base.tokenizer, base.eos_token_ids,
                     EngineConfig(config.max_batch_size, config.max_queue_size, limits.max_kv_tokens,
@@ -184,7 +188,9 @@ def _generate_once(engine: Engine, base) -> None:
     engine.submit(EngineRequest("warmup", [bos if bos is not None else base.pad_token_id], None,
                                 SamplingParams(), StoppingParams(2, (), True), sink))
     if not done.wait(timeout=600) or isinstance(outcome[0], ErrorEvent):
-        raise RuntimeError(f"engine warm-up failed: {outcome[0].error if outcome else 'timed out'}")
+        raise RuntimeError(f"engine warm-up failed: {outcome[0].error if outcome else 'timed out'} (a one-token "
+                           f"generation on the base model; the traceback is logged above: an architecture whose forward "
+                           f"fails here is not one this server runs)")
 
 
 async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event | None = None,

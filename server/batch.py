@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters.slot_bank import AdapterContext, RowFactors, SlotBank
+from server.attention import AttentionLayout
 from server.kv_cache import KVCache
 
 
@@ -47,6 +48,7 @@ class Runner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.num_layers = model.config.get_text_config().num_hidden_layers
+        self.attention = AttentionLayout.of(model.config)  # raises UnsupportedAttention
         # HF slices the last position (logits_to_keep=1) as hidden[:, -1:], a strided view that torch.matmul
         # does not fold into one matmul against a frozen weight: the vocabulary projection ran as a bmm against
         # the weight expanded per row (prefill of 31 rows, vocab 32000: 113 ms instead of ~20). Handing it a
@@ -55,13 +57,16 @@ class Runner:
         if head is not None:
             head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+    def _forward(self, ids: torch.Tensor, masks, positions: torch.Tensor, cache: KVCache,
                  factors: RowFactors | None) -> torch.Tensor:
-        additive = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
-        additive.masked_fill_(~mask, torch.finfo(self.dtype).min)
+        """`masks`: a boolean mask [B, 1, Q, K], or one per layer type (AttentionLayout.masks)."""
+        def additive(mask: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
+            return out.masked_fill_(~mask, torch.finfo(self.dtype).min)
+        masks = {t: additive(m) for t, m in masks.items()} if isinstance(masks, dict) else additive(masks)
         self.context.rows = factors
         try:
-            out = self.model(input_ids=ids, attention_mask=additive, position_ids=positions,
+            out = self.model(input_ids=ids, attention_mask=masks, position_ids=positions,
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
         finally:
             self.context.rows = None
@@ -85,7 +90,7 @@ class Runner:
         mask |= torch.eye(length, dtype=torch.bool, device=self.device)[None, None]
         factors = self.bank.gather([r.slot for r in rows])
         cache = KVCache(self.num_layers, self.max_context)
-        logits = self._forward(ids, mask, positions, cache, factors)
+        logits = self._forward(ids, self.attention.masks(mask, positions, positions), positions, cache, factors)
         batch = Batch(rows, cache, valid, positions[:, -1] + 1, factors)
         return batch, logits
 
@@ -94,8 +99,11 @@ class Runner:
         """Feed every row its last token; returns next-token logits [B, V]."""
         ids = torch.tensor([[r.last_token] for r in batch.rows], dtype=torch.long, device=self.device)
         batch.valid = torch.cat([batch.valid, batch.valid.new_ones(len(batch), 1)], dim=1)
-        logits = self._forward(ids, batch.valid[:, None, None, :], batch.positions[:, None], batch.cache,
-                               batch.factors)
+        query = batch.positions[:, None]
+        # A row's columns are its tokens in order after its pads, so a key's position is its count of real columns.
+        keys = batch.valid.long().cumsum(-1) - 1 if self.attention.window is not None else None
+        masks = self.attention.masks(batch.valid[:, None, None, :], query, keys)
+        logits = self._forward(ids, masks, query, batch.cache, batch.factors)
         batch.positions = batch.positions + 1
         return logits
 

@@ -21,6 +21,8 @@ WINDOW = 6
 SMALL = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
 MODELS = {  # every layer windowed (no layer_types) / Qwen2's upper layers windowed / Gemma-3's alternating types
     "mistral": dict(SMALL, sliding_window=WINDOW),
+    "phi3": dict(SMALL, sliding_window=WINDOW),
+    "starcoder2": dict(SMALL, sliding_window=WINDOW),
     "qwen2": dict(SMALL, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
     "gemma3_text": dict(SMALL, head_dim=12, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
 }
@@ -35,7 +37,7 @@ def windowed(tmp_path_factory):
 
 def test_layouts_follow_the_config(windowed):
     layouts = {arch: AttentionLayout.of(AutoModelForCausalLM.from_pretrained(d).config) for arch, d in windowed.items()}
-    assert layouts["mistral"] == AttentionLayout(WINDOW, None)
+    assert layouts["mistral"] == layouts["phi3"] == layouts["starcoder2"] == AttentionLayout(WINDOW, None)
     assert layouts["qwen2"] == AttentionLayout(WINDOW, ("full_attention", "sliding_attention"))
     assert layouts["gemma3_text"] == AttentionLayout(WINDOW, ("sliding_attention", "full_attention"))
 

@@ -277,9 +277,14 @@ class Engine:
                     self.config.max_prefill_tokens:
                 break  # the rest next step: running rows get a token between prefills, not after all of them
             self._waiting.popleft()
+            if skipped and request.adapter is not None:
+                # An earlier request waits for a slot to drain: a row joining any slot would keep it busy longer,
+                # and steady traffic on resident adapters would starve that request. Base-model rows hold no slot.
+                skipped.append(request)
+                continue
             try:
                 slot = self.bank.acquire(request.adapter)
-            except SlotsFull:  # every slot serves running rows: wait, let others with resident adapters pass
+            except SlotsFull:  # every slot serves running rows: wait for one to drain, first come first served
                 skipped.append(request)
                 continue
             except Exception as exc:  # e.g. out of memory writing the slot: this request fails, the rest go on

@@ -389,3 +389,33 @@ def test_engine_thread_death_turns_health_not_serving(model_dirs):
             assert info.value.code() == C.UNAVAILABLE and "engine" in info.value.details()
     finally:
         server.stop()
+
+
+def test_steady_traffic_on_a_resident_adapter_cannot_starve_one_waiting_for_a_slot(model_dirs, adapter_root):
+    """One slot, held by a stream of overlapping v0 requests (it never drains while they keep joining it): a
+    request for v1 waits for the slot and is served, because later v0 requests queue behind it."""
+    s = start_server(model_dirs["llama"], adapter_root, max_active_adapters=1)
+
+    async def go():
+        async with AsyncClient(s.target, timeout=60) as client:
+            stop = asyncio.Event()
+
+            async def traffic():  # a new v0 request every 20 ms, each running longer than that
+                calls = []
+                while not stop.is_set():
+                    calls.append(asyncio.ensure_future(client.generate(PROMPT, "v0", max_new_tokens=40,
+                                                                       ignore_eos=True)))
+                    await asyncio.sleep(0.02)
+                await asyncio.gather(*calls)
+            feeder = asyncio.ensure_future(traffic())
+            try:
+                await asyncio.sleep(0.3)
+                reply = await asyncio.wait_for(client.generate(PROMPT, "v1", max_new_tokens=3, ignore_eos=True), 10)
+                assert len(reply.token_ids) == 3
+            finally:
+                stop.set()
+                await feeder
+    try:
+        asyncio.run(go())
+    finally:
+        s.stop()

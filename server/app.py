@@ -221,8 +221,9 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         log.warning("serving on %s without --auth-token-file: anyone who reaches the port can generate and load or "
                     "unload adapters (LoadAdapter/UnloadAdapter); set --auth-token-file/--admin-token-file, or bind "
                     "127.0.0.1 behind a proxy that authenticates", config.host)
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(serving), server)
-    pb_grpc.add_AdaptersServicer_to_server(AdaptersServicer(serving), server)
+    inference, adapters = InferenceServicer(serving), AdaptersServicer(serving)
+    pb_grpc.add_InferenceServicer_to_server(inference, server)
+    pb_grpc.add_AdaptersServicer_to_server(adapters, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # The aio health servicer starts with "" SERVING: say NOT_SERVING until the model is warm.
@@ -298,6 +299,8 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
                     "held before them", serving.registry_changes.count)
         serving.registry.freeze_state()
     serving.engine.stop()
+    for pool in (inference.resolving, adapters.changing):  # threads still reading a file finish on their own
+        pool.shutdown(wait=False, cancel_futures=True)
     log.info("stopped")
     if hurry.is_set() and serving.registry_changes.count:  # asyncio.run would wait for their threads' file reads
         _exit_now("a second signal: not waiting for the cut LoadAdapter/UnloadAdapter reads", 0)

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -99,31 +99,37 @@ def _ready(serving: Serving) -> Serving:
     return serving
 
 
+def adapter_pool(name: str, threads: int) -> ThreadPoolExecutor:
+    """Threads for work that waits on an adapter id (a load, replace or unload holds it) or reads its files. Kept
+    apart from asyncio's default executor (cores + 4 threads), which tokenizes every request and answers the
+    Adapters service's reads: requests for one slow or cold adapter took all of its threads, and base-model
+    requests and ListAdapters waited seconds behind them. Its threads are idle, not busy, while they wait."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"loraplex-{name}")
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
         self._loop = asyncio.get_running_loop()  # built by serve(), on the loop that runs the handlers
+        self.resolving = adapter_pool("resolve", 64)
         self._memory_freed = asyncio.Event()  # set (and replaced) whenever a release frees adapter memory
         self._memory_turn = asyncio.Lock()  # the one request waiting for adapter memory that may try again
         self._memory_waiters = 0
 
-    def _submit(self, request: pb.GenerateRequest, sink, arrival: float) -> EngineRequest:
-        """Prepare and queue a request (blocking, run in the executor). The adapter is resolved and the request
-        queued under the id's lock, so UnloadAdapter, which counts and unloads under it, sees the request;
-        validation and tokenization happen before, outside the lock. `arrival` (when the RPC came in) is set
-        before queueing: queue time and TTFT include tokenization and adapter loading."""
-        engine_request = self._prepare(request)
-        engine_request.sink, engine_request.arrival = sink, arrival
+    def _submit(self, adapter_id: str, engine_request: EngineRequest) -> EngineRequest:
+        """Queue a prepared request (blocking: run off the loop, on self.resolving when it names an adapter). The
+        adapter is resolved and the request queued under the id's lock, so UnloadAdapter, which counts and unloads
+        under it, sees the request."""
         metrics = self.serving.metrics
-        if not request.adapter_id:
+        if not adapter_id:
             engine_request.adapter_label = metrics.adapter_label("")
             self.serving.engine.submit(engine_request)
             return engine_request
         registry = self.serving.registry
-        with registry.hold(request.adapter_id):
-            engine_request.adapter = registry.resolve(request.adapter_id)  # released by _events or below
+        with registry.hold(adapter_id):
+            engine_request.adapter = registry.resolve(adapter_id)  # released by _events or below
             # labelled only once resolved: unknown or malformed ids never take one of the bounded labels
-            engine_request.adapter_label = metrics.adapter_label(request.adapter_id)
+            engine_request.adapter_label = metrics.adapter_label(adapter_id)
             try:
                 self.serving.engine.submit(engine_request)
             except BaseException:
@@ -149,7 +155,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._memory_freed = asyncio.Event()
 
     def _prepare(self, request: pb.GenerateRequest) -> EngineRequest:
-        """Validation and tokenization: blocking work, run in the executor. The adapter is resolved by _submit."""
+        """Validation and tokenization: blocking work, run off the loop. The adapter is resolved by _submit."""
         s = _ready(self.serving)
         if len(request.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
@@ -225,7 +231,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.serving.metrics.waiting.dec()
 
     async def _submitted(self, request: pb.GenerateRequest, sink, arrival: float) -> EngineRequest:
-        submitted = asyncio.get_running_loop().run_in_executor(None, self._submit, request, sink, arrival)
+        """Validated and tokenized on the default executor, then resolved and queued (on self.resolving when it
+        names an adapter). `arrival` (when the RPC came in) is set before queueing: queue time and TTFT include
+        tokenization and adapter loading."""
+        loop = asyncio.get_running_loop()
+
+        async def prepare_and_submit() -> EngineRequest:
+            engine_request = await loop.run_in_executor(None, self._prepare, request)
+            engine_request.sink, engine_request.arrival = sink, arrival
+            return await loop.run_in_executor(self.resolving if request.adapter_id else None, self._submit,
+                                              request.adapter_id, engine_request)
+        submitted = asyncio.ensure_future(prepare_and_submit())
         try:
             # shielded: a client that leaves while its request is being prepared (an adapter loading from disk,
             # a LoadAdapter holding the id) cannot stop the executor thread, so its request is cancelled once
@@ -297,6 +313,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 class AdaptersServicer(pb_grpc.AdaptersServicer):
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
+        self.changing = adapter_pool("admin", 16)  # LoadAdapter/UnloadAdapter: they wait on ids and read files
 
     def _info(self, record) -> pb.AdapterInfo:
         bank = self.serving.engine.bank
@@ -335,7 +352,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
                 return fn(*args)
             finally:
                 running.leave()
-        return await asyncio.get_running_loop().run_in_executor(None, work)
+        return await asyncio.get_running_loop().run_in_executor(self.changing, work)
 
     async def LoadAdapter(self, request, context):
         try:

@@ -419,3 +419,30 @@ def test_steady_traffic_on_a_resident_adapter_cannot_starve_one_waiting_for_a_sl
         asyncio.run(go())
     finally:
         s.stop()
+
+
+def test_requests_waiting_on_one_adapter_do_not_hold_up_other_requests(server):
+    """While an adapter's id is held (a long LoadAdapter replace, a slow read), more requests for it than the
+    default executor has threads wait; base-model requests and the Adapters service still answer at once."""
+    lock = server.serving.registry.hold("v3")
+
+    async def go():
+        async with AsyncClient(server.target, timeout=30) as client:
+            stuck = [asyncio.ensure_future(client.generate(PROMPT, "v3", max_new_tokens=2)) for _ in range(12)]
+            await asyncio.sleep(0.5)  # all twelve are waiting on the id
+            with Client(server.target, timeout=3) as quick:  # DEADLINE_EXCEEDED if they took the shared threads
+                base = await asyncio.to_thread(quick.generate, PROMPT, "", max_new_tokens=2)
+                await asyncio.to_thread(quick.list_adapters)
+            assert len(base.token_ids) == 2
+            assert not any(call.done() for call in stuck)
+            lock.release()
+            assert all(len(r.token_ids) == 2 for r in await asyncio.gather(*stuck))
+    lock.acquire()
+    try:
+        asyncio.run(go())
+    finally:
+        try:
+            lock.release()
+        except RuntimeError:  # released inside, as planned
+            pass
+

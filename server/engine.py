@@ -212,8 +212,7 @@ class Engine:
                 self._tell(row.state.request, ErrorEvent(error))
                 self.bank.release(row.slot)
         self._batch = None
-        self.metrics.running.set(0)
-        self._kv_report()
+        self._report()
 
     def _inbox_calls(self) -> Iterator[tuple[Callable[[], object], Future]]:
         """Empty the inbox: requests join the waiting queue, engine calls are yielded to the caller."""
@@ -316,13 +315,14 @@ class Engine:
             log.exception("prefill failed for %d requests", len(rows))
             for row in rows:
                 self._fail_row(row, exc)
+            self._report()
             return
         self.metrics.step_time.labels("prefill").observe(time.monotonic() - start)
         self.metrics.batch_size.labels("prefill").observe(len(rows))
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
         self._batch = merged
         self._emit(rows, tokens, first=True, broken=broken)
-        self._kv_report()
+        self._report()
 
     def _decode(self) -> None:
         batch = self._batch
@@ -336,13 +336,12 @@ class Engine:
             for row in batch.rows:
                 self._fail_row(row, exc)
             self._batch = None
-            self.metrics.running.set(0)
-            self._kv_report()
+            self._report()
             return
         self.metrics.step_time.labels("decode").observe(time.monotonic() - start)
         self.metrics.batch_size.labels("decode").observe(len(batch))
         self._emit(batch.rows, tokens, first=False, broken=broken)
-        self._kv_report()
+        self._report()
 
     def _emit(self, rows: list[Row], tokens: list[int], first: bool, broken: frozenset[int] = frozenset()) -> None:
         """Each row's token to its client; rows in `broken` (non-finite logits) fail alone instead."""
@@ -384,13 +383,14 @@ class Engine:
         for i in gone:
             self.bank.release(self._batch.rows[i].slot)
         self._batch = kept
-        self._kv_report()
+        self._report()
+
+    def _report(self) -> None:
+        """After every change to the batch: cap the cache's growth at the planned peak, and publish the running
+        rows, the slots they hold and the cache's memory (cancelled or finished rows' memory is released here,
+        at the step they leave; a failed step's rows are gone too)."""
         self.metrics.running.set(len(self._batch) if self._batch else 0)
         self.metrics.adapter_slots_used.set(self.bank.used)
-
-    def _kv_report(self) -> None:
-        """Cap the cache's growth at the planned peak and publish what it holds (cancelled or finished rows'
-        memory is released here, at the step they leave)."""
         if self._batch is None:
             slots = nbytes = reserved = 0
         else:

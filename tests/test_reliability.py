@@ -446,3 +446,22 @@ def test_requests_waiting_on_one_adapter_do_not_hold_up_other_requests(server):
         except RuntimeError:  # released inside, as planned
             pass
 
+
+@pytest.mark.parametrize("step", ["prefill", "decode_step"])
+def test_a_failed_step_leaves_no_running_rows_or_held_slots_in_the_gauges(server, step):
+    """Dashboards and autoscalers read these: after a step fails on an idle server they say 0 at once, not
+    whatever they said before the failure until the next request."""
+    runner = server.serving.engine.runner
+    real = getattr(runner, step)
+
+    def broken(*args):
+        raise RuntimeError("injected fault")
+    setattr(runner, step, broken)
+    try:
+        with Client(server.target, timeout=60) as client:
+            with pytest.raises(grpc.RpcError):
+                client.generate(PROMPT, "v2", max_new_tokens=5, ignore_eos=True)
+    finally:
+        setattr(runner, step, real)
+    gauges = scrape(server)
+    assert gauges["loraplex_num_requests_running"] == 0 and gauges["loraplex_adapter_slots_used"] == 0

@@ -84,7 +84,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 else:  # a handler that writes with context.write and returns (grpc_health's Watch)
                     await responses
                 code = context.code() or grpc.StatusCode.OK
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):  # grpc closes a stream's generator when its client leaves
                 code = _cancel_code(context)
                 raise
             except BaseException:

@@ -46,6 +46,23 @@ def test_cancelled_stream_frees_its_row(server):
         assert scrape(server)['loraplex_request_success_total{finished_reason="cancelled"}'] == before + 1
 
 
+def test_cancelled_streams_are_counted_as_cancelled_by_grpc_metrics(server):
+    """grpc closes a stream handler's generator (GeneratorExit) or cancels its task when the client leaves,
+    depending on where it is: either way grpc_server_handled_total says CANCELLED, never UNKNOWN."""
+    label = ('grpc_server_handled_total{grpc_code="%s",grpc_method="GenerateStream",'
+             'grpc_service="loraplex.v1.Inference",grpc_type="server_stream"}')
+    before = scrape(server)
+    with Client(server.target) as client:
+        for read in (1, 2, 5) * 8:  # each stream started on the server (a cancel before may never reach it)
+            stream = client.generate_stream([5, 6], "v1", max_new_tokens=480, ignore_eos=True)
+            for _ in range(read):
+                next(stream)
+            stream.cancel()
+            time.sleep(0.05)
+    assert wait_for(lambda: scrape(server).get(label % "CANCELLED", 0) - before.get(label % "CANCELLED", 0) == 24)
+    assert scrape(server).get(label % "UNKNOWN", 0) == before.get(label % "UNKNOWN", 0)
+
+
 def test_an_async_stream_left_or_cancelled_stops_on_the_server(server, monkeypatch):
     runner = server.serving.engine.runner
     decode_step = runner.decode_step  # 480 steps take >= 2.4 s: only a cancel ends them early

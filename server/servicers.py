@@ -362,9 +362,10 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         except Exception as exc:
             await _abort(context, exc)
             return
-        # the operator's actions, in the log (an audit trail; failures are their status)
+        # the operator's actions, in the log (an audit trail; failures are their status). A load's version is 1
+        # unless it replaced one, whatever the request's `replace` said.
         log.info("LoadAdapter %r: version %d, %s, %s", info.adapter_id, info.version,
-                 "replaced" if request.replace else "loaded", "pinned" if info.pinned else "not pinned")
+                 "replaced" if info.version > 1 else "loaded", "pinned" if info.pinned else "not pinned")
         return info
 
     async def UnloadAdapter(self, request, context):

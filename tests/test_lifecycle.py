@@ -443,3 +443,18 @@ def test_health_watch_streams_the_serving_status(server):
         call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert next(call).status == SERVING
         call.cancel()
+
+
+def test_loads_are_logged_as_what_they_did(server, caplog):
+    """The audit trail says "replaced" only where an earlier version was replaced, whatever the request asked."""
+    caplog.set_level("INFO", logger="loraplex.servicers")
+    with Client(server.target, timeout=30) as client:
+        with contextlib.suppress(grpc.RpcError):  # other tests load it
+            client.unload_adapter("swap", drain=True)
+        caplog.clear()
+        client.load_adapter("swap", replace=True)  # not loaded now: a first load
+        client.load_adapter("swap", replace=True)
+        client.unload_adapter("swap")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoadAdapter 'swap'")]
+    assert lines == ["LoadAdapter 'swap': version 1, loaded, not pinned",
+                     "LoadAdapter 'swap': version 2, replaced, not pinned"], lines

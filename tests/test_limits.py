@@ -188,13 +188,13 @@ def test_kv_buffers_never_exceed_what_the_running_rows_reserved(model_dirs):
     with rows of different lengths joining and leaving."""
     server = start_server(model_dirs["llama"], None, max_kv_tokens=400, max_batch_size=6)
     engine, seen = server.serving.engine, []
-    report = engine._kv_report
+    report = engine._report
 
     def checked():
         report()
         allocated = engine._batch.cache.allocated()[0] if engine._batch else 0
         seen.append((allocated, engine._kv_plan([])[1]))
-    engine._kv_report = checked
+    engine._report = checked
     try:
         async def run():
             async with AsyncClient(server.target, timeout=120) as client:

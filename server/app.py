@@ -25,9 +25,9 @@ from loader.peft_files import read_adapter
 from loader.registry import AdapterRegistry
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
+from server.attention import UnsupportedAttention
 from server.auth import AuthInterceptor, read_tokens
 from server.tls import tls_credentials
-from server.attention import UnsupportedAttention
 from server.config import ConfigError, ServerConfig, check_config, resolve_limits
 from server.engine import Engine, EngineConfig, EngineRequest, ErrorEvent, FinishEvent
 from server.errors import Unavailable

@@ -9,11 +9,13 @@ or linear attention, ALiBi) is refused when the server starts, never served with
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 SERVED_TYPES = ("full_attention", "sliding_attention")
+log = logging.getLogger("loraplex.attention")
 
 
 class UnsupportedAttention(ValueError):
@@ -28,10 +30,9 @@ class AttentionLayout:
     @classmethod
     def of(cls, config) -> AttentionLayout:
         config = config.get_text_config()
-        if getattr(config, "alibi", False):
+        if _setting(config, "alibi"):
             raise UnsupportedAttention("the model uses ALiBi attention biases, which this server does not build")
-        window = getattr(config, "sliding_window", None)
-        types = getattr(config, "layer_types", None)
+        window, types = _setting(config, "sliding_window"), _setting(config, "layer_types")
         if types is not None:
             types = tuple(dict.fromkeys(types))
             unknown = [t for t in types if t not in SERVED_TYPES]
@@ -55,3 +56,15 @@ class AttentionLayout:
         if self.layer_types is None:
             return sliding
         return {t: sliding if t == "sliding_attention" else full for t in self.layer_types}
+
+
+def _setting(config, name: str):
+    """The config's value for `name` where its class declares it. A config.json may carry keys its model family
+    never reads (a Llama converted from a Mistral keeps sliding_window): transformers ignores them, so must we."""
+    declared = any(name in getattr(k, "__annotations__", {}) for k in type(config).__mro__)
+    value = getattr(config, name, None)
+    if not declared and value not in (None, False):
+        log.info("config %s = %r is not a setting of %s models; ignored, as transformers does", name, value,
+                 config.model_type)
+        return None
+    return value

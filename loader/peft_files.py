@@ -138,6 +138,7 @@ PEFT_KEYS = frozenset({
     "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config",
     "runtime_config", "use_dora", "trainable_token_indices", "target_parameters", "lora_bias", "layer_replication",
     "ensure_weight_tying", "qalora_group_size",
+    "corda_config", "lora_ga_config",  # kept by PEFT's weight conversion; unconverted: BASE_REWRITING_INITS
     "use_qalora",  # only changes GPTQ-quantized layers, which a base model here never has
     # AdaLoRA's rank allocation schedule (training only)
     "target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
@@ -164,6 +165,7 @@ def refuse_unservable(config: dict, adapter_id: str) -> None:
          f"path_initial_model_for_weight_conversion=...) to get an adapter for the original base model"),
     ]
     if config.get("peft_type") in ("LORA", "ADALORA"):
+        # null, false, 0 and empty have been the "off" value of every PEFT option so far
         checks += [(value not in (None, False, "", [], {}), f"adapter_config.json sets {key} = {value!r}, a PEFT "
                                                               f"feature the server does not serve")
                    for key, value in config.items() if key not in PEFT_KEYS]

@@ -48,6 +48,8 @@ def adapter_root(model_dirs, tmp_path_factory):
     variant("bdlora", config_edit={"use_bdlora": {"target_modules_bd_a": ["q_proj"], "nblocks": 2}})
     variant("future-variant", config_edit={"some_new_variant": True})
     variant("pissa-unconverted", config_edit={"init_lora_weights": "pissa_niter_4"})
+    # what PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) writes: served
+    variant("corda-converted", config_edit={"init_lora_weights": True, "corda_config": {"corda_method": "kpm"}})
     variant("unknown-key", {**tensors, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude": tensors[
         next(iter(tensors))]})
     variant("nan", {k: (torch.full_like(v, math.nan) if i == 0 else v) for i, (k, v) in enumerate(tensors.items())})
@@ -114,6 +116,12 @@ def test_ids_escaping_the_root_are_invalid(client, bad_id):
 def test_symlink_out_of_the_root_is_invalid(client):
     code, details = status_of(client.load_adapter, "escape")
     assert code == C.INVALID_ARGUMENT and "outside the adapter root" in details
+
+
+def test_peft_converted_adapters_are_served_as_the_good_one(client):
+    """CorDA/LoRA-GA/PiSSA adapters PEFT converted at save keep their *_config (init only) beside init true."""
+    assert client.generate("hi", "corda-converted", max_new_tokens=4).token_ids == \
+        client.generate("hi", "good", max_new_tokens=4).token_ids
 
 
 @pytest.mark.parametrize("adapter_id,needle", [

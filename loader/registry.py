@@ -84,6 +84,9 @@ class AdapterRegistry:
         self._frozen = False  # freeze_state
         self._held: dict[tuple, list] = {}  # weights key -> [weights, requests holding them] (resolve .. release)
         self._refused: dict[str, tuple] = {}  # id -> (files, size) of a read refused for want of room
+        # New files are measured against the budget only once read, so reads at once are few: each may hold up to
+        # --max-adapter-bytes beyond the budget while it lasts (the server waits for ids on many more threads).
+        self._reads = threading.BoundedSemaphore(min(32, (os.cpu_count() or 1) + 4))
 
     def path_for(self, adapter_id: str) -> Path:
         """The adapter's directory, confined to the root: no separators, no '..', no symlink escapes."""
@@ -260,7 +263,8 @@ class AdapterRegistry:
                 known = self._last_seen(adapter_id)
                 if budget and known is not None and known[0] == files:
                     self._check_fits(adapter_id, known[1])
-            weights = self._reader(path, adapter_id, next(self._serial))  # (new files: checked once read)
+            with self._reads:
+                weights = self._reader(path, adapter_id, next(self._serial))  # (new files: checked once read)
             with self._lock:
                 current = self._records.get(adapter_id)
                 try:

@@ -465,3 +465,32 @@ def test_a_failed_step_leaves_no_running_rows_or_held_slots_in_the_gauges(server
         setattr(runner, step, real)
     gauges = scrape(server)
     assert gauges["loraplex_num_requests_running"] == 0 and gauges["loraplex_adapter_slots_used"] == 0
+
+
+def test_cold_adapter_reads_at_once_are_bounded(server, adapter_root, monkeypatch):
+    """New files are measured against the memory budget only once read: many first uses at once read a few
+    adapters at a time (cores + 4), not all of them, however many requests wait."""
+    import shutil
+    ids = [f"cold{i}" for i in range(16)]
+    for name in ids:
+        shutil.copytree(adapter_root / "v1", adapter_root / name)
+    registry = server.serving.registry
+    read, active, peak, lock = registry._reader, [0], [0], threading.Lock()
+
+    def slow(*args):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.3)
+            return read(*args)
+        finally:
+            with lock:
+                active[0] -= 1
+    monkeypatch.setattr(registry, "_reader", slow)
+
+    async def go():
+        async with AsyncClient(server.target, timeout=60) as client:
+            return await asyncio.gather(*[client.generate(PROMPT, i, max_new_tokens=1) for i in ids])
+    assert all(len(r.token_ids) == 1 for r in asyncio.run(go()))
+    assert 1 < peak[0] <= min(32, (os.cpu_count() or 1) + 4), peak[0]

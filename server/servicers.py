@@ -352,7 +352,11 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
                 return fn(*args)
             finally:
                 running.leave()
-        return await asyncio.get_running_loop().run_in_executor(self.changing, work)
+        future = self.changing.submit(work)
+        # Cancelled before a thread took it (its client left, or the shutdown emptied the pool): it never runs,
+        # so it is no longer under way.
+        future.add_done_callback(lambda f: f.cancelled() and running.leave())
+        return await asyncio.wrap_future(future)
 
     async def LoadAdapter(self, request, context):
         try:

@@ -494,3 +494,23 @@ def test_cold_adapter_reads_at_once_are_bounded(server, adapter_root, monkeypatc
             return await asyncio.gather(*[client.generate(PROMPT, i, max_new_tokens=1) for i in ids])
     assert all(len(r.token_ids) == 1 for r in asyncio.run(go()))
     assert 1 < peak[0] <= min(32, (os.cpu_count() or 1) + 4), peak[0]
+
+
+def test_admin_calls_cut_before_they_start_are_not_counted_as_under_way(server, adapter_root, monkeypatch):
+    """More LoadAdapter calls than the admin pool has threads, their clients gone before most could start: the
+    count of registry changes under way (a shutdown freezes the state file while it is not 0) returns to 0."""
+    import shutil
+    for i in range(24):
+        shutil.copytree(adapter_root / "v1", adapter_root / f"admin{i}")
+    registry = server.serving.registry
+    load = registry.load
+    monkeypatch.setattr(registry, "load", lambda *args: (time.sleep(0.5), load(*args))[1])
+
+    async def go():
+        async with AsyncClient(server.target, timeout=0.2) as client:
+            outcomes = await asyncio.gather(*[client.load_adapter(f"admin{i}") for i in range(24)],
+                                            return_exceptions=True)
+        assert all(isinstance(o, grpc.RpcError) for o in outcomes)  # every client gave up after 0.2 s
+    asyncio.run(go())
+    assert wait_for(lambda: server.serving.registry_changes.count == 0, timeout=10), \
+        server.serving.registry_changes.count

@@ -463,8 +463,9 @@ def test_a_failed_step_leaves_no_running_rows_or_held_slots_in_the_gauges(server
                 client.generate(PROMPT, "v2", max_new_tokens=5, ignore_eos=True)
     finally:
         setattr(runner, step, real)
-    gauges = scrape(server)
-    assert gauges["loraplex_num_requests_running"] == 0 and gauges["loraplex_adapter_slots_used"] == 0
+    # published by the engine right after it has told the clients (not at the next request)
+    assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0
+                    and scrape(server)["loraplex_adapter_slots_used"] == 0, timeout=2), scrape(server)
 
 
 def test_cold_adapter_reads_at_once_are_bounded(server, adapter_root, monkeypatch):

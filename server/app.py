@@ -35,7 +35,9 @@ from server.batch import Runner
 from server.interceptors import MetricsInterceptor
 from server.metrics import Metrics
 from server.sampling import SamplingParams
-from server.servicers import AdaptersServicer, InferenceServicer, Serving
+from server.adapters_servicer import AdaptersServicer
+from server.servicers import InferenceServicer
+from server.serving import Serving
 from server.stopping import StoppingParams
 
 log = logging.getLogger("loraplex.app")

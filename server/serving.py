@@ -1,0 +1,75 @@
+"""What both gRPC servicers share: the live server's parts once loaded, readiness, error replies, thread pools."""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from server.engine import Engine
+from server.errors import LoraplexError, Unavailable, status_for
+
+log = logging.getLogger("loraplex.servicers")
+
+
+class Running:
+    """A count of work items on executor threads, kept by the threads themselves: a handler the shutdown cancels
+    stops waiting, but its thread goes on, and still counts."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def enter(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._count -= 1
+
+
+@dataclass
+class Serving:
+    """What the servicers reach once the model is loaded; None fields mean 'not ready yet'."""
+
+    engine: Engine | None = None
+    registry: object = None
+    base: object = None
+    config: object = None
+    metrics: object = None
+    limits: object = None
+    registry_changes: Running = field(default_factory=Running)  # LoadAdapter/UnloadAdapter work under way
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, metrics=None) -> None:
+    code, details = status_for(exc)
+    if not isinstance(exc, LoraplexError):
+        log.error("unexpected error", exc_info=exc)
+    if metrics is not None:
+        metrics.failure.labels(code.name).inc()
+    await context.abort(code, details)
+
+
+def ready(serving: Serving) -> Serving:
+    if serving.engine is None:
+        raise Unavailable("the model is still loading; retry when health reports SERVING")
+    if serving.engine.draining:
+        raise Unavailable("the server is shutting down; retry on another replica")
+    if not serving.engine.alive:
+        raise Unavailable("the engine has stopped; this replica cannot serve")
+    return serving
+
+
+def adapter_pool(name: str, threads: int) -> ThreadPoolExecutor:
+    """Threads for work that waits on an adapter id (a load, replace or unload holds it) or reads its files. Kept
+    apart from asyncio's default executor (cores + 4 threads), which tokenizes every request and answers the
+    Adapters service's reads: requests for one slow or cold adapter took all of its threads, and base-model
+    requests and ListAdapters waited seconds behind them. Its threads are idle, not busy, while they wait."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"loraplex-{name}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loader.default_model import default_model_dir
+
+log = logging.getLogger("loraplex.model")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,8 +100,15 @@ def load_base_model(model: str, device: str, dtype: str) -> BaseModel:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
-                                              attn_implementation="sdpa")
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
+                                                  attn_implementation="sdpa")
+    except ValueError as exc:  # a family without SDPA support (Gemma-2: attention logit soft-capping)
+        if "does not support" not in str(exc):
+            raise
+        log.info("%s: no SDPA attention in transformers for this model; using its eager attention", path)
+        hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
+                                                  attn_implementation="eager")
     hf.to(device).eval().requires_grad_(False)
     config = hf.config
     max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048

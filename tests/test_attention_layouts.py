@@ -26,6 +26,8 @@ MODELS = {  # every layer windowed (no layer_types) / Qwen2's upper layers windo
     "qwen2": ("qwen2", dict(SMALL, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
     "gemma3_text": ("gemma3_text", dict(SMALL, head_dim=12, sliding_window=WINDOW,
                                         layer_types=["sliding_attention", "full_attention"])),
+    # no SDPA in transformers (attention soft-capping): served with its eager attention
+    "gemma2": ("gemma2", dict(SMALL, head_dim=12, sliding_window=WINDOW)),
     # a key Llama never reads (left by a conversion from Mistral): HF ignores it, and so must the server
     "llama-stray-window": ("llama", dict(SMALL, sliding_window=WINDOW)),
 }

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 SERVED_TYPES = ("full_attention", "sliding_attention")
+ALIBI_FAMILIES = ("bloom", "mpt")  # always ALiBi; Falcon only with its `alibi` setting
 log = logging.getLogger("loraplex.attention")
 
 
@@ -30,7 +31,7 @@ class AttentionLayout:
     @classmethod
     def of(cls, config) -> AttentionLayout:
         config = config.get_text_config()
-        if _setting(config, "alibi"):
+        if config.model_type in ALIBI_FAMILIES or _setting(config, "alibi"):
             raise UnsupportedAttention("the model uses ALiBi attention biases, which this server does not build")
         window, types = _setting(config, "sliding_window"), _setting(config, "layer_types")
         if types is not None:

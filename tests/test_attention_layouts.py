@@ -98,6 +98,7 @@ def test_server_tokens_match_hf_generate_alone_and_batched(windowed):
 
 @pytest.mark.parametrize("arch,overrides,needle", [
     ("falcon", dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=2, alibi=True), "ALiBi"),
+    ("bloom", dict(hidden_size=48, n_head=4, n_layer=2), "ALiBi"),
     ("qwen2", dict(SMALL, layer_types=["full_attention", "chunked_attention"]), "chunked_attention layers"),
 ])
 def test_unmaskable_attention_is_refused_at_start(tmp_path, arch, overrides, needle):

@@ -122,7 +122,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         otherwise steady traffic on adapters in memory would hold the budget and starve the rest."""
         arrival = time.monotonic()
         if request.adapter_id and self._memory_waiters:  # behind them, but a request that cannot run fails now
-            await asyncio.get_running_loop().run_in_executor(None, self._validate, request)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._validate, request)
+            except asyncio.CancelledError:  # the client left first: that is how it ended, whatever the check says
+                self._count_cancelled()
+                raise
         else:
             try:
                 return await self._submitted(request, sink, arrival)
@@ -152,8 +156,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     except asyncio.TimeoutError:
                         pass
         except asyncio.CancelledError:  # the client left (cancel, deadline) while waiting for room
-            if not submitting:  # else the engine counts it, once its request is queued
-                self.serving.metrics.success.labels(FinishReason.CANCELLED.value).inc()
+            if not submitting:  # else _cancel_once_queued or the engine counts it
+                self._count_cancelled()
             raise
         finally:
             self._memory_waiters -= 1
@@ -181,9 +185,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
 
     def _cancel_once_queued(self, submitted: asyncio.Future) -> None:
+        """The client left while its request was being prepared. Queued: cancelled there (the engine counts it).
+        Refused meanwhile (an unknown adapter, a bad parameter): counted here, as the client's cancel it was."""
         if not submitted.cancelled() and submitted.exception() is None:
             submitted.result().cancelled = True
             self._release(submitted.result())
+        else:
+            self._count_cancelled()
+
+    def _count_cancelled(self) -> None:
+        """A request whose client left before it reached the engine: every call ends in exactly one of
+        request_success_total / request_failure_total, and a cancel or a passed deadline is success{cancelled}."""
+        self.serving.metrics.success.labels(FinishReason.CANCELLED.value).inc()
 
     async def Generate(self, request, context):
         try:

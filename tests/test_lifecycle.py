@@ -458,3 +458,25 @@ def test_loads_are_logged_as_what_they_did(server, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoadAdapter 'swap'")]
     assert lines == ["LoadAdapter 'swap': version 1, loaded, not pinned",
                      "LoadAdapter 'swap': version 2, replaced, not pinned"], lines
+
+
+def test_a_client_leaving_while_its_request_is_refused_is_counted_once_as_cancelled(server, monkeypatch):
+    """Its deadline passes while the request is being prepared, then the preparation fails (here an adapter
+    that is not found): every call ends in exactly one of the request counters, a client's leaving as cancelled."""
+    from server.errors import NotFound
+    from server.servicers import InferenceServicer
+
+    def slow_and_refused(self, request):
+        time.sleep(0.3)
+        raise NotFound("adapter 'gone' not found")
+    monkeypatch.setattr(InferenceServicer, "_prepare", slow_and_refused)
+    counted = lambda m, name: sum(v for k, v in m.items() if k.startswith(name))  # noqa: E731
+    cancelled = 'loraplex_request_success_total{finished_reason="cancelled"}'
+    before = scrape(server)
+    with Client(server.target, timeout=0.1) as client:
+        assert status_of(client.generate, [5, 6], "gone", max_new_tokens=2)[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for(lambda: scrape(server).get(cancelled, 0) == before.get(cancelled, 0) + 1)
+    time.sleep(0.3)
+    after = scrape(server)
+    assert counted(after, "loraplex_request_failure_total") == counted(before, "loraplex_request_failure_total")
+    assert counted(after, "loraplex_request_success_total") == counted(before, "loraplex_request_success_total") + 1

@@ -37,7 +37,14 @@ class MultiAdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         rows = self.context.rows
-        return y if rows is None else rows.add_delta(self.index, x, y)
+        if rows is None:
+            return y
+        if x.dim() == 2:  # flattened to [rows·T, d] by the model (OPT's MLP): each row's T tokens in one run
+            if x.shape[0] % rows.rows:
+                raise ValueError(f"an adapted layer got {x.shape[0]} flattened tokens for {rows.rows} rows")
+            return rows.add_delta(self.index, x.view(rows.rows, -1, x.shape[-1]),
+                                  y.view(rows.rows, -1, y.shape[-1])).view(y.shape)
+        return rows.add_delta(self.index, x, y)
 
 
 def reference_delta(x: torch.Tensor, factors: list[ModuleFactors | None], d_out: int) -> torch.Tensor:

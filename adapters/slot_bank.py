@@ -35,6 +35,8 @@ class ModuleShape:
 class RowFactors(Protocol):
     """The adapters of one batch's rows, as the adapted layers apply them."""
 
+    rows: int  # the batch's rows, in order
+
     def add_delta(self, index: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + every row's delta of module `index` for activations x [B, T, d_in]; may update y in place."""
 

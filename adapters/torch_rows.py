@@ -29,6 +29,7 @@ class TorchRows:
     a: list[torch.Tensor | None]
     b: list[torch.Tensor | None]
     route: list[Route | None]
+    rows: int
 
     @classmethod
     def gather(cls, bank, slots: list[int]) -> TorchRows:
@@ -46,7 +47,7 @@ class TorchRows:
             a.append(a_t.to(dtype).contiguous())
             b.append(bank.b[i][:, :w, :].index_select(0, idx).to(dtype))
             route.append(None if k == 1 else _route(bank, i, idx, ranks[i].long(), k, w))
-        return cls(a, b, route)
+        return cls(a, b, route, len(slots))
 
     def add_delta(self, index: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a = self.a[index]

@@ -12,6 +12,6 @@ os.environ["LORAPLEX_KERNEL_DIR"] = tempfile.mkdtemp(prefix="loraplex-kernel-")
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
-    """Tiny random Llama, Qwen2 and GPT-2 models (fp32, byte tokenizer), built once per session."""
+    """Tiny random Llama, Qwen2, GPT-2 and OPT models (fp32, byte tokenizer), built once per session."""
     root = tmp_path_factory.mktemp("models")
-    return {arch: build_model_dir(root / arch, arch, seed=1) for arch in ("llama", "qwen2", "gpt2")}
+    return {arch: build_model_dir(root / arch, arch, seed=1) for arch in ("llama", "qwen2", "gpt2", "opt")}

@@ -26,6 +26,9 @@ CASES = {
         "mlp-rslora": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["gate_proj", "up_proj", "down_proj"],
                            alpha_pattern={"down_proj": 2}),
     },
+    "opt": {  # OPT flattens its MLP's input to [rows x tokens, d] before fc1/fc2
+        "attn-mlp-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1", "fc2"]),
+    },
     "gpt2": {
         "c_attn-r4": dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
         "all-r8": dict(r=8, lora_alpha=32, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,

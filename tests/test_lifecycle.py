@@ -480,3 +480,23 @@ def test_a_client_leaving_while_its_request_is_refused_is_counted_once_as_cancel
     after = scrape(server)
     assert counted(after, "loraplex_request_failure_total") == counted(before, "loraplex_request_failure_total")
     assert counted(after, "loraplex_request_success_total") == counted(before, "loraplex_request_success_total") + 1
+
+
+def test_grpc_core_reply_to_a_departed_client_is_one_warning_line(server):
+    """grpc logs a reply it could not send (the client left meanwhile) as an ERROR with its own traceback."""
+    import logging
+    import sys
+
+    from server.app import client_gone
+    try:
+        raise RuntimeError("Failed execute_batch")
+    except RuntimeError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, "server.pyx", 1,
+                               "ExecuteBatchError raised in core by servicer method [%s]",
+                               ("/loraplex.v1.Inference/Generate",), exc_info)
+    assert client_gone(record) and record.levelname == "WARNING" and record.exc_info is None
+    assert record.getMessage() == "[/loraplex.v1.Inference/Generate]: the reply could not be sent (the client had left)"
+    other = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, "x", 1, "Unexpected error", None, None)
+    assert client_gone(other) and other.levelname == "ERROR"
+    assert client_gone in logging.getLogger("grpc._cython.cygrpc").filters  # the running server installed it

@@ -27,6 +27,11 @@ MERGE_METHODS = {"bs": ("exact",), "is": ("input_norm", "weight_norm"), "ms": ("
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
+def in_a_block(module: str) -> bool:
+    """Whether the module sits in a numbered block (model.layers.3....), where a ResLoRA chain can link it."""
+    return _LAYER.search(module) is not None
+
+
 def chain_position(module: str) -> tuple[str, int]:
     """('model.layers.*.self_attn.q_proj', 3) for 'model.layers.3.self_attn.q_proj'."""
     m = _LAYER.search(module)

@@ -20,11 +20,15 @@ from loader.peft_files import CONFIG_FILE
 from loader.train_data import collate, read_jsonl
 
 METHODS = ("lora", "adalora", "hydralora", "reslora")
-DEFAULT_TARGETS = {  # PEFT's per-architecture defaults; HydraLoRA's reference adapts the FFN
-    "lora": {"gpt2": ["c_attn"], None: ["q_proj", "v_proj"]},
-    "adalora": {"gpt2": ["c_attn"], None: ["q_proj", "v_proj"]},
-    "reslora": {"gpt2": ["c_attn"], None: ["q_proj", "v_proj"]},
-    "hydralora": {"gpt2": ["c_fc", "mlp.c_proj"], None: ["gate_proj", "up_proj", "down_proj"]},
+_FUSED_QKV = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
+              "phi": ["q_proj", "v_proj", "fc1", "fc2"], None: ["q_proj", "v_proj"]}
+DEFAULT_TARGETS = {  # PEFT's per-architecture defaults (where PEFT has one); HydraLoRA's reference adapts the FFN
+    "lora": _FUSED_QKV,
+    "adalora": {**_FUSED_QKV, "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]},
+    "reslora": _FUSED_QKV,
+    "hydralora": {"gpt2": ["c_fc", "mlp.c_proj"], "opt": ["fc1", "fc2"], "phi": ["fc1", "fc2"],
+                  "gpt_neox": ["dense_h_to_4h", "dense_4h_to_h"], "falcon": ["dense_h_to_4h", "dense_4h_to_h"],
+                  "phi3": ["gate_up_proj", "down_proj"], None: ["gate_proj", "up_proj", "down_proj"]},
 }
 CHECKPOINT = "checkpoint.pt"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -231,12 +235,18 @@ def _prepare(job: TrainJob, model, targets, total: int, train_prompts: list[str]
         return layers, Hooks(), lambda out: save_hydralora(
             layers, out, {**common, "lora_nums": heads, "use_rslora": job.rslora})
     if job.method == "reslora":
-        from adapters.reslora import add_reslora
+        from adapters.reslora import add_reslora, in_a_block
+        from adapters.targets import linear_modules
         from loader.reslora_files import save_reslora
         depth = model.config.num_hidden_layers
         if job.pre_num > max(1, depth - 1):  # the default, 1, fits any model (on one layer ResLoRA is LoRA)
             raise JobError(f"--pre-num {job.pre_num}: this model has {depth} layers, so a block links back to at most "
                            f"{depth - 1} previous blocks")
+        outside = sorted(name for name, _ in linear_modules(model, targets) if not in_a_block(name))
+        if outside:  # a residual path links a block to the previous ones: a module must sit in a numbered block
+            raise JobError(f"ResLoRA links each block's module to the same module of the previous blocks, but "
+                           f"{', '.join(outside)} sits in no numbered block; name the block modules in "
+                           f"--target-modules (this model's linear modules: {linear_module_names(model)})")
         layers = add_reslora(model, targets, job.rank, job.alpha, job.dropout, job.structure, job.pre_num)
         return layers, _ResLoraHooks(layers), lambda out, merge: save_reslora(layers, out, {**common, **merge})
     from adapters.adalora import RankAllocator, add_adalora

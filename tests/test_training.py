@@ -19,7 +19,8 @@ from adapters.lora import add_lora
 from adapters.training import Trainer, TrainSettings
 from loader.lora_files import save_lora
 from loader.train_data import DataError, read_jsonl
-from loader.training_job import JobError, TrainJob, run_job
+from loader.default_model import build_model_dir
+from loader.training_job import DEFAULT_TARGETS, JobError, TrainJob, run_job
 from tests.helpers import write_task
 
 REPO = Path(__file__).resolve().parent.parent
@@ -351,3 +352,23 @@ def test_torch_threads_wait_passively_unless_the_environment_says(tmp_path):
                                 cwd=REPO, env=env)
         assert result.returncode == 0, result.stderr
         assert f"GOMP_SPINCOUNT = {spins}" in result.stderr, result.stderr
+
+
+def test_reslora_refuses_modules_outside_the_numbered_blocks(data, tmp_path):
+    """OPT-350m's layout: project_in/project_out sit outside the blocks, where no residual chain can link them."""
+    model = build_model_dir(tmp_path / "opt", "opt", seed=0, word_embed_proj_dim=32)
+    with pytest.raises(JobError, match=r"model\.decoder\.project_in, model\.decoder\.project_out sits in no numbered "
+                                       r"block; name the block modules"):
+        run_job(TrainJob(method="reslora", data=str(data[0]), out=str(tmp_path / "o"), model=str(model),
+                         target_modules="all-linear", settings=replace(FAST, max_steps=1)))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("arch,method", [("gpt_neox", "lora"), ("gpt_neox", "hydralora"), ("opt", "adalora")])
+def test_default_targets_follow_the_architecture(data, tmp_path, arch, method):
+    """Without --target-modules a method adapts PEFT's default modules of the architecture (HydraLoRA: its FFN)."""
+    model = build_model_dir(tmp_path / arch, arch, seed=0)
+    extra = {"init_r": 4, "target_r": 2} if method == "adalora" else {}
+    summary = run_job(TrainJob(method=method, data=str(data[0]), out=str(tmp_path / "o"), model=str(model),
+                               settings=replace(FAST, max_steps=1, eval_every=1), **extra))
+    assert summary["steps"] == 1 and summary["targets"] == DEFAULT_TARGETS[method][arch]

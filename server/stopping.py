@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 
+UTF8_MAX_BYTES = 4
+
+
 class FinishReason(Enum):
     LENGTH = "length"
     EOS_TOKEN = "eos_token"
@@ -45,16 +48,25 @@ class TextStream:
                 self.finish = FinishReason.STOP_SEQUENCE
         if self.finish is None and len(self.ids) >= self._params.max_new_tokens:
             self.finish = FinishReason.LENGTH
+        if self.finish in (FinishReason.EOS_TOKEN, FinishReason.LENGTH):
+            self._decode_tail(final=True)  # bytes of a character that never completed: U+FFFD, as decode(ids) has
+            if self._cut_at_stop():
+                self.finish = FinishReason.STOP_SEQUENCE
         safe = len(self.text) if self.finish else len(self.text) - self._held_back()
         delta = self.text[self._emitted:safe]
         self._emitted = max(self._emitted, safe)
         return delta
 
-    def _decode_tail(self) -> None:
+    def _decode_tail(self, final: bool = False) -> None:
+        """Fold the ids not yet in `text` into it, unless they end inside a UTF-8 character (decoded as U+FFFD
+        until its last byte arrives). A character is at most 4 bytes and a byte-level token carries at least one:
+        4 tokens still ending in U+FFFD are invalid bytes, not a character to wait for (waiting on, the window
+        decoded at every token would grow with the run: quadratic in a long run of invalid bytes)."""
         decode = self._tokenizer.decode
         before = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
         after = decode(self.ids[self._prefix:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        waiting = after.endswith("\ufffd") and len(self.ids) - self._read < UTF8_MAX_BYTES and not final
+        if len(after) > len(before) and not waiting:
             self.text += after[len(before):]
             self._prefix, self._read = self._read, len(self.ids)
 

@@ -116,3 +116,27 @@ def test_unary_reply_equals_the_stream_it_gathers(server):
         assert unary.finish_reason == messages[-1].finish_reason != 0
         assert unary.usage.completion_tokens == messages[-1].usage.completion_tokens == len(unary.token_ids)
     assert stop is None or unary.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE  # the stop case really stopped
+
+
+def test_a_run_of_invalid_bytes_is_shown_as_replacement_characters_in_linear_time():
+    """Bytes that can never complete a UTF-8 character (a high-temperature byte model emits them) are shown as
+    U+FFFD, as decoding all the ids gives, after at most 4 tokens; the text is never held back for the whole run,
+    and the ids decoded per token stay bounded (the window used to grow with the run: quadratic)."""
+    tokenizer, stream = _stream(max_new=2000)
+    lone = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("é"))[1]  # a continuation byte on its own
+    decoded = []
+    decode = tokenizer.decode
+    stream._tokenizer = type("Counting", (), {"decode": lambda self, ids, **kw: (decoded.append(len(ids)),
+                                                                                   decode(ids, **kw))[1]})()
+    shown = "".join(stream.push(lone) for _ in range(2000))
+    assert shown == stream.text == decode([lone] * 2000, skip_special_tokens=True) == "\ufffd" * 2000
+    assert sum(decoded) < 20 * 2000
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_a_character_cut_by_max_new_tokens_ends_the_text_as_decoding_the_ids_does(cut):
+    tokenizer, stream = _stream(max_new=2 + cut)
+    ids = tokenizer("ab😀").input_ids[:2 + cut]  # the emoji's 4 bytes, cut after `cut` of them
+    shown = "".join(stream.push(t) for t in ids)
+    assert stream.finish is FinishReason.LENGTH
+    assert shown == stream.text == tokenizer.decode(ids, skip_special_tokens=True) == "ab\ufffd"

@@ -32,7 +32,7 @@ from server.config import ConfigError, ServerConfig, check_config, resolve_limit
 from server.engine import Engine, EngineConfig, EngineRequest, ErrorEvent, FinishEvent
 from server.errors import Unavailable
 from server.batch import Runner
-from server.interceptors import MetricsInterceptor
+from server.interceptors import MetricsInterceptor, client_gone
 from server.metrics import Metrics
 from server.sampling import SamplingParams
 from server.adapters_servicer import AdaptersServicer
@@ -158,19 +158,6 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     engine.start()
     _warm_up(engine, base, metrics)
     return Serving(engine=engine, registry=registry, base=base, config=config, metrics=metrics, limits=limits)
-
-
-def client_gone(record: logging.LogRecord) -> bool:
-    """A logging filter for grpc's core: the reply to a client that has just left (cancel, deadline, dropped
-    connection) cannot be sent, and grpc logs that as an ERROR with a traceback of its own internals (about once in
-    40,000 calls under churn). It is the client's leaving, already counted as CANCELLED: one WARNING line instead, so
-    that alerts on ERROR lines stay meaningful."""
-    message = record.getMessage()
-    if record.levelno == logging.ERROR and message.startswith("ExecuteBatchError raised in core by servicer method"):
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.msg, record.args, record.exc_info, record.exc_text = (
-            f"{message.split('method ', 1)[1]}: the reply could not be sent (the client had left)", None, None, None)
-    return True
 
 
 def _state_file(config: ServerConfig, root: Path | None) -> Path | None:

@@ -487,7 +487,7 @@ def test_grpc_core_reply_to_a_departed_client_is_one_warning_line(server):
     import logging
     import sys
 
-    from server.app import client_gone
+    from server.interceptors import client_gone
     try:
         raise RuntimeError("Failed execute_batch")
     except RuntimeError:

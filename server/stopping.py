@@ -59,16 +59,24 @@ class TextStream:
 
     def _decode_tail(self, final: bool = False) -> None:
         """Fold the ids not yet in `text` into it, unless they end inside a UTF-8 character (decoded as U+FFFD
-        until its last byte arrives). A character is at most 4 bytes and a byte-level token carries at least one:
-        4 tokens still ending in U+FFFD are invalid bytes, not a character to wait for (waiting on, the window
-        decoded at every token would grow with the run: quadratic in a long run of invalid bytes)."""
-        decode = self._tokenizer.decode
-        before = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
-        after = decode(self.ids[self._prefix:], skip_special_tokens=True)
-        waiting = after.endswith("\ufffd") and len(self.ids) - self._read < UTF8_MAX_BYTES and not final
-        if len(after) > len(before) and not waiting:
-            self.text += after[len(before):]
-            self._prefix, self._read = self._read, len(self.ids)
+        until its last byte arrives). A character is at most 4 bytes and a byte-level token carries at least one,
+        so once 4 tokens wait, what precedes their last character can only be invalid bytes: it is folded (as
+        U+FFFD, as decoding all the ids gives) and at most 3 tokens keep waiting. Else the window decoded at
+        every token would grow with a run of invalid bytes: quadratic, and no text shown for the whole run."""
+        decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before, after = decode(self.ids[self._prefix:self._read]), decode(self.ids[self._prefix:])
+        if len(after) <= len(before):
+            return
+        end = len(self.ids)
+        if after.endswith("\ufffd") and not final:
+            if end - self._read < UTF8_MAX_BYTES:
+                return
+            # the latest split that cuts no character (decoding both sides gives the whole); none: fold all
+            end = next((at for at in range(end - 1, self._read, -1)
+                        if decode(self.ids[self._prefix:at]) + decode(self.ids[at:]) == after), end)
+            after = decode(self.ids[self._prefix:end])
+        self.text += after[len(before):]
+        self._prefix, self._read = self._read, end
 
     def _cut_at_stop(self) -> bool:
         hits = [i for i in (self.text.find(s) for s in self._params.stop if s) if i >= 0]

@@ -1,5 +1,6 @@
 """Sampling and stopping: seeded sampling is reproducible whatever the batch; text never leaks a stop sequence."""
 import asyncio
+import random
 
 import pytest
 import torch
@@ -140,3 +141,21 @@ def test_a_character_cut_by_max_new_tokens_ends_the_text_as_decoding_the_ids_doe
     shown = "".join(stream.push(t) for t in ids)
     assert stream.finish is FinishReason.LENGTH
     assert shown == stream.text == tokenizer.decode(ids, skip_special_tokens=True) == "ab\ufffd"
+
+
+def test_streamed_text_is_always_a_prefix_of_decoding_the_ids_and_ends_equal_to_it():
+    """Random byte soups: characters of 1-4 bytes, some cut, repeated or reordered into invalid sequences."""
+    tokenizer = build_tokenizer()
+    pieces = [tokenizer(s).input_ids for s in ("a", " b", "é", "ж", "日本", "😀", "\n")]
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [i for _ in range(rng.randint(1, 12)) for i in rng.choice(pieces)]
+        for _ in range(rng.randint(0, 6)):  # cut, repeat or move a byte
+            k = rng.randrange(len(ids))
+            ids.insert(rng.randrange(len(ids)), ids.pop(k) if rng.random() < 0.5 else ids[k])
+        stream = TextStream(tokenizer, StoppingParams(len(ids)), frozenset({2}))
+        full, shown = tokenizer.decode(ids, skip_special_tokens=True), ""
+        for token in ids:
+            shown += stream.push(token)
+            assert full.startswith(shown), (ids, shown, full)
+        assert shown == stream.text == full, (ids, shown, full)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -19,6 +20,8 @@ from adapters.slot_bank import ModuleShape
 from adapters.targets import matches
 from loader.tensor_bytes import TensorFileError, read_tensors_from
 from server.errors import FailedPrecondition
+
+log = logging.getLogger("loraplex.adapters")
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -143,13 +146,19 @@ PEFT_KEYS = frozenset({
     # AdaLoRA's rank allocation schedule (training only)
     "target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
 })
-# Initialisations that rewrite the base model's weights: the adapter is a correction to those, not to the
-# original weights the server holds, until PEFT converts it at save time (which resets the value to true).
-BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga")
+# Initialisations that rewrite the base model's weights (PiSSA/OLoRA/CorDA/LoRA-GA keep a residual, LoftQ a
+# quantized copy): the adapter is a correction to those, exact on the base model saved with it, or on the original
+# weights once PEFT converted it at save time (which resets the value to true). Which base --model is cannot be
+# told from the files, so such an adapter is served, and the log says what it needs.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 
 def refuse_unservable(config: dict, adapter_id: str) -> None:
     init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(BASE_REWRITING_INITS):
+        log.warning("adapter %r: init_lora_weights is %r, which rewrote the base model's weights while training: it "
+                    "is exact only on the base model saved with it, or once converted by PEFT's save_pretrained(..., "
+                    "path_initial_model_for_weight_conversion=...)", adapter_id, init)
     checks = [
         (config.get("use_dora"), "use_dora is true (DoRA is not served)"),
         (config.get("modules_to_save"), "modules_to_save is set (full module copies cannot share a batch)"),
@@ -159,10 +168,6 @@ def refuse_unservable(config: dict, adapter_id: str) -> None:
         (config.get("lora_bias"), "lora_bias is true"),
         (config.get("layers_to_transform") is not None, "layers_to_transform is set; list modules in target_modules"),
         (config.get("layer_replication"), "layer_replication is set"),
-        (isinstance(init, str) and init.startswith(BASE_REWRITING_INITS),
-         f"init_lora_weights is {init!r}: that initialisation rewrote the base model's weights, and this adapter "
-         f"only works on top of them; save it with PEFT's save_pretrained(..., "
-         f"path_initial_model_for_weight_conversion=...) to get an adapter for the original base model"),
     ]
     if config.get("peft_type") in ("LORA", "ADALORA"):
         # null, false, 0 and empty have been the "off" value of every PEFT option so far

@@ -124,6 +124,15 @@ def test_peft_converted_adapters_are_served_as_the_good_one(client):
         client.generate("hi", "good", max_new_tokens=4).token_ids
 
 
+def test_adapters_for_a_rewritten_base_are_served_with_a_warning_saying_what_they_need(client, caplog):
+    """Unconverted PiSSA (or LoftQ, OLoRA, ...) is exact on the residual base saved with it, which may well be
+    --model: the files cannot tell, so it is served, and the log says so once per read."""
+    with caplog.at_level("WARNING", logger="loraplex.adapters"):
+        assert len(client.generate("hi", "pissa-unconverted", max_new_tokens=2).token_ids) == 2
+    assert "'pissa-unconverted': init_lora_weights is 'pissa_niter_4', which rewrote the base model's weights" \
+        in caplog.text and "path_initial_model_for_weight_conversion" in caplog.text
+
+
 @pytest.mark.parametrize("adapter_id,needle", [
     ("pickled", "convert to safetensors"),
     ("missing-module", "model.layers.7.self_attn.q_proj"),
@@ -134,7 +143,6 @@ def test_peft_converted_adapters_are_served_as_the_good_one(client):
     ("alora", "sets alora_invocation_tokens = [5, 6], a PEFT feature the server does not serve"),
     ("bdlora", "sets use_bdlora = "),
     ("future-variant", "sets some_new_variant = True"),
-    ("pissa-unconverted", "path_initial_model_for_weight_conversion"),
     ("unknown-key", "lora_magnitude"),
     ("nan", "NaN or Inf"),
     ("missing-b", "missing key base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"),

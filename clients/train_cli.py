@@ -28,7 +28,8 @@ def add_train_parser(sub) -> None:
     t("--rank", type=int, default=None, help="adapter rank (default 8; AdaLoRA's are --init-r/--target-r)")
     t("--alpha", type=float, default=16.0, help="scaling numerator: alpha/r (alpha/sqrt(r) with --rslora)")
     t("--dropout", type=float, default=0.0, help="dropout on the adapter's input")
-    t("--target-modules", default=None, help="comma-separated module names, or all-linear (default: per method)")
+    t("--target-modules", default=None, help="comma-separated module names, or all-linear (default: PEFT's for the architecture; "
+                                           "HydraLoRA: the FFN)")
     t("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r) (lora, hydralora)")
     t("--lr", type=float, default=2e-4, help="peak learning rate (AdamW, warm-up then cosine)")
     t("--epochs", type=int, default=1, help="passes over --data (unless --max-steps)")

@@ -161,6 +161,9 @@ def _targets(job: TrainJob, model) -> list[str] | str:
     targets = job.target_modules or DEFAULT_TARGETS[job.method].get(model.config.model_type,
                                                                     DEFAULT_TARGETS[job.method][None])
     unmatched = unmatched_targets(model, targets)
+    if unmatched and not job.target_modules and model.config.model_type not in DEFAULT_TARGETS[job.method]:
+        raise JobError(f"no default target modules for {job.method} on {model.config.model_type} models: give "
+                       f"--target-modules (this model's linear modules are named {linear_module_names(model)})")
     if unmatched:  # each name must adapt something: one that matches nothing would silently train less
         given = "--target-modules" if job.target_modules else f"{job.method}'s default target modules"
         raise JobError(f"{given}: {', '.join(map(str, unmatched))} matches no adaptable linear module of this model "
@@ -245,7 +248,8 @@ def _prepare(job: TrainJob, model, targets, total: int, train_prompts: list[str]
         outside = sorted(name for name, _ in linear_modules(model, targets) if not in_a_block(name))
         if outside:  # a residual path links a block to the previous ones: a module must sit in a numbered block
             raise JobError(f"ResLoRA links each block's module to the same module of the previous blocks, but "
-                           f"{', '.join(outside)} sits in no numbered block; name the block modules in "
+                           f"{', '.join(outside)} {'sits' if len(outside) == 1 else 'sit'} in no numbered block; "
+                           f"name the block modules in "
                            f"--target-modules (this model's linear modules: {linear_module_names(model)})")
         layers = add_reslora(model, targets, job.rank, job.alpha, job.dropout, job.structure, job.pre_num)
         return layers, _ResLoraHooks(layers), lambda out, merge: save_reslora(layers, out, {**common, **merge})

@@ -357,7 +357,7 @@ def test_torch_threads_wait_passively_unless_the_environment_says(tmp_path):
 def test_reslora_refuses_modules_outside_the_numbered_blocks(data, tmp_path):
     """OPT-350m's layout: project_in/project_out sit outside the blocks, where no residual chain can link them."""
     model = build_model_dir(tmp_path / "opt", "opt", seed=0, word_embed_proj_dim=32)
-    with pytest.raises(JobError, match=r"model\.decoder\.project_in, model\.decoder\.project_out sits in no numbered "
+    with pytest.raises(JobError, match=r"model\.decoder\.project_in, model\.decoder\.project_out sit in no numbered "
                                        r"block; name the block modules"):
         run_job(TrainJob(method="reslora", data=str(data[0]), out=str(tmp_path / "o"), model=str(model),
                          target_modules="all-linear", settings=replace(FAST, max_steps=1)))
@@ -372,3 +372,11 @@ def test_default_targets_follow_the_architecture(data, tmp_path, arch, method):
     summary = run_job(TrainJob(method=method, data=str(data[0]), out=str(tmp_path / "o"), model=str(model),
                                settings=replace(FAST, max_steps=1, eval_every=1), **extra))
     assert summary["steps"] == 1 and summary["targets"] == DEFAULT_TARGETS[method][arch]
+
+
+def test_an_architecture_without_default_targets_asks_for_them(data, tmp_path):
+    model = build_model_dir(tmp_path / "phi3", "phi3", seed=0)
+    with pytest.raises(JobError, match=r"no default target modules for lora on phi3 models: give --target-modules "
+                                       r"\(this model's linear modules are named \['down_proj', 'gate_up_proj'"):
+        run_job(TrainJob(method="lora", data=str(data[0]), out=str(tmp_path / "o"), model=str(model),
+                         settings=replace(FAST, max_steps=1)))

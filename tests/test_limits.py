@@ -80,7 +80,7 @@ def test_prompt_text_too_long_to_fit_is_refused_before_it_is_tokenized(server, m
     """A prompt with more characters than its token limit can hold (a token stands for at most max_token_chars of
     them) is refused without being tokenized: tokenizing a 4 MiB prompt took about 1 GB of server memory."""
     tokenizer = server.serving.base.tokenizer
-    per_token, context = server.serving.base.max_token_chars, server.serving.base.max_context
+    per_token = server.serving.base.max_token_chars
     calls = []
     original = type(tokenizer).__call__
     monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))

@@ -1,0 +1,134 @@
+"""Requests and admin calls competing for device slots, threads and adapter reads: none may starve the others or
+hold up unrelated work."""
+import asyncio
+import os
+import shutil
+import threading
+import time
+
+import grpc
+import pytest
+
+from clients.client import AsyncClient, Client
+from tests.helpers import make_peft_adapter, start_server, wait_for
+
+PROMPT = [5, 6, 7, 8]
+
+
+@pytest.fixture(scope="module")
+def adapter_root(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for i in range(4):
+        make_peft_adapter(model_dirs["llama"], root / f"v{i}", 100 + i, r=4, lora_alpha=64,
+                          target_modules=["q_proj", "v_proj", "down_proj"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, adapter_root):
+    s = start_server(model_dirs["llama"], adapter_root, max_batch_size=128, max_active_adapters=16)
+    yield s
+    s.stop()
+
+
+def test_steady_traffic_on_a_resident_adapter_cannot_starve_one_waiting_for_a_slot(model_dirs, adapter_root):
+    """One slot, held by a stream of overlapping v0 requests (it never drains while they keep joining it): a
+    request for v1 waits for the slot and is served, because later v0 requests queue behind it."""
+    s = start_server(model_dirs["llama"], adapter_root, max_active_adapters=1)
+
+    async def go():
+        async with AsyncClient(s.target, timeout=60) as client:
+            stop = asyncio.Event()
+
+            async def traffic():  # a new v0 request every 20 ms, each running longer than that
+                calls = []
+                while not stop.is_set():
+                    calls.append(asyncio.ensure_future(client.generate(PROMPT, "v0", max_new_tokens=40,
+                                                                       ignore_eos=True)))
+                    await asyncio.sleep(0.02)
+                await asyncio.gather(*calls)
+            feeder = asyncio.ensure_future(traffic())
+            try:
+                await asyncio.sleep(0.3)
+                reply = await asyncio.wait_for(client.generate(PROMPT, "v1", max_new_tokens=3, ignore_eos=True), 10)
+                assert len(reply.token_ids) == 3
+            finally:
+                stop.set()
+                await feeder
+    try:
+        asyncio.run(go())
+    finally:
+        s.stop()
+
+
+def test_requests_waiting_on_one_adapter_do_not_hold_up_other_requests(server):
+    """While an adapter's id is held (a long LoadAdapter replace, a slow read), more requests for it than the
+    default executor has threads wait; base-model requests and the Adapters service still answer at once."""
+    lock = server.serving.registry.hold("v3")
+
+    async def go():
+        async with AsyncClient(server.target, timeout=30) as client:
+            stuck = [asyncio.ensure_future(client.generate(PROMPT, "v3", max_new_tokens=2)) for _ in range(12)]
+            await asyncio.sleep(0.5)  # all twelve are waiting on the id
+            with Client(server.target, timeout=3) as quick:  # DEADLINE_EXCEEDED if they took the shared threads
+                base = await asyncio.to_thread(quick.generate, PROMPT, "", max_new_tokens=2)
+                await asyncio.to_thread(quick.list_adapters)
+            assert len(base.token_ids) == 2
+            assert not any(call.done() for call in stuck)
+            lock.release()
+            assert all(len(r.token_ids) == 2 for r in await asyncio.gather(*stuck))
+    lock.acquire()
+    try:
+        asyncio.run(go())
+    finally:
+        try:
+            lock.release()
+        except RuntimeError:  # released inside, as planned
+            pass
+
+
+def test_cold_adapter_reads_at_once_are_bounded(server, adapter_root, monkeypatch):
+    """New files are measured against the memory budget only once read: many first uses at once read a few
+    adapters at a time (cores + 4), not all of them, however many requests wait."""
+    ids = [f"cold{i}" for i in range(16)]
+    for name in ids:
+        shutil.copytree(adapter_root / "v1", adapter_root / name)
+    registry = server.serving.registry
+    read, active, peak, lock = registry._reader, [0], [0], threading.Lock()
+
+    def slow(*args):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.3)
+            return read(*args)
+        finally:
+            with lock:
+                active[0] -= 1
+    monkeypatch.setattr(registry, "_reader", slow)
+
+    async def go():
+        async with AsyncClient(server.target, timeout=60) as client:
+            return await asyncio.gather(*[client.generate(PROMPT, i, max_new_tokens=1) for i in ids])
+    assert all(len(r.token_ids) == 1 for r in asyncio.run(go()))
+    assert 1 < peak[0] <= min(32, (os.cpu_count() or 1) + 4), peak[0]
+
+
+def test_admin_calls_cut_before_they_start_are_not_counted_as_under_way(server, adapter_root, monkeypatch):
+    """More LoadAdapter calls than the admin pool has threads, their clients gone before most could start: the
+    count of registry changes under way (a shutdown freezes the state file while it is not 0) returns to 0."""
+    for i in range(24):
+        shutil.copytree(adapter_root / "v1", adapter_root / f"admin{i}")
+    registry = server.serving.registry
+    load = registry.load
+    monkeypatch.setattr(registry, "load", lambda *args: (time.sleep(0.5), load(*args))[1])
+
+    async def go():
+        async with AsyncClient(server.target, timeout=0.2) as client:
+            outcomes = await asyncio.gather(*[client.load_adapter(f"admin{i}") for i in range(24)],
+                                            return_exceptions=True)
+        assert all(isinstance(o, grpc.RpcError) for o in outcomes)  # every client gave up after 0.2 s
+    asyncio.run(go())
+    assert wait_for(lambda: server.serving.registry_changes.count == 0, timeout=10), \
+        server.serving.registry_changes.count

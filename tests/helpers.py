@@ -35,6 +35,14 @@ def make_peft_adapter(model_dir: Path, out: Path, seed: int, **lora) -> Path:
     return out
 
 
+def make_versions(model_dir: Path, root: Path, count: int) -> Path:
+    """v0 .. v<count-1> under `root`: versions of one small LoRA, told apart by their greedy outputs."""
+    for i in range(count):
+        make_peft_adapter(model_dir, root / f"v{i}", 100 + i, r=4, lora_alpha=64,
+                          target_modules=["q_proj", "v_proj", "down_proj"])
+    return root
+
+
 def start_server(model_dir: Path, adapter_root: Path | None, **overrides) -> BackgroundServer:
     """Each server records its loaded adapters in its own fresh state file unless `state_file` is given
     (servers sharing an adapter root would otherwise restore each other's loads)."""

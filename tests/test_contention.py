@@ -10,18 +10,14 @@ import grpc
 import pytest
 
 from clients.client import AsyncClient, Client
-from tests.helpers import make_peft_adapter, start_server, wait_for
+from tests.helpers import make_versions, start_server, wait_for
 
 PROMPT = [5, 6, 7, 8]
 
 
 @pytest.fixture(scope="module")
 def adapter_root(model_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    for i in range(4):
-        make_peft_adapter(model_dirs["llama"], root / f"v{i}", 100 + i, r=4, lora_alpha=64,
-                          target_modules=["q_proj", "v_proj", "down_proj"])
-    return root
+    return make_versions(model_dirs["llama"], tmp_path_factory.mktemp("adapters"), 4)
 
 
 @pytest.fixture(scope="module")

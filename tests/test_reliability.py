@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from clients.client import AsyncClient, Client
-from tests.helpers import make_peft_adapter, scrape, start_server, wait_for
+from tests.helpers import make_versions, scrape, start_server, wait_for
 
 C = grpc.StatusCode
 PROMPT = [5, 6, 7, 8]
@@ -18,10 +18,7 @@ PROMPT = [5, 6, 7, 8]
 
 @pytest.fixture(scope="module")
 def adapter_root(model_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    for i in range(8):  # versions of one adapter, told apart by their greedy outputs
-        make_peft_adapter(model_dirs["llama"], root / f"v{i}", 100 + i, r=4, lora_alpha=64,
-                          target_modules=["q_proj", "v_proj", "down_proj"])
+    root = make_versions(model_dirs["llama"], tmp_path_factory.mktemp("adapters"), 8)
     os.symlink(root / "v0", root / "hot")
     return root
 

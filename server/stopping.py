@@ -71,10 +71,11 @@ class TextStream:
         if after.endswith("\ufffd") and not final:
             if end - self._read < UTF8_MAX_BYTES:
                 return
-            # the latest split that cuts no character (decoding both sides gives the whole); none: fold all
-            end = next((at for at in range(end - 1, self._read, -1)
-                        if decode(self.ids[self._prefix:at]) + decode(self.ids[at:]) == after), end)
-            after = decode(self.ids[self._prefix:end])
+            for at in range(end - 1, self._read, -1):  # the latest split that cuts no character; none: fold all
+                head = decode(self.ids[self._prefix:at])
+                if head + decode(self.ids[at:]) == after:
+                    end, after = at, head
+                    break
         self.text += after[len(before):]
         self._prefix, self._read = self._read, end
 

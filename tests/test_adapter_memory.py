@@ -1,0 +1,205 @@
+"""The host-memory budget for adapters (--adapter-cache-bytes): eviction to disk, a hard limit counting the
+adapters requests hold, waiting requests served in order and counted when their clients leave."""
+import shutil
+import time
+
+import grpc
+import pytest
+
+from clients.client import Client, build_request
+from protos.loraplex.v1 import inference_pb2 as pb
+from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, start_server, status_of, wait_for
+
+
+@pytest.fixture(scope="module")
+def adapter_root(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for i, name in enumerate(("v1", "v2")):
+        make_peft_adapter(model_dirs["llama"], root / name, 21 + i, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
+    return root
+
+
+def test_host_memory_budget_evicts_to_disk_and_reloads(model_dirs, adapter_root):
+    server = start_server(model_dirs["llama"], adapter_root, adapter_cache_bytes=1)
+    try:
+        with Client(server.target, timeout=30) as client:
+            want = list(client.generate([5, 6], "v1", max_new_tokens=5, ignore_eos=True).token_ids)
+            client.load_adapter("v2")  # over budget: v1 leaves host memory
+            assert client.get_adapter("v1").tier == pb.ADAPTER_TIER_DISK
+            assert client.get_adapter("v2").tier in (pb.ADAPTER_TIER_CPU, pb.ADAPTER_TIER_DEVICE)
+            metrics = scrape(server)
+            assert metrics['loraplex_adapters_loaded{tier="disk"}'] == 1
+            assert metrics['loraplex_adapters_loaded{tier="cpu"}'] == 1
+            assert list(client.generate([5, 6], "v1", max_new_tokens=5, ignore_eos=True).token_ids) == want
+    finally:
+        server.stop()
+
+
+def test_host_memory_budget_is_a_hard_limit_counting_adapters_requests_hold(model_dirs, adapter_root, tmp_path):
+    """Requests in flight hold their adapter's weights, which no eviction can free: a request whose adapter would
+    take host memory beyond --adapter-cache-bytes waits (holding nothing) until one of them finishes, instead of
+    being read anyway (queued requests on distinct adapters grew the server by ~400 MB under a 4 MB budget);
+    beyond --max-queue-size such waiters, and for LoadAdapter, it is RESOURCE_EXHAUSTED."""
+    root = tmp_path / "root"
+    for name in ("a", "b", "c", "d"):
+        shutil.copytree(adapter_root / "v1", root / name)
+    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size  # fp32 factors: their size in memory
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=2 * size + size // 2,  # two fit, not three
+                          max_queue_size=1)
+    registry = server.serving.registry
+    try:
+        with Client(server.target, timeout=60) as client:
+            streams = []
+            for name in "ab":  # one at a time: the queue holds one
+                streams.append(client.generate_stream([5, 6], name, max_new_tokens=480, ignore_eos=True))
+                next(streams[-1])
+            waiting = client.inference.Generate.future(build_request([5, 6], "c", max_new_tokens=2, ignore_eos=True))
+            assert wait_for(lambda: scrape(server)["loraplex_num_requests_waiting"] == 1)
+            code, details = status_of(client.generate, [5, 6], "d", max_new_tokens=2)  # a second waiter: too many
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--adapter-cache-bytes" in details
+            assert "--max-queue-size" in details
+            # requests that cannot run fail at once, not after their turn behind the waiter
+            assert status_of(client.generate, [5, 6], "nope", max_new_tokens=2)[0] == grpc.StatusCode.NOT_FOUND
+            assert status_of(client.generate, [5, 6], "d", max_new_tokens=0)[0] == grpc.StatusCode.INVALID_ARGUMENT
+            code, details = status_of(client.load_adapter, "d")
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in details
+            assert client.get_adapter("a").tier != pb.ADAPTER_TIER_DISK  # held adapters are never evicted
+            assert not waiting.done() and "c" not in [a.adapter_id for a in client.list_adapters()]
+            streams[0].cancel()  # frees room: the waiter goes in
+            assert len(waiting.result(timeout=30).token_ids) == 2
+            assert client.get_adapter("a").tier == pb.ADAPTER_TIER_DISK  # evicted once released
+            streams[1].cancel()
+        assert wait_for(lambda: not registry._held)  # every hold released: finished, cancelled and refused alike
+        assert wait_for(lambda: server.serving.engine.idle())
+        assert scrape(server)["loraplex_num_requests_waiting"] == 0
+    finally:
+        server.stop()
+
+
+def test_an_adapter_out_of_memory_is_not_starved_by_steady_traffic_on_those_in_memory(model_dirs, adapter_root,
+                                                                                        tmp_path):
+    """Steady overlapping traffic on two adapters in memory holds the whole budget; a request for a third one
+    still gets in (requests arriving after it wait behind it, so the holds drain), and an adapter that cannot fit
+    beside the pinned ones is refused at once rather than left waiting."""
+    import asyncio
+
+    from clients.client import AsyncClient
+    root = tmp_path / "root"
+    for name in "abcd":
+        shutil.copytree(adapter_root / "v1", root / name)
+    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=2 * size + size // 2)
+    try:
+        async def run():
+            async with AsyncClient(server.target, timeout=60) as client:
+                stop = asyncio.Event()
+
+                async def hot(name, i):
+                    served = 0
+                    while not stop.is_set():
+                        await client.generate([5, 6], name, max_new_tokens=20 + 7 * ((served + i) % 5),
+                                              ignore_eos=True)
+                        served += 1
+                    return served
+
+                async def cold():
+                    await asyncio.sleep(0.5)  # the hot adapters hold the budget by now
+                    try:
+                        async with AsyncClient(server.target, timeout=10) as other:
+                            return len((await other.generate([5, 6], "c", max_new_tokens=2, ignore_eos=True)).token_ids)
+                    finally:
+                        stop.set()
+                return await asyncio.gather(cold(), *[hot(name, i) for i, name in enumerate("aaaabbbb")])
+        cold_tokens, *hot_served = asyncio.run(run())
+        assert cold_tokens == 2 and all(n >= 1 for n in hot_served)
+        with Client(server.target, timeout=30) as client:
+            client.load_adapter("a", replace=True, pin=True), client.load_adapter("b", replace=True, pin=True)
+            code, details = status_of(client.generate, [5, 6], "d", max_new_tokens=2)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "beside the pinned adapters" in details
+    finally:
+        server.stop()
+
+
+def test_a_client_that_leaves_while_waiting_for_adapter_memory_is_counted(model_dirs, adapter_root, tmp_path,
+                                                                          monkeypatch):
+    root = tmp_path / "root"
+    for name in "ab":
+        shutil.copytree(adapter_root / "v1", root / name)
+    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2)  # one at a time
+    runner = server.serving.engine.runner
+    decode_step = runner.decode_step  # 400 steps take >= 2 s: "a" holds the budget throughout
+    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    key = 'loraplex_request_success_total{finished_reason="cancelled"}'
+    try:
+        with Client(server.target, timeout=60) as client:
+            holding = client.generate_stream([5, 6], "a", max_new_tokens=400, ignore_eos=True)
+            next(holding)
+            before = scrape(server).get(key, 0)
+            with Client(server.target, timeout=0.5) as hasty:
+                code, _ = status_of(hasty.generate, [5, 6], "b", max_new_tokens=2)
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert wait_for(lambda: scrape(server).get(key, 0) == before + 1)
+            assert scrape(server)["loraplex_num_requests_waiting"] == 0
+            holding.cancel()
+    finally:
+        server.stop()
+
+
+def test_budget_accounting_survives_churn(model_dirs, adapter_root, tmp_path):
+    """Concurrent requests on six adapters under a budget for two, with cancels, deadlines, a hot-swap and a drained
+    unload in between: every request ends with tokens (after waiting for room) or its client's own exit, and
+    afterwards no hold is left and host memory is back within the budget."""
+    import asyncio
+    import random
+
+    from clients.client import AsyncClient
+    root = tmp_path / "root"
+    names = [f"a{i}" for i in range(6)]
+    for name in names:
+        shutil.copytree(adapter_root / "v1", root / name)
+    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=2 * size + size // 2)
+    registry = server.serving.registry
+    rng = random.Random(0)
+
+    async def one(client, hasty, i):
+        name = rng.choice(names)
+        try:
+            if i % 5 == 0:  # a stream the client leaves after its first token
+                stream = client.generate_stream([5, 6], name, max_new_tokens=200, ignore_eos=True)
+                await stream.__anext__()
+                stream.cancel()
+                return "left"
+            reply = await (hasty if i % 7 == 0 else client).generate(  # hasty: a 50 ms deadline
+                [5, 6, i % 50 + 7], name, max_new_tokens=rng.randint(1, 30), ignore_eos=True)
+            return "ok" if reply.token_ids else "empty"
+        except grpc.RpcError as err:
+            return err.code().name
+
+    async def admin(client):
+        await client.generate([5, 6], "a2", max_new_tokens=1)  # loaded (and maybe evicted) before its unload
+        outcomes = []
+        for call in (lambda: client.load_adapter("a1", replace=True), lambda: client.unload_adapter("a2", drain=True)):
+            try:
+                await call()
+                outcomes.append("ok")
+            except grpc.RpcError as err:
+                outcomes.append(err.code().name)
+        return outcomes
+
+    async def run():
+        async with AsyncClient(server.target, timeout=60) as client, \
+                AsyncClient(server.target, timeout=0.05) as hasty:
+            return await asyncio.gather(admin(client), *[one(client, hasty, i) for i in range(80)])
+    try:
+        admin_outcomes, *outcomes = asyncio.run(run())
+        assert set(outcomes) <= {"ok", "left", "DEADLINE_EXCEEDED"}, outcomes  # over the budget, requests wait
+        assert outcomes.count("ok") >= 40
+        assert set(admin_outcomes) <= {"ok", "RESOURCE_EXHAUSTED"}, admin_outcomes
+        assert wait_for(lambda: not registry._held and server.serving.engine.idle(), timeout=30)
+        assert registry.resident_bytes() <= 2 * size + size // 2
+        with Client(server.target, timeout=30) as client:  # and it still serves
+            assert len(client.generate([5, 6], "a0", max_new_tokens=3, ignore_eos=True).token_ids) == 3
+    finally:
+        server.stop()

@@ -31,6 +31,7 @@ class TextStream:
         self._params = params
         self._eos = eos_token_ids
         self.ids: list[int] = []
+        self._carries: list[bool] = []  # per id: whether it decodes to any text alone (may hold a character's bytes)
         self._prefix = 0  # ids[_prefix:_read] decode to the tail already folded into `text`
         self._read = 0
         self.text = ""
@@ -40,6 +41,7 @@ class TextStream:
     def push(self, token: int) -> str:
         """Add one generated token; returns the text that may be shown now. Sets `finish` when done."""
         self.ids.append(token)
+        self._carries.append(self._decode(len(self.ids) - 1, len(self.ids)) != "")
         if token in self._eos and not self._params.ignore_eos:
             self.finish = FinishReason.EOS_TOKEN
         else:
@@ -59,25 +61,32 @@ class TextStream:
 
     def _decode_tail(self, final: bool = False) -> None:
         """Fold the ids not yet in `text` into it, unless they end inside a UTF-8 character (decoded as U+FFFD
-        until its last byte arrives). A character is at most 4 bytes and a byte-level token carries at least one,
-        so once 4 tokens wait, what precedes their last character can only be invalid bytes: it is folded (as
-        U+FFFD, as decoding all the ids gives) and at most 3 tokens keep waiting. Else the window decoded at
-        every token would grow with a run of invalid bytes: quadratic, and no text shown for the whole run."""
-        decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        before, after = decode(self.ids[self._prefix:self._read]), decode(self.ids[self._prefix:])
+        until its last byte arrives). A character is at most 4 bytes, so its unfinished start lies within the
+        last 3 waiting tokens that carry any text (special tokens and a tokenizer's stripped leading space carry
+        none; tokens with bytes decode to something, if only U+FFFD). Once 4 such tokens wait, the text before
+        those 3 can only be final: it is folded (invalid bytes as U+FFFD, as decoding all the ids gives) at the
+        latest token split that cuts no character. Else the window decoded at every token would grow with a run
+        of invalid bytes: quadratic, and no text shown for the whole run."""
+        before, after = self._decode(self._prefix, self._read), self._decode(self._prefix, len(self.ids))
         if len(after) <= len(before):
             return
         end = len(self.ids)
         if after.endswith("\ufffd") and not final:
-            if end - self._read < UTF8_MAX_BYTES:
+            carrying = [i for i in range(self._read, end) if self._carries[i]]
+            if len(carrying) < UTF8_MAX_BYTES:
                 return
-            for at in range(end - 1, self._read, -1):  # the latest split that cuts no character; none: fold all
-                head = decode(self.ids[self._prefix:at])
-                if head + decode(self.ids[at:]) == after:
+            for at in range(carrying[1 - UTF8_MAX_BYTES], self._read, -1):
+                head = self._decode(self._prefix, at)
+                if head + self._decode(at, end) == after:
                     end, after = at, head
                     break
+            else:
+                return  # no split cuts no character: wait (a character ends within 4 byte-carrying tokens)
         self.text += after[len(before):]
         self._prefix, self._read = self._read, end
+
+    def _decode(self, start: int, end: int) -> str:
+        return self._tokenizer.decode(self.ids[start:end], skip_special_tokens=True)
 
     def _cut_at_stop(self) -> bool:
         hits = [i for i in (self.text.find(s) for s in self._params.stop if s) if i >= 0]

@@ -1,5 +1,6 @@
 """Sampling and stopping: seeded sampling is reproducible whatever the batch; text never leaks a stop sequence."""
 import asyncio
+import json
 import random
 
 import pytest
@@ -144,18 +145,63 @@ def test_a_character_cut_by_max_new_tokens_ends_the_text_as_decoding_the_ids_doe
 
 
 def test_streamed_text_is_always_a_prefix_of_decoding_the_ids_and_ends_equal_to_it():
-    """Random byte soups: characters of 1-4 bytes, some cut, repeated or reordered into invalid sequences."""
+    """Random byte soups: characters of 1-4 bytes, some cut, repeated or reordered into invalid sequences, and
+    special tokens (decoded as nothing) anywhere, inside characters too."""
     tokenizer = build_tokenizer()
     pieces = [tokenizer(s).input_ids for s in ("a", " b", "é", "ж", "日本", "😀", "\n")]
     rng = random.Random(0)
     for _ in range(300):
         ids = [i for _ in range(rng.randint(1, 12)) for i in rng.choice(pieces)]
-        for _ in range(rng.randint(0, 6)):  # cut, repeat or move a byte
-            k = rng.randrange(len(ids))
-            ids.insert(rng.randrange(len(ids)), ids.pop(k) if rng.random() < 0.5 else ids[k])
-        stream = TextStream(tokenizer, StoppingParams(len(ids)), frozenset({2}))
-        full, shown = tokenizer.decode(ids, skip_special_tokens=True), ""
-        for token in ids:
-            shown += stream.push(token)
-            assert full.startswith(shown), (ids, shown, full)
-        assert shown == stream.text == full, (ids, shown, full)
+        for _ in range(rng.randint(0, 6)):  # cut, repeat or move a byte, or add a special token
+            k, how = rng.randrange(len(ids)), rng.randrange(3)
+            moved = ids.pop(k) if how == 0 else ids[k] if how == 1 else 1  # 1: <s>
+            ids.insert(rng.randrange(len(ids) + 1), moved)
+        assert_streams_as_decode(tokenizer, ids, valid=False)
+
+
+def assert_streams_as_decode(tokenizer, ids: list[int], valid: bool) -> None:
+    """The shown text is a prefix of decoding all the ids at every token and equals it at the end; for ids of
+    valid text no U+FFFD is ever shown."""
+    stream = TextStream(tokenizer, StoppingParams(len(ids)), frozenset({2}))
+    full, shown = tokenizer.decode(ids, skip_special_tokens=True), ""
+    for token in ids:
+        shown += stream.push(token)
+        assert full.startswith(shown), (ids, shown, full)
+    assert shown == stream.text == full, (ids, shown, full)
+    assert not valid or "\ufffd" not in shown, (ids, shown)
+
+
+def sentencepiece_style_tokenizer():
+    """A Llama-2 / Mistral style tokenizer: "▁" for spaces, byte fallback for characters outside its small
+    vocabulary (each byte a token, each invalid byte its own U+FFFD), the leading space stripped when decoding."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *bytes_],
+                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyz▁"))
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog", "hello world, ok"] * 20, trainer)
+    spec = json.loads(tok.to_str())  # the byte tokens are plain vocabulary, as in Llama's (not skipped as special)
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in bytes_]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+def test_byte_fallback_characters_stream_whole_after_tokens_that_decode_to_nothing():
+    """With a byte-fallback tokenizer a completion that starts with an emoji is "▁" (decoded as nothing: the
+    leading space is stripped) then four byte tokens; special tokens decode to nothing too. Such tokens used to
+    count as bytes, so the emoji's first bytes were folded as U+FFFD (shown "��ok" for "😀 ok")."""
+    tokenizer = sentencepiece_style_tokenizer()
+    for text in ("😀 ok", "fox 😀🦊 ok", "日本 the dog", "ß€ hello", "x 漢字"):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert_streams_as_decode(tokenizer, ids, valid=True)
+        with_specials = [i for t in ids for i in (t, 1)]  # a skipped special token after every token
+        assert_streams_as_decode(tokenizer, with_specials, valid=True)
+    rng = random.Random(1)
+    words = ["the ", "fox ", "hello", ", ", " ", "😀", "🦊", "日本", "ß", "€", "\n", "ok"]
+    for _ in range(300):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(1, 10)))
+        assert_streams_as_decode(tokenizer, tokenizer(text, add_special_tokens=False).input_ids, valid=True)

@@ -26,6 +26,10 @@ from typing import Callable
 from adapters.canonical import CanonicalAdapter
 from server.errors import AdapterMemoryFull, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
+
+class UnreadableStateFile(Exception):
+    """The state file exists but is not a list of loaded adapters; nothing was changed."""
+
 log = logging.getLogger("loraplex.registry")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ID_RULE = ("use 1-128 characters from [A-Za-z0-9._-], starting with a letter or digit, without '..'; ids name a "
@@ -175,21 +179,19 @@ class AdapterRegistry:
     def restore(self) -> list[str]:
         """Load again what the state file records (at start-up). Every entry stays recorded until it has been
         tried, so a restart interrupted mid-way loses nothing; entries that fail (directory gone or changed while
-        the server was down) are logged, dropped, and returned."""
+        the server was down) are logged, dropped, and returned. A file that cannot be read as a state file is
+        UnreadableStateFile."""
         if self.state_file is None or not self.state_file.exists():
             return []
         try:
             entries = json.loads(self.state_file.read_text())["adapters"]
             entries = {e["id"]: bool(e.get("pinned")) for e in entries if isinstance(e["id"], str)}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            # kept aside, not overwritten by the next LoadAdapter: it may be the only list of what was loaded
-            kept = self.state_file.with_name(f"{self.state_file.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
-            try:
-                os.replace(self.state_file, kept)
-            except OSError:
-                kept = self.state_file
-            log.error("ignoring unreadable adapter state file %s (%s); it is kept as %s", self.state_file, exc, kept)
-            return []
+            # Refused, and left as it is: the server writes this file atomically, so one it cannot read is most
+            # likely not its own (a mistyped --state-file naming someone's file, or a directory such as /tmp).
+            raise UnreadableStateFile(
+                f"the adapter state file {self.state_file} is not one this server wrote ({type(exc).__name__}: {exc}); "
+                f"it is left untouched: fix or remove it, or give --state-file another path") from None
         failed = []
         for adapter_id, pinned in entries.items():  # the file is left as is until every entry has been tried
             try:

@@ -22,7 +22,7 @@ from loader.base_model import load_base_model
 from loader.default_model import default_adapter_root
 from loader.inject import ALL_LINEAR, base_weight, inject, unmatched_targets
 from loader.peft_files import read_adapter
-from loader.registry import AdapterRegistry
+from loader.registry import AdapterRegistry, UnreadableStateFile
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.attention import UnsupportedAttention
@@ -154,7 +154,10 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
                                on_change=lambda memory, disk: (metrics.adapters_loaded.labels("cpu").set(memory),
                                                                metrics.adapters_loaded.labels("disk").set(disk)),
                                state_file=_state_file(config, root))
-    registry.restore()  # adapters loaded at run time before a restart; health says SERVING only after this
+    try:
+        registry.restore()  # adapters loaded at run time before a restart; health says SERVING only after this
+    except UnreadableStateFile as exc:
+        raise ConfigError(str(exc)) from None
     engine.start()
     _warm_up(engine, base, metrics)
     return Serving(engine=engine, registry=registry, base=base, config=config, metrics=metrics, limits=limits)

@@ -141,6 +141,13 @@ def check_config(c: ServerConfig) -> None:
     problem = device_problem(c.device)
     if problem:
         raise ConfigError(problem)
+    if c.state_file:
+        state = Path(c.state_file)
+        if state.exists() and not state.is_file():
+            raise ConfigError(f"--state-file {state} exists and is not a regular file: give the path of a file "
+                              f"(the server writes it, and replaces it on every adapter change)")
+        if not state.parent.is_dir():
+            raise ConfigError(f"--state-file {state}: the folder {state.parent} does not exist")
     if c.adapter_root and not Path(c.adapter_root).is_dir():
         raise ConfigError(f"--adapter-root {c.adapter_root} is not a directory: every adapter would be NOT_FOUND")
     for name, (low, high) in BOUNDS.items():

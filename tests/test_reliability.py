@@ -9,6 +9,7 @@ import time
 import grpc
 import pytest
 
+from clients import cli
 from clients.client import AsyncClient, Client
 from tests.helpers import make_versions, scrape, start_server, wait_for
 
@@ -224,19 +225,30 @@ def test_a_drain_that_hits_its_deadline_harms_no_request(server):
         engine.runner.decode_step = real
 
 
-@pytest.mark.parametrize("body", ['{"adapters": 5}', '{"adapters": ["v2"]}', '[]', 'not json'])
-def test_a_malformed_state_file_is_ignored_not_fatal(model_dirs, adapter_root, tmp_path, body):
+@pytest.mark.parametrize("body", ['{"adapters": 5}', '{"adapters": ["v2"]}', '[]', 'not json', ''])
+def test_a_state_file_the_server_did_not_write_stops_the_start_and_is_left_untouched(model_dirs, adapter_root,
+                                                                                      tmp_path, body, capsys):
+    """The server writes its state file atomically, so one it cannot read is not its own (a mistyped --state-file
+    naming another file): it used to be renamed away and replaced, a directory such as /tmp included."""
     state = tmp_path / "state.json"
     state.write_text(body)
-    server = start_server(model_dirs["llama"], adapter_root, state_file=str(state))
-    try:
-        with Client(server.target, timeout=60) as client:
-            assert client.list_adapters() == [] and client.health() == 1
-            client.load_adapter("v1")  # writes a fresh state file; the unreadable one was kept aside
-        [kept] = tmp_path.glob("state.json.unreadable-*")
-        assert kept.read_text() == body and "v1" in state.read_text()
-    finally:
-        server.stop()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--model", str(model_dirs["llama"]), "--adapter-root", str(adapter_root), "--port", "0",
+                  "--metrics-port", "0", "--state-file", str(state)])
+    assert exit_info.value.code == 2
+    assert f"the adapter state file {state} is not one this server wrote" in capsys.readouterr().err
+    assert state.read_text() == body and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+@pytest.mark.parametrize("where,needle", [("dir", "exists and is not a regular file"),
+                                          ("missing/state.json", "does not exist")])
+def test_a_state_file_path_that_cannot_be_one_is_refused_before_loading(tmp_path, where, needle, capsys):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "keep").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--port", "0", "--metrics-port", "0", "--state-file", str(tmp_path / where)])
+    assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+    assert (tmp_path / "dir" / "keep").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["dir"]
 
 
 def test_loaded_adapters_survive_a_restart(model_dirs, adapter_root, tmp_path):

@@ -22,7 +22,7 @@ import torch
 from adapters.canonical import CanonicalAdapter
 
 NO_ADAPTER = 0
-KERNELS = ("torch", "native")
+KERNELS = ("torch", "native", "triton")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,11 @@ class SlotBank:
         if kernel == "native":
             from adapters.cpu_kernel import check_bank
             check_bank(device, dtype, self.compute_dtype)
+        if kernel == "triton":
+            from adapters.triton_kernel import problem
+            why = problem(device)
+            if why:
+                raise ValueError(f"the triton kernel cannot run: {why}")
         n = num_slots + 1
         self.a = [torch.zeros(n, max_rank, s.d_in, device=device, dtype=dtype) for s in shapes]
         self.b = [torch.zeros(n, max_rank, s.d_out, device=device, dtype=dtype) for s in shapes]
@@ -78,6 +83,8 @@ class SlotBank:
         # Per module and slot, on the host (module-major: one module's row is contiguous for the kernel).
         self.ranks = torch.zeros(len(shapes), n, dtype=torch.int32)
         self.heads = torch.ones(len(shapes), n, dtype=torch.int32)
+        # The triton kernel reads them on the device: copies, refreshed whenever a slot is written.
+        self.device_ranks, self.device_heads = self.ranks.to(device), self.heads.to(device)
         self._slot_of: dict[tuple, int] = {}
         self._key_of: dict[int, tuple] = {}
         self._refs = [0] * n
@@ -160,6 +167,8 @@ class SlotBank:
                 self.g[i][slot, :k, :].copy_(f.router)
                 self.g_bias[slot, i, :k] = 0.0 if f.router_bias is None else f.router_bias
                 self.heads[i, slot] = k
+        self.device_ranks[:, slot].copy_(self.ranks[:, slot])
+        self.device_heads[:, slot].copy_(self.heads[:, slot])
 
     # -- per batch ------------------------------------------------------------------------------
     def gather(self, slots: list[int]) -> RowFactors | None:
@@ -169,5 +178,8 @@ class SlotBank:
         if self.kernel == "native":
             from adapters.cpu_kernel import NativeRows
             return NativeRows(self, slots)
+        if self.kernel == "triton":
+            from adapters.triton_kernel import TritonRows
+            return TritonRows(self, slots)
         from adapters.torch_rows import TorchRows
         return TorchRows.gather(self, slots)

@@ -13,5 +13,7 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$out/gpu.txt"
-python3 bench/adapter_kinds.py --device cuda --repeats 3 2>&1 | tee "$out/adapter_kinds.txt"
+# The triton kernel's results first (its timings mean nothing if they are wrong), then torch vs triton side by side.
+python3 bench/kernel_check.py --device cuda --kernel triton 2>&1 | tee "$out/kernel_check.txt"
+python3 bench/adapter_kinds.py --device cuda --repeats 3 --variants torch/auto,triton/auto 2>&1 | tee "$out/adapter_kinds.txt"
 python3 bench/mixed_adapters.py --device cuda --repeats 3 2>&1 | tee "$out/mixed_adapters.txt"

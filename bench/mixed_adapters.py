@@ -81,7 +81,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     a("--server-module", default="server",
       help="module run as `python -m MODULE` for --server process (to A/B an engine variant; default: server)")
     a("--workdir", default=None, help="where to build model and adapters (default: a temporary directory)")
-    a("--adapter-kernel", default="auto", choices=["auto", "native", "torch"], help="the server's --adapter-kernel")
+    a("--adapter-kernel", default="auto", choices=["auto", "native", "torch", "triton"],
+      help="the server's --adapter-kernel")
     a("--adapter-dtype", default="auto", help="the server's --adapter-dtype")
 
 

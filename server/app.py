@@ -16,7 +16,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from adapters import cpu_kernel
+from adapters import cpu_kernel, triton_kernel
 from adapters.slot_bank import SlotBank
 from loader.base_model import load_base_model
 from loader.default_model import default_adapter_root
@@ -81,6 +81,12 @@ def adapter_kernel(config: ServerConfig) -> str:
     """--adapter-kernel resolved before anything is loaded: native where it can run, else torch (a ConfigError
     when native was asked for by name). Builds the kernel on its first use on this machine (about a second)."""
     factors = config.dtype if config.adapter_dtype == "auto" else config.adapter_dtype
+    if config.adapter_kernel == "triton":
+        why = triton_kernel.problem(torch.device(config.device))
+        if why:
+            raise ConfigError(f"--adapter-kernel triton cannot run: {why}")
+        log.info("adapter kernel: triton, %s factors", factors)
+        return "triton"
     if config.adapter_kernel == "torch":
         why = "--adapter-kernel torch"
     elif not config.device.startswith("cpu") or config.dtype != "float32":

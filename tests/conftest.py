@@ -8,6 +8,8 @@ from loader.default_model import build_model_dir
 # The native kernel is built into a directory of this test session, not the user's ~/.cache (which may be
 # read-only, or hold a build of other sources).
 os.environ["LORAPLEX_KERNEL_DIR"] = tempfile.mkdtemp(prefix="loraplex-kernel-")
+# The tests run on the CPU: the triton kernel runs there in Triton's interpreter (read when a kernel is defined).
+os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -13,15 +13,22 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from adapters import cpu_kernel
+from adapters import cpu_kernel, triton_kernel
+from adapters.canonical import ModuleFactors
+from adapters.layer import MultiAdapterLinear
+from adapters.slot_bank import AdapterContext
 from clients.client import AsyncClient, Client
 from server.app import BackgroundServer
 from server.config import ServerConfig
 
-# Both ways of computing the adapter delta; the native one only where it can run (the reason is shown as a skip).
+# Every way of computing the adapter delta; native and triton only where they can run (the reason is shown as a
+# skip). Triton runs in its interpreter here (tests/conftest.py).
 _NATIVE_PROBLEM = cpu_kernel.available()
+_TRITON_PROBLEM = triton_kernel.problem(torch.device("cpu"))
 KERNELS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
-    _NATIVE_PROBLEM is not None, reason=f"native kernel: {_NATIVE_PROBLEM}"))]
+    _NATIVE_PROBLEM is not None, reason=f"native kernel: {_NATIVE_PROBLEM}")),
+    pytest.param("triton", marks=pytest.mark.skipif(_TRITON_PROBLEM is not None,
+                                                    reason=f"triton kernel: {_TRITON_PROBLEM}"))]
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -188,3 +195,30 @@ def write_task(path: Path, n: int, seed: int, task: str = "reverse", text: bool 
             record = {"text": prompt + completion} if text else {"prompt": prompt, "completion": completion}
             f.write(json.dumps(record) + "\n")
     return path
+
+
+class Fake:
+    """An adapter with one module 'm': rank r, K heads (router) or plain LoRA."""
+
+    def __init__(self, serial: int, d_in: int, d_out: int, r: int, heads: int | None = None, bias: bool = False):
+        self.key = ("fake", serial)
+        router = None if heads is None else torch.randn(heads, d_in)
+        self.modules = {"m": ModuleFactors(torch.randn(r, d_in) / d_in ** 0.5, torch.randn(d_out, r * (heads or 1)),
+                                           router, torch.randn(heads) if bias else None)}
+
+
+def rounded(adapter, dtype):
+    """The factors as a bank of `dtype` holds them (routers stay fp32)."""
+    if adapter is None:
+        return None
+    f = adapter.modules["m"]
+    return ModuleFactors(f.a.to(dtype).float(), f.b.to(dtype).float(), f.router, f.router_bias)
+
+
+def layer_delta(bank, slots, x):
+    """The adapter delta of a bank's only module for rows using `slots`, through the adapted layer."""
+    context = AdapterContext()
+    layer = MultiAdapterLinear(torch.nn.Linear(x.shape[-1], bank.shapes[0].d_out), 0, context)
+    context.rows = bank.gather(slots)
+    with torch.inference_mode():
+        return layer(x) - layer.base(x)

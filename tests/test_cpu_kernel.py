@@ -7,43 +7,16 @@ import pytest
 import torch
 
 from adapters import cpu_kernel
-from adapters.canonical import ModuleFactors
-from adapters.layer import MultiAdapterLinear, reference_delta
-from adapters.slot_bank import AdapterContext, ModuleShape, SlotBank
+from adapters.layer import reference_delta
+from adapters.slot_bank import ModuleShape, SlotBank
 from clients import cli
 from clients.client import Client
 from loader.hydra_files import save_hydralora
-from tests.helpers import (LLAMA_TARGETS, make_hydra_model, make_peft_adalora, make_peft_adapter, start_server,
-                           tokens_alone_and_together)
+from tests.helpers import (LLAMA_TARGETS, Fake, layer_delta, make_hydra_model, make_peft_adalora, make_peft_adapter,
+                           rounded, start_server, tokens_alone_and_together)
 
 if cpu_kernel._cpu_problem():  # a CPU without AVX-512 cannot run the kernel at all; anything else must work
     pytest.skip(f"native kernel: {cpu_kernel._cpu_problem()}", allow_module_level=True)
-
-
-class Fake:
-    """An adapter with one module 'm': rank r, K heads (router) or plain LoRA."""
-
-    def __init__(self, serial: int, d_in: int, d_out: int, r: int, heads: int | None = None, bias: bool = False):
-        self.key = ("fake", serial)
-        router = None if heads is None else torch.randn(heads, d_in)
-        self.modules = {"m": ModuleFactors(torch.randn(r, d_in) / d_in ** 0.5, torch.randn(d_out, r * (heads or 1)),
-                                           router, torch.randn(heads) if bias else None)}
-
-
-def rounded(adapter, dtype):
-    """The factors as a bank of `dtype` holds them (routers stay fp32)."""
-    if adapter is None:
-        return None
-    f = adapter.modules["m"]
-    return ModuleFactors(f.a.to(dtype).float(), f.b.to(dtype).float(), f.router, f.router_bias)
-
-
-def layer_delta(bank, slots, x):
-    context = AdapterContext()
-    layer = MultiAdapterLinear(torch.nn.Linear(x.shape[-1], bank.shapes[0].d_out), 0, context)
-    context.rows = bank.gather(slots)
-    with torch.inference_mode():
-        return layer(x) - layer.base(x)
 
 
 @pytest.mark.parametrize("kernel", ["native", "torch"])

@@ -1,0 +1,150 @@
+"""The Triton adapter kernel (GPUs): a decode step's adapter delta of one module in one launch, read straight
+from the slot bank.
+
+Why: on a GPU the benchmark model's decode step is bound by host work, not by the GPU (bench/RESULTS.md, "GPU,
+2026-11-23" and the host-bound proxy): every torch op costs a launch and its Python. The torch path spends 2 ops
+per adapted module for LoRA and 8 where some row has a router (HydraLoRA), which is why HydraLoRA cost 1.51x
+LoRA's time and a mixed batch ran at 0.52 of the base model there. This kernel computes shrink, gate and expand
+of every row in one launch whatever the kinds in the batch, reads only each row's own rank and heads (no
+padding to the batch's widest adapter), and copies nothing when the batch changes.
+
+One program computes one token's outputs [tile·BLOCK_O, (tile+1)·BLOCK_O): the row's shrink z = A_s x (and its
+gate g = softmax(R_s x + bias_s) where the module has routers), then y += B_s^T (g ⊗ z) for its tile. Every
+tile recomputes the shrink: r·d_in multiply-adds from factors the tiles share through the cache, against a
+second launch and a round trip through memory. Arithmetic is fp32 whatever the factor and model dtypes; a
+token's result depends on nothing else in the batch.
+
+Prompts (more than one token per row) go through the torch path (adapters/torch_rows.py): per token, this
+kernel re-reads A once per output tile, which at thousands of tokens costs more than the batched matmuls.
+
+Tested on the CPU with Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported) against the
+torch oracle; measured on a GPU with `bash bench/gpu.sh`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BLOCK_I = 128  # input features per load of A (and of the router)
+BLOCK_O = 128  # output features per program
+
+
+class KernelUnavailable(Exception):
+    """The Triton kernel cannot run here; the message says why."""
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def problem(device: torch.device) -> str | None:
+    """None when the kernel can run on `device`, else why not."""
+    if device.type != "cuda" and not (device.type == "cpu" and interpreted()):
+        return f"it runs on CUDA GPUs (or on the CPU under TRITON_INTERPRET=1, for tests), not on {device.type}"
+    try:
+        _kernel()
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    return None
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_delta(x, y, slots, ranks, heads, a, b, router, bias, bias_stride, d_in, d_out,
+                  MAX_RANK: tl.constexpr, MAX_HEADS: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
+                  ROUTED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr):
+        m = tl.program_id(0)                      # row (one token each: a decode step)
+        s = tl.load(slots + m)
+        r = tl.load(ranks + s)
+        if r > 0:
+            j = tl.arange(0, R)                   # shrink columns (R: MAX_RANK rounded up to a power of two)
+            z = tl.zeros([R], dtype=tl.float32)
+            h = tl.arange(0, K)                   # heads (K: MAX_HEADS rounded up)
+            logits = tl.zeros([K], dtype=tl.float32)
+            for i0 in range(0, d_in, BLOCK_I):
+                i = i0 + tl.arange(0, BLOCK_I)
+                xv = tl.load(x + m * d_in + i, mask=i < d_in, other=0.0).to(tl.float32)
+                av = tl.load(a + (s * MAX_RANK + j[:, None]) * d_in + i[None, :],
+                             mask=(j[:, None] < r) & (i[None, :] < d_in), other=0.0).to(tl.float32)
+                z += tl.sum(av * xv[None, :], axis=1)
+                if ROUTED:
+                    rv = tl.load(router + (s * MAX_HEADS + h[:, None]) * d_in + i[None, :],
+                                 mask=(h[:, None] < MAX_HEADS) & (i[None, :] < d_in), other=0.0)
+                    logits += tl.sum(rv * xv[None, :], axis=1)
+            c = tl.arange(0, R)                   # expand columns: head c // r, shrink column c % r
+            if ROUTED:
+                # bias is -inf on a slot's padded heads, and (0, -inf, ...) for a router-less slot: g = (1, 0, ...)
+                logits += tl.load(bias + s * bias_stride + h, mask=h < MAX_HEADS, other=float("-inf"))
+                e = tl.exp(logits - tl.max(logits, axis=0))
+                g = e / tl.sum(e, axis=0)
+                k = tl.load(heads + s)
+                # Registers cannot be indexed by a tensor: pick z[c % r] and g[c // r] with one-hot sums.
+                zc = tl.sum(tl.where((c % r)[:, None] == j[None, :], z[None, :], 0.0), axis=1)
+                gc = tl.sum(tl.where((c // r)[:, None] == h[None, :], g[None, :], 0.0), axis=1)
+                w = k * r
+                zc = tl.where(c < w, zc * gc, 0.0)
+            else:
+                w = r
+                zc = z                            # columns >= r are 0: A was read as 0 there
+            o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+            bv = tl.load(b + (s * MAX_RANK + c[:, None]) * d_out + o[None, :],
+                         mask=(c[:, None] < w) & (o[None, :] < d_out), other=0.0).to(tl.float32)
+            delta = tl.sum(bv * zc[:, None], axis=0)
+            yv = tl.load(y + m * d_out + o, mask=o < d_out, other=0.0)
+            tl.store(y + m * d_out + o, (yv.to(tl.float32) + delta).to(yv.dtype), mask=o < d_out)
+
+    return add_delta
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class TritonRows:
+    """A batch's rows for the kernel: their slots on the device and, per module any of them adapts, the kernel's
+    arguments but the activations (resolved once per batch change). The pointers stay valid: the bank's tensors
+    are allocated once and a slot in use is never rewritten (a router allocated later belongs to other slots)."""
+
+    def __init__(self, bank, slots: list[int]) -> None:
+        self.bank = bank
+        self.rows = len(slots)
+        self.slot_list = slots
+        self.slots = torch.tensor(slots, dtype=torch.int32, device=bank.device)
+        adapted = (bank.ranks.index_select(1, torch.tensor(slots)).amax(1) > 0).tolist()
+        self.calls: list[tuple | None] = []
+        for i, shape in enumerate(bank.shapes):
+            router = bank.g[i]
+            self.calls.append((
+                self.slots, bank.device_ranks[i], bank.device_heads[i], bank.a[i], bank.b[i],
+                bank.g_bias if router is None else router, bank.g_bias[:, i, :], bank.g_bias.stride(0),
+                shape.d_in, shape.d_out, router is not None) if adapted[i] else None)
+        self.meta = dict(MAX_RANK=bank.max_rank, MAX_HEADS=bank.max_heads, R=_power_of_two(bank.max_rank),
+                         K=_power_of_two(bank.max_heads), BLOCK_I=BLOCK_I, BLOCK_O=BLOCK_O)
+        self.kernel = _kernel()
+        self._prompts = None  # the torch path's batch-ordered copies, made on the first prompt
+
+    def add_delta(self, index: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y += delta(x) in place for module `index`; x [rows, T, d_in] and y [rows, T, d_out]."""
+        call = self.calls[index]
+        if call is None:
+            return y
+        if x.shape[1] > 1:
+            if self._prompts is None:
+                from adapters.torch_rows import TorchRows
+                self._prompts = TorchRows.gather(self.bank, self.slot_list)
+            return self._prompts.add_delta(index, x, y)
+        slots, ranks, heads, a, b, router, bias, bias_stride, d_in, d_out, routed = call
+        if x.shape != (self.rows, 1, d_in) or y.shape != (self.rows, 1, d_out):
+            raise ValueError(f"triton kernel: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit {self.rows} rows "
+                             f"of module {self.bank.shapes[index].name}")
+        x, y = x.contiguous(), y.contiguous()
+        grid = (self.rows, -(-d_out // BLOCK_O))
+        self.kernel[grid](x, y, slots, ranks, heads, a, b, router, bias, bias_stride, d_in, d_out,
+                          ROUTED=routed, **self.meta)
+        return y

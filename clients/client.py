@@ -20,11 +20,15 @@ from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 
 def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_tokens: int | None = None,
                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
+                  seed: int | None = None, stop: str | Sequence[str] = (), ignore_eos: bool = False,
                   request_id: str = "") -> pb.GenerateRequest:
-    """A text prompt or a sequence of token ids; unset sampling fields mean greedy decoding."""
+    """A text prompt or a sequence of token ids; unset sampling fields mean greedy decoding. `stop`: one stop
+    string or several (a string is one stop sequence, not one per character)."""
+    if isinstance(prompt, (bytes, bytearray)):  # a sequence of ints, but surely meant as text
+        raise TypeError("prompt must be text (str) or token ids (a sequence of int), not bytes: decode it first")
     sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    stopping = pb.StoppingCriteria(max_new_tokens=max_new_tokens, stop=list(stop), ignore_eos=ignore_eos)
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    stopping = pb.StoppingCriteria(max_new_tokens=max_new_tokens, stop=stops, ignore_eos=ignore_eos)
     request = pb.GenerateRequest(adapter_id=adapter_id, sampling=sampling, stopping=stopping, request_id=request_id)
     if isinstance(prompt, str):
         request.prompt = prompt

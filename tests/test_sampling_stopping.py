@@ -87,6 +87,18 @@ def test_seeded_sampling_is_reproducible_inside_any_batch(server):
     assert asyncio.run(crowded()) == alone
 
 
+def test_the_client_takes_one_stop_string_whole_and_refuses_a_bytes_prompt(server):
+    """`stop="ab"` is one stop sequence (it was sent as "a" and "b"); a bytes prompt is not token ids (it was)."""
+    with Client(server.target, timeout=60) as client:
+        free = client.generate([5, 6, 7], max_new_tokens=12, ignore_eos=True)
+        two = free.text[3:5]  # two characters the text holds after its start: only the pair stops it there
+        one, listed = (client.generate([5, 6, 7], max_new_tokens=12, ignore_eos=True, stop=stop) for stop in (two, [two]))
+        with pytest.raises(TypeError, match="not bytes"):
+            client.generate(b"abc")
+    assert one.text == listed.text == free.text[:free.text.find(two)]
+    assert one.finish_reason == listed.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+
+
 def test_stream_ends_with_finish_reason_and_usage(server):
     with Client(server.target, timeout=60) as client:
         messages = list(client.generate_stream("abc", max_new_tokens=6, ignore_eos=True, request_id="r-1"))

@@ -2,6 +2,7 @@
 import asyncio
 import json
 import random
+import time
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from clients.client import AsyncClient, Client
 from loader.default_model import build_tokenizer
 from protos.loraplex.v1 import inference_pb2 as pb
 from server.sampling import SamplingParams, make_generator, sample
-from server.stopping import FinishReason, StoppingParams, TextStream
+from server.stopping import FinishReason, StopMatcher, StoppingParams, TextStream
 from tests.helpers import start_server
 
 
@@ -217,3 +218,34 @@ def test_byte_fallback_characters_stream_whole_after_tokens_that_decode_to_nothi
     for _ in range(300):
         text = "".join(rng.choice(words) for _ in range(rng.randint(1, 10)))
         assert_streams_as_decode(tokenizer, tokenizer(text, add_special_tokens=False).input_ids, valid=True)
+
+
+def test_stop_matching_equals_searching_the_whole_text_at_every_step():
+    """Random stops over a two-letter alphabet (overlaps everywhere) against the text growing by random chunks:
+    the earliest match and the held-back length equal a search of the whole text."""
+    rng = random.Random(3)
+    for _ in range(500):
+        stops = tuple("".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4)))
+        matcher, text = StopMatcher(stops), ""
+        while len(text) < 40:
+            text += "".join(rng.choice("ab") for _ in range(rng.randint(1, 5)))
+            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+            assert matcher.first_match(text) == (min(hits) if hits else None), (stops, text)
+            if hits:
+                break
+            held = max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+            assert matcher.partial == held, (stops, text)
+
+
+def test_long_stop_sequences_cost_each_character_once():
+    """16 stops of 256 characters over 4,000 generated characters: every step used to search the whole text and
+    test every prefix of every stop (seconds of engine-thread time; here a few hundredths)."""
+    rng = random.Random(0)
+    stops = tuple("".join(rng.choice("abc") for _ in range(256)) for _ in range(16))
+    matcher, text = StopMatcher(stops), ""
+    started = time.perf_counter()
+    for _ in range(4000):
+        text += rng.choice("abc")
+        assert matcher.first_match(text) is None
+        matcher.partial
+    assert time.perf_counter() - started < 1.0

@@ -116,7 +116,12 @@ class AdapterRegistry:
                 return self._hold(record.weights)
         if record is None and not self.autoload:
             raise NotFound(f"adapter {adapter_id!r} is not loaded and auto-load is off; call LoadAdapter first")
-        return self._read(adapter_id, path, pin=None, reread=True, hold=True).weights
+        started = time.monotonic()
+        read = self._read(adapter_id, path, pin=None, reread=True, hold=True)
+        log.info("read adapter %r from disk (%s): version %d, %s, %d bytes, %.0f ms", adapter_id,
+                 "first use" if record is None else "after eviction", read.version, read.kind, read.size_bytes,
+                 1000 * (time.monotonic() - started))
+        return read.weights
 
     def release(self, weights: CanonicalAdapter) -> bool:
         """A request that resolved `weights` is done with them. True when that frees their memory for others."""

@@ -7,7 +7,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
-from server.errors import FailedPrecondition, Unavailable
+from server.errors import FailedPrecondition, LoraplexError, Unavailable, status_for
 from server.serving import Serving, abort, adapter_pool, ready
 
 log = logging.getLogger("loraplex.servicers")
@@ -70,6 +70,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             info = await self._changing_registry(lambda: self._info(self.serving.registry.load(
                 request.adapter_id, request.replace, request.pin if request.HasField("pin") else None)))
         except Exception as exc:
+            _refused("LoadAdapter", request.adapter_id, exc)
             await abort(context, exc)
             return
         # the operator's actions, in the log (an audit trail; failures are their status). A load's version is 1
@@ -94,6 +95,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
                 versions = {key: n for key, n in now.items() if key in versions}
             return pb.UnloadAdapterResponse(adapter_id=request.adapter_id, drained_requests=in_flight)
         except Exception as exc:
+            _refused("UnloadAdapter", request.adapter_id, exc)
             await abort(context, exc)
 
     @staticmethod
@@ -123,3 +125,10 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
 
     async def GetAdapter(self, request, context):
         return await self._call(context, lambda: self._info(self.serving.registry.get(request.adapter_id)))
+
+
+def _refused(method: str, adapter_id: str, exc: BaseException) -> None:
+    """Refused adapter changes belong in the audit trail as much as the done ones (bugs are logged by abort)."""
+    if isinstance(exc, LoraplexError):
+        code, details = status_for(exc)
+        log.warning("%s %r refused: %s: %s", method, adapter_id, code.name, details)

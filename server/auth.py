@@ -8,11 +8,14 @@ only) stay open; everything else needs `authorization: Bearer <token>`.
 from __future__ import annotations
 
 import hmac
+import logging
 from pathlib import Path
 
 import grpc
 
 from server.config import ConfigError
+
+log = logging.getLogger("loraplex.auth")
 
 ADMIN_METHODS = frozenset({"/loraplex.v1.Adapters/LoadAdapter", "/loraplex.v1.Adapters/UnloadAdapter"})
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -94,6 +97,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if verdict is None or handler is None:
             return handler
+        if details.method in ADMIN_METHODS:  # part of the audit trail of adapter changes (the token is never logged)
+            log.warning("%s refused: %s", details.method.rsplit("/", 1)[1], verdict[0].name)
         make = {"unary_unary": grpc.unary_unary_rpc_method_handler,
                 "unary_stream": grpc.unary_stream_rpc_method_handler,
                 "stream_unary": grpc.stream_unary_rpc_method_handler,

@@ -260,8 +260,10 @@ def test_health_watch_streams_the_serving_status(server):
 
 
 def test_loads_are_logged_as_what_they_did(server, caplog):
-    """The audit trail says "replaced" only where an earlier version was replaced, whatever the request asked."""
+    """The audit trail says "replaced" only where an earlier version was replaced, whatever the request asked;
+    refused changes are in it too, and so are reads from disk on a request's behalf."""
     caplog.set_level("INFO", logger="loraplex.servicers")
+    caplog.set_level("INFO", logger="loraplex.registry")
     with Client(server.target, timeout=30) as client:
         with contextlib.suppress(grpc.RpcError):  # other tests load it
             client.unload_adapter("swap", drain=True)
@@ -269,9 +271,15 @@ def test_loads_are_logged_as_what_they_did(server, caplog):
         client.load_adapter("swap", replace=True)  # not loaded now: a first load
         client.load_adapter("swap", replace=True)
         client.unload_adapter("swap")
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoadAdapter 'swap'")]
+        with pytest.raises(grpc.RpcError):
+            client.unload_adapter("swap")
+        client.generate([5, 6], "swap", max_new_tokens=1)  # auto-loaded on first use
+    messages = [r.getMessage() for r in caplog.records]
+    lines = [m for m in messages if m.startswith("LoadAdapter 'swap'")]
     assert lines == ["LoadAdapter 'swap': version 1, loaded, not pinned",
                      "LoadAdapter 'swap': version 2, replaced, not pinned"], lines
+    assert "UnloadAdapter 'swap' refused: NOT_FOUND: adapter 'swap' is not loaded" in messages
+    assert any(m.startswith("read adapter 'swap' from disk (first use): version 1, lora, ") for m in messages)
 
 
 def test_a_client_leaving_while_its_request_is_refused_is_counted_once_as_cancelled(server, monkeypatch):

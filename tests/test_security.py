@@ -98,6 +98,7 @@ def test_tokens_never_reach_the_log(server, caplog):
         status_of(user.load_adapter, "a1")
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert not any(t in text for t in (USER, ADMIN, WRONG))
+    assert "LoadAdapter refused: PERMISSION_DENIED" in text  # refused changes are in the audit trail
 
 
 def test_cli_takes_the_token_from_a_file_or_the_environment_never_argv(server, tokens, monkeypatch, capsys):

@@ -8,8 +8,9 @@ Slot 0 is all zeros and means "no adapter". Per module and slot, `ranks` and `he
 rank (0: not adapted) and head count.
 
 `gather` turns the slots of a batch's rows into what the adapted layers read, once per batch change:
-with the native CPU kernel (adapters/cpu_kernel.py) just the slot list, the kernel reading the bank
-directly; with the torch path, batch-ordered copies of the rows' factors (adapters/torch_rows.py).
+with the native CPU kernel (adapters/cpu_kernel.py) or the triton kernel (adapters/triton_kernel.py) just
+the slot list, the kernel reading the bank directly; with the torch path, batch-ordered copies of the rows'
+factors (adapters/torch_rows.py).
 """
 from __future__ import annotations
 

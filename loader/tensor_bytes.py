@@ -62,9 +62,12 @@ def _entry(name: str, info, data: int) -> tuple[str, torch.dtype, list[int], int
         raise TensorFileError(f"tensor {name}: unknown dtype or missing field {exc}") from None
     except (TypeError, ValueError):
         raise TensorFileError(f"tensor {name}: malformed entry {info!r:.200}") from None
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+    # dims below 2**63: torch sizes are int64 (a dimension of 2**64 next to a 0 holds no bytes, so the offsets
+    # check alone would pass it on to torch.empty, which overflows)
+    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2 ** 63 for d in shape)
             and type(begin) is int and type(end) is int):
-        raise TensorFileError(f"tensor {name}: shape and offsets must be non-negative integers")
+        raise TensorFileError(f"tensor {name}: shape and offsets must be non-negative integers, dimensions below "
+                              f"2**63")
     count = math.prod(shape)
     if not 0 <= begin <= end <= data or end - begin != count * torch.empty((), dtype=dtype).element_size():
         raise TensorFileError(f"tensor {name}: offsets [{begin}, {end}] do not hold {count} {info['dtype']} "

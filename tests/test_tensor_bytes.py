@@ -36,6 +36,9 @@ def _file(header: dict, body: bytes) -> io.BytesIO:
     ({"a": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}, b"\0", "unknown dtype"),
     ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "non-negative integers"),
     ({"a": "x"}, b"", "malformed entry"),
+    # no bytes, offsets that hold them, and a dimension no torch size can be (int64): TypeError in torch.empty before
+    ({"a": {"dtype": "F32", "shape": [2 ** 64, 0], "data_offsets": [0, 0]}}, b"", "dimensions below 2"),
+    ({"a": {"dtype": "F32", "shape": [0, 2 ** 63], "data_offsets": [0, 0]}}, b"", "dimensions below 2"),
 ])
 def test_hostile_headers_are_refused(header, body, needle):
     f = _file(header, body)

@@ -99,9 +99,18 @@ class AdapterRegistry:
             raise InvalidArgument(f"invalid adapter_id {shown!r}: {ID_RULE}")
         if self.root is None:
             raise NotFound(f"adapter {adapter_id!r} not found: the server has no --adapter-root")
-        path = (self.root / adapter_id).resolve()
-        if path.parent != self.root:
-            raise InvalidArgument(f"invalid adapter_id {adapter_id!r}: it resolves outside the adapter root")
+        try:
+            path = (self.root / adapter_id).resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop: RuntimeError up to Python 3.12, OSError after
+            why = "loops" if isinstance(exc, RuntimeError) else f"cannot be followed ({exc.strerror})"
+            raise NotFound(f"adapter {adapter_id!r} not found under the adapter root: it is a symbolic link that "
+                           f"{why}") from None
+        if path.parent != self.root:  # a link to anywhere else, inside the root (root/sub/x) or not
+            where = ("the adapter root itself" if path == self.root else
+                     f"{str(path.relative_to(self.root))!r}, inside the adapter root but not directly under it"
+                     if self.root in path.parents else "a path outside the adapter root")
+            raise InvalidArgument(f"invalid adapter_id {adapter_id!r}: it is a symbolic link to {where}; ids name "
+                                  f"directories directly under the root")
         return path
 
     # -- request path ---------------------------------------------------------------------------

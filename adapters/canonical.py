@@ -77,9 +77,15 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def pattern_regex(key: str) -> re.Pattern:
+    """What PEFT matches module paths against for a rank_pattern/alpha_pattern key (re.error where the key is no
+    regex; the wrapper may compile a key that alone does not, so this, not the key, is what to check)."""
+    return re.compile(rf"(.*\.)?({key})$")
+
+
 def resolve_pattern(pattern: dict | None, module: str, default):
     """PEFT's per-module override rule: the first key (a regex) matching `(.*\\.)?(key)$` wins."""
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if pattern_regex(key).match(module):
             return value
     return default

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from adapters.canonical import CanonicalAdapter
+from adapters.canonical import CanonicalAdapter, pattern_regex
 from adapters.slot_bank import ModuleShape
 from adapters.targets import matches
 from loader.tensor_bytes import TensorFileError, read_tensors_from
@@ -121,7 +121,9 @@ def read_tensors(path: Path, adapter_id: str, max_bytes: int | None = None) -> d
         if not t.is_floating_point():
             raise FailedPrecondition(
                 f"adapter {adapter_id!r}: tensor {key} has dtype {t.dtype}, expected floating point")
-        if not torch.isfinite(t).all():
+        # fp8 factors are served exactly (every reader widens to fp32), but torch has no isfinite for
+        # float8_e4m3fn: widen those one-byte tensors to check them (exact too)
+        if not torch.isfinite(t.float() if t.element_size() == 1 else t).all():
             raise FailedPrecondition(f"adapter {adapter_id!r}: tensor {key} contains NaN or Inf")
     return tensors
 
@@ -273,6 +275,14 @@ def check_config_values(config: dict, adapter_id: str) -> None:
         if not _number(value):
             refuse(f"alpha_pattern[{module!r}]", value, "a finite number")
     adalora = config.get("peft_type") == "ADALORA"  # its rank_pattern holds masks; the others', ranks
+    for key in () if adalora else ("rank_pattern", "alpha_pattern"):  # keys matched as regexes (AdaLoRA: neither)
+        for module in config.get(key) or {}:
+            try:
+                pattern_regex(module)
+            except re.error as exc:  # exc.msg: its position would count in PEFT's wrapper, not in the key
+                raise FailedPrecondition(f"adapter {adapter_id!r}: config {key} key {module!r} is not a valid "
+                                         f"regular expression ({exc.msg}); PEFT matches each key as a regex against "
+                                         f"module paths (escape special characters)") from None
     for module, value in (config.get("rank_pattern") or {}).items():
         ok = (isinstance(value, list) and all(isinstance(m, bool) for m in value)) if adalora else _count(value, 1)
         if not ok:

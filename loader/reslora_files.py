@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-
+from typing import NoReturn
 
 from adapters.canonical import AdapterKind, CanonicalAdapter
 from adapters.reslora import MERGE_METHODS, ResLoraLinear, build_chains, merge_chain
@@ -37,19 +37,26 @@ def save_reslora(modules: dict[str, ResLoraLinear], out: Path, config: dict) -> 
 
 def read_reslora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], ctx: LoadContext,
                  load_serial: int) -> CanonicalAdapter:
-    def refuse(why: str):
+    def refuse(why: str) -> NoReturn:
         raise FailedPrecondition(f"adapter {adapter_id!r}: {why}")
     structure, method = config.get("structure"), config.get("merge_method")
-    if structure not in MERGE_METHODS:
+    if not isinstance(structure, str) or structure not in MERGE_METHODS:
         refuse(f"RESLORA structure must be one of {sorted(MERGE_METHODS)}, got {structure!r}")
-    method = method or DEFAULT_MERGE[structure]
-    if method not in MERGE_METHODS[structure]:
+    method = DEFAULT_MERGE[structure] if method is None else method
+    if not isinstance(method, str) or method not in MERGE_METHODS[structure]:
         refuse(f"merge_method {method!r} does not apply to structure {structure!r} (use {MERGE_METHODS[structure]})")
     r, pre_num, chains = config.get("r"), config.get("pre_num", 0), config.get("chains")
     if not isinstance(r, int) or r < 1 or not isinstance(pre_num, int) or pre_num < 0:
         refuse("RESLORA config needs a positive integer r and a non-negative integer pre_num")
-    if not isinstance(chains, list) or not all(isinstance(c, list) and c for c in chains):
-        refuse("RESLORA config needs 'chains': a list of non-empty lists of module paths")
+    if not isinstance(chains, list) or not all(isinstance(c, list) and c and all(isinstance(m, str) for m in c)
+                                               for c in chains):
+        refuse("RESLORA config needs 'chains': a list of non-empty lists of module paths (strings)")
+    stats = config.get("statistics") or {}
+    if not isinstance(stats, dict):
+        refuse(f"RESLORA statistics must be an object {{module: {{input_norm, shrunk_norm}}}}, got {stats!r:.100}")
+    for module, values in stats.items():
+        if not isinstance(values, dict):
+            refuse(f"statistics[{module!r}] must be an object {{input_norm, shrunk_norm}}, got {values!r:.100}")
     parts = group_tensors(read_tensors(path, adapter_id, ctx.max_bytes), KEY, adapter_id, "RESLORA", shapes)
     require_parts(parts, config, shapes, adapter_id, {"A": "lora_A.weight", "B": "lora_B.weight"})
     chained = [m for chain in chains for m in chain]
@@ -60,7 +67,6 @@ def read_reslora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Mo
         why = f"rank {r} from the config, base module {shape.d_in}->{shape.d_out}"
         check_shape(adapter_id, f"{module}.lora_A.weight", ab["A"].shape, (r, shape.d_in), why)
         check_shape(adapter_id, f"{module}.lora_B.weight", ab["B"].shape, (shape.d_out, r), why)
-    stats = config.get("statistics") or {}
     if method in ("input_norm", "modified_a"):
         for module in chained:
             values = stats.get(module, {})

@@ -148,6 +148,19 @@ PEFT_KEYS = frozenset({
     # AdaLoRA's rank allocation schedule (training only)
     "target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
 })
+# Our own kinds: the keys their README formats define, plus PEFT's keys that never change what the saved factors
+# compute (or that refuse_unservable checks by name). Everything else a PEFT-like config may carry (alpha_pattern,
+# rank_pattern, aLoRA's invocation tokens, fan_in_fan_out, ...) these readers would ignore: refused when set.
+NEUTRAL_KEYS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "lora_dropout", "init_lora_weights", "target_modules", "exclude_modules", "r", "lora_alpha",
+    "use_dora", "modules_to_save", "trainable_token_indices", "target_parameters", "bias", "lora_bias",
+    "layers_to_transform", "layers_pattern", "layer_replication"})
+KIND_KEYS = {"LORA": PEFT_KEYS, "ADALORA": PEFT_KEYS,
+             "HYDRALORA": NEUTRAL_KEYS | {"lora_nums", "use_rslora", "router_bias"},
+             # no use_rslora: the merge scales by lora_alpha / r, as the trainer trains (it refuses --rslora)
+             "RESLORA": NEUTRAL_KEYS | {"structure", "pre_num", "chains", "merge_method", "statistics",
+                                        "stats_window", "merge_error"}}
 # Initialisations that rewrite the base model's weights (PiSSA/OLoRA/CorDA/LoRA-GA keep a residual, LoftQ a
 # quantized copy): the adapter is a correction to those, exact on the base model saved with it, or on the original
 # weights once PEFT converted it at save time (which resets the value to true). Which base --model is cannot be
@@ -171,11 +184,15 @@ def refuse_unservable(config: dict, adapter_id: str) -> None:
         (config.get("layers_to_transform") is not None, "layers_to_transform is set; list modules in target_modules"),
         (config.get("layer_replication"), "layer_replication is set"),
     ]
-    if config.get("peft_type") in ("LORA", "ADALORA"):
-        # null, false, 0 and empty have been the "off" value of every PEFT option so far
-        checks += [(value not in (None, False, "", [], {}), f"adapter_config.json sets {key} = {value!r}, a PEFT "
-                                                              f"feature the server does not serve")
-                   for key, value in config.items() if key not in PEFT_KEYS]
+    kind = config.get("peft_type")
+    if kind == "RESLORA":
+        checks.append((config.get("use_rslora"), "use_rslora is true, but a RESLORA adapter is trained and merged "
+                                                 "with the scaling lora_alpha / r; set it to false or remove it"))
+    what = "a PEFT feature the server does not serve" if kind in ("LORA", "ADALORA") else \
+        f"which {kind} adapters do not define (the README lists their keys): it would be ignored"
+    # null, false, 0 and empty have been the "off" value of every PEFT option so far
+    checks += [(value not in (None, False, "", [], {}), f"adapter_config.json sets {key} = {value!r}, {what}")
+               for key, value in config.items() if key not in KIND_KEYS[kind]]  # (read_adapter checked peft_type)
     for bad, why in checks:
         if bad:
             raise FailedPrecondition(f"adapter {adapter_id!r}: {why}")

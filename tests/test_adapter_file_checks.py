@@ -42,6 +42,12 @@ REFUSED = {
     "res-stats-list": "statistics must be an object",
     "res-stats-entry-string": f"statistics[{Q0!r}] must be an object",
     "res-chain-number": "list of non-empty lists of module paths (strings)",
+    # 4: keys the kind's reader would ignore
+    "res-rslora": "use_rslora is true",
+    "res-alpha-pattern": "sets alpha_pattern = {'q_proj': 64}, which RESLORA adapters do not define",
+    "hydra-alpha-pattern": "sets alpha_pattern = {'gate_proj': 64}, which HYDRALORA adapters do not define",
+    "hydra-rank-pattern": "sets rank_pattern = {'v_proj': 1}, which HYDRALORA adapters do not define",
+    "hydra-alora": "sets alora_invocation_tokens = [5, 6], which HYDRALORA adapters do not define",
 }
 
 
@@ -68,11 +74,20 @@ def adapter_root(model_dirs, tmp_path_factory):
             "res-stats-string": {"statistics": "none"},
             "res-stats-list": {"statistics": [1]},
             "res-stats-entry-string": lambda c: c["statistics"].__setitem__(Q0, "x"),
-            "res-chain-number": {"chains": [[Q0, Q1], [V0, 1]]}}.items():
+            "res-chain-number": {"chains": [[Q0, Q1], [V0, 1]]},
+            "res-rslora": {"use_rslora": True},
+            "res-alpha-pattern": {"alpha_pattern": {"q_proj": 64}},
+            # what the readers keep serving: PEFT's "off" values, and README keys
+            "res-neutral": {"use_rslora": False, "alpha_pattern": {}, "use_dora": False, "bias": "none"}}.items():
         _variant(root, "res", name, edit)
 
     _, layers = make_hydra_model(llama, 4, 2, 4, 8, ["q_proj", "v_proj", "gate_proj", "up_proj"])
     save_hydralora(layers, root / "hydra", {"r": 4, "lora_alpha": 8, "lora_nums": 2})
+    _variant(root, "hydra", "hydra-alpha-pattern", {"alpha_pattern": {"gate_proj": 64}})
+    _variant(root, "hydra", "hydra-rank-pattern", {"rank_pattern": {"v_proj": 1}})
+    _variant(root, "hydra", "hydra-alora", {"alora_invocation_tokens": [5, 6]})
+    _variant(root, "hydra", "hydra-neutral", {"alpha_pattern": {}, "rank_pattern": None, "use_dora": False,
+                                              "inference_mode": True, "peft_version": "0.21.2"})
     return root
 
 
@@ -100,6 +115,11 @@ def _tokens(client, adapter_id):
 
 def test_fp8_e4m3_weights_are_served_as_their_exact_values(client):
     assert _tokens(client, "fp8") == _tokens(client, "fp8-widened")
+
+
+@pytest.mark.parametrize("adapter_id,same_as", [("res-neutral", "res"), ("hydra-neutral", "hydra")])
+def test_off_values_of_peft_keys_still_load(client, adapter_id, same_as):
+    assert _tokens(client, adapter_id) == _tokens(client, same_as)
 
 
 ODD = [None, True, 0, -1, 2 ** 70, 1.5, float("nan"), "x", "", [], [1], [[1]], ["x"], {}, {"a": 1}, {"q_proj": "x"},

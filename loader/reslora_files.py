@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 from adapters.canonical import AdapterKind, CanonicalAdapter
-from adapters.reslora import MERGE_METHODS, ResLoraLinear, build_chains, merge_chain
+from adapters.reslora import MERGE_METHODS, ResLoraLinear, build_chains, chain_position, merge_chain
 from adapters.slot_bank import ModuleShape
 from loader.lora_files import KEY
 from loader.peft_files import (KEY_PREFIX, LoadContext, check_rank, check_shape, group_tensors, read_tensors,
@@ -33,6 +33,39 @@ def save_reslora(modules: dict[str, ResLoraLinear], out: Path, config: dict) -> 
             "merge_method": DEFAULT_MERGE[first.structure], "stats_window": first.input_norms.maxlen,
             "statistics": {name: layer.statistics() for name, layer in modules.items()}, **config}
     write_adapter(out, tensors, full)
+
+
+def check_chains(chains: list[list[str]], modules: set[str], refuse: Callable[[str], NoReturn]) -> None:
+    """The chains the trainer linked (adapters.reslora.build_chains): each module once, one chain per module type
+    holding every adapted block of that type, in depth order. The merge adds each block's predecessors in its
+    chain, so any other grouping or order loads fine and computes something that was never trained."""
+    seen: set[str] = set()
+    for module in (m for chain in chains for m in chain):
+        if module in seen:
+            refuse(f"module {module!r} appears more than once in 'chains'")
+        seen.add(module)
+    if seen != modules:
+        refuse(f"'chains' and the tensors disagree on modules {sorted(seen ^ modules)[:3]} (every adapted module "
+               f"belongs to exactly one chain)")
+    owner: dict[str, int] = {}  # module type -> the chain that links it
+    for i, chain in enumerate(chains):
+        try:
+            positions = [chain_position(m) for m in chain]
+        except ValueError as exc:
+            refuse(f"'chains': {exc}")
+        kinds = sorted({kind for kind, _ in positions})
+        if len(kinds) > 1:
+            refuse(f"'chains'[{i}] mixes module types {kinds[0]!r} and {kinds[1]!r}; a chain links one module type "
+                   f"across depth")
+        depths = [depth for _, depth in positions]
+        if depths != sorted(depths):
+            later = next(n for n in range(1, len(depths)) if depths[n] < depths[n - 1])
+            refuse(f"'chains'[{i}] ({kinds[0]}) is not in depth order: layer {depths[later]} comes after layer "
+                   f"{depths[later - 1]}")
+        if kinds[0] in owner:
+            refuse(f"module type {kinds[0]!r} is split across 'chains'[{owner[kinds[0]]}] and [{i}]; one chain per "
+                   f"module type links all its blocks")
+        owner[kinds[0]] = i
 
 
 def read_reslora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], ctx: LoadContext,
@@ -59,9 +92,8 @@ def read_reslora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Mo
             refuse(f"statistics[{module!r}] must be an object {{input_norm, shrunk_norm}}, got {values!r:.100}")
     parts = group_tensors(read_tensors(path, adapter_id, ctx.max_bytes), KEY, adapter_id, "RESLORA", shapes)
     require_parts(parts, config, shapes, adapter_id, {"A": "lora_A.weight", "B": "lora_B.weight"})
+    check_chains(chains, set(parts), refuse)
     chained = [m for chain in chains for m in chain]
-    if sorted(chained) != sorted(parts):
-        refuse(f"'chains' and the tensors disagree on modules {sorted(set(chained) ^ set(parts))[:3]}")
     for module, ab in parts.items():
         shape = shapes[module]
         why = f"rank {r} from the config, base module {shape.d_in}->{shape.d_out}"

@@ -42,12 +42,17 @@ REFUSED = {
     "res-stats-list": "statistics must be an object",
     "res-stats-entry-string": f"statistics[{Q0!r}] must be an object",
     "res-chain-number": "list of non-empty lists of module paths (strings)",
+    "res-chain-mixed": "mixes module types 'model.layers.*.self_attn.q_proj' and 'model.layers.*.self_attn.v_proj'",
     # 4: keys the kind's reader would ignore
     "res-rslora": "use_rslora is true",
     "res-alpha-pattern": "sets alpha_pattern = {'q_proj': 64}, which RESLORA adapters do not define",
     "hydra-alpha-pattern": "sets alpha_pattern = {'gate_proj': 64}, which HYDRALORA adapters do not define",
     "hydra-rank-pattern": "sets rank_pattern = {'v_proj': 1}, which HYDRALORA adapters do not define",
     "hydra-alora": "sets alora_invocation_tokens = [5, 6], which HYDRALORA adapters do not define",
+    # 5: chains that would merge into something never trained
+    "res-chain-reversed": "is not in depth order: layer 0 comes after layer 1",
+    "res-chain-split": "is split across 'chains'",
+    "res-chain-duplicate": f"module {Q1!r} appears more than once in 'chains'",
 }
 
 
@@ -75,8 +80,12 @@ def adapter_root(model_dirs, tmp_path_factory):
             "res-stats-list": {"statistics": [1]},
             "res-stats-entry-string": lambda c: c["statistics"].__setitem__(Q0, "x"),
             "res-chain-number": {"chains": [[Q0, Q1], [V0, 1]]},
+            "res-chain-mixed": {"chains": [[Q0, V1], [V0, Q1]]},
             "res-rslora": {"use_rslora": True},
             "res-alpha-pattern": {"alpha_pattern": {"q_proj": 64}},
+            "res-chain-reversed": {"chains": [[Q1, Q0], [V1, V0]]},
+            "res-chain-split": {"chains": [[Q0], [Q1], [V0, V1]]},
+            "res-chain-duplicate": {"chains": [[Q0, Q1], [V0, V1, Q1]]},
             # what the readers keep serving: PEFT's "off" values, and README keys
             "res-neutral": {"use_rslora": False, "alpha_pattern": {}, "use_dora": False, "bias": "none"}}.items():
         _variant(root, "res", name, edit)

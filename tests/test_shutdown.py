@@ -75,7 +75,10 @@ def test_a_stop_while_the_model_loads_never_reports_serving(model_dirs, monkeypa
     monkeypatch.setattr(server_app, "build_serving", lambda *args: (gate.wait(60), real(*args))[1])
     background = server_app.BackgroundServer(ServerConfig(model=str(model_dirs["llama"]), port=0, metrics_port=0,
                                                           threads=1, log_level="WARNING"))
-    threading.Thread(target=background.start, kwargs={"timeout": 60}, daemon=True).start()
+    def start():
+        with pytest.raises(RuntimeError, match="server did not start"):  # stopped before it was ready
+            background.start(timeout=60)
+    threading.Thread(target=start, daemon=True).start()
     assert wait_for(lambda: background.ports is not None and background._stop is not None)
     stopping = threading.Thread(target=background.stop)
     stopping.start()  # the stop arrives while the model loads

@@ -60,7 +60,7 @@ def _kernel():
                   MAX_RANK: tl.constexpr, MAX_HEADS: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                   ROUTED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr):
         m = tl.program_id(0)                      # row (one token each: a decode step)
-        s = tl.load(slots + m)
+        s = tl.load(slots + m).to(tl.int64)       # 64-bit offsets: slot x rank x features can pass 2^31
         r = tl.load(ranks + s)
         if r > 0:
             j = tl.arange(0, R)                   # shrink columns (R: MAX_RANK rounded up to a power of two)
@@ -97,13 +97,14 @@ def _kernel():
                          mask=(c[:, None] < w) & (o[None, :] < d_out), other=0.0).to(tl.float32)
             delta = tl.sum(bv * zc[:, None], axis=0)
             yv = tl.load(y + m * d_out + o, mask=o < d_out, other=0.0)
-            tl.store(y + m * d_out + o, (yv.to(tl.float32) + delta).to(yv.dtype), mask=o < d_out)
+            tl.store(y + m * d_out + o, (yv.to(tl.float32) + delta).to(y.dtype.element_ty), mask=o < d_out)
 
     return add_delta
 
 
 def _power_of_two(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+    """The block size covering n: a power of two (tl.arange's rule), at least 2 (no single-element blocks)."""
+    return max(2, 1 << max(0, n - 1).bit_length())
 
 
 class TritonRows:

@@ -41,6 +41,16 @@ def test_delta_equals_per_row_reference(dtype, d_in, d_out, tokens):
     assert got[1].abs().max() == 0 and got[6].abs().max() == 0  # base rows get exactly nothing
 
 
+def test_a_bank_of_rank_1_without_heads():
+    """The smallest bank: blocks are padded to at least 2 (rank and heads), padding reads nothing."""
+    torch.manual_seed(2)
+    bank = bank_of(20, 30, max_rank=1, max_heads=1)
+    lora = Fake(1, 20, 30, 1)
+    x = torch.randn(3, 1, 20)
+    got = layer_delta(bank, [bank.acquire(lora), 0, 1], x)
+    torch.testing.assert_close(got, reference_delta(x, [lora.modules["m"], None, lora.modules["m"]], 30))
+
+
 def test_a_rows_delta_is_bitwise_the_same_in_any_batch():
     torch.manual_seed(0)
     d_in, d_out = 150, 140

@@ -27,7 +27,8 @@ class Example:
 
 def jsonl_lines(path: Path) -> list[str]:
     """The file's lines split at newlines only: str.splitlines() also splits at U+2028, U+2029, U+0085 and other
-    separators that JSON strings may hold unescaped (json.dumps(..., ensure_ascii=False) writes them so)."""
+    separators that JSON strings may hold unescaped (json.dumps(..., ensure_ascii=False) writes them so). A UTF-8
+    byte order mark at the start (Windows editors and PowerShell write one) is dropped."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -38,7 +39,7 @@ def jsonl_lines(path: Path) -> list[str]:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start}); JSONL is "
                         f"UTF-8 text") from None
-    return text.replace("\r\n", "\n").split("\n")
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").split("\n")
 
 
 def read_jsonl(path: Path, tokenizer, max_length: int) -> list[Example]:

@@ -62,6 +62,9 @@ def read_jsonl(path: Path, tokenizer, max_length: int) -> list[Example]:
             raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        problem = _not_text(record)
+        if problem:
+            raise DataError(f"{where}: {problem}")
         if "text" in record and isinstance(record["text"], str) and record["text"]:
             ids = tokenizer(record["text"][:cap]).input_ids + ([eos] if eos is not None else [])
             labels = list(ids)
@@ -85,6 +88,22 @@ def read_jsonl(path: Path, tokenizer, max_length: int) -> list[Example]:
         log.warning("%s: %d of %d examples are longer than --max-length %d tokens and were cut to it", path,
                     truncated, len(examples), max_length)
     return examples
+
+
+def _not_text(record: dict) -> str | None:
+    """Why a string of the record is no text a tokenizer can take, or None. JSON may escape half of a UTF-16
+    surrogate pair on its own ("\\ud800"); json.loads keeps it as a lone surrogate, which UTF-8 cannot encode and
+    the tokenizer refuses with a TypeError."""
+    for key in ("text", "prompt", "completion"):
+        value = record.get(key)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return (f"'{key}' holds a lone UTF-16 surrogate escape (\\u{ord(value[exc.start]):04x}) at character "
+                        f"{exc.start}, which is no character; escape a character outside the BMP as a pair "
+                        f"(\\ud83d\\ude00) or write it as UTF-8")
+    return None
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

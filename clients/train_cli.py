@@ -28,8 +28,8 @@ def add_train_parser(sub) -> None:
     t("--rank", type=int, default=None, help="adapter rank (default 8; AdaLoRA's are --init-r/--target-r)")
     t("--alpha", type=float, default=16.0, help="scaling numerator: alpha/r (alpha/sqrt(r) with --rslora)")
     t("--dropout", type=float, default=0.0, help="dropout on the adapter's input")
-    t("--target-modules", default=None, help="comma-separated module names, or all-linear (default: PEFT's for the architecture; "
-                                           "HydraLoRA: the FFN)")
+    t("--target-modules", default=None, help="comma-separated module names (each matches a module or its dotted "
+      "suffix), or all-linear (default: PEFT's for the architecture; HydraLoRA: the FFN)")
     t("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r) (lora, hydralora)")
     t("--lr", type=float, default=2e-4, help="peak learning rate (AdamW, warm-up then cosine)")
     t("--epochs", type=int, default=1, help="passes over --data (unless --max-steps)")
@@ -81,8 +81,12 @@ def _train_all(args) -> int:
     from loader.training_job import JobError, TrainJob
     settings = TrainSettings(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                              grad_accum=args.grad_accum, eval_every=args.eval_every, seed=args.seed)
-    targets = args.target_modules.split(",") if args.target_modules and args.target_modules != "all-linear" \
-        else args.target_modules
+    from loader.training_job import parse_targets
+    try:
+        targets = parse_targets(args.target_modules)
+    except JobError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     # Method-specific flags default to None here, so that one given at all (even at its default) is known.
     given = {name: getattr(args, name) for name in METHOD_SPECIFIC if getattr(args, name) is not None}
     if "heads" in given and given["heads"] != "auto":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from adapters.training import TrainSettings
 from loader.train_data import DataError, jsonl_lines
-from loader.training_job import METHODS, JobError, TrainJob, inapplicable
+from loader.training_job import METHODS, JobError, TrainJob, inapplicable, parse_targets
 
 JOB_FIELDS = {f.name for f in fields(TrainJob)} - {"settings"}
 DEFAULTS = {f.name: f.default for f in fields(TrainJob) if f.name != "settings"}
@@ -48,6 +48,11 @@ def read_jobs(path: Path, defaults: TrainJob) -> list[TrainJob]:
                                {k for k, v in record.items() if k in DEFAULTS and v != DEFAULTS[k]})
         if problem:
             raise DataError(f"{path}:{number}: {problem}")
+        if "target_modules" in record:  # the flag's syntax, as any other key's
+            try:
+                record["target_modules"] = parse_targets(record["target_modules"], "'target_modules'")
+            except JobError as exc:
+                raise DataError(f"{path}:{number}: {exc}") from None
         settings = replace(defaults.settings, **{k: v for k, v in record.items() if k in SETTING_FIELDS})
         jobs.append(replace(defaults, settings=settings, **{k: v for k, v in record.items() if k in JOB_FIELDS}))
     outs = [Path(j.out).resolve() for j in jobs]

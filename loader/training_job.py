@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from adapters.targets import ALL_LINEAR
 from adapters.training import Hooks, Trainer, TrainSettings, evaluate
 from loader.base_model import device_problem
 from loader.default_model import default_model_dir
@@ -97,6 +99,34 @@ def slot_needs(job: TrainJob) -> tuple[int, int] | None:
     return None
 
 
+_NAME = re.compile(r"[\w.-]+")  # what a module path is made of (a regex's *, [, ( or \\ never is)
+
+
+def parse_targets(value, name: str = "--target-modules") -> list[str] | str | None:
+    """--target-modules and a --jobs line's "target_modules", read alike: None (the method's default), all-linear,
+    or module names (a string is split at commas, each name stripped of spaces; a JSON list is taken as the names).
+    An empty value or name is refused: falling back to the default would train other modules than asked for."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip() == ALL_LINEAR:
+        return ALL_LINEAR
+    how = f"{name} takes module names, comma-separated ('q_proj,v_proj') or as a JSON list, or {ALL_LINEAR}; " \
+          f"leave it out for the method's default"
+    if isinstance(value, str):
+        names = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(part, str) for part in value):
+        names = [part.strip() for part in value]
+    else:
+        raise JobError(f"{name} {value!r}: {how}")
+    if not names or not all(names):
+        raise JobError(f"{name} {value!r}: {'is empty' if not any(names) else 'holds an empty name'}; {how}")
+    odd = [part for part in names if not _NAME.fullmatch(part)]
+    if odd:
+        raise JobError(f"{name}: {odd[0]!r} is not a module name (a name matches a module or its dotted suffix, "
+                       f"e.g. q_proj or mlp.c_proj; patterns are not taken); {how}")
+    return names
+
+
 def check_job(job: TrainJob) -> None:
     """Every number in range before anything is loaded (from flags or a --jobs line alike): a zero batch size or
     eval interval would otherwise fail as a ZeroDivisionError, after the model loaded or a first step ran."""
@@ -122,6 +152,7 @@ def check_job(job: TrainJob) -> None:
         if not ok(value):
             raise JobError(f"--{name.replace('_', '-')} must be {what}, got {value!r}"
                            + (" (or auto)" if name == "heads" else ""))
+    parse_targets(job.target_modules)
     problem = device_problem(job.device)
     if problem:
         raise JobError(problem)
@@ -158,15 +189,15 @@ def _load(job: TrainJob):
 
 
 def _targets(job: TrainJob, model) -> list[str] | str:
-    targets = job.target_modules or DEFAULT_TARGETS[job.method].get(model.config.model_type,
-                                                                    DEFAULT_TARGETS[job.method][None])
+    given = parse_targets(job.target_modules)
+    targets = given or DEFAULT_TARGETS[job.method].get(model.config.model_type, DEFAULT_TARGETS[job.method][None])
     unmatched = unmatched_targets(model, targets)
-    if unmatched and not job.target_modules and model.config.model_type not in DEFAULT_TARGETS[job.method]:
+    if unmatched and not given and model.config.model_type not in DEFAULT_TARGETS[job.method]:
         raise JobError(f"no default target modules for {job.method} on {model.config.model_type} models: give "
                        f"--target-modules (this model's linear modules are named {linear_module_names(model)})")
     if unmatched:  # each name must adapt something: one that matches nothing would silently train less
-        given = "--target-modules" if job.target_modules else f"{job.method}'s default target modules"
-        raise JobError(f"{given}: {', '.join(map(str, unmatched))} matches no adaptable linear module of this model "
+        named = "--target-modules" if given else f"{job.method}'s default target modules"
+        raise JobError(f"{named}: {', '.join(map(str, unmatched))} matches no adaptable linear module of this model "
                        f"(the output head and embeddings are never adapted); its linear modules are named "
                        f"{linear_module_names(model)}")
     return targets

@@ -45,3 +45,56 @@ def test_a_lone_surrogate_escape_names_its_line(tmp_path, line, key, escape):
         read_jsonl(path, build_tokenizer(), 64)
     path.write_text(r'{"prompt": "pair: \ud83d\ude00 =>", "completion": " ok"}' + "\n")  # a pair is one character
     assert len(read_jsonl(path, build_tokenizer(), 64)) == 1
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("q_proj,v_proj", ["q_proj", "v_proj"]), ("q_proj, v_proj ", ["q_proj", "v_proj"]), ("q_proj", ["q_proj"]),
+    (["q_proj", " mlp.down_proj"], ["q_proj", "mlp.down_proj"]), ("all-linear", "all-linear"), (None, None),
+])
+def test_target_modules_read_alike_from_the_flag_and_a_jobs_line(tmp_path, value, parsed):
+    from loader.training_job import parse_targets
+    assert parse_targets(value) == parsed
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"method": "lora", "data": "d", "out": "o", "target_modules": value}) + "\n")
+    assert read_jobs(jobs, TrainJob(method=None, data=None, out=None))[0].target_modules == parsed
+
+
+@pytest.mark.parametrize("value, says", [
+    ("", "is empty"), ([], "is empty"), (" , ", "is empty"), ("q_proj,,v_proj", "holds an empty name"),
+    ("q_proj,", "holds an empty name"), ([""], "is empty"), (".*\\.q_proj", "'.*\\\\.q_proj' is not a module name"),
+    (5, "takes module names"), (["q_proj", 3], "takes module names"),
+])
+def test_empty_or_odd_target_modules_are_refused_not_defaulted(tmp_path, value, says):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"method": "lora", "data": "d", "out": "o"}) + "\n"
+                    + json.dumps({"method": "lora", "data": "d", "out": "p", "target_modules": value}) + "\n")
+    with pytest.raises(DataError, match=r"jobs.jsonl:2: 'target_modules'.*" + re.escape(says)):
+        read_jobs(jobs, TrainJob(method=None, data=None, out=None))
+
+
+def test_cli_target_modules_flag_and_jobs_line_train_the_same_modules(model_dirs, tmp_path, capsys):
+    from clients import cli
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"copy: {w} =>", "completion": f" {w}"}) + "\n"
+                            for w in ("ab", "cd", "ef", "gh")))
+    common = ["--model", str(model_dirs["llama"]), "--max-steps", "1", "--batch-size", "2"]
+    for flag, says in (("", "--target-modules '': is empty"), ("q_proj,", "--target-modules 'q_proj,': holds an "
+                                                                          "empty name")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["train", "--method", "lora", "--data", str(data), "--out", str(tmp_path / "x"),
+                      "--target-modules", flag, *common])
+        assert exit_info.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--method", "lora", "--data", str(data), "--out", str(tmp_path / "flag"),
+                  "--target-modules", "q_proj, v_proj", *common])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"method": "lora", "data": str(data), "out": str(tmp_path / "line"),
+                                "target_modules": "q_proj,v_proj"}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--jobs", str(jobs), *common])
+    assert exit_info.value.code == 0, capsys.readouterr()
+    for out in ("flag", "line"):
+        config = json.loads((tmp_path / out / "adapter_config.json").read_text())
+        assert sorted({name.rsplit(".", 1)[1] for name in config["target_modules"]}) == ["q_proj", "v_proj"], out

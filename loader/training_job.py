@@ -324,8 +324,28 @@ def run_job(job: TrainJob, progress=None, inspect=None) -> dict:
         raise
 
 
+def model_context(config) -> tuple[int, str]:
+    """The longest sequence the server serves on this model, as loader.base_model.load_base_model computes it
+    (keep the two alike), and where it comes from."""
+    for key in ("max_position_embeddings", "n_positions"):
+        if getattr(config, key, None):
+            stored = getattr(config, "attribute_map", {}).get(key, key)  # the name in the file (GPT-2: n_positions)
+            return int(getattr(config, key)), f"{stored} in its config.json"
+    return 2048, "the server's default: its config.json gives neither max_position_embeddings nor n_positions"
+
+
+def _check_context(job: TrainJob, model) -> None:
+    """Refused, not capped: past the context, learned positions (GPT-2) index out of their table, and rotary ones
+    (Llama) train on positions the server never serves (it refuses prompt + max_new_tokens beyond the context)."""
+    context, source = model_context(model.config)
+    if job.max_length > context:
+        raise JobError(f"--max-length {job.max_length} is longer than the context of --model {job.model}: "
+                       f"{context} tokens ({source}); give --max-length {context} or less")
+
+
 def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
     path, model, tokenizer = _load(job)
+    _check_context(job, model)
     train = read_jsonl(Path(job.data), tokenizer, job.max_length)
     evaluation = read_jsonl(Path(job.eval), tokenizer, job.max_length) if job.eval else None
     targets = _targets(job, model)

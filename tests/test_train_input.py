@@ -2,10 +2,12 @@
 against the model's context. Each is a `file:line: reason` or a one-line error, never a traceback or a fallback."""
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from adapters.training import TrainSettings
 from loader.batch_jobs import read_jobs
 from loader.default_model import build_tokenizer
 from loader.train_data import DataError, read_jsonl
@@ -98,3 +100,24 @@ def test_cli_target_modules_flag_and_jobs_line_train_the_same_modules(model_dirs
     for out in ("flag", "line"):
         config = json.loads((tmp_path / out / "adapter_config.json").read_text())
         assert sorted({name.rsplit(".", 1)[1] for name in config["target_modules"]}) == ["q_proj", "v_proj"], out
+
+
+def test_max_length_beyond_the_models_context_is_refused_naming_both(model_dirs, tmp_path):
+    """GPT-2's learned positions crashed with an IndexError past n_positions; Llama's rotary ones trained silently
+    on positions the server never serves. Both are refused before the data is read; at the context it trains."""
+    from loader.default_model import build_model_dir
+    from loader.training_job import JobError, run_job
+    short = build_model_dir(tmp_path / "gpt2ctx64", "gpt2", seed=1, n_positions=64)
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "copy: ab =>", "completion": " " + "ab" * 150}) + "\n")
+
+    def job(model, out, max_length):
+        return TrainJob(method="lora", data=str(data), out=str(tmp_path / out), model=str(model), max_length=max_length,
+                        settings=replace(TrainSettings(), max_steps=1, batch_size=1))
+    with pytest.raises(JobError, match=re.escape("--max-length 256 is longer than the context of --model ")
+                       + r".*gpt2ctx64: 64 tokens \(n_positions in its config.json\); give --max-length 64 or less"):
+        run_job(job(short, "a", 256))
+    with pytest.raises(JobError, match=r"--max-length 1000 .*: 512 tokens \(max_position_embeddings in its config"):
+        run_job(job(model_dirs["llama"], "b", 1000))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert run_job(job(short, "c", 64))["steps"] == 1

@@ -63,9 +63,15 @@ def run(args) -> int:
     try:
         return _train_all(args)
     except KeyboardInterrupt:
-        where = args.out or "each job's --out"
-        print(f"\ninterrupted: run the same command with --resume to continue from the last checkpoint in {where} "
-              f"(written every --eval-every steps)", file=sys.stderr)
+        if args.jobs:  # each job's --out tells what --resume does with it (batch_jobs.resume_plan)
+            advice = ("run the same command with --resume to go on: finished jobs are skipped, interrupted ones "
+                      "continue from their last checkpoint (written every --eval-every steps), the others start")
+        elif args.out and (Path(args.out) / "checkpoint.pt").exists():
+            advice = (f"run the same command with --resume to continue from the last checkpoint in {args.out} "
+                      f"(written every --eval-every steps)")
+        else:
+            advice = "no checkpoint was written yet (one is every --eval-every steps): run the same command again"
+        print(f"\ninterrupted: {advice}", file=sys.stderr)
         return 130
 
 
@@ -128,7 +134,7 @@ def _train_all(args) -> int:
         rows = gather_rows(run_jobs(jobs, lambda j, progress: _train_one(j, args, progress), progress))
         if int(os.environ.get("RANK", 0)) == 0:  # one table for the whole run
             print(summary_table(rows))
-        return 0 if all(r["status"] == "ok" for r in rows) else 1
+        return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
     try:
         _check_deploy(args, [job])
         _train_one(job, args, progress)

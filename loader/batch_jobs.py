@@ -2,7 +2,8 @@
 
 Under torchrun each rank takes jobs[RANK::WORLD_SIZE] (adapters are independent: no DDP; the ranks meet once,
 at the end, to report together); without torchrun the same command is rank 0 of 1. A failed job is reported and
-the others still run, on every rank.
+the others still run, on every rank. With --resume, a job whose --out holds its finished adapter is skipped, one
+with a checkpoint resumes and one with neither starts: the same command goes on after an interrupt.
 """
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from adapters.training import TrainSettings
+from loader.peft_files import CONFIG_FILE
 from loader.train_data import DataError, jsonl_lines
-from loader.training_job import METHODS, JobError, TrainJob, inapplicable, parse_targets
+from loader.training_job import (CHECKPOINT, LOG, METHODS, JobError, TrainJob, changes, inapplicable, job_identity,
+                                 parse_targets)
 
 JOB_FIELDS = {f.name for f in fields(TrainJob)} - {"settings"}
 DEFAULTS = {f.name: f.default for f in fields(TrainJob) if f.name != "settings"}
@@ -72,12 +75,47 @@ def my_share(jobs: list[TrainJob]) -> tuple[int, int, list[tuple[int, TrainJob]]
     return rank, world, mine
 
 
+def finished_job(out: Path) -> dict | None:
+    """The identity of the job whose adapter `out` holds, from its training_log.json (written after the adapter,
+    so a run interrupted before it is not finished), or None."""
+    try:
+        recorded = json.loads((out / LOG).read_text()).get("job") if (out / CONFIG_FILE).is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def resume_plan(job: TrainJob) -> TrainJob | None:
+    """What --resume does to one job of a batch, where an interrupt leaves three kinds of --out: the adapter of
+    this same job (None: skipped as done), a checkpoint (resumed), or neither (the job never started: started
+    from the beginning). An adapter of another configuration is neither retrained nor passed as done."""
+    out = Path(job.out)
+    if not job.resume:
+        return job
+    recorded = finished_job(out)
+    if recorded is not None:
+        changed = changes(recorded, job_identity(job))
+        if not changed:
+            return None
+        if not job.overwrite:
+            raise JobError(f"{out} holds an adapter trained with another configuration ({', '.join(changed)}); "
+                           f"pass --overwrite to train this job over it")
+    if not (out / CHECKPOINT).exists() and not (out / CONFIG_FILE).exists():
+        return replace(job, resume=False)
+    return job
+
+
 def run_jobs(jobs: list[TrainJob], run, progress=None) -> list[dict]:
     """Run this rank's share; returns one row per job: index, method, out, status, steps, eval_loss, error."""
     _, _, mine = my_share(jobs)
     rows = []
     for index, job in mine:
         try:
+            planned = resume_plan(job)
+            if planned is None:
+                rows.append({"job": index, "method": job.method, "out": job.out, "status": "skipped"})
+                continue
+            job = planned
             summary = run(job, progress=progress)
             eval_loss = summary["eval_loss"][-1][1] if summary["eval_loss"] else None
             rows.append({"job": index, "method": job.method, "out": job.out, "status": "ok",
@@ -114,7 +152,8 @@ def summary_table(rows: list[dict]) -> str:
     lines = ["job  method     status  steps  eval_loss  seconds  out / error"]
     for r in rows:
         loss = f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "-"
-        tail = r["out"] if r["status"] == "ok" else f"{r['out']}: {r['error']}"
+        tail = {"ok": r["out"], "skipped": f"(done) {r['out']}: holds this job's adapter already"}.get(
+            r["status"], f"{r['out']}: {r.get('error')}")
         lines.append(f"{r['job']:<4} {r['method']:<10} {r['status']:<7} {r.get('steps', '-')!s:<6} {loss:<10} "
                      f"{r.get('seconds', '-')!s:<8} {tail}")
     return "\n".join(lines)

@@ -33,6 +33,7 @@ DEFAULT_TARGETS = {  # PEFT's per-architecture defaults (where PEFT has one); Hy
                   "phi3": ["gate_up_proj", "down_proj"], None: ["gate_proj", "up_proj", "down_proj"]},
 }
 CHECKPOINT = "checkpoint.pt"
+LOG = "training_log.json"  # written last: its presence marks a finished job
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -307,6 +308,18 @@ def _flat(identity: dict) -> dict:
     return {**{k: v for k, v in identity.items() if k != "settings"}, **(identity.get("settings") or {})}
 
 
+def job_identity(job: TrainJob) -> dict:
+    """What makes two runs the same job, as JSON: everything but where it writes and how it starts."""
+    return json.loads(json.dumps({k: v for k, v in asdict(job).items() if k not in ("overwrite", "resume", "out")},
+                                 default=str))
+
+
+def changes(then: dict, now: dict) -> list[str]:
+    """'key: old then, new now' for each setting two identities differ in."""
+    then, now = _flat(then), _flat(now)
+    return [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted({*now, *then}) if now.get(k) != then.get(k)]
+
+
 def run_job(job: TrainJob, progress=None, inspect=None) -> dict:
     """Train one adapter; returns a summary (also written to <out>/training_log.json). `inspect(model, tokenizer)`
     sees the trained model in its training form (adapter layers in place, eval mode) before it is freed."""
@@ -359,19 +372,18 @@ def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model, job.settings, pad, hooks)
-    identity = {k: v for k, v in asdict(job).items() if k not in ("overwrite", "resume", "out")}
+    identity = job_identity(job)
     resume = None
     if job.resume and (out / CHECKPOINT).exists():
         resume = torch.load(out / CHECKPOINT, weights_only=True, map_location="cpu")  # written on any device
-        now, then = _flat(json.loads(json.dumps(identity, default=str))), _flat(resume.get("job") or {})
-        if then != now:
-            changed = sorted(k for k in {*now, *then} if now.get(k) != then.get(k))
+        changed = changes(resume.get("job") or {}, identity)
+        if changed:
             raise JobError(f"--resume: {out / CHECKPOINT} was written by a different job configuration ("
-                           + ", ".join(f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in changed) + ")")
+                           + ", ".join(changed) + ")")
 
     def checkpoint(state: dict) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        state["job"] = json.loads(json.dumps(identity, default=str))
+        state["job"] = identity
         torch.save(state, out / (CHECKPOINT + ".tmp"))
         os.replace(out / (CHECKPOINT + ".tmp"), out / CHECKPOINT)  # atomic: a crash never leaves half a file
 
@@ -388,10 +400,10 @@ def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
         write(out)
     summary = {"method": job.method, "out": str(out), "steps": result.steps, "trainable_params": trainable,
                "seconds": round(result.seconds, 2), "tokens": result.tokens, "train_loss": result.train_loss,
-               "eval_loss": result.eval_loss, "targets": targets, **merge}
+               "eval_loss": result.eval_loss, "targets": targets, **merge, "job": identity}
     if evaluation and not result.eval_loss:
         summary["eval_loss"] = [(result.steps, evaluate(model, evaluation, pad, job.settings.batch_size, job.device))]
-    (out / "training_log.json").write_text(json.dumps(summary, indent=2))
+    (out / LOG).write_text(json.dumps(summary, indent=2))
     if inspect is not None:
         inspect(model, tokenizer)
     print(f"wrote {job.method} adapter to {out} ({result.steps} steps, {result.seconds:.1f}s)", file=sys.stderr)

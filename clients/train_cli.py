@@ -194,7 +194,8 @@ def _train_one(job, args, progress) -> dict:
         from loader.deploy import DeployError, deploy
         from loader.training_job import JobError
         try:
-            info, moved = deploy(Path(job.out), args.deploy, Path(args.deploy_root), **connection(args))
+            info, moved = deploy(Path(job.out), args.deploy, Path(args.deploy_root), expected=summary["served"],
+                                 **connection(args))
         except DeployError as err:
             raise JobError(f"trained and saved to {job.out}, but not deployed: {err}") from None
         if moved is not None:

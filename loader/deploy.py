@@ -8,6 +8,10 @@ digit, so it is never an id itself), and `<root>/<id>` becomes a symlink to it i
 (an auto-load after eviction, another replica) sees the old files or the new ones, never a missing or
 half-copied directory. The previous version is kept for readers that resolved it a moment ago; older ones go.
 A plain directory found at `<root>/<id>` was not made by a deploy: it is moved aside and kept, never removed.
+
+A writable root and a server that answers do not make the root the server's: a probe proves it (`prove_root`),
+before training and again before the copy, and the AdapterInfo the load returns is compared with what the trained
+files make (`served_form`), so a deploy never reports success while the server serves something else.
 """
 from __future__ import annotations
 
@@ -19,9 +23,12 @@ from pathlib import Path
 
 import grpc
 
+from adapters.layer import dense_weight, linear_dims
+from adapters.slot_bank import ModuleShape
 from clients.client import Client
-from loader.peft_files import CONFIG_FILE, WEIGHTS_FILE
+from loader.peft_files import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from loader.registry import ID_RULE, valid_id
+from protos.loraplex.v1 import inference_pb2 as pb
 
 KEPT = "@0-replaced-"  # marks a plain directory a deploy moved aside: never pruned
 
@@ -60,14 +67,67 @@ def check(target: str, root: Path, outs: list[Path], timeout: float = 10, **conn
     try:
         with Client(target, timeout=timeout, **connection) as client:
             info = client.server_info()
-            try:  # may this client load adapters? An id no server accepts: INVALID_ARGUMENT, and nothing changes
-                client.load_adapter("-")
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                    raise
+            prove_root(client, root, target)  # also proves this client may load adapters (the admin token)
     except grpc.RpcError as exc:
         raise DeployError(f"cannot deploy to {target}: {exc.code().name}: {exc.details()}") from None
     return info
+
+
+def prove_root(client: Client, root: Path, target: str) -> None:
+    """`root` is the directory the server reads adapters from: a throwaway id written there with a config that is
+    not JSON, loaded, must be refused as unreadable (FAILED_PRECONDITION naming it); NOT_FOUND means the server
+    reads another directory. The probe is removed either way, and a failed load leaves nothing loaded."""
+    probe = f"deploy-probe-{uuid.uuid4().hex[:16]}"
+    (root / probe).mkdir()
+    try:
+        (root / probe / CONFIG_FILE).write_text("a deploy's probe of the adapter root, not an adapter\n")
+        try:
+            client.load_adapter(probe)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and repr(probe) in (exc.details() or ""):
+                return
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise DeployError(f"--deploy-root {root} is not the adapter root of {target}: an adapter written "
+                                  f"there is not found by it ({exc.details()}); give the server's --adapter-root "
+                                  f"(as this machine sees it)") from None
+            raise
+        client.unload_adapter(probe)
+        raise DeployError(f"{target} loaded the probe {probe!r} written under --deploy-root {root}, a config that is "
+                          f"not JSON: it is not a loraplex server this deploy can check")
+    finally:
+        shutil.rmtree(root / probe, ignore_errors=True)
+
+
+def served_form(adapter_dir: Path, layers: dict) -> dict:
+    """What a server reports once it loads this adapter (AdapterInfo: kind, per-module ranks, heads, size), from
+    the files just written, read by the server's own reader: AdaLoRA's kept ranks, HydraLoRA's heads and ResLoRA's
+    merge come out as served. `layers`: the trained layers by module path; their frozen `base` modules give the
+    shapes (and the base weights a merge may need)."""
+    shapes = {name: ModuleShape(name, *linear_dims(layer.base)) for name, layer in layers.items()}
+    adapter = read_adapter(adapter_dir, adapter_dir.name, shapes, max_rank=1 << 30, load_serial=0, max_heads=1 << 30,
+                           base_weight=lambda name: dense_weight(layers[name].base).cpu())
+    return {"kind": adapter.kind.value, "module_ranks": {m: f.rank for m, f in sorted(adapter.modules.items())},
+            "heads": adapter.max_heads, "size_bytes": adapter.size_bytes}
+
+
+def _differences(info, expected: dict) -> list[str]:
+    kind = pb.AdapterKind.Name(info.kind).removeprefix("ADAPTER_KIND_").lower()
+    got, want = dict(info.module_ranks), expected["module_ranks"]
+    found = []
+    if kind != expected["kind"]:
+        found.append(f"kind {kind}, trained {expected['kind']}")
+    if set(got) != set(want):
+        extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+        found.append(f"target modules differ ({len(extra)} not trained, e.g. {extra[:2]}; {len(missing)} trained "
+                     f"missing, e.g. {missing[:2]})")
+    elif got != want:
+        module = next(m for m in sorted(want) if got[m] != want[m])
+        found.append(f"{module} rank {got[module]}, trained {want[module]}")
+    if info.heads != expected["heads"]:
+        found.append(f"{info.heads} head(s), trained {expected['heads']}")
+    if info.size_bytes != expected["size_bytes"]:
+        found.append(f"{info.size_bytes} bytes, trained {expected['size_bytes']}")
+    return found
 
 
 def install(adapter_dir: Path, root: Path, adapter_id: str) -> tuple[Path, Path | None]:
@@ -113,24 +173,34 @@ def _point(root: Path, adapter_id: str, target: Path) -> None:
 
 
 def deploy(adapter_dir: Path, target: str, root: Path, adapter_id: str | None = None, timeout: float = 120,
-           **connection) -> tuple[object, Path | None]:
+           expected: dict | None = None, **connection) -> tuple[object, Path | None]:
     """Copy `adapter_dir` under `root` (unless it already is `root/<id>`) and have the server at `target` load it,
     keeping the id's pin. Returns the server's AdapterInfo and where a plain directory found at `root/<id>` was
     moved (None when there was none). `connection`: Client's token= and tls= (LoadAdapter needs the admin token
-    where one is configured). A LoadAdapter the server refuses (files it cannot serve, a missing admin token) rolls
-    the root back: the refused files never become what the id's next auto-load or a restart would read."""
+    where one is configured). The root is proved the server's first (training may have outlasted the server's
+    configuration); `expected` (served_form) is compared with the AdapterInfo the load returns. A LoadAdapter the
+    server refuses (files it cannot serve, a missing admin token) or answers with another adapter than the one
+    trained rolls the root back: those files never become what the id's next auto-load or a restart would read."""
     adapter_id = adapter_id or adapter_id_for(adapter_dir)
     dest = root / adapter_id  # trained straight into the root (a plain directory there): served as it is
     in_place = not dest.is_symlink() and os.path.abspath(dest) == os.path.abspath(adapter_dir)
-    installed = None if in_place else install(adapter_dir, root, adapter_id)
+    installed = None
     try:
         with Client(target, timeout=timeout, **connection) as client:
+            prove_root(client, root, target)
+            installed = None if in_place else install(adapter_dir, root, adapter_id)
             info = client.load_adapter(adapter_id, replace=True)  # pin unset: the id keeps its pin
+        differences = _differences(info, expected) if expected is not None else []
+        if differences:
+            raise DeployError(f"{target} loaded {adapter_id!r} (version {info.version}) but it is not the adapter "
+                              f"trained in {adapter_dir}: {'; '.join(differences)}. Another deploy of this id may "
+                              f"have raced this one; deploy again"
+                              + (" (the root is as it was)" if installed is not None else ""))
     except BaseException as exc:
         if installed is not None:
             roll_back(root, adapter_id, *installed)
         if isinstance(exc, grpc.RpcError):
-            state = "the root is as it was" if installed is not None else f"the refused files stay in {dest}"
+            state = f"the refused files stay in {dest}" if in_place else "the root is as it was"
             raise DeployError(f"{target} did not load {adapter_id!r} ({state}): {exc.code().name}: "
                               f"{exc.details()}") from None
         raise

@@ -17,6 +17,7 @@ from adapters.targets import ALL_LINEAR
 from adapters.training import Hooks, Trainer, TrainSettings, evaluate
 from loader.base_model import device_problem
 from loader.default_model import default_model_dir
+from loader.deploy import served_form
 from loader.inject import linear_module_names, unmatched_targets
 from loader.peft_files import CONFIG_FILE
 from loader.train_data import collate, read_jsonl
@@ -400,7 +401,8 @@ def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
         write(out)
     summary = {"method": job.method, "out": str(out), "steps": result.steps, "trainable_params": trainable,
                "seconds": round(result.seconds, 2), "tokens": result.tokens, "train_loss": result.train_loss,
-               "eval_loss": result.eval_loss, "targets": targets, **merge, "job": identity}
+               "eval_loss": result.eval_loss, "targets": targets, **merge, "job": identity,
+               "served": served_form(out, layers)}  # what a server's AdapterInfo must say once it loads it
     if evaluation and not result.eval_loss:
         summary["eval_loss"] = [(result.steps, evaluate(model, evaluation, pad, job.settings.batch_size, job.device))]
     (out / LOG).write_text(json.dumps(summary, indent=2))

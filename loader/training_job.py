@@ -318,7 +318,8 @@ def job_identity(job: TrainJob) -> dict:
 def changes(then: dict, now: dict) -> list[str]:
     """'key: old then, new now' for each setting two identities differ in."""
     then, now = _flat(then), _flat(now)
-    return [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted({*now, *then}) if now.get(k) != then.get(k)]
+    return [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted({*now, *then})
+            if now.get(k) != then.get(k)]
 
 
 def run_job(job: TrainJob, progress=None, inspect=None) -> dict:

@@ -71,10 +71,9 @@ def test_admin_token_mutates_and_serves(server):
         assert admin.unload_adapter("a1").adapter_id == "a1"
 
 
-def test_a_deploy_is_checked_for_the_admin_token_before_training(server, tmp_path):
+def test_a_deploy_is_checked_for_the_admin_token_before_training(server, adapter_root, tmp_path):
     from loader.deploy import DeployError, check
-    root = tmp_path / "root"
-    root.mkdir()
+    root = adapter_root  # the server's: a deploy proves it is
     with pytest.raises(DeployError, match="PERMISSION_DENIED"):
         check(server.target, root, [tmp_path / "x"], token=USER)
     check(server.target, root, [tmp_path / "x"], token=ADMIN)  # may load: the probe changed nothing

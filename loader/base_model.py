@@ -112,8 +112,31 @@ def load_base_model(model: str, device: str, dtype: str) -> BaseModel:
     hf.to(device).eval().requires_grad_(False)
     config = hf.config
     max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
-    eos_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0)
+    eos = end_of_sequence_ids(config, getattr(hf, "generation_config", None), tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
     return BaseModel(hf, tokenizer, str(model), config.model_type, config.vocab_size, int(max_context),
-                     eos_ids, int(pad), longest_token_chars(tokenizer))
+                     frozenset(eos), int(pad), longest_token_chars(tokenizer))
+
+
+def _ids(value) -> list[int]:
+    """An eos_token_id setting (None, an int, or a list of ints) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def end_of_sequence_ids(config, generation_config, tokenizer) -> list[int]:
+    """Every token that ends a generation, in order of first mention: config.json's eos_token_id, then
+    generation_config.json's, then the tokenizer's eos token. Their union, because each source alone misses some:
+    instruct models (Llama-3-Instruct's <|eot_id|>, Gemma-it's <end_of_turn>) list their end-of-turn ids only in
+    generation_config.json, which is what HF generate stops on, and some tokenizers name an eos the configs omit."""
+    sources = {"config.json": _ids(config.eos_token_id),
+               "generation_config.json": _ids(getattr(generation_config, "eos_token_id", None)),
+               "tokenizer": _ids(tokenizer.eos_token_id)}
+    union = list(dict.fromkeys(i for ids in sources.values() for i in ids))
+    log.info("end-of-sequence token ids: %s (%s)", union,
+             "; ".join(f"{name}: {ids or 'none'}" for name, ids in sources.items()))
+    if not union:
+        log.warning("no end-of-sequence token in config.json, generation_config.json or the tokenizer: every "
+                    "generation runs to its max_new_tokens or a stop sequence")
+    return union

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from loader.default_model import default_model_dir
 
@@ -93,23 +93,118 @@ def longest_token_chars(tokenizer) -> int | None:
     return longest * (4 if normalizers else 1)
 
 
+class UnservableModel(ValueError):
+    """A --model folder that is not a complete decoder-only causal LM with its tokenizer: refused at start-up in one
+    line (server/app.py), never served with random or missing parts."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "tokenizer.tiktoken")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _read_config(path: Path):
+    """config.json, parsed, of a model family this transformers knows, and not an encoder-decoder."""
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # invalid JSON, no or an unknown model_type, ...
+        raise UnservableModel(f"{path / 'config.json'} cannot be read as a model configuration: "
+                              f"{_first_line(exc)}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnservableModel(f"{path}: a {config.model_type} encoder-decoder model (config.json is_encoder_decoder); "
+                              f"this server generates with decoder-only causal LMs")
+    return config
+
+
+def _read_tokenizer(path: Path):
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers' reasons vary by tokenizer class (ValueError, OSError, TypeError, ...)
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise UnservableModel(f"{path} has no tokenizer: none of {', '.join(TOKENIZER_FILES)}; copy the "
+                                  f"tokenizer files of the model into the folder") from None
+        raise UnservableModel(f"{path}: its tokenizer cannot be loaded: {_first_line(exc)}") from None
+
+
+def _read_weights(path: Path, dtype: str):
+    """The causal LM with every one of its tensors read from the folder's weights files."""
+    def load(attention: str):
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
+                                                    attn_implementation=attention, output_loading_info=True)
+    try:
+        try:
+            hf, info = load("sdpa")
+        except ValueError as exc:  # a family without SDPA support (Gemma-2: attention logit soft-capping)
+            if "does not support" not in str(exc):
+                raise
+            log.info("%s: no SDPA attention in transformers for this model; using its eager attention", path)
+            hf, info = load("eager")
+    except OSError as exc:  # no weights file, an unreadable one
+        raise UnservableModel(f"{path}: {_first_line(exc)}") from None
+    except ValueError as exc:  # a family with no causal-LM class (T5, ...)
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        raise UnservableModel(f"{path}: transformers has no causal-LM class for its model_type "
+                              f"{hf_model_type(path)!r}; this server generates with decoder-only causal LMs") from None
+    # Tensors the files lack are initialised at random, with only a table in transformers' log to say so: a partial
+    # download, or a checkpoint of another architecture (a BERT encoder given an untrained LM head). Weights tied
+    # to others (an LM head sharing the embedding) are not reported missing.
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        saved = ", ".join(hf.config.architectures or []) or "not recorded"
+        raise UnservableModel(f"{path}: the weights files lack {len(missing)} tensors of {type(hf).__name__} "
+                              f"({shown}), which would be random (architecture the checkpoint was saved as: {saved}); "
+                              f"re-download the folder, or give --model a complete causal LM")
+    return hf
+
+
+def hf_model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_causal(hf, path: Path) -> None:
+    """Refuse a model whose logits for a token depend on later tokens: a bidirectional encoder served through its
+    causal-LM class (BertLMHeadModel without is_decoder) generates garbage, and no config field tells every such
+    family from a decoder (GPT-NeoX's config has is_decoder false too). One forward of a few tokens, twice."""
+    vocab = hf.config.get_text_config().vocab_size
+    device = next(hf.parameters()).device
+    ids = torch.arange(1, 9, device=device).remainder(vocab).unsqueeze(0)
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % vocab
+    try:
+        with torch.inference_mode():
+            before = hf(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            after = hf(input_ids=changed, use_cache=False).logits[0, :-1].float()
+    except Exception as exc:  # a forward transformers itself cannot run (chunked attention layers): the server's
+        # attention check and warm-up generation refuse the model next, naming the reason
+        log.info("%s: causality check skipped, the model's forward failed: %s", path, _first_line(exc))
+        return
+    if (before - after).abs().max() > 1e-3 * before.abs().max() + 1e-5:
+        hint = ", and its config.json has is_decoder false" if getattr(hf.config, "is_decoder", None) is False else ""
+        raise UnservableModel(f"{path}: {type(hf).__name__} is not a causal LM: its output for a token changes with "
+                              f"the tokens after it (a bidirectional encoder{hint}); this server generates with "
+                              f"decoder-only causal LMs")
+
+
 def load_base_model(model: str, device: str, dtype: str) -> BaseModel:
-    """`model` is a local HF causal-LM directory, or `default` for the built-in model."""
+    """`model` is a local HF causal-LM directory, or `default` for the built-in model. A folder that cannot be
+    served as it is raises UnservableModel (no config.json: FileNotFoundError)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = default_model_dir() if model == "default" else Path(model)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
-                                                  attn_implementation="sdpa")
-    except ValueError as exc:  # a family without SDPA support (Gemma-2: attention logit soft-capping)
-        if "does not support" not in str(exc):
-            raise
-        log.info("%s: no SDPA attention in transformers for this model; using its eager attention", path)
-        hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
-                                                  attn_implementation="eager")
+    _read_config(path)
+    tokenizer = _read_tokenizer(path)
+    hf = _read_weights(path, dtype)
     hf.to(device).eval().requires_grad_(False)
+    _check_causal(hf, path)
     config = hf.config
     max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
     eos = end_of_sequence_ids(config, getattr(hf, "generation_config", None), tokenizer)

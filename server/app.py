@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from adapters import cpu_kernel, triton_kernel
 from adapters.slot_bank import SlotBank
-from loader.base_model import load_base_model
+from loader.base_model import UnservableModel, load_base_model
 from loader.default_model import default_adapter_root
 from loader.inject import ALL_LINEAR, base_weight, inject, unmatched_targets
 from loader.peft_files import read_adapter
@@ -111,7 +111,7 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
         log.info("torch CPU threads: %d (--threads); OpenMP waits: %s", torch.get_num_threads(), waits)
     try:
         base = load_base_model(config.model, config.device, config.dtype)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, UnservableModel) as exc:
         raise ConfigError(f"--model: {exc}") from None
     if base.max_token_chars is None:
         log.info("prompt texts are tokenized whole before their length is checked: this tokenizer may drop or fuse "

@@ -54,3 +54,87 @@ def test_the_tokenizer_eos_counts_beside_the_configs(tmp_path):
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(9)
     tokenizer.save_pretrained(folder)
     assert load_base_model(str(folder), "cpu", "float32").eos_token_ids == {2, 7, 9}
+
+
+def _folders(root):
+    """Folders that are not a complete decoder-only causal LM with its tokenizer, each with a phrase its refusal
+    must contain."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertLMHeadModel, BertModel, T5Config, T5ForConditionalGeneration
+    good = build_model_dir(root / "llama", "llama", seed=1)
+    tokenizer_files = [p for p in good.iterdir() if p.name.startswith("tokenizer")]
+
+    def folder(name, save=None, files=("config.json",)):
+        out = root / name
+        if save is not None:
+            save.save_pretrained(out)
+        out.mkdir(exist_ok=True)
+        for path in [*tokenizer_files, *(good / f for f in files)]:
+            if not (out / path.name).exists():
+                shutil.copy(path, out / path.name)
+        return out
+    bert = BertConfig(vocab_size=259, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    cases = {
+        # a BERT encoder: loads as BertLMHeadModel with an untrained head
+        "bert": (folder("bert", BertModel(bert)), "lack 6 tensors of BertLMHeadModel"),
+        # a complete BertLMHeadModel, but bidirectional (is_decoder false)
+        "bert_lm": (folder("bert_lm", BertLMHeadModel(bert)), "BertLMHeadModel is not a causal LM"),
+        "t5": (folder("t5", T5ForConditionalGeneration(T5Config(vocab_size=259, d_model=16, d_ff=16, num_layers=1,
+                                                                 num_heads=2, d_kv=8))), "encoder-decoder"),
+        "no_weights": (folder("no_weights"), "no file named model.safetensors"),
+        "bad_json": (folder("bad_json", files=()), "config.json cannot be read as a model configuration"),
+        "no_model_type": (folder("no_model_type", files=()), "config.json cannot be read as a model configuration"),
+    }
+    (cases["bad_json"][0] / "config.json").write_text("{not json")
+    (cases["no_model_type"][0] / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    partial = root / "partial"  # a truncated download: one layer's MLP is not in the file
+    shutil.copytree(good, partial)
+    weights = load_file(partial / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.0.mlp" not in k}, partial / "model.safetensors",
+              metadata={"format": "pt"})
+    cases["partial"] = (partial, "lack 3 tensors of LlamaForCausalLM (model.layers.0.mlp.down_proj.weight")
+    no_tokenizer = root / "no_tokenizer"
+    shutil.copytree(good, no_tokenizer)
+    for path in no_tokenizer.glob("tokenizer*"):
+        path.unlink()
+    cases["no_tokenizer"] = (no_tokenizer, "has no tokenizer")
+    return cases
+
+
+@pytest.fixture(scope="module")
+def unservable(tmp_path_factory):
+    return _folders(tmp_path_factory.mktemp("unservable"))
+
+
+@pytest.mark.parametrize("name", ["bert", "bert_lm", "t5", "no_weights", "bad_json", "no_model_type", "partial",
+                                  "no_tokenizer"])
+def test_a_folder_that_is_not_a_complete_causal_lm_is_refused(unservable, name):
+    from loader.base_model import UnservableModel
+    folder, needle = unservable[name]
+    with pytest.raises(UnservableModel) as info:
+        load_base_model(str(folder), "cpu", "float32")
+    assert needle in str(info.value) and str(folder) in str(info.value), info.value
+
+
+def test_weights_tied_to_others_are_not_missing(tmp_path):
+    """An LM head tied to the embedding is not in the weights file, and is not random."""
+    folder = build_model_dir(tmp_path / "tied", "qwen2", seed=1, tie_word_embeddings=True)
+    base = load_base_model(str(folder), "cpu", "float32")
+    assert base.model.lm_head.weight.data_ptr() == base.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_serve_refuses_such_a_folder_in_one_line(unservable):
+    import subprocess
+    import sys
+    from pathlib import Path
+    folder, needle = unservable["partial"]
+    result = subprocess.run([sys.executable, "-c", "from clients.cli import main; main()", "serve", "--model",
+                             str(folder), "--port", "0", "--metrics-port", "0"], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: --model: {folder}: the weights files ") \
+        and needle in errors[0], result.stderr

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -115,12 +116,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 INT32 = 2 ** 31 - 1  # GetServerInfo reports these limits as 32-bit
+UINT64 = 2 ** 64 - 1  # ... and these as 64-bit: a larger value made every GetServerInfo fail with INTERNAL
+PORT = 65535  # grpc would bind a larger port (or a negative one) modulo 65536: 70000 listened on 4464
 BOUNDS = {  # flag -> (lowest, highest or None); 0 lets the model decide where the lowest is 0
     "max_batch_size": (1, INT32), "max_active_adapters": (1, INT32), "max_lora_rank": (1, INT32),
     "max_hydra_heads": (1, INT32), "max_queue_size": (1, INT32), "max_concurrent_rpcs": (1, INT32),
-    "default_max_new_tokens": (1, INT32), "max_adapter_bytes": (1, None), "max_prompt_tokens": (0, INT32),
-    "max_new_tokens": (0, INT32), "max_kv_tokens": (0, None), "max_prefill_tokens": (1, None),
+    "default_max_new_tokens": (1, INT32), "max_adapter_bytes": (1, UINT64), "max_prompt_tokens": (0, INT32),
+    "max_new_tokens": (0, INT32), "max_kv_tokens": (0, UINT64), "max_prefill_tokens": (1, None),
+    "adapter_cache_bytes": (1, UINT64), "port": (0, PORT), "metrics_port": (0, PORT),
 }
+HIGHEST = {INT32: "< 2^31", UINT64: "< 2^64", PORT: "<= 65535"}
+THREADS_PER_CPU = 4  # --threads above this many per CPU is refused: 100000 threads crashed the process
 
 
 class ConfigError(ValueError):
@@ -138,6 +144,11 @@ def check_config(c: ServerConfig) -> None:
     from loader.base_model import device_problem  # here, not at import: the CLI's parser reads this module
     if c.threads < 0:
         raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {c.threads}")
+    cpus = os.cpu_count() or 1
+    if c.threads > THREADS_PER_CPU * cpus:
+        raise ConfigError(f"--threads {c.threads} is more than {THREADS_PER_CPU} per CPU of this machine ({cpus} CPUs, "
+                          f"so at most {THREADS_PER_CPU * cpus}): torch starts that many threads per parallel region, "
+                          f"which only adds switching (and thousands crash the process); 0 means one per core")
     if not math.isfinite(c.grace_period) or c.grace_period < 0:
         raise ConfigError(f"--grace-period must be a number of seconds >= 0, got {c.grace_period}")
     problem = device_problem(c.device)
@@ -154,11 +165,11 @@ def check_config(c: ServerConfig) -> None:
         raise ConfigError(f"--adapter-root {c.adapter_root} is not a directory: every adapter would be NOT_FOUND")
     for name, (low, high) in BOUNDS.items():
         value, flag = getattr(c, name), "--" + name.replace("_", "-")
+        zero = " (0: a free port)" if high == PORT else " (0: derived from the model)" if low == 0 else ""
         if value < low:
-            raise ConfigError(f"{flag} must be >= {low}{' (0: derived from the model)' if low == 0 else ''}, "
-                              f"got {value}")
+            raise ConfigError(f"{flag} must be >= {low}{zero}, got {value}")
         if high is not None and value > high:
-            raise ConfigError(f"{flag} must be < 2^31, got {value}")
+            raise ConfigError(f"{flag} must be {HIGHEST[high]}, got {value}")
 
 
 @dataclass(frozen=True)

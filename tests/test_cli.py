@@ -47,7 +47,8 @@ def test_adapters_load_list_unload_and_errors(server):
     assert again.returncode == 1 and "NOT_FOUND" in again.stderr
 
 
-@pytest.mark.parametrize("what", ["grpc", "metrics", "model", "threads", "grace", "device", "root", "targets"])
+@pytest.mark.parametrize("what", ["grpc", "metrics", "model", "threads", "grace", "device", "root", "targets",
+                                  "port", "cache"])
 def test_serve_start_up_failures_are_one_line_errors(server, model_dirs, what):
     """A busy gRPC port fails the second server (grpcio's default SO_REUSEPORT would let it bind and take part of
     the first one's calls); a busy metrics port and a missing model directory likewise: one line, no traceback."""
@@ -59,13 +60,15 @@ def test_serve_start_up_failures_are_one_line_errors(server, model_dirs, what):
         flags = ["--model", str(model_dirs["llama"]), "--port", "0", "--metrics-port", "0",
                  *{"threads": ["--threads", "-1"], "grace": ["--grace-period", "-1"], "device": ["--device", "gpu"],
                    "root": ["--adapter-root", "/nonexistent/root"],
-                   "targets": ["--target-modules", "foo_proj,bar_proj"]}[what]]
+                   "targets": ["--target-modules", "foo_proj,bar_proj"], "port": ["--metrics-port", "70000"],
+                   "cache": ["--adapter-cache-bytes", "-1"]}[what]]
     result = run("serve", *flags)
     needle = {"grpc": f"cannot listen on 127.0.0.1:{server.ports.grpc}", "metrics": "cannot serve metrics on",
               "model": "--model: /nonexistent/model is not a Hugging Face model directory",
               "threads": "--threads must be >= 0", "grace": "--grace-period must be a number of seconds >= 0",
               "device": "--device 'gpu' is not a torch device", "root": "--adapter-root /nonexistent/root is not a",
-              "targets": "--target-modules: ['foo_proj', 'bar_proj'] matches no adaptable linear module"}[what]
+              "targets": "--target-modules: ['foo_proj', 'bar_proj'] matches no adaptable linear module",
+              "port": "--metrics-port must be <= 65535", "cache": "--adapter-cache-bytes must be >= 1"}[what]
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 

@@ -38,6 +38,46 @@ def test_server_info_lists_every_limit(server):
     assert limits.max_active_adapters == 8 and limits.adapter_cache_bytes == 2 << 30
 
 
+@pytest.mark.parametrize("flag,value,needle", [
+    ("adapter_cache_bytes", -1, "--adapter-cache-bytes must be >= 1, got -1"),
+    ("adapter_cache_bytes", 2 ** 64, "--adapter-cache-bytes must be < 2^64"),
+    ("max_kv_tokens", 2 ** 64, "--max-kv-tokens must be < 2^64, got 18446744073709551616"),
+    ("max_adapter_bytes", 2 ** 64, "--max-adapter-bytes must be < 2^64"),
+    ("port", 70000, "--port must be <= 65535, got 70000"),
+    ("port", -1, "--port must be >= 0 (0: a free port), got -1"),
+    ("metrics_port", 70000, "--metrics-port must be <= 65535, got 70000"),
+])
+def test_values_beyond_what_a_limit_or_port_can_hold_are_refused_at_start(flag, value, needle):
+    """GetServerInfo reports the byte and KV limits as uint64 (beyond: every call INTERNAL); grpc binds a port
+    modulo 65536 (70000: 4464, -1: 65535) and the metrics server overflowed."""
+    from server.config import ConfigError, ServerConfig, check_config
+    with pytest.raises(ConfigError) as info:
+        check_config(ServerConfig(**{flag: value}))
+    assert needle in str(info.value)
+
+
+def test_threads_beyond_a_few_per_cpu_are_refused(monkeypatch):
+    import os
+
+    from server.config import ConfigError, ServerConfig, check_config
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    check_config(ServerConfig(threads=8))
+    with pytest.raises(ConfigError, match=r"--threads 100000 is more than 4 per CPU of this machine \(2 CPUs, so at "
+                                          r"most 8\)"):
+        check_config(ServerConfig(threads=100000))
+
+
+def test_the_largest_uint64_limits_are_reported(model_dirs):
+    top = 2 ** 64 - 1
+    server = start_server(model_dirs["llama"], None, adapter_cache_bytes=top, max_adapter_bytes=top, max_kv_tokens=top)
+    try:
+        with Client(server.target, timeout=30) as client:
+            limits = client.server_info().limits
+        assert limits.adapter_cache_bytes == limits.max_adapter_bytes == limits.max_kv_tokens == top
+    finally:
+        server.stop()
+
+
 def test_defaults_derive_from_the_model(model_dirs):
     server = start_server(model_dirs["llama"], None)
     try:

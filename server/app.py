@@ -28,7 +28,7 @@ from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.attention import UnsupportedAttention
 from server.auth import AuthInterceptor, read_tokens
 from server.tls import tls_credentials
-from server.config import ConfigError, ServerConfig, check_config, resolve_limits
+from server.config import ConfigError, ServerConfig, check_config, check_slot_bank, free_memory, resolve_limits
 from server.engine import Engine, EngineConfig, EngineRequest, ErrorEvent, FinishEvent
 from server.errors import Unavailable
 from server.batch import Runner
@@ -127,8 +127,22 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
                     ", ".join(unmatched))
     dtype = next(base.model.parameters()).dtype
     factor_dtype = dtype if config.adapter_dtype == "auto" else getattr(torch, config.adapter_dtype)
-    bank = SlotBank(shapes, config.max_active_adapters, config.max_lora_rank, torch.device(config.device),
-                    factor_dtype, config.max_hydra_heads, kernel, dtype)
+    size = check_slot_bank(config, [(s.d_in, s.d_out) for s in shapes], factor_dtype.itemsize,
+                           free_memory(config.device))
+    log.info("adapter slot bank: %s", size)
+    try:
+        bank = SlotBank(shapes, config.max_active_adapters, config.max_lora_rank, torch.device(config.device),
+                        factor_dtype, config.max_hydra_heads, kernel, dtype)
+    except (torch.OutOfMemoryError, MemoryError) as exc:  # free memory shrank since it was measured
+        raise ConfigError(f"the adapter slot bank ({size}) cannot be allocated on {config.device}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else 'out of memory'}; lower --max-active-adapters, "
+                          f"--max-lora-rank or --max-hydra-heads") from None
+    except RuntimeError as exc:  # the CPU allocator's "not enough memory" is a plain RuntimeError
+        if "memory" not in str(exc) and "allocate" not in str(exc):
+            raise
+        raise ConfigError(f"the adapter slot bank ({size}) cannot be allocated on {config.device}: "
+                          f"{str(exc).splitlines()[0]}; lower --max-active-adapters, --max-lora-rank or "
+                          f"--max-hydra-heads") from None
     try:
         runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
     except UnsupportedAttention as exc:

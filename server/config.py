@@ -172,6 +172,50 @@ def check_config(c: ServerConfig) -> None:
             raise ConfigError(f"{flag} must be {HIGHEST[high]}, got {value}")
 
 
+def size_text(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes that can still be allocated on `device` (a --device value), or None where that is not known."""
+    import torch  # here, not at import: the CLI's parser reads this module
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        return torch.cuda.mem_get_info(kind)[0]
+    if kind.type != "cpu":
+        return None
+    try:  # MemAvailable counts the page cache the kernel gives back; the free pages alone undercount it
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def check_slot_bank(c: ServerConfig, features: list[tuple[int, int]], factor_bytes: int, free: int | None) -> str:
+    """What the device adapter slot bank these flags ask for takes, once the adapted modules' (d_in, d_out) are known:
+    refused (ConfigError naming the flags) beyond `free` bytes, before anything is allocated (rank 2^31-1 asked for
+    54 TB, and the allocation failed with a traceback). Counts the HydraLoRA routers (float32), which are allocated
+    with the first routed adapter. Returns the sum as text, for the log."""
+    slots = c.max_active_adapters + 1  # slot 0: no adapter
+    factors = slots * c.max_lora_rank * sum(d_in + d_out for d_in, d_out in features) * factor_bytes
+    routers = slots * c.max_hydra_heads * sum(d_in + 1 for d_in, _ in features) * 4
+    text = (f"{size_text(factors + routers)} ({slots} slots (--max-active-adapters + 1) x --max-lora-rank "
+            f"{c.max_lora_rank} over {len(features)} adapted modules: {size_text(factors)} of factors; "
+            f"--max-hydra-heads {c.max_hydra_heads}: {size_text(routers)} of routers)")
+    if free is not None and factors + routers > free:
+        raise ConfigError(f"the adapter slot bank needs {text}, more than the {size_text(free)} free on {c.device}: "
+                          f"lower --max-active-adapters, --max-lora-rank or --max-hydra-heads")
+    return text
+
+
 @dataclass(frozen=True)
 class Limits:
     """The limits in force, with the model-derived defaults (the 0s of the flags) resolved."""

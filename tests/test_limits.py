@@ -326,3 +326,44 @@ def test_a_burst_is_prefilled_in_groups_within_max_prefill_tokens(model_dirs):
     assert [lengths for _, lengths in groups] == [[10, 10], [10, 10], [10], [40]]  # 3 x 10 > 25; 40 alone
     for (i, _), (j, _) in zip(groups, groups[1:]):  # the running rows got a token between two groups
         assert any(kind == "decode" for kind, _ in steps[i + 1:j]), steps
+
+
+@pytest.mark.parametrize("flag", ["max_lora_rank", "max_active_adapters", "max_hydra_heads"])
+def test_a_slot_bank_beyond_the_free_memory_is_refused_before_it_is_allocated(model_dirs, flag, monkeypatch):
+    """Asking for 2^31-1 of any slot dimension wanted terabytes and failed in the allocation with a traceback."""
+    from adapters import slot_bank
+    allocated = []
+    real = slot_bank.SlotBank.__init__
+    monkeypatch.setattr(slot_bank.SlotBank, "__init__",
+                        lambda self, *a, **k: allocated.append(1) or real(self, *a, **k))
+    with pytest.raises(RuntimeError, match=r"ConfigError\(.the adapter slot bank needs [0-9.]+ TiB .*, more than the "
+                                           r".* free on cpu: lower --max-active-adapters, --max-lora-rank or "
+                                           r"--max-hydra-heads"):
+        start_server(model_dirs["llama"], None, **{flag: 2 ** 31 - 1})
+    assert not allocated
+
+
+def test_a_slot_bank_that_cannot_be_allocated_is_a_config_error(model_dirs, monkeypatch):
+    """Where the free memory is not known (or shrank since), the allocation's failure names the flags."""
+    from server import app
+    monkeypatch.setattr(app, "free_memory", lambda device: None)
+    with pytest.raises(RuntimeError, match=r"ConfigError\(.the adapter slot bank \([0-9.]+ TiB .*\) cannot be "
+                                           r"allocated on cpu: .*can't allocate memory.*; lower --max-active-adapters"):
+        start_server(model_dirs["llama"], None, max_lora_rank=2 ** 31 - 1)
+
+
+def test_the_slot_bank_size_is_what_it_allocates(model_dirs, caplog):
+    """The logged size is the bytes the bank's tensors take (routers: once a HydraLoRA adapter is loaded)."""
+    import logging
+    caplog.set_level(logging.INFO, logger="loraplex.app")
+    server = start_server(model_dirs["llama"], None, max_active_adapters=3, max_lora_rank=5, max_hydra_heads=2)
+    try:
+        bank = server.serving.engine.bank
+        factors = sum(t.numel() * t.element_size() for t in [*bank.a, *bank.b])
+        routers = bank.g_bias.numel() * 4 + sum((3 + 1) * 2 * s.d_in * 4 for s in bank.shapes)  # g: [S+1, K, d_in]
+        from server.config import size_text
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("adapter slot bank: "))
+        assert line.startswith(f"adapter slot bank: {size_text(factors + routers)} (4 slots") and \
+            f"{size_text(factors)} of factors" in line, line
+    finally:
+        server.stop()

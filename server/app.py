@@ -45,6 +45,7 @@ SERVICES = [pb.DESCRIPTOR.services_by_name["Inference"].full_name, pb.DESCRIPTOR
 
 
 HANDLER_GRACE = 2.0  # seconds the open handlers get to send their status once a shutdown's grace is over
+REPLY_GRACE = 0.5  # seconds the last replies get to leave once no Inference/Adapters handler runs any more
 STATE_FILE = ".loraplex-state.json"  # ids must start with a letter or digit, so this is never an adapter
 
 
@@ -320,8 +321,16 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         log.info("grace period over: ending the requests still in flight with UNAVAILABLE")
         await _between_steps(serving.engine.fail_in_flight(cut), time.monotonic())
     # The handlers still open have just been told their status (or were never the engine's, e.g. a LoadAdapter
-    # reading a file): they get a moment to send it before the transport cuts them.
-    await server.stop(HANDLER_GRACE if hurry.is_set() else max(HANDLER_GRACE, deadline - time.monotonic()))
+    # reading a file): they get a moment to send it before the transport cuts them. Only Inference and Adapters calls
+    # are waited for: server.stop(grace) waits for every open call, and a health Watch (load balancers keep one
+    # open) or a reflection stream never ends by itself, so an idle server took the whole grace period to exit.
+    cut_at = time.monotonic() + (HANDLER_GRACE if hurry.is_set() else max(HANDLER_GRACE, deadline - time.monotonic()))
+    while _service_calls(interceptors[0]) and time.monotonic() < cut_at:
+        if hurry.is_set():
+            cut_at = min(cut_at, time.monotonic() + HANDLER_GRACE)
+        await asyncio.sleep(0.05)
+    left = max(0.0, cut_at - time.monotonic())
+    await server.stop(left if _service_calls(interceptors[0]) else min(left, REPLY_GRACE))
     if serving.registry_changes.count:  # cut by the transport: their clients heard UNAVAILABLE, so they must not count
         log.warning("%d LoadAdapter/UnloadAdapter calls were cut by the shutdown; the adapter state file keeps what it "
                     "held before them", serving.registry_changes.count)
@@ -348,6 +357,13 @@ async def _between_steps(future, deadline: float) -> None:
         await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, deadline - time.monotonic()) + HANDLER_GRACE)
     except Exception as exc:  # TimeoutError too: the transport ends the calls instead
         log.warning("shutting down without the engine: %s", exc or type(exc).__name__)
+
+
+def _service_calls(interceptor: MetricsInterceptor) -> float:
+    """Inference and Adapters calls whose handlers run now (the grpc_server_handling gauge; health and reflection
+    streams are not among them)."""
+    return sum(sample.value for metric in interceptor.handling.collect() for sample in metric.samples
+               if sample.labels.get("grpc_service") in SERVICES)
 
 
 def _loopback(host: str) -> bool:

@@ -268,3 +268,47 @@ def _health(client) -> int:
         return client.health()
     except grpc.RpcError:
         return -1
+
+
+def test_open_health_watch_and_reflection_streams_do_not_hold_the_exit(model_dirs):
+    """A load balancer keeps a health Watch open, a tool a reflection stream: neither ends by itself, and an idle
+    server waited the whole --grace-period for them. Now it exits once no Inference/Adapters call runs; the Watch
+    hears NOT_SERVING first, and a stream in flight still gets all its tokens."""
+    import queue
+
+    from grpc_health.v1 import health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    proc, port = _server_process(model_dirs["llama"], "--grace-period", "60")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as client:
+            assert wait_for(lambda: _health(client) == SERVING, timeout=60)
+            seen = []
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            threading.Thread(target=lambda: seen.extend(_statuses(watch)), daemon=True).start()
+            asks = queue.Queue()
+            asks.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+            replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter(asks.get, None))
+            assert next(replies).list_services_response.service  # open, and left open
+            assert wait_for(lambda: seen == [SERVING])
+            stream = client.generate_stream([5, 6], max_new_tokens=40, ignore_eos=True)
+            first = next(stream)
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            messages = [first, *stream]
+            assert sum(len(m.token_ids) for m in messages) == 40
+            assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - start < 15  # not the 60 s grace period
+        assert wait_for(lambda: len(seen) >= 3) and seen[:2] == [SERVING, NOT_SERVING], seen
+        asks.put(None)
+    finally:
+        channel.close()
+        proc.kill()
+
+
+def _statuses(watch):
+    try:
+        for reply in watch:
+            yield reply.status
+    except grpc.RpcError as err:
+        yield err.code()

@@ -25,7 +25,7 @@ import grpc  # noqa: E402
 
 from clients.client import AsyncClient  # noqa: E402
 from loader.default_model import default_adapter_root  # noqa: E402
-from server.app import BackgroundServer  # noqa: E402
+from server.background import BackgroundServer  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 
 

@@ -49,7 +49,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from clients.client import AsyncClient  # noqa: E402
 from loader.default_model import build_tokenizer, tiny_config  # noqa: E402
-from server.app import BackgroundServer  # noqa: E402
+from server.background import BackgroundServer  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from bench.server_process import ServerProcess, free_port  # noqa: E402
 
@@ -75,7 +75,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     a("--vocab", type=int, default=32000)
     a("--seed", type=int, default=0)
     a("--server", choices=["process", "inprocess"], default="process",
-      help="process: `python -m server` in a child process (default); inprocess: server.app.BackgroundServer here")
+      help="process: `python -m server` in a child process (default); inprocess: server.background.BackgroundServer here")
     a("--server-env", action="append", default=[], metavar="KEY=VALUE",
       help="extra environment for the server process (repeatable), e.g. OMP_WAIT_POLICY=active")
     a("--server-module", default="server",
@@ -160,7 +160,7 @@ ENGINE_STATS = {  # name in the table -> Prometheus sample
 
 class EngineBench:
     """The real server, driven over gRPC by the asyncio client. `--server process` runs `python -m server`
-    (what `loraplex serve` runs) in a child process; `inprocess` runs server.app.BackgroundServer in this
+    (what `loraplex serve` runs) in a child process; `inprocess` runs server.background.BackgroundServer in this
     process, where this process's own torch threads (HF/PEFT rounds) share libgomp with the engine."""
 
     def __init__(self, model_dir: Path, adapter_root: Path, names: list[str], args, kernel: str | None = None,

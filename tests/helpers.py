@@ -18,7 +18,7 @@ from adapters.canonical import ModuleFactors
 from adapters.layer import MultiAdapterLinear
 from adapters.slot_bank import AdapterContext
 from clients.client import AsyncClient, Client
-from server.app import BackgroundServer
+from server.background import BackgroundServer
 from server.config import ServerConfig
 
 # Every way of computing the adapter delta; native and triton only where they can run (the reason is shown as a

@@ -11,7 +11,7 @@ from clients.client import AsyncClient, Client
 from loader.base_model import load_base_model
 from loader.default_model import build_model_dir
 from loader.inject import inject
-from server.app import BackgroundServer
+from server.background import BackgroundServer
 from server.attention import AttentionLayout, UnsupportedAttention
 from server.batch import Row, Runner
 from server.config import ServerConfig

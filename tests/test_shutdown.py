@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2
 from clients.client import Client
 from protos.loraplex.v1 import inference_pb2 as pb
 from server import app as server_app
+from server.background import BackgroundServer
 from server.config import ServerConfig
 from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, start_server, wait_for
 
@@ -40,7 +41,7 @@ def test_health_not_serving_until_model_is_warm(model_dirs, monkeypatch):
         return real(*args)
     monkeypatch.setattr(server_app, "build_serving", gated)
     config = server_app.ServerConfig(model=str(model_dirs["llama"]), port=0, metrics_port=0, log_level="WARNING")
-    background = server_app.BackgroundServer(config)
+    background = BackgroundServer(config)
     threading.Thread(target=background.start, daemon=True).start()
     assert wait_for(lambda: background.ports is not None)  # bound, model still loading
     with Client(f"127.0.0.1:{background.ports.grpc}", timeout=5) as client:
@@ -73,7 +74,7 @@ def test_a_stop_while_the_model_loads_never_reports_serving(model_dirs, monkeypa
     gate = threading.Event()
     real = server_app.build_serving
     monkeypatch.setattr(server_app, "build_serving", lambda *args: (gate.wait(60), real(*args))[1])
-    background = server_app.BackgroundServer(ServerConfig(model=str(model_dirs["llama"]), port=0, metrics_port=0,
+    background = BackgroundServer(ServerConfig(model=str(model_dirs["llama"]), port=0, metrics_port=0,
                                                           threads=1, log_level="WARNING"))
     def start():
         with pytest.raises(RuntimeError, match="server did not start"):  # stopped before it was ready

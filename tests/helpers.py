@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from adapters import cpu_kernel, triton_kernel
 from adapters.canonical import ModuleFactors
-from adapters.layer import MultiAdapterLinear
-from adapters.slot_bank import AdapterContext
+from adapters.layer import MultiAdapterLinear, reference_delta
+from adapters.slot_bank import AdapterContext, ModuleShape, SlotBank
 from clients.client import AsyncClient, Client
 from server.background import BackgroundServer
 from server.config import ServerConfig
@@ -222,3 +222,20 @@ def layer_delta(bank, slots, x):
     context.rows = bank.gather(slots)
     with torch.inference_mode():
         return layer(x) - layer.base(x)
+
+
+def assert_delta_equals_per_row_reference(kernel: str, dtype: torch.dtype, d_in: int, d_out: int, tokens: int):
+    """LoRA of several ranks, HydraLoRA with 2-4 heads (with and without router bias), full-width rows and base
+    rows in one batch through `kernel`, against the per-row reference (factors rounded as the bank stores them)."""
+    torch.manual_seed(d_in + d_out + tokens)
+    bank = SlotBank([ModuleShape("m", d_in, d_out)], num_slots=6, max_rank=12, device=torch.device("cpu"),
+                    dtype=dtype, max_heads=4, kernel=kernel, compute_dtype=torch.float32)
+    kinds = [Fake(1, d_in, d_out, 3, 2), Fake(2, d_in, d_out, 2, 4), Fake(3, d_in, d_out, 5),
+             Fake(4, d_in, d_out, 4, 3, bias=True), Fake(5, d_in, d_out, 12), Fake(6, d_in, d_out, 1)]
+    per_row = [kinds[0], None, kinds[2], kinds[1], kinds[3], kinds[0], None, kinds[4], kinds[5]]
+    slots = [0 if a is None else bank.acquire(a) for a in per_row]
+    x = torch.randn(len(per_row), tokens, d_in)
+    got = layer_delta(bank, slots, x)
+    want = reference_delta(x, [rounded(a, dtype) for a in per_row], d_out)
+    torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    assert got[1].abs().max() == 0 and got[6].abs().max() == 0  # base rows get exactly nothing

@@ -12,8 +12,8 @@ from adapters.slot_bank import ModuleShape, SlotBank
 from clients import cli
 from clients.client import Client
 from loader.hydra_files import save_hydralora
-from tests.helpers import (LLAMA_TARGETS, Fake, layer_delta, make_hydra_model, make_peft_adalora, make_peft_adapter,
-                           rounded, start_server, tokens_alone_and_together)
+from tests.helpers import (LLAMA_TARGETS, Fake, assert_delta_equals_per_row_reference, make_hydra_model, make_peft_adalora,
+                           make_peft_adapter, start_server, tokens_alone_and_together)
 
 if cpu_kernel._cpu_problem():  # a CPU without AVX-512 cannot run the kernel at all; anything else must work
     pytest.skip(f"native kernel: {cpu_kernel._cpu_problem()}", allow_module_level=True)
@@ -24,21 +24,9 @@ if cpu_kernel._cpu_problem():  # a CPU without AVX-512 cannot run the kernel at 
 @pytest.mark.parametrize("d_in,d_out", [(24, 40), (64, 96), (70, 33), (512, 1408)])
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_delta_equals_per_row_reference(kernel, dtype, d_in, d_out, tokens):
-    """LoRA of several ranks, HydraLoRA with 2-4 heads (with and without router bias), full-width rows and
-    base rows in one batch; dimensions that are and are not multiples of the vector width; factors stored in
-    fp32, bf16 or fp16 (computed in fp32 either way)."""
-    torch.manual_seed(d_in + d_out + tokens)
-    bank = SlotBank([ModuleShape("m", d_in, d_out)], num_slots=6, max_rank=12, device=torch.device("cpu"),
-                    dtype=dtype, max_heads=4, kernel=kernel, compute_dtype=torch.float32)
-    kinds = [Fake(1, d_in, d_out, 3, 2), Fake(2, d_in, d_out, 2, 4), Fake(3, d_in, d_out, 5),
-             Fake(4, d_in, d_out, 4, 3, bias=True), Fake(5, d_in, d_out, 12), Fake(6, d_in, d_out, 1)]
-    per_row = [kinds[0], None, kinds[2], kinds[1], kinds[3], kinds[0], None, kinds[4], kinds[5]]
-    slots = [0 if a is None else bank.acquire(a) for a in per_row]
-    x = torch.randn(len(per_row), tokens, d_in)
-    got = layer_delta(bank, slots, x)
-    want = reference_delta(x, [rounded(a, dtype) for a in per_row], d_out)
-    torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
-    assert got[1].abs().max() == 0 and got[6].abs().max() == 0  # base rows get exactly nothing
+    """Dimensions that are and are not multiples of the vector width; factors stored in fp32, bf16 or fp16
+    (computed in fp32 either way)."""
+    assert_delta_equals_per_row_reference(kernel, dtype, d_in, d_out, tokens)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -10,8 +10,8 @@ from adapters.slot_bank import ModuleShape, SlotBank
 from clients import cli
 from clients.client import Client
 from loader.hydra_files import save_hydralora
-from tests.helpers import (LLAMA_TARGETS, Fake, layer_delta, make_hydra_model, make_peft_adalora, make_peft_adapter,
-                           rounded, start_server, tokens_alone_and_together)
+from tests.helpers import (LLAMA_TARGETS, Fake, assert_delta_equals_per_row_reference, layer_delta, make_hydra_model,
+                           make_peft_adalora, make_peft_adapter, rounded, start_server, tokens_alone_and_together)
 
 if triton_kernel.problem(torch.device("cpu")):
     pytest.skip(f"triton kernel: {triton_kernel.problem(torch.device('cpu'))}", allow_module_level=True)
@@ -26,19 +26,8 @@ def bank_of(d_in: int, d_out: int, dtype=torch.float32, max_rank: int = 12, max_
 @pytest.mark.parametrize("d_in,d_out", [(24, 40), (70, 33), (300, 130)])  # (300, 130): 3 input blocks, 2 tiles
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_delta_equals_per_row_reference(dtype, d_in, d_out, tokens):
-    """LoRA of several ranks, HydraLoRA with 2-4 heads (with and without router bias), full-width rows and base
-    rows in one batch; decode (one token: the kernel) and prompts (the torch path)."""
-    torch.manual_seed(d_in + d_out + tokens)
-    bank = bank_of(d_in, d_out, dtype)
-    kinds = [Fake(1, d_in, d_out, 3, 2), Fake(2, d_in, d_out, 2, 4), Fake(3, d_in, d_out, 5),
-             Fake(4, d_in, d_out, 4, 3, bias=True), Fake(5, d_in, d_out, 12), Fake(6, d_in, d_out, 1)]
-    per_row = [kinds[0], None, kinds[2], kinds[1], kinds[3], kinds[0], None, kinds[4], kinds[5]]
-    slots = [0 if a is None else bank.acquire(a) for a in per_row]
-    x = torch.randn(len(per_row), tokens, d_in)
-    got = layer_delta(bank, slots, x)
-    want = reference_delta(x, [rounded(a, dtype) for a in per_row], d_out)
-    torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
-    assert got[1].abs().max() == 0 and got[6].abs().max() == 0  # base rows get exactly nothing
+    """Decode (one token: the kernel) and prompts (the torch path), across block boundaries."""
+    assert_delta_equals_per_row_reference("triton", dtype, d_in, d_out, tokens)
 
 
 def test_a_bank_of_rank_1_without_heads():

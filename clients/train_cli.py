@@ -118,7 +118,8 @@ def _train_all(args) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    progress = lambda steps: tqdm(steps, desc=f"train {args.method}", unit="step")  # noqa: E731
+    def progress(job):  # the bar names the job's own method and output (under --jobs, jobs differ)
+        return lambda steps: tqdm(steps, desc=f"train {job.method} {Path(job.out).name}", unit="step")
     if args.jobs:
         from loader.batch_jobs import gather_rows, read_jobs, run_jobs, summary_table
         try:
@@ -131,13 +132,13 @@ def _train_all(args) -> int:
         except DataError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        rows = gather_rows(run_jobs(jobs, lambda j, progress: _train_one(j, args, progress), progress))
+        rows = gather_rows(run_jobs(jobs, lambda j: _train_one(j, args, progress(j))))
         if int(os.environ.get("RANK", 0)) == 0:  # one table for the whole run
             print(summary_table(rows))
         return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
     try:
         _check_deploy(args, [job])
-        _train_one(job, args, progress)
+        _train_one(job, args, progress(job))
     except (JobError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

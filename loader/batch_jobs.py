@@ -105,7 +105,7 @@ def resume_plan(job: TrainJob) -> TrainJob | None:
     return job
 
 
-def run_jobs(jobs: list[TrainJob], run, progress=None) -> list[dict]:
+def run_jobs(jobs: list[TrainJob], run) -> list[dict]:
     """Run this rank's share; returns one row per job: index, method, out, status, steps, eval_loss, error."""
     _, _, mine = my_share(jobs)
     rows = []
@@ -116,7 +116,7 @@ def run_jobs(jobs: list[TrainJob], run, progress=None) -> list[dict]:
                 rows.append({"job": index, "method": job.method, "out": job.out, "status": "skipped"})
                 continue
             job = planned
-            summary = run(job, progress=progress)
+            summary = run(job)
             eval_loss = summary["eval_loss"][-1][1] if summary["eval_loss"] else None
             rows.append({"job": index, "method": job.method, "out": job.out, "status": "ok",
                          "steps": summary["steps"], "eval_loss": eval_loss, "seconds": summary["seconds"]})

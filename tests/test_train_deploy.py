@@ -40,6 +40,7 @@ def test_jobs_file_runs_all_and_reports_failures(model_dirs, tmp_path):
     assert " ok " in row["0"] and " ok " in row["2"]
     assert "failed" in row["1"] and "broken.jsonl:1: not valid JSON" in row["1"]
     assert (tmp_path / "a" / "adapter_model.safetensors").exists() and (tmp_path / "c" / "adapter_config.json").exists()
+    assert "train lora a:" in result.stderr and "train reslora c:" in result.stderr  # each job's own progress bar
 
 
 def test_under_torchrun_a_failed_job_does_not_stop_the_other_ranks(model_dirs, tmp_path):

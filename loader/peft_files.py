@@ -178,7 +178,10 @@ def refuse_unservable(config: dict, adapter_id: str) -> None:
         (config.get("use_dora"), "use_dora is true (DoRA is not served)"),
         (config.get("modules_to_save"), "modules_to_save is set (full module copies cannot share a batch)"),
         (config.get("trainable_token_indices"), "trainable_token_indices is set"),
-        (config.get("target_parameters"), "target_parameters is set"),
+        (config.get("target_parameters"), "target_parameters is set (LoRA on parameters, such as a mixture-of-experts "
+                                          "model's fused experts, which PEFT adds for target_modules='all-linear' on "
+                                          "such models; train with target_modules naming nn.Linear modules, e.g. "
+                                          "the attention projections)"),
         (config.get("bias", "none") != "none", f"bias is {config.get('bias')!r}; only 'none' is served"),
         (config.get("lora_bias"), "lora_bias is true"),
         (config.get("layers_to_transform") is not None, "layers_to_transform is set; list modules in target_modules"),

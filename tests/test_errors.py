@@ -43,6 +43,7 @@ def adapter_root(model_dirs, tmp_path_factory):
             config_edit={"r": 32})
     variant("not-json", raw_config="{not json")
     variant("dora", config_edit={"use_dora": True})
+    variant("moe-experts", config_edit={"target_parameters": ["experts.gate_up_proj", "experts.down_proj"]})
     # later PEFT LoRA variants, each a config key with its own forward: refused by name, never served as LoRA
     variant("alora", config_edit={"alora_invocation_tokens": [5, 6]})
     variant("bdlora", config_edit={"use_bdlora": {"target_modules_bd_a": ["q_proj"], "nblocks": 2}})
@@ -140,6 +141,7 @@ def test_adapters_for_a_rewritten_base_are_served_with_a_warning_saying_what_the
     ("rank-too-high", "above the server's --max-lora-rank 16"),
     ("not-json", "not valid JSON"),
     ("dora", "use_dora"),
+    ("moe-experts", "target_parameters is set (LoRA on parameters, such as a mixture-of-experts model's fused experts"),
     ("alora", "sets alora_invocation_tokens = [5, 6], a PEFT feature the server does not serve"),
     ("bdlora", "sets use_bdlora = "),
     ("future-variant", "sets some_new_variant = True"),

@@ -6,6 +6,7 @@ from enum import Enum
 
 
 UTF8_MAX_BYTES = 4
+SPLITS_TRIED = 8  # token splits tried per search for one that cuts no character
 
 
 class FinishReason(Enum):
@@ -32,9 +33,11 @@ class TextStream:
         self._eos = eos_token_ids
         self.ids: list[int] = []
         self._carries: list[bool] = []  # per id: whether it decodes to any text alone (may hold a character's bytes)
-        self._prefix = 0  # ids[_prefix:_read] decode to the tail already folded into `text`
+        self._prefix = 0  # ids[_prefix:_read] decode to the tail of `_folded`: context for decoding what follows
         self._read = 0
-        self.text = ""
+        self._folded = ""  # the text of ids[:_read]: final
+        self._unsplit = 0  # waiting ids when a search for a split last failed
+        self.text = ""  # all that can be shown: `_folded` and what follows it up to an unfinished character
         self._emitted = 0
         self._stops = StopMatcher(params.stop)
         self.finish: FinishReason | None = None
@@ -61,30 +64,40 @@ class TextStream:
         return delta
 
     def _decode_tail(self, final: bool = False) -> None:
-        """Fold the ids not yet in `text` into it, unless they end inside a UTF-8 character (decoded as U+FFFD
-        until its last byte arrives). A character is at most 4 bytes, so its unfinished start lies within the
-        last 3 waiting tokens that carry any text (special tokens and a tokenizer's stripped leading space carry
-        none; tokens with bytes decode to something, if only U+FFFD). Once 4 such tokens wait, the text before
-        those 3 can only be final: it is folded (invalid bytes as U+FFFD, as decoding all the ids gives) at the
-        latest token split that cuts no character. Else the window decoded at every token would grow with a run
-        of invalid bytes: quadratic, and no text shown for the whole run."""
+        """Bring `text` up to date with the ids. The window ids[_prefix:] is decoded whole (ids[_prefix:_read]
+        for context, their text already folded into `_folded`); if it ends inside a UTF-8 character (U+FFFD until
+        its last byte arrives), all before that character is shown and the rest waits. Decoding is prefix-stable
+        (later bytes change only a character still unfinished), so shown text is never taken back."""
         before, after = self._decode(self._prefix, self._read), self._decode(self._prefix, len(self.ids))
         if len(after) <= len(before):
             return
-        end = len(self.ids)
         if after.endswith("\ufffd") and not final:
-            carrying = [i for i in range(self._read, end) if self._carries[i]]
-            if len(carrying) < UTF8_MAX_BYTES:
+            self.text = self._folded + after[len(before):].rstrip("\ufffd")
+            self._fold_finished_head(before, after)
+            return
+        self._folded += after[len(before):]
+        self.text = self._folded
+        self._prefix, self._read = self._read, len(self.ids)
+
+    def _fold_finished_head(self, before: str, after: str) -> None:
+        """Keep the decoded window short while a character is unfinished (a run of invalid bytes would otherwise
+        grow it with every token): fold its head at a token split that cuts no character. The unfinished
+        character (at most 3 bytes so far) lies within the last 3 waiting tokens that carry text (special tokens
+        and a stripped leading space carry none; a byte token decodes to U+FFFD at least), so the split is before
+        them. Byte-level BPE tokens can cut characters at every split: then no split is found, the search is
+        retried only once the window has doubled, and the window's decoding costs linear time per token."""
+        end = len(self.ids)
+        carrying = [i for i in range(self._read, end) if self._carries[i]]
+        if len(carrying) < UTF8_MAX_BYTES or end - self._read < 2 * self._unsplit:
+            return
+        last = carrying[1 - UTF8_MAX_BYTES]
+        for at in range(last, max(self._read, last - SPLITS_TRIED), -1):
+            head = self._decode(self._prefix, at)
+            if head + self._decode(at, end) == after:
+                self._folded += head[len(before):]
+                self._prefix, self._read, self._unsplit = self._read, at, 0
                 return
-            for at in range(carrying[1 - UTF8_MAX_BYTES], self._read, -1):
-                head = self._decode(self._prefix, at)
-                if head + self._decode(at, end) == after:
-                    end, after = at, head
-                    break
-            else:
-                return  # no split cuts no character: wait (a character ends within 4 byte-carrying tokens)
-        self.text += after[len(before):]
-        self._prefix, self._read = self._read, end
+        self._unsplit = end - self._read
 
     def _decode(self, start: int, end: int) -> str:
         return self._tokenizer.decode(self.ids[start:end], skip_special_tokens=True)

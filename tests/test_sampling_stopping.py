@@ -220,6 +220,35 @@ def test_byte_fallback_characters_stream_whole_after_tokens_that_decode_to_nothi
         assert_streams_as_decode(tokenizer, tokenizer(text, add_special_tokens=False).input_ids, valid=True)
 
 
+class ByteLevelTokens:
+    """A byte-level BPE tokenizer's decoding (GPT-2, Llama-3, Qwen): each id is a byte string, the ids' bytes are
+    decoded together, invalid ones as U+FFFD. `decoded` counts the ids decoded."""
+
+    def __init__(self, pieces: dict[int, bytes]) -> None:
+        self.pieces, self.decoded = pieces, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decoded += len(ids)
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_tokens_that_cut_every_character_are_shown_as_their_characters_complete():
+    """"日本" repeated as tokens [E6 97] [A5 E6 9C] [AC E6 97] [A5 E6 9C] ...: every token ends inside a character,
+    so no token split is clean. All but the unfinished character is shown at every step, and decoding stays
+    quadratic overall (it searched every split at every token: cubic, 45 s for 801 tokens, nothing shown)."""
+    pieces = {0: b"\xe6\x97", 1: b"\xa5\xe6\x9c", 2: b"\xac\xe6\x97"}
+    tokenizer, reference = ByteLevelTokens(pieces), ByteLevelTokens(pieces)
+    n = 400
+    ids = [0] + [1 + i % 2 for i in range(n - 1)]
+    stream, shown = TextStream(tokenizer, StoppingParams(n), frozenset()), ""
+    for k, token in enumerate(ids, 1):
+        shown += stream.push(token)
+        full = reference.decode(ids[:k])
+        assert full.startswith(shown) and len(shown) >= len(full.rstrip("\ufffd")), (k, shown, full)
+    assert shown == reference.decode(ids) and shown.startswith("日本日本")
+    assert tokenizer.decoded < 2 * n * n
+
+
 def test_stop_matching_equals_searching_the_whole_text_at_every_step():
     """Random stops over a two-letter alphabet (overlaps everywhere) against the text growing by random chunks:
     the earliest match and the held-back length equal a search of the whole text."""

@@ -177,16 +177,20 @@ def _check_causal(hf, path: Path) -> None:
     device = next(hf.parameters()).device
     ids = torch.arange(1, 9, device=device).remainder(vocab).unsqueeze(0)
     changed = ids.clone()
-    changed[0, -1] = (changed[0, -1] + 1) % vocab
+    changed[0, 1:] = (changed[0, 1:] + 7) % vocab  # every token after the first: the first's logits must not move
     try:
         with torch.inference_mode():
-            before = hf(input_ids=ids, use_cache=False).logits[0, :-1].float()
-            after = hf(input_ids=changed, use_cache=False).logits[0, :-1].float()
+            before = hf(input_ids=ids, use_cache=False).logits[0, 0].float()
+            after = hf(input_ids=changed, use_cache=False).logits[0, 0].float()
     except Exception as exc:  # a forward transformers itself cannot run (chunked attention layers): the server's
         # attention check and warm-up generation refuse the model next, naming the reason
         log.info("%s: causality check skipped, the model's forward failed: %s", path, _first_line(exc))
         return
-    if (before - after).abs().max() > 1e-3 * before.abs().max() + 1e-5:
+    # A causal model's first logits stay equal, bit for bit in fp32 but for an MoE's expert batches (their shapes
+    # follow the other tokens' routing), by a few ulps per layer in half precision (GPU atomics too); an encoder's
+    # move with what it reads (a tiny random BERT's by 0.2-0.5%, a trained one's by far more).
+    tolerance = 1e-5 if next(hf.parameters()).dtype == torch.float32 else 3e-2
+    if (before - after).abs().max() > tolerance * before.abs().max() + 1e-6:
         hint = ", and its config.json has is_decoder false" if getattr(hf.config, "is_decoder", None) is False else ""
         raise UnservableModel(f"{path}: {type(hf).__name__} is not a causal LM: its output for a token changes with "
                               f"the tokens after it (a bidirectional encoder{hint}); this server generates with "

@@ -138,3 +138,25 @@ def test_serve_refuses_such_a_folder_in_one_line(unservable):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: --model: {folder}: the weights files ") \
         and needle in errors[0], result.stderr
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_causality_probe_tells_encoders_from_decoders_moe_included(seed, dtype):
+    """Random tiny BERTs (whose first logits move least) are refused whatever the seed; mixture-of-experts decoders,
+    whose expert batches follow the other tokens, pass in fp32 and bf16."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, BertConfig, BertLMHeadModel, Qwen3MoeConfig
+
+    from loader.base_model import UnservableModel, _check_causal
+    torch.manual_seed(seed)
+    bert = BertLMHeadModel(BertConfig(vocab_size=259, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64)).eval()
+    if dtype == torch.float32:  # a tiny random BERT moves its first logits by 0.2-0.5%: within bf16's tolerance
+        with pytest.raises(UnservableModel, match="is not a causal LM"):
+            _check_causal(bert, Path("bert"))
+    moe = AutoModelForCausalLM.from_config(Qwen3MoeConfig(
+        vocab_size=259, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, head_dim=16))
+    _check_causal(moe.to(dtype).eval(), Path("moe"))

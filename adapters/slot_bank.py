@@ -90,6 +90,9 @@ class SlotBank:
         self._key_of: dict[int, tuple] = {}
         self._refs = [0] * n
         self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(1, n))  # LRU order
+        if kernel == "triton":
+            from adapters.triton_kernel import warm_up
+            warm_up(self)  # compiled now, not in the first decode steps of the first adapter requests
 
     # -- residency (engine thread only) -------------------------------------------------------
     def acquire(self, adapter: CanonicalAdapter | None) -> int:

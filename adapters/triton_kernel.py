@@ -9,10 +9,12 @@ of every row in one launch whatever the kinds in the batch, reads only each row'
 padding to the batch's widest adapter), and copies nothing when the batch changes.
 
 One program computes one token's outputs [tile·BLOCK_O, (tile+1)·BLOCK_O): the row's shrink z = A_s x (and its
-gate g = softmax(R_s x + bias_s) where the module has routers), then y += B_s^T (g ⊗ z) for its tile. Every
-tile recomputes the shrink: r·d_in multiply-adds from factors the tiles share through the cache, against a
-second launch and a round trip through memory. Arithmetic is fp32 whatever the factor and model dtypes; a
-token's result depends on nothing else in the batch.
+gate g = softmax(R_s x + bias_s) where the module has routers), then y += B_s^T (g ⊗ z) for its tile, head by head
+(expand columns h·r + j carry z[j]·g[h]). Every tile recomputes the shrink: r·d_in multiply-adds from factors the
+tiles share through the cache, against a second launch and a round trip through memory. Tiles hold R x block
+elements, R the slot width rounded up: the feature blocks narrow as slots widen. Arithmetic is fp32 whatever the
+factor and model dtypes; a token's result depends on nothing else in the batch. The bank compiles every variant it
+needs when it is made (`warm_up`), so a compile error or wait comes at start-up, not in a request.
 
 Prompts (more than one token per row) go through the torch path (adapters/torch_rows.py): per token, this
 kernel re-reads A once per output tile, which at thousands of tokens costs more than the batched matmuls.
@@ -27,8 +29,7 @@ import os
 
 import torch
 
-BLOCK_I = 128  # input features per load of A (and of the router)
-BLOCK_O = 128  # output features per program
+BLOCK_ELEMENTS = 8192  # a factor tile's size: R x the block of features (fewer features for wider slots)
 
 
 class KernelUnavailable(Exception):
@@ -77,25 +78,23 @@ def _kernel():
                     rv = tl.load(router + (s * MAX_HEADS + h[:, None]) * d_in + i[None, :],
                                  mask=(h[:, None] < MAX_HEADS) & (i[None, :] < d_in), other=0.0)
                     logits += tl.sum(rv * xv[None, :], axis=1)
-            c = tl.arange(0, R)                   # expand columns: head c // r, shrink column c % r
+            o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+            out = (o[None, :] < d_out)
             if ROUTED:
                 # bias is -inf on a slot's padded heads, and (0, -inf, ...) for a router-less slot: g = (1, 0, ...)
                 logits += tl.load(bias + s * bias_stride + h, mask=h < MAX_HEADS, other=float("-inf"))
                 e = tl.exp(logits - tl.max(logits, axis=0))
                 g = e / tl.sum(e, axis=0)
-                k = tl.load(heads + s)
-                # Registers cannot be indexed by a tensor: pick z[c % r] and g[c // r] with one-hot sums.
-                zc = tl.sum(tl.where((c % r)[:, None] == j[None, :], z[None, :], 0.0), axis=1)
-                gc = tl.sum(tl.where((c // r)[:, None] == h[None, :], g[None, :], 0.0), axis=1)
-                w = k * r
-                zc = tl.where(c < w, zc * gc, 0.0)
+                delta = tl.zeros([BLOCK_O], dtype=tl.float32)
+                for head in range(0, tl.load(heads + s)):  # expand columns head·r + j carry z[j]·g[head]
+                    gate = tl.sum(tl.where(h == head, g, 0.0), axis=0)
+                    bv = tl.load(b + (s * MAX_RANK + head * r + j[:, None]) * d_out + o[None, :],
+                                 mask=(j[:, None] < r) & out, other=0.0).to(tl.float32)
+                    delta += tl.sum(bv * (z * gate)[:, None], axis=0)
             else:
-                w = r
-                zc = z                            # columns >= r are 0: A was read as 0 there
-            o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-            bv = tl.load(b + (s * MAX_RANK + c[:, None]) * d_out + o[None, :],
-                         mask=(c[:, None] < w) & (o[None, :] < d_out), other=0.0).to(tl.float32)
-            delta = tl.sum(bv * zc[:, None], axis=0)
+                bv = tl.load(b + (s * MAX_RANK + j[:, None]) * d_out + o[None, :],
+                             mask=(j[:, None] < r) & out, other=0.0).to(tl.float32)
+                delta = tl.sum(bv * z[:, None], axis=0)
             yv = tl.load(y + m * d_out + o, mask=o < d_out, other=0.0)
             tl.store(y + m * d_out + o, (yv.to(tl.float32) + delta).to(y.dtype.element_ty), mask=o < d_out)
 
@@ -105,6 +104,39 @@ def _kernel():
 def _power_of_two(n: int) -> int:
     """The block size covering n: a power of two (tl.arange's rule), at least 2 (no single-element blocks)."""
     return max(2, 1 << max(0, n - 1).bit_length())
+
+
+def _meta(bank) -> dict:
+    """The kernel's compile-time sizes for a bank: rank and heads rounded up, feature blocks of R x block <= 8192."""
+    rank = _power_of_two(bank.max_rank)
+    block = min(128, max(16, BLOCK_ELEMENTS // rank))
+    return dict(MAX_RANK=bank.max_rank, MAX_HEADS=bank.max_heads, R=rank, K=_power_of_two(bank.max_heads),
+                BLOCK_I=block, BLOCK_O=block)
+
+
+def warm_up(bank) -> None:
+    """Compile the kernel for every module shape of the bank, with and without routers, now (at start-up) rather
+    than in the first decode steps that need each: a launch on slot 0, which adapts nothing."""
+    meta = _meta(bank)
+    slot = torch.zeros(1, dtype=torch.int32, device=bank.device)
+    seen = set()
+    for i, shape in enumerate(bank.shapes):
+        if (shape.d_in, shape.d_out) in seen:
+            continue
+        seen.add((shape.d_in, shape.d_out))
+        x = torch.zeros(1, shape.d_in, dtype=bank.compute_dtype, device=bank.device)
+        y = torch.zeros(1, shape.d_out, dtype=bank.compute_dtype, device=bank.device)
+        for routed in (False, True):
+            _launch(bank.device, (1, -(-shape.d_out // meta["BLOCK_O"])), x, y, slot, bank.device_ranks[i],
+                    bank.device_heads[i], bank.a[i], bank.b[i], bank.g_bias, bank.g_bias[:, i, :],
+                    bank.g_bias.stride(0), shape.d_in, shape.d_out, ROUTED=routed, **meta)
+
+
+def _launch(device: torch.device, grid, *args, **meta) -> None:
+    # Triton launches on the thread's current CUDA device, not on its tensors': a bank on cuda:1 needs it set.
+    if device.type == "cuda" and device.index is not None and torch.cuda.current_device() != device.index:
+        torch.cuda.set_device(device.index)
+    _kernel()[grid](*args, **meta)
 
 
 class TritonRows:
@@ -125,9 +157,7 @@ class TritonRows:
                 self.slots, bank.device_ranks[i], bank.device_heads[i], bank.a[i], bank.b[i],
                 bank.g_bias if router is None else router, bank.g_bias[:, i, :], bank.g_bias.stride(0),
                 shape.d_in, shape.d_out, router is not None) if adapted[i] else None)
-        self.meta = dict(MAX_RANK=bank.max_rank, MAX_HEADS=bank.max_heads, R=_power_of_two(bank.max_rank),
-                         K=_power_of_two(bank.max_heads), BLOCK_I=BLOCK_I, BLOCK_O=BLOCK_O)
-        self.kernel = _kernel()
+        self.meta = _meta(bank)
         self._prompts = None  # the torch path's batch-ordered copies, made on the first prompt
 
     def add_delta(self, index: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -145,7 +175,6 @@ class TritonRows:
             raise ValueError(f"triton kernel: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit {self.rows} rows "
                              f"of module {self.bank.shapes[index].name}")
         x, y = x.contiguous(), y.contiguous()
-        grid = (self.rows, -(-d_out // BLOCK_O))
-        self.kernel[grid](x, y, slots, ranks, heads, a, b, router, bias, bias_stride, d_in, d_out,
-                          ROUTED=routed, **self.meta)
+        _launch(self.bank.device, (self.rows, -(-d_out // self.meta["BLOCK_O"])), x, y, slots, ranks, heads, a, b,
+                router, bias, bias_stride, d_in, d_out, ROUTED=routed, **self.meta)
         return y

@@ -40,6 +40,18 @@ def test_a_bank_of_rank_1_without_heads():
     torch.testing.assert_close(got, reference_delta(x, [lora.modules["m"], None, lora.modules["m"]], 30))
 
 
+def test_a_wide_bank_with_many_heads():
+    """--max-lora-rank 2048: the expand runs head by head over [rank, features] tiles (it selected each column's
+    head and shrink column with [R, R] one-hot tensors: over Triton's element limit here, and slow to compile)."""
+    torch.manual_seed(3)
+    bank = bank_of(40, 24, max_rank=2048, max_heads=8)
+    hydra, lora = Fake(1, 40, 24, 256, 8, bias=True), Fake(2, 40, 24, 2048)
+    x = torch.randn(3, 1, 40)
+    got = layer_delta(bank, [bank.acquire(hydra), bank.acquire(lora), 0], x)
+    want = reference_delta(x, [hydra.modules["m"], lora.modules["m"], None], 24)
+    torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
 def test_a_rows_delta_is_bitwise_the_same_in_any_batch():
     torch.manual_seed(0)
     d_in, d_out = 150, 140

@@ -26,10 +26,6 @@ from typing import Callable
 from adapters.canonical import CanonicalAdapter
 from server.errors import AdapterMemoryFull, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
-
-class UnreadableStateFile(Exception):
-    """The state file exists but is not a list of loaded adapters; nothing was changed."""
-
 log = logging.getLogger("loraplex.registry")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ID_RULE = ("use 1-128 characters from [A-Za-z0-9._-], starting with a letter or digit, without '..'; ids name a "
@@ -39,6 +35,10 @@ Reader = Callable[[Path, str, int], CanonicalAdapter]  # (directory, adapter_id,
 
 def valid_id(adapter_id: str) -> bool:
     return bool(_ID.fullmatch(adapter_id)) and ".." not in adapter_id
+
+
+class UnreadableStateFile(Exception):
+    """The state file exists but is not a list of loaded adapters; nothing was changed."""
 
 
 @dataclass

@@ -17,7 +17,6 @@ from adapters.targets import ALL_LINEAR
 from adapters.training import Hooks, Trainer, TrainSettings, evaluate
 from loader.base_model import device_problem
 from loader.default_model import default_model_dir
-from loader.deploy import served_form
 from loader.inject import linear_module_names, unmatched_targets
 from loader.peft_files import CONFIG_FILE
 from loader.train_data import collate, read_jsonl
@@ -403,7 +402,7 @@ def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
     summary = {"method": job.method, "out": str(out), "steps": result.steps, "trainable_params": trainable,
                "seconds": round(result.seconds, 2), "tokens": result.tokens, "train_loss": result.train_loss,
                "eval_loss": result.eval_loss, "targets": targets, **merge, "job": identity,
-               "served": served_form(out, layers)}  # what a server's AdapterInfo must say once it loads it
+               "served": _served(out, layers)}  # what a server's AdapterInfo must say once it loads it
     if evaluation and not result.eval_loss:
         summary["eval_loss"] = [(result.steps, evaluate(model, evaluation, pad, job.settings.batch_size, job.device))]
     (out / LOG).write_text(json.dumps(summary, indent=2))
@@ -411,3 +410,14 @@ def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
         inspect(model, tokenizer)
     print(f"wrote {job.method} adapter to {out} ({result.steps} steps, {result.seconds:.1f}s)", file=sys.stderr)
     return summary
+
+
+def _served(out: Path, layers: dict) -> dict:
+    """The adapter as a server will read it; files it would refuse (factors that diverged to NaN, say) are this
+    job's failure, named, not a traceback after the files were written."""
+    from loader.deploy import served_form  # here: deploying (grpc, the client) is not training's import
+    from server.errors import LoraplexError
+    try:
+        return served_form(out, layers)
+    except LoraplexError as exc:
+        raise JobError(f"the adapter written to {out} cannot be served: {exc}") from None

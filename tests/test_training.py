@@ -380,3 +380,16 @@ def test_an_architecture_without_default_targets_asks_for_them(data, tmp_path):
                                        r"\(this model's linear modules are named \['down_proj', 'gate_up_proj'"):
         run_job(TrainJob(method="lora", data=str(data[0]), out=str(tmp_path / "o"), model=str(model),
                          settings=replace(FAST, max_steps=1)))
+
+
+def test_written_files_a_server_would_refuse_are_the_jobs_error(model_dirs, data, tmp_path, monkeypatch):
+    """After writing, training reads the adapter as a server would (for the deploy check); a refusal there (factors
+    that diverged to NaN, say) is the job's named error, not a traceback."""
+    import loader.deploy
+    from server.errors import FailedPrecondition
+
+    def refuse(out, layers):
+        raise FailedPrecondition("adapter 'o': tensor model.layers.0.self_attn.q_proj.lora_A.weight holds NaN or Inf")
+    monkeypatch.setattr(loader.deploy, "served_form", refuse)
+    with pytest.raises(JobError, match=r"the adapter written to .*/o cannot be served: .*holds NaN or Inf"):
+        run_job(job(model_dirs, data, tmp_path / "o", "lora", settings=replace(FAST, max_steps=1)))

@@ -183,8 +183,8 @@ def free_memory(device: str) -> int | None:
     """Bytes that can still be allocated on `device` (a --device value), or None where that is not known."""
     import torch  # here, not at import: the CLI's parser reads this module
     kind = torch.device(device)
-    if kind.type == "cuda":
-        return torch.cuda.mem_get_info(kind)[0]
+    if kind.type == "cuda":  # the driver's free memory, and what torch's cache holds free (the model load left some)
+        return torch.cuda.mem_get_info(kind)[0] + torch.cuda.memory_reserved(kind) - torch.cuda.memory_allocated(kind)
     if kind.type != "cpu":
         return None
     try:  # MemAvailable counts the page cache the kernel gives back; the free pages alone undercount it

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from adapters import cpu_kernel, triton_kernel
 from adapters.slot_bank import SlotBank
@@ -30,6 +30,7 @@ from server.auth import AuthInterceptor, read_tokens
 from server.tls import tls_credentials
 from server.config import ConfigError, ServerConfig, check_config, check_slot_bank, free_memory, resolve_limits
 from server.engine import Engine, EngineConfig, EngineRequest, ErrorEvent, FinishEvent
+from server.open_streams import Closing, HealthService, ReflectionService
 from server.errors import Unavailable
 from server.batch import Runner
 from server.interceptors import MetricsInterceptor, client_gone
@@ -253,13 +254,15 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     inference, adapters = InferenceServicer(serving), AdaptersServicer(serving)
     pb_grpc.add_InferenceServicer_to_server(inference, server)
     pb_grpc.add_AdaptersServicer_to_server(adapters, server)
-    health_servicer = health.aio.HealthServicer()
+    streams = Closing()
+    health_servicer = HealthService(streams)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # The aio health servicer starts with "" SERVING: say NOT_SERVING until the model is warm.
     for name in ["", *SERVICES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     if config.reflection:
-        reflection.enable_server_reflection([*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(ReflectionService(
+            [*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], streams), server)
     address = f"{config.host}:{config.port}"
     try:
         port = server.add_secure_port(address, tls_credentials(config)) if config.tls_cert \
@@ -330,6 +333,7 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
             cut_at = min(cut_at, time.monotonic() + HANDLER_GRACE)
         await asyncio.sleep(0.05)
     left = max(0.0, cut_at - time.monotonic())
+    streams.close()  # health Watch and reflection streams end now, within the stop's grace, not cut at the exit
     await server.stop(left if _service_calls(interceptors[0]) else min(left, REPLY_GRACE))
     if serving.registry_changes.count:  # cut by the transport: their clients heard UNAVAILABLE, so they must not count
         log.warning("%d LoadAdapter/UnloadAdapter calls were cut by the shutdown; the adapter state file keeps what it "

@@ -129,8 +129,8 @@ def _read_tokenizer(path: Path):
         raise UnservableModel(f"{path}: its tokenizer cannot be loaded: {_first_line(exc)}") from None
 
 
-def _read_weights(path: Path, dtype: str):
-    """The causal LM with every one of its tensors read from the folder's weights files."""
+def _read_weights(path: Path, dtype: str, config):
+    """The causal LM with every one of its tensors read from the folder's weights files (`config`: _read_config's)."""
     def load(attention: str):
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
                                                     attn_implementation=attention, output_loading_info=True)
@@ -148,7 +148,7 @@ def _read_weights(path: Path, dtype: str):
         if "Unrecognized configuration class" not in str(exc):
             raise
         raise UnservableModel(f"{path}: transformers has no causal-LM class for its model_type "
-                              f"{hf_model_type(path)!r}; this server generates with decoder-only causal LMs") from None
+                              f"{config.model_type!r}; this server generates with decoder-only causal LMs") from None
     # Tensors the files lack are initialised at random, with only a table in transformers' log to say so: a partial
     # download, or a checkpoint of another architecture (a BERT encoder given an untrained LM head). Weights tied
     # to others (an LM head sharing the embedding) are not reported missing.
@@ -160,13 +160,6 @@ def _read_weights(path: Path, dtype: str):
                               f"({shown}), which would be random (architecture the checkpoint was saved as: {saved}); "
                               f"re-download the folder, or give --model a complete causal LM")
     return hf
-
-
-def hf_model_type(path: Path) -> str | None:
-    try:
-        return json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _check_causal(hf, path: Path) -> None:
@@ -204,17 +197,27 @@ def load_base_model(model: str, device: str, dtype: str) -> BaseModel:
     path = default_model_dir() if model == "default" else Path(model)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-    _read_config(path)
+    config = _read_config(path)  # first: a broken config.json is named as such, not as the tokenizer's failure
     tokenizer = _read_tokenizer(path)
-    hf = _read_weights(path, dtype)
+    hf = _read_weights(path, dtype, config)
     hf.to(device).eval().requires_grad_(False)
     _check_causal(hf, path)
     config = hf.config
-    max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+    max_context, _ = model_context(config)
     eos = end_of_sequence_ids(config, getattr(hf, "generation_config", None), tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
     return BaseModel(hf, tokenizer, str(model), config.model_type, config.vocab_size, int(max_context),
                      frozenset(eos), int(pad), longest_token_chars(tokenizer))
+
+
+def model_context(config) -> tuple[int, str]:
+    """The longest sequence served on this model (prompt and new tokens; training's --max-length is held to it too),
+    and where it comes from."""
+    for key in ("max_position_embeddings", "n_positions"):
+        if getattr(config, key, None):
+            stored = getattr(config, "attribute_map", {}).get(key, key)  # the name in the file (GPT-2: n_positions)
+            return int(getattr(config, key)), f"{stored} in its config.json"
+    return 2048, "the server's default: its config.json gives neither max_position_embeddings nor n_positions"
 
 
 def _ids(value) -> list[int]:

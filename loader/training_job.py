@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.targets import ALL_LINEAR
 from adapters.training import Hooks, Trainer, TrainSettings, evaluate
-from loader.base_model import device_problem
+from loader.base_model import device_problem, model_context
 from loader.default_model import default_model_dir
 from loader.inject import linear_module_names, unmatched_targets
 from loader.peft_files import CONFIG_FILE
@@ -336,16 +336,6 @@ def run_job(job: TrainJob, progress=None, inspect=None) -> dict:
         if created and out.is_dir() and not any(out.iterdir()):  # failed before writing anything: leave nothing
             out.rmdir()
         raise
-
-
-def model_context(config) -> tuple[int, str]:
-    """The longest sequence the server serves on this model, as loader.base_model.load_base_model computes it
-    (keep the two alike), and where it comes from."""
-    for key in ("max_position_embeddings", "n_positions"):
-        if getattr(config, key, None):
-            stored = getattr(config, "attribute_map", {}).get(key, key)  # the name in the file (GPT-2: n_positions)
-            return int(getattr(config, key)), f"{stored} in its config.json"
-    return 2048, "the server's default: its config.json gives neither max_position_embeddings nor n_positions"
 
 
 def _check_context(job: TrainJob, model) -> None:

@@ -114,9 +114,25 @@ def _meta(bank) -> dict:
                 BLOCK_I=block, BLOCK_O=block)
 
 
+def _module_args(bank, i: int, router) -> tuple:
+    """Module i's kernel arguments after the slots: its bank tensors (the bias table stands in for an absent router:
+    the kernel compiled without routers never reads it) and sizes."""
+    shape = bank.shapes[i]
+    return (bank.device_ranks[i], bank.device_heads[i], bank.a[i], bank.b[i], bank.g_bias if router is None else router,
+            bank.g_bias[:, i, :], bank.g_bias.stride(0), shape.d_in, shape.d_out)
+
+
+def _on_device(device: torch.device) -> None:
+    """Triton launches on the thread's current CUDA device, not on its tensors': a bank on cuda:1 needs it set (once
+    per batch on the thread that runs it, not per launch)."""
+    if device.type == "cuda" and device.index is not None and torch.cuda.current_device() != device.index:
+        torch.cuda.set_device(device.index)
+
+
 def warm_up(bank) -> None:
     """Compile the kernel for every module shape of the bank, with and without routers, now (at start-up) rather
     than in the first decode steps that need each: a launch on slot 0, which adapts nothing."""
+    _on_device(bank.device)
     meta = _meta(bank)
     slot = torch.zeros(1, dtype=torch.int32, device=bank.device)
     seen = set()
@@ -127,16 +143,8 @@ def warm_up(bank) -> None:
         x = torch.zeros(1, shape.d_in, dtype=bank.compute_dtype, device=bank.device)
         y = torch.zeros(1, shape.d_out, dtype=bank.compute_dtype, device=bank.device)
         for routed in (False, True):
-            _launch(bank.device, (1, -(-shape.d_out // meta["BLOCK_O"])), x, y, slot, bank.device_ranks[i],
-                    bank.device_heads[i], bank.a[i], bank.b[i], bank.g_bias, bank.g_bias[:, i, :],
-                    bank.g_bias.stride(0), shape.d_in, shape.d_out, ROUTED=routed, **meta)
-
-
-def _launch(device: torch.device, grid, *args, **meta) -> None:
-    # Triton launches on the thread's current CUDA device, not on its tensors': a bank on cuda:1 needs it set.
-    if device.type == "cuda" and device.index is not None and torch.cuda.current_device() != device.index:
-        torch.cuda.set_device(device.index)
-    _kernel()[grid](*args, **meta)
+            _kernel()[(1, -(-shape.d_out // meta["BLOCK_O"]))](x, y, slot, *_module_args(bank, i, None),
+                                                               ROUTED=routed, **meta)
 
 
 class TritonRows:
@@ -150,14 +158,11 @@ class TritonRows:
         self.slot_list = slots
         self.slots = torch.tensor(slots, dtype=torch.int32, device=bank.device)
         adapted = (bank.ranks.index_select(1, torch.tensor(slots)).amax(1) > 0).tolist()
-        self.calls: list[tuple | None] = []
-        for i, shape in enumerate(bank.shapes):
-            router = bank.g[i]
-            self.calls.append((
-                self.slots, bank.device_ranks[i], bank.device_heads[i], bank.a[i], bank.b[i],
-                bank.g_bias if router is None else router, bank.g_bias[:, i, :], bank.g_bias.stride(0),
-                shape.d_in, shape.d_out, router is not None) if adapted[i] else None)
+        self.calls = [(self.slots, *_module_args(bank, i, bank.g[i]), bank.g[i] is not None) if adapted[i] else None
+                      for i in range(len(bank.shapes))]
         self.meta = _meta(bank)
+        self.kernel = _kernel()
+        _on_device(bank.device)
         self._prompts = None  # the torch path's batch-ordered copies, made on the first prompt
 
     def add_delta(self, index: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -175,6 +180,7 @@ class TritonRows:
             raise ValueError(f"triton kernel: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit {self.rows} rows "
                              f"of module {self.bank.shapes[index].name}")
         x, y = x.contiguous(), y.contiguous()
-        _launch(self.bank.device, (self.rows, -(-d_out // self.meta["BLOCK_O"])), x, y, slots, ranks, heads, a, b,
-                router, bias, bias_stride, d_in, d_out, ROUTED=routed, **self.meta)
+        self.kernel[(self.rows, -(-d_out // self.meta["BLOCK_O"]))](x, y, slots, ranks, heads, a, b, router, bias,
+                                                                    bias_stride, d_in, d_out, ROUTED=routed,
+                                                                    **self.meta)
         return y

@@ -135,16 +135,14 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     try:
         bank = SlotBank(shapes, config.max_active_adapters, config.max_lora_rank, torch.device(config.device),
                         factor_dtype, config.max_hydra_heads, kernel, dtype)
-    except (torch.OutOfMemoryError, MemoryError) as exc:  # free memory shrank since it was measured
+    except (MemoryError, RuntimeError) as exc:  # free memory shrank since it was measured; torch.OutOfMemoryError
+        # is a RuntimeError, and so is the CPU allocator's "not enough memory"
+        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "memory" not in str(exc) \
+                and "allocate" not in str(exc):
+            raise
         raise ConfigError(f"the adapter slot bank ({size}) cannot be allocated on {config.device}: "
                           f"{str(exc).splitlines()[0] if str(exc) else 'out of memory'}; lower --max-active-adapters, "
                           f"--max-lora-rank or --max-hydra-heads") from None
-    except RuntimeError as exc:  # the CPU allocator's "not enough memory" is a plain RuntimeError
-        if "memory" not in str(exc) and "allocate" not in str(exc):
-            raise
-        raise ConfigError(f"the adapter slot bank ({size}) cannot be allocated on {config.device}: "
-                          f"{str(exc).splitlines()[0]}; lower --max-active-adapters, --max-lora-rank or "
-                          f"--max-hydra-heads") from None
     try:
         runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
     except UnsupportedAttention as exc:

@@ -11,6 +11,7 @@ atomically (temporary file, fsync, rename) after every change, and loaded again 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -19,7 +20,6 @@ import re
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -41,7 +41,7 @@ class UnreadableStateFile(Exception):
     """The state file exists but is not a list of loaded adapters; nothing was changed."""
 
 
-@dataclass
+@dataclasses.dataclass
 class AdapterRecord:
     adapter_id: str
     path: Path
@@ -173,8 +173,30 @@ class AdapterRegistry:
                                         f"new files, and pin with it to pin them")
                 current = self._records.get(adapter_id)
             pin = bool(current and current.pinned) if pin is None else pin
-            record = self._read(adapter_id, path, pin=pin, reread=False, budget=not pin)  # pins: the operator's call
+            record = self._repin(adapter_id, path, pin) if current is not None else None
+            if record is None:
+                record = self._read(adapter_id, path, pin=pin, reread=False, budget=not pin)  # pins: the operator's call
             self._record_state(adapter_id, record.pinned)
+        return record
+
+    def _repin(self, adapter_id: str, path: Path, pin: bool) -> AdapterRecord | None:
+        """A replace whose files are the ones in memory: a new version of the same weights, with the pin asked for,
+        and nothing read. So an unpin (or pin) needs no room for a second copy, which under memory pressure it
+        would not get, and the device keeps its slot. None when there is something to read."""
+        try:
+            files = _files_identity(path)
+        except OSError:
+            return None  # the read says why
+        with self._lock:
+            current = self._records.get(adapter_id)
+            if current is None or current.weights is None or current.files != files:
+                return None
+            record = dataclasses.replace(current, version=current.version + 1, pinned=pin, last_used=time.monotonic())
+            self._records[adapter_id] = record
+            evicted = self._evict_over_budget(keep=adapter_id)  # an unpinned adapter may now be over the budget
+        for old in evicted:
+            self._on_evict(old)
+        self._report()
         return record
 
     def unload(self, adapter_id: str) -> AdapterRecord:

@@ -120,6 +120,34 @@ def test_an_adapter_out_of_memory_is_not_starved_by_steady_traffic_on_those_in_m
         server.stop()
 
 
+def test_a_pin_change_under_memory_pressure_needs_no_second_copy(model_dirs, adapter_root, tmp_path):
+    """A replace whose files are the ones in memory (how an operator pins or unpins) is a new version of the same
+    weights: it was re-read, and with a request holding the old copy, two copies did not fit the budget, so an
+    unpin under pressure was refused. New files still need room for the second copy."""
+    root = tmp_path / "root"
+    shutil.copytree(adapter_root / "v1", root / "a")
+    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2)  # one copy fits, not two
+    try:
+        with Client(server.target, timeout=60) as client:
+            want = list(client.generate([5, 6], "a", max_new_tokens=6, ignore_eos=True).token_ids)
+            assert client.load_adapter("a", replace=True, pin=True).pinned
+            holding = client.generate_stream([5, 6], "a", max_new_tokens=480, ignore_eos=True)
+            next(holding)
+            key = server.serving.registry.get("a").weights.key
+            info = client.load_adapter("a", replace=True, pin=False)
+            assert (info.pinned, info.version, info.tier) == (False, 3, pb.ADAPTER_TIER_DEVICE)
+            assert server.serving.registry.get("a").weights.key == key  # the same weights: nothing read
+            assert list(client.generate([5, 6], "a", max_new_tokens=6, ignore_eos=True).token_ids) == want
+            shutil.copytree(adapter_root / "v2", root / "a", dirs_exist_ok=True)  # new files: a second copy
+            code, details = status_of(client.load_adapter, "a", replace=True)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry when requests finish" in details
+            assert client.get_adapter("a").version == 3
+            holding.cancel()
+    finally:
+        server.stop()
+
+
 def test_a_client_that_leaves_while_waiting_for_adapter_memory_is_counted(model_dirs, adapter_root, tmp_path,
                                                                           monkeypatch):
     root = tmp_path / "root"

@@ -162,6 +162,8 @@ def _check_deploy(args, jobs) -> None:
         if width > limits.max_lora_rank or heads > limits.max_hydra_heads:  # refused after training otherwise
             raise DataError(f"--out {job.out}: a {job.method} adapter of rank {job.rank}"
                             + (f" with {heads} heads" if job.method == "hydralora" else "")
+                            + (f" (structure bs merges each block with its --pre-num {job.pre_num} predecessor(s))"
+                               if job.method == "reslora" and job.structure == "bs" else "")
                             + f" needs a slot {width} wide and {heads} head(s); {args.deploy} takes at most "
                               f"--max-lora-rank {limits.max_lora_rank} and --max-hydra-heads "
                               f"{limits.max_hydra_heads}")

@@ -91,10 +91,13 @@ def inapplicable(method: str, names) -> str | None:
 
 def slot_needs(job: TrainJob) -> tuple[int, int] | None:
     """(slot width, heads) the server will need for this job's adapter, where the flags alone decide it: LoRA's
-    rank, HydraLoRA's heads x rank. None where training decides (AdaLoRA's kept ranks, --heads auto, ResLoRA's
-    merge)."""
-    if job.method == "lora":
+    rank, HydraLoRA's heads x rank, merged ResLoRA's rank (bs stacks a block's factors with its --pre-num
+    predecessors': (pre_num + 1) x rank on any model of two layers or more; is and ms keep the rank). None where
+    training decides (AdaLoRA's kept ranks, --heads auto)."""
+    if job.method == "lora" or (job.method == "reslora" and job.structure != "bs"):
         return job.rank, 1
+    if job.method == "reslora":
+        return (job.pre_num + 1) * job.rank, 1
     if job.method == "hydralora" and job.heads != "auto":
         return int(job.heads) * job.rank, int(job.heads)
     return None

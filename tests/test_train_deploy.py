@@ -217,7 +217,8 @@ def test_an_adapter_the_server_could_not_take_is_refused_before_training(model_d
     server = start_server(model_dirs["llama"], root, max_lora_rank=16)
     try:
         data = write_task(tmp_path / "train.jsonl", 16, 0)
-        for flags in (["--method", "lora", "--rank", "32"], ["--method", "hydralora", "--rank", "8", "--heads", "4"]):
+        for flags in (["--method", "lora", "--rank", "32"], ["--method", "hydralora", "--rank", "8", "--heads", "4"],
+                      ["--method", "reslora", "--rank", "16", "--structure", "bs"]):  # merged: 16 + its predecessor's 16
             result = subprocess.run([*CLI, "train", *flags, "--model", str(model_dirs["llama"]), "--data", str(data),
                                      "--out", str(tmp_path / "x"), "--deploy", server.target, "--deploy-root",
                                      str(root)], capture_output=True, text=True, timeout=120, cwd=REPO)

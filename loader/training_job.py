@@ -166,7 +166,13 @@ def check_out(job: TrainJob) -> None:
     """--out can be written, and holds nothing this job would silently replace: an adapter (--overwrite) or an
     interrupted run's checkpoint (--resume continues it; --overwrite starts over)."""
     out = Path(job.out)
-    if (out / CONFIG_FILE).exists() and not job.overwrite:
+    # the adapter is written before training_log.json: with a checkpoint and no log, the run was interrupted between
+    # them (its last checkpoint is the final step, so --resume only writes the adapter and the log again)
+    unfinished = (out / CHECKPOINT).exists() and not (out / LOG).exists()
+    if (out / CONFIG_FILE).exists() and unfinished and not (job.resume or job.overwrite):
+        raise JobError(f"{out} holds the adapter of a run interrupted before it wrote {LOG}; pass --resume to "
+                       f"finish it, or --overwrite to start over")
+    if (out / CONFIG_FILE).exists() and not unfinished and not job.overwrite:
         raise JobError(f"{out} already holds an adapter; pass --overwrite to replace it")
     if job.resume and not (out / CONFIG_FILE).exists() and not (out / CHECKPOINT).exists():
         raise JobError(f"--resume: {out / CHECKPOINT} does not exist")

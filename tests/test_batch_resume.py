@@ -70,3 +70,21 @@ def test_jobs_resume_skips_finished_resumes_interrupted_and_starts_the_rest(mode
     assert exit_info.value.code == 1 and "failed" in row["0"]
     assert "holds an adapter trained with another configuration (max_steps: 2 then, 3 now)" in row["0"]
     assert " skipped " in row["1"] and " skipped " in row["2"]
+
+
+def test_a_run_interrupted_after_writing_its_adapter_finishes_with_resume(model_dirs, tmp_path):
+    """The adapter is written before training_log.json: an interrupt between them left an --out that neither
+    --resume (it asked for --overwrite, which retrains) nor a --jobs --resume run (failed) would finish."""
+    from loader.training_job import JobError
+    job = TrainJob(method="lora", data=str(write_task(tmp_path / "train.jsonl", 32, 0)), out=str(tmp_path / "o"),
+                   model=str(model_dirs["llama"]), target_modules=["q_proj"],
+                   settings=replace(TrainSettings(), batch_size=4, max_steps=4, eval_every=2))
+    whole = run_job(job)
+    adapter = (tmp_path / "o" / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "o" / "training_log.json").unlink()
+    with pytest.raises(JobError, match="interrupted before it wrote training_log.json; pass --resume"):
+        run_job(job)
+    finished = run_job(replace(job, resume=True))
+    assert finished["train_loss"] == whole["train_loss"] and finished["steps"] == 4
+    assert (tmp_path / "o" / "adapter_model.safetensors").read_bytes() == adapter
+    assert json.loads((tmp_path / "o" / "training_log.json").read_text())["job"] == whole["job"]

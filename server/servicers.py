@@ -164,17 +164,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.serving.metrics.waiting.dec()
 
     async def _submitted(self, request: pb.GenerateRequest, sink, arrival: float) -> EngineRequest:
-        """Validated and tokenized on the default executor, then resolved and queued (on self.resolving when it
-        names an adapter). `arrival` (when the RPC came in) is set before queueing: queue time and TTFT include
-        tokenization and adapter loading."""
-        loop = asyncio.get_running_loop()
-
-        async def prepare_and_submit() -> EngineRequest:
-            engine_request = await loop.run_in_executor(None, self._prepare, request)
+        """Validated, tokenized, resolved and queued in one trip off the loop (on self.resolving when it names an
+        adapter, whose read may block on disk; else on the default executor). `arrival` (when the RPC came in) is
+        set before queueing: queue time and TTFT include tokenization and adapter loading."""
+        def prepare_and_submit() -> EngineRequest:
+            engine_request = self._prepare(request)
             engine_request.sink, engine_request.arrival = sink, arrival
-            return await loop.run_in_executor(self.resolving if request.adapter_id else None, self._submit,
-                                              request.adapter_id, engine_request)
-        submitted = asyncio.ensure_future(prepare_and_submit())
+            return self._submit(request.adapter_id, engine_request)
+        submitted = asyncio.get_running_loop().run_in_executor(self.resolving if request.adapter_id else None,
+                                                               prepare_and_submit)
         try:
             # shielded: a client that leaves while its request is being prepared (an adapter loading from disk,
             # a LoadAdapter holding the id) cannot stop the executor thread, so its request is cancelled once

@@ -35,7 +35,8 @@ from loader.builtin import served_accuracy, write_jsonl  # noqa: E402
 from loader.builtin_tasks import examples  # noqa: E402
 from loader.default_model import BUILTIN_DIR  # noqa: E402
 from loader.merge import merge_reslora  # noqa: E402
-from loader.training_job import TrainJob, _load, run_job  # noqa: E402
+from loader.train_job_spec import TrainJob  # noqa: E402
+from loader.training_job import _load, run_job  # noqa: E402
 
 SINGLE = ["reverse", "caesar"]
 MIXTURE = ["double", "rotate", "swap"]

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 
 from adapters.training import TrainSettings  # noqa: E402
 from loader.default_model import build_model_dir  # noqa: E402
-from loader.training_job import TrainJob, run_job  # noqa: E402
+from loader.train_job_spec import TrainJob  # noqa: E402
+from loader.training_job import run_job  # noqa: E402
 
 TASKS = {"reverse": lambda s: s[::-1], "upper": str.upper, "double": lambda s: s + s}
 TARGETS = ["q_proj", "v_proj", "down_proj"]

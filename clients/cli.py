@@ -80,7 +80,7 @@ def _adapters(args) -> int:
 def _merge(args) -> int:
     from loader.merge import merge_reslora
     from loader.train_data import DataError
-    from loader.training_job import JobError
+    from loader.train_job_spec import JobError
     from server.errors import LoraplexError
     try:
         report = merge_reslora(Path(args.adapter_dir), Path(args.out), args.model, args.eval, args.merge_method,

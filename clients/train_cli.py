@@ -84,10 +84,9 @@ def _train_all(args) -> int:
 
     from adapters.training import TrainSettings
     from loader.train_data import DataError
-    from loader.training_job import JobError, TrainJob
+    from loader.train_job_spec import JobError, TrainJob, inapplicable, parse_targets
     settings = TrainSettings(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                              grad_accum=args.grad_accum, eval_every=args.eval_every, seed=args.seed)
-    from loader.training_job import parse_targets
     try:
         targets = parse_targets(args.target_modules)
     except JobError as err:
@@ -101,7 +100,6 @@ def _train_all(args) -> int:
                    alpha=args.alpha, dropout=args.dropout, target_modules=targets, max_length=args.max_length,
                    device=args.device, dtype=args.dtype, overwrite=args.overwrite, resume=args.resume,
                    settings=settings, **given)
-    from loader.training_job import inapplicable
     if not args.jobs:  # with --jobs: the lines are checked as they are read, shared flags against all the jobs
         problem = inapplicable(job.method, set(given))
         if problem:
@@ -156,7 +154,7 @@ def _check_deploy(args, jobs) -> None:
         limits = check(args.deploy, Path(args.deploy_root), [Path(job.out) for job in jobs], **flags).limits
     except DeployError as err:
         raise DataError(str(err)) from None
-    from loader.training_job import slot_needs
+    from loader.train_job_spec import slot_needs
     for job in jobs:
         width, heads = slot_needs(job) or (0, 0)
         if width > limits.max_lora_rank or heads > limits.max_hydra_heads:  # refused after training otherwise
@@ -195,7 +193,7 @@ def _train_one(job, args, progress) -> dict:
               "; the served adapter is not the trained one: --structure bs merges exactly"))
     if args.deploy:
         from loader.deploy import DeployError, deploy
-        from loader.training_job import JobError
+        from loader.train_job_spec import JobError
         try:
             info, moved = deploy(Path(job.out), args.deploy, Path(args.deploy_root), expected=summary["served"],
                                  **connection(args))

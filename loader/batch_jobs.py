@@ -16,8 +16,8 @@ from pathlib import Path
 from adapters.training import TrainSettings
 from loader.peft_files import CONFIG_FILE
 from loader.train_data import DataError, jsonl_lines
-from loader.training_job import (CHECKPOINT, LOG, METHODS, JobError, TrainJob, changes, inapplicable, job_identity,
-                                 parse_targets)
+from loader.train_job_spec import (CHECKPOINT, LOG, METHODS, JobError, TrainJob, changes, inapplicable, job_identity,
+                                   parse_targets)
 
 JOB_FIELDS = {f.name for f in fields(TrainJob)} - {"settings"}
 DEFAULTS = {f.name: f.default for f in fields(TrainJob) if f.name != "settings"}

@@ -20,7 +20,8 @@ from loader.default_model import BUILTIN_DIR, build_tokenizer, tiny_config
 from loader.inject import base_weight, inject
 from loader.peft_files import CONFIG_FILE, read_adapter, write_config
 from loader.train_data import read_jsonl
-from loader.training_job import TrainJob, run_job
+from loader.train_job_spec import TrainJob
+from loader.training_job import run_job
 from server.batch import Row, Runner
 
 

@@ -13,7 +13,8 @@ from loader.inject import base_weight
 from loader.lora_files import save_canonical_as_lora
 from loader.peft_files import WEIGHTS_FILE, read_adapter, read_config
 from loader.train_data import collate, read_jsonl
-from loader.training_job import JobError, TrainJob, _load
+from loader.train_job_spec import JobError, TrainJob
+from loader.training_job import _load
 
 
 def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_path: str | None = None,

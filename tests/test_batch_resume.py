@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from adapters.training import TrainSettings
-from loader.training_job import TrainJob, run_job
+from loader.train_job_spec import TrainJob
+from loader.training_job import run_job
 from tests.helpers import write_task
 
 
@@ -75,7 +76,7 @@ def test_jobs_resume_skips_finished_resumes_interrupted_and_starts_the_rest(mode
 def test_a_run_interrupted_after_writing_its_adapter_finishes_with_resume(model_dirs, tmp_path):
     """The adapter is written before training_log.json: an interrupt between them left an --out that neither
     --resume (it asked for --overwrite, which retrains) nor a --jobs --resume run (failed) would finish."""
-    from loader.training_job import JobError
+    from loader.train_job_spec import JobError
     job = TrainJob(method="lora", data=str(write_task(tmp_path / "train.jsonl", 32, 0)), out=str(tmp_path / "o"),
                    model=str(model_dirs["llama"]), target_modules=["q_proj"],
                    settings=replace(TrainSettings(), batch_size=4, max_steps=4, eval_every=2))

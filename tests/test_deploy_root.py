@@ -11,7 +11,8 @@ import pytest
 from adapters.training import TrainSettings
 from clients.client import Client
 from loader.deploy import DeployError, check, deploy
-from loader.training_job import TrainJob, run_job
+from loader.train_job_spec import TrainJob
+from loader.training_job import run_job
 from tests.helpers import start_server, write_task
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from clients.client import Client
 from loader.batch_jobs import my_share, read_jobs
 from loader.train_data import DataError
-from loader.training_job import TrainJob
+from loader.train_job_spec import TrainJob
 from tests.helpers import make_peft_adapter, start_server, write_task
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from adapters.training import TrainSettings
 from loader.batch_jobs import read_jobs
 from loader.default_model import build_tokenizer
 from loader.train_data import DataError, read_jsonl
-from loader.training_job import TrainJob
+from loader.train_job_spec import TrainJob
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ def test_a_lone_surrogate_escape_names_its_line(tmp_path, line, key, escape):
     (["q_proj", " mlp.down_proj"], ["q_proj", "mlp.down_proj"]), ("all-linear", "all-linear"), (None, None),
 ])
 def test_target_modules_read_alike_from_the_flag_and_a_jobs_line(tmp_path, value, parsed):
-    from loader.training_job import parse_targets
+    from loader.train_job_spec import parse_targets
     assert parse_targets(value) == parsed
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"method": "lora", "data": "d", "out": "o", "target_modules": value}) + "\n")
@@ -106,7 +106,8 @@ def test_max_length_beyond_the_models_context_is_refused_naming_both(model_dirs,
     """GPT-2's learned positions crashed with an IndexError past n_positions; Llama's rotary ones trained silently
     on positions the server never serves. Both are refused before the data is read; at the context it trains."""
     from loader.default_model import build_model_dir
-    from loader.training_job import JobError, run_job
+    from loader.train_job_spec import JobError
+    from loader.training_job import run_job
     short = build_model_dir(tmp_path / "gpt2ctx64", "gpt2", seed=1, n_positions=64)
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"prompt": "copy: ab =>", "completion": " " + "ab" * 150}) + "\n")

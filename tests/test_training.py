@@ -20,7 +20,8 @@ from adapters.training import Trainer, TrainSettings
 from loader.lora_files import save_lora
 from loader.train_data import DataError, read_jsonl
 from loader.default_model import build_model_dir
-from loader.training_job import DEFAULT_TARGETS, JobError, TrainJob, run_job
+from loader.train_job_spec import DEFAULT_TARGETS, JobError, TrainJob
+from loader.training_job import run_job
 from tests.helpers import write_task
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,24 +6,23 @@ CanonicalAdapter they resolved, so eviction or hot-swap never changes a running 
 The host-memory budget is a hard limit: it counts the weights that requests in flight hold (`resolve` ..
 `release`), which eviction cannot free, and an adapter that would go beyond it is AdapterMemoryFull.
 
-Adapters loaded with LoadAdapter (not those auto-loaded on first use) are recorded in a state file, written
-atomically (temporary file, fsync, rename) after every change, and loaded again by `restore` on restart.
+Adapters loaded with LoadAdapter (not those auto-loaded on first use) are recorded in a state file
+(loader.state_file) after every change, and loaded again by `restore` on restart.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from adapters.canonical import CanonicalAdapter
+from loader.state_file import StateFile
 from server.errors import AdapterMemoryFull, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger("loraplex.registry")
@@ -35,10 +34,6 @@ Reader = Callable[[Path, str, int], CanonicalAdapter]  # (directory, adapter_id,
 
 def valid_id(adapter_id: str) -> bool:
     return bool(_ID.fullmatch(adapter_id)) and ".." not in adapter_id
-
-
-class UnreadableStateFile(Exception):
-    """The state file exists but is not a list of loaded adapters; nothing was changed."""
 
 
 @dataclasses.dataclass
@@ -82,10 +77,8 @@ class AdapterRegistry:
         self._records: dict[str, AdapterRecord] = {}
         self._id_locks: dict[str, threading.RLock] = {}  # per id: reads, loads, unloads and their state records
         self._serial = itertools.count(1)
-        self.state_file = state_file
+        self._state = StateFile(state_file)
         self._loaded: dict[str, bool] = {}  # ids loaded with LoadAdapter -> pinned; what the state file records
-        self._state_lock = threading.Lock()  # serialises file writes, outside the registry lock (fsync is slow)
-        self._frozen = False  # freeze_state
         self._held: dict[tuple, list] = {}  # weights key -> [weights, requests holding them] (resolve .. release)
         self._refused: dict[str, tuple] = {}  # id -> (files, size) of a read refused for want of room
         # New files are measured against the budget only once read, so reads at once are few: each may hold up to
@@ -217,17 +210,7 @@ class AdapterRegistry:
         tried, so a restart interrupted mid-way loses nothing; entries that fail (directory gone or changed while
         the server was down) are logged, dropped, and returned. A file that cannot be read as a state file is
         UnreadableStateFile."""
-        if self.state_file is None or not self.state_file.exists():
-            return []
-        try:
-            entries = json.loads(self.state_file.read_text())["adapters"]
-            entries = {e["id"]: bool(e.get("pinned")) for e in entries if isinstance(e["id"], str)}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            # Refused, and left as it is: the server writes this file atomically, so one it cannot read is most
-            # likely not its own (a mistyped --state-file naming someone's file, or a directory such as /tmp).
-            raise UnreadableStateFile(
-                f"the adapter state file {self.state_file} is not one this server wrote ({type(exc).__name__}: {exc}); "
-                f"it is left untouched: fix or remove it, or give --state-file another path") from None
+        entries = self._state.read()
         failed = []
         for adapter_id, pinned in entries.items():  # the file is left as is until every entry has been tried
             try:
@@ -342,30 +325,13 @@ class AdapterRegistry:
         self._write_state()
 
     def freeze_state(self) -> None:
-        """From now on the state file is left as it is: the server is stopping, and a LoadAdapter/UnloadAdapter
-        still running was just told UNAVAILABLE, so the restart must not see it as done."""
-        with self._state_lock:
-            self._frozen = True
+        self._state.freeze()
 
     def _write_state(self) -> None:
-        if self.state_file is None:
-            return
-        with self._state_lock:
-            if self._frozen:
-                return
-            with self._lock:  # the newest state, whichever change wrote it
-                body = json.dumps({"adapters": [{"id": i, "pinned": p} for i, p in sorted(self._loaded.items())]},
-                                  indent=1)
-            try:  # a unique temporary file, then rename: a crash leaves the old file or the new one, never half
-                fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=self.state_file.name + ".")
-                with os.fdopen(fd, "w") as f:
-                    f.write(body)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.state_file)
-            except OSError as exc:  # the change itself took effect; only its survival across restarts is lost
-                log.error("could not record loaded adapters in %s (%s): a restart will not load them again",
-                          self.state_file, exc)
+        def snapshot() -> dict[str, bool]:
+            with self._lock:  # the newest state, whichever change writes it
+                return dict(self._loaded)
+        self._state.write(snapshot)
 
     def _report(self) -> None:
         with self._lock:

@@ -22,7 +22,8 @@ from loader.base_model import UnservableModel, load_base_model
 from loader.default_model import default_adapter_root
 from loader.inject import ALL_LINEAR, base_weight, inject, unmatched_targets
 from loader.peft_files import read_adapter
-from loader.registry import AdapterRegistry, UnreadableStateFile
+from loader.registry import AdapterRegistry
+from loader.state_file import UnreadableStateFile
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.attention import UnsupportedAttention

@@ -56,7 +56,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return engine_request
         registry = self.serving.registry
         with registry.hold(adapter_id):
-            engine_request.adapter = registry.resolve(adapter_id)  # released by _events or below
+            engine_request.adapter = registry.resolve(adapter_id)  # released when it ends (_ending), or below
             # labelled only once resolved: unknown or malformed ids never take one of the bounded labels
             engine_request.adapter_label = metrics.adapter_label(adapter_id)
             try:
@@ -78,6 +78,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             engine_request.released = True
             if self.serving.registry.release(engine_request.adapter):
                 self._wake_memory_waiters()
+
+    def _ending(self, engine_request: EngineRequest, sink: Callable[[object], None]) -> Callable[[object], None]:
+        """`sink`, releasing the request's adapter the moment the engine ends it, before its handler sees the end:
+        a stream whose client stops reading leaves its handler blocked on an earlier token, and would otherwise
+        hold the adapter's memory (and every request waiting for room) until the client reads or leaves."""
+        def deliver(event) -> None:  # on the engine thread
+            if isinstance(event, (FinishEvent, ErrorEvent)):
+                self._loop.call_soon_threadsafe(self._release, engine_request)
+            sink(event)
+        return deliver
 
     def _wake_memory_waiters(self) -> None:  # on the event loop
         self._memory_freed.set()
@@ -103,8 +113,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             while True:
                 event = await events.get()
-                if isinstance(event, (FinishEvent, ErrorEvent)):  # before the client can send its next request
-                    self._release(engine_request)
                 if isinstance(event, ErrorEvent):
                     raise event.error
                 yield engine_request, event
@@ -169,7 +177,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         set before queueing: queue time and TTFT include tokenization and adapter loading."""
         def prepare_and_submit() -> EngineRequest:
             engine_request = self._prepare(request)
-            engine_request.sink, engine_request.arrival = sink, arrival
+            engine_request.sink, engine_request.arrival = self._ending(engine_request, sink), arrival
             return self._submit(request.adapter_id, engine_request)
         submitted = asyncio.get_running_loop().run_in_executor(self.resolving if request.adapter_id else None,
                                                                prepare_and_submit)

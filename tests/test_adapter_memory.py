@@ -148,6 +148,35 @@ def test_a_pin_change_under_memory_pressure_needs_no_second_copy(model_dirs, ada
         server.stop()
 
 
+def test_a_stream_its_client_stops_reading_frees_its_adapter_when_its_generation_ends(model_dirs, adapter_root,
+                                                                                          tmp_path):
+    """An unread stream's handler stays blocked on a token it cannot send (the HTTP/2 window is full), but its
+    generation has ended: its adapter's memory is released then, not when the client reads, so a request on
+    another adapter (which needs that room) is served meanwhile instead of waiting, and everyone behind it."""
+    from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
+    root = tmp_path / "root"
+    for name in "ab":
+        shutil.copytree(adapter_root / "v1", root / name)
+    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2)  # one at a time
+    try:
+        channel = grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0)])  # a fixed window
+        # 250 messages of ~300 bytes (the request id is echoed in each): more than the 64 KiB window
+        unread = pb_grpc.InferenceStub(channel).GenerateStream(pb.GenerateRequest(
+            adapter_id="a", prompt_token_ids=pb.TokenIds(ids=[5, 6]), request_id="r" * 256,
+            stopping=pb.StoppingCriteria(max_new_tokens=250, ignore_eos=True)), timeout=120)
+        key = 'loraplex_request_success_total{finished_reason="length"}'
+        assert wait_for(lambda: scrape(server).get(key, 0) == 1, timeout=60)  # the engine is done with it
+        assert scrape(server)['grpc_server_handling{grpc_method="GenerateStream",grpc_service="loraplex.v1.Inference",'
+                              'grpc_type="server_stream"}'] == 1  # its handler still blocked
+        with Client(server.target, timeout=20) as client:
+            assert len(client.generate([5, 6], "b", max_new_tokens=2, ignore_eos=True).token_ids) == 2
+        assert len(list(unread)) == 251  # every token, then the end
+        channel.close()
+    finally:
+        server.stop()
+
+
 def test_a_client_that_leaves_while_waiting_for_adapter_memory_is_counted(model_dirs, adapter_root, tmp_path,
                                                                           monkeypatch):
     root = tmp_path / "root"

@@ -19,6 +19,35 @@ from server.metrics import REQUEST_BUCKETS
 UNLIMITED = ("/grpc.health.v1.Health/", "/loraplex.v1.Adapters/", "/loraplex.v1.Inference/GetServerInfo")
 
 
+class _Malformed:
+    """A request message that does not parse (a string field that is not UTF-8, a corrupt body)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer):
+    """grpc answers a message its deserializer cannot parse with UNKNOWN and the Python exception, logs an ERROR
+    traceback, and runs no handler (so no metric counts the call): parsed here, a bad message reaches the handler
+    below as _Malformed, which refuses it precisely."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, whatever the implementation
+            return _Malformed(exc)
+    return parse
+
+
+async def _refuse_malformed(request, context, method: str) -> None:
+    if isinstance(request, _Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the {method} request message does not parse ({request.error}); string fields must be "
+                            f"valid UTF-8")
+
+
 def _cancel_code(context) -> grpc.StatusCode:
     remaining = context.time_remaining()
     return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
@@ -52,6 +81,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 code = self._begin(labels)
                 start = time.perf_counter()
                 try:
+                    await _refuse_malformed(request, context, method)
                     await self._admit(context, counted)
                     response = await inner(request, context)
                     self.sent.labels(*labels).inc()
@@ -65,7 +95,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     self._end(labels, code, start, counted)
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
+            return grpc.unary_unary_rpc_method_handler(unary, _lenient(handler.request_deserializer),
                                                        handler.response_serializer)
         # server streams (GenerateStream, health Watch) and bidirectional ones (reflection: counted and limited
         # like any other RPC, or a client could hold any number of them open)
@@ -77,8 +107,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             code = self._begin(labels, count_received=not bidi)
             start = time.perf_counter()
             try:
+                if not bidi:
+                    await _refuse_malformed(request, context, method)
                 await self._admit(context, counted)
-                responses = inner_stream(self._counting(request, labels) if bidi else request, context)
+                responses = inner_stream(self._counting(request, context, labels, method) if bidi else request, context)
                 if hasattr(responses, "__aiter__"):
                     async for response in responses:
                         self.sent.labels(*labels).inc()
@@ -95,11 +127,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 self._end(labels, code, start, counted)
         wrap = grpc.stream_stream_rpc_method_handler if bidi else grpc.unary_stream_rpc_method_handler
-        return wrap(stream, handler.request_deserializer, handler.response_serializer)
+        return wrap(stream, _lenient(handler.request_deserializer), handler.response_serializer)
 
-    async def _counting(self, requests, labels):
+    async def _counting(self, requests, context, labels, method: str):
         async for request in requests:
             self.received.labels(*labels).inc()
+            await _refuse_malformed(request, context, method)
             yield request
 
     def _begin(self, labels, count_received: bool = True) -> grpc.StatusCode:

@@ -122,6 +122,39 @@ def test_fuzzed_adapter_calls_never_internal(channel, adapter_id, flags, extra, 
                                       payload.SerializeToString() + extra, False, response_type))
 
 
+@pytest.mark.parametrize("method, stream", [("Inference/Generate", False), ("Inference/GenerateStream", True),
+                                            ("Adapters/LoadAdapter", False), ("Adapters/GetAdapter", False)])
+@pytest.mark.parametrize("payload", [
+    b"\x12\x03\xff\xfe!",  # prompt (field 2) that is not UTF-8; for the Adapters calls field 2 is no string
+    b"\x0a\x02\xc3(\x12\x02hi",  # adapter_id (field 1) that is not UTF-8
+    b"\xff\xff\xff\xff",  # no message at all
+])
+def test_a_request_message_that_does_not_parse_is_invalid_argument_and_counted(server, channel, caplog, method,
+                                                                              stream, payload):
+    """grpc answered UNKNOWN with protobuf's exception text, logged an ERROR traceback per call (an unauthenticated
+    client could fill the log) and ran no handler, so no metric counted the call."""
+    from tests.helpers import scrape, wait_for
+    service, name = method.split("/")
+    key = (f'grpc_server_handled_total{{grpc_code="INVALID_ARGUMENT",grpc_method="{name}",'
+           f'grpc_service="loraplex.v1.{service}",grpc_type="{"server_stream" if stream else "unary"}"}}')
+    before = scrape(server).get(key, 0)
+    call = (channel.unary_stream if stream else channel.unary_unary)(
+        f"/loraplex.v1.{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with caplog.at_level("ERROR"):
+        try:
+            list(call(payload, timeout=30)) if stream else call(payload, timeout=30)
+        except grpc.RpcError as err:
+            code, details = err.code(), err.details()
+        else:
+            code = details = None
+    if method.startswith("Adapters") and payload.startswith(b"\x12"):  # field 2 there is a bool: it parses
+        assert code != grpc.StatusCode.UNKNOWN
+        return
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and f"the {name} request message does not parse" in details
+    assert wait_for(lambda: scrape(server).get(key, 0) == before + 1)  # counted as the handler ends, after the reply
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
 def test_engine_still_serves_after_the_fuzzing(server):
     assert server.serving.engine.alive
     with Client(server.target, timeout=30) as client:

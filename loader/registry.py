@@ -248,6 +248,11 @@ class AdapterRegistry:
             raise NotFound(f"adapter {adapter_id!r} is not loaded")
         return record
 
+    def known(self, adapter_id: str) -> bool:
+        """Whether the id has been read as an adapter (loaded, evicted, or refused for want of room). No I/O."""
+        with self._lock:
+            return adapter_id in self._records or adapter_id in self._refused
+
     def records(self) -> list[AdapterRecord]:
         with self._lock:
             return sorted(self._records.values(), key=lambda r: r.adapter_id)

@@ -15,6 +15,10 @@ from server.serving import Serving, abort, adapter_pool, ready
 from server.stopping import FinishReason
 from server.validation import MAX_REQUEST_ID, prompt_and_stopping, sampling_from
 
+# Requests of one adapter id on the resolving pool at once; the rest wait on the event loop, holding no thread. Its
+# id lock serialises their resolving anyway, and while a LoadAdapter or a slow read holds that lock, the threads
+# they would block are the pool's, which every other adapter's requests need (70 waiting on one id took the pool).
+THREADS_PER_ADAPTER = 4
 FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.EOS_TOKEN: pb.FINISH_REASON_EOS_TOKEN,
           FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE}
 
@@ -44,6 +48,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._memory_freed = asyncio.Event()  # set (and replaced) whenever a release frees adapter memory
         self._memory_turn = asyncio.Lock()  # the one request waiting for adapter memory that may try again
         self._memory_waiters = 0
+        self._gates: dict[str, list] = {}  # adapter id -> [asyncio.Semaphore(THREADS_PER_ADAPTER), requests using it]
 
     def _submit(self, adapter_id: str, engine_request: EngineRequest) -> EngineRequest:
         """Queue a prepared request (blocking: run off the loop, on self.resolving when it names an adapter). The
@@ -133,7 +138,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             try:
                 await asyncio.get_running_loop().run_in_executor(None, self._validate, request)
             except asyncio.CancelledError:  # the client left first: that is how it ended, whatever the check says
-                self._count_cancelled()
+                self._count_cancelled(request.adapter_id, arrival)
                 raise
         else:
             try:
@@ -164,8 +169,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     except asyncio.TimeoutError:
                         pass
         except asyncio.CancelledError:  # the client left (cancel, deadline) while waiting for room
-            if not submitting:  # else _cancel_once_queued or the engine counts it
-                self._count_cancelled()
+            if not submitting:  # else _submitted, _cancel_once_queued or the engine counts it
+                self._count_cancelled(request.adapter_id, arrival)
             raise
         finally:
             self._memory_waiters -= 1
@@ -179,30 +184,63 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             engine_request = self._prepare(request)
             engine_request.sink, engine_request.arrival = self._ending(engine_request, sink), arrival
             return self._submit(request.adapter_id, engine_request)
+        leave = None
+        if request.adapter_id:
+            try:
+                leave = await self._enter_gate(request.adapter_id)
+            except asyncio.CancelledError:  # the client left before its request was looked at
+                self._count_cancelled(request.adapter_id, arrival)
+                raise
         submitted = asyncio.get_running_loop().run_in_executor(self.resolving if request.adapter_id else None,
                                                                prepare_and_submit)
+        if leave is not None:
+            submitted.add_done_callback(leave)  # when the thread is done, not when a client that left stops waiting
         try:
             # shielded: a client that leaves while its request is being prepared (an adapter loading from disk,
             # a LoadAdapter holding the id) cannot stop the executor thread, so its request is cancelled once
             # queued instead of running to the end for nobody
             return await asyncio.shield(submitted)
         except asyncio.CancelledError:
-            submitted.add_done_callback(self._cancel_once_queued)
+            submitted.add_done_callback(functools.partial(self._cancel_once_queued, request.adapter_id, arrival))
             raise
 
-    def _cancel_once_queued(self, submitted: asyncio.Future) -> None:
+    async def _enter_gate(self, adapter_id: str) -> Callable[[object], None]:
+        """Wait (on the loop) for one of the id's THREADS_PER_ADAPTER places; returns what gives it back."""
+        entry = self._gates.setdefault(adapter_id, [asyncio.Semaphore(THREADS_PER_ADAPTER), 0])
+        entry[1] += 1
+
+        def leave(_=None, acquired: bool = True) -> None:
+            if acquired:
+                entry[0].release()
+            entry[1] -= 1
+            if entry[1] == 0:  # ids come and go (random ones too): no entry outlives its requests
+                del self._gates[adapter_id]
+        try:
+            await entry[0].acquire()
+        except BaseException:
+            leave(acquired=False)
+            raise
+        return leave
+
+    def _cancel_once_queued(self, adapter_id: str, arrival: float, submitted: asyncio.Future) -> None:
         """The client left while its request was being prepared. Queued: cancelled there (the engine counts it).
         Refused meanwhile (an unknown adapter, a bad parameter): counted here, as the client's cancel it was."""
         if not submitted.cancelled() and submitted.exception() is None:
             submitted.result().cancelled = True
             self._release(submitted.result())
         else:
-            self._count_cancelled()
+            self._count_cancelled(adapter_id, arrival)
 
-    def _count_cancelled(self) -> None:
-        """A request whose client left before it reached the engine: every call ends in exactly one of
-        request_success_total / request_failure_total, and a cancel or a passed deadline is success{cancelled}."""
-        self.serving.metrics.success.labels(FinishReason.CANCELLED.value).inc()
+    def _count_cancelled(self, adapter_id: str, arrival: float) -> None:
+        """A request whose client left before it reached the engine, counted as the engine counts a cancelled row:
+        every call ends in exactly one of request_success_total / request_failure_total (a cancel or a passed
+        deadline is success{cancelled}), with its latency, and per adapter where the id is known to name one (an
+        id never read may name nothing: it takes no label)."""
+        metrics = self.serving.metrics
+        metrics.success.labels(FinishReason.CANCELLED.value).inc()
+        metrics.e2e.observe(time.monotonic() - arrival)
+        if not adapter_id or self.serving.registry.known(adapter_id):
+            metrics.adapter_requests.labels(metrics.adapter_label(adapter_id)).inc()
 
     async def Generate(self, request, context):
         try:

@@ -192,11 +192,13 @@ def test_a_client_that_leaves_while_waiting_for_adapter_memory_is_counted(model_
         with Client(server.target, timeout=60) as client:
             holding = client.generate_stream([5, 6], "a", max_new_tokens=400, ignore_eos=True)
             next(holding)
-            before = scrape(server).get(key, 0)
+            counted = (key, 'loraplex_adapter_requests_total{adapter="b"}', "loraplex_e2e_request_latency_seconds_count")
+            before = {k: scrape(server).get(k, 0) for k in counted}
             with Client(server.target, timeout=0.5) as hasty:
                 code, _ = status_of(hasty.generate, [5, 6], "b", max_new_tokens=2)
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert wait_for(lambda: scrape(server).get(key, 0) == before + 1)
+            # counted as a row cancelled in the engine is: per adapter and in the latency too
+            assert wait_for(lambda: all(scrape(server).get(k, 0) == before[k] + 1 for k in counted))
             assert scrape(server)["loraplex_num_requests_waiting"] == 0
             holding.cancel()
     finally:

@@ -58,19 +58,29 @@ def test_steady_traffic_on_a_resident_adapter_cannot_starve_one_waiting_for_a_sl
 
 
 def test_requests_waiting_on_one_adapter_do_not_hold_up_other_requests(server):
-    """While an adapter's id is held (a long LoadAdapter replace, a slow read), more requests for it than the
-    default executor has threads wait; base-model requests and the Adapters service still answer at once."""
+    """While an adapter's id is held (a long LoadAdapter replace, a slow read), more requests for it than any
+    thread pool has threads wait, some of them already left by their clients; base-model requests, requests for
+    other adapters and the Adapters service still answer at once (70 waiting on one id took every thread that
+    resolves adapters, and every other adapter's requests timed out)."""
+    with Client(server.target, timeout=30) as client:
+        client.generate(PROMPT, "v1", max_new_tokens=1)  # in memory: nothing to read for it below
     lock = server.serving.registry.hold("v3")
 
     async def go():
-        async with AsyncClient(server.target, timeout=30) as client:
-            stuck = [asyncio.ensure_future(client.generate(PROMPT, "v3", max_new_tokens=2)) for _ in range(12)]
-            await asyncio.sleep(0.5)  # all twelve are waiting on the id
+        async with AsyncClient(server.target, timeout=30) as client, AsyncClient(server.target, timeout=0.3) as hasty:
+            left = [asyncio.ensure_future(hasty.generate(PROMPT, "v3", max_new_tokens=2)) for _ in range(40)]
+            stuck = [asyncio.ensure_future(client.generate(PROMPT, "v3", max_new_tokens=2)) for _ in range(80)]
+            await asyncio.sleep(0.5)  # all are waiting on the id; the hasty ones' clients have left
             with Client(server.target, timeout=3) as quick:  # DEADLINE_EXCEEDED if they took the shared threads
                 base = await asyncio.to_thread(quick.generate, PROMPT, "", max_new_tokens=2)
+                other = await asyncio.to_thread(quick.generate, PROMPT, "v1", max_new_tokens=2)
                 await asyncio.to_thread(quick.list_adapters)
-            assert len(base.token_ids) == 2
+            assert len(base.token_ids) == len(other.token_ids) == 2
             assert not any(call.done() for call in stuck)
+            for call in left:
+                with pytest.raises(grpc.RpcError) as err:
+                    await call
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             lock.release()
             assert all(len(r.token_ids) == 2 for r in await asyncio.gather(*stuck))
     lock.acquire()

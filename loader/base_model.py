@@ -110,7 +110,7 @@ def _read_config(path: Path):
     """config.json, parsed, of a model family this transformers knows, and not an encoder-decoder."""
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # invalid JSON, no or an unknown model_type, ...
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:  # invalid JSON, no or an unknown model_type, ...
         raise UnservableModel(f"{path / 'config.json'} cannot be read as a model configuration: "
                               f"{_first_line(exc)}") from None
     if getattr(config, "is_encoder_decoder", False):

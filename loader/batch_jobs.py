@@ -14,6 +14,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from adapters.training import TrainSettings
+from loader import json_input
 from loader.peft_files import CONFIG_FILE
 from loader.train_data import DataError, jsonl_lines
 from loader.train_job_spec import (CHECKPOINT, LOG, METHODS, JobError, TrainJob, changes, inapplicable, job_identity,
@@ -31,7 +32,7 @@ def read_jobs(path: Path, defaults: TrainJob) -> list[TrainJob]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json_input.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
         unknown = set(record) - JOB_FIELDS - SETTING_FIELDS if isinstance(record, dict) else set()
@@ -79,7 +80,7 @@ def finished_job(out: Path) -> dict | None:
     """The identity of the job whose adapter `out` holds, from its training_log.json (written after the adapter,
     so a run interrupted before it is not finished), or None."""
     try:
-        recorded = json.loads((out / LOG).read_text()).get("job") if (out / CONFIG_FILE).is_file() else None
+        recorded = json_input.loads((out / LOG).read_text()).get("job") if (out / CONFIG_FILE).is_file() else None
     except (OSError, ValueError, AttributeError):
         return None
     return recorded if isinstance(recorded, dict) else None

@@ -18,6 +18,7 @@ from safetensors.torch import save
 from adapters.canonical import CanonicalAdapter, pattern_regex
 from adapters.slot_bank import ModuleShape
 from adapters.targets import matches
+from loader import json_input
 from loader.tensor_bytes import TensorFileError, read_tensors_from
 from server.errors import FailedPrecondition
 
@@ -96,7 +97,7 @@ def read_config(path: Path, adapter_id: str) -> dict:
     if text is None:
         raise FailedPrecondition(f"adapter {adapter_id!r}: {CONFIG_FILE} is missing")
     try:
-        config = json.loads(text.decode("utf-8"))
+        config = json_input.loads(text.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FailedPrecondition(f"adapter {adapter_id!r}: {CONFIG_FILE} is not valid JSON ({exc})") from None
     if not isinstance(config, dict) or "peft_type" not in config:

@@ -12,6 +12,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from loader import json_input
+
 log = logging.getLogger("loraplex.registry")  # the registry's records, under its name in the logs
 
 
@@ -30,7 +32,7 @@ class StateFile:
         if self.path is None or not self.path.exists():
             return {}
         try:
-            entries = json.loads(self.path.read_text())["adapters"]
+            entries = json_input.loads(self.path.read_text())["adapters"]
             return {e["id"]: bool(e.get("pinned")) for e in entries if isinstance(e["id"], str)}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             # Refused, and left as it is: the server writes this file atomically, so one it cannot read is most

@@ -14,6 +14,8 @@ from typing import BinaryIO
 
 import torch
 
+from loader import json_input
+
 MAX_HEADER = 100 * 1024 * 1024  # what safetensors itself accepts
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
@@ -33,7 +35,7 @@ def read_tensors_from(f: BinaryIO, size: int) -> dict[str, torch.Tensor]:
     if length > min(MAX_HEADER, size - 8):
         raise TensorFileError(f"header length {length} does not fit the file's {size} bytes")
     try:
-        header = json.loads(f.read(length))
+        header = json_input.loads(f.read(length))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TensorFileError(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):

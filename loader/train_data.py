@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from loader import json_input
 from loader.base_model import longest_token_chars
 
 log = logging.getLogger("loraplex.train")
@@ -57,7 +58,7 @@ def read_jsonl(path: Path, tokenizer, max_length: int) -> list[Example]:
             continue
         where = f"{path}:{number}"
         try:
-            record = json.loads(line)
+            record = json_input.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict):

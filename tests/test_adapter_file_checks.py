@@ -43,6 +43,8 @@ REFUSED = {
     "res-stats-entry-string": f"statistics[{Q0!r}] must be an object",
     "res-chain-number": "list of non-empty lists of module paths (strings)",
     "res-chain-mixed": "mixes module types 'model.layers.*.self_attn.q_proj' and 'model.layers.*.self_attn.v_proj'",
+    "config-nested": "adapter_config.json is not valid JSON (nested too deeply",  # RecursionError before
+    "header-nested": "nested too deeply",
     # 4: keys the kind's reader would ignore
     "res-rslora": "use_rslora is true",
     "res-alpha-pattern": "sets alpha_pattern = {'q_proj': 64}, which RESLORA adapters do not define",
@@ -63,6 +65,11 @@ def adapter_root(model_dirs, tmp_path_factory):
     make_peft_adapter(llama, root / "good", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     _variant(root, "good", "pattern-bad-rank", {"rank_pattern": {"q_proj(": 4}})
     _variant(root, "good", "pattern-bad-alpha", {"alpha_pattern": {"v_proj)": 2}})
+    _variant(root, "good", "config-nested")
+    (root / "config-nested" / "adapter_config.json").write_text("[" * 200_000)
+    _variant(root, "good", "header-nested")
+    header = b"[" * 200_000
+    (root / "header-nested" / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     tensors = load_file(root / "good" / "adapter_model.safetensors")
     fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in tensors.items()}
     _variant(root, "good", "fp8", tensors=fp8)

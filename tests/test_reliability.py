@@ -225,7 +225,7 @@ def test_a_drain_that_hits_its_deadline_harms_no_request(server):
         engine.runner.decode_step = real
 
 
-@pytest.mark.parametrize("body", ['{"adapters": 5}', '{"adapters": ["v2"]}', '[]', 'not json', ''])
+@pytest.mark.parametrize("body", ['{"adapters": 5}', '{"adapters": ["v2"]}', '[]', 'not json', '', '[' * 200_000])
 def test_a_state_file_the_server_did_not_write_stops_the_start_and_is_left_untouched(model_dirs, adapter_root,
                                                                                       tmp_path, body, capsys):
     """The server writes its state file atomically, so one it cannot read is not its own (a mistyped --state-file

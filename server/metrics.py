@@ -9,7 +9,8 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0
                10, 20, 40, 80)
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960,
                    1920, 7680)
-OTHER = "other"
+# Neither is a valid adapter id (ids start with a letter or digit): no adapter's series is ever mixed with them.
+OTHER = "__other__"
 BASE = "__base__"
 
 
@@ -53,7 +54,7 @@ class Metrics:
         self._max_labels = max_adapter_labels
 
     def adapter_label(self, adapter_id: str) -> str:
-        """The adapter's own label for the first N ids seen, `other` after that: cardinality stays bounded."""
+        """The adapter's own label for the first N ids seen, OTHER after that: cardinality stays bounded."""
         if not adapter_id:
             return BASE
         if adapter_id in self._labels or len(self._labels) < self._max_labels:

@@ -367,3 +367,15 @@ def test_the_slot_bank_size_is_what_it_allocates(model_dirs, caplog):
             f"{size_text(factors)} of factors" in line, line
     finally:
         server.stop()
+
+
+def test_adapter_labels_are_bounded_and_never_an_adapters_own():
+    """The 101st id and later share one overflow label, which no adapter id can be: it was `other`, a valid id,
+    whose own series then counted every overflowed adapter too."""
+    from loader.registry import valid_id
+    from server.metrics import BASE, OTHER, Metrics
+    metrics = Metrics(max_batch_size=4, max_adapter_labels=100)
+    labels = [metrics.adapter_label(name) for name in ["other", *(f"a{i}" for i in range(99)), "late", "later"]]
+    assert labels[:100] == ["other", *(f"a{i}" for i in range(99))] and labels[100:] == [OTHER, OTHER]
+    assert metrics.adapter_label("other") == "other" and metrics.adapter_label("") == BASE
+    assert not valid_id(OTHER) and not valid_id(BASE)

@@ -106,6 +106,15 @@ class AdapterRegistry:
                                   f"directories directly under the root")
         return path
 
+    def _no_directory(self, adapter_id: str, path: Path) -> Exception:
+        """What to answer for an id whose path (resolved by path_for) is no directory: a link there to a file, a
+        FIFO or nothing is the operator's mistake to name, as a link elsewhere is; otherwise there is no adapter."""
+        if (self.root / adapter_id).is_symlink():
+            what = "nothing (its target does not exist)" if not path.exists() else "something that is not a directory"
+            return InvalidArgument(f"invalid adapter_id {adapter_id!r}: it is a symbolic link to {what}; ids name "
+                                   f"directories directly under the root")
+        return NotFound(f"adapter {adapter_id!r} not found under the adapter root")
+
     # -- request path ---------------------------------------------------------------------------
     def resolve(self, adapter_id: str) -> CanonicalAdapter:
         """Weights for a request, loading on first use when auto-load is on; held (never evicted, counted in the
@@ -237,7 +246,7 @@ class AdapterRegistry:
         with self._lock:
             known = adapter_id in self._records or adapter_id in self._id_locks
         if not known and not path.is_dir():
-            raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
+            raise self._no_directory(adapter_id, path)
         return self._id_lock(adapter_id)
 
     def get(self, adapter_id: str) -> AdapterRecord:
@@ -280,7 +289,7 @@ class AdapterRegistry:
                         self._hold(current.weights)
                     return current
             if not path.is_dir():
-                raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
+                raise self._no_directory(adapter_id, path)
             try:
                 files = _files_identity(path)
             except OSError as exc:

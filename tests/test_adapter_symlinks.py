@@ -1,5 +1,5 @@
-"""Adapter ids that are symbolic links: a loop is NOT_FOUND, a link anywhere but directly under the root is
-INVALID_ARGUMENT saying where it points, on LoadAdapter and on Generate (auto-load) alike; never INTERNAL."""
+"""Adapter ids that are symbolic links: a loop is NOT_FOUND, a link to anything but a directory directly under the
+root is INVALID_ARGUMENT saying where it points, on LoadAdapter and on Generate (auto-load) alike; never INTERNAL."""
 import os
 import shutil
 
@@ -21,6 +21,11 @@ def client(model_dirs, tmp_path_factory):
     shutil.copytree(root / "good", root / "sub" / "x")
     os.symlink("sub/x", root / "nested")  # inside the root, which the message denied before
     os.symlink("good", root / "flip")  # what deploys do: served
+    (root / "plain").write_text("not an adapter")
+    os.symlink("plain", root / "to-file")  # these three were NOT_FOUND, saying nothing of the link
+    os.mkfifo(root / "fifo")
+    os.symlink("fifo", root / "to-fifo")
+    os.symlink("gone", root / "dangling")
     server = start_server(model_dirs["llama"], root)
     try:
         with Client(server.target, timeout=60) as c:
@@ -37,4 +42,9 @@ def test_symlinks_that_loop_or_point_below_the_root_are_named(client, call):
     code, details = status_of(run, "nested")
     assert code == C.INVALID_ARGUMENT and "'nested'" in details, details
     assert "'sub/x', inside the adapter root but not directly under it" in details, details
+    for name, what in (("to-file", "something that is not a directory"), ("to-fifo", "something that is not a "
+                       "directory"), ("dangling", "nothing (its target does not exist)")):
+        code, details = status_of(run, name)
+        assert code == C.INVALID_ARGUMENT and f"{name!r}: it is a symbolic link to {what}" in details, details
+    assert status_of(run, "plain")[0] == C.NOT_FOUND  # a file, no link: there is no such adapter
     run("flip")

@@ -83,7 +83,8 @@ class AdapterRegistry:
         self._refused: dict[str, tuple] = {}  # id -> (files, size) of a read refused for want of room
         # New files are measured against the budget only once read, so reads at once are few: each may hold up to
         # --max-adapter-bytes beyond the budget while it lasts (the server waits for ids on many more threads).
-        self._reads = threading.BoundedSemaphore(min(32, (os.cpu_count() or 1) + 4))
+        self.reads_at_once = min(32, (os.cpu_count() or 1) + 4)
+        self._reads = threading.BoundedSemaphore(self.reads_at_once)
 
     def path_for(self, adapter_id: str) -> Path:
         """The adapter's directory, confined to the root: no separators, no '..', no symlink escapes."""
@@ -256,6 +257,12 @@ class AdapterRegistry:
         if record is None:
             raise NotFound(f"adapter {adapter_id!r} is not loaded")
         return record
+
+    def in_memory(self, adapter_id: str) -> bool:
+        """Whether a request for the id would find its weights in host memory now (nothing to read). No I/O."""
+        with self._lock:
+            record = self._records.get(adapter_id)
+            return record is not None and record.weights is not None
 
     def known(self, adapter_id: str) -> bool:
         """Whether the id has been read as an adapter (loaded, evicted, or refused for want of room). No I/O."""

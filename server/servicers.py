@@ -18,6 +18,8 @@ from server.validation import MAX_REQUEST_ID, prompt_and_stopping, sampling_from
 # Requests of one adapter id on the resolving pool at once; the rest wait on the event loop, holding no thread. Its
 # id lock serialises their resolving anyway, and while a LoadAdapter or a slow read holds that lock, the threads
 # they would block are the pool's, which every other adapter's requests need (70 waiting on one id took the pool).
+# Requests whose adapter must be read first are also held to the registry's reads at once, for the same reason:
+# many cold ids took the pool while they waited their turn to read, and requests on adapters in memory waited.
 THREADS_PER_ADAPTER = 4
 FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.EOS_TOKEN: pb.FINISH_REASON_EOS_TOKEN,
           FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE}
@@ -49,6 +51,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._memory_turn = asyncio.Lock()  # the one request waiting for adapter memory that may try again
         self._memory_waiters = 0
         self._gates: dict[str, list] = {}  # adapter id -> [asyncio.Semaphore(THREADS_PER_ADAPTER), requests using it]
+        self._cold: asyncio.Semaphore | None = None  # the registry's reads at once (made at first use: after it)
 
     def _submit(self, adapter_id: str, engine_request: EngineRequest) -> EngineRequest:
         """Queue a prepared request (blocking: run off the loop, on self.resolving when it names an adapter). The
@@ -205,20 +208,27 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
 
     async def _enter_gate(self, adapter_id: str) -> Callable[[object], None]:
-        """Wait (on the loop) for one of the id's THREADS_PER_ADAPTER places; returns what gives it back."""
+        """Wait (on the loop) for one of the id's THREADS_PER_ADAPTER places, and for one of the cold places where
+        its weights are not in memory; returns what gives them back."""
         entry = self._gates.setdefault(adapter_id, [asyncio.Semaphore(THREADS_PER_ADAPTER), 0])
         entry[1] += 1
+        taken: list[asyncio.Semaphore] = []
 
-        def leave(_=None, acquired: bool = True) -> None:
-            if acquired:
-                entry[0].release()
+        def leave(_=None) -> None:
+            for place in taken:
+                place.release()
             entry[1] -= 1
             if entry[1] == 0:  # ids come and go (random ones too): no entry outlives its requests
                 del self._gates[adapter_id]
         try:
             await entry[0].acquire()
+            taken.append(entry[0])
+            if not self.serving.registry.in_memory(adapter_id):  # (evicted meanwhile: its read is still bounded)
+                self._cold = self._cold or asyncio.Semaphore(self.serving.registry.reads_at_once)
+                await self._cold.acquire()
+                taken.append(self._cold)
         except BaseException:
-            leave(acquired=False)
+            leave()
             raise
         return leave
 

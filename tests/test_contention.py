@@ -138,3 +138,28 @@ def test_admin_calls_cut_before_they_start_are_not_counted_as_under_way(server, 
     asyncio.run(go())
     assert wait_for(lambda: server.serving.registry_changes.count == 0, timeout=10), \
         server.serving.registry_changes.count
+
+
+def test_cold_reads_do_not_hold_up_requests_on_adapters_in_memory(server, adapter_root, monkeypatch):
+    """Requests for many cold adapters at once wait for reads (a few at a time); a request for an adapter already in
+    memory has nothing to read and must not wait behind them for a thread."""
+    ids = [f"chill{i}" for i in range(24)]
+    for name in ids:
+        shutil.copytree(adapter_root / "v1", adapter_root / name)
+    with Client(server.target, timeout=30) as client:
+        client.generate(PROMPT, "v1", max_new_tokens=1)
+    registry = server.serving.registry
+    read = registry._reader
+    monkeypatch.setattr(registry, "_reader", lambda *args: (time.sleep(1.0), read(*args))[1])
+
+    async def go():
+        async with AsyncClient(server.target, timeout=60) as client:
+            cold = [asyncio.ensure_future(client.generate(PROMPT, i, max_new_tokens=1)) for i in ids for _ in range(4)]
+            await asyncio.sleep(0.3)
+            start = time.monotonic()
+            warm = await client.generate(PROMPT, "v1", max_new_tokens=1)
+            waited = time.monotonic() - start
+            await asyncio.gather(*cold)
+            return warm, waited
+    warm, waited = asyncio.run(go())
+    assert len(warm.token_ids) == 1 and waited < 0.9, waited

@@ -23,7 +23,8 @@ class BaseModel:
     tokenizer: object
     name: str
     model_type: str
-    vocab_size: int
+    vocab_size: int  # config.vocab_size: the rows of the input embedding and of the LM head (transformers loads
+    # no checkpoint whose shapes differ from it); every id fed to the model is checked against it
     max_context: int
     eos_token_ids: frozenset[int]
     pad_token_id: int
@@ -205,9 +206,42 @@ def load_base_model(model: str, device: str, dtype: str) -> BaseModel:
     config = hf.config
     max_context, _ = model_context(config)
     eos = end_of_sequence_ids(config, getattr(hf, "generation_config", None), tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
-    return BaseModel(hf, tokenizer, str(model), config.model_type, config.vocab_size, int(max_context),
-                     frozenset(eos), int(pad), longest_token_chars(tokenizer))
+    vocab_size = config.vocab_size
+    _log_tokens_beyond(tokenizer, vocab_size, path)
+    return BaseModel(hf, tokenizer, str(model), config.model_type, vocab_size, int(max_context),
+                     frozenset(eos), pad_id(tokenizer, eos, vocab_size), longest_token_chars(tokenizer))
+
+
+def pad_id(tokenizer, eos: list[int], vocab_size: int) -> int:
+    """The id that fills the pad columns when prompts of different lengths are prefilled together. Those columns
+    are masked out of attention (no real query reads their keys, and their own outputs are dropped), so any id the
+    embedding has a row for serves, and none needs to mean padding. The tokenizer's pad token where it is within the
+    vocabulary, else the first end-of-sequence id that is, else 0: a [PAD] added to the tokenizer without resizing
+    the model's embeddings (its id = vocab_size) made every prefill that needed padding fail with an IndexError,
+    taking down every request prefilled in that step."""
+    pad = tokenizer.pad_token_id
+    if pad is not None and 0 <= pad < vocab_size:
+        return int(pad)
+    chosen = next((i for i in eos if 0 <= i < vocab_size), 0)
+    if pad is not None:
+        log.warning("the tokenizer's pad token %r (id %d) is outside the model's vocabulary of %d tokens (its "
+                    "embedding has no row for it); padding uses id %d instead (pad positions are masked, so any "
+                    "valid id serves)", tokenizer.pad_token, pad, vocab_size, chosen)
+    return chosen
+
+
+def _log_tokens_beyond(tokenizer, vocab_size: int, path: Path) -> None:
+    """Tokens of the tokenizer that the model has no embedding row for: a text prompt that tokenizes to one is
+    refused (server/validation.py). Said once at start, so that the operator knows before users do."""
+    if len(tokenizer) <= vocab_size:
+        return
+    beyond = sorted((i, t) for t, i in tokenizer.get_vocab().items() if i >= vocab_size)
+    if beyond:
+        shown = ", ".join(f"{t!r} ({i})" for i, t in beyond[:5]) + (f" and {len(beyond) - 5} more"
+                                                                   if len(beyond) > 5 else "")
+        log.warning("%s: the tokenizer has %d token%s with ids beyond the model's vocabulary of %d: %s; prompts "
+                    "that tokenize to them are refused (INVALID_ARGUMENT)", path, len(beyond),
+                    "s" if len(beyond) > 1 else "", vocab_size, shown)
 
 
 def model_context(config) -> tuple[int, str]:

@@ -211,7 +211,8 @@ def _generate_once(engine: Engine, base) -> None:
             outcome.append(event)
             done.set()
     bos = base.tokenizer.bos_token_id
-    engine.submit(EngineRequest("warmup", [bos if bos is not None else base.pad_token_id], None,
+    first = bos if bos is not None and bos < base.vocab_size else base.pad_token_id  # pad_token_id: always valid
+    engine.submit(EngineRequest("warmup", [first], None,
                                 SamplingParams(), StoppingParams(2, (), True), sink))
     if not done.wait(timeout=600) or isinstance(outcome[0], ErrorEvent):
         raise RuntimeError(f"engine warm-up failed: {outcome[0].error if outcome else 'timed out'} (a one-token "

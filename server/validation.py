@@ -64,6 +64,21 @@ def _check_prompt_chars(chars: int, base, limits) -> None:
                          f"tokens can hold (a token stands for at most {per_token} characters)")
 
 
+def _check_tokenized(ids: list[int], prompt: str, base) -> None:
+    """A text prompt's ids, as the tokenizer made them, within the model's vocabulary (base.vocab_size, as
+    prompt_token_ids are checked): a tokenizer may know tokens the model has no embedding row for (a [PAD] added
+    without resizing the embeddings), and one such id failed the whole prefill step it ran in, with INTERNAL."""
+    if max(ids) < base.vocab_size:
+        return
+    bad = next(t for t in ids if t >= base.vocab_size)
+    text = base.tokenizer.decode([bad])
+    advice = ("leave that text out of the prompt" if text and text in prompt else
+              "the tokenizer adds it by itself, so send the prompt as prompt_token_ids")
+    raise InvalidArgument(f"the prompt tokenizes to the token {text!r} (id {bad}), which the tokenizer knows but the "
+                          f"model does not: its vocabulary has {base.vocab_size} tokens (ids 0-{base.vocab_size - 1}); "
+                          f"{advice}")
+
+
 def _fit_prompt(tokens: int, stopping: StoppingParams, explicit: bool, base, limits) -> StoppingParams:
     """The stopping a prompt of `tokens` tokens runs with. A request that sets no max_new_tokens gets the server's
     default within the room its prompt leaves in the context; one that sets it gets exactly that or an error."""
@@ -100,6 +115,7 @@ def prompt_and_stopping(request: pb.GenerateRequest, base, limits) -> tuple[list
         ids = base.tokenizer(request.prompt).input_ids
         if not ids:
             raise InvalidArgument("the prompt encodes to no tokens")
+        _check_tokenized(ids, request.prompt, base)
         return ids, _fit_prompt(len(ids), stopping, explicit, base, limits)
     if which == "prompt_token_ids":
         if not request.prompt_token_ids.ids:

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from loader.default_model import default_model_dir
+from loader.special_tokens import SkippedTokens
 
 log = logging.getLogger("loraplex.model")
 
@@ -29,6 +30,7 @@ class BaseModel:
     eos_token_ids: frozenset[int]
     pad_token_id: int
     max_token_chars: int | None  # most characters of text one token stands for (longest_token_chars)
+    skipped_tokens: SkippedTokens  # tokens decoding leaves out of the text, by their text (stops on them)
 
 
 # Pieces of a fast tokenizer (tokenizer.json) that never drop or merge away characters of the text.
@@ -209,7 +211,8 @@ def load_base_model(model: str, device: str, dtype: str) -> BaseModel:
     vocab_size = config.vocab_size
     _log_tokens_beyond(tokenizer, vocab_size, path)
     return BaseModel(hf, tokenizer, str(model), config.model_type, vocab_size, int(max_context),
-                     frozenset(eos), pad_id(tokenizer, eos, vocab_size), longest_token_chars(tokenizer))
+                     frozenset(eos), pad_id(tokenizer, eos, vocab_size), longest_token_chars(tokenizer),
+                     SkippedTokens.of(tokenizer))
 
 
 def pad_id(tokenizer, eos: list[int], vocab_size: int) -> int:

@@ -21,6 +21,9 @@ class StoppingParams:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # Tokens that decoding leaves out of the text (special tokens) whose text is one of `stop`: generating one
+    # stops as that stop sequence would (the text never holds it; their id is the last of the row's ids).
+    stop_token_ids: frozenset[int] = frozenset()
 
 
 class TextStream:
@@ -46,15 +49,19 @@ class TextStream:
         """Add one generated token; returns the text that may be shown now. Sets `finish` when done."""
         self.ids.append(token)
         self._carries.append(self._decode(len(self.ids) - 1, len(self.ids)) != "")
+        matched_in_text = False
         if token in self._eos and not self._params.ignore_eos:
             self.finish = FinishReason.EOS_TOKEN
+        elif token in self._params.stop_token_ids:  # a skipped special token: the text ends before it, as at a stop
+            self.finish = FinishReason.STOP_SEQUENCE
         else:
             self._decode_tail()
-            if self._cut_at_stop():
+            matched_in_text = self._cut_at_stop()
+            if matched_in_text:
                 self.finish = FinishReason.STOP_SEQUENCE
         if self.finish is None and len(self.ids) >= self._params.max_new_tokens:
             self.finish = FinishReason.LENGTH
-        if self.finish in (FinishReason.EOS_TOKEN, FinishReason.LENGTH):
+        if self.finish is not None and not matched_in_text:  # the text ends here: nothing more can complete it
             self._decode_tail(final=True)  # bytes of a character that never completed: U+FFFD, as decode(ids) has
             if self._cut_at_stop():
                 self.finish = FinishReason.STOP_SEQUENCE

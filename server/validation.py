@@ -32,7 +32,8 @@ def sampling_from(msg: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(temperature, top_k, top_p, msg.seed if msg.HasField("seed") else None)
 
 
-def stopping_from(msg: pb.StoppingCriteria, limits) -> StoppingParams:
+def stopping_from(msg: pb.StoppingCriteria, limits, skipped) -> StoppingParams:
+    """`skipped`: the model's SkippedTokens (base.skipped_tokens)."""
     max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens
     if max_new < 1:
         raise InvalidArgument(f"stopping.max_new_tokens must be >= 1, got {max_new}")
@@ -46,7 +47,27 @@ def stopping_from(msg: pb.StoppingCriteria, limits) -> StoppingParams:
     if len(stops) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
         raise InvalidArgument(f"stopping.stop takes at most {MAX_STOP_SEQUENCES} non-empty strings of at most "
                               f"{MAX_STOP_LENGTH} characters")
-    return StoppingParams(max_new, stops, msg.ignore_eos)
+    return StoppingParams(max_new, stops, msg.ignore_eos, _stop_tokens(stops, skipped))
+
+
+def _stop_tokens(stops: tuple[str, ...], skipped) -> frozenset[int]:
+    """The tokens whose generation stops the row: those of the stops that are exactly the text of a token decoding
+    leaves out of the text (`skipped`: loader.special_tokens.SkippedTokens), e.g. ChatML's <|im_end|> where it is no
+    end-of-sequence id. Stops are matched against the decoded text, which never holds such a token's text; so a stop
+    that holds one beside other text could never match it, and is refused."""
+    ids: set[int] = set()
+    for stop in stops:
+        if stop in skipped.ids:
+            ids |= skipped.ids[stop]
+            continue
+        inside = skipped.found_in(stop)
+        if inside is not None:
+            raise InvalidArgument(
+                f"stopping.stop {stop!r} holds {inside!r}, the text of a special token (id "
+                f"{min(skipped.ids[inside])}) that is left out of the generated text, so this stop can never match "
+                f"it; send {inside!r} as a stop sequence of its own (a stop that is exactly a special token's text "
+                f"stops when that token is generated)")
+    return frozenset(ids)
 
 
 def _check_prompt_chars(chars: int, base, limits) -> None:
@@ -105,7 +126,7 @@ def _fit_prompt(tokens: int, stopping: StoppingParams, explicit: bool, base, lim
 
 def prompt_and_stopping(request: pb.GenerateRequest, base, limits) -> tuple[list[int], StoppingParams]:
     """The prompt's token ids and the stopping it runs with (tokenizing a text prompt: blocking work)."""
-    stopping = stopping_from(request.stopping, limits)
+    stopping = stopping_from(request.stopping, limits, base.skipped_tokens)
     explicit = request.stopping.HasField("max_new_tokens")
     which = request.WhichOneof("input")
     if which == "prompt":

@@ -14,7 +14,7 @@ from loader.lora_files import save_canonical_as_lora
 from loader.peft_files import WEIGHTS_FILE, read_adapter, read_config
 from loader.train_data import collate, read_jsonl
 from loader.train_job_spec import JobError, TrainJob
-from loader.training_job import _load
+from loader.training_job import _load, padding_id
 
 
 def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_path: str | None = None,
@@ -47,8 +47,8 @@ def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_pat
             stats = config["statistics"].get(name, {})
             layer.input_norms = deque([stats.get("input_norm", float("nan"))])
             layer.shrunk_norms = deque([stats.get("shrunk_norm", float("nan"))])
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        examples = read_jsonl(Path(eval_path), tokenizer, max_length)
+        pad = padding_id(tokenizer, base)
+        examples = read_jsonl(Path(eval_path), tokenizer, max_length, base.config.vocab_size)
         batches = [{k: v.to(device) for k, v in collate(examples[i:i + 8], pad).items()}
                    for i in range(0, len(examples), 8)]
         error = merge_error(base.eval(), layers, method, batches)

@@ -43,7 +43,9 @@ def jsonl_lines(path: Path) -> list[str]:
     return text.removeprefix("\ufeff").replace("\r\n", "\n").split("\n")
 
 
-def read_jsonl(path: Path, tokenizer, max_length: int) -> list[Example]:
+def read_jsonl(path: Path, tokenizer, max_length: int, vocab_size: int | None = None) -> list[Example]:
+    """`vocab_size`: the model's (config.vocab_size); a token id at or beyond it (a tokenizer that knows tokens the
+    model has no embedding row for) is refused naming the line, rather than an IndexError in the first step."""
     eos = tokenizer.eos_token_id
     # Only the first max_length tokens of an example are kept, so a string longer than `cap` characters (4x what
     # max_length tokens can spell) is cut before it is tokenized: tokenizing a 20 MB line whole took 4.4 GB. The
@@ -79,6 +81,10 @@ def read_jsonl(path: Path, tokenizer, max_length: int) -> list[Example]:
                             f"'completion'; got keys {sorted(record)}")
         truncated += len(ids) > max_length
         ids, labels = ids[:max_length], labels[:max_length]
+        beyond = next((i for i in ids if vocab_size is not None and i >= vocab_size), None)
+        if beyond is not None:
+            raise DataError(f"{where}: tokenizes to {tokenizer.decode([beyond])!r} (id {beyond}), a token the "
+                            f"tokenizer knows but the model does not: its vocabulary has {vocab_size} tokens")
         if all(label == IGNORE for label in labels):
             raise DataError(f"{where}: the prompt fills --max-length {max_length}; no completion token is left to "
                             f"learn from")

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.training import Hooks, Trainer, evaluate
-from loader.base_model import model_context
+from loader.base_model import model_context, pad_id
 from loader.default_model import default_model_dir
 from loader.inject import linear_module_names, unmatched_targets
 from loader.train_data import collate, read_jsonl
@@ -31,6 +31,12 @@ def _load(job: TrainJob):
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[job.dtype])
     model.requires_grad_(False)
     return path, model.to(job.device), tokenizer
+
+
+def padding_id(tokenizer, model) -> int:
+    """What pads a batch's shorter examples (masked, and never a label): a valid id, as the server's is."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return pad_id(tokenizer, eos, model.config.vocab_size)
 
 
 def _targets(job: TrainJob, model) -> list[str] | str:
@@ -176,8 +182,9 @@ def _check_context(job: TrainJob, model) -> None:
 def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
     path, model, tokenizer = _load(job)
     _check_context(job, model)
-    train = read_jsonl(Path(job.data), tokenizer, job.max_length)
-    evaluation = read_jsonl(Path(job.eval), tokenizer, job.max_length) if job.eval else None
+    vocab = model.config.vocab_size
+    train = read_jsonl(Path(job.data), tokenizer, job.max_length, vocab)
+    evaluation = read_jsonl(Path(job.eval), tokenizer, job.max_length, vocab) if job.eval else None
     targets = _targets(job, model)
     from adapters.training import total_steps
     total = total_steps(len(train), job.settings)
@@ -187,7 +194,7 @@ def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
     layers, hooks, write = _prepare(job, model, targets, total, prompts)
     model.to(job.device)  # the new adapter layers were created on the CPU
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer, model)
     trainer = Trainer(model, job.settings, pad, hooks)
     identity = job_identity(job)
     resume = None

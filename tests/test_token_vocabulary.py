@@ -109,3 +109,23 @@ def test_a_request_beside_one_holding_a_token_beyond_the_vocabulary_is_served(se
     (innocent, bad), busy = asyncio.run(together())
     assert list(innocent.token_ids) == expected and len(busy.token_ids) == 100
     assert isinstance(bad, grpc.RpcError) and bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_training_pads_with_a_valid_id_and_refuses_a_line_that_tokenizes_beyond_the_vocabulary(folder, tmp_path):
+    """Training padded with the tokenizer's pad id too, and fed the model whatever the data tokenized to: an
+    IndexError in the first step."""
+    import json
+
+    from adapters.training import TrainSettings
+    from loader.train_data import DataError
+    from loader.train_job_spec import TrainJob
+    from loader.training_job import run_job
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": "ab" * (1 + i % 5)}) + "\n" for i in range(8)))  # lengths differ
+    job = TrainJob(method="lora", data=str(data), out=str(tmp_path / "o"), model=str(folder),
+                   target_modules=["q_proj"], settings=TrainSettings(batch_size=4, max_steps=2))
+    assert run_job(job)["steps"] == 2
+    data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": "x <|extra|> y"}) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl:2: tokenizes to '<\|extra\|>' \(id 259\), a token the tokenizer "
+                                        r"knows but the model does not: its vocabulary has 259 tokens"):
+        run_job(TrainJob(**{**job.__dict__, "out": str(tmp_path / "o2")}))

@@ -11,6 +11,7 @@ import torch
 from adapters.slot_bank import AdapterContext, RowFactors, SlotBank
 from server.attention import AttentionLayout
 from server.kv_cache import KVCache
+from server.rope import LongRope
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Row:
     slot: int
     state: object = None
     last_token: int = -1
+    fed: list[int] = field(default_factory=list)  # tokens decode steps fed it, kept only for a longrope recompute
 
 
 @dataclass
@@ -49,6 +51,8 @@ class Runner:
         self.dtype = next(model.parameters()).dtype
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self.attention = AttentionLayout.of(model.config)  # raises UnsupportedAttention
+        self.longrope = LongRope.install(model)  # each row's own rotary factors; None: not a longrope model
+        self.recompute_at = self.longrope.recompute_at if self.longrope is not None else None
         # HF slices the last position (logits_to_keep=1) as hidden[:, -1:], a strided view that torch.matmul
         # does not fold into one matmul against a frozen weight: the vocabulary projection ran as a bmm against
         # the weight expanded per row (prefill of 31 rows, vocab 32000: 113 ms instead of ~20). Handing it a
@@ -76,23 +80,27 @@ class Runner:
     @torch.inference_mode()
     def prefill(self, rows: list[Row]) -> tuple[Batch, torch.Tensor]:
         """Run the prompts of `rows` (left-padded together); returns their batch and last-position logits."""
-        length = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        valid = torch.zeros((len(rows), length), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, length - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            valid[i, length - len(r.prompt_ids):] = True
+        factors = self.bank.gather([r.slot for r in rows])
+        cache, valid, positions, logits = self._run_prompts([r.prompt_ids for r in rows], factors)
+        return Batch(rows, cache, valid, positions[:, -1] + 1, factors), logits
+
+    def _run_prompts(self, prompts: list[list[int]], factors: RowFactors | None):
+        """One forward of `prompts` left-padded together in a new cache: (cache, valid, positions, logits)."""
+        length = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
+        valid = torch.zeros((len(prompts), length), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, length - len(p):] = torch.tensor(p)
+            valid[i, length - len(p):] = True
         ids, valid = ids.to(self.device), valid.to(self.device)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
         mask = (causal[None] & valid[:, None, :])[:, None]  # [N, 1, L, L]
         # A pad query attends to nothing real; let it see itself so its (unused) output stays finite.
         mask |= torch.eye(length, dtype=torch.bool, device=self.device)[None, None]
-        factors = self.bank.gather([r.slot for r in rows])
         cache = KVCache(self.num_layers, self.max_context)
         logits = self._forward(ids, self.attention.masks(mask, positions, positions), positions, cache, factors)
-        batch = Batch(rows, cache, valid, positions[:, -1] + 1, factors)
-        return batch, logits
+        return cache, valid, positions, logits
 
     @torch.inference_mode()
     def decode_step(self, batch: Batch) -> torch.Tensor:
@@ -105,7 +113,32 @@ class Runner:
         masks = self.attention.masks(batch.valid[:, None, None, :], query, keys)
         logits = self._forward(ids, masks, query, batch.cache, batch.factors)
         batch.positions = batch.positions + 1
+        if self.recompute_at is not None:
+            logits = self._recompute_crossing(batch, logits)
         return logits
+
+    def _recompute_crossing(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        """Longrope families whose HF generate drops the cache when a sequence first passes the original length
+        (server/rope.py): a row that just fed its token at that position is run again alone, its whole sequence
+        with the long factors, and its cache columns and logits replaced, as HF generate does for it alone."""
+        crossing = []
+        for i, row in enumerate(batch.rows):
+            if len(row.prompt_ids) + len(row.fed) <= self.recompute_at:  # needed until then, and never after
+                row.fed.append(row.last_token)
+                if len(row.prompt_ids) + len(row.fed) - 1 == self.recompute_at:
+                    crossing.append(i)
+        if not crossing:
+            return logits
+        rows = [batch.rows[i] for i in crossing]
+        # Every crossing sequence has recompute_at + 1 tokens: no padding among them.
+        cache, _, _, fresh = self._run_prompts([r.prompt_ids + r.fed for r in rows],
+                                               self.bank.gather([r.slot for r in rows]))
+        at = torch.tensor(crossing, device=self.device)
+        n, end = cache.length, batch.cache.length  # a row's columns are the last ones of the shared time axis
+        for mine, (k, v) in zip(batch.cache.layers, cache.tensors()):
+            mine.k[at, :, end - n:end] = k
+            mine.v[at, :, end - n:end] = v
+        return logits.index_copy(0, at, fresh)
 
     def keep(self, batch: Batch, keep: list[int]) -> Batch | None:
         """The batch without the rows not in `keep` (indices), trimming pad columns no row needs any more."""

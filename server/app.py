@@ -34,7 +34,7 @@ from server.engine import Engine, EngineConfig, EngineRequest, ErrorEvent, Finis
 from server.open_streams import Closing, HealthService, ReflectionService
 from server.errors import Unavailable
 from server.batch import Runner
-from server.interceptors import MetricsInterceptor, client_gone
+from server.interceptors import MalformedInterceptor, MetricsInterceptor, client_gone
 from server.metrics import Metrics
 from server.sampling import SamplingParams
 from server.adapters_servicer import AdaptersServicer
@@ -243,6 +243,7 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     interceptors = [MetricsInterceptor(metrics.registry, config.max_concurrent_rpcs)]
     if user_tokens or admin_tokens:
         interceptors.append(AuthInterceptor(user_tokens, admin_tokens, reflection_open=config.reflection))
+    interceptors.append(MalformedInterceptor())  # innermost: after counting, admission and authentication
     # grpcio sets SO_REUSEPORT by default: a second server on a busy port would bind too and take part of its calls
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     if (user_tokens or admin_tokens) and not config.tls_cert:

@@ -28,8 +28,9 @@ class _Malformed:
 
 def _lenient(deserializer):
     """grpc answers a message its deserializer cannot parse with UNKNOWN and the Python exception, logs an ERROR
-    traceback, and runs no handler (so no metric counts the call): parsed here, a bad message reaches the handler
-    below as _Malformed, which refuses it precisely."""
+    traceback, and runs no handler (so no metric counts the call): parsed here (by the outermost interceptor, whose
+    handler's deserializer is the one grpc uses), a bad message travels on as _Malformed, counted and admitted like
+    any call, through authentication, to MalformedInterceptor's refusal just before the servicer."""
     if deserializer is None:
         return None
 
@@ -46,6 +47,45 @@ async def _refuse_malformed(request, context, method: str) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                             f"the {method} request message does not parse ({request.error}); string fields must be "
                             f"valid UTF-8")
+
+
+class MalformedInterceptor(grpc.aio.ServerInterceptor):
+    """The innermost interceptor: a request message that did not parse (see _lenient) is INVALID_ARGUMENT here,
+    after the call was counted, admitted under --max-concurrent-rpcs and authenticated (a call without a valid
+    token is UNAUTHENTICATED whatever its body), never handed to a servicer."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.stream_unary:
+            return handler
+        method = details.method.rpartition("/")[2]
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary(request, context):
+                await _refuse_malformed(request, context, method)
+                return await inner(request, context)
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
+                                                       handler.response_serializer)
+        bidi = handler.stream_stream is not None
+        inner_stream = handler.stream_stream if bidi else handler.unary_stream
+
+        async def checked(requests, context):
+            async for request in requests:
+                await _refuse_malformed(request, context, method)
+                yield request
+
+        async def stream(request, context):
+            if not bidi:
+                await _refuse_malformed(request, context, method)
+            responses = inner_stream(checked(request, context) if bidi else request, context)
+            if hasattr(responses, "__aiter__"):
+                async for response in responses:
+                    yield response
+            else:  # a handler that writes with context.write and returns (grpc_health's Watch)
+                await responses
+        wrap = grpc.stream_stream_rpc_method_handler if bidi else grpc.unary_stream_rpc_method_handler
+        return wrap(stream, handler.request_deserializer, handler.response_serializer)
 
 
 def _cancel_code(context) -> grpc.StatusCode:
@@ -81,7 +121,6 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 code = self._begin(labels)
                 start = time.perf_counter()
                 try:
-                    await _refuse_malformed(request, context, method)
                     await self._admit(context, counted)
                     response = await inner(request, context)
                     self.sent.labels(*labels).inc()
@@ -107,10 +146,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             code = self._begin(labels, count_received=not bidi)
             start = time.perf_counter()
             try:
-                if not bidi:
-                    await _refuse_malformed(request, context, method)
                 await self._admit(context, counted)
-                responses = inner_stream(self._counting(request, context, labels, method) if bidi else request, context)
+                responses = inner_stream(self._counting(request, labels) if bidi else request, context)
                 if hasattr(responses, "__aiter__"):
                     async for response in responses:
                         self.sent.labels(*labels).inc()
@@ -129,10 +166,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         wrap = grpc.stream_stream_rpc_method_handler if bidi else grpc.unary_stream_rpc_method_handler
         return wrap(stream, _lenient(handler.request_deserializer), handler.response_serializer)
 
-    async def _counting(self, requests, context, labels, method: str):
+    async def _counting(self, requests, labels):
         async for request in requests:
             self.received.labels(*labels).inc()
-            await _refuse_malformed(request, context, method)
             yield request
 
     def _begin(self, labels, count_received: bool = True) -> grpc.StatusCode:

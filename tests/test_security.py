@@ -226,3 +226,30 @@ def test_loopback_hosts_are_told_from_exposed_ones(host, alone):
     """serve warns when it listens beyond loopback with no tokens (the Docker image's 0.0.0.0, say)."""
     from server.app import _loopback
     assert _loopback(host) is alone
+
+
+def test_a_malformed_request_is_authenticated_and_admitted_like_any_call(model_dirs, adapter_root, tokens):
+    """A body that does not parse was refused before authentication (INVALID_ARGUMENT to a client with no token)
+    and before admission, while the call's end still gave a concurrency place back: every such call raised the
+    --max-concurrent-rpcs limit by one, for anyone."""
+    server = start_server(model_dirs["llama"], adapter_root, auth_token_file=str(tokens / "user"),
+                          max_concurrent_rpcs=1)
+    bad = b"\xff\xff\xff\xff"
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            generate = channel.unary_unary("/loraplex.v1.Inference/Generate", request_serializer=lambda b: b,
+                                           response_deserializer=lambda b: b)
+            for metadata, code in (((), C.UNAUTHENTICATED), ((("authorization", f"Bearer {USER}"),),
+                                                              C.INVALID_ARGUMENT)):
+                for _ in range(3):
+                    with pytest.raises(grpc.RpcError) as err:
+                        generate(bad, timeout=10, metadata=metadata)
+                    assert err.value.code() == code, err.value.details()
+        with Client(server.target, timeout=30, token=USER) as client:  # the limit still holds: one at a time
+            stream = client.generate_stream("hi", max_new_tokens=200, ignore_eos=True)
+            next(stream)
+            code, details = status_of(client.generate, "hi", max_new_tokens=2)
+            assert code == C.RESOURCE_EXHAUSTED and "--max-concurrent-rpcs" in details
+            stream.cancel()
+    finally:
+        server.stop()

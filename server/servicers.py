@@ -18,9 +18,16 @@ from server.validation import MAX_REQUEST_ID, prompt_and_stopping, sampling_from
 # Requests of one adapter id on the resolving pool at once; the rest wait on the event loop, holding no thread. Its
 # id lock serialises their resolving anyway, and while a LoadAdapter or a slow read holds that lock, the threads
 # they would block are the pool's, which every other adapter's requests need (70 waiting on one id took the pool).
-# Requests whose adapter must be read first are also held to the registry's reads at once, for the same reason:
-# many cold ids took the pool while they waited their turn to read, and requests on adapters in memory waited.
 THREADS_PER_ADAPTER = 4
+
+
+class _IdGate:
+    """One adapter id's requests on their way to the resolving pool (InferenceServicer._enter_gate)."""
+
+    def __init__(self) -> None:
+        self.places = asyncio.Semaphore(THREADS_PER_ADAPTER)
+        self.users = 0  # requests holding or waiting for a place: the gate is dropped at 0
+        self.read: asyncio.Future | None = None  # while one of them reads the id's files; done when it has
 FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.EOS_TOKEN: pb.FINISH_REASON_EOS_TOKEN,
           FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE}
 
@@ -50,7 +57,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._memory_freed = asyncio.Event()  # set (and replaced) whenever a release frees adapter memory
         self._memory_turn = asyncio.Lock()  # the one request waiting for adapter memory that may try again
         self._memory_waiters = 0
-        self._gates: dict[str, list] = {}  # adapter id -> [asyncio.Semaphore(THREADS_PER_ADAPTER), requests using it]
+        self._gates: dict[str, _IdGate] = {}
         self._cold: asyncio.Semaphore | None = None  # the registry's reads at once (made at first use: after it)
 
     def _submit(self, adapter_id: str, engine_request: EngineRequest) -> EngineRequest:
@@ -183,6 +190,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """Validated, tokenized, resolved and queued in one trip off the loop (on self.resolving when it names an
         adapter, whose read may block on disk; else on the default executor). `arrival` (when the RPC came in) is
         set before queueing: queue time and TTFT include tokenization and adapter loading."""
+        ready(self.serving)  # (the gate asks the registry, which does not exist while the model loads)
+
         def prepare_and_submit() -> EngineRequest:
             engine_request = self._prepare(request)
             engine_request.sink, engine_request.arrival = self._ending(engine_request, sink), arrival
@@ -208,25 +217,37 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
 
     async def _enter_gate(self, adapter_id: str) -> Callable[[object], None]:
-        """Wait (on the loop) for one of the id's THREADS_PER_ADAPTER places, and for one of the cold places where
-        its weights are not in memory; returns what gives them back."""
-        entry = self._gates.setdefault(adapter_id, [asyncio.Semaphore(THREADS_PER_ADAPTER), 0])
-        entry[1] += 1
+        """Wait on the loop, holding no thread, for one of the id's THREADS_PER_ADAPTER places, and while the id's
+        weights are not in memory, for its read: one request reads (taking one of the registry's reads at once),
+        the others wait for it to end and look again. Returns what gives the places back. Cold reads took the pool
+        otherwise: requests for many cold ids sat on its threads waiting their turn to read, and those for
+        adapters in memory waited behind them."""
+        gate = self._gates.setdefault(adapter_id, _IdGate())
+        gate.users += 1
         taken: list[asyncio.Semaphore] = []
+        reading: list[asyncio.Future] = []
 
         def leave(_=None) -> None:
             for place in taken:
                 place.release()
-            entry[1] -= 1
-            if entry[1] == 0:  # ids come and go (random ones too): no entry outlives its requests
+            for read in reading:  # this request was the reader: its waiters look again
+                read.set_result(None)
+                gate.read = None
+            gate.users -= 1
+            if gate.users == 0:  # ids come and go (random ones too): no gate outlives its requests
                 del self._gates[adapter_id]
         try:
-            await entry[0].acquire()
-            taken.append(entry[0])
-            if not self.serving.registry.in_memory(adapter_id):  # (evicted meanwhile: its read is still bounded)
-                self._cold = self._cold or asyncio.Semaphore(self.serving.registry.reads_at_once)
-                await self._cold.acquire()
-                taken.append(self._cold)
+            await gate.places.acquire()
+            taken.append(gate.places)
+            while not self.serving.registry.in_memory(adapter_id):  # (evicted meanwhile: its read is bounded anyway)
+                if gate.read is None:
+                    gate.read = asyncio.get_running_loop().create_future()
+                    reading.append(gate.read)
+                    self._cold = self._cold or asyncio.Semaphore(self.serving.registry.reads_at_once)
+                    await self._cold.acquire()
+                    taken.append(self._cold)
+                    break
+                await asyncio.wait([gate.read])  # (a cancel here ends this wait, not the read)
         except BaseException:
             leave()
             raise

@@ -163,3 +163,35 @@ def test_cold_reads_do_not_hold_up_requests_on_adapters_in_memory(server, adapte
             return warm, waited
     warm, waited = asyncio.run(go())
     assert len(warm.token_ids) == 1 and waited < 0.9, waited
+
+
+def test_cold_reads_of_many_ids_run_as_many_at_once_as_the_registry_allows(server, adapter_root, monkeypatch):
+    """Requests arriving together for one cold id wait for its one read, on the loop: counted per request, the
+    limit on reads at once let only one or two ids read at a time (12 s instead of 4 s below)."""
+    ids = [f"brisk{i}" for i in range(12)]
+    for name in ids:
+        shutil.copytree(adapter_root / "v1", adapter_root / name)
+    registry = server.serving.registry
+    read, active, peak, lock = registry._reader, [0], [0], threading.Lock()
+
+    def slow(*args):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.5)
+            return read(*args)
+        finally:
+            with lock:
+                active[0] -= 1
+    monkeypatch.setattr(registry, "_reader", slow)
+
+    async def go():
+        async with AsyncClient(server.target, timeout=60) as client:
+            calls = []
+            for name in ids:  # each id's four requests together, the ids a moment apart
+                calls += [asyncio.ensure_future(client.generate(PROMPT, name, max_new_tokens=1)) for _ in range(4)]
+                await asyncio.sleep(0.01)
+            return await asyncio.gather(*calls)
+    assert all(len(r.token_ids) == 1 for r in asyncio.run(go()))
+    assert peak[0] >= min(len(ids), registry.reads_at_once) - 1, peak[0]  # (the last may start as the first ends)

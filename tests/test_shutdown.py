@@ -46,9 +46,10 @@ def test_health_not_serving_until_model_is_warm(model_dirs, monkeypatch):
     assert wait_for(lambda: background.ports is not None)  # bound, model still loading
     with Client(f"127.0.0.1:{background.ports.grpc}", timeout=5) as client:
         assert client.health() == NOT_SERVING and client.health("loraplex.v1.Inference") == NOT_SERVING
-        with pytest.raises(grpc.RpcError) as info:
-            client.generate("hi")
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        for adapter_id in ("", "v1"):  # an adapter request reached the registry, not built yet: INTERNAL
+            with pytest.raises(grpc.RpcError) as info:
+                client.generate("hi", adapter_id)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
         gate.set()
         assert wait_for(lambda: client.health() == SERVING, timeout=60)
         assert len(client.generate("hi", max_new_tokens=2).token_ids) == 2

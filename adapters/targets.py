@@ -6,6 +6,7 @@ import re
 from torch import nn
 
 ALL_LINEAR = "all-linear"
+_NAME = re.compile(r"[\w.-]+")  # what a module path is made of (a regex's *, [, ( or \\ never is)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -27,3 +28,30 @@ def linear_modules(model: nn.Module, spec: str | list[str] = ALL_LINEAR,
     output = model.get_output_embeddings()
     return [(name, m) for name, m in model.named_modules()
             if is_linear(m) and m is not output and matches(spec, name) and not matches(exclude, name)]
+
+
+def parse_targets(value, name: str = "--target-modules",
+                  default: str = "the method's default") -> list[str] | str | None:
+    """A --target-modules value (`loraplex serve` and `train`) or a --jobs line's "target_modules", read alike: None
+    (`default`), all-linear, or module names (a string is split at commas, each name stripped of spaces; a JSON
+    list is taken as the names). An empty value or name, or a pattern, is a ValueError naming `name`: falling back
+    to the default would adapt other modules than asked for."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip() == ALL_LINEAR:
+        return ALL_LINEAR
+    how = f"{name} takes module names, comma-separated ('q_proj,v_proj') or as a JSON list, or {ALL_LINEAR}; " \
+          f"leave it out for {default}"
+    if isinstance(value, str):
+        names = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(part, str) for part in value):
+        names = [part.strip() for part in value]
+    else:
+        raise ValueError(f"{name} {value!r}: {how}")
+    if not names or not all(names):
+        raise ValueError(f"{name} {value!r}: {'is empty' if not any(names) else 'holds an empty name'}; {how}")
+    odd = [part for part in names if not _NAME.fullmatch(part)]
+    if odd:
+        raise ValueError(f"{name}: {odd[0]!r} is not a module name (a name matches a module or its dotted suffix, "
+                         f"e.g. q_proj or mlp.c_proj; patterns are not taken); {how}")
+    return names

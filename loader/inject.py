@@ -21,6 +21,17 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, _ in linear_modules(model, ALL_LINEAR)})
 
 
+def unmatched_problem(model: nn.Module, targets: str | list[str], named: str = "--target-modules") -> str | None:
+    """Why `targets` cannot be adapted as asked (`named`: where they come from), or None: each name must match a
+    module, since one that matches nothing would silently adapt less (a typo, or a list meant for another model
+    family). Training refuses such a job, and `loraplex serve` such a --target-modules, with this line."""
+    unmatched = unmatched_targets(model, targets)
+    if not unmatched:
+        return None
+    return (f"{named}: {', '.join(map(str, unmatched))} matches no adaptable linear module of this model (the output "
+            f"head and embeddings are never adapted); its linear modules are named {linear_module_names(model)}")
+
+
 def inject(model: nn.Module, targets: str | list[str] = ALL_LINEAR) -> tuple[AdapterContext, list[ModuleShape]]:
     found = linear_modules(model, targets)
     if not found:

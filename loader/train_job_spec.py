@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from adapters.targets import ALL_LINEAR
+from adapters import targets
 from adapters.training import TrainSettings
 from loader.base_model import device_problem
 from loader.peft_files import CONFIG_FILE
@@ -93,32 +92,13 @@ def slot_needs(job: TrainJob) -> tuple[int, int] | None:
     return None
 
 
-_NAME = re.compile(r"[\w.-]+")  # what a module path is made of (a regex's *, [, ( or \\ never is)
-
-
 def parse_targets(value, name: str = "--target-modules") -> list[str] | str | None:
-    """--target-modules and a --jobs line's "target_modules", read alike: None (the method's default), all-linear,
-    or module names (a string is split at commas, each name stripped of spaces; a JSON list is taken as the names).
-    An empty value or name is refused: falling back to the default would train other modules than asked for."""
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip() == ALL_LINEAR:
-        return ALL_LINEAR
-    how = f"{name} takes module names, comma-separated ('q_proj,v_proj') or as a JSON list, or {ALL_LINEAR}; " \
-          f"leave it out for the method's default"
-    if isinstance(value, str):
-        names = [part.strip() for part in value.split(",")]
-    elif isinstance(value, list) and all(isinstance(part, str) for part in value):
-        names = [part.strip() for part in value]
-    else:
-        raise JobError(f"{name} {value!r}: {how}")
-    if not names or not all(names):
-        raise JobError(f"{name} {value!r}: {'is empty' if not any(names) else 'holds an empty name'}; {how}")
-    odd = [part for part in names if not _NAME.fullmatch(part)]
-    if odd:
-        raise JobError(f"{name}: {odd[0]!r} is not a module name (a name matches a module or its dotted suffix, "
-                       f"e.g. q_proj or mlp.c_proj; patterns are not taken); {how}")
-    return names
+    """--target-modules and a --jobs line's "target_modules", read alike (adapters.targets.parse_targets, which
+    `loraplex serve` reads its flag with too): None (the method's default), all-linear, or module names."""
+    try:
+        return targets.parse_targets(value, name)
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
 
 
 def check_job(job: TrainJob) -> None:

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from adapters.training import Hooks, Trainer, evaluate
 from loader.base_model import model_context, pad_id
 from loader.default_model import default_model_dir
-from loader.inject import linear_module_names, unmatched_targets
+from loader.inject import linear_module_names, unmatched_problem
 from loader.train_data import collate, read_jsonl
 from loader.train_job_spec import (CHECKPOINT, DEFAULT_TARGETS, LOG, METHODS, JobError, TrainJob, changes, check_job,
                                    check_out, job_identity, parse_targets)
@@ -42,15 +42,14 @@ def padding_id(tokenizer, model) -> int:
 def _targets(job: TrainJob, model) -> list[str] | str:
     given = parse_targets(job.target_modules)
     targets = given or DEFAULT_TARGETS[job.method].get(model.config.model_type, DEFAULT_TARGETS[job.method][None])
-    unmatched = unmatched_targets(model, targets)
-    if unmatched and not given and model.config.model_type not in DEFAULT_TARGETS[job.method]:
+    # each name must adapt something: one that matches nothing would silently train less
+    problem = unmatched_problem(model, targets, "--target-modules" if given else
+                                f"{job.method}'s default target modules")
+    if problem and not given and model.config.model_type not in DEFAULT_TARGETS[job.method]:
         raise JobError(f"no default target modules for {job.method} on {model.config.model_type} models: give "
                        f"--target-modules (this model's linear modules are named {linear_module_names(model)})")
-    if unmatched:  # each name must adapt something: one that matches nothing would silently train less
-        named = "--target-modules" if given else f"{job.method}'s default target modules"
-        raise JobError(f"{named}: {', '.join(map(str, unmatched))} matches no adaptable linear module of this model "
-                       f"(the output head and embeddings are never adapted); its linear modules are named "
-                       f"{linear_module_names(model)}")
+    if problem:
+        raise JobError(problem)
     return targets
 
 

@@ -20,7 +20,7 @@ from adapters import cpu_kernel, triton_kernel
 from adapters.slot_bank import SlotBank
 from loader.base_model import UnservableModel, load_base_model
 from loader.default_model import default_adapter_root
-from loader.inject import ALL_LINEAR, base_weight, inject, unmatched_targets
+from loader.inject import base_weight, inject, unmatched_problem
 from loader.peft_files import read_adapter
 from loader.registry import AdapterRegistry
 from loader.state_file import UnreadableStateFile
@@ -29,7 +29,8 @@ from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.attention import UnsupportedAttention
 from server.auth import AuthInterceptor, read_tokens
 from server.tls import tls_credentials
-from server.config import ConfigError, ServerConfig, check_config, check_slot_bank, free_memory, resolve_limits
+from server.config import (ConfigError, ServerConfig, check_config, check_slot_bank, free_memory, resolve_limits,
+                           serve_targets)
 from server.engine import Engine, EngineConfig, EngineRequest, ErrorEvent, FinishEvent
 from server.open_streams import Closing, HealthService, ReflectionService
 from server.errors import Unavailable
@@ -119,15 +120,14 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     if base.max_token_chars is None:
         log.info("prompt texts are tokenized whole before their length is checked: this tokenizer may drop or fuse "
                  "characters, so their count bounds no token count (gRPC's 4 MiB message limit still applies)")
-    targets = ALL_LINEAR if config.target_modules == ALL_LINEAR else config.target_modules.split(",")
-    unmatched = unmatched_targets(base.model, targets)
+    targets = serve_targets(config)
+    problem = unmatched_problem(base.model, targets)  # read as `loraplex train` reads it: a typo adapts less
+    if problem:
+        raise ConfigError(problem)
     try:
         context, shapes = inject(base.model, targets)
     except ValueError as exc:
         raise ConfigError(f"--target-modules: {exc}") from None
-    if unmatched:  # a list shared across model families may name modules this one lacks
-        log.warning("--target-modules: %s matches no module of this model; adapters targeting it are refused",
-                    ", ".join(unmatched))
     dtype = next(base.model.parameters()).dtype
     factor_dtype = dtype if config.adapter_dtype == "auto" else getattr(torch, config.adapter_dtype)
     size = check_slot_bank(config, [(s.d_in, s.d_out) for s in shapes], factor_dtype.itemsize,

@@ -102,7 +102,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--no-autoload-adapters", dest="autoload_adapters", action="store_false",
       help="answer NOT_FOUND for adapters not loaded with LoadAdapter instead of loading them on first use")
     a("--target-modules", default=d.target_modules,
-      help="modules adapters may target: 'all-linear' or a comma-separated list of names")
+      help="modules adapters may target: 'all-linear' or comma-separated names, read as `loraplex train` reads "
+           "them (spaces around a name ignored; each matches a module or its dotted suffix, and one that matches "
+           "no module of the model is refused at start)")
     a("--no-reflection", dest="reflection", action="store_false", help="do not serve gRPC server reflection")
     a("--grace-period", type=float, default=d.grace_period, help="seconds in-flight requests get on SIGTERM")
     a("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default, one per core)")
@@ -149,6 +151,7 @@ def check_config(c: ServerConfig) -> None:
         raise ConfigError(f"--threads {c.threads} is more than {THREADS_PER_CPU} per CPU of this machine ({cpus} CPUs, "
                           f"so at most {THREADS_PER_CPU * cpus}): torch starts that many threads per parallel region, "
                           f"which only adds switching (and thousands crash the process); 0 means one per core")
+    serve_targets(c)
     if not math.isfinite(c.grace_period) or c.grace_period < 0:
         raise ConfigError(f"--grace-period must be a number of seconds >= 0, got {c.grace_period}")
     problem = device_problem(c.device)
@@ -170,6 +173,17 @@ def check_config(c: ServerConfig) -> None:
             raise ConfigError(f"{flag} must be >= {low}{zero}, got {value}")
         if high is not None and value > high:
             raise ConfigError(f"{flag} must be {HIGHEST[high]}, got {value}")
+
+
+def serve_targets(c: ServerConfig) -> list[str] | str:
+    """--target-modules as `loraplex train` reads it (adapters.targets.parse_targets): all-linear or module names,
+    spaces around a name stripped; an empty name or a pattern is a ConfigError. Whether each name matches a module
+    of the model is checked once the model is loaded (loader.inject.unmatched_problem)."""
+    from adapters.targets import ALL_LINEAR, parse_targets  # here, not at import: the CLI's parser reads this module
+    try:
+        return parse_targets(c.target_modules, default=f"the default, {ALL_LINEAR}") or ALL_LINEAR
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def size_text(n: int) -> str:

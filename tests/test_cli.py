@@ -1,4 +1,5 @@
 """The `loraplex` command line against a real server."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def test_adapters_load_list_unload_and_errors(server):
 
 
 @pytest.mark.parametrize("what", ["grpc", "metrics", "model", "threads", "grace", "device", "root", "targets",
-                                  "port", "cache"])
+                                  "target-typo", "target-pattern", "port", "cache"])
 def test_serve_start_up_failures_are_one_line_errors(server, model_dirs, what):
     """A busy gRPC port fails the second server (grpcio's default SO_REUSEPORT would let it bind and take part of
     the first one's calls); a busy metrics port and a missing model directory likewise: one line, no traceback."""
@@ -61,15 +62,53 @@ def test_serve_start_up_failures_are_one_line_errors(server, model_dirs, what):
                  *{"threads": ["--threads", "-1"], "grace": ["--grace-period", "-1"], "device": ["--device", "gpu"],
                    "root": ["--adapter-root", "/nonexistent/root"],
                    "targets": ["--target-modules", "foo_proj,bar_proj"], "port": ["--metrics-port", "70000"],
+                   "target-typo": ["--target-modules", "q_proj, v_prj"],
+                   "target-pattern": ["--target-modules", ".*_proj"],
                    "cache": ["--adapter-cache-bytes", "-1"]}[what]]
     result = run("serve", *flags)
     needle = {"grpc": f"cannot listen on 127.0.0.1:{server.ports.grpc}", "metrics": "cannot serve metrics on",
               "model": "--model: /nonexistent/model is not a Hugging Face model directory",
               "threads": "--threads must be >= 0", "grace": "--grace-period must be a number of seconds >= 0",
               "device": "--device 'gpu' is not a torch device", "root": "--adapter-root /nonexistent/root is not a",
-              "targets": "--target-modules: ['foo_proj', 'bar_proj'] matches no adaptable linear module",
+              "targets": "--target-modules: foo_proj, bar_proj matches no adaptable linear module",
+              # as `loraplex train` refuses it: a typo'd name once only warned, and the server adapted less
+              "target-typo": "--target-modules: v_prj matches no adaptable linear module of this model (the output "
+                             "head and embeddings are never adapted); its linear modules are named ['down_proj', "
+                             "'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']",
+              "target-pattern": "--target-modules: '.*_proj' is not a module name",
               "port": "--metrics-port must be <= 65535", "cache": "--adapter-cache-bytes must be >= 1"}[what]
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_serve_reads_target_modules_as_train_does(model_dirs, tmp_path):
+    """`loraplex serve --target-modules "q_proj, v_proj"` adapts both modules, as `loraplex train` with the same
+    string trains both: the space once stayed in " v_proj", which matched nothing, so the server started adapting
+    q_proj alone and refused the adapter trained with that very string."""
+    from clients.client import Client
+    root = tmp_path / "adapters"
+    make_peft_adapter(model_dirs["llama"], root / "qv", 4, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    proc = subprocess.Popen([*LORAPLEX, "serve", "--model", str(model_dirs["llama"]), "--adapter-root", str(root),
+                             "--port", "0", "--metrics-port", "0", "--threads", "1", "--target-modules",
+                             "q_proj, v_proj"], cwd=Path(__file__).resolve().parent.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log, target = [], None
+        for line in proc.stdout:
+            log.append(line)
+            found = re.search(r"grpc listening on (127\.0\.0\.1:\d+)", line)
+            target = found.group(1) if found else target
+            if " ready (" in line:
+                break
+        assert target and " ready (" in log[-1], "".join(log)
+        assert not [line for line in log if "--target-modules" in line], "".join(log)  # no warning either
+        with Client(target, timeout=30) as client:
+            adapted = {name.rsplit(".", 1)[1] for name in client.server_info().adapter_target_modules}
+        assert adapted == {"q_proj", "v_proj"}
+        loaded = run("adapters", "load", "--target", target, "qv")
+        assert loaded.returncode == 0 and loaded.stdout.startswith("qv\tlora\trank=4"), loaded.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def test_a_cuda_device_without_cuda_is_a_config_error(monkeypatch):

@@ -97,13 +97,20 @@ def _merge(args) -> int:
 def _build_default(args) -> int:
     from dataclasses import replace
 
-    from loader.builtin import BUILTIN_DIR, QUICK, BuildSettings, build
+    from loader.builtin import BUILTIN_DIR, QUICK, BuildError, BuildSettings, build
+    from loader.train_data import DataError
+    from loader.train_job_spec import JobError
+    from server.errors import LoraplexError
     if args.quick and not args.out:
         print(f"error: --quick builds a wiring check, not a usable model: give --out DIR (without it, it would "
               f"replace the shipped model in {BUILTIN_DIR})", file=sys.stderr)
         return 2
     settings = replace(QUICK if args.quick else BuildSettings(), seed=args.seed, device=args.device)
-    report = build(Path(args.out) if args.out else BUILTIN_DIR, settings, args.adapters)
+    try:
+        report = build(Path(args.out) if args.out else BUILTIN_DIR, settings, args.adapters)
+    except (BuildError, JobError, DataError, LoraplexError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for name, value in report["accuracy"].items():
         print(f"{name:24s} {value:6.1%}")
     print(f"built in {report['seconds']:.0f}s")
@@ -123,6 +130,7 @@ def _ranged(low: int, high: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loader.builtin_tasks import DEMO_TASKS
     from server.config import add_serve_arguments
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LLM inference server",
                                      allow_abbrev=False)  # `--token SECRET` must not pass for --token-file
@@ -193,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     builder.add_argument("--seed", type=int, default=0)
     builder.add_argument("--device", default="cpu")
     builder.add_argument("--adapters", nargs="+", default=None, metavar="ID",
-                         help="retrain only these demo adapters on the base model already built in --out")
+                         help=f"retrain only these demo adapters ({', '.join(DEMO_TASKS)}) on the base model and "
+                              f"other adapters already built in --out")
     builder.set_defaults(func=_build_default)
     return parser
 

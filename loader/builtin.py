@@ -25,6 +25,9 @@ from loader.training_job import run_job
 from server.batch import Row, Runner
 
 
+class BuildError(ValueError):
+    """A `loraplex build-default` request that cannot work, reported in one line before anything is trained."""
+
 
 @dataclass(frozen=True)
 class BuildSettings:
@@ -165,11 +168,31 @@ def accuracy(model_dir: Path, adapter_root: Path, s: BuildSettings) -> dict:
     return served_accuracy(model_dir, plan, s.eval_words, s.seed, s.device)[0]
 
 
+def check_only(out: Path, only: list[str]) -> None:
+    """--adapters names demo adapters, to retrain on the base model already built in `out`, whose other demo
+    adapters BUILD.json measures again: an unknown id (a typo) would retrain nothing and rewrite BUILD.json, and an
+    `out` without the base model or the other adapters would fail after training."""
+    unknown = [adapter_id for adapter_id in only if adapter_id not in DEMO_TASKS]
+    if unknown:
+        raise BuildError(f"--adapters: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not among the demo "
+                         f"adapters: {', '.join(DEMO_TASKS)}")
+    if not (out / "model" / "config.json").is_file():
+        raise BuildError(f"--adapters retrains demo adapters on the base model already built in --out, and "
+                         f"{out / 'model'} holds none (no config.json): build it first, without --adapters")
+    missing = [a for a in DEMO_TASKS if a not in only and not (out / "adapters" / a / CONFIG_FILE).is_file()]
+    if missing:
+        raise BuildError(f"--adapters retrains some demo adapters and measures them all, and {out / 'adapters'} lacks "
+                         f"{', '.join(missing)}: name {'it' if len(missing) == 1 else 'them'} too, or build without "
+                         f"--adapters")
+
+
 def build(out: Path = BUILTIN_DIR, settings: BuildSettings = BuildSettings(), only: list[str] | None = None) -> dict:
     """Everything, or with `only`: retrain just those demo adapters on the base already in `out` (same seeds,
     so the result equals a full build's). BUILD.json keeps each part's measured seconds."""
     start = time.perf_counter()
     model_dir, root = out / "model", out / "adapters"
+    if only is not None:
+        check_only(out, only)
     previous = json.loads((out / "BUILD.json").read_text()) if only and (out / "BUILD.json").exists() else {}
     with tempfile.TemporaryDirectory(prefix="loraplex-build-") as tmp:
         if only is None:

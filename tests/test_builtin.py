@@ -2,6 +2,7 @@
 `loraplex build-default` runs end to end (shortened)."""
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,34 @@ def test_build_command_runs_end_to_end_in_quick_mode(tmp_path):
         config = json.loads((tmp_path / "b" / "adapters" / adapter_id / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] is None, adapter_id
     assert "reverse/reverse" in json.loads((tmp_path / "b" / "BUILD.json").read_text())["accuracy"]
+
+
+def test_build_command_refuses_unknown_adapters_and_an_out_without_a_base_model(tmp_path):
+    """`--adapters revers` (a typo) retrained nothing, rewrote BUILD.json and exited 0; `--adapters reverse` on an
+    --out without a built base model (or without the other demo adapters, which BUILD.json measures too) trained,
+    then ended in a traceback. Each is one line now, exit code 2, and changes nothing."""
+    def build_default(*args):
+        return subprocess.run([sys.executable, "-c", "from clients.cli import main; main()", "build-default",
+                               "--quick", *args], capture_output=True, text=True, timeout=600, cwd=REPO)
+    built = tmp_path / "built"
+    shutil.copytree(BUILTIN_DIR / "model", built / "model")
+    shutil.copy(BUILTIN_DIR / "BUILD.json", built / "BUILD.json")
+    typo = build_default("--out", str(built), "--adapters", "reverse", "revers")
+    assert typo.returncode == 2 and typo.stderr.splitlines() == [
+        "error: --adapters: revers is not among the demo adapters: reverse, sort, wordplay, caesar"], typo.stderr
+    assert (built / "BUILD.json").read_bytes() == (BUILTIN_DIR / "BUILD.json").read_bytes()
+    assert not (built / "adapters").exists()
+    others = build_default("--out", str(built), "--adapters", "reverse")  # BUILD.json measures every demo adapter
+    assert others.returncode == 2 and others.stderr.splitlines() == [
+        f"error: --adapters retrains some demo adapters and measures them all, and {built / 'adapters'} lacks sort, "
+        f"wordplay, caesar: name them too, or build without --adapters"], others.stderr
+    assert (built / "BUILD.json").read_bytes() == (BUILTIN_DIR / "BUILD.json").read_bytes()
+    bare = tmp_path / "bare"
+    no_base = build_default("--out", str(bare), "--adapters", "reverse")
+    assert no_base.returncode == 2 and no_base.stderr.splitlines() == [
+        f"error: --adapters retrains demo adapters on the base model already built in --out, and {bare / 'model'} "
+        f"holds none (no config.json): build it first, without --adapters"], no_base.stderr
+    assert not bare.exists()
 
 
 def test_build_is_deterministic_for_a_seed(tmp_path):

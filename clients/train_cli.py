@@ -10,6 +10,7 @@ from clients.cli_flags import ShowDefaults, add_connection_arguments, connection
 
 
 def add_train_parser(sub) -> None:
+    from server.config import THREADS_PER_CPU
     train = sub.add_parser("train", allow_abbrev=False, formatter_class=ShowDefaults,
                            help="fine-tune an adapter (lora, adalora, hydralora, reslora) from JSONL")
     t = train.add_argument
@@ -40,7 +41,8 @@ def add_train_parser(sub) -> None:
     t("--eval-every", type=int, default=50, help="steps between eval losses and checkpoints")
     t("--seed", type=int, default=0, help="initialisation, data order and dropout")
     t("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    t("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    t("--threads", type=int, default=0,
+      help=f"torch CPU threads (0: torch's default; at most {THREADS_PER_CPU} per CPU)")
     t("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
       help="the frozen base model's dtype while training (the adapter is saved in float32)")
     t("--overwrite", action="store_true", help="replace an adapter already in --out")
@@ -110,8 +112,10 @@ def _train_all(args) -> int:
               "own --adapter-root, so a deploy copies the adapter there (DIR) and then has the server load it",
               file=sys.stderr)
         return 2
-    if args.threads < 0:
-        print(f"error: --threads must be >= 0 (0: torch's default), got {args.threads}", file=sys.stderr)
+    from server.config import threads_problem
+    problem = threads_problem(args.threads)  # serve's bound: thousands of threads crash the process
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.threads:
         import torch

@@ -107,7 +107,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
            "no module of the model is refused at start)")
     a("--no-reflection", dest="reflection", action="store_false", help="do not serve gRPC server reflection")
     a("--grace-period", type=float, default=d.grace_period, help="seconds in-flight requests get on SIGTERM")
-    a("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default, one per core)")
+    a("--threads", type=int, default=d.threads,
+      help=f"torch CPU threads (0: torch's default, one per core; at most {THREADS_PER_CPU} per CPU)")
     a("--log-level", default=d.log_level, type=str.upper,
       choices=["DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"],
       help="server log level (any case)")
@@ -131,6 +132,18 @@ HIGHEST = {INT32: "< 2^31", UINT64: "< 2^64", PORT: "<= 65535"}
 THREADS_PER_CPU = 4  # --threads above this many per CPU is refused: 100000 threads crashed the process
 
 
+def threads_problem(threads: int) -> str | None:
+    """Why --threads cannot work, or None: `loraplex serve` and `loraplex train` refuse it alike, at start."""
+    if threads < 0:
+        return f"--threads must be >= 0 (0: torch's default), got {threads}"
+    cpus = os.cpu_count() or 1
+    if threads > THREADS_PER_CPU * cpus:
+        return (f"--threads {threads} is more than {THREADS_PER_CPU} per CPU of this machine ({cpus} CPUs, so at most "
+                f"{THREADS_PER_CPU * cpus}): torch starts that many threads per parallel region, which only adds "
+                f"switching (and thousands crash the process); 0 means one per core")
+    return None
+
+
 class ConfigError(ValueError):
     """A flag, or a file a flag names, that cannot work: reported in one line before anything is loaded."""
 
@@ -144,13 +157,9 @@ def check_config(c: ServerConfig) -> None:
     if c.tls_client_ca and not c.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert/--tls-key (mutual TLS is TLS first)")
     from loader.base_model import device_problem  # here, not at import: the CLI's parser reads this module
-    if c.threads < 0:
-        raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {c.threads}")
-    cpus = os.cpu_count() or 1
-    if c.threads > THREADS_PER_CPU * cpus:
-        raise ConfigError(f"--threads {c.threads} is more than {THREADS_PER_CPU} per CPU of this machine ({cpus} CPUs, "
-                          f"so at most {THREADS_PER_CPU * cpus}): torch starts that many threads per parallel region, "
-                          f"which only adds switching (and thousands crash the process); 0 means one per core")
+    problem = threads_problem(c.threads)
+    if problem:
+        raise ConfigError(problem)
     serve_targets(c)
     if not math.isfinite(c.grace_period) or c.grace_period < 0:
         raise ConfigError(f"--grace-period must be a number of seconds >= 0, got {c.grace_period}")

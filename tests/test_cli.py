@@ -80,6 +80,24 @@ def test_serve_start_up_failures_are_one_line_errors(server, model_dirs, what):
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_serve_and_train_refuse_more_than_a_few_threads_per_cpu_alike(model_dirs, tmp_path):
+    """`loraplex train --threads 3000` was accepted (and trained, 3000 threads per parallel region) where `serve`
+    refused it: both refuse one thread beyond the bound with the same line, exit code 2, before anything is loaded."""
+    import os
+    too_many = str(4 * (os.cpu_count() or 1) + 1)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(f'{{"prompt": "copy: {w} =>", "completion": " {w}"}}\n' for w in ("ab", "cd")))
+    served = run("serve", "--model", str(model_dirs["llama"]), "--port", "0", "--metrics-port", "0",
+                 "--threads", too_many)
+    trained = run("train", "--method", "lora", "--model", str(model_dirs["llama"]), "--data", str(data),
+                  "--out", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2", "--threads", too_many)
+    line = f"error: --threads {too_many} is more than 4 per CPU of this machine"
+    for result in (served, trained):
+        assert result.returncode == 2 and result.stderr.startswith(line), result.stderr
+    assert trained.stderr.splitlines() == served.stderr.splitlines()[-1:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_serve_reads_target_modules_as_train_does(model_dirs, tmp_path):
     """`loraplex serve --target-modules "q_proj, v_proj"` adapts both modules, as `loraplex train` with the same
     string trains both: the space once stayed in " v_proj", which matched nothing, so the server started adapting

@@ -24,7 +24,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
 def unmatched_problem(model: nn.Module, targets: str | list[str], named: str = "--target-modules") -> str | None:
     """Why `targets` cannot be adapted as asked (`named`: where they come from), or None: each name must match a
     module, since one that matches nothing would silently adapt less (a typo, or a list meant for another model
-    family). Training refuses such a job, and `loraplex serve` such a --target-modules, with this line."""
+    family). Training refuses such a job with this line; `loraplex serve` warns with it."""
     unmatched = unmatched_targets(model, targets)
     if not unmatched:
         return None

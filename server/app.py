@@ -120,14 +120,14 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     if base.max_token_chars is None:
         log.info("prompt texts are tokenized whole before their length is checked: this tokenizer may drop or fuse "
                  "characters, so their count bounds no token count (gRPC's 4 MiB message limit still applies)")
-    targets = serve_targets(config)
-    problem = unmatched_problem(base.model, targets)  # read as `loraplex train` reads it: a typo adapts less
-    if problem:
-        raise ConfigError(problem)
+    targets = serve_targets(config)  # read as `loraplex train` reads it
+    problem = unmatched_problem(base.model, targets)
     try:
         context, shapes = inject(base.model, targets)
-    except ValueError as exc:
-        raise ConfigError(f"--target-modules: {exc}") from None
+    except ValueError as exc:  # nothing at all to adapt
+        raise ConfigError(problem or f"--target-modules: {exc}") from None
+    if problem:  # only warned (5986d91): a list shared across model families may name modules this one lacks
+        log.warning("%s; adapters targeting them are refused", problem)
     dtype = next(base.model.parameters()).dtype
     factor_dtype = dtype if config.adapter_dtype == "auto" else getattr(torch, config.adapter_dtype)
     size = check_slot_bank(config, [(s.d_in, s.d_out) for s in shapes], factor_dtype.itemsize,

@@ -103,8 +103,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
       help="answer NOT_FOUND for adapters not loaded with LoadAdapter instead of loading them on first use")
     a("--target-modules", default=d.target_modules,
       help="modules adapters may target: 'all-linear' or comma-separated names, read as `loraplex train` reads "
-           "them (spaces around a name ignored; each matches a module or its dotted suffix, and one that matches "
-           "no module of the model is refused at start)")
+           "them (spaces around a name ignored; each matches a module or its dotted suffix; one that matches no "
+           "module of the model is warned about at start, since a list may be shared across model families)")
     a("--no-reflection", dest="reflection", action="store_false", help="do not serve gRPC server reflection")
     a("--grace-period", type=float, default=d.grace_period, help="seconds in-flight requests get on SIGTERM")
     a("--threads", type=int, default=d.threads,

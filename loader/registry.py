@@ -49,16 +49,18 @@ class AdapterRecord:
     module_ranks: dict[str, int]
     heads: int
     metadata: dict
-    files: tuple = ()  # identity of the files read (inode, size, mtime): changed files are a new version
+    files: tuple = ()  # identity of the files read (inode, size, mtime, ctime): changed files are a new version
 
 
 def _files_identity(path: Path) -> tuple:
-    """What tells one set of adapter files from another without reading them."""
+    """What tells one set of adapter files from another without reading them. The change time too: a file rewritten
+    in place at the same size keeps its inode, and its modification time where a tool sets it back (cp -p, rsync -t
+    --inplace), but no tool can set the change time, which every write moves."""
     out = []
     for child in sorted(path.iterdir()):
         if child.is_file():
             st = child.stat()
-            out.append((child.name, st.st_ino, st.st_size, st.st_mtime_ns))
+            out.append((child.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return tuple(out)
 
 
@@ -196,6 +198,7 @@ class AdapterRegistry:
                 return None
             record = dataclasses.replace(current, version=current.version + 1, pinned=pin, last_used=time.monotonic())
             self._records[adapter_id] = record
+            self._refused.pop(adapter_id, None)  # a read refused for want of room is not what is loaded now
             evicted = self._evict_over_budget(keep=adapter_id)  # an unpinned adapter may now be over the budget
         for old in evicted:
             self._on_evict(old)

@@ -148,6 +148,35 @@ def test_a_pin_change_under_memory_pressure_needs_no_second_copy(model_dirs, ada
         server.stop()
 
 
+def test_a_replace_reads_files_rewritten_in_place_with_their_modification_time_kept(model_dirs, adapter_root,
+                                                                                    tmp_path):
+    """Files of the same size rewritten in place (same inodes), their modification times set back as cp -p or
+    rsync -t --inplace do: a replace must read them, not take them for the files in memory (it reported a new
+    version while serving the old weights)."""
+    import os
+    root = tmp_path / "root"
+    shutil.copytree(adapter_root / "v1", root / "a")
+    shutil.copytree(adapter_root / "v2", root / "b")  # what the new files give
+    server = start_server(model_dirs["llama"], root)
+    try:
+        with Client(server.target, timeout=60) as client:
+            old = list(client.generate([5, 6], "a", max_new_tokens=6, ignore_eos=True).token_ids)
+            want = list(client.generate([5, 6], "b", max_new_tokens=6, ignore_eos=True).token_ids)
+            client.load_adapter("a", replace=True)
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                path, data = root / "a" / name, (adapter_root / "v2" / name).read_bytes()
+                st = path.stat()
+                with open(path, "r+b") as f:
+                    f.write(data)
+                    f.truncate()
+                os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+            client.load_adapter("a", replace=True)
+            assert want != old
+            assert list(client.generate([5, 6], "a", max_new_tokens=6, ignore_eos=True).token_ids) == want
+    finally:
+        server.stop()
+
+
 def test_a_stream_its_client_stops_reading_frees_its_adapter_when_its_generation_ends(model_dirs, adapter_root,
                                                                                           tmp_path):
     """An unread stream's handler stays blocked on a token it cannot send (the HTTP/2 window is full), but its

@@ -127,18 +127,18 @@ class Runner:
                 row.fed.append(row.last_token)
                 if len(row.prompt_ids) + len(row.fed) - 1 == self.recompute_at:
                     crossing.append(i)
-        if not crossing:
-            return logits
-        rows = [batch.rows[i] for i in crossing]
-        # Every crossing sequence has recompute_at + 1 tokens: no padding among them.
-        cache, _, _, fresh = self._run_prompts([r.prompt_ids + r.fed for r in rows],
-                                               self.bank.gather([r.slot for r in rows]))
-        at = torch.tensor(crossing, device=self.device)
-        n, end = cache.length, batch.cache.length  # a row's columns are the last ones of the shared time axis
-        for mine, (k, v) in zip(batch.cache.layers, cache.tensors()):
-            mine.k[at, :, end - n:end] = k
-            mine.v[at, :, end - n:end] = v
-        return logits.index_copy(0, at, fresh)
+        # One row at a time: each recompute holds a second cache of recompute_at + 1 positions for its rows (1.6 GB
+        # per row for Phi-3-mini in bf16), outside --max-kv-tokens; rows admitted together cross together.
+        for i in crossing:
+            row = batch.rows[i]
+            cache, _, _, fresh = self._run_prompts([row.prompt_ids + row.fed], self.bank.gather([row.slot]))
+            n, end = cache.length, batch.cache.length  # a row's columns are the last ones of the shared time axis
+            for mine, (k, v) in zip(batch.cache.layers, cache.tensors()):
+                mine.k[i, :, end - n:end] = k[0]
+                mine.v[i, :, end - n:end] = v[0]
+            del cache
+            logits[i] = fresh[0]
+        return logits
 
     def keep(self, batch: Batch, keep: list[int]) -> Batch | None:
         """The batch without the rows not in `keep` (indices), trimming pad columns no row needs any more."""

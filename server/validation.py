@@ -64,9 +64,10 @@ def _stop_tokens(stops: tuple[str, ...], skipped) -> frozenset[int]:
         if inside is not None:
             raise InvalidArgument(
                 f"stopping.stop {stop!r} holds {inside!r}, the text of a special token (id "
-                f"{min(skipped.ids[inside])}) that is left out of the generated text, so this stop can never match "
-                f"it; send {inside!r} as a stop sequence of its own (a stop that is exactly a special token's text "
-                f"stops when that token is generated)")
+                f"{min(skipped.ids[inside])}) that is left out of the generated text: this stop would match only those "
+                f"characters spelled out by ordinary tokens, never the special token itself; send {inside!r} as a "
+                f"stop sequence of its own (a stop that is exactly a special token's text stops when that token is "
+                f"generated)")
     return frozenset(ids)
 
 

@@ -23,7 +23,10 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
                   seed: int | None = None, stop: str | Sequence[str] = (), ignore_eos: bool = False,
                   request_id: str = "") -> pb.GenerateRequest:
     """A text prompt or a sequence of token ids; unset sampling fields mean greedy decoding. `stop`: one stop
-    string or several (a string is one stop sequence, not one per character)."""
+    string or several (a string is one stop sequence, not one per character). `adapter_id` "" is the base model;
+    None is refused (protobuf would send it as "": an unset variable would silently serve the base model)."""
+    if adapter_id is None:  # protobuf would send "", the base model: a classic unset environment variable
+        raise TypeError('adapter_id is None (an unset variable?): pass "" for the base model')
     if isinstance(prompt, (bytes, bytearray)):  # a sequence of ints, but surely meant as text
         raise TypeError("prompt must be text (str) or token ids (a sequence of int), not bytes: decode it first")
     sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)

@@ -43,17 +43,35 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
 TOKEN_ENV = "LORAPLEX_TOKEN"
 
 
+def check_token(token: str | None, source: str = "token") -> str | None:
+    """`token` if it can be sent: it goes in the `authorization` header, so printable ASCII without spaces. A token
+    that cannot is a ValueError naming `source` (where it came from) at once, not INTERNAL "Invalid metadata"
+    (sync) or a grpc ExecuteBatchError that is no RpcError (asyncio) at the first call. The token is never shown."""
+    if token is None:
+        return None
+    if not isinstance(token, str):
+        raise TypeError(f"{source} must be a str, not {type(token).__name__}")
+    for position, char in enumerate(token, 1):
+        if not "!" <= char <= "~":
+            what = ("whitespace" if char.isspace() else "a non-ASCII character" if ord(char) > 127
+                    else "a control character")
+            raise ValueError(f"{source}: a token must be printable ASCII without spaces (it is sent as a header "
+                             f"value): character {position} of {len(token)} is {what}")
+    return token
+
+
 def token_from(path: str | None = None, env: str = TOKEN_ENV) -> str | None:
-    """The first token in `path` (blank lines and # comments skipped), else $LORAPLEX_TOKEN, else None."""
+    """The first token in `path` (blank lines and # comments skipped), else $LORAPLEX_TOKEN, else None. Either is
+    stripped (a mounted secret often ends in a newline) and checked as `check_token` does, naming where it was."""
     if path:
         for line in Path(path).read_text().splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
                 if len(line.split()) > 1:  # as the server's token files: an inline comment would be sent along
                     raise ValueError(f"token file {path}: a token cannot hold whitespace (a comment goes on its own "
                                      f"line, starting with #)")
-                return line.strip()
+                return check_token(line.strip(), f"token file {path}")
         raise ValueError(f"token file {path} holds no token")
-    return os.environ.get(env) or None
+    return check_token(os.environ.get(env, "").strip(), f"${env}") or None
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,7 @@ def _call_options(timeout: float | None, token: str | None) -> dict:
 class Client:
     def __init__(self, target: str, channel: grpc.Channel | None = None, timeout: float | None = None,
                  token: str | None = None, tls: Tls | None = None) -> None:
+        token = check_token(token)  # before a channel is made that would then leak
         self.channel = channel or (grpc.secure_channel(target, tls.credentials()) if tls
                                    else grpc.insecure_channel(target))
         self.timeout = timeout
@@ -169,6 +188,7 @@ class AsyncStream:
 class AsyncClient:
     def __init__(self, target: str, channel: grpc.aio.Channel | None = None, timeout: float | None = None,
                  token: str | None = None, tls: Tls | None = None) -> None:
+        token = check_token(token)  # before a channel is made that would then leak
         self.channel = channel or (grpc.aio.secure_channel(target, tls.credentials()) if tls
                                    else grpc.aio.insecure_channel(target))
         self.timeout = timeout

@@ -118,6 +118,44 @@ def test_cli_takes_the_token_from_a_file_or_the_environment_never_argv(server, t
     assert exit_info.value.code == 2
 
 
+def test_the_token_variable_is_stripped_as_the_file_is(server, monkeypatch, capsys):
+    """A mounted secret ends in a newline: the file was stripped, the variable sent as is (INTERNAL)."""
+    monkeypatch.setenv("LORAPLEX_TOKEN", f" {USER}\n")
+    assert token_from(None) == USER
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "hi", "--target", server.target, "--max-new-tokens", "2"])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    monkeypatch.setenv("LORAPLEX_TOKEN", "\n")
+    assert token_from(None) is None
+
+
+@pytest.mark.parametrize("token,what", [(USER[:5] + " " + USER[5:], "character 6 of 28 is whitespace"),
+                                        (USER + "\x07", "character 28 of 28 is a control character"),
+                                        (USER[:-1] + "\u00e9", "character 27 of 27 is a non-ASCII character")])
+def test_a_token_that_cannot_be_a_header_value_is_refused_naming_where_it_came_from(server, tokens, monkeypatch,
+                                                                                     capsys, tmp_path, token, what):
+    """It failed at the first call: INTERNAL "Invalid metadata" (sync, the CLI) or an ExecuteBatchError that is
+    no grpc.RpcError (asyncio). Now the client refuses it when built, never showing it."""
+    import asyncio
+    from clients.client import AsyncClient
+    rule = "a token must be printable ASCII without spaces"
+    with pytest.raises(ValueError, match=f"^token: {rule} .*: {what}$") as info:
+        Client(server.target, token=token)
+    assert token not in str(info.value)
+    with pytest.raises(ValueError, match=f"^token: {rule}"):
+        asyncio.run(AsyncClient(server.target, token=token).close())
+    with pytest.raises(TypeError, match="token must be a str, not bytes"):
+        Client(server.target, token=USER.encode())
+    monkeypatch.setenv("LORAPLEX_TOKEN", token)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["adapters", "list", "--target", server.target])
+    assert str(exit_info.value.code).startswith(f"error: $LORAPLEX_TOKEN: {rule}")  # printed, exit status 1
+    if " " not in token:  # the token file's own rule names inner whitespace
+        (tmp_path / "token").write_text(token + "\n")
+        with pytest.raises(ValueError, match=f"^token file {tmp_path / 'token'}: {rule}"):
+            token_from(str(tmp_path / "token"))
+
+
 def test_token_files_are_checked(tmp_path):
     (tmp_path / "empty").write_text("# nothing\n\n")
     (tmp_path / "short").write_text("abc\n")

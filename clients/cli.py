@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from clients.cli_flags import ShowDefaults, add_connection_arguments, connection
+from clients.cli_flags import ShowDefaults, add_connection_arguments, connection, utf8
 from clients.train_cli import add_train_parser
 from protos.loraplex.v1 import inference_pb2 as pb
 
@@ -142,15 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     def client_args(p):
-        p.add_argument("--target", default=DEFAULT_TARGET,
+        p.add_argument("--target", default=DEFAULT_TARGET, type=utf8,
                        help=f"server address host:port (default {DEFAULT_TARGET})")
         p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
         add_connection_arguments(p)
 
     gen = sub.add_parser("generate", allow_abbrev=False, help="stream a completion to the terminal")
     client_args(gen)
-    gen.add_argument("prompt")
-    gen.add_argument("--adapter", default="", help="adapter id ('' = base model)")
+    gen.add_argument("prompt", type=utf8)
+    gen.add_argument("--adapter", default="", type=utf8, help="adapter id ('' = base model)")
     gen.add_argument("--max-new-tokens", type=_ranged(-2 ** 31, 2 ** 31), default=None,
                      help="tokens to generate at most (default: the server's, within the room the prompt leaves)")
     gen.add_argument("--temperature", type=float, default=None, help="0 or unset: greedy")
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of this mass")
     gen.add_argument("--seed", type=_ranged(0, 2 ** 64), default=None,
                      help="reproducible sampling, whatever else is in the batch")
-    gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    gen.add_argument("--stop", action="append", type=utf8, help="stop sequence (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past end-of-sequence")
     gen.set_defaults(func=_generate)
 
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = adapter_sub.add_parser(action, allow_abbrev=False)
         client_args(p)
         if action != "list":
-            p.add_argument("adapter_id")
+            p.add_argument("adapter_id", type=utf8)
         if action == "load":
             p.add_argument("--replace", action="store_true", help="swap in new files for a loaded id")
             pinning = p.add_mutually_exclusive_group()
@@ -216,17 +216,34 @@ def _openmp_waits_passively() -> None:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
+def _reader_left() -> None:
+    """Output piped into a reader that left (`| head -1`): exit quietly, as a tool that SIGPIPE ends (128 + 13).
+    Python's way (docs of the signal module): point stdout, and stderr, which may be the same pipe, at /dev/null so
+    that the flush at exit raises nothing more; SIGPIPE's default action would also end the process on a gRPC
+    socket's broken connection."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):  # not a file descriptor (output captured in-process)
+            pass
+    sys.exit(141)
+
+
 def main(argv: list[str] | None = None) -> None:
     _openmp_waits_passively()
     args = build_parser().parse_args(argv)
     try:
-        sys.exit(args.func(args))
+        code = args.func(args)
+        sys.stdout.flush()  # a reader gone before the last write fails here, not with a traceback at exit
+    except BrokenPipeError:
+        _reader_left()  # a stream still running is cancelled: its client's channel was closed on the way out
     except grpc.RpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
         sys.exit(1)
-
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # `python -m clients.cli` (what torchrun runs: `torchrun ... -m clients.cli train`)

@@ -1,7 +1,25 @@
-"""What the `loraplex` commands share: the connection flags (token, TLS) and help that names defaults."""
+"""What the `loraplex` commands share: the connection flags (token, TLS), argument types and help that names
+defaults."""
 from __future__ import annotations
 
 import argparse
+
+
+def utf8(text: str) -> str:
+    """An argparse type: text a request can carry. Python decodes argv bytes that are not UTF-8 (a Latin-1 terminal,
+    a file's bytes in "$(cat f)") to lone surrogates, which protobuf and grpc cannot encode: a traceback at the
+    call. Here it is argparse's one-line error naming the argument, exit status 2."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = ord(text[err.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 ({what} at character {err.start + 1}): the shell or "
+                                         f"terminal passed text in another encoding") from None
+    return text
+
+
+utf8.__name__ = "text"  # argparse names the type in its message
 
 
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_peft_adapter, start_server
+from tests.helpers import make_peft_adapter, scrape, start_server, wait_for
 
 LORAPLEX = [sys.executable, "-c", "from clients.cli import main; main()"]
 
@@ -20,9 +20,11 @@ def server(model_dirs, tmp_path_factory):
     s.stop()
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([*LORAPLEX, *args], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent)
+    return subprocess.run([*LORAPLEX, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def test_generate_streams_text_and_reports_usage(server):
@@ -46,6 +48,38 @@ def test_adapters_load_list_unload_and_errors(server):
     assert run("adapters", "unload", "--target", server.target, "demo").stdout.strip() == "unloaded demo"
     again = run("adapters", "unload", "--target", server.target, "demo")
     assert again.returncode == 1 and "NOT_FOUND" in again.stderr
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(server):
+    """`loraplex adapters list | head -1`, `loraplex generate ... | head -c 3`: a BrokenPipeError traceback. Now
+    the exit status a tool that SIGPIPE ends has (141), nothing on stderr, and the stream cancelled."""
+    from clients.client import Client
+    with Client(server.target, timeout=30) as client:
+        client.load_adapter("demo", replace=True)  # something to list
+        try:
+            for args, read in ((["adapters", "list"], 0),
+                               (["generate", "hello", "--ignore-eos", "--max-new-tokens", "400"], 3)):
+                process = subprocess.Popen([*LORAPLEX, *args, "--target", server.target], cwd=ROOT,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                process.stdout.read(read)
+                process.stdout.close()  # before the write (list: the process is still starting up)
+                assert process.wait(timeout=120) == 141
+                assert process.stderr.read().decode() == ""
+            assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0)
+        finally:
+            client.unload_adapter("demo")
+
+
+@pytest.mark.parametrize("args,name", [(["generate", "caf\udce9"], "prompt"),
+                                       (["generate", "hi", "--stop", "caf\udce9"], "--stop"),
+                                       (["generate", "hi", "--adapter", "caf\udce9"], "--adapter"),
+                                       (["adapters", "get", "caf\udce9"], "adapter_id")])
+def test_arguments_that_are_not_utf8_are_one_line_errors(server, args, name):
+    """Python decodes argv bytes that are not UTF-8 (a Latin-1 terminal) to surrogates: protobuf's
+    UnicodeEncodeError came out as a traceback. The subprocess passes the byte 0xe9 back."""
+    result = run(*args, "--target", server.target)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: argument {name}: not valid UTF-8 (byte 0xe9 at character 4)" in result.stderr
 
 
 @pytest.mark.parametrize("what", ["grpc", "metrics", "model", "threads", "grace", "device", "root", "targets",

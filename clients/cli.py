@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from clients.cli_flags import ShowDefaults, add_connection_arguments, connection, utf8
+from clients.cli_flags import ShowDefaults, add_connection_arguments, connection, seconds, utf8
 from clients.train_cli import add_train_parser
 from protos.loraplex.v1 import inference_pb2 as pb
 
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     def client_args(p):
         p.add_argument("--target", default=DEFAULT_TARGET, type=utf8,
                        help=f"server address host:port (default {DEFAULT_TARGET})")
-        p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+        p.add_argument("--timeout", type=seconds, default=None, help="deadline in seconds (default: none)")
         add_connection_arguments(p)
 
     gen = sub.add_parser("generate", allow_abbrev=False, help="stream a completion to the terminal")

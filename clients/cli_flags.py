@@ -22,6 +22,16 @@ def utf8(text: str) -> str:
 utf8.__name__ = "text"  # argparse names the type in its message
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a deadline in seconds, > 0 and finite (a grpc deadline it can hold). Zero, a negative, inf
+    or NaN were accepted, and the call then failed at once with DEADLINE_EXCEEDED, never sent."""
+    from clients.client import MAX_TIMEOUT
+    value = float(text)
+    if not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds > 0 and <= {MAX_TIMEOUT:,.0f}")
+    return value
+
+
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", default=None, help="file holding the bearer token (else $LORAPLEX_TOKEN)")
     p.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")

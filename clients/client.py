@@ -6,6 +6,7 @@ CLI does: from a file or an environment variable, never from the command line.""
 from __future__ import annotations
 
 import asyncio
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,14 +91,33 @@ class Tls:
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
 
+MAX_TIMEOUT = 1e9  # seconds (31 years): grpc's deadline overflows near 9.2e9 s, and every call then fails at once
+
+
+def check_timeout(timeout: float | None, name: str = "timeout") -> float | None:
+    """A deadline in seconds for each call: a number > 0 and <= MAX_TIMEOUT, or None for no deadline. Zero, a
+    negative, NaN or too large a number was accepted, and every call then failed at once with DEADLINE_EXCEEDED,
+    never sent."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds, or None for no deadline, not {type(timeout).__name__}")
+    if not 0 < timeout <= MAX_TIMEOUT:  # NaN fails this too
+        raise ValueError(f"{name} must be a number of seconds > 0 and <= {MAX_TIMEOUT:,.0f}, or None for no deadline: "
+                         f"got {timeout}")
+    return float(timeout)
+
+
 def _call_options(timeout: float | None, token: str | None) -> dict:
     return {"timeout": timeout, "metadata": (("authorization", f"Bearer {token}"),) if token else None}
 
 
 class Client:
+    """`timeout`: each call's deadline in seconds (None, the default: no deadline)."""
+
     def __init__(self, target: str, channel: grpc.Channel | None = None, timeout: float | None = None,
                  token: str | None = None, tls: Tls | None = None) -> None:
-        token = check_token(token)  # before a channel is made that would then leak
+        token, timeout = check_token(token), check_timeout(timeout)  # before a channel is made that would leak
         self.channel = channel or (grpc.secure_channel(target, tls.credentials()) if tls
                                    else grpc.insecure_channel(target))
         self.timeout = timeout
@@ -186,9 +206,11 @@ class AsyncStream:
 
 
 class AsyncClient:
+    """As Client, each call a coroutine; `generate_stream` returns an AsyncStream."""
+
     def __init__(self, target: str, channel: grpc.aio.Channel | None = None, timeout: float | None = None,
                  token: str | None = None, tls: Tls | None = None) -> None:
-        token = check_token(token)  # before a channel is made that would then leak
+        token, timeout = check_token(token), check_timeout(timeout)  # before a channel is made that would leak
         self.channel = channel or (grpc.aio.secure_channel(target, tls.credentials()) if tls
                                    else grpc.aio.insecure_channel(target))
         self.timeout = timeout

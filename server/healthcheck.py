@@ -11,6 +11,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.cli_flags import seconds
 from clients.client import Tls
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--addr", "--target", dest="addr", default="127.0.0.1:50051",
                         help="server address host:port (--target, as in the loraplex CLI)")
     parser.add_argument("--service", default="", help="service name to check ('' = the whole server)")
-    parser.add_argument("--timeout", type=float, default=3.0, help="deadline of the Check call in seconds")
+    parser.add_argument("--timeout", type=seconds, default=3.0, help="deadline of the Check call in seconds")
     parser.add_argument("--tls-ca", default=None, help="PEM CA of a TLS server (health needs no token, but TLS "
                                                        "needs the CA)")
     parser.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")

@@ -167,6 +167,17 @@ def test_a_cuda_device_without_cuda_is_a_config_error(monkeypatch):
         check_config(ServerConfig(device="cuda:1"))
 
 
+@pytest.mark.parametrize("value", ["inf", "1e10", "0", "-1", "nan"])
+def test_a_timeout_no_call_could_meet_is_refused(value):
+    """Each was accepted, and the call then failed at once with DEADLINE_EXCEEDED; the health probe's likewise."""
+    from server.healthcheck import main as healthcheck_main
+    result = run("generate", "--timeout", value, "hi")
+    assert result.returncode == 2 and f"argument --timeout: {value} is not a number of seconds > 0" in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        healthcheck_main(["--timeout", value])
+    assert exit_info.value.code == 2
+
+
 def test_values_a_request_cannot_carry_and_a_quick_build_over_the_shipped_model_are_refused():
     for flag, value in (("--seed", "-1"), ("--max-new-tokens", "3000000000")):
         result = run("generate", flag, value, "hi")

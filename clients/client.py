@@ -10,7 +10,7 @@ import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -112,6 +112,36 @@ def _call_options(timeout: float | None, token: str | None) -> dict:
     return {"timeout": timeout, "metadata": (("authorization", f"Bearer {token}"),) if token else None}
 
 
+class Stream:
+    """Iterate the messages of a sync GenerateStream call; `.cancel()` stops it early, and the loop then ends, as an
+    AsyncStream's does, whether cancel() ran in the loop or in another thread: grpc's call raised RpcError CANCELLED
+    at the next message. Other attributes are the call's (code(), details(), is_active(), ...)."""
+
+    def __init__(self, call) -> None:
+        self.call = call
+        self._cancelled = False
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> pb.GenerateStreamResponse:
+        if self._cancelled:
+            raise StopIteration
+        try:
+            return next(self.call)
+        except grpc.RpcError as err:
+            if self._cancelled and err.code() == grpc.StatusCode.CANCELLED:  # our own cancel, not the server's
+                raise StopIteration from None
+            raise
+
+    def cancel(self) -> bool:
+        self._cancelled = True
+        return self.call.cancel()
+
+    def __getattr__(self, name: str):
+        return getattr(self.call, name)
+
+
 class Client:
     """`timeout`: each call's deadline in seconds (None, the default: no deadline)."""
 
@@ -129,9 +159,9 @@ class Client:
     def generate(self, prompt, adapter_id: str = "", **kwargs) -> pb.GenerateResponse:
         return self.inference.Generate(build_request(prompt, adapter_id, **kwargs), **self._options)
 
-    def generate_stream(self, prompt, adapter_id: str = "", **kwargs) -> Iterator[pb.GenerateStreamResponse]:
-        """Iterate the stream; call `.cancel()` on the returned call object to stop early."""
-        return self.inference.GenerateStream(build_request(prompt, adapter_id, **kwargs), **self._options)
+    def generate_stream(self, prompt, adapter_id: str = "", **kwargs) -> "Stream":
+        """Iterate the stream; `.cancel()` on it stops it early (inside the loop too: the loop then ends)."""
+        return Stream(self.inference.GenerateStream(build_request(prompt, adapter_id, **kwargs), **self._options))
 
     def server_info(self) -> pb.ServerInfo:
         return self.inference.GetServerInfo(pb.GetServerInfoRequest(), **self._options)

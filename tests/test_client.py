@@ -1,11 +1,15 @@
 """The Python clients (clients/client.py) against a real server: what they refuse before sending, and how their
 streams end (cancellation on the server: test_lifecycle.py; tokens and TLS: test_security.py)."""
 import asyncio
+import threading
+import time
 
+import grpc
 import pytest
 
 from clients.client import AsyncClient, Client
-from tests.helpers import make_peft_adapter, start_server
+from protos.loraplex.v1 import inference_pb2 as pb
+from tests.helpers import make_peft_adapter, scrape, start_server, status_of, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +62,35 @@ def test_timeouts_up_to_the_limit_and_none_reach_the_server(server):
         async with AsyncClient(server.target, timeout=1e9) as client:
             return await client.generate("hi", max_new_tokens=2)
     assert len(asyncio.run(scenario()).token_ids) == 2
+
+
+def test_a_sync_stream_cancelled_ends_its_loop_cleanly(server, monkeypatch):
+    """cancel() inside the loop (as the docstring says, and as the async client's ends its loop) made the next
+    iteration raise RpcError CANCELLED; from another thread, the blocked iteration likewise."""
+    runner = server.serving.engine.runner
+    decode_step = runner.decode_step  # 480 steps take >= 2.4 s: only a cancel ends them early
+    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    key = 'loraplex_request_success_total{finished_reason="cancelled"}'
+    with Client(server.target, timeout=60) as client:
+        before = scrape(server).get(key, 0)
+        stream = client.generate_stream([5, 6], max_new_tokens=480, ignore_eos=True)
+        seen = 0
+        for _ in stream:
+            seen += 1
+            if seen == 3:
+                stream.cancel()
+        assert seen == 3 and stream.code() == grpc.StatusCode.CANCELLED and list(stream) == []
+        stream = client.generate_stream([5, 6], max_new_tokens=480, ignore_eos=True)
+        next(stream)
+        threading.Timer(0.2, stream.cancel).start()
+        assert 1 < len(list(stream)) < 479  # ended by the cancel, in the middle
+        assert wait_for(lambda: scrape(server).get(key, 0) == before + 2)
+        assert scrape(server)["loraplex_num_requests_running"] == 0
+        # the rest is as it was: a stream read to its end, next(), the server's errors raised at the first message
+        messages = list(client.generate_stream([5, 6], max_new_tokens=3, ignore_eos=True))
+        assert messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert sum(len(m.token_ids) for m in messages) == 3
+        stream = client.generate_stream([5, 6], max_new_tokens=3, ignore_eos=True)
+        assert next(stream).token_ids and 0 < stream.time_remaining() <= 60  # the call's own attributes
+        code, details = status_of(lambda: list(client.generate_stream("hi", "no-such-adapter")))
+        assert code == grpc.StatusCode.NOT_FOUND and "no-such-adapter" in details

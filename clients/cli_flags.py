@@ -25,7 +25,7 @@ utf8.__name__ = "text"  # argparse names the type in its message
 def seconds(text: str) -> float:
     """An argparse type: a deadline in seconds, > 0 and finite (a grpc deadline it can hold). Zero, a negative, inf
     or NaN were accepted, and the call then failed at once with DEADLINE_EXCEEDED, never sent."""
-    from clients.client import MAX_TIMEOUT
+    from clients.arguments import MAX_TIMEOUT
     value = float(text)
     if not 0 < value <= MAX_TIMEOUT:
         raise argparse.ArgumentTypeError(f"{text} is not a number of seconds > 0 and <= {MAX_TIMEOUT:,.0f}")

@@ -1,4 +1,8 @@
-"""What the Python clients check before anything is sent: the request, the token and the deadline."""
+"""What the Python clients check before anything is sent: the request's fields, the token and the deadline.
+
+Types and what a protobuf field can carry are checked here, with the argument named (protobuf's own messages, such
+as "bad argument type for built-in operation", name nothing); what a value means (a negative temperature, an
+unknown adapter) is the server's to say, with its status code."""
 from __future__ import annotations
 
 import numbers
@@ -6,7 +10,53 @@ from typing import Sequence
 
 from protos.loraplex.v1 import inference_pb2 as pb
 
+INT32 = (-2 ** 31, 2 ** 31)
 MAX_TIMEOUT = 1e9  # seconds (31 years): grpc's deadline overflows near 9.2e9 s, and every call then fails at once
+
+
+def check_text(name: str, value) -> str:
+    """A str that protobuf can encode: text decoded with surrogateescape (argv, os.listdir of bytes that are not
+    UTF-8) holds lone surrogates, which it cannot."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{name} is not valid UTF-8: character {err.start + 1} is a lone surrogate "
+                         f"(U+{ord(value[err.start]):04X}; bytes decoded with surrogateescape?)") from None
+    return value
+
+
+def check_flag(name: str, value, optional: bool = False) -> bool | None:
+    """True or False (None too where `optional`): a string such as "no" would be true."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False{' or None' if optional else ''}, not {type(value).__name__}")
+    return value
+
+
+def check_integer(name: str, value, low: int, high: int) -> int | None:
+    """None, or an int with low <= value < high: what the field can carry (the server checks what it means)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not low <= value < high:
+        raise ValueError(f"{name} must be in [{_power(low)}, {_power(high)}), what the request can carry: got {value}")
+    return int(value)
+
+
+def _power(bound: int) -> str:
+    return {2 ** 64: "2^64", 2 ** 31: "2^31", -2 ** 31: "-2^31"}.get(bound, str(bound))
+
+
+def check_number(name: str, value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    return float(value)
 
 
 def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_tokens: int | None = None,
@@ -15,20 +65,55 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
                   request_id: str = "") -> pb.GenerateRequest:
     """A text prompt or a sequence of token ids; unset sampling fields mean greedy decoding. `stop`: one stop
     string or several (a string is one stop sequence, not one per character). `adapter_id` "" is the base model;
-    None is refused (protobuf would send it as "": an unset variable would silently serve the base model)."""
+    None is refused (protobuf would send it as "": an unset variable would silently serve the base model). A value
+    of the wrong type, or one its field cannot carry, is a TypeError or ValueError naming the argument."""
     if adapter_id is None:  # protobuf would send "", the base model: a classic unset environment variable
         raise TypeError('adapter_id is None (an unset variable?): pass "" for the base model')
+    sampling = pb.SamplingParams(temperature=check_number("temperature", temperature),
+                                 top_k=check_integer("top_k", top_k, *INT32),
+                                 top_p=check_number("top_p", top_p), seed=check_integer("seed", seed, 0, 2 ** 64))
+    stopping = pb.StoppingCriteria(max_new_tokens=check_integer("max_new_tokens", max_new_tokens, *INT32),
+                                   stop=_stops(stop), ignore_eos=check_flag("ignore_eos", ignore_eos))
+    request = pb.GenerateRequest(adapter_id=check_text("adapter_id", adapter_id), sampling=sampling,
+                                 stopping=stopping, request_id=check_text("request_id", request_id))
+    if isinstance(prompt, str):
+        request.prompt = check_text("prompt", prompt)
+        return request
     if isinstance(prompt, (bytes, bytearray)):  # a sequence of ints, but surely meant as text
         raise TypeError("prompt must be text (str) or token ids (a sequence of int), not bytes: decode it first")
-    sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    stopping = pb.StoppingCriteria(max_new_tokens=max_new_tokens, stop=stops, ignore_eos=ignore_eos)
-    request = pb.GenerateRequest(adapter_id=adapter_id, sampling=sampling, stopping=stopping, request_id=request_id)
-    if isinstance(prompt, str):
-        request.prompt = prompt
-    else:
-        request.prompt_token_ids.ids.extend(prompt)
+    try:
+        ids = list(prompt)
+    except TypeError:
+        raise TypeError(f"prompt must be text (str) or token ids (a sequence of int), not "
+                        f"{type(prompt).__name__}") from None
+    try:
+        request.prompt_token_ids.ids.extend(ids)
+    except (TypeError, ValueError):  # name the id protobuf refused (checked one by one only then: prompts are long)
+        for position, token in enumerate(ids):
+            check_integer(f"prompt token id {position}", token, *INT32)
+        raise
     return request
+
+
+def _stops(stop) -> list[str]:
+    if isinstance(stop, str):
+        return [check_text("stop", stop)]
+    if stop is None or not hasattr(stop, "__iter__"):
+        raise TypeError(f"stop must be a str or a sequence of str (() for none), not {type(stop).__name__}")
+    return [check_text(f"stop[{position}]", text) for position, text in enumerate(stop)]
+
+
+def load_request(adapter_id: str, replace: bool, pin: bool | None) -> pb.LoadAdapterRequest:
+    return pb.LoadAdapterRequest(adapter_id=check_text("adapter_id", adapter_id),
+                                 replace=check_flag("replace", replace), pin=check_flag("pin", pin, optional=True))
+
+
+def unload_request(adapter_id: str, drain: bool) -> pb.UnloadAdapterRequest:
+    return pb.UnloadAdapterRequest(adapter_id=check_text("adapter_id", adapter_id), drain=check_flag("drain", drain))
+
+
+def adapter_request(adapter_id: str) -> pb.GetAdapterRequest:
+    return pb.GetAdapterRequest(adapter_id=check_text("adapter_id", adapter_id))
 
 
 def check_token(token: str | None, source: str = "token") -> str | None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.arguments import MAX_TIMEOUT, build_request, check_timeout, check_token  # noqa: F401 (importable here)
+from clients.arguments import (adapter_request, build_request, check_text, check_timeout, check_token, load_request,
+                               unload_request)
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 
@@ -50,7 +51,17 @@ class Tls:
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
 
-def _call_options(timeout: float | None, token: str | None) -> dict:
+def _call_options(target, channel, channel_type: type, timeout, token, tls) -> dict:
+    """The keyword arguments of every call, once the constructor's arguments are checked (before a channel is made
+    that would then leak)."""
+    check_text("target", target)
+    if channel is not None and not isinstance(channel, channel_type):  # Client(target, 30) meant a timeout
+        name = "grpc.aio.Channel" if channel_type is grpc.aio.Channel else "grpc.Channel"
+        raise TypeError(f"channel must be a {name} or None, not {type(channel).__name__} (every argument after the "
+                        f"target is keyword-only: timeout=..., token=...)")
+    if tls is not None and not isinstance(tls, Tls):
+        raise TypeError(f"tls must be a Tls or None, not {type(tls).__name__}")
+    timeout, token = check_timeout(timeout), check_token(token)
     return {"timeout": timeout, "metadata": (("authorization", f"Bearer {token}"),) if token else None}
 
 
@@ -85,15 +96,16 @@ class Stream:
 
 
 class Client:
-    """`timeout`: each call's deadline in seconds (None, the default: no deadline)."""
+    """`timeout`: each call's deadline in seconds (None, the default: no deadline). Every argument after the target
+    is keyword-only. Arguments of the wrong type, or that a request cannot carry, are a TypeError or ValueError
+    naming them, before anything is sent."""
 
-    def __init__(self, target: str, channel: grpc.Channel | None = None, timeout: float | None = None,
+    def __init__(self, target: str, *, channel: grpc.Channel | None = None, timeout: float | None = None,
                  token: str | None = None, tls: Tls | None = None) -> None:
-        token, timeout = check_token(token), check_timeout(timeout)  # before a channel is made that would leak
+        self._options = _call_options(target, channel, grpc.Channel, timeout, token, tls)
         self.channel = channel or (grpc.secure_channel(target, tls.credentials()) if tls
                                    else grpc.insecure_channel(target))
-        self.timeout = timeout
-        self._options = _call_options(timeout, token)
+        self.timeout = self._options["timeout"]
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.adapters = pb_grpc.AdaptersStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
@@ -110,21 +122,20 @@ class Client:
 
     def load_adapter(self, adapter_id: str, replace: bool = False, pin: bool | None = None) -> pb.AdapterInfo:
         """pin None: a replace keeps the id's pin, a first load is evictable."""
-        return self.adapters.LoadAdapter(pb.LoadAdapterRequest(adapter_id=adapter_id, replace=replace, pin=pin),
-                                         **self._options)
+        return self.adapters.LoadAdapter(load_request(adapter_id, replace, pin), **self._options)
 
     def unload_adapter(self, adapter_id: str, drain: bool = False) -> pb.UnloadAdapterResponse:
-        return self.adapters.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id, drain=drain),
-                                           **self._options)
+        return self.adapters.UnloadAdapter(unload_request(adapter_id, drain), **self._options)
 
     def list_adapters(self) -> list[pb.AdapterInfo]:
         return list(self.adapters.ListAdapters(pb.ListAdaptersRequest(), **self._options).adapters)
 
     def get_adapter(self, adapter_id: str) -> pb.AdapterInfo:
-        return self.adapters.GetAdapter(pb.GetAdapterRequest(adapter_id=adapter_id), **self._options)
+        return self.adapters.GetAdapter(adapter_request(adapter_id), **self._options)
 
     def health(self, service: str = "") -> int:
-        return self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), **self._options).status
+        return self.health_stub.Check(health_pb2.HealthCheckRequest(service=check_text("service", service)),
+                                      **self._options).status
 
     def close(self) -> None:
         self.channel.close()
@@ -207,13 +218,12 @@ class _Loop:
 class AsyncClient:
     """As Client, each call a coroutine; `generate_stream` returns an AsyncStream."""
 
-    def __init__(self, target: str, channel: grpc.aio.Channel | None = None, timeout: float | None = None,
+    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None, timeout: float | None = None,
                  token: str | None = None, tls: Tls | None = None) -> None:
-        token, timeout = check_token(token), check_timeout(timeout)  # before a channel is made that would leak
+        self._options = _call_options(target, channel, grpc.aio.Channel, timeout, token, tls)
         self.channel = channel or (grpc.aio.secure_channel(target, tls.credentials()) if tls
                                    else grpc.aio.insecure_channel(target))
-        self.timeout = timeout
-        self._options = _call_options(timeout, token)
+        self.timeout = self._options["timeout"]
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.adapters = pb_grpc.AdaptersStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
@@ -228,21 +238,19 @@ class AsyncClient:
         return await self.inference.GetServerInfo(pb.GetServerInfoRequest(), **self._options)
 
     async def load_adapter(self, adapter_id: str, replace: bool = False, pin: bool | None = None) -> pb.AdapterInfo:
-        return await self.adapters.LoadAdapter(
-            pb.LoadAdapterRequest(adapter_id=adapter_id, replace=replace, pin=pin), **self._options)
+        return await self.adapters.LoadAdapter(load_request(adapter_id, replace, pin), **self._options)
 
     async def unload_adapter(self, adapter_id: str, drain: bool = False) -> pb.UnloadAdapterResponse:
-        return await self.adapters.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id, drain=drain),
-                                                 **self._options)
+        return await self.adapters.UnloadAdapter(unload_request(adapter_id, drain), **self._options)
 
     async def list_adapters(self) -> list[pb.AdapterInfo]:
         return list((await self.adapters.ListAdapters(pb.ListAdaptersRequest(), **self._options)).adapters)
 
     async def get_adapter(self, adapter_id: str) -> pb.AdapterInfo:
-        return await self.adapters.GetAdapter(pb.GetAdapterRequest(adapter_id=adapter_id), **self._options)
+        return await self.adapters.GetAdapter(adapter_request(adapter_id), **self._options)
 
     async def health(self, service: str = "") -> int:
-        return (await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
+        return (await self.health_stub.Check(health_pb2.HealthCheckRequest(service=check_text("service", service)),
                                              **self._options)).status
 
     async def close(self) -> None:

@@ -5,6 +5,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from clients.client import AsyncClient, Client
@@ -94,3 +95,60 @@ def test_a_sync_stream_cancelled_ends_its_loop_cleanly(server, monkeypatch):
         assert next(stream).token_ids and 0 < stream.time_remaining() <= 60  # the call's own attributes
         code, details = status_of(lambda: list(client.generate_stream("hi", "no-such-adapter")))
         assert code == grpc.StatusCode.NOT_FOUND and "no-such-adapter" in details
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda c: c.generate(5), TypeError, "prompt must be text (str) or token ids (a sequence of int), not int"),
+    (lambda c: c.generate([5, "6"]), TypeError, "prompt token id 1 must be an int, not str"),
+    (lambda c: c.generate([5, 2 ** 40]), ValueError, "prompt token id 1 must be in [-2^31, 2^31)"),
+    (lambda c: c.generate("x", adapter_id=5), TypeError, "adapter_id must be a str, not int"),
+    (lambda c: c.generate("x", stop=None), TypeError, "stop must be a str or a sequence of str (() for none)"),
+    (lambda c: c.generate("x", stop=("a", 1)), TypeError, "stop[1] must be a str, not int"),
+    (lambda c: c.generate("x", stop="caf\udce9"), ValueError, "stop is not valid UTF-8: character 4"),
+    (lambda c: c.generate("x", seed=-1), ValueError, "seed must be in [0, 2^64), what the request can carry: got -1"),
+    (lambda c: c.generate("x", max_new_tokens="5"), TypeError, "max_new_tokens must be an int, not str"),
+    (lambda c: c.generate("x", top_k=2 ** 31), ValueError, "top_k must be in [-2^31, 2^31)"),
+    (lambda c: c.generate("x", temperature="0.5"), TypeError, "temperature must be a number, not str"),
+    (lambda c: c.generate("x", ignore_eos="no"), TypeError, "ignore_eos must be True or False, not str"),
+    (lambda c: c.generate("x", request_id=7), TypeError, "request_id must be a str, not int"),
+    (lambda c: c.generate_stream("x", top_p="1"), TypeError, "top_p must be a number, not str"),
+    (lambda c: c.load_adapter("demo", pin="no"), TypeError, "pin must be True or False or None, not str"),
+    (lambda c: c.load_adapter("demo", replace=1), TypeError, "replace must be True or False, not int"),
+    (lambda c: c.unload_adapter(None), TypeError, "adapter_id must be a str, not NoneType"),
+    (lambda c: c.get_adapter(b"demo"), TypeError, "adapter_id must be a str, not bytes"),
+])
+def test_arguments_of_the_wrong_type_are_named(server, call, error, message):
+    """protobuf's own messages named nothing ("bad argument type for built-in operation", "Value out of range: -1",
+    "'NoneType' object is not iterable"); what a value means stays the server's to say (test_errors.py)."""
+    with Client(server.target, timeout=30) as client:
+        with pytest.raises(error) as info:
+            call(client)
+        assert str(info.value).startswith(message), info.value
+
+
+def test_the_constructors_name_what_they_were_given(server):
+    """Client(target, 30) meant a timeout and was taken as the channel (AttributeError: 'int' object has no
+    attribute 'unary_unary' at the first call): every argument after the target is keyword-only."""
+    with pytest.raises(TypeError, match="takes 2 positional arguments but 3 were given"):
+        Client(server.target, 30)
+    with pytest.raises(TypeError, match=r"^channel must be a grpc.Channel or None, not int \(every argument after"):
+        Client(server.target, channel=30)
+    with pytest.raises(TypeError, match="^tls must be a Tls or None, not str"):
+        Client(server.target, tls="ca.pem")
+    with pytest.raises(TypeError, match="^target must be a str, not NoneType"):
+        Client(None)
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(TypeError, match="^channel must be a grpc.aio.Channel or None, not Channel"):
+            AsyncClient(server.target, channel=channel)  # a sync channel given to the asyncio client
+        client = Client("ignored", channel=channel)  # the channel given is the one used
+        assert len(client.generate("hi", max_new_tokens=2).token_ids) == 2
+
+    async def scenario():
+        async with AsyncClient(server.target, timeout=30) as client:
+            with pytest.raises(TypeError, match=r"^stop\[0\] must be a str, not bytes"):
+                await client.generate("x", stop=[b"a"])
+            with pytest.raises(TypeError, match="^pin must be True or False or None, not str"):
+                await client.load_adapter("demo", pin="yes")
+            return await client.generate(np.array([5, 6]), top_k=np.int64(3), temperature=np.float32(0.5),
+                                         max_new_tokens=2)  # numpy numbers are numbers
+    assert len(asyncio.run(scenario()).token_ids) == 2

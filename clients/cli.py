@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -74,7 +75,75 @@ def _adapters(args) -> int:
         print(f"{info.adapter_id}\t{kind}\trank={info.rank}\tmodules={len(info.target_modules)}\t"
               f"{info.size_bytes} bytes\ttier={tier}\tversion={info.version}\tpinned={info.pinned}\t"
               f"running={info.active_requests}{extra}")
+        if args.action == "get":
+            for line in _module_lines(info):
+                print(f"  {line}")
     return 0
+
+
+def _module_lines(info: pb.AdapterInfo) -> list[str]:
+    """`adapters get`: the target modules, then the modules of each rank (highest first), compactly."""
+    lines = [f"target modules: {_compact(info.target_modules)}"] if info.target_modules else []
+    by_rank: dict[int, list[str]] = {}
+    for module, rank in info.module_ranks.items():
+        by_rank.setdefault(rank, []).append(module)
+    if len(by_rank) == 1:
+        (rank, modules), = by_rank.items()
+        return lines + [f"rank {rank}: all {len(modules)} modules"]
+    return lines + [f"rank {rank} ({len(modules)} module{'s' * (len(modules) > 1)}): {_compact(modules)}"
+                    for rank, modules in sorted(by_rank.items(), reverse=True)]
+
+
+def _compact(modules) -> str:
+    """Module paths with the layers that share the same modules folded together, e.g. 28 paths as
+    model.layers.{0-3}.{mlp.down_proj,...,self_attn.v_proj}; groups are separated by spaces."""
+    layers: dict[str, dict[int, set[str]]] = {}  # path up to the layer number -> layer -> what follows it
+    plain = []
+    for module in sorted(modules):
+        match = re.fullmatch(r"(.*?\.)(\d+)\.(.+)", module)
+        if match:
+            layers.setdefault(match[1], {}).setdefault(int(match[2]), set()).add(match[3])
+        else:
+            plain.append(module)
+    groups = []
+    for head, tails_of in layers.items():
+        by_tails: dict[tuple[str, ...], list[int]] = {}
+        for layer, tails in sorted(tails_of.items()):
+            by_tails.setdefault(tuple(sorted(tails)), []).append(layer)
+        for tails, numbers in sorted(by_tails.items(), key=lambda item: item[1]):
+            shared = _shared_prefix(tails)
+            groups.append(f"{head}{_braced(_ranges(numbers), len(numbers))}.{shared}"
+                          f"{_braced([tail[len(shared):] for tail in tails], len(tails))}")
+    return " ".join(plain + groups)
+
+
+def _shared_prefix(tails) -> str:
+    """The dotted parts several paths share at their start: "self_attn." for self_attn.q_proj, self_attn.v_proj."""
+    if len(tails) < 2:
+        return ""
+    parts = [tail.split(".")[:-1] for tail in tails]
+    shared = []
+    for column in zip(*parts):
+        if len(set(column)) > 1:
+            break
+        shared.append(column[0] + ".")
+    return "".join(shared)
+
+
+def _ranges(numbers: list[int]) -> list[str]:
+    """Sorted integers as runs: [0, 1, 2, 5] -> ["0-2", "5"]."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return [f"{a}" if a == b else f"{a}-{b}" for a, b in runs]
+
+
+def _braced(parts, count: int) -> str:
+    """One item as it is; several in braces (a run of layers, 0-3, counts as several)."""
+    return parts[0] if count == 1 else "{" + ",".join(parts) + "}"
 
 
 def _merge(args) -> int:

@@ -15,6 +15,8 @@ LORAPLEX = [sys.executable, "-c", "from clients.cli import main; main()"]
 def server(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     make_peft_adapter(model_dirs["llama"], root / "demo", 3, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    make_peft_adapter(model_dirs["llama"], root / "mixed", 4, r=4, lora_alpha=8, rank_pattern={"layers.1.self_attn.q_proj": 2},
+                      target_modules=["q_proj", "v_proj", "down_proj"])
     s = start_server(model_dirs["llama"], root, autoload_adapters=False)
     yield s
     s.stop()
@@ -43,11 +45,31 @@ def test_adapters_load_list_unload_and_errors(server):
     got = run("adapters", "get", "--target", server.target, "demo")
     assert got.returncode == 0 and got.stdout.startswith("demo\tlora\trank=4") and "running=0" in got.stdout
     assert "NOT_FOUND" in run("adapters", "get", "--target", server.target, "nope").stderr
+    assert got.stdout.splitlines()[1:] == ["  target modules: model.layers.{0-1}.self_attn.{q_proj,v_proj}",
+                                           "  rank 4: all 4 modules"]
     ok = run("generate", "--target", server.target, "--adapter", "demo", "--max-new-tokens", "3", "hi")
     assert ok.returncode == 0 and "3 completion tokens" in ok.stderr
     assert run("adapters", "unload", "--target", server.target, "demo").stdout.strip() == "unloaded demo"
     again = run("adapters", "unload", "--target", server.target, "demo")
     assert again.returncode == 1 and "NOT_FOUND" in again.stderr
+
+
+def test_adapters_get_shows_the_ranks_of_its_modules(server):
+    """`get` printed the row `list` prints: the README says it shows the ranks, which differ per module (AdaLoRA,
+    rank_pattern, a ResLoRA merge)."""
+    assert run("adapters", "load", "--target", server.target, "mixed").returncode == 0
+    try:
+        got = run("adapters", "get", "--target", server.target, "mixed")
+        assert got.returncode == 0 and got.stdout.startswith("mixed\tlora\trank=4\tmodules=6\t"), got.stderr
+        assert got.stdout.splitlines()[1:] == [
+            "  target modules: model.layers.{0-1}.{mlp.down_proj,self_attn.q_proj,self_attn.v_proj}",
+            "  rank 4 (5 modules): model.layers.0.{mlp.down_proj,self_attn.q_proj,self_attn.v_proj} "
+            "model.layers.1.{mlp.down_proj,self_attn.v_proj}",
+            "  rank 2 (1 module): model.layers.1.self_attn.q_proj"]
+        listed = run("adapters", "list", "--target", server.target)
+        assert listed.stdout.splitlines() == [got.stdout.splitlines()[0]]  # list keeps one row per adapter
+    finally:
+        run("adapters", "unload", "--target", server.target, "mixed")
 
 
 def test_a_reader_that_leaves_ends_the_command_quietly(server):

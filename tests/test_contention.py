@@ -93,10 +93,8 @@ def test_requests_waiting_on_one_adapter_do_not_hold_up_other_requests(server):
             pass
 
 
-def test_cold_adapter_reads_at_once_are_bounded(server, adapter_root, monkeypatch):
-    """New files are measured against the memory budget only once read: many first uses at once read a few
-    adapters at a time (cores + 4), not all of them, however many requests wait."""
-    ids = [f"cold{i}" for i in range(16)]
+def _slow_reads(server, adapter_root, ids: list[str], monkeypatch, seconds: float) -> list[int]:
+    """Copies of an adapter under `ids`, read `seconds` slower each; returns [the most reads seen at once]."""
     for name in ids:
         shutil.copytree(adapter_root / "v1", adapter_root / name)
     registry = server.serving.registry
@@ -107,12 +105,20 @@ def test_cold_adapter_reads_at_once_are_bounded(server, adapter_root, monkeypatc
             active[0] += 1
             peak[0] = max(peak[0], active[0])
         try:
-            time.sleep(0.3)
+            time.sleep(seconds)
             return read(*args)
         finally:
             with lock:
                 active[0] -= 1
     monkeypatch.setattr(registry, "_reader", slow)
+    return peak
+
+
+def test_cold_adapter_reads_at_once_are_bounded(server, adapter_root, monkeypatch):
+    """New files are measured against the memory budget only once read: many first uses at once read a few
+    adapters at a time (cores + 4), not all of them, however many requests wait."""
+    ids = [f"cold{i}" for i in range(16)]
+    peak = _slow_reads(server, adapter_root, ids, monkeypatch, 0.3)
 
     async def go():
         async with AsyncClient(server.target, timeout=60) as client:
@@ -169,22 +175,7 @@ def test_cold_reads_of_many_ids_run_as_many_at_once_as_the_registry_allows(serve
     """Requests arriving together for one cold id wait for its one read, on the loop: counted per request, the
     limit on reads at once let only one or two ids read at a time (12 s instead of 4 s below)."""
     ids = [f"brisk{i}" for i in range(12)]
-    for name in ids:
-        shutil.copytree(adapter_root / "v1", adapter_root / name)
-    registry = server.serving.registry
-    read, active, peak, lock = registry._reader, [0], [0], threading.Lock()
-
-    def slow(*args):
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        try:
-            time.sleep(0.5)
-            return read(*args)
-        finally:
-            with lock:
-                active[0] -= 1
-    monkeypatch.setattr(registry, "_reader", slow)
+    peak = _slow_reads(server, adapter_root, ids, monkeypatch, 0.5)
 
     async def go():
         async with AsyncClient(server.target, timeout=60) as client:
@@ -194,4 +185,4 @@ def test_cold_reads_of_many_ids_run_as_many_at_once_as_the_registry_allows(serve
                 await asyncio.sleep(0.01)
             return await asyncio.gather(*calls)
     assert all(len(r.token_ids) == 1 for r in asyncio.run(go()))
-    assert peak[0] >= min(len(ids), registry.reads_at_once) - 1, peak[0]  # (the last may start as the first ends)
+    assert peak[0] >= min(len(ids), server.serving.registry.reads_at_once) - 1, peak[0]  # (the last may start as the first ends)

@@ -149,16 +149,17 @@ class Client:
 
 class AsyncStream:
     """`async for` the messages of a GenerateStream call; `.cancel()` (or `await .aclose()`) stops it early, and so
-    does leaving the loop early (a break, a return, an exception from its body), even with the stream still
-    referenced: the call is cancelled at that moment, and a later loop over the stream ends at once. Dropping the
-    stream unfinished cancels it too. Other attributes are the call's (code(), ...)."""
+    does dropping it unfinished (breaking out of the loop): the call is cancelled at that moment. An async generator
+    around the call (what this client returned before) was closed only when the event loop next ran its finalizer,
+    so a caller that left the loop and then blocked kept the server generating; grpc's call iterated directly stays
+    alive in a reference cycle until the garbage collector runs. Other attributes are the call's (code(), ...)."""
 
     def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
         self.call = call
         self._cancelled = False
 
-    def __aiter__(self) -> "_Loop":
-        return _Loop(self)
+    def __aiter__(self) -> "AsyncStream":
+        return self
 
     async def __anext__(self) -> pb.GenerateStreamResponse:
         if self._cancelled:  # cancel() inside the loop ends it, as a break would
@@ -185,34 +186,6 @@ class AsyncStream:
 
     def __del__(self) -> None:
         self.call.cancel()  # a no-op once the call has finished
-
-
-class _Loop:
-    """What one `async for` over an AsyncStream iterates. A loop left early calls nothing on its iterator: it only
-    drops it, and CPython frees it at once, so this __del__ cancels the call at that moment, whoever else holds the
-    stream. Neither alternative does: an AsyncStream that is its own iterator lives on in the caller's variable
-    (the row kept generating until the garbage collector ran), and an async generator is closed only when the event
-    loop next runs its finalizer (a caller that left the loop and then blocked kept the server generating)."""
-
-    __slots__ = ("stream", "ended")
-
-    def __init__(self, stream: AsyncStream) -> None:
-        self.stream = stream
-        self.ended = False
-
-    def __aiter__(self) -> "_Loop":
-        return self
-
-    async def __anext__(self) -> pb.GenerateStreamResponse:
-        try:
-            return await self.stream.__anext__()
-        except StopAsyncIteration:
-            self.ended = True  # the call is over: nothing to cancel
-            raise
-
-    def __del__(self) -> None:
-        if not self.ended:
-            self.stream.cancel()
 
 
 class AsyncClient:

@@ -64,8 +64,6 @@ def test_cancelled_streams_are_counted_as_cancelled_by_grpc_metrics(server):
 
 
 def test_an_async_stream_left_or_cancelled_stops_on_the_server(server, monkeypatch):
-    """Leaving the loop (break, exception, task cancelled) ends the row at once, even with the stream held: the row
-    kept generating until the garbage collector ran."""
     runner = server.serving.engine.runner
     decode_step = runner.decode_step  # 480 steps take >= 2.4 s: only a cancel ends them early
     monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
@@ -74,7 +72,7 @@ def test_an_async_stream_left_or_cancelled_stops_on_the_server(server, monkeypat
     async def cancelled_after(leave) -> bool:
         before = scrape(server).get(key, 0)
         async with AsyncClient(server.target, timeout=60) as client:
-            kept = await leave(client)  # noqa: F841 (what the caller still references)
+            await leave(client)
             # the client stays open and the event loop blocked (a caller busy with other work): only a cancel
             # made at the moment the stream was left can end the row
             return wait_for(lambda: scrape(server).get(key, 0) == before + 1) and \
@@ -83,31 +81,6 @@ def test_an_async_stream_left_or_cancelled_stops_on_the_server(server, monkeypat
     async def break_out(client):
         async for _ in client.generate_stream([5, 6], "v1", max_new_tokens=480, ignore_eos=True):
             break
-
-    async def break_held(client):  # the stream is still referenced: leaving the loop cancels it all the same
-        stream = client.generate_stream([5, 6], "v1", max_new_tokens=480, ignore_eos=True)
-        async for _ in stream:
-            break
-        async for _ in stream:  # a loop over a stream whose call was cancelled ends at once
-            raise AssertionError("a message after the break")
-        return stream
-
-    async def raise_held(client):
-        stream = client.generate_stream([5, 6], "v1", max_new_tokens=480, ignore_eos=True)
-        with contextlib.suppress(KeyError):
-            async for _ in stream:
-                raise KeyError
-        return stream
-
-    async def task_cancelled_held(client):
-        stream = client.generate_stream([5, 6], "v1", max_new_tokens=480, ignore_eos=True)
-
-        async def read_all():
-            async for _ in stream:
-                pass
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(read_all(), 0.3)
-        return stream
 
     async def cancel(client):
         stream = client.generate_stream([5, 6], "v1", max_new_tokens=480, ignore_eos=True)
@@ -127,9 +100,6 @@ def test_an_async_stream_left_or_cancelled_stops_on_the_server(server, monkeypat
     assert asyncio.run(cancelled_after(cancel))
     assert asyncio.run(cancelled_after(close))
     assert asyncio.run(cancelled_after(cancel_inside))
-    assert asyncio.run(cancelled_after(break_held))
-    assert asyncio.run(cancelled_after(raise_held))
-    assert asyncio.run(cancelled_after(task_cancelled_held))
 
 
 def test_deadline_frees_its_row(server, monkeypatch):

@@ -27,10 +27,15 @@ def check_text(name: str, value) -> str:
     return value
 
 
+MAX_TOKEN_CHARS = 4096  # grpc refuses metadata past 8 KiB at random, and past 16 KiB always
+
+
 def check_flag(name: str, value, optional: bool = False) -> bool | None:
-    """True or False (None too where `optional`): a string such as "no" would be true."""
+    """True or False (None too where `optional`; numpy's bool too): a string such as "no" would be true."""
     if value is None and optional:
         return None
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False{' or None' if optional else ''}, not {type(value).__name__}")
     return value
@@ -124,6 +129,9 @@ def check_token(token: str | None, source: str = "token") -> str | None:
         return None
     if not isinstance(token, str):
         raise TypeError(f"{source} must be a str, not {type(token).__name__}")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise ValueError(f"{source}: a token of {len(token)} characters is longer than {MAX_TOKEN_CHARS} (grpc refuses "
+                         f"headers that large)")
     for position, char in enumerate(token, 1):
         if not "!" <= char <= "~":
             what = ("whitespace" if char.isspace() else "a non-ASCII character" if ord(char) > 127

@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-        sys.stdout.flush()  # a reader gone before the last write fails here, not with a traceback at exit
+        if sys.stdout is not None:  # (stdout closed: >&-)
+            sys.stdout.flush()  # a reader gone before the last write fails here, not with a traceback at exit
     except BrokenPipeError:
         _reader_left()  # a stream still running is cancelled: its client's channel was closed on the way out
     except grpc.RpcError as err:

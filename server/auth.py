@@ -26,6 +26,9 @@ class TokenFileError(ConfigError):
     pass
 
 
+MAX_TOKEN_BYTES = 4096
+
+
 def read_tokens(path: str) -> tuple[bytes, ...]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -41,6 +44,8 @@ def read_tokens(path: str) -> tuple[bytes, ...]:
                              f"on its own line, starting with #)")
     if any(len(t) < 16 for t in tokens):
         raise TokenFileError(f"token file {path}: every token must be at least 16 characters")
+    if any(len(t) > MAX_TOKEN_BYTES for t in tokens):  # grpc refuses metadata past 8 KiB at random, 16 KiB always
+        raise TokenFileError(f"token file {path}: every token must be at most {MAX_TOKEN_BYTES} characters")
     return tokens
 
 

@@ -221,3 +221,15 @@ def test_serve_warns_of_target_modules_this_model_lacks(model_dirs, caplog):
         assert adapted == {"q_proj"}
     finally:
         server.stop()
+
+
+def test_a_command_whose_stdout_is_closed_succeeds_as_it_did(server):
+    """`loraplex adapters load ... >&-`: the flush added for readers that leave (| head) met a None stdout and turned
+    a command that had done its work into a traceback and exit status 1."""
+    import shlex
+    command = shlex.join([*LORAPLEX, "adapters", "load", "--target", server.target, "demo", "--replace"])
+    result = subprocess.run(command + " >&-", shell=True, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    from clients.client import Client
+    with Client(server.target, timeout=30) as client:  # done, as it said
+        assert "demo" in [a.adapter_id for a in client.list_adapters()]

@@ -152,3 +152,21 @@ def test_the_constructors_name_what_they_were_given(server):
             return await client.generate(np.array([5, 6]), top_k=np.int64(3), temperature=np.float32(0.5),
                                          max_new_tokens=2)  # numpy numbers are numbers
     assert len(asyncio.run(scenario()).token_ids) == 2
+
+
+def test_numpy_booleans_are_flags_and_tokens_beyond_grpc_headers_are_refused(server):
+    """numpy's bool was refused as 'must be True or False, not bool'; a token over 8 KiB passed the client and the
+    server's token file alike, then grpc refused its header at random (16 KiB: always)."""
+    from clients.arguments import build_request
+    assert build_request("hi", ignore_eos=np.bool_(True)).stopping.ignore_eos is True
+    with Client(server.target, timeout=30) as client:
+        assert client.load_adapter("demo", replace=True, pin=np.bool_(False)).pinned is False
+    with pytest.raises(ValueError, match="a token of 9000 characters is longer than 4096"):
+        Client(server.target, token="t" * 9000)
+
+
+def test_a_token_file_with_a_token_grpc_cannot_carry_is_refused(tmp_path):
+    from server.auth import TokenFileError, read_tokens
+    (tmp_path / "tokens").write_text("t" * 5000 + "\n")
+    with pytest.raises(TokenFileError, match="at most 4096 characters"):
+        read_tokens(str(tmp_path / "tokens"))

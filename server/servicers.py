@@ -10,7 +10,7 @@ from typing import Callable
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.engine import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
-from server.errors import AdapterMemoryFull, InvalidArgument
+from server.errors import AdapterMemoryFull, InvalidArgument, status_for
 from server.serving import Serving, abort, adapter_pool, ready
 from server.stopping import FinishReason
 from server.validation import MAX_REQUEST_ID, prompt_and_stopping, sampling_from
@@ -19,6 +19,14 @@ from server.validation import MAX_REQUEST_ID, prompt_and_stopping, sampling_from
 # id lock serialises their resolving anyway, and while a LoadAdapter or a slow read holds that lock, the threads
 # they would block are the pool's, which every other adapter's requests need (70 waiting on one id took the pool).
 THREADS_PER_ADAPTER = 4
+
+
+class _EngineFailed(Exception):
+    """The engine ended the request with `error`, counted in request_failure_total when it did (_ending)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class _IdGate:
@@ -99,10 +107,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         a stream whose client stops reading leaves its handler blocked on an earlier token, and would otherwise
         hold the adapter's memory (and every request waiting for room) until the client reads or leaves."""
         def deliver(event) -> None:  # on the engine thread
-            if isinstance(event, (FinishEvent, ErrorEvent)):
+            if isinstance(event, FinishEvent):  # (counted by the engine)
                 self._loop.call_soon_threadsafe(self._release, engine_request)
+            elif isinstance(event, ErrorEvent):  # counted now too: a client that never reads it is gone by then
+                self._loop.call_soon_threadsafe(self._failed, engine_request, event.error)
             sink(event)
         return deliver
+
+    def _failed(self, engine_request: EngineRequest, error: Exception) -> None:  # on the event loop
+        self._release(engine_request)
+        self.serving.metrics.failure.labels(status_for(error)[0].name).inc()
 
     def _wake_memory_waiters(self) -> None:  # on the event loop
         self._memory_freed.set()
@@ -129,7 +143,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             while True:
                 event = await events.get()
                 if isinstance(event, ErrorEvent):
-                    raise event.error
+                    raise _EngineFailed(event.error)
                 yield engine_request, event
                 if isinstance(event, FinishEvent):
                     return
@@ -285,6 +299,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         request_id=engine_request.request_id, text="".join(texts), token_ids=ids,
                         finish_reason=FINISH[event.reason],
                         usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))
+        except _EngineFailed as failed:
+            await abort(context, failed.error)  # (counted as the engine ended it)
         except Exception as exc:
             await abort(context, exc, self.serving.metrics)
 
@@ -298,6 +314,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     yield pb.GenerateStreamResponse(
                         request_id=engine_request.request_id, finish_reason=FINISH[event.reason],
                         usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))
+        except _EngineFailed as failed:
+            await abort(context, failed.error)  # (counted as the engine ended it)
         except Exception as exc:
             await abort(context, exc, self.serving.metrics)
 

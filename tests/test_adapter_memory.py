@@ -206,6 +206,44 @@ def test_a_stream_its_client_stops_reading_frees_its_adapter_when_its_generation
         server.stop()
 
 
+def test_a_stream_the_engine_fails_is_counted_even_if_its_client_never_reads_the_error(model_dirs, adapter_root,
+                                                                                        tmp_path, monkeypatch):
+    """Failures were counted when the handler took the error off its queue: an unread stream's handler, blocked on
+    a full HTTP/2 window, never did, its client's deadline passed, and the call was in neither request counter."""
+    from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
+    root = tmp_path / "root"
+    shutil.copytree(adapter_root / "v1", root / "a")
+    server = start_server(model_dirs["llama"], root)
+    runner, steps = server.serving.engine.runner, [0]
+    decode_step = runner.decode_step
+
+    def failing(batch):
+        steps[0] += 1
+        if steps[0] == 248:  # after the window filled (~230 messages of ~280 bytes), before the 250th token
+            raise RuntimeError("injected decode failure")
+        return decode_step(batch)
+    monkeypatch.setattr(runner, "decode_step", failing)
+    counters = ("loraplex_request_success_total", "loraplex_request_failure_total")
+    try:
+        channel = grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0)])
+        started = time.monotonic()
+        unread = pb_grpc.InferenceStub(channel).GenerateStream(pb.GenerateRequest(
+            adapter_id="a", prompt_token_ids=pb.TokenIds(ids=[5, 6]), request_id="r" * 256,
+            stopping=pb.StoppingCriteria(max_new_tokens=250, ignore_eos=True)), timeout=4)
+        assert wait_for(lambda: steps[0] >= 248, timeout=30)
+        time.sleep(max(0.0, started + 4.5 - time.monotonic()))  # the deadline passes, nothing read
+        assert unread.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        channel.close()
+
+        def total(prefix):
+            return sum(v for k, v in scrape(server).items() if k.startswith(prefix))
+        assert wait_for(lambda: server.serving.engine.idle())
+        assert wait_for(lambda: total(counters[1]) == 1) and total(counters[0]) == 0  # once, as the engine ended it
+        assert scrape(server)['loraplex_request_failure_total{code="INTERNAL"}'] == 1
+    finally:
+        server.stop()
+
+
 def test_a_client_that_leaves_while_waiting_for_adapter_memory_is_counted(model_dirs, adapter_root, tmp_path,
                                                                           monkeypatch):
     root = tmp_path / "root"

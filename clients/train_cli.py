@@ -2,6 +2,7 @@
 (flags the method ignores, --out, the --deploy target), trained, and optionally deployed to a running server."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -134,12 +135,18 @@ def _train_all(args) -> int:
         except DataError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        rows = gather_rows(run_jobs(jobs, lambda j: _train_one(j, args, progress(j))))
+        rows = gather_rows(run_jobs(jobs, lambda j: _train_one(j, args, progress(j)),
+                                    lambda j: _deploy_pending(j, args)))
         if int(os.environ.get("RANK", 0)) == 0:  # one table for the whole run
             print(summary_table(rows))
-        return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
+        return 0 if all(r["status"] in ("ok", "skipped", "deployed") for r in rows) else 1
     try:
         _check_deploy(args, [job])
+        from loader.batch_jobs import resume_plan
+        if resume_plan(job) is None:  # --resume of a job done before: only a deploy it still lacks is left
+            if not _deploy_pending(job, args):
+                print(f"{job.out} holds this job's adapter already (and its deploy, where --deploy asks for one)")
+            return 0
         _train_one(job, args, progress(job))
     except (JobError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -196,16 +203,44 @@ def _train_one(job, args, progress) -> dict:
               f"{'eval' if job.eval else 'training'} data" + ("" if error < 0.01 else
               "; the served adapter is not the trained one: --structure bs merges exactly"))
     if args.deploy:
-        from loader.deploy import DeployError, deploy
-        from loader.train_job_spec import JobError
-        try:
-            info, moved = deploy(Path(job.out), args.deploy, Path(args.deploy_root), expected=summary["served"],
-                                 **connection(args))
-        except DeployError as err:
-            raise JobError(f"trained and saved to {job.out}, but not deployed: {err}") from None
-        if moved is not None:
-            print(f"kept the directory that was at {Path(args.deploy_root) / info.adapter_id} as {moved} "
-                  f"(a deploy never deletes what it did not create)")
-        print(f"deployed {info.adapter_id} (version {info.version}{', pinned' if info.pinned else ''}) to "
-              f"{args.deploy}")
+        _deploy_trained(job, args, summary)
     return summary
+
+
+def _deploy_trained(job, args, summary: dict) -> None:
+    """Deploy the adapter `job` trained (summary: its training_log.json), and record the deploy in that log: a
+    --resume after a deploy that failed or was cut (a server restarting, Ctrl-C) deploys it then, instead of
+    passing the job as done (see _deploy_pending)."""
+    from loader.deploy import DeployError, deploy
+    from loader.train_job_spec import LOG, JobError
+    try:
+        info, moved = deploy(Path(job.out), args.deploy, Path(args.deploy_root), expected=summary["served"],
+                             **connection(args))
+    except DeployError as err:
+        raise JobError(f"trained and saved to {job.out}, but not deployed: {err}"
+                       + ("; the same command with --resume deploys it" if args.resume or args.jobs else "")) from None
+    if moved is not None:
+        print(f"kept the directory that was at {Path(args.deploy_root) / info.adapter_id} as {moved} "
+              f"(a deploy never deletes what it did not create)")
+    print(f"deployed {info.adapter_id} (version {info.version}{', pinned' if info.pinned else ''}) to {args.deploy}")
+    log = Path(job.out) / LOG
+    record = json.loads(log.read_text())
+    record["deployed"] = _deploy_key(args)
+    log.write_text(json.dumps(record, indent=2))
+
+
+def _deploy_key(args) -> dict:
+    return {"target": args.deploy, "root": str(Path(args.deploy_root).resolve())}
+
+
+def _deploy_pending(job, args) -> bool:
+    """For a job --resume passes as done: deploy its adapter if --deploy asks for a deploy its log does not record
+    (to this target and root). True when it deployed now."""
+    from loader.train_job_spec import LOG
+    if not args.deploy:
+        return False
+    summary = json.loads((Path(job.out) / LOG).read_text())
+    if summary.get("deployed") == _deploy_key(args):
+        return False
+    _deploy_trained(job, args, summary)
+    return True

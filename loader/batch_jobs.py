@@ -106,15 +106,17 @@ def resume_plan(job: TrainJob) -> TrainJob | None:
     return job
 
 
-def run_jobs(jobs: list[TrainJob], run) -> list[dict]:
-    """Run this rank's share; returns one row per job: index, method, out, status, steps, eval_loss, error."""
+def run_jobs(jobs: list[TrainJob], run, done=lambda job: False) -> list[dict]:
+    """Run this rank's share; returns one row per job: index, method, out, status, steps, eval_loss, error.
+    `done(job)` for a job --resume passes as done: True when it finished it now (a deploy that had not happened)."""
     _, _, mine = my_share(jobs)
     rows = []
     for index, job in mine:
         try:
             planned = resume_plan(job)
             if planned is None:
-                rows.append({"job": index, "method": job.method, "out": job.out, "status": "skipped"})
+                status = "deployed" if done(job) else "skipped"
+                rows.append({"job": index, "method": job.method, "out": job.out, "status": status})
                 continue
             job = planned
             summary = run(job)
@@ -150,11 +152,12 @@ def gather_rows(rows: list[dict]) -> list[dict]:
 
 
 def summary_table(rows: list[dict]) -> str:
-    lines = ["job  method     status  steps  eval_loss  seconds  out / error"]
+    lines = ["job  method     status   steps  eval_loss  seconds  out / error"]
     for r in rows:
         loss = f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "-"
-        tail = {"ok": r["out"], "skipped": f"(done) {r['out']}: holds this job's adapter already"}.get(
+        tail = {"ok": r["out"], "skipped": f"(done) {r['out']}: holds this job's adapter already",
+                "deployed": f"(trained before) {r['out']}: deployed now"}.get(
             r["status"], f"{r['out']}: {r.get('error')}")
-        lines.append(f"{r['job']:<4} {r['method']:<10} {r['status']:<7} {r.get('steps', '-')!s:<6} {loss:<10} "
+        lines.append(f"{r['job']:<4} {r['method']:<10} {r['status']:<8} {r.get('steps', '-')!s:<6} {loss:<10} "
                      f"{r.get('seconds', '-')!s:<8} {tail}")
     return "\n".join(lines)

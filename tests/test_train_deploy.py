@@ -226,3 +226,37 @@ def test_an_adapter_the_server_could_not_take_is_refused_before_training(model_d
             assert "a slot 32 wide" in result.stderr and not (tmp_path / "x").exists()
     finally:
         server.stop()
+
+
+def test_resume_deploys_a_job_trained_before_but_never_deployed(model_dirs, tmp_path):
+    """A deploy that failed or was cut (the server restarting, Ctrl-C) after training: --resume passed the job as
+    done, exit 0, and never deployed it; now it deploys it, once, for --jobs and a single job alike."""
+    root = tmp_path / "root"
+    root.mkdir()
+    data = write_task(tmp_path / "train.jsonl", 16, 0)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"method": "lora", "data": str(data), "out": str(tmp_path / name)}) + "\n"
+                            for name in ("j0", "j1")))
+    common = ["--model", str(model_dirs["llama"]), "--max-steps", "2", "--target-modules", "q_proj"]
+    assert subprocess.run([*CLI, "train", "--jobs", str(jobs), *common], capture_output=True, text=True,
+                          timeout=300, cwd=REPO).returncode == 0  # trained, not deployed (as if the deploy failed)
+    server = start_server(model_dirs["llama"], root)
+    try:
+        deploy = ["--deploy", server.target, "--deploy-root", str(root), "--resume"]
+        for expected in ("deployed", "skipped"):  # deployed now, then nothing left to do
+            result = subprocess.run([*CLI, "train", "--jobs", str(jobs), *common, *deploy], capture_output=True,
+                                    text=True, timeout=300, cwd=REPO)
+            assert result.returncode == 0, result.stdout + result.stderr
+            rows = [line for line in result.stdout.splitlines() if line[:1].isdigit()]
+            assert len(rows) == 2 and all(f" {expected} " in row for row in rows), result.stdout
+        with Client(server.target, timeout=30) as client:
+            assert {a.adapter_id: a.version for a in client.list_adapters()} == {"j0": 1, "j1": 1}
+        single = [*CLI, "train", "--method", "lora", "--data", str(data), "--out", str(tmp_path / "s"), *common]
+        assert subprocess.run(single, capture_output=True, text=True, timeout=300, cwd=REPO).returncode == 0
+        for _ in range(2):
+            result = subprocess.run([*single, *deploy], capture_output=True, text=True, timeout=300, cwd=REPO)
+            assert result.returncode == 0, result.stderr
+        with Client(server.target, timeout=30) as client:
+            assert client.get_adapter("s").version == 1  # deployed once
+    finally:
+        server.stop()

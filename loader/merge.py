@@ -31,6 +31,7 @@ def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_pat
     for name in modules:
         d_in, d_out = linear_dims(base.get_submodule(name))
         shapes[name] = ModuleShape(name, d_in, d_out)
+    conv1d = any(type(base.get_submodule(name)).__name__ == "Conv1D" for name in modules)  # as save_lora says it
     merged = read_adapter(adapter_dir, adapter_dir.name, shapes, max_rank=1 << 20, load_serial=0,
                           base_weight=lambda name: base_weight(base, name),  # the server's validated merge
                           config=dict(config, merge_method=method))
@@ -52,7 +53,8 @@ def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_pat
         batches = [{k: v.to(device) for k, v in collate(examples[i:i + 8], pad).items()}
                    for i in range(0, len(examples), 8)]
         error = merge_error(base.eval(), layers, method, batches)
-    save_canonical_as_lora(merged, out, {"base_model_name_or_path": config.get("base_model_name_or_path")})
+    save_canonical_as_lora(merged, out, {"base_model_name_or_path": config.get("base_model_name_or_path"),
+                                         "fan_in_fan_out": conv1d})
     report = {"structure": config["structure"], "merge_method": method, "merge_error": error,
               "recorded_merge_error": (config.get("merge_error") or {}).get(method), "out": str(out)}
     (out / "merge_report.json").write_text(json.dumps(report, indent=2))

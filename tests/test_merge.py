@@ -45,3 +45,19 @@ def test_input_shortcut_merge_reports_its_error(model_dirs, tmp_path):
         assert 0 < error < 10 and f"merge error on eval data: {error:.3e}" in result.stdout
     bad = merge(model_dirs["llama"], tmp_path / "res", tmp_path / "x", eval_path, "--merge-method", "modified_a")
     assert bad.returncode == 2 and "does not apply to structure 'is'" in bad.stderr
+
+
+def test_a_merge_on_a_conv1d_model_says_fan_in_fan_out_as_peft_expects(model_dirs, tmp_path):
+    """GPT-2's Conv1D modules: the merged config said fan_in_fan_out false, and PEFT warned while loading it."""
+    import warnings
+    model, layers = make_reslora_model(model_dirs["gpt2"], 0, "bs", 1, ["c_attn"])
+    save_reslora(layers, tmp_path / "res", {"r": 4, "lora_alpha": 8})
+    result = merge(model_dirs["gpt2"], tmp_path / "res", tmp_path / "plain", write_task(tmp_path / "e.jsonl", 8, 2))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fan_in_fan_out.*")
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"]), tmp_path / "plain")
+    ids = torch.tensor([[5, 9, 13, 17]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft.eval()(ids).logits, model(ids).logits, atol=1e-5, rtol=0)

@@ -314,8 +314,11 @@ def test_a_burst_is_prefilled_in_groups_within_max_prefill_tokens(model_dirs):
                 gate = threading.Event()
                 engine.call(lambda: gate.wait(30))  # holds the engine between steps while the burst queues
                 prompts = [list(range(5 + i, 15 + i)) for i in range(5)] + [list(range(5, 45))]
-                burst = [asyncio.create_task(client.generate(p, max_new_tokens=3, ignore_eos=True)) for p in prompts]
-                assert await asyncio.to_thread(wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == 6)
+                burst = []
+                for queued, p in enumerate(prompts, 1):  # one at a time: requests sent together queue in any order
+                    burst.append(asyncio.create_task(client.generate(p, max_new_tokens=3, ignore_eos=True)))
+                    assert await asyncio.to_thread(
+                        wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == queued)
                 gate.set()
                 return await long, await asyncio.gather(*burst)
         long, burst = asyncio.run(run())
@@ -379,3 +382,27 @@ def test_adapter_labels_are_bounded_and_never_an_adapters_own():
     assert labels[:100] == ["other", *(f"a{i}" for i in range(99))] and labels[100:] == [OTHER, OTHER]
     assert metrics.adapter_label("other") == "other" and metrics.adapter_label("") == BASE
     assert not valid_id(OTHER) and not valid_id(BASE)
+
+
+def test_a_burst_of_calls_beyond_grpcs_default_queue_is_answered_not_cancelled(model_dirs):
+    """2000 calls at once (each ends fast: NOT_FOUND): grpc's own queue of calls not yet taken held 1000 by default
+    and cancelled the rest at random, ~10%, CANCELLED and counted nowhere, though --max-concurrent-rpcs is 1024."""
+    import asyncio
+    import collections
+    import uuid
+
+    from clients.client import AsyncClient
+    server = start_server(model_dirs["llama"], None)
+    try:
+        async def burst():
+            async with AsyncClient(server.target, timeout=120) as client:
+                async def one(adapter_id):
+                    try:
+                        await client.generate("hi", adapter_id, max_new_tokens=1)
+                        return "OK"
+                    except grpc.RpcError as err:
+                        return err.code().name
+                return collections.Counter(await asyncio.gather(*[one(uuid.uuid4().hex) for _ in range(2000)]))
+        assert asyncio.run(burst()) == {"NOT_FOUND": 2000}
+    finally:
+        server.stop()

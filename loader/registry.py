@@ -210,6 +210,7 @@ class AdapterRegistry:
         with self._id_lock(adapter_id):
             with self._lock:
                 record = self._records.pop(adapter_id, None)
+                self._refused.pop(adapter_id, None)  # nothing of the id is known any more
             if record is None:
                 raise NotFound(f"adapter {adapter_id!r} is not loaded")
             if record.weights is not None:

@@ -106,7 +106,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """`sink`, releasing the request's adapter the moment the engine ends it, before its handler sees the end:
         a stream whose client stops reading leaves its handler blocked on an earlier token, and would otherwise
         hold the adapter's memory (and every request waiting for room) until the client reads or leaves."""
+        ended = []
+
         def deliver(event) -> None:  # on the engine thread
+            if isinstance(event, (FinishEvent, ErrorEvent)):
+                if ended:  # a step that failed after _emit had ended the row: the engine's second word on it
+                    return
+                ended.append(event)
             if isinstance(event, FinishEvent):  # (counted by the engine)
                 self._loop.call_soon_threadsafe(self._release, engine_request)
             elif isinstance(event, ErrorEvent):  # counted now too: a client that never reads it is gone by then
@@ -116,7 +122,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _failed(self, engine_request: EngineRequest, error: Exception) -> None:  # on the event loop
         self._release(engine_request)
-        self.serving.metrics.failure.labels(status_for(error)[0].name).inc()
+        metrics = self.serving.metrics
+        if engine_request.cancelled:  # its client had left: a cancel, as the engine counts one (_finish_metrics)
+            metrics.success.labels(FinishReason.CANCELLED.value).inc()
+            metrics.e2e.observe(time.monotonic() - engine_request.arrival)
+            metrics.adapter_requests.labels(engine_request.adapter_label).inc()
+        else:
+            metrics.failure.labels(status_for(error)[0].name).inc()
 
     def _wake_memory_waiters(self) -> None:  # on the event loop
         self._memory_freed.set()

@@ -365,9 +365,16 @@ def test_non_finite_logits_fail_their_row_alone(server):
 
 def test_a_trim_that_runs_out_of_memory_releases_each_slot_once(server):
     """Retiring finished rows copies the KV cache; when that copy fails, the engine resets the batch and must
-    release each row's adapter slot exactly once (a second release would free a slot still in use)."""
+    release each row's adapter slot exactly once (a second release would free a slot still in use), and the request
+    it had already finished is counted once, a success (the reset's error for it counted a failure too)."""
     engine = server.serving.engine
     real = engine.runner.keep
+    counted = ('loraplex_request_success_total{finished_reason="length"}', "loraplex_request_failure_total")
+
+    def totals():
+        metrics = scrape(server)
+        return [sum(v for k, v in metrics.items() if k.startswith(key)) for key in counted]
+    before = totals()
 
     def failing(batch, keep):
         engine.runner.keep = real  # one failure, then back to normal
@@ -377,6 +384,8 @@ def test_a_trim_that_runs_out_of_memory_releases_each_slot_once(server):
         with Client(server.target, timeout=60) as client:
             assert len(client.generate(PROMPT, "v1", max_new_tokens=2, ignore_eos=True).token_ids) == 2
             assert wait_for(lambda: engine.idle(), timeout=10) and engine.alive
+            time.sleep(0.2)  # (a second count would have landed by now)
+            assert totals() == [before[0] + 1, before[1]]
             assert len(client.generate(PROMPT, "v1", max_new_tokens=3, ignore_eos=True).token_ids) == 3
             assert wait_for(lambda: engine.idle(), timeout=10) and engine.alive
             assert client.get_adapter("v1").active_requests == 0

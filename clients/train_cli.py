@@ -217,8 +217,8 @@ def _deploy_trained(job, args, summary: dict) -> None:
         info, moved = deploy(Path(job.out), args.deploy, Path(args.deploy_root), expected=summary["served"],
                              **connection(args))
     except DeployError as err:
-        raise JobError(f"trained and saved to {job.out}, but not deployed: {err}"
-                       + ("; the same command with --resume deploys it" if args.resume or args.jobs else "")) from None
+        raise JobError(f"trained and saved to {job.out}, but not deployed: {err}; the same command with --resume "
+                       f"deploys it") from None
     if moved is not None:
         print(f"kept the directory that was at {Path(args.deploy_root) / info.adapter_id} as {moved} "
               f"(a deploy never deletes what it did not create)")
@@ -226,7 +226,8 @@ def _deploy_trained(job, args, summary: dict) -> None:
     log = Path(job.out) / LOG
     record = json.loads(log.read_text())
     record["deployed"] = _deploy_key(args)
-    log.write_text(json.dumps(record, indent=2))
+    (log.parent / (LOG + ".tmp")).write_text(json.dumps(record, indent=2))
+    os.replace(log.parent / (LOG + ".tmp"), log)  # a Ctrl-C never leaves half a log (a resume reads it)
 
 
 def _deploy_key(args) -> dict:

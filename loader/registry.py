@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Callable
 
 from adapters.canonical import CanonicalAdapter
+from loader.peft_files import CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE
 from loader.state_file import StateFile
 from server.errors import AdapterMemoryFull, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger("loraplex.registry")
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE)  # what the readers read (the pickle: to refuse it)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ID_RULE = ("use 1-128 characters from [A-Za-z0-9._-], starting with a letter or digit, without '..'; ids name a "
            "directory directly under the adapter root")
@@ -58,7 +60,7 @@ def _files_identity(path: Path) -> tuple:
     --inplace), but no tool can set the change time, which every write moves."""
     out = []
     for child in sorted(path.iterdir()):
-        if child.is_file():
+        if child.name in ADAPTER_FILES and child.is_file():  # (a training log rewritten beside them changes nothing)
             st = child.stat()
             out.append((child.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return tuple(out)

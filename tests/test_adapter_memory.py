@@ -135,6 +135,7 @@ def test_a_pin_change_under_memory_pressure_needs_no_second_copy(model_dirs, ada
             holding = client.generate_stream([5, 6], "a", max_new_tokens=480, ignore_eos=True)
             next(holding)
             key = server.serving.registry.get("a").weights.key
+            (root / "a" / "training_log.json").write_text("{}")  # what a deploy records: no adapter file changes
             info = client.load_adapter("a", replace=True, pin=False)
             assert (info.pinned, info.version, info.tier) == (False, 3, pb.ADAPTER_TIER_DEVICE)
             assert server.serving.registry.get("a").weights.key == key  # the same weights: nothing read

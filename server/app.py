@@ -249,7 +249,7 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     # default, rejecting at random from there) grpc cancels them, CANCELLED, before any interceptor counts them: a
     # burst of 2000 calls lost ~10% that way. Ours refuses beyond --max-concurrent-rpcs, naming the flag, so grpc's
     # queue only has to hold a burst of that size and more.
-    pending = min(2 ** 31 - 1, max(1000, 4 * config.max_concurrent_rpcs))  # (a C int)
+    pending = min(2 ** 31 - 1, max(3000, 4 * config.max_concurrent_rpcs))  # grpc's hard default 3000; a C int
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.so_reuseport", 0), ("grpc.server.max_pending_requests", pending),
         ("grpc.server.max_pending_requests_hard_limit", pending)])

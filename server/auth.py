@@ -42,6 +42,8 @@ def read_tokens(path: str) -> tuple[bytes, ...]:
     if any(len(t.split()) > 1 for t in tokens):
         raise TokenFileError(f"token file {path}: a token cannot hold whitespace (one token a line; a comment goes "
                              f"on its own line, starting with #)")
+    if any(not all(33 <= byte <= 126 for byte in t) for t in tokens):  # what a client can send in a header
+        raise TokenFileError(f"token file {path}: a token must be printable ASCII (no client could send another)")
     if any(len(t) < 16 for t in tokens):
         raise TokenFileError(f"token file {path}: every token must be at least 16 characters")
     if any(len(t) > MAX_TOKEN_BYTES for t in tokens):  # grpc refuses metadata past 8 KiB at random, 16 KiB always

@@ -170,3 +170,6 @@ def test_a_token_file_with_a_token_grpc_cannot_carry_is_refused(tmp_path):
     (tmp_path / "tokens").write_text("t" * 5000 + "\n")
     with pytest.raises(TokenFileError, match="at most 4096 characters"):
         read_tokens(str(tmp_path / "tokens"))
+    (tmp_path / "tokens").write_text("tökén-0123456789abcdef\n")
+    with pytest.raises(TokenFileError, match="printable ASCII"):
+        read_tokens(str(tmp_path / "tokens"))

@@ -36,6 +36,8 @@ class _IdGate:
         self.places = asyncio.Semaphore(THREADS_PER_ADAPTER)
         self.users = 0  # requests holding or waiting for a place: the gate is dropped at 0
         self.read: asyncio.Future | None = None  # while one of them reads the id's files; done when it has
+
+
 FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.EOS_TOKEN: pb.FINISH_REASON_EOS_TOKEN,
           FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE}
 
@@ -124,9 +126,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._release(engine_request)
         metrics = self.serving.metrics
         if engine_request.cancelled:  # its client had left: a cancel, as the engine counts one (_finish_metrics)
-            metrics.success.labels(FinishReason.CANCELLED.value).inc()
-            metrics.e2e.observe(time.monotonic() - engine_request.arrival)
-            metrics.adapter_requests.labels(engine_request.adapter_label).inc()
+            self._count_cancel(engine_request.arrival, engine_request.adapter_label)
         else:
             metrics.failure.labels(status_for(error)[0].name).inc()
 
@@ -294,10 +294,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         deadline is success{cancelled}), with its latency, and per adapter where the id is known to name one (an
         id never read may name nothing: it takes no label)."""
         metrics = self.serving.metrics
+        known = not adapter_id or self.serving.registry.known(adapter_id)
+        self._count_cancel(arrival, metrics.adapter_label(adapter_id) if known else None)
+
+    def _count_cancel(self, arrival: float, label: str | None) -> None:
+        """One cancelled request: success{cancelled}, its latency, and its adapter's label where it has one."""
+        metrics = self.serving.metrics
         metrics.success.labels(FinishReason.CANCELLED.value).inc()
         metrics.e2e.observe(time.monotonic() - arrival)
-        if not adapter_id or self.serving.registry.known(adapter_id):
-            metrics.adapter_requests.labels(metrics.adapter_label(adapter_id)).inc()
+        if label is not None:
+            metrics.adapter_requests.labels(label).inc()
 
     async def Generate(self, request, context):
         try:

@@ -25,11 +25,12 @@ utf8.__name__ = "text"  # argparse names the type in its message
 def seconds(text: str) -> float:
     """An argparse type: a deadline in seconds, > 0 and finite (a grpc deadline it can hold). Zero, a negative, inf
     or NaN were accepted, and the call then failed at once with DEADLINE_EXCEEDED, never sent."""
-    from clients.arguments import MAX_TIMEOUT
+    from clients.arguments import MAX_TIMEOUT, check_timeout
     value = float(text)
-    if not 0 < value <= MAX_TIMEOUT:
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds > 0 and <= {MAX_TIMEOUT:,.0f}")
-    return value
+    try:
+        return check_timeout(value)  # the bound the Python clients hold a timeout to
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds > 0 and <= {MAX_TIMEOUT:,.0f}") from None
 
 
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:

@@ -223,10 +223,8 @@ def _deploy_trained(job, args, summary: dict) -> None:
         print(f"kept the directory that was at {Path(args.deploy_root) / info.adapter_id} as {moved} "
               f"(a deploy never deletes what it did not create)")
     print(f"deployed {info.adapter_id} (version {info.version}{', pinned' if info.pinned else ''}) to {args.deploy}")
-    log = Path(job.out) / LOG
-    record = json.loads(log.read_text())
-    record["deployed"] = _deploy_key(args)
-    (log.parent / (LOG + ".tmp")).write_text(json.dumps(record, indent=2))
+    log = Path(job.out) / LOG  # `summary` is what it holds (run_job wrote it, or _deploy_pending read it)
+    (log.parent / (LOG + ".tmp")).write_text(json.dumps({**summary, "deployed": _deploy_key(args)}, indent=2))
     os.replace(log.parent / (LOG + ".tmp"), log)  # a Ctrl-C never leaves half a log (a resume reads it)
 
 

@@ -14,11 +14,12 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def matches(spec: str | list[str] | None, name: str) -> bool:
-    """A string is a full-match regex (or 'all-linear'); a list matches a name or its dotted suffix."""
+    """A string is a full-match regex (or 'all-linear', in any case, as PEFT reads it); a list matches a name or its
+    dotted suffix."""
     if spec is None:
         return False
     if isinstance(spec, str):
-        return spec == ALL_LINEAR or re.fullmatch(spec, name) is not None
+        return spec.lower() == ALL_LINEAR or re.fullmatch(spec, name) is not None
     return any(name == t or name.endswith("." + t) for t in spec)
 
 

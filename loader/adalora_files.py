@@ -21,9 +21,9 @@ KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[ABE])$")  
 
 def read_adalora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], ctx: LoadContext,
                  load_serial: int) -> CanonicalAdapter:
-    if not isinstance(config.get("init_r"), int) or config["init_r"] < 1:
+    init_r, alpha = config.get("init_r", 12), config.get("lora_alpha", 8)  # PEFT's AdaLoraConfig defaults
+    if not isinstance(init_r, int) or init_r < 1:
         raise FailedPrecondition(f"adapter {adapter_id!r}: ADALORA config needs a positive integer init_r")
-    init_r, alpha = config["init_r"], config.get("lora_alpha", 8)
     if not alpha or alpha <= 0:
         # PEFT falls back to a rank-dependent scale that differs between training and reload; refuse the ambiguity.
         raise FailedPrecondition(f"adapter {adapter_id!r}: ADALORA lora_alpha must be > 0, got {alpha!r}")

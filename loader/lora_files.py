@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors, lora_scaling, resolve_pattern
 from adapters.slot_bank import ModuleShape
 from loader.peft_files import (KEY_PREFIX, PEFT_FORMAT_VERSION, LoadContext, check_rank, check_shape, group_tensors,
@@ -17,6 +19,9 @@ def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Modul
     parts = group_tensors(read_tensors(path, adapter_id, ctx.max_bytes), KEY, adapter_id, "LORA", shapes)
     require_parts(parts, config, shapes, adapter_id, {"A": "lora_A.weight", "B": "lora_B.weight"})
     r_default, alpha_default = int(config.get("r", 8)), config.get("lora_alpha", 8)
+    rebuilt = rebuilt_init(config)
+    if rebuilt is not None and ctx.base_weight is None:
+        raise ValueError(f"adapter {adapter_id!r}: its {rebuilt} residual needs the base weights (LoadContext)")
     modules = {}
     for module, ab in sorted(parts.items()):
         shape = shapes[module]
@@ -25,11 +30,44 @@ def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Modul
         why = f"rank {r} from the config, base module {shape.d_in}->{shape.d_out}"
         check_shape(adapter_id, f"{module}.lora_A.weight", ab["A"].shape, (r, shape.d_in), why)
         check_shape(adapter_id, f"{module}.lora_B.weight", ab["B"].shape, (shape.d_out, r), why)
-        check_rank(adapter_id, module, r, ctx)
         scale = lora_scaling(alpha, r, bool(config.get("use_rslora", False)))
-        modules[module] = ModuleFactors(a=ab["A"].float().contiguous(), b=(ab["B"].float() * scale).contiguous())
+        a, b = ab["A"].float(), ab["B"].float() * scale
+        if rebuilt is not None:
+            check_rank(adapter_id, module, 2 * r, ctx, f"rank {r} + {r} (its {rebuilt} residual base, served as a "
+                                                         f"second term on the base weights)")
+            extra_a, extra_b = residual_term(rebuilt, ctx.base_weight(module), r, scale)
+            a, b = torch.cat([a, extra_a]), torch.cat([b, extra_b], dim=1)
+        else:
+            check_rank(adapter_id, module, r, ctx)
+        modules[module] = ModuleFactors(a=a.contiguous(), b=b.contiguous())
     return CanonicalAdapter(adapter_id, AdapterKind.LORA, modules, load_serial=load_serial,
                             metadata={"peft_type": "LORA"})
+
+
+def rebuilt_init(config: dict) -> str | None:
+    """'pissa' or 'olora' where the adapter was trained on a residual base that PEFT rebuilds from the original
+    weights whenever it loads the adapter (as PEFT tells them: pissa, pissa_niter_N, olora in any case)."""
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith("pissa"):
+        return "pissa"
+    if isinstance(init, str) and init.lower() == "olora":
+        return "olora"
+    return None
+
+
+def residual_term(init: str, weight: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b), canonical: the rank-r part that PEFT's init took out of `weight` (fp32, (d_out, d_in)) when it made
+    the residual base the adapter was trained on, negated, so that base + this + the adapter is what PEFT serves.
+    PiSSA's part is the top r singular triplets: exact for 'pissa'; 'pissa_niter_N' took a randomized estimate of
+    them, different at each of PEFT's loads too, and the exact ones are the closest any load gets. OLoRA's part is
+    scale * Q[:, :r] R[:r] of the weight's QR decomposition."""
+    if init == "pissa":
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        a, b = vh[:r], -(u[:, :r] * s[:r])
+    else:
+        q, upper = torch.linalg.qr(weight)
+        a, b = upper[:r], -scale * q[:, :r]
+    return a.float().cpu(), b.float().cpu()  # the weight may live on the GPU; factors are kept on the host
 
 
 def save_lora(modules: dict, out: Path, config: dict) -> None:

@@ -162,16 +162,17 @@ KIND_KEYS = {"LORA": PEFT_KEYS, "ADALORA": PEFT_KEYS,
              # no use_rslora: the merge scales by lora_alpha / r, as the trainer trains (it refuses --rslora)
              "RESLORA": NEUTRAL_KEYS | {"structure", "pre_num", "chains", "merge_method", "statistics",
                                         "stats_window", "merge_error"}}
-# Initialisations that rewrite the base model's weights (PiSSA/OLoRA/CorDA/LoRA-GA keep a residual, LoftQ a
-# quantized copy): the adapter is a correction to those, exact on the base model saved with it, or on the original
-# weights once PEFT converted it at save time (which resets the value to true). Which base --model is cannot be
-# told from the files, so such an adapter is served, and the log says what it needs.
-BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# Initialisations that rewrite the base model's weights in ways a load cannot redo (CorDA and LoRA-GA from training
+# data, LoftQ by quantizing): the adapter is a correction to that base, exact on the base model saved with it, or on
+# the original weights once PEFT converted it at save time (which resets the value to true). Which base --model is
+# cannot be told from the files, so such an adapter is served, and the log says what it needs. (PiSSA and OLoRA
+# residuals are rebuilt from the weights, as PEFT's load does: lora_files.residual_term.)
+BASE_REWRITING_INITS = ("corda", "lora_ga", "loftq")
 
 
 def refuse_unservable(config: dict, adapter_id: str) -> None:
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.startswith(BASE_REWRITING_INITS):
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
         log.warning("adapter %r: init_lora_weights is %r, which rewrote the base model's weights while training: it "
                     "is exact only on the base model saved with it, or once converted by PEFT's save_pretrained(..., "
                     "path_initial_model_for_weight_conversion=...)", adapter_id, init)
@@ -185,10 +186,17 @@ def refuse_unservable(config: dict, adapter_id: str) -> None:
                                           "the attention projections)"),
         (config.get("bias", "none") != "none", f"bias is {config.get('bias')!r}; only 'none' is served"),
         (config.get("lora_bias"), "lora_bias is true"),
-        (config.get("layers_to_transform") is not None, "layers_to_transform is set; list modules in target_modules"),
+        # PEFT reads an empty list as every layer
+        (config.get("layers_to_transform") not in (None, []), "layers_to_transform is set; list modules in "
+                                                               "target_modules"),
         (config.get("layer_replication"), "layer_replication is set"),
     ]
     kind = config.get("peft_type")
+    if kind in ("LORA", "ADALORA"):  # PEFT's save always writes the modules it adapted
+        checks.append((config.get("target_modules") is None,
+                       "adapter_config.json has no target_modules: PEFT would adapt its default modules for the model "
+                       "type, which the server does not guess; set target_modules to the modules the adapter was "
+                       "trained on"))
     if kind == "RESLORA":
         checks.append((config.get("use_rslora"), "use_rslora is true, but a RESLORA adapter is trained and merged "
                                                  "with the scaling lora_alpha / r; set it to false or remove it"))
@@ -213,8 +221,9 @@ def group_tensors(tensors: dict[str, torch.Tensor], key: re.Pattern, adapter_id:
         module = m["module"]
         if module not in shapes:
             raise FailedPrecondition(
-                f"adapter {adapter_id!r}: tensor {name} targets module {module!r}, which this base model does not "
-                f"have or the server does not adapt (see --target-modules)")
+                f"adapter {adapter_id!r}: tensor {name} targets module {module!r}, which this server does not adapt: "
+                f"it is not a linear layer of this base model that --target-modules allows (the output head and the "
+                f"embeddings are never adapted)")
         parts.setdefault(module, {})[m["part"]] = t
     return parts
 

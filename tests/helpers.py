@@ -34,10 +34,17 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def make_peft_adapter(model_dir: Path, out: Path, seed: int, **lora) -> Path:
-    """Save a PEFT LoRA adapter with random (non-zero) A and B, as `PeftModel.save_pretrained` writes it."""
+    """Save a PEFT LoRA adapter with random (non-zero) A and B, as `PeftModel.save_pretrained` writes it. With an
+    `init_lora_weights` that starts from the base weights (PiSSA, OLoRA), its factors are moved off that start, as
+    training would, and saved unconverted."""
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(init_lora_weights=False, **lora))
+    model = get_peft_model(base, LoraConfig(**{"init_lora_weights": False, **lora}))
+    if lora.get("init_lora_weights", False) is not False:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(out)
     return out
 

@@ -24,6 +24,15 @@ def adapter_root(model_dirs, tmp_path_factory):
     make_peft_adalora(model_dirs["llama"], root / "ada-qvd", 1, target_modules=["q_proj", "v_proj", "down_proj"])
     make_peft_adalora(model_dirs["llama"], root / "ada-all", 2, init_r=8, target_r=3, target_modules=LLAMA_TARGETS)
     make_peft_adalora(model_dirs["qwen2"], root / "ada-qwen", 3, target_modules=["k_proj", "o_proj", "up_proj"])
+    # trained with PEFT's default init_r (12), its config without the key: PEFT reads the default, and so must we
+    trained = make_peft_adalora(model_dirs["llama"], root / "ada-r12", 4, init_r=12, target_r=4,
+                                target_modules=["q_proj", "v_proj"])
+    (root / "ada-init-r-absent").mkdir()
+    config = json.loads((trained / "adapter_config.json").read_text())
+    (root / "ada-init-r-absent" / "adapter_config.json").write_text(json.dumps(
+        {k: v for k, v in config.items() if k != "init_r"}))
+    (root / "ada-init-r-absent" / "adapter_model.safetensors").write_bytes(
+        (trained / "adapter_model.safetensors").read_bytes())
     return root
 
 
@@ -39,7 +48,8 @@ def test_ranks_really_differ_and_budget_is_exact(adapter_root):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("arch,adapter_id", [("llama", "ada-qvd"), ("llama", "ada-all"), ("qwen2", "ada-qwen")])
+@pytest.mark.parametrize("arch,adapter_id", [("llama", "ada-qvd"), ("llama", "ada-all"), ("qwen2", "ada-qwen"),
+                                             ("llama", "ada-init-r-absent")])
 def test_logits_match_peft_adalora(model_dirs, adapter_root, arch, adapter_id, kernel):
     base = load_base_model(str(model_dirs[arch]), "cpu", "float32")
     context, shapes = inject(base.model)
@@ -47,6 +57,8 @@ def test_logits_match_peft_adalora(model_dirs, adapter_root, arch, adapter_id, k
     adapter = read_adapter(adapter_root / adapter_id, adapter_id, {s.name: s for s in shapes}, 16, 1)
     assert {m: f.rank for m, f in adapter.modules.items()} == {m: r for m, r in kept_ranks(
         adapter_root / adapter_id).items() if r > 0}
+    if adapter_id == "ada-init-r-absent":
+        assert adapter.metadata["init_r"] == 12
     runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dirs[arch]),
                                      adapter_root / adapter_id).eval()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapters.targets import matches
 from clients.client import AsyncClient, Client
 from tests.helpers import make_peft_adapter, start_server, status_of
 
@@ -48,7 +49,17 @@ def adapter_root(model_dirs, tmp_path_factory):
     variant("alora", config_edit={"alora_invocation_tokens": [5, 6]})
     variant("bdlora", config_edit={"use_bdlora": {"target_modules_bd_a": ["q_proj"], "nblocks": 2}})
     variant("future-variant", config_edit={"some_new_variant": True})
-    variant("pissa-unconverted", config_edit={"init_lora_weights": "pissa_niter_4"})
+    variant("corda-unconverted", config_edit={"init_lora_weights": "corda"})
+    # PiSSA doubles the served rank (its residual base is a second rank-r term): 2 x 12 > --max-lora-rank 16
+    variant("pissa-too-wide", {k: torch.cat([v] * 3, dim=0 if "lora_A" in k else 1) for k, v in tensors.items()},
+            config_edit={"r": 12, "init_lora_weights": "pissa"})
+    variant("no-targets", config_edit={"target_modules": None})
+    variant("no-targets-key", raw_config=json.dumps({k: v for k, v in json.loads(
+        (good / "adapter_config.json").read_text()).items() if k != "target_modules"}))
+    variant("lm-head", {**tensors, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64),
+                        "base_model.model.lm_head.lora_B.weight": torch.zeros(256, 4)},
+            config_edit={"target_modules": ["q_proj", "v_proj", "lm_head"]})
+    variant("layers-empty", config_edit={"layers_to_transform": [], "layers_pattern": None})  # PEFT: every layer
     # what PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) writes: served
     variant("corda-converted", config_edit={"init_lora_weights": True, "corda_config": {"corda_method": "kpm"}})
     variant("unknown-key", {**tensors, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude": tensors[
@@ -126,12 +137,22 @@ def test_peft_converted_adapters_are_served_as_the_good_one(client):
 
 
 def test_adapters_for_a_rewritten_base_are_served_with_a_warning_saying_what_they_need(client, caplog):
-    """Unconverted PiSSA (or LoftQ, OLoRA, ...) is exact on the residual base saved with it, which may well be
-    --model: the files cannot tell, so it is served, and the log says so once per read."""
+    """Unconverted CorDA (or LoRA-GA, LoftQ) is exact on the base saved with it, which may well be --model, and no
+    load can rebuild it from the original weights (PEFT's cannot either): it is served, and the log says so once per
+    read. (PiSSA and OLoRA are rebuilt as PEFT does: test_peft_parity.)"""
     with caplog.at_level("WARNING", logger="loraplex.adapters"):
-        assert len(client.generate("hi", "pissa-unconverted", max_new_tokens=2).token_ids) == 2
-    assert "'pissa-unconverted': init_lora_weights is 'pissa_niter_4', which rewrote the base model's weights" \
+        assert len(client.generate("hi", "corda-unconverted", max_new_tokens=2).token_ids) == 2
+    assert "'corda-unconverted': init_lora_weights is 'corda', which rewrote the base model's weights" \
         in caplog.text and "path_initial_model_for_weight_conversion" in caplog.text
+
+
+def test_all_linear_is_read_in_any_case_as_peft_reads_it():
+    assert matches("ALL-LINEAR", "model.layers.0.self_attn.k_proj") and matches("All-Linear", "h.0.mlp.c_fc")
+
+
+def test_an_empty_layers_to_transform_is_every_layer_as_peft_reads_it(client):
+    assert client.generate("hi", "layers-empty", max_new_tokens=4).token_ids == \
+        client.generate("hi", "good", max_new_tokens=4).token_ids
 
 
 @pytest.mark.parametrize("adapter_id,needle", [
@@ -164,6 +185,12 @@ def test_adapters_for_a_rewritten_base_are_served_with_a_warning_saying_what_the
     ("targets-number", "config target_modules must be a list of module names or a regular expression"),
     ("targets-bad-regex", "config target_modules must be a valid regular expression"),
     ("untargeted-tensors", "v_proj.lora_A.weight is for module 'model.layers.0.self_attn.v_proj', which the config"),
+    ("pissa-too-wide", "has rank 12 + 12 (its pissa residual base, served as a second term on the base weights) 24, "
+                       "above the server's --max-lora-rank 16"),
+    ("lm-head", "targets module 'lm_head', which this server does not adapt: it is not a linear layer of this base "
+                "model that --target-modules allows (the output head and the embeddings are never adapted)"),
+    ("no-targets", "has no target_modules: PEFT would adapt its default modules for the model type"),
+    ("no-targets-key", "has no target_modules: PEFT would adapt its default modules for the model type"),
     ("huge-config", "bytes, above 4194304: it holds settings, not weights"),
     ("weights-link-out", "'weights-link-out': adapter_model.safetensors is a symbolic link; adapter files must be"),
     ("config-link-out", "'config-link-out': adapter_config.json is a symbolic link; adapter files must be"),

@@ -1,4 +1,5 @@
-"""Adapters saved by HF PEFT give PEFT's logits (<= 1e-4, fp32) and PEFT's greedy tokens through our server."""
+"""Adapters saved by HF PEFT give PEFT's logits (<= 1e-4, fp32) and PEFT's greedy tokens through our server,
+PiSSA/OLoRA ones saved unconverted included (PEFT rebuilds their residual base from the original weights)."""
 import pytest
 import torch
 from peft import PeftModel
@@ -7,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from adapters.slot_bank import SlotBank
 from clients.client import Client
 from loader.base_model import load_base_model
-from loader.inject import inject
+from loader.inject import base_weight, inject
 from loader.peft_files import read_adapter
 from server.batch import Row, Runner
 from tests.helpers import KERNELS, LLAMA_TARGETS, make_peft_adapter, start_server
@@ -20,6 +21,10 @@ CASES = {
         "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                          rank_pattern={"model.layers.1.self_attn.v_proj": 2}, alpha_pattern={"v_proj": 16}),
         "regex-mlp-r16": dict(r=16, lora_alpha=4, target_modules=r".*\.mlp\.(gate|up)_proj"),
+        # trained on a residual base PEFT rebuilds from the original weights at load, saved unconverted
+        "pissa-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights="pissa"),
+        "olora-rslora": dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "up_proj"],
+                             init_lora_weights="olora", rank_pattern={"up_proj": 6}),
     },
     "qwen2": {
         "qkvo-r6": dict(r=6, lora_alpha=12, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
@@ -33,6 +38,8 @@ CASES = {
         "c_attn-r4": dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
         "all-r8": dict(r=8, lora_alpha=32, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
                        rank_pattern={"transformer.h.0.mlp.c_fc": 3}),
+        "c_attn-pissa": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                             init_lora_weights="pissa"),
     },
 }
 PROMPTS = [[5, 17, 99, 3, 42, 8, 120], [200, 11], [64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74]]
@@ -60,7 +67,8 @@ def test_logits_match_peft(model_dirs, adapter_roots, arch, adapter_id, kernel):
     base = load_base_model(str(model_dirs[arch]), "cpu", "float32")
     context, shapes = inject(base.model)
     bank = SlotBank(shapes, num_slots=2, max_rank=16, device=torch.device("cpu"), dtype=torch.float32, kernel=kernel)
-    adapter = read_adapter(adapter_roots[arch] / adapter_id, adapter_id, {s.name: s for s in shapes}, 16, 1)
+    adapter = read_adapter(adapter_roots[arch] / adapter_id, adapter_id, {s.name: s for s in shapes}, 16, 1,
+                           base_weight=lambda name: base_weight(base.model, name))
     slot = bank.acquire(adapter)
     runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
     peft = _peft_model(model_dirs[arch], adapter_roots[arch] / adapter_id)

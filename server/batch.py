@@ -4,6 +4,7 @@ Rows are left-padded on one shared time axis. The engine owns scheduling; this m
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,19 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+# A forward's attention masks hold rows x queries x keys elements (in the model's dtype, per layer type), as do the
+# scores of an attention kernel that materializes them: a prompt of 32k tokens in one pass needs 2 GB of fp16 mask.
+# A prefill runs its queries in chunks that keep that near MASK_ELEMENTS, so its memory grows with the prompt's
+# length, not with its square; ordinary batches (32 rows x 1024 tokens) still run in one pass.
+MASK_ELEMENTS = 1 << 25
+MIN_CHUNK = 256  # each chunk reads every weight once: fewer, longer chunks for very long prompts
+
+
+def prefill_chunk(rows: int, length: int) -> int:
+    """Query columns per forward for a prefill of `rows` prompts left-padded to `length`."""
+    return max(MIN_CHUNK, MASK_ELEMENTS // (rows * length))
 
 
 class Runner:
@@ -85,7 +99,8 @@ class Runner:
         return Batch(rows, cache, valid, positions[:, -1] + 1, factors), logits
 
     def _run_prompts(self, prompts: list[list[int]], factors: RowFactors | None):
-        """One forward of `prompts` left-padded together in a new cache: (cache, valid, positions, logits)."""
+        """`prompts` left-padded together in a new cache, their queries in chunks of at most `prefill_chunk`
+        columns: (cache, valid, positions, last-position logits)."""
         length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
         valid = torch.zeros((len(prompts), length), dtype=torch.bool)
@@ -94,12 +109,19 @@ class Runner:
             valid[i, length - len(p):] = True
         ids, valid = ids.to(self.device), valid.to(self.device)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
-        mask = (causal[None] & valid[:, None, :])[:, None]  # [N, 1, L, L]
-        # A pad query attends to nothing real; let it see itself so its (unused) output stays finite.
-        mask |= torch.eye(length, dtype=torch.bool, device=self.device)[None, None]
         cache = KVCache(self.num_layers, self.max_context)
-        logits = self._forward(ids, self.attention.masks(mask, positions, positions), positions, cache, factors)
+        columns = torch.arange(length, device=self.device)
+        step = prefill_chunk(len(prompts), length)
+        with self.longrope.whole_prompts(valid.sum(-1)) if self.longrope is not None else nullcontext():
+            for start in range(0, length, step):
+                end = min(length, start + step)
+                query, keys = columns[start:end, None], columns[None, :end]
+                # causal and padding; a pad query attends to nothing real: it sees itself, so its (unused) output
+                # stays finite
+                mask = ((keys <= query)[None] & valid[:, None, :end]) | (keys == query)[None]
+                logits = self._forward(ids[:, start:end], self.attention.masks(mask[:, None], positions[:, start:end],
+                                                                              positions[:, :end]),
+                                       positions[:, start:end], cache, factors)
         return cache, valid, positions, logits
 
     @torch.inference_mode()

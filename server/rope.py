@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,13 +34,26 @@ RECOMPUTING_FAMILIES = ("phi3", "phimoe", "phi4_multimodal")
 class LongRope:
     original_length: int          # original_max_position_embeddings: longer sequences take the long factors
     recompute_at: int | None      # the position whose decode step recomputes a row's cache; None: never
+    modules: tuple[torch.nn.Module, ...] = ()  # the wrapped rotary embeddings
+
+    @contextmanager
+    def whole_prompts(self, lengths: torch.Tensor):
+        """Within: row i takes its factors from `lengths[i]` (its whole prompt) instead of the positions of one
+        forward, so a prompt run in chunks (server/batch.py) gets the factors HF gives it in one pass."""
+        for module in self.modules:
+            module._loraplex_whole = lengths
+        try:
+            yield
+        finally:
+            for module in self.modules:
+                module._loraplex_whole = None
 
     @classmethod
     def install(cls, model: torch.nn.Module) -> LongRope | None:
         """Make every longrope rotary embedding of `model` choose its factors per row (idempotent); None where the
         model has none."""
-        lengths = [_install(module) for module in model.modules()]
-        lengths = sorted({n for n in lengths if n is not None})
+        installed = {module: _install(module) for module in model.modules()}
+        lengths = sorted({n for n in installed.values() if n is not None})
         if not lengths:
             return None
         config = model.config
@@ -48,7 +62,7 @@ class LongRope:
         log.info("longrope: each row takes the long factors past its own %s positions%s", lengths[0],
                  f"; a row reaching position {recompute_at} has its cache recomputed, as HF generate does"
                  if recompute_at is not None else "")
-        return cls(lengths[0], recompute_at)
+        return cls(lengths[0], recompute_at, tuple(m for m, n in installed.items() if n is not None))
 
 
 def _original_lengths(module) -> dict[str | None, int]:
@@ -78,14 +92,19 @@ def _install(module: torch.nn.Module) -> int | None:
     def forward(self, x, position_ids, *args, **kwargs):
         layer_type = kwargs.get("layer_type", args[0] if args else None)
         original = lengths.get(layer_type)
-        if original is None or position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] == 1:
+        whole = self._loraplex_whole  # [B] each row's whole prompt while it runs in chunks; None: this forward
+        if original is None or position_ids is None or position_ids.dim() != 2 or \
+                (whole is None and position_ids.shape[0] == 1):
             return own(x, position_ids, *args, **kwargs)  # one row (or rows sharing positions): HF's choice is its own
-        long = position_ids.amax(dim=-1) + 1 > original  # [B]: what each row alone would choose
-        cos, sin = own(x, position_ids, *args, **kwargs)  # long factors for every row if any row is long
+        long = (whole if whole is not None else position_ids.amax(dim=-1) + 1) > original  # [B]: each row's choice
+        # Long factors for every row: one more position past the original length decides HF's switch, then is dropped
+        beyond = torch.cat([position_ids, position_ids.new_full((position_ids.shape[0], 1), original)], dim=1)
+        cos, sin = (t[:, :-1] for t in own(x, beyond, *args, **kwargs))
         short_cos, short_sin = own(x, position_ids.masked_fill(long[:, None], 0), *args, **kwargs)
         pick = long.view(-1, *([1] * (cos.dim() - 1)))
         return torch.where(pick, cos, short_cos), torch.where(pick, sin, short_sin)
 
     module.forward = types.MethodType(forward, module)
     module._loraplex_per_row = True
+    module._loraplex_whole = None
     return min(lengths.values())

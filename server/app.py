@@ -146,6 +146,7 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
                           f"--max-lora-rank or --max-hydra-heads") from None
     try:
         runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
+        runner.check_cache()
     except UnsupportedAttention as exc:
         raise ConfigError(f"--model: {exc}") from None
     limits = resolve_limits(config, base.max_context)

@@ -62,7 +62,9 @@ class AttentionLayout:
 def _setting(config, name: str):
     """The config's value for `name` where its class declares it. A config.json may carry keys its model family
     never reads (a Llama converted from a Mistral keeps sliding_window): transformers ignores them, so must we."""
-    declared = any(name in getattr(k, "__annotations__", {}) for k in type(config).__mro__)
+    declared = any(name in getattr(k, "__annotations__", {}) for k in type(config).__mro__) or \
+        isinstance(getattr(type(config), name, None), property) or name in getattr(config, "attribute_map", {})
+    # (a property or an alias in attribute_map is a setting too: RecurrentGemma's and Jamba's layer_types)
     value = getattr(config, name, None)
     if not declared and value not in (None, False):
         log.info("config %s = %r is not a setting of %s models; ignored, as transformers does", name, value,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters.slot_bank import AdapterContext, RowFactors, SlotBank
-from server.attention import AttentionLayout
+from server.attention import AttentionLayout, UnsupportedAttention
 from server.kv_cache import KVCache
 from server.rope import LongRope
 
@@ -74,6 +74,35 @@ class Runner:
         head = model.get_output_embeddings()
         if head is not None:
             head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+
+    def check_cache(self) -> None:
+        """Refuse (UnsupportedAttention) a model whose state is not all in the KV cache the batch hands it, which
+        rows join and leave: recurrent, state-space or RWKV layers. A decode step through the cache must give the
+        logits a prefill of the whole sequence gives."""
+        vocab = self.model.config.get_text_config().vocab_size
+        ids = [(7 * i + 3) % vocab for i in range(8)]
+        try:
+            batch, _ = self.prefill([Row(ids[:-1], 0)])
+            empty = [i for i, layer in enumerate(batch.cache.layers) if layer.k is None]
+            batch.rows[0].last_token = ids[-1]
+            stepped = self.decode_step(batch)[0]
+            fresh = self.prefill([Row(ids, 0)])[1][0]
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            raise UnsupportedAttention(f"the model's forward fails with this server's KV cache and attention masks "
+                                       f"({why}): it serves decoder LMs whose attention takes 4D masks and keeps its "
+                                       f"state in the KV cache, not recurrent, state-space or linear-attention "
+                                       f"layers") from None
+        if empty:
+            raise UnsupportedAttention(f"layers {empty} of the model keep no keys and values in the KV cache "
+                                       f"(recurrent or state-space layers keep other state); this server batches "
+                                       f"attention layers only")
+        # equal but for the order of sums (in fp32 a few ulps; bf16/fp16 round each layer's output)
+        tolerance = 1e-4 if self.dtype == torch.float32 else 5e-2
+        if (stepped - fresh).abs().max() > tolerance * fresh.abs().max() + 1e-5:
+            raise UnsupportedAttention("a decode step through the KV cache does not give the logits of the whole "
+                                       "sequence: the model keeps state outside the cache (recurrent, state-space "
+                                       "or RWKV layers), which this server cannot batch")
 
     def _forward(self, ids: torch.Tensor, masks, positions: torch.Tensor, cache: KVCache,
                  factors: RowFactors | None) -> torch.Tensor:

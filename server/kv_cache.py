@@ -71,7 +71,8 @@ class KVCache(Cache):
         if not filled:
             return 0, 0
         slots = filled[0].k.shape[0] * filled[0].k.shape[2]
-        return slots, sum(2 * layer.k.numel() * layer.k.element_size() for layer in filled)
+        # keys and values may differ in width (multi-head latent attention: DeepSeek-V2/V3, MiniCPM3)
+        return slots, sum(t.numel() * t.element_size() for layer in filled for t in (layer.k, layer.v))
 
     def tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer.k[:, :, :self.length], layer.v[:, :, :self.length]) for layer in self.layers]
@@ -100,8 +101,10 @@ class KVCache(Cache):
         capacity = grown(length, length, max_length)
         cache = KVCache(len(a.layers), max_length)
         for layer, (ka, va), (kb, vb) in zip(cache.layers, a.tensors(), b.tensors()):
-            shape = (ka.shape[0] + kb.shape[0], ka.shape[1], capacity, ka.shape[3])
-            k, v = ka.new_zeros(shape), va.new_zeros(shape)
+            rows = ka.shape[0] + kb.shape[0]
+            # a value's width is its own (multi-head latent attention caches keys and values of different widths)
+            k = ka.new_zeros(rows, ka.shape[1], capacity, ka.shape[3])
+            v = va.new_zeros(rows, va.shape[1], capacity, va.shape[3])
             n = ka.shape[0]
             k[:n, :, length - a.length:length], v[:n, :, length - a.length:length] = ka, va
             k[n:, :, length - b.length:length], v[n:, :, length - b.length:length] = kb, vb

@@ -107,3 +107,52 @@ def test_unmaskable_attention_is_refused_at_start(tmp_path, arch, overrides, nee
         BackgroundServer(ServerConfig(model=str(model), port=0, metrics_port=0)).start()
     with pytest.raises(UnsupportedAttention):
         AttentionLayout.of(AutoModelForCausalLM.from_pretrained(model).config)
+
+
+@pytest.mark.parametrize("arch,needle", [
+    ("rwkv", r"layers \[0, 1\] of the model keep no keys and values in the KV cache"),  # it ignores the cache
+    ("recurrent_gemma", "linear_attention layers"),  # its layer_types is an alias (attribute_map)
+    ("mamba", "linear_attention layers"),  # its layer_types is a property
+    ("xlstm", "the model's forward fails with this server's KV cache and attention masks"),
+])
+def test_models_whose_state_is_not_the_kv_cache_are_refused_at_start(tmp_path, arch, needle):
+    """Rows join and leave a batch through the KV cache: a model keeping other state (recurrent, state-space, RWKV)
+    was served, wrongly after its first token and with INTERNAL errors once requests shared a batch."""
+    model = build_model_dir(tmp_path / arch, arch, seed=0)
+    with pytest.raises(RuntimeError, match=f"ConfigError.*{needle}"):
+        BackgroundServer(ServerConfig(model=str(model), port=0, metrics_port=0)).start()
+
+
+def test_keys_and_values_of_different_widths_join_a_running_batch(tmp_path):
+    """Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3) caches keys wider than values: a row joining a running
+    batch gets what it gets alone (a merge built values as wide as keys: INTERNAL), and the cache's bytes count both."""
+    model = build_model_dir(tmp_path / "mla", "deepseek_v3", seed=0, n_routed_experts=4, num_experts_per_tok=2,
+                            first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                            qk_nope_head_dim=8, v_head_dim=16, moe_intermediate_size=32, n_group=1, topk_group=1,
+                            num_key_value_heads=4)
+    base = load_base_model(str(model), "cpu", "float32")
+    context, shapes = inject(base.model)
+    bank = SlotBank(shapes, num_slots=1, max_rank=4, device=torch.device("cpu"), dtype=torch.float32)
+    runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
+    runner.check_cache()
+    first, joining = PROMPTS[0], PROMPTS[2]
+
+    def steps(batch, logits, n):
+        out = [logits]
+        for _ in range(n):
+            for row, token in zip(batch.rows, out[-1].argmax(-1).tolist()):
+                row.last_token = token
+            out.append(runner.decode_step(batch))
+        return out
+
+    alone = steps(*runner.prefill([Row(joining, 0)]), 3)
+    running, logits = runner.prefill([Row(first, 0)])
+    steps(running, logits, 2)
+    late, late_logits = runner.prefill([Row(joining, 0)])
+    merged = runner.merge(running, late, base.max_context)
+    together = steps(merged, torch.cat([torch.zeros_like(late_logits), late_logits]), 3)
+    for a, b in zip(alone[1:], together[1:]):
+        torch.testing.assert_close(b[1], a[0], atol=1e-5, rtol=0)
+    k, v = merged.cache.layers[0].k, merged.cache.layers[0].v
+    assert k.shape[-1] != v.shape[-1]
+    assert merged.cache.allocated()[1] == sum(t.numel() * 4 for layer in merged.cache.layers for t in (layer.k, layer.v))

@@ -38,6 +38,22 @@ class Batch:
         return len(self.rows)
 
 
+@dataclass
+class Prefill:
+    """Prompts being prefilled, left-padded together: `done` of their columns are in `cache` so far."""
+    rows: list[Row]
+    ids: torch.Tensor        # [B, L]
+    valid: torch.Tensor      # [B, L] bool
+    positions: torch.Tensor  # [B, L]
+    cache: KVCache
+    factors: RowFactors | None
+    done: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+
 # A forward's attention masks hold rows x queries x keys elements (in the model's dtype, per layer type), as do the
 # scores of an attention kernel that materializes them: a prompt of 32k tokens in one pass needs 2 GB of fp16 mask.
 # A prefill runs its queries in chunks that keep that near MASK_ELEMENTS, so its memory grows with the prompt's
@@ -120,16 +136,15 @@ class Runner:
         cache.length += ids.shape[1]
         return out.logits[:, -1, :].float()
 
-    @torch.inference_mode()
     def prefill(self, rows: list[Row]) -> tuple[Batch, torch.Tensor]:
         """Run the prompts of `rows` (left-padded together); returns their batch and last-position logits."""
-        factors = self.bank.gather([r.slot for r in rows])
-        cache, valid, positions, logits = self._run_prompts([r.prompt_ids for r in rows], factors)
-        return Batch(rows, cache, valid, positions[:, -1] + 1, factors), logits
+        job = self.start_prefill(rows)
+        logits = self.advance(job, job.length)
+        return self.prefilled(job), logits
 
-    def _run_prompts(self, prompts: list[list[int]], factors: RowFactors | None):
-        """`prompts` left-padded together in a new cache, their queries in chunks of at most `prefill_chunk`
-        columns: (cache, valid, positions, last-position logits)."""
+    def start_prefill(self, rows: list[Row]) -> Prefill:
+        """The prompts of `rows` left-padded together, none of them run yet (`advance` runs them)."""
+        prompts = [r.prompt_ids for r in rows]
         length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
         valid = torch.zeros((len(prompts), length), dtype=torch.bool)
@@ -138,20 +153,35 @@ class Runner:
             valid[i, length - len(p):] = True
         ids, valid = ids.to(self.device), valid.to(self.device)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        cache = KVCache(self.num_layers, self.max_context)
-        columns = torch.arange(length, device=self.device)
-        step = prefill_chunk(len(prompts), length)
-        with self.longrope.whole_prompts(valid.sum(-1)) if self.longrope is not None else nullcontext():
-            for start in range(0, length, step):
-                end = min(length, start + step)
-                query, keys = columns[start:end, None], columns[None, :end]
+        # the cache's buffers hold exactly the prompts (a fresh cache's first allocation is its max_length)
+        return Prefill(rows, ids, valid, positions, KVCache(self.num_layers, length),
+                       self.bank.gather([r.slot for r in rows]))
+
+    @torch.inference_mode()
+    def advance(self, job: Prefill, columns: int) -> torch.Tensor | None:
+        """Run the next `columns` columns of `job`'s prompts (in forwards of at most `prefill_chunk` query columns);
+        the last position's logits once every column ran, else None."""
+        end = min(job.length, job.done + columns)
+        step = prefill_chunk(len(job.rows), job.length)
+        keys = torch.arange(job.length, device=self.device)[None]
+        logits = None
+        with self.longrope.whole_prompts(job.valid.sum(-1)) if self.longrope is not None else nullcontext():
+            while job.done < end:
+                start, stop = job.done, min(end, job.done + step)
+                query, seen = keys[0, start:stop, None], keys[:, :stop]
                 # causal and padding; a pad query attends to nothing real: it sees itself, so its (unused) output
                 # stays finite
-                mask = ((keys <= query)[None] & valid[:, None, :end]) | (keys == query)[None]
-                logits = self._forward(ids[:, start:end], self.attention.masks(mask[:, None], positions[:, start:end],
-                                                                              positions[:, :end]),
-                                       positions[:, start:end], cache, factors)
-        return cache, valid, positions, logits
+                mask = ((seen <= query)[None] & job.valid[:, None, :stop]) | (seen == query)[None]
+                masks = self.attention.masks(mask[:, None], job.positions[:, start:stop], job.positions[:, :stop])
+                logits = self._forward(job.ids[:, start:stop], masks, job.positions[:, start:stop], job.cache,
+                                       job.factors)
+                job.done = stop
+        return logits if job.done == job.length else None
+
+    def prefilled(self, job: Prefill) -> Batch:
+        """The batch of a finished prefill, its cache free to grow to the context (the engine caps it)."""
+        job.cache.max_length = self.max_context
+        return Batch(job.rows, job.cache, job.valid, job.positions[:, -1] + 1, job.factors)
 
     @torch.inference_mode()
     def decode_step(self, batch: Batch) -> torch.Tensor:
@@ -182,12 +212,13 @@ class Runner:
         # per row for Phi-3-mini in bf16), outside --max-kv-tokens; rows admitted together cross together.
         for i in crossing:
             row = batch.rows[i]
-            cache, _, _, fresh = self._run_prompts([row.prompt_ids + row.fed], self.bank.gather([row.slot]))
-            n, end = cache.length, batch.cache.length  # a row's columns are the last ones of the shared time axis
-            for mine, (k, v) in zip(batch.cache.layers, cache.tensors()):
+            job = self.start_prefill([Row(row.prompt_ids + row.fed, row.slot)])
+            fresh = self.advance(job, job.length)
+            n, end = job.cache.length, batch.cache.length  # a row's columns are the last ones of the shared time axis
+            for mine, (k, v) in zip(batch.cache.layers, job.cache.tensors()):
                 mine.k[i, :, end - n:end] = k[0]
                 mine.v[i, :, end - n:end] = v[0]
-            del cache
+            del job
             logits[i] = fresh[0]
         return logits
 

@@ -30,7 +30,7 @@ class ServerConfig:
     max_prompt_tokens: int = 0       # 0: the model's context length
     max_new_tokens: int = 0          # 0: the model's context length
     max_kv_tokens: int = 0           # 0: max_batch_size x the model's context length
-    max_prefill_tokens: int = 2048   # padded prompt tokens one prefill may run (a longer prompt runs alone)
+    max_prefill_tokens: int = 2048   # padded prompt tokens a step may prefill (a longer prompt: in chunks)
     max_adapter_bytes: int = 1 << 30
     auth_token_file: str | None = None
     admin_token_file: str | None = None
@@ -84,9 +84,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
       help="KV-cache capacity in token slots (rows x cached positions) that running requests may reserve; "
            "requests wait for room (0: max-batch-size x context)")
     a("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
-      help="prompt tokens (rows x longest prompt, as padded) prefilled together; later arrivals wait for the "
-           "next step, so a burst of long prompts stalls running streams for one such prefill at a time, not "
-           "for all of them (a longer prompt is prefilled alone)")
+      help="prompt tokens (rows x longest prompt, as padded) one step prefills; later arrivals wait for the "
+           "next step, and a longer prompt is prefilled alone, this many tokens a step, so running streams get a "
+           "token between two such chunks, never wait for a whole long prompt")
     a("--max-adapter-bytes", type=int, default=d.max_adapter_bytes, help="largest adapter weights file accepted")
     a("--auth-token-file", default=d.auth_token_file,
       help="file of bearer tokens (one per line) required on every RPC except health and reflection")

@@ -1,9 +1,10 @@
 """The engine thread: owns the model and runs continuous batching.
 
 Each iteration: take new requests and control calls, drop cancelled rows, admit waiting requests
-(acquiring device slots), prefill the newcomers, merge them into the running batch, run one decode
-step for every row, sample, push tokens to the requests' sinks, retire finished rows. Requests join
-and leave between steps. An exception in a step fails only that step's requests.
+(acquiring device slots), prefill the newcomers (a long prompt one chunk per iteration) and merge them
+into the running batch, run one decode step for every row, sample, push tokens to the requests' sinks,
+retire finished rows. Requests join and leave between steps. An exception in a step fails only that
+step's requests.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Callable, Iterator
 
 from adapters.canonical import CanonicalAdapter
 from adapters.slot_bank import SlotBank, SlotsFull
-from server.batch import Batch, Row, Runner
+from server.batch import Batch, Prefill, Row, Runner
 from server.errors import InternalError, ResourceExhausted, Unavailable
 from server.metrics import Metrics
 from server.sampling import SamplingParams, make_generator, sample
@@ -37,6 +38,15 @@ def _set_aside_non_finite(logits):
     logits = logits.clone()
     logits[bad] = 0.0
     return logits, frozenset(bad)
+
+
+def _plan(requests: list) -> tuple[int, int]:
+    """(columns, token slots) a batch of `requests` may grow to, if every row stayed until the longest finished."""
+    # Rows are right-aligned and leading pad columns are trimmed, so the width is the longest live row, and
+    # no row ever holds more than its prompt + max_new_tokens: known on the host, no device sync per step.
+    final = [len(q.prompt_ids) + q.stopping.max_new_tokens for q in requests]
+    peak = max(final, default=0)
+    return peak, len(final) * peak
 
 
 def _failed(exc: Exception) -> InternalError:
@@ -108,6 +118,7 @@ class Engine:
         self._pending = 0  # submitted, not yet admitted (inbox + waiting); guarded by _count_lock
         self._count_lock = threading.Lock()
         self._batch: Batch | None = None
+        self._prefilling: Prefill | None = None  # newcomers whose prompts run a chunk per iteration
         self._wake = threading.Event()
         self._stop = False
         self.draining = False
@@ -154,13 +165,13 @@ class Engine:
     def requests_on(self, adapter_id: str) -> Future:
         """{adapter version key: waiting or running requests} for `adapter_id` (counted between steps)."""
         def count() -> Counter:
-            requests = [*self._waiting, *(row.state.request for row in (self._batch.rows if self._batch else []))]
+            requests = [*self._waiting, *(row.state.request for row in self._rows())]
             return Counter(r.adapter.key for r in requests
                            if r.adapter is not None and r.adapter.adapter_id == adapter_id)
         return self.call(count)
 
     def idle(self) -> bool:
-        return self._batch is None and self._pending == 0
+        return self._batch is None and self._prefilling is None and self._pending == 0
 
     def drain(self, error: Exception) -> Future:
         """Accept no more requests, and end those still waiting (none started) with `error` between steps: on
@@ -196,22 +207,25 @@ class Engine:
     def _iterate(self) -> None:
         self._take_inbox()
         self._drop_cancelled()
-        newcomers = self._admit()
-        if newcomers:
+        newcomers = self._admit() if self._prefilling is None else []
+        if newcomers or self._prefilling is not None:
             self._prefill(newcomers)
         if self._batch is not None:
             self._decode()
-        elif not newcomers:
+        elif self._prefilling is None:
             self._wake.wait(timeout=0.05)
             self._wake.clear()
 
+    def _rows(self) -> list[Row]:
+        """Every row holding a slot: the running batch's and the prefilling ones'."""
+        return (self._batch.rows if self._batch else []) + (self._prefilling.rows if self._prefilling else [])
+
     def _reset(self, error: Exception) -> None:
         self._fail_waiting(error)
-        if self._batch is not None:
-            for row in self._batch.rows:
-                self._tell(row.state.request, ErrorEvent(error))
-                self.bank.release(row.slot)
-        self._batch = None
+        for row in self._rows():
+            self._tell(row.state.request, ErrorEvent(error))
+            self.bank.release(row.slot)
+        self._batch = self._prefilling = None
         self._report()
 
     def _inbox_calls(self) -> Iterator[tuple[Callable[[], object], Future]]:
@@ -248,6 +262,14 @@ class Engine:
             self._waiting.remove(request)
             self._unqueue()
             self._finish_metrics(request, FinishReason.CANCELLED)
+        job = self._prefilling
+        if job is not None and all(r.state.request.cancelled for r in job.rows):  # its next chunks are for nobody
+            for row in job.rows:
+                self._finish_metrics(row.state.request, FinishReason.CANCELLED)
+                self.bank.release(row.slot)
+            self._prefilling = None
+            self._report()
+        # (a prefilling row cancelled beside others leaves when its prefill is done: its next step drops it)
         if self._batch is not None and any(r.state.request.cancelled for r in self._batch.rows):
             for row in self._batch.rows:
                 if row.state.request.cancelled:
@@ -255,14 +277,8 @@ class Engine:
             self._retire([i for i, r in enumerate(self._batch.rows) if r.state.request.cancelled])
 
     def _kv_plan(self, newcomers: list[EngineRequest]) -> tuple[int, int]:
-        """(columns, token slots) the running batch plus `newcomers` may grow to, if every row stayed until the
-        longest finished."""
-        # Rows are right-aligned and leading pad columns are trimmed, so the width is the longest live row, and
-        # no row ever holds more than its prompt + max_new_tokens: known on the host, no device sync per step.
-        requests = [r.state.request for r in (self._batch.rows if self._batch else [])] + newcomers
-        final = [len(q.prompt_ids) + q.stopping.max_new_tokens for q in requests]
-        peak = max(final, default=0)
-        return peak, len(final) * peak
+        """(columns, token slots) the rows holding slots plus `newcomers` may grow to in one batch."""
+        return _plan([r.state.request for r in self._rows()] + newcomers)
 
     def _admit(self) -> list[Row]:
         room = self.config.max_batch_size - (len(self._batch) if self._batch else 0)
@@ -299,25 +315,40 @@ class Engine:
         self._waiting.extendleft(reversed(skipped))
         if admitted:
             self._unqueue(len(admitted))
-            self.metrics.running.set((len(self._batch) if self._batch else 0) + len(admitted))
+            self.metrics.running.set(len(self._rows()) + len(admitted))
             self.metrics.adapter_slots_used.set(self.bank.used)
         return admitted
 
-    def _prefill(self, rows: list[Row]) -> None:
+    def _prefill(self, newcomers: list[Row]) -> None:
+        """Start prefilling `newcomers`, or go on with the rows prefilling: run the next chunk of their prompts, at
+        most --max-prefill-tokens padded tokens, so the running rows get a token between the chunks of a long
+        prompt; once all ran, sample and join the running batch."""
+        rows = newcomers or self._prefilling.rows
         start = time.monotonic()
         try:
-            batch, logits = self.runner.prefill(rows)
-            logits, broken = _set_aside_non_finite(logits)
-            tokens = sample(logits, [r.state.request.sampling for r in rows], [r.state.generator for r in rows])
-            # allocates the joined cache: can run out of memory too
-            merged = self.runner.merge(self._batch, batch, self._kv_plan([r.state.request for r in rows])[0])
+            if newcomers:  # gathers the rows' factors: can run out of memory
+                self._prefilling = self.runner.start_prefill(newcomers)
+            job = self._prefilling
+            logits = self.runner.advance(job, max(1, self.config.max_prefill_tokens // len(rows)))
+            if logits is not None:
+                logits, broken = _set_aside_non_finite(logits)
+                tokens = sample(logits, [r.state.request.sampling for r in rows],
+                                [r.state.generator for r in rows])
+                # allocates the joined cache: can run out of memory too
+                self._prefilling = None  # (the planned peak below counts the running batch plus these rows)
+                merged = self.runner.merge(self._batch, self.runner.prefilled(job),
+                                           self._kv_plan([r.state.request for r in rows])[0])
         except Exception as exc:
             log.exception("prefill failed for %d requests", len(rows))
             for row in rows:
                 self._fail_row(row, exc)
+            self._prefilling = None
             self._report()
             return
         self.metrics.step_time.labels("prefill").observe(time.monotonic() - start)
+        if logits is None:
+            self._report()
+            return
         self.metrics.batch_size.labels("prefill").observe(len(rows))
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
         self._batch = merged
@@ -389,14 +420,17 @@ class Engine:
         """After every change to the batch: cap the cache's growth at the planned peak, and publish the running
         rows, the slots they hold and the cache's memory (cancelled or finished rows' memory is released here,
         at the step they leave; a failed step's rows are gone too)."""
-        self.metrics.running.set(len(self._batch) if self._batch else 0)
+        self.metrics.running.set(len(self._rows()))
         self.metrics.adapter_slots_used.set(self.bank.used)
-        if self._batch is None:
-            slots = nbytes = reserved = 0
-        else:
-            peak, reserved = self._kv_plan([])
+        slots = nbytes = 0
+        reserved = self._kv_plan([])[1]  # the prefilling rows join the running ones' rectangle
+        if self._batch is not None:
+            peak = _plan([r.state.request for r in self._batch.rows])[0]
             self._batch.cache.max_length = min(self.runner.max_context, peak)
             slots, nbytes = self._batch.cache.allocated()
+        if self._prefilling is not None:
+            more_slots, more_bytes = self._prefilling.cache.allocated()
+            slots, nbytes = slots + more_slots, nbytes + more_bytes
         self.metrics.kv_slots.set(slots)
         self.metrics.kv_bytes.set(nbytes)
         self.metrics.kv_reserved.set(reserved)
@@ -419,9 +453,8 @@ class Engine:
     def _fail_all(self, exc: Exception) -> None:
         for request in self._waiting:
             self._tell(request, ErrorEvent(exc))
-        if self._batch is not None:
-            for row in self._batch.rows:
-                self._tell(row.state.request, ErrorEvent(exc))
+        for row in self._rows():
+            self._tell(row.state.request, ErrorEvent(exc))
 
     @staticmethod
     def _tell(request: EngineRequest, event) -> None:

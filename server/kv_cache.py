@@ -33,10 +33,11 @@ class _Layer(DynamicLayer):
         return self.k[:, :, :t1], self.v[:, :, :t1]
 
     def _grow(self, key_states, value_states, needed: int) -> None:
-        # The first allocation (a prefill) is exactly the prompt: the engine has not yet capped max_length at the
-        # batch's planned peak, which can be shorter than a rounded-up buffer. Later growth doubles, up to the cap.
+        # The first allocation (a prefill, whose cache's max_length is its prompts' length) is exactly the prompts,
+        # also when they run in chunks: the engine caps the batch at its planned peak only once they ran, and that
+        # can be shorter than a rounded-up buffer. Later growth doubles, up to the cap.
         if self.k is None:
-            capacity = needed
+            capacity = max(needed, self._cache.max_length)
         else:
             capacity = grown(self.k.shape[2], needed, self._cache.max_length)
         k = key_states.new_zeros(*key_states.shape[:2], capacity, key_states.shape[-1])

@@ -298,13 +298,17 @@ def test_the_prompt_character_bound_holds_or_is_not_used():
 
 def test_a_burst_is_prefilled_in_groups_within_max_prefill_tokens(model_dirs):
     """Requests queued together are prefilled in groups of at most --max-prefill-tokens padded tokens (a longer
-    prompt alone), oldest first, with a decode step for the running rows between two groups."""
+    prompt alone, that many tokens at a time), oldest first, with a decode step for the running rows between two
+    groups, and between two chunks of a long prompt."""
     import threading
     server = start_server(model_dirs["llama"], None, max_prefill_tokens=25)
     runner, engine = server.serving.engine.runner, server.serving.engine
     steps = []
-    prefill, decode_step = runner.prefill, runner.decode_step
-    runner.prefill = lambda rows: (steps.append(("prefill", [len(r.prompt_ids) for r in rows])), prefill(rows))[1]
+    start, advance, decode_step = runner.start_prefill, runner.advance, runner.decode_step
+    runner.start_prefill = lambda rows: (steps.append(("prefill", [len(r.prompt_ids) for r in rows])),
+                                         start(rows))[1]
+    runner.advance = lambda job, columns: (steps.append(("chunk", min(columns, job.length - job.done))),
+                                           advance(job, columns))[1]
     runner.decode_step = lambda batch: (steps.append(("decode", len(batch))), decode_step(batch))[1]
     try:
         async def run():
@@ -329,6 +333,51 @@ def test_a_burst_is_prefilled_in_groups_within_max_prefill_tokens(model_dirs):
     assert [lengths for _, lengths in groups] == [[10, 10], [10, 10], [10], [40]]  # 3 x 10 > 25; 40 alone
     for (i, _), (j, _) in zip(groups, groups[1:]):  # the running rows got a token between two groups
         assert any(kind == "decode" for kind, _ in steps[i + 1:j]), steps
+    last = steps[groups[-1][0] + 1:]
+    chunks = [i for i, (kind, _) in enumerate(last) if kind == "chunk"]
+    assert [last[i][1] for i in chunks] == [25, 15]  # the 40-token prompt in two chunks, a token for the rows between
+    assert any(kind == "decode" for kind, _ in last[chunks[0] + 1:chunks[1]]), steps
+
+
+def test_a_long_prompt_prefilled_in_chunks_gives_its_tokens_and_a_cancel_stops_its_chunks(model_dirs):
+    """A prompt above --max-prefill-tokens runs that many tokens an iteration: it gets the tokens it gets in one
+    pass, and cancelled between two chunks it runs no more of them (its slot and counters as for any cancel)."""
+    prompt = [(11 * i) % 250 + 3 for i in range(90)]
+    whole = start_server(model_dirs["llama"], None)
+    try:
+        with Client(whole.target, timeout=60) as client:
+            want = list(client.generate(prompt, max_new_tokens=6, ignore_eos=True).token_ids)
+    finally:
+        whole.stop()
+    server = start_server(model_dirs["llama"], None, max_prefill_tokens=8)
+    runner = server.serving.engine.runner
+    chunks = []
+    advance = runner.advance
+
+    def slow(job, columns):  # 12 chunks of 8 columns (the last 2): slow enough to cancel between two
+        chunks.append(job.length)
+        time.sleep(0.05)
+        return advance(job, columns)
+    runner.advance = slow
+    try:
+        with Client(server.target, timeout=60) as client:
+            assert list(client.generate(prompt, max_new_tokens=6, ignore_eos=True).token_ids) == want
+            assert chunks == [90] * 12
+            chunks.clear()
+            before = scrape(server).get('loraplex_request_success_total{finished_reason="cancelled"}', 0)
+            stream = client.generate_stream(prompt, max_new_tokens=6, ignore_eos=True)
+            assert wait_for(lambda: len(chunks) >= 2)
+            stream.cancel()
+            assert wait_for(lambda: scrape(server).get(
+                'loraplex_request_success_total{finished_reason="cancelled"}', 0) == before + 1)
+            ran = len(chunks)
+            time.sleep(0.3)
+            assert len(chunks) == ran < 12
+            metrics = scrape(server)
+            assert metrics["loraplex_num_requests_running"] == 0 and metrics["loraplex_kv_cache_bytes"] == 0
+            assert list(client.generate(prompt, max_new_tokens=6, ignore_eos=True).token_ids) == want
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("flag", ["max_lora_rank", "max_active_adapters", "max_hydra_heads"])

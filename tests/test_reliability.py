@@ -409,7 +409,7 @@ def test_engine_thread_death_turns_health_not_serving(model_dirs):
         server.stop()
 
 
-@pytest.mark.parametrize("step", ["prefill", "decode_step"])
+@pytest.mark.parametrize("step", ["start_prefill", "advance", "decode_step"])
 def test_a_failed_step_leaves_no_running_rows_or_held_slots_in_the_gauges(server, step):
     """Dashboards and autoscalers read these: after a step fails on an idle server they say 0 at once, not
     whatever they said before the failure until the next request."""

@@ -39,15 +39,15 @@ class HydraLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        gate = self.gate(x).to(y.dtype)
         xa = x.to(self.lora_A.weight.dtype)
+        gate = self.gate(x).to(xa.dtype)
         per_head = self.training and not isinstance(self.dropout, nn.Identity)
         shared = None if per_head else self.lora_A(self.dropout(xa))
         delta = 0
         for i, head in enumerate(self.lora_B):
             h = self.lora_A(self.dropout(xa)) if per_head else shared
             delta = delta + gate[..., i:i + 1] * head(h)
-        return y + (delta * self.scaling).to(y.dtype)
+        return (y + delta * self.scaling).to(y.dtype)  # one rounding, as LoraLinear
 
     def canonical(self) -> ModuleFactors:
         b = torch.cat([head.weight for head in self.lora_B], dim=1) * self.scaling

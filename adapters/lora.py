@@ -28,7 +28,7 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         delta = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
-        return y + (delta * self.scaling).to(y.dtype)
+        return (y + delta * self.scaling).to(y.dtype)  # as PEFT: one rounding to a half-precision base's dtype
 
     def canonical(self) -> ModuleFactors:
         return ModuleFactors(self.lora_A.weight.detach().float().clone(),

@@ -81,7 +81,7 @@ class ResLoraLinear(nn.Module):
         y = self.base(x)
         if self.merged is not None:
             f = self.merged
-            return y + (x.to(f.a.dtype) @ f.a.t() @ f.b.t()).to(y.dtype)
+            return (y + x.to(f.a.dtype) @ f.a.t() @ f.b.t()).to(y.dtype)
         chain, n = self._chain, self.index
         m = min(self.pre_num, n)
         xa_in = x.to(self.lora_A.weight.dtype)
@@ -99,7 +99,7 @@ class ResLoraLinear(nn.Module):
             with torch.no_grad():
                 self.input_norms.append(float(xa_in.norm()))
                 self.shrunk_norms.append(float(self.lora_A(xa_in).norm()))
-        return y + (self.scaling * delta).to(y.dtype)
+        return (y + self.scaling * delta).to(y.dtype)  # one rounding, as LoraLinear
 
     def statistics(self) -> dict[str, float]:
         """Window means of ‖X‖_F and ‖A X‖_F over the last training forwards (NaN before any)."""

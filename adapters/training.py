@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from loader.train_data import Example, collate
+from loader.train_data import IGNORE, Example, collate
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,13 @@ def total_steps(n_examples: int, s: TrainSettings) -> int:
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    # (modulo the generator's 64-bit seed: a large --seed overflowed it)
+    return torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2 ** 64)).tolist()
+
+
+def _labelled(example: Example) -> int:
+    """Tokens the example's loss is over: HF's causal LM loss predicts positions 1.. (labels shifted by one)."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE)
 
 
 @torch.no_grad()
@@ -134,20 +140,30 @@ class Trainer:
         if bar is not None and step:
             bar.update(step)
         self.model.train()
-        start, tokens, window = time.perf_counter(), 0, []
+        start, tokens = time.perf_counter(), 0
         pending = 0  # micro-batches accumulated since the last optimizer step (0 at every checkpoint)
         while step < total:
             order = _epoch_order(len(train), s.seed, epoch)
             batches = [order[i:i + s.batch_size] for i in range(0, len(order), s.batch_size)]
             while position < len(batches) and step < total:
+                if pending == 0:  # an optimizer step's micro-batches: --grad-accum of them, or the epoch's last
+                    micro = batches[position:position + s.grad_accum]
+                    labelled = sum(_labelled(train[i]) for indices in micro for i in indices)
+                    window = 0.0
+                n = sum(_labelled(train[i]) for i in batches[position])
                 batch = {k: v.to(self.device) for k, v in collate([train[i] for i in batches[position]],
                                                                    self.pad_id).items()}
                 position += 1
                 loss = self.model(**batch).loss
                 extra = self.hooks.extra_loss()
-                (((loss + extra) if extra is not None else loss) / s.grad_accum).backward()
+                # The step's loss is the mean over all its labelled tokens, as one batch of all its examples gives
+                # (HF Trainer's rule since transformers 4.46), however they split into micro-batches; a kind's
+                # regulariser counts once per step (the mean of its micro-batches' values).
+                terms = ([loss * (n / labelled)] if n else []) + ([extra / len(micro)] if extra is not None else [])
+                if terms:
+                    sum(terms).backward()
                 tokens += int(batch["attention_mask"].sum())
-                window.append(float(loss.detach()))
+                window += float(loss.detach()) * n
                 pending += 1
                 if pending < s.grad_accum and position < len(batches):  # an epoch's last batch flushes
                     continue
@@ -159,9 +175,8 @@ class Trainer:
                 self.hooks.after_optimizer_step(step)
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
-                mean = sum(window) / len(window)
+                mean = window / max(labelled, 1)
                 result.train_loss.append((step, mean))
-                window = []
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{mean:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")

@@ -37,7 +37,8 @@ def add_train_parser(sub) -> None:
     t("--epochs", type=int, default=1, help="passes over --data (unless --max-steps)")
     t("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     t("--batch-size", type=int, default=8, help="examples per micro-batch")
-    t("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (its loss: the mean over all "
+                                                "their labelled tokens, as one batch of them)")
     t("--max-length", type=int, default=256, help="tokens an example is cut to (at most the model's context)")
     t("--eval-every", type=int, default=50, help="steps between eval losses and checkpoints")
     t("--seed", type=int, default=0, help="initialisation, data order and dropout")

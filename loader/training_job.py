@@ -221,12 +221,15 @@ def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
     else:
         merge = {"merge_error": None, "merge_method": None}
         write(out)
+    eval_loss = list(result.eval_loss)
+    if evaluation and (not eval_loss or job.method == "adalora"):
+        # the last figure is the saved adapter's: AdaLoRA's write applies the final rank budget after the run
+        eval_loss = [e for e in eval_loss if e[0] != result.steps] + [
+            (result.steps, evaluate(model, evaluation, pad, job.settings.batch_size, job.device))]
     summary = {"method": job.method, "out": str(out), "steps": result.steps, "trainable_params": trainable,
                "seconds": round(result.seconds, 2), "tokens": result.tokens, "train_loss": result.train_loss,
-               "eval_loss": result.eval_loss, "targets": targets, **merge, "job": identity,
+               "eval_loss": eval_loss, "targets": targets, **merge, "job": identity,
                "served": _served(out, layers)}  # what a server's AdapterInfo must say once it loads it
-    if evaluation and not result.eval_loss:
-        summary["eval_loss"] = [(result.steps, evaluate(model, evaluation, pad, job.settings.batch_size, job.device))]
     (out / LOG).write_text(json.dumps(summary, indent=2))
     if inspect is not None:
         inspect(model, tokenizer)

@@ -86,6 +86,23 @@ def test_lora_file_loads_in_peft_with_equal_logits(model_dirs, tmp_path):
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
 
 
+def test_bf16_lora_forward_rounds_once_as_peft(model_dirs, tmp_path):
+    """On a bf16 base, PEFT adds the fp32 adapter output to the base output and rounds once; rounding the adapter
+    output to bf16 first trained a different function (QA: weights 0.015 apart after 3 steps)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    layers = add_lora(model, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.weight.normal_(0, 0.5)
+    save_lora(layers, tmp_path / "lora", {"r": 4, "lora_alpha": 8})
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=torch.bfloat16),
+                                     tmp_path / "lora")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, peft.eval()(ids).logits, atol=0, rtol=0)
+
+
 def test_peft_initialisation_and_scaling(model_dirs):
     model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
     layer = add_lora(model, ["q_proj"], r=4, alpha=8, use_rslora=True)["model.layers.0.self_attn.q_proj"]
@@ -114,6 +131,54 @@ def test_hydra_with_one_head_trains_exactly_like_lora(model_dirs, data, tmp_path
         hydra = models[1][1][name]
         torch.testing.assert_close(hydra.lora_A.weight, lora.lora_A.weight, atol=1e-6, rtol=0)
         torch.testing.assert_close(hydra.lora_B[0].weight, lora.lora_B.weight, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("batch_size,grad_accum", [(4, 2), (2, 4), (1, 8)])
+def test_gradient_accumulation_trains_as_the_whole_batch(model_dirs, batch_size, grad_accum):
+    """An optimizer step's loss is the mean over all its labelled tokens however its examples split into
+    micro-batches, the epoch's short last step too (each micro-batch's mean counted alike before: completions of 1
+    and 30 tokens weighed the same, and the gradient of the last step of 12 examples was halved)."""
+    from loader.train_data import IGNORE, Example
+    g = torch.Generator().manual_seed(0)
+    train = []
+    for i in range(12):
+        prompt, completion = 3 + i % 5, 1 + (29 * i) % 30  # completions of 1 to 30 tokens
+        ids = torch.randint(3, 250, (prompt + completion,), generator=g).tolist()
+        train.append(Example(ids, [IGNORE] * prompt + ids[prompt:]))
+    trained = []
+    for batch, accum in ((8, 1), (batch_size, grad_accum)):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).requires_grad_(False)
+        layers = add_lora(model, ["q_proj", "v_proj"], 4, 8)
+        result = Trainer(model, replace(FAST, max_steps=4, batch_size=batch, grad_accum=accum), pad_id=0).run(train)
+        trained.append(({n: l.lora_B.weight.detach().clone() for n, l in layers.items()}, result.train_loss))
+    (whole, whole_loss), (split, split_loss) = trained
+    for name, weight in whole.items():
+        assert weight.abs().max() > 1e-3  # it trained
+        torch.testing.assert_close(split[name], weight, atol=1e-5, rtol=0)
+    assert [s for s, _ in split_loss] == [1, 2, 3, 4]  # two steps an epoch: 8 examples, then the last 4
+    assert [loss for _, loss in split_loss] == pytest.approx([loss for _, loss in whole_loss], abs=1e-5)
+
+
+def test_adalora_final_eval_loss_is_the_saved_adapters(model_dirs, data, tmp_path):
+    """The final rank budget is applied when the adapter is written, after the run's last eval: with masks every 6
+    steps and none frozen, it cut ranks the log's last eval loss still counted."""
+    from adapters.training import evaluate
+    from loader.default_model import build_tokenizer
+    seen = {}
+    summary = run_job(job(model_dirs, data, tmp_path / "a", "adalora", init_r=6, target_r=1, tinit=0, tfinal=0,
+                          delta_t=6, settings=replace(FAST, max_steps=10, eval_every=5)),
+                      inspect=lambda model, tokenizer: seen.update(model=model))
+    evaluation = read_jsonl(data[1], build_tokenizer(), 64)
+    saved = evaluate(seen["model"], evaluation, 0, FAST.batch_size, "cpu")
+    assert [step for step, _ in summary["eval_loss"]] == [5, 10]
+    assert summary["eval_loss"][-1][1] == pytest.approx(saved, abs=1e-6)
+
+
+def test_a_large_seed_orders_the_data(model_dirs):
+    """(seed x 1000003 + epoch) passed the generator's 64 bits for seeds from ~1.8e13: a ValueError mid-run."""
+    from adapters.training import _epoch_order
+    assert sorted(_epoch_order(10, 2 ** 64 - 1, 3)) == list(range(10))
 
 
 def test_resume_continues_exactly(model_dirs, data):
@@ -240,6 +305,8 @@ def test_a_flag_the_method_would_ignore_is_refused(model_dirs, data, tmp_path, m
     ({"settings": replace(FAST, lr=-1.0)}, "--lr must be a positive number, got -1.0"),
     ({"settings": replace(FAST, max_steps=0)}, "--max-steps must be a positive integer, got 0"),
     ({"rank": 0}, "--rank must be a positive integer, got 0"),
+    ({"settings": replace(FAST, seed=2 ** 64)}, "--seed must be an integer from 0 to 2^64-1, got 18446744073709551616"),
+    ({"settings": replace(FAST, seed=-1)}, "--seed must be an integer from 0 to 2^64-1, got -1"),
     ({"dropout": 1.0}, "--dropout must be in [0, 1), got 1.0"),
     ({"heads": "x"}, "--heads must be a positive integer, got 'x' (or auto)"),
 ])

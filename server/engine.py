@@ -309,7 +309,7 @@ class Engine:
                 continue
             now = time.monotonic()
             self.metrics.queue_time.observe(now - request.arrival)
-            state = _RowState(request, TextStream(self.tokenizer, request.stopping, self.eos),
+            state = _RowState(request, TextStream(self.tokenizer, request.stopping, self.eos, request.prompt_ids),
                               make_generator(request.sampling), now)
             admitted.append(Row(request.prompt_ids, slot, state))
         self._waiting.extendleft(reversed(skipped))

@@ -7,6 +7,7 @@ from enum import Enum
 
 UTF8_MAX_BYTES = 4
 SPLITS_TRIED = 8  # token splits tried per search for one that cuts no character
+CONTEXT_TOKENS = 4  # prompt tokens decoded before the generated ones, whose text depends on what precedes it
 
 
 class FinishReason(Enum):
@@ -28,17 +29,28 @@ class StoppingParams:
 
 class TextStream:
     """Turns a growing list of token ids into text deltas that never split a UTF-8 character and never
-    show any part of a stop sequence (text that could still become one is held back)."""
+    show any part of a stop sequence (text that could still become one is held back).
 
-    def __init__(self, tokenizer, params: StoppingParams, eos_token_ids: frozenset[int]) -> None:
+    The text is the prompt's continuation, decode(prompt + ids) after decode(prompt) as HF's text-generation
+    pipeline returns it: a SentencePiece token's leading space shows after a prompt (decoded alone, a first token
+    loses it). Decoding leaves out special tokens and tokenizers' clean_up_tokenization_spaces, which rewrites
+    spaces before punctuation once it sees the next token ("don ' t" -> "don't"): no stream can show text that a
+    later token would take back."""
+
+    def __init__(self, tokenizer, params: StoppingParams, eos_token_ids: frozenset[int],
+                 prompt: list[int] = ()) -> None:
         self._tokenizer = tokenizer
         self._params = params
         self._eos = eos_token_ids
         self.ids: list[int] = []
-        self._carries: list[bool] = []  # per id: whether it decodes to any text alone (may hold a character's bytes)
-        self._prefix = 0  # ids[_prefix:_read] decode to the tail of `_folded`: context for decoding what follows
-        self._read = 0
-        self._folded = ""  # the text of ids[:_read]: final
+        context = list(prompt[-CONTEXT_TOKENS:])
+        if self._decode_ids(context).endswith("\ufffd"):  # the prompt ends inside a character: its own bytes
+            context = []
+        self._all = context  # decoded: the prompt's last tokens, then `ids`
+        self._carries: list[bool] = [True] * len(context)  # per id of _all: whether it decodes to any text alone
+        self._prefix = 0  # _all[_prefix:_read] decode to the tail of `_folded`: context for decoding what follows
+        self._read = len(context)
+        self._folded = ""  # the text of ids up to _read: final
         self._unsplit = 0  # waiting ids when a search for a split last failed
         self.text = ""  # all that can be shown: `_folded` and what follows it up to an unfinished character
         self._emitted = 0
@@ -48,7 +60,8 @@ class TextStream:
     def push(self, token: int) -> str:
         """Add one generated token; returns the text that may be shown now. Sets `finish` when done."""
         self.ids.append(token)
-        self._carries.append(self._decode(len(self.ids) - 1, len(self.ids)) != "")
+        self._all.append(token)
+        self._carries.append(self._decode_ids([token]) != "")
         matched_in_text = False
         if token in self._eos and not self._params.ignore_eos:
             self.finish = FinishReason.EOS_TOKEN
@@ -62,7 +75,7 @@ class TextStream:
         if self.finish is None and len(self.ids) >= self._params.max_new_tokens:
             self.finish = FinishReason.LENGTH
         if self.finish is not None and not matched_in_text:  # the text ends here: nothing more can complete it
-            self._decode_tail(final=True)  # bytes of a character that never completed: U+FFFD, as decode(ids) has
+            self._decode_tail(final=True)  # bytes of a character that never completed: U+FFFD
             if self._cut_at_stop():
                 self.finish = FinishReason.STOP_SEQUENCE
         safe = len(self.text) if self.finish else len(self.text) - self._held_back()
@@ -71,11 +84,11 @@ class TextStream:
         return delta
 
     def _decode_tail(self, final: bool = False) -> None:
-        """Bring `text` up to date with the ids. The window ids[_prefix:] is decoded whole (ids[_prefix:_read]
+        """Bring `text` up to date with the ids. The window _all[_prefix:] is decoded whole (_all[_prefix:_read]
         for context, their text already folded into `_folded`); if it ends inside a UTF-8 character (U+FFFD until
         its last byte arrives), all before that character is shown and the rest waits. Decoding is prefix-stable
         (later bytes change only a character still unfinished), so shown text is never taken back."""
-        before, after = self._decode(self._prefix, self._read), self._decode(self._prefix, len(self.ids))
+        before, after = self._decode(self._prefix, self._read), self._decode(self._prefix, len(self._all))
         if len(after) <= len(before):
             return
         if after.endswith("\ufffd") and not final:
@@ -84,7 +97,7 @@ class TextStream:
             return
         self._folded += after[len(before):]
         self.text = self._folded
-        self._prefix, self._read = self._read, len(self.ids)
+        self._prefix, self._read = self._read, len(self._all)
 
     def _fold_finished_head(self, before: str, after: str) -> None:
         """Keep the decoded window short while a character is unfinished (a run of invalid bytes would otherwise
@@ -93,7 +106,7 @@ class TextStream:
         and a stripped leading space carry none; a byte token decodes to U+FFFD at least), so the split is before
         them. Byte-level BPE tokens can cut characters at every split: then no split is found, the search is
         retried only once the window has doubled, and the window's decoding costs linear time per token."""
-        end = len(self.ids)
+        end = len(self._all)
         carrying = [i for i in range(self._read, end) if self._carries[i]]
         if len(carrying) < UTF8_MAX_BYTES or end - self._read < 2 * self._unsplit:
             return
@@ -107,7 +120,10 @@ class TextStream:
         self._unsplit = end - self._read
 
     def _decode(self, start: int, end: int) -> str:
-        return self._tokenizer.decode(self.ids[start:end], skip_special_tokens=True)
+        return self._decode_ids(self._all[start:end])
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _cut_at_stop(self) -> bool:
         cut = self._stops.first_match(self.text)

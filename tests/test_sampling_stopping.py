@@ -227,7 +227,7 @@ class ByteLevelTokens:
     def __init__(self, pieces: dict[int, bytes]) -> None:
         self.pieces, self.decoded = pieces, 0
 
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=None):
         self.decoded += len(ids)
         return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
 

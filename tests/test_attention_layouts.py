@@ -156,3 +156,16 @@ def test_keys_and_values_of_different_widths_join_a_running_batch(tmp_path):
     k, v = merged.cache.layers[0].k, merged.cache.layers[0].v
     assert k.shape[-1] != v.shape[-1]
     assert merged.cache.allocated()[1] == sum(t.numel() * 4 for layer in merged.cache.layers for t in (layer.k, layer.v))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt", "mixtral"])
+def test_attention_models_pass_the_cache_check_in_every_dtype(model_dirs, tmp_path, arch, dtype):
+    """The start-up check compares a decode step with a whole-sequence prefill: half precision rounds the two
+    differently in every layer, and a mixture of experts routes each token alone; neither may be refused."""
+    path = model_dirs.get(arch) or build_model_dir(tmp_path / arch, arch, seed=2, num_local_experts=4,
+                                                   num_experts_per_tok=2)
+    base = load_base_model(str(path), "cpu", dtype)
+    context, shapes = inject(base.model)
+    bank = SlotBank(shapes, num_slots=1, max_rank=4, device=torch.device("cpu"), dtype=getattr(torch, dtype))
+    Runner(base.model, context, bank, base.pad_token_id, base.max_context).check_cache()

@@ -151,7 +151,7 @@ def scrape(port: int) -> dict[str, float]:
 
 
 ENGINE_STATS = {  # name in the table -> Prometheus sample
-    "prefills": 'loraplex_step_duration_seconds_count{phase="prefill"}',
+    "prefills": 'loraplex_step_duration_seconds_count{phase="prefill"}',  # chunks: one per prompt of <= 2048 tokens
     "prefill_s": 'loraplex_step_duration_seconds_sum{phase="prefill"}',
     "decode_steps": 'loraplex_step_duration_seconds_count{phase="decode"}',
     "decode_s": 'loraplex_step_duration_seconds_sum{phase="decode"}',

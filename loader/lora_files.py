@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import logging
+
 import torch
 
 from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors, lora_scaling, resolve_pattern
@@ -12,6 +14,7 @@ from loader.peft_files import (KEY_PREFIX, PEFT_FORMAT_VERSION, LoadContext, che
                                read_tensors, require_parts, write_adapter)
 
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+log = logging.getLogger("loraplex.adapters")
 
 
 def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], ctx: LoadContext,
@@ -20,8 +23,12 @@ def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Modul
     require_parts(parts, config, shapes, adapter_id, {"A": "lora_A.weight", "B": "lora_B.weight"})
     r_default, alpha_default = int(config.get("r", 8)), config.get("lora_alpha", 8)
     rebuilt = rebuilt_init(config)
-    if rebuilt is not None and ctx.base_weight is None:
-        raise ValueError(f"adapter {adapter_id!r}: its {rebuilt} residual needs the base weights (LoadContext)")
+    if rebuilt is not None:
+        if ctx.base_weight is None:
+            raise ValueError(f"adapter {adapter_id!r}: its {rebuilt} residual needs the base weights (LoadContext)")
+        log.info("adapter %r: init_lora_weights %r: its residual base is rebuilt from --model's weights, as PEFT's "
+                 "load does (if --model is the residual model saved with it, set init_lora_weights to true)",
+                 adapter_id, config["init_lora_weights"])
     modules = {}
     for module, ab in sorted(parts.items()):
         shape = shapes[module]
@@ -35,7 +42,8 @@ def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Modul
         if rebuilt is not None:
             check_rank(adapter_id, module, 2 * r, ctx, f"rank {r} + {r} (its {rebuilt} residual base, served as a "
                                                          f"second term on the base weights)")
-            extra_a, extra_b = residual_term(rebuilt, ctx.base_weight(module), r, scale)
+            extra_a, extra_b = residual_term(rebuilt, ctx.base_weight(module), r, scale,
+                                             bool(config.get("fan_in_fan_out", False)))
             a, b = torch.cat([a, extra_a]), torch.cat([b, extra_b], dim=1)
         else:
             check_rank(adapter_id, module, r, ctx)
@@ -55,15 +63,21 @@ def rebuilt_init(config: dict) -> str | None:
     return None
 
 
-def residual_term(init: str, weight: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def residual_term(init: str, weight: torch.Tensor, r: int, scale: float,
+                  stored_transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, b), canonical: the rank-r part that PEFT's init took out of `weight` (fp32, (d_out, d_in)) when it made
     the residual base the adapter was trained on, negated, so that base + this + the adapter is what PEFT serves.
     PiSSA's part is the top r singular triplets: exact for 'pissa'; 'pissa_niter_N' took a randomized estimate of
     them, different at each of PEFT's loads too, and the exact ones are the closest any load gets. OLoRA's part is
-    scale * Q[:, :r] R[:r] of the weight's QR decomposition."""
+    scale * Q[:, :r] R[:r] of the QR decomposition of the weight as the module stores it (PEFT does not transpose a
+    Conv1D's (d_in, d_out) weight there: `stored_transposed`). Runs on the weight's device (on a GPU: transient memory
+    of about three fp32 copies of it)."""
     if init == "pissa":
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         a, b = vh[:r], -(u[:, :r] * s[:r])
+    elif stored_transposed:
+        q, upper = torch.linalg.qr(weight.t())  # stored - scale * Q_r R_r, transposed back
+        a, b = q[:, :r].t(), -scale * upper[:r].t()
     else:
         q, upper = torch.linalg.qr(weight)
         a, b = upper[:r], -scale * q[:, :r]

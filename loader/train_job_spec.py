@@ -112,7 +112,8 @@ def check_job(job: TrainJob) -> None:
     non_negative = (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, "a non-negative number")
     seed = (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 64,  # torch's generators
             "an integer from 0 to 2^64-1")
-    checks = [("seed", s.seed, seed), ("rank", job.rank, positive_int), ("alpha", job.alpha, positive), ("dropout", job.dropout, fraction),
+    checks = [("seed", s.seed, seed), ("rank", job.rank, positive_int), ("alpha", job.alpha, positive),
+              ("dropout", job.dropout, fraction),
               ("max_length", job.max_length, positive_int), ("init_r", job.init_r, positive_int),
               ("target_r", job.target_r, positive_int), ("tinit", job.tinit, count), ("tfinal", job.tfinal, count),
               ("delta_t", job.delta_t, positive_int), ("orth_reg_weight", job.orth_reg_weight, non_negative),

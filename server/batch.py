@@ -4,6 +4,7 @@ Rows are left-padded on one shared time axis. The engine owns scheduling; this m
 """
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -13,6 +14,8 @@ from adapters.slot_bank import AdapterContext, RowFactors, SlotBank
 from server.attention import AttentionLayout, UnsupportedAttention
 from server.kv_cache import KVCache
 from server.rope import LongRope
+
+log = logging.getLogger("loraplex.batch")
 
 
 @dataclass
@@ -94,31 +97,42 @@ class Runner:
     def check_cache(self) -> None:
         """Refuse (UnsupportedAttention) a model whose state is not all in the KV cache the batch hands it, which
         rows join and leave: recurrent, state-space or RWKV layers. A decode step through the cache must give the
-        logits a prefill of the whole sequence gives."""
+        logits of a prefill of the whole sequence, and a row joining a running batch those it gets alone."""
         vocab = self.model.config.get_text_config().vocab_size
-        ids = [(7 * i + 3) % vocab for i in range(8)]
+        first, second = [(7 * i + 3) % vocab for i in range(8)], [(5 * i + 11) % vocab for i in range(5)]
+
+        def stepped(batch, tokens):
+            for row, token in zip(batch.rows, tokens):
+                row.last_token = token
+            return self.decode_step(batch)
         try:
-            batch, _ = self.prefill([Row(ids[:-1], 0)])
-            empty = [i for i, layer in enumerate(batch.cache.layers) if layer.k is None]
-            batch.rows[0].last_token = ids[-1]
-            stepped = self.decode_step(batch)[0]
-            fresh = self.prefill([Row(ids, 0)])[1][0]
+            running, _ = self.prefill([Row(first[:-1], 0)])
+            empty = [i for i, pair in enumerate(running.cache.tensors()) if pair is None]
+            compared = [(stepped(running, [first[-1]])[0], self.prefill([Row(first, 0)])[1][0])]
+            late, late_logits = self.prefill([Row(second, 0)])
+            token = int(late_logits[0].argmax())
+            alone = stepped(late, [token])[0]
+            late, _ = self.prefill([Row(second, 0)])
+            joined = self.merge(running, late, self.max_context)
+            compared.append((stepped(joined, [first[0], token])[1], alone))
         except Exception as exc:
+            log.exception("the start-up check of the model's KV cache failed")
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             raise UnsupportedAttention(f"the model's forward fails with this server's KV cache and attention masks "
-                                       f"({why}): it serves decoder LMs whose attention takes 4D masks and keeps its "
-                                       f"state in the KV cache, not recurrent, state-space or linear-attention "
-                                       f"layers") from None
-        if empty:
-            raise UnsupportedAttention(f"layers {empty} of the model keep no keys and values in the KV cache "
-                                       f"(recurrent or state-space layers keep other state); this server batches "
-                                       f"attention layers only")
+                                       f"({why}; traceback logged): it serves decoder LMs whose attention takes 4D "
+                                       f"masks and keeps its state in the KV cache, not recurrent, state-space or "
+                                       f"linear-attention layers") from None
+        if len(empty) == len(running.cache.layers):
+            raise UnsupportedAttention("no layer of the model keeps keys and values in the KV cache (recurrent or "
+                                       "state-space layers keep other state); this server batches attention layers")
         # equal but for the order of sums (in fp32 a few ulps; bf16/fp16 round each layer's output)
         tolerance = 1e-4 if self.dtype == torch.float32 else 1e-1
-        if (stepped - fresh).abs().max() > tolerance * fresh.abs().max() + 1e-5:
-            raise UnsupportedAttention("a decode step through the KV cache does not give the logits of the whole "
-                                       "sequence: the model keeps state outside the cache (recurrent, state-space "
-                                       "or RWKV layers), which this server cannot batch")
+        if any((got - want).abs().max() > tolerance * want.abs().max() + 1e-5 for got, want in compared):
+            raise UnsupportedAttention(f"a decode step through the KV cache does not give the logits of the whole "
+                                       f"sequence, or a row joining a batch those it gets alone: the model keeps "
+                                       f"state outside the cache (recurrent, state-space or RWKV layers"
+                                       f"{', in layers ' + str(empty) if empty else ''}), which this server cannot "
+                                       f"batch")
 
     def _forward(self, ids: torch.Tensor, masks, positions: torch.Tensor, cache: KVCache,
                  factors: RowFactors | None) -> torch.Tensor:
@@ -215,9 +229,10 @@ class Runner:
             job = self.start_prefill([Row(row.prompt_ids + row.fed, row.slot)])
             fresh = self.advance(job, job.length)
             n, end = job.cache.length, batch.cache.length  # a row's columns are the last ones of the shared time axis
-            for mine, (k, v) in zip(batch.cache.layers, job.cache.tensors()):
-                mine.k[i, :, end - n:end] = k[0]
-                mine.v[i, :, end - n:end] = v[0]
+            for mine, pair in zip(batch.cache.layers, job.cache.tensors()):
+                if pair is not None:
+                    mine.k[i, :, end - n:end] = pair[0][0]
+                    mine.v[i, :, end - n:end] = pair[1][0]
             del job
             logits[i] = fresh[0]
         return logits

@@ -101,7 +101,7 @@ class EngineConfig:
     max_batch_size: int
     max_queue_size: int
     max_kv_tokens: int = 1 << 62  # token slots (rows x cached positions) the running batch may reserve
-    max_prefill_tokens: int = 1 << 62  # padded prompt tokens (rows x longest prompt) one prefill may run
+    max_prefill_tokens: int = 1 << 62  # padded prompt tokens (rows x longest prompt) one iteration may prefill
 
 
 class Engine:

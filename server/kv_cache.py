@@ -75,23 +75,29 @@ class KVCache(Cache):
         # keys and values may differ in width (multi-head latent attention: DeepSeek-V2/V3, MiniCPM3)
         return slots, sum(t.numel() * t.element_size() for layer in filled for t in (layer.k, layer.v))
 
-    def tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(layer.k[:, :, :self.length], layer.v[:, :, :self.length]) for layer in self.layers]
+    def tensors(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Each layer's filled keys and values; None for a layer that keeps none (one reading an earlier layer's
+        keys and values: Gemma-3n's and Gemma-4's shared-KV layers)."""
+        return [None if layer.k is None else (layer.k[:, :, :self.length], layer.v[:, :, :self.length])
+                for layer in self.layers]
 
     @classmethod
-    def from_tensors(cls, kv: list[tuple[torch.Tensor, torch.Tensor]], max_length: int) -> "KVCache":
+    def from_tensors(cls, kv: list[tuple[torch.Tensor, torch.Tensor] | None], length: int,
+                     max_length: int) -> "KVCache":
         cache = cls(len(kv), max_length)
-        for layer, (k, v) in zip(cache.layers, kv):
-            layer.k, layer.v = k, v
-            layer.is_initialized = True
-        cache.length = kv[0][0].shape[2]
+        for layer, pair in zip(cache.layers, kv):
+            if pair is not None:
+                layer.k, layer.v = pair
+                layer.is_initialized = True
+        cache.length = length
         return cache
 
     def select(self, rows: torch.Tensor, start: int) -> "KVCache":
         """Keep `rows` and the columns from `start` on (dropping pad columns no row needs)."""
-        return KVCache.from_tensors(
-            [(k.index_select(0, rows)[:, :, start:].contiguous(), v.index_select(0, rows)[:, :, start:].contiguous())
-             for k, v in self.tensors()], self.max_length)
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, rows)[:, :, start:].contiguous()
+        return KVCache.from_tensors([None if pair is None else (keep(pair[0]), keep(pair[1]))
+                                     for pair in self.tensors()], self.length - start, self.max_length)
 
     @staticmethod
     def merge(a: "KVCache", b: "KVCache", max_length: int) -> "KVCache":
@@ -101,7 +107,10 @@ class KVCache(Cache):
         length = max(a.length, b.length)
         capacity = grown(length, length, max_length)
         cache = KVCache(len(a.layers), max_length)
-        for layer, (ka, va), (kb, vb) in zip(cache.layers, a.tensors(), b.tensors()):
+        for layer, pair_a, pair_b in zip(cache.layers, a.tensors(), b.tensors()):
+            if pair_a is None or pair_b is None:  # a layer keeping no keys and values keeps none in either
+                continue
+            (ka, va), (kb, vb) = pair_a, pair_b
             rows = ka.shape[0] + kb.shape[0]
             # a value's width is its own (multi-head latent attention caches keys and values of different widths)
             k = ka.new_zeros(rows, ka.shape[1], capacity, ka.shape[3])

@@ -3,10 +3,12 @@
 transformers' longrope rotary embedding (Phi-3-mini-128k, Phi-3.5, Phi-4-mini, Phi-3.5-MoE) picks its short or long
 factors (and, for Phi-3.5-MoE, its scale) from `max(position_ids) + 1 > original_max_position_embeddings` over the
 whole forward call, so in a batch one row past the original length switched every row to the long factors. The
-wrapper installed here runs the model's own rotary forward twice, once on the positions as given (long factors
-wherever any row wants them) and once with the long rows' positions zeroed (short factors for everyone), and gives
-each row the result of its own choice: its own largest position + 1 against the original length, as HF decides for
-that request alone. Pad positions are 0 (server/batch.py), so they never raise a row's choice. No host sync is added.
+wrapper installed here runs the model's own rotary forward twice, once with one more position equal to the original
+length (long factors for every row; that column is dropped) and once with the long rows' positions zeroed (short
+factors for everyone), and gives each row the result of its own choice: its own largest position + 1 against the
+original length, as HF decides for that request alone, or, while a prompt runs in chunks (LongRope.whole_prompts),
+its whole prompt's length, as HF decides in one pass. Pad positions are 0 (server/batch.py), so they never raise a
+row's choice. No host sync is added.
 
 HF generate for the Phi-3 families also drops the KV cache when a sequence first passes the original length
 (`prepare_inputs_for_generation`: the cached keys were rotated with the short factors) and recomputes the whole

@@ -110,7 +110,7 @@ def test_unmaskable_attention_is_refused_at_start(tmp_path, arch, overrides, nee
 
 
 @pytest.mark.parametrize("arch,needle", [
-    ("rwkv", r"layers \[0, 1\] of the model keep no keys and values in the KV cache"),  # it ignores the cache
+    ("rwkv", "no layer of the model keeps keys and values in the KV cache"),  # it ignores the cache
     ("recurrent_gemma", "linear_attention layers"),  # its layer_types is an alias (attribute_map)
     ("mamba", "linear_attention layers"),  # its layer_types is a property
     ("xlstm", "the model's forward fails with this server's KV cache and attention masks"),
@@ -169,3 +169,28 @@ def test_attention_models_pass_the_cache_check_in_every_dtype(model_dirs, tmp_pa
     context, shapes = inject(base.model)
     bank = SlotBank(shapes, num_slots=1, max_rank=4, device=torch.device("cpu"), dtype=getattr(torch, dtype))
     Runner(base.model, context, bank, base.pad_token_id, base.max_context).check_cache()
+
+
+def test_layers_sharing_keys_and_values_are_served_as_one_batch(tmp_path):
+    """Gemma-3n's and Gemma-4's last layers read keys and values an earlier layer cached and keep none of their own:
+    the start-up check refused them as recurrent, and before it a row joining or leaving a batch failed (INTERNAL)."""
+    model = build_model_dir(tmp_path / "gemma4", "gemma4_text", seed=0, num_hidden_layers=4, sliding_window=16,
+                            layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+                            head_dim=16, global_head_dim=16, hidden_size_per_layer_input=8,
+                            vocab_size_per_layer_input=259)
+    server = start_server(model, None)
+    hf = AutoModelForCausalLM.from_pretrained(model).eval()
+    lengths = [9, 3, 6]  # rows leave the batch at different steps
+
+    async def together():
+        async with AsyncClient(server.target, timeout=60) as client:
+            first = asyncio.create_task(client.generate(PROMPTS[0], max_new_tokens=lengths[0], ignore_eos=True))
+            await asyncio.sleep(0.2)  # the others join it running
+            rest = [client.generate(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS[1:], lengths[1:])]
+            return [list(r.token_ids) for r in await asyncio.gather(first, *rest)]
+    try:
+        for prompt, n, tokens in zip(PROMPTS, lengths, asyncio.run(together())):
+            assert hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)[0, len(prompt):].tolist() == tokens
+    finally:
+        server.stop()

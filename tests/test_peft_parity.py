@@ -40,6 +40,10 @@ CASES = {
                        rank_pattern={"transformer.h.0.mlp.c_fc": 3}),
         "c_attn-pissa": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
                              init_lora_weights="pissa"),
+        # PEFT's OLoRA takes the QR of the Conv1D weight as stored, (d_in, d_out): square c_proj only (PEFT's own
+        # init fails on the others)
+        "c_proj-olora": dict(r=4, lora_alpha=8, target_modules=["attn.c_proj"], fan_in_fan_out=True,
+                             init_lora_weights="olora"),
     },
 }
 PROMPTS = [[5, 17, 99, 3, 42, 8, 120], [200, 11], [64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74]]

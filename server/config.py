@@ -85,8 +85,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
            "requests wait for room (0: max-batch-size x context)")
     a("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
       help="prompt tokens (rows x longest prompt, as padded) one step prefills; later arrivals wait for the "
-           "next step, and a longer prompt is prefilled alone, this many tokens a step (none is admitted meanwhile), "
-           "so running streams get a token between two such chunks, never wait for a whole long prompt")
+           "next step, and a longer prompt is prefilled alone, this many tokens a step (shorter requests still join "
+           "meanwhile), so running streams get a token between two such chunks, never wait for a whole long prompt")
     a("--max-adapter-bytes", type=int, default=d.max_adapter_bytes, help="largest adapter weights file accepted")
     a("--auth-token-file", default=d.auth_token_file,
       help="file of bearer tokens (one per line) required on every RPC except health and reflection")

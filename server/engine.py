@@ -1,8 +1,8 @@
 """The engine thread: owns the model and runs continuous batching.
 
 Each iteration: take new requests and control calls, drop cancelled rows, admit waiting requests
-(acquiring device slots), prefill the newcomers (a long prompt one chunk per iteration) and merge them
-into the running batch, run one decode step for every row, sample, push tokens to the requests' sinks,
+(acquiring device slots), prefill the newcomers (a long prompt one chunk per iteration, shorter ones
+joining meanwhile) and merge them into the running batch, run one decode step for every row, sample, push tokens to the requests' sinks,
 retire finished rows. Requests join and leave between steps. An exception in a step fails only that
 step's requests.
 """
@@ -207,9 +207,11 @@ class Engine:
     def _iterate(self) -> None:
         self._take_inbox()
         self._drop_cancelled()
-        newcomers = self._admit() if self._prefilling is None else []
-        if newcomers or self._prefilling is not None:
+        newcomers = self._admit()
+        if newcomers:
             self._prefill(newcomers)
+        if self._prefilling is not None:
+            self._advance(self._prefilling)
         if self._batch is not None:
             self._decode()
         elif self._prefilling is None:
@@ -281,16 +283,18 @@ class Engine:
         return _plan([r.state.request for r in self._rows()] + newcomers)
 
     def _admit(self) -> list[Row]:
-        room = self.config.max_batch_size - (len(self._batch) if self._batch else 0)
+        room = self.config.max_batch_size - len(self._rows())
         admitted, skipped = [], deque()
         while self._waiting and len(admitted) < room:
             request = self._waiting[0]
             candidates = [r.state.request for r in admitted] + [request]
-            if (admitted or self._batch) and self._kv_plan(candidates)[1] > self.config.max_kv_tokens:
+            if (admitted or self._rows()) and self._kv_plan(candidates)[1] > self.config.max_kv_tokens:
                 break  # first come, first served: later requests wait too, so a large one is never starved
-            if admitted and len(candidates) * max(len(r.prompt_ids) for r in candidates) > \
-                    self.config.max_prefill_tokens:
-                break  # the rest next step: running rows get a token between prefills, not after all of them
+            # The rest next step: running rows get a token between prefills, not after all of them. While a long
+            # prompt runs in chunks, only a group that one prefill runs whole joins (a second long one waits).
+            if (admitted or self._prefilling is not None) and \
+                    len(candidates) * max(len(r.prompt_ids) for r in candidates) > self.config.max_prefill_tokens:
+                break
             self._waiting.popleft()
             if skipped and request.adapter is not None:
                 # An earlier request waits for a slot to drain: a row joining any slot would keep it busy longer,
@@ -320,39 +324,54 @@ class Engine:
         return admitted
 
     def _prefill(self, newcomers: list[Row]) -> None:
-        """Start prefilling `newcomers`, or go on with the rows prefilling: run the next chunk of their prompts, at
-        most --max-prefill-tokens padded tokens, so the running rows get a token between the chunks of a long
-        prompt; once all ran, sample and join the running batch."""
-        rows = newcomers or self._prefilling.rows
+        """Start prefilling `newcomers`: a group within --max-prefill-tokens runs whole in this iteration, a longer
+        prompt becomes the one prefilling (`_prefilling`) and runs a chunk an iteration. While it runs, groups
+        that fit one prefill still join, so an iteration prefills at most twice --max-prefill-tokens."""
+        try:  # gathers the rows' factors: can run out of memory
+            job = self.runner.start_prefill(newcomers)
+        except Exception as exc:
+            self._fail_prefill(newcomers, exc)
+            return
+        if self._prefilling is None:
+            self._prefilling = job  # the caller advances it
+        else:
+            self._advance(job)
+
+    def _advance(self, job: Prefill) -> None:
+        """Run `job`'s next chunk: at most --max-prefill-tokens padded tokens, so the running rows get a token
+        between the chunks of a long prompt; once all ran, sample and join the running batch."""
+        rows = job.rows
         start = time.monotonic()
         try:
-            if newcomers:  # gathers the rows' factors: can run out of memory
-                self._prefilling = self.runner.start_prefill(newcomers)
-            job = self._prefilling
             logits = self.runner.advance(job, max(1, self.config.max_prefill_tokens // len(rows)))
             if logits is not None:
                 logits, broken = _set_aside_non_finite(logits)
-                tokens = sample(logits, [r.state.request.sampling for r in rows],
-                                [r.state.generator for r in rows])
+                tokens = sample(logits, [r.state.request.sampling for r in rows], [r.state.generator for r in rows])
                 # allocates the joined cache: can run out of memory too
-                self._prefilling = None  # (the planned peak below counts the running batch plus these rows)
+                running = [r.state.request for r in (self._batch.rows if self._batch else [])]
                 merged = self.runner.merge(self._batch, self.runner.prefilled(job),
-                                           self._kv_plan([r.state.request for r in rows])[0])
+                                           _plan(running + [r.state.request for r in rows])[0])
         except Exception as exc:
-            log.exception("prefill failed for %d requests", len(rows))
-            for row in rows:
-                self._fail_row(row, exc)
-            self._prefilling = None
-            self._report()
+            self._fail_prefill(rows, exc)
             return
         self.metrics.step_time.labels("prefill").observe(time.monotonic() - start)
         if logits is None:
             self._report()
             return
+        if job is self._prefilling:
+            self._prefilling = None
         self.metrics.batch_size.labels("prefill").observe(len(rows))
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
         self._batch = merged
         self._emit(rows, tokens, first=True, broken=broken)
+        self._report()
+
+    def _fail_prefill(self, rows: list[Row], exc: Exception) -> None:
+        log.exception("prefill failed for %d requests", len(rows))
+        for row in rows:
+            self._fail_row(row, exc)
+        if self._prefilling is not None and self._prefilling.rows is rows:
+            self._prefilling = None
         self._report()
 
     def _decode(self) -> None:

@@ -376,6 +376,28 @@ def test_a_long_prompt_prefilled_in_chunks_gives_its_tokens_and_a_cancel_stops_i
             metrics = scrape(server)
             assert metrics["loraplex_num_requests_running"] == 0 and metrics["loraplex_kv_cache_bytes"] == 0
             assert list(client.generate(prompt, max_new_tokens=6, ignore_eos=True).token_ids) == want
+            short = [5, 6, 7]
+            short_alone = list(client.generate(short, max_new_tokens=3, ignore_eos=True).token_ids)
+
+        async def short_during_long():  # a request that one prefill runs whole joins while the long one chunks
+            async with AsyncClient(server.target, timeout=60) as client:
+                done = {}
+
+                async def long_stream():
+                    tokens = []
+                    async for message in client.generate_stream(prompt, max_new_tokens=6, ignore_eos=True):
+                        done.setdefault("long's first token", time.monotonic())
+                        tokens += message.token_ids
+                    return tokens
+                chunks.clear()
+                long = asyncio.create_task(long_stream())
+                assert await asyncio.to_thread(wait_for, lambda: len(chunks) >= 2)
+                quick = list((await client.generate(short, max_new_tokens=3, ignore_eos=True)).token_ids)
+                done["short"] = time.monotonic()
+                return await long, quick, done
+        long_tokens, short_tokens, done = asyncio.run(short_during_long())
+        assert (long_tokens, short_tokens) == (want, short_alone)
+        assert done["short"] < done["long's first token"]  # it did not wait for the long prompt's last chunk
     finally:
         server.stop()
 

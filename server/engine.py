@@ -2,9 +2,9 @@
 
 Each iteration: take new requests and control calls, drop cancelled rows, admit waiting requests
 (acquiring device slots), prefill the newcomers (a long prompt one chunk per iteration, shorter ones
-joining meanwhile) and merge them into the running batch, run one decode step for every row, sample, push tokens to the requests' sinks,
-retire finished rows. Requests join and leave between steps. An exception in a step fails only that
-step's requests.
+joining meanwhile) and merge them into the running batch, run one decode step for every row, sample,
+push tokens to the requests' sinks, retire finished rows. Requests join and leave between steps. An
+exception in a step fails only that step's requests.
 """
 from __future__ import annotations
 
@@ -271,7 +271,6 @@ class Engine:
                 self.bank.release(row.slot)
             self._prefilling = None
             self._report()
-        # (a prefilling row cancelled beside others leaves when its prefill is done: its next step drops it)
         if self._batch is not None and any(r.state.request.cancelled for r in self._batch.rows):
             for row in self._batch.rows:
                 if row.state.request.cancelled:
@@ -358,11 +357,11 @@ class Engine:
         if logits is None:
             self._report()
             return
+        self._batch = merged  # before the prefill is cleared: idle() (any thread) never sees neither
         if job is self._prefilling:
             self._prefilling = None
         self.metrics.batch_size.labels("prefill").observe(len(rows))
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
-        self._batch = merged
         self._emit(rows, tokens, first=True, broken=broken)
         self._report()
 

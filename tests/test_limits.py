@@ -356,7 +356,7 @@ def test_a_long_prompt_prefilled_in_chunks_gives_its_tokens_and_a_cancel_stops_i
 
     def slow(job, columns):  # 12 chunks of 8 columns (the last 2): slow enough to cancel between two
         chunks.append(job.length)
-        time.sleep(0.05)
+        time.sleep(0.08)
         return advance(job, columns)
     runner.advance = slow
     try:

@@ -5,6 +5,8 @@ import re
 from pathlib import Path
 
 import logging
+import threading
+from collections import OrderedDict
 
 import torch
 
@@ -42,8 +44,9 @@ def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Modul
         if rebuilt is not None:
             check_rank(adapter_id, module, 2 * r, ctx, f"rank {r} + {r} (its {rebuilt} residual base, served as a "
                                                          f"second term on the base weights)")
-            extra_a, extra_b = residual_term(rebuilt, ctx.base_weight(module), r, scale,
-                                             bool(config.get("fan_in_fan_out", False)))
+            variant = (rebuilt, r, scale, bool(config.get("fan_in_fan_out", False)))
+            compute = lambda: residual_term(rebuilt, ctx.base_weight(module), *variant[1:])  # noqa: E731
+            extra_a, extra_b = ctx.residuals.get(variant, module, compute) if ctx.residuals else compute()
             a, b = torch.cat([a, extra_a]), torch.cat([b, extra_b], dim=1)
         else:
             check_rank(adapter_id, module, r, ctx)
@@ -82,6 +85,29 @@ def residual_term(init: str, weight: torch.Tensor, r: int, scale: float,
         q, upper = torch.linalg.qr(weight)
         a, b = upper[:r], -scale * q[:, :r]
     return a.float().cpu(), b.float().cpu()  # the weight may live on the GPU; factors are kept on the host
+
+
+class ResidualCache:
+    """The residual terms of the PiSSA/OLoRA adapters read last, by settings (init, rank, scale, layout): reading one
+    again (after an eviction) or another with the same settings takes no SVD or QR. Holds the terms of at most
+    `variants` settings, each as large as an adapter of that rank; reads on several threads share it."""
+
+    def __init__(self, variants: int = 4) -> None:
+        self._variants = variants
+        self._terms: OrderedDict[tuple, dict[str, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, variant: tuple, module: str, compute) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            found = self._terms.get(variant, {}).get(module)
+        if found is None:
+            found = compute()  # outside the lock: an SVD takes seconds (two reads may both compute one)
+        with self._lock:
+            self._terms.setdefault(variant, {})[module] = found
+            self._terms.move_to_end(variant)
+            while len(self._terms) > self._variants:
+                self._terms.popitem(last=False)
+        return found
 
 
 def save_lora(modules: dict, out: Path, config: dict) -> None:

@@ -352,13 +352,14 @@ class LoadContext:
     max_heads: int = 8  # HydraLoRA heads a slot's router holds
     base_weight: Callable[[str], torch.Tensor] | None = None
     max_bytes: int | None = None  # the weights file's limit (--max-adapter-bytes), checked on the open file
+    residuals: object | None = None  # a lora_files.ResidualCache the server keeps across reads
 
 
 def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], max_rank: int,
                  load_serial: int, max_heads: int = 8,
                  base_weight: Callable[[str], torch.Tensor] | None = None,
                  config: dict | None = None, max_bytes: int | None = None,
-                 factor_dtype: torch.dtype = torch.float32) -> CanonicalAdapter:
+                 factor_dtype: torch.dtype = torch.float32, residuals=None) -> CanonicalAdapter:
     """Dispatch on peft_type to the kind's reader; each returns the canonical form. `config` replaces the
     directory's adapter_config.json (e.g. `loraplex merge` choosing another merge method); `max_bytes` bounds
     the weights file, checked before it is read; `factor_dtype` is what the slots store factors in (fp16 overflows
@@ -373,7 +374,7 @@ def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], ma
                                  f"(supported: {', '.join(readers)})")
     refuse_unservable(config, adapter_id)
     check_config_values(config, adapter_id)
-    context = LoadContext(max_rank, max_heads, base_weight, max_bytes)
+    context = LoadContext(max_rank, max_heads, base_weight, max_bytes, residuals)
     adapter = readers[peft_type](path, adapter_id, config, shapes, context, load_serial)
     check_finite_factors(adapter, factor_dtype)
     return adapter

@@ -21,6 +21,7 @@ from adapters.slot_bank import SlotBank
 from loader.base_model import UnservableModel, load_base_model
 from loader.default_model import default_adapter_root
 from loader.inject import base_weight, inject, unmatched_problem
+from loader.lora_files import ResidualCache
 from loader.peft_files import read_adapter
 from loader.registry import AdapterRegistry
 from loader.state_file import UnreadableStateFile
@@ -154,6 +155,7 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
                     EngineConfig(config.max_batch_size, config.max_queue_size, limits.max_kv_tokens,
                                  config.max_prefill_tokens), metrics)
     by_name = {s.name: s for s in shapes}
+    residuals = ResidualCache()  # PiSSA/OLoRA terms: an adapter read again after an eviction takes no SVD again
 
     def read(path: Path, adapter_id: str, serial: int):
         start = time.monotonic()
@@ -162,7 +164,7 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
             adapter = run_isolated(lambda: read_adapter(
                 path, adapter_id, by_name, config.max_lora_rank, serial, config.max_hydra_heads,
                 base_weight=lambda name: base_weight(base.model, name), max_bytes=config.max_adapter_bytes,
-                factor_dtype=factor_dtype))
+                factor_dtype=factor_dtype, residuals=residuals))
             result = "ok"
             return adapter
         finally:

@@ -113,3 +113,28 @@ def test_greedy_tokens_match_peft_generate_through_server(model_dirs, adapter_ro
             assert changed > 0, "no adapter changed any greedy output: the comparison would be vacuous"
     finally:
         server.stop()
+
+
+def test_a_pissa_adapter_read_again_takes_no_svd_again(model_dirs, adapter_roots, monkeypatch):
+    """The registry reads an adapter again after an eviction: its residual terms (an SVD or QR of every adapted
+    weight, minutes for a large model on a CPU) come from the server's cache, equal to those computed."""
+    from loader import lora_files
+    base = load_base_model(str(model_dirs["llama"]), "cpu", "float32")
+    _, shapes = inject(base.model)
+    computed = []
+    real = lora_files.residual_term
+    monkeypatch.setattr(lora_files, "residual_term", lambda *args: computed.append(args[0]) or real(*args))
+    cache = lora_files.ResidualCache(variants=1)
+
+    def read(adapter_id):
+        return read_adapter(adapter_roots["llama"] / adapter_id, adapter_id, {s.name: s for s in shapes}, 16, 1,
+                            base_weight=lambda name: base_weight(base.model, name), residuals=cache)
+    first = read("pissa-r4")
+    modules = len(computed)
+    again = read("pissa-r4")
+    assert modules == len(first.modules) and len(computed) == modules  # nothing computed the second time
+    for name, f in first.modules.items():
+        assert torch.equal(again.modules[name].a, f.a) and torch.equal(again.modules[name].b, f.b)
+    olora = read("olora-rslora")  # other settings: computed, and with room for one they push the PiSSA terms out
+    read("pissa-r4")
+    assert len(computed) == 2 * modules + len(olora.modules)

@@ -26,12 +26,15 @@ class Metrics:
                              registry=r)
         self.queue_time = Histogram(p + "request_queue_time_seconds", "Arrival to admission into the batch.",
                                     buckets=REQUEST_BUCKETS, registry=r)
-        self.running = Gauge(p + "num_requests_running", "Requests in the running batch.", registry=r)
+        self.running = Gauge(p + "num_requests_running", "Requests holding a row: running, or prefilling.", registry=r)
         self.waiting = Gauge(p + "num_requests_waiting", "Requests waiting for admission.", registry=r)
         sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch_size] + [max_batch_size]
-        self.batch_size = Histogram(p + "batch_size", "Rows per forward pass.", ["phase"], buckets=sizes, registry=r)
-        self.step_time = Histogram(p + "step_duration_seconds", "Forward pass plus sampling.", ["phase"],
-                                   buckets=ITL_BUCKETS, registry=r)
+        self.batch_size = Histogram(p + "batch_size",
+                                    "Rows per decode step, or per prefill (once, when its rows join).",
+                                    ["phase"], buckets=sizes, registry=r)
+        self.step_time = Histogram(p + "step_duration_seconds",
+                                   "A decode step, or one chunk of a prefill (its last with sampling and the join).",
+                                   ["phase"], buckets=ITL_BUCKETS, registry=r)
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens prefilled.", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated.", registry=r)
         self.success = Counter(p + "request_success", "Finished requests.", ["finished_reason"], registry=r)

@@ -147,10 +147,10 @@ class Trainer:
             batches = [order[i:i + s.batch_size] for i in range(0, len(order), s.batch_size)]
             while position < len(batches) and step < total:
                 if pending == 0:  # an optimizer step's micro-batches: --grad-accum of them, or the epoch's last
-                    micro = batches[position:position + s.grad_accum]
-                    labelled = sum(_labelled(train[i]) for indices in micro for i in indices)
-                    window = 0.0
-                n = sum(_labelled(train[i]) for i in batches[position])
+                    counts = [sum(_labelled(train[i]) for i in indices)
+                              for indices in batches[position:position + s.grad_accum]]
+                    labelled, window = sum(counts), 0.0
+                n = counts[pending]
                 batch = {k: v.to(self.device) for k, v in collate([train[i] for i in batches[position]],
                                                                    self.pad_id).items()}
                 position += 1
@@ -159,7 +159,7 @@ class Trainer:
                 # The step's loss is the mean over all its labelled tokens, as one batch of all its examples gives
                 # (HF Trainer's rule since transformers 4.46), however they split into micro-batches; a kind's
                 # regulariser counts once per step (the mean of its micro-batches' values).
-                terms = ([loss * (n / labelled)] if n else []) + ([extra / len(micro)] if extra is not None else [])
+                terms = ([loss * (n / labelled)] if n else []) + ([extra / len(counts)] if extra is not None else [])
                 if terms:
                     sum(terms).backward()
                 tokens += int(batch["attention_mask"].sum())

@@ -1,12 +1,11 @@
 """PEFT LoRA -> canonical form: A as is, B scaled by alpha/r (or alpha/sqrt(r)), per-module patterns resolved."""
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import logging
+import re
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
@@ -46,7 +45,7 @@ def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Modul
                                                          f"second term on the base weights)")
             variant = (rebuilt, r, scale, bool(config.get("fan_in_fan_out", False)))
             compute = lambda: residual_term(rebuilt, ctx.base_weight(module), *variant[1:])  # noqa: E731
-            extra_a, extra_b = ctx.residuals.get(variant, module, compute) if ctx.residuals else compute()
+            extra_a, extra_b = compute() if ctx.residuals is None else ctx.residuals.get(variant, module, compute)
             a, b = torch.cat([a, extra_a]), torch.cat([b, extra_b], dim=1)
         else:
             check_rank(adapter_id, module, r, ctx)

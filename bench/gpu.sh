@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, for a lent GPU machine (see bench/RESULTS.md for earlier runs). That machine has
-# python3 and a CUDA torch but not our other dependencies and no registry: carry wheels for its Python in
-# .whl/ (grpcio, grpcio-health-checking, grpcio-reflection, protobuf, transformers, tokenizers, peft) and
-# the generated stubs (protos/loraplex/v1/*_pb2*.py, from `make protos`), e.g. with the device tool:
+# python3 (3.12) with a CUDA torch and triton but not our pinned packages and no registry: first run
+# `bash bench/gpu_wheels.sh` here (wheels in .whl/, gRPC stubs), then with the device tool:
 #   run(command="bash bench/gpu.sh", carry=[".whl", "protos/loraplex/v1/inference_pb2.py",
-#       "protos/loraplex/v1/inference_pb2_grpc.py"])
+#       "protos/loraplex/v1/inference_pb2_grpc.py"], timeout_s=540)
 # Output goes to $OUT (or ./gpu-results) for RESULTS.md.
 set -euo pipefail
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$out/gpu.txt"

@@ -8,6 +8,8 @@ from enum import Enum
 
 import torch
 
+from adapters.targets import SlowPattern, pattern_matches
+
 
 class AdapterKind(Enum):
     LORA = "lora"
@@ -83,9 +85,13 @@ def pattern_regex(key: str) -> re.Pattern:
     return re.compile(rf"(.*\.)?({key})$")
 
 
-def resolve_pattern(pattern: dict | None, module: str, default):
-    """PEFT's per-module override rule: the first key (a regex) matching `(.*\\.)?(key)$` wins."""
+def resolve_pattern(pattern: dict | None, module: str, default, what: str = "rank_pattern"):
+    """PEFT's per-module override rule: the first key (a regex) matching `(.*\\.)?(key)$` wins (SlowPattern naming
+    `what` and the key where one runs too long)."""
     for key, value in (pattern or {}).items():
-        if pattern_regex(key).match(module):
-            return value
+        try:
+            if pattern_matches(what, pattern_regex(key).pattern, module, full=False):
+                return value
+        except SlowPattern:
+            raise SlowPattern(f"{what} key", key, module) from None
     return default

@@ -3,23 +3,48 @@ from __future__ import annotations
 
 import re
 
+import regex
 from torch import nn
 
 ALL_LINEAR = "all-linear"
 _NAME = re.compile(r"[\w.-]+")  # what a module path is made of (a regex's *, [, ( or \\ never is)
+# An adapter config's patterns are matched against every module path of the model. Python's re backtracks without
+# bound and holds the GIL meanwhile: one config's target_modules "(.*)*x" froze the whole server, health checks
+# included. The regex module reads the same syntax, releases the GIL (concurrent) and stops after a time limit (CPU
+# seconds of the match; the wall clock runs longer on a busy machine); a real
+# pattern takes microseconds on a module path.
+MATCH_SECONDS = 0.25
+
+
+class SlowPattern(Exception):
+    """A config's pattern (`what` names where it stands) ran past MATCH_SECONDS on one module path."""
+
+    def __init__(self, what: str, pattern: str, name: str) -> None:
+        super().__init__(f"{what} {pattern!r} took over {MATCH_SECONDS} s to match module path {name!r}")
+        self.what, self.pattern, self.name = what, pattern, name
+
+
+def pattern_matches(what: str, pattern: str, name: str, full: bool = True) -> bool:
+    """`pattern` against module path `name` (re's syntax and semantics: fullmatch, or match at the start), within
+    MATCH_SECONDS; SlowPattern past that."""
+    try:
+        found = (regex.fullmatch if full else regex.match)(pattern, name, timeout=MATCH_SECONDS, concurrent=True)
+    except TimeoutError:
+        raise SlowPattern(what, pattern, name) from None
+    return found is not None
 
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def matches(spec: str | list[str] | None, name: str) -> bool:
+def matches(spec: str | list[str] | None, name: str, what: str = "target_modules") -> bool:
     """A string is a full-match regex (or 'all-linear', in any case, as PEFT reads it); a list matches a name or its
-    dotted suffix."""
+    dotted suffix. `what` names the spec in a SlowPattern."""
     if spec is None:
         return False
     if isinstance(spec, str):
-        return spec.lower() == ALL_LINEAR or re.fullmatch(spec, name) is not None
+        return spec.lower() == ALL_LINEAR or pattern_matches(what, spec, name)
     return any(name == t or name.endswith("." + t) for t in spec)
 
 

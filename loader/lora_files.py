@@ -34,7 +34,7 @@ def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Modul
     for module, ab in sorted(parts.items()):
         shape = shapes[module]
         r = int(resolve_pattern(config.get("rank_pattern"), module, r_default))
-        alpha = float(resolve_pattern(config.get("alpha_pattern"), module, alpha_default))
+        alpha = float(resolve_pattern(config.get("alpha_pattern"), module, alpha_default, "alpha_pattern"))
         why = f"rank {r} from the config, base module {shape.d_in}->{shape.d_out}"
         check_shape(adapter_id, f"{module}.lora_A.weight", ab["A"].shape, (r, shape.d_in), why)
         check_shape(adapter_id, f"{module}.lora_B.weight", ab["B"].shape, (shape.d_out, r), why)

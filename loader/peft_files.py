@@ -17,7 +17,7 @@ from safetensors.torch import save
 
 from adapters.canonical import CanonicalAdapter, pattern_regex
 from adapters.slot_bank import ModuleShape
-from adapters.targets import matches
+from adapters.targets import MATCH_SECONDS, SlowPattern, matches
 from loader import json_input
 from loader.tensor_bytes import TensorFileError, read_tensors_from
 from server.errors import FailedPrecondition
@@ -130,7 +130,8 @@ def read_tensors(path: Path, adapter_id: str, max_bytes: int | None = None) -> d
 
 
 def _targets(config: dict, module: str) -> bool:
-    return matches(config.get("target_modules"), module) and not matches(config.get("exclude_modules"), module)
+    return matches(config.get("target_modules"), module) and \
+        not matches(config.get("exclude_modules"), module, "exclude_modules")
 
 
 # PEFT's LoraConfig/AdaLoraConfig keys that the readers serve exactly, or that only shape training or the
@@ -375,6 +376,12 @@ def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], ma
     refuse_unservable(config, adapter_id)
     check_config_values(config, adapter_id)
     context = LoadContext(max_rank, max_heads, base_weight, max_bytes, residuals)
-    adapter = readers[peft_type](path, adapter_id, config, shapes, context, load_serial)
+    try:
+        adapter = readers[peft_type](path, adapter_id, config, shapes, context, load_serial)
+    except SlowPattern as exc:
+        raise FailedPrecondition(
+            f"adapter {adapter_id!r}: config {exc.what} {exc.pattern!r} took over {MATCH_SECONDS} s to match the "
+            f"module path {exc.name!r} (nested repetition backtracks without bound); PEFT matches it as a regex "
+            f"against every module path: write it without nested repetition, or list the module names") from None
     check_finite_factors(adapter, factor_dtype)
     return adapter

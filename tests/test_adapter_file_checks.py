@@ -15,6 +15,9 @@ from tests.helpers import make_hydra_model, make_peft_adapter, make_reslora_mode
 
 C = grpc.StatusCode
 PROMPT = [5, 17, 99, 3, 42]
+# Overlapping alternatives under a repetition: Python's re backtracked through ~1.8^31 ways of splitting a module path
+# (with the GIL held: the whole server froze); the readers stop it at a deadline.
+SLOW = r"([\w.]|[\w.]{2}|[\w.]{3})+[^\w.]"
 Q0, Q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
 V0, V1 = "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"
 
@@ -37,6 +40,10 @@ REFUSED = {
     "pattern-bad-rank": "rank_pattern key 'q_proj(' is not a valid regular expression",
     "pattern-bad-alpha": "alpha_pattern key 'v_proj)' is not a valid regular expression",
     "fp8-nan": "contains NaN or Inf",
+    "pattern-slow-targets": f"config target_modules {SLOW!r} took over 0.25 s to match the module path",
+    "pattern-slow-exclude": f"config exclude_modules {SLOW!r} took over 0.25 s to match the module path",
+    "pattern-slow-rank": f"config rank_pattern key {SLOW!r} took over 0.25 s to match the module path",
+    "pattern-slow-alpha": f"config alpha_pattern key {SLOW!r} took over 0.25 s to match the module path",
     "res-structure-list": "structure must be one of",
     "res-stats-string": "statistics must be an object",
     "res-stats-list": "statistics must be an object",
@@ -65,6 +72,10 @@ def adapter_root(model_dirs, tmp_path_factory):
     make_peft_adapter(llama, root / "good", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     _variant(root, "good", "pattern-bad-rank", {"rank_pattern": {"q_proj(": 4}})
     _variant(root, "good", "pattern-bad-alpha", {"alpha_pattern": {"v_proj)": 2}})
+    _variant(root, "good", "pattern-slow-targets", {"target_modules": SLOW})
+    _variant(root, "good", "pattern-slow-exclude", {"exclude_modules": SLOW})
+    _variant(root, "good", "pattern-slow-rank", {"rank_pattern": {SLOW: 4}})
+    _variant(root, "good", "pattern-slow-alpha", {"alpha_pattern": {SLOW: 2}})
     _variant(root, "good", "config-nested")
     (root / "config-nested" / "adapter_config.json").write_text("[" * 200_000)
     _variant(root, "good", "header-nested")

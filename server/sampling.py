@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+NUCLEUS_START = 64  # tokens first searched for a top-p nucleus (a real model's is usually a few); x8 until it fits
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -27,29 +29,56 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits: [B, V]. Greedy rows share one argmax; only sampled rows take the per-row path, on their own
-    generator, so a seeded request draws the same tokens whatever else is in the batch."""
+    """logits: [B, V]. Greedy rows share one argmax; sampled rows are drawn together, each with one uniform from its
+    own generator, by operations that treat every row alone (max, softmax, top-k, cumulative sums: a row's values
+    are bitwise the same in any batch), so a seeded request draws the same tokens whatever else is in the batch."""
     choice = logits.argmax(dim=-1)
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if sampled:
-        choice = choice.cpu()
-        for i in sampled:
-            choice[i] = _sample_row(logits[i].float().cpu(), params[i], generators[i])
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        choice[index] = _draw(logits[index].float(), [params[i] for i in rows], [generators[i] for i in rows])
     return choice.tolist()
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of `logits` [S, V] (fp32), by inverse transform sampling of its filtered distribution."""
+    device, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
     # Shift before scaling: the best token stays at 0, so a tiny temperature sends the others to -inf (greedy in
     # the limit) instead of overflowing every logit to +-inf and the softmax to NaN.
-    logits = (logits - logits.max()) / p.temperature
-    if 0 < p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the most likely token always stays)
-        drop = (probs.cumsum(-1) - probs) >= p.top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    x = (logits - logits.amax(-1, keepdim=True)) / temperature
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(ks):
+        best = x.topk(max(ks), dim=-1).values  # sorted, best first
+        kth = best.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=device)[:, None])
+        kth[torch.tensor([k == 0 for k in ks], device=device)] = float("-inf")  # rows without top-k keep all
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = x.softmax(-1)
+    if any(p.top_p < 1.0 for p in params):
+        probs = probs.masked_fill(probs < _nucleus_bar(probs, torch.tensor([[p.top_p] for p in params],
+                                                                            device=device)), 0.0)
+    cdf = probs.cumsum(-1)  # unnormalised where top-p left tokens out: u is scaled by the total instead
+    total = cdf[:, -1:]
+    u = torch.tensor([[torch.rand((), dtype=torch.float64, generator=g).item()] for g in generators],
+                     dtype=torch.float32, device=device)
+    # the first token whose cumulative mass exceeds u * total: never one of probability 0 (its cumulative mass
+    # equals its predecessor's), and u * total stays below total, so never past the end
+    target = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
+
+
+def _nucleus_bar(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[S, 1]: per row, the probability of the last token of its nucleus (tokens at or above it are kept): the
+    most likely tokens until the mass before the next reaches top_p (the best token always stays; tokens tied
+    with the last one stay too); 0 where top_p is 1. Only the best tokens are sorted: first NUCLEUS_START, more
+    while some row's mass has not reached its top_p."""
+    vocab, off = probs.shape[-1], top_p >= 1.0
+    k = min(NUCLEUS_START, vocab)
+    while True:
+        best = probs.topk(k, dim=-1).values
+        mass = best.cumsum(-1)  # a position's mass is the same whatever k (so is the cut): a row's draw is too
+        if k == vocab or bool(((mass[:, -1:] >= top_p) | off).all()):
+            break
+        k = min(8 * k, vocab)
+    kept = 1 + (mass[:, :-1] < top_p).sum(-1, keepdim=True)  # tokens whose mass before them is below top_p
+    return best.gather(1, kept - 1).masked_fill(off, 0.0)

@@ -36,6 +36,59 @@ def test_top_k_only_draws_from_the_k_best():
     assert all(sample(logits, [params], [g])[0] in best for _ in range(200))
 
 
+def _frequencies(logits_row, params, n=20000):
+    """How often each token is drawn by `n` rows of these logits, row i seeded with i (one batch)."""
+    rows = [SamplingParams(params.temperature, params.top_k, params.top_p, seed=i) for i in range(n)]
+    tokens = sample(logits_row.expand(n, -1), rows, [make_generator(q) for q in rows])
+    return torch.bincount(torch.tensor(tokens), minlength=logits_row.shape[-1]) / n
+
+
+def _exact(logits_row, temperature, keep):
+    probs = (logits_row / temperature).softmax(-1) * keep
+    return probs / probs.sum()
+
+
+def test_sampled_tokens_follow_the_filtered_distribution():
+    """Temperature, top-k and top-p draw with the probabilities they define (20000 draws: every frequency within
+    0.015 of its probability, > 4 standard deviations), never a token they filter out."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    # softmax: 0.405 0.245 0.149 0.090 0.055 ...; the mass before the 3rd token is 0.650, before the 4th 0.799,
+    # before the 5th 0.889: top_p 0.7 keeps three tokens, 0.8 four. After top_k 3 (0.507 0.307 0.186), the mass
+    # before the 3rd is 0.814: top_p 0.75 keeps two.
+    cases = [(SamplingParams(temperature=1.0), logits > -9), (SamplingParams(temperature=2.5), logits > -9),
+             (SamplingParams(temperature=0.5, top_k=3), logits >= 1.0),
+             (SamplingParams(temperature=1.0, top_p=0.7), logits >= 1.0),
+             (SamplingParams(temperature=1.0, top_p=0.8), logits >= 0.5),
+             (SamplingParams(temperature=1.0, top_k=3, top_p=0.75), logits >= 1.5)]
+    for params, keep in cases:
+        want = _exact(logits, params.temperature, keep)
+        got = _frequencies(logits, params)
+        assert (got - want).abs().max() < 0.015, (params, got, want)
+        assert got[~keep].sum() == 0, params
+
+
+def test_a_seeded_row_draws_the_same_tokens_in_any_batch():
+    """Alone, with greedy rows, with sampled rows of every filter, first or last, in batches of 1 to 9 rows: the
+    same seed and logits give the same tokens (the draws are vectorised; each row's arithmetic is its own)."""
+    vocab = 4096
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float32)
+    torch.manual_seed(0)
+    row = -1.1 * ranks.log()[torch.randperm(vocab)]  # a real model's shape: a few likely tokens, a long tail
+    for params in [SamplingParams(0.8, 0, 1.0, 11), SamplingParams(0.8, 0, 0.9, 12), SamplingParams(1.2, 40, 0.95, 13)]:
+        def draws(others, first=True):
+            rows = [params, *others] if first else [*others, params]
+            logits = torch.cat([row[None], torch.randn(len(others), vocab) * 4]) if first else \
+                torch.cat([torch.randn(len(others), vocab) * 4, row[None]])
+            generators = [make_generator(q) for q in rows]
+            return [sample(logits, rows, generators)[0 if first else -1] for _ in range(20)]
+        alone = draws([])
+        assert len(set(alone)) > 1  # really sampled
+        flat = [SamplingParams(1.0, 0, 0.999, s) for s in range(8)]  # needs the whole vocabulary sorted
+        assert draws([SamplingParams(), SamplingParams(0.5, 5, 1.0, 1)]) == alone
+        assert draws(flat, first=False) == alone
+        assert draws([SamplingParams()] * 4, first=False) == alone
+
+
 def _stream(stop=(), max_new=50):
     tokenizer = build_tokenizer()
     return tokenizer, TextStream(tokenizer, StoppingParams(max_new, tuple(stop)), frozenset({2}))
@@ -86,6 +139,21 @@ def test_seeded_sampling_is_reproducible_inside_any_batch(server):
             results = await asyncio.gather(client.generate([5, 6, 7], **kwargs), *others)
             return list(results[0].token_ids)
     assert asyncio.run(crowded()) == alone
+
+
+def test_sampling_parameters_reach_the_draw_through_the_server(server):
+    """temperature/top_k/top_p/seed sent over gRPC change the draw as they should: seeded draws repeat, differ from
+    greedy and from each other across seeds, top_k 1 is greedy, and a tiny top_p is greedy."""
+    with Client(server.target, timeout=60) as client:
+        def tokens(**kw):
+            return list(client.generate([5, 6, 7], max_new_tokens=12, ignore_eos=True, **kw).token_ids)
+        greedy = tokens()
+        seeded = [tokens(temperature=1.5, seed=s) for s in range(4)]
+        assert tokens(temperature=1.5, seed=0) == seeded[0]
+        assert all(t != greedy for t in seeded) and len({tuple(t) for t in seeded}) == 4
+        assert tokens(temperature=1.5, top_k=1, seed=5) == greedy
+        assert tokens(temperature=1.5, top_p=1e-6, seed=5) == greedy
+        assert tokens(temperature=1.5, top_k=3, top_p=0.9, seed=0) != seeded[0]
 
 
 def test_the_client_takes_one_stop_string_whole_and_refuses_a_bytes_prompt(server):

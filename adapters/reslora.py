@@ -149,8 +149,10 @@ def merge_chain(structure: str, method: str, pre_num: int, scaling: float, a: li
                 alpha = 1.0  # x_{-1} := x_0, so the first block's merge 2·s·B_0 A_0 is exact
             elif method == "input_norm":
                 alpha = ratio(stats[n - 1]["input_norm"], stats[n]["input_norm"])
-            else:  # weight_norm: α_n = f*_{n-2} / f*_{n-1}, f*_k = ‖W_k + s B_k A_k‖_F (on a copy, never in place)
-                norm = lambda k: float((base_weights[k] + scaling * b[k] @ a[k]).norm())  # noqa: E731
+            else:  # weight_norm: α_n = f*_{n-2} / f*_{n-1}, f*_k = ‖W_k + s B_k A_k‖_F (on a copy, never in place;
+                # where the weight is: a GPU server's, not the host's factors' device)
+                norm = lambda k: float((base_weights[k].float() + (scaling * b[k] @ a[k]).to(  # noqa: E731
+                    base_weights[k].device)).norm())
                 alpha = ratio(norm(n - 2), norm(n - 1)) if n >= 2 else 1.0
             merged.append(ModuleFactors(a[n].clone(), (1 + alpha) * scaling * b[n]))
         elif method == "input_norm":  # ms on activation norms: B*_n = (1 + Σ f_{n-k} / f_n) s B_n

@@ -109,15 +109,17 @@ def read_reslora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Mo
     if method == "weight_norm" and ctx.base_weight is None:
         refuse("the weight_norm merge needs the base weights, which this loader was not given")
 
+    for chain in chains:  # before merging: a bs merge's factors grow with pre_num (the reused blocks stacked)
+        for n, module in enumerate(chain):
+            check_rank(adapter_id, module, (min(pre_num, n) + 1) * r if structure == "bs" else r, ctx,
+                       what="merged rank")
     scaling = float(config.get("lora_alpha", 8)) / r
     modules = {}
     for chain in chains:
         weights = [ctx.base_weight(m) for m in chain] if method == "weight_norm" else None
         merged = merge_chain(structure, method, pre_num, scaling, [parts[m]["A"].float() for m in chain],
                              [parts[m]["B"].float() for m in chain], [stats.get(m, {}) for m in chain], weights)
-        for module, factors in zip(chain, merged):
-            check_rank(adapter_id, module, factors.rank, ctx, what="merged rank")
-            modules[module] = factors
+        modules.update(zip(chain, merged))
     error = (config.get("merge_error") or {}).get(method)
     return CanonicalAdapter(adapter_id, AdapterKind.RESLORA, modules, load_serial=load_serial,
                             metadata={"peft_type": "RESLORA", "structure": structure, "pre_num": pre_num,

@@ -75,6 +75,36 @@ def test_input_shortcut_merge_is_exact_with_unit_alphas_and_equal_inputs():
             torch.testing.assert_close(block(x) - block.base(x), x @ f.a.t() @ f.b.t(), atol=1e-5, rtol=0)
 
 
+def test_weight_norm_merge_follows_the_merged_weights_norms():
+    """is + weight_norm from the third block on: α_n = ‖W_{n-2} + s B A‖ / ‖W_{n-1} + s B A‖, with the base
+    weights in the model's dtype (bf16 here) and the factors in fp32, each norm where its weight is."""
+    torch.manual_seed(1)
+    a = [torch.randn(3, 16) for _ in range(4)]
+    b = [torch.randn(12, 3) * 0.1 for _ in range(4)]
+    w = [torch.randn(12, 16).bfloat16() * (n + 1) for n in range(4)]  # norms that differ from block to block
+    s = 2.0
+    merged = merge_chain("is", "weight_norm", 1, s, a, b, [{}] * 4, w)
+    norm = [float((w[k].float() + s * b[k] @ a[k]).norm()) for k in range(4)]
+    for n, f in enumerate(merged):
+        alpha = norm[n - 2] / norm[n - 1] if n >= 2 else 1.0
+        torch.testing.assert_close(f.a, a[n])
+        torch.testing.assert_close(f.b, (1 + alpha) * s * b[n])
+    assert abs(norm[1] / norm[2] - 1) > 0.1  # the α of the 4th block is not 1 by chance
+
+
+def test_a_merged_rank_above_the_limit_is_refused_before_merging(model_dirs, adapters, monkeypatch):
+    """bs stacks pre_num blocks into each merged one: the rank is known from the config, so an adapter above
+    --max-lora-rank is refused before its factors are stacked (memory grew with pre_num x layers first)."""
+    import loader.reslora_files
+    from server.errors import FailedPrecondition
+    root, _ = adapters
+    base = load_base_model(str(model_dirs["llama"]), "cpu", "float32")
+    shapes = {s.name: s for s in inject(base.model)[1]}
+    monkeypatch.setattr(loader.reslora_files, "merge_chain", lambda *a: pytest.fail("merged before the check"))
+    with pytest.raises(FailedPrecondition, match="has merged rank 8, above the server.s --max-lora-rank 4"):
+        read_adapter(root / "bs2", "bs2", shapes, 4, 1)
+
+
 @pytest.mark.parametrize("adapter_id", ["is", "is-wn", "ms", "ms-ma"])
 def test_approximate_merges_are_finite_and_not_exact(model_dirs, adapters, adapter_id):
     """methods.md §7.14: the is/ms error is nonzero but bounded; record it, never gate on a value."""

@@ -13,7 +13,7 @@ from adapters.adalora import AdaLoraLinear
 from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors
 from adapters.slot_bank import ModuleShape
 from loader.peft_files import (KEY_PREFIX, PEFT_FORMAT_VERSION, LoadContext, check_rank, check_shape, group_tensors,
-                               read_tensors, require_parts, write_adapter)
+                               read_adapter_tensors, require_parts, write_adapter)
 from server.errors import FailedPrecondition
 
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[ABE])$")  # Parameters: no `.weight`
@@ -29,7 +29,7 @@ def read_adalora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Mo
         raise FailedPrecondition(f"adapter {adapter_id!r}: ADALORA lora_alpha must be > 0, got {alpha!r}")
     c = alpha / (init_r + 1e-5)
     masks = config.get("rank_pattern") or {}
-    parts = group_tensors(read_tensors(path, adapter_id, ctx.max_bytes), KEY, adapter_id, "ADALORA", shapes)
+    parts = group_tensors(read_adapter_tensors(path, adapter_id, shapes, ctx), KEY, adapter_id, "ADALORA", shapes)
     require_parts(parts, config, shapes, adapter_id, {"A": "lora_A", "B": "lora_B", "E": "lora_E"})
     modules = {}
     for module, abe in sorted(parts.items()):

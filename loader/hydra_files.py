@@ -16,7 +16,7 @@ from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors, lor
 from adapters.hydralora import HydraLoraLinear
 from adapters.slot_bank import ModuleShape
 from loader.peft_files import (KEY_PREFIX, LoadContext, check_rank, check_shape, group_tensors, write_adapter,
-                               read_tensors, require_parts)
+                               read_adapter_tensors, require_parts)
 from server.errors import FailedPrecondition
 
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.\d+\.weight"
@@ -48,7 +48,7 @@ def read_hydralora(path: Path, adapter_id: str, config: dict, shapes: dict[str, 
         raise FailedPrecondition(f"adapter {adapter_id!r}: lora_nums {heads} is above the server's "
                                  f"--max-hydra-heads {ctx.max_heads}")
     scale = lora_scaling(float(config.get("lora_alpha", 8)), r, bool(config.get("use_rslora", False)))
-    parts = group_tensors(read_tensors(path, adapter_id, ctx.max_bytes), KEY, adapter_id, "HYDRALORA", shapes)
+    parts = group_tensors(read_adapter_tensors(path, adapter_id, shapes, ctx), KEY, adapter_id, "HYDRALORA", shapes)
     names = {"A": "lora_A.weight", "route": "lora_route.weight", **({"bias": "lora_route.bias"} if bias else {}),
              **{f"B{j}": f"lora_B.{j}.weight" for j in range(heads)}}
     by_suffix = {suffix: part for part, suffix in names.items()}

@@ -12,7 +12,7 @@ import torch
 from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors, lora_scaling, resolve_pattern
 from adapters.slot_bank import ModuleShape
 from loader.peft_files import (KEY_PREFIX, PEFT_FORMAT_VERSION, LoadContext, check_rank, check_shape, group_tensors,
-                               read_tensors, require_parts, write_adapter)
+                               read_adapter_tensors, require_parts, write_adapter)
 
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 log = logging.getLogger("loraplex.adapters")
@@ -20,7 +20,7 @@ log = logging.getLogger("loraplex.adapters")
 
 def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, ModuleShape], ctx: LoadContext,
               load_serial: int) -> CanonicalAdapter:
-    parts = group_tensors(read_tensors(path, adapter_id, ctx.max_bytes), KEY, adapter_id, "LORA", shapes)
+    parts = group_tensors(read_adapter_tensors(path, adapter_id, shapes, ctx), KEY, adapter_id, "LORA", shapes)
     require_parts(parts, config, shapes, adapter_id, {"A": "lora_A.weight", "B": "lora_B.weight"})
     r_default, alpha_default = int(config.get("r", 8)), config.get("lora_alpha", 8)
     rebuilt = rebuilt_init(config)

@@ -105,10 +105,11 @@ def read_config(path: Path, adapter_id: str) -> dict:
     return config
 
 
-def read_tensors(path: Path, adapter_id: str, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, adapter_id: str, max_bytes: int | None = None,
+                 max_tensors: int | None = None) -> dict[str, torch.Tensor]:
     try:  # each tensor read into a buffer of its own: the file is held once (safetensors.torch.load held it twice)
         tensors = read_file(path, WEIGHTS_FILE, adapter_id, max_bytes, f"the server's --max-adapter-bytes {max_bytes}",
-                            read_tensors_from)
+                            lambda f, size: read_tensors_from(f, size, max_tensors))
     except TensorFileError as exc:
         raise FailedPrecondition(f"adapter {adapter_id!r}: cannot read {WEIGHTS_FILE}: {exc}") from None
     if tensors is None:
@@ -127,6 +128,13 @@ def read_tensors(path: Path, adapter_id: str, max_bytes: int | None = None) -> d
         if not torch.isfinite(t.float() if t.element_size() == 1 else t).all():
             raise FailedPrecondition(f"adapter {adapter_id!r}: tensor {key} contains NaN or Inf")
     return tensors
+
+
+def read_adapter_tensors(path: Path, adapter_id: str, shapes: dict[str, ModuleShape],
+                         ctx: "LoadContext") -> dict[str, torch.Tensor]:
+    """An adapter's weights file, holding at most the tensors of every module of the model (a HydraLoRA module's
+    are the most: A, its heads' Bs, the router and its bias)."""
+    return read_tensors(path, adapter_id, ctx.max_bytes, len(shapes) * (3 + ctx.max_heads))
 
 
 def _targets(config: dict, module: str) -> bool:

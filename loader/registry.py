@@ -172,7 +172,7 @@ class AdapterRegistry:
     def load(self, adapter_id: str, replace: bool, pin: bool | None) -> AdapterRecord:
         """pin None: a replace keeps the id's pin (a hot-swap must not make a pinned adapter evictable)."""
         path = self.path_for(adapter_id)
-        with self._id_lock(adapter_id):  # the record and the state file change together
+        with self.hold(adapter_id):  # the record and the state file change together (NOT_FOUND: no lock made)
             with self._lock:  # checked under the id's lock: of two concurrent first loads, the second is told
                 if adapter_id in self._records and not replace:
                     how = "pinned" if self._records[adapter_id].pinned else "not pinned"

@@ -14,7 +14,7 @@ from adapters.canonical import AdapterKind, CanonicalAdapter
 from adapters.reslora import MERGE_METHODS, ResLoraLinear, build_chains, chain_position, merge_chain
 from adapters.slot_bank import ModuleShape
 from loader.lora_files import KEY
-from loader.peft_files import (KEY_PREFIX, LoadContext, check_rank, check_shape, group_tensors, read_tensors,
+from loader.peft_files import (KEY_PREFIX, LoadContext, check_rank, check_shape, group_tensors, read_adapter_tensors,
                                require_parts, write_adapter)
 from server.errors import FailedPrecondition
 
@@ -90,7 +90,7 @@ def read_reslora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Mo
     for module, values in stats.items():
         if not isinstance(values, dict):
             refuse(f"statistics[{module!r}] must be an object {{input_norm, shrunk_norm}}, got {values!r:.100}")
-    parts = group_tensors(read_tensors(path, adapter_id, ctx.max_bytes), KEY, adapter_id, "RESLORA", shapes)
+    parts = group_tensors(read_adapter_tensors(path, adapter_id, shapes, ctx), KEY, adapter_id, "RESLORA", shapes)
     require_parts(parts, config, shapes, adapter_id, {"A": "lora_A.weight", "B": "lora_B.weight"})
     check_chains(chains, set(parts), refuse)
     chained = [m for chain in chains for m in chain]

@@ -17,6 +17,10 @@ import torch
 from loader import json_input
 
 MAX_HEADER = 100 * 1024 * 1024  # what safetensors itself accepts
+# Where the caller knows how many tensors a file can usefully hold: a header entry takes ~150 bytes; its parsed
+# form ~10x more, and a 100 MiB header of a million empty tensors took 1.2 GB before any name was checked.
+HEADER_BYTES_PER_TENSOR = 1024
+HEADER_METADATA_BYTES = 64 * 1024
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -26,20 +30,29 @@ class TensorFileError(ValueError):
     """Not a safetensors file this server can read; the message says where."""
 
 
-def read_tensors_from(f: BinaryIO, size: int) -> dict[str, torch.Tensor]:
-    """{name: tensor} in name order from `f`, a file of `size` bytes positioned at its start."""
+def read_tensors_from(f: BinaryIO, size: int, max_tensors: int | None = None) -> dict[str, torch.Tensor]:
+    """{name: tensor} in name order from `f`, a file of `size` bytes positioned at its start; a header with more
+    than `max_tensors` entries (or longer than theirs can be) is refused before its tensors are made."""
     head = f.read(8)
     if len(head) < 8:
         raise TensorFileError(f"{len(head)} bytes: too short for a safetensors header")
     length = int.from_bytes(head, "little")
-    if length > min(MAX_HEADER, size - 8):
+    if length > size - 8:
         raise TensorFileError(f"header length {length} does not fit the file's {size} bytes")
+    if length > MAX_HEADER:
+        raise TensorFileError(f"header length {length} is above the {MAX_HEADER} bytes safetensors accepts")
+    if max_tensors is not None and length > HEADER_METADATA_BYTES + max_tensors * HEADER_BYTES_PER_TENSOR:
+        raise TensorFileError(f"header length {length} is above what {max_tensors} tensors take "
+                              f"({HEADER_BYTES_PER_TENSOR} bytes each, {HEADER_METADATA_BYTES} for metadata)")
     try:
         header = json_input.loads(f.read(length))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TensorFileError(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise TensorFileError("header is not a JSON object")
+    count = len(header) - ("__metadata__" in header)
+    if max_tensors is not None and count > max_tensors:
+        raise TensorFileError(f"{count} tensors, above the {max_tensors} an adapter of this model can hold")
     start, data = 8 + length, size - 8 - length
     entries = sorted((_entry(name, info, data) for name, info in header.items() if name != "__metadata__"),
                      key=lambda e: e[3])

@@ -52,6 +52,8 @@ REFUSED = {
     "res-chain-mixed": "mixes module types 'model.layers.*.self_attn.q_proj' and 'model.layers.*.self_attn.v_proj'",
     "config-nested": "adapter_config.json is not valid JSON (nested too deeply",  # RecursionError before
     "header-nested": "nested too deeply",
+    "config-bigint": "adapter_config.json is not valid JSON (Exceeds the limit (4300 digits)",  # ValueError before
+    "header-many": "cannot read adapter_model.safetensors: 500 tensors, above the",
     # 4: keys the kind's reader would ignore
     "res-rslora": "use_rslora is true",
     "res-alpha-pattern": "sets alpha_pattern = {'q_proj': 64}, which RESLORA adapters do not define",
@@ -78,6 +80,11 @@ def adapter_root(model_dirs, tmp_path_factory):
     _variant(root, "good", "pattern-slow-alpha", {"alpha_pattern": {SLOW: 2}})
     _variant(root, "good", "config-nested")
     (root / "config-nested" / "adapter_config.json").write_text("[" * 200_000)
+    _variant(root, "good", "config-bigint")
+    bigint = root / "config-bigint" / "adapter_config.json"
+    bigint.write_text(bigint.read_text().replace('"lora_alpha": 8', '"lora_alpha": 1' + "0" * 5000))
+    _variant(root, "good", "header-many",  # empty tensors: a big header over no data, each entry built before
+             tensors={f"base_model.model.x{i}.lora_A.weight": torch.zeros(0) for i in range(500)})
     _variant(root, "good", "header-nested")
     header = b"[" * 200_000
     (root / "header-nested" / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)

@@ -118,6 +118,17 @@ def test_unknown_adapter_is_not_found_never_the_base_model(client):
     assert code == C.NOT_FOUND and "no-such-adapter" in details
 
 
+def test_ids_that_name_nothing_leave_nothing_behind(server, client):
+    """Not found by GenerateRequest, LoadAdapter, GetAdapter or UnloadAdapter: the registry keeps no per-id state
+    for them (LoadAdapter left a lock per made-up id, ~300 bytes each, for the life of the process)."""
+    locks = len(server.serving.registry._id_locks)
+    for i in range(20):
+        for call in (client.load_adapter, client.get_adapter, client.unload_adapter):
+            assert status_of(call, f"made-up-{i}")[0] == C.NOT_FOUND
+        assert status_of(client.generate, "hi", f"made-up-{i}")[0] == C.NOT_FOUND
+    assert len(server.serving.registry._id_locks) == locks
+
+
 @pytest.mark.parametrize("bad_id", ["../good", "a/b", "/etc", ".", "..", "x" * 200, "good\x00", "-lead"])
 def test_ids_escaping_the_root_are_invalid(client, bad_id):
     code, details = status_of(client.generate, "hi", bad_id)

@@ -54,3 +54,27 @@ def test_a_header_longer_than_the_file_and_a_file_shorter_than_checked_are_refus
     f = io.BytesIO(f.getvalue()[:-4])  # the file shrank after its size was checked
     with pytest.raises(TensorFileError, match="ends before its data"):
         read_tensors_from(f, size)
+
+
+def test_headers_beyond_what_their_tensors_or_safetensors_take_are_refused_before_parsing():
+    """A header's length is bounded by the tensors a caller can use (a million empty tensors in a 87 MiB header took
+    1.2 GB before any name was checked), by safetensors' 100 MiB, and its entries by that count."""
+    entry = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+    f = _file({f"t{i}": entry for i in range(100)}, b"")
+    assert len(read_tensors_from(io.BytesIO(f.getvalue()), len(f.getvalue()), max_tensors=100)) == 100
+    with pytest.raises(TensorFileError, match="100 tensors, above the 99 an adapter"):
+        read_tensors_from(io.BytesIO(f.getvalue()), len(f.getvalue()), max_tensors=99)
+    wide = _file({"__metadata__": {"format": "pt"}, "t": {**entry, "pad": "x" * 70_000}}, b"")
+    with pytest.raises(TensorFileError, match="is above what 2 tensors take"):
+        read_tensors_from(wide, len(wide.getvalue()), max_tensors=2)
+    huge = 100 * 1024 * 1024 + 1
+    with pytest.raises(TensorFileError, match=f"header length {huge} is above the 104857600 bytes safetensors"):
+        read_tensors_from(io.BytesIO(struct.pack("<Q", huge) + b" " * huge), huge + 8)
+
+
+def test_an_integer_too_long_for_python_is_a_header_that_is_not_json():
+    f = _file({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16)
+    raw = f.getvalue().replace(b"[4]", b"[" + b"4" * 5000 + b"]")
+    raw = struct.pack("<Q", int.from_bytes(raw[:8], "little") + 4999) + raw[8:]
+    with pytest.raises(TensorFileError, match="header is not JSON: Exceeds the limit"):
+        read_tensors_from(io.BytesIO(raw), len(raw))

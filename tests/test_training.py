@@ -246,6 +246,9 @@ def test_clear_errors(model_dirs, data, tmp_path, monkeypatch):
     bad.write_text('{"text": "fine"}\n' + "[" * 200_000 + "\n")  # a RecursionError traceback before
     with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON \(nested too deeply\)"):
         run_job(job(model_dirs, (bad, data[1]), tmp_path / "o", "lora"))
+    bad.write_text('{"text": "fine"}\n{"text": "x", "n": ' + "1" * 5000 + "}\n")  # a ValueError traceback before
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON \(Exceeds the limit \(4300 digits\)"):
+        run_job(job(model_dirs, (bad, data[1]), tmp_path / "o", "lora"))
     with pytest.raises(JobError, match="nope_proj matches no adaptable linear module.*q_proj"):
         run_job(job(model_dirs, data, tmp_path / "o", "lora", target_modules=["nope_proj"]))
     with pytest.raises(JobError, match="lm_head matches no adaptable linear module"):  # not silently dropped

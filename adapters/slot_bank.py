@@ -49,6 +49,18 @@ class AdapterContext:
         self.rows: RowFactors | None = None
 
 
+def delta_dtype(factor_dtype: torch.dtype, model_dtype: torch.dtype) -> torch.dtype:
+    """What the torch path computes an adapter's delta in: float32 factors in float32 (as PEFT keeps adapters in
+    float32 on a half-precision model: x A B in float32, added to the base output and rounded once); half-precision
+    factors in the model's dtype."""
+    return torch.float32 if factor_dtype == torch.float32 else model_dtype
+
+
+def narrowest(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype of the smallest range among `dtypes` (fp16's 65504 before bf16's and fp32's 3.4e38)."""
+    return min(dtypes, key=lambda d: torch.finfo(d).max)
+
+
 class SlotsFull(Exception):
     """Every slot is held by running rows; the request waits for one to free."""
 
@@ -67,6 +79,7 @@ class SlotBank:
         self.max_heads = max_heads
         self.device, self.dtype, self.kernel = device, dtype, kernel
         self.compute_dtype = compute_dtype or dtype
+        self.delta_dtype = delta_dtype(dtype, self.compute_dtype)
         if kernel == "native":
             from adapters.cpu_kernel import check_bank
             check_bank(device, dtype, self.compute_dtype)

@@ -36,7 +36,7 @@ class TorchRows:
         host_idx = torch.tensor(slots, dtype=torch.long)
         idx = host_idx.to(bank.device)
         ranks, heads = bank.ranks.index_select(1, host_idx), bank.heads.index_select(1, host_idx)
-        dtype = bank.compute_dtype
+        dtype = bank.delta_dtype
         a, b, route = [], [], []
         for i, (r, k, w) in enumerate(zip(ranks.amax(1).tolist(), heads.amax(1).tolist(),
                                           (ranks * heads).amax(1).tolist())):
@@ -61,8 +61,11 @@ class TorchRows:
             gate = (torch.bmm(x3.float(), route.router) + route.bias).softmax(-1).to(z.dtype)   # [B, T, K]
             shape = (batch, z.shape[1], route.j.shape[-1])
             z = z.gather(-1, route.j.expand(shape)) * gate.gather(-1, route.k.expand(shape))  # g ⊗ a: [B, T, K·r]
-        # expand, added in place into the fresh base output: one pass instead of bmm + add
-        y.view(batch, -1, y.shape[-1]).baddbmm_(z, b)
+        out = y.view(batch, -1, y.shape[-1])
+        if out.dtype == z.dtype:  # expand, added in place into the fresh base output: one pass instead of bmm + add
+            out.baddbmm_(z, b)
+        else:  # float32 factors on a half-precision model: added in float32, rounded once
+            out.copy_(torch.baddbmm(out.float(), z, b))
         return y
 
 

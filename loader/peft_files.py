@@ -332,9 +332,10 @@ def check_config_values(config: dict, adapter_id: str) -> None:
 
 
 def check_finite_factors(adapter: CanonicalAdapter, dtype: torch.dtype = torch.float32) -> None:
-    """After the config's scaling is folded in, and in the dtype the slots store factors in: a huge lora_alpha can
-    overflow fp32 (or fp16's 65504, in an fp16 bank) even when every stored tensor is finite, and a non-finite
-    factor would turn its rows' logits into NaN on every request. Routers are kept in fp32."""
+    """After the config's scaling is folded in, and in `dtype`, the narrowest the factors are stored or computed
+    in: a huge lora_alpha can overflow fp32 (or fp16's 65504, in an fp16 bank or on an fp16 model) even when every
+    stored tensor is finite, and a non-finite factor would turn its rows' logits into NaN on every request. Routers
+    are kept in fp32."""
     limit = torch.finfo(dtype).max
     for module, f in adapter.modules.items():
         for name, t, bound in (("lora_A", f.a, limit), ("lora_B x scaling", f.b, limit),
@@ -348,8 +349,8 @@ def check_finite_factors(adapter: CanonicalAdapter, dtype: torch.dtype = torch.f
             if bound is not None and peak > bound:
                 raise FailedPrecondition(
                     f"adapter {adapter.adapter_id!r}: module {module!r}: {name} reaches {peak:.4g}, "
-                    f"beyond {str(dtype).removeprefix('torch.')} (max {bound:.4g}) that this server stores factors "
-                    f"in (--adapter-dtype); check lora_alpha, or serve with float32 factors")
+                    f"beyond {str(dtype).removeprefix('torch.')} (max {bound:.4g}) that this server stores or computes "
+                    f"factors in; check lora_alpha, or serve with --adapter-dtype float32 (computed in float32)")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from adapters import cpu_kernel, triton_kernel
-from adapters.slot_bank import SlotBank
+from adapters.slot_bank import SlotBank, narrowest
 from loader.base_model import UnservableModel, load_base_model
 from loader.default_model import default_adapter_root
 from loader.inject import base_weight, inject, unmatched_problem
@@ -164,7 +164,7 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
             adapter = run_isolated(lambda: read_adapter(
                 path, adapter_id, by_name, config.max_lora_rank, serial, config.max_hydra_heads,
                 base_weight=lambda name: base_weight(base.model, name), max_bytes=config.max_adapter_bytes,
-                factor_dtype=factor_dtype, residuals=residuals))
+                factor_dtype=narrowest(factor_dtype, bank.delta_dtype), residuals=residuals))
             result = "ok"
             return adapter
         finally:

@@ -54,7 +54,7 @@ def read_jsonl(path: Path, tokenizer, max_length: int, vocab_size: int | None = 
     # gives no characters-per-token bound (see longest_token_chars).
     bound = longest_token_chars(tokenizer)
     cap = 4 * max_length * bound if bound else None
-    examples, truncated = [], 0
+    examples, truncated, merged = [], 0, 0
     for number, line in enumerate(jsonl_lines(path), start=1):
         if not line.strip():
             continue
@@ -68,12 +68,18 @@ def read_jsonl(path: Path, tokenizer, max_length: int, vocab_size: int | None = 
         problem = _not_text(record)
         if problem:
             raise DataError(f"{where}: {problem}")
+        if "text" in record and ("prompt" in record or "completion" in record):  # which loss was meant?
+            raise DataError(f"{where}: has 'text' and {'prompt' if 'prompt' in record else 'completion'}: give "
+                            f"either text (loss on every token) or prompt and completion (loss on the completion)")
         if "text" in record and isinstance(record["text"], str) and record["text"]:
             ids = tokenizer(record["text"][:cap]).input_ids + ([eos] if eos is not None else [])
             labels = list(ids)
         elif all(isinstance(record.get(k), str) for k in ("prompt", "completion")) and record["completion"]:
-            prompt = tokenizer(record["prompt"][:cap]).input_ids
-            completion = tokenizer(record["completion"][:cap], add_special_tokens=False).input_ids
+            prompt, completion = _prompt_and_completion(tokenizer, record["prompt"][:cap],
+                                                        record["completion"][:cap])
+            merged += completion is None
+            if completion is None:  # the boundary's tokens merge: the completion's own tokens after the prompt's
+                completion = tokenizer(record["completion"][:cap], add_special_tokens=False).input_ids
             completion += [eos] if eos is not None else []
             ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
         else:
@@ -91,10 +97,27 @@ def read_jsonl(path: Path, tokenizer, max_length: int, vocab_size: int | None = 
         examples.append(Example(ids, labels))
     if not examples:
         raise DataError(f"{path}: no examples")
+    if merged:
+        log.warning("%s: in %d of %d examples the prompt's last token merges with the completion's first when "
+                    "tokenized together (a prompt ending in a space?); they are trained as the prompt's tokens "
+                    "followed by the completion's own, which the model may not produce after that prompt", path,
+                    merged, len(examples))
     if truncated:  # their ends (often the EOS the model should learn to stop with) are not trained on
         log.warning("%s: %d of %d examples are longer than --max-length %d tokens and were cut to it", path,
                     truncated, len(examples), max_length)
     return examples
+
+
+def _prompt_and_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int] | None]:
+    """(the prompt's tokens, the completion's as they follow them), from the two tokenized together, as the served
+    prompt is continued: a SentencePiece tokenizer reads a completion alone as a new text ("Paris" becomes
+    "▁Paris", a space the data never had). None for the completion where the prompt's tokens are not a prefix of
+    the whole's (its last token merges with the completion's first)."""
+    prompt_ids = tokenizer(prompt).input_ids
+    whole = tokenizer(prompt + completion).input_ids
+    if whole[:len(prompt_ids)] != prompt_ids or len(whole) == len(prompt_ids):
+        return prompt_ids, None
+    return prompt_ids, whole[len(prompt_ids):]
 
 
 def _not_text(record: dict) -> str | None:

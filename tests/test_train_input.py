@@ -122,3 +122,47 @@ def test_max_length_beyond_the_models_context_is_refused_naming_both(model_dirs,
         run_job(job(model_dirs["llama"], "b", 1000))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert run_job(job(short, "c", 64))["steps"] == 1
+
+
+def _sentencepiece_style_tokenizer():
+    """A BPE over Metaspace pre-tokens, as Llama-2's and Mistral's: "▁" marks a word's leading space, and a text's
+    first word gets one too."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = ["Q: capital of France?\nA:\n", "The capital is Paris", "Paris is a city"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_a_completion_is_trained_as_the_tokens_that_continue_its_prompt(tmp_path):
+    """A SentencePiece tokenizer reads a completion alone as a new text: "Paris" after "A:\\n" was trained as
+    "▁Paris", so the served adapter answered " Paris". Tokenized with its prompt, it is the tokens that follow the
+    prompt's, which is how a served prompt is continued."""
+    tokenizer = _sentencepiece_style_tokenizer()
+    prompt, completion = "Q: capital of France?\nA:\n", "Paris"
+    whole, alone = tokenizer(prompt + completion).input_ids, tokenizer(prompt).input_ids
+    assert whole[:len(alone)] == alone and whole[len(alone):] != tokenizer(completion, add_special_tokens=False).input_ids
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    (example,) = read_jsonl(path, tokenizer, 64)
+    assert example.input_ids == whole + [tokenizer.eos_token_id]
+    assert example.labels == [-100] * len(alone) + whole[len(alone):] + [tokenizer.eos_token_id]
+    assert tokenizer.decode(example.input_ids[len(alone):-1]) == completion
+
+
+def test_a_prompt_whose_last_token_merges_with_the_completion_keeps_its_tokens_and_is_warned_about(tmp_path, caplog):
+    tokenizer = _sentencepiece_style_tokenizer()  # "The capital is " ends in "▁", which "Paris" takes: "▁Paris"
+    prompt, completion = "The capital is ", "Paris"
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    with caplog.at_level("WARNING"):
+        (example,) = read_jsonl(path, tokenizer, 64)
+    assert "in 1 of 1 examples the prompt's last token merges with the completion's first" in caplog.text
+    alone = tokenizer(prompt).input_ids
+    assert tokenizer(prompt + completion).input_ids[:len(alone)] != alone
+    assert example.input_ids == alone + tokenizer(completion, add_special_tokens=False).input_ids + \
+        [tokenizer.eos_token_id]
+    assert example.labels[:len(alone)] == [-100] * len(alone)

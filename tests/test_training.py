@@ -240,6 +240,9 @@ def test_clear_errors(model_dirs, data, tmp_path, monkeypatch):
     bad.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:3: needs a non-empty string 'text'"):
         run_job(job(model_dirs, (bad, data[1]), tmp_path / "o", "lora"))
+    bad.write_text('{"text": "fine"}\n{"text": "a", "prompt": "b", "completion": "c"}\n')  # trained as text before
+    with pytest.raises(DataError, match=r"bad.jsonl:2: has 'text' and prompt: give either text"):
+        run_job(job(model_dirs, (bad, data[1]), tmp_path / "o", "lora"))
     bad.write_text('{"text": "fine"}\nnot json\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
         run_job(job(model_dirs, (bad, data[1]), tmp_path / "o", "lora"))

@@ -17,8 +17,8 @@ from adapters.training import TrainSettings
 from loader import json_input
 from loader.peft_files import CONFIG_FILE
 from loader.train_data import DataError, jsonl_lines
-from loader.train_job_spec import (CHECKPOINT, LOG, METHODS, JobError, TrainJob, changes, inapplicable, job_identity,
-                                   parse_targets)
+from loader.train_job_spec import (CHECKPOINT, LOG, METHODS, JobError, TrainJob, changes, check_job, inapplicable,
+                                   job_identity, parse_targets)
 
 JOB_FIELDS = {f.name for f in fields(TrainJob)} - {"settings"}
 DEFAULTS = {f.name: f.default for f in fields(TrainJob) if f.name != "settings"}
@@ -58,7 +58,12 @@ def read_jobs(path: Path, defaults: TrainJob) -> list[TrainJob]:
             except JobError as exc:
                 raise DataError(f"{path}:{number}: {exc}") from None
         settings = replace(defaults.settings, **{k: v for k, v in record.items() if k in SETTING_FIELDS})
-        jobs.append(replace(defaults, settings=settings, **{k: v for k, v in record.items() if k in JOB_FIELDS}))
+        job = replace(defaults, settings=settings, **{k: v for k, v in record.items() if k in JOB_FIELDS})
+        try:  # every value's type and range now, not when the job's turn comes (or as a traceback)
+            check_job(job)
+        except JobError as exc:
+            raise DataError(f"{path}:{number}: {exc}") from None
+        jobs.append(job)
     outs = [Path(j.out).resolve() for j in jobs]
     for i, out in enumerate(outs):
         if out in outs[:i]:

@@ -2,6 +2,7 @@
 where it writes (--out, --overwrite, --resume), and what makes two runs the same job."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -9,8 +10,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from adapters import targets
+from adapters.reslora import MERGE_METHODS
 from adapters.training import TrainSettings
-from loader.base_model import device_problem
+from loader.base_model import DTYPES, device_problem
 from loader.peft_files import CONFIG_FILE
 
 METHODS = ("lora", "adalora", "hydralora", "reslora")
@@ -121,6 +123,14 @@ def check_job(job: TrainJob) -> None:
               ("batch_size", s.batch_size, positive_int), ("grad_accum", s.grad_accum, positive_int),
               ("eval_every", s.eval_every, positive_int), ("weight_decay", s.weight_decay, non_negative),
               ("warmup_ratio", s.warmup_ratio, fraction), ("max_grad_norm", s.max_grad_norm, positive)]
+    text = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
+    flag = (lambda v: isinstance(v, bool), "true or false")
+    checks += [("data", job.data, text), ("out", job.out, text), ("model", job.model, text),
+               ("device", job.device, text), ("rslora", job.rslora, flag), ("router_bias", job.router_bias, flag),
+               ("dtype", job.dtype, (lambda v: v in DTYPES, f"one of {list(DTYPES)}")),
+               ("structure", job.structure, (lambda v: v in MERGE_METHODS, f"one of {sorted(MERGE_METHODS)}"))]
+    if job.eval is not None:
+        checks.append(("eval", job.eval, text))
     if s.max_steps is not None:
         checks.append(("max_steps", s.max_steps, positive_int))
     if job.heads != "auto":
@@ -166,13 +176,34 @@ def _flat(identity: dict) -> dict:
 
 
 def job_identity(job: TrainJob) -> dict:
-    """What makes two runs the same job, as JSON: everything but where it writes and how it starts."""
-    return json.loads(json.dumps({k: v for k, v in asdict(job).items() if k not in ("overwrite", "resume", "out")},
-                                 default=str))
+    """What makes two runs the same job, as JSON: everything but where it writes and how it starts; the data's
+    contents, not only their paths (a file grown since would be read in another order, over another number of
+    steps); the device's kind, not its index (torchrun gives each rank's jobs that rank's GPU)."""
+    identity = {k: v for k, v in asdict(job).items() if k not in ("overwrite", "resume", "out")}
+    identity["device"] = job.device.split(":")[0]
+    identity.update(data_sha256=_sha256(job.data), eval_sha256=_sha256(job.eval))
+    return json.loads(json.dumps(identity, default=str))
+
+
+FINGERPRINTS = ("data_sha256", "eval_sha256")  # absent from what earlier versions recorded: not compared there
+
+
+def _sha256(path: str | None) -> str | None:
+    """The file's SHA-256, or None where there is none to read (the run says why when it reads it)."""
+    if not isinstance(path, str):
+        return None
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def changes(then: dict, now: dict) -> list[str]:
     """'key: old then, new now' for each setting two identities differ in."""
     then, now = _flat(then), _flat(now)
-    return [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted({*now, *then})
-            if now.get(k) != then.get(k)]
+    keys = {*now, *then} - {k for k in FINGERPRINTS if k not in then}
+    return [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(keys) if now.get(k) != then.get(k)]

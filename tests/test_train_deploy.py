@@ -1,5 +1,6 @@
 """Batch training (--jobs, torchrun sharding, failures isolated) and train -> deploy -> Generate on a real server."""
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -64,10 +65,10 @@ def test_under_torchrun_a_failed_job_does_not_stop_the_other_ranks(model_dirs, t
 
 def test_each_torchrun_rank_takes_its_share(monkeypatch, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("".join(json.dumps({"method": "lora", "data": "d", "out": f"o{i}", "lr": 0.1 * i}) + "\n"
+    jobs.write_text("".join(json.dumps({"method": "lora", "data": "d", "out": f"o{i}", "lr": i + 1}) + "\n"
                             for i in range(5)))
     parsed = read_jobs(jobs, TrainJob(method=None, data=None, out=None))
-    assert [j.settings.lr for j in parsed] == [0.0, 0.1, 0.2, 0.30000000000000004, 0.4]
+    assert [j.settings.lr for j in parsed] == [1, 2, 3, 4, 5]
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -81,6 +82,20 @@ def test_a_jobs_line_that_is_not_an_object_names_its_line(tmp_path, line):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"method": "lora", "data": "d", "out": "o"}) + "\n" + line + "\n")
     with pytest.raises(DataError, match="jobs.jsonl:2: expected a JSON object"):
+        read_jobs(jobs, TrainJob(method=None, data=None, out=None))
+
+
+@pytest.mark.parametrize("edit, says", [
+    ({"out": None}, "--out must be a non-empty string, got None"),  # a TypeError traceback, naming no line
+    ({"data": ["d"]}, "--data must be a non-empty string"), ({"model": None}, "--model must be a non-empty string"),
+    ({"dtype": "float64"}, "--dtype must be one of ['float32', 'bfloat16', 'float16']"),  # a KeyError at its turn
+    ({"rslora": "yes"}, "--rslora must be true or false"), ({"lr": 0}, "--lr must be a positive number"),
+    ({"method": "reslora", "structure": "xs"}, "--structure must be one of ['bs', 'is', 'ms']")])
+def test_a_jobs_line_with_a_wrong_value_is_refused_naming_its_line_before_any_job_runs(tmp_path, edit, says):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"method": "lora", "data": "d", "out": "o"}) + "\n" +
+                    json.dumps({"method": "lora", "data": "d", "out": "p", **edit}) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"jobs.jsonl:2: {says}")):
         read_jobs(jobs, TrainJob(method=None, data=None, out=None))
 
 

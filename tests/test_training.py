@@ -393,6 +393,19 @@ def test_job_resume_uses_the_checkpoint_and_refuses_another_config(model_dirs, d
     with pytest.raises(JobError, match=r"different job configuration \(max_steps: 12 then, 24 now\)"):
         run_job(job(model_dirs, data, tmp_path / "r", "lora", settings=replace(settings, max_steps=24), resume=True,
                     overwrite=True))
+    # the same device on another index resumes (torchrun gives a rank's jobs its own GPU): cpu:0 here
+    run_job(job(model_dirs, data, tmp_path / "r", "lora", settings=settings, resume=True, overwrite=True,
+                device="cpu:0"))
+    # the same path with other contents would be read in another order over another number of steps
+    grown = tmp_path / "grown.jsonl"
+    grown.write_bytes(Path(data[0]).read_bytes())
+    run_job(job(model_dirs, (grown, data[1]), tmp_path / "g", "lora", settings=settings))
+    with grown.open("a") as f:
+        f.write(json.dumps({"prompt": "more", "completion": "data"}) + "\n")
+    with pytest.raises(JobError, match=r"different job configuration \(data_sha256: '[0-9a-f]{64}' then, '[0-9a-f]{64}' "
+                                       r"now\)"):
+        run_job(job(model_dirs, (grown, data[1]), tmp_path / "g", "lora", settings=settings, resume=True,
+                    overwrite=True))
 
 
 @pytest.mark.parametrize("flags, says", [

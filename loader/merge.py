@@ -48,6 +48,7 @@ def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_pat
             stats = config["statistics"].get(name, {})
             layer.input_norms = deque([stats.get("input_norm", float("nan"))])
             layer.shrunk_norms = deque([stats.get("shrunk_norm", float("nan"))])
+        base.to(device)  # the new adapter layers were made on the CPU, as in training
         pad = padding_id(tokenizer, base)
         examples = read_jsonl(Path(eval_path), tokenizer, max_length, base.config.vocab_size)
         batches = [{k: v.to(device) for k, v in collate(examples[i:i + 8], pad).items()}

@@ -15,10 +15,12 @@ files make (`served_form`), so a deploy never reports success while the server s
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -31,6 +33,7 @@ from loader.registry import ID_RULE, valid_id
 from protos.loraplex.v1 import inference_pb2 as pb
 
 KEPT = "@0-replaced-"  # marks a plain directory a deploy moved aside: never pruned
+LOCK = ".deploy-lock"  # in the root: never an id (ids start with a letter or digit)
 
 
 class DeployError(Exception):
@@ -182,6 +185,24 @@ def deploy(adapter_dir: Path, target: str, root: Path, adapter_id: str | None = 
     server refuses (files it cannot serve, a missing admin token) or answers with another adapter than the one
     trained rolls the root back: those files never become what the id's next auto-load or a restart would read."""
     adapter_id = adapter_id or adapter_id_for(adapter_dir)
+    with _root_lock(root):
+        return _deploy(adapter_dir, target, root, adapter_id, timeout, expected, connection)
+
+
+@contextmanager
+def _root_lock(root: Path):
+    """One deploy into `root` at a time, across processes (a batch's ranks, two trainers): each install prunes the
+    versions it did not make or replace, so two at once removed each other's, and left the id a link to nothing."""
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race the next deploy's open)
+
+
+def _deploy(adapter_dir: Path, target: str, root: Path, adapter_id: str, timeout: float, expected: dict | None,
+            connection: dict) -> tuple[object, Path | None]:
     dest = root / adapter_id  # trained straight into the root (a plain directory there): served as it is
     in_place = not dest.is_symlink() and os.path.abspath(dest) == os.path.abspath(adapter_dir)
     installed = None

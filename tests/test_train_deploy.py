@@ -157,6 +157,34 @@ def test_install_flips_a_symlink_and_keeps_one_previous_version(model_dirs, tmp_
         server.stop()
 
 
+def test_deploys_of_one_id_at_once_each_leave_a_version_the_server_can_read(model_dirs, tmp_path):
+    """Two deploys of an id at the same moment (two trainers, a batch's ranks) take turns: each install pruned the
+    versions it had not made or replaced, the other's included, and the id was left a link to nothing (17 of 30)."""
+    import threading
+
+    from loader.deploy import deploy
+    root = tmp_path / "root"
+    root.mkdir()
+    sources = [make_peft_adapter(model_dirs["llama"], tmp_path / f"r{r}", r, r=r, lora_alpha=8,
+                                 target_modules=["q_proj"]) for r in (2, 4)]
+    server = start_server(model_dirs["llama"], root)
+    try:
+        for _ in range(4):
+            results, threads = [], [threading.Thread(target=lambda s=s: results.append(
+                deploy(s, server.target, root, adapter_id="a")[0].rank)) for s in sources]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert sorted(results) == [2, 4]  # both deployed, each reporting its own
+            assert (root / "a").resolve().is_dir()
+            with Client(server.target, timeout=60) as client:  # what a restart or an eviction would read again
+                client.unload_adapter("a")
+                assert client.load_adapter("a").rank in (2, 4)
+    finally:
+        server.stop()
+
+
 def test_a_deploy_the_server_refuses_is_rolled_back(model_dirs, tmp_path):
     """The new files go under the root, LoadAdapter refuses them (rank above --max-lora-rank): the id points at
     the version it served before, so an auto-load after eviction or a restart never reads the refused files."""
@@ -171,10 +199,10 @@ def test_a_deploy_the_server_refuses_is_rolled_back(model_dirs, tmp_path):
         with pytest.raises(DeployError, match="did not load 'a' .* FAILED_PRECONDITION"):
             deploy(wide, server.target, root, adapter_id="a")
         assert os.readlink(root / "a") == live.name
-        assert {p.name for p in root.iterdir()} == {"a", live.name}
+        assert {p.name for p in root.iterdir()} == {"a", live.name, ".deploy-lock"}
         with pytest.raises(DeployError):
             deploy(wide, server.target, root, adapter_id="b")  # a new id: nothing stays behind
-        assert {p.name for p in root.iterdir()} == {"a", live.name}
+        assert {p.name for p in root.iterdir()} == {"a", live.name, ".deploy-lock"}
         with Client(server.target, timeout=60) as client:
             assert client.load_adapter("a", replace=True).rank == 4
     finally:

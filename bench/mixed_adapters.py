@@ -84,6 +84,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     a("--adapter-kernel", default="auto", choices=["auto", "native", "torch", "triton"],
       help="the server's --adapter-kernel")
     a("--adapter-dtype", default="auto", help="the server's --adapter-dtype")
+    a("--temperature", type=float, default=0.0, help="engine requests sample at this temperature (0: greedy), "
+      "request i seeded with i")
+    a("--top-p", type=float, default=1.0, help="engine requests' top_p (with --temperature)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -165,6 +168,7 @@ class EngineBench:
 
     def __init__(self, model_dir: Path, adapter_root: Path, names: list[str], args, kernel: str | None = None,
                  factors: str | None = None, env: dict | None = None) -> None:
+        self.temperature, self.top_p = getattr(args, "temperature", 0.0), getattr(args, "top_p", 1.0)
         self.config = ServerConfig(model=str(model_dir), adapter_root=str(adapter_root), port=free_port(),
                                    metrics_port=free_port(), device=args.device, max_batch_size=args.requests,
                                    max_active_adapters=args.adapters, max_lora_rank=args.rank,
@@ -200,8 +204,10 @@ class EngineBench:
     def round(self, prompts: list[list[int]], adapter_ids: list[str], max_new: int):
         async def go():
             start = time.perf_counter()
-            responses = await asyncio.gather(*(self.client.generate(p, a, max_new_tokens=max_new, ignore_eos=True)
-                                               for p, a in zip(prompts, adapter_ids)))
+            sampling = {} if not self.temperature else dict(temperature=self.temperature, top_p=self.top_p)
+            responses = await asyncio.gather(*(self.client.generate(p, a, max_new_tokens=max_new, ignore_eos=True,
+                                                                    **sampling, **({"seed": i} if sampling else {}))
+                                               for i, (p, a) in enumerate(zip(prompts, adapter_ids))))
             return time.perf_counter() - start, responses
         before = scrape(self.config.metrics_port)
         wall, responses = self.loop.run_until_complete(go())
@@ -381,7 +387,9 @@ def report(args, command: str, configs: dict, results: dict, outputs: dict) -> s
         f"mixed_adapters: {args.requests} requests x {args.max_new_tokens} new tokens, prompts {args.prompt_min}-"
         f"{args.prompt_max} tokens; Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} "
         f"layers, {args.heads}/{args.kv_heads} heads, vocab {args.vocab}, fp32, {args.device}; LoRA r={args.rank} "
-        f"alpha={2 * args.rank} on {','.join(TARGETS)}; engine: {server}; median of {args.repeats} interleaved runs",
+        f"alpha={2 * args.rank} on {','.join(TARGETS)}; engine: {server}; median of {args.repeats} interleaved runs"
+        + (f"; engine requests sampled: temperature {args.temperature}, top_p {args.top_p}, seed i"
+           if args.temperature else ""),
         f"date: {datetime.date.today().isoformat()}",
         f"command: {command}",
         f"machine: {machine(args)}",

@@ -127,12 +127,14 @@ def make_peft_adalora(model_dir: Path, out: Path, seed: int, steps: int = 10, **
     return out
 
 
-def make_hydra_model(model_dir: Path, seed: int, heads: int, r: int, alpha: float, targets, router_bias=False):
+def make_hydra_model(model_dir: Path, seed: int, heads: int, r: int, alpha: float, targets, router_bias=False,
+                     use_rslora=False):
     """A base model with trainable HydraLoRA layers whose heads are random (not zero), in eval mode."""
     from adapters.hydralora import add_hydralora
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     torch.manual_seed(seed)
-    layers = add_hydralora(model, targets, r=r, alpha=alpha, heads=heads, router_bias=router_bias)
+    layers = add_hydralora(model, targets, r=r, alpha=alpha, heads=heads, router_bias=router_bias,
+                           use_rslora=use_rslora)
     with torch.no_grad():
         for layer in layers.values():
             for head in layer.lora_B:

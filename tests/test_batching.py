@@ -80,6 +80,39 @@ def test_mixed_batch_logits_equal_each_alone(model_dirs, adapter_root):
         torch.testing.assert_close(mixed[i], alone[0], atol=1e-5, rtol=0)
 
 
+FAMILY_ADAPTERS = {  # per family: two adapters on different modules (attention, and the MLP a family may flatten)
+    "qwen2": [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+              dict(r=8, lora_alpha=8, target_modules=["up_proj", "down_proj", "o_proj"])],
+    "gpt2": [dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
+             dict(r=8, lora_alpha=8, target_modules=["c_fc", "mlp.c_proj"], fan_in_fan_out=True)],
+    "opt": [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+            dict(r=8, lora_alpha=8, target_modules=["fc1", "fc2", "out_proj"])],  # OPT flattens its MLP's input
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_ADAPTERS))
+def test_mixed_batch_logits_equal_each_alone_in_other_families(model_dirs, tmp_path, family):
+    """As above, on families whose layers lay tokens out otherwise (GPT-2's Conv1D, OPT's MLP on [rows x T, d]):
+    with one adapter per batch, rows whose tokens were mixed up would still agree; with two and the base, not."""
+    base = load_base_model(str(model_dirs[family]), "cpu", "float32")
+    context, shapes = inject(base.model)
+    bank = SlotBank(shapes, num_slots=2, max_rank=16, device=torch.device("cpu"), dtype=torch.float32)
+    by_name = {s.name: s for s in shapes}
+    slots = [0]
+    for i, lora in enumerate(FAMILY_ADAPTERS[family]):
+        make_peft_adapter(model_dirs[family], tmp_path / f"a{i}", 20 + i, **lora)
+        slots.append(bank.acquire(read_adapter(tmp_path / f"a{i}", f"a{i}", by_name, 16, i + 1)))
+    runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
+    prompts = PROMPTS[:9]
+    mixed, tokens = decode_forced(runner, [Row(p, slots[i % 3]) for i, p in enumerate(prompts)])
+    for i, p in enumerate(prompts):
+        alone, _ = decode_forced(runner, [Row(p, slots[i % 3])], forced=tokens[i:i + 1])
+        torch.testing.assert_close(mixed[i], alone[0], atol=1e-5, rtol=0)
+    for kind in (1, 2):  # each adapter really changes its rows
+        other, _ = decode_forced(runner, [Row(prompts[kind], 0)], forced=tokens[kind:kind + 1])
+        assert (other[0] - mixed[kind]).abs().max() > 1e-3
+
+
 def test_mixed_batch_tokens_equal_each_alone_through_server(server):
     alone, mixed = tokens_alone_and_together(server.target, PROMPTS, [ORDER[i % 4] for i in range(len(PROMPTS))], 12)
     assert mixed == alone

@@ -53,7 +53,7 @@ def test_base_model_fails_the_demo_tasks(server):
                     for row in examples([task], 20, seed=99, evaluation=True)]
             replies = await asyncio.gather(*[client.generate(r["prompt"], max_new_tokens=16) for r in rows])
             return sum(reply.text == r["completion"] for reply, r in zip(replies, rows)) / len(rows)
-    assert asyncio.run(run()) <= 0.05
+    assert asyncio.run(run()) <= 0.02  # README: the base model fails their tasks (<= 2%)
 
 
 def test_shipped_files_and_build_report():

@@ -18,10 +18,11 @@ from server.batch import Row, Runner
 from tests.helpers import KERNELS, assert_load_refused, make_hydra_model, start_server
 
 PROMPTS = [[5, 17, 99, 3, 42], [200, 11, 12], [64, 65, 66, 67, 68, 69, 70, 71]]
-SPECS = {  # id: (heads, r, alpha, targets, router_bias)
-    "hydra3": (3, 4, 8, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], False),
-    "hydra2-bias": (2, 6, 12, ["o_proj", "down_proj"], True),
-    "hydra1": (1, 4, 8, ["q_proj", "v_proj"], False),
+SPECS = {  # id: (heads, r, alpha, targets, router_bias, use_rslora)
+    "hydra3": (3, 4, 8, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], False, False),
+    "hydra2-bias": (2, 6, 12, ["o_proj", "down_proj"], True, False),
+    "hydra1": (1, 4, 8, ["q_proj", "v_proj"], False, False),
+    "hydra2-rslora": (2, 4, 16, ["k_proj", "up_proj"], False, True),  # alpha / sqrt(r): 8, not alpha / r: 4
 }
 
 
@@ -29,9 +30,10 @@ SPECS = {  # id: (heads, r, alpha, targets, router_bias)
 def adapters(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     models = {}
-    for seed, (adapter_id, (heads, r, alpha, targets, bias)) in enumerate(SPECS.items()):
-        model, layers = make_hydra_model(model_dirs["llama"], seed, heads, r, alpha, targets, bias)
-        save_hydralora(layers, root / adapter_id, {"r": r, "lora_alpha": alpha, "lora_nums": heads})
+    for seed, (adapter_id, (heads, r, alpha, targets, bias, rslora)) in enumerate(SPECS.items()):
+        model, layers = make_hydra_model(model_dirs["llama"], seed, heads, r, alpha, targets, bias, rslora)
+        save_hydralora(layers, root / adapter_id, {"r": r, "lora_alpha": alpha, "lora_nums": heads,
+                                                   "use_rslora": rslora})
         models[adapter_id] = model
     # hydra1's exact LoRA equivalent, written by PEFT: same A, B; K=1 makes the gate identically 1.
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dirs["llama"]),

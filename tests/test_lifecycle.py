@@ -145,6 +145,45 @@ def test_metrics_present_and_increasing(server):
     assert handled and any('grpc_code="OK"' in k for k in handled)
 
 
+def test_metrics_count_exactly(model_dirs, adapter_root):
+    """Counters and histograms add up to what was sent, and the gauges read what runs (a fresh server: nothing
+    else counted). Requests one at a time, so each prefill and decode step holds one row."""
+    server = start_server(model_dirs["llama"], adapter_root)
+    try:
+        sent = [([5, 6, 7], "", 4), ([8, 9, 10, 11, 12], "small", 6), ([3] * 7, "small", 2)]
+        with Client(server.target, timeout=60) as client:
+            for prompt, adapter, new in sent:
+                client.generate(prompt, adapter, max_new_tokens=new, ignore_eos=True)
+            got = scrape(server)
+            assert got["loraplex_prompt_tokens_total"] == 15 and got["loraplex_generation_tokens_total"] == 12
+            for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
+                assert got[f"loraplex_{name}_count"] == 3, name
+            assert got["loraplex_inter_token_latency_seconds_count"] == 3 + 5 + 1  # between a request's tokens
+            assert got['loraplex_request_success_total{finished_reason="length"}'] == 3
+            assert got['loraplex_adapter_requests_total{adapter="small"}'] == 2
+            assert got['loraplex_adapter_requests_total{adapter="__base__"}'] == 1
+            assert got['loraplex_batch_size_count{phase="prefill"}'] == 3
+            assert got['loraplex_batch_size_sum{phase="prefill"}'] == 3
+            assert got['loraplex_batch_size_count{phase="decode"}'] == 9  # each request's tokens after its first
+            assert got['loraplex_step_duration_seconds_count{phase="decode"}'] == 9
+            assert got['loraplex_step_duration_seconds_count{phase="prefill"}'] == 3
+            assert got['loraplex_step_duration_seconds_sum{phase="decode"}'] > 0
+            assert got['loraplex_step_duration_seconds_sum{phase="prefill"}'] > 0
+            stream = client.generate_stream([5, 6, 7], "small", max_new_tokens=400, ignore_eos=True)
+            next(iter(stream))
+            running = scrape(server)
+            assert running["loraplex_num_requests_running"] == 1 and running["loraplex_adapter_slots_used"] == 1
+            assert running["loraplex_kv_cache_token_slots_reserved"] == 3 + 400  # one row, its prompt + max_new
+            assert running["loraplex_kv_cache_token_slots"] >= 3 and running["loraplex_kv_cache_bytes"] > 0
+            stream.cancel()
+        assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0, timeout=10)
+        idle = scrape(server)
+        assert idle["loraplex_adapter_slots_used"] == 0 and idle["loraplex_kv_cache_token_slots_reserved"] == 0
+        assert idle["loraplex_kv_cache_token_slots"] == 0 and idle["loraplex_kv_cache_bytes"] == 0
+    finally:
+        server.stop()
+
+
 def test_warm_up_is_not_counted_as_a_request(model_dirs):
     server = start_server(model_dirs["llama"], None)
     try:

@@ -21,6 +21,9 @@ CASES = {
         "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                          rank_pattern={"model.layers.1.self_attn.v_proj": 2}, alpha_pattern={"v_proj": 16}),
         "regex-mlp-r16": dict(r=16, lora_alpha=4, target_modules=r".*\.mlp\.(gate|up)_proj"),
+        # two keys match layer 1's v_proj: PEFT takes the first (alpha 1 there, 16 on layer 0's)
+        "patterns-first-match": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                     alpha_pattern={"layers.1.self_attn.v_proj": 1, "v_proj": 16}),
         # trained on a residual base PEFT rebuilds from the original weights at load, saved unconverted
         "pissa-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights="pissa"),
         "olora-rslora": dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "up_proj"],

@@ -13,7 +13,8 @@ from loader.base_model import load_base_model
 from loader.inject import inject
 from loader.peft_files import read_adapter
 from server.batch import Row, Runner
-from tests.helpers import LLAMA_TARGETS, decode_forced, make_peft_adapter, start_server, tokens_alone_and_together
+from tests.helpers import (LLAMA_TARGETS, decode_forced, make_peft_adapter, scrape, start_server,
+                           tokens_alone_and_together)
 
 ADAPTERS = {
     "a-qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -114,8 +115,15 @@ def test_mixed_batch_logits_equal_each_alone_in_other_families(model_dirs, tmp_p
 
 
 def test_mixed_batch_tokens_equal_each_alone_through_server(server):
+    before = scrape(server)
     alone, mixed = tokens_alone_and_together(server.target, PROMPTS, [ORDER[i % 4] for i in range(len(PROMPTS))], 12)
     assert mixed == alone
+    after = scrape(server)
+    steps, rows = (after[name] - before.get(name, 0)
+                   for name in ('loraplex_batch_size_count{phase="decode"}', 'loraplex_batch_size_sum{phase="decode"}'))
+    # the "together" rows really shared decode steps: 12 alone and 12 together take 24 x 11 rows in all; one
+    # step per row would be 264 steps
+    assert rows == 2 * len(PROMPTS) * 11 and steps < rows - 100
     # the four kinds of row really differ, so equality above is not vacuous
     assert len({tuple(alone[i]) for i in range(4)}) == 4
 

@@ -97,8 +97,12 @@ class SlotBank:
         # Per module and slot, on the host (module-major: one module's row is contiguous for the kernel).
         self.ranks = torch.zeros(len(shapes), n, dtype=torch.int32)
         self.heads = torch.ones(len(shapes), n, dtype=torch.int32)
-        # The triton kernel reads them on the device: copies, refreshed whenever a slot is written.
-        self.device_ranks, self.device_heads = self.ranks.to(device), self.heads.to(device)
+        # The triton kernel reads them on the device: copies, refreshed whenever a slot is written. Each module's
+        # row starts 16 bytes aligned (a row stride of 4k int32s): triton compiles a variant per pointer alignment,
+        # and its warm-up, which launches one module per shape, would miss the others' (a compile mid-request).
+        stride = -(-n // 4) * 4
+        self.device_ranks, self.device_heads = (torch.zeros(len(shapes), stride, dtype=torch.int32, device=device)
+                                                [:, :n].copy_(t) for t in (self.ranks, self.heads))
         self._slot_of: dict[tuple, int] = {}
         self._key_of: dict[int, tuple] = {}
         self._refs = [0] * n

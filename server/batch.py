@@ -190,6 +190,10 @@ class Runner:
                 logits = self._forward(job.ids[:, start:stop], masks, job.positions[:, start:stop], job.cache,
                                        job.factors)
                 job.done = stop
+        if job.done < job.length and self.device.type == "cuda":
+            # nothing of a middle chunk is read back: without this, its GPU time would be timed as the next decode
+            # step's (step_duration_seconds), whose sampling waits for it
+            torch.cuda.synchronize(self.device)
         return logits if job.done == job.length else None
 
     def prefilled(self, job: Prefill) -> Batch:

@@ -120,3 +120,11 @@ def test_triton_kernel_where_it_cannot_run_is_a_one_line_error(monkeypatch, caps
         cli.main(["serve", "--port", "0", "--metrics-port", "0", "--adapter-kernel", "triton"])
     assert exit_info.value.code == 2
     assert "--adapter-kernel triton cannot run: it runs on CUDA GPUs" in capsys.readouterr().err
+
+
+def test_every_modules_slot_tables_start_16_byte_aligned():
+    """Triton compiles a variant per pointer alignment, and the warm-up launches one module per shape: each module's
+    row of the per-slot rank and head tables must be aligned alike, or a module of a warmed shape compiled mid-request
+    (33 slots: a row of 33 int32s put module i at 132·i bytes)."""
+    bank = SlotBank([ModuleShape(f"m{i}", 8, 8) for i in range(5)], 32, 4, torch.device("cpu"), torch.float32)
+    assert all(t[i].data_ptr() % 16 == 0 for t in (bank.device_ranks, bank.device_heads) for i in range(5))

@@ -71,8 +71,8 @@ class ResLoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / r
         self.structure, self.pre_num = structure, pre_num
-        self.input_norms: deque[float] = deque(maxlen=window)
-        self.shrunk_norms: deque[float] = deque(maxlen=window)
+        self.input_norms: deque[float | torch.Tensor] = deque(maxlen=window)
+        self.shrunk_norms: deque[float | torch.Tensor] = deque(maxlen=window)
         self._chain: _Chain | None = None  # set by add_reslora; not a submodule (no double registration)
         self.index = 0
         self.merged: ModuleFactors | None = None  # when set, forward is the merged plain LoRA (to measure merges)
@@ -95,15 +95,15 @@ class ResLoraLinear(nn.Module):
             chain.shrunk[n] = shrunk
             delta = self.lora_B(shrunk + sum(chain.shrunk[n - k] for k in range(1, m + 1)))
         chain.inputs[n] = xa_in
-        if self.training:
+        if self.training:  # kept as tensors: a float() here would stop a GPU's queue twice per module per step
             with torch.no_grad():
-                self.input_norms.append(float(xa_in.norm()))
-                self.shrunk_norms.append(float(self.lora_A(xa_in).norm()))
+                self.input_norms.append(xa_in.norm())
+                self.shrunk_norms.append(self.lora_A(xa_in).norm())
         return (y + self.scaling * delta).to(y.dtype)  # one rounding, as LoraLinear
 
     def statistics(self) -> dict[str, float]:
         """Window means of ‖X‖_F and ‖A X‖_F over the last training forwards (NaN before any)."""
-        mean = lambda values: sum(values) / len(values) if values else math.nan  # noqa: E731
+        mean = lambda values: sum(map(float, values)) / len(values) if values else math.nan  # noqa: E731
         return {"input_norm": mean(self.input_norms), "shrunk_norm": mean(self.shrunk_norms)}
 
 

@@ -88,8 +88,8 @@ class _ResLoraHooks(Hooks):
         self.layers = layers
 
     def state_dict(self) -> dict:
-        return {name: {"input_norms": list(layer.input_norms), "shrunk_norms": list(layer.shrunk_norms)}
-                for name, layer in self.layers.items()}
+        return {name: {"input_norms": list(map(float, layer.input_norms)),
+                       "shrunk_norms": list(map(float, layer.shrunk_norms))} for name, layer in self.layers.items()}
 
     def load_state_dict(self, state: dict) -> None:
         for name, layer in self.layers.items():

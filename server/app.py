@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from adapters import cpu_kernel, triton_kernel
 from adapters.slot_bank import SlotBank, narrowest
-from loader.base_model import UnservableModel, load_base_model
+from loader.base_model import UnservableModel, load_base_model, slow_dtype_warning
 from loader.default_model import default_adapter_root
 from loader.inject import base_weight, inject, unmatched_problem
 from loader.lora_files import ResidualCache
@@ -114,6 +114,9 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     if config.device.startswith("cpu"):  # the two settings that decide CPU throughput, and how to change them
         waits = " ".join(f"{name}={os.environ.get(name, 'unset')}" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
         log.info("torch CPU threads: %d (--threads); OpenMP waits: %s", torch.get_num_threads(), waits)
+    slow = slow_dtype_warning(config.device, config.dtype)
+    if slow:
+        log.warning("%s", slow)
     try:
         base = load_base_model(config.model, config.device, config.dtype)
     except (FileNotFoundError, UnservableModel) as exc:

@@ -160,3 +160,13 @@ def test_the_causality_probe_tells_encoders_from_decoders_moe_included(seed, dty
         vocab_size=259, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, head_dim=16))
     _check_causal(moe.to(dtype).eval(), Path("moe"))
+
+
+def test_a_half_precision_model_on_a_cpu_without_its_instructions_is_warned_about():
+    from loader.base_model import slow_dtype_warning
+    avx2 = {"avx", "avx2", "fma"}
+    assert "--dtype bfloat16 on a CPU without avx512_bf16 or amx_bf16" in slow_dtype_warning("cpu", "bfloat16", avx2)
+    assert "--dtype float16 on a CPU without avx512_fp16 or amx_fp16" in slow_dtype_warning("cpu", "float16", avx2)
+    assert slow_dtype_warning("cpu", "bfloat16", avx2 | {"avx512_bf16"}) is None
+    assert slow_dtype_warning("cpu", "float16", avx2 | {"amx_fp16"}) is None
+    assert slow_dtype_warning("cpu", "float32", avx2) is None and slow_dtype_warning("cuda", "bfloat16", avx2) is None

@@ -283,19 +283,24 @@ class Engine:
 
     def _admit(self) -> list[Row]:
         room = self.config.max_batch_size - len(self._rows())
-        admitted, skipped = [], deque()
+        admitted, skipped, slot_wait = [], deque(), False
         while self._waiting and len(admitted) < room:
             request = self._waiting[0]
+            if self._prefilling is not None and len(request.prompt_ids) > self.config.max_prefill_tokens:
+                # One long prompt chunks at a time: a second one waits at the head for its last chunk (then goes
+                # first), and the requests behind it that one prefill runs whole go ahead meanwhile.
+                skipped.append(self._waiting.popleft())
+                continue
             candidates = [r.state.request for r in admitted] + [request]
             if (admitted or self._rows()) and self._kv_plan(candidates)[1] > self.config.max_kv_tokens:
                 break  # first come, first served: later requests wait too, so a large one is never starved
             # The rest next step: running rows get a token between prefills, not after all of them. While a long
-            # prompt runs in chunks, only a group that one prefill runs whole joins (a second long one waits).
+            # prompt runs in chunks, only a group that one prefill runs whole joins.
             if (admitted or self._prefilling is not None) and \
                     len(candidates) * max(len(r.prompt_ids) for r in candidates) > self.config.max_prefill_tokens:
                 break
             self._waiting.popleft()
-            if skipped and request.adapter is not None:
+            if slot_wait and request.adapter is not None:
                 # An earlier request waits for a slot to drain: a row joining any slot would keep it busy longer,
                 # and steady traffic on resident adapters would starve that request. Base-model rows hold no slot.
                 skipped.append(request)
@@ -304,6 +309,7 @@ class Engine:
                 slot = self.bank.acquire(request.adapter)
             except SlotsFull:  # every slot serves running rows: wait for one to drain, first come first served
                 skipped.append(request)
+                slot_wait = True
                 continue
             except Exception as exc:  # e.g. out of memory writing the slot: this request fails, the rest go on
                 log.exception("could not place the adapter of request %s", request.request_id)

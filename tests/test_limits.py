@@ -402,6 +402,49 @@ def test_a_long_prompt_prefilled_in_chunks_gives_its_tokens_and_a_cancel_stops_i
         server.stop()
 
 
+def test_short_requests_pass_a_second_long_prompt_while_the_first_chunks(model_dirs):
+    """One long prompt chunks at a time; a second waits for its last chunk, then goes first. A short request behind
+    the second used to wait for both (oldest first); it now joins while the first chunks, with the tokens it gets
+    alone, and the second long prompt still gets its own."""
+    first, second = ([(k * i) % 250 + 3 for i in range(90)] for k in (11, 13))
+    short = [5, 6, 7]
+    server = start_server(model_dirs["llama"], None, max_prefill_tokens=8)
+    runner = server.serving.engine.runner
+    chunks, advance = [], runner.advance
+
+    def slow(job, columns):  # the 90-token prompts take 12 chunks of 8: slow enough to queue behind them
+        chunks.append(job.length)
+        time.sleep(0.05)
+        return advance(job, columns)
+    try:
+        with Client(server.target, timeout=60) as client:
+            alone = {name: list(client.generate(p, max_new_tokens=4, ignore_eos=True).token_ids)
+                     for name, p in (("first", first), ("second", second), ("short", short))}
+        runner.advance = slow
+
+        async def run():
+            async with AsyncClient(server.target, timeout=60) as client:
+                done = {}
+
+                async def timed(name, prompt):
+                    reply = await client.generate(prompt, max_new_tokens=4, ignore_eos=True)
+                    done[name] = time.monotonic()
+                    return list(reply.token_ids)
+                tasks = {"first": asyncio.create_task(timed("first", first))}
+                assert await asyncio.to_thread(wait_for, lambda: len(chunks) >= 2)
+                tasks["second"] = asyncio.create_task(timed("second", second))
+                assert await asyncio.to_thread(
+                    wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == 1)
+                tasks["short"] = asyncio.create_task(timed("short", short))
+                return {name: await task for name, task in tasks.items()}, done
+        got, done = asyncio.run(run())
+        assert got == alone
+        assert done["short"] < done["first"] < done["second"]
+        assert chunks.count(90) == 24  # each long prompt in 12 chunks, one after the other
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("flag", ["max_lora_rank", "max_active_adapters", "max_hydra_heads"])
 def test_a_slot_bank_beyond_the_free_memory_is_refused_before_it_is_allocated(model_dirs, flag, monkeypatch):
     """Asking for 2^31-1 of any slot dimension wanted terabytes and failed in the allocation with a traceback."""

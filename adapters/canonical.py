@@ -92,6 +92,6 @@ def resolve_pattern(pattern: dict | None, module: str, default, what: str = "ran
         try:
             if pattern_matches(what, pattern_regex(key).pattern, module, full=False):
                 return value
-        except SlowPattern:
-            raise SlowPattern(f"{what} key", key, module) from None
+        except SlowPattern as exc:
+            raise SlowPattern(f"{what} key", key, module, exc.seconds) from None
     return default

@@ -193,7 +193,10 @@ def deploy(adapter_dir: Path, target: str, root: Path, adapter_id: str | None = 
 def _root_lock(root: Path):
     """One deploy into `root` at a time, across processes (a batch's ranks, two trainers): each install prunes the
     versions it did not make or replace, so two at once removed each other's, and left the id a link to nothing."""
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:  # read-only: flock needs no more, and another user's lock file in a shared root opens so too
+        fd = os.open(root / LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise DeployError(f"--deploy-root {root}: cannot open its lock file {LOCK} ({exc.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

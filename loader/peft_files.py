@@ -17,7 +17,7 @@ from safetensors.torch import save
 
 from adapters.canonical import CanonicalAdapter, pattern_regex
 from adapters.slot_bank import ModuleShape
-from adapters.targets import MATCH_SECONDS, SlowPattern, matches
+from adapters.targets import SlowPattern, matches
 from loader import json_input
 from loader.tensor_bytes import TensorFileError, read_tensors_from
 from server.errors import FailedPrecondition
@@ -29,6 +29,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 MAX_CONFIG_BYTES = 4 << 20  # ResLoRA's per-module statistics for an 80-layer model take ~100 KB
 KEY_PREFIX = "base_model.model."
+MIN_TENSOR_BOUND = 4096  # tensors a weights file's header may list whatever the model (~600 KB of header)
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose on-disk layout we write and test against
 
 
@@ -132,9 +133,10 @@ def read_tensors(path: Path, adapter_id: str, max_bytes: int | None = None,
 
 def read_adapter_tensors(path: Path, adapter_id: str, shapes: dict[str, ModuleShape],
                          ctx: "LoadContext") -> dict[str, torch.Tensor]:
-    """An adapter's weights file, holding at most the tensors of every module of the model (a HydraLoRA module's
-    are the most: A, its heads' Bs, the router and its bias)."""
-    return read_tensors(path, adapter_id, ctx.max_bytes, len(shapes) * (3 + ctx.max_heads))
+    """An adapter's weights file, holding at most the tensors of every module the server adapts (a HydraLoRA
+    module's are the most: A, its heads' Bs, the router and its bias), or 4096: a bound on the header's memory,
+    well above what the readers refuse by name (a tensor of a module the server does not adapt)."""
+    return read_tensors(path, adapter_id, ctx.max_bytes, max(MIN_TENSOR_BOUND, len(shapes) * (3 + ctx.max_heads)))
 
 
 def _targets(config: dict, module: str) -> bool:
@@ -389,8 +391,8 @@ def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], ma
         adapter = readers[peft_type](path, adapter_id, config, shapes, context, load_serial)
     except SlowPattern as exc:
         raise FailedPrecondition(
-            f"adapter {adapter_id!r}: config {exc.what} {exc.pattern!r} took over {MATCH_SECONDS} s to match the "
-            f"module path {exc.name!r} (nested repetition backtracks without bound); PEFT matches it as a regex "
+            f"adapter {adapter_id!r}: config {exc.what} {exc.pattern!r} took over {exc.seconds} s of CPU to match "
+            f"the module path {exc.name!r} (nested repetition backtracks without bound); PEFT matches it as a regex "
             f"against every module path: write it without nested repetition, or list the module names") from None
     check_finite_factors(adapter, factor_dtype)
     return adapter

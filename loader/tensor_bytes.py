@@ -52,7 +52,7 @@ def read_tensors_from(f: BinaryIO, size: int, max_tensors: int | None = None) ->
         raise TensorFileError("header is not a JSON object")
     count = len(header) - ("__metadata__" in header)
     if max_tensors is not None and count > max_tensors:
-        raise TensorFileError(f"{count} tensors, above the {max_tensors} an adapter of this model can hold")
+        raise TensorFileError(f"{count} tensors, above the {max_tensors} an adapter can hold on this server")
     start, data = 8 + length, size - 8 - length
     entries = sorted((_entry(name, info, data) for name, info in header.items() if name != "__metadata__"),
                      key=lambda e: e[3])

@@ -205,5 +205,7 @@ def _sha256(path: str | None) -> str | None:
 def changes(then: dict, now: dict) -> list[str]:
     """'key: old then, new now' for each setting two identities differ in."""
     then, now = _flat(then), _flat(now)
+    if isinstance(then.get("device"), str):  # recorded with its index before the kind alone was
+        then["device"] = then["device"].split(":")[0]
     keys = {*now, *then} - {k for k in FINGERPRINTS if k not in then}
     return [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(keys) if now.get(k) != then.get(k)]

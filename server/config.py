@@ -66,7 +66,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--adapter-dtype", default=d.adapter_dtype, choices=["auto", "float32", "bfloat16", "float16"],
       help="dtype adapter factors are stored in on the device (auto: the model's); with the native kernel "
            "bfloat16 or float16 halve the bytes each decode step reads, rounding the (scaled) factors to 8 or 11 "
-           "significant bits; the arithmetic stays in the model's dtype")
+           "significant bits; the arithmetic is the model's dtype's, float32 for float32 factors (on a "
+           "bfloat16/float16 model too, as PEFT computes adapters)")
     a("--max-batch-size", type=int, default=d.max_batch_size, help="rows per forward pass")
     a("--max-active-adapters", type=int, default=d.max_active_adapters, help="device adapter slots")
     a("--max-lora-rank", type=int, default=d.max_lora_rank,

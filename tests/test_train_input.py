@@ -166,3 +166,11 @@ def test_a_prompt_whose_last_token_merges_with_the_completion_keeps_its_tokens_a
     assert example.input_ids == alone + tokenizer(completion, add_special_tokens=False).input_ids + \
         [tokenizer.eos_token_id]
     assert example.labels[:len(alone)] == [-100] * len(alone)
+
+
+def test_a_job_recorded_with_a_device_index_resumes_on_that_device_kind():
+    """Identities written before the device kind alone was recorded hold 'cuda:0': the same job, not a change."""
+    from loader.train_job_spec import changes
+    assert changes({"device": "cuda:0", "rank": 8}, {"device": "cuda", "rank": 8}) == []
+    assert changes({"device": "cuda:0"}, {"device": "cpu"}) == ["device: 'cuda' then, 'cpu' now"]
+    assert changes({"rank": 8}, {"rank": 8, "data_sha256": "ab"}) == []  # not recorded then: not compared

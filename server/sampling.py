@@ -62,10 +62,11 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[t
     u = torch.tensor([[torch.rand((), dtype=torch.float64, generator=g).item()] for g in generators],
                      dtype=torch.float32)
     chosen = _invert(probs, u.to(device))
-    if device.type != "cpu":  # a parallel scan can round a zero's running sum off its predecessor's: redo on the host
-        wrong = (probs.gather(1, chosen[:, None])[:, 0] == 0).nonzero()[:, 0]
-        if len(wrong):
-            chosen[wrong] = _invert(probs[wrong].cpu(), u[wrong.cpu()]).to(device)
+    # A GPU's parallel scan can round a zero's running sum off its predecessor's, and so draw a token top-k or top-p
+    # left out: such a row is drawn again on the host, whose sums run in order (one gather: checked everywhere).
+    wrong = (probs.gather(1, chosen[:, None])[:, 0] == 0).nonzero()[:, 0]
+    if len(wrong):
+        chosen[wrong] = _invert(probs[wrong].cpu(), u[wrong.cpu()]).to(device)
     return chosen
 
 

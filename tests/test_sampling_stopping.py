@@ -67,6 +67,24 @@ def test_sampled_tokens_follow_the_filtered_distribution():
         assert got[~keep].sum() == 0, params
 
 
+def test_a_token_of_probability_zero_from_a_devices_scan_is_drawn_again_on_the_host(monkeypatch):
+    """A GPU's parallel cumulative sum can round a filtered token's running sum above its predecessor's: the drawn
+    token is checked, and such a row drawn again with sums that run in order."""
+    from server import sampling
+    invert, calls = sampling._invert, []
+
+    def scan_that_lands_on_a_zero(probs, u):
+        calls.append(len(probs))
+        if len(calls) == 1:  # as a device's rounding would: the row's first filtered-out token
+            return (probs == 0).float().argmax(-1)
+        return invert(probs, u)
+    monkeypatch.setattr(sampling, "_invert", scan_that_lands_on_a_zero)
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    params = [SamplingParams(temperature=1.0, top_k=2, seed=3)]
+    token = sample(logits, params, [make_generator(params[0])])[0]
+    assert calls == [1, 1] and token in (0, 1)
+
+
 def test_a_seeded_row_draws_the_same_tokens_in_any_batch():
     """Alone, with greedy rows, with sampled rows of every filter, first or last, in batches of 1 to 9 rows: the
     same seed and logits give the same tokens (the draws are vectorised; each row's arithmetic is its own)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import regex
 from torch import nn
@@ -33,6 +34,17 @@ def pattern_matches(what: str, pattern: str, name: str, full: bool = True) -> bo
     except TimeoutError:
         raise SlowPattern(what, pattern, name, seconds) from None
     return found is not None
+
+
+def read_otherwise(pattern: str) -> str | None:
+    """Why the regex module may read `pattern` otherwise than re (which PEFT matches with), or None: re warns of the
+    constructs whose meaning differs (nested sets and set operations: regex reads [[:digit:]] as a POSIX class, re as
+    a set of '[', ':', 'd', ... followed by ']'). re.error where re cannot compile it."""
+    re.purge()  # a cached pattern is not parsed again, so it would not warn again
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        re.compile(pattern)
+    return next((str(w.message) for w in caught if issubclass(w.category, FutureWarning)), None)
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -17,7 +17,7 @@ from safetensors.torch import save
 
 from adapters.canonical import CanonicalAdapter, pattern_regex
 from adapters.slot_bank import ModuleShape
-from adapters.targets import SlowPattern, matches
+from adapters.targets import SlowPattern, matches, read_otherwise
 from loader import json_input
 from loader.tensor_bytes import TensorFileError, read_tensors_from
 from server.errors import FailedPrecondition
@@ -304,9 +304,12 @@ def check_config_values(config: dict, adapter_id: str) -> None:
         value = config.get(key)
         if isinstance(value, str):
             try:
-                re.compile(value)
+                otherwise = read_otherwise(value)
             except re.error as exc:
                 refuse(key, value, f"a valid regular expression ({exc})")
+            if otherwise:
+                refuse(key, value, f"a regular expression Python's re (PEFT) reads as this server does; re warns: "
+                                   f"{otherwise} (a POSIX class such as [[:digit:]] is a set to re: write [0-9])")
         elif value is not None and not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
             refuse(key, value, "a list of module names or a regular expression")
     for key in ("rank_pattern", "alpha_pattern", "merge_error"):
@@ -319,11 +322,15 @@ def check_config_values(config: dict, adapter_id: str) -> None:
     for key in () if adalora else ("rank_pattern", "alpha_pattern"):  # keys matched as regexes (AdaLoRA: neither)
         for module in config.get(key) or {}:
             try:
-                pattern_regex(module)
+                otherwise = read_otherwise(pattern_regex(module).pattern)
             except re.error as exc:  # exc.msg: its position would count in PEFT's wrapper, not in the key
                 raise FailedPrecondition(f"adapter {adapter_id!r}: config {key} key {module!r} is not a valid "
                                          f"regular expression ({exc.msg}); PEFT matches each key as a regex against "
                                          f"module paths (escape special characters)") from None
+            if otherwise:
+                raise FailedPrecondition(f"adapter {adapter_id!r}: config {key} key {module!r} is read otherwise by "
+                                         f"Python's re (PEFT) than by this server; re warns: {otherwise} (a POSIX "
+                                         f"class such as [[:digit:]] is a set to re: write [0-9])")
     for module, value in (config.get("rank_pattern") or {}).items():
         ok = (isinstance(value, list) and all(isinstance(m, bool) for m in value)) if adalora else _count(value, 1)
         if not ok:

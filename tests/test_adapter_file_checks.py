@@ -40,6 +40,9 @@ REFUSED = {
     "pattern-bad-rank": "rank_pattern key 'q_proj(' is not a valid regular expression",
     "pattern-bad-alpha": "alpha_pattern key 'v_proj)' is not a valid regular expression",
     "fp8-nan": "contains NaN or Inf",
+    "pattern-posix-targets": "a regular expression Python's re (PEFT) reads as this server does; re warns: "
+                             "Possible nested set at position 3",
+    "pattern-posix-rank": "is read otherwise by Python's re (PEFT) than by this server",
     "pattern-slow-targets": f"config target_modules {SLOW!r} took over 0.25 s of CPU to match the module path",
     "pattern-slow-exclude": f"config exclude_modules {SLOW!r} took over 0.25 s of CPU to match the module path",
     "pattern-slow-rank": f"config rank_pattern key {SLOW!r} took over 0.25 s of CPU to match the module path",
@@ -74,6 +77,8 @@ def adapter_root(model_dirs, tmp_path_factory):
     make_peft_adapter(llama, root / "good", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     _variant(root, "good", "pattern-bad-rank", {"rank_pattern": {"q_proj(": 4}})
     _variant(root, "good", "pattern-bad-alpha", {"alpha_pattern": {"v_proj)": 2}})
+    _variant(root, "good", "pattern-posix-targets", {"target_modules": ".*[[:digit:]].*"})  # regex: any digit
+    _variant(root, "good", "pattern-posix-rank", {"rank_pattern": {"layers.[[:digit:]].self_attn.q_proj": 2}})
     _variant(root, "good", "pattern-slow-targets", {"target_modules": SLOW})
     _variant(root, "good", "pattern-slow-exclude", {"exclude_modules": SLOW})
     _variant(root, "good", "pattern-slow-rank", {"rank_pattern": {SLOW: 4}})

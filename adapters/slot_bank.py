@@ -156,6 +156,11 @@ class SlotBank:
     def resident(self, key: tuple) -> bool:
         return key in self._slot_of
 
+    def held(self, key: tuple) -> bool:
+        """Resident and in use by some row: its slot cannot be given to another adapter meanwhile."""
+        slot = self._slot_of.get(key)
+        return slot is not None and self._refs[slot] > 0
+
     def active_requests(self, adapter_id: str) -> int:
         """Rows running on any version of `adapter_id`: a replaced version's rows run on to their end. (Read from
         other threads: list() copies the dict in one step under the GIL.)"""

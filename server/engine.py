@@ -288,8 +288,11 @@ class Engine:
             request = self._waiting[0]
             if self._prefilling is not None and len(request.prompt_ids) > self.config.max_prefill_tokens:
                 # One long prompt chunks at a time: a second one waits at the head for its last chunk (then goes
-                # first), and the requests behind it that one prefill runs whole go ahead meanwhile.
+                # first), and the requests behind it that one prefill runs whole go ahead meanwhile. Unless running
+                # rows hold its adapter's slot, later adapter rows wait as for a slot (below): steady traffic on a
+                # resident adapter would keep every slot busy, and it would never get one.
                 skipped.append(self._waiting.popleft())
+                slot_wait = slot_wait or (request.adapter is not None and not self.bank.held(request.adapter.key))
                 continue
             candidates = [r.state.request for r in admitted] + [request]
             if (admitted or self._rows()) and self._kv_plan(candidates)[1] > self.config.max_kv_tokens:

@@ -445,6 +445,41 @@ def test_short_requests_pass_a_second_long_prompt_while_the_first_chunks(model_d
         server.stop()
 
 
+def test_a_long_prompt_waiting_for_a_slot_is_not_starved_while_other_long_prompts_chunk(model_dirs, tmp_path):
+    """One slot, held by steady traffic on adapter a; a long prompt on adapter b; base-model long prompts keep
+    chunking. Deferred behind each chunking prompt, b's request let a's rows take the slot again and again (found by
+    a soak: still waiting after 30 s; served in 0.05 s before, and now). A server process of its own: in this one the
+    clients' pace, under the server's GIL, let the slot drain."""
+    from bench.server_process import ServerProcess
+    for name, seed in (("a", 1), ("b", 2)):
+        make_peft_adapter(model_dirs["llama"], tmp_path / name, seed, r=4, lora_alpha=8, target_modules=["q_proj"])
+    server = ServerProcess(["--model", model_dirs["llama"], "--adapter-root", tmp_path, "--max-active-adapters", 1,
+                            "--max-prefill-tokens", 32, "--max-batch-size", 8, "--threads", 2, "--log-level", "WARNING",
+                            "--state-file", tmp_path / "state.json"])
+    try:
+        async def run():
+            async with AsyncClient(f"127.0.0.1:{server.port}", timeout=60) as client:
+                stop = asyncio.Event()
+
+                async def steady(prompt, adapter, new):
+                    while not stop.is_set():
+                        await client.generate(prompt, adapter, max_new_tokens=new, ignore_eos=True)
+                workers = [asyncio.create_task(steady([10 + k] * 10, "a", 16)) for k in range(4)] + \
+                    [asyncio.create_task(steady([20 + k] * 120, "", 1)) for k in range(2)]
+                await asyncio.sleep(3)
+                start = time.monotonic()
+                try:
+                    reply = await asyncio.wait_for(client.generate([30] * 120, "b", max_new_tokens=1), 15)
+                finally:
+                    stop.set()
+                    await asyncio.gather(*workers, return_exceptions=True)
+                return reply, time.monotonic() - start
+        reply, waited = asyncio.run(run())
+        assert len(reply.token_ids) == 1 and waited < 15
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("flag", ["max_lora_rank", "max_active_adapters", "max_hydra_heads"])
 def test_a_slot_bank_beyond_the_free_memory_is_refused_before_it_is_allocated(model_dirs, flag, monkeypatch):
     """Asking for 2^31-1 of any slot dimension wanted terabytes and failed in the allocation with a traceback."""

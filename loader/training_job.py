@@ -12,15 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.training import Hooks, Trainer, evaluate
-from loader.base_model import model_context, pad_id
+from loader.base_model import DTYPES, model_context, pad_id
 from loader.default_model import default_model_dir
 from loader.inject import linear_module_names, unmatched_problem
 from loader.train_data import collate, read_jsonl
 from loader.train_job_spec import (CHECKPOINT, DEFAULT_TARGETS, LOG, METHODS, JobError, TrainJob, changes, check_job,
                                    check_out, job_identity, parse_targets)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def _load(job: TrainJob):
     path = default_model_dir() if job.model == "default" else Path(job.model)

@@ -86,14 +86,18 @@ def _nucleus_bar(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """[S, 1]: per row, the probability of the last token of its nucleus (tokens at or above it are kept): the
     most likely tokens until the mass before the next reaches top_p (the best token always stays; tokens tied
     with the last one stay too); 0 where top_p is 1. Only the best tokens are sorted: first NUCLEUS_START, more
-    while some row's mass has not reached its top_p."""
-    vocab, off = probs.shape[-1], top_p >= 1.0
+    (x8) for the rows whose mass has not reached their top_p, so a wide nucleus costs its own row a long sort,
+    not the whole batch."""
+    vocab = probs.shape[-1]
+    bar = torch.zeros_like(top_p)
+    rows = (top_p[:, 0] < 1.0).nonzero()[:, 0]
     k = min(NUCLEUS_START, vocab)
-    while True:
-        best = probs.topk(k, dim=-1).values
-        mass = best.cumsum(-1)  # on the CPU a position's mass is the same whatever k (so is the cut)
-        if k == vocab or bool(((mass[:, -1:] >= top_p) | off).all()):
-            break
-        k = min(8 * k, vocab)
-    kept = 1 + (mass[:, :-1] < top_p).sum(-1, keepdim=True)  # tokens whose mass before them is below top_p
-    return best.gather(1, kept - 1).masked_fill(off, 0.0)
+    while len(rows):
+        best = probs[rows].topk(k, dim=-1).values
+        mass = best.cumsum(-1)  # on the CPU a position's mass is the same whatever k and rows (so is the cut)
+        p = top_p[rows]
+        done = (mass[:, -1:] >= p)[:, 0] | (k == vocab)
+        kept = 1 + (mass[:, :-1] < p).sum(-1, keepdim=True)  # tokens whose mass before them is below top_p
+        bar[rows[done]] = best.gather(1, kept - 1)[done]
+        rows, k = rows[~done], min(8 * k, vocab)
+    return bar

@@ -107,6 +107,20 @@ def test_a_seeded_row_draws_the_same_tokens_in_any_batch():
         assert draws([SamplingParams()] * 4, first=False) == alone
 
 
+def test_a_wide_nucleus_sorts_its_own_row_not_the_batch(monkeypatch):
+    """A row whose top-p nucleus spans the vocabulary needs it sorted; the rows beside it, whose nucleus lies in
+    the first few tokens, are cut from those alone (the search widens per row), and cut as they are alone."""
+    vocab = 4096
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float32)
+    logits = torch.stack([-3.0 * ranks.log()] * 7 + [torch.zeros(vocab)])  # 7 peaked rows, then a flat one
+    params = [SamplingParams(1.0, 0, 0.9, seed) for seed in range(8)]
+    alone = [sample(logits[i:i + 1], params[i:i + 1], [make_generator(params[i])])[0] for i in range(8)]
+    searched, topk = [], torch.Tensor.topk
+    monkeypatch.setattr(torch.Tensor, "topk", lambda t, k, **kw: (searched.append((len(t), k)), topk(t, k, **kw))[1])
+    assert sample(logits, params, [make_generator(p) for p in params]) == alone
+    assert searched == [(8, 64), (1, 512), (1, 4096)]
+
+
 def _stream(stop=(), max_new=50):
     tokenizer = build_tokenizer()
     return tokenizer, TextStream(tokenizer, StoppingParams(max_new, tuple(stop)), frozenset({2}))

@@ -228,7 +228,7 @@ def load_base_model(model: str, device: str, dtype: str) -> BaseModel:
     config = hf.config
     max_context, _ = model_context(config)
     eos = end_of_sequence_ids(config, getattr(hf, "generation_config", None), tokenizer)
-    vocab_size = config.vocab_size
+    vocab_size = config.get_text_config().vocab_size  # a multimodal config (Gemma-3) keeps it in its text config
     _log_tokens_beyond(tokenizer, vocab_size, path)
     return BaseModel(hf, tokenizer, str(model), config.model_type, vocab_size, int(max_context),
                      frozenset(eos), pad_id(tokenizer, eos, vocab_size), longest_token_chars(tokenizer),
@@ -269,11 +269,13 @@ def _log_tokens_beyond(tokenizer, vocab_size: int, path: Path) -> None:
 
 def model_context(config) -> tuple[int, str]:
     """The longest sequence served on this model (prompt and new tokens; training's --max-length is held to it too),
-    and where it comes from."""
+    and where it comes from. A multimodal model's (Gemma-3) is its text model's, as its vocabulary is."""
+    text = config.get_text_config()
+    whose = "" if text is config else "its text model's "
     for key in ("max_position_embeddings", "n_positions"):
-        if getattr(config, key, None):
-            stored = getattr(config, "attribute_map", {}).get(key, key)  # the name in the file (GPT-2: n_positions)
-            return int(getattr(config, key)), f"{stored} in its config.json"
+        if getattr(text, key, None):
+            stored = getattr(text, "attribute_map", {}).get(key, key)  # the name in the file (GPT-2: n_positions)
+            return int(getattr(text, key)), f"{whose}{stored} in its config.json"
     return 2048, "the server's default: its config.json gives neither max_position_embeddings nor n_positions"
 
 
@@ -289,7 +291,9 @@ def end_of_sequence_ids(config, generation_config, tokenizer) -> list[int]:
     generation_config.json's, then the tokenizer's eos token. Their union, because each source alone misses some:
     instruct models (Llama-3-Instruct's <|eot_id|>, Gemma-it's <end_of_turn>) list their end-of-turn ids only in
     generation_config.json, which is what HF generate stops on, and some tokenizers name an eos the configs omit."""
-    sources = {"config.json": _ids(config.eos_token_id),
+    text = config.get_text_config()  # a multimodal config may name its ids at the top level, in its text model's, or both
+    sources = {"config.json": list(dict.fromkeys(_ids(getattr(config, "eos_token_id", None)) +
+                                                 _ids(getattr(text, "eos_token_id", None)))),
                "generation_config.json": _ids(getattr(generation_config, "eos_token_id", None)),
                "tokenizer": _ids(tokenizer.eos_token_id)}
     union = list(dict.fromkeys(i for ids in sources.values() for i in ids))

@@ -50,7 +50,7 @@ def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_pat
             layer.shrunk_norms = deque([stats.get("shrunk_norm", float("nan"))])
         base.to(device)  # the new adapter layers were made on the CPU, as in training
         pad = padding_id(tokenizer, base)
-        examples = read_jsonl(Path(eval_path), tokenizer, max_length, base.config.vocab_size)
+        examples = read_jsonl(Path(eval_path), tokenizer, max_length, base.config.get_text_config().vocab_size)
         batches = [{k: v.to(device) for k, v in collate(examples[i:i + 8], pad).items()}
                    for i in range(0, len(examples), 8)]
         error = merge_error(base.eval(), layers, method, batches)

@@ -33,7 +33,7 @@ def _load(job: TrainJob):
 def padding_id(tokenizer, model) -> int:
     """What pads a batch's shorter examples (masked, and never a label): a valid id, as the server's is."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return pad_id(tokenizer, eos, model.config.vocab_size)
+    return pad_id(tokenizer, eos, model.config.get_text_config().vocab_size)
 
 
 def _targets(job: TrainJob, model) -> list[str] | str:
@@ -178,7 +178,7 @@ def _check_context(job: TrainJob, model) -> None:
 def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
     path, model, tokenizer = _load(job)
     _check_context(job, model)
-    vocab = model.config.vocab_size
+    vocab = model.config.get_text_config().vocab_size
     train = read_jsonl(Path(job.data), tokenizer, job.max_length, vocab)
     evaluation = read_jsonl(Path(job.eval), tokenizer, job.max_length, vocab) if job.eval else None
     targets = _targets(job, model)

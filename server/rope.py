@@ -58,7 +58,7 @@ class LongRope:
         lengths = sorted({n for n in installed.values() if n is not None})
         if not lengths:
             return None
-        config = model.config
+        config = model.config.get_text_config()
         boundary = getattr(config, "original_max_position_embeddings", None)
         recompute_at = int(boundary) if config.model_type in RECOMPUTING_FAMILIES and boundary else None
         log.info("longrope: each row takes the long factors past its own %s positions%s", lengths[0],

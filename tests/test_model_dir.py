@@ -1,5 +1,6 @@
 """What the server takes from a --model folder: the tokens that end a generation, and the folders it refuses to
 serve (not a complete decoder-only causal LM) with a one-line error at start-up."""
+import json
 import logging
 
 import pytest
@@ -8,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from clients.client import Client
 from loader.base_model import load_base_model
-from loader.default_model import build_model_dir
+from loader.default_model import build_model_dir, build_tokenizer
 from protos.loraplex.v1 import inference_pb2 as pb
 from tests.helpers import start_server
 
@@ -54,6 +55,41 @@ def test_the_tokenizer_eos_counts_beside_the_configs(tmp_path):
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(9)
     tokenizer.save_pretrained(folder)
     assert load_base_model(str(folder), "cpu", "float32").eos_token_ids == {2, 7, 9}
+
+
+def test_a_multimodal_checkpoint_is_served_with_its_text_models_vocabulary_context_and_ends(tmp_path):
+    """Gemma-3 4b/12b/27b-it save vocab_size and max_position_embeddings only in text_config: the server reads them
+    there (its start failed on the missing vocab_size), and serves the text model as HF generate does."""
+    from transformers import Gemma3Config
+    tokenizer = build_tokenizer()
+    text = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=12, max_position_embeddings=3000, sliding_window=6,
+                layer_types=["sliding_attention", "full_attention"], vocab_size=len(tokenizer), pad_token_id=0,
+                bos_token_id=1, eos_token_id=[2, 7])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=3,
+                          boi_token_index=4, eoi_token_index=5)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    folder = tmp_path / "gemma3-mm"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    assert "vocab_size" not in saved and "max_position_embeddings" not in saved  # as the real checkpoints
+    prompt = [9, 10, 11, 12]
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    server = start_server(folder, None)
+    try:
+        with Client(server.target, timeout=60) as client:
+            info = client.server_info()
+            assert (info.vocab_size, info.max_context_length) == (len(tokenizer), 3000)
+            reply = client.generate(prompt, max_new_tokens=6, ignore_eos=True)
+        assert list(reply.token_ids) == expected
+        assert {2, 7} <= server.serving.engine.eos
+    finally:
+        server.stop()
 
 
 def _folders(root):

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import re
 import warnings
+import weakref
 
 import regex
+import torch
 from torch import nn
 
 ALL_LINEAR = "all-linear"
@@ -48,7 +50,33 @@ def read_otherwise(pattern: str) -> str | None:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """An nn.Linear or GPT-2 Conv1D whose output is its affine map of the input, to which a delta can be added. A
+    subclass with a forward of its own is run once to see: MoE routers (PhiMoE's, Llama-4's) subclass nn.Linear but
+    return (scores, experts) tuples, while FalconLinear computes the plain map its own way."""
+    if type(module).__name__ == "Conv1D":
+        return True
+    if not isinstance(module, nn.Linear):
+        return False
+    if type(module).forward is nn.Linear.forward:
+        return True
+    if module not in _AFFINE:
+        _AFFINE[module] = _computes_its_affine_map(module)
+    return _AFFINE[module]
+
+
+_AFFINE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()  # probes' answers, per module
+
+
+def _computes_its_affine_map(module: nn.Linear) -> bool:
+    weight = module.weight
+    x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            got, want = module(x), nn.functional.linear(x, weight, module.bias)
+    except Exception:  # whatever cannot run on a plain input is no linear layer to adapt
+        return False
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and \
+        torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2 * float(want.abs().max()))
 
 
 def matches(spec: str | list[str] | None, name: str, what: str = "target_modules") -> bool:

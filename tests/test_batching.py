@@ -10,6 +10,7 @@ from adapters.layer import reference_delta
 from adapters.slot_bank import AdapterContext, ModuleShape, SlotBank
 from clients.client import AsyncClient
 from loader.base_model import load_base_model
+from loader.default_model import build_model_dir
 from loader.inject import inject
 from loader.peft_files import read_adapter
 from server.batch import Row, Runner
@@ -112,6 +113,39 @@ def test_mixed_batch_logits_equal_each_alone_in_other_families(model_dirs, tmp_p
     for kind in (1, 2):  # each adapter really changes its rows
         other, _ = decode_forced(runner, [Row(prompts[kind], 0)], forced=tokens[kind:kind + 1])
         assert (other[0] - mixed[kind]).abs().max() > 1e-3
+
+
+def test_linear_subclasses_are_adapted_only_where_their_output_is_the_linear_map(tmp_path):
+    """PhiMoE's router subclasses nn.Linear but returns (scores, experts): wrapped like a projection, every batch with
+    an adapter row failed (INTERNAL), the base rows beside them too. It is no adaptable module (an adapter naming it
+    is refused as incompatible), and FalconLinear, the same map computed its own way, still is."""
+    import grpc
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from adapters.targets import linear_modules
+    from tests.helpers import status_of
+    from clients.client import Client
+    falcon = build_model_dir(tmp_path / "falcon", "falcon", seed=0, hidden_size=48, num_attention_heads=4)
+    assert "transformer.h.1.self_attention.query_key_value" in \
+        dict(linear_modules(AutoModelForCausalLM.from_pretrained(falcon)))
+    phimoe = build_model_dir(tmp_path / "phimoe", "phimoe", seed=0, hidden_size=48, intermediate_size=96,
+                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    root = tmp_path / "adapters"
+    make_peft_adapter(phimoe, root / "qv", 5, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    make_peft_adapter(phimoe, root / "router", 6, r=4, lora_alpha=8, target_modules=["router"])
+    prompts, ids = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]], ["", "qv", ""]
+    server = start_server(phimoe, root)
+    try:
+        alone, together = tokens_alone_and_together(server.target, prompts, ids, 6)
+        with Client(server.target, timeout=30) as client:
+            code, message = status_of(client.load_adapter, "router")
+    finally:
+        server.stop()
+    assert together == alone
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(phimoe), root / "qv").eval()
+    assert alone[1] == peft.generate(torch.tensor([prompts[1]]), max_new_tokens=6, do_sample=False,
+                                     eos_token_id=None, pad_token_id=0)[0, 3:].tolist()
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "router" in message, (code, message)
 
 
 def test_mixed_batch_tokens_equal_each_alone_through_server(server):

@@ -34,8 +34,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     row's values are bitwise the same in any batch), so a seeded request draws the same tokens whatever else is in
     the batch. On a GPU a cumulative sum's kernel depends on the number of rows, so a draw can move at a last-bit
     boundary, as the logits themselves can there."""
-    choice = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
+    if len(rows) == len(params):  # no argmax nor copy of the rows to spend (a third of a step's sampling)
+        return _draw(logits.float(), params, generators).tolist()
+    choice = logits.argmax(dim=-1)
     if rows:
         index = torch.tensor(rows, device=logits.device)
         choice[index] = _draw(logits[index].float(), [params[i] for i in rows], [generators[i] for i in rows])
@@ -93,7 +95,7 @@ def _nucleus_bar(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     rows = (top_p[:, 0] < 1.0).nonzero()[:, 0]
     k = min(NUCLEUS_START, vocab)
     while len(rows):
-        best = probs[rows].topk(k, dim=-1).values
+        best = (probs if len(rows) == len(probs) else probs[rows]).topk(k, dim=-1).values
         mass = best.cumsum(-1)  # on the CPU a position's mass is the same whatever k and rows (so is the cut)
         p = top_p[rows]
         done = (mass[:, -1:] >= p)[:, 0] | (k == vocab)

@@ -88,9 +88,15 @@ class MalformedInterceptor(grpc.aio.ServerInterceptor):
         return wrap(stream, handler.request_deserializer, handler.response_serializer)
 
 
-def _cancel_code(context) -> grpc.StatusCode:
+def _cancel_code(context, budget: float | None) -> grpc.StatusCode:
+    """Why a call ended early, from the time it had left (`budget`: what it had when it began here). A client whose
+    deadline passes cancels the call as an explicit cancel does, before the server's own deadline, which started
+    when the call arrived: later by its transit and queueing (7 ms for a 3 s deadline on one machine). So a call
+    that ends with under 5% of its budget and 50 ms left counts as past its deadline."""
     remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+    if budget is None or remaining is None:
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining <= 0.05 * budget + 0.05 else grpc.StatusCode.CANCELLED
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -119,7 +125,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request, context):
                 code = self._begin(labels)
-                start = time.perf_counter()
+                start, budget = time.perf_counter(), context.time_remaining()
                 try:
                     await self._admit(context, counted)
                     response = await inner(request, context)
@@ -127,7 +133,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     code = context.code() or grpc.StatusCode.OK
                     return response
                 except asyncio.CancelledError:
-                    code = _cancel_code(context)
+                    code = _cancel_code(context, budget)
                     raise
                 except BaseException:
                     code = context.code() or grpc.StatusCode.UNKNOWN
@@ -144,7 +150,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
         async def stream(request, context):
             code = self._begin(labels, count_received=not bidi)
-            start = time.perf_counter()
+            start, budget = time.perf_counter(), context.time_remaining()
             try:
                 await self._admit(context, counted)
                 responses = inner_stream(self._counting(request, labels) if bidi else request, context)
@@ -156,7 +162,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     await responses
                 code = context.code() or grpc.StatusCode.OK
             except (asyncio.CancelledError, GeneratorExit):  # grpc closes a stream's generator when its client leaves
-                code = _cancel_code(context)
+                code = _cancel_code(context, budget)
                 raise
             except BaseException:
                 code = context.code() or grpc.StatusCode.UNKNOWN

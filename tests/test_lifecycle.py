@@ -111,12 +111,26 @@ def test_deadline_frees_its_row(server, monkeypatch):
         time.sleep(0.005)
         return decode_step(batch)
     monkeypatch.setattr(runner, "decode_step", slow_step)
-    with Client(server.target, timeout=0.5) as client:
-        with pytest.raises(grpc.RpcError) as info:
-            client.generate([5, 6], "v1", max_new_tokens=480, ignore_eos=True)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    label = 'grpc_server_handled_total{grpc_code="%s",grpc_method="%s",grpc_service="loraplex.v1.Inference",' \
+            'grpc_type="%s"}'
+    calls = [("Generate", "unary"), ("GenerateStream", "server_stream")]
+    before = scrape(server)
+
+    async def past_deadlines():  # a unary call and a stream, the deadline as realistic ones are (over a second)
+        async with AsyncClient(server.target, timeout=1.5) as client:
+            async def stream():
+                return [m async for m in client.generate_stream([5, 6], "v1", max_new_tokens=480, ignore_eos=True)]
+            return await asyncio.gather(client.generate([5, 6], "v1", max_new_tokens=480, ignore_eos=True),
+                                        stream(), return_exceptions=True)
+    for outcome in asyncio.run(past_deadlines()):
+        assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.DEADLINE_EXCEEDED, outcome
     assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0)
     assert 0 < len(steps) < 479  # it was decoding, and stopped long before its 480 tokens
+    # the client's deadline ends the call before the server's own (which started later, on arrival): still counted
+    # as past the deadline, not as a client's cancel
+    after = scrape(server)
+    for code, want in (("DEADLINE_EXCEEDED", 1), ("CANCELLED", 0)):
+        assert [after.get(label % (code, *c), 0) - before.get(label % (code, *c), 0) for c in calls] == [want] * 2
 
 
 def test_reflection_lists_both_services(server):

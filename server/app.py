@@ -245,6 +245,7 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         raise ConfigError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port} (--metrics-port): "
                           f"{exc.strerror}") from None
     serving = serving if serving is not None else Serving()
+    serving.metrics = metrics  # before the model: calls refused while it loads are counted too
     # Outermost first: every RPC is counted (refused ones too), then authenticated.
     interceptors = [MetricsInterceptor(metrics.registry, config.max_concurrent_rpcs)]
     if user_tokens or admin_tokens:

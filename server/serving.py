@@ -37,7 +37,8 @@ class Running:
 
 @dataclass
 class Serving:
-    """What the servicers reach once the model is loaded; None fields mean 'not ready yet'."""
+    """What the servicers reach once the model is loaded; None fields mean 'not ready yet' (but metrics, set
+    before the model loads)."""
 
     engine: Engine | None = None
     registry: object = None

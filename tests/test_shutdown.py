@@ -50,6 +50,8 @@ def test_health_not_serving_until_model_is_warm(model_dirs, monkeypatch):
             with pytest.raises(grpc.RpcError) as info:
                 client.generate("hi", adapter_id)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        # every Generate call ends in one of request_success/request_failure, refused while loading too
+        assert scrape(background).get('loraplex_request_failure_total{code="UNAVAILABLE"}') == 2
         gate.set()
         assert wait_for(lambda: client.health() == SERVING, timeout=60)
         assert len(client.generate("hi", max_new_tokens=2).token_ids) == 2

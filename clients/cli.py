@@ -74,7 +74,7 @@ def _adapters(args) -> int:
             extra += f"\tstructure={r.structure}\tpre_num={r.pre_num}\tmerge={r.merge_method}\tmerge_error={error}"
         print(f"{info.adapter_id}\t{kind}\trank={info.rank}\tmodules={len(info.target_modules)}\t"
               f"{info.size_bytes} bytes\ttier={tier}\tversion={info.version}\tpinned={info.pinned}\t"
-              f"running={info.active_requests}{extra}")
+              f"running={info.active_requests}\twaiting={info.waiting_requests}{extra}")
         if args.action == "get":
             for line in _module_lines(info):
                 print(f"  {line}")

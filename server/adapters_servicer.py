@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from protos.loraplex.v1 import inference_pb2 as pb
@@ -21,8 +22,11 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         self.serving = serving
         self.changing = adapter_pool("admin", 16)  # LoadAdapter/UnloadAdapter: they wait on ids and read files
 
-    def _info(self, record) -> pb.AdapterInfo:
-        bank = self.serving.engine.bank
+    def _info(self, record, waiting: Counter | None = None) -> pb.AdapterInfo:
+        """`waiting`: engine.waiting_for(), read once for a list of records."""
+        engine = self.serving.engine
+        bank = engine.bank
+        waiting = engine.waiting_for() if waiting is None else waiting
         key = record.weights.key if record.weights is not None else None
         if key is not None and bank.resident(key):
             tier = pb.ADAPTER_TIER_DEVICE
@@ -38,7 +42,8 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             rank=max(record.module_ranks.values(), default=0),
             module_ranks=record.module_ranks, target_modules=sorted(record.module_ranks), size_bytes=record.size_bytes,
             tier=tier, pinned=record.pinned, version=record.version,
-            active_requests=bank.active_requests(record.adapter_id), heads=record.heads)
+            active_requests=bank.active_requests(record.adapter_id), waiting_requests=waiting[record.adapter_id],
+            heads=record.heads)
 
     async def _call(self, context, fn, *args):
         try:
@@ -120,8 +125,10 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         return versions, in_flight
 
     async def ListAdapters(self, request, context):
-        return await self._call(context, lambda: pb.ListAdaptersResponse(
-            adapters=[self._info(r) for r in self.serving.registry.records()]))
+        def answer():
+            waiting = self.serving.engine.waiting_for()
+            return pb.ListAdaptersResponse(adapters=[self._info(r, waiting) for r in self.serving.registry.records()])
+        return await self._call(context, answer)
 
     async def GetAdapter(self, request, context):
         return await self._call(context, lambda: self._info(self.serving.registry.get(request.adapter_id)))

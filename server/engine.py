@@ -170,6 +170,11 @@ class Engine:
                            if r.adapter is not None and r.adapter.adapter_id == adapter_id)
         return self.call(count)
 
+    def waiting_for(self) -> Counter:
+        """{adapter id: requests queued for it}, read from any thread at one moment (tuple() copies the queue in
+        one step under the GIL; a request the engine holds aside while it admits others may be missed)."""
+        return Counter(r.adapter.adapter_id for r in tuple(self._waiting) if r.adapter is not None)
+
     def idle(self) -> bool:
         return self._batch is None and self._prefilling is None and self._pending == 0
 

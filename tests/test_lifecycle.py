@@ -303,6 +303,31 @@ def test_a_replace_keeps_the_pin_and_counts_the_old_versions_rows(server, monkey
         assert not client.load_adapter("small", replace=True).pinned
 
 
+def test_adapter_info_counts_the_requests_waiting_for_it(model_dirs, adapter_root, monkeypatch):
+    """A request queued behind a full batch is not running, yet it blocks an unload: GetAdapter and ListAdapters
+    show it as waiting (an operator saw running=0 and an unload refused for a request in flight)."""
+    server = start_server(model_dirs["llama"], adapter_root, max_batch_size=1)
+    runner = server.serving.engine.runner
+    decode_step = runner.decode_step
+    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    try:
+        with Client(server.target, timeout=60) as client:
+            client.load_adapter("small")
+            running = client.generate_stream([5, 6], "", max_new_tokens=400, ignore_eos=True)
+            next(running)
+            queued = client.generate_stream([5, 6], "small", max_new_tokens=4, ignore_eos=True)
+            assert wait_for(lambda: client.get_adapter("small").waiting_requests == 1)
+            info = {i.adapter_id: i for i in client.list_adapters()}["small"]
+            assert (info.active_requests, info.waiting_requests) == (0, 1)
+            code, message = status_of(client.unload_adapter, "small")
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "1 request in flight" in message
+            running.cancel()
+            assert len([t for m in queued for t in m.token_ids]) == 4
+            assert client.get_adapter("small").waiting_requests == 0
+    finally:
+        server.stop()
+
+
 def test_health_watch_streams_the_serving_status(server):
     """Health/Watch (what gRPC client-side health checking uses) writes through context.write, not by yielding."""
     from grpc_health.v1 import health_pb2_grpc

@@ -185,6 +185,8 @@ def test_metrics_count_exactly(model_dirs, adapter_root):
             assert got['loraplex_step_duration_seconds_sum{phase="prefill"}'] > 0
             stream = client.generate_stream([5, 6, 7], "small", max_new_tokens=400, ignore_eos=True)
             next(iter(stream))
+            # the engine publishes its gauges just after it sends a step's tokens
+            assert wait_for(lambda: scrape(server)["loraplex_kv_cache_token_slots_reserved"] > 0)
             running = scrape(server)
             assert running["loraplex_num_requests_running"] == 1 and running["loraplex_adapter_slots_used"] == 1
             assert running["loraplex_kv_cache_token_slots_reserved"] == 3 + 400  # one row, its prompt + max_new

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from adapters.canonical import ModuleFactors
-from adapters.slot_bank import AdapterContext
+from adapters.slot_bank import AdapterContext, ModuleShape
 
 
 def linear_dims(base: nn.Module) -> tuple[int, int]:
@@ -16,6 +16,10 @@ def linear_dims(base: nn.Module) -> tuple[int, int]:
         d_in, d_out = base.weight.shape
         return d_in, d_out
     raise TypeError(f"cannot adapt {type(base).__name__}: only nn.Linear and Conv1D are supported")
+
+
+def module_shape(name: str, base: nn.Module) -> ModuleShape:
+    return ModuleShape(name, *linear_dims(base), stored_transposed=not isinstance(base, nn.Linear))
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:

@@ -31,6 +31,7 @@ class ModuleShape:
     name: str
     d_in: int
     d_out: int
+    stored_transposed: bool = False  # the base weight is stored (d_in, d_out), as a GPT-2 Conv1D's
 
 
 class RowFactors(Protocol):

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from adapters.layer import dense_weight, linear_dims
-from adapters.slot_bank import ModuleShape
+from adapters.layer import dense_weight, module_shape
 from clients.client import Client
 from loader.peft_files import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from loader.registry import ID_RULE, valid_id
@@ -106,7 +105,7 @@ def served_form(adapter_dir: Path, layers: dict) -> dict:
     the files just written, read by the server's own reader: AdaLoRA's kept ranks, HydraLoRA's heads and ResLoRA's
     merge come out as served. `layers`: the trained layers by module path; their frozen `base` modules give the
     shapes (and the base weights a merge may need)."""
-    shapes = {name: ModuleShape(name, *linear_dims(layer.base)) for name, layer in layers.items()}
+    shapes = {name: module_shape(name, layer.base) for name, layer in layers.items()}
     adapter = read_adapter(adapter_dir, adapter_dir.name, shapes, max_rank=1 << 30, load_serial=0, max_heads=1 << 30,
                            base_weight=lambda name: dense_weight(layers[name].base).cpu())
     return {"kind": adapter.kind.value, "module_ranks": {m: f.rank for m, f in sorted(adapter.modules.items())},

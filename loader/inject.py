@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters.layer import MultiAdapterLinear, dense_weight, linear_dims
+from adapters.layer import MultiAdapterLinear, dense_weight, module_shape
 from adapters.slot_bank import AdapterContext, ModuleShape
 from adapters.targets import ALL_LINEAR, linear_modules
 
@@ -40,8 +40,7 @@ def inject(model: nn.Module, targets: str | list[str] = ALL_LINEAR) -> tuple[Ada
     context = AdapterContext()
     shapes = []
     for index, (name, module) in enumerate(found):
-        d_in, d_out = linear_dims(module)
-        shapes.append(ModuleShape(name, d_in, d_out))
+        shapes.append(module_shape(name, module))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, MultiAdapterLinear(module, index, context))

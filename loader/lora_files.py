@@ -43,7 +43,9 @@ def read_lora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Modul
         if rebuilt is not None:
             check_rank(adapter_id, module, 2 * r, ctx, f"rank {r} + {r} (its {rebuilt} residual base, served as a "
                                                          f"second term on the base weights)")
-            variant = (rebuilt, r, scale, bool(config.get("fan_in_fan_out", False)))
+            # the weight's layout as the module stores it, not the config's fan_in_fan_out: PEFT sets that from the
+            # module's type when it loads the adapter (a hand-edited config may say otherwise)
+            variant = (rebuilt, r, scale, shape.stored_transposed)
             compute = lambda: residual_term(rebuilt, ctx.base_weight(module), *variant[1:])  # noqa: E731
             extra_a, extra_b = compute() if ctx.residuals is None else ctx.residuals.get(variant, module, compute)
             a, b = torch.cat([a, extra_a]), torch.cat([b, extra_b], dim=1)

@@ -25,12 +25,8 @@ def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_pat
     method = method or config.get("merge_method")
     _, base, tokenizer = _load(TrainJob(method="reslora", data="", out=str(out), model=model, device=device))
     modules = {name: None for chain in config["chains"] for name in chain}
-    from adapters.layer import linear_dims
-    from adapters.slot_bank import ModuleShape
-    shapes = {}
-    for name in modules:
-        d_in, d_out = linear_dims(base.get_submodule(name))
-        shapes[name] = ModuleShape(name, d_in, d_out)
+    from adapters.layer import module_shape
+    shapes = {name: module_shape(name, base.get_submodule(name)) for name in modules}
     conv1d = any(type(base.get_submodule(name)).__name__ == "Conv1D" for name in modules)  # as save_lora says it
     merged = read_adapter(adapter_dir, adapter_dir.name, shapes, max_rank=1 << 20, load_serial=0,
                           base_weight=lambda name: base_weight(base, name),  # the server's validated merge

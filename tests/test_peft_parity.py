@@ -1,5 +1,8 @@
 """Adapters saved by HF PEFT give PEFT's logits (<= 1e-4, fp32) and PEFT's greedy tokens through our server,
 PiSSA/OLoRA ones saved unconverted included (PEFT rebuilds their residual base from the original weights)."""
+import json
+import shutil
+
 import pytest
 import torch
 from peft import PeftModel
@@ -141,3 +144,27 @@ def test_a_pissa_adapter_read_again_takes_no_svd_again(model_dirs, adapter_roots
     olora = read("olora-rslora")  # other settings: computed, and with room for one they push the PiSSA terms out
     read("pissa-r4")
     assert len(computed) == 2 * modules + len(olora.modules)
+
+
+@pytest.mark.parametrize("arch,adapter_id", [("llama", "olora-rslora"), ("gpt2", "c_proj-olora")])
+def test_an_olora_residual_follows_the_weights_layout_not_the_configs_fan_in_fan_out(model_dirs, adapter_roots,
+                                                                                      tmp_path, arch, adapter_id):
+    """PEFT sets fan_in_fan_out from the module's type when it loads an adapter, and takes OLoRA's QR of the weight
+    as the module stores it: a config that says otherwise (edited by hand or by another tool) is served as PEFT
+    serves it (the server's residual followed the config: logits 0.06 off, other greedy tokens)."""
+    edited = tmp_path / adapter_id
+    shutil.copytree(adapter_roots[arch] / adapter_id, edited)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    config["fan_in_fan_out"] = not config["fan_in_fan_out"]
+    (edited / "adapter_config.json").write_text(json.dumps(config))
+    base = load_base_model(str(model_dirs[arch]), "cpu", "float32")
+    context, shapes = inject(base.model)
+    bank = SlotBank(shapes, num_slots=1, max_rank=16, device=torch.device("cpu"), dtype=torch.float32)
+    adapter = read_adapter(edited, adapter_id, {s.name: s for s in shapes}, 16, 1,
+                           base_weight=lambda name: base_weight(base.model, name))
+    runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
+    _, logits = runner.prefill([Row(p, bank.acquire(adapter)) for p in PROMPTS])
+    peft = _peft_model(model_dirs[arch], edited)
+    with torch.no_grad():
+        for i, prompt in enumerate(PROMPTS):
+            torch.testing.assert_close(logits[i], peft(torch.tensor([prompt])).logits[0, -1], atol=1e-4, rtol=0)

@@ -201,6 +201,8 @@ int loraplex_add_delta(int rows, int tokens, const float* x, float* y, int d_in,
                         int threads) {
     int failed = 0;  /* a thread that cannot get its scratch memory: reported, never a partial silent result */
     const int blocks = (tokens + TOKENS - 1) / TOKENS, items = rows * blocks;
+    if (threads > items)  /* fewer work items than threads (a lone row's decode step): none woken to sit idle */
+        threads = items > 1 ? items : 1;
     const int chunk = items / (threads * 8) > 1 ? items / (threads * 8) : 1;
     #pragma omp parallel num_threads(threads)
     {

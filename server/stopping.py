@@ -47,7 +47,9 @@ class TextStream:
         if self._decode_ids(context).endswith("\ufffd"):  # the prompt ends inside a character: its own bytes
             context = []
         self._all = context  # decoded: the prompt's last tokens, then `ids`
-        self._carries: list[bool] = [True] * len(context)  # per id of _all: whether it decodes to any text alone
+        # per id of _all: whether it decodes to any text alone (filled in only when a split is searched for, which
+        # most tokens never need: a decode per token saved)
+        self._carries: list[bool] = [True] * len(context)
         self._prefix = 0  # _all[_prefix:_read] decode to the tail of `_folded`: context for decoding what follows
         self._read = len(context)
         self._folded = ""  # the text of ids up to _read: final
@@ -61,7 +63,6 @@ class TextStream:
         """Add one generated token; returns the text that may be shown now. Sets `finish` when done."""
         self.ids.append(token)
         self._all.append(token)
-        self._carries.append(self._decode_ids([token]) != "")
         matched_in_text = False
         if token in self._eos and not self._params.ignore_eos:
             self.finish = FinishReason.EOS_TOKEN
@@ -107,6 +108,7 @@ class TextStream:
         them. Byte-level BPE tokens can cut characters at every split: then no split is found, the search is
         retried only once the window has doubled, and the window's decoding costs linear time per token."""
         end = len(self._all)
+        self._carries += [self._decode_ids([t]) != "" for t in self._all[len(self._carries):]]
         carrying = [i for i in range(self._read, end) if self._carries[i]]
         if len(carrying) < UTF8_MAX_BYTES or end - self._read < 2 * self._unsplit:
             return

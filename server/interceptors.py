@@ -8,6 +8,7 @@ refused; reflection streams are both."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -17,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from server.metrics import REQUEST_BUCKETS
 
 UNLIMITED = ("/grpc.health.v1.Health/", "/loraplex.v1.Adapters/", "/loraplex.v1.Inference/GetServerInfo")
+STALL_SECONDS = 30.0  # how long a stream's message may wait for its client to take it (_write)
+log = logging.getLogger("loraplex.interceptors")
 
 
 class _Malformed:
@@ -88,6 +91,26 @@ class MalformedInterceptor(grpc.aio.ServerInterceptor):
         return wrap(stream, handler.request_deserializer, handler.response_serializer)
 
 
+class _Stalled(Exception):
+    """A stream's client took none of a message within STALL_SECONDS."""
+
+
+async def _write(context, response) -> None:
+    """Send one message of a stream; _Stalled if the client takes none of it within STALL_SECONDS. A write waits
+    for the client's HTTP/2 flow-control window: a client that stops granting it while its connection stays healthy
+    (a slow-read attack; a proxy whose own client stalls) held the call, its --max-concurrent-rpcs slot and its
+    queued tokens for as long as the connection lived: one connection could take every slot. gRPC's clients grant
+    window as their transport reads, whatever the application reads, and a frozen client's connection is cut by its
+    kernel (~20 s), so only a client that withholds it waits this long."""
+    try:
+        async with asyncio.timeout(STALL_SECONDS):
+            await context.write(response)
+    except TimeoutError:
+        log.warning("a stream to %s took none of its messages for %s s (no HTTP/2 flow-control window): ended",
+                    context.peer(), STALL_SECONDS)
+        raise _Stalled from None
+
+
 def _cancel_code(context, budget: float | None) -> grpc.StatusCode:
     """Why a call ended early, from the time it had left (`budget`: what it had when it began here). A client whose
     deadline passes cancels the call as an explicit cancel does, before the server's own deadline, which started
@@ -155,15 +178,19 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 await self._admit(context, counted)
                 responses = inner_stream(self._counting(request, labels) if bidi else request, context)
                 if hasattr(responses, "__aiter__"):
-                    async for response in responses:
-                        self.sent.labels(*labels).inc()
-                        yield response
+                    async with contextlib.aclosing(responses):  # closed here: a generation's row ends with it
+                        async for response in responses:
+                            await _write(context, response)
+                            self.sent.labels(*labels).inc()
                 else:  # a handler that writes with context.write and returns (grpc_health's Watch)
                     await responses
                 code = context.code() or grpc.StatusCode.OK
-            except (asyncio.CancelledError, GeneratorExit):  # grpc closes a stream's generator when its client leaves
+            except asyncio.CancelledError:  # the client left, or its deadline passed
                 code = _cancel_code(context, budget)
                 raise
+            except _Stalled:  # no status can reach that client (it would wait behind the stuck message): the call
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED  # ends here, as a cancelled one does, and its slot is free
+                raise asyncio.CancelledError from None
             except BaseException:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise

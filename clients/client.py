@@ -189,17 +189,50 @@ class AsyncStream:
 
 
 class AsyncClient:
-    """As Client, each call a coroutine; `generate_stream` returns an AsyncStream."""
+    """As Client, each call a coroutine; `generate_stream` returns an AsyncStream. A grpc.aio channel serves the event
+    loop it was first used in: this client makes its channel at its first call, in that call's loop (so a client
+    made before asyncio.run works), and refuses a call from another loop naming the rule (grpc failed there with
+    "attached to a different loop" or "Event loop is closed"): make one client per loop."""
 
     def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None, timeout: float | None = None,
                  token: str | None = None, tls: Tls | None = None) -> None:
         self._options = _call_options(target, channel, grpc.aio.Channel, timeout, token, tls)
-        self.channel = channel or (grpc.aio.secure_channel(target, tls.credentials()) if tls
-                                   else grpc.aio.insecure_channel(target))
         self.timeout = self._options["timeout"]
-        self.inference = pb_grpc.InferenceStub(self.channel)
-        self.adapters = pb_grpc.AdaptersStub(self.channel)
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self._target, self._tls, self._channel = target, tls, channel
+        self._loop = None  # the loop of the first call
+        self._stubs = None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self._bound()[0]
+
+    @property
+    def inference(self) -> pb_grpc.InferenceStub:
+        return self._bound()[1]
+
+    @property
+    def adapters(self) -> pb_grpc.AdaptersStub:
+        return self._bound()[2]
+
+    @property
+    def health_stub(self) -> health_pb2_grpc.HealthStub:
+        return self._bound()[3]
+
+    def _bound(self) -> tuple:
+        """(channel, inference, adapters, health stubs) for the running loop: the first call's."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError("this AsyncClient's channel belongs to the event loop of its first call; a call from "
+                               "another loop (a second asyncio.run, another thread's loop) needs its own AsyncClient")
+        if self._stubs is None:
+            if self._channel is None:
+                self._channel = (grpc.aio.secure_channel(self._target, self._tls.credentials()) if self._tls
+                                 else grpc.aio.insecure_channel(self._target))
+            self._stubs = (self._channel, pb_grpc.InferenceStub(self._channel), pb_grpc.AdaptersStub(self._channel),
+                           health_pb2_grpc.HealthStub(self._channel))
+        return self._stubs
 
     async def generate(self, prompt, adapter_id: str = "", **kwargs) -> pb.GenerateResponse:
         return await self.inference.Generate(build_request(prompt, adapter_id, **kwargs), **self._options)
@@ -227,7 +260,8 @@ class AsyncClient:
                                              **self._options)).status
 
     async def close(self) -> None:
-        await self.channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return self

@@ -154,6 +154,24 @@ def test_the_constructors_name_what_they_were_given(server):
     assert len(asyncio.run(scenario()).token_ids) == 2
 
 
+def test_an_async_client_serves_the_loop_of_its_first_call_and_names_the_rule_elsewhere(server):
+    """grpc.aio binds a channel to one event loop: a client made before asyncio.run failed in it ("attached to a
+    different loop"), and one used again in a second asyncio.run failed with "Event loop is closed"."""
+    client = AsyncClient(server.target, timeout=30)  # no loop runs yet
+
+    async def generate():
+        return list((await client.generate([5, 6], max_new_tokens=2, ignore_eos=True)).token_ids)
+
+    async def generate_and_close():
+        try:
+            return await generate()
+        finally:
+            await client.close()
+    assert len(asyncio.run(generate_and_close())) == 2
+    with pytest.raises(RuntimeError, match="belongs to the event loop of its first call; a call from another loop"):
+        asyncio.run(generate())
+
+
 def test_numpy_booleans_are_flags_and_tokens_beyond_grpc_headers_are_refused(server):
     """numpy's bool was refused as 'must be True or False, not bool'; a token over 8 KiB passed the client and the
     server's token file alike, then grpc refused its header at random (16 KiB: always)."""

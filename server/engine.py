@@ -116,6 +116,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[EngineRequest] = deque()
         self._pending = 0  # submitted, not yet admitted (inbox + waiting); guarded by _count_lock
+        self._held = 0  # rows holding a place in the batch (running or prefilling): the engine's, read by submit()
         self._count_lock = threading.Lock()
         self._batch: Batch | None = None
         self._prefilling: Prefill | None = None  # newcomers whose prompts run a chunk per iteration
@@ -144,7 +145,9 @@ class Engine:
         if not self.alive:
             raise Unavailable("the engine has stopped; this replica cannot serve")
         with self._count_lock:
-            if self._pending >= self.config.max_queue_size:
+            # the batch's free rows take the first of a burst at its next step: they never wait (a burst of batch +
+            # queue requests on an idle server had its last refused, or not, by the engine's timing)
+            if self._pending >= self.config.max_queue_size + max(0, self.config.max_batch_size - self._held):
                 raise ResourceExhausted(
                     f"the waiting queue is full ({self.config.max_queue_size} requests, --max-queue-size); retry later")
             self._pending += 1
@@ -331,6 +334,7 @@ class Engine:
             admitted.append(Row(request.prompt_ids, slot, state))
         self._waiting.extendleft(reversed(skipped))
         if admitted:
+            self._held = len(self._rows()) + len(admitted)  # before they leave the count of pending requests
             self._unqueue(len(admitted))
             self.metrics.running.set(len(self._rows()) + len(admitted))
             self.metrics.adapter_slots_used.set(self.bank.used)
@@ -452,7 +456,8 @@ class Engine:
         """After every change to the batch: cap the cache's growth at the planned peak, and publish the running
         rows, the slots they hold and the cache's memory (cancelled or finished rows' memory is released here,
         at the step they leave; a failed step's rows are gone too)."""
-        self.metrics.running.set(len(self._rows()))
+        self._held = len(self._rows())
+        self.metrics.running.set(self._held)
         self.metrics.adapter_slots_used.set(self.bank.used)
         slots = nbytes = 0
         reserved = self._kv_plan([])[1]  # the prefilling rows join the running ones' rectangle

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import time
 
 import grpc
 import pytest
@@ -278,6 +279,29 @@ def test_full_queue_is_resource_exhausted(model_dirs, adapter_root):
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_a_burst_of_batch_plus_queue_requests_is_taken_whole(model_dirs, adapter_root):
+    """The batch's free rows take the first requests of a burst at the engine's next step: they never wait, so an
+    idle server takes --max-batch-size + --max-queue-size requests at once (it refused those beyond the queue's size
+    that arrived before the engine's next step), and refuses the one after them."""
+    import threading
+    server = start_server(model_dirs["llama"], adapter_root, max_batch_size=2, max_queue_size=2)
+    busy = threading.Event()
+    server.serving.engine.call(lambda: (busy.set(), time.sleep(1.0)))  # the burst arrives before its next step
+
+    async def burst():
+        async with AsyncClient(server.target, timeout=60) as client:
+            return await asyncio.gather(*[client.generate([5 + i], max_new_tokens=2, ignore_eos=True)
+                                          for i in range(5)], return_exceptions=True)
+    try:
+        assert busy.wait(10)
+        outcomes = asyncio.run(burst())
+    finally:
+        server.stop()
+    refused = [o for o in outcomes if isinstance(o, grpc.RpcError)]
+    assert len(refused) == 1 and refused[0].code() == C.RESOURCE_EXHAUSTED, outcomes
+    assert all(len(o.token_ids) == 2 for o in outcomes if o not in refused)
 
 
 def test_autoload_off_means_not_found_until_loaded(model_dirs, adapter_root):

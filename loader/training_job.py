@@ -119,7 +119,7 @@ def _prepare(job: TrainJob, model, targets, total: int, train_prompts: list[str]
         from adapters.reslora import add_reslora, in_a_block
         from adapters.targets import linear_modules
         from loader.reslora_files import save_reslora
-        depth = model.config.num_hidden_layers
+        depth = model.config.get_text_config().num_hidden_layers
         if job.pre_num > max(1, depth - 1):  # the default, 1, fits any model (on one layer ResLoRA is LoRA)
             raise JobError(f"--pre-num {job.pre_num}: this model has {depth} layers, so a block links back to at most "
                            f"{depth - 1} previous blocks")

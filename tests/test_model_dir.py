@@ -57,9 +57,10 @@ def test_the_tokenizer_eos_counts_beside_the_configs(tmp_path):
     assert load_base_model(str(folder), "cpu", "float32").eos_token_ids == {2, 7, 9}
 
 
-def test_a_multimodal_checkpoint_is_served_with_its_text_models_vocabulary_context_and_ends(tmp_path):
-    """Gemma-3 4b/12b/27b-it save vocab_size and max_position_embeddings only in text_config: the server reads them
-    there (its start failed on the missing vocab_size), and serves the text model as HF generate does."""
+@pytest.fixture(scope="module")
+def gemma3_multimodal(tmp_path_factory):
+    """A tiny multimodal Gemma-3 saved as 4b/12b/27b-it are: vocab_size and max_position_embeddings only in
+    text_config; and the model, for HF's own generate."""
     from transformers import Gemma3Config
     tokenizer = build_tokenizer()
     text = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -72,11 +73,19 @@ def test_a_multimodal_checkpoint_is_served_with_its_text_models_vocabulary_conte
                           boi_token_index=4, eoi_token_index=5)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    folder = tmp_path / "gemma3-mm"
+    folder = tmp_path_factory.mktemp("models") / "gemma3-mm"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     saved = json.loads((folder / "config.json").read_text())
     assert "vocab_size" not in saved and "max_position_embeddings" not in saved  # as the real checkpoints
+    return folder, model
+
+
+def test_a_multimodal_checkpoint_is_served_with_its_text_models_vocabulary_context_and_ends(gemma3_multimodal):
+    """The server reads them there (its start failed on the missing vocab_size), and serves the text model as HF
+    generate does."""
+    folder, model = gemma3_multimodal
+    tokenizer = build_tokenizer()
     prompt = [9, 10, 11, 12]
     expected = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
                               pad_token_id=0)[0, len(prompt):].tolist()
@@ -90,6 +99,21 @@ def test_a_multimodal_checkpoint_is_served_with_its_text_models_vocabulary_conte
         assert {2, 7} <= server.serving.engine.eos
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("method", ["lora", "reslora"])
+def test_adapters_train_on_a_multimodal_checkpoints_text_model(gemma3_multimodal, tmp_path, method):
+    """Training reads the text model's settings too (ResLoRA's layer count failed with a traceback)."""
+    from adapters.training import TrainSettings
+    from loader.train_job_spec import TrainJob
+    from loader.training_job import run_job
+    folder, _ = gemma3_multimodal
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hello {i} ", "completion": "world"}) + "\n" for i in range(4)))
+    out = tmp_path / method
+    run_job(TrainJob(method=method, data=str(data), out=str(out), model=str(folder), max_length=32,
+                     target_modules=["q_proj", "v_proj"], settings=TrainSettings(max_steps=2)))
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 def _folders(root):

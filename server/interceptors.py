@@ -115,11 +115,13 @@ def _cancel_code(context, budget: float | None) -> grpc.StatusCode:
     """Why a call ended early, from the time it had left (`budget`: what it had when it began here). A client whose
     deadline passes cancels the call as an explicit cancel does, before the server's own deadline, which started
     when the call arrived: later by its transit and queueing (7 ms for a 3 s deadline on one machine). So a call
-    that ends with under 5% of its budget and 50 ms left counts as past its deadline."""
+    that ends with under 5% of its budget (at most 0.5 s) and 50 ms left counts as past its deadline; a cancel with
+    more left is the client's (Ctrl-C, Stream.cancel)."""
     remaining = context.time_remaining()
     if budget is None or remaining is None:
         return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining <= 0.05 * budget + 0.05 else grpc.StatusCode.CANCELLED
+    slack = min(0.05 * budget, 0.5) + 0.05
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining <= slack else grpc.StatusCode.CANCELLED
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):

@@ -131,6 +131,13 @@ def test_deadline_frees_its_row(server, monkeypatch):
     after = scrape(server)
     for code, want in (("DEADLINE_EXCEEDED", 1), ("CANCELLED", 0)):
         assert [after.get(label % (code, *c), 0) - before.get(label % (code, *c), 0) for c in calls] == [want] * 2
+    with Client(server.target, timeout=30) as client:  # a client's own cancel, its deadline far off: CANCELLED
+        stream = client.generate_stream([5, 6], "v1", max_new_tokens=480, ignore_eos=True)
+        next(stream)
+        stream.cancel()
+    cancelled, past = label % ("CANCELLED", *calls[1]), label % ("DEADLINE_EXCEEDED", *calls[1])
+    assert wait_for(lambda: scrape(server).get(cancelled, 0) == after.get(cancelled, 0) + 1)
+    assert scrape(server).get(past) == after.get(past)
 
 
 def test_reflection_lists_both_services(server):

@@ -116,7 +116,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[EngineRequest] = deque()
         self._pending = 0  # submitted, not yet admitted (inbox + waiting); guarded by _count_lock
-        self._held = 0  # rows holding a place in the batch (running or prefilling): the engine's, read by submit()
+        self._free = config.max_batch_size  # rows the last admission left free with nothing else in the way
         self._count_lock = threading.Lock()
         self._batch: Batch | None = None
         self._prefilling: Prefill | None = None  # newcomers whose prompts run a chunk per iteration
@@ -145,9 +145,10 @@ class Engine:
         if not self.alive:
             raise Unavailable("the engine has stopped; this replica cannot serve")
         with self._count_lock:
-            # the batch's free rows take the first of a burst at its next step: they never wait (a burst of batch +
-            # queue requests on an idle server had its last refused, or not, by the engine's timing)
-            if self._pending >= self.config.max_queue_size + max(0, self.config.max_batch_size - self._held):
+            # rows the batch had free at its last admission, which nothing else held back (slots, KV or prefill
+            # budget), take the first of a burst at the next step: those never wait (a burst of batch + queue
+            # requests on an idle server had its last refused, or not, by the engine's timing)
+            if self._pending >= self.config.max_queue_size + self._free:
                 raise ResourceExhausted(
                     f"the waiting queue is full ({self.config.max_queue_size} requests, --max-queue-size); retry later")
             self._pending += 1
@@ -291,7 +292,7 @@ class Engine:
 
     def _admit(self) -> list[Row]:
         room = self.config.max_batch_size - len(self._rows())
-        admitted, skipped, slot_wait = [], deque(), False
+        admitted, skipped, slot_wait, held_back = [], deque(), False, False
         while self._waiting and len(admitted) < room:
             request = self._waiting[0]
             if self._prefilling is not None and len(request.prompt_ids) > self.config.max_prefill_tokens:
@@ -304,11 +305,13 @@ class Engine:
                 continue
             candidates = [r.state.request for r in admitted] + [request]
             if (admitted or self._rows()) and self._kv_plan(candidates)[1] > self.config.max_kv_tokens:
+                held_back = True
                 break  # first come, first served: later requests wait too, so a large one is never starved
             # The rest next step: running rows get a token between prefills, not after all of them. While a long
             # prompt runs in chunks, only a group that one prefill runs whole joins.
             if (admitted or self._prefilling is not None) and \
                     len(candidates) * max(len(r.prompt_ids) for r in candidates) > self.config.max_prefill_tokens:
+                held_back = True
                 break
             self._waiting.popleft()
             if slot_wait and request.adapter is not None:
@@ -333,8 +336,8 @@ class Engine:
                               make_generator(request.sampling), now)
             admitted.append(Row(request.prompt_ids, slot, state))
         self._waiting.extendleft(reversed(skipped))
+        self._free = 0 if held_back or skipped else max(0, room - len(admitted))  # (before _unqueue: never above)
         if admitted:
-            self._held = len(self._rows()) + len(admitted)  # before they leave the count of pending requests
             self._unqueue(len(admitted))
             self.metrics.running.set(len(self._rows()) + len(admitted))
             self.metrics.adapter_slots_used.set(self.bank.used)
@@ -456,8 +459,7 @@ class Engine:
         """After every change to the batch: cap the cache's growth at the planned peak, and publish the running
         rows, the slots they hold and the cache's memory (cancelled or finished rows' memory is released here,
         at the step they leave; a failed step's rows are gone too)."""
-        self._held = len(self._rows())
-        self.metrics.running.set(self._held)
+        self.metrics.running.set(len(self._rows()))
         self.metrics.adapter_slots_used.set(self.bank.used)
         slots = nbytes = 0
         reserved = self._kv_plan([])[1]  # the prefilling rows join the running ones' rectangle

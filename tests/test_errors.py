@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from adapters.targets import matches
 from clients.client import AsyncClient, Client
-from tests.helpers import make_peft_adapter, start_server, status_of
+from tests.helpers import make_peft_adapter, scrape, start_server, status_of, wait_for
 
 C = grpc.StatusCode
 
@@ -302,6 +302,31 @@ def test_a_burst_of_batch_plus_queue_requests_is_taken_whole(model_dirs, adapter
     refused = [o for o in outcomes if isinstance(o, grpc.RpcError)]
     assert len(refused) == 1 and refused[0].code() == C.RESOURCE_EXHAUSTED, outcomes
     assert all(len(o.token_ids) == 2 for o in outcomes if o not in refused)
+
+
+def test_rows_the_kv_budget_holds_back_take_no_request_beyond_the_queue(model_dirs, adapter_root, monkeypatch):
+    """Free rows count for the queue's limit only where nothing else holds requests back: with a KV budget for one
+    row, a second request waits, and a third is refused at --max-queue-size 1 (not taken for the free rows)."""
+    server = start_server(model_dirs["llama"], adapter_root, max_batch_size=4, max_queue_size=1, max_kv_tokens=150)
+    runner = server.serving.engine.runner
+    decode_step = runner.decode_step
+    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.01), decode_step(batch))[1])
+
+    async def scenario():
+        async with AsyncClient(server.target, timeout=60) as client:
+            running = client.generate_stream([5, 6], max_new_tokens=100, ignore_eos=True)  # 102 of the 150 slots
+            await running.__anext__()
+            waiting = asyncio.create_task(client.generate([7, 8], max_new_tokens=100, ignore_eos=True))
+            assert await asyncio.to_thread(wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == 1)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.generate([9], max_new_tokens=2)
+            assert info.value.code() == C.RESOURCE_EXHAUSTED and "--max-queue-size" in info.value.details()
+            running.cancel()
+            assert len((await waiting).token_ids) == 100
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
 
 
 def test_autoload_off_means_not_found_until_loaded(model_dirs, adapter_root):

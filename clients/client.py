@@ -220,7 +220,11 @@ class AsyncClient:
 
     def _bound(self) -> tuple:
         """(channel, inference, adapters, health stubs) for the running loop: the first call's."""
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("an AsyncClient's channel and stubs are used in a running event loop (its channel "
+                               "belongs to the loop of its first call)") from None
         if self._loop is None:
             self._loop = loop
         elif loop is not self._loop:

@@ -51,7 +51,6 @@ SERVICES = [pb.DESCRIPTOR.services_by_name["Inference"].full_name, pb.DESCRIPTOR
 HANDLER_GRACE = 2.0  # seconds the open handlers get to send their status once a shutdown's grace is over
 REPLY_GRACE = 0.5  # seconds the last replies get to leave once no Inference/Adapters handler runs any more
 STATE_FILE = ".loraplex-state.json"  # ids must start with a letter or digit, so this is never an adapter
-STREAMS_BEYOND_LIMIT = 100  # HTTP/2 streams one connection may hold beyond --max-concurrent-rpcs (see serve())
 
 
 @dataclass
@@ -259,13 +258,12 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     # queue only has to hold a burst of that size and more.
     pending = min(2 ** 31 - 1, max(3000, 4 * config.max_concurrent_rpcs))  # grpc's hard default 3000; a C int
     # A stream ended for want of its client's flow-control window (interceptors._write) stays open in grpc's core
-    # until its connection closes (2.5 KB each; Python cannot reset it): one connection may hold this many streams
-    # at once, so a client that stalls its streams on purpose holds a bounded amount. Room beyond the RPC limit for
-    # the calls it does not count (health checks, the Adapters service).
-    streams = min(2 ** 31 - 1, config.max_concurrent_rpcs + STREAMS_BEYOND_LIMIT)
+    # until its connection closes (2.5 KB each; Python cannot reset it): one connection may hold as many streams as
+    # grpc's queue holds calls, so a client that stalls its streams on purpose holds a bounded amount, and a burst
+    # on one channel is still answered (grpc refuses streams beyond this UNAVAILABLE).
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.so_reuseport", 0), ("grpc.server.max_pending_requests", pending),
-        ("grpc.server.max_pending_requests_hard_limit", pending), ("grpc.max_concurrent_streams", streams)])
+        ("grpc.server.max_pending_requests_hard_limit", pending), ("grpc.max_concurrent_streams", pending)])
     if (user_tokens or admin_tokens) and not config.tls_cert:
         log.warning("bearer tokens travel in plaintext without --tls-cert/--tls-key: use TLS beyond localhost")
     if not (user_tokens or admin_tokens) and not _loopback(config.host):

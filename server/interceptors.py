@@ -99,9 +99,10 @@ async def _write(context, response) -> None:
     """Send one message of a stream; _Stalled if the client takes none of it within STALL_SECONDS. A write waits
     for the client's HTTP/2 flow-control window: a client that stops granting it while its connection stays healthy
     (a slow-read attack; a proxy whose own client stalls) held the call, its --max-concurrent-rpcs slot and its
-    queued tokens for as long as the connection lived: one connection could take every slot. gRPC's clients grant
-    window as their transport reads, whatever the application reads, and a frozen client's connection is cut by its
-    kernel (~20 s), so only a client that withholds it waits this long."""
+    queued tokens for as long as the connection lived: one connection could take every slot. gRPC Python's client
+    grants window as its transport reads, whatever the application reads, and a frozen client's connection is cut by
+    its kernel (~20 s); a client whose window follows its application's reads (grpc-go, grpc-java) must have left a
+    full window (64 KiB or more) unread this long."""
     try:
         async with asyncio.timeout(STALL_SECONDS):
             await context.write(response)

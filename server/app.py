@@ -247,7 +247,7 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     serving = serving if serving is not None else Serving()
     serving.metrics = metrics  # before the model: calls refused while it loads are counted too
     # Outermost first: every RPC is counted (refused ones too), then authenticated.
-    interceptors = [MetricsInterceptor(metrics.registry, config.max_concurrent_rpcs)]
+    interceptors = [MetricsInterceptor(metrics.registry, config.max_concurrent_rpcs, config.stream_stall_timeout)]
     if user_tokens or admin_tokens:
         interceptors.append(AuthInterceptor(user_tokens, admin_tokens, reflection_open=config.reflection))
     interceptors.append(MalformedInterceptor())  # innermost: after counting, admission and authentication

@@ -43,6 +43,7 @@ class ServerConfig:
     target_modules: str = "all-linear"
     reflection: bool = True
     grace_period: float = 30.0
+    stream_stall_timeout: float = 30.0  # seconds a stream's message may wait for its client's flow-control window
     threads: int = 0
     log_level: str = "INFO"
 
@@ -108,6 +109,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
            "module of the model is warned about at start, since a list may be shared across model families)")
     a("--no-reflection", dest="reflection", action="store_false", help="do not serve gRPC server reflection")
     a("--grace-period", type=float, default=d.grace_period, help="seconds in-flight requests get on SIGTERM")
+    a("--stream-stall-timeout", type=float, default=d.stream_stall_timeout,
+      help="seconds a GenerateStream message may wait for its client to take it (HTTP/2 flow control) before the "
+           "stream is ended and its slot freed")
     a("--threads", type=int, default=d.threads,
       help=f"torch CPU threads (0: torch's default, one per core; at most {THREADS_PER_CPU} per CPU)")
     a("--log-level", default=d.log_level, type=str.upper,
@@ -164,6 +168,8 @@ def check_config(c: ServerConfig) -> None:
     serve_targets(c)
     if not math.isfinite(c.grace_period) or c.grace_period < 0:
         raise ConfigError(f"--grace-period must be a number of seconds >= 0, got {c.grace_period}")
+    if not math.isfinite(c.stream_stall_timeout) or c.stream_stall_timeout <= 0:
+        raise ConfigError(f"--stream-stall-timeout must be a number of seconds > 0, got {c.stream_stall_timeout}")
     problem = device_problem(c.device)
     if problem:
         raise ConfigError(problem)

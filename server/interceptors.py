@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from server.metrics import REQUEST_BUCKETS
 
 UNLIMITED = ("/grpc.health.v1.Health/", "/loraplex.v1.Adapters/", "/loraplex.v1.Inference/GetServerInfo")
-STALL_SECONDS = 30.0  # how long a stream's message may wait for its client to take it (_write)
 log = logging.getLogger("loraplex.interceptors")
 
 
@@ -92,11 +91,11 @@ class MalformedInterceptor(grpc.aio.ServerInterceptor):
 
 
 class _Stalled(Exception):
-    """A stream's client took none of a message within STALL_SECONDS."""
+    """A stream's client took none of a message within --stream-stall-timeout."""
 
 
-async def _write(context, response) -> None:
-    """Send one message of a stream; _Stalled if the client takes none of it within STALL_SECONDS. A write waits
+async def _write(context, response, stall: float) -> None:
+    """Send one message of a stream; _Stalled if the client takes none of it within `stall` seconds. A write waits
     for the client's HTTP/2 flow-control window: a client that stops granting it while its connection stays healthy
     (a slow-read attack; a proxy whose own client stalls) held the call, its --max-concurrent-rpcs slot and its
     queued tokens for as long as the connection lived: one connection could take every slot. gRPC Python's client
@@ -104,11 +103,11 @@ async def _write(context, response) -> None:
     its kernel (~20 s); a client whose window follows its application's reads (grpc-go, grpc-java) must have left a
     full window (64 KiB or more) unread this long."""
     try:
-        async with asyncio.timeout(STALL_SECONDS):
+        async with asyncio.timeout(stall):
             await context.write(response)
     except TimeoutError:
         log.warning("a stream to %s took none of its messages for %s s (no HTTP/2 flow-control window): ended",
-                    context.peer(), STALL_SECONDS)
+                    context.peer(), stall)
         raise _Stalled from None
 
 
@@ -126,8 +125,9 @@ def _cancel_code(context, budget: float | None) -> grpc.StatusCode:
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, registry: CollectorRegistry, max_concurrent_rpcs: int) -> None:
+    def __init__(self, registry: CollectorRegistry, max_concurrent_rpcs: int, stall: float) -> None:
         self.limit = max_concurrent_rpcs
+        self.stall = stall  # --stream-stall-timeout (_write)
         self.in_flight = 0  # counted RPCs now running; touched only on the event loop
         labels = ["grpc_type", "grpc_service", "grpc_method"]
         self.started = Counter("grpc_server_started", "RPCs started.", labels, registry=registry)
@@ -183,7 +183,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 if hasattr(responses, "__aiter__"):
                     async with contextlib.aclosing(responses):  # closed here: a generation's row ends with it
                         async for response in responses:
-                            await _write(context, response)
+                            await _write(context, response, self.stall)
                             self.sent.labels(*labels).inc()
                 else:  # a handler that writes with context.write and returns (grpc_health's Watch)
                     await responses

@@ -104,8 +104,8 @@ def test_arguments_that_are_not_utf8_are_one_line_errors(server, args, name):
     assert f"error: argument {name}: not valid UTF-8 (byte 0xe9 at character 4)" in result.stderr
 
 
-@pytest.mark.parametrize("what", ["grpc", "metrics", "model", "threads", "grace", "device", "root", "targets",
-                                  "target-pattern", "port", "cache"])
+@pytest.mark.parametrize("what", ["grpc", "metrics", "model", "threads", "grace", "stall", "device", "root",
+                                  "targets", "target-pattern", "port", "cache"])
 def test_serve_start_up_failures_are_one_line_errors(server, model_dirs, what):
     """A busy gRPC port fails the second server (grpcio's default SO_REUSEPORT would let it bind and take part of
     the first one's calls); a busy metrics port and a missing model directory likewise: one line, no traceback."""
@@ -116,6 +116,7 @@ def test_serve_start_up_failures_are_one_line_errors(server, model_dirs, what):
     if flags is None:  # flags that cannot work: refused before anything is bound or loaded
         flags = ["--model", str(model_dirs["llama"]), "--port", "0", "--metrics-port", "0",
                  *{"threads": ["--threads", "-1"], "grace": ["--grace-period", "-1"], "device": ["--device", "gpu"],
+                   "stall": ["--stream-stall-timeout", "0"],
                    "root": ["--adapter-root", "/nonexistent/root"],
                    "targets": ["--target-modules", "foo_proj,bar_proj"], "port": ["--metrics-port", "70000"],
                    "target-pattern": ["--target-modules", ".*_proj"],
@@ -124,6 +125,7 @@ def test_serve_start_up_failures_are_one_line_errors(server, model_dirs, what):
     needle = {"grpc": f"cannot listen on 127.0.0.1:{server.ports.grpc}", "metrics": "cannot serve metrics on",
               "model": "--model: /nonexistent/model is not a Hugging Face model directory",
               "threads": "--threads must be >= 0", "grace": "--grace-period must be a number of seconds >= 0",
+              "stall": "--stream-stall-timeout must be a number of seconds > 0",
               "device": "--device 'gpu' is not a torch device", "root": "--adapter-root /nonexistent/root is not a",
               "targets": "--target-modules: foo_proj, bar_proj matches no adaptable linear module",
               "target-pattern": "--target-modules: '.*_proj' is not a module name",

@@ -1,6 +1,6 @@
 """A client that grants no HTTP/2 flow-control window while its connection stays healthy (a slow-read attack, or a
 proxy whose own client stalls) leaves its streams' messages unsent: each such stream is ended once a message has
-waited STALL_SECONDS, and its --max-concurrent-rpcs slot is free again (one connection held them all, for as long
+waited --stream-stall-timeout, and its --max-concurrent-rpcs slot is free again (one connection held them all, for as long
 as it lived)."""
 import socket
 import struct
@@ -12,7 +12,6 @@ import h2.settings
 
 from clients.client import Client
 from protos.loraplex.v1 import inference_pb2 as pb
-from server import interceptors
 from tests.helpers import scrape, start_server, wait_for
 
 HANDLED = ('grpc_server_handled_total{grpc_code="RESOURCE_EXHAUSTED",grpc_method="GenerateStream",'
@@ -61,9 +60,8 @@ class StallingConnection:
         self.sock.close()
 
 
-def test_streams_whose_client_takes_no_messages_are_ended_and_free_their_slots(model_dirs, monkeypatch):
-    monkeypatch.setattr(interceptors, "STALL_SECONDS", 1.0)
-    server = start_server(model_dirs["llama"], None, max_concurrent_rpcs=4)
+def test_streams_whose_client_takes_no_messages_are_ended_and_free_their_slots(model_dirs):
+    server = start_server(model_dirs["llama"], None, max_concurrent_rpcs=4, stream_stall_timeout=1.0)
     stalling = StallingConnection(server.ports.grpc, 4, 300)
     try:
         with Client(server.target, timeout=30) as client:

@@ -27,7 +27,7 @@ def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_pat
     modules = {name: None for chain in config["chains"] for name in chain}
     from adapters.layer import module_shape
     shapes = {name: module_shape(name, base.get_submodule(name)) for name in modules}
-    conv1d = any(type(base.get_submodule(name)).__name__ == "Conv1D" for name in modules)  # as save_lora says it
+    conv1d = any(s.stored_transposed for s in shapes.values())  # as save_lora says it
     merged = read_adapter(adapter_dir, adapter_dir.name, shapes, max_rank=1 << 20, load_serial=0,
                           base_weight=lambda name: base_weight(base, name),  # the server's validated merge
                           config=dict(config, merge_method=method))

@@ -292,7 +292,7 @@ class Engine:
 
     def _admit(self) -> list[Row]:
         room = self.config.max_batch_size - len(self._rows())
-        admitted, skipped, slot_wait, held_back = [], deque(), False, False
+        admitted, skipped, slot_wait = [], deque(), False
         while self._waiting and len(admitted) < room:
             request = self._waiting[0]
             if self._prefilling is not None and len(request.prompt_ids) > self.config.max_prefill_tokens:
@@ -305,13 +305,11 @@ class Engine:
                 continue
             candidates = [r.state.request for r in admitted] + [request]
             if (admitted or self._rows()) and self._kv_plan(candidates)[1] > self.config.max_kv_tokens:
-                held_back = True
                 break  # first come, first served: later requests wait too, so a large one is never starved
             # The rest next step: running rows get a token between prefills, not after all of them. While a long
             # prompt runs in chunks, only a group that one prefill runs whole joins.
             if (admitted or self._prefilling is not None) and \
                     len(candidates) * max(len(r.prompt_ids) for r in candidates) > self.config.max_prefill_tokens:
-                held_back = True
                 break
             self._waiting.popleft()
             if slot_wait and request.adapter is not None:
@@ -336,7 +334,9 @@ class Engine:
                               make_generator(request.sampling), now)
             admitted.append(Row(request.prompt_ids, slot, state))
         self._waiting.extendleft(reversed(skipped))
-        self._free = 0 if held_back or skipped else max(0, room - len(admitted))  # (before _unqueue: never above)
+        # rows free with nothing left waiting for them (a request still waiting was held back by the KV or prefill
+        # budget or a slot, or the rows are full); set before _unqueue, so submit() never sees a looser limit
+        self._free = 0 if self._waiting else max(0, room - len(admitted))
         if admitted:
             self._unqueue(len(admitted))
             self.metrics.running.set(len(self._rows()) + len(admitted))

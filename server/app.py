@@ -32,7 +32,8 @@ from server.auth import AuthInterceptor, read_tokens
 from server.tls import tls_credentials
 from server.config import (ConfigError, ServerConfig, check_config, check_slot_bank, free_memory, resolve_limits,
                            serve_targets)
-from server.engine import Engine, EngineConfig, EngineRequest, ErrorEvent, FinishEvent
+from server.engine import Engine, EngineConfig
+from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent
 from server.open_streams import Closing, HealthService, ReflectionService
 from server.errors import Unavailable
 from server.batch import Runner

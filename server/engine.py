@@ -14,16 +14,16 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from adapters.canonical import CanonicalAdapter
 from adapters.slot_bank import SlotBank, SlotsFull
 from server.batch import Batch, Prefill, Row, Runner
+from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
 from server.errors import InternalError, ResourceExhausted, Unavailable
 from server.metrics import Metrics
-from server.sampling import SamplingParams, make_generator, sample
-from server.stopping import FinishReason, StoppingParams, TextStream
+from server.sampling import make_generator, sample
+from server.stopping import FinishReason, TextStream
 
 log = logging.getLogger("loraplex.engine")
 
@@ -53,38 +53,6 @@ def _failed(exc: Exception) -> InternalError:
     """What a request hears when the engine failed on its behalf: the exception's type only (the traceback is
     logged; its text may hold internals)."""
     return InternalError(f"request failed inside the engine: {type(exc).__name__}")
-
-
-@dataclass
-class TokenEvent:
-    token_ids: list[int]
-    text: str
-
-
-@dataclass
-class FinishEvent:
-    reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class ErrorEvent:
-    error: Exception
-
-
-@dataclass
-class EngineRequest:
-    request_id: str
-    prompt_ids: list[int]
-    adapter: CanonicalAdapter | None
-    sampling: SamplingParams
-    stopping: StoppingParams
-    sink: Callable[[object], None]  # thread-safe; receives TokenEvent/FinishEvent/ErrorEvent
-    adapter_label: str = ""
-    arrival: float = field(default_factory=time.monotonic)
-    cancelled: bool = False  # set from any thread; the engine drops the request at its next step
-    released: bool = False  # the front end has released its hold on `adapter` (the registry's memory budget)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Callable
 
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
-from server.engine import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
+from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
 from server.errors import AdapterMemoryFull, InvalidArgument, status_for
 from server.serving import Serving, abort, adapter_pool, ready
 from server.stopping import FinishReason

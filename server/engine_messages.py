@@ -1,0 +1,42 @@
+"""What the front end and the engine thread hand each other: a request, and the events its sink receives."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from adapters.canonical import CanonicalAdapter
+from server.sampling import SamplingParams
+from server.stopping import FinishReason, StoppingParams
+
+
+@dataclass
+class TokenEvent:
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class FinishEvent:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class ErrorEvent:
+    error: Exception
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_ids: list[int]
+    adapter: CanonicalAdapter | None
+    sampling: SamplingParams
+    stopping: StoppingParams
+    sink: Callable[[object], None]  # thread-safe; receives TokenEvent/FinishEvent/ErrorEvent
+    adapter_label: str = ""
+    arrival: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # set from any thread; the engine drops the request at its next step
+    released: bool = False  # the front end has released its hold on `adapter` (the registry's memory budget)

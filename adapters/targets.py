@@ -89,12 +89,36 @@ def matches(spec: str | list[str] | None, name: str, what: str = "target_modules
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
+def never_run(model: nn.Module) -> tuple[str, ...]:
+    """The submodules a text forward of a multimodal checkpoint (Gemma-3 4b+) never runs: its vision or audio towers
+    and their projectors, i.e. the siblings of each module on the path to its text model (get_decoder()), but the
+    output head. A text model (whose config is its own text config) has none."""
+    config = getattr(model, "config", None)
+    if config is None or config.get_text_config() is config:
+        return ()
+    text, head = model.get_decoder(), model.get_output_embeddings()
+    path = next((name for name, m in model.named_modules() if m is text), "")
+    skipped, holder = [], ""
+    for part in path.split(".") if path else ():
+        skipped += [f"{holder}.{name}".lstrip(".") for name, child in model.get_submodule(holder).named_children()
+                    if name != part and child is not head]
+        holder = f"{holder}.{part}".lstrip(".")
+    return tuple(skipped)
+
+
+def under(name: str, roots: tuple[str, ...]) -> bool:
+    """Whether module path `name` is one of `roots` or inside one."""
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
 def linear_modules(model: nn.Module, spec: str | list[str] = ALL_LINEAR,
                    exclude: str | list[str] | None = None) -> list[tuple[str, nn.Module]]:
-    """Linear/Conv1D modules matching `spec`, never the output head."""
-    output = model.get_output_embeddings()
+    """Linear/Conv1D modules matching `spec` that a text forward runs: never the output head, nor a multimodal
+    checkpoint's other towers (adapting them would fill slots, and train factors, that no request ever uses)."""
+    output, skipped = model.get_output_embeddings(), never_run(model)
     return [(name, m) for name, m in model.named_modules()
-            if is_linear(m) and m is not output and matches(spec, name) and not matches(exclude, name)]
+            if is_linear(m) and m is not output and not under(name, skipped) and matches(spec, name)
+            and not matches(exclude, name)]
 
 
 def parse_targets(value, name: str = "--target-modules",

@@ -3,6 +3,7 @@ serve (not a complete decoder-only causal LM) with a one-line error at start-up.
 import json
 import logging
 
+import grpc
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -11,7 +12,7 @@ from clients.client import Client
 from loader.base_model import load_base_model
 from loader.default_model import build_model_dir, build_tokenizer
 from protos.loraplex.v1 import inference_pb2 as pb
-from tests.helpers import start_server
+from tests.helpers import start_server, status_of
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +102,49 @@ def test_a_multimodal_checkpoint_is_served_with_its_text_models_vocabulary_conte
         server.stop()
 
 
+def test_a_multimodal_checkpoints_vision_tower_is_not_adapted_and_peft_adapters_for_it_are_served_exactly(
+        gemma3_multimodal, tmp_path):
+    """A text forward never runs the vision tower: the server gives it no slots (9 of the tiny model's 23 modules
+    were), and an adapter PEFT's all-linear trained on it too is served without those tensors, as PeftModel
+    generates text with them."""
+    from peft import PeftModel
+
+    from tests.helpers import make_peft_adapter
+    folder, model = gemma3_multimodal
+    root = tmp_path / "adapters"
+    make_peft_adapter(folder, root / "everything", seed=3, r=4, lora_alpha=8, target_modules="all-linear")
+    make_peft_adapter(folder, root / "vision", seed=4, r=4, lora_alpha=8, target_modules=["fc1", "fc2"])
+    from safetensors import safe_open
+    with safe_open(root / "everything" / "adapter_model.safetensors", "pt") as saved:
+        assert any(".vision_tower." in key for key in saved.keys())  # what the test is about
+    prompt = [9, 10, 11, 12]
+    with torch.no_grad():
+        base = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+        peft = PeftModel.from_pretrained(model, root / "everything").eval()  # into `model` itself
+        expected = peft.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    peft.unload()  # the fixture's model is shared: take PEFT's layers out again
+    assert expected != base  # the adapter changes the text model's output
+    server = start_server(folder, root)
+    try:
+        adapted = [s.name for s in server.serving.engine.bank.shapes]
+        assert len(adapted) == 14 and all(name.startswith("model.language_model.") for name in adapted)
+        with Client(server.target, timeout=60) as client:
+            reply = client.generate(prompt, adapter_id="everything", max_new_tokens=6, ignore_eos=True)
+            info = client.get_adapter("everything")
+            code, message = status_of(client.load_adapter, "vision")
+        assert list(reply.token_ids) == expected
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "never runs (model.vision_tower" in message
+        assert sorted(info.target_modules) == sorted(adapted)
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("method", ["lora", "reslora"])
 def test_adapters_train_on_a_multimodal_checkpoints_text_model(gemma3_multimodal, tmp_path, method):
-    """Training reads the text model's settings too (ResLoRA's layer count failed with a traceback)."""
+    """Training reads the text model's settings too (ResLoRA's layer count failed with a traceback), and trains
+    the text model's modules only (--target-modules q_proj,v_proj named the vision tower's too)."""
     from adapters.training import TrainSettings
     from loader.train_job_spec import TrainJob
     from loader.training_job import run_job
@@ -113,7 +154,8 @@ def test_adapters_train_on_a_multimodal_checkpoints_text_model(gemma3_multimodal
     out = tmp_path / method
     run_job(TrainJob(method=method, data=str(data), out=str(out), model=str(folder), max_length=32,
                      target_modules=["q_proj", "v_proj"], settings=TrainSettings(max_steps=2)))
-    assert (out / "adapter_model.safetensors").is_file()
+    trained = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert len(trained) == 4 and all(name.startswith("model.language_model.") for name in trained)
 
 
 def _folders(root):

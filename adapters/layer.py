@@ -18,14 +18,19 @@ def linear_dims(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"cannot adapt {type(base).__name__}: only nn.Linear and Conv1D are supported")
 
 
+def stored_transposed(base: nn.Module) -> bool:
+    """Whether the layer stores its weight (d_in, d_out), as GPT-2's Conv1D does (PEFT's fan_in_fan_out)."""
+    return not isinstance(base, nn.Linear)
+
+
 def module_shape(name: str, base: nn.Module) -> ModuleShape:
-    return ModuleShape(name, *linear_dims(base), stored_transposed=not isinstance(base, nn.Linear))
+    return ModuleShape(name, *linear_dims(base), stored_transposed=stored_transposed(base))
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:
     """fp32 copy of an nn.Linear or Conv1D weight in (d_out, d_in) layout."""
     weight = base.weight.detach().float()
-    return (weight.t() if type(base).__name__ == "Conv1D" else weight).clone()
+    return (weight.t() if stored_transposed(base) else weight).clone()
 
 
 class MultiAdapterLinear(nn.Module):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from adapters.adalora import AdaLoraLinear
 from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors
+from adapters.layer import stored_transposed
 from adapters.slot_bank import ModuleShape
 from loader.peft_files import (KEY_PREFIX, PEFT_FORMAT_VERSION, LoadContext, check_rank, check_shape, group_tensors,
                                read_adapter_tensors, require_parts, write_adapter)
@@ -75,7 +76,7 @@ def save_adalora(modules: dict[str, AdaLoraLinear], rank_pattern: dict[str, list
         raise ValueError("rank_pattern must hold exactly one '<module>.lora_E' mask per AdaLoRA module")
     full = {"peft_type": "ADALORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": 8,
             "target_modules": sorted(modules), "alpha_pattern": {}, "use_rslora": False,
-            "fan_in_fan_out": any(type(m.base).__name__ == "Conv1D" for m in layers), "bias": "none",
+            "fan_in_fan_out": any(stored_transposed(m.base) for m in layers), "bias": "none",
             "modules_to_save": None, "init_lora_weights": True, "use_dora": False, "layers_to_transform": None,
             "peft_version": PEFT_FORMAT_VERSION, **ADALORA_DEFAULTS, **derived, **config,
             "rank_pattern": rank_pattern, "inference_mode": True}

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors, lora_scaling, resolve_pattern
+from adapters.layer import stored_transposed
 from adapters.slot_bank import ModuleShape
 from loader.peft_files import (KEY_PREFIX, PEFT_FORMAT_VERSION, LoadContext, check_rank, check_shape, group_tensors,
                                read_adapter_tensors, require_parts, write_adapter)
@@ -118,7 +119,7 @@ def save_lora(modules: dict, out: Path, config: dict) -> None:
     for name, layer in modules.items():
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
-    conv1d = any(type(layer.base).__name__ == "Conv1D" for layer in modules.values())
+    conv1d = any(stored_transposed(layer.base) for layer in modules.values())
     full = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": 8, "lora_alpha": 8,
             "lora_dropout": 0.0, "target_modules": sorted(modules), "rank_pattern": {}, "alpha_pattern": {},
             "use_rslora": False, "fan_in_fan_out": conv1d, "bias": "none", "modules_to_save": None,

@@ -29,7 +29,7 @@ from loader.state_file import UnreadableStateFile
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.attention import UnsupportedAttention
-from server.auth import AuthInterceptor, read_tokens
+from server.auth import AuthInterceptor, watch_tokens
 from server.tls import tls_credentials
 from server.config import (ConfigError, ServerConfig, check_config, check_slot_bank, free_memory, resolve_limits,
                            serve_targets)
@@ -239,8 +239,8 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     if client_gone not in grpc_core_log.filters:
         grpc_core_log.addFilter(client_gone)
     kernel = adapter_kernel(config)
-    user_tokens = read_tokens(config.auth_token_file) if config.auth_token_file else ()
-    admin_tokens = read_tokens(config.admin_token_file) if config.admin_token_file else ()
+    user_tokens = watch_tokens(config.auth_token_file, "--auth-token-file") if config.auth_token_file else None
+    admin_tokens = watch_tokens(config.admin_token_file, "--admin-token-file") if config.admin_token_file else None
     metrics = Metrics(config.max_batch_size)
     try:
         metrics_port = metrics.serve(config.metrics_host, config.metrics_port)
@@ -286,9 +286,9 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(ReflectionService(
             [*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], streams), server)
     address = f"{config.host}:{config.port}"
+    credentials = tls_credentials(config, metrics.certificate_expires) if config.tls_cert else None
     try:
-        port = server.add_secure_port(address, tls_credentials(config)) if config.tls_cert \
-            else server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:  # grpcio's "Failed to bind"
         raise ConfigError(f"cannot listen on {address} (--host/--port): the port is in use, or the address is not "
                           f"one of this machine's") from None

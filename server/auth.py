@@ -3,7 +3,8 @@
 Tokens come from files (one per line; blank lines and `#` comments ignored), never from argv, and are never
 logged. Comparison is constant-time and runs against every configured token, so timing reveals neither a
 token's prefix nor which token matched. Health (for load balancers) and, when enabled, reflection (the schema
-only) stay open; everything else needs `authorization: Bearer <token>`.
+only) stay open; everything else needs `authorization: Bearer <token>`. A token file is read again when it changes
+(tokens added or revoked without a restart); a change that leaves it invalid keeps the previous tokens, logged.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from server.config import ConfigError
+from server.watched_files import WatchedFiles
 
 log = logging.getLogger("loraplex.auth")
 
@@ -51,6 +53,10 @@ def read_tokens(path: str) -> tuple[bytes, ...]:
     return tokens
 
 
+def watch_tokens(path: str, flag: str) -> WatchedFiles[tuple[bytes, ...]]:
+    return WatchedFiles([path], lambda: read_tokens(path), f"{flag} {path}")
+
+
 def _matches(presented: bytes, tokens: tuple[bytes, ...]) -> bool:
     found = False
     for token in tokens:  # no early exit: the time taken does not depend on which token matched
@@ -78,24 +84,26 @@ def _deny(code: grpc.StatusCode, details: str, streaming: bool):
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, user_tokens: tuple[bytes, ...], admin_tokens: tuple[bytes, ...], reflection_open: bool) -> None:
+    def __init__(self, user_tokens: WatchedFiles | None, admin_tokens: WatchedFiles | None,
+                 reflection_open: bool) -> None:
         # Without user tokens only the mutations are guarded; without admin tokens the user tokens guard them.
-        self.user = user_tokens
-        self.admin = admin_tokens
+        self.user_tokens, self.admin_tokens = user_tokens, admin_tokens
         self.reflection_open = reflection_open
 
     def _verdict(self, method: str, token: bytes | None) -> tuple[grpc.StatusCode, str] | None:
         if method.startswith(OPEN_PREFIXES) or (self.reflection_open and method.startswith(REFLECTION_PREFIX)):
             return None
-        is_admin = bool(self.admin) and token is not None and _matches(token, self.admin)
-        if method in ADMIN_METHODS and self.admin:
+        user = self.user_tokens.current() if self.user_tokens else ()
+        admin = self.admin_tokens.current() if self.admin_tokens else ()
+        is_admin = bool(admin) and token is not None and _matches(token, admin)
+        if method in ADMIN_METHODS and admin:
             if is_admin:
                 return None
-            if token is not None and self.user and _matches(token, self.user):
+            if token is not None and user and _matches(token, user):
                 return grpc.StatusCode.PERMISSION_DENIED, f"{method.rsplit('/', 1)[1]} needs an admin token " \
                                                           "(--admin-token-file); this token is a user token"
             return grpc.StatusCode.UNAUTHENTICATED, _missing(token, "an admin")
-        if not self.user or is_admin or (token is not None and _matches(token, self.user)):
+        if not user or is_admin or (token is not None and _matches(token, user)):
             return None
         return grpc.StatusCode.UNAUTHENTICATED, _missing(token, "a")
 

@@ -55,6 +55,16 @@ class Metrics:
                                       buckets=TTFT_BUCKETS, registry=r)
         self._labels: set[str] = set()
         self._max_labels = max_adapter_labels
+        self._certificate_expiry: Gauge | None = None  # made by the first certificate: a server without TLS has none
+
+    def certificate_expires(self, not_after: float) -> None:
+        """The --tls-cert certificate now in force expires at `not_after` (Unix time)."""
+        if self._certificate_expiry is None:
+            self._certificate_expiry = Gauge(
+                "loraplex_tls_certificate_expiry_timestamp_seconds", "When the --tls-cert certificate in force for "
+                "new connections expires (Unix time); it changes when a renewed certificate is read.",
+                registry=self.registry)
+        self._certificate_expiry.set(not_after)
 
     def adapter_label(self, adapter_id: str) -> str:
         """The adapter's own label for the first N ids seen, OTHER after that: cardinality stays bounded."""

@@ -1,12 +1,25 @@
-"""The server's TLS credentials from the --tls-* files, checked first so that a wrong file is named."""
+"""The server's TLS credentials from the --tls-* files, checked first so that a wrong file is named, and read again
+when they change: a renewed certificate is served to new connections without a restart."""
 from __future__ import annotations
 
+import base64
+import binascii
+import logging
+import re
 import ssl
+import threading
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
 from server.config import ConfigError, ServerConfig
+from server.watched_files import WatchedFiles
+
+log = logging.getLogger("loraplex.tls")
+EXPIRY_WARNING_DAYS = 14  # a certificate closer to its end than this is warned of at start and when read again
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
 
 
 def check_pem(config: ServerConfig) -> None:
@@ -30,15 +43,94 @@ def check_pem(config: ServerConfig) -> None:
                               f"({exc.reason or exc})") from None
 
 
-def tls_credentials(config: ServerConfig) -> grpc.ServerCredentials:
-    def read(path: str, what: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-    chain = [(read(config.tls_key, "--tls-key"), read(config.tls_cert, "--tls-cert"))]
-    check_pem(config)
+def validity(pem: bytes) -> tuple[datetime, datetime] | None:
+    """(notBefore, notAfter) of the first certificate in a PEM chain, read from its DER (Python's ssl has no public
+    reader for a certificate it does not verify); None where it cannot be read (ssl has accepted the file by then)."""
+    found = _PEM_CERTIFICATE.search(pem)
+    try:
+        der = base64.b64decode(found[1], validate=False) if found else b""
+
+        def element(at: int) -> tuple[int, int, int]:  # (tag, start of content, end)
+            tag, length, at = der[at], der[at + 1], at + 2
+            if length & 0x80:
+                width = length & 0x7F
+                length, at = int.from_bytes(der[at:at + width], "big"), at + width
+            return tag, at, at + length
+
+        at = element(element(0)[1])[1]  # inside Certificate, then inside TBSCertificate
+        tag, _, end = element(at)
+        at = end if tag == 0xA0 else at  # [0] version, absent in v1 certificates
+        for _ in range(3):  # serialNumber, signature, issuer
+            at = element(at)[2]
+        at = element(at)[1]  # inside Validity
+        times = []
+        for _ in range(2):
+            tag, start, at = element(at)
+            text = der[start:at].decode("ascii")
+            if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ: years 50-99 are 19xx (RFC 5280)
+                text = ("19" if int(text[:2]) >= 50 else "20") + text
+            times.append(datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=timezone.utc))
+    except (IndexError, ValueError, binascii.Error):
+        return None
+    return times[0], times[1]
+
+
+def _warn_of_validity(path: str, pem: bytes) -> float | None:
+    """notAfter as Unix time, after logging a certificate that is not, or soon no longer, valid: clients refuse it
+    in their handshake, which the server's log would not otherwise show."""
+    found = validity(pem)
+    if found is None:
+        return None
+    start, end = found
+    now = datetime.now(timezone.utc)
+    if end <= now:
+        log.error("--tls-cert %s expired on %s: clients refuse it; renew it (it is read again when it changes)",
+                  path, end.isoformat())
+    elif start > now:
+        log.error("--tls-cert %s is not valid before %s: clients refuse it until then", path, start.isoformat())
+    elif (end - now).days < EXPIRY_WARNING_DAYS:
+        log.warning("--tls-cert %s expires on %s; renew it (it is read again when it changes)", path, end.isoformat())
+    return end.timestamp()
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _configuration(config: ServerConfig, on_certificate: Callable[[float], None]):
+    files = [(config.tls_key, "--tls-key"), (config.tls_cert, "--tls-cert")]
     if config.tls_client_ca:
-        return grpc.ssl_server_credentials(chain, root_certificates=read(config.tls_client_ca, "--tls-client-ca"),
-                                           require_client_auth=True)
-    return grpc.ssl_server_credentials(chain)
+        files.append((config.tls_client_ca, "--tls-client-ca"))
+    contents = [_read(*file) for file in files]
+    check_pem(config)
+    if [_read(*file) for file in files] != contents:  # the checked files must be the ones handed to grpc
+        raise ConfigError("the files changed while being read; they are read again at their next change")
+    not_after = _warn_of_validity(config.tls_cert, contents[1])
+    if not_after is not None:
+        on_certificate(not_after)
+    return grpc.ssl_server_certificate_configuration([(contents[0], contents[1])],
+                                                     root_certificates=contents[2] if config.tls_client_ca else None)
+
+
+def tls_credentials(config: ServerConfig,
+                    on_certificate: Callable[[float], None] = lambda not_after: None) -> grpc.ServerCredentials:
+    """Credentials whose files are read again (at most every second) when a new connection arrives after they
+    changed; new files that do not fit keep the previous ones in force, logged. `on_certificate(not_after)` is told
+    each certificate's expiry as it comes into force."""
+    files = [config.tls_cert, config.tls_key, *([config.tls_client_ca] if config.tls_client_ca else [])]
+    watched = WatchedFiles(files, lambda: _configuration(config, on_certificate), "--tls-cert/--tls-key" +
+                           ("/--tls-client-ca" if config.tls_client_ca else ""))
+    handed, lock = [watched.version], threading.Lock()
+
+    def fetch():  # grpc asks before each new connection's handshake (on its threads): None keeps what is in force
+        with lock:
+            current = watched.current()
+            if watched.version == handed[0]:
+                return None
+            handed[0] = watched.version
+            return current
+    return grpc.dynamic_ssl_server_credentials(watched.value, fetch,
+                                               require_client_authentication=bool(config.tls_client_ca))

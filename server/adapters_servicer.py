@@ -42,7 +42,8 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             rank=max(record.module_ranks.values(), default=0),
             module_ranks=record.module_ranks, target_modules=sorted(record.module_ranks), size_bytes=record.size_bytes,
             tier=tier, pinned=record.pinned, version=record.version,
-            active_requests=bank.active_requests(record.adapter_id), waiting_requests=waiting[record.adapter_id],
+            active_requests=bank.active_requests(record.adapter_id),
+            waiting_requests=waiting[record.adapter_id] + self.serving.memory_waiting[record.adapter_id],
             heads=record.heads)
 
     async def _call(self, context, fn, *args):
@@ -115,7 +116,9 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
                     break
                 except FutureTimeout:
                     ready(s)  # a dead engine or a shutdown ends the wait with UNAVAILABLE
-            in_flight = sum(versions.values())
+            # those waiting for host memory have no version yet: a drain is no wait for them (they find the id gone,
+            # as new requests do), but without one they are requests the unload would fail
+            in_flight = sum(versions.values()) + (0 if request.drain else s.memory_waiting[request.adapter_id])
             if in_flight and not request.drain:
                 plural = "s" * (in_flight != 1)
                 raise FailedPrecondition(f"adapter {request.adapter_id!r} has {in_flight} request{plural} in flight "

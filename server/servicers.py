@@ -186,6 +186,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                     f"(--adapter-cache-bytes {self.serving.config.adapter_cache_bytes}, at most "
                                     f"--max-queue-size of them); retry later")
         self._memory_waiters += 1
+        self.serving.memory_waiting[request.adapter_id] += 1
         self.serving.metrics.waiting.inc()
         submitting = False
         try:
@@ -210,6 +211,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
         finally:
             self._memory_waiters -= 1
+            waiting = self.serving.memory_waiting
+            waiting[request.adapter_id] -= 1
+            if not waiting[request.adapter_id]:  # ids come and go: no entry outlives its requests
+                del waiting[request.adapter_id]
             self.serving.metrics.waiting.dec()
 
     async def _submitted(self, request: pb.GenerateRequest, sink, arrival: float) -> EngineRequest:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -47,6 +48,9 @@ class Serving:
     metrics: object = None
     limits: object = None
     registry_changes: Running = field(default_factory=Running)  # LoadAdapter/UnloadAdapter work under way
+    # {adapter id: requests waiting for adapter host memory}, before the engine's queue (written on the event loop;
+    # read by the Adapters service, which counts them as waiting, and refuses an unload without drain over them)
+    memory_waiting: Counter = field(default_factory=Counter)
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, metrics=None) -> None:

@@ -332,3 +332,36 @@ def test_budget_accounting_survives_churn(model_dirs, adapter_root, tmp_path):
             assert len(client.generate([5, 6], "a0", max_new_tokens=3, ignore_eos=True).token_ids) == 3
     finally:
         server.stop()
+
+
+def test_requests_waiting_for_adapter_memory_are_counted_as_waiting_and_hold_off_an_unload(model_dirs, adapter_root,
+                                                                                          tmp_path, monkeypatch):
+    """GetAdapter said 0 waiting for a request that waited for host memory (in the front end, before the engine's
+    queue), and an unload without drain went ahead and failed it with NOT_FOUND."""
+    root = tmp_path / "root"
+    for name in "ab":
+        shutil.copytree(adapter_root / "v1", root / name)
+    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2,  # one at a time
+                          autoload_adapters=False)
+    runner = server.serving.engine.runner
+    decode_step = runner.decode_step
+    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    try:
+        with Client(server.target, timeout=60) as client:
+            client.load_adapter("a")
+            client.load_adapter("b")  # a goes to disk
+            running = client.generate_stream([5, 6], "b", max_new_tokens=400, ignore_eos=True)
+            next(running)  # b's weights are held: a cannot come back into memory yet
+            waiting = client.generate_stream([5, 6], "a", max_new_tokens=4, ignore_eos=True)
+            assert wait_for(lambda: client.get_adapter("a").waiting_requests == 1)
+            info = {i.adapter_id: i for i in client.list_adapters()}["a"]
+            assert (info.tier, info.active_requests, info.waiting_requests) == (pb.ADAPTER_TIER_DISK, 0, 1)
+            code, message = status_of(client.unload_adapter, "a")
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "1 request in flight" in message
+            running.cancel()
+            assert len([t for m in waiting for t in m.token_ids]) == 4  # served, once b's memory was free
+            assert client.get_adapter("a").waiting_requests == 0
+            assert not server.serving.memory_waiting  # no entry outlives its requests
+    finally:
+        server.stop()

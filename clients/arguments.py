@@ -67,11 +67,12 @@ def check_number(name: str, value) -> float | None:
 def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_tokens: int | None = None,
                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                   seed: int | None = None, stop: str | Sequence[str] = (), ignore_eos: bool = False,
-                  request_id: str = "") -> pb.GenerateRequest:
+                  request_id: str = "", logprobs: int | None = None) -> pb.GenerateRequest:
     """A text prompt or a sequence of token ids; unset sampling fields mean greedy decoding. `stop`: one stop
     string or several (a string is one stop sequence, not one per character). `adapter_id` "" is the base model;
     None is refused (protobuf would send it as "": an unset variable would silently serve the base model). A value
-    of the wrong type, or one its field cannot carry, is a TypeError or ValueError naming the argument."""
+    of the wrong type, or one its field cannot carry, is a TypeError or ValueError naming the argument. `logprobs`:
+    None for none, else each token's log-probability and that many alternatives' (0-20)."""
     if adapter_id is None:  # protobuf would send "", the base model: a classic unset environment variable
         raise TypeError('adapter_id is None (an unset variable?): pass "" for the base model')
     sampling = pb.SamplingParams(temperature=check_number("temperature", temperature),
@@ -80,7 +81,8 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
     stopping = pb.StoppingCriteria(max_new_tokens=check_integer("max_new_tokens", max_new_tokens, *INT32),
                                    stop=_stops(stop), ignore_eos=check_flag("ignore_eos", ignore_eos))
     request = pb.GenerateRequest(adapter_id=check_text("adapter_id", adapter_id), sampling=sampling,
-                                 stopping=stopping, request_id=check_text("request_id", request_id))
+                                 stopping=stopping, request_id=check_text("request_id", request_id),
+                                 logprobs=check_integer("logprobs", logprobs, 0, 2 ** 32))
     if isinstance(prompt, str):
         request.prompt = check_text("prompt", prompt)
         return request

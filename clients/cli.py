@@ -38,15 +38,22 @@ def _generate(args) -> int:
     with Client(args.target, timeout=args.timeout, **connection(args)) as client:
         stream = client.generate_stream(args.prompt, args.adapter, max_new_tokens=args.max_new_tokens,
                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                        seed=args.seed, stop=args.stop or (), ignore_eos=args.ignore_eos)
+                                        seed=args.seed, stop=args.stop or (), ignore_eos=args.ignore_eos,
+                                        logprobs=args.logprobs)
+        logprobs = []
         for message in stream:
             sys.stdout.write(message.text)
             sys.stdout.flush()
+            logprobs += zip(message.token_ids, message.logprobs)
             if message.finish_reason:
                 sys.stdout.write("\n")
                 reason = pb.FinishReason.Name(message.finish_reason).removeprefix("FINISH_REASON_").lower()
                 print(f"[{reason}; {message.usage.prompt_tokens} prompt + {message.usage.completion_tokens} "
                       f"completion tokens]", file=sys.stderr)
+    for token, found in logprobs:  # after the text, on stderr: stdout stays the completion alone
+        top = ", ".join(f"{t} {v:.4f}" for t, v in zip(found.top_token_ids, found.top_logprobs))
+        print(f"token {token}: logprob {found.logprob:.4f}" + (f"; most likely {top}" if top else ""),
+              file=sys.stderr)
     return 0
 
 
@@ -229,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reproducible sampling, whatever else is in the batch")
     gen.add_argument("--stop", action="append", type=utf8, help="stop sequence (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past end-of-sequence")
+    gen.add_argument("--logprobs", type=_ranged(0, 2 ** 32), default=None, metavar="N",
+                     help="print each token's log-probability and the N likeliest tokens' (0-20) to stderr")
     gen.set_defaults(func=_generate)
 
     adapters = sub.add_parser("adapters", allow_abbrev=False, help="list, get, load or unload adapters")

@@ -22,6 +22,7 @@ from server.batch import Batch, Prefill, Row, Runner
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
 from server.errors import InternalError, ResourceExhausted, Unavailable
 from server.metrics import Metrics
+from server.logprobs import token_logprobs
 from server.sampling import make_generator, sample
 from server.stopping import FinishReason, TextStream
 
@@ -335,6 +336,7 @@ class Engine:
             if logits is not None:
                 logits, broken = _set_aside_non_finite(logits)
                 tokens = sample(logits, [r.state.request.sampling for r in rows], [r.state.generator for r in rows])
+                logprobs = token_logprobs(logits, tokens, [r.state.request.logprobs for r in rows])
                 # allocates the joined cache: can run out of memory too
                 running = [r.state.request for r in (self._batch.rows if self._batch else [])]
                 merged = self.runner.merge(self._batch, self.runner.prefilled(job),
@@ -351,7 +353,7 @@ class Engine:
             self._prefilling = None
         self.metrics.batch_size.labels("prefill").observe(len(rows))
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
-        self._emit(rows, tokens, first=True, broken=broken)
+        self._emit(rows, tokens, logprobs, first=True, broken=broken)
         self._report()
 
     def _fail_prefill(self, rows: list[Row], exc: Exception) -> None:
@@ -369,6 +371,7 @@ class Engine:
             logits, broken = _set_aside_non_finite(self.runner.decode_step(batch))
             tokens = sample(logits, [r.state.request.sampling for r in batch.rows],
                             [r.state.generator for r in batch.rows])
+            logprobs = token_logprobs(logits, tokens, [r.state.request.logprobs for r in batch.rows])
         except Exception as exc:
             log.exception("decode step failed for %d requests", len(batch))
             for row in batch.rows:
@@ -378,15 +381,17 @@ class Engine:
             return
         self.metrics.step_time.labels("decode").observe(time.monotonic() - start)
         self.metrics.batch_size.labels("decode").observe(len(batch))
-        self._emit(batch.rows, tokens, first=False, broken=broken)
+        self._emit(batch.rows, tokens, logprobs, first=False, broken=broken)
         self._report()
 
-    def _emit(self, rows: list[Row], tokens: list[int], first: bool, broken: frozenset[int] = frozenset()) -> None:
-        """Each row's token to its client; rows in `broken` (non-finite logits) fail alone instead."""
+    def _emit(self, rows: list[Row], tokens: list[int], logprobs: list, first: bool,
+              broken: frozenset[int] = frozenset()) -> None:
+        """Each row's token (and its log-probabilities, where asked for) to its client; rows in `broken`
+        (non-finite logits) fail alone instead."""
         now = time.monotonic()
         finished, failed = [], []
         self.metrics.generation_tokens.inc(len(rows) - len(broken))
-        for i, (row, token) in enumerate(zip(rows, tokens)):
+        for i, (row, token, row_logprobs) in enumerate(zip(rows, tokens, logprobs)):
             state = row.state
             if i in broken:
                 log.error("request %s: the model's next-token logits were not finite", state.request.request_id)
@@ -402,7 +407,7 @@ class Engine:
             else:
                 self.metrics.itl.observe(now - state.last_token_time)
             state.last_token_time = now
-            state.request.sink(TokenEvent([token], text))
+            state.request.sink(TokenEvent([token], text, None if row_logprobs is None else [row_logprobs]))
             if state.stream.finish is not None:
                 finished.append(row)
         for row in finished:

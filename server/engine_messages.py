@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from adapters.canonical import CanonicalAdapter
+from server.logprobs import TokenLogprobs
 from server.sampling import SamplingParams
 from server.stopping import FinishReason, StoppingParams
 
@@ -14,6 +15,7 @@ from server.stopping import FinishReason, StoppingParams
 class TokenEvent:
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, when the request asks for them
 
 
 @dataclass
@@ -36,6 +38,7 @@ class EngineRequest:
     sampling: SamplingParams
     stopping: StoppingParams
     sink: Callable[[object], None]  # thread-safe; receives TokenEvent/FinishEvent/ErrorEvent
+    logprobs: int | None = None  # GenerateRequest.logprobs: alternatives per token, None for no log-probabilities
     adapter_label: str = ""
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set from any thread; the engine drops the request at its next step

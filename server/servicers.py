@@ -13,7 +13,7 @@ from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, Token
 from server.errors import AdapterMemoryFull, InvalidArgument, status_for
 from server.serving import Serving, abort, adapter_pool, ready
 from server.stopping import FinishReason
-from server.validation import MAX_REQUEST_ID, prompt_and_stopping, sampling_from
+from server.validation import MAX_REQUEST_ID, logprobs_from, prompt_and_stopping, sampling_from
 
 # Requests of one adapter id on the resolving pool at once; the rest wait on the event loop, holding no thread. Its
 # id lock serialises their resolving anyway, and while a LoadAdapter or a slow read holds that lock, the threads
@@ -42,19 +42,26 @@ FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.EOS_TOKEN: 
           FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE}
 
 
+def _logprobs(event: TokenEvent) -> list[pb.TokenLogprobs]:
+    return [pb.TokenLogprobs(logprob=t.logprob, top_token_ids=t.top_token_ids, top_logprobs=t.top_logprobs)
+            for t in event.logprobs or ()]
+
+
 def _gathering(post: Callable[[object], None]) -> Callable[[object], None]:
     """A sink for the engine thread that keeps the tokens until the end, then posts them as one event."""
     ids: list[int] = []
     texts: list[str] = []
+    logprobs: list = []
 
     def sink(event) -> None:
         if isinstance(event, TokenEvent):
             ids.extend(event.token_ids)
             texts.append(event.text)
+            logprobs.extend(event.logprobs or ())
             return
         if ids:
-            post(TokenEvent(ids[:], "".join(texts)))
-            ids.clear(), texts.clear()
+            post(TokenEvent(ids[:], "".join(texts), logprobs[:] or None))
+            ids.clear(), texts.clear(), logprobs.clear()
         post(event)
     return sink
 
@@ -139,10 +146,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         s = ready(self.serving)
         if len(request.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
-        sampling = sampling_from(request.sampling)
+        sampling, logprobs = sampling_from(request.sampling), logprobs_from(request)
         ids, stopping = prompt_and_stopping(request, s.base, s.limits)
         return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=None,
-                             sampling=sampling, stopping=stopping, sink=lambda event: None)
+                             sampling=sampling, stopping=stopping, sink=lambda event: None, logprobs=logprobs)
 
     async def _events(self, request: pb.GenerateRequest, stream: bool):
         """(engine request, event) pairs for `request`: for a stream every step's tokens; for a unary call one
@@ -312,15 +319,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Generate(self, request, context):
         try:
-            ids, texts = [], []
+            ids, texts, logprobs = [], [], []
             async for engine_request, event in self._events(request, stream=False):
                 if isinstance(event, TokenEvent):
                     ids.extend(event.token_ids)
                     texts.append(event.text)
+                    logprobs.extend(_logprobs(event))
                 else:
                     return pb.GenerateResponse(
                         request_id=engine_request.request_id, text="".join(texts), token_ids=ids,
-                        finish_reason=FINISH[event.reason],
+                        logprobs=logprobs, finish_reason=FINISH[event.reason],
                         usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))
         except _EngineFailed as failed:
             await abort(context, failed.error)  # (counted as the engine ended it)
@@ -332,7 +340,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             async for engine_request, event in self._events(request, stream=True):
                 if isinstance(event, TokenEvent):
                     yield pb.GenerateStreamResponse(request_id=engine_request.request_id, text=event.text,
-                                                    token_ids=event.token_ids)
+                                                    token_ids=event.token_ids, logprobs=_logprobs(event))
                 else:
                     yield pb.GenerateStreamResponse(
                         request_id=engine_request.request_id, finish_reason=FINISH[event.reason],

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from protos.loraplex.v1 import inference_pb2 as pb
 from server.errors import InvalidArgument, OutOfRange
+from server.logprobs import MAX_LOGPROBS
 from server.sampling import SamplingParams
 from server.stopping import StoppingParams
 
@@ -30,6 +31,15 @@ def sampling_from(msg: pb.SamplingParams) -> SamplingParams:
     if not 0.0 < top_p <= 1.0:
         raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {top_p}")
     return SamplingParams(temperature, top_k, top_p, msg.seed if msg.HasField("seed") else None)
+
+
+def logprobs_from(request: pb.GenerateRequest) -> int | None:
+    if not request.HasField("logprobs"):
+        return None
+    if request.logprobs > MAX_LOGPROBS:
+        raise InvalidArgument(f"logprobs must be at most {MAX_LOGPROBS} (the most likely tokens returned at each "
+                              f"step beside the chosen one; 0 returns the chosen token's only), got {request.logprobs}")
+    return request.logprobs
 
 
 def stopping_from(msg: pb.StoppingCriteria, limits, skipped) -> StoppingParams:

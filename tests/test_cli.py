@@ -35,6 +35,20 @@ def test_generate_streams_text_and_reports_usage(server):
     assert "[length; 5 prompt + 5 completion tokens]" in result.stderr
 
 
+def test_generate_prints_log_probabilities_to_stderr(server):
+    from clients.client import Client
+    with Client(server.target, timeout=30) as client:
+        reply = client.generate("hello", max_new_tokens=3, ignore_eos=True, logprobs=2)
+    result = run("generate", "--target", server.target, "--max-new-tokens", "3", "--ignore-eos", "--logprobs", "2",
+                 "hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == reply.text + "\n"  # the completion alone
+    lines = [line for line in result.stderr.splitlines() if line.startswith("token ")]
+    assert lines == [f"token {t}: logprob {lp.logprob:.4f}; most likely " + ", ".join(
+        f"{i} {v:.4f}" for i, v in zip(lp.top_token_ids, lp.top_logprobs)) for t, lp in zip(reply.token_ids,
+                                                                                         reply.logprobs)]
+
+
 def test_adapters_load_list_unload_and_errors(server):
     missing = run("generate", "--target", server.target, "--adapter", "demo", "hi")
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "LoadAdapter" in missing.stderr

@@ -1,0 +1,35 @@
+"""Log-probabilities of the generated tokens, for the rows whose requests ask for them (GenerateRequest.logprobs)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_LOGPROBS = 20  # alternatives a request may ask for at each step (as OpenAI's API allows)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    logprob: float
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[TokenLogprobs | None]:
+    """Per row of `logits` [B, V]: None where `wanted` is None, else the chosen token's log-probability and the
+    `wanted` most likely tokens' under the row's own distribution (fp32 log-softmax of its logits, before
+    temperature, top-k and top-p). Rows that want none cost nothing; the rest, one log-softmax and one top-k."""
+    rows = [i for i, n in enumerate(wanted) if n is not None]
+    found: list[TokenLogprobs | None] = [None] * len(wanted)
+    if not rows:
+        return found
+    device = logits.device
+    x = logits[torch.tensor(rows, device=device)].float()
+    total = torch.logsumexp(x, dim=-1, keepdim=True)  # log p = logit - this: no [rows, V] log-softmax written
+    chosen = (x.gather(1, torch.tensor([[tokens[i]] for i in rows], device=device)) - total)[:, 0].tolist()
+    top = x.topk(max(wanted[i] for i in rows), dim=-1)
+    values, ids = (top.values - total).tolist(), top.indices.tolist()
+    for j, i in enumerate(rows):
+        n = wanted[i]
+        found[i] = TokenLogprobs(chosen[j], ids[j][:n], values[j][:n])
+    return found

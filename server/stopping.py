@@ -7,7 +7,8 @@ from enum import Enum
 
 UTF8_MAX_BYTES = 4
 SPLITS_TRIED = 8  # token splits tried per search for one that cuts no character
-CONTEXT_TOKENS = 4  # prompt tokens decoded before the generated ones, whose text depends on what precedes it
+CONTEXT_TOKENS = 4  # prompt tokens with text decoded before the generated ones, whose text depends on what precedes
+CONTEXT_LOOKBACK = 64  # prompt tokens looked through for them at most (a prompt may end in many special tokens)
 
 
 class FinishReason(Enum):
@@ -43,9 +44,7 @@ class TextStream:
         self._params = params
         self._eos = eos_token_ids
         self.ids: list[int] = []
-        context = list(prompt[-CONTEXT_TOKENS:])
-        if self._decode_ids(context).endswith("\ufffd"):  # the prompt ends inside a character: its own bytes
-            context = []
+        context = self._context(prompt)
         self._all = context  # decoded: the prompt's last tokens, then `ids`
         # per id of _all: whether it decodes to any text alone (filled in only when a split is searched for, which
         # most tokens never need: a decode per token saved)
@@ -58,6 +57,21 @@ class TextStream:
         self._emitted = 0
         self._stops = StopMatcher(params.stop)
         self.finish: FinishReason | None = None
+
+    def _context(self, prompt: list[int]) -> list[int]:
+        """The prompt's last CONTEXT_TOKENS tokens that carry text, from a token where a character starts. After
+        special tokens alone (they decode to nothing), a first token would be decoded as the text's start, and a
+        SentencePiece "▁the" lose its space; a window that cuts a character decodes its first bytes as U+FFFD (a
+        byte-fallback decoder, the whole run of bytes), which may then change when the whole is decoded."""
+        start, carrying, floor = len(prompt), 0, max(0, len(prompt) - CONTEXT_LOOKBACK)
+        while start > floor and carrying < CONTEXT_TOKENS:
+            start -= 1
+            carrying += self._decode_ids([prompt[start]]) != ""
+        for _ in range(UTF8_MAX_BYTES - 1):  # a character's first byte is at most 3 tokens before
+            if start == 0 or not self._decode_ids(prompt[start:]).startswith("\ufffd"):
+                break
+            start -= 1
+        return list(prompt[start:])
 
     def push(self, token: int) -> str:
         """Add one generated token; returns the text that may be shown now. Sets `finish` when done."""

@@ -88,3 +88,45 @@ def test_the_server_returns_the_continuation(tmp_path):
             assert spaced  # some continuation starts with a word's space (the comparison is not vacuous)
     finally:
         server.stop()
+
+
+def byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama-2/Mistral's decoding: "▁" for a space, bytes as <0xNN> tokens joined into characters (a run that is not
+    UTF-8 becomes one U+FFFD per byte), the text's first space stripped."""
+    vocab = ["<unk>", "<s>", "</s>", "▁hello", "▁the", "▁", "▁world", "s"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _bytes(text: str) -> list[int]:
+    return [8 + b for b in text.encode()]
+
+
+@pytest.mark.parametrize("prompt", [
+    [1, 3, 5, *_bytes("ж€")],  # the last 4 tokens cut ж's bytes: decoded alone, the run was all U+FFFD
+    [1, 3, 2, 2, 2, 2],  # special tokens alone decode to nothing: the first token was decoded as the text's start
+    [1, 3, 6, 5, *_bytes("\ufffd")],  # the prompt's text really ends in U+FFFD
+    [1, 3, 5, *_bytes("😀")], [1, 3, *_bytes("ж"), 2, 2, 2, 2, *_bytes("€")]])
+def test_a_first_token_keeps_its_space_after_any_prompt_ending(prompt):
+    """QA: after prompts ending in byte-fallback characters or special tokens, " the" came back "the" (and a stop
+    " the" missed it)."""
+    tokenizer = byte_fallback_tokenizer()
+    assert continuation(tokenizer, prompt, [4, 4]) == " the the"
+    assert streamed(tokenizer, prompt, [4, 4])[0] == " the the"
+    text, stream = streamed(tokenizer, prompt, [4, 4], stop=[" the"])
+    assert (text, stream.finish, len(stream.ids)) == ("", FinishReason.STOP_SEQUENCE, 1)
+
+
+def test_random_prompts_of_characters_bytes_and_special_tokens_stream_the_continuation():
+    tokenizer = byte_fallback_tokenizer()
+    rng = random.Random(1)
+    pieces = [[3], [4], [5], [6], [7], [1], [2], *(_bytes(c) for c in "ж€😀é\ufffd")]
+    for _ in range(300):
+        prompt = [1] + [t for _ in range(rng.randint(0, 8)) for t in rng.choice(pieces)]
+        # generated: a word first and no U+FFFD's bytes (bytes that continue the prompt's run of bytes, or a run of
+        # U+FFFD's, stream as more U+FFFD than they decode to whole: README)
+        ids = [rng.choice([3, 4, 5, 6, 7])] + \
+            [t for _ in range(rng.randint(0, 5)) for t in rng.choice(pieces[:5] + pieces[7:11])]
+        assert streamed(tokenizer, prompt, ids)[0] == continuation(tokenizer, prompt, ids), (prompt, ids)

@@ -15,6 +15,11 @@ from torch import nn
 from loader.train_data import IGNORE, Example, collate
 
 
+class Diverged(Exception):
+    """The loss or the gradients stopped being finite: what the run would go on to save is no adapter (AdaLoRA's
+    rank allocation pruned every triplet of NaN scores, and the run reported success)."""
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     lr: float = 2e-4
@@ -170,12 +175,15 @@ class Trainer:
                 pending = 0
                 for group in self.optimizer.param_groups:
                     group["lr"] = s.lr * self._lr_factor(step, total)
-                torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
+                norm = float(torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm))
+                mean = window / max(labelled, 1)
+                if not (math.isfinite(mean) and math.isfinite(norm)):
+                    raise Diverged(f"the training diverged at step {step + 1} of {total}: loss {mean:.4g}, gradient "
+                                   f"norm {norm:.4g}")
                 self.optimizer.step()
                 self.hooks.after_optimizer_step(step)
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
-                mean = window / max(labelled, 1)
                 result.train_loss.append((step, mean))
                 if bar is not None:
                     bar.update(1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapters.training import Hooks, Trainer, evaluate
+from adapters.training import Diverged, Hooks, Trainer, evaluate
 from loader.base_model import DTYPES, model_context, pad_id
 from loader.default_model import default_model_dir
 from loader.inject import linear_module_names, unmatched_problem
@@ -207,7 +207,11 @@ def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
         torch.save(state, out / (CHECKPOINT + ".tmp"))
         os.replace(out / (CHECKPOINT + ".tmp"), out / CHECKPOINT)  # atomic: a crash never leaves half a file
 
-    result = trainer.run(train, evaluation, checkpoint, resume, progress)
+    try:
+        result = trainer.run(train, evaluation, checkpoint, resume, progress)
+    except Diverged as exc:  # nothing is written: the last checkpoint is from before it
+        raise JobError(f"{exc}; nothing was written to {out}: lower --lr (it was {job.settings.lr:g})"
+                       + (", or train in float32 (--dtype)" if job.dtype != "float32" else "")) from None
     if job.method == "reslora":
         from adapters.reslora import MERGE_METHODS, merge_error
         batches = [{k: v.to(job.device) for k, v in collate((evaluation or train)[i:i + 8], pad).items()}

@@ -483,3 +483,15 @@ def test_written_files_a_server_would_refuse_are_the_jobs_error(model_dirs, data
     monkeypatch.setattr(loader.deploy, "served_form", refuse)
     with pytest.raises(JobError, match=r"the adapter written to .*/o cannot be served: .*holds NaN or Inf"):
         run_job(job(model_dirs, data, tmp_path / "o", "lora", settings=replace(FAST, max_steps=1)))
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_a_run_whose_loss_diverges_is_the_jobs_error_and_writes_nothing(model_dirs, data, tmp_path, method):
+    """QA: an AdaLoRA run whose loss went NaN pruned every rank (NaN scores), saved an adapter of no modules, reported
+    success and deployed the base model under the adapter's name."""
+    extra = {"init_r": 4, "target_r": 2} if method == "adalora" else {}
+    with pytest.raises(JobError, match=r"the training diverged at step \d+ of 4: loss nan.*nothing was written to .*"
+                                       r"lower --lr \(it was 10000\), or train in float32"):
+        run_job(job(model_dirs, data, tmp_path / "o", method, dtype="float16",
+                    settings=replace(FAST, lr=1e4, max_steps=4, eval_every=1), **extra))
+    assert not (tmp_path / "o" / "adapter_config.json").exists()

@@ -197,9 +197,13 @@ def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
     if job.resume and (out / CHECKPOINT).exists():
         resume = torch.load(out / CHECKPOINT, weights_only=True, map_location="cpu")  # written on any device
         changed = changes(resume.get("job") or {}, identity)
-        if changed:
+        if changed and not job.overwrite:
             raise JobError(f"--resume: {out / CHECKPOINT} was written by a different job configuration ("
-                           + ", ".join(changed) + ")")
+                           + ", ".join(changed) + "); pass --overwrite to start this job over")
+        if changed:
+            print(f"--overwrite: {out / CHECKPOINT} is another configuration's ({', '.join(changed)}): this job "
+                  f"starts over", file=sys.stderr)
+            resume = None
 
     def checkpoint(state: dict) -> None:
         out.mkdir(parents=True, exist_ok=True)

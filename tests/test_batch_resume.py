@@ -71,6 +71,15 @@ def test_jobs_resume_skips_finished_resumes_interrupted_and_starts_the_rest(mode
     assert exit_info.value.code == 1 and "failed" in row["0"]
     assert "holds an adapter trained with another configuration (max_steps: 2 then, 3 now)" in row["0"]
     assert " skipped " in row["1"] and " skipped " in row["2"]
+    # as that error says, --overwrite trains it over: from the start (its leftover checkpoint is the old job's)
+    loaded.clear()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--jobs", str(jobs), "--resume", "--overwrite", *common])
+    out = capsys.readouterr().out
+    row = {line.split()[0]: line for line in out.splitlines() if line[:1].isdigit()}
+    assert exit_info.value.code == 0, out
+    assert " ok " in row["0"] and row["0"].split()[3] == "3" and loaded == []
+    assert [s for s, _ in json.loads((tmp_path / "j1" / "training_log.json").read_text())["train_loss"]] == [1, 2, 3]
 
 
 def test_a_run_interrupted_after_writing_its_adapter_finishes_with_resume(model_dirs, tmp_path):

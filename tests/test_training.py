@@ -388,11 +388,21 @@ def test_job_resume_uses_the_checkpoint_and_refuses_another_config(model_dirs, d
     run_job(job(model_dirs, data, tmp_path / "r", "lora", settings=settings, resume=True, overwrite=True))
     again = load_file(tmp_path / "r" / "adapter_model.safetensors")
     assert all(torch.equal(first[k], again[k]) for k in first)
-    with pytest.raises(JobError, match=r"different job configuration \(rank: 8 then, 4 now\)"):
-        run_job(job(model_dirs, data, tmp_path / "r", "lora", rank=4, settings=settings, resume=True, overwrite=True))
+    import shutil
+    shutil.copytree(tmp_path / "r", tmp_path / "cut")  # as an interrupt leaves it: a checkpoint, no adapter yet
+    for name in ("adapter_config.json", "adapter_model.safetensors", "training_log.json"):
+        (tmp_path / "cut" / name).unlink()
+    with pytest.raises(JobError, match=r"different job configuration \(rank: 8 then, 4 now\); pass --overwrite"):
+        run_job(job(model_dirs, data, tmp_path / "cut", "lora", rank=4, settings=settings, resume=True))
     with pytest.raises(JobError, match=r"different job configuration \(max_steps: 12 then, 24 now\)"):
-        run_job(job(model_dirs, data, tmp_path / "r", "lora", settings=replace(settings, max_steps=24), resume=True,
-                    overwrite=True))
+        run_job(job(model_dirs, data, tmp_path / "cut", "lora", settings=replace(settings, max_steps=24),
+                    resume=True))
+    # --overwrite starts such a job over (a finished run leaves its last checkpoint): what a fresh run writes
+    run_job(job(model_dirs, data, tmp_path / "fresh", "lora", rank=4, settings=settings))
+    run_job(job(model_dirs, data, tmp_path / "r", "lora", rank=4, settings=settings, resume=True, overwrite=True))
+    fresh, over = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("fresh", "r"))
+    assert all(torch.equal(fresh[k], over[k]) for k in fresh)
+    run_job(job(model_dirs, data, tmp_path / "r", "lora", settings=settings, resume=True, overwrite=True))  # back
     # the same device on another index resumes (torchrun gives a rank's jobs its own GPU): cpu:0 here
     run_job(job(model_dirs, data, tmp_path / "r", "lora", settings=settings, resume=True, overwrite=True,
                 device="cpu:0"))
@@ -400,12 +410,13 @@ def test_job_resume_uses_the_checkpoint_and_refuses_another_config(model_dirs, d
     grown = tmp_path / "grown.jsonl"
     grown.write_bytes(Path(data[0]).read_bytes())
     run_job(job(model_dirs, (grown, data[1]), tmp_path / "g", "lora", settings=settings))
+    for name in ("adapter_config.json", "adapter_model.safetensors", "training_log.json"):
+        (tmp_path / "g" / name).unlink()  # interrupted
     with grown.open("a") as f:
         f.write(json.dumps({"prompt": "more", "completion": "data"}) + "\n")
     with pytest.raises(JobError, match=r"different job configuration \(data_sha256: '[0-9a-f]{64}' then, '[0-9a-f]{64}' "
                                        r"now\)"):
-        run_job(job(model_dirs, (grown, data[1]), tmp_path / "g", "lora", settings=settings, resume=True,
-                    overwrite=True))
+        run_job(job(model_dirs, (grown, data[1]), tmp_path / "g", "lora", settings=settings, resume=True))
 
 
 @pytest.mark.parametrize("flags, says", [

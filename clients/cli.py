@@ -160,7 +160,7 @@ def _merge(args) -> int:
     from server.errors import LoraplexError
     try:
         report = merge_reslora(Path(args.adapter_dir), Path(args.out), args.model, args.eval, args.merge_method,
-                               args.max_length, args.device)
+                               args.max_length, args.device, args.overwrite)
     except (JobError, DataError, LoraplexError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="write a ResLoRA adapter as a plain PEFT LoRA, measuring the merge error")
     merge.add_argument("adapter_dir")
     merge.add_argument("--out", required=True)
+    merge.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     merge.add_argument("--model", default="default", help="the base model the adapter was trained on")
     merge.add_argument("--eval", default=None, help="JSONL eval data to measure the merge error on")
     merge.add_argument("--merge-method", default=None, help="exact (bs), input_norm, weight_norm (is), "

@@ -11,14 +11,32 @@ from safetensors.torch import load_file
 from adapters.reslora import add_reslora, build_chains, merge_error
 from loader.inject import base_weight
 from loader.lora_files import save_canonical_as_lora
-from loader.peft_files import WEIGHTS_FILE, read_adapter, read_config
+from loader.peft_files import CONFIG_FILE, WEIGHTS_FILE, read_adapter, read_config
 from loader.train_data import collate, read_jsonl
-from loader.train_job_spec import JobError, TrainJob
+from loader.train_job_spec import CHECKPOINT, LOG, JobError, TrainJob
 from loader.training_job import _load, padding_id
 
 
+def _check_out(adapter_dir: Path, out: Path, overwrite: bool) -> None:
+    """--out is no adapter this merge would silently replace: never the one merged (its factors, chains and
+    statistics could not be made again), another only with `overwrite`, which also takes a training run's log and
+    checkpoint out of it (left, they would describe the replaced adapter: a `train --resume` would pass the merge
+    as its finished job)."""
+    if out.exists() and not out.is_dir():
+        raise JobError(f"--out {out} is a file, not a directory")
+    if out.resolve() == adapter_dir.resolve():
+        raise JobError(f"--out {out} is the ResLoRA adapter being merged, whose factors, chains and statistics "
+                       f"the merge would replace: write it to another directory")
+    held = [name for name in (CONFIG_FILE, WEIGHTS_FILE, LOG, CHECKPOINT) if (out / name).exists()]
+    if held and not overwrite:
+        raise JobError(f"--out {out} already holds {', '.join(held)}; pass --overwrite to replace that adapter")
+    for name in (LOG, CHECKPOINT):
+        (out / name).unlink(missing_ok=True)
+
+
 def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_path: str | None = None,
-                  method: str | None = None, max_length: int = 256, device: str = "cpu") -> dict:
+                  method: str | None = None, max_length: int = 256, device: str = "cpu",
+                  overwrite: bool = False) -> dict:
     config = read_config(adapter_dir, adapter_dir.name)
     if config.get("peft_type") != "RESLORA":
         raise JobError(f"{adapter_dir}: peft_type is {config.get('peft_type')!r}; only RESLORA adapters merge")
@@ -26,7 +44,12 @@ def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_pat
     _, base, tokenizer = _load(TrainJob(method="reslora", data="", out=str(out), model=model, device=device))
     modules = {name: None for chain in config["chains"] for name in chain}
     from adapters.layer import module_shape
-    shapes = {name: module_shape(name, base.get_submodule(name)) for name in modules}
+    try:
+        shapes = {name: module_shape(name, base.get_submodule(name)) for name in modules}
+    except (AttributeError, TypeError) as exc:  # no such module, or one that is no linear layer
+        raise JobError(f"--model {model}: {exc}; the adapter adapts {next(iter(modules))}, ... (trained on a "
+                       f"model of another architecture?)") from None
+    _check_out(adapter_dir, out, overwrite)
     conv1d = any(s.stored_transposed for s in shapes.values())  # as save_lora says it
     merged = read_adapter(adapter_dir, adapter_dir.name, shapes, max_rank=1 << 20, load_serial=0,
                           base_weight=lambda name: base_weight(base, name),  # the server's validated merge

@@ -61,3 +61,30 @@ def test_a_merge_on_a_conv1d_model_says_fan_in_fan_out_as_peft_expects(model_dir
     ids = torch.tensor([[5, 9, 13, 17]])
     with torch.no_grad():
         torch.testing.assert_close(peft.eval()(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_merge_replaces_no_adapter_unasked_and_names_a_model_of_another_architecture(model_dirs, tmp_path):
+    """QA: `merge X --out X` replaced the ResLoRA source by its merge (its factors, chains and statistics lost), a
+    merge over another adapter replaced it silently (its training_log.json left behind, which a `train --resume`
+    would pass as done), and a GPT-2 --model for a Llama adapter was a traceback."""
+    import pytest
+
+    from loader.merge import merge_reslora
+    from loader.train_job_spec import JobError
+    _, layers = make_reslora_model(model_dirs["llama"], 0, "bs", 1, ["q_proj", "v_proj"])
+    save_reslora(layers, tmp_path / "res", {"r": 4, "lora_alpha": 8})
+    source = {p.name: p.read_bytes() for p in (tmp_path / "res").iterdir()}
+    with pytest.raises(JobError, match=r"--out .*/res is the ResLoRA adapter being merged"):
+        merge_reslora(tmp_path / "res", tmp_path / "res" / ".." / "res", str(model_dirs["llama"]), overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "res").iterdir()} == source
+    merge_reslora(tmp_path / "res", tmp_path / "plain", str(model_dirs["llama"]))
+    (tmp_path / "plain" / "training_log.json").write_text("{}")  # as if a trained adapter's directory
+    with pytest.raises(JobError, match=r"--out .*/plain already holds adapter_config.json, adapter_model.safetensors, "
+                                       r"training_log.json; pass --overwrite"):
+        merge_reslora(tmp_path / "res", tmp_path / "plain", str(model_dirs["llama"]))
+    merge_reslora(tmp_path / "res", tmp_path / "plain", str(model_dirs["llama"]), overwrite=True)
+    assert not (tmp_path / "plain" / "training_log.json").exists()
+    with pytest.raises(JobError, match=r"--model .*gpt2: .*the adapter adapts model\.layers\.0\..*another "
+                                       r"architecture"):
+        merge_reslora(tmp_path / "res", tmp_path / "other", str(model_dirs["gpt2"]))
+    assert not (tmp_path / "other").exists()

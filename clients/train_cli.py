@@ -170,8 +170,11 @@ def _check_deploy(args, jobs) -> None:
     for job in jobs:
         width, heads = slot_needs(job) or (0, 0)
         if width > limits.max_lora_rank or heads > limits.max_hydra_heads:  # refused after training otherwise
+            auto = job.method == "hydralora" and job.heads == "auto"
+            fits = min(limits.max_hydra_heads, limits.max_lora_rank // job.rank)
             raise DataError(f"--out {job.out}: a {job.method} adapter of rank {job.rank}"
-                            + (f" with {heads} heads" if job.method == "hydralora" else "")
+                            + (f" with up to {heads} heads (--heads auto; give --heads {fits} or fewer)" if auto
+                               else f" with {heads} heads" if job.method == "hydralora" else "")
                             + (f" (structure bs merges each block with its --pre-num {job.pre_num} predecessor(s))"
                                if job.method == "reslora" and job.structure == "bs" else "")
                             + f" needs a slot {width} wide and {heads} head(s); {args.deploy} takes at most "
@@ -218,8 +221,10 @@ def _deploy_trained(job, args, summary: dict) -> None:
         info, moved = deploy(Path(job.out), args.deploy, Path(args.deploy_root), expected=summary["served"],
                              **connection(args))
     except DeployError as err:
+        then = ("once the server takes it (restarted with a larger limit, say); or retrain it with other settings "
+                "(--overwrite)") if err.refused else "deploys it"
         raise JobError(f"trained and saved to {job.out}, but not deployed: {err}; the same command with --resume "
-                       f"deploys it") from None
+                       f"{then}") from None
     if moved is not None:
         print(f"kept the directory that was at {Path(args.deploy_root) / info.adapter_id} as {moved} "
               f"(a deploy never deletes what it did not create)")

@@ -36,7 +36,16 @@ LOCK = ".deploy-lock"  # in the root: never an id (ids start with a letter or di
 
 
 class DeployError(Exception):
-    """A deploy that cannot be done or was refused; the message says what to change."""
+    """A deploy that cannot be done or was refused; the message says what to change. `refused`: the server read the
+    files and refused them (a limit, a bad file): trying again changes nothing until the server or the files do."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+# What a LoadAdapter answers when it read the files and will not serve them (a server limit, a file it refuses)
+REFUSALS = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
 
 
 def adapter_id_for(out: Path) -> str:
@@ -225,7 +234,7 @@ def _deploy(adapter_dir: Path, target: str, root: Path, adapter_id: str, timeout
         if isinstance(exc, grpc.RpcError):
             state = f"the refused files stay in {dest}" if in_place else "the root is as it was"
             raise DeployError(f"{target} did not load {adapter_id!r} ({state}): {exc.code().name}: "
-                              f"{exc.details()}") from None
+                              f"{exc.details()}", refused=exc.code() in REFUSALS) from None
         raise
     moved = installed[1] if installed and installed[1] is not None and KEPT in installed[1].name else None
     return info, moved

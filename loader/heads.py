@@ -14,6 +14,8 @@ from collections import Counter
 
 import torch
 
+MAX_AUTO_HEADS = 8  # the most heads --heads auto chooses
+
 
 def word_features(texts: list[str], min_share: float = 0.01, max_features: int = 2048) -> torch.Tensor:
     docs = [set(t.split()) for t in texts]
@@ -60,7 +62,7 @@ def silhouette(x: torch.Tensor, labels: torch.Tensor) -> float:
     return sum(scores) / len(scores)
 
 
-def choose_heads(prompts: list[str], max_k: int = 8, sample: int = 512, seed: int = 0) -> int:
+def choose_heads(prompts: list[str], max_k: int = MAX_AUTO_HEADS, sample: int = 512, seed: int = 0) -> int:
     if len(prompts) < 4:
         return 2
     idx = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:sample]

@@ -196,8 +196,9 @@ def test_a_deploy_the_server_refuses_is_rolled_back(model_dirs, tmp_path):
     live, _ = install(good, root, "a")
     server = start_server(model_dirs["llama"], root, max_lora_rank=8)
     try:
-        with pytest.raises(DeployError, match="did not load 'a' .* FAILED_PRECONDITION"):
+        with pytest.raises(DeployError, match="did not load 'a' .* FAILED_PRECONDITION") as refusal:
             deploy(wide, server.target, root, adapter_id="a")
+        assert refusal.value.refused  # no retry helps: train's advice says what would (test below)
         assert os.readlink(root / "a") == live.name
         assert {p.name for p in root.iterdir()} == {"a", live.name, ".deploy-lock"}
         with pytest.raises(DeployError):
@@ -261,12 +262,15 @@ def test_an_adapter_the_server_could_not_take_is_refused_before_training(model_d
     try:
         data = write_task(tmp_path / "train.jsonl", 16, 0)
         for flags in (["--method", "lora", "--rank", "32"], ["--method", "hydralora", "--rank", "8", "--heads", "4"],
-                      ["--method", "reslora", "--rank", "16", "--structure", "bs"]):  # merged: 16 + its predecessor's 16
+                      ["--method", "reslora", "--rank", "16", "--structure", "bs"],  # merged: 16 + its predecessor's 16
+                      ["--method", "hydralora", "--rank", "4", "--heads", "auto"]):  # it may choose 8 heads
             result = subprocess.run([*CLI, "train", *flags, "--model", str(model_dirs["llama"]), "--data", str(data),
                                      "--out", str(tmp_path / "x"), "--deploy", server.target, "--deploy-root",
                                      str(root)], capture_output=True, text=True, timeout=120, cwd=REPO)
             assert result.returncode == 2 and "--max-lora-rank 16" in result.stderr, result.stderr
             assert "a slot 32 wide" in result.stderr and not (tmp_path / "x").exists()
+            if "auto" in flags:  # QA: after training the deploy failed, advising a --resume that failed the same way
+                assert "with up to 8 heads (--heads auto; give --heads 4 or fewer)" in result.stderr
     finally:
         server.stop()
 
@@ -303,3 +307,26 @@ def test_resume_deploys_a_job_trained_before_but_never_deployed(model_dirs, tmp_
             assert client.get_adapter("s").version == 1  # deployed once
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("refused, advice", [
+    (False, "the same command with --resume deploys it$"),
+    (True, "the same command with --resume once the server takes it .*or retrain it with other settings "
+           r"\(--overwrite\)$")])
+def test_a_deploy_that_failed_after_training_advises_what_helps(monkeypatch, tmp_path, refused, advice):
+    """QA: a refusal that no retry changes (a limit) advised '--resume deploys it', which failed the same way."""
+    import argparse
+
+    import loader.deploy
+    from clients.train_cli import _deploy_trained
+    from loader.deploy import DeployError
+    from loader.train_job_spec import JobError, TrainJob
+
+    def deploy(*args, **kwargs):
+        raise DeployError("127.0.0.1:1 did not load 'x' (the root is as it was): FAILED_PRECONDITION: ...",
+                          refused=refused)
+    monkeypatch.setattr(loader.deploy, "deploy", deploy)
+    args = argparse.Namespace(deploy="127.0.0.1:1", deploy_root=str(tmp_path), token_file=None, tls_ca=None,
+                              tls=False, tls_cert=None, tls_key=None)
+    with pytest.raises(JobError, match="trained and saved to .*, but not deployed: .*; " + advice):
+        _deploy_trained(TrainJob(method="lora", data="d.jsonl", out=str(tmp_path / "x")), args, {"served": {}})

@@ -64,6 +64,9 @@ def read_jobs(path: Path, defaults: TrainJob) -> list[TrainJob]:
         except JobError as exc:
             raise DataError(f"{path}:{number}: {exc}") from None
         jobs.append(job)
+    if not jobs:  # as an empty --data is: a run that trains nothing is no success to report
+        raise DataError(f"{path}: no jobs (one JSON object a line, e.g. {{\"method\": \"lora\", \"data\": "
+                        f"\"a.jsonl\", \"out\": \"out/a\"}})")
     outs = [Path(j.out).resolve() for j in jobs]
     for i, out in enumerate(outs):
         if out in outs[:i]:

@@ -85,6 +85,15 @@ def test_a_jobs_line_that_is_not_an_object_names_its_line(tmp_path, line):
         read_jobs(jobs, TrainJob(method=None, data=None, out=None))
 
 
+@pytest.mark.parametrize("text", ["", "\n\n  \n"])
+def test_a_jobs_file_without_jobs_is_refused(tmp_path, text):
+    """QA: it trained nothing and exited 0 with an empty summary table."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(text)
+    with pytest.raises(DataError, match=r"jobs.jsonl: no jobs \(one JSON object a line"):
+        read_jobs(jobs, TrainJob(method=None, data=None, out=None))
+
+
 @pytest.mark.parametrize("edit, says", [
     ({"out": None}, "--out must be a non-empty string, got None"),  # a TypeError traceback, naming no line
     ({"data": ["d"]}, "--data must be a non-empty string"), ({"model": None}, "--model must be a non-empty string"),

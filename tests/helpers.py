@@ -248,3 +248,11 @@ def assert_delta_equals_per_row_reference(kernel: str, dtype: torch.dtype, d_in:
     want = reference_delta(x, [rounded(a, dtype) for a in per_row], d_out)
     torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
     assert got[1].abs().max() == 0 and got[6].abs().max() == 0  # base rows get exactly nothing
+
+
+def slow_decode(server: BackgroundServer, monkeypatch, seconds: float = 0.005) -> None:
+    """Every decode step of `server` takes at least `seconds` more: a long generation is still running while a test
+    looks at it (N steps take >= N x seconds)."""
+    runner = server.serving.engine.runner
+    decode_step = runner.decode_step
+    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(seconds), decode_step(batch))[1])

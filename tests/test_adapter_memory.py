@@ -1,14 +1,13 @@
 """The host-memory budget for adapters (--adapter-cache-bytes): eviction to disk, a hard limit counting the
 adapters requests hold, waiting requests served in order and counted when their clients leave."""
 import shutil
-import time
 
 import grpc
 import pytest
 
 from clients.client import Client, build_request
 from protos.loraplex.v1 import inference_pb2 as pb
-from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, start_server, status_of, wait_for
+from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, slow_decode, start_server, status_of, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +253,7 @@ def test_a_client_that_leaves_while_waiting_for_adapter_memory_is_counted(model_
         shutil.copytree(adapter_root / "v1", root / name)
     size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
     server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2)  # one at a time
-    runner = server.serving.engine.runner
-    decode_step = runner.decode_step  # 400 steps take >= 2 s: "a" holds the budget throughout
-    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    slow_decode(server, monkeypatch)  # 400 steps take >= 2 s: "a" holds the budget throughout
     key = 'loraplex_request_success_total{finished_reason="cancelled"}'
     try:
         with Client(server.target, timeout=60) as client:
@@ -344,9 +341,7 @@ def test_requests_waiting_for_adapter_memory_are_counted_as_waiting_and_hold_off
     size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
     server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2,  # one at a time
                           autoload_adapters=False)
-    runner = server.serving.engine.runner
-    decode_step = runner.decode_step
-    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    slow_decode(server, monkeypatch)
     try:
         with Client(server.target, timeout=60) as client:
             client.load_adapter("a")

@@ -2,7 +2,6 @@
 streams end (cancellation on the server: test_lifecycle.py; tokens and TLS: test_security.py)."""
 import asyncio
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 
 from clients.client import AsyncClient, Client
 from protos.loraplex.v1 import inference_pb2 as pb
-from tests.helpers import make_peft_adapter, scrape, start_server, status_of, wait_for
+from tests.helpers import make_peft_adapter, scrape, slow_decode, start_server, status_of, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +67,7 @@ def test_timeouts_up_to_the_limit_and_none_reach_the_server(server):
 def test_a_sync_stream_cancelled_ends_its_loop_cleanly(server, monkeypatch):
     """cancel() inside the loop (as the docstring says, and as the async client's ends its loop) made the next
     iteration raise RpcError CANCELLED; from another thread, the blocked iteration likewise."""
-    runner = server.serving.engine.runner
-    decode_step = runner.decode_step  # 480 steps take >= 2.4 s: only a cancel ends them early
-    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    slow_decode(server, monkeypatch)  # 480 steps take >= 2.4 s: only a cancel ends them early
     key = 'loraplex_request_success_total{finished_reason="cancelled"}'
     with Client(server.target, timeout=60) as client:
         before = scrape(server).get(key, 0)

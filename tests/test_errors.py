@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from adapters.targets import matches
 from clients.client import AsyncClient, Client
-from tests.helpers import make_peft_adapter, scrape, start_server, status_of, wait_for
+from tests.helpers import make_peft_adapter, scrape, slow_decode, start_server, status_of, wait_for
 
 C = grpc.StatusCode
 
@@ -308,9 +308,7 @@ def test_rows_the_kv_budget_holds_back_take_no_request_beyond_the_queue(model_di
     """Free rows count for the queue's limit only where nothing else holds requests back: with a KV budget for one
     row, a second request waits, and a third is refused at --max-queue-size 1 (not taken for the free rows)."""
     server = start_server(model_dirs["llama"], adapter_root, max_batch_size=4, max_queue_size=1, max_kv_tokens=150)
-    runner = server.serving.engine.runner
-    decode_step = runner.decode_step
-    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.01), decode_step(batch))[1])
+    slow_decode(server, monkeypatch, 0.01)
 
     async def scenario():
         async with AsyncClient(server.target, timeout=60) as client:

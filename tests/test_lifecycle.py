@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from clients.client import AsyncClient, Client
 from protos.loraplex.v1 import inference_pb2 as pb
-from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, start_server, status_of, wait_for
+from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, slow_decode, start_server, status_of, wait_for
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -64,9 +64,7 @@ def test_cancelled_streams_are_counted_as_cancelled_by_grpc_metrics(server):
 
 
 def test_an_async_stream_left_or_cancelled_stops_on_the_server(server, monkeypatch):
-    runner = server.serving.engine.runner
-    decode_step = runner.decode_step  # 480 steps take >= 2.4 s: only a cancel ends them early
-    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    slow_decode(server, monkeypatch)  # 480 steps take >= 2.4 s: only a cancel ends them early
     key = 'loraplex_request_success_total{finished_reason="cancelled"}'
 
     async def cancelled_after(leave) -> bool:
@@ -297,9 +295,7 @@ def test_hot_swap_running_request_keeps_its_version(server, adapter_root):
 
 
 def test_a_replace_keeps_the_pin_and_counts_the_old_versions_rows(server, monkeypatch):
-    runner = server.serving.engine.runner
-    decode_step = runner.decode_step  # 400 steps take >= 2 s: the stream still runs while it is looked at
-    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    slow_decode(server, monkeypatch)  # 400 steps take >= 2 s: the stream still runs while it is looked at
     with Client(server.target, timeout=60) as client:
         assert client.load_adapter("small", replace=True, pin=True).pinned
         stream = client.generate_stream([5, 6], "small", max_new_tokens=400, ignore_eos=True)
@@ -316,9 +312,7 @@ def test_adapter_info_counts_the_requests_waiting_for_it(model_dirs, adapter_roo
     """A request queued behind a full batch is not running, yet it blocks an unload: GetAdapter and ListAdapters
     show it as waiting (an operator saw running=0 and an unload refused for a request in flight)."""
     server = start_server(model_dirs["llama"], adapter_root, max_batch_size=1)
-    runner = server.serving.engine.runner
-    decode_step = runner.decode_step
-    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    slow_decode(server, monkeypatch)
     try:
         with Client(server.target, timeout=60) as client:
             client.load_adapter("small")

@@ -18,7 +18,7 @@ from protos.loraplex.v1 import inference_pb2 as pb
 from server import app as server_app
 from server.background import BackgroundServer
 from server.config import ServerConfig
-from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, start_server, wait_for
+from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, slow_decode, start_server, wait_for
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 REPO = Path(__file__).resolve().parent.parent
@@ -141,9 +141,7 @@ def test_requests_left_when_the_grace_runs_out_hear_why(model_dirs, monkeypatch,
     stream still running when the grace period is over with UNAVAILABLE saying so; the transport cuts neither
     (grpc would log a traceback for each)."""
     server = start_server(model_dirs["llama"], None, grace_period=0.0, max_batch_size=1)
-    runner = server.serving.engine.runner
-    decode_step = runner.decode_step
-    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    slow_decode(server, monkeypatch)
     outcomes = {}
 
     def run(name, call):
@@ -208,9 +206,7 @@ def test_a_draining_unload_at_shutdown_ends_as_it_was_recorded(model_dirs, adapt
     """The unload is done (and recorded) before it waits for the requests on the adapter: a shutdown lets that
     wait end with them, successfully, instead of telling the client UNAVAILABLE."""
     server = start_server(model_dirs["llama"], adapter_root, grace_period=30.0)
-    runner = server.serving.engine.runner
-    decode_step = runner.decode_step  # 300 steps take >= 1.5 s: the stream runs through the shutdown's start
-    monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(0.005), decode_step(batch))[1])
+    slow_decode(server, monkeypatch)  # 300 steps take >= 1.5 s: the stream runs through the shutdown's start
     outcome = {}
     with Client(server.target, timeout=60) as client:
         client.load_adapter("v1")

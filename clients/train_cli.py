@@ -166,15 +166,16 @@ def _check_deploy(args, jobs) -> None:
         limits = check(args.deploy, Path(args.deploy_root), [Path(job.out) for job in jobs], **flags).limits
     except DeployError as err:
         raise DataError(str(err)) from None
+    from loader.heads import MAX_AUTO_HEADS, MIN_AUTO_HEADS
     from loader.train_job_spec import slot_needs
     for job in jobs:
         width, heads = slot_needs(job) or (0, 0)
         if width > limits.max_lora_rank or heads > limits.max_hydra_heads:  # refused after training otherwise
             auto = job.method == "hydralora" and job.heads == "auto"
-            fits = min(limits.max_hydra_heads, limits.max_lora_rank // job.rank)
             raise DataError(f"--out {job.out}: a {job.method} adapter of rank {job.rank}"
-                            + (f" with up to {heads} heads (--heads auto; give --heads {fits} or fewer)" if auto
-                               else f" with {heads} heads" if job.method == "hydralora" else "")
+                            + (f" with at least {heads} heads (--heads auto chooses {MIN_AUTO_HEADS} to "
+                               f"{MAX_AUTO_HEADS})" if auto else f" with {heads} heads" if job.method == "hydralora"
+                               else "")
                             + (f" (structure bs merges each block with its --pre-num {job.pre_num} predecessor(s))"
                                if job.method == "reslora" and job.structure == "bs" else "")
                             + f" needs a slot {width} wide and {heads} head(s); {args.deploy} takes at most "

@@ -14,7 +14,7 @@ from collections import Counter
 
 import torch
 
-MAX_AUTO_HEADS = 8  # the most heads --heads auto chooses
+MIN_AUTO_HEADS, MAX_AUTO_HEADS = 2, 8  # what --heads auto chooses from
 
 
 def word_features(texts: list[str], min_share: float = 0.01, max_features: int = 2048) -> torch.Tensor:
@@ -64,8 +64,8 @@ def silhouette(x: torch.Tensor, labels: torch.Tensor) -> float:
 
 def choose_heads(prompts: list[str], max_k: int = MAX_AUTO_HEADS, sample: int = 512, seed: int = 0) -> int:
     if len(prompts) < 4:
-        return 2
+        return MIN_AUTO_HEADS
     idx = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:sample]
     x = word_features([prompts[i] for i in idx.tolist()])
-    candidates = range(2, min(max_k, len(x) - 1) + 1)
+    candidates = range(MIN_AUTO_HEADS, min(max_k, len(x) - 1) + 1)
     return max(candidates, key=lambda k: silhouette(x, kmeans(x, k, seed)))

@@ -12,7 +12,7 @@ from pathlib import Path
 from adapters import targets
 from adapters.reslora import MERGE_METHODS
 from adapters.training import TrainSettings
-from loader.heads import MAX_AUTO_HEADS
+from loader.heads import MIN_AUTO_HEADS
 from loader.base_model import DTYPES, device_problem
 from loader.peft_files import CONFIG_FILE
 
@@ -85,13 +85,14 @@ def slot_needs(job: TrainJob) -> tuple[int, int] | None:
     """(slot width, heads) the server will need for this job's adapter, where the flags alone decide it: LoRA's
     rank, HydraLoRA's heads x rank, merged ResLoRA's rank (bs stacks a block's factors with its --pre-num
     predecessors': (pre_num + 1) x rank on any model of two layers or more; is and ms keep the rank); with --heads
-    auto, the most heads it may choose. None where training decides (AdaLoRA's kept ranks)."""
+    auto, the least it may choose (a slot it surely needs; more heads are checked when the server loads them). None
+    where training decides (AdaLoRA's kept ranks)."""
     if job.method == "lora" or (job.method == "reslora" and job.structure != "bs"):
         return job.rank, 1
     if job.method == "reslora":
         return (job.pre_num + 1) * job.rank, 1
     if job.method == "hydralora":
-        heads = MAX_AUTO_HEADS if job.heads == "auto" else int(job.heads)
+        heads = MIN_AUTO_HEADS if job.heads == "auto" else int(job.heads)
         return heads * job.rank, heads
     return None
 

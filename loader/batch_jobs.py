@@ -109,7 +109,7 @@ def resume_plan(job: TrainJob) -> TrainJob | None:
         if not job.overwrite:
             raise JobError(f"{out} holds an adapter trained with another configuration ({', '.join(changed)}); "
                            f"pass --overwrite to train this job over it")
-        return replace(job, resume=False)  # over it, from the start: its run's last checkpoint is that job's
+        # over it: from this job's checkpoint where an interrupt left one, else from the start (run_job tells)
     if not (out / CHECKPOINT).exists() and not (out / CONFIG_FILE).exists():
         return replace(job, resume=False)
     return job

@@ -71,15 +71,23 @@ def test_jobs_resume_skips_finished_resumes_interrupted_and_starts_the_rest(mode
     assert exit_info.value.code == 1 and "failed" in row["0"]
     assert "holds an adapter trained with another configuration (max_steps: 2 then, 3 now)" in row["0"]
     assert " skipped " in row["1"] and " skipped " in row["2"]
-    # as that error says, --overwrite trains it over: from the start (its leftover checkpoint is the old job's)
+    # as that error says, --overwrite trains it over: from the start (its leftover checkpoint is the old job's);
+    # interrupted meanwhile (the old adapter and log still there), the same command goes on from the new checkpoint
+    lines[0]["max_steps"] = 6
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    retrain = replace(job(lines[0]), overwrite=True, resume=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(retrain, progress=lambda steps: _Interrupt(3))
+    assert json.loads((tmp_path / "j1" / "training_log.json").read_text())["job"]["settings"]["max_steps"] == 2
     loaded.clear()
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--jobs", str(jobs), "--resume", "--overwrite", *common])
     out = capsys.readouterr().out
     row = {line.split()[0]: line for line in out.splitlines() if line[:1].isdigit()}
     assert exit_info.value.code == 0, out
-    assert " ok " in row["0"] and row["0"].split()[3] == "3" and loaded == []
-    assert [s for s, _ in json.loads((tmp_path / "j1" / "training_log.json").read_text())["train_loss"]] == [1, 2, 3]
+    assert " ok " in row["0"] and row["0"].split()[3] == "6" and loaded == ["j1"]
+    losses = json.loads((tmp_path / "j1" / "training_log.json").read_text())["train_loss"]
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]  # steps 1-2 from the checkpoint's log, not trained again
 
 
 def test_a_run_interrupted_after_writing_its_adapter_finishes_with_resume(model_dirs, tmp_path):

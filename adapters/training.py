@@ -168,7 +168,7 @@ class Trainer:
                 if terms:
                     sum(terms).backward()
                 tokens += int(batch["attention_mask"].sum())
-                window += float(loss.detach()) * n
+                window += float(loss.detach()) * n if n else 0.0  # (HF's loss over no token is 0/0)
                 pending += 1
                 if pending < s.grad_accum and position < len(batches):  # an epoch's last batch flushes
                     continue

@@ -91,9 +91,10 @@ def read_jsonl(path: Path, tokenizer, max_length: int, vocab_size: int | None = 
         if beyond is not None:
             raise DataError(f"{where}: tokenizes to {tokenizer.decode([beyond])!r} (id {beyond}), a token the "
                             f"tokenizer knows but the model does not: its vocabulary has {vocab_size} tokens")
-        if all(label == IGNORE for label in labels):
+        if all(label == IGNORE for label in labels[1:]):  # a loss predicts each token from those before it
             raise DataError(f"{where}: the prompt fills --max-length {max_length}; no completion token is left to "
-                            f"learn from")
+                            f"learn from" if labels and labels[0] == IGNORE else
+                            f"{where}: a single token, with none before it to be predicted from")
         examples.append(Example(ids, labels))
     if not examples:
         raise DataError(f"{path}: no examples")

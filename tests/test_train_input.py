@@ -174,3 +174,16 @@ def test_a_job_recorded_with_a_device_index_resumes_on_that_device_kind():
     assert changes({"device": "cuda:0", "rank": 8}, {"device": "cuda", "rank": 8}) == []
     assert changes({"device": "cuda:0"}, {"device": "cpu"}) == ["device: 'cuda' then, 'cpu' now"]
     assert changes({"rank": 8}, {"rank": 8, "data_sha256": "ab"}) == []  # not recorded then: not compared
+
+
+def test_an_example_with_no_token_to_predict_is_refused_naming_its_line(tmp_path):
+    """A loss predicts each token from those before it: one token cut to --max-length 1 (or a one-token text on a
+    tokenizer without BOS) has none to learn, and a micro-batch of such examples had a 0/0 loss (NaN)."""
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"text": "hello"}) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl:1: a single token, with none before it to be predicted from"):
+        read_jsonl(path, build_tokenizer(), 1)
+    path.write_text(json.dumps({"prompt": "hello", "completion": " world"}) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl:1: the prompt fills --max-length 3"):
+        read_jsonl(path, build_tokenizer(), 3)
+    assert read_jsonl(path, build_tokenizer(), 64)

@@ -19,9 +19,7 @@ from loader.training_job import _load, padding_id
 
 def _check_out(adapter_dir: Path, out: Path, overwrite: bool) -> None:
     """--out is no adapter this merge would silently replace: never the one merged (its factors, chains and
-    statistics could not be made again), another only with `overwrite`, which also takes a training run's log and
-    checkpoint out of it (left, they would describe the replaced adapter: a `train --resume` would pass the merge
-    as its finished job)."""
+    statistics could not be made again), another only with `overwrite` (checked before the model loads)."""
     if out.exists() and not out.is_dir():
         raise JobError(f"--out {out} is a file, not a directory")
     if out.resolve() == adapter_dir.resolve():
@@ -30,8 +28,6 @@ def _check_out(adapter_dir: Path, out: Path, overwrite: bool) -> None:
     held = [name for name in (CONFIG_FILE, WEIGHTS_FILE, LOG, CHECKPOINT) if (out / name).exists()]
     if held and not overwrite:
         raise JobError(f"--out {out} already holds {', '.join(held)}; pass --overwrite to replace that adapter")
-    for name in (LOG, CHECKPOINT):
-        (out / name).unlink(missing_ok=True)
 
 
 def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_path: str | None = None,
@@ -41,6 +37,7 @@ def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_pat
     if config.get("peft_type") != "RESLORA":
         raise JobError(f"{adapter_dir}: peft_type is {config.get('peft_type')!r}; only RESLORA adapters merge")
     method = method or config.get("merge_method")
+    _check_out(adapter_dir, out, overwrite)
     _, base, tokenizer = _load(TrainJob(method="reslora", data="", out=str(out), model=model, device=device))
     modules = {name: None for chain in config["chains"] for name in chain}
     from adapters.layer import module_shape
@@ -49,7 +46,6 @@ def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_pat
     except (AttributeError, TypeError) as exc:  # no such module, or one that is no linear layer
         raise JobError(f"--model {model}: {exc}; the adapter adapts {next(iter(modules))}, ... (trained on a "
                        f"model of another architecture?)") from None
-    _check_out(adapter_dir, out, overwrite)
     conv1d = any(s.stored_transposed for s in shapes.values())  # as save_lora says it
     merged = read_adapter(adapter_dir, adapter_dir.name, shapes, max_rank=1 << 20, load_serial=0,
                           base_weight=lambda name: base_weight(base, name),  # the server's validated merge
@@ -75,6 +71,8 @@ def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_pat
         error = merge_error(base.eval(), layers, method, batches)
     save_canonical_as_lora(merged, out, {"base_model_name_or_path": config.get("base_model_name_or_path"),
                                          "fan_in_fan_out": conv1d})
+    for name in (LOG, CHECKPOINT):  # a training run's, there: they described the replaced adapter (a `train
+        (out / name).unlink(missing_ok=True)  # --resume` would pass the merge as its finished job)
     report = {"structure": config["structure"], "merge_method": method, "merge_error": error,
               "recorded_merge_error": (config.get("merge_error") or {}).get(method), "out": str(out)}
     (out / "merge_report.json").write_text(json.dumps(report, indent=2))

@@ -70,6 +70,7 @@ def test_a_merge_replaces_no_adapter_unasked_and_names_a_model_of_another_archit
     import pytest
 
     from loader.merge import merge_reslora
+    from loader.train_data import DataError
     from loader.train_job_spec import JobError
     _, layers = make_reslora_model(model_dirs["llama"], 0, "bs", 1, ["q_proj", "v_proj"])
     save_reslora(layers, tmp_path / "res", {"r": 4, "lora_alpha": 8})
@@ -82,6 +83,11 @@ def test_a_merge_replaces_no_adapter_unasked_and_names_a_model_of_another_archit
     with pytest.raises(JobError, match=r"--out .*/plain already holds adapter_config.json, adapter_model.safetensors, "
                                        r"training_log.json; pass --overwrite"):
         merge_reslora(tmp_path / "res", tmp_path / "plain", str(model_dirs["llama"]))
+    bad = write_task(tmp_path / "bad.jsonl", 2, 0)
+    bad.write_text(bad.read_text() + "not json\n")
+    with pytest.raises(DataError):  # a merge that fails leaves the directory as it was
+        merge_reslora(tmp_path / "res", tmp_path / "plain", str(model_dirs["llama"]), str(bad), overwrite=True)
+    assert (tmp_path / "plain" / "training_log.json").exists()
     merge_reslora(tmp_path / "res", tmp_path / "plain", str(model_dirs["llama"]), overwrite=True)
     assert not (tmp_path / "plain" / "training_log.json").exists()
     with pytest.raises(JobError, match=r"--model .*gpt2: .*the adapter adapts model\.layers\.0\..*another "

@@ -38,9 +38,9 @@ def check_pem(config: ServerConfig) -> None:
     if config.tls_client_ca:
         try:
             context.load_verify_locations(cafile=config.tls_client_ca)
-        except ssl.SSLError as exc:
+        except OSError as exc:  # ssl.SSLError, or the file gone (a rotation replacing it) since it was read
             raise ConfigError(f"--tls-client-ca {config.tls_client_ca}: not PEM CA certificates "
-                              f"({exc.reason or exc})") from None
+                              f"({getattr(exc, 'reason', None) or exc.strerror or exc})") from None
 
 
 def validity(pem: bytes) -> tuple[datetime, datetime] | None:
@@ -100,14 +100,22 @@ def _read(path: str, what: str) -> bytes:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
-def _configuration(config: ServerConfig, on_certificate: Callable[[float], None]):
+def _configuration(config: ServerConfig, on_certificate: Callable[[float], None], renewal: bool):
+    """The files' configuration for grpc, checked; a `renewal` (not the start's) whose certificate has expired is
+    refused (the one in force may still be valid)."""
     files = [(config.tls_key, "--tls-key"), (config.tls_cert, "--tls-cert")]
     if config.tls_client_ca:
         files.append((config.tls_client_ca, "--tls-client-ca"))
-    contents = [_read(*file) for file in files]
-    check_pem(config)
-    if [_read(*file) for file in files] != contents:  # the checked files must be the ones handed to grpc
-        raise ConfigError("the files changed while being read; they are read again at their next change")
+    for _ in range(3):  # the checked files must be the ones handed to grpc: read until a rotation is not under way
+        contents = [_read(*file) for file in files]
+        check_pem(config)
+        if [_read(*file) for file in files] == contents:
+            break
+    else:
+        raise ConfigError("the files kept changing while being read")
+    found = validity(contents[1])
+    if renewal and found is not None and found[1] <= datetime.now(timezone.utc):
+        raise ConfigError(f"--tls-cert {config.tls_cert} expired on {found[1].isoformat()}")
     not_after = _warn_of_validity(config.tls_cert, contents[1])
     if not_after is not None:
         on_certificate(not_after)
@@ -121,8 +129,10 @@ def tls_credentials(config: ServerConfig,
     changed; new files that do not fit keep the previous ones in force, logged. `on_certificate(not_after)` is told
     each certificate's expiry as it comes into force."""
     files = [config.tls_cert, config.tls_key, *([config.tls_client_ca] if config.tls_client_ca else [])]
-    watched = WatchedFiles(files, lambda: _configuration(config, on_certificate), "--tls-cert/--tls-key" +
-                           ("/--tls-client-ca" if config.tls_client_ca else ""))
+    started: list[bool] = []
+    watched = WatchedFiles(files, lambda: _configuration(config, on_certificate, renewal=bool(started)),
+                           "--tls-cert/--tls-key" + ("/--tls-client-ca" if config.tls_client_ca else ""))
+    started.append(True)
     handed, lock = [watched.version], threading.Lock()
 
     def fetch():  # grpc asks before each new connection's handshake (on its threads): None keeps what is in force

@@ -73,6 +73,12 @@ def test_a_renewed_certificate_is_served_to_new_connections_and_a_broken_one_is_
                 caplog.text
             _replace(first["server_key"], key)  # the pair completed: in force
             assert _answers(server, first["ca"]) is None
+            expired = make_pki(tmp_path / "expired", valid=(-datetime.timedelta(days=9), -datetime.timedelta(days=1)))
+            with caplog.at_level(logging.ERROR, logger="loraplex.files"):
+                _replace(expired["server_key"], key)
+                _replace(expired["server_cert"], cert)  # a renewal already expired: the valid one stays
+                assert _answers(server, first["ca"]) is None
+            assert "expired on" in caplog.text and _answers(server, expired["ca"]) == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop()
 

@@ -23,13 +23,14 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | N
     found: list[TokenLogprobs | None] = [None] * len(wanted)
     if not rows:
         return found
-    device = logits.device
-    x = logits[torch.tensor(rows, device=device)].float()
+    # one copy to the device and two back (a GPU waits for each)
+    index = torch.tensor([rows, [tokens[i] for i in rows]], device=logits.device)
+    x = logits[index[0]].float()
     total = torch.logsumexp(x, dim=-1, keepdim=True)  # log p = logit - this: no [rows, V] log-softmax written
-    chosen = (x.gather(1, torch.tensor([[tokens[i]] for i in rows], device=device)) - total)[:, 0].tolist()
     top = x.topk(max(wanted[i] for i in rows), dim=-1)
-    values, ids = (top.values - total).tolist(), top.indices.tolist()
+    values = (torch.cat([x.gather(1, index[1][:, None]), top.values], dim=1) - total).tolist()
+    ids = top.indices.tolist()
     for j, i in enumerate(rows):
         n = wanted[i]
-        found[i] = TokenLogprobs(chosen[j], ids[j][:n], values[j][:n])
+        found[i] = TokenLogprobs(values[j][0], ids[j][:n], values[j][1:n + 1])
     return found

@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from clients.client import Client
-from tests.helpers import LLAMA_TARGETS, make_peft_adapter, start_server, status_of
+from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, slow_decode, start_server, status_of
 
 PROMPT = [5, 17, 42, 99, 7]
 
@@ -63,18 +63,24 @@ def test_logprobs_equal_hf_and_peft_for_greedy_and_sampled_tokens(server, model_
     _assert_matches(sampled, _reference(model, list(sampled.token_ids), 3))
 
 
-def test_logprobs_in_a_mixed_batch_equal_alone_and_streamed_equal_unary(server):
+def test_logprobs_in_a_mixed_batch_equal_alone_and_streamed_equal_unary(server, monkeypatch):
+    def rows_beyond_one():  # decode steps' rows past the first, over the server's life: grows once rows share a step
+        found = scrape(server)
+        return found['loraplex_batch_size_sum{phase="decode"}'] - found['loraplex_batch_size_count{phase="decode"}']
+    slow_decode(server, monkeypatch)  # the concurrent requests overlap
     with Client(server.target, timeout=60) as client:
         alone = client.generate(PROMPT, "a", max_new_tokens=12, ignore_eos=True, logprobs=2)
         chosen_only = client.generate(PROMPT, "a", max_new_tokens=12, ignore_eos=True, logprobs=0)
         none = client.generate(PROMPT, "a", max_new_tokens=12, ignore_eos=True)
         streamed = list(client.generate_stream(PROMPT, "a", max_new_tokens=12, ignore_eos=True, logprobs=2))
+        shared = rows_beyond_one()
         with concurrent.futures.ThreadPoolExecutor(6) as pool:  # rows for the base model and the adapter, with and
             others = [pool.submit(client.generate, [9 + i] * (3 + i), "a" if i % 2 else "", max_new_tokens=16,
                                   ignore_eos=True, logprobs=(i if i % 3 else None)) for i in range(5)]
             together = pool.submit(client.generate, PROMPT, "a", max_new_tokens=12, ignore_eos=True, logprobs=2)
             assert all(len(f.result().token_ids) == 16 for f in others)  # without logprobs
             together = together.result()
+    assert rows_beyond_one() > shared  # they did share steps
     assert list(together.token_ids) == list(alone.token_ids) == list(none.token_ids)
     for a, b in zip(together.logprobs, alone.logprobs):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-5)

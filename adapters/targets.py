@@ -91,19 +91,45 @@ def matches(spec: str | list[str] | None, name: str, what: str = "target_modules
 
 def never_run(model: nn.Module) -> tuple[str, ...]:
     """The submodules a text forward of a multimodal checkpoint (Gemma-3 4b+) never runs: its vision or audio towers
-    and their projectors, i.e. the siblings of each module on the path to its text model (get_decoder()), but the
-    output head. A text model (whose config is its own text config) has none."""
+    and their projectors. Found once per model: the siblings of each module on the path to its text model
+    (get_decoder()), but the output head, less those a forward of text ids runs (Gemma-3n embeds the multimodal
+    token ids of a text through embed_vision and embed_audio). A text model (its config is its own text config)
+    has none."""
+    if model not in _NEVER_RUN:
+        _NEVER_RUN[model] = _never_run(model)
+    return _NEVER_RUN[model]
+
+
+_NEVER_RUN: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def _never_run(model: nn.Module) -> tuple[str, ...]:
     config = getattr(model, "config", None)
     if config is None or config.get_text_config() is config:
         return ()
     text, head = model.get_decoder(), model.get_output_embeddings()
     path = next((name for name, m in model.named_modules() if m is text), "")
-    skipped, holder = [], ""
+    siblings, holder = [], ""
     for part in path.split(".") if path else ():
-        skipped += [f"{holder}.{name}".lstrip(".") for name, child in model.get_submodule(holder).named_children()
-                    if name != part and child is not head]
+        siblings += [f"{holder}.{name}".lstrip(".") for name, child in model.get_submodule(holder).named_children()
+                     if name != part and child is not head]
         holder = f"{holder}.{part}".lstrip(".")
-    return tuple(skipped)
+    if not siblings:
+        return ()
+    ran: set[str] = set()
+    hooks = [module.register_forward_hook(lambda *_, name=name: ran.add(name))
+             for name, module in model.named_modules() if under(name, tuple(siblings))]
+    vocab = config.get_text_config().vocab_size  # its last ids too: Gemma-3n's multimodal tokens are at the end
+    ids = torch.tensor([[0, 1, 2, vocab - 2, vocab - 1]], device=next(model.parameters()).device)
+    training = model.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a training run's seeded draws stay as they were
+            model.eval()(input_ids=ids)
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return tuple(root for root in siblings if not any(under(name, (root,)) for name in ran))
 
 
 def under(name: str, roots: tuple[str, ...]) -> bool:

@@ -141,6 +141,45 @@ def test_a_multimodal_checkpoints_vision_tower_is_not_adapted_and_peft_adapters_
         server.stop()
 
 
+def test_a_multimodal_models_modules_beside_its_text_model_that_a_text_forward_runs_stay_adaptable():
+    """Gemma-3n embeds the multimodal token ids of a text through embed_vision/embed_audio, siblings of its text
+    model (review): only the siblings that a forward of text ids does not run are left out (a probe, with the
+    training's random draws left as they were)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from adapters.targets import linear_modules, never_run
+
+    class Config:  # multimodal: its text config is another object
+        text = SimpleNamespace(vocab_size=10)
+
+        def get_text_config(self):
+            return self.text
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = Config()
+            self.embed, self.embed_extra, self.tower = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+            self.text, self.head, self.drop = nn.Linear(4, 4), nn.Linear(4, 10), nn.Dropout(0.5)
+
+        def get_decoder(self):
+            return self.text
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, input_ids):  # the tower runs only on images, which a text request never has
+            return self.head(self.drop(self.text(self.embed_extra(self.embed(input_ids)))))
+    model = Model().train()
+    expected = torch.manual_seed(0) and torch.rand(1)
+    torch.manual_seed(0)
+    assert never_run(model) == ("tower",)  # embed_extra and drop ran
+    assert model.training and torch.equal(torch.rand(1), expected)  # no draw taken: a seeded run stays the same
+    assert [name for name, _ in linear_modules(model)] == ["embed_extra", "text"]
+
+
 @pytest.mark.parametrize("method", ["lora", "reslora"])
 def test_adapters_train_on_a_multimodal_checkpoints_text_model(gemma3_multimodal, tmp_path, method):
     """Training reads the text model's settings too (ResLoRA's layer count failed with a traceback), and trains

@@ -17,8 +17,9 @@ class TokenLogprobs:
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[TokenLogprobs | None]:
     """Per row of `logits` [B, V]: None where `wanted` is None, else the chosen token's log-probability and the
-    `wanted` most likely tokens' under the row's own distribution (fp32 log-softmax of its logits, before
-    temperature, top-k and top-p). Rows that want none cost nothing; the rest, one log-softmax and one top-k."""
+    `wanted` most likely tokens' (all V, in a smaller vocabulary) under the row's own distribution (fp32
+    log-softmax of its logits, before temperature, top-k and top-p). Rows that want none cost nothing; the rest,
+    one log-sum-exp and one top-k."""
     rows = [i for i, n in enumerate(wanted) if n is not None]
     found: list[TokenLogprobs | None] = [None] * len(wanted)
     if not rows:
@@ -27,7 +28,7 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | N
     index = torch.tensor([rows, [tokens[i] for i in rows]], device=logits.device)
     x = logits[index[0]].float()
     total = torch.logsumexp(x, dim=-1, keepdim=True)  # log p = logit - this: no [rows, V] log-softmax written
-    top = x.topk(max(wanted[i] for i in rows), dim=-1)
+    top = x.topk(min(max(wanted[i] for i in rows), x.shape[-1]), dim=-1)  # (a toy's vocabulary may be smaller)
     values = (torch.cat([x.gather(1, index[1][:, None]), top.values], dim=1) - total).tolist()
     ids = top.indices.tolist()
     for j, i in enumerate(rows):

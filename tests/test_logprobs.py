@@ -98,3 +98,12 @@ def test_too_many_alternatives_are_refused(server):
     with Client(server.target, timeout=60) as client:
         code, message = status_of(client.generate, PROMPT, max_new_tokens=2, logprobs=21)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "logprobs must be at most 20" in message
+
+
+def test_more_alternatives_than_the_vocabulary_holds_are_all_of_it():
+    """QA: logprobs=20 on a model of 12 tokens failed the request (and its prefill group) INTERNAL."""
+    from server.logprobs import token_logprobs
+    logits = torch.randn(2, 12)
+    found = token_logprobs(logits, [3, 4], [20, None])
+    assert sorted(found[0].top_token_ids) == list(range(12)) and found[1] is None
+    assert found[0].logprob == pytest.approx(torch.log_softmax(logits[0], -1)[3].item(), abs=1e-6)

@@ -8,6 +8,7 @@ import logging
 import re
 import ssl
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -93,6 +94,26 @@ def _warn_of_validity(path: str, pem: bytes) -> float | None:
     return end.timestamp()
 
 
+def _grpc_serves(key: bytes, cert: bytes) -> bool | None:
+    """Whether grpc's TLS (BoringSSL) takes the pair: it serves fewer key types than the OpenSSL check_pem reads
+    them with (brainpool or secp256k1 keys pass there and then fail grpc's bind, as if the port were taken, or are
+    set aside by its rotation while the old pair stays). A throwaway server binds it on an ephemeral loopback port;
+    None where that cannot tell (no loopback to bind)."""
+    probe = grpc.server(ThreadPoolExecutor(max_workers=1))
+    try:
+        try:
+            probe.add_insecure_port("127.0.0.1:0")
+        except RuntimeError:
+            return None
+        try:
+            probe.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+        except RuntimeError:
+            return False
+        return True
+    finally:
+        probe.stop(None)
+
+
 def _read(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -113,6 +134,10 @@ def _configuration(config: ServerConfig, on_certificate: Callable[[float], None]
             break
     else:
         raise ConfigError("the files kept changing while being read")
+    if _grpc_serves(contents[0], contents[1]) is False:
+        raise ConfigError(f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: gRPC's TLS (BoringSSL) cannot "
+                          f"serve this key type (brainpool and secp256k1 curves, say); use an RSA, P-256, P-384 or "
+                          f"Ed25519 key")
     found = validity(contents[1])
     if renewal and found is not None and found[1] <= datetime.now(timezone.utc):
         raise ConfigError(f"--tls-cert {config.tls_cert} expired on {found[1].isoformat()}")

@@ -122,3 +122,30 @@ def test_a_certificates_validity_is_read_and_its_end_warned_of(tmp_path, caplog,
         assert _warn_of_validity("server.crt", pem) == certificate.not_valid_after_utc.timestamp()
     assert (said in caplog.text) if said else not caplog.text
     assert validity(b"no certificate") is None
+
+
+def test_a_key_grpc_cannot_serve_is_named_at_start_and_kept_out_at_rotation(model_dirs, tmp_path, caplog):
+    """QA: a brainpool key, which OpenSSL reads but gRPC's BoringSSL does not serve, failed the start as "the port is
+    in use", and a rotation to it was logged as read and put in the expiry gauge while gRPC kept the old pair."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from server.config import ConfigError, ServerConfig
+    from server.tls import tls_credentials
+    good = make_pki(tmp_path / "good")
+    brainpool = make_pki(tmp_path / "bp", key=lambda: ec.generate_private_key(ec.BrainpoolP256R1()),
+                         valid=(-datetime.timedelta(minutes=5), datetime.timedelta(days=400)))
+    with pytest.raises(ConfigError, match=r"--tls-cert .* / --tls-key .*: gRPC's TLS \(BoringSSL\) cannot serve"):
+        tls_credentials(ServerConfig(tls_cert=brainpool["server_cert"], tls_key=brainpool["server_key"]))
+    cert, key = str(tmp_path / "server.crt"), str(tmp_path / "server.key")
+    shutil.copy(good["server_cert"], cert)
+    shutil.copy(good["server_key"], key)
+    server = start_server(model_dirs["llama"], None, tls_cert=cert, tls_key=key)
+    try:
+        with caplog.at_level(logging.ERROR, logger="loraplex.files"):
+            _replace(brainpool["server_key"], key)
+            _replace(brainpool["server_cert"], cert)
+            assert _answers(server, good["ca"]) is None  # the pair in force stays
+        assert "cannot serve this key type" in caplog.text
+        assert scrape(server)[EXPIRY] == _not_after(good["server_cert"])  # the gauge says what is served
+    finally:
+        server.stop()

@@ -17,8 +17,9 @@ from safetensors.torch import save
 
 from adapters.canonical import CanonicalAdapter, pattern_regex
 from adapters.slot_bank import ModuleShape
-from adapters.targets import SlowPattern, matches, read_otherwise, under
+from adapters.targets import SlowPattern, matches, read_otherwise
 from loader import json_input
+from loader.key_layout import KeyLayout
 from loader.tensor_bytes import TensorFileError, read_tensors_from
 from server.errors import FailedPrecondition
 
@@ -136,18 +137,26 @@ def read_adapter_tensors(path: Path, adapter_id: str, shapes: dict[str, ModuleSh
                          ctx: "LoadContext") -> dict[str, torch.Tensor]:
     """An adapter's weights file, holding at most the tensors of every module the server adapts (a HydraLoRA
     module's are the most: A, its heads' Bs, the router and its bias), or 4096: a bound on the header's memory,
-    well above what the readers refuse by name (a tensor of a module the server does not adapt). Tensors of modules
-    a text forward never runs (ctx.skipped: a multimodal checkpoint's vision tower, which PEFT's all-linear adapts)
-    are left out: serving without them is exact."""
+    well above what the readers refuse by name (a tensor of a module the server does not adapt). Keys are taken in
+    the model's current layout (ctx.layout: as PEFT renames an older one), and tensors of modules a text forward
+    never runs (a multimodal checkpoint's vision tower, which PEFT's all-linear adapts) are left out: serving
+    without them is exact."""
     tensors = read_tensors(path, adapter_id, ctx.max_bytes, max(MIN_TENSOR_BOUND, len(shapes) * (3 + ctx.max_heads)))
-    unused = {key for key in tensors if key.startswith(KEY_PREFIX) and under(key[len(KEY_PREFIX):], ctx.skipped)}
-    if unused and len(unused) == len(tensors):  # served, it would be the base model under the adapter's name
+    layout, renamed = ctx.layout, {}
+    for key, t in tensors.items():
+        new = KEY_PREFIX + layout.rename(key[len(KEY_PREFIX):]) if key.startswith(KEY_PREFIX) else key
+        if new in renamed:
+            raise FailedPrecondition(f"adapter {adapter_id!r}: tensors {renamed[new][0]} and {key} are both {new} in "
+                                     f"this model's layout")
+        renamed[new] = (key, t)
+    unused = {key for key in renamed if key.startswith(KEY_PREFIX) and layout.never_runs(key[len(KEY_PREFIX):])}
+    if unused and len(unused) == len(renamed):  # served, it would be the base model under the adapter's name
         raise FailedPrecondition(f"adapter {adapter_id!r}: every tensor adapts a module a text forward never runs "
-                                 f"({', '.join(ctx.skipped)}; e.g. {min(unused)}): it would change no output")
+                                 f"({', '.join(layout.skipped)}; e.g. {min(unused)}): it would change no output")
     if unused:
         log.info("adapter %r: %d of its tensors (%s, ...) adapt modules a text forward never runs (%s): left out",
-                 adapter_id, len(unused), min(unused), ", ".join(ctx.skipped))
-    return {key: t for key, t in tensors.items() if key not in unused}
+                 adapter_id, len(unused), min(unused), ", ".join(layout.skipped))
+    return {key: t for key, (_, t) in renamed.items() if key not in unused}
 
 
 def _targets(config: dict, module: str) -> bool:
@@ -383,7 +392,7 @@ class LoadContext:
     base_weight: Callable[[str], torch.Tensor] | None = None
     max_bytes: int | None = None  # the weights file's limit (--max-adapter-bytes), checked on the open file
     residuals: object | None = None  # a lora_files.ResidualCache the server keeps across reads
-    skipped: tuple[str, ...] = ()  # module paths a text forward never runs (adapters.targets.never_run)
+    layout: KeyLayout = KeyLayout()  # how tensor keys name the model's modules (loader.key_layout)
 
 
 def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], max_rank: int,
@@ -391,12 +400,11 @@ def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], ma
                  base_weight: Callable[[str], torch.Tensor] | None = None,
                  config: dict | None = None, max_bytes: int | None = None,
                  factor_dtype: torch.dtype = torch.float32, residuals=None,
-                 skipped: tuple[str, ...] = ()) -> CanonicalAdapter:
+                 layout: KeyLayout = KeyLayout()) -> CanonicalAdapter:
     """Dispatch on peft_type to the kind's reader; each returns the canonical form. `config` replaces the
     directory's adapter_config.json (e.g. `loraplex merge` choosing another merge method); `max_bytes` bounds
     the weights file, checked before it is read; `factor_dtype` is what the slots store factors in (fp16 overflows
-    beyond 65504); tensors under a `skipped` module path are left out (never_run: what a text forward never
-    runs)."""
+    beyond 65504); `layout` says how tensor keys name the model's modules (loader.key_layout)."""
     from loader import adalora_files, hydra_files, lora_files, reslora_files  # readers build on the helpers above
     readers = {"LORA": lora_files.read_lora, "ADALORA": adalora_files.read_adalora,
                "HYDRALORA": hydra_files.read_hydralora, "RESLORA": reslora_files.read_reslora}
@@ -407,7 +415,7 @@ def read_adapter(path: Path, adapter_id: str, shapes: dict[str, ModuleShape], ma
                                  f"(supported: {', '.join(readers)})")
     refuse_unservable(config, adapter_id)
     check_config_values(config, adapter_id)
-    context = LoadContext(max_rank, max_heads, base_weight, max_bytes, residuals, skipped)
+    context = LoadContext(max_rank, max_heads, base_weight, max_bytes, residuals, layout)
     try:
         adapter = readers[peft_type](path, adapter_id, config, shapes, context, load_serial)
     except SlowPattern as exc:

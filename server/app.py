@@ -18,10 +18,10 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from adapters import cpu_kernel, triton_kernel
 from adapters.slot_bank import SlotBank, narrowest
-from adapters.targets import never_run
 from loader.base_model import UnservableModel, load_base_model, slow_dtype_warning
 from loader.default_model import default_adapter_root
 from loader.inject import base_weight, inject, unmatched_problem
+from loader.key_layout import key_layout
 from loader.lora_files import ResidualCache
 from loader.peft_files import read_adapter
 from loader.registry import AdapterRegistry
@@ -160,7 +160,7 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
                     EngineConfig(config.max_batch_size, config.max_queue_size, limits.max_kv_tokens,
                                  config.max_prefill_tokens), metrics)
     by_name = {s.name: s for s in shapes}
-    skipped = never_run(base.model)  # a multimodal checkpoint's vision tower: its tensors in an adapter are left out
+    layout = key_layout(base.model)  # older module names renamed as PEFT does; a vision tower's tensors left out
     residuals = ResidualCache()  # PiSSA/OLoRA terms: an adapter read again after an eviction takes no SVD again
 
     def read(path: Path, adapter_id: str, serial: int):
@@ -170,7 +170,7 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
             adapter = run_isolated(lambda: read_adapter(
                 path, adapter_id, by_name, config.max_lora_rank, serial, config.max_hydra_heads,
                 base_weight=lambda name: base_weight(base.model, name), max_bytes=config.max_adapter_bytes,
-                factor_dtype=narrowest(factor_dtype, bank.delta_dtype), residuals=residuals, skipped=skipped))
+                factor_dtype=narrowest(factor_dtype, bank.delta_dtype), residuals=residuals, layout=layout))
             result = "ok"
             return adapter
         finally:

@@ -114,6 +114,14 @@ def test_a_multimodal_checkpoints_vision_tower_is_not_adapted_and_peft_adapters_
     root = tmp_path / "adapters"
     make_peft_adapter(folder, root / "everything", seed=3, r=4, lora_alpha=8, target_modules="all-linear")
     make_peft_adapter(folder, root / "vision", seed=4, r=4, lora_alpha=8, target_modules=["fc1", "fc2"])
+    old = root / "old"  # the same adapter as saved before transformers 4.52 renamed Gemma-3's modules (QA)
+    old.mkdir()
+    (old / "adapter_config.json").write_text((root / "everything" / "adapter_config.json").read_text())
+    from safetensors.torch import load_file, save_file
+    save_file({k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model.")
+               .replace("base_model.model.model.vision_tower.", "base_model.model.vision_tower.vision_model."): v
+               for k, v in load_file(root / "everything" / "adapter_model.safetensors").items()},
+              old / "adapter_model.safetensors", {"format": "pt"})
     from safetensors import safe_open
     with safe_open(root / "everything" / "adapter_model.safetensors", "pt") as saved:
         assert any(".vision_tower." in key for key in saved.keys())  # what the test is about
@@ -132,9 +140,10 @@ def test_a_multimodal_checkpoints_vision_tower_is_not_adapted_and_peft_adapters_
         assert len(adapted) == 14 and all(name.startswith("model.language_model.") for name in adapted)
         with Client(server.target, timeout=60) as client:
             reply = client.generate(prompt, adapter_id="everything", max_new_tokens=6, ignore_eos=True)
+            renamed = client.generate(prompt, adapter_id="old", max_new_tokens=6, ignore_eos=True)
             info = client.get_adapter("everything")
             code, message = status_of(client.load_adapter, "vision")
-        assert list(reply.token_ids) == expected
+        assert list(reply.token_ids) == expected == list(renamed.token_ids)
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "never runs (model.vision_tower" in message
         assert sorted(info.target_modules) == sorted(adapted)
     finally:

@@ -27,6 +27,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         engine = self.serving.engine
         bank = engine.bank
         waiting = engine.waiting_for() if waiting is None else waiting
+        memory_waiting = self.serving.memory_waiting
         key = record.weights.key if record.weights is not None else None
         if key is not None and bank.resident(key):
             tier = pb.ADAPTER_TIER_DEVICE
@@ -43,7 +44,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             module_ranks=record.module_ranks, target_modules=sorted(record.module_ranks), size_bytes=record.size_bytes,
             tier=tier, pinned=record.pinned, version=record.version,
             active_requests=bank.active_requests(record.adapter_id),
-            waiting_requests=waiting[record.adapter_id] + self.serving.memory_waiting[record.adapter_id],
+            waiting_requests=waiting[record.adapter_id] + len(memory_waiting.get(record.adapter_id, ())),
             heads=record.heads)
 
     async def _call(self, context, fn, *args):
@@ -90,6 +91,8 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         and the call returns when the running ones have finished (bounded by the caller's deadline)."""
         try:
             s = ready(self.serving)
+            if request.drain:
+                await self._let_memory_waiters_in(s, request.adapter_id)
             versions, in_flight = await self._changing_registry(self._count_and_unload, s, request)
             log.info("UnloadAdapter %r: unloaded, %d requests in flight%s", request.adapter_id, in_flight,
                      " (draining)" if in_flight else "")
@@ -104,6 +107,26 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             _refused("UnloadAdapter", request.adapter_id, exc)
             await abort(context, exc)
 
+    async def _let_memory_waiters_in(self, s: Serving, adapter_id: str) -> None:
+        """Before a drain unloads the id: the requests waiting for adapter host memory for it were accepted before
+        the unload, so they go on (once memory is free) into the engine, where the drain waits for them as for the
+        others, instead of finding the id gone. Meanwhile, with auto-load off, new requests for it are refused, as
+        they will be once it is unloaded (with auto-load on they use it, as they would load it again)."""
+        waiting = set(s.memory_waiting.get(adapter_id, ()))
+        if not waiting:
+            return
+        s.registry.get(adapter_id)  # NOT_FOUND / INVALID_ARGUMENT now, not after the wait
+        refusing = not s.config.autoload_adapters and adapter_id not in s.unloading
+        if refusing:
+            s.unloading.add(adapter_id)
+        try:
+            while waiting & s.memory_waiting.get(adapter_id, set()):  # each has reached the engine, or left
+                await asyncio.sleep(0.02)
+                ready(s)  # a shutdown ends the wait (the waiters are ended by it too)
+        finally:  # (new requests from now on resolve it, and are drained with the rest, until it is unloaded)
+            if refusing:
+                s.unloading.discard(adapter_id)
+
     @staticmethod
     def _count_and_unload(s: Serving, request: pb.UnloadAdapterRequest):
         """Under the id's lock (see InferenceServicer._submit): requests resolved before it are all counted."""
@@ -116,9 +139,10 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
                     break
                 except FutureTimeout:
                     ready(s)  # a dead engine or a shutdown ends the wait with UNAVAILABLE
-            # those waiting for host memory have no version yet: a drain is no wait for them (they find the id gone,
-            # as new requests do), but without one they are requests the unload would fail
-            in_flight = sum(versions.values()) + (0 if request.drain else s.memory_waiting[request.adapter_id])
+            # and those waiting for host memory (a drain let those before it into the engine first, where they are
+            # versions; any since are new requests, which find the id gone)
+            waiting = 0 if request.drain else len(s.memory_waiting.get(request.adapter_id, ()))
+            in_flight = sum(versions.values()) + waiting
             if in_flight and not request.drain:
                 plural = "s" * (in_flight != 1)
                 raise FailedPrecondition(f"adapter {request.adapter_id!r} has {in_flight} request{plural} in flight "

@@ -10,7 +10,7 @@ from typing import Callable
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
-from server.errors import AdapterMemoryFull, InvalidArgument, status_for
+from server.errors import AdapterMemoryFull, InvalidArgument, NotFound, status_for
 from server.serving import Serving, abort, adapter_pool, ready
 from server.stopping import FinishReason
 from server.validation import MAX_REQUEST_ID, logprobs_from, prompt_and_stopping, sampling_from
@@ -177,6 +177,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         when a request releases its adapter, and while any wait, every request on an adapter waits behind them:
         otherwise steady traffic on adapters in memory would hold the budget and starve the rest."""
         arrival = time.monotonic()
+        if request.adapter_id in self.serving.unloading:
+            raise NotFound(f"adapter {request.adapter_id!r} is being unloaded (UnloadAdapter with drain) and auto-load "
+                           f"is off; call LoadAdapter to serve it again")
         if request.adapter_id and self._memory_waiters:  # behind them, but a request that cannot run fails now
             try:
                 await asyncio.get_running_loop().run_in_executor(None, self._validate, request)
@@ -193,7 +196,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                     f"(--adapter-cache-bytes {self.serving.config.adapter_cache_bytes}, at most "
                                     f"--max-queue-size of them); retry later")
         self._memory_waiters += 1
-        self.serving.memory_waiting[request.adapter_id] += 1
+        token = object()
+        self.serving.memory_waiting.setdefault(request.adapter_id, set()).add(token)
         self.serving.metrics.waiting.inc()
         submitting = False
         try:
@@ -219,7 +223,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finally:
             self._memory_waiters -= 1
             waiting = self.serving.memory_waiting
-            waiting[request.adapter_id] -= 1
+            waiting[request.adapter_id].discard(token)
             if not waiting[request.adapter_id]:  # ids come and go: no entry outlives its requests
                 del waiting[request.adapter_id]
             self.serving.metrics.waiting.dec()

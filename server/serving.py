@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -48,9 +47,12 @@ class Serving:
     metrics: object = None
     limits: object = None
     registry_changes: Running = field(default_factory=Running)  # LoadAdapter/UnloadAdapter work under way
-    # {adapter id: requests waiting for adapter host memory}, before the engine's queue (written on the event loop;
-    # read by the Adapters service, which counts them as waiting, and refuses an unload without drain over them)
-    memory_waiting: Counter = field(default_factory=Counter)
+    # {adapter id: tokens of the requests waiting for adapter host memory}, before the engine's queue (written on
+    # the event loop; the Adapters service counts them as waiting, and an unload waits for them or refuses)
+    memory_waiting: dict[str, set[object]] = field(default_factory=dict)
+    # ids an UnloadAdapter with drain is about to unload (auto-load off): new requests for them are refused as
+    # they will be once it has, while those already waiting for memory go on (written on the event loop)
+    unloading: set[str] = field(default_factory=set)
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, metrics=None) -> None:

@@ -360,3 +360,38 @@ def test_requests_waiting_for_adapter_memory_are_counted_as_waiting_and_hold_off
             assert not server.serving.memory_waiting  # no entry outlives its requests
     finally:
         server.stop()
+
+
+def test_a_drain_lets_requests_waiting_for_adapter_memory_finish_on_it(model_dirs, adapter_root, tmp_path,
+                                                                       monkeypatch):
+    """Review: a drain unloaded the id under requests still waiting for host memory, which then found it gone
+    (NOT_FOUND with auto-load off) though they came before the unload; a plain unload refuses over them."""
+    import threading
+    root = tmp_path / "root"
+    for name in "ab":
+        shutil.copytree(adapter_root / "v1", root / name)
+    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2, autoload_adapters=False)
+    slow_decode(server, monkeypatch)
+    try:
+        with Client(server.target, timeout=60) as client:
+            client.load_adapter("a")
+            client.load_adapter("b")  # a goes to disk
+            running = client.generate_stream([5, 6], "b", max_new_tokens=400, ignore_eos=True)
+            next(running)  # b's weights are held: a cannot come back into memory yet
+            waiting = client.generate_stream([5, 6], "a", max_new_tokens=4, ignore_eos=True)
+            assert wait_for(lambda: client.get_adapter("a").waiting_requests == 1)
+            unloaded = []
+            drain = threading.Thread(target=lambda: unloaded.append(client.unload_adapter("a", drain=True)))
+            drain.start()
+            assert wait_for(lambda: "a" in server.serving.unloading)
+            code, message = status_of(client.generate, [5, 6], "a", max_new_tokens=2)
+            assert code == grpc.StatusCode.NOT_FOUND and "is being unloaded" in message  # new ones: as after it
+            running.cancel()
+            assert len([t for m in waiting for t in m.token_ids]) == 4  # served on the copy it came for
+            drain.join(timeout=30)
+            assert unloaded and unloaded[0].drained_requests == 1
+            assert status_of(client.get_adapter, "a")[0] == grpc.StatusCode.NOT_FOUND
+            assert not server.serving.memory_waiting and not server.serving.unloading
+    finally:
+        server.stop()

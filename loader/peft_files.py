@@ -143,8 +143,9 @@ def read_adapter_tensors(path: Path, adapter_id: str, shapes: dict[str, ModuleSh
     without them is exact."""
     tensors = read_tensors(path, adapter_id, ctx.max_bytes, max(MIN_TENSOR_BOUND, len(shapes) * (3 + ctx.max_heads)))
     layout, renamed = ctx.layout, {}
+    rename = layout.renamer()
     for key, t in tensors.items():
-        new = KEY_PREFIX + layout.rename(key[len(KEY_PREFIX):]) if key.startswith(KEY_PREFIX) else key
+        new = KEY_PREFIX + rename(key[len(KEY_PREFIX):]) if key.startswith(KEY_PREFIX) else key
         if new in renamed:
             raise FailedPrecondition(f"adapter {adapter_id!r}: tensors {renamed[new][0]} and {key} are both {new} in "
                                      f"this model's layout")

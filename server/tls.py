@@ -110,8 +110,9 @@ def _grpc_serves(key: bytes, cert: bytes) -> bool | None:
         except RuntimeError:
             return False
         return True
-    finally:
-        probe.stop(None)
+    finally:  # a server never started keeps its bound sockets after stop(): started, its stop closes them
+        probe.start()
+        probe.stop(None).wait()
 
 
 def _read(path: str, what: str) -> bytes:

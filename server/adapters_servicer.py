@@ -74,6 +74,9 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     async def LoadAdapter(self, request, context):
         try:
             ready(self.serving)
+            if self.serving.unloading[request.adapter_id]:  # its unload would undo this load
+                raise FailedPrecondition(f"adapter {request.adapter_id!r} is being unloaded by an UnloadAdapter with "
+                                         f"drain; load it once that call returns")
             info = await self._changing_registry(lambda: self._info(self.serving.registry.load(
                 request.adapter_id, request.replace, request.pin if request.HasField("pin") else None)))
         except Exception as exc:
@@ -87,12 +90,18 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         return info
 
     async def UnloadAdapter(self, request, context):
-        """Refuses while requests run on the adapter, unless `drain`: then new requests stop finding it at once
-        and the call returns when the running ones have finished (bounded by the caller's deadline)."""
+        """Refuses while requests run on the adapter, unless `drain`: then the requests waiting for host memory for
+        it go on to the engine first, the id is unloaded for new requests, and the call returns when the running
+        ones have finished (bounded by the caller's deadline)."""
         try:
             s = ready(self.serving)
             if request.drain:
-                await self._let_memory_waiters_in(s, request.adapter_id)
+                try:
+                    await self._let_memory_waiters_in(s, request.adapter_id)
+                except asyncio.CancelledError:  # the caller's deadline or cancel: in the audit trail too
+                    log.warning("UnloadAdapter %r: cut while requests waited for adapter memory: not unloaded",
+                                request.adapter_id)
+                    raise
             versions, in_flight = await self._changing_registry(self._count_and_unload, s, request)
             log.info("UnloadAdapter %r: unloaded, %d requests in flight%s", request.adapter_id, in_flight,
                      " (draining)" if in_flight else "")
@@ -115,17 +124,20 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         waiting = set(s.memory_waiting.get(adapter_id, ()))
         if not waiting:
             return
-        s.registry.get(adapter_id)  # NOT_FOUND / INVALID_ARGUMENT now, not after the wait
-        refusing = not s.config.autoload_adapters and adapter_id not in s.unloading
+        # NOT_FOUND / INVALID_ARGUMENT now, not after the wait (off the loop: it looks at the adapter root)
+        await asyncio.get_running_loop().run_in_executor(None, s.registry.get, adapter_id)
+        refusing = not s.config.autoload_adapters
         if refusing:
-            s.unloading.add(adapter_id)
+            s.unloading[adapter_id] += 1
         try:
             while waiting & s.memory_waiting.get(adapter_id, set()):  # each has reached the engine, or left
                 await asyncio.sleep(0.02)
                 ready(s)  # a shutdown ends the wait (the waiters are ended by it too)
         finally:  # (new requests from now on resolve it, and are drained with the rest, until it is unloaded)
             if refusing:
-                s.unloading.discard(adapter_id)
+                s.unloading[adapter_id] -= 1
+                if not s.unloading[adapter_id]:
+                    del s.unloading[adapter_id]
 
     @staticmethod
     def _count_and_unload(s: Serving, request: pb.UnloadAdapterRequest):

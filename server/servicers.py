@@ -177,9 +177,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         when a request releases its adapter, and while any wait, every request on an adapter waits behind them:
         otherwise steady traffic on adapters in memory would hold the budget and starve the rest."""
         arrival = time.monotonic()
-        if request.adapter_id in self.serving.unloading:
-            raise NotFound(f"adapter {request.adapter_id!r} is being unloaded (UnloadAdapter with drain) and auto-load "
-                           f"is off; call LoadAdapter to serve it again")
+        self._refuse_if_unloading(request.adapter_id)
         if request.adapter_id and self._memory_waiters:  # behind them, but a request that cannot run fails now
             try:
                 await asyncio.get_running_loop().run_in_executor(None, self._validate, request)
@@ -195,6 +193,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise AdapterMemoryFull(f"{self._memory_waiters} requests already wait for adapter host memory "
                                     f"(--adapter-cache-bytes {self.serving.config.adapter_cache_bytes}, at most "
                                     f"--max-queue-size of them); retry later")
+        self._refuse_if_unloading(request.adapter_id)  # (a drain may have begun while it was looked at)
         self._memory_waiters += 1
         token = object()
         self.serving.memory_waiting.setdefault(request.adapter_id, set()).add(token)
@@ -227,6 +226,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if not waiting[request.adapter_id]:  # ids come and go: no entry outlives its requests
                 del waiting[request.adapter_id]
             self.serving.metrics.waiting.dec()
+
+    def _refuse_if_unloading(self, adapter_id: str) -> None:
+        """A drain is about to unload the id (auto-load off): refused as after it, not one more to wait for."""
+        if self.serving.unloading[adapter_id]:
+            raise NotFound(f"adapter {adapter_id!r} is being unloaded (UnloadAdapter with drain) and auto-load is "
+                           f"off; once that call returns, LoadAdapter serves it again")
 
     async def _submitted(self, request: pb.GenerateRequest, sink, arrival: float) -> EngineRequest:
         """Validated, tokenized, resolved and queued in one trip off the loop (on self.resolving when it names an

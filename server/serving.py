@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -50,9 +51,9 @@ class Serving:
     # {adapter id: tokens of the requests waiting for adapter host memory}, before the engine's queue (written on
     # the event loop; the Adapters service counts them as waiting, and an unload waits for them or refuses)
     memory_waiting: dict[str, set[object]] = field(default_factory=dict)
-    # ids an UnloadAdapter with drain is about to unload (auto-load off): new requests for them are refused as
-    # they will be once it has, while those already waiting for memory go on (written on the event loop)
-    unloading: set[str] = field(default_factory=set)
+    # {id: UnloadAdapter calls with drain about to unload it} (auto-load off): new requests and loads for it are
+    # refused, while the requests already waiting for memory go on (written on the event loop)
+    unloading: Counter = field(default_factory=Counter)
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, metrics=None) -> None:

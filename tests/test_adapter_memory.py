@@ -387,6 +387,8 @@ def test_a_drain_lets_requests_waiting_for_adapter_memory_finish_on_it(model_dir
             assert wait_for(lambda: "a" in server.serving.unloading)
             code, message = status_of(client.generate, [5, 6], "a", max_new_tokens=2)
             assert code == grpc.StatusCode.NOT_FOUND and "is being unloaded" in message  # new ones: as after it
+            code, message = status_of(client.load_adapter, "a", replace=True)  # the drain would undo it
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "load it once that call returns" in message
             running.cancel()
             assert len([t for m in waiting for t in m.token_ids]) == 4  # served on the copy it came for
             drain.join(timeout=30)

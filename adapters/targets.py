@@ -1,6 +1,7 @@
 """Which linear modules an adapter targets: PEFT's matching rule, shared by serving and training."""
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 import weakref
@@ -9,6 +10,7 @@ import regex
 import torch
 from torch import nn
 
+log = logging.getLogger("loraplex.adapters")
 ALL_LINEAR = "all-linear"
 _NAME = re.compile(r"[\w.-]+")  # what a module path is made of (a regex's *, [, ( or \\ never is)
 # An adapter config's patterns are matched against every module path of the model. Python's re backtracks without
@@ -119,14 +121,18 @@ def _never_run(model: nn.Module) -> tuple[str, ...]:
     ran: set[str] = set()
     hooks = [module.register_forward_hook(lambda *_, name=name: ran.add(name))
              for name, module in model.named_modules() if under(name, tuple(siblings))]
-    training = model.training
+    modes = {module: module.training for module in model.modules()}
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a training run's seeded draws stay as they were
-            model.eval()(input_ids=torch.tensor([[0, 1, 2]], device=next(model.parameters()).device))
-    except Exception:  # a forward that cannot run here proves nothing: every module stays adaptable, as before
+            model.eval()(input_ids=torch.tensor([[0, 1, 2]], device=next(model.parameters()).device),
+                         use_cache=False)
+    except Exception as exc:  # a forward that cannot run so proves nothing: every module stays adaptable
+        log.warning("a forward of text ids alone failed (%s: %s), so %s stay adaptable, though a text request may "
+                    "never run them", type(exc).__name__, exc, ", ".join(siblings))
         return ()
     finally:
-        model.train(training)
+        for module, training in modes.items():  # each as it was (train() would set all as the root)
+            module.training = training
         for hook in hooks:
             hook.remove()
     return tuple(root for root in siblings if not any(under(name, (root,)) for name in ran))

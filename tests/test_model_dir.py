@@ -172,7 +172,7 @@ def test_keys_in_a_models_current_layout_are_never_renamed():
     assert [rename(key) for key in keys] == keys
 
 
-def test_a_multimodal_models_modules_beside_its_text_model_that_a_text_forward_runs_stay_adaptable():
+def test_a_multimodal_models_modules_beside_its_text_model_that_a_text_forward_runs_stay_adaptable(caplog):
     """Gemma-3n embeds the multimodal token ids of a text through embed_vision/embed_audio, siblings of its text
     model (review): only the siblings that a forward of text ids does not run are left out (a probe, with the
     training's random draws left as they were)."""
@@ -201,13 +201,22 @@ def test_a_multimodal_models_modules_beside_its_text_model_that_a_text_forward_r
         def get_output_embeddings(self):
             return self.head
 
-        def forward(self, input_ids):  # the tower runs only on images, which a text request never has
+        def forward(self, input_ids, **kwargs):  # the tower runs only on images, which a text request never has
             return self.head(self.drop(self.text(self.embed_extra(self.embed(input_ids)))))
     model = Model().train()
+    model.tower.eval()  # (each module's mode is kept: train() would set them all as the root)
     expected = torch.manual_seed(0) and torch.rand(1)
     torch.manual_seed(0)
     assert never_run(model) == ("tower",)  # embed_extra and drop ran
-    assert model.training and torch.equal(torch.rand(1), expected)  # no draw taken: a seeded run stays the same
+    assert torch.equal(torch.rand(1), expected)  # no draw taken: a seeded run stays the same
+    assert model.training and model.drop.training and not model.tower.training
+
+    class NeedsImages(Model):
+        def forward(self, input_ids, **kwargs):
+            raise ValueError("pixel_values are required")
+    with caplog.at_level(logging.WARNING, logger="loraplex.adapters"):
+        assert never_run(NeedsImages()) == ()  # proves nothing: all stays adaptable, said
+    assert "a forward of text ids alone failed (ValueError: pixel_values are required)" in caplog.text
     assert [name for name, _ in linear_modules(model)] == ["embed_extra", "text"]
 
 

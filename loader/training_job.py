@@ -213,11 +213,13 @@ def _train(job: TrainJob, out: Path, progress, inspect) -> dict:
 
     try:
         result = trainer.run(train, evaluation, checkpoint, resume, progress)
-    except Diverged as exc:  # its checkpoints would only replay it (a resume is this job, these settings)
-        (out / CHECKPOINT).unlink(missing_ok=True)
-        raise JobError(f"{exc}; no adapter was written to {out}, and its checkpoint is removed: lower --lr (it was "
-                       f"{job.settings.lr:g})" + (", or train in float32 (--dtype)" if job.dtype != "float32" else "")
-                       ) from None
+    except Diverged as exc:  # a resume of its checkpoint would replay it: kept aside, out of a rerun's way
+        kept = ""
+        if (out / CHECKPOINT).exists():
+            os.replace(out / CHECKPOINT, out / (CHECKPOINT + ".diverged"))
+            kept = f", its last checkpoint kept as {CHECKPOINT}.diverged"
+        raise JobError(f"{exc}; no adapter was written to {out}{kept}: lower --lr (it was {job.settings.lr:g})"
+                       + (", or train in float32 (--dtype)" if job.dtype != "float32" else "")) from None
     if job.method == "reslora":
         from adapters.reslora import MERGE_METHODS, merge_error
         batches = [{k: v.to(job.device) for k, v in collate((evaluation or train)[i:i + 8], pad).items()}

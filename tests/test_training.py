@@ -502,11 +502,12 @@ def test_a_run_whose_loss_diverges_is_the_jobs_error_and_writes_nothing(model_di
     success and deployed the base model under the adapter's name."""
     extra = {"init_r": 4, "target_r": 2} if method == "adalora" else {}
     with pytest.raises(JobError, match=r"the training diverged at step \d+ of 4: loss nan.*no adapter was written to "
-                                       r".*its checkpoint is removed: lower --lr \(it was 10000\), or train in "
-                                       r"float32"):
+                                       r".*its last checkpoint kept as checkpoint.pt.diverged: lower --lr \(it was "
+                                       r"10000\), or train in float32"):
         run_job(job(model_dirs, data, tmp_path / "o", method, dtype="float16",
                     settings=replace(FAST, lr=1e4, max_steps=4, eval_every=1), **extra))
     assert not (tmp_path / "o" / "adapter_config.json").exists()
     assert not (tmp_path / "o" / "checkpoint.pt").exists()  # (a step before it had written one: eval_every 1)
+    assert (tmp_path / "o" / "checkpoint.pt.diverged").exists()  # hours of work, perhaps: kept
     summary = run_job(job(model_dirs, data, tmp_path / "o", method, settings=replace(FAST, max_steps=2), **extra))
     assert summary["steps"] == 2  # as advised: the same job with a lower --lr, nothing in the way

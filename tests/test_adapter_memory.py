@@ -331,69 +331,64 @@ def test_budget_accounting_survives_churn(model_dirs, adapter_root, tmp_path):
         server.stop()
 
 
-def test_requests_waiting_for_adapter_memory_are_counted_as_waiting_and_hold_off_an_unload(model_dirs, adapter_root,
-                                                                                          tmp_path, monkeypatch):
-    """GetAdapter said 0 waiting for a request that waited for host memory (in the front end, before the engine's
-    queue), and an unload without drain went ahead and failed it with NOT_FOUND."""
-    root = tmp_path / "root"
-    for name in "ab":
-        shutil.copytree(adapter_root / "v1", root / name)
-    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
-    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2,  # one at a time
-                          autoload_adapters=False)
-    slow_decode(server, monkeypatch)
-    try:
-        with Client(server.target, timeout=60) as client:
-            client.load_adapter("a")
-            client.load_adapter("b")  # a goes to disk
-            running = client.generate_stream([5, 6], "b", max_new_tokens=400, ignore_eos=True)
-            next(running)  # b's weights are held: a cannot come back into memory yet
-            waiting = client.generate_stream([5, 6], "a", max_new_tokens=4, ignore_eos=True)
-            assert wait_for(lambda: client.get_adapter("a").waiting_requests == 1)
-            info = {i.adapter_id: i for i in client.list_adapters()}["a"]
-            assert (info.tier, info.active_requests, info.waiting_requests) == (pb.ADAPTER_TIER_DISK, 0, 1)
-            code, message = status_of(client.unload_adapter, "a")
-            assert code == grpc.StatusCode.FAILED_PRECONDITION and "1 request in flight" in message
-            running.cancel()
-            assert len([t for m in waiting for t in m.token_ids]) == 4  # served, once b's memory was free
-            assert client.get_adapter("a").waiting_requests == 0
-            assert not server.serving.memory_waiting  # no entry outlives its requests
-    finally:
-        server.stop()
-
-
-def test_a_drain_lets_requests_waiting_for_adapter_memory_finish_on_it(model_dirs, adapter_root, tmp_path,
-                                                                       monkeypatch):
-    """Review: a drain unloaded the id under requests still waiting for host memory, which then found it gone
-    (NOT_FOUND with auto-load off) though they came before the unload; a plain unload refuses over them."""
-    import threading
+@pytest.fixture
+def one_adapter_in_memory(model_dirs, adapter_root, tmp_path, monkeypatch):
+    """A server whose adapter memory holds one of adapters "a" and "b" at a time, auto-load off, decode slowed."""
     root = tmp_path / "root"
     for name in "ab":
         shutil.copytree(adapter_root / "v1", root / name)
     size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
     server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2, autoload_adapters=False)
     slow_decode(server, monkeypatch)
-    try:
-        with Client(server.target, timeout=60) as client:
-            client.load_adapter("a")
-            client.load_adapter("b")  # a goes to disk
-            running = client.generate_stream([5, 6], "b", max_new_tokens=400, ignore_eos=True)
-            next(running)  # b's weights are held: a cannot come back into memory yet
-            waiting = client.generate_stream([5, 6], "a", max_new_tokens=4, ignore_eos=True)
-            assert wait_for(lambda: client.get_adapter("a").waiting_requests == 1)
-            unloaded = []
-            drain = threading.Thread(target=lambda: unloaded.append(client.unload_adapter("a", drain=True)))
-            drain.start()
-            assert wait_for(lambda: "a" in server.serving.unloading)
-            code, message = status_of(client.generate, [5, 6], "a", max_new_tokens=2)
-            assert code == grpc.StatusCode.NOT_FOUND and "is being unloaded" in message  # new ones: as after it
-            code, message = status_of(client.load_adapter, "a", replace=True)  # the drain would undo it
-            assert code == grpc.StatusCode.FAILED_PRECONDITION and "load it once that call returns" in message
-            running.cancel()
-            assert len([t for m in waiting for t in m.token_ids]) == 4  # served on the copy it came for
-            drain.join(timeout=30)
-            assert unloaded and unloaded[0].drained_requests == 1
-            assert status_of(client.get_adapter, "a")[0] == grpc.StatusCode.NOT_FOUND
-            assert not server.serving.memory_waiting and not server.serving.unloading
-    finally:
-        server.stop()
+    yield server
+    server.stop()
+
+
+def _a_waits_for_bs_memory(client):
+    """(b's long stream, a's 4-token stream that waits for host memory until b's ends)."""
+    client.load_adapter("a")
+    client.load_adapter("b")  # a goes to disk
+    running = client.generate_stream([5, 6], "b", max_new_tokens=400, ignore_eos=True)
+    next(running)  # b's weights are held: a cannot come back into memory yet
+    waiting = client.generate_stream([5, 6], "a", max_new_tokens=4, ignore_eos=True)
+    assert wait_for(lambda: client.get_adapter("a").waiting_requests == 1)
+    return running, waiting
+
+
+def test_requests_waiting_for_adapter_memory_are_counted_as_waiting_and_hold_off_an_unload(one_adapter_in_memory):
+    """GetAdapter said 0 waiting for a request that waited for host memory (in the front end, before the engine's
+    queue), and an unload without drain went ahead and failed it with NOT_FOUND."""
+    server = one_adapter_in_memory
+    with Client(server.target, timeout=60) as client:
+        running, waiting = _a_waits_for_bs_memory(client)
+        info = {i.adapter_id: i for i in client.list_adapters()}["a"]
+        assert (info.tier, info.active_requests, info.waiting_requests) == (pb.ADAPTER_TIER_DISK, 0, 1)
+        code, message = status_of(client.unload_adapter, "a")
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "1 request in flight" in message
+        running.cancel()
+        assert len([t for m in waiting for t in m.token_ids]) == 4  # served, once b's memory was free
+        assert client.get_adapter("a").waiting_requests == 0
+        assert not server.serving.memory_waiting  # no entry outlives its requests
+
+
+def test_a_drain_lets_requests_waiting_for_adapter_memory_finish_on_it(one_adapter_in_memory):
+    """Review: a drain unloaded the id under requests still waiting for host memory, which then found it gone
+    (NOT_FOUND with auto-load off) though they came before the unload; a plain unload refuses over them."""
+    import threading
+    server = one_adapter_in_memory
+    with Client(server.target, timeout=60) as client:
+        running, waiting = _a_waits_for_bs_memory(client)
+        unloaded = []
+        drain = threading.Thread(target=lambda: unloaded.append(client.unload_adapter("a", drain=True)))
+        drain.start()
+        assert wait_for(lambda: "a" in server.serving.unloading)
+        code, message = status_of(client.generate, [5, 6], "a", max_new_tokens=2)
+        assert code == grpc.StatusCode.NOT_FOUND and "is being unloaded" in message  # new ones: as after it
+        code, message = status_of(client.load_adapter, "a", replace=True)  # the drain would undo it
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "load it once that call returns" in message
+        running.cancel()
+        assert len([t for m in waiting for t in m.token_ids]) == 4  # served on the copy it came for
+        drain.join(timeout=30)
+        assert unloaded and unloaded[0].drained_requests == 1
+        assert status_of(client.get_adapter, "a")[0] == grpc.StatusCode.NOT_FOUND
+        assert not server.serving.memory_waiting and not server.serving.unloading

@@ -302,7 +302,10 @@ class AdapterRegistry:
                         self._hold(current.weights)
                     return current
             if not path.is_dir():
-                raise self._no_directory(adapter_id, path)
+                missing = self._no_directory(adapter_id, path)
+                if current is not None and current.weights is None and isinstance(missing, NotFound):
+                    self._drop_gone(adapter_id)
+                raise missing
             try:
                 files = _files_identity(path)
             except OSError as exc:
@@ -342,6 +345,16 @@ class AdapterRegistry:
                 self._on_evict(old)
             self._report()
             return record
+
+    def _drop_gone(self, adapter_id: str) -> None:
+        """An evicted adapter whose directory is gone (removed to take it out of service) has nothing left to read:
+        it leaves the list, the tier gauges and the state file, as an unload would (under the id's lock)."""
+        with self._lock:
+            self._records.pop(adapter_id, None)
+            self._refused.pop(adapter_id, None)
+        log.warning("adapter %r: evicted, and its directory is gone: no longer listed", adapter_id)
+        self._record_state(adapter_id, None)
+        self._report()
 
     def _record_state(self, adapter_id: str, pinned: bool | None) -> None:
         with self._lock:

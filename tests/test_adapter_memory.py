@@ -392,3 +392,26 @@ def test_a_drain_lets_requests_waiting_for_adapter_memory_finish_on_it(one_adapt
         assert unloaded and unloaded[0].drained_requests == 1
         assert status_of(client.get_adapter, "a")[0] == grpc.StatusCode.NOT_FOUND
         assert not server.serving.memory_waiting and not server.serving.unloading
+
+
+def test_an_evicted_adapter_whose_directory_is_gone_leaves_the_list(model_dirs, adapter_root, tmp_path):
+    """Soak QA: removing an adapter's directory (the README's way to take it out of service) left it listed as
+    evicted, and in loraplex_adapters_loaded{tier="disk"}, for good, while requests for it were NOT_FOUND."""
+    root = tmp_path / "root"
+    for name in "ab":
+        shutil.copytree(adapter_root / "v1", root / name)
+    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2)  # one at a time
+    try:
+        with Client(server.target, timeout=60) as client:
+            client.load_adapter("a")
+            client.load_adapter("b")  # a goes to disk
+            shutil.rmtree(root / "a")
+            assert [i.adapter_id for i in client.list_adapters()] == ["a", "b"]  # not looked at until a request
+            code, message = status_of(client.generate, [5, 6], "a", max_new_tokens=2)
+            assert code == grpc.StatusCode.NOT_FOUND and "not found under the adapter root" in message
+            assert [i.adapter_id for i in client.list_adapters()] == ["b"]
+            assert status_of(client.get_adapter, "a")[0] == grpc.StatusCode.NOT_FOUND
+        assert scrape(server)['loraplex_adapters_loaded{tier="disk"}'] == 0
+    finally:
+        server.stop()

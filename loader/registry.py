@@ -302,10 +302,9 @@ class AdapterRegistry:
                         self._hold(current.weights)
                     return current
             if not path.is_dir():
-                missing = self._no_directory(adapter_id, path)
-                if current is not None and current.weights is None and isinstance(missing, NotFound):
+                if current is not None and current.weights is None and self.autoload:
                     self._drop_gone(adapter_id)
-                raise missing
+                raise self._no_directory(adapter_id, path)
             try:
                 files = _files_identity(path)
             except OSError as exc:
@@ -347,13 +346,15 @@ class AdapterRegistry:
             return record
 
     def _drop_gone(self, adapter_id: str) -> None:
-        """An evicted adapter whose directory is gone (removed to take it out of service) has nothing left to read:
-        it leaves the list, the tier gauges and the state file, as an unload would (under the id's lock)."""
+        """With auto-load on, an evicted adapter whose directory is gone (removed to take it out of service, as the
+        README advises) has nothing to read: it leaves the list and the tier gauges (under the id's lock). Should
+        the directory come back (a swap, a remount), the next request loads it again; the state file is left as it
+        is (a restart drops what is still gone). With auto-load off it stays listed: an operator's load, which only
+        UnloadAdapter undoes (a directory briefly away must not unload it)."""
         with self._lock:
             self._records.pop(adapter_id, None)
             self._refused.pop(adapter_id, None)
         log.warning("adapter %r: evicted, and its directory is gone: no longer listed", adapter_id)
-        self._record_state(adapter_id, None)
         self._report()
 
     def _record_state(self, adapter_id: str, pinned: bool | None) -> None:

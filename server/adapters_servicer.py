@@ -121,23 +121,20 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         the unload, so they go on (once memory is free) into the engine, where the drain waits for them as for the
         others, instead of finding the id gone. Meanwhile, with auto-load off, new requests for it are refused, as
         they will be once it is unloaded (with auto-load on they use it, as they would load it again)."""
-        waiting = set(s.memory_waiting.get(adapter_id, ()))
-        if not waiting:
+        if not s.memory_waiting.get(adapter_id):
             return
         # NOT_FOUND / INVALID_ARGUMENT now, not after the wait (off the loop: it looks at the adapter root)
         await asyncio.get_running_loop().run_in_executor(None, s.registry.get, adapter_id)
-        refusing = not s.config.autoload_adapters
-        if refusing:
-            s.unloading[adapter_id] += 1
+        s.unloading[adapter_id] += 1
         try:
+            waiting = set(s.memory_waiting.get(adapter_id, ()))  # once marked: any later one is refused
             while waiting & s.memory_waiting.get(adapter_id, set()):  # each has reached the engine, or left
                 await asyncio.sleep(0.02)
                 ready(s)  # a shutdown ends the wait (the waiters are ended by it too)
         finally:  # (new requests from now on resolve it, and are drained with the rest, until it is unloaded)
-            if refusing:
-                s.unloading[adapter_id] -= 1
-                if not s.unloading[adapter_id]:
-                    del s.unloading[adapter_id]
+            s.unloading[adapter_id] -= 1
+            if not s.unloading[adapter_id]:
+                del s.unloading[adapter_id]
 
     @staticmethod
     def _count_and_unload(s: Serving, request: pb.UnloadAdapterRequest):

@@ -228,8 +228,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.serving.metrics.waiting.dec()
 
     def _refuse_if_unloading(self, adapter_id: str) -> None:
-        """A drain is about to unload the id (auto-load off): refused as after it, not one more to wait for."""
-        if self.serving.unloading[adapter_id]:
+        """A drain is about to unload the id, and auto-load is off: refused as after it, not one more to wait for
+        (with auto-load on a request after the unload would load it again: it uses it)."""
+        if self.serving.unloading[adapter_id] and not self.serving.config.autoload_adapters:
             raise NotFound(f"adapter {adapter_id!r} is being unloaded (UnloadAdapter with drain) and auto-load is "
                            f"off; once that call returns, LoadAdapter serves it again")
 

@@ -51,8 +51,8 @@ class Serving:
     # {adapter id: tokens of the requests waiting for adapter host memory}, before the engine's queue (written on
     # the event loop; the Adapters service counts them as waiting, and an unload waits for them or refuses)
     memory_waiting: dict[str, set[object]] = field(default_factory=dict)
-    # {id: UnloadAdapter calls with drain about to unload it} (auto-load off): new requests and loads for it are
-    # refused, while the requests already waiting for memory go on (written on the event loop)
+    # {id: UnloadAdapter calls with drain about to unload it}: loads of it are refused, and with auto-load off new
+    # requests too, while the requests already waiting for memory go on (written on the event loop)
     unloading: Counter = field(default_factory=Counter)
 
 

@@ -1,6 +1,7 @@
 """The host-memory budget for adapters (--adapter-cache-bytes): eviction to disk, a hard limit counting the
 adapters requests hold, waiting requests served in order and counted when their clients leave."""
 import shutil
+from pathlib import Path
 
 import grpc
 import pytest
@@ -395,8 +396,8 @@ def test_a_drain_lets_requests_waiting_for_adapter_memory_finish_on_it(one_adapt
 
 
 def test_an_evicted_adapter_whose_directory_is_gone_leaves_the_list(model_dirs, adapter_root, tmp_path):
-    """Soak QA: removing an adapter's directory (the README's way to take it out of service) left it listed as
-    evicted, and in loraplex_adapters_loaded{tier="disk"}, for good, while requests for it were NOT_FOUND."""
+    """Soak QA: removing an adapter's directory (the README's way, with auto-load on, to take it out of service) left
+    it listed as evicted, and in loraplex_adapters_loaded{tier="disk"}, for good, while requests were NOT_FOUND."""
     root = tmp_path / "root"
     for name in "ab":
         shutil.copytree(adapter_root / "v1", root / name)
@@ -412,6 +413,9 @@ def test_an_evicted_adapter_whose_directory_is_gone_leaves_the_list(model_dirs, 
             assert code == grpc.StatusCode.NOT_FOUND and "not found under the adapter root" in message
             assert [i.adapter_id for i in client.list_adapters()] == ["b"]
             assert status_of(client.get_adapter, "a")[0] == grpc.StatusCode.NOT_FOUND
-        assert scrape(server)['loraplex_adapters_loaded{tier="disk"}'] == 0
+            assert scrape(server)['loraplex_adapters_loaded{tier="disk"}'] == 0
+            assert '"a"' in Path(server.config.state_file).read_text()  # a restart drops it if it is still gone
+            shutil.copytree(adapter_root / "v1", root / "a")  # back (a swap, a remount): served again
+            assert len(client.generate([5, 6], "a", max_new_tokens=2, ignore_eos=True).token_ids) == 2
     finally:
         server.stop()

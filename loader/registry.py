@@ -85,6 +85,7 @@ class AdapterRegistry:
         self._loaded: dict[str, bool] = {}  # ids loaded with LoadAdapter -> pinned; what the state file records
         self._held: dict[tuple, list] = {}  # weights key -> [weights, requests holding them] (resolve .. release)
         self._refused: dict[str, tuple] = {}  # id -> (files, size) of a read refused for want of room
+        self._gone: dict[str, int] = {}  # id -> version of a record dropped as its directory was gone (_drop_gone)
         # New files are measured against the budget only once read, so reads at once are few: each may hold up to
         # --max-adapter-bytes beyond the budget while it lasts (the server waits for ids on many more threads).
         self.reads_at_once = min(32, (os.cpu_count() or 1) + 4)
@@ -327,7 +328,8 @@ class AdapterRegistry:
                 self._refused.pop(adapter_id, None)
                 # a re-read after eviction is the same version only if the files are the same files
                 same = reread and current is not None and current.files == files
-                version = 1 if current is None else current.version + (0 if same else 1)
+                previous = current.version if current is not None else self._gone.pop(adapter_id, 0)
+                version = previous + (0 if same else 1)
                 record = AdapterRecord(adapter_id, path, version,
                                        pinned=(current.pinned if current and pin is None else bool(pin)),
                                        weights=weights, size_bytes=weights.size_bytes, last_used=time.monotonic(),
@@ -352,7 +354,7 @@ class AdapterRegistry:
         is (a restart drops what is still gone). With auto-load off it stays listed: an operator's load, which only
         UnloadAdapter undoes (a directory briefly away must not unload it)."""
         with self._lock:
-            self._records.pop(adapter_id, None)
+            self._gone[adapter_id] = self._records.pop(adapter_id).version  # files that come back are a new version
             self._refused.pop(adapter_id, None)
         log.warning("adapter %r: evicted, and its directory is gone: no longer listed", adapter_id)
         self._report()

@@ -417,5 +417,6 @@ def test_an_evicted_adapter_whose_directory_is_gone_leaves_the_list(model_dirs, 
             assert '"a"' in Path(server.config.state_file).read_text()  # a restart drops it if it is still gone
             shutil.copytree(adapter_root / "v1", root / "a")  # back (a swap, a remount): served again
             assert len(client.generate([5, 6], "a", max_new_tokens=2, ignore_eos=True).token_ids) == 2
+            assert client.get_adapter("a").version == 2  # not 1 again: (id, version) never names other files
     finally:
         server.stop()

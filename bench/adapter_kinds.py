@@ -144,11 +144,13 @@ def main(argv=None) -> int:
             "d": ("mix: LoRA+AdaLoRA+Hydra+ResLoRA", mix),
         }
         variants = args.variants.split(",")
-        engines = {v: EngineBench(model_dir, root, [n for names in kinds.values() for n in names], args,
-                                  *v.split("@")[0].split("/"), env=dict(kv.split("=", 1) for kv in v.split("@")[1:]))
-                   for v in variants}
         results: dict[tuple, list[float]] = {(v, k): [] for v in variants for k in configs}
-        try:
+        engines = {}
+        try:  # (a server that failed to start leaves none of those started before it running)
+            for v in variants:
+                engines[v] = EngineBench(model_dir, root, [n for names in kinds.values() for n in names], args,
+                                         *v.split("@")[0].split("/"),
+                                         env=dict(kv.split("=", 1) for kv in v.split("@")[1:]))
             for rnd in range(args.repeats + 1):
                 for v, engine in engines.items():
                     for key, (label, ids) in configs.items():

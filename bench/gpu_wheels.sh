@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 make -s protos
 # The exact pins of requirements*.txt (torch and triton are the machine's own; the rest of their dependencies,
-# numpy, huggingface-hub, regex, typer, psutil, pyyaml, are in its image).
-pins=$(grep -hE '^(transformers|tokenizers|safetensors|grpcio|grpcio-health-checking|grpcio-reflection|protobuf|prometheus-client|peft|accelerate)==' \
+# numpy, huggingface-hub, typer, psutil, pyyaml, are in its image).
+pins=$(grep -hE '^(transformers|tokenizers|regex|safetensors|grpcio|grpcio-health-checking|grpcio-reflection|protobuf|prometheus-client|tqdm|peft|accelerate)==' \
     requirements.txt requirements-dev.txt)
 rm -rf .whl && mkdir .whl
 # shellcheck disable=SC2086  # one argument per pin

@@ -19,6 +19,15 @@ def adapter_root(model_dirs, tmp_path_factory):
     return root
 
 
+def _over_copies(model_dirs, adapter_root, root, names, fit: int, **overrides):
+    """A server over copies of adapter v1 under `root`, one per name in `names`, whose host memory for adapters
+    (--adapter-cache-bytes) holds `fit` of them and not one more (fp32 factors: the file's size in memory)."""
+    for name in names:
+        shutil.copytree(adapter_root / "v1", root / name)
+    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
+    return start_server(model_dirs["llama"], root, adapter_cache_bytes=fit * size + size // 2, **overrides)
+
+
 def test_host_memory_budget_evicts_to_disk_and_reloads(model_dirs, adapter_root):
     server = start_server(model_dirs["llama"], adapter_root, adapter_cache_bytes=1)
     try:
@@ -41,11 +50,7 @@ def test_host_memory_budget_is_a_hard_limit_counting_adapters_requests_hold(mode
     being read anyway (queued requests on distinct adapters grew the server by ~400 MB under a 4 MB budget);
     beyond --max-queue-size such waiters, and for LoadAdapter, it is RESOURCE_EXHAUSTED."""
     root = tmp_path / "root"
-    for name in ("a", "b", "c", "d"):
-        shutil.copytree(adapter_root / "v1", root / name)
-    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size  # fp32 factors: their size in memory
-    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=2 * size + size // 2,  # two fit, not three
-                          max_queue_size=1)
+    server = _over_copies(model_dirs, adapter_root, root, "abcd", 2, max_queue_size=1)
     registry = server.serving.registry
     try:
         with Client(server.target, timeout=60) as client:
@@ -85,10 +90,7 @@ def test_an_adapter_out_of_memory_is_not_starved_by_steady_traffic_on_those_in_m
 
     from clients.client import AsyncClient
     root = tmp_path / "root"
-    for name in "abcd":
-        shutil.copytree(adapter_root / "v1", root / name)
-    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
-    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=2 * size + size // 2)
+    server = _over_copies(model_dirs, adapter_root, root, "abcd", 2)
     try:
         async def run():
             async with AsyncClient(server.target, timeout=60) as client:
@@ -125,9 +127,7 @@ def test_a_pin_change_under_memory_pressure_needs_no_second_copy(model_dirs, ada
     weights: it was re-read, and with a request holding the old copy, two copies did not fit the budget, so an
     unpin under pressure was refused. New files still need room for the second copy."""
     root = tmp_path / "root"
-    shutil.copytree(adapter_root / "v1", root / "a")
-    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
-    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2)  # one copy fits, not two
+    server = _over_copies(model_dirs, adapter_root, root, "a", 1)  # one copy fits, not two
     try:
         with Client(server.target, timeout=60) as client:
             want = list(client.generate([5, 6], "a", max_new_tokens=6, ignore_eos=True).token_ids)
@@ -185,10 +185,7 @@ def test_a_stream_its_client_stops_reading_frees_its_adapter_when_its_generation
     another adapter (which needs that room) is served meanwhile instead of waiting, and everyone behind it."""
     from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
     root = tmp_path / "root"
-    for name in "ab":
-        shutil.copytree(adapter_root / "v1", root / name)
-    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
-    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2)  # one at a time
+    server = _over_copies(model_dirs, adapter_root, root, "ab", 1)  # one at a time
     try:
         channel = grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0)])  # a fixed window
         # 250 messages of ~300 bytes (the request id is echoed in each): more than the 64 KiB window
@@ -250,10 +247,7 @@ def test_a_stream_the_engine_fails_is_counted_even_if_its_client_never_reads_the
 def test_a_client_that_leaves_while_waiting_for_adapter_memory_is_counted(model_dirs, adapter_root, tmp_path,
                                                                           monkeypatch):
     root = tmp_path / "root"
-    for name in "ab":
-        shutil.copytree(adapter_root / "v1", root / name)
-    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
-    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2)  # one at a time
+    server = _over_copies(model_dirs, adapter_root, root, "ab", 1)  # one at a time
     slow_decode(server, monkeypatch)  # 400 steps take >= 2 s: "a" holds the budget throughout
     key = 'loraplex_request_success_total{finished_reason="cancelled"}'
     try:
@@ -283,10 +277,7 @@ def test_budget_accounting_survives_churn(model_dirs, adapter_root, tmp_path):
     from clients.client import AsyncClient
     root = tmp_path / "root"
     names = [f"a{i}" for i in range(6)]
-    for name in names:
-        shutil.copytree(adapter_root / "v1", root / name)
-    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
-    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=2 * size + size // 2)
+    server = _over_copies(model_dirs, adapter_root, root, names, 2)
     registry = server.serving.registry
     rng = random.Random(0)
 
@@ -325,7 +316,7 @@ def test_budget_accounting_survives_churn(model_dirs, adapter_root, tmp_path):
         assert outcomes.count("ok") >= 40
         assert set(admin_outcomes) <= {"ok", "RESOURCE_EXHAUSTED"}, admin_outcomes
         assert wait_for(lambda: not registry._held and server.serving.engine.idle(), timeout=30)
-        assert registry.resident_bytes() <= 2 * size + size // 2
+        assert registry.resident_bytes() <= server.config.adapter_cache_bytes  # two copies and half of one
         with Client(server.target, timeout=30) as client:  # and it still serves
             assert len(client.generate([5, 6], "a0", max_new_tokens=3, ignore_eos=True).token_ids) == 3
     finally:
@@ -336,10 +327,7 @@ def test_budget_accounting_survives_churn(model_dirs, adapter_root, tmp_path):
 def one_adapter_in_memory(model_dirs, adapter_root, tmp_path, monkeypatch):
     """A server whose adapter memory holds one of adapters "a" and "b" at a time, auto-load off, decode slowed."""
     root = tmp_path / "root"
-    for name in "ab":
-        shutil.copytree(adapter_root / "v1", root / name)
-    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
-    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2, autoload_adapters=False)
+    server = _over_copies(model_dirs, adapter_root, root, "ab", 1, autoload_adapters=False)
     slow_decode(server, monkeypatch)
     yield server
     server.stop()
@@ -399,10 +387,7 @@ def test_an_evicted_adapter_whose_directory_is_gone_leaves_the_list(model_dirs, 
     """Soak QA: removing an adapter's directory (the README's way, with auto-load on, to take it out of service) left
     it listed as evicted, and in loraplex_adapters_loaded{tier="disk"}, for good, while requests were NOT_FOUND."""
     root = tmp_path / "root"
-    for name in "ab":
-        shutil.copytree(adapter_root / "v1", root / name)
-    size = (adapter_root / "v1" / "adapter_model.safetensors").stat().st_size
-    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size + size // 2)  # one at a time
+    server = _over_copies(model_dirs, adapter_root, root, "ab", 1)  # one at a time
     try:
         with Client(server.target, timeout=60) as client:
             client.load_adapter("a")

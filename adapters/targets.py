@@ -118,9 +118,9 @@ def _never_run(model: nn.Module) -> tuple[str, ...]:
         holder = f"{holder}.{part}".lstrip(".")
     if not siblings:
         return ()
-    ran: set[str] = set()
+    siblings, ran = tuple(siblings), set()
     hooks = [module.register_forward_hook(lambda *_, name=name: ran.add(name))
-             for name, module in model.named_modules() if under(name, tuple(siblings))]
+             for name, module in model.named_modules() if under(name, siblings)]
     modes = {module: module.training for module in model.modules()}
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a training run's seeded draws stay as they were

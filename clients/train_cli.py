@@ -171,11 +171,10 @@ def _check_deploy(args, jobs) -> None:
     for job in jobs:
         width, heads = slot_needs(job) or (0, 0)
         if width > limits.max_lora_rank or heads > limits.max_hydra_heads:  # refused after training otherwise
-            auto = job.method == "hydralora" and job.heads == "auto"
-            raise DataError(f"--out {job.out}: a {job.method} adapter of rank {job.rank}"
-                            + (f" with at least {heads} heads (--heads auto chooses {MIN_AUTO_HEADS} to "
-                               f"{MAX_AUTO_HEADS})" if auto else f" with {heads} heads" if job.method == "hydralora"
-                               else "")
+            with_heads = f" with {heads} heads" if job.method == "hydralora" else ""
+            if job.method == "hydralora" and job.heads == "auto":
+                with_heads = f" with at least {heads} heads (--heads auto chooses {MIN_AUTO_HEADS} to {MAX_AUTO_HEADS})"
+            raise DataError(f"--out {job.out}: a {job.method} adapter of rank {job.rank}{with_heads}"
                             + (f" (structure bs merges each block with its --pre-num {job.pre_num} predecessor(s))"
                                if job.method == "reslora" and job.structure == "bs" else "")
                             + f" needs a slot {width} wide and {heads} head(s); {args.deploy} takes at most "

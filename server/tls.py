@@ -76,10 +76,9 @@ def validity(pem: bytes) -> tuple[datetime, datetime] | None:
     return times[0], times[1]
 
 
-def _warn_of_validity(path: str, pem: bytes) -> float | None:
-    """notAfter as Unix time, after logging a certificate that is not, or soon no longer, valid: clients refuse it
-    in their handshake, which the server's log would not otherwise show."""
-    found = validity(pem)
+def _warn_of_validity(path: str, found: tuple[datetime, datetime] | None) -> float | None:
+    """notAfter as Unix time, after logging a certificate (its `validity`) that is not, or soon no longer, valid:
+    clients refuse it in their handshake, which the server's log would not otherwise show."""
     if found is None:
         return None
     start, end = found
@@ -142,7 +141,7 @@ def _configuration(config: ServerConfig, on_certificate: Callable[[float], None]
     found = validity(contents[1])
     if renewal and found is not None and found[1] <= datetime.now(timezone.utc):
         raise ConfigError(f"--tls-cert {config.tls_cert} expired on {found[1].isoformat()}")
-    not_after = _warn_of_validity(config.tls_cert, contents[1])
+    not_after = _warn_of_validity(config.tls_cert, found)
     if not_after is not None:
         on_certificate(not_after)
     return grpc.ssl_server_certificate_configuration([(contents[0], contents[1])],

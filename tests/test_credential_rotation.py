@@ -119,7 +119,7 @@ def test_a_certificates_validity_is_read_and_its_end_warned_of(tmp_path, caplog,
     assert validity(pem + Path(pki["ca"]).read_bytes()) == (  # a chain: the first certificate's
         certificate.not_valid_before_utc.replace(microsecond=0), certificate.not_valid_after_utc)
     with caplog.at_level(logging.WARNING, logger="loraplex.tls"):
-        assert _warn_of_validity("server.crt", pem) == certificate.not_valid_after_utc.timestamp()
+        assert _warn_of_validity("server.crt", validity(pem)) == certificate.not_valid_after_utc.timestamp()
     assert (said in caplog.text) if said else not caplog.text
     assert validity(b"no certificate") is None
 

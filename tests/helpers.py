@@ -17,7 +17,9 @@ from adapters import cpu_kernel, triton_kernel
 from adapters.canonical import ModuleFactors
 from adapters.layer import MultiAdapterLinear, reference_delta
 from adapters.slot_bank import AdapterContext, ModuleShape, SlotBank
+from adapters.training import TrainSettings
 from clients.client import AsyncClient, Client
+from loader.train_job_spec import TrainJob
 from server.background import BackgroundServer
 from server.config import ServerConfig
 
@@ -256,3 +258,14 @@ def slow_decode(server: BackgroundServer, monkeypatch, seconds: float = 0.005) -
     runner = server.serving.engine.runner
     decode_step = runner.decode_step
     monkeypatch.setattr(runner, "decode_step", lambda batch: (time.sleep(seconds), decode_step(batch))[1])
+
+
+FAST = TrainSettings(lr=1e-2, max_steps=60, batch_size=16, eval_every=30, seed=3)  # the training tests' settings
+
+
+def training_job(model_dirs, data, out, method, **kw) -> TrainJob:
+    """A job on the tiny Llama over the `data` fixture's (train, eval) files, FAST unless `kw` says."""
+    base = dict(method=method, data=str(data[0]), eval=str(data[1]), out=str(out), model=str(model_dirs["llama"]),
+                target_modules=["q_proj", "v_proj", "down_proj"], settings=FAST)
+    base.update(kw)
+    return TrainJob(**base)

@@ -67,19 +67,29 @@ def check_number(name: str, value) -> float | None:
 def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_tokens: int | None = None,
                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                   seed: int | None = None, stop: str | Sequence[str] = (), ignore_eos: bool = False,
-                  request_id: str = "", logprobs: int | None = None) -> pb.GenerateRequest:
+                  request_id: str = "", logprobs: int | None = None, min_p: float | None = None,
+                  repetition_penalty: float | None = None, presence_penalty: float | None = None,
+                  frequency_penalty: float | None = None, min_new_tokens: int | None = None,
+                  stop_token_ids: Sequence[int] = ()) -> pb.GenerateRequest:
     """A text prompt or a sequence of token ids; unset sampling fields mean greedy decoding. `stop`: one stop
     string or several (a string is one stop sequence, not one per character). `adapter_id` "" is the base model;
     None is refused (protobuf would send it as "": an unset variable would silently serve the base model). A value
     of the wrong type, or one its field cannot carry, is a TypeError or ValueError naming the argument. `logprobs`:
-    None for none, else each token's log-probability and that many alternatives' (0-20)."""
+    None for none, else each token's log-probability and that many alternatives' (0-20). The penalties, min_p,
+    min_new_tokens and stop_token_ids: as the fields of the same names (protos/loraplex/v1/inference.proto)."""
     if adapter_id is None:  # protobuf would send "", the base model: a classic unset environment variable
         raise TypeError('adapter_id is None (an unset variable?): pass "" for the base model')
     sampling = pb.SamplingParams(temperature=check_number("temperature", temperature),
                                  top_k=check_integer("top_k", top_k, *INT32),
-                                 top_p=check_number("top_p", top_p), seed=check_integer("seed", seed, 0, 2 ** 64))
+                                 top_p=check_number("top_p", top_p), seed=check_integer("seed", seed, 0, 2 ** 64),
+                                 min_p=check_number("min_p", min_p),
+                                 repetition_penalty=check_number("repetition_penalty", repetition_penalty),
+                                 presence_penalty=check_number("presence_penalty", presence_penalty),
+                                 frequency_penalty=check_number("frequency_penalty", frequency_penalty))
     stopping = pb.StoppingCriteria(max_new_tokens=check_integer("max_new_tokens", max_new_tokens, *INT32),
-                                   stop=_stops(stop), ignore_eos=check_flag("ignore_eos", ignore_eos))
+                                   stop=_stops(stop), ignore_eos=check_flag("ignore_eos", ignore_eos),
+                                   min_new_tokens=check_integer("min_new_tokens", min_new_tokens, *INT32),
+                                   stop_token_ids=_token_ids("stop_token_ids", stop_token_ids))
     request = pb.GenerateRequest(adapter_id=check_text("adapter_id", adapter_id), sampling=sampling,
                                  stopping=stopping, request_id=check_text("request_id", request_id),
                                  logprobs=check_integer("logprobs", logprobs, 0, 2 ** 32))
@@ -100,6 +110,17 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
             check_integer(f"prompt token id {position}", token, *INT32)
         raise
     return request
+
+
+def _token_ids(name: str, ids) -> list[int]:
+    if isinstance(ids, (str, bytes, bytearray)) or ids is None or not hasattr(ids, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of int (() for none), not {type(ids).__name__}")
+    ids = list(ids)
+    for position, token in enumerate(ids):
+        if token is None:
+            raise TypeError(f"{name}[{position}] must be an int, not NoneType")
+        check_integer(f"{name}[{position}]", token, *INT32)
+    return [int(token) for token in ids]
 
 
 def _stops(stop) -> list[str]:

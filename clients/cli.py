@@ -39,7 +39,11 @@ def _generate(args) -> int:
         stream = client.generate_stream(args.prompt, args.adapter, max_new_tokens=args.max_new_tokens,
                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                         seed=args.seed, stop=args.stop or (), ignore_eos=args.ignore_eos,
-                                        logprobs=args.logprobs)
+                                        logprobs=args.logprobs, min_p=args.min_p,
+                                        repetition_penalty=args.repetition_penalty,
+                                        presence_penalty=args.presence_penalty,
+                                        frequency_penalty=args.frequency_penalty,
+                                        min_new_tokens=args.min_new_tokens, stop_token_ids=args.stop_token_id or ())
         logprobs = []
         for message in stream:
             sys.stdout.write(message.text)
@@ -232,10 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=None, help="0 or unset: greedy")
     gen.add_argument("--top-k", type=_ranged(-2 ** 31, 2 ** 31), default=None, help="sample from the k likeliest")
     gen.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of this mass")
+    gen.add_argument("--min-p", type=float, default=None,
+                     help="sample only tokens at least this fraction as likely as the likeliest (0-1)")
+    gen.add_argument("--repetition-penalty", type=float, default=None,
+                     help="divide the logits of tokens the prompt or output holds (HF's; > 0, 1 disables)")
+    gen.add_argument("--presence-penalty", type=float, default=None,
+                     help="take this off the logits of tokens the output holds (-2 to 2)")
+    gen.add_argument("--frequency-penalty", type=float, default=None,
+                     help="take this times their count off the logits of tokens the output holds (-2 to 2)")
     gen.add_argument("--seed", type=_ranged(0, 2 ** 64), default=None,
                      help="reproducible sampling, whatever else is in the batch")
     gen.add_argument("--stop", action="append", type=utf8, help="stop sequence (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past end-of-sequence")
+    gen.add_argument("--min-new-tokens", type=_ranged(-2 ** 31, 2 ** 31), default=None,
+                     help="tokens to generate before end-of-sequence, a stop token or a stop sequence may end it")
+    gen.add_argument("--stop-token-id", action="append", type=_ranged(-2 ** 31, 2 ** 31),
+                     help="token id that stops generation (repeatable)")
     gen.add_argument("--logprobs", type=_ranged(0, 2 ** 32), default=None, metavar="N",
                      help="print each token's log-probability and the N likeliest tokens' (0-20) to stderr")
     gen.set_defaults(func=_generate)

@@ -23,6 +23,7 @@ from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, Token
 from server.errors import InternalError, ResourceExhausted, Unavailable
 from server.metrics import Metrics
 from server.logprobs import token_logprobs
+from server.penalties import TokenHistory, penalize
 from server.sampling import make_generator, sample
 from server.stopping import FinishReason, TextStream
 
@@ -39,6 +40,19 @@ def _set_aside_non_finite(logits):
     logits = logits.clone()
     logits[bad] = 0.0
     return logits, frozenset(bad)
+
+
+def _choose(logits, rows: list[Row]) -> tuple[list[int], list, frozenset[int]]:
+    """Each row's next token from `logits` [rows, V] (after its penalties), the log-probabilities it asks for (of
+    the model's own logits), and the rows whose logits were not finite."""
+    logits, broken = _set_aside_non_finite(logits)
+    states = [r.state for r in rows]
+    tokens = sample(penalize(logits, [s.history for s in states]), [s.request.sampling for s in states],
+                    [s.generator for s in states])
+    for state, token in zip(states, tokens):
+        if state.history is not None:
+            state.history.add(token)
+    return tokens, token_logprobs(logits, tokens, [s.request.logprobs for s in states]), broken
 
 
 def _plan(requests: list) -> tuple[int, int]:
@@ -61,6 +75,7 @@ class _RowState:
     request: EngineRequest
     stream: TextStream
     generator: object
+    history: TokenHistory | None  # what its penalties and min_new_tokens need of its tokens; None: nothing
     admitted: float
     last_token_time: float = 0.0
 
@@ -300,7 +315,8 @@ class Engine:
             now = time.monotonic()
             self.metrics.queue_time.observe(now - request.arrival)
             state = _RowState(request, TextStream(self.tokenizer, request.stopping, self.eos, request.prompt_ids),
-                              make_generator(request.sampling), now)
+                              make_generator(request.sampling),
+                              TokenHistory.of(request.prompt_ids, request.sampling, request.stopping, self.eos), now)
             admitted.append(Row(request.prompt_ids, slot, state))
         self._waiting.extendleft(reversed(skipped))
         # rows free with nothing left waiting for them (a request still waiting was held back by the KV or prefill
@@ -334,9 +350,7 @@ class Engine:
         try:
             logits = self.runner.advance(job, max(1, self.config.max_prefill_tokens // len(rows)))
             if logits is not None:
-                logits, broken = _set_aside_non_finite(logits)
-                tokens = sample(logits, [r.state.request.sampling for r in rows], [r.state.generator for r in rows])
-                logprobs = token_logprobs(logits, tokens, [r.state.request.logprobs for r in rows])
+                tokens, logprobs, broken = _choose(logits, rows)
                 # allocates the joined cache: can run out of memory too
                 running = [r.state.request for r in (self._batch.rows if self._batch else [])]
                 merged = self.runner.merge(self._batch, self.runner.prefilled(job),
@@ -368,10 +382,7 @@ class Engine:
         batch = self._batch
         start = time.monotonic()
         try:
-            logits, broken = _set_aside_non_finite(self.runner.decode_step(batch))
-            tokens = sample(logits, [r.state.request.sampling for r in batch.rows],
-                            [r.state.generator for r in batch.rows])
-            logprobs = token_logprobs(logits, tokens, [r.state.request.logprobs for r in batch.rows])
+            tokens, logprobs, broken = _choose(self.runner.decode_step(batch), batch.rows)
         except Exception as exc:
             log.exception("decode step failed for %d requests", len(batch))
             for row in batch.rows:

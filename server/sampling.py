@@ -1,4 +1,5 @@
-"""Next-token choice per row: greedy by default; temperature, top-k and top-p with a per-request seed."""
+"""Next-token choice per row: greedy by default; temperature, top-k, top-p and min-p with a per-request seed.
+(The penalties, which change a row's logits before the choice, are server/penalties.py's.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,10 +15,18 @@ class SamplingParams:
     top_k: int = 0            # 0 disables
     top_p: float = 1.0        # 1 disables
     seed: int | None = None
+    min_p: float = 0.0        # 0 disables
+    repetition_penalty: float = 1.0  # 1 disables
+    presence_penalty: float = 0.0    # 0 disables
+    frequency_penalty: float = 0.0   # 0 disables
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -61,6 +70,9 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[t
     if any(p.top_p < 1.0 for p in params):
         probs = probs.masked_fill(probs < _nucleus_bar(probs, torch.tensor([[p.top_p] for p in params],
                                                                             device=device)), 0.0)
+    if any(p.min_p > 0.0 for p in params):  # after top-k and top-p, as HF; the likeliest token always stays
+        min_p = torch.tensor([[p.min_p] for p in params], device=device)
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
     u = torch.tensor([[torch.rand((), dtype=torch.float64, generator=g).item()] for g in generators],
                      dtype=torch.float32)
     chosen = _invert(probs, u.to(device))

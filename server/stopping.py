@@ -23,9 +23,11 @@ class StoppingParams:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    # Tokens that decoding leaves out of the text (special tokens) whose text is one of `stop`: generating one
-    # stops as that stop sequence would (the text never holds it; their id is the last of the row's ids).
+    # Tokens whose generation stops the row as a stop sequence would (their id is the last of the row's ids, the
+    # text ends before it): the request's stop_token_ids, and the special tokens (left out of the text) whose text
+    # is one of `stop`.
     stop_token_ids: frozenset[int] = frozenset()
+    min_new_tokens: int = 0  # tokens before the one that ends the row (its end tokens are banned until then)
 
 
 class TextStream:
@@ -45,7 +47,7 @@ class TextStream:
         self._eos = eos_token_ids
         self.ids: list[int] = []
         context = self._context(prompt)
-        self._all = context  # decoded: the prompt's last tokens, then `ids`
+        self._all = context  # decoded: the prompt's last tokens, then `ids` but an end token
         # per id of _all: whether it decodes to any text alone (filled in only when a split is searched for, which
         # most tokens never need: a decode per token saved)
         self._carries: list[bool] = [True] * len(context)
@@ -76,22 +78,24 @@ class TextStream:
     def push(self, token: int) -> str:
         """Add one generated token; returns the text that may be shown now. Sets `finish` when done."""
         self.ids.append(token)
-        self._all.append(token)
         matched_in_text = False
-        if token in self._eos and not self._params.ignore_eos:
+        may_end = len(self.ids) > self._params.min_new_tokens
+        # An end token's text (an ordinary token may be one) is never shown: the text ends before it.
+        if token in self._eos and not self._params.ignore_eos and may_end:
             self.finish = FinishReason.EOS_TOKEN
-        elif token in self._params.stop_token_ids:  # a skipped special token: the text ends before it, as at a stop
+        elif token in self._params.stop_token_ids and may_end:
             self.finish = FinishReason.STOP_SEQUENCE
         else:
+            self._all.append(token)
             self._decode_tail()
-            matched_in_text = self._cut_at_stop()
+            matched_in_text = self._cut_at_stop(may_end)
             if matched_in_text:
                 self.finish = FinishReason.STOP_SEQUENCE
         if self.finish is None and len(self.ids) >= self._params.max_new_tokens:
             self.finish = FinishReason.LENGTH
         if self.finish is not None and not matched_in_text:  # the text ends here: nothing more can complete it
             self._decode_tail(final=True)  # bytes of a character that never completed: U+FFFD
-            if self._cut_at_stop():
+            if self._cut_at_stop(may_end):
                 self.finish = FinishReason.STOP_SEQUENCE
         safe = len(self.text) if self.finish else len(self.text) - self._held_back()
         delta = self.text[self._emitted:safe]
@@ -141,9 +145,11 @@ class TextStream:
     def _decode_ids(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def _cut_at_stop(self) -> bool:
+    def _cut_at_stop(self, may_end: bool) -> bool:
+        """Whether a stop sequence ends the text now (cutting it there). Before min_new_tokens a match is passed
+        over: only a stop that a later token completes counts."""
         cut = self._stops.first_match(self.text)
-        if cut is None:
+        if cut is None or not may_end:
             return False
         self.text = self.text[:cut]
         return True

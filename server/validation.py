@@ -11,7 +11,7 @@ from server.logprobs import MAX_LOGPROBS
 from server.sampling import SamplingParams
 from server.stopping import StoppingParams
 
-MAX_STOP_SEQUENCES, MAX_STOP_LENGTH, MAX_REQUEST_ID = 16, 256, 256
+MAX_STOP_SEQUENCES, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, MAX_REQUEST_ID = 16, 256, 64, 256
 
 
 def _finite(value: float, name: str) -> float:
@@ -30,7 +30,23 @@ def sampling_from(msg: pb.SamplingParams) -> SamplingParams:
     top_p = _finite(msg.top_p, "sampling.top_p") if msg.HasField("top_p") else 1.0
     if not 0.0 < top_p <= 1.0:
         raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {top_p}")
-    return SamplingParams(temperature, top_k, top_p, msg.seed if msg.HasField("seed") else None)
+    min_p = _within(msg, "min_p", 0.0, 0.0, 1.0)
+    repetition = _finite(msg.repetition_penalty, "sampling.repetition_penalty") \
+        if msg.HasField("repetition_penalty") else 1.0
+    if repetition <= 0:
+        raise InvalidArgument(f"sampling.repetition_penalty must be > 0 (1 disables), got {repetition}")
+    return SamplingParams(temperature, top_k, top_p, msg.seed if msg.HasField("seed") else None, min_p, repetition,
+                          _within(msg, "presence_penalty", 0.0, -2.0, 2.0),
+                          _within(msg, "frequency_penalty", 0.0, -2.0, 2.0))
+
+
+def _within(msg: pb.SamplingParams, name: str, unset: float, low: float, high: float) -> float:
+    if not msg.HasField(name):
+        return unset
+    value = _finite(getattr(msg, name), f"sampling.{name}")
+    if not low <= value <= high:
+        raise InvalidArgument(f"sampling.{name} must be in [{low:g}, {high:g}] ({unset:g} disables), got {value}")
+    return value
 
 
 def logprobs_from(request: pb.GenerateRequest) -> int | None:
@@ -42,7 +58,7 @@ def logprobs_from(request: pb.GenerateRequest) -> int | None:
     return request.logprobs
 
 
-def stopping_from(msg: pb.StoppingCriteria, limits, skipped) -> StoppingParams:
+def stopping_from(msg: pb.StoppingCriteria, limits, skipped, vocab_size: int) -> StoppingParams:
     """`skipped`: the model's SkippedTokens (base.skipped_tokens)."""
     max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens
     if max_new < 1:
@@ -57,7 +73,16 @@ def stopping_from(msg: pb.StoppingCriteria, limits, skipped) -> StoppingParams:
     if len(stops) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
         raise InvalidArgument(f"stopping.stop takes at most {MAX_STOP_SEQUENCES} non-empty strings of at most "
                               f"{MAX_STOP_LENGTH} characters")
-    return StoppingParams(max_new, stops, msg.ignore_eos, _stop_tokens(stops, skipped))
+    if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidArgument(f"stopping.stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got "
+                              f"{len(msg.stop_token_ids)}")
+    bad = [t for t in msg.stop_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidArgument(f"stopping.stop_token_ids holds {bad[0]}, outside the vocabulary [0, {vocab_size})")
+    if msg.min_new_tokens < 0:
+        raise InvalidArgument(f"stopping.min_new_tokens must be >= 0, got {msg.min_new_tokens}")
+    return StoppingParams(max_new, stops, msg.ignore_eos, _stop_tokens(stops, skipped) | frozenset(msg.stop_token_ids),
+                          msg.min_new_tokens)
 
 
 def _stop_tokens(stops: tuple[str, ...], skipped) -> frozenset[int]:
@@ -137,8 +162,18 @@ def _fit_prompt(tokens: int, stopping: StoppingParams, explicit: bool, base, lim
 
 def prompt_and_stopping(request: pb.GenerateRequest, base, limits) -> tuple[list[int], StoppingParams]:
     """The prompt's token ids and the stopping it runs with (tokenizing a text prompt: blocking work)."""
-    stopping = stopping_from(request.stopping, limits, base.skipped_tokens)
+    stopping = stopping_from(request.stopping, limits, base.skipped_tokens, base.vocab_size)
     explicit = request.stopping.HasField("max_new_tokens")
+    ids, stopping = _prompt_and_fit(request, stopping, explicit, base, limits)
+    if stopping.min_new_tokens > stopping.max_new_tokens:
+        runs = "asks for" if explicit else "runs with (the server's default within the room the prompt leaves)"
+        raise InvalidArgument(f"stopping.min_new_tokens {stopping.min_new_tokens} is above the max_new_tokens "
+                              f"{stopping.max_new_tokens} the request {runs}")
+    return ids, stopping
+
+
+def _prompt_and_fit(request: pb.GenerateRequest, stopping: StoppingParams, explicit: bool, base,
+                    limits) -> tuple[list[int], StoppingParams]:
     which = request.WhichOneof("input")
     if which == "prompt":
         if not request.prompt:

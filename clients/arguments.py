@@ -6,7 +6,7 @@ unknown adapter) is the server's to say, with its status code."""
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from protos.loraplex.v1 import inference_pb2 as pb
 
@@ -70,8 +70,10 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
                   request_id: str = "", logprobs: int | None = None, min_p: float | None = None,
                   repetition_penalty: float | None = None, presence_penalty: float | None = None,
                   frequency_penalty: float | None = None, min_new_tokens: int | None = None,
-                  stop_token_ids: Sequence[int] = ()) -> pb.GenerateRequest:
-    """A text prompt or a sequence of token ids; unset sampling fields mean greedy decoding. `stop`: one stop
+                  stop_token_ids: Sequence[int] = (), continue_final_message: bool = False) -> pb.GenerateRequest:
+    """A text prompt, a sequence of token ids, or a chat: a sequence of {"role": ..., "content": ...} messages
+    that the server's chat template makes the prompt of (`continue_final_message`: the model continues the last
+    message instead of starting a new turn); unset sampling fields mean greedy decoding. `stop`: one stop
     string or several (a string is one stop sequence, not one per character). `adapter_id` "" is the base model;
     None is refused (protobuf would send it as "": an unset variable would silently serve the base model). A value
     of the wrong type, or one its field cannot carry, is a TypeError or ValueError naming the argument. `logprobs`:
@@ -93,16 +95,26 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
     request = pb.GenerateRequest(adapter_id=check_text("adapter_id", adapter_id), sampling=sampling,
                                  stopping=stopping, request_id=check_text("request_id", request_id),
                                  logprobs=check_integer("logprobs", logprobs, 0, 2 ** 32))
-    if isinstance(prompt, str):
-        request.prompt = check_text("prompt", prompt)
-        return request
+    continued = check_flag("continue_final_message", continue_final_message)
     if isinstance(prompt, (bytes, bytearray)):  # a sequence of ints, but surely meant as text
         raise TypeError("prompt must be text (str) or token ids (a sequence of int), not bytes: decode it first")
-    try:
-        ids = list(prompt)
-    except TypeError:
-        raise TypeError(f"prompt must be text (str) or token ids (a sequence of int), not "
-                        f"{type(prompt).__name__}") from None
+    if isinstance(prompt, str):
+        ids = None
+    else:
+        try:
+            ids = list(prompt)
+        except TypeError:
+            raise TypeError(f"prompt must be text (str), token ids (a sequence of int) or chat messages (a sequence "
+                            f"of dicts), not {type(prompt).__name__}") from None
+        if ids and isinstance(ids[0], Mapping):
+            request.chat.CopyFrom(pb.Chat(messages=[_message(i, m) for i, m in enumerate(ids)],
+                                          continue_final_message=continued))
+            return request
+    if continued:
+        raise TypeError("continue_final_message applies to chat messages only")
+    if ids is None:
+        request.prompt = check_text("prompt", prompt)
+        return request
     try:
         request.prompt_token_ids.ids.extend(ids)
     except (TypeError, ValueError):  # name the id protobuf refused (checked one by one only then: prompts are long)
@@ -110,6 +122,13 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
             check_integer(f"prompt token id {position}", token, *INT32)
         raise
     return request
+
+
+def _message(position: int, message) -> pb.ChatMessage:
+    if not isinstance(message, Mapping) or set(message) != {"role", "content"}:
+        raise TypeError(f"chat message {position} must be a dict of exactly 'role' and 'content', not {message!r:.80}")
+    return pb.ChatMessage(role=check_text(f"chat message {position} role", message["role"]),
+                          content=check_text(f"chat message {position} content", message["content"]))
 
 
 def _token_ids(name: str, ids) -> list[int]:

@@ -36,7 +36,11 @@ def _serve(args) -> int:
 def _generate(args) -> int:
     from clients.client import Client
     with Client(args.target, timeout=args.timeout, **connection(args)) as client:
-        stream = client.generate_stream(args.prompt, args.adapter, max_new_tokens=args.max_new_tokens,
+        prompt = args.prompt
+        if args.chat or args.system is not None:  # one user turn, after a system turn where given
+            prompt = [{"role": "system", "content": args.system}] * (args.system is not None) + \
+                [{"role": "user", "content": args.prompt}]
+        stream = client.generate_stream(prompt, args.adapter, max_new_tokens=args.max_new_tokens,
                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                         seed=args.seed, stop=args.stop or (), ignore_eos=args.ignore_eos,
                                         logprobs=args.logprobs, min_p=args.min_p,
@@ -230,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", allow_abbrev=False, help="stream a completion to the terminal")
     client_args(gen)
     gen.add_argument("prompt", type=utf8)
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as a user message, through the model's chat template")
+    gen.add_argument("--system", type=utf8, default=None, help="a system message before it (implies --chat)")
     gen.add_argument("--adapter", default="", type=utf8, help="adapter id ('' = base model)")
     gen.add_argument("--max-new-tokens", type=_ranged(-2 ** 31, 2 ** 31), default=None,
                      help="tokens to generate at most (default: the server's, within the room the prompt leaves)")

@@ -12,6 +12,7 @@ from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
 from server.errors import AdapterMemoryFull, InvalidArgument, NotFound, status_for
 from server.serving import Serving, abort, adapter_pool, ready
+from server.chat import has_template
 from server.stopping import FinishReason
 from server.validation import MAX_REQUEST_ID, logprobs_from, prompt_and_stopping, sampling_from
 
@@ -372,6 +373,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 autoload_adapters=c.autoload_adapters, auth_required=bool(c.auth_token_file),
                 admin_auth_required=bool(c.admin_token_file or c.auth_token_file),
                 adapter_kernel=s.engine.bank.kernel, adapter_dtype=str(s.engine.bank.dtype).removeprefix("torch."),
+                chat_template=has_template(b.tokenizer),
                 limits=pb.Limits(
                     max_prompt_tokens=s.limits.max_prompt_tokens, max_new_tokens=s.limits.max_new_tokens,
                     max_concurrent_rpcs=c.max_concurrent_rpcs, max_queue_size=c.max_queue_size,

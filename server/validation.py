@@ -6,6 +6,7 @@ import math
 from dataclasses import replace
 
 from protos.loraplex.v1 import inference_pb2 as pb
+from server.chat import chat_ids
 from server.errors import InvalidArgument, OutOfRange
 from server.logprobs import MAX_LOGPROBS
 from server.sampling import SamplingParams
@@ -106,18 +107,18 @@ def _stop_tokens(stops: tuple[str, ...], skipped) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _check_prompt_chars(chars: int, base, limits) -> None:
+def _check_prompt_chars(chars: int, base, limits, what: str = "the prompt has") -> None:
     """A prompt text that cannot fit whatever it encodes to: at most base.max_token_chars characters a token
     (None: this tokenizer gives no such bound)."""
     per_token = base.max_token_chars
     if per_token is None:
         return
     if chars > limits.max_prompt_tokens * per_token and limits.max_prompt_tokens < base.max_context:
-        raise InvalidArgument(f"the prompt has {chars} characters, more than the server's --max-prompt-tokens "
+        raise InvalidArgument(f"{what} {chars} characters, more than the server's --max-prompt-tokens "
                               f"{limits.max_prompt_tokens} can hold (a token stands for at most {per_token} "
                               f"characters)")
     if chars > base.max_context * per_token:
-        raise OutOfRange(f"the prompt has {chars} characters, more than the model context of {base.max_context} "
+        raise OutOfRange(f"{what} {chars} characters, more than the model context of {base.max_context} "
                          f"tokens can hold (a token stands for at most {per_token} characters)")
 
 
@@ -184,6 +185,13 @@ def _prompt_and_fit(request: pb.GenerateRequest, stopping: StoppingParams, expli
             raise InvalidArgument("the prompt encodes to no tokens")
         _check_tokenized(ids, request.prompt, base)
         return ids, _fit_prompt(len(ids), stopping, explicit, base, limits)
+    if which == "chat":
+        messages = request.chat.messages
+        _check_prompt_chars(sum(len(m.role) + len(m.content) for m in messages), base, limits,  # before rendering
+                            "the chat's roles and contents have")
+        ids = chat_ids(request.chat, base.tokenizer)
+        _check_tokenized(ids, "".join(m.content for m in messages), base)
+        return ids, _fit_prompt(len(ids), stopping, explicit, base, limits)
     if which == "prompt_token_ids":
         if not request.prompt_token_ids.ids:
             raise InvalidArgument("prompt_token_ids is empty")
@@ -193,4 +201,4 @@ def _prompt_and_fit(request: pb.GenerateRequest, stopping: StoppingParams, expli
         if bad:
             raise InvalidArgument(f"prompt_token_ids holds {bad[0]}, outside the vocabulary [0, {base.vocab_size})")
         return ids, stopping
-    raise InvalidArgument("set either prompt or prompt_token_ids")
+    raise InvalidArgument("set one of prompt, prompt_token_ids or chat")

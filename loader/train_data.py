@@ -1,5 +1,6 @@
-"""Training data: JSONL, one object per line, `{"prompt", "completion"}` (loss on the completion only) or
-`{"text"}` (loss on every token). Errors name the file, the line and the reason."""
+"""Training data: JSONL, one object per line, `{"prompt", "completion"}` (loss on the completion only),
+`{"text"}` (loss on every token) or `{"messages"}` (a chat through the model's chat template, loss on the assistant's
+turns). Errors name the file, the line and the reason."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import torch
 
 from loader import json_input
 from loader.base_model import longest_token_chars
+from loader.chat_template import ChatError, assistant_example, has_template
 
 log = logging.getLogger("loraplex.train")
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding): HF's ignore_index
@@ -68,10 +70,16 @@ def read_jsonl(path: Path, tokenizer, max_length: int, vocab_size: int | None = 
         problem = _not_text(record)
         if problem:
             raise DataError(f"{where}: {problem}")
+        given = [k for k in ("messages", "text", "prompt", "completion") if k in record]
+        if "messages" in record and len(given) > 1:
+            raise DataError(f"{where}: has 'messages' and '{given[1]}': give either a chat (messages) or text, or "
+                            f"prompt and completion")
         if "text" in record and ("prompt" in record or "completion" in record):  # which loss was meant?
             raise DataError(f"{where}: has 'text' and {'prompt' if 'prompt' in record else 'completion'}: give "
                             f"either text (loss on every token) or prompt and completion (loss on the completion)")
-        if "text" in record and isinstance(record["text"], str) and record["text"]:
+        if "messages" in record:
+            ids, labels = _chat(tokenizer, record["messages"], where)
+        elif "text" in record and isinstance(record["text"], str) and record["text"]:
             ids = tokenizer(record["text"][:cap]).input_ids + ([eos] if eos is not None else [])
             labels = list(ids)
         elif all(isinstance(record.get(k), str) for k in ("prompt", "completion")) and record["completion"]:
@@ -83,8 +91,8 @@ def read_jsonl(path: Path, tokenizer, max_length: int, vocab_size: int | None = 
             completion += [eos] if eos is not None else []
             ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
         else:
-            raise DataError(f"{where}: needs a non-empty string 'text', or string 'prompt' and non-empty string "
-                            f"'completion'; got keys {sorted(record)}")
+            raise DataError(f"{where}: needs a non-empty string 'text', string 'prompt' and non-empty string "
+                            f"'completion', or a list of 'messages'; got keys {sorted(record)}")
         truncated += len(ids) > max_length
         ids, labels = ids[:max_length], labels[:max_length]
         beyond = next((i for i in ids if vocab_size is not None and i >= vocab_size), None)
@@ -121,11 +129,30 @@ def _prompt_and_completion(tokenizer, prompt: str, completion: str) -> tuple[lis
     return prompt_ids, whole[len(prompt_ids):]
 
 
-def _not_text(record: dict) -> str | None:
+def _chat(tokenizer, messages, where: str) -> tuple[list[int], list[int]]:
+    """A chat example's ids and labels: the assistant's turns learned, as the template writes them."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"} or \
+                not all(isinstance(v, str) for v in m.values()):
+            raise DataError(f"{where}: message {i} must be an object of exactly 'role' and 'content', both strings")
+        problem = _not_text(m, ("role", "content"))
+        if problem:
+            raise DataError(f"{where}: message {i}: {problem}")
+    try:
+        ids, learned = assistant_example(tokenizer, messages)
+    except ChatError as exc:
+        advice = "; give prompt and completion instead" if not has_template(tokenizer) else ""
+        raise DataError(f"{where}: {exc}{advice}") from None
+    return ids, [t if keep else IGNORE for t, keep in zip(ids, learned)]
+
+
+def _not_text(record: dict, keys=("text", "prompt", "completion")) -> str | None:
     """Why a string of the record is no text a tokenizer can take, or None. JSON may escape half of a UTF-16
     surrogate pair on its own ("\\ud800"); json.loads keeps it as a lone surrogate, which UTF-8 cannot encode and
     the tokenizer refuses with a TypeError."""
-    for key in ("text", "prompt", "completion"):
+    for key in keys:
         value = record.get(key)
         if isinstance(value, str):
             try:

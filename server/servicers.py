@@ -7,12 +7,12 @@ import time
 import uuid
 from typing import Callable
 
+from loader.chat_template import has_template
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
 from server.errors import AdapterMemoryFull, InvalidArgument, NotFound, status_for
 from server.serving import Serving, abort, adapter_pool, ready
-from server.chat import has_template
 from server.stopping import FinishReason
 from server.validation import MAX_REQUEST_ID, logprobs_from, prompt_and_stopping, sampling_from
 

@@ -1,13 +1,21 @@
 """Chat requests: the model's chat template makes the prompt, as HF apply_chat_template(sanitize_control_tokens=True)
 does, so a message's text never becomes a control token; a model without a template, or a template that refuses the
 messages, is a clear refusal."""
+import json
+import random
+import re
+import string
+
 import grpc
 import pytest
 from transformers import AutoTokenizer
 
 from clients.cli import main
 from clients.client import Client
-from tests.helpers import start_server, status_of
+from loader.train_data import IGNORE, DataError, read_jsonl
+from loader.training_job import run_job
+from protos.loraplex.v1 import inference_pb2 as pb
+from tests.helpers import start_server, status_of, training_job
 
 TEMPLATE = ("{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
             "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
@@ -86,3 +94,65 @@ def test_the_client_checks_chat_messages(prompt, kwargs, needle):
     from clients.arguments import build_request
     with pytest.raises(TypeError, match=needle):
         build_request(prompt, **kwargs)
+
+
+TURNS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi </s>"},
+         {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"},
+         {"role": "assistant", "content": "bye"}]
+
+
+def test_a_chat_example_learns_the_assistants_turns_as_the_template_writes_them(chat_model, tmp_path):
+    model_dir, tokenizer = chat_model
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": TURNS}) + "\n")
+    [example] = read_jsonl(path, tokenizer, 512)
+    assert example.input_ids == tokenizer.apply_chat_template(TURNS, tokenize=True, return_dict=False,
+                                                               sanitize_control_tokens=True)
+    assert all(label in (IGNORE, t) for t, label in zip(example.input_ids, example.labels))
+    learned = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE]
+    # each assistant turn's content and the end of its turn (here the eos token), nothing of the others
+    assert tokenizer.decode(learned) == "hello</s>bye</s>"
+
+
+@pytest.mark.parametrize("record,needle", [
+    ({"messages": TURNS, "text": "x"}, "has 'messages' and 'text'"),
+    ({"messages": []}, "'messages' must be a non-empty list"),
+    ({"messages": [{"role": "user"}]}, "message 0 must be an object of exactly 'role' and 'content'"),
+    ({"messages": TURNS[:2]}, "the chat has no assistant message to learn from"),
+    ({"messages": TURNS[2:3]}, "the chat starts with an assistant message"),
+    ({"messages": [{"role": "tool", "content": "x"}, TURNS[2]]}, "refused these messages (TemplateError: unknown role"),
+])
+def test_bad_chat_examples_are_refused_naming_the_line(chat_model, tmp_path, record, needle):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: ") + ".*" + re.escape(needle)):
+        read_jsonl(path, chat_model[1], 512)
+
+
+def test_chat_examples_need_the_models_chat_template(model_dirs, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": TURNS}) + "\n")
+    with pytest.raises(DataError, match="no chat template .*; give prompt and completion instead"):
+        read_jsonl(path, AutoTokenizer.from_pretrained(model_dirs["llama"]), 512)
+
+
+def test_an_adapter_trained_on_chats_answers_a_served_chat(chat_model, tmp_path):
+    """Train on chats whose assistant always answers "ok", then ask the served adapter in a chat of a new word."""
+    model_dir, _ = chat_model
+    rng = random.Random(0)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8))) for _ in range(80)]
+    for name, part in (("train", words[:64]), ("eval", words[64:79])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(
+            {"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": "ok"}]}) + "\n"
+            for w in part))
+    run_job(training_job({"llama": model_dir}, (tmp_path / "train.jsonl", tmp_path / "eval.jsonl"),
+                         tmp_path / "adapters" / "ok", "lora"))
+    server = start_server(model_dir, tmp_path / "adapters")
+    try:
+        with Client(server.target, timeout=60) as client:
+            chat = [{"role": "user", "content": words[79]}]
+            reply = client.generate(chat, "ok", max_new_tokens=8)
+            assert reply.text == "ok" and reply.finish_reason == pb.FINISH_REASON_EOS_TOKEN
+            assert client.generate(chat, max_new_tokens=8).text != "ok"
+    finally:
+        server.stop()

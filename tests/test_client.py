@@ -95,7 +95,8 @@ def test_a_sync_stream_cancelled_ends_its_loop_cleanly(server, monkeypatch):
 
 
 @pytest.mark.parametrize("call,error,message", [
-    (lambda c: c.generate(5), TypeError, "prompt must be text (str), token ids (a sequence of int) or chat messages (a sequence of dicts), not int"),
+    (lambda c: c.generate(5), TypeError,
+     "prompt must be text (str), token ids (a sequence of int) or chat messages (a sequence of dicts), not int"),
     (lambda c: c.generate([5, "6"]), TypeError, "prompt token id 1 must be an int, not str"),
     (lambda c: c.generate([5, 2 ** 40]), ValueError, "prompt token id 1 must be in [-2^31, 2^31)"),
     (lambda c: c.generate("x", adapter_id=5), TypeError, "adapter_id must be a str, not int"),

@@ -29,7 +29,8 @@ def read_adalora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Mo
         # PEFT falls back to a rank-dependent scale that differs between training and reload; refuse the ambiguity.
         raise FailedPrecondition(f"adapter {adapter_id!r}: ADALORA lora_alpha must be > 0, got {alpha!r}")
     c = alpha / (init_r + 1e-5)
-    masks = config.get("rank_pattern") or {}
+    rename = ctx.layout.renamer()  # its masks name modules as its tensors do: in an older layout, both renamed
+    masks = {rename(key): mask for key, mask in (config.get("rank_pattern") or {}).items()}
     parts = group_tensors(read_adapter_tensors(path, adapter_id, shapes, ctx), KEY, adapter_id, "ADALORA", shapes)
     require_parts(parts, config, shapes, adapter_id, {"A": "lora_A", "B": "lora_B", "E": "lora_E"})
     modules = {}

@@ -150,6 +150,38 @@ def test_a_multimodal_checkpoints_vision_tower_is_not_adapted_and_peft_adapters_
         server.stop()
 
 
+def test_an_adalora_adapter_in_the_older_layout_has_its_rank_pattern_renamed_too(gemma3_multimodal, tmp_path):
+    """An AdaLoRA rank_pattern names modules as the tensors do: saved before transformers 4.52, both name
+    `language_model.model.*`; renaming the tensors alone refused the adapter with a shape error (QA)."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.helpers import make_peft_adalora
+    folder, _ = gemma3_multimodal
+    root = tmp_path / "adapters"
+    # the text model's only: a text forward gives the vision tower's no gradients, which PEFT's allocator needs
+    make_peft_adalora(folder, root / "new", seed=5, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    config = json.loads((root / "new" / "adapter_config.json").read_text())
+    ranks = {sum(mask) for mask in config["rank_pattern"].values()}
+    assert len(ranks) > 1 and all(key.startswith("model.language_model.") for key in config["rank_pattern"])
+
+    def older(key: str) -> str:
+        return key.replace("model.language_model.", "language_model.model.")
+    (root / "old").mkdir()
+    config["rank_pattern"] = {older(key): mask for key, mask in config["rank_pattern"].items()}
+    (root / "old" / "adapter_config.json").write_text(json.dumps(config))
+    save_file({older(k): v for k, v in load_file(root / "new" / "adapter_model.safetensors").items()},
+              root / "old" / "adapter_model.safetensors", {"format": "pt"})
+    server = start_server(folder, root)
+    try:
+        with Client(server.target, timeout=60) as client:
+            new, old = (client.generate([9, 10, 11, 12], adapter_id=a, max_new_tokens=6, ignore_eos=True)
+                        for a in ("new", "old"))
+            assert list(new.token_ids) == list(old.token_ids)
+            assert client.get_adapter("old").module_ranks == client.get_adapter("new").module_ranks
+    finally:
+        server.stop()
+
+
 def test_keys_in_a_models_current_layout_are_never_renamed():
     """Review: transformers' renamings are for older checkpoints, and some are not idempotent (Laguna's
     "mlp.shared_expert." pattern turned shared_experts.gate_proj into shared_experts..gate_proj): an adapter for the

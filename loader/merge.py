@@ -69,10 +69,12 @@ def merge_reslora(adapter_dir: Path, out: Path, model: str = "default", eval_pat
         batches = [{k: v.to(device) for k, v in collate(examples[i:i + 8], pad).items()}
                    for i in range(0, len(examples), 8)]
         error = merge_error(base.eval(), layers, method, batches)
+    # A training run's files there describe the replaced adapter (a `train --resume` would pass the merge as its
+    # finished job): gone before the merge is written, so a crash in between leaves no merge beside them.
+    for name in (LOG, CHECKPOINT):
+        (out / name).unlink(missing_ok=True)
     save_canonical_as_lora(merged, out, {"base_model_name_or_path": config.get("base_model_name_or_path"),
                                          "fan_in_fan_out": conv1d})
-    for name in (LOG, CHECKPOINT):  # a training run's, there: they described the replaced adapter (a `train
-        (out / name).unlink(missing_ok=True)  # --resume` would pass the merge as its finished job)
     report = {"structure": config["structure"], "merge_method": method, "merge_error": error,
               "recorded_merge_error": (config.get("merge_error") or {}).get(method), "out": str(out)}
     (out / "merge_report.json").write_text(json.dumps(report, indent=2))

@@ -63,7 +63,8 @@ def test_a_merge_on_a_conv1d_model_says_fan_in_fan_out_as_peft_expects(model_dir
         torch.testing.assert_close(peft.eval()(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
 
 
-def test_a_merge_replaces_no_adapter_unasked_and_names_a_model_of_another_architecture(model_dirs, tmp_path):
+def test_a_merge_replaces_no_adapter_unasked_and_names_a_model_of_another_architecture(model_dirs, tmp_path,
+                                                                                       monkeypatch):
     """QA: `merge X --out X` replaced the ResLoRA source by its merge (its factors, chains and statistics lost), a
     merge over another adapter replaced it silently (its training_log.json left behind, which a `train --resume`
     would pass as done), and a GPT-2 --model for a Llama adapter was a traceback."""
@@ -88,6 +89,13 @@ def test_a_merge_replaces_no_adapter_unasked_and_names_a_model_of_another_archit
     with pytest.raises(DataError):  # a merge that fails leaves the directory as it was
         merge_reslora(tmp_path / "res", tmp_path / "plain", str(model_dirs["llama"]), str(bad), overwrite=True)
     assert (tmp_path / "plain" / "training_log.json").exists()
+    import loader.merge
+    monkeypatch.setattr(loader.merge, "save_canonical_as_lora", lambda *a: (_ for _ in ()).throw(OSError("disk")))
+    with pytest.raises(OSError):  # a crash while the merge is written leaves no log of another adapter beside it
+        merge_reslora(tmp_path / "res", tmp_path / "plain", str(model_dirs["llama"]), overwrite=True)
+    monkeypatch.undo()
+    assert not (tmp_path / "plain" / "training_log.json").exists()
+    (tmp_path / "plain" / "training_log.json").write_text("{}")
     merge_reslora(tmp_path / "res", tmp_path / "plain", str(model_dirs["llama"]), overwrite=True)
     assert not (tmp_path / "plain" / "training_log.json").exists()
     with pytest.raises(JobError, match=r"--model .*gpt2: .*the adapter adapts model\.layers\.0\..*another "

@@ -55,6 +55,15 @@ def _choose(logits, rows: list[Row]) -> tuple[list[int], list, frozenset[int]]:
     return tokens, token_logprobs(logits, tokens, [s.request.logprobs for s in states]), broken
 
 
+def _count_by_adapter(counter, amounts) -> None:
+    """One increment per adapter label of the (label, amount) pairs: a step's rows share a few labels."""
+    totals = Counter()
+    for label, amount in amounts:
+        totals[label] += amount
+    for label, total in totals.items():
+        counter.labels(label).inc(total)
+
+
 def _plan(requests: list) -> tuple[int, int]:
     """(columns, token slots) a batch of `requests` may grow to, if every row stayed until the longest finished."""
     # Rows are right-aligned and leading pad columns are trimmed, so the width is the longest live row, and
@@ -367,6 +376,8 @@ class Engine:
             self._prefilling = None
         self.metrics.batch_size.labels("prefill").observe(len(rows))
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
+        _count_by_adapter(self.metrics.adapter_prompt_tokens,
+                          ((r.state.request.adapter_label, len(r.prompt_ids)) for r in rows))
         self._emit(rows, tokens, logprobs, first=True, broken=broken)
         self._report()
 
@@ -402,6 +413,8 @@ class Engine:
         now = time.monotonic()
         finished, failed = [], []
         self.metrics.generation_tokens.inc(len(rows) - len(broken))
+        _count_by_adapter(self.metrics.adapter_generation_tokens,
+                          ((r.state.request.adapter_label, 1) for i, r in enumerate(rows) if i not in broken))
         for i, (row, token, row_logprobs) in enumerate(zip(rows, tokens, logprobs)):
             state = row.state
             if i in broken:

@@ -42,6 +42,10 @@ class Metrics:
                                ["code"], registry=r)
         self.adapter_requests = Counter(p + "adapter_requests", "Requests per adapter (bounded label set).",
                                         ["adapter"], registry=r)
+        self.adapter_prompt_tokens = Counter(p + "adapter_prompt_tokens", "Prompt tokens prefilled per adapter "
+                                             "(bounded label set).", ["adapter"], registry=r)
+        self.adapter_generation_tokens = Counter(p + "adapter_generation_tokens", "Tokens generated per adapter "
+                                                 "(bounded label set).", ["adapter"], registry=r)
         self.adapters_loaded = Gauge(p + "adapters_loaded", "Registered adapters: in host memory (cpu) or evicted "
                                      "(disk).", ["tier"], registry=r)
         self.kv_slots = Gauge(p + "kv_cache_token_slots", "KV-cache token slots (rows x positions) allocated.",

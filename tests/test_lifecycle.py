@@ -181,6 +181,10 @@ def test_metrics_count_exactly(model_dirs, adapter_root):
             assert got['loraplex_request_success_total{finished_reason="length"}'] == 3
             assert got['loraplex_adapter_requests_total{adapter="small"}'] == 2
             assert got['loraplex_adapter_requests_total{adapter="__base__"}'] == 1
+            assert got['loraplex_adapter_prompt_tokens_total{adapter="small"}'] == 12
+            assert got['loraplex_adapter_prompt_tokens_total{adapter="__base__"}'] == 3
+            assert got['loraplex_adapter_generation_tokens_total{adapter="small"}'] == 8
+            assert got['loraplex_adapter_generation_tokens_total{adapter="__base__"}'] == 4
             assert got['loraplex_batch_size_count{phase="prefill"}'] == 3
             assert got['loraplex_batch_size_sum{phase="prefill"}'] == 3
             assert got['loraplex_batch_size_count{phase="decode"}'] == 9  # each request's tokens after its first
@@ -212,7 +216,8 @@ def test_warm_up_is_not_counted_as_a_request(model_dirs):
         counted = [k for k, v in fresh.items() if v and k.startswith((
             "loraplex_time_to_first_token_seconds_count", "loraplex_e2e_request_latency_seconds_count",
             "loraplex_request_queue_time_seconds_count", "loraplex_request_success_total",
-            "loraplex_adapter_requests_total", "loraplex_prompt_tokens_total", "loraplex_generation_tokens_total"))]
+            "loraplex_adapter_requests_total", "loraplex_prompt_tokens_total", "loraplex_generation_tokens_total",
+            "loraplex_adapter_prompt_tokens_total", "loraplex_adapter_generation_tokens_total"))]
         assert counted == []
         with Client(server.target, timeout=30) as client:
             client.generate([5, 6], max_new_tokens=2, ignore_eos=True)

@@ -333,13 +333,13 @@ def one_adapter_in_memory(model_dirs, adapter_root, tmp_path, monkeypatch):
     server.stop()
 
 
-def _a_waits_for_bs_memory(client):
-    """(b's long stream, a's 4-token stream that waits for host memory until b's ends)."""
+def _a_waits_for_bs_memory(client, new: int = 4):
+    """(b's long stream, a's `new`-token stream that waits for host memory until b's ends)."""
     client.load_adapter("a")
     client.load_adapter("b")  # a goes to disk
     running = client.generate_stream([5, 6], "b", max_new_tokens=400, ignore_eos=True)
     next(running)  # b's weights are held: a cannot come back into memory yet
-    waiting = client.generate_stream([5, 6], "a", max_new_tokens=4, ignore_eos=True)
+    waiting = client.generate_stream([5, 6], "a", max_new_tokens=new, ignore_eos=True)
     assert wait_for(lambda: client.get_adapter("a").waiting_requests == 1)
     return running, waiting
 
@@ -366,7 +366,7 @@ def test_a_drain_lets_requests_waiting_for_adapter_memory_finish_on_it(one_adapt
     import threading
     server = one_adapter_in_memory
     with Client(server.target, timeout=60) as client:
-        running, waiting = _a_waits_for_bs_memory(client)
+        running, waiting = _a_waits_for_bs_memory(client, 100)  # 0.5 s of slowed steps: still running when counted
         unloaded = []
         drain = threading.Thread(target=lambda: unloaded.append(client.unload_adapter("a", drain=True)))
         drain.start()
@@ -376,7 +376,7 @@ def test_a_drain_lets_requests_waiting_for_adapter_memory_finish_on_it(one_adapt
         code, message = status_of(client.load_adapter, "a", replace=True)  # the drain would undo it
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "load it once that call returns" in message
         running.cancel()
-        assert len([t for m in waiting for t in m.token_ids]) == 4  # served on the copy it came for
+        assert len([t for m in waiting for t in m.token_ids]) == 100  # served on the copy it came for
         drain.join(timeout=30)
         assert unloaded and unloaded[0].drained_requests == 1
         assert status_of(client.get_adapter, "a")[0] == grpc.StatusCode.NOT_FOUND

@@ -13,6 +13,7 @@ from server.sampling import SamplingParams
 from server.stopping import StoppingParams
 
 MAX_STOP_SEQUENCES, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, MAX_REQUEST_ID = 16, 256, 64, 256
+REPETITION_PENALTY = (0.01, 100.0)
 
 
 def _finite(value: float, name: str) -> float:
@@ -32,10 +33,9 @@ def sampling_from(msg: pb.SamplingParams) -> SamplingParams:
     if not 0.0 < top_p <= 1.0:
         raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {top_p}")
     min_p = _within(msg, "min_p", 0.0, 0.0, 1.0)
-    repetition = _finite(msg.repetition_penalty, "sampling.repetition_penalty") \
-        if msg.HasField("repetition_penalty") else 1.0
-    if repetition <= 0:
-        raise InvalidArgument(f"sampling.repetition_penalty must be > 0 (1 disables), got {repetition}")
+    # Bounded so that no float32 logit a model makes can overflow when divided or multiplied by it (1e-40 turned
+    # logits to inf, and the row's NaN draw failed its whole batch)
+    repetition = _within(msg, "repetition_penalty", 1.0, *REPETITION_PENALTY)
     return SamplingParams(temperature, top_k, top_p, msg.seed if msg.HasField("seed") else None, min_p, repetition,
                           _within(msg, "presence_penalty", 0.0, -2.0, 2.0),
                           _within(msg, "frequency_penalty", 0.0, -2.0, 2.0))

@@ -227,7 +227,9 @@ def test_unservable_adapters_fail_precondition_naming_the_problem(client, adapte
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=-5), "max_new_tokens"),
     (dict(stop=[""]), "stop"),
-    (dict(repetition_penalty=0.0), "sampling.repetition_penalty must be > 0"),
+    (dict(repetition_penalty=0.0), "sampling.repetition_penalty must be in [0.01, 100] (1 disables), got 0.0"),
+    (dict(repetition_penalty=1e-40), "sampling.repetition_penalty must be in [0.01, 100]"),  # overflowed logits
+    (dict(repetition_penalty=1e3), "sampling.repetition_penalty must be in [0.01, 100]"),
     (dict(repetition_penalty=math.nan), "sampling.repetition_penalty must be a finite number"),
     (dict(presence_penalty=2.5), "sampling.presence_penalty must be in [-2, 2]"),
     (dict(frequency_penalty=-3.0), "sampling.frequency_penalty must be in [-2, 2]"),

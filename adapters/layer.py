@@ -48,11 +48,13 @@ class MultiAdapterLinear(nn.Module):
         rows = self.context.rows
         if rows is None:
             return y
-        if x.dim() == 2:  # flattened to [rows·T, d] by the model (OPT's MLP): each row's T tokens in one run
-            if x.shape[0] % rows.rows:
-                raise ValueError(f"an adapted layer got {x.shape[0]} flattened tokens for {rows.rows} rows")
-            return rows.add_delta(self.index, x.view(rows.rows, -1, x.shape[-1]),
-                                  y.view(rows.rows, -1, y.shape[-1])).view(y.shape)
+        if x.dim() != 3:
+            # Flattened to [rows·T, d] (OPT's MLP), or with more axes, [rows, ..., d] (MLA's kv_b_proj, on [rows, 1,
+            # T, rank]): either way each row's tokens are one run, in row order
+            if x.shape[0] % rows.rows or (x.dim() > 3 and x.shape[0] != rows.rows):
+                raise ValueError(f"an adapted layer got input {tuple(x.shape)} for {rows.rows} rows")
+            return rows.add_delta(self.index, x.reshape(rows.rows, -1, x.shape[-1]),
+                                  y.reshape(rows.rows, -1, y.shape[-1])).view(y.shape)
         return rows.add_delta(self.index, x, y)
 
 

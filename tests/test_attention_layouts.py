@@ -15,7 +15,7 @@ from server.background import BackgroundServer
 from server.attention import AttentionLayout, UnsupportedAttention
 from server.batch import Row, Runner
 from server.config import ServerConfig
-from tests.helpers import start_server
+from tests.helpers import KERNELS, make_peft_adapter, start_server, tokens_alone_and_together
 
 WINDOW = 6
 SMALL = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
@@ -156,6 +156,42 @@ def test_keys_and_values_of_different_widths_join_a_running_batch(tmp_path):
     k, v = merged.cache.layers[0].k, merged.cache.layers[0].v
     assert k.shape[-1] != v.shape[-1]
     assert merged.cache.allocated()[1] == sum(t.numel() * 4 for layer in merged.cache.layers for t in (layer.k, layer.v))
+
+
+@pytest.fixture(scope="module")
+def mla_with_adapter(tmp_path_factory):
+    """A tiny DeepSeek-V3 and a PEFT LoRA on all its linear layers but the experts', kv_b_proj included (PEFT's
+    all-linear adapts it), which expands the cached latents [rows, 1, T, rank] of every step, 4-D."""
+    work = tmp_path_factory.mktemp("mla")
+    model = build_model_dir(work / "mla", "deepseek_v3", seed=0, n_routed_experts=4, num_experts_per_tok=2,
+                            first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                            qk_nope_head_dim=8, v_head_dim=16, moe_intermediate_size=32, n_group=1, topk_group=1,
+                            num_key_value_heads=4)
+    make_peft_adapter(model, work / "adapters" / "lora", 7, r=4, lora_alpha=16,
+                      target_modules=["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"])
+    return model, work / "adapters"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_an_adapter_on_mlas_kv_b_proj_gives_pefts_tokens_alone_and_batched(mla_with_adapter, kernel):
+    """QA: with the native or triton kernel every request on such an adapter failed with INTERNAL (they took 3-D
+    input only), and so did the base rows batched with it."""
+    from peft import PeftModel
+    model, root = mla_with_adapter
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), root / "lora").eval()
+    expected = [peft.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)[0, len(p):].tolist() for p in PROMPTS]
+    with peft.disable_adapter():
+        plain = [peft.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)[0, len(p):].tolist() for p in PROMPTS]
+    assert expected != plain
+    server = start_server(model, root, adapter_kernel=kernel)
+    try:
+        alone, together = tokens_alone_and_together(server.target, PROMPTS * 2, ["lora"] * len(PROMPTS) +
+                                                    [""] * len(PROMPTS), 6)
+        assert alone == together == expected + plain
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

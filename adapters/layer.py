@@ -43,6 +43,16 @@ class MultiAdapterLinear(nn.Module):
         self.index = index
         self.context = context
 
+    # Model code may read the layer's parameters beside calling it (Hunyuan-MoE's router casts to `wg.weight.dtype`),
+    # as PEFT's wrappers allow: the frozen base layer's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         rows = self.context.rows

@@ -194,6 +194,29 @@ def test_an_adapter_on_mlas_kv_b_proj_gives_pefts_tokens_alone_and_batched(mla_w
         server.stop()
 
 
+def test_a_model_reading_an_adapted_layers_weight_is_served(tmp_path):
+    """Hunyuan-MoE's router casts to `self.wg.weight.dtype`: with `wg` adapted the model was refused at start (its
+    forward failed, blamed on attention or state). An adapted layer shows its base layer's weight and bias, as
+    PEFT's layers do; an adapter on the router too gives PEFT's tokens."""
+    from peft import PeftModel
+    model = build_model_dir(tmp_path / "hunyuan", "hunyuan_v1_moe", seed=0, head_dim=16, num_experts=4, moe_topk=2)
+    make_peft_adapter(model, tmp_path / "adapters" / "lora", 3, r=4, lora_alpha=16, target_modules=["wg", "q_proj"])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), tmp_path / "adapters" / "lora")
+    expected = [peft.eval().generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                     eos_token_id=None)[0, len(p):].tolist() for p in PROMPTS]
+    with peft.disable_adapter():
+        plain = [peft.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)[0, len(p):].tolist() for p in PROMPTS]
+    server = start_server(model, tmp_path / "adapters")
+    try:
+        assert "model.layers.0.mlp.gate.wg" in [s.name for s in server.serving.engine.bank.shapes]
+        alone, together = tokens_alone_and_together(server.target, PROMPTS * 2, ["lora"] * len(PROMPTS) +
+                                                    [""] * len(PROMPTS), 6)
+        assert alone == together == expected + plain and expected != plain
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt", "mixtral"])
 def test_attention_models_pass_the_cache_check_in_every_dtype(model_dirs, tmp_path, arch, dtype):

@@ -4,6 +4,7 @@ Rows are left-padded on one shared time axis. The engine owns scheduling; this m
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -98,6 +99,10 @@ class Runner:
         """Refuse (UnsupportedAttention) a model whose state is not all in the KV cache the batch hands it, which
         rows join and leave: recurrent, state-space or RWKV layers. A decode step through the cache must give the
         logits of a prefill of the whole sequence, and a row joining a running batch those it gets alone."""
+        if "past_key_values" not in inspect.signature(self.model.forward).parameters:
+            raise UnsupportedAttention("the model's forward takes no past_key_values: it keeps no KV cache "
+                                       "(recurrent or state-space models keep other state, and some older models, "
+                                       "as GPT-1, none), and this server batches rows through one")
         vocab = self.model.config.get_text_config().vocab_size
         first, second = [(7 * i + 3) % vocab for i in range(8)], [(5 * i + 11) % vocab for i in range(5)]
 

@@ -17,7 +17,8 @@ def add_train_parser(sub) -> None:
     t = train.add_argument
     t("--method", choices=["lora", "adalora", "hydralora", "reslora"], help="required unless --jobs gives it")
     t("--model", default="default", help="local HF causal-LM directory, or 'default'")
-    t("--data", help='JSONL: {"prompt", "completion"} (loss on the completion) or {"text"}')
+    t("--data", help='JSONL: {"prompt", "completion"} (loss on the completion), {"text"}, or {"messages"} (a chat '
+                     'through the model\'s chat template, loss on the assistant turns)')
     t("--eval", default=None, help="JSONL eval set: eval loss is reported every --eval-every steps")
     t("--out", help="adapter directory to write")
     t("--jobs", default=None, help="JSONL of jobs (method, data, out, overrides); under torchrun each rank "

@@ -1,6 +1,10 @@
 """Conversations made token ids by the model's own chat template, one way for serving (the prompt of a chat request)
-and for training (a chat example, loss on the assistant's turns), so an adapter is served the prompts it learned."""
+and for training (chat examples, loss on the assistant's turns), so an adapter is served the prompts it learned."""
 from __future__ import annotations
+
+import functools
+
+MAX_DETAIL = 300  # characters of a template's own error passed on (HF's may hold the whole rendered chat)
 
 
 class ChatError(ValueError):
@@ -11,13 +15,36 @@ def has_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def template_problem(tokenizer) -> str | None:
+    """Why the model's chat template cannot serve any chat (none, or it does not compile), or None."""
+    if not has_template(tokenizer):
+        return "the model has no chat template (chat_template in tokenizer_config.json or chat_template.jinja)"
+    try:
+        template = tokenizer.get_chat_template()
+    except Exception as exc:  # a list of named templates without a default one
+        return f"the model's chat template cannot be chosen ({_short(exc)})"
+    return _compile_error(template)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_error(template: str) -> str | None:
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+    try:
+        _compile_jinja_template(template)
+    except Exception as exc:
+        return f"the model's chat template does not compile ({_short(exc)})"
+    return None
+
+
+def _short(exc: Exception) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL] + "..."
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
            continue_final_message: bool = False) -> list[int]:
     """The ids of `messages` as HF apply_chat_template makes them with sanitize_control_tokens: the messages' text
     never becomes a control token (a user's "<|im_end|>" must not end their turn), only the template's does."""
-    if not has_template(tokenizer):
-        raise ChatError("the model has no chat template (chat_template in tokenizer_config.json or "
-                        "chat_template.jinja)")
     if not messages:
         raise ChatError("the chat has no messages")
     try:
@@ -25,29 +52,35 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
                                             continue_final_message=continue_final_message, tokenize=True,
                                             return_dict=False, sanitize_control_tokens=True)
     except Exception as exc:  # a template's raise_exception (roles out of order), or one it cannot render
-        raise ChatError(f"the model's chat template refused these messages ({type(exc).__name__}: {exc})") from None
+        raise ChatError(f"the model's chat template refused these messages ({_short(exc)})") from None
     if not ids:
         raise ChatError("the model's chat template made no tokens of these messages")
     return list(ids)
 
 
-def assistant_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
-    """(ids of the whole conversation, per id whether it is the assistant's to learn): every assistant turn's tokens
-    as the template writes them, its end-of-turn tokens included (the model learns to stop), found as the tokens
-    that the turn adds to the conversation before it with the generation prompt. Templates render each turn after
-    the ones before (each rendering a prefix of the next); one that does not is refused, not guessed at."""
-    ids = render(tokenizer, messages)
-    learned = [False] * len(ids)
+def assistant_examples(tokenizer, messages: list[dict]) -> list[tuple[list[int], list[bool]]]:
+    """Examples (ids, per id whether it is the assistant's to learn) teaching every assistant turn as the template
+    writes it after the messages before it and its generation prompt (the prompt a served chat has), end-of-turn
+    tokens included (the model learns to stop): one example of the whole conversation where the template writes
+    each turn after the ones before, else one example per turn (templates that drop earlier turns' reasoning, as
+    Qwen3's, or end only the last message, as Phi-3's)."""
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         raise ChatError("the chat has no assistant message to learn from")
     if turns[0] == 0:
         raise ChatError("the chat starts with an assistant message: no prompt comes before it")
+    spans = []
     for i in turns:
         before = render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = render(tokenizer, messages[:i + 1])
-        if upto[:len(before)] != before or ids[:len(upto)] != upto or len(upto) == len(before):
+        if upto[:len(before)] != before or len(upto) == len(before):
             raise ChatError(f"the model's chat template does not write message {i} (the assistant's) after the "
-                            f"ones before it and their generation prompt, so its tokens cannot be told apart")
-        learned[len(before):len(upto)] = [True] * (len(upto) - len(before))
-    return ids, learned
+                            f"generation prompt of the messages before it, so its tokens cannot be told apart")
+        spans.append((upto, len(before)))
+    whole = spans[-1][0]
+    if all(whole[:len(upto)] == upto for upto, _ in spans):
+        learned = [False] * len(whole)
+        for upto, start in spans:
+            learned[start:len(upto)] = [True] * (len(upto) - start)
+        return [(whole, learned)]
+    return [(upto, [False] * start + [True] * (len(upto) - start)) for upto, start in spans]

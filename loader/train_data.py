@@ -12,7 +12,7 @@ import torch
 
 from loader import json_input
 from loader.base_model import longest_token_chars
-from loader.chat_template import ChatError, assistant_example, has_template
+from loader.chat_template import ChatError, assistant_examples, template_problem
 
 log = logging.getLogger("loraplex.train")
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding): HF's ignore_index
@@ -78,10 +78,10 @@ def read_jsonl(path: Path, tokenizer, max_length: int, vocab_size: int | None = 
             raise DataError(f"{where}: has 'text' and {'prompt' if 'prompt' in record else 'completion'}: give "
                             f"either text (loss on every token) or prompt and completion (loss on the completion)")
         if "messages" in record:
-            ids, labels = _chat(tokenizer, record["messages"], where)
+            pairs = _chat(tokenizer, record["messages"], where, cap, max_length)
         elif "text" in record and isinstance(record["text"], str) and record["text"]:
             ids = tokenizer(record["text"][:cap]).input_ids + ([eos] if eos is not None else [])
-            labels = list(ids)
+            pairs = [(ids, list(ids))]
         elif all(isinstance(record.get(k), str) for k in ("prompt", "completion")) and record["completion"]:
             prompt, completion = _prompt_and_completion(tokenizer, record["prompt"][:cap],
                                                         record["completion"][:cap])
@@ -89,21 +89,25 @@ def read_jsonl(path: Path, tokenizer, max_length: int, vocab_size: int | None = 
             if completion is None:  # the boundary's tokens merge: the completion's own tokens after the prompt's
                 completion = tokenizer(record["completion"][:cap], add_special_tokens=False).input_ids
             completion += [eos] if eos is not None else []
-            ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
+            pairs = [(prompt + completion, [IGNORE] * len(prompt) + completion)]
         else:
             raise DataError(f"{where}: needs a non-empty string 'text', string 'prompt' and non-empty string "
                             f"'completion', or a list of 'messages'; got keys {sorted(record)}")
-        truncated += len(ids) > max_length
-        ids, labels = ids[:max_length], labels[:max_length]
-        beyond = next((i for i in ids if vocab_size is not None and i >= vocab_size), None)
-        if beyond is not None:
-            raise DataError(f"{where}: tokenizes to {tokenizer.decode([beyond])!r} (id {beyond}), a token the "
-                            f"tokenizer knows but the model does not: its vocabulary has {vocab_size} tokens")
-        if all(label == IGNORE for label in labels[1:]):  # a loss predicts each token from those before it
+        truncated += sum(len(ids) > max_length for ids, _ in pairs)
+        pairs = [(ids[:max_length], labels[:max_length]) for ids, labels in pairs]
+        for ids, _ in pairs:
+            beyond = next((i for i in ids if vocab_size is not None and i >= vocab_size), None)
+            if beyond is not None:
+                raise DataError(f"{where}: tokenizes to {tokenizer.decode([beyond])!r} (id {beyond}), a token the "
+                                f"tokenizer knows but the model does not: its vocabulary has {vocab_size} tokens")
+        # a loss predicts each token from those before it; a chat's turns past --max-length are left out
+        learnable = [(ids, labels) for ids, labels in pairs if any(label != IGNORE for label in labels[1:])]
+        if not learnable:
+            ids, labels = pairs[0]
             raise DataError(f"{where}: the prompt fills --max-length {max_length}; no completion token is left to "
                             f"learn from" if labels and labels[0] == IGNORE else
                             f"{where}: a single token, with none before it to be predicted from")
-        examples.append(Example(ids, labels))
+        examples += [Example(ids, labels) for ids, labels in learnable]
     if not examples:
         raise DataError(f"{path}: no examples")
     if merged:
@@ -129,8 +133,10 @@ def _prompt_and_completion(tokenizer, prompt: str, completion: str) -> tuple[lis
     return prompt_ids, whole[len(prompt_ids):]
 
 
-def _chat(tokenizer, messages, where: str) -> tuple[list[int], list[int]]:
-    """A chat example's ids and labels: the assistant's turns learned, as the template writes them."""
+def _chat(tokenizer, messages, where: str, cap: int | None, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """A chat's examples' ids and labels: the assistant's turns learned, as the template writes them. Its text is
+    cut as a text's is (contents at `cap` characters), and so is its number of messages, at --max-length: a template
+    writes every message as a token at least, so later ones start past what is kept."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
     for i, m in enumerate(messages):
@@ -140,12 +146,15 @@ def _chat(tokenizer, messages, where: str) -> tuple[list[int], list[int]]:
         problem = _not_text(m, ("role", "content"))
         if problem:
             raise DataError(f"{where}: message {i}: {problem}")
+    problem = template_problem(tokenizer)
+    if problem:
+        raise DataError(f"{where}: {problem}; give prompt and completion instead")
+    messages = [dict(m, content=m["content"][:cap]) for m in messages[:max_length]]
     try:
-        ids, learned = assistant_example(tokenizer, messages)
+        examples = assistant_examples(tokenizer, messages)
     except ChatError as exc:
-        advice = "; give prompt and completion instead" if not has_template(tokenizer) else ""
-        raise DataError(f"{where}: {exc}{advice}") from None
-    return ids, [t if keep else IGNORE for t, keep in zip(ids, learned)]
+        raise DataError(f"{where}: {exc}") from None
+    return [(ids, [t if keep else IGNORE for t, keep in zip(ids, learned)]) for ids, learned in examples]
 
 
 def _not_text(record: dict, keys=("text", "prompt", "completion")) -> str | None:

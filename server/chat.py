@@ -2,15 +2,15 @@
 which training uses too)."""
 from __future__ import annotations
 
-from loader.chat_template import ChatError, has_template, render
+from loader.chat_template import ChatError, render, template_problem
 from protos.loraplex.v1 import inference_pb2 as pb
 from server.errors import FailedPrecondition, InvalidArgument
 
 
 def chat_ids(chat: pb.Chat, tokenizer) -> list[int]:
-    if not has_template(tokenizer):
-        raise FailedPrecondition("the model has no chat template (chat_template in tokenizer_config.json or "
-                                 "chat_template.jinja): send prompt or prompt_token_ids")
+    problem = template_problem(tokenizer)
+    if problem:
+        raise FailedPrecondition(f"{problem}: send the prompt as text or token ids")
     if not chat.messages:
         raise InvalidArgument("chat.messages is empty")
     messages = [{"role": m.role, "content": m.content} for m in chat.messages]

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Callable
 
-from loader.chat_template import has_template
+from loader.chat_template import template_problem
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
@@ -373,7 +373,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 autoload_adapters=c.autoload_adapters, auth_required=bool(c.auth_token_file),
                 admin_auth_required=bool(c.admin_token_file or c.auth_token_file),
                 adapter_kernel=s.engine.bank.kernel, adapter_dtype=str(s.engine.bank.dtype).removeprefix("torch."),
-                chat_template=has_template(b.tokenizer),
+                chat_template=template_problem(b.tokenizer) is None,
                 limits=pb.Limits(
                     max_prompt_tokens=s.limits.max_prompt_tokens, max_new_tokens=s.limits.max_new_tokens,
                     max_concurrent_rpcs=c.max_concurrent_rpcs, max_queue_size=c.max_queue_size,

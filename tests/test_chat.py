@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from clients.cli import main
 from clients.client import Client
+from loader.base_model import longest_token_chars
 from loader.train_data import IGNORE, DataError, read_jsonl
 from loader.training_job import run_job
 from protos.loraplex.v1 import inference_pb2 as pb
@@ -81,7 +82,48 @@ def test_a_model_without_a_chat_template_refuses_a_chat_naming_the_alternatives(
             assert not client.server_info().chat_template
             code, details = status_of(client.generate, CHAT)
             assert code == grpc.StatusCode.FAILED_PRECONDITION and "no chat template" in details, details
-            assert "send prompt or prompt_token_ids" in details
+            assert "send the prompt as text or token ids" in details
+    finally:
+        server.stop()
+
+
+def _with_template(model_dirs, out, template: str):
+    """The llama test model's files with another chat template."""
+    out.mkdir()
+    for f in model_dirs["llama"].iterdir():
+        if f.name != "tokenizer_config.json":
+            (out / f.name).symlink_to(f)
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(out)
+    return out, tokenizer
+
+
+def test_chats_are_bounded_before_rendering_and_a_templates_error_is_cut_short(chat_model):
+    """QA: a million empty messages (4 MiB) were rendered and tokenized (29 s, 2 GB) before any limit; a template's
+    error text holding the request's text grew past gRPC's 16 KiB metadata limit (RESOURCE_EXHAUSTED)."""
+    server = start_server(chat_model[0], None)
+    try:
+        with Client(server.target, timeout=60) as client:
+            code, details = status_of(client.generate, [{"role": "", "content": ""}] * 100_000)
+            assert code == grpc.StatusCode.OUT_OF_RANGE, details
+            assert "the chat has 100000 messages, more than the model context of 512 tokens can hold" in details
+            code, details = status_of(client.generate, [{"role": "x" * 2000, "content": "hi"}])
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "unknown role xxx" in details
+            assert len(details) < 400 and details.endswith("...)"), details
+    finally:
+        server.stop()
+
+
+def test_a_template_that_does_not_compile_is_no_template(model_dirs, tmp_path):
+    model_dir, _ = _with_template(model_dirs, tmp_path / "broken", "{% for m in messages %}{{ m['content'] }")
+    server = start_server(model_dir, None)
+    try:
+        with Client(server.target, timeout=60) as client:
+            assert not client.server_info().chat_template
+            code, details = status_of(client.generate, CHAT)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+            assert "the model's chat template does not compile (TemplateSyntaxError" in details
     finally:
         server.stop()
 
@@ -155,5 +197,68 @@ def test_an_adapter_trained_on_chats_answers_a_served_chat(chat_model, tmp_path)
             reply = client.generate(chat, "ok", max_new_tokens=8)
             assert reply.text == "ok" and reply.finish_reason == pb.FINISH_REASON_EOS_TOKEN
             assert client.generate(chat, max_new_tokens=8).text != "ok"
+    finally:
+        server.stop()
+
+
+# Qwen3-like: an earlier assistant turn is written without its reasoning, the last one with it
+DROPS_REASONING = ("{% for m in messages %}{% set c = m['content'] %}"
+                   "{% if m['role'] == 'assistant' and not loop.last %}{% set c = c.split('</think>')[-1] %}{% endif %}"
+                   "{{ bos_token + m['role'] + ': ' + c + eos_token }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ bos_token + 'assistant: ' }}{% endif %}")
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_each_turn_on_its_own_prompt(model_dirs, tmp_path):
+    """QA: Qwen3's and Phi-3's templates write a turn otherwise once more follow (reasoning dropped; Phi-3's end only
+    after the last message), and such multi-turn lines were refused. Each turn then is an example of its own, on
+    the prompt a served chat of the messages before it has."""
+    _, tokenizer = _with_template(model_dirs, tmp_path / "m", DROPS_REASONING)
+    turns = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think>r1</think>a1"},
+             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "<think>r2</think>a2"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": turns}) + "\n")
+    first, second = read_jsonl(path, tokenizer, 512)
+    for example, upto in ((first, 2), (second, 4)):
+        prompt = tokenizer.apply_chat_template(turns[:upto - 1], add_generation_prompt=True, tokenize=True,
+                                               return_dict=False, sanitize_control_tokens=True)
+        assert example.input_ids[:len(prompt)] == prompt and set(example.labels[:len(prompt)]) == {IGNORE}
+        assert tokenizer.decode(example.labels[len(prompt):]) == turns[upto - 1]["content"] + "</s>"
+    assert "r1" not in tokenizer.decode(second.input_ids)  # the served prompt of the second turn has no reasoning
+
+
+def test_a_chat_lines_text_is_cut_as_a_texts_before_it_is_rendered(chat_model, tmp_path, monkeypatch):
+    """QA: a chat line's 20M characters were rendered and tokenized whole (100 s, 4.8 GB), three times."""
+    import loader.train_data
+    seen = []
+    original = loader.train_data.assistant_examples
+    monkeypatch.setattr(loader.train_data, "assistant_examples",
+                        lambda tokenizer, messages: seen.append(messages) or original(tokenizer, messages))
+    path = tmp_path / "chat.jsonl"
+    huge = [{"role": "user", "content": "a" * 1_000_000}, {"role": "assistant", "content": "ok"}] * 100
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, TURNS[2], *huge]}) + "\n")
+    [example] = read_jsonl(path, chat_model[1], 32)
+    assert len(seen[0]) == 32 and max(len(m["content"]) for m in seen[0]) == 4 * 32 * longest_token_chars(chat_model[1])
+    assert len(example.input_ids) == 32
+
+
+def test_a_template_token_the_model_lacks_is_the_models_problem_not_the_callers(model_dirs, tmp_path):
+    """QA: a control token the template writes but the model has no embedding row for was INVALID_ARGUMENT advising
+    prompt_token_ids, which a chat cannot follow."""
+    out = tmp_path / "m"
+    out.mkdir()
+    for f in model_dirs["llama"].iterdir():
+        if f.name not in ("tokenizer_config.json", "tokenizer.json"):
+            (out / f.name).symlink_to(f)
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|turn|>"]})  # id 259: the model has 259 rows
+    tokenizer.chat_template = "{% for m in messages %}{{ '<|turn|>' + m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(out)
+    server = start_server(out, None)
+    try:
+        with Client(server.target, timeout=60) as client:
+            code, details = status_of(client.generate, CHAT)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+            assert "the model's chat template writes '<|turn|>' (id 259), a token the tokenizer knows but the model " \
+                   "does not" in details
     finally:
         server.stop()

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-p", type=float, default=None,
                      help="sample only tokens at least this fraction as likely as the likeliest (0-1)")
     gen.add_argument("--repetition-penalty", type=float, default=None,
-                     help="divide the logits of tokens the prompt or output holds (HF's; > 0, 1 disables)")
+                     help="divide the logits of tokens the prompt or output holds (HF's; 0.01-100, 1 disables)")
     gen.add_argument("--presence-penalty", type=float, default=None,
                      help="take this off the logits of tokens the output holds (-2 to 2)")
     gen.add_argument("--frequency-penalty", type=float, default=None,

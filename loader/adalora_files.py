@@ -30,7 +30,8 @@ def read_adalora(path: Path, adapter_id: str, config: dict, shapes: dict[str, Mo
         raise FailedPrecondition(f"adapter {adapter_id!r}: ADALORA lora_alpha must be > 0, got {alpha!r}")
     c = alpha / (init_r + 1e-5)
     rename = ctx.layout.renamer()  # its masks name modules as its tensors do: in an older layout, both renamed
-    masks = {rename(key): mask for key, mask in (config.get("rank_pattern") or {}).items()}
+    masks = {rename(key): mask for key, mask in sorted((config.get("rank_pattern") or {}).items())}  # in key order,
+    # as transformers renames a checkpoint's (some renamings count the keys they have seen)
     parts = group_tensors(read_adapter_tensors(path, adapter_id, shapes, ctx), KEY, adapter_id, "ADALORA", shapes)
     require_parts(parts, config, shapes, adapter_id, {"A": "lora_A", "B": "lora_B", "E": "lora_E"})
     modules = {}

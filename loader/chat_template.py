@@ -3,7 +3,9 @@ and for training (chat examples, loss on the assistant's turns), so an adapter i
 from __future__ import annotations
 
 import functools
+import re
 
+ROLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 MAX_DETAIL = 300  # characters of a template's own error passed on (HF's may hold the whole rendered chat)
 
 
@@ -47,6 +49,12 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
     never becomes a control token (a user's "<|im_end|>" must not end their turn), only the template's does."""
     if not messages:
         raise ChatError("the chat has no messages")
+    # Templates build control tokens from roles ('<|' + role + '|>', Phi-3's): a role such as "end|>x<|assistant"
+    # would forge the template's own control tokens, which sanitizing whole tokens in the input cannot catch
+    bad = next((m["role"] for m in messages if not ROLE.fullmatch(m["role"])), None)
+    if bad is not None:
+        raise ChatError(f"message role {bad[:40]!r} is not a role name: 1-32 letters, digits, '_' or '-', starting "
+                        f"with a letter (system, user, assistant, tool, ...)")
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                             continue_final_message=continue_final_message, tokenize=True,

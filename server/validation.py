@@ -3,6 +3,7 @@ Every refusal names the field or the flag it breaks (INVALID_ARGUMENT), or the m
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import replace
 
 from protos.loraplex.v1 import inference_pb2 as pb
@@ -41,11 +42,15 @@ def sampling_from(msg: pb.SamplingParams) -> SamplingParams:
                           _within(msg, "frequency_penalty", 0.0, -2.0, 2.0))
 
 
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def _within(msg: pb.SamplingParams, name: str, unset: float, low: float, high: float) -> float:
     if not msg.HasField(name):
         return unset
     value = _finite(getattr(msg, name), f"sampling.{name}")
-    if not low <= value <= high:
+    if not _float32(low) <= value <= _float32(high):  # the field is a float32: 0.01 arrives as 0.0099999998
         raise InvalidArgument(f"sampling.{name} must be in [{low:g}, {high:g}] ({unset:g} disables), got {value}")
     return value
 

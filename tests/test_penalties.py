@@ -64,6 +64,9 @@ def test_repetition_penalty_gives_hf_generates_tokens_alone_and_in_a_mixed_batch
     assert [list(r.token_ids) for r in together] == expected + plain
     assert [list(_alone(server.target, p, a, **kw).token_ids) for p, a, kw in requests] == expected
     assert sum(e != p for e, p in zip(expected, plain)) >= 3, "the penalty changed too little to prove anything"
+    # the bounds themselves are served (0.01 arrives as float32 0.0099999998)
+    for bound in (0.01, 100.0):
+        assert len(_alone(server.target, PROMPTS[1], max_new_tokens=2, repetition_penalty=bound).token_ids) >= 1
     # a penalty below 1 favours repeats: HF's too
     favour = _hf_greedy(models[""], PROMPTS[1], max_new_tokens=NEW, eos_token_id=None, repetition_penalty=0.5)
     got = _alone(server.target, PROMPTS[1], max_new_tokens=NEW, ignore_eos=True, repetition_penalty=0.5)

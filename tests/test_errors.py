@@ -301,7 +301,8 @@ def test_a_burst_of_batch_plus_queue_requests_is_taken_whole(model_dirs, adapter
     import threading
     server = start_server(model_dirs["llama"], adapter_root, max_batch_size=2, max_queue_size=2)
     busy = threading.Event()
-    server.serving.engine.call(lambda: (busy.set(), time.sleep(1.0)))  # the burst arrives before its next step
+    server.serving.engine.call(lambda: (busy.set(), time.sleep(3.0)))  # the burst arrives before its next step (a
+    # loaded machine took over 1 s to send it)
 
     async def burst():
         async with AsyncClient(server.target, timeout=60) as client:

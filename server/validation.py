@@ -112,20 +112,22 @@ def _stop_tokens(stops: tuple[str, ...], skipped) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _check_prompt_chars(chars: int, base, limits, what: str = "the prompt has", unit: str = "characters",
-                        per_token: int | None = -1, why: str = "") -> None:
-    """A prompt text that cannot fit whatever it encodes to: at most `per_token` `unit`s a token (by default
-    base.max_token_chars characters; None: this tokenizer gives no such bound)."""
-    per_token = base.max_token_chars if per_token == -1 else per_token
-    if per_token is None:
-        return
-    why = why or f"a token stands for at most {per_token} {unit}"
-    if chars > limits.max_prompt_tokens * per_token and limits.max_prompt_tokens < base.max_context:
-        raise InvalidArgument(f"{what} {chars} {unit}, more than the server's --max-prompt-tokens "
-                              f"{limits.max_prompt_tokens} can hold ({why})")
-    if chars > base.max_context * per_token:
-        raise OutOfRange(f"{what} {chars} {unit}, more than the model context of {base.max_context} "
-                         f"tokens can hold ({why})")
+def _check_prompt_chars(chars: int, base, limits, what: str = "the prompt has") -> None:
+    """A prompt text that cannot fit whatever it encodes to: at most base.max_token_chars characters a token (None:
+    this tokenizer gives no such bound)."""
+    per_token = base.max_token_chars
+    if per_token is not None:
+        _check_fits(chars, per_token, f"{what} {chars} characters",
+                    f"a token stands for at most {per_token} characters", base, limits)
+
+
+def _check_fits(amount: int, per_token: int, what: str, why: str, base, limits) -> None:
+    """Refuse `what` (an amount of something, at most `per_token` of it a token) that no prompt can hold."""
+    if amount > limits.max_prompt_tokens * per_token and limits.max_prompt_tokens < base.max_context:
+        raise InvalidArgument(f"{what}, more than the server's --max-prompt-tokens {limits.max_prompt_tokens} can "
+                              f"hold ({why})")
+    if amount > base.max_context * per_token:
+        raise OutOfRange(f"{what}, more than the model context of {base.max_context} tokens can hold ({why})")
 
 
 def _check_tokenized(ids: list[int], prompt: str, base) -> None:
@@ -179,6 +181,24 @@ def prompt_and_stopping(request: pb.GenerateRequest, base, limits) -> tuple[list
     return ids, stopping
 
 
+def _chat_prompt(chat: pb.Chat, base, limits) -> list[int]:
+    """A chat's prompt ids, its size checked before it is rendered (a million empty messages took 29 s and 2 GB)."""
+    messages = chat.messages
+    _check_fits(len(messages), 1, f"the chat has {len(messages)} messages",
+                "a chat template writes every message as a token at least", base, limits)
+    _check_prompt_chars(sum(len(m.role) + len(m.content) for m in messages), base, limits,
+                        "the chat's roles and contents have")
+    ids = chat_ids(chat, base.tokenizer)
+    text = "".join(m.content for m in messages)
+    bad = next((t for t in ids if t >= base.vocab_size), None)
+    if bad is not None and base.tokenizer.decode([bad]) not in text:  # the template's, not the user's
+        raise FailedPrecondition(f"the model's chat template writes {base.tokenizer.decode([bad])!r} (id {bad}), a "
+                                 f"token the tokenizer knows but the model does not (its vocabulary has "
+                                 f"{base.vocab_size} tokens): send the prompt as text or token ids")
+    _check_tokenized(ids, text, base)
+    return ids
+
+
 def _prompt_and_fit(request: pb.GenerateRequest, stopping: StoppingParams, explicit: bool, base,
                     limits) -> tuple[list[int], StoppingParams]:
     which = request.WhichOneof("input")
@@ -192,19 +212,7 @@ def _prompt_and_fit(request: pb.GenerateRequest, stopping: StoppingParams, expli
         _check_tokenized(ids, request.prompt, base)
         return ids, _fit_prompt(len(ids), stopping, explicit, base, limits)
     if which == "chat":
-        messages = request.chat.messages  # before rendering: a million empty messages took 29 s and 2 GB
-        _check_prompt_chars(len(messages), base, limits, "the chat has", "messages", 1,
-                            "a chat template writes every message as a token at least")
-        _check_prompt_chars(sum(len(m.role) + len(m.content) for m in messages), base, limits,
-                            "the chat's roles and contents have")
-        ids = chat_ids(request.chat, base.tokenizer)
-        text = "".join(m.content for m in messages)
-        bad = next((t for t in ids if t >= base.vocab_size), None)
-        if bad is not None and base.tokenizer.decode([bad]) not in text:  # the template's, not the user's
-            raise FailedPrecondition(f"the model's chat template writes {base.tokenizer.decode([bad])!r} (id {bad}), "
-                                     f"a token the tokenizer knows but the model does not (its vocabulary has "
-                                     f"{base.vocab_size} tokens): send the prompt as text or token ids")
-        _check_tokenized(ids, text, base)
+        ids = _chat_prompt(request.chat, base, limits)
         return ids, _fit_prompt(len(ids), stopping, explicit, base, limits)
     if which == "prompt_token_ids":
         if not request.prompt_token_ids.ids:

@@ -5,33 +5,20 @@
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import micro  # noqa: E402
 from server.logprobs import token_logprobs  # noqa: E402
 from server.sampling import SamplingParams, sample  # noqa: E402
 
 
-def timed(fn, calls: int = 5) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=15)
-    args = parser.parse_args()
+    args = micro.parser(__doc__, rounds=15).parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     logits = torch.randn(args.rows, args.vocab) * 3
@@ -48,7 +35,7 @@ def main() -> None:
         step(wanted)  # warm-up
     for _ in range(args.rounds):
         for name, wanted in cases.items():
-            rounds[name].append(timed(lambda: step(wanted)))
+            rounds[name].append(micro.timed(lambda: step(wanted)))
     base = statistics.median(rounds["sample only"])
     print(f"greedy choice of {args.rows} rows x {args.vocab}, {args.threads} thread(s); median of {args.rounds} "
           f"rounds x 5 calls")

@@ -6,7 +6,6 @@ with unpenalized rows (interleaved rounds, medians).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.logprobs_micro import timed  # noqa: E402
+from bench import micro  # noqa: E402
 from server.penalties import TokenHistory, penalize  # noqa: E402
 from server.sampling import SamplingParams, make_generator, sample  # noqa: E402
 from server.stopping import StoppingParams  # noqa: E402
@@ -23,12 +22,8 @@ PENALTIES = dict(repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser = micro.parser(__doc__, rounds=15)
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens per row (random ids)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -58,7 +53,7 @@ def main() -> None:
         step(*state)  # warm-up (and the histories' buffers)
     for _ in range(args.rounds):
         for name, state in cases.items():
-            rounds[name].append(timed(lambda: step(*state)))
+            rounds[name].append(micro.timed(lambda: step(*state)))
     print(f"token choice of {args.rows} rows x {args.vocab}, prompts of {args.prompt} ids, {args.threads} thread(s); "
           f"median of {args.rounds} rounds x 5 calls")
     print("case | ms | / no penalties")

@@ -8,7 +8,6 @@ another checkout side by side (interleaved rounds, medians).
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import statistics
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench import micro  # noqa: E402
 
 
 def load_sampling(checkout: Path):
@@ -48,12 +49,8 @@ def time_one(sampling, logits: torch.Tensor, top_p: float, repeats: int) -> floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser = micro.parser(__doc__, rounds=5)
     parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--against", type=Path, help="another checkout's server/sampling.py, timed side by side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

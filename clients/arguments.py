@@ -70,10 +70,12 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
                   request_id: str = "", logprobs: int | None = None, min_p: float | None = None,
                   repetition_penalty: float | None = None, presence_penalty: float | None = None,
                   frequency_penalty: float | None = None, min_new_tokens: int | None = None,
-                  stop_token_ids: Sequence[int] = (), continue_final_message: bool = False) -> pb.GenerateRequest:
+                  stop_token_ids: Sequence[int] = (), continue_final_message: bool = False,
+                  chat_template_kwargs: Mapping | None = None) -> pb.GenerateRequest:
     """A text prompt, a sequence of token ids, or a chat: a sequence of {"role": ..., "content": ...} messages
     that the server's chat template makes the prompt of (`continue_final_message`: the model continues the last
-    message instead of starting a new turn); unset sampling fields mean greedy decoding. `stop`: one stop
+    message instead of starting a new turn; `chat_template_kwargs`: values the template reads, as Qwen3's
+    {"enable_thinking": False}); unset sampling fields mean greedy decoding. `stop`: one stop
     string or several (a string is one stop sequence, not one per character). `adapter_id` "" is the base model;
     None is refused (protobuf would send it as "": an unset variable would silently serve the base model). A value
     of the wrong type, or one its field cannot carry, is a TypeError or ValueError naming the argument. `logprobs`:
@@ -109,9 +111,16 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
         if ids and isinstance(ids[0], Mapping):
             request.chat.CopyFrom(pb.Chat(messages=[_message(i, m) for i, m in enumerate(ids)],
                                           continue_final_message=continued))
+            if chat_template_kwargs is not None:
+                if not isinstance(chat_template_kwargs, Mapping):
+                    raise TypeError(f"chat_template_kwargs must be a dict, not {type(chat_template_kwargs).__name__}")
+                try:
+                    request.chat.chat_template_kwargs.update(chat_template_kwargs)
+                except (TypeError, ValueError) as exc:
+                    raise TypeError(f"chat_template_kwargs: {exc}") from None
             return request
-    if continued:
-        raise TypeError("continue_final_message applies to chat messages only")
+    if continued or chat_template_kwargs is not None:
+        raise TypeError("continue_final_message and chat_template_kwargs apply to chat messages only")
     if ids is None:
         request.prompt = check_text("prompt", prompt)
         return request

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import re
@@ -33,11 +34,22 @@ def _serve(args) -> int:
     return 0
 
 
+def _template_kwarg(text: str) -> tuple[str, object]:
+    key, sep, value = utf8(text).partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=JSON")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value  # a bare word is a string: reasoning_effort=high
+
+
 def _generate(args) -> int:
     from clients.client import Client
     with Client(args.target, timeout=args.timeout, **connection(args)) as client:
         prompt = args.prompt
-        if args.chat or args.system is not None:  # one user turn, after a system turn where given
+        kwargs = dict(args.chat_template_kwarg or ()) or None
+        if args.chat or args.system is not None or kwargs:  # one user turn, after a system turn where given
             prompt = [{"role": "system", "content": args.system}] * (args.system is not None) + \
                 [{"role": "user", "content": args.prompt}]
         stream = client.generate_stream(prompt, args.adapter, max_new_tokens=args.max_new_tokens,
@@ -47,7 +59,8 @@ def _generate(args) -> int:
                                         repetition_penalty=args.repetition_penalty,
                                         presence_penalty=args.presence_penalty,
                                         frequency_penalty=args.frequency_penalty,
-                                        min_new_tokens=args.min_new_tokens, stop_token_ids=args.stop_token_id or ())
+                                        min_new_tokens=args.min_new_tokens, stop_token_ids=args.stop_token_id or (),
+                                        chat_template_kwargs=kwargs)
         logprobs = []
         for message in stream:
             sys.stdout.write(message.text)
@@ -237,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true",
                      help="send the prompt as a user message, through the model's chat template")
     gen.add_argument("--system", type=utf8, default=None, help="a system message before it (implies --chat)")
+    gen.add_argument("--chat-template-kwarg", action="append", type=_template_kwarg, metavar="KEY=JSON",
+                     help="a value the chat template reads, e.g. enable_thinking=false (repeatable; implies --chat)")
     gen.add_argument("--adapter", default="", type=utf8, help="adapter id ('' = base model)")
     gen.add_argument("--max-new-tokens", type=_ranged(-2 ** 31, 2 ** 31), default=None,
                      help="tokens to generate at most (default: the server's, within the room the prompt leaves)")

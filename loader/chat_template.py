@@ -3,9 +3,13 @@ and for training (chat examples, loss on the assistant's turns), so an adapter i
 from __future__ import annotations
 
 import functools
+import inspect
+import math
 import re
 
 ROLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+MAX_KWARGS, MAX_KWARG_CHARS = 16, 256
 MAX_DETAIL = 300  # characters of a template's own error passed on (HF's may hold the whole rendered chat)
 
 
@@ -43,10 +47,34 @@ def _short(exc: Exception) -> str:
     return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL] + "..."
 
 
+def template_kwargs(tokenizer, kwargs: dict) -> dict:
+    """`kwargs` for the template checked: at most MAX_KWARGS, identifiers that are none of the template's own
+    variables (they would replace the messages or a special token), each a bool, finite number (whole ones as ints,
+    as JSON has no ints apart) or a string of at most MAX_KWARG_CHARS characters."""
+    if len(kwargs) > MAX_KWARGS:
+        raise ChatError(f"chat_template_kwargs has {len(kwargs)} entries; at most {MAX_KWARGS}")
+    reserved = {"messages", "raise_exception", "strftime_now", *tokenizer.special_tokens_map,
+                *inspect.signature(tokenizer.apply_chat_template).parameters}
+    checked = {}
+    for key, value in kwargs.items():
+        if not IDENTIFIER.fullmatch(key) or key in reserved:
+            raise ChatError(f"chat_template_kwargs key {key[:40]!r} is not a name the template may be given (an "
+                            f"identifier, none of {', '.join(sorted(reserved - {'kwargs'}))[:200]}...)")
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if not (isinstance(value, (bool, int, str)) or isinstance(value, float) and math.isfinite(value)) or \
+                isinstance(value, str) and len(value) > MAX_KWARG_CHARS:
+            raise ChatError(f"chat_template_kwargs[{key!r}] must be a bool, a finite number or a string of at most "
+                            f"{MAX_KWARG_CHARS} characters")
+        checked[key] = value
+    return checked
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
-           continue_final_message: bool = False) -> list[int]:
+           continue_final_message: bool = False, kwargs: dict | None = None) -> list[int]:
     """The ids of `messages` as HF apply_chat_template makes them with sanitize_control_tokens: the messages' text
-    never becomes a control token (a user's "<|im_end|>" must not end their turn), only the template's does."""
+    (and `kwargs`', checked by template_kwargs) never becomes a control token (a user's "<|im_end|>" must not end
+    their turn), only the template's does."""
     if not messages:
         raise ChatError("the chat has no messages")
     # Templates build control tokens from roles ('<|' + role + '|>', Phi-3's): a role such as "end|>x<|assistant"
@@ -58,7 +86,7 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                             continue_final_message=continue_final_message, tokenize=True,
-                                            return_dict=False, sanitize_control_tokens=True)
+                                            return_dict=False, sanitize_control_tokens=True, **(kwargs or {}))
     except Exception as exc:  # a template's raise_exception (roles out of order), or one it cannot render
         raise ChatError(f"the model's chat template refused these messages ({_short(exc)})") from None
     if not ids:
@@ -66,7 +94,8 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
     return list(ids)
 
 
-def assistant_examples(tokenizer, messages: list[dict]) -> list[tuple[list[int], list[bool]]]:
+def assistant_examples(tokenizer, messages: list[dict],
+                       kwargs: dict | None = None) -> list[tuple[list[int], list[bool]]]:
     """Examples (ids, per id whether it is the assistant's to learn) teaching every assistant turn as the template
     writes it after the messages before it and its generation prompt (the prompt a served chat has), end-of-turn
     tokens included (the model learns to stop): one example of the whole conversation where the template writes
@@ -79,8 +108,8 @@ def assistant_examples(tokenizer, messages: list[dict]) -> list[tuple[list[int],
         raise ChatError("the chat starts with an assistant message: no prompt comes before it")
     spans = []
     for i in turns:
-        before = render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render(tokenizer, messages[:i + 1])
+        before = render(tokenizer, messages[:i], add_generation_prompt=True, kwargs=kwargs)
+        upto = render(tokenizer, messages[:i + 1], kwargs=kwargs)
         if upto[:len(before)] != before or len(upto) == len(before):
             raise ChatError(f"the model's chat template does not write message {i} (the assistant's) after the "
                             f"generation prompt of the messages before it, so its tokens cannot be told apart")

@@ -12,7 +12,7 @@ import torch
 
 from loader import json_input
 from loader.base_model import longest_token_chars
-from loader.chat_template import ChatError, assistant_examples, template_problem
+from loader.chat_template import ChatError, assistant_examples, template_kwargs, template_problem
 
 log = logging.getLogger("loraplex.train")
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding): HF's ignore_index
@@ -77,8 +77,11 @@ def read_jsonl(path: Path, tokenizer, max_length: int, vocab_size: int | None = 
         if "text" in record and ("prompt" in record or "completion" in record):  # which loss was meant?
             raise DataError(f"{where}: has 'text' and {'prompt' if 'prompt' in record else 'completion'}: give "
                             f"either text (loss on every token) or prompt and completion (loss on the completion)")
+        if "chat_template_kwargs" in record and "messages" not in record:
+            raise DataError(f"{where}: has 'chat_template_kwargs' without 'messages': they are a chat's")
         if "messages" in record:
-            pairs = _chat(tokenizer, record["messages"], where, cap, max_length)
+            pairs = _chat(tokenizer, record["messages"], record.get("chat_template_kwargs", {}), where, cap,
+                          max_length)
         elif "text" in record and isinstance(record["text"], str) and record["text"]:
             ids = tokenizer(record["text"][:cap]).input_ids + ([eos] if eos is not None else [])
             pairs = [(ids, list(ids))]
@@ -133,7 +136,8 @@ def _prompt_and_completion(tokenizer, prompt: str, completion: str) -> tuple[lis
     return prompt_ids, whole[len(prompt_ids):]
 
 
-def _chat(tokenizer, messages, where: str, cap: int | None, max_length: int) -> list[tuple[list[int], list[int]]]:
+def _chat(tokenizer, messages, kwargs, where: str, cap: int | None,
+          max_length: int) -> list[tuple[list[int], list[int]]]:
     """A chat's examples' ids and labels: the assistant's turns learned, as the template writes them. Its text is
     cut as a text's is (contents at `cap` characters), and so is its number of messages, at --max-length: a template
     writes every message as a token at least, so later ones start past what is kept."""
@@ -149,9 +153,11 @@ def _chat(tokenizer, messages, where: str, cap: int | None, max_length: int) -> 
     problem = template_problem(tokenizer)
     if problem:
         raise DataError(f"{where}: {problem}; give prompt and completion instead")
+    if not isinstance(kwargs, dict):
+        raise DataError(f"{where}: 'chat_template_kwargs' must be an object")
     messages = [dict(m, content=m["content"][:cap]) for m in messages[:max_length]]
     try:
-        examples = assistant_examples(tokenizer, messages)
+        examples = assistant_examples(tokenizer, messages, template_kwargs(tokenizer, kwargs))
     except ChatError as exc:
         raise DataError(f"{where}: {exc}") from None
     return [(ids, [t if keep else IGNORE for t, keep in zip(ids, learned)]) for ids, learned in examples]

@@ -2,7 +2,9 @@
 which training uses too)."""
 from __future__ import annotations
 
-from loader.chat_template import ChatError, render, template_problem
+from google.protobuf import json_format
+
+from loader.chat_template import ChatError, render, template_kwargs, template_problem
 from protos.loraplex.v1 import inference_pb2 as pb
 from server.errors import FailedPrecondition, InvalidArgument
 
@@ -15,7 +17,8 @@ def chat_ids(chat: pb.Chat, tokenizer) -> list[int]:
         raise InvalidArgument("chat.messages is empty")
     messages = [{"role": m.role, "content": m.content} for m in chat.messages]
     try:
+        kwargs = template_kwargs(tokenizer, json_format.MessageToDict(chat.chat_template_kwargs))
         return render(tokenizer, messages, add_generation_prompt=not chat.continue_final_message,
-                      continue_final_message=chat.continue_final_message)
+                      continue_final_message=chat.continue_final_message, kwargs=kwargs)
     except ChatError as exc:
         raise InvalidArgument(str(exc)) from None

@@ -136,7 +136,9 @@ def test_a_template_that_does_not_compile_is_no_template(model_dirs, tmp_path):
 @pytest.mark.parametrize("prompt,kwargs,needle", [
     ([{"role": "user"}], {}, "chat message 0 must be a dict of exactly 'role' and 'content'"),
     ([{"role": "user", "content": 5}], {}, "chat message 0 content"),
-    ("hi", dict(continue_final_message=True), "continue_final_message applies to chat messages only"),
+    ("hi", dict(continue_final_message=True), "continue_final_message and chat_template_kwargs apply to chat messages"),
+    ([1, 2], dict(chat_template_kwargs={}), "continue_final_message and chat_template_kwargs apply to chat messages"),
+    ([{"role": "user", "content": "x"}], dict(chat_template_kwargs=[1]), "chat_template_kwargs must be a dict"),
 ])
 def test_the_client_checks_chat_messages(prompt, kwargs, needle):
     from clients.arguments import build_request
@@ -237,7 +239,7 @@ def test_a_chat_lines_text_is_cut_as_a_texts_before_it_is_rendered(chat_model, t
     seen = []
     original = loader.train_data.assistant_examples
     monkeypatch.setattr(loader.train_data, "assistant_examples",
-                        lambda tokenizer, messages: seen.append(messages) or original(tokenizer, messages))
+                        lambda tokenizer, messages, kwargs: seen.append(messages) or original(tokenizer, messages))
     path = tmp_path / "chat.jsonl"
     huge = [{"role": "user", "content": "a" * 1_000_000}, {"role": "assistant", "content": "ok"}] * 100
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, TURNS[2], *huge]}) + "\n")
@@ -267,3 +269,50 @@ def test_a_template_token_the_model_lacks_is_the_models_problem_not_the_callers(
                    "does not" in details
     finally:
         server.stop()
+
+
+THINKING = ("{% set quiet = enable_thinking is defined and not enable_thinking %}"
+            "{% for m in messages %}{{ bos_token + m['role'] + ': ' }}"
+            "{% if m['role'] == 'assistant' and quiet %}{{ '<think></think>' }}{% endif %}"
+            "{{ m['content'] + eos_token }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ bos_token + 'assistant: ' }}{% if quiet %}{{ '<think></think>' }}{% endif %}"
+            "{{ effort | default('') }}{% endif %}")
+
+
+def test_chat_template_kwargs_reach_the_template_checked(model_dirs, tmp_path, capsys):
+    """Values a template reads beside the messages (Qwen3's enable_thinking): as HF's apply_chat_template passes
+    them, in serving, in training and from the command line; names that would replace the template's own variables
+    and values that are no scalars are refused."""
+    model_dir, tokenizer = _with_template(model_dirs, tmp_path / "m", THINKING)
+    chat = [{"role": "user", "content": "hi"}]
+    kwargs = {"enable_thinking": False, "effort": "high <s>"}
+    expected = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                             sanitize_control_tokens=True, **kwargs)
+    assert tokenizer.decode(expected).endswith("assistant: <think></think>high <s>")
+    server = start_server(model_dir, None)
+    try:
+        with Client(server.target, timeout=60) as client:
+            got = client.generate(chat, max_new_tokens=4, ignore_eos=True, chat_template_kwargs=kwargs)
+            assert got.usage.prompt_tokens == len(expected)
+            assert list(got.token_ids) == list(client.generate(expected, max_new_tokens=4, ignore_eos=True).token_ids)
+            with pytest.raises(SystemExit):
+                main(["generate", "--target", server.target, "hi", "--max-new-tokens", "4", "--ignore-eos",
+                      "--chat-template-kwarg", "enable_thinking=false", "--chat-template-kwarg", "effort=high <s>"])
+            assert capsys.readouterr().out == got.text + "\n"
+            for bad, needle in [({"messages": "x"}, "key 'messages' is not a name the template may be given"),
+                                ({"eos_token": "x"}, "key 'eos_token' is not a name"),
+                                ({"a-b": 1}, "key 'a-b' is not a name"),
+                                ({"x": [1]}, "chat_template_kwargs['x'] must be a bool, a finite number or a string"),
+                                ({"x": "y" * 300}, "chat_template_kwargs['x'] must be"),
+                                ({f"k{i}": 1 for i in range(17)}, "chat_template_kwargs has 17 entries; at most 16")]:
+                code, details = status_of(client.generate, chat, chat_template_kwargs=bad)
+                assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details, details
+    finally:
+        server.stop()
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": chat + [{"role": "assistant", "content": "yo"}],
+                                "chat_template_kwargs": {"enable_thinking": False}}) + "\n")
+    [example] = read_jsonl(path, tokenizer, 512)
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                           sanitize_control_tokens=True, enable_thinking=False)
+    assert example.input_ids[:len(prompt)] == prompt and tokenizer.decode(example.labels[len(prompt):]) == "yo</s>"

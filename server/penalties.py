@@ -65,30 +65,57 @@ class TokenHistory:
                 self.output_ids[at] = token
             self.output_counts[at] += 1
 
-    def apply(self, row: torch.Tensor) -> None:
-        """Penalize `row` [V] (fp32, in place): HF's repetition penalty first (a logit below 0 multiplied by it, any
-        other divided), then OpenAI's, then the ban."""
-        p = self.sampling
-        if self._seen is not None:
-            ids = self.seen_ids[:len(self._seen)]
-            x = row[ids]
-            row[ids] = torch.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty)
-        if self._position:
-            n = len(self._position)
-            row.index_add_(0, self.output_ids[:n], self.output_counts[:n] * -p.frequency_penalty - p.presence_penalty)
-        if self.generated < self.min_new_tokens:
-            row[self.banned] = float("-inf")
+    @property
+    def seen(self) -> torch.Tensor | None:
+        """The distinct ids of prompt and output (where a repetition penalty needs them)."""
+        return None if self._seen is None else self.seen_ids[:len(self._seen)]
+
+    @property
+    def output(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(distinct output ids, their counts) where presence or frequency penalties need them and there are any."""
+        n = len(self._position or ())
+        return (self.output_ids[:n], self.output_counts[:n]) if n else None
 
 
 def penalize(logits: torch.Tensor, histories: list[TokenHistory | None]) -> torch.Tensor:
     """`logits` [B, V] with each row's penalties and bans applied, in fp32 (a new tensor), or `logits` itself when
-    no row has any. Each row's values depend on its own alone: a row gets the same in any batch."""
-    rows = [i for i, h in enumerate(histories) if h is not None]
+    no row has any: HF's repetition penalty first (a logit below 0 multiplied by it, any other divided), then
+    OpenAI's, then the bans. Each row's values depend on its own alone (a row gets the same in any batch); the rows'
+    ids go in one flat index over [B x V], so a step costs a few operations whatever the number of rows."""
+    rows = [(i, h) for i, h in enumerate(histories) if h is not None]
     if not rows:
         return logits
     out = logits.float() if logits.dtype != torch.float32 else logits.clone()
-    for i in rows:
-        if histories[i].banned is None:
-            histories[i].allocate(out.shape[-1], out.device)
-        histories[i].apply(out[i])
+    vocab, flat = out.shape[-1], out.view(-1)
+    for _, h in rows:
+        if h.banned is None:
+            h.allocate(vocab, out.device)
+    repeat = [(i, h) for i, h in rows if h.seen is not None]
+    if repeat:
+        index, spread = _flat([(i, h.seen) for i, h in repeat], vocab)
+        penalty = spread([h.sampling.repetition_penalty for _, h in repeat])
+        x = flat[index]
+        flat[index] = torch.where(x < 0, x * penalty, x / penalty)
+    counted = [(i, h) for i, h in rows if h.output is not None]
+    if counted:
+        index, spread = _flat([(i, h.output[0]) for i, h in counted], vocab)
+        counts = torch.cat([h.output[1] for _, h in counted])
+        flat.index_add_(0, index, counts * -spread([h.sampling.frequency_penalty for _, h in counted])
+                        - spread([h.sampling.presence_penalty for _, h in counted]))
+    banned = [(i, h.banned) for i, h in rows if h.generated < h.min_new_tokens]
+    if banned:
+        flat[_flat(banned, vocab)[0]] = float("-inf")
     return out
+
+
+def _flat(pieces: list[tuple[int, torch.Tensor]], vocab: int):
+    """(the pieces' (row, ids) as one index into the flattened [B x V] logits, a function spreading one value per
+    piece over its ids). Their sizes are the host's: no device sync."""
+    ids = [t for _, t in pieces]
+    device = ids[0].device
+    lengths = torch.tensor([len(t) for t in ids], device=device)
+    total = sum(len(t) for t in ids)
+
+    def spread(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, device=device).repeat_interleave(lengths, output_size=total)
+    return torch.cat(ids) + spread([row * vocab for row, _ in pieces]), spread

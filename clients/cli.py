@@ -38,6 +38,8 @@ def _template_kwarg(text: str) -> tuple[str, object]:
     key, sep, value = utf8(text).partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=JSON")
+    if value.lower() in ("true", "false"):  # Python's True/False too: the string "False" would be true
+        return key, value.lower() == "true"
     try:
         return key, json.loads(value)
     except ValueError:

@@ -48,19 +48,21 @@ def _short(exc: Exception) -> str:
 
 
 def template_kwargs(tokenizer, kwargs: dict) -> dict:
-    """`kwargs` for the template checked: at most MAX_KWARGS, identifiers that are none of the template's own
-    variables (they would replace the messages or a special token), each a bool, finite number (whole ones as ints,
-    as JSON has no ints apart) or a string of at most MAX_KWARG_CHARS characters."""
+    """`kwargs` for the template checked: at most MAX_KWARGS, identifiers of at most 64 characters that are none of
+    the template's own names (the messages, a special token, a Jinja global such as `namespace`, an argument of HF's
+    rendering), each a bool, finite number or a string of at most MAX_KWARG_CHARS characters. Numbers arrive as
+    doubles (protobuf's Struct, JSON): whole ones within 2^53 are given as ints, as JSON's 3 is in Python."""
     if len(kwargs) > MAX_KWARGS:
         raise ChatError(f"chat_template_kwargs has {len(kwargs)} entries; at most {MAX_KWARGS}")
-    reserved = {"messages", "raise_exception", "strftime_now", *tokenizer.special_tokens_map,
-                *inspect.signature(tokenizer.apply_chat_template).parameters}
+    reserved = _reserved(tokenizer)
     checked = {}
     for key, value in kwargs.items():
-        if not IDENTIFIER.fullmatch(key) or key in reserved:
-            raise ChatError(f"chat_template_kwargs key {key[:40]!r} is not a name the template may be given (an "
-                            f"identifier, none of {', '.join(sorted(reserved - {'kwargs'}))[:200]}...)")
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        if not IDENTIFIER.fullmatch(key):
+            raise ChatError(f"chat_template_kwargs key {key[:40]!r} is not an identifier of at most 64 characters")
+        if key in reserved:
+            raise ChatError(f"chat_template_kwargs key {key!r} is one of the template's own names (the messages, "
+                            f"special tokens, Jinja's globals, the renderer's arguments)")
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) <= 2 ** 53:
             value = int(value)
         if not (isinstance(value, (bool, int, str)) or isinstance(value, float) and math.isfinite(value)) or \
                 isinstance(value, str) and len(value) > MAX_KWARG_CHARS:
@@ -68,6 +70,18 @@ def template_kwargs(tokenizer, kwargs: dict) -> dict:
                             f"{MAX_KWARG_CHARS} characters")
         checked[key] = value
     return checked
+
+
+def _reserved(tokenizer) -> set[str]:
+    from transformers.utils.chat_template_utils import _compile_jinja_template, render_jinja_template
+    names = {"self", "messages", *tokenizer.special_tokens_map,
+             *inspect.signature(tokenizer.apply_chat_template).parameters,
+             *inspect.signature(render_jinja_template).parameters}
+    try:
+        names |= set(_compile_jinja_template(tokenizer.get_chat_template()).environment.globals)
+    except Exception:  # no template, or one that does not compile: refused by template_problem
+        pass
+    return names
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
@@ -94,13 +108,14 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
     return list(ids)
 
 
-def assistant_examples(tokenizer, messages: list[dict],
-                       kwargs: dict | None = None) -> list[tuple[list[int], list[bool]]]:
+def assistant_examples(tokenizer, messages: list[dict], kwargs: dict | None = None,
+                       max_length: int | None = None) -> list[tuple[list[int], list[bool]]]:
     """Examples (ids, per id whether it is the assistant's to learn) teaching every assistant turn as the template
     writes it after the messages before it and its generation prompt (the prompt a served chat has), end-of-turn
     tokens included (the model learns to stop): one example of the whole conversation where the template writes
     each turn after the ones before, else one example per turn (templates that drop earlier turns' reasoning, as
-    Qwen3's, or end only the last message, as Phi-3's)."""
+    Qwen3's, or end only the last message, as Phi-3's). Turns whose prompt alone reaches `max_length` tokens are
+    not rendered (none of them could be learned: rendering every turn of a long chat cost its square)."""
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         raise ChatError("the chat has no assistant message to learn from")
@@ -109,6 +124,8 @@ def assistant_examples(tokenizer, messages: list[dict],
     spans = []
     for i in turns:
         before = render(tokenizer, messages[:i], add_generation_prompt=True, kwargs=kwargs)
+        if spans and max_length is not None and len(before) >= max_length:
+            break
         upto = render(tokenizer, messages[:i + 1], kwargs=kwargs)
         if upto[:len(before)] != before or len(upto) == len(before):
             raise ChatError(f"the model's chat template does not write message {i} (the assistant's) after the "

@@ -155,9 +155,12 @@ def _chat(tokenizer, messages, kwargs, where: str, cap: int | None,
         raise DataError(f"{where}: {problem}; give prompt and completion instead")
     if not isinstance(kwargs, dict):
         raise DataError(f"{where}: 'chat_template_kwargs' must be an object")
+    problem = _not_text(kwargs, [k for k, v in kwargs.items() if isinstance(v, str)])
+    if problem:
+        raise DataError(f"{where}: chat_template_kwargs: {problem}")
     messages = [dict(m, content=m["content"][:cap]) for m in messages[:max_length]]
     try:
-        examples = assistant_examples(tokenizer, messages, template_kwargs(tokenizer, kwargs))
+        examples = assistant_examples(tokenizer, messages, template_kwargs(tokenizer, kwargs), max_length)
     except ChatError as exc:
         raise DataError(f"{where}: {exc}") from None
     return [(ids, [t if keep else IGNORE for t, keep in zip(ids, learned)]) for ids, learned in examples]

@@ -48,7 +48,7 @@ async def _refuse_malformed(request, context, method: str) -> None:
     if isinstance(request, _Malformed):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                             f"the {method} request message does not parse ({request.error}); string fields must be "
-                            f"valid UTF-8")
+                            f"valid UTF-8, and messages nest within protobuf's depth limit (100)")
 
 
 class MalformedInterceptor(grpc.aio.ServerInterceptor):

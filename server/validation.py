@@ -191,7 +191,9 @@ def _chat_prompt(chat: pb.Chat, base, limits) -> list[int]:
     ids = chat_ids(chat, base.tokenizer)
     text = "".join(m.content for m in messages)
     bad = next((t for t in ids if t >= base.vocab_size), None)
-    if bad is not None and base.tokenizer.decode([bad]) not in text:  # the template's, not the user's
+    # the template's, not the user's: a message's text never becomes a special token (sanitized), and other tokens
+    # the template writes are not in the messages' text
+    if bad is not None and (bad in base.tokenizer.all_special_ids or base.tokenizer.decode([bad]) not in text):
         raise FailedPrecondition(f"the model's chat template writes {base.tokenizer.decode([bad])!r} (id {bad}), a "
                                  f"token the tokenizer knows but the model does not (its vocabulary has "
                                  f"{base.vocab_size} tokens): send the prompt as text or token ids")

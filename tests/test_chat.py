@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from clients.cli import main
 from clients.client import Client
 from loader.base_model import longest_token_chars
+from loader.chat_template import template_kwargs
 from loader.train_data import IGNORE, DataError, read_jsonl
 from loader.training_job import run_job
 from protos.loraplex.v1 import inference_pb2 as pb
@@ -239,13 +240,14 @@ def test_a_chat_lines_text_is_cut_as_a_texts_before_it_is_rendered(chat_model, t
     seen = []
     original = loader.train_data.assistant_examples
     monkeypatch.setattr(loader.train_data, "assistant_examples",
-                        lambda tokenizer, messages, kwargs: seen.append(messages) or original(tokenizer, messages))
+                        lambda tokenizer, messages, *rest: seen.append(messages) or original(tokenizer, messages, *rest))
     path = tmp_path / "chat.jsonl"
     huge = [{"role": "user", "content": "a" * 1_000_000}, {"role": "assistant", "content": "ok"}] * 100
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, TURNS[2], *huge]}) + "\n")
     [example] = read_jsonl(path, chat_model[1], 32)
     assert len(seen[0]) == 32 and max(len(m["content"]) for m in seen[0]) == 4 * 32 * longest_token_chars(chat_model[1])
-    assert len(example.input_ids) == 32
+    learned = [label for label in example.labels if label != IGNORE]
+    assert len(example.input_ids) <= 32 and chat_model[1].decode(learned) == "hello</s>"  # the turn that fits
 
 
 def test_a_template_token_the_model_lacks_is_the_models_problem_not_the_callers(model_dirs, tmp_path):
@@ -267,6 +269,9 @@ def test_a_template_token_the_model_lacks_is_the_models_problem_not_the_callers(
             assert code == grpc.StatusCode.FAILED_PRECONDITION, details
             assert "the model's chat template writes '<|turn|>' (id 259), a token the tokenizer knows but the model " \
                    "does not" in details
+            # the same where a message holds its text, which is sanitized: still the template's (QA)
+            code, details = status_of(client.generate, [{"role": "user", "content": "a <|turn|> b"}])
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "chat template writes '<|turn|>'" in details
     finally:
         server.stop()
 
@@ -297,11 +302,16 @@ def test_chat_template_kwargs_reach_the_template_checked(model_dirs, tmp_path, c
             assert list(got.token_ids) == list(client.generate(expected, max_new_tokens=4, ignore_eos=True).token_ids)
             with pytest.raises(SystemExit):
                 main(["generate", "--target", server.target, "hi", "--max-new-tokens", "4", "--ignore-eos",
-                      "--chat-template-kwarg", "enable_thinking=false", "--chat-template-kwarg", "effort=high <s>"])
+                      "--chat-template-kwarg", "enable_thinking=False", "--chat-template-kwarg", "effort=high <s>"])
             assert capsys.readouterr().out == got.text + "\n"
-            for bad, needle in [({"messages": "x"}, "key 'messages' is not a name the template may be given"),
-                                ({"eos_token": "x"}, "key 'eos_token' is not a name"),
-                                ({"a-b": 1}, "key 'a-b' is not a name"),
+            for bad, needle in [({"messages": "x"}, "key 'messages' is one of the template's own names"),
+                                ({"eos_token": "x"}, "key 'eos_token' is one of the template's own names"),
+                                ({"namespace": 1}, "key 'namespace' is one of"),  # a Jinja global (QA)
+                                ({"self": 1}, "key 'self' is one of"),
+                                ({"conversations": 1}, "key 'conversations' is one of"),
+                                ({"a-b": 1}, "key 'a-b' is not an identifier"),
+                                ({"x": float("nan")}, "chat_template_kwargs: numbers must be finite"),  # INTERNAL
+                                ({"x": float("inf")}, "chat_template_kwargs: numbers must be finite"),
                                 ({"x": [1]}, "chat_template_kwargs['x'] must be a bool, a finite number or a string"),
                                 ({"x": "y" * 300}, "chat_template_kwargs['x'] must be"),
                                 ({f"k{i}": 1 for i in range(17)}, "chat_template_kwargs has 17 entries; at most 16")]:
@@ -309,6 +319,8 @@ def test_chat_template_kwargs_reach_the_template_checked(model_dirs, tmp_path, c
                 assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details, details
     finally:
         server.stop()
+    # numbers come as doubles: whole ones as ints (JSON's 3), the rest as they are
+    assert template_kwargs(tokenizer, {"a": 3.0, "b": 2.5, "c": 1e300}) == {"a": 3, "b": 2.5, "c": 1e300}
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": chat + [{"role": "assistant", "content": "yo"}],
                                 "chat_template_kwargs": {"enable_thinking": False}}) + "\n")
@@ -316,3 +328,17 @@ def test_chat_template_kwargs_reach_the_template_checked(model_dirs, tmp_path, c
     prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False,
                                            sanitize_control_tokens=True, enable_thinking=False)
     assert example.input_ids[:len(prompt)] == prompt and tokenizer.decode(example.labels[len(prompt):]) == "yo</s>"
+
+
+def test_a_long_chats_turns_past_max_length_are_not_rendered(chat_model, tmp_path, monkeypatch):
+    """QA: every assistant turn of a chat line was rendered twice, however far past --max-length (2048 one-character
+    turns took 29 s): turns whose prompt alone fills --max-length are not rendered."""
+    import loader.chat_template
+    rendered = []
+    original = loader.chat_template.render
+    monkeypatch.setattr(loader.chat_template, "render", lambda *a, **k: rendered.append(1) or original(*a, **k))
+    turns = [{"role": r, "content": "x"} for _ in range(500) for r in ("user", "assistant")]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": turns}) + "\n")
+    [example] = read_jsonl(path, chat_model[1], 64)
+    assert len(example.input_ids) <= 64 and len(rendered) < 40, len(rendered)

@@ -17,6 +17,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import torch
+
 from adapters.slot_bank import SlotBank, SlotsFull
 from server.batch import Batch, Prefill, Row, Runner
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
@@ -42,12 +44,15 @@ def _set_aside_non_finite(logits):
     return logits, frozenset(bad)
 
 
+@torch.inference_mode()  # as the forward that made `logits` (inference tensors: penalized in place)
 def _choose(logits, rows: list[Row]) -> tuple[list[int], list, frozenset[int]]:
     """Each row's next token from `logits` [rows, V] (after its penalties), the log-probabilities it asks for (of
     the model's own logits), and the rows whose logits were not finite."""
     logits, broken = _set_aside_non_finite(logits)
     states = [r.state for r in rows]
-    tokens = sample(penalize(logits, [s.history for s in states]), [s.request.sampling for s in states],
+    # penalized in place (a [B, V] copy saved) unless a penalized row's log-probabilities need its own logits
+    copy = any(s.history is not None and s.request.logprobs is not None for s in states)
+    tokens = sample(penalize(logits, [s.history for s in states], copy), [s.request.sampling for s in states],
                     [s.generator for s in states])
     for state, token in zip(states, tokens):
         if state.history is not None:

@@ -77,15 +77,15 @@ class TokenHistory:
         return (self.output_ids[:n], self.output_counts[:n]) if n else None
 
 
-def penalize(logits: torch.Tensor, histories: list[TokenHistory | None]) -> torch.Tensor:
-    """`logits` [B, V] with each row's penalties and bans applied, in fp32 (a new tensor), or `logits` itself when
-    no row has any: HF's repetition penalty first (a logit below 0 multiplied by it, any other divided), then
+def penalize(logits: torch.Tensor, histories: list[TokenHistory | None], copy: bool = True) -> torch.Tensor:
+    """`logits` [B, V] with each row's penalties and bans applied, in fp32 (a new tensor; fp32 `logits` themselves
+    where not `copy`: the caller needs no penalized row's own logits after), or `logits` itself when no row has any: HF's repetition penalty first (a logit below 0 multiplied by it, any other divided), then
     OpenAI's, then the bans. Each row's values depend on its own alone (a row gets the same in any batch); the rows'
     ids go in one flat index over [B x V], so a step costs a few operations whatever the number of rows."""
     rows = [(i, h) for i, h in enumerate(histories) if h is not None]
     if not rows:
         return logits
-    out = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    out = logits.float() if logits.dtype != torch.float32 else logits.clone() if copy else logits.contiguous()
     vocab, flat = out.shape[-1], out.view(-1)
     for _, h in rows:
         if h.banned is None:

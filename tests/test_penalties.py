@@ -200,3 +200,17 @@ def test_the_command_line_sends_the_new_settings(served, capsys):
               "--min-new-tokens", "8", "--min-p", "0.1", "--stop-token-id", "258"])
     assert exited.value.code == 0
     assert capsys.readouterr().out == expected.text + "\n"
+
+
+def test_log_probabilities_stay_the_models_own_under_penalties(served):
+    """A step's log-probabilities are of the model's logits, not of the penalized ones (a penalized row whose
+    log-probabilities are asked for keeps its own logits; the others are penalized in place)."""
+    _, _, server = served
+    plain, penalized = _together(server.target, [
+        (PROMPTS[0], "lora", dict(max_new_tokens=3, ignore_eos=True, logprobs=5)),
+        (PROMPTS[0], "lora", dict(max_new_tokens=3, ignore_eos=True, logprobs=5, repetition_penalty=50.0,
+                                  min_new_tokens=2, stop_token_ids=[2]))])
+    first, penalized_first = plain.logprobs[0], penalized.logprobs[0]
+    assert list(penalized_first.top_token_ids) == list(first.top_token_ids)
+    assert list(penalized_first.top_logprobs) == pytest.approx(list(first.top_logprobs), abs=1e-6)
+    assert plain.token_ids[0] != penalized.token_ids[0]  # the penalty changed the choice, not the log-probabilities

@@ -201,12 +201,14 @@ class EngineBench:
     async def _connect(self) -> AsyncClient:
         return AsyncClient(self.target, timeout=600)
 
-    def round(self, prompts: list[list[int]], adapter_ids: list[str], max_new: int):
+    def round(self, prompts: list[list[int]], adapter_ids: list[str], max_new: int, **request):
+        """`request`: more GenerateRequest settings for every request (the client's keyword arguments)."""
         async def go():
             start = time.perf_counter()
             sampling = {} if not self.temperature else dict(temperature=self.temperature, top_p=self.top_p)
             responses = await asyncio.gather(*(self.client.generate(p, a, max_new_tokens=max_new, ignore_eos=True,
-                                                                    **sampling, **({"seed": i} if sampling else {}))
+                                                                    **sampling, **({"seed": i} if sampling else {}),
+                                                                    **request)
                                                for i, (p, a) in enumerate(zip(prompts, adapter_ids))))
             return time.perf_counter() - start, responses
         before = scrape(self.config.metrics_port)

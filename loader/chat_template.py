@@ -52,6 +52,8 @@ def template_kwargs(tokenizer, kwargs: dict) -> dict:
     the template's own names (the messages, a special token, a Jinja global such as `namespace`, an argument of HF's
     rendering), each a bool, finite number or a string of at most MAX_KWARG_CHARS characters. Numbers arrive as
     doubles (protobuf's Struct, JSON): whole ones within 2^53 are given as ints, as JSON's 3 is in Python."""
+    if not kwargs:
+        return {}
     if len(kwargs) > MAX_KWARGS:
         raise ChatError(f"chat_template_kwargs has {len(kwargs)} entries; at most {MAX_KWARGS}")
     reserved = _reserved(tokenizer)

@@ -17,47 +17,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import torch
-
 from adapters.slot_bank import SlotBank, SlotsFull
 from server.batch import Batch, Prefill, Row, Runner
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
 from server.errors import InternalError, ResourceExhausted, Unavailable
 from server.metrics import Metrics
-from server.logprobs import token_logprobs
-from server.penalties import TokenHistory, penalize
-from server.sampling import make_generator, sample
+from server.penalties import TokenHistory
+from server.sampling import make_generator
 from server.stopping import FinishReason, TextStream
+from server.token_choice import choose
 
 log = logging.getLogger("loraplex.engine")
-
-
-def _set_aside_non_finite(logits):
-    """(logits safe to sample, indices of rows whose logits hold NaN or Inf): an fp16 overflow in one row must fail
-    that request alone, not sample garbage for it (argmax of NaN) nor fail its batch (multinomial raises)."""
-    totals = logits.sum(dim=-1)  # NaN/Inf anywhere in a row reach its sum: one pass, 0.05 ms for 32 x 32000 on CPU
-    if bool(totals.isfinite().all()):  # (an elementwise isfinite took 1.4 ms, 4% of a decode step)
-        return logits, frozenset()
-    bad = (~totals.isfinite()).nonzero().flatten().tolist()
-    logits = logits.clone()
-    logits[bad] = 0.0
-    return logits, frozenset(bad)
-
-
-@torch.inference_mode()  # as the forward that made `logits` (inference tensors: penalized in place)
-def _choose(logits, rows: list[Row]) -> tuple[list[int], list, frozenset[int]]:
-    """Each row's next token from `logits` [rows, V] (after its penalties), the log-probabilities it asks for (of
-    the model's own logits), and the rows whose logits were not finite."""
-    logits, broken = _set_aside_non_finite(logits)
-    states = [r.state for r in rows]
-    # penalized in place (a [B, V] copy saved) unless a penalized row's log-probabilities need its own logits
-    copy = any(s.history is not None and s.request.logprobs is not None for s in states)
-    tokens = sample(penalize(logits, [s.history for s in states], copy), [s.request.sampling for s in states],
-                    [s.generator for s in states])
-    for state, token in zip(states, tokens):
-        if state.history is not None:
-            state.history.add(token)
-    return tokens, token_logprobs(logits, tokens, [s.request.logprobs for s in states]), broken
 
 
 def _count_by_adapter(counter, amounts) -> None:
@@ -364,7 +334,7 @@ class Engine:
         try:
             logits = self.runner.advance(job, max(1, self.config.max_prefill_tokens // len(rows)))
             if logits is not None:
-                tokens, logprobs, broken = _choose(logits, rows)
+                tokens, logprobs, broken = choose(logits, [r.state for r in rows])
                 # allocates the joined cache: can run out of memory too
                 running = [r.state.request for r in (self._batch.rows if self._batch else [])]
                 merged = self.runner.merge(self._batch, self.runner.prefilled(job),
@@ -398,7 +368,7 @@ class Engine:
         batch = self._batch
         start = time.monotonic()
         try:
-            tokens, logprobs, broken = _choose(self.runner.decode_step(batch), batch.rows)
+            tokens, logprobs, broken = choose(self.runner.decode_step(batch), [r.state for r in batch.rows])
         except Exception as exc:
             log.exception("decode step failed for %d requests", len(batch))
             for row in batch.rows:

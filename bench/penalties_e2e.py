@@ -1,7 +1,7 @@
 """What sampling penalties cost end to end: 32 concurrent greedy requests through the real server (the
 benchmark model of bench/mixed_adapters.py: a random Llama, hidden 512, 8 layers, vocab 32000, fp32), without
-penalties, with repetition + presence + frequency penalties and min_new_tokens, and with a repetition penalty
-alone; interleaved rounds in one server, median tokens/s and decode step (the step's token choice included).
+penalties, with repetition + presence + frequency penalties (and min_new_tokens, which bans nothing here: the
+requests ignore EOS and set no stop ids), and with a repetition penalty alone; interleaved rounds in one server, median tokens/s and decode step (the step's token choice included).
 
     .venv/bin/python bench/penalties_e2e.py [--repeats 5] [--max-new-tokens 64]
 """

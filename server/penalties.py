@@ -12,7 +12,8 @@ from server.stopping import StoppingParams
 
 class TokenHistory:
     """One row's tokens as its penalties need them, on the logits' device, in buffers sized for the whole request
-    (written one id at a time, never reallocated): the distinct ids of its prompt and output (repetition penalty),
+    (written one id at a time, never reallocated; allocated and written under inference mode, where the engine chooses
+    tokens, so they are inference tensors: update them there only): the distinct ids of its prompt and output (repetition penalty),
     the distinct ids of its output and their counts (presence and frequency penalties), and how many it generated
     (the minimum's ban)."""
 
@@ -43,7 +44,8 @@ class TokenHistory:
     def allocate(self, vocab: int, device: torch.device) -> None:
         """Before the first step: the vocabulary and device are the logits'."""
         p = self.sampling
-        self.banned = torch.tensor(sorted(t for t in self.ending if t < vocab), dtype=torch.long, device=device)
+        # (a config's eos_token_id may be -1: in the flat index it would ban the row before's last logit)
+        self.banned = torch.tensor(sorted(t for t in self.ending if 0 <= t < vocab), dtype=torch.long, device=device)
         if p.repetition_penalty != 1.0:
             self._seen = dict.fromkeys(self.prompt)
             self.seen_ids = torch.empty(len(self._seen) + self.max_new_tokens, dtype=torch.long, device=device)
@@ -78,14 +80,16 @@ class TokenHistory:
 
 
 def penalize(logits: torch.Tensor, histories: list[TokenHistory | None], copy: bool = True) -> torch.Tensor:
-    """`logits` [B, V] with each row's penalties and bans applied, in fp32 (a new tensor; fp32 `logits` themselves
-    where not `copy`: the caller needs no penalized row's own logits after), or `logits` itself when no row has any: HF's repetition penalty first (a logit below 0 multiplied by it, any other divided), then
-    OpenAI's, then the bans. Each row's values depend on its own alone (a row gets the same in any batch); the rows'
-    ids go in one flat index over [B x V], so a step costs a few operations whatever the number of rows."""
+    """`logits` [B, V] with each row's penalties and bans applied, in fp32 (a new tensor; contiguous fp32 `logits`
+    themselves where not `copy`: the caller needs no penalized row's own logits after), or `logits` itself when no
+    row has any: HF's repetition penalty first (a logit below 0 multiplied by it, any other divided), then OpenAI's,
+    then the bans. Each row's values depend on its own alone (a row gets the same in any batch); the rows' ids go in
+    one flat index over [B x V], so a step costs a few operations whatever the number of rows."""
     rows = [(i, h) for i, h in enumerate(histories) if h is not None]
     if not rows:
         return logits
-    out = logits.float() if logits.dtype != torch.float32 else logits.clone() if copy else logits.contiguous()
+    out = logits.float() if logits.dtype != torch.float32 else logits.clone() if copy else logits
+    out = out.contiguous()  # (a copy keeps the strides of a dense non-contiguous tensor; view(-1) needs none)
     vocab, flat = out.shape[-1], out.view(-1)
     for _, h in rows:
         if h.banned is None:
@@ -102,7 +106,7 @@ def penalize(logits: torch.Tensor, histories: list[TokenHistory | None], copy: b
         counts = torch.cat([h.output[1] for _, h in counted])
         flat.index_add_(0, index, counts * -spread([h.sampling.frequency_penalty for _, h in counted])
                         - spread([h.sampling.presence_penalty for _, h in counted]))
-    banned = [(i, h.banned) for i, h in rows if h.generated < h.min_new_tokens]
+    banned = [(i, h.banned) for i, h in rows if h.generated < h.min_new_tokens and len(h.banned)]
     if banned:
         flat[_flat(banned, vocab)[0]] = float("-inf")
     return out
@@ -110,7 +114,8 @@ def penalize(logits: torch.Tensor, histories: list[TokenHistory | None], copy: b
 
 def _flat(pieces: list[tuple[int, torch.Tensor]], vocab: int):
     """(the pieces' (row, ids) as one index into the flattened [B x V] logits, a function spreading one value per
-    piece over its ids). Their sizes are the host's: no device sync."""
+    piece over its ids). Their sizes are the host's: nothing is read back from the device (the small host-to-device
+    copies of lengths and values still wait for the device on a GPU, as the sampler's parameters do)."""
     ids = [t for _, t in pieces]
     device = ids[0].device
     lengths = torch.tensor([len(t) for t in ids], device=device)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from clients.client import AsyncClient, Client
 from loader.default_model import build_model_dir, build_tokenizer
 from protos.loraplex.v1 import inference_pb2 as pb
+from server.penalties import TokenHistory, penalize
 from server.sampling import SamplingParams, make_generator, sample
 from server.stopping import FinishReason, StoppingParams, TextStream
 from tests.helpers import LLAMA_TARGETS, make_peft_adapter, start_server
@@ -214,3 +215,15 @@ def test_log_probabilities_stay_the_models_own_under_penalties(served):
     assert list(penalized_first.top_token_ids) == list(first.top_token_ids)
     assert list(penalized_first.top_logprobs) == pytest.approx(list(first.top_logprobs), abs=1e-6)
     assert plain.token_ids[0] != penalized.token_ids[0]  # the penalty changed the choice, not the log-probabilities
+
+
+def test_one_rows_penalties_and_bans_never_reach_another_row():
+    """All rows' ids share one flat index over [B x V]: a config's eos_token_id -1 banned the row before's last
+    logit (review); a non-contiguous batch of logits is taken too."""
+    ban = TokenHistory.of([3, 4], SamplingParams(), StoppingParams(8, min_new_tokens=2), frozenset({-1, 2}))
+    rep = TokenHistory.of([0, 4], SamplingParams(repetition_penalty=2.0), StoppingParams(8), frozenset())
+    logits = torch.ones(5, 3).t()  # [3, 5], not contiguous
+    out = penalize(logits, [None, ban, rep])
+    assert out[0].tolist() == [1.0] * 5
+    assert out[1].tolist() == [1.0, 1.0, float("-inf"), 1.0, 1.0]
+    assert out[2].tolist() == [0.5, 1.0, 1.0, 1.0, 0.5]

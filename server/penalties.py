@@ -1,7 +1,8 @@
 """What a row's own tokens do to its next-token logits before the choice: HF's repetition penalty (over the prompt
 and the output), OpenAI's presence and frequency penalties (over the output), and min_new_tokens' ban on the tokens
-that would end the request early. Rows without any cost nothing; a row with some costs a few small operations on the
-ids it has seen, never a pass over the vocabulary (at 32 rows x 32000 ids, dense masks cost 15-25 ms a step)."""
+that would end the request early. Rows without any cost nothing; a step with some costs a few operations over the ids
+those rows have seen, never a pass over the vocabulary but a copy of the logits where such a row asks for
+log-probabilities (dense masks cost 15-25 ms a step at 32 rows x 32000 ids; this, ~1.5 ms: bench/RESULTS.md)."""
 from __future__ import annotations
 
 import torch
@@ -12,10 +13,10 @@ from server.stopping import StoppingParams
 
 class TokenHistory:
     """One row's tokens as its penalties need them, on the logits' device, in buffers sized for the whole request
-    (written one id at a time, never reallocated; allocated and written under inference mode, where the engine chooses
-    tokens, so they are inference tensors: update them there only): the distinct ids of its prompt and output (repetition penalty),
+    (written one id at a time, never reallocated): the distinct ids of its prompt and output (repetition penalty),
     the distinct ids of its output and their counts (presence and frequency penalties), and how many it generated
-    (the minimum's ban)."""
+    (the minimum's ban). The engine allocates and writes them under inference mode, where it chooses tokens: they
+    are inference tensors, to be updated there only."""
 
     def __init__(self, prompt: list[int], sampling: SamplingParams, stopping: StoppingParams,
                  ending: frozenset[int]) -> None:

@@ -2,6 +2,7 @@
 and where the shipped built-in model lives (`--model default`; rebuilt by `loraplex build-default`)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -9,8 +10,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
-import os
-
 BUILTIN_DIR = Path(os.environ.get("LORAPLEX_BUILTIN", Path(__file__).resolve().parent.parent / "models" / "builtin"))
 
 

@@ -30,6 +30,10 @@ import os
 import torch
 
 BLOCK_ELEMENTS = 8192  # a factor tile's size: R x the block of features (fewer features for wider slots)
+# Threads a program's tile is spread over: with 4 warps a tile of 8192 fp32 elements spills registers from rank 64
+# (the server's default --max-lora-rank) up: 96-600 bytes of stack per thread on sm_90; with 8 none does up to rank
+# 256, and ranks 16-32 use fewer registers (cuobjdump -res-usage of the cubins triton compiles for sm_90, no GPU).
+NUM_WARPS = 8
 
 
 class KernelUnavailable(Exception):
@@ -107,11 +111,12 @@ def _power_of_two(n: int) -> int:
 
 
 def _meta(bank) -> dict:
-    """The kernel's compile-time sizes for a bank: rank and heads rounded up, feature blocks of R x block <= 8192."""
+    """The kernel's compile-time sizes for a bank (rank and heads rounded up, feature blocks of R x block <= 8192) and
+    its launch's warps."""
     rank = _power_of_two(bank.max_rank)
     block = min(128, max(16, BLOCK_ELEMENTS // rank))
     return dict(MAX_RANK=bank.max_rank, MAX_HEADS=bank.max_heads, R=rank, K=_power_of_two(bank.max_heads),
-                BLOCK_I=block, BLOCK_O=block)
+                BLOCK_I=block, BLOCK_O=block, num_warps=NUM_WARPS)
 
 
 def _module_args(bank, i: int, router) -> tuple:

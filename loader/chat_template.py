@@ -47,6 +47,12 @@ def _short(exc: Exception) -> str:
     return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL] + "..."
 
 
+def check_kwargs_count(count: int) -> None:
+    """At most MAX_KWARGS template kwargs (a server checks it before converting a request's: it may hold a million)."""
+    if count > MAX_KWARGS:
+        raise ChatError(f"chat_template_kwargs has {count} entries; at most {MAX_KWARGS}")
+
+
 def template_kwargs(tokenizer, kwargs: dict) -> dict:
     """`kwargs` for the template checked: at most MAX_KWARGS, identifiers of at most 64 characters that are none of
     the template's own names (the messages, a special token, a Jinja global such as `namespace`, an argument of HF's
@@ -54,8 +60,7 @@ def template_kwargs(tokenizer, kwargs: dict) -> dict:
     doubles (protobuf's Struct, JSON): whole ones within 2^53 are given as ints, as JSON's 3 is in Python."""
     if not kwargs:
         return {}
-    if len(kwargs) > MAX_KWARGS:
-        raise ChatError(f"chat_template_kwargs has {len(kwargs)} entries; at most {MAX_KWARGS}")
+    check_kwargs_count(len(kwargs))
     reserved = _reserved(tokenizer)
     checked = {}
     for key, value in kwargs.items():

@@ -155,7 +155,7 @@ def _chat(tokenizer, messages, kwargs, where: str, cap: int | None,
         raise DataError(f"{where}: {problem}; give prompt and completion instead")
     if not isinstance(kwargs, dict):
         raise DataError(f"{where}: 'chat_template_kwargs' must be an object")
-    problem = _not_text(kwargs, [k for k, v in kwargs.items() if isinstance(v, str)])
+    problem = _not_text(kwargs, kwargs)  # (its strings; other values are checked by template_kwargs)
     if problem:
         raise DataError(f"{where}: chat_template_kwargs: {problem}")
     messages = [dict(m, content=m["content"][:cap]) for m in messages[:max_length]]

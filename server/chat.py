@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import json_format
 
-from loader.chat_template import MAX_KWARGS, ChatError, render, template_kwargs, template_problem
+from loader.chat_template import ChatError, check_kwargs_count, render, template_kwargs, template_problem
 from protos.loraplex.v1 import inference_pb2 as pb
 from server.errors import FailedPrecondition, InvalidArgument
 
@@ -13,19 +13,18 @@ def chat_ids(chat: pb.Chat, tokenizer) -> list[int]:
     problem = template_problem(tokenizer)
     if problem:
         raise FailedPrecondition(f"{problem}: send the prompt as text or token ids")
-    if not chat.messages:
-        raise InvalidArgument("chat.messages is empty")
-    messages = [{"role": m.role, "content": m.content} for m in chat.messages]
-    if len(chat.chat_template_kwargs.fields) > MAX_KWARGS:  # before it is converted: it may hold a million keys
-        raise InvalidArgument(f"chat_template_kwargs has {len(chat.chat_template_kwargs.fields)} entries; at most "
-                              f"{MAX_KWARGS}")
     try:
-        kwargs = json_format.MessageToDict(chat.chat_template_kwargs)
-    except ValueError as exc:  # NaN or infinite numbers, which JSON cannot carry
-        raise InvalidArgument(f"chat_template_kwargs: numbers must be finite ({exc})") from None
-    try:
-        kwargs = template_kwargs(tokenizer, kwargs)
-        return render(tokenizer, messages, add_generation_prompt=not chat.continue_final_message,
-                      continue_final_message=chat.continue_final_message, kwargs=kwargs)
+        return render(tokenizer, [{"role": m.role, "content": m.content} for m in chat.messages],
+                      add_generation_prompt=not chat.continue_final_message,
+                      continue_final_message=chat.continue_final_message,
+                      kwargs=template_kwargs(tokenizer, _kwargs(chat.chat_template_kwargs)))
     except ChatError as exc:
         raise InvalidArgument(str(exc)) from None
+
+
+def _kwargs(struct) -> dict:
+    check_kwargs_count(len(struct.fields))  # before it is converted
+    try:
+        return json_format.MessageToDict(struct)
+    except ValueError as exc:  # NaN or infinite numbers, which JSON cannot carry
+        raise ChatError(f"chat_template_kwargs: numbers must be finite ({exc})") from None

@@ -191,12 +191,13 @@ def _chat_prompt(chat: pb.Chat, base, limits) -> list[int]:
     ids = chat_ids(chat, base.tokenizer)
     text = "".join(m.content for m in messages)
     bad = next((t for t in ids if t >= base.vocab_size), None)
+    spelled = None if bad is None else base.tokenizer.decode([bad])
     # the template's, not the user's: a message's text never becomes a special token (sanitized), and other tokens
     # the template writes are not in the messages' text
-    if bad is not None and (bad in base.tokenizer.all_special_ids or base.tokenizer.decode([bad]) not in text):
-        raise FailedPrecondition(f"the model's chat template writes {base.tokenizer.decode([bad])!r} (id {bad}), a "
-                                 f"token the tokenizer knows but the model does not (its vocabulary has "
-                                 f"{base.vocab_size} tokens): send the prompt as text or token ids")
+    if bad is not None and (bad in base.tokenizer.all_special_ids or spelled not in text):
+        raise FailedPrecondition(f"the model's chat template writes {spelled!r} (id {bad}), a token the tokenizer "
+                                 f"knows but the model does not (its vocabulary has {base.vocab_size} tokens): send "
+                                 f"the prompt as text or token ids")
     _check_tokenized(ids, text, base)
     return ids
 

@@ -71,7 +71,8 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
                   repetition_penalty: float | None = None, presence_penalty: float | None = None,
                   frequency_penalty: float | None = None, min_new_tokens: int | None = None,
                   stop_token_ids: Sequence[int] = (), continue_final_message: bool = False,
-                  chat_template_kwargs: Mapping | None = None) -> pb.GenerateRequest:
+                  chat_template_kwargs: Mapping | None = None,
+                  prompt_logprobs: int | None = None) -> pb.GenerateRequest:
     """A text prompt, a sequence of token ids, or a chat: a sequence of {"role": ..., "content": ...} messages
     that the server's chat template makes the prompt of (`continue_final_message`: the model continues the last
     message instead of starting a new turn; `chat_template_kwargs`: values the template reads, as Qwen3's
@@ -79,8 +80,9 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
     string or several (a string is one stop sequence, not one per character). `adapter_id` "" is the base model;
     None is refused (protobuf would send it as "": an unset variable would silently serve the base model). A value
     of the wrong type, or one its field cannot carry, is a TypeError or ValueError naming the argument. `logprobs`:
-    None for none, else each token's log-probability and that many alternatives' (0-20). The penalties, min_p,
-    min_new_tokens and stop_token_ids: as the fields of the same names (protos/loraplex/v1/inference.proto)."""
+    None for none, else each token's log-probability and that many alternatives' (0-20); `prompt_logprobs`: the
+    same for the prompt's tokens after the first (the reply's prompt_token_ids and prompt_logprobs). The penalties,
+    min_p, min_new_tokens and stop_token_ids: as the fields of the same names (protos/loraplex/v1/inference.proto)."""
     if adapter_id is None:  # protobuf would send "", the base model: a classic unset environment variable
         raise TypeError('adapter_id is None (an unset variable?): pass "" for the base model')
     sampling = pb.SamplingParams(temperature=check_number("temperature", temperature),
@@ -96,7 +98,8 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
                                    stop_token_ids=_token_ids("stop_token_ids", stop_token_ids))
     request = pb.GenerateRequest(adapter_id=check_text("adapter_id", adapter_id), sampling=sampling,
                                  stopping=stopping, request_id=check_text("request_id", request_id),
-                                 logprobs=check_integer("logprobs", logprobs, 0, 2 ** 32))
+                                 logprobs=check_integer("logprobs", logprobs, 0, 2 ** 32),
+                                 prompt_logprobs=check_integer("prompt_logprobs", prompt_logprobs, 0, 2 ** 32))
     continued = check_flag("continue_final_message", continue_final_message)
     if isinstance(prompt, (bytes, bytearray)):  # a sequence of ints, but surely meant as text
         raise TypeError("prompt must be text (str) or token ids (a sequence of int), not bytes: decode it first")

@@ -62,9 +62,10 @@ def _generate(args) -> int:
                                         presence_penalty=args.presence_penalty,
                                         frequency_penalty=args.frequency_penalty,
                                         min_new_tokens=args.min_new_tokens, stop_token_ids=args.stop_token_id or (),
-                                        chat_template_kwargs=kwargs)
-        logprobs = []
+                                        chat_template_kwargs=kwargs, prompt_logprobs=args.prompt_logprobs)
+        logprobs, prompt = [], []
         for message in stream:
+            prompt += zip(message.prompt_token_ids[1:], message.prompt_logprobs)
             sys.stdout.write(message.text)
             sys.stdout.flush()
             logprobs += zip(message.token_ids, message.logprobs)
@@ -73,10 +74,12 @@ def _generate(args) -> int:
                 reason = pb.FinishReason.Name(message.finish_reason).removeprefix("FINISH_REASON_").lower()
                 print(f"[{reason}; {message.usage.prompt_tokens} prompt + {message.usage.completion_tokens} "
                       f"completion tokens]", file=sys.stderr)
-    for token, found in logprobs:  # after the text, on stderr: stdout stays the completion alone
-        top = ", ".join(f"{t} {v:.4f}" for t, v in zip(found.top_token_ids, found.top_logprobs))
-        print(f"token {token}: logprob {found.logprob:.4f}" + (f"; most likely {top}" if top else ""),
-              file=sys.stderr)
+    # after the text, on stderr: stdout stays the completion alone
+    for what, found_logprobs in (("prompt token", prompt), ("token", logprobs)):
+        for token, found in found_logprobs:
+            top = ", ".join(f"{t} {v:.4f}" for t, v in zip(found.top_token_ids, found.top_logprobs))
+            print(f"{what} {token}: logprob {found.logprob:.4f}" + (f"; most likely {top}" if top else ""),
+                  file=sys.stderr)
     return 0
 
 
@@ -278,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="token id that stops generation (repeatable)")
     gen.add_argument("--logprobs", type=_ranged(0, 2 ** 32), default=None, metavar="N",
                      help="print each token's log-probability and the N likeliest tokens' (0-20) to stderr")
+    gen.add_argument("--prompt-logprobs", type=_ranged(0, 2 ** 32), default=None, metavar="N",
+                     help="the same for each prompt token after the first, given those before it")
     gen.set_defaults(func=_generate)
 
     adapters = sub.add_parser("adapters", allow_abbrev=False, help="list, get, load or unload adapters")

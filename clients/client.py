@@ -51,6 +51,12 @@ class Tls:
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
 
+# A reply has no size limit but the prompt's and the generated tokens' counts: with log-probabilities (20
+# alternatives a token) for a long prompt it passes grpc's default 4 MiB (38000 tokens: 4.7 MB), and the call failed
+# RESOURCE_EXHAUSTED after the server had done the work. This client trusts its server's replies.
+CHANNEL_OPTIONS = (("grpc.max_receive_message_length", -1),)
+
+
 def _call_options(target, channel, channel_type: type, timeout, token, tls) -> dict:
     """The keyword arguments of every call, once the constructor's arguments are checked (before a channel is made
     that would then leak)."""
@@ -103,8 +109,8 @@ class Client:
     def __init__(self, target: str, *, channel: grpc.Channel | None = None, timeout: float | None = None,
                  token: str | None = None, tls: Tls | None = None) -> None:
         self._options = _call_options(target, channel, grpc.Channel, timeout, token, tls)
-        self.channel = channel or (grpc.secure_channel(target, tls.credentials()) if tls
-                                   else grpc.insecure_channel(target))
+        self.channel = channel or (grpc.secure_channel(target, tls.credentials(), CHANNEL_OPTIONS) if tls
+                                   else grpc.insecure_channel(target, CHANNEL_OPTIONS))
         self.timeout = self._options["timeout"]
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.adapters = pb_grpc.AdaptersStub(self.channel)
@@ -232,8 +238,8 @@ class AsyncClient:
                                "another loop (a second asyncio.run, another thread's loop) needs its own AsyncClient")
         if self._stubs is None:
             if self._channel is None:
-                self._channel = (grpc.aio.secure_channel(self._target, self._tls.credentials()) if self._tls
-                                 else grpc.aio.insecure_channel(self._target))
+                self._channel = (grpc.aio.secure_channel(self._target, self._tls.credentials(), CHANNEL_OPTIONS)
+                                 if self._tls else grpc.aio.insecure_channel(self._target, CHANNEL_OPTIONS))
             self._stubs = (self._channel, pb_grpc.InferenceStub(self._channel), pb_grpc.AdaptersStub(self._channel),
                            health_pb2_grpc.HealthStub(self._channel))
         return self._stubs

@@ -14,6 +14,7 @@ import torch
 from adapters.slot_bank import AdapterContext, RowFactors, SlotBank
 from server.attention import AttentionLayout, UnsupportedAttention
 from server.kv_cache import KVCache
+from server.logprobs import TokenLogprobs, token_logprobs
 from server.rope import LongRope
 
 log = logging.getLogger("loraplex.batch")
@@ -52,6 +53,10 @@ class Prefill:
     cache: KVCache
     factors: RowFactors | None
     done: int = 0
+    # GenerateRequest.prompt_logprobs: {row index: alternatives wanted}, and what the chunks run so far found for
+    # each of those rows (one entry per prompt token after the first)
+    scored: dict[int, int] = field(default_factory=dict)
+    scores: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -64,11 +69,16 @@ class Prefill:
 # length, not with its square; ordinary batches (32 rows x 1024 tokens) still run in one pass.
 MASK_ELEMENTS = 1 << 25
 MIN_CHUNK = 256  # each chunk reads every weight once: fewer, longer chunks for very long prompts
+# A chunk scoring prompt tokens (prompt_logprobs) projects each of their positions onto the vocabulary: its columns
+# are capped so those logits stay near this many elements (Gemma-3's 262k vocabulary: 64 columns per scored row).
+SCORED_ELEMENTS = 1 << 24
 
 
-def prefill_chunk(rows: int, length: int) -> int:
-    """Query columns per forward for a prefill of `rows` prompts left-padded to `length`."""
-    return max(MIN_CHUNK, MASK_ELEMENTS // (rows * length))
+def prefill_chunk(rows: int, length: int, scored: int = 0, vocab: int = 0) -> int:
+    """Query columns per forward for a prefill of `rows` prompts left-padded to `length`, `scored` of which
+    want their prompt's log-probabilities under a vocabulary of `vocab`."""
+    step = max(MIN_CHUNK, MASK_ELEMENTS // (rows * length))
+    return min(step, max(1, SCORED_ELEMENTS // (scored * vocab))) if scored else step
 
 
 class Runner:
@@ -84,6 +94,7 @@ class Runner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.num_layers = model.config.get_text_config().num_hidden_layers
+        self.vocab_size = model.config.get_text_config().vocab_size
         self.attention = AttentionLayout.of(model.config)  # raises UnsupportedAttention
         self.longrope = LongRope.install(model)  # each row's own rotary factors; None: not a longrope model
         self.recompute_at = self.longrope.recompute_at if self.longrope is not None else None
@@ -91,9 +102,18 @@ class Runner:
         # does not fold into one matmul against a frozen weight: the vocabulary projection ran as a bmm against
         # the weight expanded per row (prefill of 31 rows, vocab 32000: 113 ms instead of ~20). Handing it a
         # contiguous copy keeps the int form, which some models' own prefill shortcuts need (Gemma-4).
-        head = model.get_output_embeddings()
-        if head is not None:
-            head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+        # A prefill scoring prompt tokens asks for every position's hidden state (logits_to_keep=0), and the hook
+        # hands the head only the positions in `_picked` (flat indices over rows x positions), as [1, N, hidden]:
+        # what the model does to its logits after the head (Gemma-2's soft-capping, Cohere's scale) still applies.
+        self._picked: torch.Tensor | None = None
+        self._head = model.get_output_embeddings()
+        if self._head is not None:
+            self._head.register_forward_pre_hook(lambda module, args: (self._pick(args[0]), *args[1:]))
+
+    def _pick(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._picked is None:
+            return hidden.contiguous()
+        return hidden.flatten(0, 1).index_select(0, self._picked)[None]
 
     def check_cache(self) -> None:
         """Refuse (UnsupportedAttention) a model whose state is not all in the KV cache the batch hands it, which
@@ -140,20 +160,27 @@ class Runner:
                                        f"batch")
 
     def _forward(self, ids: torch.Tensor, masks, positions: torch.Tensor, cache: KVCache,
-                 factors: RowFactors | None) -> torch.Tensor:
-        """`masks`: a boolean mask [B, 1, Q, K], or one per layer type (AttentionLayout.masks)."""
+                 factors: RowFactors | None, picked: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, V] of each row's last position, or with `picked` (flat indices over [B, Q] positions) those
+        positions' [N, V]. `masks`: a boolean mask [B, 1, Q, K], or one per layer type (AttentionLayout.masks)."""
         def additive(mask: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
             return out.masked_fill_(~mask, torch.finfo(self.dtype).min)
         masks = {t: additive(m) for t, m in masks.items()} if isinstance(masks, dict) else additive(masks)
         self.context.rows = factors
+        self._picked = picked if self._head is not None else None
         try:
             out = self.model(input_ids=ids, attention_mask=masks, position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             past_key_values=cache, use_cache=True, logits_to_keep=1 if picked is None else 0)
         finally:
             self.context.rows = None
+            self._picked = None
         cache.length += ids.shape[1]
-        return out.logits[:, -1, :].float()
+        if picked is None:
+            return out.logits[:, -1, :].float()
+        if self._head is None:  # (no head module to hook: every position's logits were made)
+            return out.logits.flatten(0, 1).index_select(0, picked).float()
+        return out.logits[0].float()
 
     def prefill(self, rows: list[Row]) -> tuple[Batch, torch.Tensor]:
         """Run the prompts of `rows` (left-padded together); returns their batch and last-position logits."""
@@ -161,8 +188,9 @@ class Runner:
         logits = self.advance(job, job.length)
         return self.prefilled(job), logits
 
-    def start_prefill(self, rows: list[Row]) -> Prefill:
-        """The prompts of `rows` left-padded together, none of them run yet (`advance` runs them)."""
+    def start_prefill(self, rows: list[Row], scored: dict[int, int] | None = None) -> Prefill:
+        """The prompts of `rows` left-padded together, none of them run yet (`advance` runs them). `scored`: {row
+        index: alternatives} of the rows whose prompt tokens' log-probabilities `advance` finds (Prefill.scores)."""
         prompts = [r.prompt_ids for r in rows]
         length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
@@ -174,14 +202,15 @@ class Runner:
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         # the cache's buffers hold exactly the prompts (a fresh cache's first allocation is its max_length)
         return Prefill(rows, ids, valid, positions, KVCache(self.num_layers, length),
-                       self.bank.gather([r.slot for r in rows]))
+                       self.bank.gather([r.slot for r in rows]), scored=dict(scored or {}),
+                       scores={i: [] for i in scored or {}})
 
     @torch.inference_mode()
     def advance(self, job: Prefill, columns: int) -> torch.Tensor | None:
         """Run the next `columns` columns of `job`'s prompts (in forwards of at most `prefill_chunk` query columns);
         the last position's logits once every column ran, else None."""
         end = min(job.length, job.done + columns)
-        step = prefill_chunk(len(job.rows), job.length)
+        step = prefill_chunk(len(job.rows), job.length, len(job.scored), self.vocab_size)
         keys = torch.arange(job.length, device=self.device)[None]
         logits = None
         with self.longrope.whole_prompts(job.valid.sum(-1)) if self.longrope is not None else nullcontext():
@@ -192,14 +221,41 @@ class Runner:
                 # stays finite
                 mask = ((seen <= query)[None] & job.valid[:, None, :stop]) | (seen == query)[None]
                 masks = self.attention.masks(mask[:, None], job.positions[:, start:stop], job.positions[:, :stop])
+                scoring = self._scored_positions(job, start, stop)
+                picked = None
+                if scoring is not None:  # each row's last position first, then the scored ones
+                    last = torch.arange(len(job.rows)) * (stop - start) + (stop - start - 1)
+                    picked = torch.cat([last, scoring[0]]).to(self.device)
                 logits = self._forward(job.ids[:, start:stop], masks, job.positions[:, start:stop], job.cache,
-                                       job.factors)
+                                       job.factors, picked)
+                if scoring is not None:
+                    _, owners, tokens = scoring
+                    found = token_logprobs(logits[len(job.rows):], tokens, [job.scored[i] for i in owners])
+                    for i, entry in zip(owners, found):
+                        job.scores[i].append(entry)
+                    logits = logits[:len(job.rows)]
                 job.done = stop
         if job.done < job.length and self.device.type == "cuda":
             # nothing of a middle chunk is read back: without this, its GPU time would be timed as the next decode
             # step's (step_duration_seconds), whose sampling waits for it
             torch.cuda.synchronize(self.device)
         return logits if job.done == job.length else None
+
+    @staticmethod
+    def _scored_positions(job: Prefill, start: int, stop: int) -> tuple[torch.Tensor, list[int], list[int]] | None:
+        """The positions of columns [start, stop) whose logits score a prompt token of a `job.scored` row: (flat
+        indices over rows x (stop - start) columns, their rows, the tokens they score), in column order per row.
+        A column's logits score the next column's token; a row's first token and its last column's logits (its
+        first generated token's) score none."""
+        flat, owners, tokens = [], [], []
+        for i in job.scored:
+            prompt = job.rows[i].prompt_ids
+            first = job.length - len(prompt)
+            columns = range(max(start, first), min(stop, job.length - 1))
+            flat.extend(i * (stop - start) + c - start for c in columns)
+            owners.extend([i] * len(columns))
+            tokens.extend(prompt[c + 1 - first] for c in columns)
+        return (torch.tensor(flat, dtype=torch.long), owners, tokens) if flat else None
 
     def prefilled(self, job: Prefill) -> Batch:
         """The batch of a finished prefill, its cache free to grow to the context (the engine caps it)."""

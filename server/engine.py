@@ -316,8 +316,10 @@ class Engine:
         """Start prefilling `newcomers`: a group within --max-prefill-tokens runs whole in this iteration, a longer
         prompt becomes the one prefilling (`_prefilling`) and runs a chunk an iteration. While it runs, groups
         that fit one prefill still join, so an iteration prefills at most twice --max-prefill-tokens."""
+        scored = {i: r.state.request.prompt_logprobs for i, r in enumerate(newcomers)
+                  if r.state.request.prompt_logprobs is not None}
         try:  # gathers the rows' factors: can run out of memory
-            job = self.runner.start_prefill(newcomers)
+            job = self.runner.start_prefill(newcomers, scored)
         except Exception as exc:
             self._fail_prefill(newcomers, exc)
             return
@@ -353,7 +355,7 @@ class Engine:
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
         _count_by_adapter(self.metrics.adapter_prompt_tokens,
                           ((r.state.request.adapter_label, len(r.prompt_ids)) for r in rows))
-        self._emit(rows, tokens, logprobs, first=True, broken=broken)
+        self._emit(rows, tokens, logprobs, first=True, broken=broken, prompt_logprobs=job.scores)
         self._report()
 
     def _fail_prefill(self, rows: list[Row], exc: Exception) -> None:
@@ -382,9 +384,9 @@ class Engine:
         self._report()
 
     def _emit(self, rows: list[Row], tokens: list[int], logprobs: list, first: bool,
-              broken: frozenset[int] = frozenset()) -> None:
-        """Each row's token (and its log-probabilities, where asked for) to its client; rows in `broken`
-        (non-finite logits) fail alone instead."""
+              broken: frozenset[int] = frozenset(), prompt_logprobs: dict | None = None) -> None:
+        """Each row's token (and its log-probabilities, where asked for; after a prefill, its prompt's, by row
+        index, in `prompt_logprobs`) to its client; rows in `broken` (non-finite logits) fail alone instead."""
         now = time.monotonic()
         finished, failed = [], []
         self.metrics.generation_tokens.inc(len(rows) - len(broken))
@@ -406,7 +408,8 @@ class Engine:
             else:
                 self.metrics.itl.observe(now - state.last_token_time)
             state.last_token_time = now
-            state.request.sink(TokenEvent([token], text, None if row_logprobs is None else [row_logprobs]))
+            state.request.sink(TokenEvent([token], text, None if row_logprobs is None else [row_logprobs],
+                                          (prompt_logprobs or {}).get(i)))
             if state.stream.finish is not None:
                 finished.append(row)
         for row in finished:

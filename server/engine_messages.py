@@ -16,6 +16,8 @@ class TokenEvent:
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprobs] | None = None  # one per token id, when the request asks for them
+    # on a request's first event, when it asks for them: one per prompt token after the first
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -39,6 +41,7 @@ class EngineRequest:
     stopping: StoppingParams
     sink: Callable[[object], None]  # thread-safe; receives TokenEvent/FinishEvent/ErrorEvent
     logprobs: int | None = None  # GenerateRequest.logprobs: alternatives per token, None for no log-probabilities
+    prompt_logprobs: int | None = None  # GenerateRequest.prompt_logprobs: the same for the prompt's tokens
     adapter_label: str = ""
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set from any thread; the engine drops the request at its next step

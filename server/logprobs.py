@@ -26,7 +26,7 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | N
         return found
     # one copy to the device and two back (a GPU waits for each)
     index = torch.tensor([rows, [tokens[i] for i in rows]], device=logits.device)
-    x = logits[index[0]].float()
+    x = (logits if len(rows) == len(wanted) else logits[index[0]]).float()  # (every row's: no [rows, V] copy)
     total = torch.logsumexp(x, dim=-1, keepdim=True)  # log p = logit - this: no [rows, V] log-softmax written
     top = x.topk(min(max(wanted[i] for i in rows), x.shape[-1]), dim=-1)  # (a toy's vocabulary may be smaller)
     values = (torch.cat([x.gather(1, index[1][:, None]), top.values], dim=1) - total).tolist()

@@ -43,9 +43,16 @@ FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.EOS_TOKEN: 
           FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE}
 
 
-def _logprobs(event: TokenEvent) -> list[pb.TokenLogprobs]:
+def _logprobs(found) -> list[pb.TokenLogprobs]:
     return [pb.TokenLogprobs(logprob=t.logprob, top_token_ids=t.top_token_ids, top_logprobs=t.top_logprobs)
-            for t in event.logprobs or ()]
+            for t in found or ()]
+
+
+def _prompt_scores(engine_request: EngineRequest, event: TokenEvent) -> dict:
+    """The reply's prompt_token_ids and prompt_logprobs, on the event that carries them (a request's first)."""
+    if event.prompt_logprobs is None:
+        return {}
+    return {"prompt_token_ids": engine_request.prompt_ids, "prompt_logprobs": _logprobs(event.prompt_logprobs)}
 
 
 def _gathering(post: Callable[[object], None]) -> Callable[[object], None]:
@@ -53,16 +60,19 @@ def _gathering(post: Callable[[object], None]) -> Callable[[object], None]:
     ids: list[int] = []
     texts: list[str] = []
     logprobs: list = []
+    prompt: list = []  # the first event's prompt log-probabilities, where asked for
 
     def sink(event) -> None:
         if isinstance(event, TokenEvent):
+            if not ids:
+                prompt.append(event.prompt_logprobs)
             ids.extend(event.token_ids)
             texts.append(event.text)
             logprobs.extend(event.logprobs or ())
             return
         if ids:
-            post(TokenEvent(ids[:], "".join(texts), logprobs[:] or None))
-            ids.clear(), texts.clear(), logprobs.clear()
+            post(TokenEvent(ids[:], "".join(texts), logprobs[:] or None, prompt[0]))
+            ids.clear(), texts.clear(), logprobs.clear(), prompt.clear()
         post(event)
     return sink
 
@@ -148,9 +158,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if len(request.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
         sampling, logprobs = sampling_from(request.sampling), logprobs_from(request)
+        prompt_logprobs = logprobs_from(request, "prompt_logprobs")
         ids, stopping = prompt_and_stopping(request, s.base, s.limits)
         return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=None,
-                             sampling=sampling, stopping=stopping, sink=lambda event: None, logprobs=logprobs)
+                             sampling=sampling, stopping=stopping, sink=lambda event: None, logprobs=logprobs,
+                             prompt_logprobs=prompt_logprobs)
 
     async def _events(self, request: pb.GenerateRequest, stream: bool):
         """(engine request, event) pairs for `request`: for a stream every step's tokens; for a unary call one
@@ -330,16 +342,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Generate(self, request, context):
         try:
-            ids, texts, logprobs = [], [], []
+            ids, texts, logprobs, prompt = [], [], [], {}
             async for engine_request, event in self._events(request, stream=False):
                 if isinstance(event, TokenEvent):
+                    prompt = prompt or _prompt_scores(engine_request, event)
                     ids.extend(event.token_ids)
                     texts.append(event.text)
-                    logprobs.extend(_logprobs(event))
+                    logprobs.extend(_logprobs(event.logprobs))
                 else:
                     return pb.GenerateResponse(
                         request_id=engine_request.request_id, text="".join(texts), token_ids=ids,
-                        logprobs=logprobs, finish_reason=FINISH[event.reason],
+                        logprobs=logprobs, finish_reason=FINISH[event.reason], **prompt,
                         usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))
         except _EngineFailed as failed:
             await abort(context, failed.error)  # (counted as the engine ended it)
@@ -351,7 +364,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             async for engine_request, event in self._events(request, stream=True):
                 if isinstance(event, TokenEvent):
                     yield pb.GenerateStreamResponse(request_id=engine_request.request_id, text=event.text,
-                                                    token_ids=event.token_ids, logprobs=_logprobs(event))
+                                                    token_ids=event.token_ids, logprobs=_logprobs(event.logprobs),
+                                                    **_prompt_scores(engine_request, event))
                 else:
                     yield pb.GenerateStreamResponse(
                         request_id=engine_request.request_id, finish_reason=FINISH[event.reason],

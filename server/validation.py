@@ -55,13 +55,16 @@ def _within(msg: pb.SamplingParams, name: str, unset: float, low: float, high: f
     return value
 
 
-def logprobs_from(request: pb.GenerateRequest) -> int | None:
-    if not request.HasField("logprobs"):
+def logprobs_from(request: pb.GenerateRequest, name: str = "logprobs") -> int | None:
+    """GenerateRequest.logprobs or .prompt_logprobs: None when unset, else the alternatives wanted per token."""
+    if not request.HasField(name):
         return None
-    if request.logprobs > MAX_LOGPROBS:
-        raise InvalidArgument(f"logprobs must be at most {MAX_LOGPROBS} (the most likely tokens returned at each "
-                              f"step beside the chosen one; 0 returns the chosen token's only), got {request.logprobs}")
-    return request.logprobs
+    n = getattr(request, name)
+    if n > MAX_LOGPROBS:
+        raise InvalidArgument(f"{name} must be at most {MAX_LOGPROBS} (the most likely tokens returned at each "
+                              f"position beside the {'prompt' if name == 'prompt_logprobs' else 'chosen'} one; 0 "
+                              f"returns its log-probability only), got {n}")
+    return n
 
 
 def stopping_from(msg: pb.StoppingCriteria, limits, skipped, vocab_size: int) -> StoppingParams:

@@ -49,6 +49,21 @@ def test_generate_prints_log_probabilities_to_stderr(server):
                                                                                          reply.logprobs)]
 
 
+def test_generate_prints_prompt_log_probabilities_before_the_tokens(server):
+    from clients.client import Client
+    with Client(server.target, timeout=30) as client:
+        reply = client.generate("hello", max_new_tokens=2, ignore_eos=True, prompt_logprobs=1, logprobs=0)
+    result = run("generate", "--target", server.target, "--max-new-tokens", "2", "--ignore-eos",
+                 "--prompt-logprobs", "1", "--logprobs", "0", "hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == reply.text + "\n"
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("prompt token ", "token "))]
+    assert lines == [f"prompt token {t}: logprob {lp.logprob:.4f}; most likely {lp.top_token_ids[0]} "
+                     f"{lp.top_logprobs[0]:.4f}" for t, lp in zip(reply.prompt_token_ids[1:], reply.prompt_logprobs)] \
+        + [f"token {t}: logprob {lp.logprob:.4f}" for t, lp in zip(reply.token_ids, reply.logprobs)]
+    assert len(lines) == 4 + 2  # "hello": 5 prompt tokens in this byte-level tokenizer
+
+
 def test_adapters_load_list_unload_and_errors(server):
     missing = run("generate", "--target", server.target, "--adapter", "demo", "hi")
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "LoadAdapter" in missing.stderr

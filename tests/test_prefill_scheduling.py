@@ -17,8 +17,8 @@ def test_a_burst_is_prefilled_in_groups_within_max_prefill_tokens(model_dirs):
     runner, engine = server.serving.engine.runner, server.serving.engine
     steps = []
     start, advance, decode_step = runner.start_prefill, runner.advance, runner.decode_step
-    runner.start_prefill = lambda rows: (steps.append(("prefill", [len(r.prompt_ids) for r in rows])),
-                                         start(rows))[1]
+    runner.start_prefill = lambda rows, *rest: (steps.append(("prefill", [len(r.prompt_ids) for r in rows])),
+                                                start(rows, *rest))[1]
     runner.advance = lambda job, columns: (steps.append(("chunk", min(columns, job.length - job.done))),
                                            advance(job, columns))[1]
     runner.decode_step = lambda batch: (steps.append(("decode", len(batch))), decode_step(batch))[1]

@@ -1,0 +1,67 @@
+"""What GenerateRequest.prompt_logprobs adds to a prefill: one prefill of --rows prompts of --length tokens on the
+benchmark model of bench/mixed_adapters.py (a random Llama, hidden 512, 8 layers, vocab 32000, fp32), through the
+server's Runner, with no row scoring its prompt, one, and all of them (0 and 20 alternatives); interleaved rounds,
+medians, each relative to the prefill scoring none.
+
+    .venv/bin/python bench/prompt_logprobs.py [--rows 8] [--length 256] [--threads 2] [--rounds 7]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from adapters.slot_bank import SlotBank  # noqa: E402
+from bench.mixed_adapters import add_common_arguments, build_model_dir  # noqa: E402
+from loader.base_model import load_base_model  # noqa: E402
+from loader.inject import inject  # noqa: E402
+from server.batch import Row, Runner  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(p)
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=7)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="loraplex-prompt-logprobs-"))
+    if not (work / "model" / "config.json").exists():
+        build_model_dir(work / "model", args)
+    base = load_base_model(str(work / "model"), "cpu", "float32")
+    context, shapes = inject(base.model)
+    bank = SlotBank(shapes, num_slots=1, max_rank=8, device=torch.device("cpu"), dtype=torch.float32)
+    runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
+    prompts = [[(31 * r + 7 * i) % (args.vocab - 1) + 1 for i in range(args.length)] for r in range(args.rows)]
+    cases = {"none scored": {}, "1 row, 0 alternatives": {0: 0},
+             f"{args.rows} rows, 0 alternatives": dict.fromkeys(range(args.rows), 0),
+             f"{args.rows} rows, 20 alternatives": dict.fromkeys(range(args.rows), 20)}
+
+    def prefill(scored) -> float:
+        start = time.perf_counter()
+        job = runner.start_prefill([Row(prompt, 0) for prompt in prompts], scored)
+        runner.advance(job, job.length)
+        return time.perf_counter() - start
+    times = {name: [] for name in cases}
+    for scored in cases.values():
+        prefill(scored)  # warm-up
+    for _ in range(args.rounds):
+        for name, scored in cases.items():
+            times[name].append(prefill(scored))
+    print(f"prefill of {args.rows} prompts x {args.length} tokens, vocab {args.vocab}, {args.threads} thread(s); "
+          f"median of {args.rounds} interleaved rounds; 'vs none' is the median of each round's ratio")
+    print("case | ms | vs none")
+    for name in cases:
+        ratio = statistics.median(t / b for t, b in zip(times[name], times["none scored"]))
+        print(f"{name} | {1000 * statistics.median(times[name]):.1f} | {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -72,7 +72,8 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
                   frequency_penalty: float | None = None, min_new_tokens: int | None = None,
                   stop_token_ids: Sequence[int] = (), continue_final_message: bool = False,
                   chat_template_kwargs: Mapping | None = None,
-                  prompt_logprobs: int | None = None) -> pb.GenerateRequest:
+                  prompt_logprobs: int | None = None,
+                  logit_bias: Mapping[int, float] | None = None) -> pb.GenerateRequest:
     """A text prompt, a sequence of token ids, or a chat: a sequence of {"role": ..., "content": ...} messages
     that the server's chat template makes the prompt of (`continue_final_message`: the model continues the last
     message instead of starting a new turn; `chat_template_kwargs`: values the template reads, as Qwen3's
@@ -82,7 +83,8 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
     of the wrong type, or one its field cannot carry, is a TypeError or ValueError naming the argument. `logprobs`:
     None for none, else each token's log-probability and that many alternatives' (0-20); `prompt_logprobs`: the
     same for the prompt's tokens after the first (the reply's prompt_token_ids and prompt_logprobs). The penalties,
-    min_p, min_new_tokens and stop_token_ids: as the fields of the same names (protos/loraplex/v1/inference.proto)."""
+    min_p, logit_bias ({token id: bias}), min_new_tokens and stop_token_ids: as the fields of the same names
+    (protos/loraplex/v1/inference.proto)."""
     if adapter_id is None:  # protobuf would send "", the base model: a classic unset environment variable
         raise TypeError('adapter_id is None (an unset variable?): pass "" for the base model')
     sampling = pb.SamplingParams(temperature=check_number("temperature", temperature),
@@ -91,7 +93,8 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
                                  min_p=check_number("min_p", min_p),
                                  repetition_penalty=check_number("repetition_penalty", repetition_penalty),
                                  presence_penalty=check_number("presence_penalty", presence_penalty),
-                                 frequency_penalty=check_number("frequency_penalty", frequency_penalty))
+                                 frequency_penalty=check_number("frequency_penalty", frequency_penalty),
+                                 logit_bias=_logit_bias(logit_bias))
     stopping = pb.StoppingCriteria(max_new_tokens=check_integer("max_new_tokens", max_new_tokens, *INT32),
                                    stop=_stops(stop), ignore_eos=check_flag("ignore_eos", ignore_eos),
                                    min_new_tokens=check_integer("min_new_tokens", min_new_tokens, *INT32),
@@ -152,6 +155,15 @@ def _token_ids(name: str, ids) -> list[int]:
             raise TypeError(f"{name}[{position}] must be an int, not NoneType")
         check_integer(f"{name}[{position}]", token, *INT32)
     return [int(token) for token in ids]
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    if bias is None:
+        return {}
+    if not isinstance(bias, Mapping):
+        raise TypeError(f"logit_bias must be a dict of token id to bias, not {type(bias).__name__}")
+    return {check_integer(f"logit_bias token id {token!r}", token, *INT32):
+            check_number(f"logit_bias[{token}]", value) for token, value in bias.items()}
 
 
 def _stops(stop) -> list[str]:

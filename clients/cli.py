@@ -46,6 +46,15 @@ def _template_kwarg(text: str) -> tuple[str, object]:
         return key, value  # a bare word is a string: reasoning_effort=high
 
 
+def _bias(text: str) -> tuple[int, float]:
+    """An argparse type: ID=BIAS (--logit-bias)."""
+    token, sep, value = text.partition("=")
+    try:
+        return _ranged(-2 ** 31, 2 ** 31)(token), float(value)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not TOKEN_ID=BIAS, e.g. 42=-100") from None
+
+
 def _generate(args) -> int:
     from clients.client import Client
     with Client(args.target, timeout=args.timeout, **connection(args)) as client:
@@ -62,7 +71,8 @@ def _generate(args) -> int:
                                         presence_penalty=args.presence_penalty,
                                         frequency_penalty=args.frequency_penalty,
                                         min_new_tokens=args.min_new_tokens, stop_token_ids=args.stop_token_id or (),
-                                        chat_template_kwargs=kwargs, prompt_logprobs=args.prompt_logprobs)
+                                        chat_template_kwargs=kwargs, prompt_logprobs=args.prompt_logprobs,
+                                        logit_bias=dict(args.logit_bias or ()))
         logprobs, prompt = [], []
         for message in stream:
             prompt += zip(message.prompt_token_ids[1:], message.prompt_logprobs)
@@ -265,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of this mass")
     gen.add_argument("--min-p", type=float, default=None,
                      help="sample only tokens at least this fraction as likely as the likeliest (0-1)")
+    gen.add_argument("--logit-bias", action="append", type=_bias, metavar="TOKEN_ID=BIAS",
+                     help="add BIAS (-100 to 100) to the token's logit before the choice (repeatable)")
     gen.add_argument("--repetition-penalty", type=float, default=None,
                      help="divide the logits of tokens the prompt or output holds (HF's; 0.01-100, 1 disables)")
     gen.add_argument("--presence-penalty", type=float, default=None,

@@ -1,8 +1,9 @@
-"""What a row's own tokens do to its next-token logits before the choice: HF's repetition penalty (over the prompt
-and the output), OpenAI's presence and frequency penalties (over the output), and min_new_tokens' ban on the tokens
-that would end the request early. Rows without any cost nothing; a step with some costs a few operations over the ids
-those rows have seen, never a pass over the vocabulary but a copy of the logits where such a row asks for
-log-probabilities (dense masks cost 15-25 ms a step at 32 rows x 32000 ids; this, ~1.5 ms: bench/RESULTS.md)."""
+"""What a row's request and its own tokens do to its next-token logits before the choice: HF's repetition penalty
+(over the prompt and the output), OpenAI's presence and frequency penalties (over the output) and logit biases, and
+min_new_tokens' ban on the tokens that would end the request early. Rows without any cost nothing; a step with some
+costs a few operations over the ids those rows have seen or bias, never a pass over the vocabulary but a copy of the
+logits where such a row asks for log-probabilities (dense masks cost 15-25 ms a step at 32 rows x 32000 ids; this,
+~1.5 ms: bench/RESULTS.md)."""
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,8 @@ class TokenHistory:
     """One row's tokens as its penalties need them, on the logits' device, in buffers sized for the whole request
     (written one id at a time, never reallocated): the distinct ids of its prompt and output (repetition penalty),
     the distinct ids of its output and their counts (presence and frequency penalties), and how many it generated
-    (the minimum's ban). The engine allocates and writes them under inference mode, where it chooses tokens: they
-    are inference tensors, to be updated there only."""
+    (the minimum's ban); and its logit biases. The engine allocates and writes them under inference mode, where it
+    chooses tokens: they are inference tensors, to be updated there only."""
 
     def __init__(self, prompt: list[int], sampling: SamplingParams, stopping: StoppingParams,
                  ending: frozenset[int]) -> None:
@@ -32,13 +33,14 @@ class TokenHistory:
         self._position: dict[int, int] | None = None  # output id -> its index in output_ids
         self.output_ids: torch.Tensor | None = None  # [max_new_tokens]: distinct output ids
         self.output_counts: torch.Tensor | None = None  # [max_new_tokens] fp32: their counts
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, fp32 biases) of sampling.logit_bias
 
     @classmethod
     def of(cls, prompt: list[int], sampling: SamplingParams, stopping: StoppingParams,
            eos: frozenset[int]) -> TokenHistory | None:
         """The history a request needs, or None when nothing of it depends on its tokens."""
         ending = stopping.stop_token_ids | (frozenset() if stopping.ignore_eos else eos)
-        if not sampling.penalized and not (stopping.min_new_tokens and ending):
+        if not sampling.adjusts_logits and not (stopping.min_new_tokens and ending):
             return None
         return cls(prompt, sampling, stopping, ending)
 
@@ -55,6 +57,10 @@ class TokenHistory:
             self._position = {}
             self.output_ids = torch.empty(self.max_new_tokens, dtype=torch.long, device=device)
             self.output_counts = torch.zeros(self.max_new_tokens, dtype=torch.float32, device=device)
+        if p.logit_bias:
+            ids, values = zip(*p.logit_bias)
+            self.bias = (torch.tensor(ids, dtype=torch.long, device=device),
+                         torch.tensor(values, dtype=torch.float32, device=device))
 
     def add(self, token: int) -> None:
         self.generated += 1
@@ -81,10 +87,10 @@ class TokenHistory:
 
 
 def penalize(logits: torch.Tensor, histories: list[TokenHistory | None], copy: bool = True) -> torch.Tensor:
-    """`logits` [B, V] with each row's penalties and bans applied, in fp32 (a new tensor; contiguous fp32 `logits`
-    themselves where not `copy`: the caller needs no penalized row's own logits after), or `logits` itself when no
-    row has any: HF's repetition penalty first (a logit below 0 multiplied by it, any other divided), then OpenAI's,
-    then the bans. Each row's values depend on its own alone (a row gets the same in any batch); the rows' ids go in
+    """`logits` [B, V] with each row's penalties, biases and bans applied, in fp32 (a new tensor; contiguous fp32
+    `logits` themselves where not `copy`: the caller needs no penalized row's own logits after), or `logits` itself
+    when no row has any: the biases first (as HF's sequence_bias and vLLM's logit_bias), then HF's repetition
+    penalty (a logit below 0 multiplied by it, any other divided), then OpenAI's penalties, then the bans. Each row's values depend on its own alone (a row gets the same in any batch); the rows' ids go in
     one flat index over [B x V], so a step costs a few operations whatever the number of rows."""
     rows = [(i, h) for i, h in enumerate(histories) if h is not None]
     if not rows:
@@ -95,6 +101,10 @@ def penalize(logits: torch.Tensor, histories: list[TokenHistory | None], copy: b
     for _, h in rows:
         if h.banned is None:
             h.allocate(vocab, out.device)
+    biased = [(i, h.bias) for i, h in rows if h.bias is not None]
+    if biased:
+        flat.index_add_(0, _flat([(i, ids) for i, (ids, _) in biased], vocab)[0],
+                        torch.cat([values for _, (_, values) in biased]))
     repeat = [(i, h) for i, h in rows if h.seen is not None]
     if repeat:
         index, spread = _flat([(i, h.seen) for i, h in repeat], vocab)

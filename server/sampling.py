@@ -1,5 +1,5 @@
 """Next-token choice per row: greedy by default; temperature, top-k, top-p and min-p with a per-request seed.
-(The penalties, which change a row's logits before the choice, are server/penalties.py's.)"""
+(The penalties and logit biases, which change a row's logits before the choice, are server/penalties.py's.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,14 +19,17 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 disables
     presence_penalty: float = 0.0    # 0 disables
     frequency_penalty: float = 0.0   # 0 disables
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs, ids distinct
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
     @property
-    def penalized(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+    def adjusts_logits(self) -> bool:
+        """Whether the row's logits change before its choice (server/penalties.py)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias))
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

@@ -157,7 +157,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         s = ready(self.serving)
         if len(request.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
-        sampling, logprobs = sampling_from(request.sampling), logprobs_from(request)
+        sampling, logprobs = sampling_from(request.sampling, s.base.vocab_size), logprobs_from(request)
         prompt_logprobs = logprobs_from(request, "prompt_logprobs")
         ids, stopping = prompt_and_stopping(request, s.base, s.limits)
         return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=None,

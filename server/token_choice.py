@@ -26,8 +26,8 @@ def choose(logits, states: list) -> tuple[list[int], list, frozenset[int]]:
     the model's own logits), and the rows whose logits were not finite. `states`: the rows' engine states (their
     request, generator and token history)."""
     logits, broken = set_aside_non_finite(logits)
-    # penalized in place (a [B, V] copy saved) unless a row with a history (penalties or a min_new_tokens ban) asks
-    # for log-probabilities, which are of its own logits
+    # penalized in place (a [B, V] copy saved) unless a row with a history (penalties, biases or a min_new_tokens
+    # ban) asks for log-probabilities, which are of its own logits
     copy = any(s.history is not None and s.request.logprobs is not None for s in states)
     tokens = sample(penalize(logits, [s.history for s in states], copy), [s.request.sampling for s in states],
                     [s.generator for s in states])

@@ -15,6 +15,7 @@ from server.stopping import StoppingParams
 
 MAX_STOP_SEQUENCES, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, MAX_REQUEST_ID = 16, 256, 64, 256
 REPETITION_PENALTY = (0.01, 100.0)
+MAX_LOGIT_BIAS, LOGIT_BIAS = 300, 100.0  # as OpenAI's API
 
 
 def _finite(value: float, name: str) -> float:
@@ -23,7 +24,7 @@ def _finite(value: float, name: str) -> float:
     return value
 
 
-def sampling_from(msg: pb.SamplingParams) -> SamplingParams:
+def sampling_from(msg: pb.SamplingParams, vocab_size: int) -> SamplingParams:
     temperature = _finite(msg.temperature, "sampling.temperature") if msg.HasField("temperature") else 0.0
     if temperature < 0:
         raise InvalidArgument(f"sampling.temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -39,7 +40,21 @@ def sampling_from(msg: pb.SamplingParams) -> SamplingParams:
     repetition = _within(msg, "repetition_penalty", 1.0, *REPETITION_PENALTY)
     return SamplingParams(temperature, top_k, top_p, msg.seed if msg.HasField("seed") else None, min_p, repetition,
                           _within(msg, "presence_penalty", 0.0, -2.0, 2.0),
-                          _within(msg, "frequency_penalty", 0.0, -2.0, 2.0))
+                          _within(msg, "frequency_penalty", 0.0, -2.0, 2.0), _logit_bias(msg, vocab_size))
+
+
+def _logit_bias(msg: pb.SamplingParams, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    bias = msg.logit_bias
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise InvalidArgument(f"sampling.logit_bias takes at most {MAX_LOGIT_BIAS} token ids, got {len(bias)}")
+    for token, value in sorted(bias.items()):
+        if not 0 <= token < vocab_size:
+            raise InvalidArgument(f"sampling.logit_bias names token id {token}, outside the vocabulary "
+                                  f"[0, {vocab_size})")
+        if not -LOGIT_BIAS <= _finite(value, f"sampling.logit_bias[{token}]") <= LOGIT_BIAS:
+            raise InvalidArgument(f"sampling.logit_bias[{token}] must be in [-{LOGIT_BIAS:g}, {LOGIT_BIAS:g}], got "
+                                  f"{value}")
+    return tuple(sorted((token, value) for token, value in bias.items() if value != 0.0))
 
 
 def _float32(value: float) -> float:

@@ -240,6 +240,11 @@ def test_unservable_adapters_fail_precondition_naming_the_problem(client, adapte
     (dict(stop_token_ids=[5, 10 ** 6]), "stopping.stop_token_ids holds 1000000, outside the vocabulary"),
     (dict(stop_token_ids=[-1]), "stopping.stop_token_ids holds -1"),
     (dict(stop_token_ids=list(range(65))), "stopping.stop_token_ids takes at most 64 ids, got 65"),
+    (dict(logit_bias={5: 1.0, 10 ** 6: -1.0}), "sampling.logit_bias names token id 1000000, outside the vocabulary"),
+    (dict(logit_bias={-1: 1.0}), "sampling.logit_bias names token id -1"),
+    (dict(logit_bias={5: 101.0}), "sampling.logit_bias[5] must be in [-100, 100], got 101.0"),
+    (dict(logit_bias={7: math.inf}), "sampling.logit_bias[7] must be a finite number"),
+    (dict(logit_bias=dict.fromkeys(range(301), 1.0)), "sampling.logit_bias takes at most 300 token ids, got 301"),
 ])
 def test_bad_sampling_and_stopping_are_invalid(client, kwargs, needle):
     code, details = status_of(client.generate, "hi", **kwargs)

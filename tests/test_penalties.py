@@ -193,14 +193,19 @@ def test_the_command_line_sends_the_new_settings(served, capsys):
     from clients.cli import main
     _, _, server = served
     expected = _alone(server.target, "tiger", max_new_tokens=8, ignore_eos=True, repetition_penalty=1.8,
+                      presence_penalty=1.0, frequency_penalty=0.5, min_new_tokens=8, logit_bias={ord("a"): 3.5})
+    unbiased = _alone(server.target, "tiger", max_new_tokens=8, ignore_eos=True, repetition_penalty=1.8,
                       presence_penalty=1.0, frequency_penalty=0.5, min_new_tokens=8)
-    assert expected.text != _alone(server.target, "tiger", max_new_tokens=8, ignore_eos=True).text
+    assert expected.text != unbiased.text != _alone(server.target, "tiger", max_new_tokens=8, ignore_eos=True).text
     with pytest.raises(SystemExit) as exited:
         main(["generate", "--target", server.target, "tiger", "--max-new-tokens", "8", "--ignore-eos",
               "--repetition-penalty", "1.8", "--presence-penalty", "1.0", "--frequency-penalty", "0.5",
-              "--min-new-tokens", "8", "--min-p", "0.1", "--stop-token-id", "258"])
+              "--min-new-tokens", "8", "--min-p", "0.1", "--stop-token-id", "258", "--logit-bias", f"{ord('a')}=3.5"])
     assert exited.value.code == 0
     assert capsys.readouterr().out == expected.text + "\n"
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--target", server.target, "tiger", "--logit-bias", "a=1"])
+    assert exited.value.code == 2 and "'a=1' is not TOKEN_ID=BIAS" in capsys.readouterr().err
 
 
 def test_log_probabilities_stay_the_models_own_under_penalties(served):
@@ -217,13 +222,41 @@ def test_log_probabilities_stay_the_models_own_under_penalties(served):
     assert plain.token_ids[0] != penalized.token_ids[0]  # the penalty changed the choice, not the log-probabilities
 
 
+def test_logit_bias_gives_hf_generates_tokens_alone_and_in_a_mixed_batch(served):
+    """OpenAI's logit_bias, as HF's sequence_bias of one-token sequences: added to the logits before the choice."""
+    model_dir, root, server = served
+    models = {"": AutoModelForCausalLM.from_pretrained(model_dir).eval()}
+    models["lora"] = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), root / "lora").eval()
+    requests, expected, plain = [], [], []
+    for adapter_id, model in models.items():
+        for prompt in PROMPTS:
+            first = _hf_greedy(model, prompt, max_new_tokens=2, eos_token_id=None, repetition_penalty=1.3)
+            # the likeliest two tokens all but banned, a third favoured a little, on top of a repetition penalty
+            bias = {first[0]: -100.0, first[1]: -100.0, (first[0] + 1) % 250: 0.5}
+            requests.append((prompt, adapter_id, dict(max_new_tokens=NEW, ignore_eos=True, logit_bias=bias,
+                                                      repetition_penalty=1.3)))
+            expected.append(_hf_greedy(model, prompt, max_new_tokens=NEW, eos_token_id=None, repetition_penalty=1.3,
+                                       sequence_bias=[[[t], b] for t, b in bias.items()]))
+            plain.append(_hf_greedy(model, prompt, max_new_tokens=NEW, eos_token_id=None, repetition_penalty=1.3))
+    together = _together(server.target, requests + [(p, a, dict(kw, logit_bias=None)) for p, a, kw in requests])
+    assert [list(r.token_ids) for r in together] == expected + plain
+    assert [list(_alone(server.target, p, a, **kw).token_ids) for p, a, kw in requests] == expected
+    assert all(e[0] != p[0] for e, p in zip(expected, plain))
+    # sampled: a +100 bias all but forces its token, whatever the temperature; log-probabilities are the model's
+    forced = _alone(server.target, PROMPTS[0], "lora", max_new_tokens=6, ignore_eos=True, temperature=1.5, seed=3,
+                    logit_bias={77: 100.0}, logprobs=1)
+    assert list(forced.token_ids) == [77] * 6 and all(lp.logprob < -1.0 for lp in forced.logprobs)
+
+
 def test_one_rows_penalties_and_bans_never_reach_another_row():
     """All rows' ids share one flat index over [B x V]: a config's eos_token_id -1 banned the row before's last
     logit (review); a non-contiguous batch of logits is taken too."""
     ban = TokenHistory.of([3, 4], SamplingParams(), StoppingParams(8, min_new_tokens=2), frozenset({-1, 2}))
     rep = TokenHistory.of([0, 4], SamplingParams(repetition_penalty=2.0), StoppingParams(8), frozenset())
-    logits = torch.ones(5, 3).t()  # [3, 5], not contiguous
-    out = penalize(logits, [None, ban, rep])
+    bias = TokenHistory.of([1], SamplingParams(logit_bias=((0, 3.0), (4, -1.0))), StoppingParams(8), frozenset())
+    logits = torch.ones(5, 4).t()  # [4, 5], not contiguous
+    out = penalize(logits, [None, ban, rep, bias])
     assert out[0].tolist() == [1.0] * 5
     assert out[1].tolist() == [1.0, 1.0, float("-inf"), 1.0, 1.0]
     assert out[2].tolist() == [0.5, 1.0, 1.0, 1.0, 0.5]
+    assert out[3].tolist() == [4.0, 1.0, 1.0, 1.0, 0.0]

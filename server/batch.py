@@ -45,11 +45,13 @@ class Batch:
 
 @dataclass
 class Prefill:
-    """Prompts being prefilled, left-padded together: `done` of their columns are in `cache` so far."""
+    """Prompts being prefilled, left-padded together: `done` of their columns are in `cache` so far. Rows with the
+    same prompt and adapter run once (n samples of one prompt, as RL rollouts send them): `source` gives each row its
+    prompt's index among the P run (None: each row runs its own)."""
     rows: list[Row]
-    ids: torch.Tensor        # [B, L]
-    valid: torch.Tensor      # [B, L] bool
-    positions: torch.Tensor  # [B, L]
+    ids: torch.Tensor        # [P, L]
+    valid: torch.Tensor      # [P, L] bool
+    positions: torch.Tensor  # [P, L]
     cache: KVCache
     factors: RowFactors | None
     done: int = 0
@@ -57,10 +59,19 @@ class Prefill:
     # each of those rows (one entry per prompt token after the first)
     scored: dict[int, int] = field(default_factory=dict)
     scores: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
+    source: list[int] | None = None
 
     @property
     def length(self) -> int:
         return self.ids.shape[1]
+
+    @property
+    def width(self) -> int:
+        """Prompts run (rows sharing one count once)."""
+        return self.ids.shape[0]
+
+    def run_index(self, row: int) -> int:
+        return row if self.source is None else self.source[row]
 
 
 # A forward's attention masks hold rows x queries x keys elements (in the model's dtype, per layer type), as do the
@@ -191,7 +202,15 @@ class Runner:
     def start_prefill(self, rows: list[Row], scored: dict[int, int] | None = None) -> Prefill:
         """The prompts of `rows` left-padded together, none of them run yet (`advance` runs them). `scored`: {row
         index: alternatives} of the rows whose prompt tokens' log-probabilities `advance` finds (Prefill.scores)."""
-        prompts = [r.prompt_ids for r in rows]
+        scored = scored or {}
+        run, source, first = [], [], {}
+        for i, row in enumerate(rows):  # a scored row runs alone: its scores are its own (and rare)
+            key = ("scored", i) if i in scored else (row.slot, tuple(row.prompt_ids))
+            if key not in first:
+                first[key] = len(run)
+                run.append(row)
+            source.append(first[key])
+        prompts = [r.prompt_ids for r in run]
         length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
         valid = torch.zeros((len(prompts), length), dtype=torch.bool)
@@ -202,15 +221,15 @@ class Runner:
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         # the cache's buffers hold exactly the prompts (a fresh cache's first allocation is its max_length)
         return Prefill(rows, ids, valid, positions, KVCache(self.num_layers, length),
-                       self.bank.gather([r.slot for r in rows]), scored=dict(scored or {}),
-                       scores={i: [] for i in scored or {}})
+                       self.bank.gather([r.slot for r in run]), scored=dict(scored), scores={i: [] for i in scored},
+                       source=source if len(run) < len(rows) else None)
 
     @torch.inference_mode()
     def advance(self, job: Prefill, columns: int) -> torch.Tensor | None:
         """Run the next `columns` columns of `job`'s prompts (in forwards of at most `prefill_chunk` query columns);
-        the last position's logits once every column ran, else None."""
+        the last position's logits (of every row) once every column ran, else None."""
         end = min(job.length, job.done + columns)
-        step = prefill_chunk(len(job.rows), job.length, len(job.scored), self.vocab_size)
+        step = prefill_chunk(job.width, job.length, len(job.scored), self.vocab_size)
         keys = torch.arange(job.length, device=self.device)[None]
         logits = None
         with self.longrope.whole_prompts(job.valid.sum(-1)) if self.longrope is not None else nullcontext():
@@ -224,22 +243,24 @@ class Runner:
                 scoring = self._scored_positions(job, start, stop)
                 picked = None
                 if scoring is not None:  # each row's last position first, then the scored ones
-                    last = torch.arange(len(job.rows)) * (stop - start) + (stop - start - 1)
+                    last = torch.arange(job.width) * (stop - start) + (stop - start - 1)
                     picked = torch.cat([last, scoring[0]]).to(self.device)
                 logits = self._forward(job.ids[:, start:stop], masks, job.positions[:, start:stop], job.cache,
                                        job.factors, picked)
                 if scoring is not None:
                     _, owners, tokens = scoring
-                    found = token_logprobs(logits[len(job.rows):], tokens, [job.scored[i] for i in owners])
+                    found = token_logprobs(logits[job.width:], tokens, [job.scored[i] for i in owners])
                     for i, entry in zip(owners, found):
                         job.scores[i].append(entry)
-                    logits = logits[:len(job.rows)]
+                    logits = logits[:job.width]
                 job.done = stop
         if job.done < job.length and self.device.type == "cuda":
             # nothing of a middle chunk is read back: without this, its GPU time would be timed as the next decode
             # step's (step_duration_seconds), whose sampling waits for it
             torch.cuda.synchronize(self.device)
-        return logits if job.done == job.length else None
+        if job.done < job.length:
+            return None
+        return logits if job.source is None else logits[torch.tensor(job.source, device=self.device)]
 
     @staticmethod
     def _scored_positions(job: Prefill, start: int, stop: int) -> tuple[torch.Tensor, list[int], list[int]] | None:
@@ -252,7 +273,7 @@ class Runner:
             prompt = job.rows[i].prompt_ids
             first = job.length - len(prompt)
             columns = range(max(start, first), min(stop, job.length - 1))
-            flat.extend(i * (stop - start) + c - start for c in columns)
+            flat.extend(job.run_index(i) * (stop - start) + c - start for c in columns)
             owners.extend([i] * len(columns))
             tokens.extend(prompt[c + 1 - first] for c in columns)
         return (torch.tensor(flat, dtype=torch.long), owners, tokens) if flat else None
@@ -260,7 +281,12 @@ class Runner:
     def prefilled(self, job: Prefill) -> Batch:
         """The batch of a finished prefill, its cache free to grow to the context (the engine caps it)."""
         job.cache.max_length = self.max_context
-        return Batch(job.rows, job.cache, job.valid, job.positions[:, -1] + 1, job.factors)
+        if job.source is None:
+            return Batch(job.rows, job.cache, job.valid, job.positions[:, -1] + 1, job.factors)
+        # rows that shared a prompt get copies of its cache (one copy of the rows' cache, as a merge makes)
+        index = torch.tensor(job.source, device=self.device)
+        return Batch(job.rows, job.cache.select(index, 0), job.valid[index], job.positions[index, -1] + 1,
+                     self.bank.gather([r.slot for r in job.rows]))
 
     @torch.inference_mode()
     def decode_step(self, batch: Batch) -> torch.Tensor:

@@ -48,6 +48,13 @@ def _plan(requests: list) -> tuple[int, int]:
     return peak, len(final) * peak
 
 
+def _prompt_key(request: EngineRequest) -> tuple:
+    """What makes requests' prefills the same: adapter and prompt (a request scoring its prompt runs its own)."""
+    if request.prompt_logprobs is not None:
+        return (id(request),)
+    return (request.adapter.key if request.adapter is not None else None, tuple(request.prompt_ids))
+
+
 def _failed(exc: Exception) -> InternalError:
     """What a request hears when the engine failed on its behalf: the exception's type only (the traceback is
     logged; its text may hold internals)."""
@@ -261,6 +268,7 @@ class Engine:
     def _admit(self) -> list[Row]:
         room = self.config.max_batch_size - len(self._rows())
         admitted, skipped, slot_wait = [], deque(), False
+        prompts = set()  # the admitted ones' distinct prompts (Runner.start_prefill runs each once)
         while self._waiting and len(admitted) < room:
             request = self._waiting[0]
             if self._prefilling is not None and len(request.prompt_ids) > self.config.max_prefill_tokens:
@@ -276,8 +284,9 @@ class Engine:
                 break  # first come, first served: later requests wait too, so a large one is never starved
             # The rest next step: running rows get a token between prefills, not after all of them. While a long
             # prompt runs in chunks, only a group that one prefill runs whole joins.
-            if (admitted or self._prefilling is not None) and \
-                    len(candidates) * max(len(r.prompt_ids) for r in candidates) > self.config.max_prefill_tokens:
+            prompt = _prompt_key(request)
+            if (admitted or self._prefilling is not None) and len(prompts | {prompt}) * \
+                    max(len(r.prompt_ids) for r in candidates) > self.config.max_prefill_tokens:
                 break
             self._waiting.popleft()
             if slot_wait and request.adapter is not None:
@@ -302,6 +311,7 @@ class Engine:
                               make_generator(request.sampling),
                               TokenHistory.of(request.prompt_ids, request.sampling, request.stopping, self.eos), now)
             admitted.append(Row(request.prompt_ids, slot, state))
+            prompts.add(prompt)
         self._waiting.extendleft(reversed(skipped))
         # rows free with nothing left waiting for them (a request still waiting was held back by the KV or prefill
         # budget or a slot, or the rows are full); set before _unqueue, so submit() never sees a looser limit
@@ -334,7 +344,7 @@ class Engine:
         rows = job.rows
         start = time.monotonic()
         try:
-            logits = self.runner.advance(job, max(1, self.config.max_prefill_tokens // len(rows)))
+            logits = self.runner.advance(job, max(1, self.config.max_prefill_tokens // job.width))
             if logits is not None:
                 tokens, logprobs, broken = choose(logits, [r.state for r in rows])
                 # allocates the joined cache: can run out of memory too

@@ -1,0 +1,103 @@
+"""Rows with the same prompt and adapter in one prefill (n samples of one prompt, as RL rollouts and best-of-n send
+them) run that prompt once, and each gets a copy of its cache: every row's logits, and its tokens after, are those it
+gets alone; a row scoring its prompt (prompt_logprobs) runs its own."""
+import concurrent.futures
+
+import pytest
+import torch
+
+from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors
+from adapters.slot_bank import SlotBank
+from clients.client import Client
+from loader.base_model import load_base_model
+from loader.default_model import build_model_dir
+from loader.inject import inject
+from server.batch import Row, Runner
+from tests.helpers import LLAMA_TARGETS, decode_forced, make_peft_adapter, scrape, slow_decode, start_server
+
+SMALL = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=128)
+MODELS = {"llama": ("llama", SMALL),
+          "gemma3-types": ("gemma3_text", dict(SMALL, head_dim=12, sliding_window=5,
+                                               layer_types=["sliding_attention", "full_attention"]))}
+A, B = [(7 * i) % 250 + 5 for i in range(19)], [40, 41, 42, 43, 44, 45, 46]
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def runner_and_slot(request, tmp_path_factory):
+    arch, cfg = MODELS[request.param]
+    base = load_base_model(str(build_model_dir(tmp_path_factory.mktemp("shared") / "m", arch, seed=3, **cfg)),
+                           "cpu", "float32")
+    context, shapes = inject(base.model)
+    bank = SlotBank(shapes, num_slots=2, max_rank=4, device=torch.device("cpu"), dtype=torch.float32)
+    torch.manual_seed(0)
+    adapter = CanonicalAdapter("a", AdapterKind.LORA, {s.name: ModuleFactors(a=torch.randn(4, s.d_in) * 0.3,
+                                                                             b=torch.randn(s.d_out, 4) * 0.3)
+                                                       for s in shapes}, load_serial=1)
+    return Runner(base.model, context, bank, base.pad_token_id, base.max_context), bank.acquire(adapter)
+
+
+def test_rows_sharing_a_prompt_and_adapter_run_it_once_and_decode_as_alone(runner_and_slot, monkeypatch):
+    runner, slot = runner_and_slot
+    rows = [(A, slot), (A, slot), (A, 0), (B, slot), (A, slot), (B, 0), (B, 0)]
+    forced = torch.tensor([[(11 * r + 3 * s) % 250 + 2 for s in range(4)] for r in range(len(rows))])
+    alone = [decode_forced(runner, [Row(p, s)], forced=forced[i:i + 1], steps=4)[0][0] for i, (p, s) in
+             enumerate(rows)]
+    widths = []
+    forward = runner._forward
+    monkeypatch.setattr(runner, "_forward", lambda ids, *a: widths.append(ids.shape[0]) or forward(ids, *a))
+    together, _ = decode_forced(runner, [Row(p, s) for p, s in rows], forced=forced, steps=4)
+    assert widths == [4] + [len(rows)] * 4  # A+adapter, A+base, B+adapter, B+base prefilled; every row decoded
+    for i in range(len(rows)):
+        torch.testing.assert_close(together[i], alone[i], atol=1e-5, rtol=0)
+
+
+def test_a_row_scoring_its_prompt_runs_its_own(runner_and_slot):
+    runner, slot = runner_and_slot
+    job = runner.start_prefill([Row(A, slot), Row(A, slot), Row(A, slot)], {1: 2})
+    assert job.width == 2 and job.source == [0, 1, 0]
+    logits = runner.advance(job, job.length)
+    assert len(job.scores[1]) == len(A) - 1 and logits.shape[0] == 3
+    torch.testing.assert_close(logits[0], logits[2], atol=0, rtol=0)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+    batch = runner.prefilled(job)
+    assert len(batch) == 3 and batch.cache.tensors()[0][0].shape[0] == 3
+    assert runner.start_prefill([Row(A, slot), Row(B, slot)]).source is None  # nothing shared: nothing to copy
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    make_peft_adapter(model_dirs["llama"], root / "a", 3, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
+    server = start_server(model_dirs["llama"], root, max_batch_size=16)
+    yield server
+    server.stop()
+
+
+def test_n_samples_of_one_prompt_sent_at_once_share_its_prefill_and_sample_as_alone(server, monkeypatch):
+    prompt = [(5 * i) % 200 + 9 for i in range(40)]
+    kwargs = dict(max_new_tokens=8, ignore_eos=True, temperature=1.0)
+    with Client(server.target, timeout=60) as client:
+        alone = [list(client.generate(prompt, "a", seed=s, **kwargs).token_ids) for s in range(8)]
+        greedy = list(client.generate(prompt, "a", max_new_tokens=8, ignore_eos=True).token_ids)
+        runner = server.serving.engine.runner
+        widths = []
+        forward = runner._forward
+        monkeypatch.setattr(runner, "_forward", lambda ids, *a: widths.append(ids.shape) or forward(ids, *a))
+        slow_decode(server, monkeypatch, seconds=0.05)  # they queue behind a running step, and are admitted together
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            running = pool.submit(client.generate, [9, 10, 11], "", max_new_tokens=30, ignore_eos=True)
+            assert wait_for_rows(server, 1)
+            samples = [pool.submit(client.generate, prompt, "a", seed=s, **kwargs) for s in range(8)]
+            greedy_too = pool.submit(client.generate, prompt, "a", max_new_tokens=8, ignore_eos=True)
+            assert [list(f.result().token_ids) for f in samples] == alone
+            assert list(greedy_too.result().token_ids) == greedy
+            running.result()
+    assert len(set(map(tuple, alone))) > 1  # the seeds drew different samples
+    prefills = [rows for rows, columns in widths if columns == len(prompt)]
+    assert prefills and sum(prefills) < 9  # the nine requests' prompt ran fewer than nine times
+
+
+def wait_for_rows(server, n: int) -> bool:
+    from tests.helpers import wait_for
+    return wait_for(lambda: scrape(server)["loraplex_num_requests_running"] >= n, timeout=10)

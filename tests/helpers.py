@@ -162,6 +162,35 @@ def make_reslora_model(model_dir: Path, seed: int, structure: str, pre_num: int,
     return model.eval(), layers
 
 
+def random_lora_runner(model_dir: Path):
+    """(the server's Runner on the fp32 model in `model_dir`, the slot of a random rank-4 LoRA on every adaptable
+    module): for tests of the batch runner itself, below the engine."""
+    from adapters.canonical import AdapterKind, CanonicalAdapter
+    from loader.base_model import load_base_model
+    from loader.inject import inject
+    from server.batch import Runner
+    base = load_base_model(str(model_dir), "cpu", "float32")
+    context, shapes = inject(base.model)
+    bank = SlotBank(shapes, num_slots=2, max_rank=4, device=torch.device("cpu"), dtype=torch.float32)
+    torch.manual_seed(0)
+    adapter = CanonicalAdapter("a", AdapterKind.LORA, {s.name: ModuleFactors(a=torch.randn(4, s.d_in) * 0.3,
+                                                                             b=torch.randn(s.d_out, 4) * 0.3)
+                                                       for s in shapes}, load_serial=1)
+    return Runner(base.model, context, bank, base.pad_token_id, base.max_context), bank.acquire(adapter)
+
+
+def assert_logprobs_close(got, expected, tolerance: float) -> None:
+    """TokenLogprobs `got` against (logprob, top ids, top values) `expected`: values within `tolerance`, and the same
+    ids in the same order where no two alternatives are within the tolerance of each other."""
+    assert len(got) == len(expected)
+    for entry, (logprob, ids, values) in zip(got, expected):
+        assert entry.logprob == pytest.approx(logprob, abs=tolerance)
+        assert list(entry.top_logprobs) == pytest.approx(values, abs=tolerance)
+        apart = [i for i in range(len(values))
+                 if all(abs(values[i] - v) > tolerance for v in values[max(0, i - 1):i] + values[i + 1:i + 2])]
+        assert [entry.top_token_ids[i] for i in apart] == [ids[i] for i in apart]
+
+
 def decode_forced(runner, rows, forced=None, steps: int = 5):
     """Prefill `rows`, then greedy-decode `steps` tokens; `forced` ([B, steps]) feeds given tokens instead, so a
     near-tie cannot fork two runs being compared. Returns logits [B, steps+1, V] and the fed tokens [B, steps]."""

@@ -6,13 +6,9 @@ import pytest
 import torch
 
 import server.batch
-from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors
-from adapters.slot_bank import SlotBank
-from loader.base_model import load_base_model
 from loader.default_model import build_model_dir
-from loader.inject import inject
-from server.batch import Row, Runner
-from tests.helpers import decode_forced
+from server.batch import Row
+from tests.helpers import decode_forced, random_lora_runner
 
 SMALL = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=128)
@@ -35,20 +31,9 @@ def models(tmp_path_factory):
     return {name: build_model_dir(root / name, arch, seed=3, **cfg) for name, (arch, cfg) in MODELS.items()}
 
 
-def _runner(model_dir):
-    base = load_base_model(str(model_dir), "cpu", "float32")
-    context, shapes = inject(base.model)
-    bank = SlotBank(shapes, num_slots=2, max_rank=4, device=torch.device("cpu"), dtype=torch.float32)
-    torch.manual_seed(0)
-    adapter = CanonicalAdapter("a", AdapterKind.LORA, {s.name: ModuleFactors(a=torch.randn(4, s.d_in) * 0.3,
-                                                                             b=torch.randn(s.d_out, 4) * 0.3)
-                                                       for s in shapes}, load_serial=1)
-    return Runner(base.model, context, bank, base.pad_token_id, base.max_context), bank.acquire(adapter)
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_a_chunked_prefill_gives_what_one_pass_gives(models, name, monkeypatch):
-    runner, slot = _runner(models[name])
+    runner, slot = random_lora_runner(models[name])
     rows = lambda: [Row(p, s) for p, s in zip(PROMPTS, (slot, 0, slot))]  # noqa: E731
     whole, fed = decode_forced(runner, rows(), steps=4)
 

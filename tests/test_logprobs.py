@@ -1,16 +1,18 @@
 """GenerateRequest.logprobs: each generated token's log-probability and its step's most likely tokens', under the
 model's own distribution with the request's adapter, equal to what HF/PEFT compute for the same tokens, whatever
-else shares the batch, streamed as returned whole."""
+else shares the batch, streamed as returned whole; and GenerateRequest.prompt_logprobs, the same for the prompt's
+tokens (in the batch runner: tests/test_prompt_logprobs.py)."""
 import concurrent.futures
 
 import grpc
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clients.client import Client
-from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, slow_decode, start_server, status_of
+from tests.helpers import (LLAMA_TARGETS, assert_logprobs_close, make_peft_adapter, scrape, slow_decode,
+                           start_server, status_of)
 
 PROMPT = [5, 17, 42, 99, 7]
 
@@ -40,13 +42,7 @@ def _reference(model, generated: list[int], top: int) -> list[tuple[float, list[
 
 def _assert_matches(reply, expected, tolerance=1e-4):
     assert len(reply.logprobs) == len(reply.token_ids) == len(expected)
-    for got, (logprob, ids, values) in zip(reply.logprobs, expected):
-        assert got.logprob == pytest.approx(logprob, abs=tolerance)
-        assert list(got.top_logprobs) == pytest.approx(values, abs=tolerance)
-        # the same ids in the same order, but where two alternatives are within the tolerance of each other
-        apart = [i for i in range(len(values))
-                 if all(abs(values[i] - v) > tolerance for v in values[max(0, i - 1):i] + values[i + 1:i + 2])]
-        assert [got.top_token_ids[i] for i in apart] == [ids[i] for i in apart]
+    assert_logprobs_close(reply.logprobs, expected, tolerance)
 
 
 @pytest.mark.parametrize("adapter_id", ["", "a"])
@@ -107,3 +103,65 @@ def test_more_alternatives_than_the_vocabulary_holds_are_all_of_it():
     found = token_logprobs(logits, [3, 4], [20, None])
     assert sorted(found[0].top_token_ids) == list(range(12)) and found[1] is None
     assert found[0].logprob == pytest.approx(torch.log_softmax(logits[0], -1)[3].item(), abs=1e-6)
+
+
+def _prompt_reference(model, prompt, top):
+    """HF's log-softmax at each position of the prompt, for the token after it."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt])).logits[0, :-1].float(), -1)
+    values, ids = logp.topk(top, dim=-1)
+    return [(logp[i, t].item(), ids[i].tolist(), values[i].tolist()) for i, t in enumerate(prompt[1:])]
+
+
+@pytest.mark.parametrize("adapter_id", ["", "a"])
+def test_prompt_logprobs_equal_hf_and_peft(server, model_dirs, adapter_root, adapter_id):
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).eval()
+    if adapter_id:
+        model = PeftModel.from_pretrained(model, adapter_root / adapter_id).eval()
+    with Client(server.target, timeout=60) as client:
+        reply = client.generate(PROMPT, adapter_id, max_new_tokens=3, ignore_eos=True, prompt_logprobs=4,
+                                logprobs=2)
+        plain = client.generate(PROMPT, adapter_id, max_new_tokens=3, ignore_eos=True)
+    assert list(reply.prompt_token_ids) == PROMPT
+    assert_logprobs_close(reply.prompt_logprobs, _prompt_reference(model, PROMPT, 4), 1e-4)
+    assert list(reply.token_ids) == list(plain.token_ids) and len(reply.logprobs) == 3
+    assert not plain.prompt_token_ids and not plain.prompt_logprobs
+
+
+def test_prompt_logprobs_in_a_mixed_batch_equal_alone_and_streamed_equal_unary(server, model_dirs, monkeypatch):
+    def prefill_rows_beyond_one():
+        found = scrape(server)
+        return (found['loraplex_batch_size_sum{phase="prefill"}']
+                - found['loraplex_batch_size_count{phase="prefill"}'])
+    with Client(server.target, timeout=60) as client:
+        alone = client.generate(PROMPT, "a", max_new_tokens=4, ignore_eos=True, prompt_logprobs=2)
+        streamed = list(client.generate_stream(PROMPT, "a", max_new_tokens=4, ignore_eos=True, prompt_logprobs=2))
+        text = client.generate("a text prompt", "", max_new_tokens=1, prompt_logprobs=0)
+        shared = prefill_rows_beyond_one()
+        slow_decode(server, monkeypatch, seconds=0.05)  # newcomers queue up behind a step: one prefill
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            others = [pool.submit(client.generate, [9 + i] * (3 + 2 * i), "a" if i % 2 else "", max_new_tokens=6,
+                                  ignore_eos=True, prompt_logprobs=(i if i % 3 else None)) for i in range(5)]
+            together = pool.submit(client.generate, PROMPT, "a", max_new_tokens=4, ignore_eos=True,
+                                   prompt_logprobs=2)
+            assert [len(f.result().prompt_logprobs) for f in others] == [0, 4, 6, 0, 10]
+            together = together.result()
+    assert prefill_rows_beyond_one() > shared  # some prompts were prefilled together
+    assert list(together.token_ids) == list(alone.token_ids)
+    for a, b in zip(together.prompt_logprobs, alone.prompt_logprobs, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert list(a.top_token_ids) == list(b.top_token_ids)
+        assert list(a.top_logprobs) == pytest.approx(list(b.top_logprobs), abs=1e-5)
+    assert list(streamed[0].prompt_token_ids) == PROMPT
+    assert list(streamed[0].prompt_logprobs) == list(alone.prompt_logprobs)
+    assert all(not m.prompt_token_ids and not m.prompt_logprobs for m in streamed[1:])
+    # a text prompt's tokens are returned as tokenized, each scored but the first
+    tokenized = AutoTokenizer.from_pretrained(model_dirs["llama"])("a text prompt").input_ids
+    assert list(text.prompt_token_ids) == tokenized and len(text.prompt_logprobs) == len(tokenized) - 1
+    assert all(e.logprob <= 0 and not e.top_token_ids for e in text.prompt_logprobs)
+
+
+def test_too_many_prompt_alternatives_are_refused(server):
+    with Client(server.target, timeout=60) as client:
+        code, message = status_of(client.generate, PROMPT, max_new_tokens=2, prompt_logprobs=21)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompt_logprobs must be at most 20" in message

@@ -6,14 +6,11 @@ import concurrent.futures
 import pytest
 import torch
 
-from adapters.canonical import AdapterKind, CanonicalAdapter, ModuleFactors
-from adapters.slot_bank import SlotBank
 from clients.client import Client
-from loader.base_model import load_base_model
 from loader.default_model import build_model_dir
-from loader.inject import inject
-from server.batch import Row, Runner
-from tests.helpers import LLAMA_TARGETS, decode_forced, make_peft_adapter, scrape, slow_decode, start_server
+from server.batch import Row
+from tests.helpers import (LLAMA_TARGETS, decode_forced, make_peft_adapter, random_lora_runner, scrape, slow_decode,
+                           start_server, wait_for)
 
 SMALL = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=128)
@@ -26,15 +23,7 @@ A, B = [(7 * i) % 250 + 5 for i in range(19)], [40, 41, 42, 43, 44, 45, 46]
 @pytest.fixture(scope="module", params=list(MODELS))
 def runner_and_slot(request, tmp_path_factory):
     arch, cfg = MODELS[request.param]
-    base = load_base_model(str(build_model_dir(tmp_path_factory.mktemp("shared") / "m", arch, seed=3, **cfg)),
-                           "cpu", "float32")
-    context, shapes = inject(base.model)
-    bank = SlotBank(shapes, num_slots=2, max_rank=4, device=torch.device("cpu"), dtype=torch.float32)
-    torch.manual_seed(0)
-    adapter = CanonicalAdapter("a", AdapterKind.LORA, {s.name: ModuleFactors(a=torch.randn(4, s.d_in) * 0.3,
-                                                                             b=torch.randn(s.d_out, 4) * 0.3)
-                                                       for s in shapes}, load_serial=1)
-    return Runner(base.model, context, bank, base.pad_token_id, base.max_context), bank.acquire(adapter)
+    return random_lora_runner(build_model_dir(tmp_path_factory.mktemp("shared") / "m", arch, seed=3, **cfg))
 
 
 def test_rows_sharing_a_prompt_and_adapter_run_it_once_and_decode_as_alone(runner_and_slot, monkeypatch):
@@ -87,7 +76,7 @@ def test_n_samples_of_one_prompt_sent_at_once_share_its_prefill_and_sample_as_al
         slow_decode(server, monkeypatch, seconds=0.05)  # they queue behind a running step, and are admitted together
         with concurrent.futures.ThreadPoolExecutor(10) as pool:
             running = pool.submit(client.generate, [9, 10, 11], "", max_new_tokens=30, ignore_eos=True)
-            assert wait_for_rows(server, 1)
+            assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] >= 1, timeout=10)
             samples = [pool.submit(client.generate, prompt, "a", seed=s, **kwargs) for s in range(8)]
             greedy_too = pool.submit(client.generate, prompt, "a", max_new_tokens=8, ignore_eos=True)
             assert [list(f.result().token_ids) for f in samples] == alone
@@ -97,7 +86,3 @@ def test_n_samples_of_one_prompt_sent_at_once_share_its_prefill_and_sample_as_al
     prefills = [rows for rows, columns in widths if columns == len(prompt)]
     assert prefills and sum(prefills) < 9  # the nine requests' prompt ran fewer than nine times
 
-
-def wait_for_rows(server, n: int) -> bool:
-    from tests.helpers import wait_for
-    return wait_for(lambda: scrape(server)["loraplex_num_requests_running"] >= n, timeout=10)

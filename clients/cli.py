@@ -57,6 +57,11 @@ def _bias(text: str) -> tuple[int, float]:
 
 def _generate(args) -> int:
     from clients.client import Client
+    bias = dict(args.logit_bias or ())
+    if len(bias) < len(args.logit_bias or ()):
+        twice = next(t for t, _ in args.logit_bias if sum(u == t for u, _ in args.logit_bias) > 1)
+        print(f"error: --logit-bias: token id {twice} is given more than once", file=sys.stderr)
+        return 2
     with Client(args.target, timeout=args.timeout, **connection(args)) as client:
         prompt = args.prompt
         kwargs = dict(args.chat_template_kwarg or ()) or None
@@ -72,7 +77,7 @@ def _generate(args) -> int:
                                         frequency_penalty=args.frequency_penalty,
                                         min_new_tokens=args.min_new_tokens, stop_token_ids=args.stop_token_id or (),
                                         chat_template_kwargs=kwargs, prompt_logprobs=args.prompt_logprobs,
-                                        logit_bias=dict(args.logit_bias or ()))
+                                        logit_bias=bias)
         logprobs, prompt = [], []
         for message in stream:
             prompt += zip(message.prompt_token_ids[1:], message.prompt_logprobs)

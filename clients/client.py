@@ -52,8 +52,8 @@ class Tls:
 
 
 # A reply has no size limit but the prompt's and the generated tokens' counts: with log-probabilities (20
-# alternatives a token) for a long prompt it passes grpc's default 4 MiB (38000 tokens: 4.7 MB), and the call failed
-# RESOURCE_EXHAUSTED after the server had done the work. This client trusts its server's replies.
+# alternatives a token) for a long prompt it passes grpc's default 4 MiB (36000 tokens of a small vocabulary), and
+# the call failed RESOURCE_EXHAUSTED after the server had done the work. This client trusts its server's replies.
 CHANNEL_OPTIONS = (("grpc.max_receive_message_length", -1),)
 
 

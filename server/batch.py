@@ -14,7 +14,7 @@ import torch
 from adapters.slot_bank import AdapterContext, RowFactors, SlotBank
 from server.attention import AttentionLayout, UnsupportedAttention
 from server.kv_cache import KVCache
-from server.logprobs import TokenLogprobs, token_logprobs
+from server.logprobs import PromptLogprobs, score
 from server.rope import LongRope
 
 log = logging.getLogger("loraplex.batch")
@@ -55,10 +55,11 @@ class Prefill:
     cache: KVCache
     factors: RowFactors | None
     done: int = 0
-    # GenerateRequest.prompt_logprobs: {row index: alternatives wanted}, and what the chunks run so far found for
-    # each of those rows (one entry per prompt token after the first)
+    # GenerateRequest.prompt_logprobs: {row index: alternatives wanted}, what the chunks run so far found for each
+    # of those rows, and those of them whose logits at a prompt position were not finite
     scored: dict[int, int] = field(default_factory=dict)
-    scores: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
+    scores: dict[int, PromptLogprobs] = field(default_factory=dict)
+    broken: set[int] = field(default_factory=set)
     source: list[int] | None = None
 
     @property
@@ -81,15 +82,17 @@ class Prefill:
 MASK_ELEMENTS = 1 << 25
 MIN_CHUNK = 256  # each chunk reads every weight once: fewer, longer chunks for very long prompts
 # A chunk scoring prompt tokens (prompt_logprobs) projects each of their positions onto the vocabulary: its columns
-# are capped so those logits stay near this many elements (Gemma-3's 262k vocabulary: 64 columns per scored row).
-SCORED_ELEMENTS = 1 << 24
+# are capped so those logits stay near this many elements (256 MB in fp32; Gemma-3's 262k vocabulary: 256 columns
+# for one scored row). The whole group's forwards are that short: scoring many rows of a large vocabulary costs
+# more forwards than the prompts alone would (bench/RESULTS.md, "prompt_logprobs").
+SCORED_ELEMENTS = 1 << 26
 
 
-def prefill_chunk(rows: int, length: int, scored: int = 0, vocab: int = 0) -> int:
-    """Query columns per forward for a prefill of `rows` prompts left-padded to `length`, `scored` of which
-    want their prompt's log-probabilities under a vocabulary of `vocab`."""
+def prefill_chunk(rows: int, length: int, projected: int = 0, vocab: int = 0) -> int:
+    """Query columns per forward for a prefill of `rows` prompts left-padded to `length`, `projected` of which
+    have every position projected onto a vocabulary of `vocab` (to score their prompts)."""
     step = max(MIN_CHUNK, MASK_ELEMENTS // (rows * length))
-    return min(step, max(1, SCORED_ELEMENTS // (scored * vocab))) if scored else step
+    return min(step, max(1, SCORED_ELEMENTS // (projected * vocab))) if projected else step
 
 
 class Runner:
@@ -221,7 +224,8 @@ class Runner:
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         # the cache's buffers hold exactly the prompts (a fresh cache's first allocation is its max_length)
         return Prefill(rows, ids, valid, positions, KVCache(self.num_layers, length),
-                       self.bank.gather([r.slot for r in run]), scored=dict(scored), scores={i: [] for i in scored},
+                       self.bank.gather([r.slot for r in run]), scored=dict(scored),
+                       scores={i: PromptLogprobs(n) for i, n in scored.items()},
                        source=source if len(run) < len(rows) else None)
 
     @torch.inference_mode()
@@ -229,7 +233,9 @@ class Runner:
         """Run the next `columns` columns of `job`'s prompts (in forwards of at most `prefill_chunk` query columns);
         the last position's logits (of every row) once every column ran, else None."""
         end = min(job.length, job.done + columns)
-        step = prefill_chunk(job.width, job.length, len(job.scored), self.vocab_size)
+        # (a model without a head module to hook projects every row's positions)
+        projected = (job.width if self._head is None else len(job.scored)) if job.scored else 0
+        step = prefill_chunk(job.width, job.length, projected, self.vocab_size)
         keys = torch.arange(job.length, device=self.device)[None]
         logits = None
         with self.longrope.whole_prompts(job.valid.sum(-1)) if self.longrope is not None else nullcontext():
@@ -241,18 +247,17 @@ class Runner:
                 mask = ((seen <= query)[None] & job.valid[:, None, :stop]) | (seen == query)[None]
                 masks = self.attention.masks(mask[:, None], job.positions[:, start:stop], job.positions[:, :stop])
                 scoring = self._scored_positions(job, start, stop)
-                picked = None
-                if scoring is not None:  # each row's last position first, then the scored ones
-                    last = torch.arange(job.width) * (stop - start) + (stop - start - 1)
-                    picked = torch.cat([last, scoring[0]]).to(self.device)
+                picked = last = None
+                if scoring is not None:  # the scored positions, after each row's last one in the last chunk
+                    if stop == job.length:
+                        last = torch.arange(job.width) * (stop - start) + (stop - start - 1)
+                    picked = (scoring[0] if last is None else torch.cat([last, scoring[0]])).to(self.device)
                 logits = self._forward(job.ids[:, start:stop], masks, job.positions[:, start:stop], job.cache,
                                        job.factors, picked)
                 if scoring is not None:
-                    _, owners, tokens = scoring
-                    found = token_logprobs(logits[job.width:], tokens, [job.scored[i] for i in owners])
-                    for i, entry in zip(owners, found):
-                        job.scores[i].append(entry)
-                    logits = logits[:job.width]
+                    kept = 0 if last is None else job.width
+                    self._keep_scores(job, logits[kept:], *scoring[1:])
+                    logits = logits[:kept]
                 job.done = stop
         if job.done < job.length and self.device.type == "cuda":
             # nothing of a middle chunk is read back: without this, its GPU time would be timed as the next decode
@@ -263,20 +268,38 @@ class Runner:
         return logits if job.source is None else logits[torch.tensor(job.source, device=self.device)]
 
     @staticmethod
-    def _scored_positions(job: Prefill, start: int, stop: int) -> tuple[torch.Tensor, list[int], list[int]] | None:
+    def _keep_scores(job: Prefill, logits: torch.Tensor, counts: dict[int, int], tokens: list[int]) -> None:
+        """Score `tokens` under their positions' `logits` [N, V], for the rows in `counts` ({row: its positions},
+        in order), into job.scores; rows whose logits were not finite go into job.broken (they fail, as a row
+        whose next-token logits are not finite does). One copy back for the whole chunk."""
+        chosen, values, ids = score(logits, torch.tensor(tokens, device=logits.device),
+                                    max(job.scored[i] for i in counts))
+        finite = logits.sum(dim=-1).isfinite()  # as set_aside_non_finite checks a row's next-token logits
+        chosen, values, ids, finite = chosen.cpu(), values.cpu(), ids.cpu(), finite.cpu()
+        at = 0
+        for i, n in counts.items():
+            job.scores[i].extend(chosen[at:at + n], values[at:at + n], ids[at:at + n])
+            if not bool(finite[at:at + n].all()):
+                job.broken.add(i)
+            at += n
+
+    @staticmethod
+    def _scored_positions(job: Prefill, start: int,
+                          stop: int) -> tuple[torch.Tensor, dict[int, int], list[int]] | None:
         """The positions of columns [start, stop) whose logits score a prompt token of a `job.scored` row: (flat
-        indices over rows x (stop - start) columns, their rows, the tokens they score), in column order per row.
-        A column's logits score the next column's token; a row's first token and its last column's logits (its
-        first generated token's) score none."""
-        flat, owners, tokens = [], [], []
+        indices over rows x (stop - start) columns, {row: how many of them}, the tokens they score), row after row,
+        in column order. A column's logits score the next column's token; a row's first token and its last
+        column's logits (its first generated token's) score none."""
+        flat, counts, tokens = [], {}, []
         for i in job.scored:
             prompt = job.rows[i].prompt_ids
             first = job.length - len(prompt)
             columns = range(max(start, first), min(stop, job.length - 1))
-            flat.extend(job.run_index(i) * (stop - start) + c - start for c in columns)
-            owners.extend([i] * len(columns))
-            tokens.extend(prompt[c + 1 - first] for c in columns)
-        return (torch.tensor(flat, dtype=torch.long), owners, tokens) if flat else None
+            if columns:
+                flat.extend(job.run_index(i) * (stop - start) + c - start for c in columns)
+                counts[i] = len(columns)
+                tokens.extend(prompt[c + 1 - first] for c in columns)
+        return (torch.tensor(flat, dtype=torch.long), counts, tokens) if flat else None
 
     def prefilled(self, job: Prefill) -> Batch:
         """The batch of a finished prefill, its cache free to grow to the context (the engine caps it)."""

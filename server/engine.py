@@ -365,7 +365,7 @@ class Engine:
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
         _count_by_adapter(self.metrics.adapter_prompt_tokens,
                           ((r.state.request.adapter_label, len(r.prompt_ids)) for r in rows))
-        self._emit(rows, tokens, logprobs, first=True, broken=broken, prompt_logprobs=job.scores)
+        self._emit(rows, tokens, logprobs, first=True, broken=broken | job.broken, prompt_logprobs=job.scores)
         self._report()
 
     def _fail_prefill(self, rows: list[Row], exc: Exception) -> None:
@@ -396,7 +396,8 @@ class Engine:
     def _emit(self, rows: list[Row], tokens: list[int], logprobs: list, first: bool,
               broken: frozenset[int] = frozenset(), prompt_logprobs: dict | None = None) -> None:
         """Each row's token (and its log-probabilities, where asked for; after a prefill, its prompt's, by row
-        index, in `prompt_logprobs`) to its client; rows in `broken` (non-finite logits) fail alone instead."""
+        index, in `prompt_logprobs`) to its client; rows in `broken` (non-finite logits, at its next token or a
+        scored prompt position) fail alone instead."""
         now = time.monotonic()
         finished, failed = [], []
         self.metrics.generation_tokens.inc(len(rows) - len(broken))
@@ -405,9 +406,9 @@ class Engine:
         for i, (row, token, row_logprobs) in enumerate(zip(rows, tokens, logprobs)):
             state = row.state
             if i in broken:
-                log.error("request %s: the model's next-token logits were not finite", state.request.request_id)
+                log.error("request %s: the model's logits were not finite", state.request.request_id)
                 self._tell(state.request, ErrorEvent(InternalError(
-                    "the model's next-token logits for this request were not finite (NaN or Inf); the other "
+                    "the model's logits for this request were not finite (NaN or Inf); the other "
                     "requests in its batch were not affected")))
                 failed.append(row)
                 continue

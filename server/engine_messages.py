@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from adapters.canonical import CanonicalAdapter
-from server.logprobs import TokenLogprobs
+from server.logprobs import PromptLogprobs, TokenLogprobs
 from server.sampling import SamplingParams
 from server.stopping import FinishReason, StoppingParams
 
@@ -16,8 +16,7 @@ class TokenEvent:
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprobs] | None = None  # one per token id, when the request asks for them
-    # on a request's first event, when it asks for them: one per prompt token after the first
-    prompt_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # on a request's first event, when it asks for them
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Log-probabilities of the generated tokens, for the rows whose requests ask for them (GenerateRequest.logprobs)."""
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,40 @@ class TokenLogprobs:
     top_logprobs: list[float]
 
 
+class PromptLogprobs:
+    """A prompt's tokens' log-probabilities (GenerateRequest.prompt_logprobs), packed as 4-byte values: a long
+    prompt's TokenLogprobs objects took 1.6 KB a token with 20 alternatives, held until the request ends.
+    `logprobs[i]` is token i + 1's; `top_ids` and `top_logprobs` hold `k` values a token, token after token."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.logprobs, self.top_ids, self.top_logprobs = array("f"), array("i"), array("f")
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+    def extend(self, chosen: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor) -> None:
+        """Append tokens' scores: [n] log-probabilities, [n, >= k] likeliest values and ids (host tensors)."""
+        self.logprobs.frombytes(chosen.float().numpy().tobytes())
+        self.top_logprobs.frombytes(top_values[:, :self.k].float().contiguous().numpy().tobytes())
+        self.top_ids.frombytes(top_ids[:, :self.k].int().contiguous().numpy().tobytes())
+
+    def entries(self):
+        """(log-probability, top ids, top log-probabilities) of each token."""
+        k = self.k
+        for i, value in enumerate(self.logprobs):
+            yield value, self.top_ids[i * k:(i + 1) * k], self.top_logprobs[i * k:(i + 1) * k]
+
+
+def score(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of logits [N, V] (fp32 log-softmax, no [N, V] of it written): each row's token's log-probability [N], and
+    the k likeliest tokens' [N, k] (all V, in a smaller vocabulary) and their ids [N, k]."""
+    x = logits.float()
+    total = torch.logsumexp(x, dim=-1, keepdim=True)
+    top = x.topk(min(k, x.shape[-1]), dim=-1)
+    return (x.gather(1, tokens[:, None]) - total)[:, 0], top.values - total, top.indices
+
+
 def token_logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[TokenLogprobs | None]:
     """Per row of `logits` [B, V]: None where `wanted` is None, else the chosen token's log-probability and the
     `wanted` most likely tokens' (all V, in a smaller vocabulary) under the row's own distribution (fp32
@@ -26,11 +61,10 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | N
         return found
     # one copy to the device and two back (a GPU waits for each)
     index = torch.tensor([rows, [tokens[i] for i in rows]], device=logits.device)
-    x = (logits if len(rows) == len(wanted) else logits[index[0]]).float()  # (every row's: no [rows, V] copy)
-    total = torch.logsumexp(x, dim=-1, keepdim=True)  # log p = logit - this: no [rows, V] log-softmax written
-    top = x.topk(min(max(wanted[i] for i in rows), x.shape[-1]), dim=-1)  # (a toy's vocabulary may be smaller)
-    values = (torch.cat([x.gather(1, index[1][:, None]), top.values], dim=1) - total).tolist()
-    ids = top.indices.tolist()
+    x = logits if len(rows) == len(wanted) else logits[index[0]]  # (every row's: no [rows, V] copy)
+    chosen, top_values, top_ids = score(x, index[1], max(wanted[i] for i in rows))
+    values = torch.cat([chosen[:, None], top_values], dim=1).tolist()
+    ids = top_ids.tolist()
     for j, i in enumerate(rows):
         n = wanted[i]
         found[i] = TokenLogprobs(values[j][0], ids[j][:n], values[j][1:n + 1])

@@ -90,8 +90,9 @@ def penalize(logits: torch.Tensor, histories: list[TokenHistory | None], copy: b
     """`logits` [B, V] with each row's penalties, biases and bans applied, in fp32 (a new tensor; contiguous fp32
     `logits` themselves where not `copy`: the caller needs no penalized row's own logits after), or `logits` itself
     when no row has any: the biases first (as HF's sequence_bias and vLLM's logit_bias), then HF's repetition
-    penalty (a logit below 0 multiplied by it, any other divided), then OpenAI's penalties, then the bans. Each row's values depend on its own alone (a row gets the same in any batch); the rows' ids go in
-    one flat index over [B x V], so a step costs a few operations whatever the number of rows."""
+    penalty (a logit below 0 multiplied by it, any other divided), then OpenAI's penalties, then the bans. Each
+    row's values depend on its own alone (a row gets the same in any batch); the rows' ids go in one flat index over
+    [B x V], so a step costs a few operations whatever the number of rows."""
     rows = [(i, h) for i, h in enumerate(histories) if h is not None]
     if not rows:
         return logits

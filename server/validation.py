@@ -53,7 +53,7 @@ def _logit_bias(msg: pb.SamplingParams, vocab_size: int) -> tuple[tuple[int, flo
                                   f"[0, {vocab_size})")
         if not -LOGIT_BIAS <= _finite(value, f"sampling.logit_bias[{token}]") <= LOGIT_BIAS:
             raise InvalidArgument(f"sampling.logit_bias[{token}] must be in [-{LOGIT_BIAS:g}, {LOGIT_BIAS:g}], got "
-                                  f"{value}")
+                                  f"{value:.9g}")  # (a float32: 100.00001 arrives as 100.00000762939453)
     return tuple(sorted((token, value) for token, value in bias.items() if value != 0.0))
 
 

@@ -242,7 +242,8 @@ def test_unservable_adapters_fail_precondition_naming_the_problem(client, adapte
     (dict(stop_token_ids=list(range(65))), "stopping.stop_token_ids takes at most 64 ids, got 65"),
     (dict(logit_bias={5: 1.0, 10 ** 6: -1.0}), "sampling.logit_bias names token id 1000000, outside the vocabulary"),
     (dict(logit_bias={-1: 1.0}), "sampling.logit_bias names token id -1"),
-    (dict(logit_bias={5: 101.0}), "sampling.logit_bias[5] must be in [-100, 100], got 101.0"),
+    (dict(logit_bias={5: 101.0}), "sampling.logit_bias[5] must be in [-100, 100], got 101"),
+    (dict(logit_bias={5: 100.00001}), "sampling.logit_bias[5] must be in [-100, 100], got 100.000008"),
     (dict(logit_bias={7: math.inf}), "sampling.logit_bias[7] must be a finite number"),
     (dict(logit_bias=dict.fromkeys(range(301), 1.0)), "sampling.logit_bias takes at most 300 token ids, got 301"),
 ])

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clients.client import Client
 from tests.helpers import (LLAMA_TARGETS, assert_logprobs_close, make_peft_adapter, scrape, slow_decode,
-                           start_server, status_of)
+                           start_server, status_of, wait_for)
 
 PROMPT = [5, 17, 42, 99, 7]
 
@@ -165,3 +165,30 @@ def test_too_many_prompt_alternatives_are_refused(server):
     with Client(server.target, timeout=60) as client:
         code, message = status_of(client.generate, PROMPT, max_new_tokens=2, prompt_logprobs=21)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompt_logprobs must be at most 20" in message
+
+
+def test_prompt_logprobs_of_a_prompt_chunked_across_iterations_while_scored_groups_join(model_dirs, adapter_root,
+                                                                                        monkeypatch):
+    """A long scored prompt runs 16 tokens an iteration (--max-prefill-tokens 16) while short scored groups are
+    prefilled whole meanwhile, on the base model and the adapter (review)."""
+    models = {"": AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).eval()}
+    models["a"] = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dirs["llama"]),
+                                            adapter_root / "a").eval()
+    server = start_server(model_dirs["llama"], adapter_root, max_batch_size=8, max_prefill_tokens=16)
+    try:
+        slow_decode(server, monkeypatch, seconds=0.02)
+        jobs = [([(11 * i) % 240 + 5 for i in range(70)], "a", 3), ([42], "a", 2)] + \
+            [([(3 * i + k) % 200 + 7 for i in range(2 + k)], "a" if k % 2 else "", k % 4) for k in range(6)]
+        with Client(server.target, timeout=120) as client, concurrent.futures.ThreadPoolExecutor(9) as pool:
+            running = pool.submit(client.generate, [5, 6, 7], "", max_new_tokens=60, ignore_eos=True)
+            assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] >= 1, timeout=10)
+            replies = [pool.submit(client.generate, p, a, max_new_tokens=2, ignore_eos=True, prompt_logprobs=k)
+                       for p, a, k in jobs]
+            replies = [f.result() for f in replies]
+            running.result()
+        assert scrape(server)['loraplex_step_duration_seconds_count{phase="prefill"}'] >= 70 / 16
+    finally:
+        server.stop()
+    for (prompt, adapter_id, k), reply in zip(jobs, replies):
+        assert list(reply.prompt_token_ids) == prompt
+        assert_logprobs_close(reply.prompt_logprobs, _prompt_reference(models[adapter_id], prompt, k), 1e-4)

@@ -206,6 +206,9 @@ def test_the_command_line_sends_the_new_settings(served, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["generate", "--target", server.target, "tiger", "--logit-bias", "a=1"])
     assert exited.value.code == 2 and "'a=1' is not TOKEN_ID=BIAS" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # (review) the second silently replaced the first
+        main(["generate", "--target", server.target, "tiger", "--logit-bias", "5=1", "--logit-bias", "5=-2"])
+    assert exited.value.code == 2 and "token id 5 is given more than once" in capsys.readouterr().err
 
 
 def test_log_probabilities_stay_the_models_own_under_penalties(served):

@@ -8,6 +8,7 @@ import torch
 import server.batch
 from loader.default_model import build_model_dir
 from server.batch import Row
+from server.logprobs import TokenLogprobs
 from tests.helpers import assert_logprobs_close, random_lora_runner
 
 SMALL = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -28,6 +29,10 @@ def runners(tmp_path_factory):
     root = tmp_path_factory.mktemp("scored")
     return {name: random_lora_runner(build_model_dir(root / name, arch, seed=3, **cfg))
             for name, (arch, cfg) in MODELS.items()}
+
+
+def _entries(found) -> list[TokenLogprobs]:
+    return [TokenLogprobs(value, list(ids), list(values)) for value, ids, values in found.entries()]
 
 
 def _alone(runner, prompt, slot, top):
@@ -60,10 +65,10 @@ def test_scored_prompts_in_a_chunked_mixed_prefill_equal_each_prefix_alone(runne
         logits = runner.advance(job, 5)
     assert max(seen) == 1 and len(seen) == len(PROMPTS[0])
     assert torch.allclose(logits, plain, atol=1e-5)  # the rows' next-token logits are those of a plain prefill
-    assert set(job.scores) == {0, 2, 3} and job.scores[2] == []
-    assert_logprobs_close(job.scores[0], _alone(runner, PROMPTS[0], slot, 3), 1e-5)
-    assert_logprobs_close(job.scores[3], _alone(runner, PROMPTS[3], 0, 0), 1e-5)
-    assert all(not e.top_token_ids for e in job.scores[3])
+    assert set(job.scores) == {0, 2, 3} and len(job.scores[2]) == 0 and not job.broken
+    assert_logprobs_close(_entries(job.scores[0]), _alone(runner, PROMPTS[0], slot, 3), 1e-5)
+    assert_logprobs_close(_entries(job.scores[3]), _alone(runner, PROMPTS[3], 0, 0), 1e-5)
+    assert all(not e.top_token_ids for e in _entries(job.scores[3]))
 
 
 def test_a_prefill_scoring_no_row_runs_as_before(runners, monkeypatch):
@@ -74,3 +79,20 @@ def test_a_prefill_scoring_no_row_runs_as_before(runners, monkeypatch):
     job = runner.start_prefill([Row(p, slot) for p in PROMPTS])
     runner.advance(job, job.length)
     assert kept == [1] and job.scores == {}
+
+
+def test_a_row_whose_logits_at_a_prompt_position_are_not_finite_is_broken_alone(runners, monkeypatch):
+    """(review) It fails, as a row whose next-token logits are not finite does, instead of returning NaN scores."""
+    runner, slot = runners["llama"]
+    forward = runner._forward
+
+    def poisoned(ids, masks, positions, cache, factors, picked=None):
+        logits = forward(ids, masks, positions, cache, factors, picked)
+        if picked is not None and ids.shape[1] < 23:  # a middle chunk: its logits are the scored positions only
+            logits[0, 5] = float("nan")  # row 0's first scored position there
+        return logits
+    monkeypatch.setattr(runner, "_forward", poisoned)
+    job = runner.start_prefill([Row(PROMPTS[0], slot), Row(PROMPTS[3], 0)], {0: 1, 1: 1})
+    while runner.advance(job, 10) is None:
+        pass
+    assert job.broken == {0} and len(job.scores[1]) == len(PROMPTS[3]) - 1

@@ -1,7 +1,8 @@
 """What GenerateRequest.prompt_logprobs adds to a prefill: one prefill of --rows prompts of --length tokens on the
 benchmark model of bench/mixed_adapters.py (a random Llama, hidden 512, 8 layers, vocab 32000, fp32), through the
-server's Runner, with no row scoring its prompt, one, and all of them (0 and 20 alternatives); interleaved rounds,
-medians, each relative to the prefill scoring none.
+server's Runner, with no row scoring its prompt, one, and all of them (0 and 20 alternatives; and with the scored
+positions projected inside the forward, as for soft-capped models); interleaved rounds, medians, each relative to the
+prefill scoring none.
 
     .venv/bin/python bench/prompt_logprobs.py [--rows 8] [--length 256] [--threads 2] [--rounds 7]
 """
@@ -40,21 +41,27 @@ def main() -> None:
     bank = SlotBank(shapes, num_slots=1, max_rank=8, device=torch.device("cpu"), dtype=torch.float32)
     runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
     prompts = [[(31 * r + 7 * i) % (args.vocab - 1) + 1 for i in range(args.length)] for r in range(args.rows)]
-    cases = {"none scored": {}, "1 row, 0 alternatives": {0: 0},
-             f"{args.rows} rows, 0 alternatives": dict.fromkeys(range(args.rows), 0),
-             f"{args.rows} rows, 20 alternatives": dict.fromkeys(range(args.rows), 20)}
+    every = dict.fromkeys(range(args.rows), 20)
+    # (scored, projected inside the forward: the path of models whose logits are changed after the head, as
+    # Gemma-2's soft-capping; server/prompt_scores.py)
+    cases = {"none scored": ({}, False), "1 row, 0 alternatives": ({0: 0}, False),
+             f"{args.rows} rows, 0 alternatives": (dict.fromkeys(range(args.rows), 0), False),
+             f"{args.rows} rows, 20 alternatives": (every, False),
+             f"{args.rows} rows, 20 alternatives, inside the forward": (every, True)}
 
-    def prefill(scored) -> float:
+    def prefill(scored, inside) -> float:
+        runner.tap._gives_logits = not inside
         start = time.perf_counter()
         job = runner.start_prefill([Row(prompt, 0) for prompt in prompts], scored)
         runner.advance(job, job.length)
         return time.perf_counter() - start
+    assert runner.tap.gives_logits()  # a Llama: its logits are its head's output
     times = {name: [] for name in cases}
-    for scored in cases.values():
-        prefill(scored)  # warm-up
+    for case in cases.values():
+        prefill(*case)  # warm-up
     for _ in range(args.rounds):
-        for name, scored in cases.items():
-            times[name].append(prefill(scored))
+        for name, case in cases.items():
+            times[name].append(prefill(*case))
     print(f"prefill of {args.rows} prompts x {args.length} tokens, vocab {args.vocab}, {args.threads} thread(s); "
           f"median of {args.rounds} interleaved rounds; 'vs none' is the median of each round's ratio")
     print("case | ms | vs none")

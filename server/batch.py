@@ -14,7 +14,8 @@ import torch
 from adapters.slot_bank import AdapterContext, RowFactors, SlotBank
 from server.attention import AttentionLayout, UnsupportedAttention
 from server.kv_cache import KVCache
-from server.logprobs import PromptLogprobs, score
+from server.logprobs import PromptLogprobs
+from server.prompt_scores import SCORED_ELEMENTS, HeadTap, keep_scores, scored_positions
 from server.rope import LongRope
 
 log = logging.getLogger("loraplex.batch")
@@ -81,16 +82,10 @@ class Prefill:
 # length, not with its square; ordinary batches (32 rows x 1024 tokens) still run in one pass.
 MASK_ELEMENTS = 1 << 25
 MIN_CHUNK = 256  # each chunk reads every weight once: fewer, longer chunks for very long prompts
-# A chunk scoring prompt tokens (prompt_logprobs) projects each of their positions onto the vocabulary: its columns
-# are capped so those logits stay near this many elements (256 MB in fp32; Gemma-3's 262k vocabulary: 256 columns
-# for one scored row). The whole group's forwards are that short: scoring many rows of a large vocabulary costs
-# more forwards than the prompts alone would (bench/RESULTS.md, "prompt_logprobs").
-SCORED_ELEMENTS = 1 << 26
-
-
 def prefill_chunk(rows: int, length: int, projected: int = 0, vocab: int = 0) -> int:
     """Query columns per forward for a prefill of `rows` prompts left-padded to `length`, `projected` of which
-    have every position projected onto a vocabulary of `vocab` (to score their prompts)."""
+    have their prompt's positions projected onto a vocabulary of `vocab` inside the forward (server/prompt_scores.py:
+    their logits are held to SCORED_ELEMENTS)."""
     step = max(MIN_CHUNK, MASK_ELEMENTS // (rows * length))
     return min(step, max(1, SCORED_ELEMENTS // (projected * vocab))) if projected else step
 
@@ -112,22 +107,7 @@ class Runner:
         self.attention = AttentionLayout.of(model.config)  # raises UnsupportedAttention
         self.longrope = LongRope.install(model)  # each row's own rotary factors; None: not a longrope model
         self.recompute_at = self.longrope.recompute_at if self.longrope is not None else None
-        # HF slices the last position (logits_to_keep=1) as hidden[:, -1:], a strided view that torch.matmul
-        # does not fold into one matmul against a frozen weight: the vocabulary projection ran as a bmm against
-        # the weight expanded per row (prefill of 31 rows, vocab 32000: 113 ms instead of ~20). Handing it a
-        # contiguous copy keeps the int form, which some models' own prefill shortcuts need (Gemma-4).
-        # A prefill scoring prompt tokens asks for every position's hidden state (logits_to_keep=0), and the hook
-        # hands the head only the positions in `_picked` (flat indices over rows x positions), as [1, N, hidden]:
-        # what the model does to its logits after the head (Gemma-2's soft-capping, Cohere's scale) still applies.
-        self._picked: torch.Tensor | None = None
-        self._head = model.get_output_embeddings()
-        if self._head is not None:
-            self._head.register_forward_pre_hook(lambda module, args: (self._pick(args[0]), *args[1:]))
-
-    def _pick(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self._picked is None:
-            return hidden.contiguous()
-        return hidden.flatten(0, 1).index_select(0, self._picked)[None]
+        self.tap = HeadTap(model)  # what the LM head sees (server/prompt_scores.py)
 
     def check_cache(self) -> None:
         """Refuse (UnsupportedAttention) a model whose state is not all in the KV cache the batch hands it, which
@@ -174,25 +154,28 @@ class Runner:
                                        f"batch")
 
     def _forward(self, ids: torch.Tensor, masks, positions: torch.Tensor, cache: KVCache,
-                 factors: RowFactors | None, picked: torch.Tensor | None = None) -> torch.Tensor:
+                 factors: RowFactors | None, picked: torch.Tensor | None = None,
+                 kept: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, V] of each row's last position, or with `picked` (flat indices over [B, Q] positions) those
-        positions' [N, V]. `masks`: a boolean mask [B, 1, Q, K], or one per layer type (AttentionLayout.masks)."""
+        positions' [N, V]; with `kept`, those positions' final hidden states are left in `self.tap.hidden`.
+        `masks`: a boolean mask [B, 1, Q, K], or one per layer type (AttentionLayout.masks)."""
         def additive(mask: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
             return out.masked_fill_(~mask, torch.finfo(self.dtype).min)
         masks = {t: additive(m) for t, m in masks.items()} if isinstance(masks, dict) else additive(masks)
         self.context.rows = factors
-        self._picked = picked if self._head is not None else None
+        headless = self.tap.head is None
+        self.tap.picked, self.tap.kept = (None, None) if headless else (picked, kept)
         try:
-            out = self.model(input_ids=ids, attention_mask=masks, position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1 if picked is None else 0)
+            out = self.model(input_ids=ids, attention_mask=masks, position_ids=positions, past_key_values=cache,
+                             use_cache=True, logits_to_keep=1 if picked is None and kept is None else 0)
         finally:
             self.context.rows = None
-            self._picked = None
+            self.tap.picked = self.tap.kept = None
         cache.length += ids.shape[1]
         if picked is None:
             return out.logits[:, -1, :].float()
-        if self._head is None:  # (no head module to hook: every position's logits were made)
+        if headless:  # (no head module to hook: every position's logits were made)
             return out.logits.flatten(0, 1).index_select(0, picked).float()
         return out.logits[0].float()
 
@@ -233,8 +216,9 @@ class Runner:
         """Run the next `columns` columns of `job`'s prompts (in forwards of at most `prefill_chunk` query columns);
         the last position's logits (of every row) once every column ran, else None."""
         end = min(job.length, job.done + columns)
+        apart = bool(job.scored) and self.tap.gives_logits()  # scored positions projected after the forward
         # (a model without a head module to hook projects every row's positions)
-        projected = (job.width if self._head is None else len(job.scored)) if job.scored else 0
+        projected = 0 if apart or not job.scored else job.width if self.tap.head is None else len(job.scored)
         step = prefill_chunk(job.width, job.length, projected, self.vocab_size)
         keys = torch.arange(job.length, device=self.device)[None]
         logits = None
@@ -246,17 +230,20 @@ class Runner:
                 # stays finite
                 mask = ((seen <= query)[None] & job.valid[:, None, :stop]) | (seen == query)[None]
                 masks = self.attention.masks(mask[:, None], job.positions[:, start:stop], job.positions[:, :stop])
-                scoring = self._scored_positions(job, start, stop)
-                picked = last = None
-                if scoring is not None:  # the scored positions, after each row's last one in the last chunk
-                    if stop == job.length:
-                        last = torch.arange(job.width) * (stop - start) + (stop - start - 1)
-                    picked = (scoring[0] if last is None else torch.cat([last, scoring[0]])).to(self.device)
-                logits = self._forward(job.ids[:, start:stop], masks, job.positions[:, start:stop], job.cache,
-                                       job.factors, picked)
-                if scoring is not None:
+                scoring = scored_positions(job, start, stop)
+                forward = (job.ids[:, start:stop], masks, job.positions[:, start:stop], job.cache, job.factors)
+                if scoring is None:
+                    logits = self._forward(*forward)
+                elif apart:
+                    logits = self._forward(*forward, kept=scoring[0].to(self.device))
+                    hidden, self.tap.hidden = self.tap.hidden, None
+                    keep_scores(job, self.tap.project(hidden, self.vocab_size), *scoring[1:])
+                else:  # the scored positions, after each row's last one in the last chunk
+                    last = torch.arange(job.width) * (stop - start) + (stop - start - 1) if stop == job.length else None
+                    picked = scoring[0] if last is None else torch.cat([last, scoring[0]])
+                    logits = self._forward(*forward, picked=picked.to(self.device))
                     kept = 0 if last is None else job.width
-                    self._keep_scores(job, logits[kept:], *scoring[1:])
+                    keep_scores(job, [logits[kept:]], *scoring[1:])
                     logits = logits[:kept]
                 job.done = stop
         if job.done < job.length and self.device.type == "cuda":
@@ -266,40 +253,6 @@ class Runner:
         if job.done < job.length:
             return None
         return logits if job.source is None else logits[torch.tensor(job.source, device=self.device)]
-
-    @staticmethod
-    def _keep_scores(job: Prefill, logits: torch.Tensor, counts: dict[int, int], tokens: list[int]) -> None:
-        """Score `tokens` under their positions' `logits` [N, V], for the rows in `counts` ({row: its positions},
-        in order), into job.scores; rows whose logits were not finite go into job.broken (they fail, as a row
-        whose next-token logits are not finite does). One copy back for the whole chunk."""
-        chosen, values, ids = score(logits, torch.tensor(tokens, device=logits.device),
-                                    max(job.scored[i] for i in counts))
-        finite = logits.sum(dim=-1).isfinite()  # as set_aside_non_finite checks a row's next-token logits
-        chosen, values, ids, finite = chosen.cpu(), values.cpu(), ids.cpu(), finite.cpu()
-        at = 0
-        for i, n in counts.items():
-            job.scores[i].extend(chosen[at:at + n], values[at:at + n], ids[at:at + n])
-            if not bool(finite[at:at + n].all()):
-                job.broken.add(i)
-            at += n
-
-    @staticmethod
-    def _scored_positions(job: Prefill, start: int,
-                          stop: int) -> tuple[torch.Tensor, dict[int, int], list[int]] | None:
-        """The positions of columns [start, stop) whose logits score a prompt token of a `job.scored` row: (flat
-        indices over rows x (stop - start) columns, {row: how many of them}, the tokens they score), row after row,
-        in column order. A column's logits score the next column's token; a row's first token and its last
-        column's logits (its first generated token's) score none."""
-        flat, counts, tokens = [], {}, []
-        for i in job.scored:
-            prompt = job.rows[i].prompt_ids
-            first = job.length - len(prompt)
-            columns = range(max(start, first), min(stop, job.length - 1))
-            if columns:
-                flat.extend(job.run_index(i) * (stop - start) + c - start for c in columns)
-                counts[i] = len(columns)
-                tokens.extend(prompt[c + 1 - first] for c in columns)
-        return (torch.tensor(flat, dtype=torch.long), counts, tokens) if flat else None
 
     def prefilled(self, job: Prefill) -> Batch:
         """The batch of a finished prefill, its cache free to grow to the context (the engine caps it)."""

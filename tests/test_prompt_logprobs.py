@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import server.batch
+import server.prompt_scores
 from loader.default_model import build_model_dir
 from server.batch import Row
 from server.logprobs import TokenLogprobs
@@ -46,24 +47,36 @@ def _alone(runner, prompt, slot, top):
     return found
 
 
-@pytest.mark.parametrize("headless", [False, True], ids=["head-hook", "no-head-module"])
-@pytest.mark.parametrize("name", list(MODELS))
-def test_scored_prompts_in_a_chunked_mixed_prefill_equal_each_prefix_alone(runners, name, headless, monkeypatch):
+# Gemma-2's logits are soft-capped after its head: never projected apart from the forward
+@pytest.mark.parametrize("name,path", [(name, path) for name in MODELS for path in ("apart", "in-forward",
+                                                                                     "no-head-module")
+                                       if (name, path) != ("gemma2-softcap", "apart")])
+def test_scored_prompts_in_a_chunked_mixed_prefill_equal_each_prefix_alone(runners, name, path, monkeypatch):
     runner, slot = runners[name]
-    if headless:  # a model without an output-embeddings module: every position's logits are made, then picked
-        monkeypatch.setattr(runner, "_head", None)
+    assert runner.tap.gives_logits() == (name != "gemma2-softcap")
+    if path == "in-forward":
+        monkeypatch.setattr(runner.tap, "_gives_logits", False)
+    if path == "no-head-module":  # every position's logits are made, then picked
+        monkeypatch.setattr(runner.tap, "head", None)
+        monkeypatch.setattr(runner.tap, "_gives_logits", False)
     slots = [slot, 0, slot, 0]
     plain = runner.prefill([Row(p, s) for p, s in zip(PROMPTS, slots)])[1]
-    monkeypatch.setattr(server.batch, "SCORED_ELEMENTS", 3 * runner.vocab_size)  # 1 column a forward for 3 rows
-    seen = []
-    forward = runner._forward
-    monkeypatch.setattr(runner, "_forward", lambda ids, *a: seen.append(ids.shape[1]) or forward(ids, *a))
+    # inside the forward: 1 column a forward for 3 scored rows; apart: blocks of 3 positions
+    monkeypatch.setattr(server.batch, "SCORED_ELEMENTS", 3 * runner.vocab_size)
+    monkeypatch.setattr(server.prompt_scores, "SCORED_ELEMENTS", 3 * runner.vocab_size)
+    seen, blocks = [], []
+    forward, project = runner._forward, runner.tap.project
+    monkeypatch.setattr(runner, "_forward", lambda ids, *a, **k: seen.append(ids.shape[1]) or forward(ids, *a, **k))
+    monkeypatch.setattr(runner.tap, "project", lambda *a: (blocks.append(len(x)) or x for x in project(*a)))
     # rows 0, 2 (adapter) and 3 (base) scored with different alternatives; row 2's one token has none to score
     job = runner.start_prefill([Row(p, s) for p, s in zip(PROMPTS, slots)], {0: 3, 2: 1, 3: 0})
     logits = None
     while logits is None:  # in iterations of 5 columns, as the engine runs a long prompt
         logits = runner.advance(job, 5)
-    assert max(seen) == 1 and len(seen) == len(PROMPTS[0])
+    if path == "apart":  # the chunks are those of an unscored prefill
+        assert seen == [5, 5, 5, 5, 3] and max(blocks) == 3 and sum(blocks) == 22 + 15
+    else:
+        assert max(seen) == 1 and len(seen) == len(PROMPTS[0]) and not blocks
     assert torch.allclose(logits, plain, atol=1e-5)  # the rows' next-token logits are those of a plain prefill
     assert set(job.scores) == {0, 2, 3} and len(job.scores[2]) == 0 and not job.broken
     assert_logprobs_close(_entries(job.scores[0]), _alone(runner, PROMPTS[0], slot, 3), 1e-5)
@@ -84,14 +97,14 @@ def test_a_prefill_scoring_no_row_runs_as_before(runners, monkeypatch):
 def test_a_row_whose_logits_at_a_prompt_position_are_not_finite_is_broken_alone(runners, monkeypatch):
     """(review) It fails, as a row whose next-token logits are not finite does, instead of returning NaN scores."""
     runner, slot = runners["llama"]
-    forward = runner._forward
+    project = runner.tap.project
 
-    def poisoned(ids, masks, positions, cache, factors, picked=None):
-        logits = forward(ids, masks, positions, cache, factors, picked)
-        if picked is not None and ids.shape[1] < 23:  # a middle chunk: its logits are the scored positions only
-            logits[0, 5] = float("nan")  # row 0's first scored position there
-        return logits
-    monkeypatch.setattr(runner, "_forward", poisoned)
+    def poisoned(hidden, vocab):
+        for i, logits in enumerate(project(hidden, vocab)):
+            if i == 0 and len(hidden) < 30:  # a middle chunk's: the scored positions only
+                logits[0, 5] = float("nan")  # row 0's first scored position there
+            yield logits
+    monkeypatch.setattr(runner.tap, "project", poisoned)
     job = runner.start_prefill([Row(PROMPTS[0], slot), Row(PROMPTS[3], 0)], {0: 1, 1: 1})
     while runner.advance(job, 10) is None:
         pass

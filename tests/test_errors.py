@@ -327,12 +327,14 @@ def test_a_burst_of_batch_plus_queue_requests_is_taken_whole(model_dirs, adapter
 def test_rows_the_kv_budget_holds_back_take_no_request_beyond_the_queue(model_dirs, adapter_root, monkeypatch):
     """Free rows count for the queue's limit only where nothing else holds requests back: with a KV budget for one
     row, a second request waits, and a third is refused at --max-queue-size 1 (not taken for the free rows)."""
-    server = start_server(model_dirs["llama"], adapter_root, max_batch_size=4, max_queue_size=1, max_kv_tokens=150)
-    slow_decode(server, monkeypatch, 0.05)  # the running row lasts 5 s: a loaded machine's scrapes fit in it
+    server = start_server(model_dirs["llama"], adapter_root, max_batch_size=4, max_queue_size=1, max_kv_tokens=450)
+    # the running row would last 20 s (it is cancelled at the end): a loaded machine's scrapes fit in it (at 5 s, the
+    # row once ended first under a full suite and a helper's runs, and the waiting one took its place)
+    slow_decode(server, monkeypatch, 0.05)
 
     async def scenario():
         async with AsyncClient(server.target, timeout=60) as client:
-            running = client.generate_stream([5, 6], max_new_tokens=100, ignore_eos=True)  # 102 of the 150 slots
+            running = client.generate_stream([5, 6], max_new_tokens=400, ignore_eos=True)  # 402 of the 450 slots
             await running.__anext__()
             waiting = asyncio.create_task(client.generate([7, 8], max_new_tokens=50, ignore_eos=True))  # 52 more
             assert await asyncio.to_thread(wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == 1)

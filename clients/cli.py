@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -95,6 +96,10 @@ def _generate(args) -> int:
             top = ", ".join(f"{t} {v:.4f}" for t, v in zip(found.top_token_ids, found.top_logprobs))
             print(f"{what} {token}: logprob {found.logprob:.4f}" + (f"; most likely {top}" if top else ""),
                   file=sys.stderr)
+    if prompt:  # what scoring a text is for: its log-likelihood under the adapter, and its perplexity
+        total = sum(found.logprob for _, found in prompt)
+        print(f"prompt: {len(prompt)} tokens scored, logprob sum {total:.4f}, perplexity "
+              f"{math.exp(-total / len(prompt)):.4f}", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,5 @@
 """The `loraplex` command line against a real server."""
+import math
 import re
 import subprocess
 import sys
@@ -62,6 +63,8 @@ def test_generate_prints_prompt_log_probabilities_before_the_tokens(server):
                      f"{lp.top_logprobs[0]:.4f}" for t, lp in zip(reply.prompt_token_ids[1:], reply.prompt_logprobs)] \
         + [f"token {t}: logprob {lp.logprob:.4f}" for t, lp in zip(reply.token_ids, reply.logprobs)]
     assert len(lines) == 4 + 2  # "hello": 5 prompt tokens in this byte-level tokenizer
+    total = sum(lp.logprob for lp in reply.prompt_logprobs)
+    assert f"prompt: 4 tokens scored, logprob sum {total:.4f}, perplexity {math.exp(-total / 4):.4f}" in result.stderr
 
 
 def test_adapters_load_list_unload_and_errors(server):

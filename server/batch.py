@@ -152,6 +152,7 @@ class Runner:
                                        f"state outside the cache (recurrent, state-space or RWKV layers"
                                        f"{', in layers ' + str(empty) if empty else ''}), which this server cannot "
                                        f"batch")
+        self.tap.gives_logits()  # now, not inside the first prefill that scores a prompt
 
     def _forward(self, ids: torch.Tensor, masks, positions: torch.Tensor, cache: KVCache,
                  factors: RowFactors | None, picked: torch.Tensor | None = None,

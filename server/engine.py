@@ -284,8 +284,8 @@ class Engine:
                 break  # first come, first served: later requests wait too, so a large one is never starved
             # The rest next step: running rows get a token between prefills, not after all of them. While a long
             # prompt runs in chunks, only a group that one prefill runs whole joins.
-            prompt = _prompt_key(request)
-            if (admitted or self._prefilling is not None) and len(prompts | {prompt}) * \
+            prompt = _prompt_key(request)  # a copy of an admitted prompt adds nothing to prefill
+            if (admitted or self._prefilling is not None) and prompt not in prompts and len(prompts | {prompt}) * \
                     max(len(r.prompt_ids) for r in candidates) > self.config.max_prefill_tokens:
                 break
             self._waiting.popleft()

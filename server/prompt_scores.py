@@ -10,11 +10,14 @@ cut so that their logits stay within SCORED_ELEMENTS.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
 
 from server.logprobs import score
+
+log = logging.getLogger("loraplex.prompt_scores")
 
 # Logits of scored positions made at once (256 MB in fp32; Gemma-3's 262k vocabulary: 256 positions).
 SCORED_ELEMENTS = 1 << 26
@@ -47,9 +50,11 @@ class HeadTap:
             return hidden.flatten(0, 1).index_select(0, self.picked)[None]
         return hidden.contiguous()
 
+    @torch.inference_mode()
     def gives_logits(self) -> bool:
         """Whether the model's logits are its head's output (upcast at most): found once, by a forward of two
-        tokens, on the first scoring prefill."""
+        tokens (at start, Runner.check_cache; else on the first scoring prefill). A forward that fails says no:
+        the scores are then projected inside the forward, which needs nothing of the model."""
         if self._gives_logits is None:
             self._gives_logits = False
             if self.head is not None:
@@ -59,9 +64,12 @@ class HeadTap:
                     device = next(self.model.parameters()).device
                     out = self.model(input_ids=torch.tensor([[1, 2]], device=device), use_cache=False,
                                      logits_to_keep=0)
+                    self._gives_logits = len(seen) == 1 and torch.equal(out.logits.float(), seen[0].float())
+                except Exception:
+                    log.exception("a forward of two tokens failed: prompt scores will be projected inside the "
+                                  "model's forwards")
                 finally:
                     hook.remove()
-                self._gives_logits = len(seen) == 1 and torch.equal(out.logits.float(), seen[0].float())
         return self._gives_logits
 
     def project(self, hidden: torch.Tensor, vocab: int) -> Iterable[torch.Tensor]:
@@ -93,13 +101,14 @@ def keep_scores(job, blocks: Iterable[torch.Tensor], counts: dict[int, int], tok
     ({row: its positions}, in order), into `job.scores`; rows whose logits were not finite go into `job.broken`
     (they fail, as a row whose next-token logits are not finite does). One copy back for them all."""
     k = max(job.scored[i] for i in counts)
+    wanted = torch.tensor(tokens, device=job.ids.device)
     found, at = [], 0
     for logits in blocks:
         n = logits.shape[0]
-        wanted = torch.tensor(tokens[at:at + n], device=logits.device)
         # (finite: as set_aside_non_finite checks a row's next-token logits)
-        found.append((*score(logits, wanted, k), logits.sum(dim=-1).isfinite()))
+        found.append((*score(logits, wanted[at:at + n], k), logits.sum(dim=-1).isfinite()))
         at += n
+        del logits  # before the next block is made: one block's logits alive at a time
     chosen, values, ids, finite = (torch.cat(parts).cpu() for parts in zip(*found))
     at = 0
     for i, n in counts.items():

@@ -109,3 +109,15 @@ def test_a_row_whose_logits_at_a_prompt_position_are_not_finite_is_broken_alone(
     while runner.advance(job, 10) is None:
         pass
     assert job.broken == {0} and len(job.scores[1]) == len(PROMPTS[3]) - 1
+
+
+def test_a_model_whose_probe_forward_fails_projects_scores_inside_its_forwards(model_dirs, monkeypatch, caplog):
+    """(review) The check of whether the logits are the head's output failed the whole prefill it ran in."""
+    from transformers import AutoModelForCausalLM
+
+    from server.prompt_scores import HeadTap
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    assert HeadTap(model).gives_logits() is True
+    tap = HeadTap(model)
+    monkeypatch.setattr(model, "forward", lambda **kw: 1 / 0)
+    assert tap.gives_logits() is False and "prompt scores will be projected inside" in caplog.text

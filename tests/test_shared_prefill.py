@@ -2,6 +2,7 @@
 them) run that prompt once, and each gets a copy of its cache: every row's logits, and its tokens after, are those it
 gets alone; a row scoring its prompt (prompt_logprobs) runs its own."""
 import concurrent.futures
+import threading
 
 import pytest
 import torch
@@ -86,3 +87,37 @@ def test_n_samples_of_one_prompt_sent_at_once_share_its_prefill_and_sample_as_al
     prefills = [rows for rows, columns in widths if columns == len(prompt)]
     assert prefills and sum(prefills) < 9  # the nine requests' prompt ran fewer than nine times
 
+
+
+def test_copies_of_a_prompt_beyond_the_prefill_budget_share_it(model_dirs, server, monkeypatch):
+    """(review) A copy of an admitted prompt adds nothing to prefill: 6 samples of a prompt longer than
+    --max-prefill-tokens ran it 6 times, one after another, in chunks; now once, in chunks, while a group of
+    another prompt's copies joins whole."""
+    long, short = [(7 * i) % 250 + 5 for i in range(100)], [(3 * i) % 200 + 9 for i in range(40)]
+    kwargs = dict(max_new_tokens=4, ignore_eos=True, temperature=1.0)
+    with Client(server.target, timeout=60) as client:
+        alone = [list(client.generate(long, "a", seed=s, **kwargs).token_ids) for s in range(6)] + \
+            [list(client.generate(short, "", seed=s, **kwargs).token_ids) for s in range(4)]
+    root = server.serving.config.adapter_root
+    budget = start_server(model_dirs["llama"], root, max_batch_size=16, max_prefill_tokens=64)
+    try:
+        runner, engine = budget.serving.engine.runner, budget.serving.engine
+        shapes = []
+        forward = runner._forward
+        monkeypatch.setattr(runner, "_forward", lambda ids, *a, **k: shapes.append(ids.shape) or forward(ids, *a, **k))
+        gate = threading.Event()
+        with Client(budget.target, timeout=60) as client, concurrent.futures.ThreadPoolExecutor(10) as pool:
+            client.generate([5], "a", max_new_tokens=1)  # the adapter read before: its requests queue at once
+            shapes.clear()
+            held = engine.call(gate.wait)  # the engine waits between two steps while all ten are queued
+            replies = [pool.submit(client.generate, long, "a", seed=s, **kwargs) for s in range(6)] + \
+                [pool.submit(client.generate, short, "", seed=s, **kwargs) for s in range(4)]
+            assert wait_for(lambda: scrape(budget)["loraplex_num_requests_waiting"] == 10, timeout=20)
+            gate.set()
+            held.result()
+            assert [list(f.result().token_ids) for f in replies] == alone
+    finally:
+        gate.set()
+        budget.stop()
+    prefills = [(rows, columns) for rows, columns in shapes if columns > 1]
+    assert sorted(prefills) == [(1, 36), (1, 40), (1, 64)]  # the long prompt in 2 chunks, the short one whole

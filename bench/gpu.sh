@@ -26,4 +26,9 @@ python3 bench/adapter_kinds.py --device cuda --repeats 3 --variants "$variants" 
 # PEFT's and HF's own generate (configs c, d) were measured on 2026-11-23 and their code has not changed: the
 # lease's minutes go to the engine
 python3 bench/mixed_adapters.py --device cuda --repeats 3 --skip-peft 2>&1 | tee "$out/mixed_adapters.txt" || failed=1
+# Short ones last: prompt scores projected after the forward vs inside it (whose chunks are cut: more forwards), at
+# Qwen's vocabulary; n samples of one prompt against n prompts (one prefill).
+timeout 120 python3 bench/prompt_logprobs.py --device cuda --vocab 152064 --rows 32 --length 512 --rounds 5 2>&1 \
+    | tee "$out/prompt_logprobs.txt" || failed=1
+timeout 120 python3 bench/shared_prefill.py --device cuda --repeats 3 2>&1 | tee "$out/shared_prefill.txt" || failed=1
 exit $failed

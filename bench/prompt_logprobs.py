@@ -4,7 +4,7 @@ server's Runner, with no row scoring its prompt, one, and all of them (0 and 20 
 positions projected inside the forward, as for soft-capped models); interleaved rounds, medians, each relative to the
 prefill scoring none.
 
-    .venv/bin/python bench/prompt_logprobs.py [--rows 8] [--length 256] [--threads 2] [--rounds 7]
+    .venv/bin/python bench/prompt_logprobs.py [--rows 8] [--length 256] [--vocab 32000] [--device cpu] [--rounds 7]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from adapters.slot_bank import SlotBank  # noqa: E402
-from bench.mixed_adapters import add_common_arguments, build_model_dir  # noqa: E402
+from bench.mixed_adapters import add_common_arguments, build_model_dir, sync  # noqa: E402
 from loader.base_model import load_base_model  # noqa: E402
 from loader.inject import inject  # noqa: E402
 from server.batch import Row, Runner  # noqa: E402
@@ -36,9 +36,9 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="loraplex-prompt-logprobs-"))
     if not (work / "model" / "config.json").exists():
         build_model_dir(work / "model", args)
-    base = load_base_model(str(work / "model"), "cpu", "float32")
+    base = load_base_model(str(work / "model"), args.device, "float32")
     context, shapes = inject(base.model)
-    bank = SlotBank(shapes, num_slots=1, max_rank=8, device=torch.device("cpu"), dtype=torch.float32)
+    bank = SlotBank(shapes, num_slots=1, max_rank=8, device=torch.device(args.device), dtype=torch.float32)
     runner = Runner(base.model, context, bank, base.pad_token_id, base.max_context)
     prompts = [[(31 * r + 7 * i) % (args.vocab - 1) + 1 for i in range(args.length)] for r in range(args.rows)]
     every = dict.fromkeys(range(args.rows), 20)
@@ -51,9 +51,11 @@ def main() -> None:
 
     def prefill(scored, inside) -> float:
         runner.tap._gives_logits = not inside
+        sync(args.device)
         start = time.perf_counter()
         job = runner.start_prefill([Row(prompt, 0) for prompt in prompts], scored)
         runner.advance(job, job.length)
+        sync(args.device)
         return time.perf_counter() - start
     assert runner.tap.gives_logits()  # a Llama: its logits are its head's output
     times = {name: [] for name in cases}
@@ -62,7 +64,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, case in cases.items():
             times[name].append(prefill(*case))
-    print(f"prefill of {args.rows} prompts x {args.length} tokens, vocab {args.vocab}, {args.threads} thread(s); "
+    print(f"prefill of {args.rows} prompts x {args.length} tokens, vocab {args.vocab}, {args.device}, "
+          f"{args.threads} thread(s); "
           f"median of {args.rounds} interleaved rounds; 'vs none' is the median of each round's ratio")
     print("case | ms | vs none")
     for name in cases:

@@ -186,9 +186,14 @@ class Runner:
         logits = self.advance(job, job.length)
         return self.prefilled(job), logits
 
-    def start_prefill(self, rows: list[Row], scored: dict[int, int] | None = None) -> Prefill:
+    def start_prefill(self, rows: list[Row], scored: dict[int, int] | None = None,
+                      donor: tuple[Batch, int] | None = None) -> Prefill:
         """The prompts of `rows` left-padded together, none of them run yet (`advance` runs them). `scored`: {row
-        index: alternatives} of the rows whose prompt tokens' log-probabilities `advance` finds (Prefill.scores)."""
+        index: alternatives} of the rows whose prompt tokens' log-probabilities `advance` finds (Prefill.scores).
+        `donor`: (a running batch, a row of it) whose prompt and adapter are those of every one of `rows`: its
+        cached keys and values of the prompt but its last token are copied, and only that token is left to run."""
+        if donor is not None:
+            return self._donated(rows, *donor)
         scored = scored or {}
         run, source, first = [], [], {}
         for i, row in enumerate(rows):  # a scored row runs alone: its scores are its own (and rare)
@@ -211,6 +216,22 @@ class Runner:
                        self.bank.gather([r.slot for r in run]), scored=dict(scored),
                        scores={i: PromptLogprobs(n) for i, n in scored.items()},
                        source=source if len(run) < len(rows) else None)
+
+    def _donated(self, rows: list[Row], batch: Batch, donor: int) -> Prefill:
+        job = self.start_prefill(rows[:1])
+        if len(rows) > 1:
+            job.rows, job.source = rows, [0] * len(rows)
+        n = job.length - 1
+        first = int(batch.valid[donor].long().argmax())  # a row's columns: its pads, then its tokens in order
+        for mine, pair in zip(job.cache.layers, batch.cache.tensors()):
+            if pair is not None:  # (a layer reading an earlier layer's keys and values keeps none)
+                k, v = pair[0][donor:donor + 1, :, first:first + n], pair[1][donor:donor + 1, :, first:first + n]
+                mine.k = k.new_zeros(*k.shape[:2], job.length, k.shape[3])
+                mine.v = v.new_zeros(*v.shape[:2], job.length, v.shape[3])
+                mine.k[:, :, :n], mine.v[:, :, :n] = k, v
+                mine.is_initialized = True
+        job.cache.length = job.done = n
+        return job
 
     @torch.inference_mode()
     def advance(self, job: Prefill, columns: int) -> torch.Tensor | None:

@@ -68,6 +68,7 @@ class _RowState:
     generator: object
     history: TokenHistory | None  # what its penalties and min_new_tokens need of its tokens; None: nothing
     admitted: float
+    prompt_key: tuple = ()  # _prompt_key: rows with equal keys can share their prompt's prefill
     last_token_time: float = 0.0
 
 
@@ -309,7 +310,8 @@ class Engine:
             self.metrics.queue_time.observe(now - request.arrival)
             state = _RowState(request, TextStream(self.tokenizer, request.stopping, self.eos, request.prompt_ids),
                               make_generator(request.sampling),
-                              TokenHistory.of(request.prompt_ids, request.sampling, request.stopping, self.eos), now)
+                              TokenHistory.of(request.prompt_ids, request.sampling, request.stopping, self.eos), now,
+                              prompt)
             admitted.append(Row(request.prompt_ids, slot, state))
             prompts.add(prompt)
         self._waiting.extendleft(reversed(skipped))
@@ -326,17 +328,42 @@ class Engine:
         """Start prefilling `newcomers`: a group within --max-prefill-tokens runs whole in this iteration, a longer
         prompt becomes the one prefilling (`_prefilling`) and runs a chunk an iteration. While it runs, groups
         that fit one prefill still join, so an iteration prefills at most twice --max-prefill-tokens."""
-        scored = {i: r.state.request.prompt_logprobs for i, r in enumerate(newcomers)
+        donated = self._donors(newcomers)
+        rest = [r for r in newcomers if r.state.prompt_key not in donated]
+        scored = {i: r.state.request.prompt_logprobs for i, r in enumerate(rest)
                   if r.state.request.prompt_logprobs is not None}
-        try:  # gathers the rows' factors: can run out of memory
-            job = self.runner.start_prefill(newcomers, scored)
+        try:  # gathers the rows' factors and copies the donors' caches: can run out of memory
+            # (all copied before any joins the running batch, which moves its rows' columns)
+            jobs = [self.runner.start_prefill(rows, donor=(self._batch, donor)) for rows, donor in donated.values()]
+            job = self.runner.start_prefill(rest, scored) if rest else None
         except Exception as exc:
             self._fail_prefill(newcomers, exc)
+            return
+        for donated_job in jobs:  # one token each: run whole now
+            self._advance(donated_job)
+        if job is None:
             return
         if self._prefilling is None:
             self._prefilling = job  # the caller advances it
         else:
             self._advance(job)
+
+    def _donors(self, newcomers: list[Row]) -> dict[tuple, tuple[list[Row], int]]:
+        """{prompt key: (the newcomers with it, the running row whose cached prompt they take)}: a prompt and
+        adapter a running row has (n samples of one prompt arriving apart: the first of a burst on an idle server
+        is prefilled alone). Not on LongRoPE models: a row that crossed the original length holds its prompt's keys
+        with the long factors."""
+        if self._batch is None or self.runner.longrope is not None:
+            return {}
+        running = {}
+        for i, row in enumerate(self._batch.rows):
+            running.setdefault(row.state.prompt_key, i)
+        donated: dict[tuple, tuple[list[Row], int]] = {}
+        for row in newcomers:
+            key = row.state.prompt_key
+            if key in running and len(row.prompt_ids) > 1:
+                donated.setdefault(key, ([], running[key]))[0].append(row)
+        return donated
 
     def _advance(self, job: Prefill) -> None:
         """Run `job`'s next chunk: at most --max-prefill-tokens padded tokens, so the running rows get a token

@@ -42,6 +42,30 @@ def test_rows_sharing_a_prompt_and_adapter_run_it_once_and_decode_as_alone(runne
         torch.testing.assert_close(together[i], alone[i], atol=1e-5, rtol=0)
 
 
+def test_a_running_rows_cached_prompt_given_to_newcomers_decodes_as_alone(runner_and_slot):
+    runner, slot = runner_and_slot
+    forced = torch.tensor([[(13 * s) % 250 + 2 for s in range(3)]] * 2)
+    alone, _ = decode_forced(runner, [Row(A, slot)], forced=forced[:1], steps=3)
+    longer = [(3 * i) % 200 + 9 for i in range(25)]
+    running, _ = runner.prefill([Row(longer, 0), Row(A, slot)])  # A right-aligned after 6 pads, then decodes
+    for token in (7, 8):
+        for row in running.rows:
+            row.last_token = token
+        runner.decode_step(running)
+    job = runner.start_prefill([Row(A, slot), Row(A, slot)], donor=(running, 1))
+    assert job.done == len(A) - 1 and job.width == 1
+    logits = runner.advance(job, job.length)
+    batch = runner.prefilled(job)
+    steps = [logits]
+    for step in range(3):
+        for row, token in zip(batch.rows, forced[:, step].tolist()):
+            row.last_token = token
+        steps.append(runner.decode_step(batch))
+    together = torch.stack(steps, dim=1)
+    for i in range(2):
+        torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=0)
+
+
 def test_a_row_scoring_its_prompt_runs_its_own(runner_and_slot):
     runner, slot = runner_and_slot
     job = runner.start_prefill([Row(A, slot), Row(A, slot), Row(A, slot)], {1: 2})
@@ -121,3 +145,34 @@ def test_copies_of_a_prompt_beyond_the_prefill_budget_share_it(model_dirs, serve
         budget.stop()
     prefills = [(rows, columns) for rows, columns in shapes if columns > 1]
     assert sorted(prefills) == [(1, 36), (1, 40), (1, 64)]  # the long prompt in 2 chunks, the short one whole
+
+
+def test_a_prompt_a_running_row_holds_is_taken_from_its_cache(server, monkeypatch):
+    """n samples of one prompt arriving apart (the first of a burst on an idle server is prefilled alone): a newcomer
+    whose prompt and adapter a running row has copies that row's cached prompt and runs its last token only."""
+    prompt = [(5 * i) % 200 + 9 for i in range(40)]
+    kwargs = dict(max_new_tokens=8, ignore_eos=True, temperature=1.0)
+    with Client(server.target, timeout=60) as client:
+        alone = [list(client.generate(prompt, "a", seed=s, **kwargs).token_ids) for s in range(3)]
+        base = list(client.generate(prompt, "", seed=0, **kwargs).token_ids)
+        scored = client.generate(prompt, "a", seed=0, prompt_logprobs=0, **kwargs)
+        runner = server.serving.engine.runner
+        shapes = []
+        forward = runner._forward
+        monkeypatch.setattr(runner, "_forward", lambda ids, *a, **k: shapes.append(ids.shape) or forward(ids, *a, **k))
+        slow_decode(server, monkeypatch, seconds=0.05)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            first = pool.submit(client.generate, prompt, "a", max_new_tokens=40, ignore_eos=True)  # the donor
+            assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] >= 1, timeout=10)
+            later = [pool.submit(client.generate, prompt, "a", seed=s, **kwargs) for s in range(3)]
+            assert [list(f.result().token_ids) for f in later] == alone
+            # another adapter's row, and a row scoring its prompt, run the whole prompt
+            other = pool.submit(client.generate, prompt, "", seed=0, **kwargs)
+            again = pool.submit(client.generate, prompt, "a", seed=0, prompt_logprobs=0, **kwargs)
+            assert list(other.result().token_ids) == base
+            assert list(again.result().token_ids) == list(scored.token_ids)
+            assert list(again.result().prompt_logprobs) == list(scored.prompt_logprobs)
+            first.result()
+    # the whole prompt ran for the donor, the other adapter's row and the scored row; the newcomers' for none
+    assert sum(rows for rows, columns in shapes if columns == len(prompt)) == 3
+    assert all(columns in (1, len(prompt)) for _, columns in shapes)

@@ -269,10 +269,14 @@ class Engine:
     def _admit(self) -> list[Row]:
         room = self.config.max_batch_size - len(self._rows())
         admitted, skipped, slot_wait = [], deque(), False
-        prompts = set()  # the admitted ones' distinct prompts (Runner.start_prefill runs each once)
+        # the distinct prompts the newcomers' prefill runs (Runner.start_prefill runs each once), and the longest; a
+        # copy of one, or of a prompt a running row holds (_donors: it runs one token), adds nothing to prefill
+        prompts, longest, held = set(), 0, self._running_prompts()
         while self._waiting and len(admitted) < room:
             request = self._waiting[0]
-            if self._prefilling is not None and len(request.prompt_ids) > self.config.max_prefill_tokens:
+            prompt = _prompt_key(request)
+            runs = prompt not in prompts and not (prompt in held and len(request.prompt_ids) > 1)
+            if self._prefilling is not None and len(request.prompt_ids) > self.config.max_prefill_tokens and runs:
                 # One long prompt chunks at a time: a second one waits at the head for its last chunk (then goes
                 # first), and the requests behind it that one prefill runs whole go ahead meanwhile. Unless running
                 # rows hold its adapter's slot, later adapter rows wait as for a slot (below): steady traffic on a
@@ -285,9 +289,8 @@ class Engine:
                 break  # first come, first served: later requests wait too, so a large one is never starved
             # The rest next step: running rows get a token between prefills, not after all of them. While a long
             # prompt runs in chunks, only a group that one prefill runs whole joins.
-            prompt = _prompt_key(request)  # a copy of an admitted prompt adds nothing to prefill
-            if (admitted or self._prefilling is not None) and prompt not in prompts and len(prompts | {prompt}) * \
-                    max(len(r.prompt_ids) for r in candidates) > self.config.max_prefill_tokens:
+            if runs and (admitted or self._prefilling is not None) and \
+                    (len(prompts) + 1) * max(longest, len(request.prompt_ids)) > self.config.max_prefill_tokens:
                 break
             self._waiting.popleft()
             if slot_wait and request.adapter is not None:
@@ -313,7 +316,9 @@ class Engine:
                               TokenHistory.of(request.prompt_ids, request.sampling, request.stopping, self.eos), now,
                               prompt)
             admitted.append(Row(request.prompt_ids, slot, state))
-            prompts.add(prompt)
+            if runs:
+                prompts.add(prompt)
+                longest = max(longest, len(request.prompt_ids))
         self._waiting.extendleft(reversed(skipped))
         # rows free with nothing left waiting for them (a request still waiting was held back by the KV or prefill
         # budget or a slot, or the rows are full); set before _unqueue, so submit() never sees a looser limit
@@ -353,11 +358,7 @@ class Engine:
         adapter a running row has (n samples of one prompt arriving apart: the first of a burst on an idle server
         is prefilled alone). Not on LongRoPE models: a row that crossed the original length holds its prompt's keys
         with the long factors."""
-        if self._batch is None or self.runner.longrope is not None:
-            return {}
-        running = {}
-        for i, row in enumerate(self._batch.rows):
-            running.setdefault(row.state.prompt_key, i)
+        running = self._running_prompts()
         donated: dict[tuple, tuple[list[Row], int]] = {}
         for row in newcomers:
             key = row.state.prompt_key
@@ -394,6 +395,15 @@ class Engine:
                           ((r.state.request.adapter_label, len(r.prompt_ids)) for r in rows))
         self._emit(rows, tokens, logprobs, first=True, broken=broken | job.broken, prompt_logprobs=job.scores)
         self._report()
+
+    def _running_prompts(self) -> dict[tuple, int]:
+        """{prompt key: a running row with it} of the rows whose cached prompt newcomers may take (_donors)."""
+        if self._batch is None or self.runner.longrope is not None:
+            return {}
+        running: dict[tuple, int] = {}
+        for i, row in enumerate(self._batch.rows):
+            running.setdefault(row.state.prompt_key, i)
+        return running
 
     def _fail_prefill(self, rows: list[Row], exc: Exception) -> None:
         log.exception("prefill failed for %d requests", len(rows))

@@ -176,3 +176,41 @@ def test_a_prompt_a_running_row_holds_is_taken_from_its_cache(server, monkeypatc
     # the whole prompt ran for the donor, the other adapter's row and the scored row; the newcomers' for none
     assert sum(rows for rows, columns in shapes if columns == len(prompt)) == 3
     assert all(columns in (1, len(prompt)) for _, columns in shapes)
+
+
+def test_copies_of_a_running_rows_prompt_take_no_prefill_budget(model_dirs, server, monkeypatch):
+    """(review) They run one token each: a new prompt queued behind them joins the same iteration's prefill, and a
+    copy of a prompt longer than --max-prefill-tokens is admitted while another prompt runs in chunks."""
+    donor, other = [(5 * i) % 200 + 9 for i in range(40)], [(3 * i) % 200 + 7 for i in range(40)]
+    long, longer = [(7 * i) % 250 + 5 for i in range(100)], [(11 * i) % 240 + 5 for i in range(90)]
+    kwargs = dict(max_new_tokens=4, ignore_eos=True, temperature=1.0)
+    work = [(donor, "a", s) for s in range(3)] + [(other, "", 0), (long, "a", 7)]
+    with Client(server.target, timeout=60) as client:
+        alone = [list(client.generate(p, a, seed=s, **kwargs).token_ids) for p, a, s in work]
+    budget = start_server(model_dirs["llama"], server.serving.config.adapter_root, max_batch_size=16,
+                          max_prefill_tokens=64)
+    gate = threading.Event()
+    try:
+        engine = budget.serving.engine
+        groups = []
+        prefill = engine._prefill
+        monkeypatch.setattr(engine, "_prefill", lambda rows: groups.append([len(r.prompt_ids) for r in rows])
+                            or prefill(rows))
+        slow_decode(budget, monkeypatch, seconds=0.05)
+        with Client(budget.target, timeout=60) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+            running = [pool.submit(client.generate, p, "a", max_new_tokens=60, ignore_eos=True) for p in (donor, long)]
+            assert wait_for(lambda: engine._prefilling is None and len(engine._batch or ()) == 2, timeout=20)
+            chunked = pool.submit(client.generate, longer, "", max_new_tokens=2)  # prefilled in 2 chunks
+            assert wait_for(lambda: engine._prefilling is not None, timeout=20)
+            held = engine.call(gate.wait)  # the engine waits between two steps while they are queued
+            replies = [pool.submit(client.generate, p, a, seed=s, **kwargs) for p, a, s in work]
+            assert wait_for(lambda: scrape(budget)["loraplex_num_requests_waiting"] == 5, timeout=20)
+            gate.set()
+            held.result()
+            assert [list(f.result().token_ids) for f in replies] == alone
+            chunked.result(), [f.result() for f in running]
+    finally:
+        gate.set()
+        budget.stop()
+    # one group: the copies of the running prompts (the long one's too, while `longer` runs in chunks) and `other`
+    assert [40, 40, 40, 40, 100] in groups

@@ -82,6 +82,8 @@ class Prefill:
 # length, not with its square; ordinary batches (32 rows x 1024 tokens) still run in one pass.
 MASK_ELEMENTS = 1 << 25
 MIN_CHUNK = 256  # each chunk reads every weight once: fewer, longer chunks for very long prompts
+
+
 def prefill_chunk(rows: int, length: int, projected: int = 0, vocab: int = 0) -> int:
     """Query columns per forward for a prefill of `rows` prompts left-padded to `length`, `projected` of which
     have their prompt's positions projected onto a vocabulary of `vocab` inside the forward (server/prompt_scores.py:

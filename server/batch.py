@@ -341,13 +341,23 @@ class Runner:
         return Batch(new_rows, batch.cache.select(rows, start), valid[:, start:].contiguous(),
                      batch.positions.index_select(0, rows), self.bank.gather([r.slot for r in new_rows]))
 
-    def merge(self, a: Batch | None, b: Batch, max_length: int) -> Batch:
-        """`b`'s rows joined to `a`'s; `max_length`: the longest the joined cache may grow (its planned peak)."""
+    def join(self, a: Batch | None, job: Prefill, max_length: int) -> Batch:
+        """The rows of a finished prefill joined to `a`'s (`merge` of its batch): rows that shared a prompt are copied
+        from its cache into the joined one, not into a batch of their own first."""
+        if a is None or job.source is None:
+            return self.merge(a, self.prefilled(job), max_length)
+        index = torch.tensor(job.source, device=self.device)
+        return self.merge(a, Batch(job.rows, job.cache, job.valid[index], job.positions[index, -1] + 1), max_length,
+                          cache_rows=index)
+
+    def merge(self, a: Batch | None, b: Batch, max_length: int, cache_rows: torch.Tensor | None = None) -> Batch:
+        """`b`'s rows joined to `a`'s; `max_length`: the longest the joined cache may grow (its planned peak).
+        `cache_rows`: the row of `b.cache` each of `b`'s rows takes (KVCache.merge)."""
         if a is None:
             return b
         length = max(a.valid.shape[1], b.valid.shape[1])
         pad = lambda v: torch.cat([v.new_zeros(v.shape[0], length - v.shape[1]), v], dim=1)  # noqa: E731
         rows = a.rows + b.rows
-        cache = KVCache.merge(a.cache, b.cache, min(max_length, self.max_context))
+        cache = KVCache.merge(a.cache, b.cache, min(max_length, self.max_context), cache_rows)
         return Batch(rows, cache, torch.cat([pad(a.valid), pad(b.valid)]), torch.cat([a.positions, b.positions]),
                      self.bank.gather([r.slot for r in rows]))

@@ -377,8 +377,7 @@ class Engine:
                 tokens, logprobs, broken = choose(logits, [r.state for r in rows])
                 # allocates the joined cache: can run out of memory too
                 running = [r.state.request for r in (self._batch.rows if self._batch else [])]
-                merged = self.runner.merge(self._batch, self.runner.prefilled(job),
-                                           _plan(running + [r.state.request for r in rows])[0])
+                merged = self.runner.join(self._batch, job, _plan(running + [r.state.request for r in rows])[0])
         except Exception as exc:
             self._fail_prefill(rows, exc)
             return

@@ -100,10 +100,11 @@ class KVCache(Cache):
                                      for pair in self.tensors()], self.length - start, self.max_length)
 
     @staticmethod
-    def merge(a: "KVCache", b: "KVCache", max_length: int) -> "KVCache":
+    def merge(a: "KVCache", b: "KVCache", max_length: int, b_rows: torch.Tensor | None = None) -> "KVCache":
         """Stack two batches' rows, right-aligned on a common length (the shorter one padded on the left), in
         buffers with the room the next decode step would grow them to (one copy of the cache instead of two).
-        `max_length`: the merged batch's cap (its planned peak)."""
+        `max_length`: the merged batch's cap (its planned peak). `b_rows`: `b`'s rows in the merged batch, by their
+        row in `b` (rows that shared a prompt's prefill: each copied from it, one layer at a time)."""
         length = max(a.length, b.length)
         capacity = grown(length, length, max_length)
         cache = KVCache(len(a.layers), max_length)
@@ -111,6 +112,8 @@ class KVCache(Cache):
             if pair_a is None or pair_b is None:  # a layer keeping no keys and values keeps none in either
                 continue
             (ka, va), (kb, vb) = pair_a, pair_b
+            if b_rows is not None:
+                kb, vb = kb.index_select(0, b_rows), vb.index_select(0, b_rows)
             rows = ka.shape[0] + kb.shape[0]
             # a value's width is its own (multi-head latent attention caches keys and values of different widths)
             k = ka.new_zeros(rows, ka.shape[1], capacity, ka.shape[3])

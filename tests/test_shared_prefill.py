@@ -214,3 +214,27 @@ def test_copies_of_a_running_rows_prompt_take_no_prefill_budget(model_dirs, serv
         budget.stop()
     # one group: the copies of the running prompts (the long one's too, while `longer` runs in chunks) and `other`
     assert [40, 40, 40, 40, 100] in groups
+
+
+def test_rows_sharing_a_prompt_join_a_running_batch_as_alone(runner_and_slot):
+    """Joined to running rows, they are copied from the prompt's cache into the joined one (review: a batch of
+    their own was made first, one more copy of them all)."""
+    runner, slot = runner_and_slot
+    forced = torch.tensor([[(13 * s + r) % 250 + 2 for s in range(3)] for r in range(4)])
+    alone = [decode_forced(runner, [Row(p, s)], forced=forced[i:i + 1], steps=3)[0][0]
+             for i, (p, s) in enumerate([(A, slot), (B, 0), (A, slot), (A, slot)])]
+    running, _ = runner.prefill([Row(A, slot)])
+    job = runner.start_prefill([Row(B, 0), Row(A, slot), Row(A, slot)])
+    logits = runner.advance(job, job.length)
+    assert job.width == 2
+    joined = runner.join(running, job, runner.max_context)
+    assert len(joined) == 4 and joined.cache.tensors()[0][0].shape[0] == 4
+    running_logits = runner.prefill([Row(A, slot)])[1]
+    steps = [torch.cat([running_logits, logits])]
+    for step in range(3):
+        for row, token in zip(joined.rows, forced[:, step].tolist()):
+            row.last_token = token
+        steps.append(runner.decode_step(joined))
+    together = torch.stack(steps, dim=1)
+    for i in range(4):
+        torch.testing.assert_close(together[i], alone[i], atol=1e-5, rtol=0)

@@ -35,10 +35,11 @@ class PromptLogprobs:
         self.top_ids.frombytes(top_ids[:, :self.k].int().contiguous().numpy().tobytes())
 
     def entries(self):
-        """(log-probability, top ids, top log-probabilities) of each token."""
+        """Each token's TokenLogprobs, made one at a time."""
         k = self.k
         for i, value in enumerate(self.logprobs):
-            yield value, self.top_ids[i * k:(i + 1) * k], self.top_logprobs[i * k:(i + 1) * k]
+            yield TokenLogprobs(value, self.top_ids[i * k:(i + 1) * k].tolist(),
+                                self.top_logprobs[i * k:(i + 1) * k].tolist())
 
 
 def score(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

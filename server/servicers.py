@@ -48,17 +48,12 @@ def _logprobs(found) -> list[pb.TokenLogprobs]:
             for t in found or ()]
 
 
-def _prompt_logprobs(found) -> list[pb.TokenLogprobs]:
-    return [pb.TokenLogprobs(logprob=value, top_token_ids=ids, top_logprobs=values)
-            for value, ids, values in found.entries()]
-
-
 async def _prompt_scores(engine_request: EngineRequest, event: TokenEvent) -> dict:
     """The reply's prompt_token_ids and prompt_logprobs, on the event that carries them (a request's first). Built
     off the event loop: a long prompt's take ~0.1 s per 32k tokens, which every other stream would wait for."""
     if event.prompt_logprobs is None:
         return {}
-    found = await asyncio.get_running_loop().run_in_executor(None, _prompt_logprobs, event.prompt_logprobs)
+    found = await asyncio.get_running_loop().run_in_executor(None, _logprobs, event.prompt_logprobs.entries())
     return {"prompt_token_ids": engine_request.prompt_ids, "prompt_logprobs": found}
 
 

@@ -9,7 +9,6 @@ import server.batch
 import server.prompt_scores
 from loader.default_model import build_model_dir
 from server.batch import Row
-from server.logprobs import TokenLogprobs
 from tests.helpers import assert_logprobs_close, random_lora_runner
 
 SMALL = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -30,10 +29,6 @@ def runners(tmp_path_factory):
     root = tmp_path_factory.mktemp("scored")
     return {name: random_lora_runner(build_model_dir(root / name, arch, seed=3, **cfg))
             for name, (arch, cfg) in MODELS.items()}
-
-
-def _entries(found) -> list[TokenLogprobs]:
-    return [TokenLogprobs(value, list(ids), list(values)) for value, ids, values in found.entries()]
 
 
 def _alone(runner, prompt, slot, top):
@@ -79,9 +74,9 @@ def test_scored_prompts_in_a_chunked_mixed_prefill_equal_each_prefix_alone(runne
         assert max(seen) == 1 and len(seen) == len(PROMPTS[0]) and not blocks
     assert torch.allclose(logits, plain, atol=1e-5)  # the rows' next-token logits are those of a plain prefill
     assert set(job.scores) == {0, 2, 3} and len(job.scores[2]) == 0 and not job.broken
-    assert_logprobs_close(_entries(job.scores[0]), _alone(runner, PROMPTS[0], slot, 3), 1e-5)
-    assert_logprobs_close(_entries(job.scores[3]), _alone(runner, PROMPTS[3], 0, 0), 1e-5)
-    assert all(not e.top_token_ids for e in _entries(job.scores[3]))
+    assert_logprobs_close(list(job.scores[0].entries()), _alone(runner, PROMPTS[0], slot, 3), 1e-5)
+    assert_logprobs_close(list(job.scores[3].entries()), _alone(runner, PROMPTS[3], 0, 0), 1e-5)
+    assert all(not e.top_token_ids for e in job.scores[3].entries())
 
 
 def test_a_prefill_scoring_no_row_runs_as_before(runners, monkeypatch):

@@ -194,7 +194,11 @@ def assert_logprobs_close(got, expected, tolerance: float) -> None:
 def decode_forced(runner, rows, forced=None, steps: int = 5):
     """Prefill `rows`, then greedy-decode `steps` tokens; `forced` ([B, steps]) feeds given tokens instead, so a
     near-tie cannot fork two runs being compared. Returns logits [B, steps+1, V] and the fed tokens [B, steps]."""
-    batch, logits = runner.prefill(rows)
+    return decode_from(runner, *runner.prefill(rows), forced, steps)
+
+
+def decode_from(runner, batch, logits, forced=None, steps: int = 5):
+    """decode_forced, from a `batch` already prefilled and its rows' next-token `logits`."""
     out, fed = [logits], []
     for step in range(steps):
         tokens = out[-1].argmax(-1) if forced is None else forced[:, step]

@@ -10,8 +10,8 @@ import torch
 from clients.client import Client
 from loader.default_model import build_model_dir
 from server.batch import Row
-from tests.helpers import (LLAMA_TARGETS, decode_forced, make_peft_adapter, random_lora_runner, scrape, slow_decode,
-                           start_server, wait_for)
+from tests.helpers import (LLAMA_TARGETS, decode_forced, decode_from, make_peft_adapter, random_lora_runner, scrape,
+                           slow_decode, start_server, wait_for)
 
 SMALL = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=128)
@@ -55,13 +55,7 @@ def test_a_running_rows_cached_prompt_given_to_newcomers_decodes_as_alone(runner
     job = runner.start_prefill([Row(A, slot), Row(A, slot)], donor=(running, 1))
     assert job.done == len(A) - 1 and job.width == 1
     logits = runner.advance(job, job.length)
-    batch = runner.prefilled(job)
-    steps = [logits]
-    for step in range(3):
-        for row, token in zip(batch.rows, forced[:, step].tolist()):
-            row.last_token = token
-        steps.append(runner.decode_step(batch))
-    together = torch.stack(steps, dim=1)
+    together, _ = decode_from(runner, runner.prefilled(job), logits, forced, steps=3)
     for i in range(2):
         torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=0)
 
@@ -230,11 +224,6 @@ def test_rows_sharing_a_prompt_join_a_running_batch_as_alone(runner_and_slot):
     joined = runner.join(running, job, runner.max_context)
     assert len(joined) == 4 and joined.cache.tensors()[0][0].shape[0] == 4
     running_logits = runner.prefill([Row(A, slot)])[1]
-    steps = [torch.cat([running_logits, logits])]
-    for step in range(3):
-        for row, token in zip(joined.rows, forced[:, step].tolist()):
-            row.last_token = token
-        steps.append(runner.decode_step(joined))
-    together = torch.stack(steps, dim=1)
+    together, _ = decode_from(runner, joined, torch.cat([running_logits, logits]), forced, steps=3)
     for i in range(4):
         torch.testing.assert_close(together[i], alone[i], atol=1e-5, rtol=0)

@@ -21,22 +21,14 @@ from adapters.slot_bank import SlotBank, SlotsFull
 from server.batch import Batch, Prefill, Row, Runner
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
 from server.errors import InternalError, ResourceExhausted, Unavailable
-from server.metrics import Metrics
+from server.metrics import Metrics, count_by_adapter
 from server.penalties import TokenHistory
+from server.prompt_sharing import held_prompts, prompt_key, takes_cache
 from server.sampling import make_generator
 from server.stopping import FinishReason, TextStream
 from server.token_choice import choose
 
 log = logging.getLogger("loraplex.engine")
-
-
-def _count_by_adapter(counter, amounts) -> None:
-    """One increment per adapter label of the (label, amount) pairs: a step's rows share a few labels."""
-    totals = Counter()
-    for label, amount in amounts:
-        totals[label] += amount
-    for label, total in totals.items():
-        counter.labels(label).inc(total)
 
 
 def _plan(requests: list) -> tuple[int, int]:
@@ -46,13 +38,6 @@ def _plan(requests: list) -> tuple[int, int]:
     final = [len(q.prompt_ids) + q.stopping.max_new_tokens for q in requests]
     peak = max(final, default=0)
     return peak, len(final) * peak
-
-
-def _prompt_key(request: EngineRequest) -> tuple:
-    """What makes requests' prefills the same: adapter and prompt (a request scoring its prompt runs its own)."""
-    if request.prompt_logprobs is not None:
-        return (id(request),)
-    return (request.adapter.key if request.adapter is not None else None, tuple(request.prompt_ids))
 
 
 def _failed(exc: Exception) -> InternalError:
@@ -68,7 +53,7 @@ class _RowState:
     generator: object
     history: TokenHistory | None  # what its penalties and min_new_tokens need of its tokens; None: nothing
     admitted: float
-    prompt_key: tuple = ()  # _prompt_key: rows with equal keys can share their prompt's prefill
+    prompt_key: tuple = ()  # rows with equal keys can share their prompt's prefill (server/prompt_sharing.py)
     last_token_time: float = 0.0
 
 
@@ -270,12 +255,12 @@ class Engine:
         room = self.config.max_batch_size - len(self._rows())
         admitted, skipped, slot_wait = [], deque(), False
         # the distinct prompts the newcomers' prefill runs (Runner.start_prefill runs each once), and the longest; a
-        # copy of one, or of a prompt a running row holds (_donors: it runs one token), adds nothing to prefill
-        prompts, longest, held = set(), 0, self._running_prompts()
+        # copy of one, or of a prompt a running row holds (it runs one token), adds nothing to prefill
+        prompts, longest, held = set(), 0, self._held_prompts()
         while self._waiting and len(admitted) < room:
             request = self._waiting[0]
-            prompt = _prompt_key(request)
-            runs = prompt not in prompts and not (prompt in held and len(request.prompt_ids) > 1)
+            prompt = prompt_key(request)
+            runs = prompt not in prompts and not takes_cache(prompt, request.prompt_ids, held)
             if self._prefilling is not None and len(request.prompt_ids) > self.config.max_prefill_tokens and runs:
                 # One long prompt chunks at a time: a second one waits at the head for its last chunk (then goes
                 # first), and the requests behind it that one prefill runs whole go ahead meanwhile. Unless running
@@ -354,17 +339,17 @@ class Engine:
             self._advance(job)
 
     def _donors(self, newcomers: list[Row]) -> dict[tuple, tuple[list[Row], int]]:
-        """{prompt key: (the newcomers with it, the running row whose cached prompt they take)}: a prompt and
-        adapter a running row has (n samples of one prompt arriving apart: the first of a burst on an idle server
-        is prefilled alone). Not on LongRoPE models: a row that crossed the original length holds its prompt's keys
-        with the long factors."""
-        running = self._running_prompts()
+        """{prompt key: (the newcomers with it, the running row whose cached prompt they take)} (n samples of one
+        prompt arriving apart: the first of a burst on an idle server is prefilled alone)."""
+        held = self._held_prompts()
         donated: dict[tuple, tuple[list[Row], int]] = {}
         for row in newcomers:
-            key = row.state.prompt_key
-            if key in running and len(row.prompt_ids) > 1:
-                donated.setdefault(key, ([], running[key]))[0].append(row)
+            if takes_cache(row.state.prompt_key, row.prompt_ids, held):
+                donated.setdefault(row.state.prompt_key, ([], held[row.state.prompt_key]))[0].append(row)
         return donated
+
+    def _held_prompts(self) -> dict[tuple, int]:
+        return held_prompts(self._batch.rows if self._batch else [], self.runner.longrope is not None)
 
     def _advance(self, job: Prefill) -> None:
         """Run `job`'s next chunk: at most --max-prefill-tokens padded tokens, so the running rows get a token
@@ -390,19 +375,10 @@ class Engine:
             self._prefilling = None
         self.metrics.batch_size.labels("prefill").observe(len(rows))
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
-        _count_by_adapter(self.metrics.adapter_prompt_tokens,
+        count_by_adapter(self.metrics.adapter_prompt_tokens,
                           ((r.state.request.adapter_label, len(r.prompt_ids)) for r in rows))
         self._emit(rows, tokens, logprobs, first=True, broken=broken | job.broken, prompt_logprobs=job.scores)
         self._report()
-
-    def _running_prompts(self) -> dict[tuple, int]:
-        """{prompt key: a running row with it} of the rows whose cached prompt newcomers may take (_donors)."""
-        if self._batch is None or self.runner.longrope is not None:
-            return {}
-        running: dict[tuple, int] = {}
-        for i, row in enumerate(self._batch.rows):
-            running.setdefault(row.state.prompt_key, i)
-        return running
 
     def _fail_prefill(self, rows: list[Row], exc: Exception) -> None:
         log.exception("prefill failed for %d requests", len(rows))
@@ -437,7 +413,7 @@ class Engine:
         now = time.monotonic()
         finished, failed = [], []
         self.metrics.generation_tokens.inc(len(rows) - len(broken))
-        _count_by_adapter(self.metrics.adapter_generation_tokens,
+        count_by_adapter(self.metrics.adapter_generation_tokens,
                           ((r.state.request.adapter_label, 1) for i, r in enumerate(rows) if i not in broken))
         for i, (row, token, row_logprobs) in enumerate(zip(rows, tokens, logprobs)):
             state = row.state

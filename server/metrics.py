@@ -1,6 +1,8 @@
 """Prometheus metrics (prefix loraplex_, base units) on their own registry, served over HTTP."""
 from __future__ import annotations
 
+import collections
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80,
@@ -83,3 +85,12 @@ class Metrics:
     def serve(self, host: str, port: int) -> int:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server.server_port
+
+
+def count_by_adapter(counter: Counter, amounts) -> None:
+    """One increment per adapter label of the (label, amount) pairs: a step's rows share a few labels."""
+    totals = collections.Counter()
+    for label, amount in amounts:
+        totals[label] += amount
+    for label, total in totals.items():
+        counter.labels(label).inc(total)

@@ -56,9 +56,8 @@ class Prefill:
     cache: KVCache
     factors: RowFactors | None
     done: int = 0
-    # GenerateRequest.prompt_logprobs: {row index: alternatives wanted}, what the chunks run so far found for each
-    # of those rows, and those of them whose logits at a prompt position were not finite
-    scored: dict[int, int] = field(default_factory=dict)
+    # GenerateRequest.prompt_logprobs: {row index: what the chunks run so far found for it (its alternatives
+    # wanted: .k)}, and the rows whose logits at a prompt position were not finite
     scores: dict[int, PromptLogprobs] = field(default_factory=dict)
     broken: set[int] = field(default_factory=set)
     source: list[int] | None = None
@@ -215,7 +214,7 @@ class Runner:
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         # the cache's buffers hold exactly the prompts (a fresh cache's first allocation is its max_length)
         return Prefill(rows, ids, valid, positions, KVCache(self.num_layers, length),
-                       self.bank.gather([r.slot for r in run]), scored=dict(scored),
+                       self.bank.gather([r.slot for r in run]),
                        scores={i: PromptLogprobs(n) for i, n in scored.items()},
                        source=source if len(run) < len(rows) else None)
 
@@ -240,9 +239,9 @@ class Runner:
         """Run the next `columns` columns of `job`'s prompts (in forwards of at most `prefill_chunk` query columns);
         the last position's logits (of every row) once every column ran, else None."""
         end = min(job.length, job.done + columns)
-        apart = bool(job.scored) and self.tap.gives_logits()  # scored positions projected after the forward
+        apart = bool(job.scores) and self.tap.gives_logits()  # scored positions projected after the forward
         # (a model without a head module to hook projects every row's positions)
-        projected = 0 if apart or not job.scored else job.width if self.tap.head is None else len(job.scored)
+        projected = 0 if apart or not job.scores else job.width if self.tap.head is None else len(job.scores)
         step = prefill_chunk(job.width, job.length, projected, self.vocab_size)
         keys = torch.arange(job.length, device=self.device)[None]
         logits = None

@@ -81,11 +81,11 @@ class HeadTap:
 
 def scored_positions(job, start: int, stop: int) -> tuple[torch.Tensor, dict[int, int], list[int]] | None:
     """The positions of columns [start, stop) of a Prefill `job` whose logits score a prompt token of a
-    `job.scored` row: (flat indices over rows x (stop - start) columns, {row: how many of them}, the tokens they
+    `job.scores` row: (flat indices over rows x (stop - start) columns, {row: how many of them}, the tokens they
     score), row after row, in column order. A column's logits score the next column's token; a row's first token
     and its last column's logits (its first generated token's) score none."""
     flat, counts, tokens = [], {}, []
-    for i in job.scored:
+    for i in job.scores:
         prompt = job.rows[i].prompt_ids
         first = job.length - len(prompt)
         columns = range(max(start, first), min(stop, job.length - 1))
@@ -100,7 +100,7 @@ def keep_scores(job, blocks: Iterable[torch.Tensor], counts: dict[int, int], tok
     """Score `tokens` under their positions' logits (`blocks` of [n, V], in order), for the rows in `counts`
     ({row: its positions}, in order), into `job.scores`; rows whose logits were not finite go into `job.broken`
     (they fail, as a row whose next-token logits are not finite does). One copy back for them all."""
-    k = max(job.scored[i] for i in counts)
+    k = max(job.scores[i].k for i in counts)
     wanted = torch.tensor(tokens, device=job.ids.device)
     found, at = [], 0
     for logits in blocks:

@@ -37,8 +37,9 @@ class Metrics:
         self.step_time = Histogram(p + "step_duration_seconds",
                                    "A decode step, or one chunk of a prefill (its last with sampling and the join).",
                                    ["phase"], buckets=ITL_BUCKETS, registry=r)
-        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of the requests prefilled (each request's: a prompt that "
-                                     "requests prefilled together share counts for each).", registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of the requests prefilled (each "
+                                     "request's: a prompt that requests prefilled together share counts for each).",
+                                     registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated.", registry=r)
         self.success = Counter(p + "request_success", "Finished requests.", ["finished_reason"], registry=r)
         self.failure = Counter(p + "request_failure", "Requests ended by an error, by the status their client got.",

@@ -31,13 +31,14 @@ from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.attention import UnsupportedAttention
 from server.auth import AuthInterceptor, watch_tokens
 from server.tls import tls_credentials
-from server.config import (ConfigError, ServerConfig, check_config, check_slot_bank, free_memory, resolve_limits,
-                           serve_targets)
+from server.config import (PREFIX_BLOCK, ConfigError, ServerConfig, check_config, check_slot_bank, free_memory,
+                           resolve_limits, serve_targets, size_text)
 from server.engine import Engine, EngineConfig
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent
 from server.open_streams import Closing, HealthService, ReflectionService
 from server.errors import Unavailable
 from server.batch import Runner
+from server.prefix_cache import PrefixCache
 from server.interceptors import MalformedInterceptor, MetricsInterceptor, client_gone
 from server.metrics import Metrics
 from server.sampling import SamplingParams
@@ -109,6 +110,34 @@ def adapter_kernel(config: ServerConfig) -> str:
     return "torch"
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError is a RuntimeError, and so is the CPU allocator's "not enough memory"."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "memory" in str(exc) or "allocate" in str(exc)
+
+
+def _prefix_cache(config: ServerConfig, runner: Runner) -> PrefixCache | None:
+    """--prefix-cache-tokens' pools, allocated now: a size the device cannot hold is refused at start."""
+    if not config.prefix_cache_tokens:
+        return None
+    if runner.longrope is not None:
+        raise ConfigError("--prefix-cache-tokens: a LongRoPE model's keys depend on the whole prompt's length (its "
+                          "short or long rotary factors), not on the tokens before them alone; serve it without")
+    layers = runner.row_layout()
+    needed = config.prefix_cache_tokens // PREFIX_BLOCK * PREFIX_BLOCK * PrefixCache.bytes_per_token(layers)
+    size, free = size_text(needed), free_memory(config.device)
+    try:
+        if free is not None and needed > free:
+            raise MemoryError(f"only {size_text(free)} free")
+        cache = PrefixCache(config.prefix_cache_tokens, layers, runner.device)
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        raise ConfigError(f"--prefix-cache-tokens {config.prefix_cache_tokens} needs {size} on {config.device}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else 'out of memory'}; lower it") from None
+    log.info("prefix cache: %d tokens, %s", cache.capacity * PREFIX_BLOCK, size)
+    return cache
+
+
 def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Serving:
     """Load the model, inject adapter layers, allocate the slot bank, start the engine (blocking)."""
     if config.threads:
@@ -142,10 +171,8 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     try:
         bank = SlotBank(shapes, config.max_active_adapters, config.max_lora_rank, torch.device(config.device),
                         factor_dtype, config.max_hydra_heads, kernel, dtype)
-    except (MemoryError, RuntimeError) as exc:  # free memory shrank since it was measured; torch.OutOfMemoryError
-        # is a RuntimeError, and so is the CPU allocator's "not enough memory"
-        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "memory" not in str(exc) \
-                and "allocate" not in str(exc):
+    except (MemoryError, RuntimeError) as exc:  # free memory shrank since it was measured
+        if not _out_of_memory(exc):
             raise
         raise ConfigError(f"the adapter slot bank ({size}) cannot be allocated on {config.device}: "
                           f"{str(exc).splitlines()[0] if str(exc) else 'out of memory'}; lower --max-active-adapters, "
@@ -158,7 +185,7 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     limits = resolve_limits(config, base.max_context)
     engine = Engine(runner, base.tokenizer, base.eos_token_ids,
                     EngineConfig(config.max_batch_size, config.max_queue_size, limits.max_kv_tokens,
-                                 config.max_prefill_tokens), metrics)
+                                 config.max_prefill_tokens), metrics, _prefix_cache(config, runner))
     by_name = {s.name: s for s in shapes}
     layout = key_layout(base.model)  # older module names renamed as PEFT does; a vision tower's tensors left out
     residuals = ResidualCache()  # PiSSA/OLoRA terms: an adapter read again after an eviction takes no SVD again

@@ -13,7 +13,7 @@ import torch
 
 from adapters.slot_bank import AdapterContext, RowFactors, SlotBank
 from server.attention import AttentionLayout, UnsupportedAttention
-from server.kv_cache import KVCache
+from server.kv_cache import KVCache, Prefix
 from server.logprobs import PromptLogprobs
 from server.prompt_scores import SCORED_ELEMENTS, HeadTap, keep_scores, scored_positions
 from server.rope import LongRope
@@ -61,6 +61,7 @@ class Prefill:
     scores: dict[int, PromptLogprobs] = field(default_factory=dict)
     broken: set[int] = field(default_factory=set)
     source: list[int] | None = None
+    copied: int = 0  # prompt tokens whose keys and values were copied, not run (a prompt that rows share: once)
 
     @property
     def length(self) -> int:
@@ -155,6 +156,13 @@ class Runner:
                                        f"batch")
         self.tap.gives_logits()  # now, not inside the first prefill that scores a prompt
 
+    def row_layout(self) -> list[tuple[torch.Size, torch.Size, torch.dtype] | None]:
+        """Each layer's key and value shapes of one row, [heads, 1, head dim], and their dtype (None: a layer keeping
+        none), as a one-token prefill finds them."""
+        batch, _ = self.prefill([Row([0], 0)])
+        return [None if pair is None else (pair[0].shape[1:], pair[1].shape[1:], pair[0].dtype)
+                for pair in batch.cache.tensors()]
+
     def _forward(self, ids: torch.Tensor, masks, positions: torch.Tensor, cache: KVCache,
                  factors: RowFactors | None, picked: torch.Tensor | None = None,
                  kept: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,20 +196,20 @@ class Runner:
         return self.prefilled(job), logits
 
     def start_prefill(self, rows: list[Row], scored: dict[int, int] | None = None,
-                      donor: tuple[Batch, int] | None = None) -> Prefill:
+                      prefixes: dict[int, Prefix] | None = None) -> Prefill:
         """The prompts of `rows` left-padded together, none of them run yet (`advance` runs them). `scored`: {row
         index: alternatives} of the rows whose prompt tokens' log-probabilities `advance` finds (Prefill.scores).
-        `donor`: (a running batch, a row of it) whose prompt and adapter are those of every one of `rows`: its
-        cached keys and values of the prompt but its last token are copied, and only that token is left to run."""
-        if donor is not None:
-            return self._donated(rows, *donor)
-        scored = scored or {}
-        run, source, first = [], [], {}
+        `prefixes`: {row index: the keys and values of its prompt's first tokens, already computed}: those are
+        copied, and the columns before the first one some row must run are left out (a row whose prefix ends later
+        runs its last prefix tokens again: rows are right-aligned)."""
+        scored, prefixes = scored or {}, prefixes or {}
+        run, source, first, held = [], [], {}, []
         for i, row in enumerate(rows):  # a scored row runs alone: its scores are its own (and rare)
             key = ("scored", i) if i in scored else (row.slot, tuple(row.prompt_ids))
             if key not in first:
                 first[key] = len(run)
                 run.append(row)
+                held.append(None if i in scored else prefixes.get(i))
             source.append(first[key])
         prompts = [r.prompt_ids for r in run]
         length = max(len(p) for p in prompts)
@@ -213,26 +221,38 @@ class Runner:
         ids, valid = ids.to(self.device), valid.to(self.device)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         # the cache's buffers hold exactly the prompts (a fresh cache's first allocation is its max_length)
-        return Prefill(rows, ids, valid, positions, KVCache(self.num_layers, length),
-                       self.bank.gather([r.slot for r in run]),
-                       scores={i: PromptLogprobs(n) for i, n in scored.items()},
-                       source=source if len(run) < len(rows) else None)
-
-    def _donated(self, rows: list[Row], batch: Batch, donor: int) -> Prefill:
-        job = self.start_prefill(rows[:1])
-        if len(rows) > 1:
-            job.rows, job.source = rows, [0] * len(rows)
-        n = job.length - 1
-        first = int(batch.valid[donor].long().argmax())  # a row's columns: its pads, then its tokens in order
-        for mine, pair in zip(job.cache.layers, batch.cache.tensors()):
-            if pair is not None:  # (a layer reading an earlier layer's keys and values keeps none)
-                k, v = pair[0][donor:donor + 1, :, first:first + n], pair[1][donor:donor + 1, :, first:first + n]
-                mine.k = k.new_zeros(*k.shape[:2], job.length, k.shape[3])
-                mine.v = v.new_zeros(*v.shape[:2], job.length, v.shape[3])
-                mine.k[:, :, :n], mine.v[:, :, :n] = k, v
-                mine.is_initialized = True
-        job.cache.length = job.done = n
+        job = Prefill(rows, ids, valid, positions, KVCache(self.num_layers, length),
+                      self.bank.gather([r.slot for r in run]),
+                      scores={i: PromptLogprobs(n) for i, n in scored.items()},
+                      source=source if len(run) < len(rows) else None)
+        start = length - max(len(p) - (h.length if h else 0) for p, h in zip(prompts, held))
+        if start > 0:  # every row's columns before `start` are pads or its prefix's
+            self._copy_prefixes(job, [len(p) for p in prompts], held, start)
         return job
+
+    @staticmethod
+    def _copy_prefixes(job: Prefill, lengths: list[int], held: list[Prefix | None], start: int) -> None:
+        for p, (n, prefix) in enumerate(zip(lengths, held)):
+            first = job.length - n  # its first token's column
+            if prefix is None or first >= start:  # (without a prefix, its columns before `start` are pads)
+                continue
+            for layer, pair in zip(job.cache.layers, prefix.kv(start - first)):
+                if pair is None:  # (a layer reading an earlier layer's keys and values keeps none)
+                    continue
+                if layer.k is None:
+                    k, v = pair
+                    layer.k = k.new_zeros(job.width, k.shape[0], job.length, k.shape[-1])
+                    layer.v = v.new_zeros(job.width, v.shape[0], job.length, v.shape[-1])
+                    layer.is_initialized = True
+                layer.k[p, :, first:start], layer.v[p, :, first:start] = pair
+            job.copied += start - first
+        job.cache.length = job.done = start
+
+    @staticmethod
+    def held_prompt(batch: Batch, row: int) -> Prefix:
+        """A running row's cached prompt but its last token (whose logits a newcomer with that prompt needs)."""
+        first = int(batch.valid[row].long().argmax())  # a row's columns: its pads, then its tokens in order
+        return Prefix(len(batch.rows[row].prompt_ids) - 1, lambda n: batch.cache.row(row, first, first + n))
 
     @torch.inference_mode()
     def advance(self, job: Prefill, columns: int) -> torch.Tensor | None:

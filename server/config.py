@@ -31,6 +31,7 @@ class ServerConfig:
     max_new_tokens: int = 0          # 0: the model's context length
     max_kv_tokens: int = 0           # 0: max_batch_size x the model's context length
     max_prefill_tokens: int = 2048   # padded prompt tokens a step may prefill (a longer prompt: in chunks)
+    prefix_cache_tokens: int = 0     # tokens of computed keys and values kept for later prompts (0: none)
     max_adapter_bytes: int = 1 << 30
     auth_token_file: str | None = None
     admin_token_file: str | None = None
@@ -89,6 +90,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
       help="prompt tokens (rows x longest prompt, as padded) one step prefills; later arrivals wait for the "
            "next step, and a longer prompt is prefilled alone, this many tokens a step (shorter requests still join "
            "meanwhile), so running streams get a token between two such chunks, never wait for a whole long prompt")
+    a("--prefix-cache-tokens", type=int, default=d.prefix_cache_tokens,
+      help="tokens of keys and values kept, on the model's device, of the prompts and generated text requests ran, "
+           "per adapter version: a later prompt starting with 16 or more of them (a system prompt, a chat's earlier "
+           "turns) copies them instead of running them; allocated at start, least recently used out (0: none)")
     a("--max-adapter-bytes", type=int, default=d.max_adapter_bytes, help="largest adapter weights file accepted")
     a("--auth-token-file", default=d.auth_token_file,
       help="file of bearer tokens (one per line) required on every RPC except health and reflection")
@@ -131,8 +136,10 @@ BOUNDS = {  # flag -> (lowest, highest or None); 0 lets the model decide where t
     "max_hydra_heads": (1, INT32), "max_queue_size": (1, INT32), "max_concurrent_rpcs": (1, INT32),
     "default_max_new_tokens": (1, INT32), "max_adapter_bytes": (1, UINT64), "max_prompt_tokens": (0, INT32),
     "max_new_tokens": (0, INT32), "max_kv_tokens": (0, UINT64), "max_prefill_tokens": (1, None),
+    "prefix_cache_tokens": (0, UINT64),
     "adapter_cache_bytes": (1, UINT64), "port": (0, PORT), "metrics_port": (0, PORT),
 }
+PREFIX_BLOCK = 16  # tokens per block of the prefix cache (server/prefix_cache.py)
 HIGHEST = {INT32: "< 2^31", UINT64: "< 2^64", PORT: "<= 65535"}
 THREADS_PER_CPU = 4  # --threads above this many per CPU is refused: 100000 threads crashed the process
 
@@ -180,11 +187,15 @@ def check_config(c: ServerConfig) -> None:
                               f"(the server writes it, and replaces it on every adapter change)")
         if not state.parent.is_dir():
             raise ConfigError(f"--state-file {state}: the folder {state.parent} does not exist")
+    if 0 < c.prefix_cache_tokens < PREFIX_BLOCK:
+        raise ConfigError(f"--prefix-cache-tokens must be 0 (no prefix cache) or at least {PREFIX_BLOCK} (it keeps "
+                          f"blocks of {PREFIX_BLOCK} tokens), got {c.prefix_cache_tokens}")
     if c.adapter_root and not Path(c.adapter_root).is_dir():
         raise ConfigError(f"--adapter-root {c.adapter_root} is not a directory: every adapter would be NOT_FOUND")
     for name, (low, high) in BOUNDS.items():
         value, flag = getattr(c, name), "--" + name.replace("_", "-")
-        zero = " (0: a free port)" if high == PORT else " (0: derived from the model)" if low == 0 else ""
+        zero = " (0: a free port)" if high == PORT else " (0: none)" if name == "prefix_cache_tokens" else \
+            " (0: derived from the model)" if low == 0 else ""
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}{zero}, got {value}")
         if high is not None and value > high:

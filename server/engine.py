@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from adapters.slot_bank import SlotBank, SlotsFull
@@ -23,7 +23,9 @@ from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, Token
 from server.errors import InternalError, ResourceExhausted, Unavailable
 from server.metrics import Metrics, count_by_adapter
 from server.penalties import TokenHistory
-from server.prompt_sharing import held_prompts, prompt_key, takes_cache
+from server.prefix_cache import BLOCK, PrefixCache
+from server.prompt_sharing import (cached_blocks, cached_prefix, held_prompts, keep_prompts, keep_sequences,
+                                   prompt_key, takes_cache)
 from server.sampling import make_generator
 from server.stopping import FinishReason, TextStream
 from server.token_choice import choose
@@ -54,6 +56,7 @@ class _RowState:
     history: TokenHistory | None  # what its penalties and min_new_tokens need of its tokens; None: nothing
     admitted: float
     prompt_key: tuple = ()  # rows with equal keys can share their prompt's prefill (server/prompt_sharing.py)
+    prefix: list = field(default_factory=list)  # the prefix cache's blocks its prompt starts with
     last_token_time: float = 0.0
 
 
@@ -67,8 +70,9 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, runner: Runner, tokenizer, eos_token_ids: frozenset[int], config: EngineConfig,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, prefixes: PrefixCache | None = None) -> None:
         self.runner = runner
+        self.prefixes = prefixes
         self.bank: SlotBank = runner.bank
         self.tokenizer = tokenizer
         self.eos = eos_token_ids
@@ -261,7 +265,9 @@ class Engine:
             request = self._waiting[0]
             prompt = prompt_key(request)
             runs = prompt not in prompts and not takes_cache(prompt, request.prompt_ids, held)
-            if self._prefilling is not None and len(request.prompt_ids) > self.config.max_prefill_tokens and runs:
+            blocks = cached_blocks(self.prefixes, request) if runs else []
+            to_run = len(request.prompt_ids) - len(blocks) * BLOCK
+            if self._prefilling is not None and to_run > self.config.max_prefill_tokens and runs:
                 # One long prompt chunks at a time: a second one waits at the head for its last chunk (then goes
                 # first), and the requests behind it that one prefill runs whole go ahead meanwhile. Unless running
                 # rows hold its adapter's slot, later adapter rows wait as for a slot (below): steady traffic on a
@@ -275,7 +281,7 @@ class Engine:
             # The rest next step: running rows get a token between prefills, not after all of them. While a long
             # prompt runs in chunks, only a group that one prefill runs whole joins.
             if runs and (admitted or self._prefilling is not None) and \
-                    (len(prompts) + 1) * max(longest, len(request.prompt_ids)) > self.config.max_prefill_tokens:
+                    (len(prompts) + 1) * max(longest, to_run) > self.config.max_prefill_tokens:
                 break
             self._waiting.popleft()
             if slot_wait and request.adapter is not None:
@@ -299,11 +305,11 @@ class Engine:
             state = _RowState(request, TextStream(self.tokenizer, request.stopping, self.eos, request.prompt_ids),
                               make_generator(request.sampling),
                               TokenHistory.of(request.prompt_ids, request.sampling, request.stopping, self.eos), now,
-                              prompt)
+                              prompt, blocks)
             admitted.append(Row(request.prompt_ids, slot, state))
             if runs:
                 prompts.add(prompt)
-                longest = max(longest, len(request.prompt_ids))
+                longest = max(longest, to_run)
         self._waiting.extendleft(reversed(skipped))
         # rows free with nothing left waiting for them (a request still waiting was held back by the KV or prefill
         # budget or a slot, or the rows are full); set before _unqueue, so submit() never sees a looser limit
@@ -322,13 +328,17 @@ class Engine:
         rest = [r for r in newcomers if r.state.prompt_key not in donated]
         scored = {i: r.state.request.prompt_logprobs for i, r in enumerate(rest)
                   if r.state.request.prompt_logprobs is not None}
-        try:  # gathers the rows' factors and copies the donors' caches: can run out of memory
-            # (all copied before any joins the running batch, which moves its rows' columns)
-            jobs = [self.runner.start_prefill(rows, donor=(self._batch, donor)) for rows, donor in donated.values()]
-            job = self.runner.start_prefill(rest, scored) if rest else None
+        cached = {i: cached_prefix(self.prefixes, r.state.prefix) for i, r in enumerate(rest) if r.state.prefix}
+        try:  # gathers the rows' factors and copies the donors' caches and cached prefixes: can run out of memory
+            # (all copied before any joins the running batch, which moves its rows' columns, or the prefix cache
+            # takes a new prompt, which may evict blocks)
+            jobs = [self.runner.start_prefill(rows, prefixes={0: self.runner.held_prompt(self._batch, donor)})
+                    for rows, donor in donated.values()]
+            job = self.runner.start_prefill(rest, scored, cached) if rest else None
         except Exception as exc:
             self._fail_prefill(newcomers, exc)
             return
+        self.metrics.prompt_tokens_copied.inc(sum(started.copied for started in jobs + [job] if started))
         for donated_job in jobs:  # one token each: run whole now
             self._advance(donated_job)
         if job is None:
@@ -373,6 +383,7 @@ class Engine:
         self._batch = merged  # before the prefill is cleared: idle() (any thread) never sees neither
         if job is self._prefilling:
             self._prefilling = None
+        keep_prompts(self.prefixes, job)
         self.metrics.batch_size.labels("prefill").observe(len(rows))
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
         count_by_adapter(self.metrics.adapter_prompt_tokens,
@@ -440,6 +451,7 @@ class Engine:
             self._finish_metrics(request, row.state.stream.finish)  # before the client can see the end
             request.sink(FinishEvent(row.state.stream.finish, len(row.prompt_ids), len(row.state.stream.ids)))
         if finished or failed:
+            keep_sequences(self.prefixes, self._batch, finished)
             done = {id(r) for r in finished + failed}
             self._retire([i for i, r in enumerate(self._batch.rows) if id(r) in done])
 
@@ -471,6 +483,8 @@ class Engine:
         self.metrics.kv_slots.set(slots)
         self.metrics.kv_bytes.set(nbytes)
         self.metrics.kv_reserved.set(reserved)
+        if self.prefixes is not None:
+            self.metrics.prefix_cache_tokens.set(self.prefixes.tokens)
 
     def _finish_metrics(self, request: EngineRequest, reason: FinishReason) -> None:
         self.metrics.success.labels(reason.value).inc()

@@ -6,8 +6,22 @@ the left), which is what lets rows join (`merge`) and leave (`select`) between s
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+# each layer's keys and values of one row, [heads, positions, head dim]; None for a layer that keeps none
+RowKV = list[tuple[torch.Tensor, torch.Tensor] | None]
+
+
+@dataclass
+class Prefix:
+    """Keys and values already computed for a prompt's first `length` tokens (a running row's cache, or the prefix
+    cache's blocks): `kv(n)` gives those of the first n, n <= length."""
+    length: int
+    kv: Callable[[int], RowKV]
 
 
 def grown(capacity: int, needed: int, max_length: int) -> int:
@@ -80,6 +94,11 @@ class KVCache(Cache):
         keys and values: Gemma-3n's and Gemma-4's shared-KV layers)."""
         return [None if layer.k is None else (layer.k[:, :, :self.length], layer.v[:, :, :self.length])
                 for layer in self.layers]
+
+    def row(self, i: int, start: int, stop: int) -> RowKV:
+        """Row `i`'s keys and values of columns start..stop (views)."""
+        return [None if pair is None else (pair[0][i, :, start:stop], pair[1][i, :, start:stop])
+                for pair in self.tensors()]
 
     @classmethod
     def from_tensors(cls, kv: list[tuple[torch.Tensor, torch.Tensor] | None], length: int,

@@ -40,6 +40,12 @@ class Metrics:
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of the requests prefilled (each "
                                      "request's: a prompt that requests prefilled together share counts for each).",
                                      registry=r)
+        self.prompt_tokens_copied = Counter(p + "prompt_tokens_copied", "Prompt tokens prefilled by copying keys "
+                                            "and values computed before (the prefix cache's, or a running request's "
+                                            "with the same prompt), not by running them (a prompt that requests "
+                                            "prefilled together share counts once).", registry=r)
+        self.prefix_cache_tokens = Gauge(p + "prefix_cache_tokens", "Tokens whose keys and values the prefix cache "
+                                         "holds (--prefix-cache-tokens).", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated.", registry=r)
         self.success = Counter(p + "request_success", "Finished requests.", ["finished_reason"], registry=r)
         self.failure = Counter(p + "request_failure", "Requests ended by an error, by the status their client got.",

@@ -1,19 +1,32 @@
 """Which requests share a prompt's prefill (the engine's side of it; Runner.start_prefill runs each prompt once).
 
 Requests with the same prompt and adapter version admitted together run it once; a newcomer whose prompt and adapter
-a running row holds takes that row's cached keys and values and runs its last token only. A request scoring its prompt
-(prompt_logprobs) shares with none: its scores are its own.
+a running row holds takes that row's cached keys and values and runs its last token only; with a prefix cache
+(server/prefix_cache.py), a newcomer takes the keys and values of its prompt's first blocks that earlier requests of
+its adapter ran (their prompts, and what they generated), and runs the rest. A request scoring its prompt
+(prompt_logprobs) takes from none: its scores are its own.
 """
 from __future__ import annotations
 
+import logging
+
+from server.batch import Batch, Prefill, Row
 from server.engine_messages import EngineRequest
+from server.kv_cache import Prefix, RowKV
+from server.prefix_cache import BLOCK, Block, PrefixCache
+
+log = logging.getLogger("loraplex.engine")
+
+
+def adapter_key(request: EngineRequest) -> tuple | None:
+    return request.adapter.key if request.adapter is not None else None
 
 
 def prompt_key(request: EngineRequest) -> tuple:
     """What makes requests' prefills the same: adapter version and prompt."""
     if request.prompt_logprobs is not None:
         return (id(request),)
-    return (request.adapter.key if request.adapter is not None else None, tuple(request.prompt_ids))
+    return (adapter_key(request), tuple(request.prompt_ids))
 
 
 def held_prompts(rows: list, longrope: bool) -> dict[tuple, int]:
@@ -30,3 +43,46 @@ def takes_cache(key: tuple, prompt: list[int], held: dict[tuple, int]) -> bool:
     """Whether a newcomer runs one token of its prompt, the rest copied from a running row's cache (a 1-token prompt
     has nothing to copy)."""
     return key in held and len(prompt) > 1
+
+
+def cached_blocks(cache: PrefixCache | None, request: EngineRequest) -> list[Block]:
+    """The prefix cache's blocks that `request`'s prompt starts with."""
+    if cache is None or request.prompt_logprobs is not None:
+        return []
+    return cache.match(adapter_key(request), request.prompt_ids)
+
+
+def cached_prefix(cache: PrefixCache, blocks: list[Block]) -> Prefix:
+    return Prefix(len(blocks) * BLOCK, lambda n: cache.gather(blocks, n))
+
+
+def keep_prompts(cache: PrefixCache | None, job: Prefill) -> None:
+    """Keep the prompts a finished prefill ran in the prefix cache (engine rows: `row.state.request`)."""
+    if cache is None:
+        return
+    runs = {}
+    for i, row in enumerate(job.rows):
+        runs.setdefault(job.run_index(i), row)
+    for p, row in runs.items():
+        n = len(row.prompt_ids)
+        _keep(cache, row.state.request, row.prompt_ids, job.cache.row(p, job.length - n, job.length))
+
+
+def keep_sequences(cache: PrefixCache | None, batch: Batch, rows: list[Row]) -> None:
+    """Keep what `rows` of `batch` ran, prompt and generated tokens, in the prefix cache: a chat's next turn starts
+    with them (engine rows: `row.state.stream.ids`, the last not run yet)."""
+    leaving = {id(row) for row in rows} if cache is not None else set()
+    for i, row in enumerate(batch.rows):
+        if id(row) not in leaving:
+            continue
+        tokens, end = row.prompt_ids + row.state.stream.ids[:-1], batch.cache.length  # rows end at the last column
+        _keep(cache, row.state.request, tokens, batch.cache.row(i, end - len(tokens), end))
+
+
+def _keep(cache: PrefixCache, request: EngineRequest, tokens: list[int], kv: RowKV) -> None:
+    if len(tokens) < BLOCK:
+        return
+    try:  # the requests were served: a failure to keep their keys and values costs only later prefills
+        cache.store(adapter_key(request), tokens, kv)
+    except Exception:
+        log.exception("could not keep the keys and values of request %s in the prefix cache", request.request_id)

@@ -10,6 +10,7 @@ from typing import Callable
 from loader.chat_template import template_problem
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
+from server.config import PREFIX_BLOCK
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
 from server.errors import AdapterMemoryFull, InvalidArgument, NotFound, status_for
 from server.serving import Serving, abort, adapter_pool, ready
@@ -396,7 +397,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     max_kv_tokens=s.limits.max_kv_tokens, max_adapter_bytes=c.max_adapter_bytes,
                     max_lora_rank=c.max_lora_rank, max_hydra_heads=c.max_hydra_heads,
                     max_batch_size=c.max_batch_size, max_active_adapters=c.max_active_adapters,
-                    adapter_cache_bytes=c.adapter_cache_bytes),
+                    adapter_cache_bytes=c.adapter_cache_bytes,
+                    prefix_cache_tokens=c.prefix_cache_tokens // PREFIX_BLOCK * PREFIX_BLOCK),
                 adapter_target_modules=[shape.name for shape in s.engine.bank.shapes],
                 supported_adapter_kinds=[pb.ADAPTER_KIND_LORA, pb.ADAPTER_KIND_ADALORA,
                                          pb.ADAPTER_KIND_HYDRALORA, pb.ADAPTER_KIND_RESLORA])

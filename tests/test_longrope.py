@@ -122,3 +122,10 @@ def test_recomputing_families_are_those_whose_generate_drops_the_cache():
                 if re.search(r"original_max_position_embeddings \+ 1[^\n]*\n(.*\n){0,4}.*past_key_values = None",
                              path.read_text())}
     assert dropping == set(RECOMPUTING_FAMILIES)
+
+
+def test_a_prefix_cache_is_refused_at_start(models):
+    """A LongRoPE model's keys depend on the whole prompt's length (its short or long factors), not on the tokens
+    before them alone: no prompt may take another's."""
+    with pytest.raises(RuntimeError, match="ConfigError.*--prefix-cache-tokens: a LongRoPE model"):
+        start_server(models["phi3"], None, prefix_cache_tokens=64)

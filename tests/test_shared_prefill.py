@@ -52,7 +52,7 @@ def test_a_running_rows_cached_prompt_given_to_newcomers_decodes_as_alone(runner
         for row in running.rows:
             row.last_token = token
         runner.decode_step(running)
-    job = runner.start_prefill([Row(A, slot), Row(A, slot)], donor=(running, 1))
+    job = runner.start_prefill([Row(A, slot), Row(A, slot)], prefixes={0: runner.held_prompt(running, 1)})
     assert job.done == len(A) - 1 and job.width == 1
     logits = runner.advance(job, job.length)
     together, _ = decode_from(runner, runner.prefilled(job), logits, forced, steps=3)

@@ -1,0 +1,190 @@
+"""The prefix cache (--prefix-cache-tokens): a prompt starting with blocks that earlier requests of its adapter version
+ran (their prompts, and what they generated) copies those blocks' keys and values and runs the rest; every row's
+logits, and its tokens after, are those it gets with nothing cached."""
+import concurrent.futures
+import re
+import threading
+
+import pytest
+import torch
+
+from clients.client import Client
+from loader.default_model import build_model_dir
+from server.batch import Row
+from server.config import ConfigError, ServerConfig, check_config
+from server.prefix_cache import BLOCK, PrefixCache
+from server.prompt_sharing import cached_prefix
+from tests.helpers import (LLAMA_TARGETS, decode_forced, decode_from, make_peft_adapter, random_lora_runner, scrape,
+                           start_server, wait_for)
+from tests.test_shared_prefill import MODELS
+
+LAYOUT = [(torch.Size([2, 1, 3]), torch.Size([2, 1, 5]), torch.float32), None]  # a layer keeping none: Gemma-3n
+
+
+def kv_of(tokens: list[int]):
+    """Keys and values that name their token and place: [heads, len, dim]."""
+    t = torch.tensor(tokens, dtype=torch.float32)[None, :, None]
+    return [(t + torch.arange(2.)[:, None, None] / 10 + torch.arange(3.) / 100,
+             -t - torch.arange(2.)[:, None, None] / 10 - torch.arange(5.) / 100), None]
+
+
+def test_blocks_are_keyed_by_adapter_and_every_token_before_them():
+    cache = PrefixCache(8 * BLOCK, LAYOUT, torch.device("cpu"))
+    a = list(range(100, 140))  # two whole blocks and 8 tokens
+    assert cache.store(("x", 1), a, kv_of(a)) == 2 and cache.tokens == 2 * BLOCK
+    assert cache.store(("x", 1), a + [7] * 30, kv_of(a + [7] * 30)) == 2  # the first two only touched
+    blocks = cache.match(("x", 1), a)
+    assert len(blocks) == 2
+    k, v = cache.gather(blocks, 20)[0]
+    torch.testing.assert_close(k, kv_of(a)[0][0][:, :20], atol=0, rtol=0)
+    torch.testing.assert_close(v, kv_of(a)[0][1][:, :20], atol=0, rtol=0)
+    assert cache.gather(blocks, 20)[1] is None
+    assert cache.match(("x", 2), a) == [] and cache.match(None, a) == []  # another adapter version, the base model
+    assert len(cache.match(("x", 1), a[:BLOCK + 1])) == 1  # a prompt's last token always runs: its logits
+    assert len(cache.match(("x", 1), a[:BLOCK])) == 0
+    assert len(cache.match(("x", 1), a[:BLOCK] + [0] + a[BLOCK + 1:])) == 1  # the second block follows another
+    assert len(cache.match(("x", 1), [0] + a[1:])) == 0  # ... and so does everything after a change
+
+
+def test_the_least_recently_used_sequence_loses_its_last_blocks_first():
+    cache = PrefixCache(4 * BLOCK, LAYOUT, torch.device("cpu"))
+    a, b = list(range(3 * BLOCK)), list(range(500, 500 + 2 * BLOCK))
+    cache.store(None, a, kv_of(a))
+    held = cache.match(None, a + [1])
+    assert cache.store(None, b, kv_of(b)) == 2  # one block free: a's last goes, not its first
+    assert len(cache.match(None, a + [1])) == 2 and len(cache.match(None, b + [1])) == 2
+    with pytest.raises(RuntimeError, match="evicted"):
+        cache.gather(held, 3 * BLOCK)
+    k, _ = cache.gather(cache.match(None, b + [1]), 2 * BLOCK)[0]
+    torch.testing.assert_close(k, kv_of(b)[0][0], atol=0, rtol=0)
+    c = list(range(900, 900 + 10 * BLOCK))  # longer than the pools: its first four blocks
+    assert cache.store(None, c, kv_of(c)) == 4 and len(cache.match(None, c)) == 4
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def runner_and_slot(request, tmp_path_factory):
+    arch, cfg = MODELS[request.param]
+    return random_lora_runner(build_model_dir(tmp_path_factory.mktemp("prefix") / "m", arch, seed=3, **cfg))
+
+
+def test_rows_whose_prompts_start_with_cached_blocks_decode_as_alone(runner_and_slot):
+    runner, slot = runner_and_slot
+    system = [(7 * i) % 250 + 5 for i in range(40)]  # two whole blocks and 8 tokens
+    cache = PrefixCache(16 * BLOCK, runner.row_layout(), runner.device)
+    ran, _ = runner.prefill([Row(system, slot)])
+    cache.store(("a", 1), system, ran.cache.row(0, 0, len(system)))
+    one, two, fresh = system + [60, 61, 62], system + list(range(70, 86)), list(range(90, 100))
+    rows = [(one, slot), (two, slot), (fresh, slot), (one, slot), (fresh, 0)]
+    forced = torch.tensor([[(11 * r + 3 * s) % 250 + 2 for s in range(3)] for r in range(len(rows))])
+    alone = [decode_forced(runner, [Row(p, s)], forced=forced[i:i + 1], steps=3)[0][0]
+             for i, (p, s) in enumerate(rows)]
+    prefixes = {}
+    for i, (prompt, s) in enumerate(rows):
+        blocks = cache.match(("a", 1) if s else None, prompt)
+        if blocks:
+            prefixes[i] = cached_prefix(cache, blocks)
+    assert sorted(prefixes) == [0, 1, 3]
+    job = runner.start_prefill([Row(p, s) for p, s in rows], prefixes=prefixes)
+    # rows right-aligned on 56 columns: `two` runs its last 24, so the first 32 are copied where a row has tokens
+    assert job.done == 32 and job.copied == (32 - (56 - 43)) + 32
+    logits = runner.advance(job, job.length)
+    together, _ = decode_from(runner, runner.prefilled(job), logits, forced, steps=3)
+    for i in range(len(rows)):
+        torch.testing.assert_close(together[i], alone[i], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def servers(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for seed, name in enumerate("ab"):
+        make_peft_adapter(model_dirs["llama"], root / name, seed + 3, r=8, lora_alpha=16,
+                          target_modules=LLAMA_TARGETS)
+    cached = start_server(model_dirs["llama"], root, prefix_cache_tokens=512)
+    plain = start_server(model_dirs["llama"], root)
+    yield cached, plain, root
+    cached.stop()
+    plain.stop()
+
+
+def test_served_prompts_copy_what_earlier_requests_of_their_adapter_ran(servers, model_dirs):
+    cached, plain, root = servers
+    system = [(5 * i) % 200 + 9 for i in range(50)]
+    first = system + [3, 4, 5, 6, 7]
+    kwargs = dict(max_new_tokens=20, ignore_eos=True, logprobs=0)
+
+    def both(prompt, adapter):
+        """(the reply of the server with a prefix cache, the tokens it copied) after checking it against the other's"""
+        before = scrape(cached)["loraplex_prompt_tokens_copied_total"]
+        with Client(cached.target, timeout=60) as c, Client(plain.target, timeout=60) as p:
+            got, want = c.generate(prompt, adapter, **kwargs), p.generate(prompt, adapter, **kwargs)
+        assert list(got.token_ids) == list(want.token_ids)
+        for g, w in zip(got.logprobs, want.logprobs):
+            assert abs(g.logprob - w.logprob) < 1e-4
+        return got, scrape(cached)["loraplex_prompt_tokens_copied_total"] - before
+
+    reply, copied = both(first, "a")
+    assert copied == 0
+    assert both(system + [8, 9], "a")[1] == 3 * BLOCK  # the system prompt's whole blocks
+    assert both(system + [8, 9], "b")[1] == 0  # another adapter's keys and values are its own
+    assert both(system + [8, 9], "")[1] == 0
+    # a chat's next turn: the first request's prompt and what it generated (all but its last token ran)
+    assert both(first + list(reply.token_ids) + [10, 11], "a")[1] == (len(first) + 19) // BLOCK * BLOCK
+    with Client(cached.target, timeout=60) as client:
+        assert client.server_info().limits.prefix_cache_tokens == 512
+        client.load_adapter("a", replace=True)  # the same files: the same keys and values
+    assert both(system + [8, 9], "a")[1] == 3 * BLOCK
+    make_peft_adapter(model_dirs["llama"], root / "a", 9, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
+    for server in servers[:2]:
+        with Client(server.target, timeout=60) as client:
+            client.load_adapter("a", replace=True)  # new weights: nothing the old ones ran is taken
+    assert both(system + [8, 9], "a")[1] == 0
+    assert scrape(cached)["loraplex_prefix_cache_tokens"] > 0
+    with Client(plain.target, timeout=60) as client:
+        assert client.server_info().limits.prefix_cache_tokens == 0
+
+
+def test_a_prompt_scoring_its_tokens_copies_nothing(servers):
+    cached, plain, _ = servers
+    prompt = [(3 * i) % 200 + 9 for i in range(40)]
+    with Client(cached.target, timeout=60) as c, Client(plain.target, timeout=60) as p:
+        c.generate(prompt, "b", max_new_tokens=1)
+        before = scrape(cached)["loraplex_prompt_tokens_copied_total"]
+        got = c.generate(prompt, "b", max_new_tokens=1, prompt_logprobs=0)
+        want = p.generate(prompt, "b", max_new_tokens=1, prompt_logprobs=0)
+    assert scrape(cached)["loraplex_prompt_tokens_copied_total"] == before
+    assert len(got.prompt_logprobs) == len(prompt) - 1
+    for g, w in zip(got.prompt_logprobs, want.prompt_logprobs):
+        assert abs(g.logprob - w.logprob) < 1e-4
+
+
+@pytest.mark.parametrize("tokens, needle", [(5, "0 (no prefix cache) or at least 16"), (-1, ">= 0 (0: none)")])
+def test_a_prefix_cache_smaller_than_a_block_is_refused(tokens, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        check_config(ServerConfig(prefix_cache_tokens=tokens))
+
+
+
+def test_requests_admitted_together_take_their_own_prefixes(servers):
+    """Rows of one prefill with prefixes of different lengths, of different adapters, or none: each gets what it
+    gets with nothing cached."""
+    cached, plain, _ = servers
+    system = [(11 * i) % 200 + 9 for i in range(70)]
+    requests = [(system[:n] + [k + 1] * k, adapter) for k, (n, adapter) in
+                enumerate([(70, "a"), (40, "a"), (70, "b"), (20, "a"), (70, ""), (70, "a"), (3, "b")])]
+    kwargs = dict(max_new_tokens=6, ignore_eos=True)
+    with Client(plain.target, timeout=60) as client:
+        want = [list(client.generate(p, a, **kwargs).token_ids) for p, a in requests]
+    engine, gate = cached.serving.engine, threading.Event()
+    with Client(cached.target, timeout=60) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for adapter in ("a", "b", ""):
+            client.generate(system, adapter, max_new_tokens=1)
+        before = scrape(cached)["loraplex_prompt_tokens_copied_total"]
+        held = engine.call(gate.wait)  # all queued while the engine waits between two steps: admitted together
+        replies = [pool.submit(client.generate, p, a, **kwargs) for p, a in requests]
+        try:
+            assert wait_for(lambda: scrape(cached)["loraplex_num_requests_waiting"] == len(requests), timeout=20)
+        finally:
+            gate.set()
+        held.result()
+        assert [list(f.result().token_ids) for f in replies] == want
+    assert scrape(cached)["loraplex_prompt_tokens_copied_total"] > before

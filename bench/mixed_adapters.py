@@ -158,6 +158,9 @@ ENGINE_STATS = {  # name in the table -> Prometheus sample
     "prefill_s": 'loraplex_step_duration_seconds_sum{phase="prefill"}',
     "decode_steps": 'loraplex_step_duration_seconds_count{phase="decode"}',
     "decode_s": 'loraplex_step_duration_seconds_sum{phase="decode"}',
+    "copied": "loraplex_prompt_tokens_copied_total",  # prompt tokens copied (prefix cache, running rows), not run
+    "ttft_s": "loraplex_time_to_first_token_seconds_sum",
+    "requests": "loraplex_time_to_first_token_seconds_count",
 }
 
 
@@ -167,7 +170,8 @@ class EngineBench:
     process, where this process's own torch threads (HF/PEFT rounds) share libgomp with the engine."""
 
     def __init__(self, model_dir: Path, adapter_root: Path, names: list[str], args, kernel: str | None = None,
-                 factors: str | None = None, env: dict | None = None) -> None:
+                 factors: str | None = None, env: dict | None = None, **settings) -> None:
+        """`settings`: more server settings (ServerConfig fields: prefix_cache_tokens=4096)."""
         self.temperature, self.top_p = getattr(args, "temperature", 0.0), getattr(args, "top_p", 1.0)
         self.config = ServerConfig(model=str(model_dir), adapter_root=str(adapter_root), port=free_port(),
                                    metrics_port=free_port(), device=args.device, max_batch_size=args.requests,
@@ -177,7 +181,8 @@ class EngineBench:
                                    adapter_dtype=factors or args.adapter_dtype,
                                    # its own state file: servers sharing the adapter root must not restore each
                                    # other's loads
-                                   state_file=str(Path(tempfile.mkdtemp(prefix="loraplex-bench-")) / "state.json"))
+                                   state_file=str(Path(tempfile.mkdtemp(prefix="loraplex-bench-")) / "state.json"),
+                                   **settings)
         self.proc: ServerProcess | None = None
         self.server: BackgroundServer | None = None
         if args.server == "process":
@@ -187,6 +192,7 @@ class EngineBench:
                      "--max-lora-rank", c.max_lora_rank, "--threads", c.threads, "--log-level", c.log_level,
                      "--adapter-kernel", c.adapter_kernel, "--adapter-dtype", c.adapter_dtype,
                      "--state-file", c.state_file]
+            flags += [v for name, value in settings.items() for v in ("--" + name.replace("_", "-"), value)]
             env = {**dict(kv.split("=", 1) for kv in args.server_env), **(env or {})}
             self.proc = ServerProcess(flags, args.server_module, env)
             self.config = replace(c, port=self.proc.port, metrics_port=self.proc.metrics_port)

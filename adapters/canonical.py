@@ -56,10 +56,17 @@ class CanonicalAdapter:
     # Unique per read from disk: a replaced (or re-read) adapter gets a new key, so running rows keep theirs.
     load_serial: int = 0
     metadata: dict = field(default_factory=dict)
+    source: tuple = ()  # what the weights were read from (the registry's identity of the files); () unknown
 
     @property
     def key(self) -> tuple[str, int]:
         return (self.adapter_id, self.load_serial)
+
+    @property
+    def weights_key(self) -> tuple:
+        """Equal for adapters holding the same weights: read from the same files (again after an eviction, or loaded
+        again after an unload), else this read only."""
+        return (self.adapter_id, self.source or self.load_serial)
 
     @property
     def max_rank(self) -> int:

@@ -316,6 +316,7 @@ class AdapterRegistry:
                     self._check_fits(adapter_id, known[1])
             with self._reads:
                 weights = self._reader(path, adapter_id, next(self._serial))  # (new files: checked once read)
+            weights = dataclasses.replace(weights, source=files)
             with self._lock:
                 current = self._records.get(adapter_id)
                 try:

@@ -23,7 +23,7 @@ from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, Token
 from server.errors import InternalError, ResourceExhausted, Unavailable
 from server.metrics import Metrics, count_by_adapter
 from server.penalties import TokenHistory
-from server.prefix_cache import BLOCK, PrefixCache
+from server.prefix_cache import BLOCK, Block, PrefixCache
 from server.prompt_sharing import (cached_blocks, cached_prefix, held_prompts, keep_prompts, keep_sequences,
                                    prompt_key, takes_cache)
 from server.sampling import make_generator
@@ -56,7 +56,7 @@ class _RowState:
     history: TokenHistory | None  # what its penalties and min_new_tokens need of its tokens; None: nothing
     admitted: float
     prompt_key: tuple = ()  # rows with equal keys can share their prompt's prefill (server/prompt_sharing.py)
-    prefix: list = field(default_factory=list)  # the prefix cache's blocks its prompt starts with
+    prefix: list[Block] = field(default_factory=list)  # the prefix cache's blocks its prompt starts with
     last_token_time: float = 0.0
 
 

@@ -2,7 +2,7 @@
 (--prefix-cache-tokens): a system prompt, few-shot examples, the earlier turns of a chat.
 
 Sequences are cut in blocks of BLOCK tokens. A block is keyed by its tokens and the block before it (the first block
-by the adapter version: an adapter changes every layer's keys and values), so a key names its whole prefix exactly:
+by the adapter's weights, CanonicalAdapter.weights_key: an adapter changes every layer's keys and values), so a key names its whole prefix exactly:
 no hashes, whose collisions would hand a request another prompt's keys and values. Blocks live in one pool per layer,
 [heads, blocks, BLOCK, head dim], of a fixed number of blocks allocated at start; the least recently used block goes
 first. A lookup or store touches a sequence's blocks last to first, so a block is never older than the blocks after

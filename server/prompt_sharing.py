@@ -45,11 +45,16 @@ def takes_cache(key: tuple, prompt: list[int], held: dict[tuple, int]) -> bool:
     return key in held and len(prompt) > 1
 
 
+def weights_key(request: EngineRequest) -> tuple | None:
+    """What keys the prefix cache's blocks: the adapter's weights (the same files read again are the same weights)."""
+    return request.adapter.weights_key if request.adapter is not None else None
+
+
 def cached_blocks(cache: PrefixCache | None, request: EngineRequest) -> list[Block]:
     """The prefix cache's blocks that `request`'s prompt starts with."""
     if cache is None or request.prompt_logprobs is not None:
         return []
-    return cache.match(adapter_key(request), request.prompt_ids)
+    return cache.match(weights_key(request), request.prompt_ids)
 
 
 def cached_prefix(cache: PrefixCache, blocks: list[Block]) -> Prefix:
@@ -71,7 +76,9 @@ def keep_prompts(cache: PrefixCache | None, job: Prefill) -> None:
 def keep_sequences(cache: PrefixCache | None, batch: Batch, rows: list[Row]) -> None:
     """Keep what `rows` of `batch` ran, prompt and generated tokens, in the prefix cache: a chat's next turn starts
     with them (engine rows: `row.state.stream.ids`, the last not run yet)."""
-    leaving = {id(row) for row in rows} if cache is not None else set()
+    if cache is None:
+        return
+    leaving = {id(row) for row in rows}
     for i, row in enumerate(batch.rows):
         if id(row) not in leaving:
             continue
@@ -83,6 +90,6 @@ def _keep(cache: PrefixCache, request: EngineRequest, tokens: list[int], kv: Row
     if len(tokens) < BLOCK:
         return
     try:  # the requests were served: a failure to keep their keys and values costs only later prefills
-        cache.store(adapter_key(request), tokens, kv)
+        cache.store(weights_key(request), tokens, kv)
     except Exception:
         log.exception("could not keep the keys and values of request %s in the prefix cache", request.request_id)

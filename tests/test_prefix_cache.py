@@ -133,6 +133,10 @@ def test_served_prompts_copy_what_earlier_requests_of_their_adapter_ran(servers,
         assert client.server_info().limits.prefix_cache_tokens == 512
         client.load_adapter("a", replace=True)  # the same files: the same keys and values
     assert both(system + [8, 9], "a")[1] == 3 * BLOCK
+    with Client(cached.target, timeout=60) as client:
+        client.unload_adapter("b")
+        client.load_adapter("b")  # (review) the same files read again: a new read, the same weights and blocks
+    assert both(system + [8, 9], "b")[1] == 3 * BLOCK
     make_peft_adapter(model_dirs["llama"], root / "a", 9, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
     for server in servers[:2]:
         with Client(server.target, timeout=60) as client:

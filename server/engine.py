@@ -24,8 +24,8 @@ from server.errors import InternalError, ResourceExhausted, Unavailable
 from server.metrics import Metrics, count_by_adapter
 from server.penalties import TokenHistory
 from server.prefix_cache import BLOCK, Block, PrefixCache
-from server.prompt_sharing import (cached_blocks, cached_prefix, held_prompts, keep_prompts, keep_sequences,
-                                   prompt_key, takes_cache)
+from server.prompt_sharing import (cached_blocks, held_prompts, keep_prompts, keep_sequences, prefill_groups,
+                                   prefill_inputs, prompt_key, takes_cache)
 from server.sampling import make_generator
 from server.stopping import FinishReason, TextStream
 from server.token_choice import choose
@@ -325,28 +325,24 @@ class Engine:
         prompt becomes the one prefilling (`_prefilling`) and runs a chunk an iteration. While it runs, groups
         that fit one prefill still join, so an iteration prefills at most twice --max-prefill-tokens."""
         donated = self._donors(newcomers)
-        rest = [r for r in newcomers if r.state.prompt_key not in donated]
-        scored = {i: r.state.request.prompt_logprobs for i, r in enumerate(rest)
-                  if r.state.request.prompt_logprobs is not None}
-        cached = {i: cached_prefix(self.prefixes, r.state.prefix) for i, r in enumerate(rest) if r.state.prefix}
+        groups = prefill_groups([r for r in newcomers if r.state.prompt_key not in donated])
         try:  # gathers the rows' factors and copies the donors' caches and cached prefixes: can run out of memory
             # (all copied before any joins the running batch, which moves its rows' columns, or the prefix cache
             # takes a new prompt, which may evict blocks)
             jobs = [self.runner.start_prefill(rows, prefixes={0: self.runner.held_prompt(self._batch, donor)})
                     for rows, donor in donated.values()]
-            job = self.runner.start_prefill(rest, scored, cached) if rest else None
+            started = [self.runner.start_prefill(rows, *prefill_inputs(self.prefixes, rows)) for rows in groups]
         except Exception as exc:
             self._fail_prefill(newcomers, exc)
             return
-        self.metrics.prompt_tokens_copied.inc(sum(started.copied for started in jobs + [job] if started))
-        for donated_job in jobs:  # one token each: run whole now
-            self._advance(donated_job)
-        if job is None:
-            return
-        if self._prefilling is None:
-            self._prefilling = job  # the caller advances it
-        else:
+        self.metrics.prompt_tokens_copied.inc(sum(job.copied for job in jobs + started))
+        for job in jobs:  # one token each: run whole now
             self._advance(job)
+        for job in started:  # (a prompt beyond the budget is admitted with no other group: it is the one prefilling)
+            if self._prefilling is None:
+                self._prefilling = job  # the caller advances it
+            else:
+                self._advance(job)
 
     def _donors(self, newcomers: list[Row]) -> dict[tuple, tuple[list[Row], int]]:
         """{prompt key: (the newcomers with it, the running row whose cached prompt they take)} (n samples of one

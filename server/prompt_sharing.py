@@ -61,6 +61,30 @@ def cached_prefix(cache: PrefixCache, blocks: list[Block]) -> Prefix:
     return Prefix(len(blocks) * BLOCK, lambda n: cache.gather(blocks, n))
 
 
+def prefill_groups(rows: list[Row]) -> list[list[Row]]:
+    """The prefills of newcomers `rows` (engine rows): one, or two where the rows copying a cached prefix run fewer
+    tokens apart from those copying none (rows of a prefill are right-aligned: beside a row that copies nothing, a
+    row runs as many of its last tokens as that row's length, copied or not)."""
+    hits, fresh = [r for r in rows if r.state.prefix], [r for r in rows if not r.state.prefix]
+    if hits and fresh and _padded(hits) + _padded(fresh) < _padded(rows):
+        return [hits, fresh]
+    return [rows] if rows else []
+
+
+def _padded(rows: list[Row]) -> int:
+    """Tokens a prefill of `rows` runs: prompts run (rows sharing one count once) x the columns from the first that
+    some row must run."""
+    runs = {r.state.prompt_key: (len(r.prompt_ids), len(r.state.prefix) * BLOCK) for r in rows}
+    return len(runs) * max(n - copied for n, copied in runs.values())
+
+
+def prefill_inputs(cache: PrefixCache | None, rows: list[Row]) -> tuple[dict[int, int], dict[int, Prefix]]:
+    """Runner.start_prefill's `scored` and `prefixes` for engine rows."""
+    scored = {i: r.state.request.prompt_logprobs for i, r in enumerate(rows)
+              if r.state.request.prompt_logprobs is not None}
+    return scored, {i: cached_prefix(cache, r.state.prefix) for i, r in enumerate(rows) if r.state.prefix}
+
+
 def keep_prompts(cache: PrefixCache | None, job: Prefill) -> None:
     """Keep the prompts a finished prefill ran in the prefix cache (engine rows: `row.state.request`)."""
     if cache is None:

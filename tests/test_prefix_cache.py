@@ -192,3 +192,28 @@ def test_requests_admitted_together_take_their_own_prefixes(servers):
         held.result()
         assert [list(f.result().token_ids) for f in replies] == want
     assert scrape(cached)["loraplex_prompt_tokens_copied_total"] > before
+
+
+def test_rows_copying_a_prefix_are_not_held_to_the_length_of_one_that_copies_none(servers):
+    """(review) Beside a long prompt that copies nothing, right-aligned rows would run their cached tokens again: rows
+    copying a prefix run in a prefill of their own when that runs fewer tokens."""
+    cached, plain, _ = servers
+    system = [(13 * i) % 200 + 9 for i in range(70)]
+    requests = [(system + [k + 1] * (k + 1), "a") for k in range(3)] + [([(3 * i) % 190 + 20 for i in range(90)], "a")]
+    kwargs = dict(max_new_tokens=5, ignore_eos=True)
+    with Client(plain.target, timeout=60) as client:
+        want = [list(client.generate(p, a, **kwargs).token_ids) for p, a in requests]
+    engine, gate = cached.serving.engine, threading.Event()
+    with Client(cached.target, timeout=60) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        client.generate(system, "a", max_new_tokens=1)
+        before = scrape(cached)["loraplex_prompt_tokens_copied_total"]
+        held = engine.call(gate.wait)
+        replies = [pool.submit(client.generate, p, a, **kwargs) for p, a in requests]
+        try:
+            assert wait_for(lambda: scrape(cached)["loraplex_num_requests_waiting"] == len(requests), timeout=20)
+        finally:
+            gate.set()
+        held.result()
+        assert [list(f.result().token_ids) for f in replies] == want
+    # 4 cached blocks each; right-aligned on 73 columns, the first 64 copied: 62, 63 and 64 of their tokens
+    assert scrape(cached)["loraplex_prompt_tokens_copied_total"] - before == 62 + 63 + 64

@@ -40,6 +40,12 @@ class PrefixCache:
         self._serials = itertools.count()
         self.device = device
 
+    def _index(self, indices: list[int]) -> torch.Tensor:
+        """Pool indices on the pools' device; to a GPU from pinned memory, without waiting for it (a copy from pageable
+        memory waits for the GPU's queue: a finishing row's store would hold up the decode step)."""
+        index = torch.tensor(indices, dtype=torch.long)
+        return index.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else index
+
     @staticmethod
     def bytes_per_token(layers: list[tuple[torch.Size, torch.Size, torch.dtype] | None]) -> int:
         return sum((k[0] * k[-1] + v[0] * v[-1]) * dtype.itemsize for k, v, dtype in filter(None, layers))
@@ -75,7 +81,7 @@ class PrefixCache:
         """Each layer's keys and values [heads, n, head dim] of the first `n` tokens of `blocks`."""
         if not all(b.alive for b in blocks):  # its pool rows may hold another sequence now
             raise RuntimeError("a prefix block was evicted between its lookup and its use")
-        index = torch.tensor([b.index for b in blocks[:-(-n // BLOCK)]], device=self.device)
+        index = self._index([b.index for b in blocks[:-(-n // BLOCK)]])
 
         def take(pool: torch.Tensor) -> torch.Tensor:
             return pool.index_select(1, index).flatten(1, 2)[:, :n]
@@ -98,7 +104,7 @@ class PrefixCache:
             parent = block.serial
         if not added:
             return 0
-        first, index = len(held) * BLOCK, torch.tensor([b.index for _, b in added], device=self.device)
+        first, index = len(held) * BLOCK, self._index([b.index for _, b in added])
         try:
             for pools, pair in zip(self._pools, kv):
                 for pool, t in zip(pools or (), pair or ()):

@@ -27,8 +27,11 @@ python3 bench/adapter_kinds.py --device cuda --repeats 3 --variants "$variants" 
 # lease's minutes go to the engine
 python3 bench/mixed_adapters.py --device cuda --repeats 3 --skip-peft 2>&1 | tee "$out/mixed_adapters.txt" || failed=1
 # Short ones last: prompt scores projected after the forward vs inside it (whose chunks are cut: more forwards), at
-# Qwen's vocabulary; n samples of one prompt against n prompts (one prefill).
+# Qwen's vocabulary; n samples of one prompt against n prompts (one prefill); the prefix cache.
 timeout 120 python3 bench/prompt_logprobs.py --device cuda --vocab 152064 --rows 32 --length 512 --rounds 5 2>&1 \
     | tee "$out/prompt_logprobs.txt" || failed=1
 timeout 120 python3 bench/shared_prefill.py --device cuda --repeats 3 2>&1 | tee "$out/shared_prefill.txt" || failed=1
+# Chat turns with and without the prefix cache (two servers side by side): the copies against the prefill they save.
+timeout 120 python3 bench/prefix_cache.py --device cuda --requests 32 --repeats 3 2>&1 | tee "$out/prefix_cache.txt" \
+    || failed=1
 exit $failed

@@ -134,6 +134,17 @@ def _adapters(args) -> int:
     return 0
 
 
+def _info(args) -> int:
+    """GetServerInfo as JSON (proto3's mapping, every field shown: a limit of 0 is printed, not left out)."""
+    from google.protobuf.json_format import MessageToJson
+
+    from clients.client import Client
+    with Client(args.target, timeout=args.timeout, **connection(args)) as client:
+        info = client.server_info()
+    print(MessageToJson(info, always_print_fields_with_no_presence=True, preserving_proto_field_name=True))
+    return 0
+
+
 def _module_lines(info: pb.AdapterInfo) -> list[str]:
     """`adapters get`: the target modules, then the modules of each rank (highest first), compactly."""
     lines = [f"target modules: {_compact(info.target_modules)}"] if info.target_modules else []
@@ -306,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-logprobs", type=_ranged(0, 2 ** 32), default=None, metavar="N",
                      help="the same for each prompt token after the first, given those before it")
     gen.set_defaults(func=_generate)
+
+    info = sub.add_parser("info", allow_abbrev=False, help="the server's model, device and limits, as JSON")
+    client_args(info)
+    info.set_defaults(func=_info)
 
     adapters = sub.add_parser("adapters", allow_abbrev=False, help="list, get, load or unload adapters")
     adapter_sub = adapters.add_subparsers(dest="action", required=True)

@@ -1,4 +1,5 @@
 """The `loraplex` command line against a real server."""
+import json
 import math
 import re
 import subprocess
@@ -65,6 +66,15 @@ def test_generate_prints_prompt_log_probabilities_before_the_tokens(server):
     assert len(lines) == 4 + 2  # "hello": 5 prompt tokens in this byte-level tokenizer
     total = sum(lp.logprob for lp in reply.prompt_logprobs)
     assert f"prompt: 4 tokens scored, logprob sum {total:.4f}, perplexity {math.exp(-total / 4):.4f}" in result.stderr
+
+
+def test_info_prints_the_server_info_as_json_zeros_included(server):
+    result = run("info", "--target", server.target)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["model"] == server.serving.config.model and info["device"] == "cpu"
+    assert info["autoload_adapters"] is False and info["limits"]["max_batch_size"] == 16
+    assert info["limits"]["prefix_cache_tokens"] == "0"  # (proto3's JSON: 64-bit integers as strings)
 
 
 def test_adapters_load_list_unload_and_errors(server):

@@ -168,44 +168,17 @@ def test_a_prefix_cache_smaller_than_a_block_is_refused(tokens, needle):
 
 
 
-def test_requests_admitted_together_take_their_own_prefixes(servers):
-    """Rows of one prefill with prefixes of different lengths, of different adapters, or none: each gets what it
-    gets with nothing cached."""
+def admitted_together(servers, warm: list, requests: list, **kwargs) -> float:
+    """Send `warm` (prompt, adapter) to the cached server one by one, then `requests` so that one admission takes them
+    all (queued while its engine waits between two steps); each gets the plain server's tokens. Returns the prompt
+    tokens `requests` copied."""
     cached, plain, _ = servers
-    system = [(11 * i) % 200 + 9 for i in range(70)]
-    requests = [(system[:n] + [k + 1] * k, adapter) for k, (n, adapter) in
-                enumerate([(70, "a"), (40, "a"), (70, "b"), (20, "a"), (70, ""), (70, "a"), (3, "b")])]
-    kwargs = dict(max_new_tokens=6, ignore_eos=True)
     with Client(plain.target, timeout=60) as client:
         want = [list(client.generate(p, a, **kwargs).token_ids) for p, a in requests]
     engine, gate = cached.serving.engine, threading.Event()
     with Client(cached.target, timeout=60) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
-        for adapter in ("a", "b", ""):
-            client.generate(system, adapter, max_new_tokens=1)
-        before = scrape(cached)["loraplex_prompt_tokens_copied_total"]
-        held = engine.call(gate.wait)  # all queued while the engine waits between two steps: admitted together
-        replies = [pool.submit(client.generate, p, a, **kwargs) for p, a in requests]
-        try:
-            assert wait_for(lambda: scrape(cached)["loraplex_num_requests_waiting"] == len(requests), timeout=20)
-        finally:
-            gate.set()
-        held.result()
-        assert [list(f.result().token_ids) for f in replies] == want
-    assert scrape(cached)["loraplex_prompt_tokens_copied_total"] > before
-
-
-def test_rows_copying_a_prefix_are_not_held_to_the_length_of_one_that_copies_none(servers):
-    """(review) Beside a long prompt that copies nothing, right-aligned rows would run their cached tokens again: rows
-    copying a prefix run in a prefill of their own when that runs fewer tokens."""
-    cached, plain, _ = servers
-    system = [(13 * i) % 200 + 9 for i in range(70)]
-    requests = [(system + [k + 1] * (k + 1), "a") for k in range(3)] + [([(3 * i) % 190 + 20 for i in range(90)], "a")]
-    kwargs = dict(max_new_tokens=5, ignore_eos=True)
-    with Client(plain.target, timeout=60) as client:
-        want = [list(client.generate(p, a, **kwargs).token_ids) for p, a in requests]
-    engine, gate = cached.serving.engine, threading.Event()
-    with Client(cached.target, timeout=60) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
-        client.generate(system, "a", max_new_tokens=1)
+        for prompt, adapter in warm:
+            client.generate(prompt, adapter, max_new_tokens=1)
         before = scrape(cached)["loraplex_prompt_tokens_copied_total"]
         held = engine.call(gate.wait)
         replies = [pool.submit(client.generate, p, a, **kwargs) for p, a in requests]
@@ -215,5 +188,23 @@ def test_rows_copying_a_prefix_are_not_held_to_the_length_of_one_that_copies_non
             gate.set()
         held.result()
         assert [list(f.result().token_ids) for f in replies] == want
-    # 4 cached blocks each; right-aligned on 73 columns, the first 64 copied: 62, 63 and 64 of their tokens
-    assert scrape(cached)["loraplex_prompt_tokens_copied_total"] - before == 62 + 63 + 64
+    return scrape(cached)["loraplex_prompt_tokens_copied_total"] - before
+
+
+def test_requests_admitted_together_take_their_own_prefixes(servers):
+    """Rows of one prefill with prefixes of different lengths, of different adapters, or none: each gets what it
+    gets with nothing cached."""
+    system = [(11 * i) % 200 + 9 for i in range(70)]
+    requests = [(system[:n] + [k + 1] * k, adapter) for k, (n, adapter) in
+                enumerate([(70, "a"), (40, "a"), (70, "b"), (20, "a"), (70, ""), (70, "a"), (3, "b")])]
+    warm = [(system, adapter) for adapter in ("a", "b", "")]
+    assert admitted_together(servers, warm, requests, max_new_tokens=6, ignore_eos=True) > 0
+
+
+def test_rows_copying_a_prefix_are_not_held_to_the_length_of_one_that_copies_none(servers):
+    """(review) Beside a long prompt that copies nothing, right-aligned rows would run their cached tokens again: rows
+    copying a prefix run in a prefill of their own when that runs fewer tokens."""
+    system = [(13 * i) % 200 + 9 for i in range(70)]
+    requests = [(system + [k + 1] * (k + 1), "a") for k in range(3)] + [([(3 * i) % 190 + 20 for i in range(90)], "a")]
+    copied = admitted_together(servers, [(system, "a")], requests, max_new_tokens=5, ignore_eos=True)
+    assert copied == 62 + 63 + 64  # 4 cached blocks each; right-aligned on 73 columns, the first 64 copied

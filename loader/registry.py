@@ -66,6 +66,13 @@ def _files_identity(path: Path) -> tuple:
     return tuple(out)
 
 
+def _unchanged(path: Path, files: tuple) -> bool:
+    try:
+        return _files_identity(path) == files
+    except OSError:
+        return False
+
+
 class AdapterRegistry:
     def __init__(self, root: Path | None, reader: Reader, cache_bytes: int, autoload: bool,
                  on_evict: Callable[[CanonicalAdapter], None] = lambda adapter: None,
@@ -316,7 +323,10 @@ class AdapterRegistry:
                     self._check_fits(adapter_id, known[1])
             with self._reads:
                 weights = self._reader(path, adapter_id, next(self._serial))  # (new files: checked once read)
-            weights = dataclasses.replace(weights, source=files)
+            if _unchanged(path, files):
+                weights = dataclasses.replace(weights, source=files)  # the prefix cache's blocks follow the files
+            else:  # replaced while waiting for a read or being read (a deploy's link flipped): which files these
+                files = ()  # weights are is not known; nothing counts them as any files' (a replace reads again)
             with self._lock:
                 current = self._records.get(adapter_id)
                 try:
@@ -328,7 +338,7 @@ class AdapterRegistry:
                     raise
                 self._refused.pop(adapter_id, None)
                 # a re-read after eviction is the same version only if the files are the same files
-                same = reread and current is not None and current.files == files
+                same = reread and current is not None and bool(files) and current.files == files
                 previous = current.version if current is not None else self._gone.pop(adapter_id, 0)
                 version = previous + (0 if same else 1)
                 record = AdapterRecord(adapter_id, path, version,

@@ -260,12 +260,13 @@ class Engine:
         admitted, skipped, slot_wait = [], deque(), False
         # the distinct prompts the newcomers' prefill runs (Runner.start_prefill runs each once), and the longest; a
         # copy of one, or of a prompt a running row holds (it runs one token), adds nothing to prefill
-        prompts, longest, held = set(), 0, self._held_prompts()
+        prompts, longest, held, matched = set(), 0, self._held_prompts(), {}
         while self._waiting and len(admitted) < room:
             request = self._waiting[0]
             prompt = prompt_key(request)
             runs = prompt not in prompts and not takes_cache(prompt, request.prompt_ids, held)
-            blocks = cached_blocks(self.prefixes, request) if runs else []
+            # a copy of a prompt admitted now takes its blocks (one prefill runs both); a running row's takes none
+            blocks = cached_blocks(self.prefixes, request) if runs else matched.get(prompt, [])
             to_run = len(request.prompt_ids) - len(blocks) * BLOCK
             if self._prefilling is not None and to_run > self.config.max_prefill_tokens and runs:
                 # One long prompt chunks at a time: a second one waits at the head for its last chunk (then goes
@@ -309,6 +310,7 @@ class Engine:
             admitted.append(Row(request.prompt_ids, slot, state))
             if runs:
                 prompts.add(prompt)
+                matched[prompt] = blocks
                 longest = max(longest, to_run)
         self._waiting.extendleft(reversed(skipped))
         # rows free with nothing left waiting for them (a request still waiting was held back by the KV or prefill
@@ -358,12 +360,14 @@ class Engine:
         return held_prompts(self._batch.rows if self._batch else [], self.runner.longrope is not None)
 
     def _advance(self, job: Prefill) -> None:
-        """Run `job`'s next chunk: at most --max-prefill-tokens padded tokens, so the running rows get a token
-        between the chunks of a long prompt; once all ran, sample and join the running batch."""
+        """Run `job`'s next chunk: at most --max-prefill-tokens padded tokens for the one prefilling, so the running
+        rows get a token between the chunks of a long prompt (others run whole: admission kept them within it, and
+        nothing would run their rest); once all ran, sample and join the running batch."""
         rows = job.rows
         start = time.monotonic()
+        columns = max(1, self.config.max_prefill_tokens // job.width) if job is self._prefilling else job.length
         try:
-            logits = self.runner.advance(job, max(1, self.config.max_prefill_tokens // job.width))
+            logits = self.runner.advance(job, columns)
             if logits is not None:
                 tokens, logprobs, broken = choose(logits, [r.state for r in rows])
                 # allocates the joined cache: can run out of memory too

@@ -168,11 +168,10 @@ def test_a_prefix_cache_smaller_than_a_block_is_refused(tokens, needle):
 
 
 
-def admitted_together(servers, warm: list, requests: list, **kwargs) -> float:
-    """Send `warm` (prompt, adapter) to the cached server one by one, then `requests` so that one admission takes them
-    all (queued while its engine waits between two steps); each gets the plain server's tokens. Returns the prompt
-    tokens `requests` copied."""
-    cached, plain, _ = servers
+def admitted_together(cached, plain, warm: list, requests: list, **kwargs) -> float:
+    """Send `warm` (prompt, adapter) to the `cached` server one by one, then `requests` so that one admission takes
+    them all (queued while its engine waits between two steps); each gets the `plain` server's tokens, and every slot
+    is free after. Returns the prompt tokens `requests` copied."""
     with Client(plain.target, timeout=60) as client:
         want = [list(client.generate(p, a, **kwargs).token_ids) for p, a in requests]
     engine, gate = cached.serving.engine, threading.Event()
@@ -188,6 +187,7 @@ def admitted_together(servers, warm: list, requests: list, **kwargs) -> float:
             gate.set()
         held.result()
         assert [list(f.result().token_ids) for f in replies] == want
+    assert wait_for(lambda: engine.bank.used == 0)
     return scrape(cached)["loraplex_prompt_tokens_copied_total"] - before
 
 
@@ -198,7 +198,7 @@ def test_requests_admitted_together_take_their_own_prefixes(servers):
     requests = [(system[:n] + [k + 1] * k, adapter) for k, (n, adapter) in
                 enumerate([(70, "a"), (40, "a"), (70, "b"), (20, "a"), (70, ""), (70, "a"), (3, "b")])]
     warm = [(system, adapter) for adapter in ("a", "b", "")]
-    assert admitted_together(servers, warm, requests, max_new_tokens=6, ignore_eos=True) > 0
+    assert admitted_together(*servers[:2], warm, requests, max_new_tokens=6, ignore_eos=True) > 0
 
 
 def test_rows_copying_a_prefix_are_not_held_to_the_length_of_one_that_copies_none(servers):
@@ -206,5 +206,47 @@ def test_rows_copying_a_prefix_are_not_held_to_the_length_of_one_that_copies_non
     copying a prefix run in a prefill of their own when that runs fewer tokens."""
     system = [(13 * i) % 200 + 9 for i in range(70)]
     requests = [(system + [k + 1] * (k + 1), "a") for k in range(3)] + [([(3 * i) % 190 + 20 for i in range(90)], "a")]
-    copied = admitted_together(servers, [(system, "a")], requests, max_new_tokens=5, ignore_eos=True)
+    copied = admitted_together(*servers[:2], [(system, "a")], requests, max_new_tokens=5, ignore_eos=True)
     assert copied == 62 + 63 + 64  # 4 cached blocks each; right-aligned on 73 columns, the first 64 copied
+
+
+def test_copies_of_a_prompt_prefill_with_its_cached_prefix(servers, model_dirs):
+    """(review) A second request with an admitted prompt took no blocks: it ran the whole prompt apart, beyond
+    --max-prefill-tokens, and that prefill was dropped after its first chunk (its requests never ended, their slot
+    held)."""
+    _, plain, root = servers
+    budget = start_server(model_dirs["llama"], root, prefix_cache_tokens=512, max_prefill_tokens=64)
+    system = [(17 * i) % 200 + 9 for i in range(70)]
+    requests = [(system + [k + 1] * (k + 2), "a") for k in range(4)] + [(system + [50, 51], "a")] * 2
+    try:
+        copied = admitted_together(budget, plain, [(system, "a")], requests, max_new_tokens=4, ignore_eos=True)
+    finally:
+        budget.stop()
+    assert copied == 61 + 62 + 63 + 64 + 61  # right-aligned on 75 columns, the first 64 (the copies' once)
+
+
+def test_weights_read_from_files_replaced_meanwhile_take_no_blocks(servers, model_dirs, monkeypatch):
+    """(review) The files' identity is taken before the read, which may wait: files replaced meanwhile (a deploy's
+    link flipped) were read as the new weights under the old files' identity, and took the old weights' blocks."""
+    cached, plain, root = servers
+    make_peft_adapter(model_dirs["llama"], root / "c", 5, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
+    system = [(19 * i) % 200 + 9 for i in range(50)]
+    with Client(cached.target, timeout=60) as client:
+        client.generate(system, "c", max_new_tokens=1)
+        client.unload_adapter("c")
+    registry = cached.serving.registry
+    read = registry._reader
+
+    def replaced_before_the_read(*args):
+        make_peft_adapter(model_dirs["llama"], root / "c", 6, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
+        return read(*args)
+    monkeypatch.setattr(registry, "_reader", replaced_before_the_read)
+    before = scrape(cached)["loraplex_prompt_tokens_copied_total"]
+    kwargs = dict(max_new_tokens=6, ignore_eos=True, logprobs=0)
+    with Client(cached.target, timeout=60) as c, Client(plain.target, timeout=60) as p:
+        got = c.generate(system + [8, 9], "c", **kwargs)
+        want = p.generate(system + [8, 9], "c", **kwargs)  # (its first read of "c": the new files)
+    assert scrape(cached)["loraplex_prompt_tokens_copied_total"] == before
+    assert list(got.token_ids) == list(want.token_ids)
+    for g, w in zip(got.logprobs, want.logprobs):
+        assert abs(g.logprob - w.logprob) < 1e-4

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import shutil
-import time
 
 import grpc
 import pytest
@@ -306,18 +305,23 @@ def test_a_burst_of_batch_plus_queue_requests_is_taken_whole(model_dirs, adapter
     that arrived before the engine's next step), and refuses the one after them."""
     import threading
     server = start_server(model_dirs["llama"], adapter_root, max_batch_size=2, max_queue_size=2)
-    busy = threading.Event()
-    server.serving.engine.call(lambda: (busy.set(), time.sleep(3.0)))  # the burst arrives before its next step (a
-    # loaded machine took over 1 s to send it)
+    gate = threading.Event()
+    held = server.serving.engine.call(gate.wait)  # the whole burst arrives before its next step (a sleep of 3 s was
+    # not always long enough for a loaded machine to send it)
 
     async def burst():
         async with AsyncClient(server.target, timeout=60) as client:
-            return await asyncio.gather(*[client.generate([5 + i], max_new_tokens=2, ignore_eos=True)
-                                          for i in range(5)], return_exceptions=True)
+            calls = [asyncio.ensure_future(client.generate([5 + i], max_new_tokens=2, ignore_eos=True))
+                     for i in range(5)]
+            done, _ = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)  # the refusal: all five sent
+            assert await asyncio.to_thread(wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == 4)
+            gate.set()
+            return await asyncio.gather(*calls, return_exceptions=True)
     try:
-        assert busy.wait(10)
         outcomes = asyncio.run(burst())
+        held.result()
     finally:
+        gate.set()
         server.stop()
     refused = [o for o in outcomes if isinstance(o, grpc.RpcError)]
     assert len(refused) == 1 and refused[0].code() == C.RESOURCE_EXHAUSTED, outcomes

@@ -73,7 +73,7 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
                   stop_token_ids: Sequence[int] = (), continue_final_message: bool = False,
                   chat_template_kwargs: Mapping | None = None,
                   prompt_logprobs: int | None = None,
-                  logit_bias: Mapping[int, float] | None = None) -> pb.GenerateRequest:
+                  logit_bias: Mapping[int, float] | None = None, cache_salt: str = "") -> pb.GenerateRequest:
     """A text prompt, a sequence of token ids, or a chat: a sequence of {"role": ..., "content": ...} messages
     that the server's chat template makes the prompt of (`continue_final_message`: the model continues the last
     message instead of starting a new turn; `chat_template_kwargs`: values the template reads, as Qwen3's
@@ -83,7 +83,7 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
     of the wrong type, or one its field cannot carry, is a TypeError or ValueError naming the argument. `logprobs`:
     None for none, else each token's log-probability and that many alternatives' (0-20); `prompt_logprobs`: the
     same for the prompt's tokens after the first (the reply's prompt_token_ids and prompt_logprobs). The penalties,
-    min_p, logit_bias ({token id: bias}), min_new_tokens and stop_token_ids: as the fields of the same names
+    min_p, logit_bias ({token id: bias}), min_new_tokens, stop_token_ids and cache_salt: as the fields of the same names
     (protos/loraplex/v1/inference.proto)."""
     if adapter_id is None:  # protobuf would send "", the base model: a classic unset environment variable
         raise TypeError('adapter_id is None (an unset variable?): pass "" for the base model')
@@ -102,7 +102,8 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
     request = pb.GenerateRequest(adapter_id=check_text("adapter_id", adapter_id), sampling=sampling,
                                  stopping=stopping, request_id=check_text("request_id", request_id),
                                  logprobs=check_integer("logprobs", logprobs, 0, 2 ** 32),
-                                 prompt_logprobs=check_integer("prompt_logprobs", prompt_logprobs, 0, 2 ** 32))
+                                 prompt_logprobs=check_integer("prompt_logprobs", prompt_logprobs, 0, 2 ** 32),
+                                 cache_salt=check_text("cache_salt", cache_salt))
     continued = check_flag("continue_final_message", continue_final_message)
     if isinstance(prompt, (bytes, bytearray)):  # a sequence of ints, but surely meant as text
         raise TypeError("prompt must be text (str) or token ids (a sequence of int), not bytes: decode it first")

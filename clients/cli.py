@@ -78,7 +78,7 @@ def _generate(args) -> int:
                                         frequency_penalty=args.frequency_penalty,
                                         min_new_tokens=args.min_new_tokens, stop_token_ids=args.stop_token_id or (),
                                         chat_template_kwargs=kwargs, prompt_logprobs=args.prompt_logprobs,
-                                        logit_bias=bias)
+                                        logit_bias=bias, cache_salt=args.cache_salt)
         logprobs, prompt = [], []
         for message in stream:
             prompt += zip(message.prompt_token_ids[1:], message.prompt_logprobs)
@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print each token's log-probability and the N likeliest tokens' (0-20) to stderr")
     gen.add_argument("--prompt-logprobs", type=_ranged(0, 2 ** 32), default=None, metavar="N",
                      help="the same for each prompt token after the first, given those before it")
+    gen.add_argument("--cache-salt", type=utf8, default="",
+                     help="share computed prompt keys and values only with requests of this salt")
     gen.set_defaults(func=_generate)
 
     info = sub.add_parser("info", allow_abbrev=False, help="the server's model, device and limits, as JSON")

@@ -30,6 +30,7 @@ class Row:
     state: object = None
     last_token: int = -1
     fed: list[int] = field(default_factory=list)  # tokens decode steps fed it, kept only for a longrope recompute
+    share: tuple | None = None  # rows prefilled together with equal keys run their prompt once; None: slot and prompt
 
 
 @dataclass
@@ -205,7 +206,7 @@ class Runner:
         scored, prefixes = scored or {}, prefixes or {}
         run, source, first, held = [], [], {}, []
         for i, row in enumerate(rows):  # a scored row runs alone: its scores are its own (and rare)
-            key = ("scored", i) if i in scored else (row.slot, tuple(row.prompt_ids))
+            key = ("scored", i) if i in scored else (row.share or (row.slot, tuple(row.prompt_ids)))
             if key not in first:
                 first[key] = len(run)
                 run.append(row)

@@ -307,7 +307,7 @@ class Engine:
                               make_generator(request.sampling),
                               TokenHistory.of(request.prompt_ids, request.sampling, request.stopping, self.eos), now,
                               prompt, blocks)
-            admitted.append(Row(request.prompt_ids, slot, state))
+            admitted.append(Row(request.prompt_ids, slot, state, share=prompt))
             if runs:
                 prompts.add(prompt)
                 matched[prompt] = blocks

@@ -41,6 +41,7 @@ class EngineRequest:
     sink: Callable[[object], None]  # thread-safe; receives TokenEvent/FinishEvent/ErrorEvent
     logprobs: int | None = None  # GenerateRequest.logprobs: alternatives per token, None for no log-probabilities
     prompt_logprobs: int | None = None  # GenerateRequest.prompt_logprobs: the same for the prompt's tokens
+    cache_salt: str = ""  # shares prompts' keys and values only with requests of the same salt
     adapter_label: str = ""
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set from any thread; the engine drops the request at its next step

@@ -18,15 +18,12 @@ from server.prefix_cache import BLOCK, Block, PrefixCache
 log = logging.getLogger("loraplex.engine")
 
 
-def adapter_key(request: EngineRequest) -> tuple | None:
-    return request.adapter.key if request.adapter is not None else None
-
-
 def prompt_key(request: EngineRequest) -> tuple:
-    """What makes requests' prefills the same: adapter version and prompt."""
+    """What makes requests' prefills the same: adapter version, cache salt and prompt."""
     if request.prompt_logprobs is not None:
         return (id(request),)
-    return (adapter_key(request), tuple(request.prompt_ids))
+    return (request.adapter.key if request.adapter is not None else None, request.cache_salt,
+            tuple(request.prompt_ids))
 
 
 def held_prompts(rows: list, longrope: bool) -> dict[tuple, int]:
@@ -45,16 +42,17 @@ def takes_cache(key: tuple, prompt: list[int], held: dict[tuple, int]) -> bool:
     return key in held and len(prompt) > 1
 
 
-def weights_key(request: EngineRequest) -> tuple | None:
-    """What keys the prefix cache's blocks: the adapter's weights (the same files read again are the same weights)."""
-    return request.adapter.weights_key if request.adapter is not None else None
+def cache_key(request: EngineRequest) -> tuple:
+    """What keys the prefix cache's blocks: the adapter's weights (the same files read again are the same weights),
+    and the request's cache salt."""
+    return (request.adapter.weights_key if request.adapter is not None else None, request.cache_salt)
 
 
 def cached_blocks(cache: PrefixCache | None, request: EngineRequest) -> list[Block]:
     """The prefix cache's blocks that `request`'s prompt starts with."""
     if cache is None or request.prompt_logprobs is not None:
         return []
-    return cache.match(weights_key(request), request.prompt_ids)
+    return cache.match(cache_key(request), request.prompt_ids)
 
 
 def cached_prefix(cache: PrefixCache, blocks: list[Block]) -> Prefix:
@@ -114,6 +112,6 @@ def _keep(cache: PrefixCache, request: EngineRequest, tokens: list[int], kv: Row
     if len(tokens) < BLOCK:
         return
     try:  # the requests were served: a failure to keep their keys and values costs only later prefills
-        cache.store(weights_key(request), tokens, kv)
+        cache.store(cache_key(request), tokens, kv)
     except Exception:
         log.exception("could not keep the keys and values of request %s in the prefix cache", request.request_id)

@@ -15,7 +15,7 @@ from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, Token
 from server.errors import AdapterMemoryFull, InvalidArgument, NotFound, status_for
 from server.serving import Serving, abort, adapter_pool, ready
 from server.stopping import FinishReason
-from server.validation import MAX_REQUEST_ID, logprobs_from, prompt_and_stopping, sampling_from
+from server.validation import MAX_CACHE_SALT, MAX_REQUEST_ID, logprobs_from, prompt_and_stopping, sampling_from
 
 # Requests of one adapter id on the resolving pool at once; the rest wait on the event loop, holding no thread. Its
 # id lock serialises their resolving anyway, and while a LoadAdapter or a slow read holds that lock, the threads
@@ -160,12 +160,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         s = ready(self.serving)
         if len(request.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
+        if len(request.cache_salt) > MAX_CACHE_SALT:
+            raise InvalidArgument(f"cache_salt is longer than {MAX_CACHE_SALT} characters")
         sampling, logprobs = sampling_from(request.sampling, s.base.vocab_size), logprobs_from(request)
         prompt_logprobs = logprobs_from(request, "prompt_logprobs")
         ids, stopping = prompt_and_stopping(request, s.base, s.limits)
         return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=None,
                              sampling=sampling, stopping=stopping, sink=lambda event: None, logprobs=logprobs,
-                             prompt_logprobs=prompt_logprobs)
+                             prompt_logprobs=prompt_logprobs, cache_salt=request.cache_salt)
 
     async def _events(self, request: pb.GenerateRequest, stream: bool):
         """(engine request, event) pairs for `request`: for a stream every step's tokens; for a unary call one

@@ -13,7 +13,7 @@ from server.logprobs import MAX_LOGPROBS
 from server.sampling import SamplingParams
 from server.stopping import StoppingParams
 
-MAX_STOP_SEQUENCES, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, MAX_REQUEST_ID = 16, 256, 64, 256
+MAX_STOP_SEQUENCES, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, MAX_REQUEST_ID, MAX_CACHE_SALT = 16, 256, 64, 256, 256
 REPETITION_PENALTY = (0.01, 100.0)
 MAX_LOGIT_BIAS, LOGIT_BIAS = 300, 100.0  # as OpenAI's API
 

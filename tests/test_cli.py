@@ -37,6 +37,12 @@ def test_generate_streams_text_and_reports_usage(server):
     assert "[length; 5 prompt + 5 completion tokens]" in result.stderr
 
 
+def test_generate_sends_its_cache_salt(server):
+    assert run("generate", "--target", server.target, "--max-new-tokens", "1", "--cache-salt", "t1", "hi").returncode == 0
+    result = run("generate", "--target", server.target, "--cache-salt", "s" * 257, "hi")
+    assert result.returncode != 0 and "cache_salt is longer than 256 characters" in result.stderr
+
+
 def test_generate_prints_log_probabilities_to_stderr(server):
     from clients.client import Client
     with Client(server.target, timeout=30) as client:

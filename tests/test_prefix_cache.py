@@ -5,6 +5,7 @@ import concurrent.futures
 import re
 import threading
 
+import grpc
 import pytest
 import torch
 
@@ -250,3 +251,21 @@ def test_weights_read_from_files_replaced_meanwhile_take_no_blocks(servers, mode
     assert list(got.token_ids) == list(want.token_ids)
     for g, w in zip(got.logprobs, want.logprobs):
         assert abs(g.logprob - w.logprob) < 1e-4
+
+
+def test_requests_share_cached_prompts_only_with_their_cache_salt(servers):
+    """GenerateRequest.cache_salt: a tenant with a secret salt takes and leaves blocks only for its own requests (its
+    time to first token tells nothing of what others sent); the salt changes nothing else."""
+    cached, plain, _ = servers
+    system = [(23 * i) % 200 + 9 for i in range(50)]
+    kwargs = dict(max_new_tokens=6, ignore_eos=True)
+    with Client(cached.target, timeout=60) as c, Client(plain.target, timeout=60) as p:
+        c.generate(system, "a", cache_salt="tenant-1", max_new_tokens=1)
+        for salt, copies in [("tenant-2", 0), ("", 0), ("tenant-1", 3 * BLOCK)]:
+            before = scrape(cached)["loraplex_prompt_tokens_copied_total"]
+            got = c.generate(system + [8, 9], "a", cache_salt=salt, **kwargs)
+            assert scrape(cached)["loraplex_prompt_tokens_copied_total"] - before == copies, salt
+            assert list(got.token_ids) == list(p.generate(system + [8, 9], "a", **kwargs).token_ids)
+        with pytest.raises(grpc.RpcError) as info:
+            c.generate(system, "a", cache_salt="s" * 257, max_new_tokens=1)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in info.value.details()

@@ -71,6 +71,9 @@ def test_a_row_scoring_its_prompt_runs_its_own(runner_and_slot):
     batch = runner.prefilled(job)
     assert len(batch) == 3 and batch.cache.tensors()[0][0].shape[0] == 3
     assert runner.start_prefill([Row(A, slot), Row(B, slot)]).source is None  # nothing shared: nothing to copy
+    # the engine's key (adapter version, cache salt, prompt) decides: requests of different salts share nothing
+    assert runner.start_prefill([Row(A, slot, share=(1, "x")), Row(A, slot, share=(1, "y"))]).source is None
+    assert runner.start_prefill([Row(A, slot, share=(1, "x")), Row(A, slot, share=(1, "x"))]).source == [0, 0]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from server.errors import InternalError, ResourceExhausted, Unavailable
 from server.metrics import Metrics, count_by_adapter
 from server.penalties import TokenHistory
 from server.prefix_cache import BLOCK, Block, PrefixCache
-from server.prompt_sharing import (cached_blocks, held_prompts, keep_prompts, keep_sequences, prefill_groups,
+from server.prompt_sharing import (cached_blocks, donors, held_prompts, keep_prompts, keep_sequences, prefill_groups,
                                    prefill_inputs, prompt_key, takes_cache)
 from server.sampling import make_generator
 from server.stopping import FinishReason, TextStream
@@ -326,7 +326,7 @@ class Engine:
         """Start prefilling `newcomers`: a group within --max-prefill-tokens runs whole in this iteration, a longer
         prompt becomes the one prefilling (`_prefilling`) and runs a chunk an iteration. While it runs, groups
         that fit one prefill still join, so an iteration prefills at most twice --max-prefill-tokens."""
-        donated = self._donors(newcomers)
+        donated = donors(newcomers, self._held_prompts())
         groups = prefill_groups([r for r in newcomers if r.state.prompt_key not in donated])
         try:  # gathers the rows' factors and copies the donors' caches and cached prefixes: can run out of memory
             # (all copied before any joins the running batch, which moves its rows' columns, or the prefix cache
@@ -345,16 +345,6 @@ class Engine:
                 self._prefilling = job  # the caller advances it
             else:
                 self._advance(job)
-
-    def _donors(self, newcomers: list[Row]) -> dict[tuple, tuple[list[Row], int]]:
-        """{prompt key: (the newcomers with it, the running row whose cached prompt they take)} (n samples of one
-        prompt arriving apart: the first of a burst on an idle server is prefilled alone)."""
-        held = self._held_prompts()
-        donated: dict[tuple, tuple[list[Row], int]] = {}
-        for row in newcomers:
-            if takes_cache(row.state.prompt_key, row.prompt_ids, held):
-                donated.setdefault(row.state.prompt_key, ([], held[row.state.prompt_key]))[0].append(row)
-        return donated
 
     def _held_prompts(self) -> dict[tuple, int]:
         return held_prompts(self._batch.rows if self._batch else [], self.runner.longrope is not None)

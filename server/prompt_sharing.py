@@ -42,6 +42,17 @@ def takes_cache(key: tuple, prompt: list[int], held: dict[tuple, int]) -> bool:
     return key in held and len(prompt) > 1
 
 
+def donors(newcomers: list[Row], held: dict[tuple, int]) -> dict[tuple, tuple[list[Row], int]]:
+    """{prompt key: (the newcomers with it, the running row whose cached prompt they take)} (n samples of one prompt
+    arriving apart: the first of a burst on an idle server is prefilled alone). `held`: held_prompts of the running
+    rows."""
+    donated: dict[tuple, tuple[list[Row], int]] = {}
+    for row in newcomers:
+        if takes_cache(row.state.prompt_key, row.prompt_ids, held):
+            donated.setdefault(row.state.prompt_key, ([], held[row.state.prompt_key]))[0].append(row)
+    return donated
+
+
 def cache_key(request: EngineRequest) -> tuple:
     """What keys the prefix cache's blocks: the adapter's weights (the same files read again are the same weights),
     and the request's cache salt."""

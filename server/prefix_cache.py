@@ -2,8 +2,9 @@
 (--prefix-cache-tokens): a system prompt, few-shot examples, the earlier turns of a chat.
 
 Sequences are cut in blocks of BLOCK tokens. A block is keyed by its tokens and the block before it (the first block
-by the adapter's weights, CanonicalAdapter.weights_key: an adapter changes every layer's keys and values), so a key names its whole prefix exactly:
-no hashes, whose collisions would hand a request another prompt's keys and values. Blocks live in one pool per layer,
+by its root: the adapter's weights and the request's cache salt, server/prompt_sharing.cache_key: an adapter changes
+every layer's keys and values), so a key names its whole prefix exactly: no hashes, whose collisions would hand a
+request another prompt's keys and values. Blocks live in one pool per layer,
 [heads, blocks, BLOCK, head dim], of a fixed number of blocks allocated at start; the least recently used block goes
 first. A lookup or store touches a sequence's blocks last to first, so a block is never older than the blocks after
 it, and the oldest block is always one nothing else starts with: evicting it leaves every other sequence whole.
@@ -55,9 +56,9 @@ class PrefixCache:
         """Tokens held."""
         return len(self._blocks) * BLOCK
 
-    def _held(self, adapter: tuple | None, tokens: list[int], blocks: int) -> list[tuple[tuple, Block]]:
+    def _held(self, root: tuple | None, tokens: list[int], blocks: int) -> list[tuple[tuple, Block]]:
         """(key, block) of the held blocks the first `blocks` blocks of `tokens` start with, touched."""
-        held, parent = [], ("adapter", adapter)
+        held, parent = [], ("root", root)
         for start in range(0, blocks * BLOCK, BLOCK):
             key = (parent, tuple(tokens[start:start + BLOCK]))
             block = self._blocks.get(key)
@@ -73,9 +74,9 @@ class PrefixCache:
         for key in reversed(keys):
             self._blocks.move_to_end(key)
 
-    def match(self, adapter: tuple | None, prompt: list[int]) -> list[Block]:
+    def match(self, root: tuple | None, prompt: list[int]) -> list[Block]:
         """The held blocks `prompt` starts with, leaving at least its last token to run (its logits are needed)."""
-        return [block for _, block in self._held(adapter, prompt, (len(prompt) - 1) // BLOCK)]
+        return [block for _, block in self._held(root, prompt, (len(prompt) - 1) // BLOCK)]
 
     def gather(self, blocks: list[Block], n: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Each layer's keys and values [heads, n, head dim] of the first `n` tokens of `blocks`."""
@@ -87,13 +88,13 @@ class PrefixCache:
             return pool.index_select(1, index).flatten(1, 2)[:, :n]
         return [None if pools is None else (take(pools[0]), take(pools[1])) for pools in self._pools]
 
-    def store(self, adapter: tuple | None, tokens: list[int],
+    def store(self, root: tuple | None, tokens: list[int],
               kv: list[tuple[torch.Tensor, torch.Tensor] | None]) -> int:
         """Keep the whole blocks of `tokens`, whose keys and values are `kv` (each layer's [heads, len(tokens),
         head dim], or None); blocks already held are only touched. Returns the blocks added."""
         blocks = min(len(tokens) // BLOCK, self.capacity)
-        held = self._held(adapter, tokens, blocks)  # the most recent now: the evictions below take other blocks
-        added, parent = [], held[-1][1].serial if held else ("adapter", adapter)
+        held = self._held(root, tokens, blocks)  # the most recent now: the evictions below take other blocks
+        added, parent = [], held[-1][1].serial if held else ("root", root)
         for start in range(len(held) * BLOCK, blocks * BLOCK, BLOCK):
             if not self._free:
                 _, old = self._blocks.popitem(last=False)

@@ -38,7 +38,8 @@ def test_generate_streams_text_and_reports_usage(server):
 
 
 def test_generate_sends_its_cache_salt(server):
-    assert run("generate", "--target", server.target, "--max-new-tokens", "1", "--cache-salt", "t1", "hi").returncode == 0
+    salted = run("generate", "--target", server.target, "--max-new-tokens", "1", "--cache-salt", "t1", "hi")
+    assert salted.returncode == 0, salted.stderr
     result = run("generate", "--target", server.target, "--cache-salt", "s" * 257, "hi")
     assert result.returncode != 0 and "cache_salt is longer than 256 characters" in result.stderr
 

@@ -246,9 +246,10 @@ class Engine:
             self._prefilling = None
             self._report()
         if self._batch is not None and any(r.state.request.cancelled for r in self._batch.rows):
-            for row in self._batch.rows:
-                if row.state.request.cancelled:
-                    self._finish_metrics(row.state.request, FinishReason.CANCELLED)
+            cancelled = [row for row in self._batch.rows if row.state.request.cancelled]
+            for row in cancelled:
+                self._finish_metrics(row.state.request, FinishReason.CANCELLED)
+            keep_sequences(self.prefixes, self._batch, cancelled)  # a chat's next turn may hold the text it had
             self._retire([i for i, r in enumerate(self._batch.rows) if r.state.request.cancelled])
 
     def _kv_plan(self, newcomers: list[EngineRequest]) -> tuple[int, int]:

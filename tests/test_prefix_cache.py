@@ -269,3 +269,23 @@ def test_requests_share_cached_prompts_only_with_their_cache_salt(servers):
         with pytest.raises(grpc.RpcError) as info:
             c.generate(system, "a", cache_salt="s" * 257, max_new_tokens=1)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in info.value.details()
+
+
+def test_a_cancelled_stream_keeps_what_it_ran(servers):
+    """(sweep) A chat client that stops a reply sends the next turn with the text it had: what the cancelled request
+    ran is kept as a finished one's is."""
+    cached, _, _ = servers
+    prompt = [(29 * i) % 200 + 9 for i in range(30)]
+    with Client(cached.target, timeout=60) as client:
+        stream = client.generate_stream(prompt, "a", max_new_tokens=200, ignore_eos=True)
+        read = []
+        for message in stream:
+            read += message.token_ids
+            if len(read) >= 20:
+                break
+        stream.cancel()
+        assert wait_for(lambda: cached.serving.engine.idle())
+        before = scrape(cached)["loraplex_prompt_tokens_copied_total"]
+        client.generate(prompt + read[:20] + [7], "a", max_new_tokens=1)
+    # its prompt, the 20 tokens read and what ran after them: the next turn's 51 tokens but the last, in whole blocks
+    assert scrape(cached)["loraplex_prompt_tokens_copied_total"] - before == 3 * BLOCK

@@ -117,8 +117,10 @@ class Engine:
                 raise ResourceExhausted(
                     f"the waiting queue is full ({self.config.max_queue_size} requests, --max-queue-size); retry later")
             self._pending += 1
-        self.metrics.waiting.inc()
-        self._inbox.put(request)
+            # queued, then counted, under the lock _unqueue takes: whoever sees the count sees the request in the
+            # engine's inbox (a test under load saw the count, ran three engine steps, and the request came later)
+            self._inbox.put(request)
+            self.metrics.waiting.inc()
         self._wake.set()
 
     def call(self, fn: Callable[[], object]) -> Future:
@@ -231,7 +233,7 @@ class Engine:
     def _unqueue(self, n: int = 1) -> None:
         with self._count_lock:
             self._pending -= n
-        self.metrics.waiting.dec(n)
+            self.metrics.waiting.dec(n)
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self._waiting if r.cancelled]:

@@ -342,8 +342,11 @@ def test_rows_the_kv_budget_holds_back_take_no_request_beyond_the_queue(model_di
             await running.__anext__()
             waiting = asyncio.create_task(client.generate([7, 8], max_new_tokens=50, ignore_eos=True))  # 52 more
             assert await asyncio.to_thread(wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == 1)
-            for _ in range(3):  # engine iterations: one has tried to admit it since (a burst before is documented)
-                await asyncio.wrap_future(server.serving.engine.call(lambda: None))
+            # until an admission has tried it and left no row free (three engine calls in a row were not enough: the
+            # engine runs calls that arrive while it takes its inbox in the same step, before any admission)
+            engine = server.serving.engine
+            while not await asyncio.wrap_future(engine.call(lambda: engine._free == 0 and len(engine._waiting) == 1)):
+                await asyncio.sleep(0.01)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await client.generate([9], max_new_tokens=2)
             assert info.value.code() == C.RESOURCE_EXHAUSTED and "--max-queue-size" in info.value.details()

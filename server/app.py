@@ -31,8 +31,8 @@ from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.attention import UnsupportedAttention
 from server.auth import AuthInterceptor, watch_tokens
 from server.tls import tls_credentials
-from server.config import (PREFIX_BLOCK, ConfigError, ServerConfig, check_config, check_slot_bank, free_memory,
-                           resolve_limits, serve_targets, size_text)
+from server.config import (ConfigError, ServerConfig, check_config, check_slot_bank, free_memory, resolve_limits,
+                           serve_targets, size_text)
 from server.engine import Engine, EngineConfig
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent
 from server.open_streams import Closing, HealthService, ReflectionService
@@ -115,26 +115,27 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "memory" in str(exc) or "allocate" in str(exc)
 
 
-def _prefix_cache(config: ServerConfig, runner: Runner) -> PrefixCache | None:
-    """--prefix-cache-tokens' pools, allocated now: a size the device cannot hold is refused at start."""
-    if not config.prefix_cache_tokens:
+def _prefix_cache(config: ServerConfig, tokens: int, runner: Runner) -> PrefixCache | None:
+    """The prefix cache's pools of `tokens` (Limits.prefix_cache_tokens), allocated now: a size the device cannot
+    hold is refused at start."""
+    if not tokens:
         return None
     if runner.longrope is not None:
         raise ConfigError("--prefix-cache-tokens: a LongRoPE model's keys depend on the whole prompt's length (its "
                           "short or long rotary factors), not on the tokens before them alone; serve it without")
     layers = runner.row_layout()
-    needed = config.prefix_cache_tokens // PREFIX_BLOCK * PREFIX_BLOCK * PrefixCache.bytes_per_token(layers)
+    needed = tokens * PrefixCache.bytes_per_token(layers)
     size, free = size_text(needed), free_memory(config.device)
     try:
         if free is not None and needed > free:
             raise MemoryError(f"only {size_text(free)} free")
-        cache = PrefixCache(config.prefix_cache_tokens, layers, runner.device)
+        cache = PrefixCache(tokens, layers, runner.device)
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise
         raise ConfigError(f"--prefix-cache-tokens {config.prefix_cache_tokens} needs {size} on {config.device}: "
                           f"{str(exc).splitlines()[0] if str(exc) else 'out of memory'}; lower it") from None
-    log.info("prefix cache: %d tokens, %s", cache.capacity * PREFIX_BLOCK, size)
+    log.info("prefix cache: %d tokens, %s", tokens, size)
     return cache
 
 
@@ -185,7 +186,8 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     limits = resolve_limits(config, base.max_context)
     engine = Engine(runner, base.tokenizer, base.eos_token_ids,
                     EngineConfig(config.max_batch_size, config.max_queue_size, limits.max_kv_tokens,
-                                 config.max_prefill_tokens), metrics, _prefix_cache(config, runner))
+                                 config.max_prefill_tokens), metrics,
+                    _prefix_cache(config, limits.prefix_cache_tokens, runner))
     by_name = {s.name: s for s in shapes}
     layout = key_layout(base.model)  # older module names renamed as PEFT does; a vision tower's tensors left out
     residuals = ResidualCache()  # PiSSA/OLoRA terms: an adapter read again after an eviction takes no SVD again

@@ -266,6 +266,7 @@ class Limits:
     max_kv_tokens: int
     max_context: int
     default_max_new_tokens: int  # what a request that sets none gets: --default-max-new-tokens within --max-new-tokens
+    prefix_cache_tokens: int  # --prefix-cache-tokens in whole blocks: what the prefix cache holds (0: none)
 
 
 def resolve_limits(c: ServerConfig, max_context: int) -> Limits:
@@ -273,4 +274,5 @@ def resolve_limits(c: ServerConfig, max_context: int) -> Limits:
     return Limits(max_prompt_tokens=min(c.max_prompt_tokens or max_context, max_context),
                   max_new_tokens=max_new_tokens,
                   max_kv_tokens=c.max_kv_tokens or c.max_batch_size * max_context, max_context=max_context,
-                  default_max_new_tokens=min(c.default_max_new_tokens, max_new_tokens))
+                  default_max_new_tokens=min(c.default_max_new_tokens, max_new_tokens),
+                  prefix_cache_tokens=c.prefix_cache_tokens // PREFIX_BLOCK * PREFIX_BLOCK)

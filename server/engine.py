@@ -380,7 +380,7 @@ class Engine:
         self.metrics.batch_size.labels("prefill").observe(len(rows))
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
         count_by_adapter(self.metrics.adapter_prompt_tokens,
-                          ((r.state.request.adapter_label, len(r.prompt_ids)) for r in rows))
+                         ((r.state.request.adapter_label, len(r.prompt_ids)) for r in rows))
         self._emit(rows, tokens, logprobs, first=True, broken=broken | job.broken, prompt_logprobs=job.scores)
         self._report()
 
@@ -418,7 +418,7 @@ class Engine:
         finished, failed = [], []
         self.metrics.generation_tokens.inc(len(rows) - len(broken))
         count_by_adapter(self.metrics.adapter_generation_tokens,
-                          ((r.state.request.adapter_label, 1) for i, r in enumerate(rows) if i not in broken))
+                         ((r.state.request.adapter_label, 1) for i, r in enumerate(rows) if i not in broken))
         for i, (row, token, row_logprobs) in enumerate(zip(rows, tokens, logprobs)):
             state = row.state
             if i in broken:

@@ -10,7 +10,6 @@ from typing import Callable
 from loader.chat_template import template_problem
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
-from server.config import PREFIX_BLOCK
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
 from server.errors import AdapterMemoryFull, InvalidArgument, NotFound, status_for
 from server.serving import Serving, abort, adapter_pool, ready
@@ -400,7 +399,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     max_lora_rank=c.max_lora_rank, max_hydra_heads=c.max_hydra_heads,
                     max_batch_size=c.max_batch_size, max_active_adapters=c.max_active_adapters,
                     adapter_cache_bytes=c.adapter_cache_bytes,
-                    prefix_cache_tokens=c.prefix_cache_tokens // PREFIX_BLOCK * PREFIX_BLOCK),
+                    prefix_cache_tokens=s.limits.prefix_cache_tokens),
                 adapter_target_modules=[shape.name for shape in s.engine.bank.shapes],
                 supported_adapter_kinds=[pb.ADAPTER_KIND_LORA, pb.ADAPTER_KIND_ADALORA,
                                          pb.ADAPTER_KIND_HYDRALORA, pb.ADAPTER_KIND_RESLORA])

@@ -5,6 +5,7 @@ as "bad argument type for built-in operation", name nothing); what a value means
 unknown adapter) is the server's to say, with its status code."""
 from __future__ import annotations
 
+import json
 import numbers
 from typing import Mapping, Sequence
 
@@ -73,7 +74,9 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
                   stop_token_ids: Sequence[int] = (), continue_final_message: bool = False,
                   chat_template_kwargs: Mapping | None = None,
                   prompt_logprobs: int | None = None,
-                  logit_bias: Mapping[int, float] | None = None, cache_salt: str = "") -> pb.GenerateRequest:
+                  logit_bias: Mapping[int, float] | None = None, cache_salt: str = "",
+                  json_schema: Mapping | str | None = None, json_object: bool = False, regex: str | None = None,
+                  choice: Sequence[str] | None = None, grammar: str | None = None) -> pb.GenerateRequest:
     """A text prompt, a sequence of token ids, or a chat: a sequence of {"role": ..., "content": ...} messages
     that the server's chat template makes the prompt of (`continue_final_message`: the model continues the last
     message instead of starting a new turn; `chat_template_kwargs`: values the template reads, as Qwen3's
@@ -84,7 +87,8 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
     None for none, else each token's log-probability and that many alternatives' (0-20); `prompt_logprobs`: the
     same for the prompt's tokens after the first (the reply's prompt_token_ids and prompt_logprobs). The penalties,
     min_p, logit_bias ({token id: bias}), min_new_tokens, stop_token_ids and cache_salt: as the fields of the same names
-    (protos/loraplex/v1/inference.proto)."""
+    (protos/loraplex/v1/inference.proto). At most one of `json_schema` (a dict, or its JSON text), `json_object`,
+    `regex`, `choice` (strings) and `grammar` (Lark): the output's response_format."""
     if adapter_id is None:  # protobuf would send "", the base model: a classic unset environment variable
         raise TypeError('adapter_id is None (an unset variable?): pass "" for the base model')
     sampling = pb.SamplingParams(temperature=check_number("temperature", temperature),
@@ -104,6 +108,10 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
                                  logprobs=check_integer("logprobs", logprobs, 0, 2 ** 32),
                                  prompt_logprobs=check_integer("prompt_logprobs", prompt_logprobs, 0, 2 ** 32),
                                  cache_salt=check_text("cache_salt", cache_salt))
+    output_format = _response_format(json_schema=json_schema, json_object=check_flag("json_object", json_object),
+                                     regex=regex, choice=choice, grammar=grammar)
+    if output_format is not None:
+        request.response_format.CopyFrom(output_format)
     continued = check_flag("continue_final_message", continue_final_message)
     if isinstance(prompt, (bytes, bytearray)):  # a sequence of ints, but surely meant as text
         raise TypeError("prompt must be text (str) or token ids (a sequence of int), not bytes: decode it first")
@@ -138,6 +146,28 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
             check_integer(f"prompt token id {position}", token, *INT32)
         raise
     return request
+
+
+def _response_format(**given) -> pb.ResponseFormat | None:
+    named = [name for name, value in given.items() if value not in (None, False)]
+    if len(named) > 1:
+        raise ValueError(f"{' and '.join(named)}: a request takes one response format")
+    if not named:
+        return None
+    name, value = named[0], given[named[0]]
+    if name == "json_object":
+        return pb.ResponseFormat(json_object=True)
+    if name == "choice":
+        if isinstance(value, str) or not hasattr(value, "__iter__"):
+            raise TypeError(f"choice must be a sequence of str, not {type(value).__name__}")
+        return pb.ResponseFormat(choice=pb.Choices(
+            choices=[check_text(f"choice[{position}]", text) for position, text in enumerate(value)]))
+    if name == "json_schema" and isinstance(value, (Mapping, bool)):
+        try:
+            value = json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"json_schema cannot be written as JSON: {exc}") from None
+    return pb.ResponseFormat(**{name: check_text(name, value)})
 
 
 def _message(position: int, message) -> pb.ChatMessage:

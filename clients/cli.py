@@ -56,6 +56,18 @@ def _bias(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not TOKEN_ID=BIAS, e.g. 42=-100") from None
 
 
+def _text_file(path: str) -> str:
+    """An argparse type: a UTF-8 text file's contents (a JSON Schema, a grammar)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {err}") from None
+
+
+_text_file.__name__ = "file"
+
+
 def _generate(args) -> int:
     from clients.client import Client
     bias = dict(args.logit_bias or ())
@@ -78,7 +90,9 @@ def _generate(args) -> int:
                                         frequency_penalty=args.frequency_penalty,
                                         min_new_tokens=args.min_new_tokens, stop_token_ids=args.stop_token_id or (),
                                         chat_template_kwargs=kwargs, prompt_logprobs=args.prompt_logprobs,
-                                        logit_bias=bias, cache_salt=args.cache_salt)
+                                        logit_bias=bias, cache_salt=args.cache_salt, json_schema=args.json_schema,
+                                        json_object=args.json_object, regex=args.regex, choice=args.choice,
+                                        grammar=args.grammar)
         logprobs, prompt = [], []
         for message in stream:
             prompt += zip(message.prompt_token_ids[1:], message.prompt_logprobs)
@@ -318,6 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the same for each prompt token after the first, given those before it")
     gen.add_argument("--cache-salt", type=utf8, default="",
                      help="share computed prompt keys and values only with requests of this salt")
+    output = gen.add_mutually_exclusive_group()
+    output.add_argument("--json-schema", type=_text_file, metavar="FILE",
+                        help="hold the output to the JSON Schema in FILE")
+    output.add_argument("--json-object", action="store_true", help="hold the output to a JSON object")
+    output.add_argument("--regex", type=utf8, help="hold the output to a match of this regular expression")
+    output.add_argument("--choice", action="append", type=utf8,
+                        help="hold the output to one of these strings (repeatable)")
+    output.add_argument("--grammar", type=_text_file, metavar="FILE",
+                        help="hold the output to the Lark grammar in FILE (its start rule)")
     gen.set_defaults(func=_generate)
 
     info = sub.add_parser("info", allow_abbrev=False, help="the server's model, device and limits, as JSON")

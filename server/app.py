@@ -39,6 +39,7 @@ from server.open_streams import Closing, HealthService, ReflectionService
 from server.errors import Unavailable
 from server.batch import Runner
 from server.prefix_cache import PrefixCache
+from server.response_format import Formats
 from server.interceptors import MalformedInterceptor, MetricsInterceptor, client_gone
 from server.metrics import Metrics
 from server.sampling import SamplingParams
@@ -219,7 +220,8 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
         raise ConfigError(str(exc)) from None
     engine.start()
     _warm_up(engine, base, metrics)
-    return Serving(engine=engine, registry=registry, base=base, config=config, metrics=metrics, limits=limits)
+    return Serving(engine=engine, registry=registry, base=base, config=config, metrics=metrics, limits=limits,
+                   formats=Formats(base.tokenizer, base.eos_token_ids, base.vocab_size))
 
 
 def _state_file(config: ServerConfig, root: Path | None) -> Path | None:

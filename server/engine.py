@@ -28,7 +28,7 @@ from server.prompt_sharing import (cached_blocks, donors, held_prompts, keep_pro
                                    prefill_inputs, prompt_key, takes_cache)
 from server.sampling import make_generator
 from server.stopping import FinishReason, TextStream
-from server.token_choice import choose
+from server.token_choice import choose, not_finite
 
 log = logging.getLogger("loraplex.engine")
 
@@ -362,7 +362,7 @@ class Engine:
         try:
             logits = self.runner.advance(job, columns)
             if logits is not None:
-                tokens, logprobs, broken = choose(logits, [r.state for r in rows])
+                tokens, logprobs, failed = choose(logits, [r.state for r in rows])
                 # allocates the joined cache: can run out of memory too
                 running = [r.state.request for r in (self._batch.rows if self._batch else [])]
                 merged = self.runner.join(self._batch, job, _plan(running + [r.state.request for r in rows])[0])
@@ -381,7 +381,8 @@ class Engine:
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
         count_by_adapter(self.metrics.adapter_prompt_tokens,
                          ((r.state.request.adapter_label, len(r.prompt_ids)) for r in rows))
-        self._emit(rows, tokens, logprobs, first=True, broken=broken | job.broken, prompt_logprobs=job.scores)
+        self._emit(rows, tokens, logprobs, first=True, failed={i: not_finite() for i in job.broken} | failed,
+                   prompt_logprobs=job.scores)
         self._report()
 
     def _fail_prefill(self, rows: list[Row], exc: Exception) -> None:
@@ -396,7 +397,7 @@ class Engine:
         batch = self._batch
         start = time.monotonic()
         try:
-            tokens, logprobs, broken = choose(self.runner.decode_step(batch), [r.state for r in batch.rows])
+            tokens, logprobs, failed = choose(self.runner.decode_step(batch), [r.state for r in batch.rows])
         except Exception as exc:
             log.exception("decode step failed for %d requests", len(batch))
             for row in batch.rows:
@@ -406,27 +407,27 @@ class Engine:
             return
         self.metrics.step_time.labels("decode").observe(time.monotonic() - start)
         self.metrics.batch_size.labels("decode").observe(len(batch))
-        self._emit(batch.rows, tokens, logprobs, first=False, broken=broken)
+        self._emit(batch.rows, tokens, logprobs, first=False, failed=failed)
         self._report()
 
     def _emit(self, rows: list[Row], tokens: list[int], logprobs: list, first: bool,
-              broken: frozenset[int] = frozenset(), prompt_logprobs: dict | None = None) -> None:
+              failed: dict[int, Exception] | None = None, prompt_logprobs: dict | None = None) -> None:
         """Each row's token (and its log-probabilities, where asked for; after a prefill, its prompt's, by row
-        index, in `prompt_logprobs`) to its client; rows in `broken` (non-finite logits, at its next token or a
-        scored prompt position) fail alone instead."""
+        index, in `prompt_logprobs`) to its client; rows in `failed` (non-finite logits at its next token or a
+        scored prompt position, a response format that could not be followed) fail alone instead, with its error."""
         now = time.monotonic()
-        finished, failed = [], []
-        self.metrics.generation_tokens.inc(len(rows) - len(broken))
+        failed = failed or {}
+        finished, ended = [], []
+        self.metrics.generation_tokens.inc(len(rows) - len(failed))
         count_by_adapter(self.metrics.adapter_generation_tokens,
-                         ((r.state.request.adapter_label, 1) for i, r in enumerate(rows) if i not in broken))
+                         ((r.state.request.adapter_label, 1) for i, r in enumerate(rows) if i not in failed))
         for i, (row, token, row_logprobs) in enumerate(zip(rows, tokens, logprobs)):
             state = row.state
-            if i in broken:
-                log.error("request %s: the model's logits were not finite", state.request.request_id)
-                self._tell(state.request, ErrorEvent(InternalError(
-                    "the model's logits for this request were not finite (NaN or Inf); the other "
-                    "requests in its batch were not affected")))
-                failed.append(row)
+            if i in failed:
+                (log.error if isinstance(failed[i], InternalError) else log.warning)(
+                    "request %s failed at a token: %s", state.request.request_id, failed[i])
+                self._tell(state.request, ErrorEvent(failed[i]))
+                ended.append(row)
                 continue
             row.last_token = token
             text = state.stream.push(token)
@@ -443,9 +444,9 @@ class Engine:
             request = row.state.request
             self._finish_metrics(request, row.state.stream.finish)  # before the client can see the end
             request.sink(FinishEvent(row.state.stream.finish, len(row.prompt_ids), len(row.state.stream.ids)))
-        if finished or failed:
+        if finished or ended:
             keep_sequences(self.prefixes, self._batch, finished)
-            done = {id(r) for r in finished + failed}
+            done = {id(r) for r in finished + ended}
             self._retire([i for i, r in enumerate(self._batch.rows) if id(r) in done])
 
     def _retire(self, indices: list[int]) -> None:

@@ -42,6 +42,7 @@ class EngineRequest:
     logprobs: int | None = None  # GenerateRequest.logprobs: alternatives per token, None for no log-probabilities
     prompt_logprobs: int | None = None  # GenerateRequest.prompt_logprobs: the same for the prompt's tokens
     cache_salt: str = ""  # shares prompts' keys and values only with requests of the same salt
+    matcher: object = None  # its response_format's llguidance matcher (server/response_format.py), else None
     adapter_label: str = ""
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set from any thread; the engine drops the request at its next step

@@ -12,6 +12,7 @@ from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
 from server.errors import AdapterMemoryFull, InvalidArgument, NotFound, status_for
+from server.response_format import check_stopping, format_of
 from server.serving import Serving, abort, adapter_pool, ready
 from server.stopping import FinishReason
 from server.validation import MAX_CACHE_SALT, MAX_REQUEST_ID, logprobs_from, prompt_and_stopping, sampling_from
@@ -164,9 +165,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         sampling, logprobs = sampling_from(request.sampling, s.base.vocab_size), logprobs_from(request)
         prompt_logprobs = logprobs_from(request, "prompt_logprobs")
         ids, stopping = prompt_and_stopping(request, s.base, s.limits)
+        output_format = format_of(request)
+        if output_format is not None:
+            check_stopping(stopping)
         return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=None,
                              sampling=sampling, stopping=stopping, sink=lambda event: None, logprobs=logprobs,
-                             prompt_logprobs=prompt_logprobs, cache_salt=request.cache_salt)
+                             prompt_logprobs=prompt_logprobs, cache_salt=request.cache_salt,
+                             matcher=None if output_format is None else s.formats.matcher(*output_format))
 
     async def _events(self, request: pb.GenerateRequest, stream: bool):
         """(engine request, event) pairs for `request`: for a stream every step's tokens; for a unary call one
@@ -391,7 +396,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 autoload_adapters=c.autoload_adapters, auth_required=bool(c.auth_token_file),
                 admin_auth_required=bool(c.admin_token_file or c.auth_token_file),
                 adapter_kernel=s.engine.bank.kernel, adapter_dtype=str(s.engine.bank.dtype).removeprefix("torch."),
-                chat_template=template_problem(b.tokenizer) is None,
+                chat_template=template_problem(b.tokenizer) is None, response_format=s.formats.problem is None,
                 limits=pb.Limits(
                     max_prompt_tokens=s.limits.max_prompt_tokens, max_new_tokens=s.limits.max_new_tokens,
                     max_concurrent_rpcs=c.max_concurrent_rpcs, max_queue_size=c.max_queue_size,

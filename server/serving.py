@@ -47,6 +47,7 @@ class Serving:
     config: object = None
     metrics: object = None
     limits: object = None
+    formats: object = None  # response formats' compiler (server/response_format.Formats)
     registry_changes: Running = field(default_factory=Running)  # LoadAdapter/UnloadAdapter work under way
     # {adapter id: tokens of the requests waiting for adapter host memory}, before the engine's queue (written on
     # the event loop; the Adapters service counts them as waiting, and an unload waits for them or refuses)

@@ -1,11 +1,18 @@
-"""A step's token choice for its rows: their penalties, the draw, and the log-probabilities they ask for."""
+"""A step's token choice for its rows: their penalties and response formats, the draw, and the log-probabilities they
+ask for."""
 from __future__ import annotations
 
 import torch
 
+from server.errors import InternalError, InvalidArgument
 from server.logprobs import token_logprobs
 from server.penalties import penalize
 from server.sampling import sample
+
+
+def not_finite() -> InternalError:
+    return InternalError("the model's logits for this request were not finite (NaN or Inf); the other requests in "
+                         "its batch were not affected")
 
 
 def set_aside_non_finite(logits):
@@ -20,18 +27,48 @@ def set_aside_non_finite(logits):
     return logits, frozenset(bad)
 
 
+def mask_to_formats(logits: torch.Tensor, matchers: list) -> dict[int, Exception]:
+    """Rows with a response_format (their matcher; None for the others): every token that cannot continue their
+    output set to -inf in `logits` [rows, V], in place. Returns the rows whose matcher failed (a step beyond its
+    grammar's limits), to be failed: their mask would leave only the end of the sequence, an output cut silently."""
+    rows = [(i, m) for i, m in enumerate(matchers) if m is not None]
+    vocab = logits.shape[-1]
+    words = (vocab + 31) // 32
+    bits = torch.empty(len(rows), words, dtype=torch.int32)  # token t is bit t % 32 of word t // 32
+    for k, (_, matcher) in enumerate(rows):
+        matcher.unsafe_compute_mask_ptr(bits[k].data_ptr(), words * 4)  # (drops the GIL)
+    failed = {i: InvalidArgument(f"response_format could not be followed: {m.stop_reason()} (a step of its grammar "
+                                 f"went beyond llguidance's limits; a simpler format may pass)")
+              for i, m in rows if m.is_error()}
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bits.to(logits.device)[:, :, None] >> shifts) & 1).view(len(rows), -1)[:, :vocab].bool()
+    index = torch.tensor([i for i, _ in rows], device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    return failed
+
+
 @torch.inference_mode()  # as the forward that made `logits` (inference tensors: penalized in place)
-def choose(logits, states: list) -> tuple[list[int], list, frozenset[int]]:
-    """Each row's next token from `logits` [rows, V] (after its penalties), the log-probabilities it asks for (of
-    the model's own logits), and the rows whose logits were not finite. `states`: the rows' engine states (their
-    request, generator and token history)."""
+def choose(logits, states: list) -> tuple[list[int], list, dict[int, Exception]]:
+    """Each row's next token from `logits` [rows, V] (after its penalties and within its response format), the
+    log-probabilities it asks for (of the model's own logits), and the rows that failed at this token, with why
+    (logits not finite, a format that could not be followed). `states`: the rows' engine states (their request,
+    generator and token history)."""
     logits, broken = set_aside_non_finite(logits)
-    # penalized in place (a [B, V] copy saved) unless a row with a history (penalties, biases or a min_new_tokens
-    # ban) asks for log-probabilities, which are of its own logits
-    copy = any(s.history is not None and s.request.logprobs is not None for s in states)
-    tokens = sample(penalize(logits, [s.history for s in states], copy), [s.request.sampling for s in states],
-                    [s.generator for s in states])
-    for state, token in zip(states, tokens):
+    matchers = [s.request.matcher for s in states]
+    # adjusted in place (a [B, V] copy saved) unless a row with a history (penalties, biases or a min_new_tokens
+    # ban) or a format asks for log-probabilities, which are of its own logits
+    copy = any((s.history is not None or s.request.matcher is not None) and s.request.logprobs is not None
+               for s in states)
+    adjusted = penalize(logits, [s.history for s in states], copy)
+    failed = {i: not_finite() for i in broken}
+    if any(m is not None for m in matchers):
+        if adjusted is logits and copy:
+            adjusted = logits.clone()
+        failed = mask_to_formats(adjusted, matchers) | failed
+    tokens = sample(adjusted, [s.request.sampling for s in states], [s.generator for s in states])
+    for i, (state, token) in enumerate(zip(states, tokens)):
         if state.history is not None:
             state.history.add(token)
-    return tokens, token_logprobs(logits, tokens, [s.request.logprobs for s in states]), broken
+        if matchers[i] is not None and i not in failed and not matchers[i].consume_token(token):
+            failed[i] = InternalError(f"token {token} was chosen outside the request's response_format")
+    return tokens, token_logprobs(logits, tokens, [s.request.logprobs for s in states]), failed

@@ -84,6 +84,9 @@ class Formats:
                     f"tokenizers) one, which response_format needs")
         if not self._eos:
             return "this model has no end-of-sequence token inside its vocabulary: a format could never end"
+        if len(self._tokenizer) > self.vocab_size:  # (llguidance needs every token id to have a logit)
+            return (f"this model's tokenizer has {len(self._tokenizer)} tokens, more than its vocabulary's "
+                    f"{self.vocab_size} logits; response_format needs a logit for every token")
         return None
 
     def matcher(self, kind: str, grammar: str) -> LLMatcher:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -230,6 +231,8 @@ def test_formats_compile_once_and_each_request_gets_its_own_matcher(model_dirs):
         Formats(object(), frozenset({2}), 10).matcher(*format_of(request))
     with pytest.raises(FailedPrecondition, match="no end-of-sequence token"):
         Formats(tokenizer, frozenset({10 ** 6}), len(tokenizer)).matcher(*format_of(request))
+    beyond = Formats(tokenizer, frozenset({tokenizer.eos_token_id}), len(tokenizer) - 1)
+    assert "more than its vocabulary's" in beyond.problem
 
 
 def test_the_client_sends_one_format_and_names_a_bad_one():
@@ -257,3 +260,30 @@ def test_the_command_line_holds_the_output_to_a_format(served, tmp_path):
     run = subprocess.run([sys.executable, "-m", "clients.cli", "generate", "--target", served.target, "hello",
                           "--regex", "a", "--choice", "b"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "not allowed with argument --regex" in run.stderr
+
+
+class _MaskMatcher(_FailingMatcher):
+    """Writes a fixed mask (little-endian words, token t = bit t % 32 of word t // 32)."""
+
+    def __init__(self, allowed: torch.Tensor) -> None:
+        super().__init__(after=10 ** 9)
+        self.bytes = np.packbits(allowed.numpy(), bitorder="little").tobytes()
+
+    def unsafe_compute_mask_ptr(self, pointer: int, size: int) -> None:
+        ctypes.memset(pointer, 0, size)
+        ctypes.memmove(pointer, self.bytes, len(self.bytes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", [(0, 1, 2, 3), (1, 3)])
+def test_the_mask_sets_exactly_the_disallowed_logits_to_minus_infinity(dtype, which):
+    from server.token_choice import mask_to_formats
+    g = torch.Generator().manual_seed(0)
+    vocab = 1000  # not a multiple of 32: the last word's high bits lie beyond the vocabulary
+    logits = torch.randn(4, vocab, generator=g).to(dtype)
+    allowed = {i: torch.rand(vocab, generator=g) < 0.5 for i in which}
+    expected = logits.clone()
+    for i, a in allowed.items():
+        expected[i][~a] = float("-inf")
+    failed = mask_to_formats(logits, [_MaskMatcher(allowed[i]) if i in allowed else None for i in range(4)])
+    assert failed == {} and torch.equal(logits, expected)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from server.errors import InternalError, InvalidArgument
+from server.errors import InternalError
+from server.format_masks import restrict, take
 from server.logprobs import token_logprobs
 from server.penalties import penalize
 from server.sampling import sample
-
-
-NEG_INF_BITS = -0x800000  # 0xFF800000 as an int32: float32's -inf
 
 
 def not_finite() -> InternalError:
@@ -30,32 +28,6 @@ def set_aside_non_finite(logits):
     return logits, frozenset(bad)
 
 
-def mask_to_formats(logits: torch.Tensor, matchers: list) -> dict[int, Exception]:
-    """Rows with a response_format (their matcher; None for the others): every token that cannot continue their
-    output set to -inf in `logits` [rows, V], in place. Returns the rows whose matcher failed (a step beyond its
-    grammar's limits), to be failed: their mask would leave only the end of the sequence, an output cut silently."""
-    rows = [(i, m) for i, m in enumerate(matchers) if m is not None]
-    vocab = logits.shape[-1]
-    words = (vocab + 31) // 32
-    bits = torch.empty(len(rows), words, dtype=torch.int32)  # token t is bit t % 32 of word t // 32
-    for k, (_, matcher) in enumerate(rows):
-        matcher.unsafe_compute_mask_ptr(bits[k].data_ptr(), words * 4)  # (drops the GIL)
-    failed = {i: InvalidArgument(f"response_format could not be followed: {m.stop_reason()} (a step of its grammar "
-                                 f"went beyond llguidance's limits; a simpler format may pass)")
-              for i, m in rows if m.is_error()}
-    # each token's bit made its logit's bias, 0.0 or -inf (bit - 1 is 0 or all ones, masked to -inf's bits), without
-    # a branch per token: masked_fill_ with such a mask took ~4 ms for 32 rows x 32000 on 2 CPU cores, this ~0.4
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    words = bits.to(logits.device)
-    bias = ((((words[:, :, None] >> shifts) & 1) - 1) & NEG_INF_BITS).view(len(rows), -1)[:, :vocab]
-    bias = bias.view(torch.float32).to(logits.dtype)
-    if len(rows) == len(matchers):
-        logits.add_(bias)
-    else:
-        logits.index_add_(0, torch.tensor([i for i, _ in rows], device=logits.device), bias)
-    return failed
-
-
 @torch.inference_mode()  # as the forward that made `logits` (inference tensors: penalized in place)
 def choose(logits, states: list) -> tuple[list[int], list, dict[int, Exception]]:
     """Each row's next token from `logits` [rows, V] (after its penalties and within its response format), the
@@ -69,15 +41,17 @@ def choose(logits, states: list) -> tuple[list[int], list, dict[int, Exception]]
     copy = any((s.history is not None or s.request.matcher is not None) and s.request.logprobs is not None
                for s in states)
     adjusted = penalize(logits, [s.history for s in states], copy)
-    failed = {i: not_finite() for i in broken}
-    if any(m is not None for m in matchers):
+    failed: dict[int, Exception] = {i: not_finite() for i in broken}
+    formatted = any(m is not None for m in matchers)
+    if formatted:
         if adjusted is logits and copy:
             adjusted = logits.clone()
-        failed = mask_to_formats(adjusted, matchers) | failed
+        bits, unfollowed = restrict(adjusted, matchers)
+        failed = unfollowed | failed
     tokens = sample(adjusted, [s.request.sampling for s in states], [s.generator for s in states])
-    for i, (state, token) in enumerate(zip(states, tokens)):
+    for state, token in zip(states, tokens):
         if state.history is not None:
             state.history.add(token)
-        if matchers[i] is not None and i not in failed and not matchers[i].consume_token(token):
-            failed[i] = InternalError(f"token {token} was chosen outside the request's response_format")
+    if formatted:
+        take(matchers, tokens, bits, failed)
     return tokens, token_logprobs(logits, tokens, [s.request.logprobs for s in states]), failed

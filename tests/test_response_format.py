@@ -1,7 +1,6 @@
 """GenerateRequest.response_format: outputs held to a JSON Schema, any JSON object, a regex, a choice or a Lark grammar,
 through the real server; the same rows alone and in mixed batches; greedy choice against a mask computed here."""
 import asyncio
-import ctypes
 import json
 import re
 import subprocess
@@ -11,13 +10,16 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from llguidance import LLParserLimits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clients.arguments import build_request
 from clients.client import AsyncClient, Client
 from protos.loraplex.v1 import inference_pb2 as pb
+from server import response_format
 from server.errors import FailedPrecondition
-from server.response_format import Formats
+from server.format_masks import apply_masks
+from server.response_format import Formats, format_of
 from tests.helpers import make_peft_adapter, start_server, status_of
 
 C = grpc.StatusCode
@@ -183,38 +185,19 @@ def test_an_unset_or_false_json_object_is_free_text(served):
             assert list(reply.token_ids) == list(free.token_ids)
 
 
-class _FailingMatcher:
-    """A matcher that allows every token, then enters an error state after `after` tokens (as llguidance's does at a
-    step beyond its limits: its mask then allows only the end of the sequence)."""
-
-    def __init__(self, after: int) -> None:
-        self.after, self.taken = after, 0
-
-    def unsafe_compute_mask_ptr(self, pointer: int, size: int) -> None:
-        ctypes.memset(pointer, 0xFF, size)
-
-    def is_error(self) -> bool:
-        return self.taken >= self.after
-
-    def stop_reason(self) -> str:
-        return "ParserTooComplex"
-
-    def consume_token(self, token: int) -> bool:
-        self.taken += 1
-        return True
-
-
 def test_a_format_that_fails_mid_way_fails_its_request_alone(served, monkeypatch):
-    monkeypatch.setattr(served.serving.formats, "matcher", lambda kind, grammar: _FailingMatcher(3))
+    """A grammar that goes past llguidance's per-step limits after its first token (at the default limits, a
+    pathological grammar): that request fails, INVALID_ARGUMENT with llguidance's reason; its batch-mate goes on."""
+    monkeypatch.setattr(response_format, "LIMITS", LLParserLimits(step_max_items=3, verbose_errors=False))
 
     async def both():
         async with AsyncClient(served.target, timeout=60) as client:
-            return await asyncio.gather(client.generate("hello", "", max_new_tokens=20, regex="a*"),
+            return await asyncio.gather(client.generate("hello", "", max_new_tokens=20, json_schema={"type": "array"}),
                                         client.generate("hello", "a", max_new_tokens=20, ignore_eos=True),
                                         return_exceptions=True)
     failed, fine = asyncio.run(both())
     assert failed.code() == C.INVALID_ARGUMENT
-    assert "response_format could not be followed: ParserTooComplex" in failed.details()
+    assert "response_format could not be followed: parser error: Too many items (limit 3" in failed.details()
     assert len(fine.token_ids) == 20
 
 
@@ -222,7 +205,6 @@ def test_formats_compile_once_and_each_request_gets_its_own_matcher(model_dirs):
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
     formats = Formats(tokenizer, frozenset({tokenizer.eos_token_id}), len(tokenizer))
     request = pb.GenerateRequest(response_format=pb.ResponseFormat(choice=pb.Choices(choices=["ab", "cd"])))
-    from server.response_format import format_of
     first, second = (formats.matcher(*format_of(request)) for _ in range(2))
     assert len(formats._kept) == 1 and first is not second
     assert first.consume_token(tokenizer.convert_tokens_to_ids("a"))
@@ -262,28 +244,17 @@ def test_the_command_line_holds_the_output_to_a_format(served, tmp_path):
     assert run.returncode == 2 and "not allowed with argument --regex" in run.stderr
 
 
-class _MaskMatcher(_FailingMatcher):
-    """Writes a fixed mask (little-endian words, token t = bit t % 32 of word t // 32)."""
-
-    def __init__(self, allowed: torch.Tensor) -> None:
-        super().__init__(after=10 ** 9)
-        self.bytes = np.packbits(allowed.numpy(), bitorder="little").tobytes()
-
-    def unsafe_compute_mask_ptr(self, pointer: int, size: int) -> None:
-        ctypes.memset(pointer, 0, size)
-        ctypes.memmove(pointer, self.bytes, len(self.bytes))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("which", [(0, 1, 2, 3), (1, 3)])
-def test_the_mask_sets_exactly_the_disallowed_logits_to_minus_infinity(dtype, which):
-    from server.token_choice import mask_to_formats
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3], [1, 3]])
+def test_the_masks_set_exactly_the_disallowed_logits_to_minus_infinity(dtype, rows):
     g = torch.Generator().manual_seed(0)
     vocab = 1000  # not a multiple of 32: the last word's high bits lie beyond the vocabulary
     logits = torch.randn(4, vocab, generator=g).to(dtype)
-    allowed = {i: torch.rand(vocab, generator=g) < 0.5 for i in which}
+    allowed = torch.rand(len(rows), vocab, generator=g) < 0.5
+    bits = torch.from_numpy(np.packbits(allowed.numpy(), axis=1, bitorder="little"))  # little-endian int32 words
+    bits = torch.nn.functional.pad(bits, (0, (-bits.shape[1]) % 4)).view(torch.int32)
     expected = logits.clone()
-    for i, a in allowed.items():
-        expected[i][~a] = float("-inf")
-    failed = mask_to_formats(logits, [_MaskMatcher(allowed[i]) if i in allowed else None for i in range(4)])
-    assert failed == {} and torch.equal(logits, expected)
+    for k, i in enumerate(rows):
+        expected[i][~allowed[k]] = float("-inf")
+    apply_masks(logits, rows, bits)
+    assert torch.equal(logits, expected)

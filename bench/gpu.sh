@@ -34,4 +34,7 @@ timeout 120 python3 bench/shared_prefill.py --device cuda --repeats 3 2>&1 | tee
 # Chat turns with and without the prefix cache (two servers side by side): the copies against the prefill they save.
 timeout 120 python3 bench/prefix_cache.py --device cuda --requests 32 --repeats 3 2>&1 | tee "$out/prefix_cache.txt" \
     || failed=1
+# Held outputs (response_format): llguidance's masks on the host, the bias made and added on the GPU.
+timeout 120 python3 bench/response_format.py --device cuda --repeats 3 2>&1 | tee "$out/response_format.txt" \
+    || failed=1
 exit $failed

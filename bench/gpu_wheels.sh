@@ -9,11 +9,11 @@ cd "$(dirname "$0")/.."
 make -s protos
 # The exact pins of requirements*.txt (torch and triton are the machine's own; the rest of their dependencies,
 # numpy, huggingface-hub, typer, psutil, pyyaml, are in its image).
-pins=$(grep -hE '^(transformers|tokenizers|regex|safetensors|grpcio|grpcio-health-checking|grpcio-reflection|protobuf|prometheus-client|tqdm|peft|accelerate)==' \
-    requirements.txt requirements-dev.txt)
+pins=$(grep -hE '^(transformers|tokenizers|regex|safetensors|grpcio|grpcio-health-checking|grpcio-reflection|protobuf|prometheus-client|tqdm|llguidance|peft|accelerate)==' \
+    requirements.txt requirements-dev.txt | sed 's/ *#.*//')  # (a pin's comment is no requirement)
 rm -rf .whl && mkdir .whl
 # shellcheck disable=SC2086  # one argument per pin
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d .whl $pins
 du -sh .whl

@@ -221,7 +221,7 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     engine.start()
     _warm_up(engine, base, metrics)
     return Serving(engine=engine, registry=registry, base=base, config=config, metrics=metrics, limits=limits,
-                   formats=Formats(base.tokenizer, base.eos_token_ids, base.vocab_size))
+                   formats=Formats(base.tokenizer, base.eos_token_ids, base.vocab_size, metrics))
 
 
 def _state_file(config: ServerConfig, root: Path | None) -> Path | None:

@@ -67,6 +67,11 @@ class Metrics:
                                         registry=r)
         self.adapter_load = Histogram(p + "adapter_load_seconds", "Reading an adapter from disk.", ["result"],
                                       buckets=TTFT_BUCKETS, registry=r)
+        self.formatted = Counter(p + "response_format_requests", "Requests with a response_format, by its kind "
+                                 "(json_schema, json_object, regex, choice, grammar).", ["format"], registry=r)
+        self.format_compile = Histogram(p + "response_format_compile_seconds", "Compiling a response_format that was "
+                                        "not among those kept (the tokenizer read too, at the first).", ["format"],
+                                        buckets=TTFT_BUCKETS, registry=r)
         self._labels: set[str] = set()
         self._max_labels = max_adapter_labels
         self._certificate_expiry: Gauge | None = None  # made by the first certificate: a server without TLS has none

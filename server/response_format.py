@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 
 from llguidance import LLMatcher, LLParserLimits, LLTokenizer
@@ -69,8 +70,9 @@ class Formats:
     """One server's compiler: the model's tokenizer as llguidance reads it (built at the first use: ~1 s for a
     150k-token vocabulary), and the formats compiled lately."""
 
-    def __init__(self, tokenizer, eos_token_ids: frozenset[int], vocab_size: int) -> None:
+    def __init__(self, tokenizer, eos_token_ids: frozenset[int], vocab_size: int, metrics=None) -> None:
         self._tokenizer = tokenizer
+        self._metrics = metrics  # server.metrics.Metrics: requests and compile times by format
         self._eos = sorted(i for i in eos_token_ids if 0 <= i < vocab_size)
         self.vocab_size = vocab_size  # the logits' width: the masks cover ids the tokenizer lacks too (never allowed)
         self._lock = threading.Lock()
@@ -94,6 +96,9 @@ class Formats:
         if self.problem is not None:
             raise FailedPrecondition(self.problem)
         key = (kind, grammar)
+        start = time.monotonic()
+        if self._metrics is not None:
+            self._metrics.formatted.labels(kind).inc()
         with self._lock:
             kept = self._kept.get(key)
             if kept is not None:
@@ -103,6 +108,8 @@ class Formats:
                 self._llg = self._build()
             tokenizer = self._llg
         compiled = LLMatcher(tokenizer, grammar, log_level=0, limits=LIMITS)  # (drops the GIL while it compiles)
+        if self._metrics is not None:
+            self._metrics.format_compile.labels(kind).observe(time.monotonic() - start)
         if compiled.is_error():
             raise InvalidArgument(f"response_format.{kind} does not compile: {_reason(compiled.get_error())}")
         with self._lock:

@@ -20,7 +20,7 @@ from server import response_format
 from server.errors import FailedPrecondition
 from server.format_masks import apply_masks
 from server.response_format import Formats, format_of
-from tests.helpers import make_peft_adapter, start_server, status_of
+from tests.helpers import make_peft_adapter, scrape, start_server, status_of
 
 C = grpc.StatusCode
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "ok", "tags"],
@@ -258,3 +258,16 @@ def test_the_masks_set_exactly_the_disallowed_logits_to_minus_infinity(dtype, ro
         expected[i][~allowed[k]] = float("-inf")
     apply_masks(logits, rows, bits)
     assert torch.equal(logits, expected)
+
+
+def test_formatted_requests_and_compiles_are_counted_by_kind(served):
+    requests, compiles = ('loraplex_response_format_requests_total{format="regex"}',
+                          'loraplex_response_format_compile_seconds_count{format="regex"}')
+    before = scrape(served)
+    with Client(served.target, timeout=60) as client:
+        for _ in range(3):
+            client.generate("hello", "", max_new_tokens=4, regex="[xyz]{2,9}")
+        status_of(client.generate, "hello", "", regex="[unclosed")
+    after = scrape(served)
+    assert after[requests] - before.get(requests, 0) == 4
+    assert after[compiles] - before.get(compiles, 0) == 2  # the first one (then kept) and the refused one

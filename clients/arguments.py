@@ -162,7 +162,7 @@ def _response_format(**given) -> pb.ResponseFormat | None:
             raise TypeError(f"choice must be a sequence of str, not {type(value).__name__}")
         return pb.ResponseFormat(choice=pb.Choices(
             choices=[check_text(f"choice[{position}]", text) for position, text in enumerate(value)]))
-    if name == "json_schema" and isinstance(value, (Mapping, bool)):
+    if name == "json_schema" and isinstance(value, Mapping):
         try:
             value = json.dumps(value)
         except (TypeError, ValueError) as exc:

@@ -430,7 +430,8 @@ class Engine:
                 ended.append(row)
                 continue
             row.last_token = token
-            text = state.stream.push(token)
+            matcher = state.request.matcher  # a format ends at an end id only where it is complete (then stopped)
+            text = state.stream.push(token, matcher is not None and token in self.eos and not matcher.is_stopped())
             if first:
                 self.metrics.ttft.observe(now - state.request.arrival)
             else:

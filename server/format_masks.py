@@ -2,26 +2,39 @@
 matcher, made a bias on its logits; then each row's chosen token given to its matcher."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from server.errors import InternalError, InvalidArgument
 
 NEG_INF_BITS = -0x800000  # 0xFF800000 as an int32: float32's -inf
+# CPU time a row's mask may take at a step (ordinary formats: 0.01-0.4 ms on a 32000-token vocabulary; a row over it
+# fails, INVALID_ARGUMENT, at the first such step: it would slow every row of the batch at every step)
+MAX_MASK_CPU = 0.02
 
 
 def restrict(logits: torch.Tensor, matchers: list) -> tuple[torch.Tensor, dict[int, Exception]]:
     """Set every token that cannot continue a formatted row's output (its matcher; None for free rows) to -inf in
     `logits` [rows, V], in place. Returns (the masks, [formatted rows, V/32] int32 words, token t's bit t % 32 of
-    word t // 32; the rows whose matcher failed: a step beyond its grammar's limits, whose mask would leave only the
-    end of the sequence, an output cut silently). The masks are asked for one by one, on the engine thread:
+    word t // 32; the rows that fail: their matcher failed (a step beyond its grammar's limits, whose mask would leave
+    only the end of the sequence, an output cut silently) or took more than MAX_MASK_CPU). The masks are asked for one by one, on the engine thread:
     llguidance's LLExecutor computes them together on threads of its own, and on 2 cores those threads cost the
     forward after them more than they saved (bench/RESULTS.md)."""
     rows = [(i, m) for i, m in enumerate(matchers) if m is not None]
     words = (logits.shape[-1] + 31) // 32
     bits = torch.empty(len(rows), words, dtype=torch.int32)
-    for k, (_, matcher) in enumerate(rows):
+    failed: dict[int, Exception] = {}
+    for k, (i, matcher) in enumerate(rows):
+        cpu = time.thread_time()  # (this thread's: not the time it waits for the GIL or a core)
         matcher.unsafe_compute_mask_ptr(bits[k].data_ptr(), words * 4)  # (drops the GIL)
-    failed = {i: _beyond_limits(m) for i, m in rows if m.is_error()}
+        cpu = time.thread_time() - cpu
+        if matcher.is_error():
+            failed[i] = _unfollowed(matcher)
+        elif cpu > MAX_MASK_CPU:
+            failed[i] = InvalidArgument(
+                f"response_format took {cpu * 1e3:.0f} ms of CPU to decide a token, more than "
+                f"{MAX_MASK_CPU * 1e3:.0f}: too costly to follow (every token of it would hold up the whole batch)")
     apply_masks(logits, [i for i, _ in rows], bits)
     return bits, failed
 
@@ -33,7 +46,7 @@ def take(matchers: list, tokens: list[int], bits: torch.Tensor, failed: dict[int
         if i in failed or matchers[i].consume_token(token):
             continue
         if (int(bits[k, token // 32]) >> (token % 32)) & 1:  # allowed, but the step after it went too far
-            failed[i] = _beyond_limits(matchers[i])
+            failed[i] = _unfollowed(matchers[i])
         else:
             failed[i] = InternalError(f"token {token} was chosen outside the request's response_format")
 
@@ -53,7 +66,10 @@ def apply_masks(logits: torch.Tensor, rows: list[int], bits: torch.Tensor) -> No
         logits.index_add_(0, torch.tensor(rows, device=logits.device), bias)
 
 
-def _beyond_limits(matcher) -> InvalidArgument:
+def _unfollowed(matcher) -> InvalidArgument:
+    if matcher.stop_reason() in ("NoExtension", "NoExtensionBias"):  # (a format no text satisfies: "[^\\s\\S]")
+        return InvalidArgument("response_format allows no token here, and the output is not complete: no text can "
+                               "satisfy the format from this point")
     error = " ".join(matcher.get_error().split())[:300]
     return InvalidArgument(f"response_format could not be followed: {error} (a step of its grammar went beyond "
                            f"llguidance's limits; a simpler format may pass)")

@@ -1,8 +1,8 @@
 """Outputs held to a format (GenerateRequest.response_format): a JSON Schema, any JSON object, a regular expression,
-one string of a list, or a Lark grammar, compiled by llguidance into a matcher per request. The matcher says at each
-step which tokens can continue the output (the engine masks the rest: server/token_choice.py) and takes the token
-chosen. Compiling runs off the event loop and off the engine thread (the servicer's _prepare); compiled formats are
-kept, most recently used first, and each request gets a copy."""
+one string of a list, or a Lark grammar, compiled by llguidance into a matcher for each request. The matcher says at
+each step which tokens can continue the output (the engine masks the rest: server/format_masks.py) and takes the
+token chosen. Compiling, and the first mask, run off the event loop and off the engine thread (the servicer's
+_prepare); a source refused is remembered, and refused at once when sent again."""
 from __future__ import annotations
 
 import json
@@ -17,14 +17,19 @@ from server.errors import FailedPrecondition, InvalidArgument
 
 MAX_FORMAT_CHARS = 65536  # a schema's, regex's or grammar's text; the choices together
 MAX_CHOICES = 1024
-KEPT = 32  # compiled formats kept: requests of one application reuse a few
+REFUSALS_KEPT = 256  # sources refused lately, with why: sent again, refused at once, not compiled and probed again
+# CPU time (the matcher's own thread's) llguidance may take to decide a row's first token, where it builds its lexer
+# lazily: ordinary formats take 0.1-2 ms on a 32000-token vocabulary, one of 13 characters ("(a{500}){500}") 0.4 s,
+# then 80 ms at every step, stalling the whole batch (server/format_masks.py bounds each later step)
+MAX_FIRST_MASK_CPU = 0.1
 # JSON separated as json.dumps writes it. llguidance's default lets the model put any whitespace anywhere: a model
 # that starts a run of newlines inside an object can then fill max_new_tokens with them. A schema's own
 # "x-guidance" object overrides these (e.g. {"whitespace_flexible": true}).
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# llguidance's default limits bound a compile (~20 ms of lexer work) and a step's mask; its verbose errors would
-# print the parser's state and the whole grammar into a status message
-LIMITS = LLParserLimits(verbose_errors=False)
+# Its verbose errors would print the parser's state and the whole grammar into a status message. Lexer states cost
+# 1-2 kB each: 50000 bound a request's lexer to ~100 MB (llguidance's default, 250000, to ~500 MB); ordinary formats
+# build hundreds.
+LIMITS = LLParserLimits(max_lexer_states=50_000, verbose_errors=False)
 
 
 def format_of(request: pb.GenerateRequest) -> tuple[str, str] | None:
@@ -55,9 +60,10 @@ def format_of(request: pb.GenerateRequest) -> tuple[str, str] | None:
         schema = json.loads(text)
     except ValueError as exc:
         raise InvalidArgument(f"response_format.json_schema is not JSON: {exc}") from None
-    if not isinstance(schema, (dict, bool)):
-        raise InvalidArgument(f"response_format.json_schema must be a JSON object (or true/false), not "
-                              f"{type(schema).__name__}")
+    except RecursionError:
+        raise InvalidArgument("response_format.json_schema is nested too deeply") from None
+    if not isinstance(schema, dict):  # (llguidance refuses true and false: {} is any JSON value)
+        raise InvalidArgument(f"response_format.json_schema must be a JSON object, not {json.dumps(schema)[:20]}")
     return kind, LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
 
 
@@ -68,7 +74,9 @@ def _check_size(kind: str, chars: int) -> None:
 
 class Formats:
     """One server's compiler: the model's tokenizer as llguidance reads it (built at the first use: ~1 s for a
-    150k-token vocabulary), and the formats compiled lately."""
+    150k-token vocabulary), and the sources refused lately. Each request compiles its own matcher (~1 ms, and its
+    first mask ~2 ms): copies of one compiled matcher share its lexer, whose states then pile up across requests
+    until its limit fails them all."""
 
     def __init__(self, tokenizer, eos_token_ids: frozenset[int], vocab_size: int, metrics=None) -> None:
         self._tokenizer = tokenizer
@@ -77,7 +85,7 @@ class Formats:
         self.vocab_size = vocab_size  # the logits' width: the masks cover ids the tokenizer lacks too (never allowed)
         self._lock = threading.Lock()
         self._llg: LLTokenizer | None = None
-        self._kept: OrderedDict[tuple[str, str], LLMatcher] = OrderedDict()
+        self._refused: OrderedDict[tuple[str, str], str] = OrderedDict()
         self.problem = self._problem()
 
     def _problem(self) -> str | None:
@@ -92,31 +100,47 @@ class Formats:
         return None
 
     def matcher(self, kind: str, grammar: str) -> LLMatcher:
-        """A fresh matcher of `grammar` (format_of's), for one request; INVALID_ARGUMENT if it does not compile."""
+        """A matcher of `grammar` (format_of's) for one request, its first mask computed (the lexer built off the
+        engine thread); INVALID_ARGUMENT if it does not compile or its first token costs too much to decide."""
         if self.problem is not None:
             raise FailedPrecondition(self.problem)
-        key = (kind, grammar)
-        start = time.monotonic()
         if self._metrics is not None:
             self._metrics.formatted.labels(kind).inc()
+        key = (kind, grammar)
         with self._lock:
-            kept = self._kept.get(key)
-            if kept is not None:
-                self._kept.move_to_end(key)
-                return kept.deep_copy()
+            refused = self._refused.get(key)
+            if refused is not None:
+                self._refused.move_to_end(key)
+                raise InvalidArgument(refused)
             if self._llg is None:
                 self._llg = self._build()
             tokenizer = self._llg
-        compiled = LLMatcher(tokenizer, grammar, log_level=0, limits=LIMITS)  # (drops the GIL while it compiles)
+        start = time.monotonic()
+        matcher = LLMatcher(tokenizer, grammar, log_level=0, limits=LIMITS)  # (drops the GIL while it compiles)
+        refusal = self._refusal(kind, matcher)
         if self._metrics is not None:
             self._metrics.format_compile.labels(kind).observe(time.monotonic() - start)
-        if compiled.is_error():
-            raise InvalidArgument(f"response_format.{kind} does not compile: {_reason(compiled.get_error())}")
+        if refusal is None:
+            return matcher
         with self._lock:
-            self._kept[key] = compiled
-            while len(self._kept) > KEPT:
-                self._kept.popitem(last=False)
-            return compiled.deep_copy()
+            self._refused[key] = refusal
+            while len(self._refused) > REFUSALS_KEPT:
+                self._refused.popitem(last=False)
+        raise InvalidArgument(refusal)
+
+    def _refusal(self, kind: str, matcher: LLMatcher) -> str | None:
+        if matcher.is_error():
+            return f"response_format.{kind} does not compile: {_reason(matcher.get_error())}"
+        cpu = time.thread_time()  # (this thread's: not the time it waits for the GIL or a core)
+        matcher.compute_bitmask()
+        cpu = time.thread_time() - cpu
+        if matcher.is_error():
+            return f"response_format.{kind} cannot be followed: {_reason(matcher.get_error(), 300)}"
+        if cpu > MAX_FIRST_MASK_CPU:
+            return (f"response_format.{kind} took {cpu * 1e3:.0f} ms of CPU to decide the first token, more than "
+                    f"{MAX_FIRST_MASK_CPU * 1e3:.0f}: too costly to follow (every token of it would hold up the "
+                    f"whole batch)")
+        return None
 
     def _build(self) -> LLTokenizer:
         import llguidance.hf

@@ -75,13 +75,15 @@ class TextStream:
             start -= 1
         return list(prompt[start:])
 
-    def push(self, token: int) -> str:
-        """Add one generated token; returns the text that may be shown now. Sets `finish` when done."""
+    def push(self, token: int, end_as_text: bool = False) -> str:
+        """Add one generated token; returns the text that may be shown now. Sets `finish` when done.
+        `end_as_text`: an end-of-sequence id that a response format took as its text (an ordinary token "." that the
+        model's configs list as an end), which ends nothing."""
         self.ids.append(token)
         matched_in_text = False
         may_end = len(self.ids) > self._params.min_new_tokens
         # An end token's text (an ordinary token may be one) is never shown: the text ends before it.
-        if token in self._eos and not self._params.ignore_eos and may_end:
+        if token in self._eos and not self._params.ignore_eos and may_end and not end_as_text:
             self.finish = FinishReason.EOS_TOKEN
         elif token in self._params.stop_token_ids and may_end:
             self.finish = FinishReason.STOP_SEQUENCE

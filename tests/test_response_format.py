@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -15,9 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clients.arguments import build_request
 from clients.client import AsyncClient, Client
+from loader.default_model import build_model_dir
 from protos.loraplex.v1 import inference_pb2 as pb
-from server import response_format
-from server.errors import FailedPrecondition
+from server import format_masks, response_format
+from server.errors import FailedPrecondition, InvalidArgument
 from server.format_masks import apply_masks
 from server.response_format import Formats, format_of
 from tests.helpers import make_peft_adapter, scrape, start_server, status_of
@@ -157,7 +159,10 @@ def _sent(**fields) -> pb.GenerateRequest:
     (_sent(regex="("), C.INVALID_ARGUMENT, "response_format.regex does not compile: "),
     (_sent(grammar="start: foo"), C.INVALID_ARGUMENT, 'response_format.grammar does not compile: at 1(8): unknown name'),
     (_sent(json_schema="{bad"), C.INVALID_ARGUMENT, "response_format.json_schema is not JSON"),
-    (_sent(json_schema="[1, 2]"), C.INVALID_ARGUMENT, "must be a JSON object (or true/false), not list"),
+    (_sent(json_schema="[1, 2]"), C.INVALID_ARGUMENT, "response_format.json_schema must be a JSON object, not [1, 2]"),
+    (_sent(json_schema="true"), C.INVALID_ARGUMENT, "response_format.json_schema must be a JSON object, not true"),
+    (_sent(json_schema='{"items": ' * 2000 + "{}" + "}" * 2000), C.INVALID_ARGUMENT, "nested too deeply"),
+    (_sent(regex="[^\\s\\S]"), C.INVALID_ARGUMENT, "response_format.regex cannot be followed"),
     (_sent(json_schema='{"type": "nonsense"}'), C.INVALID_ARGUMENT, "response_format.json_schema does not compile"),
     (_sent(choice=pb.Choices()), C.INVALID_ARGUMENT, "response_format.choice takes 1 to 1024 strings, got 0"),
     (_sent(choice=pb.Choices(choices=["a", ""])), C.INVALID_ARGUMENT, "response_format.choice[1] is empty"),
@@ -201,20 +206,67 @@ def test_a_format_that_fails_mid_way_fails_its_request_alone(served, monkeypatch
     assert len(fine.token_ids) == 20
 
 
-def test_formats_compile_once_and_each_request_gets_its_own_matcher(model_dirs):
+def test_each_request_compiles_its_own_matcher_and_refused_sources_are_remembered(model_dirs):
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
     formats = Formats(tokenizer, frozenset({tokenizer.eos_token_id}), len(tokenizer))
     request = pb.GenerateRequest(response_format=pb.ResponseFormat(choice=pb.Choices(choices=["ab", "cd"])))
     first, second = (formats.matcher(*format_of(request)) for _ in range(2))
-    assert len(formats._kept) == 1 and first is not second
     assert first.consume_token(tokenizer.convert_tokens_to_ids("a"))
     assert not first.is_accepting() and second.consume_token(tokenizer.convert_tokens_to_ids("c"))
+    bad = pb.GenerateRequest(response_format=pb.ResponseFormat(regex="[unclosed"))
+    with pytest.raises(InvalidArgument, match="does not compile") as refused:
+        formats.matcher(*format_of(bad))
+    assert list(formats._refused.values()) == [str(refused.value)]
     with pytest.raises(FailedPrecondition, match="not a fast"):
         Formats(object(), frozenset({2}), 10).matcher(*format_of(request))
     with pytest.raises(FailedPrecondition, match="no end-of-sequence token"):
         Formats(tokenizer, frozenset({10 ** 6}), len(tokenizer)).matcher(*format_of(request))
     beyond = Formats(tokenizer, frozenset({tokenizer.eos_token_id}), len(tokenizer) - 1)
     assert "more than its vocabulary's" in beyond.problem
+
+
+def test_a_format_too_costly_to_follow_is_refused_before_it_reaches_the_batch(served):
+    """13 characters whose first token takes llguidance ~0.4 s of CPU and every later one ~80 ms (every row of the
+    batch would wait for it): refused when the request is prepared, and at once when sent again."""
+    with Client(served.target, timeout=60) as client:
+        code, details = status_of(client.generate, "hello", "", regex="(a{500}){500}")
+        assert code == C.INVALID_ARGUMENT and "ms of CPU to decide the first token, more than 100" in details
+        start = time.monotonic()
+        assert status_of(client.generate, "hello", "", regex="(a{500}){500}") == (code, details)
+        assert time.monotonic() - start < 0.1
+
+
+def test_a_row_whose_mask_costs_too_much_fails_alone(served, monkeypatch):
+    monkeypatch.setattr(format_masks, "MAX_MASK_CPU", -1.0)  # every mask over it
+
+    async def both():
+        async with AsyncClient(served.target, timeout=60) as client:
+            return await asyncio.gather(client.generate("hello", "", max_new_tokens=20, regex="[ab]+"),
+                                        client.generate("hello", "a", max_new_tokens=20, ignore_eos=True),
+                                        return_exceptions=True)
+    failed, fine = asyncio.run(both())
+    assert failed.code() == C.INVALID_ARGUMENT and "ms of CPU to decide a token, more than -1000" in failed.details()
+    assert len(fine.token_ids) == 20
+
+
+def test_an_end_id_a_format_takes_as_text_ends_nothing(tmp_path):
+    """A model whose configs list an ordinary token (".") as an end of sequence: a format that needs "." mid-way
+    goes on past it; the output ends (EOS_TOKEN) only where complete."""
+    model = build_model_dir(tmp_path / "model", "llama", seed=3)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    dot = tokenizer.convert_tokens_to_ids(".")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "eos_token_id": [config["eos_token_id"], dot]}))
+    server = start_server(model, None)
+    try:
+        with Client(server.target, timeout=60) as client:
+            for seed in range(6):
+                reply = client.generate("hi", "", max_new_tokens=40, regex=r"[a-z]{1,4}\.[a-z]{1,4}",
+                                        temperature=1.0, seed=seed)
+                assert reply.finish_reason == pb.FINISH_REASON_EOS_TOKEN
+                assert re.fullmatch(r"[a-z]{1,4}\.[a-z]{1,4}", reply.text), reply.text
+    finally:
+        server.stop()
 
 
 def test_the_client_sends_one_format_and_names_a_bad_one():
@@ -267,7 +319,8 @@ def test_formatted_requests_and_compiles_are_counted_by_kind(served):
     with Client(served.target, timeout=60) as client:
         for _ in range(3):
             client.generate("hello", "", max_new_tokens=4, regex="[xyz]{2,9}")
-        status_of(client.generate, "hello", "", regex="[unclosed")
+        for _ in range(2):
+            status_of(client.generate, "hello", "", regex="[unclosed")
     after = scrape(served)
-    assert after[requests] - before.get(requests, 0) == 4
-    assert after[compiles] - before.get(compiles, 0) == 2  # the first one (then kept) and the refused one
+    assert after[requests] - before.get(requests, 0) == 5
+    assert after[compiles] - before.get(compiles, 0) == 4  # each request's own; the refused source once

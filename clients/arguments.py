@@ -162,6 +162,8 @@ def _response_format(**given) -> pb.ResponseFormat | None:
             raise TypeError(f"choice must be a sequence of str, not {type(value).__name__}")
         return pb.ResponseFormat(choice=pb.Choices(
             choices=[check_text(f"choice[{position}]", text) for position, text in enumerate(value)]))
+    if name == "json_schema" and not isinstance(value, (Mapping, str)):
+        raise TypeError(f"json_schema must be a dict or its JSON text (str), not {type(value).__name__}")
     if name == "json_schema" and isinstance(value, Mapping):
         try:
             value = json.dumps(value)

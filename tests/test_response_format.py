@@ -278,6 +278,8 @@ def test_the_client_sends_one_format_and_names_a_bad_one():
         build_request("hi", regex="a", choice=["b"])
     with pytest.raises(TypeError, match="choice must be a sequence of str"):
         build_request("hi", choice="ab")
+    with pytest.raises(TypeError, match="json_schema must be a dict or its JSON text"):
+        build_request("hi", json_schema=True)
     with pytest.raises(TypeError, match="json_object must be True or False"):
         build_request("hi", json_object="yes")
 

@@ -14,15 +14,15 @@ NEG_INF_BITS = -0x800000  # 0xFF800000 as an int32: float32's -inf
 MAX_MASK_CPU = 0.02
 
 
-def restrict(logits: torch.Tensor, matchers: list) -> tuple[torch.Tensor, dict[int, Exception]]:
-    """Set every token that cannot continue a formatted row's output (its matcher; None for free rows) to -inf in
-    `logits` [rows, V], in place. Returns (the masks, [formatted rows, V/32] int32 words, token t's bit t % 32 of
-    word t // 32; the rows that fail: their matcher failed (a step beyond its grammar's limits, whose mask would leave
-    only the end of the sequence, an output cut silently) or took more than MAX_MASK_CPU). The masks are asked for one by one, on the engine thread:
-    llguidance's LLExecutor computes them together on threads of its own, and on 2 cores those threads cost the
-    forward after them more than they saved (bench/RESULTS.md)."""
+def allowed(matchers: list, vocab: int) -> tuple[torch.Tensor, dict[int, Exception]]:
+    """What the formatted rows (their matchers; None for free rows) may take next: ([formatted rows, vocab/32] int32
+    words on the host, token t's bit t % 32 of word t // 32; the rows that fail: their matcher failed (a step beyond
+    its grammar's limits, whose mask would leave only the end of the sequence, an output cut silently) or took more
+    than MAX_MASK_CPU). Host work only: on a GPU it runs while the forward that makes the logits does. The masks are
+    asked for one by one, on the engine thread: llguidance's LLExecutor computes them together on threads of its
+    own, and on 2 cores those threads cost the forward after them more than they saved (bench/RESULTS.md)."""
     rows = [(i, m) for i, m in enumerate(matchers) if m is not None]
-    words = (logits.shape[-1] + 31) // 32
+    words = (vocab + 31) // 32
     bits = torch.empty(len(rows), words, dtype=torch.int32)
     failed: dict[int, Exception] = {}
     for k, (i, matcher) in enumerate(rows):
@@ -35,12 +35,11 @@ def restrict(logits: torch.Tensor, matchers: list) -> tuple[torch.Tensor, dict[i
             failed[i] = InvalidArgument(
                 f"response_format took {cpu * 1e3:.0f} ms of CPU to decide a token, more than "
                 f"{MAX_MASK_CPU * 1e3:.0f}: too costly to follow (every token of it would hold up the whole batch)")
-    apply_masks(logits, [i for i, _ in rows], bits)
     return bits, failed
 
 
 def take(matchers: list, tokens: list[int], bits: torch.Tensor, failed: dict[int, Exception]) -> None:
-    """Each formatted row's chosen token to its matcher; rows it fails go into `failed`."""
+    """Each formatted row's chosen token to its matcher (`bits`: `allowed`'s); rows it fails go into `failed`."""
     for k, i in enumerate(i for i, m in enumerate(matchers) if m is not None):
         token = tokens[i]
         if i in failed or matchers[i].consume_token(token):
@@ -52,7 +51,7 @@ def take(matchers: list, tokens: list[int], bits: torch.Tensor, failed: dict[int
 
 
 def apply_masks(logits: torch.Tensor, rows: list[int], bits: torch.Tensor) -> None:
-    """`logits[rows[k]]` gets -inf where bit t of `bits[k]` is 0. Each bit is made its logit's bias, 0.0 or -inf (bit
+    """`logits[rows[k]]` gets -inf where bit t of `bits[k]` is 0, in place. Each bit is made its logit's bias, 0.0 or -inf (bit
     - 1 is 0 or all ones, masked to -inf's bits), without a branch per token: masked_fill_ with such a mask took ~4
     ms for 32 rows x 32000 on 2 CPU cores, this ~1."""
     vocab = logits.shape[-1]

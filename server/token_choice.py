@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from server.errors import InternalError
-from server.format_masks import restrict, take
+from server.format_masks import allowed, apply_masks, take
 from server.logprobs import token_logprobs
 from server.penalties import penalize
 from server.sampling import sample
@@ -34,20 +34,21 @@ def choose(logits, states: list) -> tuple[list[int], list, dict[int, Exception]]
     log-probabilities it asks for (of the model's own logits), and the rows that failed at this token, with why
     (logits not finite, a format that could not be followed). `states`: the rows' engine states (their request,
     generator and token history)."""
-    logits, broken = set_aside_non_finite(logits)
     matchers = [s.request.matcher for s in states]
+    formatted = [i for i, m in enumerate(matchers) if m is not None]
+    # asked first: on a GPU the host asks the matchers before anything waits for the logits (the check below does)
+    bits, failed = allowed(matchers, logits.shape[-1]) if formatted else (None, {})
+    logits, broken = set_aside_non_finite(logits)
+    failed |= {i: not_finite() for i in broken}
     # adjusted in place (a [B, V] copy saved) unless a row with a history (penalties, biases or a min_new_tokens
     # ban) or a format asks for log-probabilities, which are of its own logits
     copy = any((s.history is not None or s.request.matcher is not None) and s.request.logprobs is not None
                for s in states)
     adjusted = penalize(logits, [s.history for s in states], copy)
-    failed: dict[int, Exception] = {i: not_finite() for i in broken}
-    formatted = any(m is not None for m in matchers)
     if formatted:
         if adjusted is logits and copy:
             adjusted = logits.clone()
-        bits, unfollowed = restrict(adjusted, matchers)
-        failed = unfollowed | failed
+        apply_masks(adjusted, formatted, bits)
     tokens = sample(adjusted, [s.request.sampling for s in states], [s.generator for s in states])
     for state, token in zip(states, tokens):
         if state.history is not None:

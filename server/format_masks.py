@@ -51,9 +51,9 @@ def take(matchers: list, tokens: list[int], bits: torch.Tensor, failed: dict[int
 
 
 def apply_masks(logits: torch.Tensor, rows: list[int], bits: torch.Tensor) -> None:
-    """`logits[rows[k]]` gets -inf where bit t of `bits[k]` is 0, in place. Each bit is made its logit's bias, 0.0 or -inf (bit
-    - 1 is 0 or all ones, masked to -inf's bits), without a branch per token: masked_fill_ with such a mask took ~4
-    ms for 32 rows x 32000 on 2 CPU cores, this ~1."""
+    """`logits[rows[k]]` gets -inf where bit t of `bits[k]` is 0, in place. Each bit is made its logit's bias, 0.0
+    or -inf (bit - 1 is 0 or all ones, masked to -inf's bits), without a branch per token: masked_fill_ with such a
+    mask took ~4 ms for 32 rows x 32000 on 2 CPU cores, this ~1."""
     vocab = logits.shape[-1]
     shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
     words = bits.to(logits.device)
@@ -66,9 +66,14 @@ def apply_masks(logits: torch.Tensor, rows: list[int], bits: torch.Tensor) -> No
 
 
 def _unfollowed(matcher) -> InvalidArgument:
-    if matcher.stop_reason() in ("NoExtension", "NoExtensionBias"):  # (a format no text satisfies: "[^\\s\\S]")
-        return InvalidArgument("response_format allows no token here, and the output is not complete: no text can "
-                               "satisfy the format from this point")
-    error = " ".join(matcher.get_error().split())[:300]
-    return InvalidArgument(f"response_format could not be followed: {error} (a step of its grammar went beyond "
-                           f"llguidance's limits; a simpler format may pass)")
+    return InvalidArgument(f"response_format {why_stopped(matcher)}")
+
+
+def why_stopped(matcher) -> str:
+    """Why a matcher in its error state stopped, after "response_format": nothing can continue its output (a format
+    no text satisfies, "[^\\s\\S]"), or llguidance's reason."""
+    if matcher.stop_reason().startswith("NoExtension") or matcher.get_error().startswith("NoExtension"):
+        return "allows no token here, and the output is not complete: no text can satisfy the format from this point"
+    error = " ".join(line for line in matcher.get_error().split() if line != "<non-verbose/>")[:300]
+    return (f"could not be followed: {error} (a step of its grammar went beyond llguidance's limits; a simpler format "
+            f"may pass)")

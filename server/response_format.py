@@ -14,6 +14,7 @@ from llguidance import LLMatcher, LLParserLimits, LLTokenizer
 
 from protos.loraplex.v1 import inference_pb2 as pb
 from server.errors import FailedPrecondition, InvalidArgument
+from server.format_masks import why_stopped
 
 MAX_FORMAT_CHARS = 65536  # a schema's, regex's or grammar's text; the choices together
 MAX_CHOICES = 1024
@@ -135,7 +136,7 @@ class Formats:
         matcher.compute_bitmask()
         cpu = time.thread_time() - cpu
         if matcher.is_error():
-            return f"response_format.{kind} cannot be followed: {_reason(matcher.get_error(), 300)}"
+            return f"response_format.{kind} {why_stopped(matcher)}"
         if cpu > MAX_FIRST_MASK_CPU:
             return (f"response_format.{kind} took {cpu * 1e3:.0f} ms of CPU to decide the first token, more than "
                     f"{MAX_FIRST_MASK_CPU * 1e3:.0f}: too costly to follow (every token of it would hold up the "

@@ -162,7 +162,7 @@ def _sent(**fields) -> pb.GenerateRequest:
     (_sent(json_schema="[1, 2]"), C.INVALID_ARGUMENT, "response_format.json_schema must be a JSON object, not [1, 2]"),
     (_sent(json_schema="true"), C.INVALID_ARGUMENT, "response_format.json_schema must be a JSON object, not true"),
     (_sent(json_schema='{"items": ' * 2000 + "{}" + "}" * 2000), C.INVALID_ARGUMENT, "nested too deeply"),
-    (_sent(regex="[^\\s\\S]"), C.INVALID_ARGUMENT, "response_format.regex cannot be followed"),
+    (_sent(regex="[^\\s\\S]"), C.INVALID_ARGUMENT, "response_format.regex allows no token here"),
     (_sent(json_schema='{"type": "nonsense"}'), C.INVALID_ARGUMENT, "response_format.json_schema does not compile"),
     (_sent(choice=pb.Choices()), C.INVALID_ARGUMENT, "response_format.choice takes 1 to 1024 strings, got 0"),
     (_sent(choice=pb.Choices(choices=["a", ""])), C.INVALID_ARGUMENT, "response_format.choice[1] is empty"),

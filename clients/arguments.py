@@ -162,13 +162,13 @@ def _response_format(**given) -> pb.ResponseFormat | None:
             raise TypeError(f"choice must be a sequence of str, not {type(value).__name__}")
         return pb.ResponseFormat(choice=pb.Choices(
             choices=[check_text(f"choice[{position}]", text) for position, text in enumerate(value)]))
-    if name == "json_schema" and not isinstance(value, (Mapping, str)):
-        raise TypeError(f"json_schema must be a dict or its JSON text (str), not {type(value).__name__}")
     if name == "json_schema" and isinstance(value, Mapping):
         try:
             value = json.dumps(value)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"json_schema cannot be written as JSON: {exc}") from None
+    elif name == "json_schema" and not isinstance(value, str):
+        raise TypeError(f"json_schema must be a dict or its JSON text (str), not {type(value).__name__}")
     return pb.ResponseFormat(**{name: check_text(name, value)})
 
 

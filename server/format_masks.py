@@ -32,9 +32,7 @@ def allowed(matchers: list, vocab: int) -> tuple[torch.Tensor, dict[int, Excepti
         if matcher.is_error():
             failed[i] = _unfollowed(matcher)
         elif cpu > MAX_MASK_CPU:
-            failed[i] = InvalidArgument(
-                f"response_format took {cpu * 1e3:.0f} ms of CPU to decide a token, more than "
-                f"{MAX_MASK_CPU * 1e3:.0f}: too costly to follow (every token of it would hold up the whole batch)")
+            failed[i] = InvalidArgument(f"response_format {too_costly(cpu, MAX_MASK_CPU, 'a token')}")
     return bits, failed
 
 
@@ -74,6 +72,19 @@ def why_stopped(matcher) -> str:
     no text satisfies, "[^\\s\\S]"), or llguidance's reason."""
     if matcher.stop_reason().startswith("NoExtension") or matcher.get_error().startswith("NoExtension"):
         return "allows no token here, and the output is not complete: no text can satisfy the format from this point"
-    error = " ".join(line for line in matcher.get_error().split() if line != "<non-verbose/>")[:300]
-    return (f"could not be followed: {error} (a step of its grammar went beyond llguidance's limits; a simpler format "
-            f"may pass)")
+    return (f"could not be followed: {llguidance_message(matcher.get_error(), 300)} (a step of its grammar went "
+            f"beyond llguidance's limits; a simpler format may pass)")
+
+
+def too_costly(cpu: float, limit: float, token: str) -> str:
+    """Why a format is refused whose mask for `token` took `cpu` seconds of CPU, over `limit`, after
+    "response_format"."""
+    return (f"took {cpu * 1e3:.0f} ms of CPU to decide {token}, more than {limit * 1e3:.0f}: too costly to follow "
+            f"(every token of it would hold up the whole batch)")
+
+
+def llguidance_message(error: str, limit: int = 1000) -> str:
+    """llguidance's message for a status: without its blank lines and its "<non-verbose/>" marker (where the
+    parser's state would be), bounded (a grammar's error quotes the grammar's line)."""
+    text = "\n".join(line for line in error.splitlines() if line.strip() and line.strip() != "<non-verbose/>")
+    return text if len(text) <= limit else text[:limit] + "..."

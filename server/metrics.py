@@ -69,8 +69,9 @@ class Metrics:
                                       buckets=TTFT_BUCKETS, registry=r)
         self.formatted = Counter(p + "response_format_requests", "Requests with a response_format, by its kind "
                                  "(json_schema, json_object, regex, choice, grammar).", ["format"], registry=r)
-        self.format_compile = Histogram(p + "response_format_compile_seconds", "Compiling a response_format that was "
-                                        "not among those kept (the tokenizer read too, at the first).", ["format"],
+        self.format_compile = Histogram(p + "response_format_compile_seconds", "A request's response_format compiled "
+                                        "and its first mask computed (a source refused before is not compiled "
+                                        "again; the tokenizer read too, at the first).", ["format"],
                                         buckets=TTFT_BUCKETS, registry=r)
         self._labels: set[str] = set()
         self._max_labels = max_adapter_labels

@@ -14,7 +14,7 @@ from llguidance import LLMatcher, LLParserLimits, LLTokenizer
 
 from protos.loraplex.v1 import inference_pb2 as pb
 from server.errors import FailedPrecondition, InvalidArgument
-from server.format_masks import why_stopped
+from server.format_masks import llguidance_message, too_costly, why_stopped
 
 MAX_FORMAT_CHARS = 65536  # a schema's, regex's or grammar's text; the choices together
 MAX_CHOICES = 1024
@@ -131,16 +131,14 @@ class Formats:
 
     def _refusal(self, kind: str, matcher: LLMatcher) -> str | None:
         if matcher.is_error():
-            return f"response_format.{kind} does not compile: {_reason(matcher.get_error())}"
+            return f"response_format.{kind} does not compile: {llguidance_message(matcher.get_error())}"
         cpu = time.thread_time()  # (this thread's: not the time it waits for the GIL or a core)
         matcher.compute_bitmask()
         cpu = time.thread_time() - cpu
         if matcher.is_error():
             return f"response_format.{kind} {why_stopped(matcher)}"
         if cpu > MAX_FIRST_MASK_CPU:
-            return (f"response_format.{kind} took {cpu * 1e3:.0f} ms of CPU to decide the first token, more than "
-                    f"{MAX_FIRST_MASK_CPU * 1e3:.0f}: too costly to follow (every token of it would hold up the "
-                    f"whole batch)")
+            return f"response_format.{kind} {too_costly(cpu, MAX_FIRST_MASK_CPU, 'the first token')}"
         return None
 
     def _build(self) -> LLTokenizer:
@@ -148,14 +146,8 @@ class Formats:
         try:
             return llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self.vocab_size, eos_token=self._eos)
         except Exception as exc:  # a tokenizer llguidance cannot read: every later request hears the same
-            self.problem = f"llguidance cannot read this model's tokenizer: {_reason(str(exc), 300)}"
+            self.problem = f"llguidance cannot read this model's tokenizer: {llguidance_message(str(exc), 300)}"
             raise FailedPrecondition(self.problem) from None
-
-
-def _reason(error: str, limit: int = 1000) -> str:
-    """llguidance's message without its blank lines, bounded (a grammar's error quotes the grammar's line)."""
-    text = "\n".join(line for line in error.splitlines() if line.strip())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_stopping(stopping) -> None:

@@ -25,6 +25,8 @@ class ServerConfig:
     max_lora_rank: int = 64
     max_hydra_heads: int = 8
     max_queue_size: int = 256
+    max_queue_per_adapter: int = 0   # 0: no limit of an adapter's own, only --max-queue-size
+    scheduling: str = "fair"         # the order waiting requests are admitted in: fair between adapters, or fifo
     max_concurrent_rpcs: int = 1024
     default_max_new_tokens: int = 64
     max_prompt_tokens: int = 0       # 0: the model's context length
@@ -76,6 +78,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
       help="slot width: the largest adapter rank (HydraLoRA: heads x rank) accepted")
     a("--max-hydra-heads", type=int, default=d.max_hydra_heads, help="largest HydraLoRA head count accepted")
     a("--max-queue-size", type=int, default=d.max_queue_size, help="waiting requests before RESOURCE_EXHAUSTED")
+    a("--max-queue-per-adapter", type=int, default=d.max_queue_per_adapter,
+      help="waiting requests one adapter (the base model counts as one) may have before its next is RESOURCE_EXHAUSTED, "
+           "so one client's flood cannot fill the queue that others' requests need (0: no limit but --max-queue-size)")
+    a("--scheduling", default=d.scheduling, choices=["fair", "fifo"],
+      help="the order waiting requests get rows in: fair (each adapter, the base model as one, gets its share of the "
+           "rows, counted in tokens served, however many requests others send; one adapter's in arrival order) "
+           "or fifo (arrival order)")
     a("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
       help="RPCs in flight before RESOURCE_EXHAUSTED (not counted: health checks, the Adapters service, "
            "GetServerInfo)")
@@ -133,7 +142,8 @@ UINT64 = 2 ** 64 - 1  # ... and these as 64-bit: a larger value made every GetSe
 PORT = 65535  # grpc would bind a larger port (or a negative one) modulo 65536: 70000 listened on 4464
 BOUNDS = {  # flag -> (lowest, highest or None); 0 lets the model decide where the lowest is 0
     "max_batch_size": (1, INT32), "max_active_adapters": (1, INT32), "max_lora_rank": (1, INT32),
-    "max_hydra_heads": (1, INT32), "max_queue_size": (1, INT32), "max_concurrent_rpcs": (1, INT32),
+    "max_hydra_heads": (1, INT32), "max_queue_size": (1, INT32), "max_queue_per_adapter": (0, INT32),
+    "max_concurrent_rpcs": (1, INT32),
     "default_max_new_tokens": (1, INT32), "max_adapter_bytes": (1, UINT64), "max_prompt_tokens": (0, INT32),
     "max_new_tokens": (0, INT32), "max_kv_tokens": (0, UINT64), "max_prefill_tokens": (1, None),
     "prefix_cache_tokens": (0, UINT64),
@@ -190,11 +200,14 @@ def check_config(c: ServerConfig) -> None:
     if 0 < c.prefix_cache_tokens < PREFIX_BLOCK:
         raise ConfigError(f"--prefix-cache-tokens must be 0 (no prefix cache) or at least {PREFIX_BLOCK} (it keeps "
                           f"blocks of {PREFIX_BLOCK} tokens), got {c.prefix_cache_tokens}")
+    if c.scheduling not in ("fair", "fifo"):
+        raise ConfigError(f"--scheduling must be fair or fifo, got {c.scheduling!r}")
     if c.adapter_root and not Path(c.adapter_root).is_dir():
         raise ConfigError(f"--adapter-root {c.adapter_root} is not a directory: every adapter would be NOT_FOUND")
     for name, (low, high) in BOUNDS.items():
         value, flag = getattr(c, name), "--" + name.replace("_", "-")
         zero = " (0: a free port)" if high == PORT else " (0: none)" if name == "prefix_cache_tokens" else \
+            " (0: no limit of its own)" if name == "max_queue_per_adapter" else \
             " (0: derived from the model)" if low == 0 else ""
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}{zero}, got {value}")

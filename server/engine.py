@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -21,6 +21,7 @@ from adapters.slot_bank import SlotBank, SlotsFull
 from server.batch import Batch, Prefill, Row, Runner
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
 from server.errors import InternalError, ResourceExhausted, Unavailable
+from server.fair_queue import WaitingQueue, tenant
 from server.metrics import Metrics, count_by_adapter
 from server.penalties import TokenHistory
 from server.prefix_cache import BLOCK, Block, PrefixCache
@@ -66,6 +67,8 @@ class EngineConfig:
     max_queue_size: int
     max_kv_tokens: int = 1 << 62  # token slots (rows x cached positions) the running batch may reserve
     max_prefill_tokens: int = 1 << 62  # padded prompt tokens (rows x longest prompt) one iteration may prefill
+    scheduling: str = "fair"  # the order waiting requests are admitted in (server/fair_queue.py): fair or fifo
+    max_queue_per_adapter: int = 0  # requests one adapter (or the base model) may have waiting; 0: no limit of its own
 
 
 class Engine:
@@ -79,8 +82,9 @@ class Engine:
         self.config = config
         self.metrics = metrics
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._waiting: deque[EngineRequest] = deque()
+        self._waiting = WaitingQueue(fair=config.scheduling == "fair")
         self._pending = 0  # submitted, not yet admitted (inbox + waiting); guarded by _count_lock
+        self._pending_by: Counter = Counter()  # the same by tenant (server/fair_queue.py)
         self._free = config.max_batch_size  # rows the last admission left free with nothing else in the way
         self._count_lock = threading.Lock()
         self._batch: Batch | None = None
@@ -116,7 +120,13 @@ class Engine:
             if self._pending >= self.config.max_queue_size + self._free:
                 raise ResourceExhausted(
                     f"the waiting queue is full ({self.config.max_queue_size} requests, --max-queue-size); retry later")
+            key, cap = tenant(request), self.config.max_queue_per_adapter
+            if cap and self._pending_by[key] >= cap + self._free:
+                raise ResourceExhausted(
+                    f"{'the base model' if key == '' else 'adapter ' + repr(key)} already has {cap} requests waiting "
+                    f"(--max-queue-per-adapter); retry later")
             self._pending += 1
+            self._pending_by[key] += 1
             # queued, then counted, under the lock _unqueue takes: whoever sees the count sees the request in the
             # engine's inbox (a test under load saw the count, ran three engine steps, and the request came later)
             self._inbox.put(request)
@@ -144,7 +154,7 @@ class Engine:
     def waiting_for(self) -> Counter:
         """{adapter id: requests queued for it}, read from any thread at one moment (tuple() copies the queue in
         one step under the GIL; a request the engine holds aside while it admits others may be missed)."""
-        return Counter(r.adapter.adapter_id for r in tuple(self._waiting) if r.adapter is not None)
+        return Counter(r.adapter.adapter_id for r in self._waiting if r.adapter is not None)
 
     def idle(self) -> bool:
         return self._batch is None and self._prefilling is None and self._pending == 0
@@ -215,7 +225,7 @@ class Engine:
                 return
             if isinstance(item, EngineRequest) and self.draining:  # it passed submit's check just before the drain
                 self._tell(item, ErrorEvent(self._refusal))
-                self._unqueue()
+                self._unqueue([item])
             elif isinstance(item, EngineRequest):
                 self._waiting.append(item)
             else:
@@ -230,15 +240,20 @@ class Engine:
             except Exception as exc:  # reported to the caller, never kills the loop
                 future.set_exception(exc)
 
-    def _unqueue(self, n: int = 1) -> None:
+    def _unqueue(self, requests: list[EngineRequest]) -> None:
         with self._count_lock:
-            self._pending -= n
-            self.metrics.waiting.dec(n)
+            self._pending -= len(requests)
+            for request in requests:
+                key = tenant(request)
+                self._pending_by[key] -= 1
+                if not self._pending_by[key]:  # (it holds the tenants with requests waiting, no more)
+                    del self._pending_by[key]
+            self.metrics.waiting.dec(len(requests))
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self._waiting if r.cancelled]:
-            self._waiting.remove(request)
-            self._unqueue()
+            self._waiting.take(request)
+            self._unqueue([request])
             self._finish_metrics(request, FinishReason.CANCELLED)
         job = self._prefilling
         if job is not None and all(r.state.request.cancelled for r in job.rows):  # its next chunks are for nobody
@@ -260,50 +275,47 @@ class Engine:
 
     def _admit(self) -> list[Row]:
         room = self.config.max_batch_size - len(self._rows())
-        admitted, skipped, slot_wait = [], deque(), False
+        admitted, slot_wait = [], False
         # the distinct prompts the newcomers' prefill runs (Runner.start_prefill runs each once), and the longest; a
         # copy of one, or of a prompt a running row holds (it runs one token), adds nothing to prefill
         prompts, longest, held, matched = set(), 0, self._held_prompts(), {}
-        while self._waiting and len(admitted) < room:
-            request = self._waiting[0]
+        for request in self._waiting.candidates() if room > 0 else ():  # fair between adapters, or in arrival order
             prompt = prompt_key(request)
             runs = prompt not in prompts and not takes_cache(prompt, request.prompt_ids, held)
             # a copy of a prompt admitted now takes its blocks (one prefill runs both); a running row's takes none
             blocks = cached_blocks(self.prefixes, request) if runs else matched.get(prompt, [])
             to_run = len(request.prompt_ids) - len(blocks) * BLOCK
             if self._prefilling is not None and to_run > self.config.max_prefill_tokens and runs:
-                # One long prompt chunks at a time: a second one waits at the head for its last chunk (then goes
-                # first), and the requests behind it that one prefill runs whole go ahead meanwhile. Unless running
+                # One long prompt chunks at a time: a second one waits in its place for its last chunk (then goes
+                # first), and the requests after it that one prefill runs whole go ahead meanwhile. Unless running
                 # rows hold its adapter's slot, later adapter rows wait as for a slot (below): steady traffic on a
                 # resident adapter would keep every slot busy, and it would never get one.
-                skipped.append(self._waiting.popleft())
                 slot_wait = slot_wait or (request.adapter is not None and not self.bank.held(request.adapter.key))
                 continue
             candidates = [r.state.request for r in admitted] + [request]
             if (admitted or self._rows()) and self._kv_plan(candidates)[1] > self.config.max_kv_tokens:
-                break  # first come, first served: later requests wait too, so a large one is never starved
+                break  # in its turn: later requests wait too, so a large one is never starved
             # The rest next step: running rows get a token between prefills, not after all of them. While a long
             # prompt runs in chunks, only a group that one prefill runs whole joins.
             if runs and (admitted or self._prefilling is not None) and \
                     (len(prompts) + 1) * max(longest, to_run) > self.config.max_prefill_tokens:
                 break
-            self._waiting.popleft()
             if slot_wait and request.adapter is not None:
                 # An earlier request waits for a slot to drain: a row joining any slot would keep it busy longer,
                 # and steady traffic on resident adapters would starve that request. Base-model rows hold no slot.
-                skipped.append(request)
                 continue
             try:
                 slot = self.bank.acquire(request.adapter)
-            except SlotsFull:  # every slot serves running rows: wait for one to drain, first come first served
-                skipped.append(request)
+            except SlotsFull:  # every slot serves running rows: wait for one to drain, in turn
                 slot_wait = True
                 continue
             except Exception as exc:  # e.g. out of memory writing the slot: this request fails, the rest go on
                 log.exception("could not place the adapter of request %s", request.request_id)
-                self._unqueue()
+                self._waiting.take(request)
+                self._unqueue([request])
                 self._tell(request, ErrorEvent(_failed(exc)))
                 continue
+            self._waiting.take(request, prompt_tokens=to_run if runs else 0)
             now = time.monotonic()
             self.metrics.queue_time.observe(now - request.arrival)
             state = _RowState(request, TextStream(self.tokenizer, request.stopping, self.eos, request.prompt_ids),
@@ -315,12 +327,13 @@ class Engine:
                 prompts.add(prompt)
                 matched[prompt] = blocks
                 longest = max(longest, to_run)
-        self._waiting.extendleft(reversed(skipped))
+            if len(admitted) == room:
+                break
         # rows free with nothing left waiting for them (a request still waiting was held back by the KV or prefill
         # budget or a slot, or the rows are full); set before _unqueue, so submit() never sees a looser limit
         self._free = 0 if self._waiting else max(0, room - len(admitted))
         if admitted:
-            self._unqueue(len(admitted))
+            self._unqueue([row.state.request for row in admitted])
             self.metrics.running.set(len(self._rows()) + len(admitted))
             self.metrics.adapter_slots_used.set(self.bank.used)
         return admitted
@@ -430,6 +443,7 @@ class Engine:
                 ended.append(row)
                 continue
             row.last_token = token
+            self._waiting.charge(state.request, output_tokens=1)
             matcher = state.request.matcher  # a format ends at an end id only where it is complete (then stopped)
             text = state.stream.push(token, matcher is not None and token in self.eos and not matcher.is_stopped())
             if first:
@@ -491,9 +505,10 @@ class Engine:
         self._tell(row.state.request, ErrorEvent(_failed(exc)))
 
     def _fail_waiting(self, error: Exception) -> None:
-        for request in self._waiting:
+        waiting = list(self._waiting)
+        for request in waiting:
             self._tell(request, ErrorEvent(error))
-        self._unqueue(len(self._waiting))
+        self._unqueue(waiting)
         self._waiting.clear()
 
     def _fail_all(self, exc: Exception) -> None:

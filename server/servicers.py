@@ -397,6 +397,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 admin_auth_required=bool(c.admin_token_file or c.auth_token_file),
                 adapter_kernel=s.engine.bank.kernel, adapter_dtype=str(s.engine.bank.dtype).removeprefix("torch."),
                 chat_template=template_problem(b.tokenizer) is None, response_format=s.formats.problem is None,
+                scheduling=c.scheduling,
                 limits=pb.Limits(
                     max_prompt_tokens=s.limits.max_prompt_tokens, max_new_tokens=s.limits.max_new_tokens,
                     max_concurrent_rpcs=c.max_concurrent_rpcs, max_queue_size=c.max_queue_size,
@@ -404,7 +405,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     max_lora_rank=c.max_lora_rank, max_hydra_heads=c.max_hydra_heads,
                     max_batch_size=c.max_batch_size, max_active_adapters=c.max_active_adapters,
                     adapter_cache_bytes=c.adapter_cache_bytes,
-                    prefix_cache_tokens=s.limits.prefix_cache_tokens),
+                    prefix_cache_tokens=s.limits.prefix_cache_tokens, max_queue_per_adapter=c.max_queue_per_adapter),
                 adapter_target_modules=[shape.name for shape in s.engine.bank.shapes],
                 supported_adapter_kinds=[pb.ADAPTER_KIND_LORA, pb.ADAPTER_KIND_ADALORA,
                                          pb.ADAPTER_KIND_HYDRALORA, pb.ADAPTER_KIND_RESLORA])

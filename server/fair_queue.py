@@ -1,0 +1,124 @@
+"""The engine's waiting requests, and the order admission tries them in: fair between adapters, or first come first
+served.
+
+Fair (the default) is the Virtual Token Counter of Sheng et al., "Fairness in Serving Large Language Models" (OSDI
+2024): each adapter (the base model is one too) has a counter of the service its requests received, in token units
+(a prompt token its prefill ran counts PROMPT_WEIGHT, a generated token OUTPUT_WEIGHT); admission tries the oldest
+request of the waiting adapter with the lowest counter first. So an adapter sending a flood of requests cannot make
+another adapter's requests wait behind all of them: each backlogged adapter gets its share of the rows as they
+free up, whatever the others send. An adapter that had nothing waiting is lifted, when a request of its arrives, to
+the lowest counter among those waiting (or, with none waiting, to the counter of the last adapter whose queue
+emptied): time spent idle banks no credit to spend later in a burst. One adapter's own requests keep their arrival
+order, and with a single adapter in use fair is first come first served.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from typing import Iterator
+
+from server.engine_messages import EngineRequest
+
+PROMPT_WEIGHT = 1.0  # the paper's weights: a generated token costs a decode step's share, about twice a prompt token
+OUTPUT_WEIGHT = 2.0
+
+
+def tenant(request: EngineRequest) -> str:
+    """Whom a request's service is counted to: its adapter's id ("" for the base model)."""
+    return request.adapter.adapter_id if request.adapter is not None else ""
+
+
+class WaitingQueue:
+    """Requests waiting for a row, one FIFO per tenant (a single one when not fair). Used by the engine thread only,
+    except `__iter__` and `__len__`, which any thread may call (each reads in one step under the GIL)."""
+
+    def __init__(self, fair: bool = True) -> None:
+        self.fair = fair
+        self._queues: dict[str, deque[tuple[int, EngineRequest]]] = {}  # tenant -> its (arrival number, request)
+        self._all: dict[int, EngineRequest] = {}  # arrival number -> request, in arrival order
+        self._counters: dict[str, float] = {}  # the service each tenant received (fair only)
+        self._last = 0.0  # the counter of the last tenant whose queue emptied
+        self._arrivals = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __iter__(self) -> Iterator[EngineRequest]:
+        return iter(tuple(self._all.values()))
+
+    def append(self, request: EngineRequest) -> None:
+        key = self._key(request)
+        if key not in self._queues:
+            if self.fair:
+                self._counters[key] = max(self._counters.get(key, 0.0), self.level())
+            self._queues[key] = deque()
+        number = next(self._arrivals)
+        self._queues[key].append((number, request))
+        self._all[number] = request
+
+    def level(self) -> float:
+        """The lowest counter a newly waiting tenant may have: the lowest among the waiting, else the last one's."""
+        return min((self._counters[k] for k in self._queues), default=self._last)
+
+    def candidates(self) -> Iterator[EngineRequest]:
+        """Every waiting request once, in the order admission tries them: by the counter of its tenant as it stands
+        when the request comes up (a taken request's charge counts at once), then by arrival. The caller `take`s each
+        request it admits; one left waiting (no slot, no room yet) keeps its place and is passed over for the rest of
+        this walk, and so are its tenant's later ones only where the caller leaves them too."""
+        heap = [(self._counter(k), q[0][0], k, 0) for k, q in self._queues.items()]
+        heapq.heapify(heap)
+        while heap:
+            _, _, key, i = heapq.heappop(heap)
+            request = self._queues[key][i][1]
+            yield request
+            queue = self._queues.get(key)
+            if queue is None:  # it was its tenant's last
+                continue
+            if i < len(queue) and queue[i][1] is request:  # left waiting: pass over it
+                i += 1
+            if i < len(queue):
+                heapq.heappush(heap, (self._counter(key), queue[i][0], key, i))
+
+    def take(self, request: EngineRequest, prompt_tokens: int = 0) -> None:
+        """`request` leaves the queue (admitted, cancelled or failed), its tenant charged the prompt tokens its
+        prefill runs."""
+        self.charge(request, prompt_tokens=prompt_tokens)
+        key = self._key(request)
+        queue = self._queues[key]
+        i = next(i for i, (_, r) in enumerate(queue) if r is request)
+        number, _ = queue[i]
+        del queue[i]
+        del self._all[number]
+        if not queue:
+            del self._queues[key]
+            if self.fair:
+                self._last = self._counters[key]
+                self._forget_idle()
+
+    def charge(self, request: EngineRequest, prompt_tokens: int = 0, output_tokens: int = 0) -> None:
+        """Count service to `request`'s tenant: prompt tokens its prefill ran, tokens generated for it."""
+        if self.fair:
+            key = tenant(request)
+            self._counters[key] = self._counters.get(key, self.level()) + \
+                PROMPT_WEIGHT * prompt_tokens + OUTPUT_WEIGHT * output_tokens
+
+    def clear(self) -> None:
+        for request in list(self._all.values()):
+            self.take(request)
+
+    def _key(self, request: EngineRequest) -> str:
+        return tenant(request) if self.fair else ""
+
+    def _counter(self, key: str) -> float:
+        return self._counters[key] if self.fair else 0.0
+
+    def _forget_idle(self) -> None:
+        """Drop the counters of tenants with nothing waiting that are at or below the level: one would be lifted to
+        it anyway when a request of its comes (the level never falls), so only the counters above it (service
+        received beyond the waiting ones') need keeping. Bounds the counters by the tenants served recently. (A
+        tenant still running rows whose counter was dropped is charged from the level: a little more than exact.)"""
+        if len(self._counters) > 2 * len(self._queues) + 64:
+            level = self.level()
+            for key in [k for k, c in self._counters.items() if c <= level and k not in self._queues]:
+                del self._counters[key]

@@ -1,0 +1,201 @@
+"""--scheduling fair: waiting requests get rows in the order of the service their adapter received (the Virtual Token
+Counter), so one adapter's flood cannot hold another's requests back behind all of it; --max-queue-per-adapter
+bounds how much of the queue one adapter may hold. The queue's rules alone, then through the real server."""
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from clients.client import AsyncClient, Client
+from server.config import ConfigError, ServerConfig, check_config
+from server.engine_messages import EngineRequest
+from server.fair_queue import OUTPUT_WEIGHT, PROMPT_WEIGHT, WaitingQueue
+from tests.helpers import make_peft_adapter, scrape, start_server, wait_for
+
+C = grpc.StatusCode
+
+
+def request(adapter: str, name: str = "") -> EngineRequest:
+    return EngineRequest(name or adapter, [1, 2, 3], SimpleNamespace(adapter_id=adapter) if adapter else None,
+                         None, None, sink=lambda event: None)
+
+
+def walk(queue: WaitingQueue, prompt_tokens: int = 10, leave=()) -> list[str]:
+    """Every request in admission order, each taken and charged `prompt_tokens` unless its name is in `leave`."""
+    order = []
+    for r in queue.candidates():
+        order.append(r.request_id)
+        if r.request_id not in leave:
+            queue.take(r, prompt_tokens=prompt_tokens)
+    return order
+
+
+def flood(queue: WaitingQueue) -> WaitingQueue:
+    for i in range(5):
+        queue.append(request("a", f"a{i}"))
+    queue.append(request("b", "b0"))
+    queue.append(request("", "base0"))
+    return queue
+
+
+def test_a_flood_on_one_adapter_does_not_hold_back_the_others():
+    assert walk(flood(WaitingQueue(fair=True))) == ["a0", "b0", "base0", "a1", "a2", "a3", "a4"]
+    assert walk(flood(WaitingQueue(fair=False))) == ["a0", "a1", "a2", "a3", "a4", "b0", "base0"]
+
+
+def test_service_is_counted_in_prompt_and_generated_tokens():
+    """An adapter whose rows generated many tokens waits behind one that was served less; a generated token counts
+    OUTPUT_WEIGHT, a prompt token PROMPT_WEIGHT."""
+    assert (PROMPT_WEIGHT, OUTPUT_WEIGHT) == (1.0, 2.0)
+    queue = WaitingQueue()
+    for name in ("a0", "b0", "a1", "b1"):
+        queue.append(request(name[0], name))
+    first = next(queue.candidates())
+    queue.take(first, prompt_tokens=3)  # a: 3
+    queue.charge(first, output_tokens=5)  # a: 13, generated while b waits
+    second = next(queue.candidates())
+    assert second.request_id == "b0"
+    queue.take(second, prompt_tokens=12)  # b: 12 < 13
+    assert next(queue.candidates()).request_id == "b1"
+    queue.charge(second, output_tokens=1)  # b: 14 > 13
+    assert next(queue.candidates()).request_id == "a1"
+
+
+def test_an_idle_adapter_banks_no_credit():
+    """An adapter that had nothing waiting while others were served is lifted to the lowest waiting counter when
+    its requests come: it takes turns with them, it does not get every row until it caught up."""
+    queue = WaitingQueue()
+    for i in range(4):
+        queue.append(request("a", f"a{i}"))
+    assert walk(queue, leave={"a1", "a2", "a3"}) == ["a0", "a1", "a2", "a3"]  # a: 10, three still waiting
+    for _ in range(50):
+        queue.charge(request("a"), output_tokens=1)  # a: 110
+    for i in range(3):
+        queue.append(request("b", f"b{i}"))  # lifted to 110, not 0
+    assert walk(queue) == ["a1", "b0", "a2", "b1", "a3", "b2"]  # a: 140, b: 140 (its queue emptied last)
+    # with nothing waiting, a newcomer is lifted to the counter of the last adapter whose queue emptied
+    queue.charge(request("a"), output_tokens=100)  # a: 340, running on while nothing waited
+    queue.append(request("c", "c0"))
+    queue.append(request("a", "a4"))  # a keeps its larger counter; c starts where b's queue emptied
+    assert queue.level() == 140 and walk(queue) == ["c0", "a4"]
+
+
+def test_requests_left_waiting_keep_their_place():
+    """A request admission leaves waiting (no slot, no KV room yet) is passed over for that walk only, and its
+    adapter's later requests still come up in their turn; the next walk offers it first again."""
+    queue = flood(WaitingQueue())
+    assert walk(queue, leave={"a0", "b0"}) == ["a0", "a1", "b0", "base0", "a2", "a3", "a4"]  # (a1: a still at 0)
+    assert [r.request_id for r in queue] == ["a0", "b0"] and len(queue) == 2
+    assert walk(queue) == ["b0", "a0"]  # b served least (0); a was charged for four
+    assert not queue and list(queue.candidates()) == []
+
+
+def test_cancelled_requests_leave_from_anywhere_and_clear_empties():
+    queue = flood(WaitingQueue())
+    middle = [r for r in queue if r.request_id == "a2"][0]
+    queue.take(middle)
+    assert [r.request_id for r in queue] == ["a0", "a1", "a3", "a4", "b0", "base0"]
+    everyone = ["a0", "a1", "a3", "a4", "b0", "base0"]
+    assert walk(queue, leave=set(everyone)) == everyone  # nobody served yet: equal counters, arrival order
+    queue.clear()
+    assert len(queue) == 0 and list(queue) == []
+
+
+def test_counters_are_kept_for_the_adapters_that_need_them_only():
+    """Thousands of adapters served one request each leave no counters behind but those above the level."""
+    queue = WaitingQueue()
+    for i in range(5000):
+        r = request(f"id{i}")
+        queue.append(r)
+        walk(queue, prompt_tokens=1)
+    assert len(queue._counters) <= 2 * len(queue._queues) + 65
+
+
+# -- through the server ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_adapters(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fair")
+    for i, name in enumerate(("flood", "other")):
+        make_peft_adapter(model_dirs["llama"], root / name, 10 + i, r=4, lora_alpha=8, target_modules=["q_proj"])
+    return root
+
+
+def admission_order(model_dirs, root, scheduling: str) -> list[str]:
+    """One row at a time: five requests of 'flood', then one of 'other' and one of the base model, all queued while
+    the engine is held; the adapters in the order their prompts were prefilled."""
+    server = start_server(model_dirs["llama"], root, max_batch_size=1, scheduling=scheduling)
+    runner, engine = server.serving.engine.runner, server.serving.engine
+    order = []
+    start = runner.start_prefill
+
+    def noted(rows, *rest):
+        order.extend(r.state.request.adapter.adapter_id if r.state.request.adapter else "" for r in rows)
+        return start(rows, *rest)
+    runner.start_prefill = noted
+    try:
+        async def run():
+            async with AsyncClient(server.target, timeout=60) as client:
+                gate = threading.Event()
+                engine.call(lambda: gate.wait(30))
+                calls = []
+                for queued, adapter in enumerate(["flood"] * 5 + ["other", ""], 1):  # one at a time, in order
+                    calls.append(asyncio.create_task(client.generate([5, queued], adapter_id=adapter,
+                                                                     max_new_tokens=3, ignore_eos=True)))
+                    assert await asyncio.to_thread(
+                        wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == queued)
+                gate.set()
+                return await asyncio.gather(*calls)
+        assert all(len(r.token_ids) == 3 for r in asyncio.run(run()))
+    finally:
+        server.stop()
+    return order
+
+
+def test_the_server_admits_fairly_by_default_and_in_arrival_order_with_fifo(model_dirs, two_adapters):
+    assert admission_order(model_dirs, two_adapters, "fair") == ["flood", "other", "", "flood", "flood", "flood",
+                                                                 "flood"]
+    assert admission_order(model_dirs, two_adapters, "fifo") == ["flood"] * 5 + ["other", ""]
+
+
+def test_max_queue_per_adapter_refuses_one_adapters_excess_only(model_dirs, two_adapters):
+    """At --max-queue-per-adapter 2 (and one row, free while the engine is held), 'flood' gets three requests in
+    and its fourth is RESOURCE_EXHAUSTED naming the flag, while 'other' and the base model still get theirs in;
+    GetServerInfo reports the limit and the scheduling."""
+    server = start_server(model_dirs["llama"], two_adapters, max_batch_size=1, max_queue_per_adapter=2)
+    engine = server.serving.engine
+    try:
+        async def run():
+            async with AsyncClient(server.target, timeout=60) as client:
+                info = await client.server_info()
+                assert (info.scheduling, info.limits.max_queue_per_adapter) == ("fair", 2)
+                gate = threading.Event()
+                engine.call(lambda: gate.wait(30))
+                calls = []
+                for queued in range(1, 4):
+                    calls.append(asyncio.create_task(client.generate([5], adapter_id="flood", max_new_tokens=2)))
+                    assert await asyncio.to_thread(
+                        wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == queued)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await client.generate([5], adapter_id="flood", max_new_tokens=2)
+                others = [asyncio.create_task(client.generate([5], adapter_id=a, max_new_tokens=2))
+                          for a in ("other", "")]
+                assert await asyncio.to_thread(
+                    wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == 5)
+                gate.set()
+                return refused.value, await asyncio.gather(*calls, *others)
+        refused, done = asyncio.run(run())
+    finally:
+        server.stop()
+    assert refused.code() == C.RESOURCE_EXHAUSTED
+    assert refused.details() == "adapter 'flood' already has 2 requests waiting (--max-queue-per-adapter); retry later"
+    assert [len(r.token_ids) for r in done] == [2] * 5
+
+
+def test_scheduling_flags_are_checked(model_dirs):
+    with pytest.raises(ConfigError, match="--scheduling must be fair or fifo, got 'lifo'"):
+        check_config(ServerConfig(model=str(model_dirs["llama"]), scheduling="lifo"))
+    with pytest.raises(ConfigError, match=r"--max-queue-per-adapter must be >= 0 \(0: no limit of its own\), got -1"):
+        check_config(ServerConfig(model=str(model_dirs["llama"]), max_queue_per_adapter=-1))

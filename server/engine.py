@@ -20,8 +20,8 @@ from typing import Callable, Iterator
 from adapters.slot_bank import SlotBank, SlotsFull
 from server.batch import Batch, Prefill, Row, Runner
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
-from server.errors import InternalError, ResourceExhausted, Unavailable
-from server.fair_queue import WaitingQueue, tenant
+from server.errors import InternalError, Unavailable
+from server.fair_queue import Pending, WaitingQueue
 from server.metrics import Metrics, count_by_adapter
 from server.penalties import TokenHistory
 from server.prefix_cache import BLOCK, Block, PrefixCache
@@ -83,10 +83,8 @@ class Engine:
         self.metrics = metrics
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting = WaitingQueue(fair=config.scheduling == "fair")
-        self._pending = 0  # submitted, not yet admitted (inbox + waiting); guarded by _count_lock
-        self._pending_by: Counter = Counter()  # the same by tenant (server/fair_queue.py)
-        self._free = config.max_batch_size  # rows the last admission left free with nothing else in the way
-        self._count_lock = threading.Lock()
+        self._pending = Pending(config.max_queue_size, config.max_queue_per_adapter, config.max_batch_size,
+                                metrics.waiting)
         self._batch: Batch | None = None
         self._prefilling: Prefill | None = None  # newcomers whose prompts run a chunk per iteration
         self._wake = threading.Event()
@@ -113,24 +111,7 @@ class Engine:
             raise Unavailable("the server is shutting down; retry on another replica")
         if not self.alive:
             raise Unavailable("the engine has stopped; this replica cannot serve")
-        with self._count_lock:
-            # rows the batch had free at its last admission, which nothing else held back (slots, KV or prefill
-            # budget), take the first of a burst at the next step: those never wait (a burst of batch + queue
-            # requests on an idle server had its last refused, or not, by the engine's timing)
-            if self._pending >= self.config.max_queue_size + self._free:
-                raise ResourceExhausted(
-                    f"the waiting queue is full ({self.config.max_queue_size} requests, --max-queue-size); retry later")
-            key, cap = tenant(request), self.config.max_queue_per_adapter
-            if cap and self._pending_by[key] >= cap + self._free:
-                raise ResourceExhausted(
-                    f"{'the base model' if key == '' else 'adapter ' + repr(key)} already has {cap} requests waiting "
-                    f"(--max-queue-per-adapter); retry later")
-            self._pending += 1
-            self._pending_by[key] += 1
-            # queued, then counted, under the lock _unqueue takes: whoever sees the count sees the request in the
-            # engine's inbox (a test under load saw the count, ran three engine steps, and the request came later)
-            self._inbox.put(request)
-            self.metrics.waiting.inc()
+        self._pending.enter(request, self._inbox.put)
         self._wake.set()
 
     def call(self, fn: Callable[[], object]) -> Future:
@@ -152,12 +133,11 @@ class Engine:
         return self.call(count)
 
     def waiting_for(self) -> Counter:
-        """{adapter id: requests queued for it}, read from any thread at one moment (tuple() copies the queue in
-        one step under the GIL; a request the engine holds aside while it admits others may be missed)."""
+        """{adapter id: requests queued for it}, read from any thread at one moment (WaitingQueue.__iter__)."""
         return Counter(r.adapter.adapter_id for r in self._waiting if r.adapter is not None)
 
     def idle(self) -> bool:
-        return self._batch is None and self._prefilling is None and self._pending == 0
+        return self._batch is None and self._prefilling is None and self._pending.total == 0
 
     def drain(self, error: Exception) -> Future:
         """Accept no more requests, and end those still waiting (none started) with `error` between steps: on
@@ -225,7 +205,7 @@ class Engine:
                 return
             if isinstance(item, EngineRequest) and self.draining:  # it passed submit's check just before the drain
                 self._tell(item, ErrorEvent(self._refusal))
-                self._unqueue([item])
+                self._pending.leave([item])
             elif isinstance(item, EngineRequest):
                 self._waiting.append(item)
             else:
@@ -240,20 +220,10 @@ class Engine:
             except Exception as exc:  # reported to the caller, never kills the loop
                 future.set_exception(exc)
 
-    def _unqueue(self, requests: list[EngineRequest]) -> None:
-        with self._count_lock:
-            self._pending -= len(requests)
-            for request in requests:
-                key = tenant(request)
-                self._pending_by[key] -= 1
-                if not self._pending_by[key]:  # (it holds the tenants with requests waiting, no more)
-                    del self._pending_by[key]
-            self.metrics.waiting.dec(len(requests))
-
     def _drop_cancelled(self) -> None:
         for request in [r for r in self._waiting if r.cancelled]:
             self._waiting.take(request)
-            self._unqueue([request])
+            self._pending.leave([request])
             self._finish_metrics(request, FinishReason.CANCELLED)
         job = self._prefilling
         if job is not None and all(r.state.request.cancelled for r in job.rows):  # its next chunks are for nobody
@@ -287,7 +257,7 @@ class Engine:
             to_run = len(request.prompt_ids) - len(blocks) * BLOCK
             if self._prefilling is not None and to_run > self.config.max_prefill_tokens and runs:
                 # One long prompt chunks at a time: a second one waits in its place for its last chunk (then goes
-                # first), and the requests after it that one prefill runs whole go ahead meanwhile. Unless running
+                # in its turn), and the requests after it that one prefill runs whole go ahead meanwhile. Unless running
                 # rows hold its adapter's slot, later adapter rows wait as for a slot (below): steady traffic on a
                 # resident adapter would keep every slot busy, and it would never get one.
                 slot_wait = slot_wait or (request.adapter is not None and not self.bank.held(request.adapter.key))
@@ -310,18 +280,19 @@ class Engine:
                 slot_wait = True
                 continue
             except Exception as exc:  # e.g. out of memory writing the slot: this request fails, the rest go on
-                log.exception("could not place the adapter of request %s", request.request_id)
-                self._waiting.take(request)
-                self._unqueue([request])
-                self._tell(request, ErrorEvent(_failed(exc)))
+                self._fail_admission(request, exc)
+                continue
+            try:
+                state = _RowState(request, TextStream(self.tokenizer, request.stopping, self.eos, request.prompt_ids),
+                                  make_generator(request.sampling), TokenHistory.of(
+                                      request.prompt_ids, request.sampling, request.stopping, self.eos),
+                                  time.monotonic(), prompt, blocks)
+            except Exception as exc:  # a bug: this request fails alone (its slot released), never lost to a reset
+                self.bank.release(slot)
+                self._fail_admission(request, exc)
                 continue
             self._waiting.take(request, prompt_tokens=to_run if runs else 0)
-            now = time.monotonic()
-            self.metrics.queue_time.observe(now - request.arrival)
-            state = _RowState(request, TextStream(self.tokenizer, request.stopping, self.eos, request.prompt_ids),
-                              make_generator(request.sampling),
-                              TokenHistory.of(request.prompt_ids, request.sampling, request.stopping, self.eos), now,
-                              prompt, blocks)
+            self.metrics.queue_time.observe(state.admitted - request.arrival)
             admitted.append(Row(request.prompt_ids, slot, state, share=prompt))
             if runs:
                 prompts.add(prompt)
@@ -330,13 +301,20 @@ class Engine:
             if len(admitted) == room:
                 break
         # rows free with nothing left waiting for them (a request still waiting was held back by the KV or prefill
-        # budget or a slot, or the rows are full); set before _unqueue, so submit() never sees a looser limit
-        self._free = 0 if self._waiting else max(0, room - len(admitted))
+        # budget or a slot, or the rows are full); set before they leave the count, so submit() never sees a looser
+        # limit
+        self._pending.free = 0 if self._waiting else max(0, room - len(admitted))
         if admitted:
-            self._unqueue([row.state.request for row in admitted])
+            self._pending.leave([row.state.request for row in admitted])
             self.metrics.running.set(len(self._rows()) + len(admitted))
             self.metrics.adapter_slots_used.set(self.bank.used)
         return admitted
+
+    def _fail_admission(self, request: EngineRequest, exc: Exception) -> None:
+        log.exception("could not admit request %s", request.request_id)
+        self._waiting.take(request)
+        self._pending.leave([request])
+        self._tell(request, ErrorEvent(_failed(exc)))
 
     def _prefill(self, newcomers: list[Row]) -> None:
         """Start prefilling `newcomers`: a group within --max-prefill-tokens runs whole in this iteration, a longer
@@ -508,7 +486,7 @@ class Engine:
         waiting = list(self._waiting)
         for request in waiting:
             self._tell(request, ErrorEvent(error))
-        self._unqueue(waiting)
+        self._pending.leave(waiting)
         self._waiting.clear()
 
     def _fail_all(self, exc: Exception) -> None:

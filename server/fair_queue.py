@@ -7,18 +7,20 @@ Fair (the default) is the Virtual Token Counter of Sheng et al., "Fairness in Se
 request of the waiting adapter with the lowest counter first. So an adapter sending a flood of requests cannot make
 another adapter's requests wait behind all of them: each backlogged adapter gets its share of the rows as they
 free up, whatever the others send. An adapter that had nothing waiting is lifted, when a request of its arrives, to
-the lowest counter among those waiting (or, with none waiting, to the counter of the last adapter whose queue
-emptied): time spent idle banks no credit to spend later in a burst. One adapter's own requests keep their arrival
+the lowest counter among those waiting (or, with none waiting, to the counter, as it stands then, of the last adapter
+whose queue emptied) if its own is lower: time spent idle banks no credit to spend later in a burst. One adapter's own requests keep their arrival
 order, and with a single adapter in use fair is first come first served.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
-from typing import Iterator
+import threading
+from collections import Counter, deque
+from typing import Callable, Iterator
 
 from server.engine_messages import EngineRequest
+from server.errors import ResourceExhausted
 
 PROMPT_WEIGHT = 1.0  # the paper's weights: a generated token costs a decode step's share, about twice a prompt token
 OUTPUT_WEIGHT = 2.0
@@ -27,6 +29,11 @@ OUTPUT_WEIGHT = 2.0
 def tenant(request: EngineRequest) -> str:
     """Whom a request's service is counted to: its adapter's id ("" for the base model)."""
     return request.adapter.adapter_id if request.adapter is not None else ""
+
+
+def describe(key: str) -> str:
+    """A tenant as a message names it."""
+    return "the base model" if key == "" else f"adapter {key!r}"
 
 
 class WaitingQueue:
@@ -38,7 +45,7 @@ class WaitingQueue:
         self._queues: dict[str, deque[tuple[int, EngineRequest]]] = {}  # tenant -> its (arrival number, request)
         self._all: dict[int, EngineRequest] = {}  # arrival number -> request, in arrival order
         self._counters: dict[str, float] = {}  # the service each tenant received (fair only)
-        self._last = 0.0  # the counter of the last tenant whose queue emptied
+        self._last: str | None = None  # the last tenant whose queue emptied (fair only)
         self._arrivals = itertools.count()
 
     def __len__(self) -> int:
@@ -58,8 +65,11 @@ class WaitingQueue:
         self._all[number] = request
 
     def level(self) -> float:
-        """The lowest counter a newly waiting tenant may have: the lowest among the waiting, else the last one's."""
-        return min((self._counters[k] for k in self._queues), default=self._last)
+        """The lowest counter a newly waiting tenant may have: the lowest among the waiting, else the counter now of
+        the last tenant whose queue emptied (its rows may have run on since: that service counts too)."""
+        if self._queues:
+            return min(self._counters[k] for k in self._queues)
+        return self._counters.get(self._last, 0.0)
 
     def candidates(self) -> Iterator[EngineRequest]:
         """Every waiting request once, in the order admission tries them: by the counter of its tenant as it stands
@@ -93,15 +103,17 @@ class WaitingQueue:
         if not queue:
             del self._queues[key]
             if self.fair:
-                self._last = self._counters[key]
+                self._last = key
                 self._forget_idle()
 
     def charge(self, request: EngineRequest, prompt_tokens: int = 0, output_tokens: int = 0) -> None:
         """Count service to `request`'s tenant: prompt tokens its prefill ran, tokens generated for it."""
         if self.fair:
             key = tenant(request)
-            self._counters[key] = self._counters.get(key, self.level()) + \
-                PROMPT_WEIGHT * prompt_tokens + OUTPUT_WEIGHT * output_tokens
+            counter = self._counters.get(key)
+            if counter is None:  # (dropped by _forget_idle; level() looks at every waiting tenant: not per token)
+                counter = self.level()
+            self._counters[key] = counter + PROMPT_WEIGHT * prompt_tokens + OUTPUT_WEIGHT * output_tokens
 
     def clear(self) -> None:
         for request in list(self._all.values()):
@@ -120,5 +132,51 @@ class WaitingQueue:
         tenant still running rows whose counter was dropped is charged from the level: a little more than exact.)"""
         if len(self._counters) > 2 * len(self._queues) + 64:
             level = self.level()
-            for key in [k for k, c in self._counters.items() if c <= level and k not in self._queues]:
+            for key in [k for k, c in self._counters.items()
+                        if c <= level and k not in self._queues and k != self._last]:
                 del self._counters[key]
+
+
+class Pending:
+    """The requests submitted and not yet admitted (in the engine's inbox or waiting), in all and by tenant, and the
+    limits on them, --max-queue-size and --max-queue-per-adapter. Both count the requests beyond the rows the batch had
+    free at its last admission with nothing else in the way (slots, KV or prefill budget): those take the first
+    requests of a burst, of any adapter, at the next step and never wait (a burst of batch + queue requests on an idle
+    server had its last refused, or not, by the engine's timing). Any thread."""
+
+    def __init__(self, max_queue: int, per_tenant: int, rows: int, gauge) -> None:
+        self.max_queue, self.per_tenant = max_queue, per_tenant
+        self.free = rows  # set by the engine before it counts the requests it admitted out: never a looser limit
+        self.total = 0
+        self._by: Counter = Counter()  # only the tenants with requests pending
+        self._gauge = gauge  # loraplex_num_requests_waiting
+        self._lock = threading.Lock()
+
+    def enter(self, request: EngineRequest, queue: Callable[[EngineRequest], None]) -> None:
+        """Count `request` in and `queue` it, or refuse it (ResourceExhausted). Queued, then counted, under one lock
+        with `leave`: whoever sees the count sees the request in the engine's inbox (a test under load saw the count,
+        ran three engine steps, and the request came later)."""
+        with self._lock:
+            if self.total >= self.max_queue + self.free:
+                raise ResourceExhausted(
+                    f"the waiting queue is full ({self.max_queue} requests, --max-queue-size); retry later")
+            key, mine = tenant(request), self._by[tenant(request)]
+            # the free rows go to the first requests, of any tenant; the cap counts a tenant's beyond them
+            if self.per_tenant and mine >= self.per_tenant + max(0, self.free - (self.total - mine)):
+                raise ResourceExhausted(f"{describe(key)} already has {self.per_tenant} requests waiting "
+                                        f"(--max-queue-per-adapter); retry later")
+            self.total += 1
+            self._by[key] += 1
+            queue(request)
+            self._gauge.inc()
+
+    def leave(self, requests: list[EngineRequest]) -> None:
+        """`requests` were admitted or ended before it."""
+        with self._lock:
+            self.total -= len(requests)
+            for request in requests:
+                key = tenant(request)
+                self._by[key] -= 1
+                if not self._by[key]:
+                    del self._by[key]
+            self._gauge.dec(len(requests))

@@ -215,6 +215,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise AdapterMemoryFull(f"{self._memory_waiters} requests already wait for adapter host memory "
                                     f"(--adapter-cache-bytes {self.serving.config.adapter_cache_bytes}, at most "
                                     f"--max-queue-size of them); retry later")
+        cap = self.serving.config.max_queue_per_adapter
+        if cap and len(self.serving.memory_waiting.get(request.adapter_id, ())) >= cap:
+            raise AdapterMemoryFull(f"adapter {request.adapter_id!r} already has {cap} requests waiting for adapter "
+                                    f"host memory (--max-queue-per-adapter); retry later")
         self._refuse_if_unloading(request.adapter_id)  # (a drain may have begun while it was looked at)
         self._memory_waiters += 1
         token = object()

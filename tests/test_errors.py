@@ -345,7 +345,7 @@ def test_rows_the_kv_budget_holds_back_take_no_request_beyond_the_queue(model_di
             # until an admission has tried it and left no row free (three engine calls in a row were not enough: the
             # engine runs calls that arrive while it takes its inbox in the same step, before any admission)
             engine = server.serving.engine
-            while not await asyncio.wrap_future(engine.call(lambda: engine._free == 0 and len(engine._waiting) == 1)):
+            while not await asyncio.wrap_future(engine.call(lambda: engine._pending.free == 0 and len(engine._waiting) == 1)):
                 await asyncio.sleep(0.01)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await client.generate([9], max_new_tokens=2)

@@ -11,7 +11,8 @@ import pytest
 from clients.client import AsyncClient, Client
 from server.config import ConfigError, ServerConfig, check_config
 from server.engine_messages import EngineRequest
-from server.fair_queue import OUTPUT_WEIGHT, PROMPT_WEIGHT, WaitingQueue
+from server.errors import ResourceExhausted
+from server.fair_queue import OUTPUT_WEIGHT, PROMPT_WEIGHT, Pending, WaitingQueue
 from tests.helpers import make_peft_adapter, scrape, start_server, wait_for
 
 C = grpc.StatusCode
@@ -82,6 +83,63 @@ def test_an_idle_adapter_banks_no_credit():
     assert queue.level() == 140 and walk(queue) == ["c0", "a4"]
 
 
+def test_an_adapter_that_ran_on_after_its_queue_emptied_counts_that_service():
+    """With nothing waiting, a newcomer starts at the counter of the last adapter whose queue emptied as it stands
+    now: the tokens that adapter's rows generated since count, so the newcomer does not get every row until it has
+    caught up on them (it did, when the counter was taken at the moment the queue emptied)."""
+    queue = WaitingQueue()
+    queue.append(request("a", "a0"))
+    walk(queue)  # a: 10, its queue empty
+    for _ in range(100):
+        queue.charge(request("a"), output_tokens=1)  # a: 210, its row generating while nothing waits
+    for i in range(3):
+        queue.append(request("b", f"b{i}"))
+    queue.append(request("a", "a1"))
+    assert walk(queue) == ["b0", "a1", "b1", "b2"]  # b at 210 beside a: turns (b first, the older)
+
+
+def test_charging_a_token_does_not_look_at_every_waiting_adapter(monkeypatch):
+    """A token's charge (per row per step) is a dict update: the level, a minimum over the waiting adapters, is
+    looked at only for an adapter with no counter."""
+    queue = WaitingQueue()
+    for i in range(100):
+        queue.append(request(f"id{i}"))
+    running = request("id0")
+    calls = []
+    level = queue.level
+    monkeypatch.setattr(queue, "level", lambda: (calls.append(1), level())[1])
+    for _ in range(50):
+        queue.charge(running, output_tokens=1)
+    assert calls == []
+
+
+def test_free_rows_go_to_the_first_requests_and_the_cap_counts_beyond_them():
+    """--max-queue-per-adapter counts an adapter's requests beyond the rows the batch has free: those go to the
+    first requests, of any adapter. With 7 rows free and a cap of 2, the first adapter to burst gets 9 in, the next
+    one 2 (not 9 each: the free rows are shared, not given to every adapter)."""
+    gauge = SimpleNamespace(inc=lambda: None, dec=lambda n: None)
+    pending = Pending(max_queue=64, per_tenant=2, rows=7, gauge=gauge)
+    queued = []
+    accepted = {}
+    for adapter in ("a", "b"):
+        accepted[adapter] = 0
+        for i in range(12):
+            try:
+                pending.enter(request(adapter, f"{adapter}{i}"), queued.append)
+                accepted[adapter] += 1
+            except ResourceExhausted as refused:
+                message = str(refused)
+    assert accepted == {"a": 9, "b": 2} and len(queued) == 11 and pending.total == 11
+    assert message == "adapter 'b' already has 2 requests waiting (--max-queue-per-adapter); retry later"
+    pending.free = 0  # the engine's next step admitted 7 of a's (the free rows) and left 2 of each waiting
+    pending.leave(queued[:7])
+    with pytest.raises(ResourceExhausted, match="adapter 'a' already has 2"):
+        pending.enter(request("a"), queued.append)
+    pending.enter(request(""), queued.append)  # another tenant still gets in
+    pending.leave(queued[7:])
+    assert pending.total == 0 and not pending._by
+
+
 def test_requests_left_waiting_keep_their_place():
     """A request admission leaves waiting (no slot, no KV room yet) is passed over for that walk only, and its
     adapter's later requests still come up in their turn; the next walk offers it first again."""
@@ -120,6 +178,8 @@ def two_adapters(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("fair")
     for i, name in enumerate(("flood", "other")):
         make_peft_adapter(model_dirs["llama"], root / name, 10 + i, r=4, lora_alpha=8, target_modules=["q_proj"])
+    make_peft_adapter(model_dirs["llama"], root / "big", 12, r=16, lora_alpha=16,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     return root
 
 
@@ -192,6 +252,77 @@ def test_max_queue_per_adapter_refuses_one_adapters_excess_only(model_dirs, two_
     assert refused.code() == C.RESOURCE_EXHAUSTED
     assert refused.details() == "adapter 'flood' already has 2 requests waiting (--max-queue-per-adapter); retry later"
     assert [len(r.token_ids) for r in done] == [2] * 5
+
+
+def test_max_queue_per_adapter_bounds_requests_waiting_for_adapter_memory(model_dirs, two_adapters):
+    """A flood on an adapter that does not fit host memory beside the adapters in flight waits for memory at most
+    --max-queue-per-adapter requests deep, so it cannot fill that queue (--max-queue-size deep) for the others."""
+    probe = start_server(model_dirs["llama"], two_adapters)
+    try:
+        with Client(probe.target, timeout=60) as client:
+            small, big = client.load_adapter("flood").size_bytes, client.load_adapter("big").size_bytes
+    finally:
+        probe.stop()
+    assert big > small + 16
+    server = start_server(model_dirs["llama"], two_adapters, max_batch_size=2, max_queue_size=4,
+                          max_queue_per_adapter=1, adapter_cache_bytes=2 * small + 16)
+    try:
+        async def run():
+            async with AsyncClient(server.target, timeout=60) as client:
+                holder = client.generate_stream([5, 6], adapter_id="flood", max_new_tokens=400, ignore_eos=True)
+                await holder.__anext__()  # in flight: 'flood' holds its bytes, 'big' does not fit beside it
+                waiting = asyncio.create_task(client.generate([5], adapter_id="big", max_new_tokens=2))
+                assert await asyncio.to_thread(wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == 1)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await client.generate([5], adapter_id="big", max_new_tokens=2)
+                other = asyncio.create_task(client.generate([5], adapter_id="other", max_new_tokens=2))
+                assert await asyncio.to_thread(wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == 2)
+                holder.cancel()
+                return refused.value, await asyncio.gather(waiting, other)
+        refused, done = asyncio.run(run())
+    finally:
+        server.stop()
+    assert refused.code() == C.RESOURCE_EXHAUSTED
+    assert refused.details() == ("adapter 'big' already has 1 requests waiting for adapter host memory "
+                                 "(--max-queue-per-adapter); retry later")
+    assert [len(r.token_ids) for r in done] == [2, 2]
+
+
+def test_a_request_whose_row_cannot_be_built_fails_alone(model_dirs, two_adapters, monkeypatch):
+    """An exception building a newcomer's row (a bug) fails that request alone with INTERNAL; the request admitted
+    just before it still runs, and nothing stays counted or holds a slot (it used to be lost: its client waited for
+    its deadline, the engine counted it as pending forever and its slot stayed held)."""
+    import server.engine as engine_module
+    server = start_server(model_dirs["llama"], two_adapters, max_batch_size=4)
+    engine = server.serving.engine
+    real, built = engine_module.make_generator, []
+
+    def second_fails(params):
+        built.append(params)
+        if len(built) == 2:
+            raise RuntimeError("injected")
+        return real(params)
+    try:
+        async def run():
+            async with AsyncClient(server.target, timeout=30) as client:
+                gate = threading.Event()
+                engine.call(lambda: gate.wait(30))
+                calls = []
+                for queued, adapter in enumerate(["flood", "other"], 1):
+                    calls.append(asyncio.create_task(client.generate([5, queued], adapter_id=adapter,
+                                                                     max_new_tokens=3, ignore_eos=True)))
+                    assert await asyncio.to_thread(
+                        wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == queued)
+                monkeypatch.setattr(engine_module, "make_generator", second_fails)
+                gate.set()
+                return await asyncio.gather(*calls, return_exceptions=True)
+        first, second = asyncio.run(run())
+        assert len(first.token_ids) == 3
+        assert second.code() == C.INTERNAL and second.details() == "request failed inside the engine: RuntimeError"
+        assert wait_for(lambda: engine.idle() and engine.bank.used == 0)
+        assert engine._pending.total == 0 and len(engine._waiting) == 0
+    finally:
+        server.stop()
 
 
 def test_scheduling_flags_are_checked(model_dirs):

@@ -293,6 +293,7 @@ class Engine:
                 continue
             self._waiting.take(request, prompt_tokens=to_run if runs else 0)
             self.metrics.queue_time.observe(state.admitted - request.arrival)
+            self.metrics.adapter_queue_seconds.labels(request.adapter_label).inc(state.admitted - request.arrival)
             admitted.append(Row(request.prompt_ids, slot, state, share=prompt))
             if runs:
                 prompts.add(prompt)

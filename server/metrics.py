@@ -56,6 +56,9 @@ class Metrics:
                                              "(bounded label set).", ["adapter"], registry=r)
         self.adapter_generation_tokens = Counter(p + "adapter_generation_tokens", "Tokens generated per adapter "
                                                  "(bounded label set).", ["adapter"], registry=r)
+        self.adapter_queue_seconds = Counter(p + "adapter_queue_seconds", "Seconds requests waited in the engine's "
+                                             "queue for a row, per adapter (bounded label set): over adapter_requests, "
+                                             "an adapter's mean wait (--scheduling).", ["adapter"], registry=r)
         self.adapters_loaded = Gauge(p + "adapters_loaded", "Registered adapters: in host memory (cpu) or evicted "
                                      "(disk).", ["tier"], registry=r)
         self.kv_slots = Gauge(p + "kv_cache_token_slots", "KV-cache token slots (rows x positions) allocated.",

@@ -79,8 +79,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-hydra-heads", type=int, default=d.max_hydra_heads, help="largest HydraLoRA head count accepted")
     a("--max-queue-size", type=int, default=d.max_queue_size, help="waiting requests before RESOURCE_EXHAUSTED")
     a("--max-queue-per-adapter", type=int, default=d.max_queue_per_adapter,
-      help="waiting requests one adapter (the base model counts as one) may have before its next is RESOURCE_EXHAUSTED, "
-           "so one client's flood cannot fill the queue that others' requests need (0: no limit but --max-queue-size)")
+      help="waiting requests one adapter (the base model counts as one) may have before its next is "
+           "RESOURCE_EXHAUSTED, so one client's flood cannot fill the queue that others' requests need (0: no limit "
+           "but --max-queue-size)")
     a("--scheduling", default=d.scheduling, choices=["fair", "fifo"],
       help="the order waiting requests get rows in: fair (each adapter, the base model as one, gets its share of the "
            "rows, counted in tokens served, however many requests others send; one adapter's in arrival order) "

@@ -38,9 +38,13 @@ def _plan(requests: list) -> tuple[int, int]:
     """(columns, token slots) a batch of `requests` may grow to, if every row stayed until the longest finished."""
     # Rows are right-aligned and leading pad columns are trimmed, so the width is the longest live row, and
     # no row ever holds more than its prompt + max_new_tokens: known on the host, no device sync per step.
-    final = [len(q.prompt_ids) + q.stopping.max_new_tokens for q in requests]
-    peak = max(final, default=0)
-    return peak, len(final) * peak
+    peak = max(map(_final, requests), default=0)
+    return peak, len(requests) * peak
+
+
+def _final(request: EngineRequest) -> int:
+    """The most columns a request's row may hold: its prompt and max_new_tokens."""
+    return len(request.prompt_ids) + request.stopping.max_new_tokens
 
 
 def _failed(exc: Exception) -> InternalError:
@@ -249,7 +253,16 @@ class Engine:
         # the distinct prompts the newcomers' prefill runs (Runner.start_prefill runs each once), and the longest; a
         # copy of one, or of a prompt a running row holds (it runs one token), adds nothing to prefill
         prompts, longest, held, matched = set(), 0, self._held_prompts(), {}
+        peak, count = self._kv_plan([])[0], len(self._rows())  # the KV plan's rows, the admitted ones' too
         for request in self._waiting.candidates() if room > 0 else ():  # fair between adapters, or in arrival order
+            fits = not count or (count + 1) * max(peak, _final(request)) <= self.config.max_kv_tokens
+            if slot_wait and request.adapter is not None:
+                # An earlier request waits for a slot to drain: a row joining any slot would keep it busy longer,
+                # and steady traffic on resident adapters would starve that request (base-model rows hold no slot).
+                # Only its KV room is asked (a walk passes over each such request every step): as below.
+                if not fits:
+                    break
+                continue
             prompt = prompt_key(request)
             runs = prompt not in prompts and not takes_cache(prompt, request.prompt_ids, held)
             # a copy of a prompt admitted now takes its blocks (one prefill runs both); a running row's takes none
@@ -257,23 +270,18 @@ class Engine:
             to_run = len(request.prompt_ids) - len(blocks) * BLOCK
             if self._prefilling is not None and to_run > self.config.max_prefill_tokens and runs:
                 # One long prompt chunks at a time: a second one waits in its place for its last chunk (then goes
-                # in its turn), and the requests after it that one prefill runs whole go ahead meanwhile. Unless running
-                # rows hold its adapter's slot, later adapter rows wait as for a slot (below): steady traffic on a
-                # resident adapter would keep every slot busy, and it would never get one.
+                # in its turn), and the requests after it that one prefill runs whole go ahead meanwhile. Unless
+                # running rows hold its adapter's slot, later adapter rows wait as for a slot (above): steady traffic
+                # on a resident adapter would keep every slot busy, and it would never get one.
                 slot_wait = slot_wait or (request.adapter is not None and not self.bank.held(request.adapter.key))
                 continue
-            candidates = [r.state.request for r in admitted] + [request]
-            if (admitted or self._rows()) and self._kv_plan(candidates)[1] > self.config.max_kv_tokens:
+            if not fits:
                 break  # in its turn: later requests wait too, so a large one is never starved
             # The rest next step: running rows get a token between prefills, not after all of them. While a long
             # prompt runs in chunks, only a group that one prefill runs whole joins.
             if runs and (admitted or self._prefilling is not None) and \
                     (len(prompts) + 1) * max(longest, to_run) > self.config.max_prefill_tokens:
                 break
-            if slot_wait and request.adapter is not None:
-                # An earlier request waits for a slot to drain: a row joining any slot would keep it busy longer,
-                # and steady traffic on resident adapters would starve that request. Base-model rows hold no slot.
-                continue
             try:
                 slot = self.bank.acquire(request.adapter)
             except SlotsFull:  # every slot serves running rows: wait for one to drain, in turn
@@ -295,6 +303,7 @@ class Engine:
             self.metrics.queue_time.observe(state.admitted - request.arrival)
             self.metrics.adapter_queue_seconds.labels(request.adapter_label).inc(state.admitted - request.arrival)
             admitted.append(Row(request.prompt_ids, slot, state, share=prompt))
+            peak, count = max(peak, _final(request)), count + 1
             if runs:
                 prompts.add(prompt)
                 matched[prompt] = blocks

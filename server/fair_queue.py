@@ -8,8 +8,8 @@ request of the waiting adapter with the lowest counter first. So an adapter send
 another adapter's requests wait behind all of them: each backlogged adapter gets its share of the rows as they
 free up, whatever the others send. An adapter that had nothing waiting is lifted, when a request of its arrives, to
 the lowest counter among those waiting (or, with none waiting, to the counter, as it stands then, of the last adapter
-whose queue emptied) if its own is lower: time spent idle banks no credit to spend later in a burst. One adapter's own requests keep their arrival
-order, and with a single adapter in use fair is first come first served.
+whose queue emptied) if its own is lower: time spent idle banks no credit to spend later in a burst. One adapter's
+own requests keep their arrival order, and with a single adapter in use fair is first come first served.
 """
 from __future__ import annotations
 

@@ -213,7 +213,8 @@ def admission_order(model_dirs, root, scheduling: str) -> list[str]:
     finally:
         server.stop()
     # each adapter's wait is counted to it: the three labels add up to the queue-time histogram's sum
-    waited = {a: metrics[f'loraplex_adapter_queue_seconds_total{{adapter="{a}"}}'] for a in ("flood", "other", "__base__")}
+    waited = {a: metrics[f'loraplex_adapter_queue_seconds_total{{adapter="{a}"}}']
+              for a in ("flood", "other", "__base__")}
     assert all(w > 0 for w in waited.values())
     assert sum(waited.values()) == pytest.approx(metrics["loraplex_request_queue_time_seconds_sum"], rel=1e-9)
     return order

@@ -1,10 +1,10 @@
 """The engine thread: owns the model and runs continuous batching.
 
 Each iteration: take new requests and control calls, drop cancelled rows, admit waiting requests
-(acquiring device slots), prefill the newcomers (a long prompt one chunk per iteration, shorter ones
-joining meanwhile) and merge them into the running batch, run one decode step for every row, sample,
-push tokens to the requests' sinks, retire finished rows. Requests join and leave between steps. An
-exception in a step fails only that step's requests.
+(server/admission.py, in server/fair_queue.py's order, acquiring device slots), prefill the newcomers (a long
+prompt one chunk per iteration, shorter ones joining meanwhile) and merge them into the running batch, run one
+decode step for every row, sample, push tokens to the requests' sinks, retire finished rows. Requests join and
+leave between steps. An exception in a step fails only that step's requests.
 """
 from __future__ import annotations
 
@@ -14,65 +14,21 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from adapters.slot_bank import SlotBank, SlotsFull
+from adapters.slot_bank import SlotBank
+from server.admission import Admission, EngineConfig, internal_failure, plan
 from server.batch import Batch, Prefill, Row, Runner
-from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
+from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent, tell
 from server.errors import InternalError, Unavailable
 from server.fair_queue import Pending, WaitingQueue
 from server.metrics import Metrics, count_by_adapter
-from server.penalties import TokenHistory
-from server.prefix_cache import BLOCK, Block, PrefixCache
-from server.prompt_sharing import (cached_blocks, donors, held_prompts, keep_prompts, keep_sequences, prefill_groups,
-                                   prefill_inputs, prompt_key, takes_cache)
-from server.sampling import make_generator
-from server.stopping import FinishReason, TextStream
+from server.prefix_cache import PrefixCache
+from server.prompt_sharing import donors, held_prompts, keep_prompts, keep_sequences, prefill_groups, prefill_inputs
+from server.stopping import FinishReason
 from server.token_choice import choose, not_finite
 
 log = logging.getLogger("loraplex.engine")
-
-
-def _plan(requests: list) -> tuple[int, int]:
-    """(columns, token slots) a batch of `requests` may grow to, if every row stayed until the longest finished."""
-    # Rows are right-aligned and leading pad columns are trimmed, so the width is the longest live row, and
-    # no row ever holds more than its prompt + max_new_tokens: known on the host, no device sync per step.
-    peak = max(map(_final, requests), default=0)
-    return peak, len(requests) * peak
-
-
-def _final(request: EngineRequest) -> int:
-    """The most columns a request's row may hold: its prompt and max_new_tokens."""
-    return len(request.prompt_ids) + request.stopping.max_new_tokens
-
-
-def _failed(exc: Exception) -> InternalError:
-    """What a request hears when the engine failed on its behalf: the exception's type only (the traceback is
-    logged; its text may hold internals)."""
-    return InternalError(f"request failed inside the engine: {type(exc).__name__}")
-
-
-@dataclass
-class _RowState:
-    request: EngineRequest
-    stream: TextStream
-    generator: object
-    history: TokenHistory | None  # what its penalties and min_new_tokens need of its tokens; None: nothing
-    admitted: float
-    prompt_key: tuple = ()  # rows with equal keys can share their prompt's prefill (server/prompt_sharing.py)
-    prefix: list[Block] = field(default_factory=list)  # the prefix cache's blocks its prompt starts with
-    last_token_time: float = 0.0
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_size: int
-    max_queue_size: int
-    max_kv_tokens: int = 1 << 62  # token slots (rows x cached positions) the running batch may reserve
-    max_prefill_tokens: int = 1 << 62  # padded prompt tokens (rows x longest prompt) one iteration may prefill
-    scheduling: str = "fair"  # the order waiting requests are admitted in (server/fair_queue.py): fair or fifo
-    max_queue_per_adapter: int = 0  # requests one adapter (or the base model) may have waiting; 0: no limit of its own
 
 
 class Engine:
@@ -89,6 +45,8 @@ class Engine:
         self._waiting = WaitingQueue(fair=config.scheduling == "fair")
         self._pending = Pending(config.max_queue_size, config.max_queue_per_adapter, config.max_batch_size,
                                 metrics.waiting)
+        self._admission = Admission(config, self.bank, prefixes, tokenizer, eos_token_ids, self._waiting,
+                                    self._pending)
         self._batch: Batch | None = None
         self._prefilling: Prefill | None = None  # newcomers whose prompts run a chunk per iteration
         self._wake = threading.Event()
@@ -140,6 +98,10 @@ class Engine:
         """{adapter id: requests queued for it}, read from any thread at one moment (WaitingQueue.__iter__)."""
         return Counter(r.adapter.adapter_id for r in self._waiting if r.adapter is not None)
 
+    def pending_for(self, adapter_id: str) -> int:
+        """Requests of `adapter_id` ("" the base model) submitted and not yet admitted (any thread)."""
+        return self._pending.of(adapter_id)
+
     def idle(self) -> bool:
         return self._batch is None and self._prefilling is None and self._pending.total == 0
 
@@ -165,7 +127,7 @@ class Engine:
                 except Exception as exc:  # a bug outside the forward: fail what is in flight, keep serving
                     log.exception("engine iteration failed; failing %d running and %d waiting requests",
                                   len(self._batch) if self._batch else 0, len(self._waiting))
-                    self._reset(_failed(exc))
+                    self._reset(internal_failure(exc))
                     self._wake.wait(timeout=0.01)  # a fault that repeats must not spin a core
         finally:  # also when the thread dies: nobody is left waiting for an answer (health turns NOT_SERVING)
             stopped = Unavailable("the engine stopped")
@@ -195,7 +157,7 @@ class Engine:
     def _reset(self, error: Exception) -> None:
         self._fail_waiting(error)
         for row in self._rows():
-            self._tell(row.state.request, ErrorEvent(error))
+            tell(row.state.request, ErrorEvent(error))
             self.bank.release(row.slot)
         self._batch = self._prefilling = None
         self._report()
@@ -208,7 +170,7 @@ class Engine:
             except queue.Empty:
                 return
             if isinstance(item, EngineRequest) and self.draining:  # it passed submit's check just before the drain
-                self._tell(item, ErrorEvent(self._refusal))
+                tell(item, ErrorEvent(self._refusal))
                 self._pending.leave([item])
             elif isinstance(item, EngineRequest):
                 self._waiting.append(item)
@@ -245,86 +207,10 @@ class Engine:
 
     def _kv_plan(self, newcomers: list[EngineRequest]) -> tuple[int, int]:
         """(columns, token slots) the rows holding slots plus `newcomers` may grow to in one batch."""
-        return _plan([r.state.request for r in self._rows()] + newcomers)
+        return plan([r.state.request for r in self._rows()] + newcomers)
 
     def _admit(self) -> list[Row]:
-        room = self.config.max_batch_size - len(self._rows())
-        admitted, slot_wait = [], False
-        # the distinct prompts the newcomers' prefill runs (Runner.start_prefill runs each once), and the longest; a
-        # copy of one, or of a prompt a running row holds (it runs one token), adds nothing to prefill
-        prompts, longest, held, matched = set(), 0, self._held_prompts(), {}
-        peak, count = self._kv_plan([])[0], len(self._rows())  # the KV plan's rows, the admitted ones' too
-        for request in self._waiting.candidates() if room > 0 else ():  # fair between adapters, or in arrival order
-            fits = not count or (count + 1) * max(peak, _final(request)) <= self.config.max_kv_tokens
-            if slot_wait and request.adapter is not None:
-                # An earlier request waits for a slot to drain: a row joining any slot would keep it busy longer,
-                # and steady traffic on resident adapters would starve that request (base-model rows hold no slot).
-                # Only its KV room is asked (a walk passes over each such request every step): as below.
-                if not fits:
-                    break
-                continue
-            prompt = prompt_key(request)
-            runs = prompt not in prompts and not takes_cache(prompt, request.prompt_ids, held)
-            # a copy of a prompt admitted now takes its blocks (one prefill runs both); a running row's takes none
-            blocks = cached_blocks(self.prefixes, request) if runs else matched.get(prompt, [])
-            to_run = len(request.prompt_ids) - len(blocks) * BLOCK
-            if self._prefilling is not None and to_run > self.config.max_prefill_tokens and runs:
-                # One long prompt chunks at a time: a second one waits in its place for its last chunk (then goes
-                # in its turn), and the requests after it that one prefill runs whole go ahead meanwhile. Unless
-                # running rows hold its adapter's slot, later adapter rows wait as for a slot (above): steady traffic
-                # on a resident adapter would keep every slot busy, and it would never get one.
-                slot_wait = slot_wait or (request.adapter is not None and not self.bank.held(request.adapter.key))
-                continue
-            if not fits:
-                break  # in its turn: later requests wait too, so a large one is never starved
-            # The rest next step: running rows get a token between prefills, not after all of them. While a long
-            # prompt runs in chunks, only a group that one prefill runs whole joins.
-            if runs and (admitted or self._prefilling is not None) and \
-                    (len(prompts) + 1) * max(longest, to_run) > self.config.max_prefill_tokens:
-                break
-            try:
-                slot = self.bank.acquire(request.adapter)
-            except SlotsFull:  # every slot serves running rows: wait for one to drain, in turn
-                slot_wait = True
-                continue
-            except Exception as exc:  # e.g. out of memory writing the slot: this request fails, the rest go on
-                self._fail_admission(request, exc)
-                continue
-            try:
-                state = _RowState(request, TextStream(self.tokenizer, request.stopping, self.eos, request.prompt_ids),
-                                  make_generator(request.sampling), TokenHistory.of(
-                                      request.prompt_ids, request.sampling, request.stopping, self.eos),
-                                  time.monotonic(), prompt, blocks)
-            except Exception as exc:  # a bug: this request fails alone (its slot released), never lost to a reset
-                self.bank.release(slot)
-                self._fail_admission(request, exc)
-                continue
-            self._waiting.take(request, prompt_tokens=to_run if runs else 0)
-            self.metrics.queue_time.observe(state.admitted - request.arrival)
-            self.metrics.adapter_queue_seconds.labels(request.adapter_label).inc(state.admitted - request.arrival)
-            admitted.append(Row(request.prompt_ids, slot, state, share=prompt))
-            peak, count = max(peak, _final(request)), count + 1
-            if runs:
-                prompts.add(prompt)
-                matched[prompt] = blocks
-                longest = max(longest, to_run)
-            if len(admitted) == room:
-                break
-        # rows free with nothing left waiting for them (a request still waiting was held back by the KV or prefill
-        # budget or a slot, or the rows are full); set before they leave the count, so submit() never sees a looser
-        # limit
-        self._pending.free = 0 if self._waiting else max(0, room - len(admitted))
-        if admitted:
-            self._pending.leave([row.state.request for row in admitted])
-            self.metrics.running.set(len(self._rows()) + len(admitted))
-            self.metrics.adapter_slots_used.set(self.bank.used)
-        return admitted
-
-    def _fail_admission(self, request: EngineRequest, exc: Exception) -> None:
-        log.exception("could not admit request %s", request.request_id)
-        self._waiting.take(request)
-        self._pending.leave([request])
-        self._tell(request, ErrorEvent(_failed(exc)))
+        return self._admission.admit(self._rows(), self._prefilling is not None, self._held_prompts(), self.metrics)
 
     def _prefill(self, newcomers: list[Row]) -> None:
         """Start prefilling `newcomers`: a group within --max-prefill-tokens runs whole in this iteration, a longer
@@ -366,7 +252,7 @@ class Engine:
                 tokens, logprobs, failed = choose(logits, [r.state for r in rows])
                 # allocates the joined cache: can run out of memory too
                 running = [r.state.request for r in (self._batch.rows if self._batch else [])]
-                merged = self.runner.join(self._batch, job, _plan(running + [r.state.request for r in rows])[0])
+                merged = self.runner.join(self._batch, job, plan(running + [r.state.request for r in rows])[0])
         except Exception as exc:
             self._fail_prefill(rows, exc)
             return
@@ -427,7 +313,7 @@ class Engine:
             if i in failed:
                 (log.error if isinstance(failed[i], InternalError) else log.warning)(
                     "request %s failed at a token: %s", state.request.request_id, failed[i])
-                self._tell(state.request, ErrorEvent(failed[i]))
+                tell(state.request, ErrorEvent(failed[i]))
                 ended.append(row)
                 continue
             row.last_token = token
@@ -468,10 +354,12 @@ class Engine:
         at the step they leave; a failed step's rows are gone too)."""
         self.metrics.running.set(len(self._rows()))
         self.metrics.adapter_slots_used.set(self.bank.used)
+        if not self._waiting:  # rows that left are free for the next requests (not only after the next admission)
+            self._pending.free = max(0, self.config.max_batch_size - len(self._rows()))
         slots = nbytes = 0
         reserved = self._kv_plan([])[1]  # the prefilling rows join the running ones' rectangle
         if self._batch is not None:
-            peak = _plan([r.state.request for r in self._batch.rows])[0]
+            peak = plan([r.state.request for r in self._batch.rows])[0]
             self._batch.cache.max_length = min(self.runner.max_context, peak)
             slots, nbytes = self._batch.cache.allocated()
         if self._prefilling is not None:
@@ -490,24 +378,17 @@ class Engine:
 
     def _fail_row(self, row: Row, exc: Exception) -> None:
         self.bank.release(row.slot)
-        self._tell(row.state.request, ErrorEvent(_failed(exc)))
+        tell(row.state.request, ErrorEvent(internal_failure(exc)))
 
     def _fail_waiting(self, error: Exception) -> None:
         waiting = list(self._waiting)
         for request in waiting:
-            self._tell(request, ErrorEvent(error))
+            tell(request, ErrorEvent(error))
         self._pending.leave(waiting)
         self._waiting.clear()
 
     def _fail_all(self, exc: Exception) -> None:
         for request in self._waiting:
-            self._tell(request, ErrorEvent(exc))
+            tell(request, ErrorEvent(exc))
         for row in self._rows():
-            self._tell(row.state.request, ErrorEvent(exc))
-
-    @staticmethod
-    def _tell(request: EngineRequest, event) -> None:
-        try:
-            request.sink(event)
-        except Exception:  # a broken sink (its event loop closed) must not stop the others being told
-            log.exception("could not deliver %s to request %s", type(event).__name__, request.request_id)
+            tell(row.state.request, ErrorEvent(exc))

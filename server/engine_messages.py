@@ -1,6 +1,7 @@
 """What the front end and the engine thread hand each other: a request, and the events its sink receives."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -47,3 +48,12 @@ class EngineRequest:
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set from any thread; the engine drops the request at its next step
     released: bool = False  # the front end has released its hold on `adapter` (the registry's memory budget)
+
+
+def tell(request: EngineRequest, event) -> None:
+    """Hand `event` to the request's sink; a broken sink (its event loop closed) must not stop the others being told."""
+    try:
+        request.sink(event)
+    except Exception:
+        logging.getLogger("loraplex.engine").exception("could not deliver %s to request %s", type(event).__name__,
+                                                       request.request_id)

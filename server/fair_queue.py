@@ -31,9 +31,9 @@ def tenant(request: EngineRequest) -> str:
     return request.adapter.adapter_id if request.adapter is not None else ""
 
 
-def describe(key: str) -> str:
-    """A tenant as a message names it."""
-    return "the base model" if key == "" else f"adapter {key!r}"
+def queue_cap_message(key: str, cap: int) -> str:
+    who = "the base model" if key == "" else f"adapter {key!r}"
+    return f"{who} already has {cap} requests waiting (--max-queue-per-adapter); retry later"
 
 
 class WaitingQueue:
@@ -115,6 +115,17 @@ class WaitingQueue:
                 counter = self.level()
             self._counters[key] = counter + PROMPT_WEIGHT * prompt_tokens + OUTPUT_WEIGHT * output_tokens
 
+    def beyond(self, limit: int) -> list[EngineRequest]:
+        """Each tenant's requests after its first `limit` (in arrival order)."""
+        seen: Counter = Counter()
+        out = []
+        for request in self._all.values():
+            key = tenant(request)
+            seen[key] += 1
+            if seen[key] > limit:
+                out.append(request)
+        return out
+
     def clear(self) -> None:
         for request in list(self._all.values()):
             self.take(request)
@@ -141,8 +152,10 @@ class Pending:
     """The requests submitted and not yet admitted (in the engine's inbox or waiting), in all and by tenant, and the
     limits on them, --max-queue-size and --max-queue-per-adapter. Both count the requests beyond the rows the batch had
     free at its last admission with nothing else in the way (slots, KV or prefill budget): those take the first
-    requests of a burst, of any adapter, at the next step and never wait (a burst of batch + queue requests on an idle
-    server had its last refused, or not, by the engine's timing). Any thread."""
+    requests of a burst at the next step and never wait (a burst of batch + queue requests on an idle server had its
+    last refused, or not, by the engine's timing). Fair admission may give the free rows to other adapters' later
+    requests instead: the engine then refuses an adapter's excess once the rows are given out (Admission.admit).
+    Any thread."""
 
     def __init__(self, max_queue: int, per_tenant: int, rows: int, gauge) -> None:
         self.max_queue, self.per_tenant = max_queue, per_tenant
@@ -161,10 +174,9 @@ class Pending:
                 raise ResourceExhausted(
                     f"the waiting queue is full ({self.max_queue} requests, --max-queue-size); retry later")
             key, mine = tenant(request), self._by[tenant(request)]
-            # the free rows go to the first requests, of any tenant; the cap counts a tenant's beyond them
+            # the free rows are counted to the first requests, of any tenant; the cap counts a tenant's beyond them
             if self.per_tenant and mine >= self.per_tenant + max(0, self.free - (self.total - mine)):
-                raise ResourceExhausted(f"{describe(key)} already has {self.per_tenant} requests waiting "
-                                        f"(--max-queue-per-adapter); retry later")
+                raise ResourceExhausted(queue_cap_message(key, self.per_tenant))
             self.total += 1
             self._by[key] += 1
             queue(request)
@@ -180,3 +192,7 @@ class Pending:
                 if not self._by[key]:
                     del self._by[key]
             self._gauge.dec(len(requests))
+
+    def of(self, key: str) -> int:
+        """A tenant's requests pending (any thread: one dict read)."""
+        return self._by.get(key, 0)

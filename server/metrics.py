@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import collections
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, start_http_server
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80,
                 160, 640, 2560)
@@ -56,9 +56,10 @@ class Metrics:
                                              "(bounded label set).", ["adapter"], registry=r)
         self.adapter_generation_tokens = Counter(p + "adapter_generation_tokens", "Tokens generated per adapter "
                                                  "(bounded label set).", ["adapter"], registry=r)
-        self.adapter_queue_seconds = Counter(p + "adapter_queue_seconds", "Seconds requests waited in the engine's "
-                                             "queue for a row, per adapter (bounded label set): over adapter_requests, "
-                                             "an adapter's mean wait (--scheduling).", ["adapter"], registry=r)
+        # a Summary without quantiles: its _sum over its _count is an adapter's mean wait, two series per label
+        self.adapter_queue_time = Summary(p + "adapter_queue_time_seconds", "Arrival to admission into the batch, per "
+                                          "adapter (bounded label set): request_queue_time_seconds by adapter.",
+                                          ["adapter"], registry=r)
         self.adapters_loaded = Gauge(p + "adapters_loaded", "Registered adapters: in host memory (cpu) or evicted "
                                      "(disk).", ["tier"], registry=r)
         self.kv_slots = Gauge(p + "kv_cache_token_slots", "KV-cache token slots (rows x positions) allocated.",

@@ -12,6 +12,7 @@ from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
 from server.errors import AdapterMemoryFull, InvalidArgument, NotFound, status_for
+from server.fair_queue import queue_cap_message
 from server.response_format import check_stopping, format_of
 from server.serving import Serving, abort, adapter_pool, ready
 from server.stopping import FinishReason
@@ -216,9 +217,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                     f"(--adapter-cache-bytes {self.serving.config.adapter_cache_bytes}, at most "
                                     f"--max-queue-size of them); retry later")
         cap = self.serving.config.max_queue_per_adapter
-        if cap and len(self.serving.memory_waiting.get(request.adapter_id, ())) >= cap:
-            raise AdapterMemoryFull(f"adapter {request.adapter_id!r} already has {cap} requests waiting for adapter "
-                                    f"host memory (--max-queue-per-adapter); retry later")
+        if cap and len(self.serving.memory_waiting.get(request.adapter_id, ())) + \
+                self.serving.engine.pending_for(request.adapter_id) >= cap:  # waiting for memory or for a row
+            raise AdapterMemoryFull(queue_cap_message(request.adapter_id, cap))
         self._refuse_if_unloading(request.adapter_id)  # (a drain may have begun while it was looked at)
         self._memory_waiters += 1
         token = object()

@@ -114,9 +114,10 @@ def test_charging_a_token_does_not_look_at_every_waiting_adapter(monkeypatch):
 
 
 def test_free_rows_go_to_the_first_requests_and_the_cap_counts_beyond_them():
-    """--max-queue-per-adapter counts an adapter's requests beyond the rows the batch has free: those go to the
-    first requests, of any adapter. With 7 rows free and a cap of 2, the first adapter to burst gets 9 in, the next
-    one 2 (not 9 each: the free rows are shared, not given to every adapter)."""
+    """At arrival, --max-queue-per-adapter counts an adapter's requests beyond the rows the batch has free, counted
+    to the first requests, of any adapter. With 7 rows free and a cap of 2, the first adapter to burst gets 9 in, the
+    next one 2 (not 9 each: the free rows are shared, not given to every adapter). (Where fair admission gives them
+    to others instead, the excess is refused once the rows are given out: the server test below.)"""
     gauge = SimpleNamespace(inc=lambda: None, dec=lambda n: None)
     pending = Pending(max_queue=64, per_tenant=2, rows=7, gauge=gauge)
     queued = []
@@ -131,7 +132,7 @@ def test_free_rows_go_to_the_first_requests_and_the_cap_counts_beyond_them():
                 message = str(refused)
     assert accepted == {"a": 9, "b": 2} and len(queued) == 11 and pending.total == 11
     assert message == "adapter 'b' already has 2 requests waiting (--max-queue-per-adapter); retry later"
-    pending.free = 0  # the engine's next step admitted 7 of a's (the free rows) and left 2 of each waiting
+    pending.free = 0  # say the next step admitted 7 of a's (the free rows), leaving 2 of each waiting
     pending.leave(queued[:7])
     with pytest.raises(ResourceExhausted, match="adapter 'a' already has 2"):
         pending.enter(request("a"), queued.append)
@@ -213,9 +214,11 @@ def admission_order(model_dirs, root, scheduling: str) -> list[str]:
     finally:
         server.stop()
     # each adapter's wait is counted to it: the three labels add up to the queue-time histogram's sum
-    waited = {a: metrics[f'loraplex_adapter_queue_seconds_total{{adapter="{a}"}}']
+    waited = {a: metrics[f'loraplex_adapter_queue_time_seconds_sum{{adapter="{a}"}}']
               for a in ("flood", "other", "__base__")}
-    assert all(w > 0 for w in waited.values())
+    admitted = {a: metrics[f'loraplex_adapter_queue_time_seconds_count{{adapter="{a}"}}']
+                for a in ("flood", "other", "__base__")}
+    assert all(w > 0 for w in waited.values()) and admitted == {"flood": 5, "other": 1, "__base__": 1}
     assert sum(waited.values()) == pytest.approx(metrics["loraplex_request_queue_time_seconds_sum"], rel=1e-9)
     return order
 
@@ -289,8 +292,7 @@ def test_max_queue_per_adapter_bounds_requests_waiting_for_adapter_memory(model_
     finally:
         server.stop()
     assert refused.code() == C.RESOURCE_EXHAUSTED
-    assert refused.details() == ("adapter 'big' already has 1 requests waiting for adapter host memory "
-                                 "(--max-queue-per-adapter); retry later")
+    assert refused.details() == "adapter 'big' already has 1 requests waiting (--max-queue-per-adapter); retry later"
     assert [len(r.token_ids) for r in done] == [2, 2]
 
 
@@ -298,10 +300,10 @@ def test_a_request_whose_row_cannot_be_built_fails_alone(model_dirs, two_adapter
     """An exception building a newcomer's row (a bug) fails that request alone with INTERNAL; the request admitted
     just before it still runs, and nothing stays counted or holds a slot (it used to be lost: its client waited for
     its deadline, the engine counted it as pending forever and its slot stayed held)."""
-    import server.engine as engine_module
+    import server.admission as admission_module
     server = start_server(model_dirs["llama"], two_adapters, max_batch_size=4)
     engine = server.serving.engine
-    real, built = engine_module.make_generator, []
+    real, built = admission_module.make_generator, []
 
     def second_fails(params):
         built.append(params)
@@ -319,12 +321,85 @@ def test_a_request_whose_row_cannot_be_built_fails_alone(model_dirs, two_adapter
                                                                      max_new_tokens=3, ignore_eos=True)))
                     assert await asyncio.to_thread(
                         wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == queued)
-                monkeypatch.setattr(engine_module, "make_generator", second_fails)
+                monkeypatch.setattr(admission_module, "make_generator", second_fails)
                 gate.set()
                 return await asyncio.gather(*calls, return_exceptions=True)
         first, second = asyncio.run(run())
         assert len(first.token_ids) == 3
         assert second.code() == C.INTERNAL and second.details() == "request failed inside the engine: RuntimeError"
+        assert wait_for(lambda: engine.idle() and engine.bank.used == 0)
+        assert engine._pending.total == 0 and len(engine._waiting) == 0
+    finally:
+        server.stop()
+
+
+def test_an_adapters_burst_beyond_its_cap_is_refused_once_fair_admission_gave_its_free_rows_away(model_dirs,
+                                                                                                 two_adapters):
+    """8 rows free, --max-queue-per-adapter 2: 'flood' gets 10 requests in (2 + the free rows), then 'other' and the
+    base model one each; fair admission gives those two their rows before flood's later ones, so flood would keep 4
+    waiting: its 2 newest are refused (RESOURCE_EXHAUSTED, the cap's message) when the rows are given out, and the
+    queue (4 deep) still takes another adapter's request."""
+    server = start_server(model_dirs["llama"], two_adapters, max_batch_size=8, max_queue_per_adapter=2,
+                          max_queue_size=4)
+    engine = server.serving.engine
+    try:
+        async def run():
+            async with AsyncClient(server.target, timeout=60) as client:
+                gate = threading.Event()
+                engine.call(lambda: gate.wait(30))
+                calls = []
+                for queued, adapter in enumerate(["flood"] * 10 + ["other", ""], 1):
+                    calls.append(asyncio.create_task(client.generate([5, queued], adapter_id=adapter,
+                                                                     max_new_tokens=40, ignore_eos=True)))
+                    assert await asyncio.to_thread(
+                        wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == queued)
+                gate.set()
+                assert await asyncio.to_thread(wait_for, lambda: sum(c.done() for c in calls) >= 2)
+                waiting = len(engine._waiting)
+                late = await client.generate([9], adapter_id="other", max_new_tokens=2)
+                return waiting, late, await asyncio.gather(*calls, return_exceptions=True)
+        waiting, late, outcomes = asyncio.run(run())
+    finally:
+        server.stop()
+    refused = [i for i, o in enumerate(outcomes) if isinstance(o, grpc.aio.AioRpcError)]
+    assert refused == [8, 9] and waiting == 2 and len(late.token_ids) == 2
+    assert {(outcomes[i].code(), outcomes[i].details()) for i in refused} == {
+        (C.RESOURCE_EXHAUSTED, "adapter 'flood' already has 2 requests waiting (--max-queue-per-adapter); retry later")}
+    assert all(len(o.token_ids) == 40 for o in outcomes if not isinstance(o, grpc.aio.AioRpcError))
+
+
+def test_a_fault_in_the_admission_walk_fails_the_requests_it_had_admitted_too(model_dirs, two_adapters,
+                                                                             monkeypatch):
+    """A bug raising in the walk after a request was admitted (here the prefix-cache lookup of the next one): the
+    engine fails what is in flight, and the admitted request hears it too (it was in no row yet: its client waited
+    for its deadline, and it stayed counted and held its slot)."""
+    import server.admission as admission_module
+    server = start_server(model_dirs["llama"], two_adapters, max_batch_size=4)
+    engine = server.serving.engine
+    real, looked = admission_module.cached_blocks, []
+
+    def second_fails(cache, request):
+        looked.append(request)
+        if len(looked) == 2:
+            raise RuntimeError("injected")
+        return real(cache, request)
+    try:
+        async def run():
+            async with AsyncClient(server.target, timeout=30) as client:
+                gate = threading.Event()
+                engine.call(lambda: gate.wait(30))
+                calls = []
+                for queued, adapter in enumerate(["flood", "other"], 1):
+                    calls.append(asyncio.create_task(client.generate([5, queued], adapter_id=adapter,
+                                                                     max_new_tokens=3, ignore_eos=True)))
+                    assert await asyncio.to_thread(
+                        wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == queued)
+                monkeypatch.setattr(admission_module, "cached_blocks", second_fails)
+                gate.set()
+                return await asyncio.gather(*calls, return_exceptions=True)
+        outcomes = asyncio.run(run())
+        assert [(o.code(), o.details()) for o in outcomes] == [
+            (C.INTERNAL, "request failed inside the engine: RuntimeError")] * 2
         assert wait_for(lambda: engine.idle() and engine.bank.used == 0)
         assert engine._pending.total == 0 and len(engine._waiting) == 0
     finally:

@@ -184,11 +184,30 @@ def two_adapters(model_dirs, tmp_path_factory):
     return root
 
 
+async def queue_while_held(server, client, adapters: list[str], before_release=None, **request) -> list:
+    """Hold the engine between steps while one request per entry of `adapters` queues, one at a time in that order
+    (requests sent together queue in any order), run `before_release`, then let the engine go on; the calls."""
+    gate = threading.Event()
+    server.serving.engine.call(lambda: gate.wait(30))
+    calls = []
+    try:
+        for queued, adapter in enumerate(adapters, 1):
+            calls.append(asyncio.create_task(client.generate([5, queued], adapter_id=adapter, ignore_eos=True,
+                                                             **request)))
+            assert await asyncio.to_thread(
+                wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == queued)
+        if before_release is not None:
+            before_release()
+    finally:
+        gate.set()
+    return calls
+
+
 def admission_order(model_dirs, root, scheduling: str) -> list[str]:
     """One row at a time: five requests of 'flood', then one of 'other' and one of the base model, all queued while
     the engine is held; the adapters in the order their prompts were prefilled."""
     server = start_server(model_dirs["llama"], root, max_batch_size=1, scheduling=scheduling)
-    runner, engine = server.serving.engine.runner, server.serving.engine
+    runner = server.serving.engine.runner
     order = []
     start = runner.start_prefill
 
@@ -199,16 +218,8 @@ def admission_order(model_dirs, root, scheduling: str) -> list[str]:
     try:
         async def run():
             async with AsyncClient(server.target, timeout=60) as client:
-                gate = threading.Event()
-                engine.call(lambda: gate.wait(30))
-                calls = []
-                for queued, adapter in enumerate(["flood"] * 5 + ["other", ""], 1):  # one at a time, in order
-                    calls.append(asyncio.create_task(client.generate([5, queued], adapter_id=adapter,
-                                                                     max_new_tokens=3, ignore_eos=True)))
-                    assert await asyncio.to_thread(
-                        wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == queued)
-                gate.set()
-                return await asyncio.gather(*calls)
+                return await asyncio.gather(*await queue_while_held(server, client, ["flood"] * 5 + ["other", ""],
+                                                                    max_new_tokens=3))
         assert all(len(r.token_ids) == 3 for r in asyncio.run(run()))
         metrics = scrape(server)
     finally:
@@ -296,35 +307,34 @@ def test_max_queue_per_adapter_bounds_requests_waiting_for_adapter_memory(model_
     assert [len(r.token_ids) for r in done] == [2, 2]
 
 
+def outcomes_with_a_second_call_failing(server, monkeypatch, name: str) -> list:
+    """Requests on 'flood' then 'other' queued while the engine is held, then admitted with server/admission.py's
+    `name` raising (a bug) at its second call: each call's result or error."""
+    import server.admission as admission_module
+    real, made = getattr(admission_module, name), []
+
+    def second_fails(*args):
+        made.append(args)
+        if len(made) == 2:
+            raise RuntimeError("injected")
+        return real(*args)
+
+    async def run():
+        async with AsyncClient(server.target, timeout=30) as client:
+            calls = await queue_while_held(server, client, ["flood", "other"], max_new_tokens=3, before_release=(
+                lambda: monkeypatch.setattr(admission_module, name, second_fails)))
+            return await asyncio.gather(*calls, return_exceptions=True)
+    return asyncio.run(run())
+
+
 def test_a_request_whose_row_cannot_be_built_fails_alone(model_dirs, two_adapters, monkeypatch):
     """An exception building a newcomer's row (a bug) fails that request alone with INTERNAL; the request admitted
     just before it still runs, and nothing stays counted or holds a slot (it used to be lost: its client waited for
     its deadline, the engine counted it as pending forever and its slot stayed held)."""
-    import server.admission as admission_module
     server = start_server(model_dirs["llama"], two_adapters, max_batch_size=4)
     engine = server.serving.engine
-    real, built = admission_module.make_generator, []
-
-    def second_fails(params):
-        built.append(params)
-        if len(built) == 2:
-            raise RuntimeError("injected")
-        return real(params)
     try:
-        async def run():
-            async with AsyncClient(server.target, timeout=30) as client:
-                gate = threading.Event()
-                engine.call(lambda: gate.wait(30))
-                calls = []
-                for queued, adapter in enumerate(["flood", "other"], 1):
-                    calls.append(asyncio.create_task(client.generate([5, queued], adapter_id=adapter,
-                                                                     max_new_tokens=3, ignore_eos=True)))
-                    assert await asyncio.to_thread(
-                        wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == queued)
-                monkeypatch.setattr(admission_module, "make_generator", second_fails)
-                gate.set()
-                return await asyncio.gather(*calls, return_exceptions=True)
-        first, second = asyncio.run(run())
+        first, second = outcomes_with_a_second_call_failing(server, monkeypatch, "make_generator")
         assert len(first.token_ids) == 3
         assert second.code() == C.INTERNAL and second.details() == "request failed inside the engine: RuntimeError"
         assert wait_for(lambda: engine.idle() and engine.bank.used == 0)
@@ -345,15 +355,7 @@ def test_an_adapters_burst_beyond_its_cap_is_refused_once_fair_admission_gave_it
     try:
         async def run():
             async with AsyncClient(server.target, timeout=60) as client:
-                gate = threading.Event()
-                engine.call(lambda: gate.wait(30))
-                calls = []
-                for queued, adapter in enumerate(["flood"] * 10 + ["other", ""], 1):
-                    calls.append(asyncio.create_task(client.generate([5, queued], adapter_id=adapter,
-                                                                     max_new_tokens=40, ignore_eos=True)))
-                    assert await asyncio.to_thread(
-                        wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == queued)
-                gate.set()
+                calls = await queue_while_held(server, client, ["flood"] * 10 + ["other", ""], max_new_tokens=40)
                 assert await asyncio.to_thread(wait_for, lambda: sum(c.done() for c in calls) >= 2)
                 waiting = len(engine._waiting)
                 late = await client.generate([9], adapter_id="other", max_new_tokens=2)
@@ -373,31 +375,10 @@ def test_a_fault_in_the_admission_walk_fails_the_requests_it_had_admitted_too(mo
     """A bug raising in the walk after a request was admitted (here the prefix-cache lookup of the next one): the
     engine fails what is in flight, and the admitted request hears it too (it was in no row yet: its client waited
     for its deadline, and it stayed counted and held its slot)."""
-    import server.admission as admission_module
     server = start_server(model_dirs["llama"], two_adapters, max_batch_size=4)
     engine = server.serving.engine
-    real, looked = admission_module.cached_blocks, []
-
-    def second_fails(cache, request):
-        looked.append(request)
-        if len(looked) == 2:
-            raise RuntimeError("injected")
-        return real(cache, request)
     try:
-        async def run():
-            async with AsyncClient(server.target, timeout=30) as client:
-                gate = threading.Event()
-                engine.call(lambda: gate.wait(30))
-                calls = []
-                for queued, adapter in enumerate(["flood", "other"], 1):
-                    calls.append(asyncio.create_task(client.generate([5, queued], adapter_id=adapter,
-                                                                     max_new_tokens=3, ignore_eos=True)))
-                    assert await asyncio.to_thread(
-                        wait_for, lambda: scrape(server)["loraplex_num_requests_waiting"] == queued)
-                monkeypatch.setattr(admission_module, "cached_blocks", second_fails)
-                gate.set()
-                return await asyncio.gather(*calls, return_exceptions=True)
-        outcomes = asyncio.run(run())
+        outcomes = outcomes_with_a_second_call_failing(server, monkeypatch, "cached_blocks")
         assert [(o.code(), o.details()) for o in outcomes] == [
             (C.INTERNAL, "request failed inside the engine: RuntimeError")] * 2
         assert wait_for(lambda: engine.idle() and engine.bank.used == 0)

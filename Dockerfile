@@ -36,8 +36,8 @@ COPY . .
 RUN python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/loraplex/v1/*.proto \
  && pip install --no-deps . \
  && pip uninstall --yes grpcio-tools
-# The native CPU adapter kernel, built here because the runtime image has no compiler (it runs on x86
-# CPUs with AVX-512; elsewhere the server uses its torch path and says so in the log).
+# The native CPU adapter kernel, built here because the runtime image has no compiler: both variants (x86
+# CPUs with AVX-512, and with AVX2 + FMA + F16C; elsewhere the server uses its torch path and says so in the log).
 RUN mkdir -p /opt/loraplex/kernels && LORAPLEX_KERNEL_DIR=/opt/loraplex/kernels python -m adapters.cpu_kernel
 
 

@@ -1,4 +1,4 @@
-/* The adapter delta of one adapted module on x86 CPUs with AVX-512, for every token of every row:
+/* The adapter delta of one adapted module on x86 CPUs, for every token of every row:
 
        y[t] += B_s^T (g_s(x[t]) ⊗ A_s x[t])      s = the row's slot, g = softmax(R_s x[t] + bias_s) or 1
 
@@ -10,18 +10,63 @@
    computed in blocks of TOKENS tokens of one row, so each factor vector loaded serves every token of the
    block (a prompt's cost is arithmetic, not loads).
 
+   Built twice from this one source (adapters/cpu_kernel.py picks by the CPU's flags): with AVX-512
+   (vectors of 16 floats) and with AVX2 + FMA + F16C (8 floats), the CPUs without AVX-512 (AMD before Zen 4,
+   most Intel client chips). Only the vector layer below differs; the two round differently (their sums
+   split d into different lanes), each the same way in every batch.
+
    fp16 factors are widened as they are loaded (vcvtph2ps). bf16 factors are widened without shuffles: a
-   512-bit load holds 32 bf16, and (v << 16) and (v & 0xffff0000) are exactly the even- and odd-indexed
-   values as fp32. The activations are split into even/odd halves once per token to match (shrink), and
-   the expand accumulates into even/odd halves that are interleaved back into y at the end. Each token of
-   each row is computed by one thread, in an order that depends neither on the other rows nor on the
-   other tokens of its block: a row's result is the same in any batch, and a token's the same in a prompt
-   as in a decode step. */
+   vector's worth of bytes holds 2·LANES bf16, and (v << 16) and (v & 0xffff0000) are exactly the even- and
+   odd-indexed values as fp32. The activations are split into even/odd halves once per token to match
+   (shrink), and the expand accumulates into even/odd halves that are interleaved back into y at the end.
+   Each token of each row is computed by one thread, in an order that depends neither on the other rows nor
+   on the other tokens of its block: a row's result is the same in any batch, and a token's the same in a
+   prompt as in a decode step. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define LANES 16
+typedef __m512 vec;
+typedef __m512i bits;
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec vset1(float v) { return _mm512_set1_ps(v); }
+static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+static inline vec vload_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline bits vload_bits(const uint16_t* p) { return _mm512_loadu_si512(p); }
+static inline vec even_half(bits v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+static inline vec odd_half(bits v) {
+    return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LANES 8
+typedef __m256 vec;
+typedef __m256i bits;
+static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline vec vset1(float v) { return _mm256_set1_ps(v); }
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vec v) {  /* halves, then pairs, then the last two: a fixed order */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline vec vload_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline bits vload_bits(const uint16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline vec even_half(bits v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+static inline vec odd_half(bits v) {
+    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+#else
+#error "cpu_kernel.c needs AVX-512 (F, BW) or AVX2 with FMA and F16C"
+#endif
 
 enum { FACTORS_F32 = 0, FACTORS_BF16 = 1, FACTORS_F16 = 2 };
 
@@ -38,14 +83,8 @@ static inline float bf16_value(uint16_t v) {
     return f;
 }
 
-static inline __m512 even_half(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
-static inline __m512 odd_half(__m512i v) {
-    return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
-}
-
-/* fp32 and fp16 rows take the same path, 16 values per vector, widened (fp16) as they are loaded. */
-static inline __m512 load16_f32(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+/* fp32 and fp16 rows take the same path, LANES values per vector, widened (fp16) as they are loaded. */
+static inline vec vload_f32(const float* p) { return vload(p); }
 static inline float value_f32(float v) { return v; }
 static inline float value_f16(uint16_t v) { return _cvtsh_ss(v); }
 
@@ -64,21 +103,21 @@ static inline float value_f16(uint16_t v) { return _cvtsh_ss(v); }
    tokens ldx apart. */                                                                                        \
 INLINE void dot_block_##NAME(const T* p, int64_t ld, const float* x, int64_t ldx, int d, float* out, int ldo,   \
                              int n, int nt) {                                                                  \
-    __m512 acc[GROUP][TOKENS];                                                                                 \
+    vec acc[GROUP][TOKENS];                                                                                 \
     for (int q = 0; q < n; q++)                                                                                \
-        for (int t = 0; t < nt; t++) acc[q][t] = _mm512_setzero_ps();                                          \
+        for (int t = 0; t < nt; t++) acc[q][t] = vzero();                                          \
     int i = 0;                                                                                                 \
-    for (; i + 16 <= d; i += 16) {                                                                             \
-        __m512 xv[TOKENS];                                                                                     \
-        for (int t = 0; t < nt; t++) xv[t] = _mm512_loadu_ps(x + t * ldx + i);                                 \
+    for (; i + LANES <= d; i += LANES) {                                                                             \
+        vec xv[TOKENS];                                                                                     \
+        for (int t = 0; t < nt; t++) xv[t] = vload(x + t * ldx + i);                                 \
         for (int q = 0; q < n; q++) {                                                                          \
-            __m512 f = load16_##NAME(p + q * ld + i);                                                          \
-            for (int t = 0; t < nt; t++) acc[q][t] = _mm512_fmadd_ps(f, xv[t], acc[q][t]);                     \
+            vec f = vload_##NAME(p + q * ld + i);                                                          \
+            for (int t = 0; t < nt; t++) acc[q][t] = vfma(f, xv[t], acc[q][t]);                     \
         }                                                                                                      \
     }                                                                                                          \
     for (int q = 0; q < n; q++)                                                                                \
         for (int t = 0; t < nt; t++) {                                                                         \
-            float s = _mm512_reduce_add_ps(acc[q][t]);                                                         \
+            float s = vsum(acc[q][t]);                                                         \
             for (int k = i; k < d; k++) s += value_##NAME(p[q * ld + k]) * x[t * ldx + k];                     \
             out[t * ldo + q] = s;                                                                              \
         }                                                                                                      \
@@ -90,18 +129,18 @@ static void dot_##NAME(const T* p, int64_t ld, int n, const float* x, int64_t ld
 /* y_t += sum_q c[t·ldc + q] · (row q of p) for t < nt, tokens of y ldy apart. */                              \
 INLINE void axpy_block_##NAME(const T* p, int64_t ld, const float* c, int ldc, float* y, int64_t ldy, int d,   \
                               int n, int nt) {                                                                 \
-    __m512 cv[TOKENS][GROUP];                                                                                  \
+    vec cv[TOKENS][GROUP];                                                                                  \
     for (int t = 0; t < nt; t++)                                                                               \
-        for (int q = 0; q < n; q++) cv[t][q] = _mm512_set1_ps(c[t * ldc + q]);                                 \
+        for (int q = 0; q < n; q++) cv[t][q] = vset1(c[t * ldc + q]);                                 \
     int o = 0;                                                                                                 \
-    for (; o + 16 <= d; o += 16) {                                                                             \
-        __m512 acc[TOKENS];                                                                                    \
-        for (int t = 0; t < nt; t++) acc[t] = _mm512_loadu_ps(y + t * ldy + o);                                \
+    for (; o + LANES <= d; o += LANES) {                                                                             \
+        vec acc[TOKENS];                                                                                    \
+        for (int t = 0; t < nt; t++) acc[t] = vload(y + t * ldy + o);                                \
         for (int q = 0; q < n; q++) {                                                                          \
-            __m512 f = load16_##NAME(p + q * ld + o);                                                          \
-            for (int t = 0; t < nt; t++) acc[t] = _mm512_fmadd_ps(cv[t][q], f, acc[t]);                        \
+            vec f = vload_##NAME(p + q * ld + o);                                                          \
+            for (int t = 0; t < nt; t++) acc[t] = vfma(cv[t][q], f, acc[t]);                        \
         }                                                                                                      \
-        for (int t = 0; t < nt; t++) _mm512_storeu_ps(y + t * ldy + o, acc[t]);                                \
+        for (int t = 0; t < nt; t++) vstore(y + t * ldy + o, acc[t]);                                \
     }                                                                                                          \
     for (; o < d; o++)                                                                                         \
         for (int t = 0; t < nt; t++)                                                                           \
@@ -114,27 +153,27 @@ static void axpy_##NAME(const T* p, int64_t ld, int n, const float* c, int ldc, 
 DOT_AND_AXPY(f32, float)
 DOT_AND_AXPY(f16, uint16_t)
 
-/* Same for bf16 rows; xe/xo hold each token's even/odd elements (the first d/32*16 of each, tokens h apart). */
+/* Same for bf16 rows; xe/xo hold each token's even/odd elements (the first d/(2·LANES)·LANES of each, tokens h apart). */
 INLINE void dot_block_bf16(const uint16_t* p, int64_t ld, const float* x, const float* xe, const float* xo, int h,
                            int64_t ldx, int d, float* out, int ldo, int n, int nt) {
-    __m512 acc[GROUP][TOKENS];
+    vec acc[GROUP][TOKENS];
     for (int q = 0; q < n; q++)
-        for (int t = 0; t < nt; t++) acc[q][t] = _mm512_setzero_ps();
+        for (int t = 0; t < nt; t++) acc[q][t] = vzero();
     int i = 0;
-    for (; i + 32 <= d; i += 32) {
-        __m512 ev[TOKENS], ov[TOKENS];
+    for (; i + 2 * LANES <= d; i += 2 * LANES) {
+        vec ev[TOKENS], ov[TOKENS];
         for (int t = 0; t < nt; t++)
-            ev[t] = _mm512_loadu_ps(xe + t * h + i / 2), ov[t] = _mm512_loadu_ps(xo + t * h + i / 2);
+            ev[t] = vload(xe + t * h + i / 2), ov[t] = vload(xo + t * h + i / 2);
         for (int q = 0; q < n; q++) {
-            __m512i v = _mm512_loadu_si512(p + q * ld + i);
-            __m512 e = even_half(v), od = odd_half(v);
+            bits v = vload_bits(p + q * ld + i);
+            vec e = even_half(v), od = odd_half(v);
             for (int t = 0; t < nt; t++)
-                acc[q][t] = _mm512_fmadd_ps(e, ev[t], _mm512_fmadd_ps(od, ov[t], acc[q][t]));
+                acc[q][t] = vfma(e, ev[t], vfma(od, ov[t], acc[q][t]));
         }
     }
     for (int q = 0; q < n; q++)
         for (int t = 0; t < nt; t++) {
-            float s = _mm512_reduce_add_ps(acc[q][t]);
+            float s = vsum(acc[q][t]);
             for (int k = i; k < d; k++) s += bf16_value(p[q * ld + k]) * x[t * ldx + k];
             out[t * ldo + q] = s;
         }
@@ -144,28 +183,28 @@ static void dot_bf16(const uint16_t* p, int64_t ld, int n, const float* x, const
     SPECIALISE(dot_block_bf16, p, ld, x, xe, xo, h, ldx, d, out, ldo);
 }
 
-/* Same for bf16 rows, accumulating each token's even/odd outputs into ye/yo (the first d/32*16 of each,
+/* Same for bf16 rows, accumulating each token's even/odd outputs into ye/yo (the first d/(2·LANES)·LANES of each,
    tokens h apart) and the tail straight into y. */
 INLINE void axpy_block_bf16(const uint16_t* p, int64_t ld, const float* c, int ldc, float* ye, float* yo, int h,
                             float* y, int64_t ldy, int d, int n, int nt) {
-    __m512 cv[TOKENS][GROUP];
+    vec cv[TOKENS][GROUP];
     for (int t = 0; t < nt; t++)
-        for (int q = 0; q < n; q++) cv[t][q] = _mm512_set1_ps(c[t * ldc + q]);
+        for (int q = 0; q < n; q++) cv[t][q] = vset1(c[t * ldc + q]);
     int o = 0;
-    for (; o + 32 <= d; o += 32) {
-        __m512 e[TOKENS], od[TOKENS];
+    for (; o + 2 * LANES <= d; o += 2 * LANES) {
+        vec e[TOKENS], od[TOKENS];
         for (int t = 0; t < nt; t++)
-            e[t] = _mm512_loadu_ps(ye + t * h + o / 2), od[t] = _mm512_loadu_ps(yo + t * h + o / 2);
+            e[t] = vload(ye + t * h + o / 2), od[t] = vload(yo + t * h + o / 2);
         for (int q = 0; q < n; q++) {
-            __m512i v = _mm512_loadu_si512(p + q * ld + o);
-            __m512 fe = even_half(v), fo = odd_half(v);
+            bits v = vload_bits(p + q * ld + o);
+            vec fe = even_half(v), fo = odd_half(v);
             for (int t = 0; t < nt; t++) {
-                e[t] = _mm512_fmadd_ps(cv[t][q], fe, e[t]);
-                od[t] = _mm512_fmadd_ps(cv[t][q], fo, od[t]);
+                e[t] = vfma(cv[t][q], fe, e[t]);
+                od[t] = vfma(cv[t][q], fo, od[t]);
             }
         }
         for (int t = 0; t < nt; t++)
-            _mm512_storeu_ps(ye + t * h + o / 2, e[t]), _mm512_storeu_ps(yo + t * h + o / 2, od[t]);
+            vstore(ye + t * h + o / 2, e[t]), vstore(yo + t * h + o / 2, od[t]);
     }
     for (; o < d; o++)
         for (int t = 0; t < nt; t++)
@@ -206,7 +245,7 @@ int loraplex_add_delta(int rows, int tokens, const float* x, float* y, int d_in,
     const int chunk = items / (threads * 8) > 1 ? items / (threads * 8) : 1;
     #pragma omp parallel num_threads(threads)
     {
-        const int half_in = d_in / 32 * 16, half_out = d_out / 32 * 16;
+        const int half_in = d_in / (2 * LANES) * LANES, half_out = d_out / (2 * LANES) * LANES;
         const size_t floats = (size_t)TOKENS * (2 * half_in + 2 * half_out + max_rank) + (size_t)max_heads;
         float* scratch = malloc(sizeof(float) * floats);
         const int ok = scratch != NULL;

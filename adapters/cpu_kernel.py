@@ -10,9 +10,10 @@ it in blocks of 4 tokens of a row, each factor vector loaded once per block: fas
 every prompt length measured, 1 to 128 tokens per row (bench/kernel_micro.py). The torch path
 (adapters/torch_rows.py) is the oracle it is tested against.
 
-The library is compiled with fixed AVX-512 flags (not -march=native) into $LORAPLEX_KERNEL_DIR (default
-~/.cache/loraplex), named by a hash of source and flags, so a prebuilt copy (the Docker image
-ships one) is used where no compiler is installed.
+One source is compiled for two instruction sets with fixed flags (not -march=native): AVX-512, and AVX2 with
+FMA and F16C for x86 CPUs without AVX-512 (AMD before Zen 4, most Intel client chips); the best one the CPU has is
+loaded. Each library goes into $LORAPLEX_KERNEL_DIR (default ~/.cache/loraplex), named by a hash of source and
+flags, so a prebuilt copy (the Docker image ships both) is used where no compiler is installed.
 """
 from __future__ import annotations
 
@@ -24,13 +25,26 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "fma", "f16c")
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+
+
+@dataclass(frozen=True)
+class Isa:
+    name: str
+    flags: tuple[str, ...]      # the compiler's
+    cpu_flags: tuple[str, ...]  # /proc/cpuinfo's, all needed to run it
+
+
+# Best first: the first one the CPU has is loaded.
+ISAS = (Isa("avx512", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"),
+            ("avx512f", "avx512bw", "avx512vl", "fma", "f16c")),
+        Isa("avx2", ("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")))
 FACTOR_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -42,60 +56,69 @@ def kernel_dir() -> Path:
     return Path(os.environ.get("LORAPLEX_KERNEL_DIR") or Path.home() / ".cache" / "loraplex")
 
 
-def _cpu_problem() -> str | None:
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return f"it needs an x86-64 CPU with AVX-512, this is {platform.machine()}"
+def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError as exc:
-        return f"cannot read /proc/cpuinfo to check for AVX-512 ({exc})"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    missing = [f for f in CPU_FLAGS if f not in flags]
-    return f"this CPU lacks {', '.join(missing)}" if missing else None
+        raise KernelUnavailable(f"cannot read /proc/cpuinfo to check for AVX-512 or AVX2 ({exc})") from exc
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+def isa() -> Isa:
+    """The best instruction set of ISAS this CPU runs; KernelUnavailable with the reason if none."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise KernelUnavailable(f"it needs an x86-64 CPU with AVX-512 or AVX2, this is {platform.machine()}")
+    flags = _cpu_flags()
+    for candidate in ISAS:
+        if flags.issuperset(candidate.cpu_flags):
+            return candidate
+    fallback = ISAS[-1]
+    raise KernelUnavailable(f"this CPU lacks {', '.join(f for f in fallback.cpu_flags if f not in flags)} "
+                            f"(it needs {' + '.join(fallback.cpu_flags)} at least)")
 
 
 def _compiler() -> str | None:
     return next((c for c in (os.environ.get("CC"), "gcc", "cc") if c and shutil.which(c)), None)
 
 
-def _library_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode())
-    return f"loraplex-cpu-kernel-{digest.hexdigest()[:16]}.so"
+def _library_name(target: Isa) -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + list(target.flags)).encode())
+    return f"loraplex-cpu-kernel-{target.name}-{digest.hexdigest()[:16]}.so"
 
 
-def _build(target: Path, compiler: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _build(path: Path, target: Isa, compiler: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a private name, then rename: concurrent servers never load a half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        done = subprocess.run([compiler, *FLAGS, *target.flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                              text=True)
         if done.returncode != 0:
-            raise KernelUnavailable(f"{compiler} failed to build {SOURCE.name}: {done.stderr.strip()[-800:]}")
-        os.replace(tmp, target)
+            raise KernelUnavailable(f"{compiler} failed to build {SOURCE.name} for {target.name}: "
+                                    f"{done.stderr.strip()[-800:]}")
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def build() -> Path:
-    """The library's path, compiled first unless already there (for any x86-64 CPU: the CPU is checked on load)."""
-    target = kernel_dir() / _library_name()
-    if not target.is_file():
+def build(target: Isa) -> Path:
+    """The library's path for `target`, compiled first unless already there (on any x86-64 CPU: compiling
+    does not need the instruction set, running does)."""
+    path = kernel_dir() / _library_name(target)
+    if not path.is_file():
         compiler = _compiler()
         if compiler is None:
-            raise KernelUnavailable(f"no C compiler (gcc/cc/$CC) to build {SOURCE.name} and no prebuilt {target}")
-        _build(target, compiler)
-    return target
+            raise KernelUnavailable(f"no C compiler (gcc/cc/$CC) to build {SOURCE.name} and no prebuilt {path}")
+        _build(path, target, compiler)
+    return path
 
 
 @functools.cache
 def load() -> ctypes.CDLL:
     """The kernel library, built if needed; KernelUnavailable with the reason if it cannot run here."""
-    problem = _cpu_problem()
-    if problem:
-        raise KernelUnavailable(problem)
-    target = build()
+    target = build(isa())
     # torch is imported first, so the library's libgomp.so.1 resolves to torch's own OpenMP runtime: one
     # thread pool, not two competing for the same cores.
     lib = ctypes.CDLL(str(target))
@@ -163,8 +186,9 @@ def check_bank(device: torch.device, dtype: torch.dtype, compute_dtype: torch.dt
                          f"factors, not {device.type} / {compute_dtype} / {dtype}")
 
 
-if __name__ == "__main__":  # ahead-of-time build, e.g. in an image without a compiler at run time
+if __name__ == "__main__":  # ahead-of-time build of every variant, e.g. in an image without a compiler at run time
     if platform.machine() in ("x86_64", "AMD64"):
-        print(build())
+        for each in ISAS:
+            print(build(each))
     else:
         print(f"no native kernel for {platform.machine()}: the server will use its torch path")

@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "else torch/auto; a variant may add server environment after @, e.g. "
                         "native/float32@GOMP_SPINCOUNT=300 (several: @A=1@B=2)")
     args = p.parse_args(argv)
-    if args.variants is None:  # the native kernel's variants where it runs (CPU with AVX-512)
+    if args.variants is None:  # the native kernel's variants where it runs (CPU with AVX-512 or AVX2)
         from adapters import cpu_kernel
         native = args.device == "cpu" and cpu_kernel.available() is None
         args.variants = "torch/float32,native/float32,native/bfloat16,native/float16" if native else "torch/auto"

@@ -103,7 +103,7 @@ def adapter_kernel(config: ServerConfig) -> str:
     else:
         why = cpu_kernel.available()
     if why is None:
-        log.info("adapter kernel: native CPU kernel, %s factors", factors)
+        log.info("adapter kernel: native CPU kernel (%s), %s factors", cpu_kernel.isa().name, factors)
         return "native"
     if config.adapter_kernel == "native":
         raise ConfigError(f"--adapter-kernel native cannot run: {why}")

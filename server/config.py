@@ -18,7 +18,7 @@ class ServerConfig:
     metrics_port: int = 9090
     device: str = "cpu"
     dtype: str = "float32"
-    adapter_kernel: str = "auto"     # auto: native on a CPU with AVX-512 where it builds, else torch
+    adapter_kernel: str = "auto"     # auto: native on a CPU with AVX-512 or AVX2 where it builds, else torch
     adapter_dtype: str = "auto"      # how slot factors are stored; auto: the model's dtype
     max_batch_size: int = 32
     max_active_adapters: int = 32
@@ -63,7 +63,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
     a("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="the model's weights and compute")
     a("--adapter-kernel", default=d.adapter_kernel, choices=["auto", "native", "torch", "triton"],
-      help="how adapter deltas are computed: native (CPU, AVX-512, float32 model; built with the system C compiler "
+      help="how adapter deltas are computed: native (CPU with AVX-512 or AVX2, float32 model; built with the system C compiler "
            "on first use), torch (batched matmuls, any device), triton (CUDA GPUs with triton installed: one "
            "launch per adapted module and decode step; not yet measured on a GPU, so auto does not pick it), "
            "auto (native where it runs, else torch)")

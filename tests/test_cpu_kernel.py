@@ -15,8 +15,10 @@ from loader.hydra_files import save_hydralora
 from tests.helpers import (LLAMA_TARGETS, Fake, assert_delta_equals_per_row_reference, make_hydra_model, make_peft_adalora,
                            make_peft_adapter, start_server, tokens_alone_and_together)
 
-if cpu_kernel._cpu_problem():  # a CPU without AVX-512 cannot run the kernel at all; anything else must work
-    pytest.skip(f"native kernel: {cpu_kernel._cpu_problem()}", allow_module_level=True)
+try:
+    cpu_kernel.isa()
+except cpu_kernel.KernelUnavailable as exc:  # a CPU without AVX2 or AVX-512 cannot run it at all; anything else must work
+    pytest.skip(f"native kernel: {exc}", allow_module_level=True)
 
 
 @pytest.mark.parametrize("kernel", ["native", "torch"])
@@ -114,7 +116,7 @@ def test_unbuildable_kernel_is_reported_with_its_reason(tmp_path, monkeypatch):
         (tmp_path / "cc").write_text("#!/bin/sh\necho 'cc: fatal error: broken' >&2\nexit 1\n")
         (tmp_path / "cc").chmod(0o755)
         cpu_kernel.load.cache_clear()
-        assert "failed to build cpu_kernel.c" in cpu_kernel.available() and "broken" in cpu_kernel.available()
+        assert "failed to build cpu_kernel.c for" in cpu_kernel.available() and "broken" in cpu_kernel.available()
         assert not list((tmp_path / "empty").iterdir())  # no half-written library left behind
     finally:
         cpu_kernel.load.cache_clear()
@@ -125,9 +127,29 @@ def test_kernel_builds_into_a_fresh_directory(tmp_path, monkeypatch):
     cpu_kernel.load.cache_clear()
     try:
         assert cpu_kernel.available() is None
-        assert [p.name for p in tmp_path.iterdir()] == [cpu_kernel._library_name()]
+        assert [p.name for p in tmp_path.iterdir()] == [cpu_kernel._library_name(cpu_kernel.isa())]
     finally:
         cpu_kernel.load.cache_clear()
+
+
+def test_every_instruction_set_builds(tmp_path, monkeypatch):
+    """Compiling needs no particular CPU, so the variant this machine cannot run is checked to build too (the
+    Docker image ships both)."""
+    monkeypatch.setenv("LORAPLEX_KERNEL_DIR", str(tmp_path))
+    paths = [cpu_kernel.build(each) for each in cpu_kernel.ISAS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+    assert [each.name for each in cpu_kernel.ISAS] == ["avx512", "avx2"] and len(set(paths)) == 2
+
+
+def test_the_best_instruction_set_the_cpu_has_is_chosen(monkeypatch):
+    zen3 = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"}
+    for flags, want in ((zen3, "avx2"), (zen3 | {"avx512f", "avx512bw", "avx512vl"}, "avx512"),
+                        (zen3 | {"avx512f"}, "avx2")):  # AVX-512 without BW/VL: the AVX2 build
+        monkeypatch.setattr(cpu_kernel, "_cpu_flags", lambda flags=flags: flags)
+        assert cpu_kernel.isa().name == want
+    monkeypatch.setattr(cpu_kernel, "_cpu_flags", lambda: {"sse4_2", "avx"})
+    with pytest.raises(cpu_kernel.KernelUnavailable, match="this CPU lacks avx2, fma, f16c"):
+        cpu_kernel.isa()
 
 
 def test_server_reports_kernel_and_serves_half_precision_factors_batch_invariantly(model_dirs, tmp_path):

@@ -76,7 +76,8 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
                   prompt_logprobs: int | None = None,
                   logit_bias: Mapping[int, float] | None = None, cache_salt: str = "",
                   json_schema: Mapping | str | None = None, json_object: bool = False, regex: str | None = None,
-                  choice: Sequence[str] | None = None, grammar: str | None = None) -> pb.GenerateRequest:
+                  choice: Sequence[str] | None = None, grammar: str | None = None,
+                  n: int | None = None) -> pb.GenerateRequest:
     """A text prompt, a sequence of token ids, or a chat: a sequence of {"role": ..., "content": ...} messages
     that the server's chat template makes the prompt of (`continue_final_message`: the model continues the last
     message instead of starting a new turn; `chat_template_kwargs`: values the template reads, as Qwen3's
@@ -88,7 +89,8 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
     same for the prompt's tokens after the first (the reply's prompt_token_ids and prompt_logprobs). The penalties,
     min_p, logit_bias ({token id: bias}), min_new_tokens, stop_token_ids and cache_salt: as the fields of the same names
     (protos/loraplex/v1/inference.proto). At most one of `json_schema` (a dict, or its JSON text), `json_object`,
-    `regex`, `choice` (strings) and `grammar` (Lark): the output's response_format."""
+    `regex`, `choice` (strings) and `grammar` (Lark): the output's response_format. `n`: None for one completion in
+    the reply's own fields, else that many (1-16) in its `completions` (a stream's messages carry their `index`)."""
     if adapter_id is None:  # protobuf would send "", the base model: a classic unset environment variable
         raise TypeError('adapter_id is None (an unset variable?): pass "" for the base model')
     sampling = pb.SamplingParams(temperature=check_number("temperature", temperature),
@@ -107,7 +109,7 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
                                  stopping=stopping, request_id=check_text("request_id", request_id),
                                  logprobs=check_integer("logprobs", logprobs, 0, 2 ** 32),
                                  prompt_logprobs=check_integer("prompt_logprobs", prompt_logprobs, 0, 2 ** 32),
-                                 cache_salt=check_text("cache_salt", cache_salt))
+                                 cache_salt=check_text("cache_salt", cache_salt), n=check_integer("n", n, 0, 2 ** 32))
     output_format = _response_format(json_schema=json_schema, json_object=check_flag("json_object", json_object),
                                      regex=regex, choice=choice, grammar=grammar)
     if output_format is not None:

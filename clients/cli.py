@@ -92,24 +92,34 @@ def _generate(args) -> int:
                                         chat_template_kwargs=kwargs, prompt_logprobs=args.prompt_logprobs,
                                         logit_bias=bias, cache_salt=args.cache_salt, json_schema=args.json_schema,
                                         json_object=args.json_object, regex=args.regex, choice=args.choice,
-                                        grammar=args.grammar)
-        logprobs, prompt = [], []
+                                        grammar=args.grammar, n=args.n)
+        logprobs, prompt, texts = [], [], {}
         for message in stream:
             prompt += zip(message.prompt_token_ids[1:], message.prompt_logprobs)
-            sys.stdout.write(message.text)
-            sys.stdout.flush()
-            logprobs += zip(message.token_ids, message.logprobs)
+            if args.n is None:
+                sys.stdout.write(message.text)
+                sys.stdout.flush()
+            else:  # each completion printed whole when it ends: their tokens come interleaved
+                texts.setdefault(message.index, []).append(message.text)
+            what = "token" if args.n is None else f"completion {message.index} token"
+            logprobs += ((what, token, found) for token, found in zip(message.token_ids, message.logprobs))
             if message.finish_reason:
-                sys.stdout.write("\n")
                 reason = pb.FinishReason.Name(message.finish_reason).removeprefix("FINISH_REASON_").lower()
-                print(f"[{reason}; {message.usage.prompt_tokens} prompt + {message.usage.completion_tokens} "
-                      f"completion tokens]", file=sys.stderr)
-    # after the text, on stderr: stdout stays the completion alone
-    for what, found_logprobs in (("prompt token", prompt), ("token", logprobs)):
-        for token, found in found_logprobs:
-            top = ", ".join(f"{t} {v:.4f}" for t, v in zip(found.top_token_ids, found.top_logprobs))
-            print(f"{what} {token}: logprob {found.logprob:.4f}" + (f"; most likely {top}" if top else ""),
-                  file=sys.stderr)
+                usage = message.usage
+                if args.n is None:
+                    sys.stdout.write("\n")
+                    print(f"[{reason}; {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens]",
+                          file=sys.stderr)
+                else:
+                    print(f"[completion {message.index}: {reason}; {usage.prompt_tokens} prompt + "
+                          f"{usage.completion_tokens} completion tokens]", file=sys.stderr, flush=True)
+                    sys.stdout.write("".join(texts.pop(message.index, ())) + "\n")
+                    sys.stdout.flush()
+    # after the text, on stderr: stdout stays the completions alone
+    for what, token, found in [("prompt token", *each) for each in prompt] + logprobs:
+        top = ", ".join(f"{t} {v:.4f}" for t, v in zip(found.top_token_ids, found.top_logprobs))
+        print(f"{what} {token}: logprob {found.logprob:.4f}" + (f"; most likely {top}" if top else ""),
+              file=sys.stderr)
     if prompt:  # what scoring a text is for: its log-likelihood under the adapter, and its perplexity
         total = sum(found.logprob for _, found in prompt)
         print(f"prompt: {len(prompt)} tokens scored, logprob sum {total:.4f}, perplexity "
@@ -330,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print each token's log-probability and the N likeliest tokens' (0-20) to stderr")
     gen.add_argument("--prompt-logprobs", type=_ranged(0, 2 ** 32), default=None, metavar="N",
                      help="the same for each prompt token after the first, given those before it")
+    gen.add_argument("--n", type=_ranged(0, 2 ** 32), default=None, metavar="N",
+                     help="N completions of the prompt (1-16), each printed when it ends, after a line on stderr")
     gen.add_argument("--cache-salt", type=utf8, default="",
                      help="share computed prompt keys and values only with requests of this salt")
     output = gen.add_mutually_exclusive_group()

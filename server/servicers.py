@@ -10,6 +10,8 @@ from typing import Callable
 from loader.chat_template import template_problem
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
+from server import replies
+from server.completions import alone, count_of, merged, split
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
 from server.errors import AdapterMemoryFull, InvalidArgument, NotFound, status_for
 from server.fair_queue import queue_cap_message
@@ -39,24 +41,6 @@ class _IdGate:
         self.places = asyncio.Semaphore(THREADS_PER_ADAPTER)
         self.users = 0  # requests holding or waiting for a place: the gate is dropped at 0
         self.read: asyncio.Future | None = None  # while one of them reads the id's files; done when it has
-
-
-FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.EOS_TOKEN: pb.FINISH_REASON_EOS_TOKEN,
-          FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE}
-
-
-def _logprobs(found) -> list[pb.TokenLogprobs]:
-    return [pb.TokenLogprobs(logprob=t.logprob, top_token_ids=t.top_token_ids, top_logprobs=t.top_logprobs)
-            for t in found or ()]
-
-
-async def _prompt_scores(engine_request: EngineRequest, event: TokenEvent) -> dict:
-    """The reply's prompt_token_ids and prompt_logprobs, on the event that carries them (a request's first). Built
-    off the event loop: a long prompt's take ~0.1 s per 32k tokens, which every other stream would wait for."""
-    if event.prompt_logprobs is None:
-        return {}
-    found = await asyncio.get_running_loop().run_in_executor(None, _logprobs, event.prompt_logprobs.entries())
-    return {"prompt_token_ids": engine_request.prompt_ids, "prompt_logprobs": found}
 
 
 def _gathering(post: Callable[[object], None]) -> Callable[[object], None]:
@@ -192,6 +176,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finally:  # client cancel, deadline or an error: free the row at the engine's next step
             engine_request.cancelled = True
             self._release(engine_request)
+
+    def _completions(self, request: pb.GenerateRequest, n: int | None, stream: bool):
+        """(index, (engine request, event)) pairs of the request's completions: its own, or its n (GenerateRequest.n)
+        merged as they come."""
+        if n is None:
+            return alone(self._events(request, stream))
+        return merged([self._events(part, stream) for part in split(request, n)])
 
     async def _queued(self, request: pb.GenerateRequest, sink) -> EngineRequest:
         """Prepare and queue the request off the event loop. While its adapter does not fit the host-memory
@@ -356,18 +347,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Generate(self, request, context):
         try:
-            ids, texts, logprobs, prompt = [], [], [], {}
-            async for engine_request, event in self._events(request, stream=False):
-                if isinstance(event, TokenEvent):
-                    prompt = prompt or await _prompt_scores(engine_request, event)
-                    ids.extend(event.token_ids)
-                    texts.append(event.text)
-                    logprobs.extend(_logprobs(event.logprobs))
-                else:
-                    return pb.GenerateResponse(
-                        request_id=engine_request.request_id, text="".join(texts), token_ids=ids,
-                        logprobs=logprobs, finish_reason=FINISH[event.reason], **prompt,
-                        usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))
+            n = count_of(request)
+            return await replies.unary(self._completions(request, n, stream=False), n)
         except _EngineFailed as failed:
             await abort(context, failed.error)  # (counted as the engine ended it)
         except Exception as exc:
@@ -375,15 +356,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def GenerateStream(self, request, context):
         try:
-            async for engine_request, event in self._events(request, stream=True):
-                if isinstance(event, TokenEvent):
-                    yield pb.GenerateStreamResponse(request_id=engine_request.request_id, text=event.text,
-                                                    token_ids=event.token_ids, logprobs=_logprobs(event.logprobs),
-                                                    **await _prompt_scores(engine_request, event))
-                else:
-                    yield pb.GenerateStreamResponse(
-                        request_id=engine_request.request_id, finish_reason=FINISH[event.reason],
-                        usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))
+            n = count_of(request)
+            async for message in replies.stream(self._completions(request, n, stream=True)):
+                yield message
         except _EngineFailed as failed:
             await abort(context, failed.error)  # (counted as the engine ended it)
         except Exception as exc:

@@ -81,6 +81,8 @@ def generate_requests(draw) -> bytes:
     stopping.stop.extend(draw(sometimes(st.lists(st.text(max_size=300), max_size=20),
                                         st.lists(st.text(min_size=1, max_size=3), max_size=2))))
     stopping.ignore_eos = draw(st.booleans())
+    if draw(st.booleans()):
+        request.n = draw(sometimes(st.integers(0, 2 ** 32 - 1), st.integers(1, 3)))
     return request.SerializeToString() + draw(unknown_fields)
 
 

@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     print(f"# fairness: {machine(args)}; code {code_version()}")
     print(f"# batch {args.batch}, flood {args.flood} requests in flight, steady {args.steady} one after the other, "
           f"{args.max_new_tokens} tokens each, prompt {args.prompt_min} tokens; medians of {args.repeats} rounds")
-    print(f"| | fifo | fair | fair / fifo |\n|---|---:|---:|---:|")
+    print("| | fifo | fair | fair / fifo |\n|---|---:|---:|---:|")
     for key, label in [("steady_ttft_p50", "steady: time to first token, median (s)"),
                        ("steady_ttft_p90", "steady: time to first token, p90 (s)"),
                        ("steady_e2e_p50", "steady: end to end, median (s)"),

@@ -69,6 +69,13 @@ def start_server(model_dir: Path, adapter_root: Path | None, **overrides) -> Bac
     return BackgroundServer(ServerConfig(**settings)).start()
 
 
+def lora_root(model_dirs, tmp_path_factory) -> Path:
+    """A fresh adapter root holding one PEFT LoRA for the tiny Llama, "a" (r=8 on every projection)."""
+    root = tmp_path_factory.mktemp("adapters")
+    make_peft_adapter(model_dirs["llama"], root / "a", 3, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
+    return root
+
+
 def tokens_alone_and_together(target: str, prompts: list, adapter_ids: list[str], max_new_tokens: int):
     """Greedy token ids of each prompt with its adapter: one request at a time, then all at once (one batch)."""
     with Client(target, timeout=60) as client:

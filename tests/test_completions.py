@@ -12,7 +12,7 @@ import pytest
 from clients.client import Client
 from protos.loraplex.v1 import inference_pb2 as pb
 from server.completions import merged
-from tests.helpers import LLAMA_TARGETS, make_peft_adapter, scrape, slow_decode, start_server, wait_for
+from tests.helpers import assert_logprobs_close, lora_root, scrape, slow_decode, start_server, wait_for
 
 PROMPT = [(5 * i) % 200 + 9 for i in range(40)]
 SAMPLED = dict(max_new_tokens=8, ignore_eos=True, temperature=1.0, logprobs=1)
@@ -20,20 +20,15 @@ SAMPLED = dict(max_new_tokens=8, ignore_eos=True, temperature=1.0, logprobs=1)
 
 @pytest.fixture(scope="module")
 def server(model_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    make_peft_adapter(model_dirs["llama"], root / "a", 3, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
-    server = start_server(model_dirs["llama"], root, max_batch_size=16)
+    server = start_server(model_dirs["llama"], lora_root(model_dirs, tmp_path_factory), max_batch_size=16)
     yield server
     server.stop()
 
 
 def _assert_logprobs_close(got, want) -> None:
-    """The same tokens and values to the last bits torch's CPU matmul moves with the number of rows (README)."""
-    assert len(got) == len(want) > 0
-    for g, w in zip(got, want):
-        assert list(g.top_token_ids) == list(w.top_token_ids)
-        assert g.logprob == pytest.approx(w.logprob, abs=1e-5)
-        assert list(g.top_logprobs) == pytest.approx(list(w.top_logprobs), abs=1e-5)
+    """Equal to the last bits torch's CPU matmul moves with the number of rows (README, `seed`)."""
+    assert len(want) > 0
+    assert_logprobs_close(got, [(w.logprob, list(w.top_token_ids), list(w.top_logprobs)) for w in want], 1e-5)
 
 
 def _prompt_runs(server, monkeypatch) -> list:

@@ -11,17 +11,15 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clients.client import Client
-from tests.helpers import (LLAMA_TARGETS, assert_logprobs_close, make_peft_adapter, scrape, slow_decode,
-                           start_server, status_of, wait_for)
+from tests.helpers import (assert_logprobs_close, lora_root, scrape, slow_decode, start_server, status_of,
+                           wait_for)
 
 PROMPT = [5, 17, 42, 99, 7]
 
 
 @pytest.fixture(scope="module")
 def adapter_root(model_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    make_peft_adapter(model_dirs["llama"], root / "a", 3, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
-    return root
+    return lora_root(model_dirs, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import torch
 from clients.client import Client
 from loader.default_model import build_model_dir
 from server.batch import Row
-from tests.helpers import (LLAMA_TARGETS, decode_forced, decode_from, make_peft_adapter, random_lora_runner, scrape,
-                           slow_decode, start_server, wait_for)
+from tests.helpers import (decode_forced, decode_from, lora_root, random_lora_runner, scrape, slow_decode, start_server,
+                           wait_for)
 
 SMALL = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=128)
@@ -78,9 +78,7 @@ def test_a_row_scoring_its_prompt_runs_its_own(runner_and_slot):
 
 @pytest.fixture(scope="module")
 def server(model_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    make_peft_adapter(model_dirs["llama"], root / "a", 3, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
-    server = start_server(model_dirs["llama"], root, max_batch_size=16)
+    server = start_server(model_dirs["llama"], lora_root(model_dirs, tmp_path_factory), max_batch_size=16)
     yield server
     server.stop()
 

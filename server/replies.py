@@ -4,6 +4,7 @@ GenerateRequest.n. The events come as (completion index, (engine request, event)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import AsyncIterator
 
 from protos.loraplex.v1 import inference_pb2 as pb
@@ -34,17 +35,19 @@ async def unary(events: AsyncIterator, n: int | None) -> pb.GenerateResponse:
     tokens: dict[int, tuple[list, list, list]] = {}  # index: its token ids, texts and log-probabilities
     done: dict[int, pb.Completion] = {}
     prompt: dict = {}
-    async for index, (engine_request, event) in events:
-        ids, texts, logprobs = tokens.setdefault(index, ([], [], []))
-        if isinstance(event, TokenEvent):
-            prompt = prompt or await prompt_scores(engine_request, event)
-            ids.extend(event.token_ids)
-            texts.append(event.text)
-            logprobs.extend(logprobs_of(event.logprobs))
-        else:
-            done[index] = pb.Completion(index=index, text="".join(texts), token_ids=ids, logprobs=logprobs,
-                                        finish_reason=FINISH[event.reason], completion_tokens=event.completion_tokens)
-            request_id, prompt_tokens = engine_request.request_id, event.prompt_tokens
+    async with contextlib.aclosing(events):  # a failure here cancels every completion at once
+        async for index, (engine_request, event) in events:
+            ids, texts, logprobs = tokens.setdefault(index, ([], [], []))
+            if isinstance(event, TokenEvent):
+                prompt = prompt or await prompt_scores(engine_request, event)
+                ids.extend(event.token_ids)
+                texts.append(event.text)
+                logprobs.extend(logprobs_of(event.logprobs))
+            else:
+                done[index] = pb.Completion(index=index, text="".join(texts), token_ids=ids, logprobs=logprobs,
+                                            finish_reason=FINISH[event.reason],
+                                            completion_tokens=event.completion_tokens)
+                request_id, prompt_tokens = engine_request.request_id, event.prompt_tokens
     if n is None:
         one = done[0]
         return pb.GenerateResponse(request_id=request_id, text=one.text, token_ids=one.token_ids, logprobs=one.logprobs,
@@ -57,12 +60,13 @@ async def unary(events: AsyncIterator, n: int | None) -> pb.GenerateResponse:
 
 async def stream(events: AsyncIterator) -> AsyncIterator[pb.GenerateStreamResponse]:
     """A message per event: each step's tokens, then each completion's end with its usage."""
-    async for index, (engine_request, event) in events:
-        if isinstance(event, TokenEvent):
-            yield pb.GenerateStreamResponse(request_id=engine_request.request_id, text=event.text,
-                                            token_ids=event.token_ids, logprobs=logprobs_of(event.logprobs),
-                                            index=index, **await prompt_scores(engine_request, event))
-        else:
-            yield pb.GenerateStreamResponse(
-                request_id=engine_request.request_id, finish_reason=FINISH[event.reason], index=index,
-                usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))
+    async with contextlib.aclosing(events):
+        async for index, (engine_request, event) in events:
+            if isinstance(event, TokenEvent):
+                yield pb.GenerateStreamResponse(request_id=engine_request.request_id, text=event.text,
+                                                token_ids=event.token_ids, logprobs=logprobs_of(event.logprobs),
+                                                index=index, **await prompt_scores(engine_request, event))
+            else:
+                yield pb.GenerateStreamResponse(
+                    request_id=engine_request.request_id, finish_reason=FINISH[event.reason], index=index,
+                    usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import uuid
@@ -357,8 +358,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def GenerateStream(self, request, context):
         try:
             n = count_of(request)
-            async for message in replies.stream(self._completions(request, n, stream=True)):
-                yield message
+            async with contextlib.aclosing(replies.stream(self._completions(request, n, stream=True))) as messages:
+                async for message in messages:
+                    yield message
         except _EngineFailed as failed:
             await abort(context, failed.error)  # (counted as the engine ended it)
         except Exception as exc:

@@ -1,14 +1,14 @@
-"""GenerateRequest.n: several completions of one prompt. Each is its own request to the engine (its own row and
-draw), made from the RPC's request here and merged back into one reply or one stream. Identical prompts of one
-adapter and cache salt share their prefill (server/prompt_sharing.py), so the prompt is computed once."""
+"""GenerateRequest.n: several completions of one prompt. The servicer prepares the request once (validation,
+tokenization, the adapter resolved under its id's lock: one version for all) and queues one engine request per
+completion, all or none; each is its own row and draw, merged back by index. Identical prompts of one adapter and
+cache salt share their prefill (server/prompt_sharing.py), so the prompt is computed once."""
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import uuid
-from typing import AsyncIterator
+import dataclasses
+from typing import Callable
 
 from protos.loraplex.v1 import inference_pb2 as pb
+from server.engine_messages import EngineRequest
 from server.errors import InvalidArgument
 
 MAX_COMPLETIONS = 16
@@ -23,61 +23,11 @@ def count_of(request: pb.GenerateRequest) -> int | None:
     return request.n
 
 
-def split(request: pb.GenerateRequest, n: int) -> list[pb.GenerateRequest]:
-    """The n requests: one request id (made up here when empty), seed + i mod 2^64 where a seed is set, the
-    prompt's log-probabilities asked with completion 0 only."""
-    request_id = request.request_id or uuid.uuid4().hex
-    parts = []
-    for index in range(n):
-        part = pb.GenerateRequest()
-        part.CopyFrom(request)
-        part.ClearField("n")
-        part.request_id = request_id
-        if index:
-            part.ClearField("prompt_logprobs")
-            if part.sampling.HasField("seed"):
-                part.sampling.seed = (part.sampling.seed + index) % 2 ** 64
-        parts.append(part)
-    return parts
-
-
-async def alone(events: AsyncIterator) -> AsyncIterator[tuple[int, object]]:
-    """A request's own items, as completion 0's."""
-    async with contextlib.aclosing(events):
-        async for item in events:
-            yield 0, item
-
-
-async def merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
-    """(index, item) of every stream, as each comes. The first stream to raise ends the merge with its exception,
-    and the merge's end (its reader left, or that exception) closes every stream still open: each cancels its own
-    request."""
-    queue: asyncio.Queue = asyncio.Queue()
-    ended = object()
-
-    async def pump(index: int, stream: AsyncIterator) -> None:
-        try:
-            async with contextlib.aclosing(stream):
-                async for item in stream:
-                    queue.put_nowait((index, item))  # never awaits: a cancel finds the stream mid-read, not mid-yield
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            queue.put_nowait((index, exc))
-        else:
-            queue.put_nowait((index, ended))
-    tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
-    try:
-        open_streams = len(tasks)
-        while open_streams:
-            index, item = await queue.get()
-            if item is ended:
-                open_streams -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+def copies(first: EngineRequest, count: int, matcher: Callable[[], object] | None) -> list[EngineRequest]:
+    """`first` and count - 1 copies of it: completion i draws with seed + i (mod 2^64) where a seed is set, each
+    follows its format with a matcher of its own, and only completion 0 scores the prompt."""
+    seed = first.sampling.seed
+    return [first] + [dataclasses.replace(
+        first, prompt_logprobs=None, matcher=None if matcher is None else matcher(),
+        sampling=first.sampling if seed is None else dataclasses.replace(first.sampling, seed=(seed + i) % 2 ** 64))
+        for i in range(1, count)]

@@ -68,12 +68,13 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, request: EngineRequest) -> None:
+    def submit(self, *requests: EngineRequest) -> None:
+        """Queue a request's completions (one, or GenerateRequest.n of them), all or none."""
         if self.draining or self._stop:
             raise Unavailable("the server is shutting down; retry on another replica")
         if not self.alive:
             raise Unavailable("the engine has stopped; this replica cannot serve")
-        self._pending.enter(request, self._inbox.put)
+        self._pending.enter(list(requests), self._inbox.put)
         self._wake.set()
 
     def call(self, fn: Callable[[], object]) -> Future:

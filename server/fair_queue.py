@@ -20,7 +20,7 @@ from collections import Counter, deque
 from typing import Callable, Iterator
 
 from server.engine_messages import EngineRequest
-from server.errors import ResourceExhausted
+from server.errors import InvalidArgument, ResourceExhausted
 
 PROMPT_WEIGHT = 1.0  # the paper's weights: a generated token costs a decode step's share, about twice a prompt token
 OUTPUT_WEIGHT = 2.0
@@ -158,29 +158,39 @@ class Pending:
     Any thread."""
 
     def __init__(self, max_queue: int, per_tenant: int, rows: int, gauge) -> None:
-        self.max_queue, self.per_tenant = max_queue, per_tenant
+        self.max_queue, self.per_tenant, self.rows = max_queue, per_tenant, rows
         self.free = rows  # set by the engine before it counts the requests it admitted out: never a looser limit
         self.total = 0
         self._by: Counter = Counter()  # only the tenants with requests pending
         self._gauge = gauge  # loraplex_num_requests_waiting
         self._lock = threading.Lock()
 
-    def enter(self, request: EngineRequest, queue: Callable[[EngineRequest], None]) -> None:
-        """Count `request` in and `queue` it, or refuse it (ResourceExhausted). Queued, then counted, under one lock
-        with `leave`: whoever sees the count sees the request in the engine's inbox (a test under load saw the count,
-        ran three engine steps, and the request came later)."""
+    def enter(self, requests: list[EngineRequest], queue: Callable[[EngineRequest], None]) -> None:
+        """Count `requests` (one request's completions: one tenant) in and `queue` them, or refuse them all
+        (ResourceExhausted; InvalidArgument for more than the limits ever let in at once). Queued, then counted, under
+        one lock with `leave`: whoever sees the count sees the requests in the engine's inbox (a test under load saw
+        the count, ran three engine steps, and the request came later)."""
+        count, key = len(requests), tenant(requests[0])
+        queue_limit, flag = (self.max_queue, "--max-queue-size")
+        if self.per_tenant and self.per_tenant < self.max_queue:
+            queue_limit, flag = (self.per_tenant, "--max-queue-per-adapter")
+        if count > queue_limit + self.rows:
+            raise InvalidArgument(f"n is {count}, more completions than this server takes of one request at once: "
+                                  f"{queue_limit + self.rows} (--max-batch-size {self.rows} rows + {flag} "
+                                  f"{queue_limit}); ask for fewer")
         with self._lock:
-            if self.total >= self.max_queue + self.free:
+            if self.total + count > self.max_queue + self.free:
                 raise ResourceExhausted(
                     f"the waiting queue is full ({self.max_queue} requests, --max-queue-size); retry later")
-            key, mine = tenant(request), self._by[tenant(request)]
+            mine = self._by[key]
             # the free rows are counted to the first requests, of any tenant; the cap counts a tenant's beyond them
-            if self.per_tenant and mine >= self.per_tenant + max(0, self.free - (self.total - mine)):
+            if self.per_tenant and mine + count > self.per_tenant + max(0, self.free - (self.total - mine)):
                 raise ResourceExhausted(queue_cap_message(key, self.per_tenant))
-            self.total += 1
-            self._by[key] += 1
-            queue(request)
-            self._gauge.inc()
+            self.total += count
+            self._by[key] += count
+            for request in requests:
+                queue(request)
+            self._gauge.inc(count)
 
     def leave(self, requests: list[EngineRequest]) -> None:
         """`requests` were admitted or ended before it."""

@@ -12,7 +12,7 @@ from loader.chat_template import template_problem
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server import replies
-from server.completions import alone, count_of, merged, split
+from server.completions import copies, count_of
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, TokenEvent
 from server.errors import AdapterMemoryFull, InvalidArgument, NotFound, status_for
 from server.fair_queue import queue_cap_message
@@ -77,26 +77,29 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._gates: dict[str, _IdGate] = {}
         self._cold: asyncio.Semaphore | None = None  # the registry's reads at once (made at first use: after it)
 
-    def _submit(self, adapter_id: str, engine_request: EngineRequest) -> EngineRequest:
-        """Queue a prepared request (blocking: run off the loop, on self.resolving when it names an adapter). The
-        adapter is resolved and the request queued under the id's lock, so UnloadAdapter, which counts and unloads
-        under it, sees the request."""
+    def _submit(self, adapter_id: str, engine_requests: list[EngineRequest]) -> list[EngineRequest]:
+        """Queue a prepared request's completions, all or none (blocking: run off the loop, on self.resolving when it
+        names an adapter). The adapter is resolved and the completions queued under the id's lock, so each holds the
+        same version, and UnloadAdapter, which counts and unloads under it, sees all of them or none."""
         metrics = self.serving.metrics
         if not adapter_id:
-            engine_request.adapter_label = metrics.adapter_label("")
-            self.serving.engine.submit(engine_request)
-            return engine_request
+            for engine_request in engine_requests:
+                engine_request.adapter_label = metrics.adapter_label("")
+            self.serving.engine.submit(*engine_requests)
+            return engine_requests
         registry = self.serving.registry
         with registry.hold(adapter_id):
-            engine_request.adapter = registry.resolve(adapter_id)  # released when it ends (_ending), or below
-            # labelled only once resolved: unknown or malformed ids never take one of the bounded labels
-            engine_request.adapter_label = metrics.adapter_label(adapter_id)
             try:
-                self.serving.engine.submit(engine_request)
+                for engine_request in engine_requests:  # the first may read the files; the others find them held
+                    engine_request.adapter = registry.resolve(adapter_id)  # released when it ends (_ending)
+                    # labelled only once resolved: unknown or malformed ids never take one of the bounded labels
+                    engine_request.adapter_label = metrics.adapter_label(adapter_id)
+                self.serving.engine.submit(*engine_requests)
             except BaseException:
-                self._loop.call_soon_threadsafe(self._release, engine_request)  # never returned: nobody else will
+                for engine_request in engine_requests:  # never returned: nobody else will release them
+                    self._loop.call_soon_threadsafe(self._release, engine_request)
                 raise
-        return engine_request
+        return engine_requests
 
     def _validate(self, request: pb.GenerateRequest) -> None:
         """What _submit would refuse before resolving: bad parameters or prompt, an id that names no adapter."""
@@ -141,8 +144,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._memory_freed.set()
         self._memory_freed = asyncio.Event()
 
-    def _prepare(self, request: pb.GenerateRequest) -> EngineRequest:
-        """Validation and tokenization: blocking work, run off the loop. The adapter is resolved by _submit."""
+    def _prepare(self, request: pb.GenerateRequest, count: int = 1) -> list[EngineRequest]:
+        """Validation and tokenization, once for the request's `count` completions: blocking work, run off the loop.
+        The adapter is resolved by _submit."""
         s = ready(self.serving)
         if len(request.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
@@ -154,38 +158,39 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         output_format = format_of(request)
         if output_format is not None:
             check_stopping(stopping)
-        return EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=None,
-                             sampling=sampling, stopping=stopping, sink=lambda event: None, logprobs=logprobs,
-                             prompt_logprobs=prompt_logprobs, cache_salt=request.cache_salt,
-                             matcher=None if output_format is None else s.formats.matcher(*output_format))
+        matcher = None if output_format is None else functools.partial(s.formats.matcher, *output_format)
+        first = EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=None,
+                              sampling=sampling, stopping=stopping, sink=lambda event: None, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs, cache_salt=request.cache_salt,
+                              matcher=None if matcher is None else matcher())
+        return copies(first, count, matcher)
 
-    async def _events(self, request: pb.GenerateRequest, stream: bool):
-        """(engine request, event) pairs for `request`: for a stream every step's tokens; for a unary call one
-        event with all its tokens, then the end (its handler would only gather them: the tokens are gathered
-        on the engine thread instead, and the loop is woken once, not once per token)."""
+    async def _events(self, request: pb.GenerateRequest, count: int, stream: bool):
+        """(index, (engine request, event)) pairs of the request's `count` completions (GenerateRequest.n, else 1),
+        as they come: for a stream every step's tokens; for a unary call one event with all of a completion's
+        tokens, then its end (its handler would only gather them: the tokens are gathered on the engine thread
+        instead, and the loop is woken once per completion, not once per token). The first completion to fail ends
+        them all."""
         events: asyncio.Queue = asyncio.Queue()
-        post = functools.partial(self._loop.call_soon_threadsafe, events.put_nowait)
-        engine_request = await self._queued(request, post if stream else _gathering(post))
+
+        def poster(index: int) -> Callable[[object], None]:
+            return lambda event: self._loop.call_soon_threadsafe(events.put_nowait, (index, event))
+        sinks = [poster(index) if stream else _gathering(poster(index)) for index in range(count)]
+        engine_requests = await self._queued(request, sinks)
         try:
-            while True:
-                event = await events.get()
+            running = count
+            while running:
+                index, event = await events.get()
                 if isinstance(event, ErrorEvent):
                     raise _EngineFailed(event.error)
-                yield engine_request, event
-                if isinstance(event, FinishEvent):
-                    return
-        finally:  # client cancel, deadline or an error: free the row at the engine's next step
-            engine_request.cancelled = True
-            self._release(engine_request)
+                yield index, (engine_requests[index], event)
+                running -= isinstance(event, FinishEvent)
+        finally:  # client cancel, deadline or an error: free the rows at the engine's next step
+            for engine_request in engine_requests:
+                engine_request.cancelled = True
+                self._release(engine_request)
 
-    def _completions(self, request: pb.GenerateRequest, n: int | None, stream: bool):
-        """(index, (engine request, event)) pairs of the request's completions: its own, or its n (GenerateRequest.n)
-        merged as they come."""
-        if n is None:
-            return alone(self._events(request, stream))
-        return merged([self._events(part, stream) for part in split(request, n)])
-
-    async def _queued(self, request: pb.GenerateRequest, sink) -> EngineRequest:
+    async def _queued(self, request: pb.GenerateRequest, sinks: list) -> list[EngineRequest]:
         """Prepare and queue the request off the event loop. While its adapter does not fit the host-memory
         budget beside those that requests in flight hold, it waits, holding nothing (no thread, no weights), at
         most --max-queue-size requests at a time. Waiting requests try again one at a time, in arrival order,
@@ -201,7 +206,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise
         else:
             try:
-                return await self._submitted(request, sink, arrival)
+                return await self._submitted(request, sinks, arrival)
             except AdapterMemoryFull:
                 pass
         if self._memory_waiters >= self.serving.config.max_queue_size:
@@ -210,7 +215,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                     f"--max-queue-size of them); retry later")
         cap = self.serving.config.max_queue_per_adapter
         if cap and len(self.serving.memory_waiting.get(request.adapter_id, ())) + \
-                self.serving.engine.pending_for(request.adapter_id) >= cap:  # waiting for memory or for a row
+                self.serving.engine.pending_for(request.adapter_id) + len(sinks) > cap:  # waiting for memory or a row
             raise AdapterMemoryFull(queue_cap_message(request.adapter_id, cap))
         self._refuse_if_unloading(request.adapter_id)  # (a drain may have begun while it was looked at)
         self._memory_waiters += 1
@@ -226,7 +231,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     if self.serving.registry.might_fit(request.adapter_id):  # else trying would read it again
                         try:
                             submitting = True
-                            return await self._submitted(request, sink, arrival)
+                            return await self._submitted(request, sinks, arrival)
                         except AdapterMemoryFull:
                             submitting = False
                             continue
@@ -253,16 +258,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise NotFound(f"adapter {adapter_id!r} is being unloaded (UnloadAdapter with drain) and auto-load is "
                            f"off; once that call returns, LoadAdapter serves it again")
 
-    async def _submitted(self, request: pb.GenerateRequest, sink, arrival: float) -> EngineRequest:
+    async def _submitted(self, request: pb.GenerateRequest, sinks: list, arrival: float) -> list[EngineRequest]:
         """Validated, tokenized, resolved and queued in one trip off the loop (on self.resolving when it names an
         adapter, whose read may block on disk; else on the default executor). `arrival` (when the RPC came in) is
         set before queueing: queue time and TTFT include tokenization and adapter loading."""
         ready(self.serving)  # (the gate asks the registry, which does not exist while the model loads)
 
-        def prepare_and_submit() -> EngineRequest:
-            engine_request = self._prepare(request)
-            engine_request.sink, engine_request.arrival = self._ending(engine_request, sink), arrival
-            return self._submit(request.adapter_id, engine_request)
+        def prepare_and_submit() -> list[EngineRequest]:
+            engine_requests = self._prepare(request, len(sinks))
+            for engine_request, sink in zip(engine_requests, sinks):
+                engine_request.sink, engine_request.arrival = self._ending(engine_request, sink), arrival
+            return self._submit(request.adapter_id, engine_requests)
         leave = None
         if request.adapter_id:
             try:
@@ -321,11 +327,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return leave
 
     def _cancel_once_queued(self, adapter_id: str, arrival: float, submitted: asyncio.Future) -> None:
-        """The client left while its request was being prepared. Queued: cancelled there (the engine counts it).
-        Refused meanwhile (an unknown adapter, a bad parameter): counted here, as the client's cancel it was."""
+        """The client left while its request was being prepared. Queued: its completions cancelled there (the engine
+        counts each). Refused meanwhile (an unknown adapter, a bad parameter): counted here, once, as the client's
+        cancel it was."""
         if not submitted.cancelled() and submitted.exception() is None:
-            submitted.result().cancelled = True
-            self._release(submitted.result())
+            for engine_request in submitted.result():
+                engine_request.cancelled = True
+                self._release(engine_request)
         else:
             self._count_cancelled(adapter_id, arrival)
 
@@ -349,7 +357,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Generate(self, request, context):
         try:
             n = count_of(request)
-            return await replies.unary(self._completions(request, n, stream=False), n)
+            return await replies.unary(self._events(request, n or 1, stream=False), n)
         except _EngineFailed as failed:
             await abort(context, failed.error)  # (counted as the engine ended it)
         except Exception as exc:
@@ -358,7 +366,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def GenerateStream(self, request, context):
         try:
             n = count_of(request)
-            async with contextlib.aclosing(replies.stream(self._completions(request, n, stream=True))) as messages:
+            async with contextlib.aclosing(replies.stream(self._events(request, n or 1, stream=True))) as messages:
                 async for message in messages:
                     yield message
         except _EngineFailed as failed:

@@ -1,9 +1,13 @@
 """GenerateRequest.n: n completions of one prompt, each exactly the request sent alone with seed + i, the prompt
 run once; unary replies hold them in `completions`, streams name them by `index`; bad n is INVALID_ARGUMENT; a
-client that leaves frees every row, and one completion's failure ends the others."""
-import asyncio
+client that leaves frees every row, and one completion's failure ends the others; a request is prepared, resolved
+(one adapter version) and queued once, all its completions or none."""
+import concurrent.futures
+import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -11,8 +15,10 @@ import pytest
 
 from clients.client import Client
 from protos.loraplex.v1 import inference_pb2 as pb
-from server.completions import merged
-from tests.helpers import assert_logprobs_close, lora_root, scrape, slow_decode, start_server, wait_for
+from server import token_choice
+from server.errors import InvalidArgument
+from tests.helpers import (LLAMA_TARGETS, assert_logprobs_close, lora_root, make_peft_adapter, scrape, slow_decode,
+                           start_server, wait_for)
 
 PROMPT = [(5 * i) % 200 + 9 for i in range(40)]
 SAMPLED = dict(max_new_tokens=8, ignore_eos=True, temperature=1.0, logprobs=1)
@@ -105,68 +111,145 @@ def test_n_out_of_range_is_invalid_argument(server, n):
                 client.generate("hi", "", n=bad)
 
 
-def test_an_unknown_adapter_is_not_found_once_for_all_completions(server):
+def _outcomes(server) -> dict:
+    """Every request_success_total / request_failure_total sample."""
+    return {k: v for k, v in scrape(server).items() if k.startswith(("loraplex_request_success_total",
+                                                                      "loraplex_request_failure_total"))}
+
+
+def _counted(server, before: dict) -> dict:
+    """What changed in the outcome counters since `before`, once the server has settled."""
+    assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0
+                    and scrape(server)["loraplex_num_requests_waiting"] == 0, timeout=20)
+    after = _outcomes(server)
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+
+
+@pytest.mark.parametrize("adapter, tokens, code", [("missing", 4, "NOT_FOUND"), ("a", 10 ** 8, "OUT_OF_RANGE")])
+def test_a_request_refused_before_its_completions_are_queued_is_counted_once(server, adapter, tokens, code):
+    """(review) Each completion refused on its own: the call's one failure, plus siblings counted as cancels or not
+    at all, by timing. Now the request is prepared once and refused once."""
     with Client(server.target, timeout=30) as client:
+        before = _outcomes(server)
         with pytest.raises(grpc.RpcError) as err:
-            client.generate("hi", "missing", n=4)
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            client.generate("hi", adapter, n=4, max_new_tokens=tokens)
+    assert err.value.code().name == code
+    assert _counted(server, before) == {f'loraplex_request_failure_total{{code="{code}"}}': 1}
+
+
+def test_more_completions_than_the_server_ever_queues_are_refused_before_any_runs(model_dirs, server, monkeypatch):
+    """(review) n=16 with 4 rows and --max-queue-size 8 could never fit, yet its first completions ran, and the
+    client got tokens before RESOURCE_EXHAUSTED "the waiting queue is full"."""
+    small = start_server(model_dirs["llama"], server.serving.config.adapter_root, max_batch_size=4, max_queue_size=8)
+    try:
+        shapes = _prompt_runs(small, monkeypatch)
+        with Client(small.target, timeout=60) as client:
+            before = _outcomes(small)
+            for call in (client.generate, lambda *a, **k: list(client.generate_stream(*a, **k))):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(PROMPT, "a", n=16, max_new_tokens=4)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert err.value.details() == ("n is 16, more completions than this server takes of one request at "
+                                               "once: 12 (--max-batch-size 4 rows + --max-queue-size 8); ask for fewer")
+            assert _counted(small, before) == {'loraplex_request_failure_total{code="INVALID_ARGUMENT"}': 2}
+            assert shapes == []  # nothing of them ran
+            assert len(client.generate(PROMPT, "a", n=12, max_new_tokens=2).completions) == 12  # the most it takes
+    finally:
+        small.stop()
+
+
+def test_completions_beyond_the_adapters_queue_cap_are_refused_whole(model_dirs, server, monkeypatch):
+    """Two rows and --max-queue-per-adapter 1, one request of the adapter already queued: three completions would
+    put it over, and none of them is queued; once that request is admitted, they fit."""
+    capped = start_server(model_dirs["llama"], server.serving.config.adapter_root, max_batch_size=2,
+                          max_queue_per_adapter=1)
+    gate = threading.Event()
+    try:
+        engine = capped.serving.engine
+        with Client(capped.target, timeout=60) as client, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            client.generate([5], "a", max_new_tokens=1)  # read the adapter: its requests queue at once
+            held = engine.call(gate.wait)  # the engine waits between two steps
+            first = pool.submit(client.generate, [6], "a", max_new_tokens=2)
+            assert wait_for(lambda: engine.pending_for("a") == 1, timeout=20)
+            before = _outcomes(capped)
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate(PROMPT, "a", n=3, max_new_tokens=2)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-queue-per-adapter" in err.value.details() and engine.pending_for("a") == 1
+            gate.set()
+            held.result(), first.result()
+            assert len(client.generate(PROMPT, "a", n=3, max_new_tokens=2).completions) == 3
+        assert _counted(capped, before) == {'loraplex_request_failure_total{code="RESOURCE_EXHAUSTED"}': 1,
+                                            'loraplex_request_success_total{finished_reason="length"}': 4}
+    finally:
+        gate.set()
+        capped.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_completions_failure_ends_the_call_and_cancels_the_others(server, monkeypatch, stream):
+    calls = []
+    real = token_choice.allowed
+
+    def failing(matchers, vocab):  # at the fourth step, the first formatted row's format fails
+        bits, failed = real(matchers, vocab)
+        calls.append(1)
+        if len(calls) == 4:
+            failed[next(i for i, m in enumerate(matchers) if m is not None)] = InvalidArgument("format failed here")
+        return bits, failed
+    monkeypatch.setattr(token_choice, "allowed", failing)
+    with Client(server.target, timeout=60) as client:
+        before = _outcomes(server)
+        with pytest.raises(grpc.RpcError) as err:
+            kwargs = dict(n=4, max_new_tokens=30, regex="[a-z]{20,30}", temperature=1.0, seed=1)
+            list(client.generate_stream(PROMPT, "a", **kwargs)) if stream else client.generate(PROMPT, "a", **kwargs)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details() == "format failed here"
+    assert _counted(server, before) == {'loraplex_request_failure_total{code="INVALID_ARGUMENT"}': 1,
+                                        'loraplex_request_success_total{finished_reason="cancelled"}': 3}
+
+
+def test_a_replace_racing_the_completions_finds_them_all_on_one_version(model_dirs, tmp_path, monkeypatch):
+    """(review) Each completion resolved the adapter apart: a LoadAdapter(replace) between them left one call's
+    greedy completions on two versions (20 of 30 tries). Now all are resolved and queued under the id's lock."""
+    spare, root = tmp_path / "spare", tmp_path / "root"
+    for seed in (3, 5):
+        make_peft_adapter(model_dirs["llama"], spare / str(seed), seed, r=8, lora_alpha=64, target_modules=LLAMA_TARGETS)
+    shutil.copytree(spare / "3", root / "a")
+    versions = start_server(model_dirs["llama"], root)
+    engine, queued = versions.serving.engine, {}
+    submit = engine.submit
+
+    def recording(*requests):  # the adapter version each completion of a call was queued with
+        for request in requests:
+            queued.setdefault(request.request_id, set()).add(request.adapter.key)
+        return submit(*requests)
+    monkeypatch.setattr(engine, "submit", recording)
+    try:
+        with Client(versions.target, timeout=60) as client, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            client.load_adapter("a")
+            for attempt in range(6):
+                shutil.rmtree(root / "a")
+                shutil.copytree(spare / ("5" if attempt % 2 == 0 else "3"), root / "a")
+                call = pool.submit(client.generate, PROMPT, "a", n=16, max_new_tokens=6, ignore_eos=True,
+                                   request_id=f"race{attempt}")
+                time.sleep(0.002 * attempt)
+                client.load_adapter("a", replace=True)
+                completions = call.result().completions
+                assert len({tuple(c.token_ids) for c in completions}) == 1  # greedy: one version, one answer
+    finally:
+        versions.stop()
+    assert len(queued) == 6 and all(len(keys) == 1 for keys in queued.values()), queued
 
 
 def test_a_stream_cancelled_after_its_first_tokens_frees_every_completions_row(server):
     with Client(server.target, timeout=60) as client:
+        before = _outcomes(server)
         stream = client.generate_stream(PROMPT, "a", n=3, max_new_tokens=400, ignore_eos=True, temperature=1.0)
         first = next(iter(stream))
         assert first.token_ids
         assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 3, timeout=20)
         stream.cancel()
-    assert wait_for(lambda: scrape(server)["loraplex_num_requests_running"] == 0, timeout=20)
-
-
-def test_completions_beyond_the_adapters_queue_cap_refuse_the_request_whole(model_dirs, server, monkeypatch):
-    """Two rows and --max-queue-per-adapter 1: three of four completions fit, the fourth is refused, and the call
-    fails RESOURCE_EXHAUSTED with nothing of it left running or queued."""
-    capped = start_server(model_dirs["llama"], server.serving.config.adapter_root, max_batch_size=2,
-                          max_queue_per_adapter=1)
-    try:
-        slow_decode(capped, monkeypatch, seconds=0.02)
-        with Client(capped.target, timeout=60) as client:
-            client.generate([5], "a", max_new_tokens=1)  # read the adapter: its completions queue at once
-            with pytest.raises(grpc.RpcError) as err:
-                client.generate(PROMPT, "a", n=4, max_new_tokens=200, ignore_eos=True)
-            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "--max-queue-per-adapter" in err.value.details()
-            assert wait_for(lambda: scrape(capped)["loraplex_num_requests_running"] == 0
-                            and scrape(capped)["loraplex_num_requests_waiting"] == 0, timeout=20)
-            assert len(client.generate(PROMPT, "a", n=3, max_new_tokens=2).completions) == 3  # these fit
-    finally:
-        capped.stop()
-
-
-def test_one_completions_failure_ends_the_merge_and_closes_the_others():
-    closed = []
-
-    async def steady(name):
-        try:
-            for i in range(1000):
-                await asyncio.sleep(0.001)
-                yield name, i
-        finally:
-            closed.append(name)
-
-    async def failing():
-        yield "bad", 0
-        await asyncio.sleep(0.01)
-        raise RuntimeError("row failed")
-
-    async def run():
-        seen = []
-        with pytest.raises(RuntimeError, match="row failed"):
-            async for index, item in merged([steady("x"), failing(), steady("y")]):
-                seen.append((index, item))
-        return seen
-    seen = asyncio.run(run())
-    assert (1, ("bad", 0)) in seen and {index for index, _ in seen} == {0, 1, 2}
-    assert sorted(closed) == ["x", "y"]  # both still-running streams closed: their requests are cancelled
+    assert _counted(server, before) == {'loraplex_request_success_total{finished_reason="cancelled"}': 3}
 
 
 def test_the_command_line_prints_each_completion_on_its_line(server):

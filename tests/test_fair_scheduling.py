@@ -118,7 +118,7 @@ def test_free_rows_go_to_the_first_requests_and_the_cap_counts_beyond_them():
     to the first requests, of any adapter. With 7 rows free and a cap of 2, the first adapter to burst gets 9 in, the
     next one 2 (not 9 each: the free rows are shared, not given to every adapter). (Where fair admission gives them
     to others instead, the excess is refused once the rows are given out: the server test below.)"""
-    gauge = SimpleNamespace(inc=lambda: None, dec=lambda n: None)
+    gauge = SimpleNamespace(inc=lambda n=1: None, dec=lambda n: None)
     pending = Pending(max_queue=64, per_tenant=2, rows=7, gauge=gauge)
     queued = []
     accepted = {}
@@ -126,7 +126,7 @@ def test_free_rows_go_to_the_first_requests_and_the_cap_counts_beyond_them():
         accepted[adapter] = 0
         for i in range(12):
             try:
-                pending.enter(request(adapter, f"{adapter}{i}"), queued.append)
+                pending.enter([request(adapter, f"{adapter}{i}")], queued.append)
                 accepted[adapter] += 1
             except ResourceExhausted as refused:
                 message = str(refused)
@@ -135,8 +135,8 @@ def test_free_rows_go_to_the_first_requests_and_the_cap_counts_beyond_them():
     pending.free = 0  # say the next step admitted 7 of a's (the free rows), leaving 2 of each waiting
     pending.leave(queued[:7])
     with pytest.raises(ResourceExhausted, match="adapter 'a' already has 2"):
-        pending.enter(request("a"), queued.append)
-    pending.enter(request(""), queued.append)  # another tenant still gets in
+        pending.enter([request("a")], queued.append)
+    pending.enter([request("")], queued.append)  # another tenant still gets in
     pending.leave(queued[7:])
     assert pending.total == 0 and not pending._by
 

@@ -374,7 +374,7 @@ def test_a_client_leaving_while_its_request_is_refused_is_counted_once_as_cancel
     from server.errors import NotFound
     from server.servicers import InferenceServicer
 
-    def slow_and_refused(self, request):
+    def slow_and_refused(self, request, count=1):
         time.sleep(0.3)
         raise NotFound("adapter 'gone' not found")
     monkeypatch.setattr(InferenceServicer, "_prepare", slow_and_refused)

@@ -9,7 +9,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from protos.loraplex.v1 import inference_pb2 as pb
 from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.errors import FailedPrecondition, LoraplexError, Unavailable, status_for
-from server.serving import Serving, abort, adapter_pool, ready
+from server.serving import Serving, abort, adapter_pool, ready, waiting_for_memory
 
 log = logging.getLogger("loraplex.servicers")
 
@@ -27,7 +27,6 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         engine = self.serving.engine
         bank = engine.bank
         waiting = engine.waiting_for() if waiting is None else waiting
-        memory_waiting = self.serving.memory_waiting
         key = record.weights.key if record.weights is not None else None
         if key is not None and bank.resident(key):
             tier = pb.ADAPTER_TIER_DEVICE
@@ -44,7 +43,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             module_ranks=record.module_ranks, target_modules=sorted(record.module_ranks), size_bytes=record.size_bytes,
             tier=tier, pinned=record.pinned, version=record.version,
             active_requests=bank.active_requests(record.adapter_id),
-            waiting_requests=waiting[record.adapter_id] + len(memory_waiting.get(record.adapter_id, ())),
+            waiting_requests=waiting[record.adapter_id] + waiting_for_memory(self.serving, record.adapter_id),
             heads=record.heads)
 
     async def _call(self, context, fn, *args):
@@ -127,8 +126,8 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         await asyncio.get_running_loop().run_in_executor(None, s.registry.get, adapter_id)
         s.unloading[adapter_id] += 1
         try:
-            waiting = set(s.memory_waiting.get(adapter_id, ()))  # once marked: any later one is refused
-            while waiting & s.memory_waiting.get(adapter_id, set()):  # each has reached the engine, or left
+            waiting = set(s.memory_waiting.get(adapter_id, {}))  # once marked: any later one is refused
+            while waiting & s.memory_waiting.get(adapter_id, {}).keys():  # each has reached the engine, or left
                 await asyncio.sleep(0.02)
                 ready(s)  # a shutdown ends the wait (the waiters are ended by it too)
         finally:  # (new requests from now on resolve it, and are drained with the rest, until it is unloaded)
@@ -150,7 +149,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
                     ready(s)  # a dead engine or a shutdown ends the wait with UNAVAILABLE
             # and those waiting for host memory (a drain let those before it into the engine first, where they are
             # versions; any since are new requests, which find the id gone)
-            waiting = 0 if request.drain else len(s.memory_waiting.get(request.adapter_id, ()))
+            waiting = 0 if request.drain else waiting_for_memory(s, request.adapter_id)
             in_flight = sum(versions.values()) + waiting
             if in_flight and not request.drain:
                 plural = "s" * (in_flight != 1)

@@ -103,6 +103,10 @@ class Engine:
         """Requests of `adapter_id` ("" the base model) submitted and not yet admitted (any thread)."""
         return self._pending.of(adapter_id)
 
+    def check_count(self, count: int) -> None:
+        """InvalidArgument, as submit would say, for more completions of one request than it ever takes at once."""
+        self._pending.check_count(count)
+
     def idle(self) -> bool:
         return self._batch is None and self._prefilling is None and self._pending.total == 0
 

@@ -44,6 +44,7 @@ class EngineRequest:
     prompt_logprobs: int | None = None  # GenerateRequest.prompt_logprobs: the same for the prompt's tokens
     cache_salt: str = ""  # shares prompts' keys and values only with requests of the same salt
     matcher: object = None  # its response_format's llguidance matcher (server/response_format.py), else None
+    completions: int = 1  # its call's GenerateRequest.n: the completions of one call are queued all or none
     adapter_label: str = ""
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set from any thread; the engine drops the request at its next step

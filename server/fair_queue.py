@@ -171,13 +171,7 @@ class Pending:
         one lock with `leave`: whoever sees the count sees the requests in the engine's inbox (a test under load saw
         the count, ran three engine steps, and the request came later)."""
         count, key = len(requests), tenant(requests[0])
-        queue_limit, flag = (self.max_queue, "--max-queue-size")
-        if self.per_tenant and self.per_tenant < self.max_queue:
-            queue_limit, flag = (self.per_tenant, "--max-queue-per-adapter")
-        if count > queue_limit + self.rows:
-            raise InvalidArgument(f"n is {count}, more completions than this server takes of one request at once: "
-                                  f"{queue_limit + self.rows} (--max-batch-size {self.rows} rows + {flag} "
-                                  f"{queue_limit}); ask for fewer")
+        self.check_count(count)
         with self._lock:
             if self.total + count > self.max_queue + self.free:
                 raise ResourceExhausted(
@@ -191,6 +185,16 @@ class Pending:
             for request in requests:
                 queue(request)
             self._gauge.inc(count)
+
+    def check_count(self, count: int) -> None:
+        """InvalidArgument for more completions of one request than the limits ever let in at once."""
+        queue_limit, flag = (self.max_queue, "--max-queue-size")
+        if self.per_tenant and self.per_tenant < self.max_queue:
+            queue_limit, flag = (self.per_tenant, "--max-queue-per-adapter")
+        if count > queue_limit + self.rows:
+            raise InvalidArgument(f"n is {count}, more completions than this server takes of one request at once: "
+                                  f"{queue_limit + self.rows} (--max-batch-size {self.rows} rows + {flag} "
+                                  f"{queue_limit}); ask for fewer")
 
     def leave(self, requests: list[EngineRequest]) -> None:
         """`requests` were admitted or ended before it."""

@@ -17,7 +17,7 @@ from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent, Token
 from server.errors import AdapterMemoryFull, InvalidArgument, NotFound, status_for
 from server.fair_queue import queue_cap_message
 from server.response_format import check_stopping, format_of
-from server.serving import Serving, abort, adapter_pool, ready
+from server.serving import Serving, abort, adapter_pool, ready, waiting_for_memory
 from server.stopping import FinishReason
 from server.validation import MAX_CACHE_SALT, MAX_REQUEST_ID, logprobs_from, prompt_and_stopping, sampling_from
 
@@ -196,8 +196,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         most --max-queue-size requests at a time. Waiting requests try again one at a time, in arrival order,
         when a request releases its adapter, and while any wait, every request on an adapter waits behind them:
         otherwise steady traffic on adapters in memory would hold the budget and starve the rest."""
-        arrival = time.monotonic()
+        arrival, count = time.monotonic(), len(sinks)
         self._refuse_if_unloading(request.adapter_id)
+        ready(self.serving).engine.check_count(count)  # before a read or a wait that could never help
         if request.adapter_id and self._memory_waiters:  # behind them, but a request that cannot run fails now
             try:
                 await asyncio.get_running_loop().run_in_executor(None, self._validate, request)
@@ -209,19 +210,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 return await self._submitted(request, sinks, arrival)
             except AdapterMemoryFull:
                 pass
-        if self._memory_waiters >= self.serving.config.max_queue_size:
+        if self._memory_waiters + count > self.serving.config.max_queue_size:
             raise AdapterMemoryFull(f"{self._memory_waiters} requests already wait for adapter host memory "
                                     f"(--adapter-cache-bytes {self.serving.config.adapter_cache_bytes}, at most "
                                     f"--max-queue-size of them); retry later")
         cap = self.serving.config.max_queue_per_adapter
-        if cap and len(self.serving.memory_waiting.get(request.adapter_id, ())) + \
-                self.serving.engine.pending_for(request.adapter_id) + len(sinks) > cap:  # waiting for memory or a row
-            raise AdapterMemoryFull(queue_cap_message(request.adapter_id, cap))
+        queued = waiting_for_memory(self.serving, request.adapter_id) + self.serving.engine.pending_for(request.adapter_id)
+        if cap and queued + count > cap:  # waiting for memory or for a row (no free rows count here: none serve them)
+            raise AdapterMemoryFull(queue_cap_message(request.adapter_id, cap) if count == 1 else
+                                    f"adapter {request.adapter_id!r} has {queued} requests waiting and {count} more "
+                                    f"would wait for adapter host memory with them (--max-queue-per-adapter {cap}); "
+                                    f"retry later, or ask for fewer completions")
         self._refuse_if_unloading(request.adapter_id)  # (a drain may have begun while it was looked at)
-        self._memory_waiters += 1
+        self._memory_waiters += count
         token = object()
-        self.serving.memory_waiting.setdefault(request.adapter_id, set()).add(token)
-        self.serving.metrics.waiting.inc()
+        self.serving.memory_waiting.setdefault(request.adapter_id, {})[token] = count  # its completions
+        self.serving.metrics.waiting.inc(count)
         submitting = False
         try:
             async with self._memory_turn:
@@ -244,12 +248,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 self._count_cancelled(request.adapter_id, arrival)
             raise
         finally:
-            self._memory_waiters -= 1
+            self._memory_waiters -= count
             waiting = self.serving.memory_waiting
-            waiting[request.adapter_id].discard(token)
+            del waiting[request.adapter_id][token]
             if not waiting[request.adapter_id]:  # ids come and go: no entry outlives its requests
                 del waiting[request.adapter_id]
-            self.serving.metrics.waiting.dec()
+            self.serving.metrics.waiting.dec(count)
 
     def _refuse_if_unloading(self, adapter_id: str) -> None:
         """A drain is about to unload the id, and auto-load is off: refused as after it, not one more to wait for

@@ -49,9 +49,9 @@ class Serving:
     limits: object = None
     formats: object = None  # response formats' compiler (server/response_format.Formats)
     registry_changes: Running = field(default_factory=Running)  # LoadAdapter/UnloadAdapter work under way
-    # {adapter id: tokens of the requests waiting for adapter host memory}, before the engine's queue (written on
-    # the event loop; the Adapters service counts them as waiting, and an unload waits for them or refuses)
-    memory_waiting: dict[str, set[object]] = field(default_factory=dict)
+    # {adapter id: {token of a request waiting for adapter host memory: its completions}}, before the engine's queue
+    # (written on the event loop; the Adapters service counts them as waiting, and an unload waits for them or refuses)
+    memory_waiting: dict[str, dict[object, int]] = field(default_factory=dict)
     # {id: UnloadAdapter calls with drain about to unload it}: loads of it are refused, and with auto-load off new
     # requests too, while the requests already waiting for memory go on (written on the event loop)
     unloading: Counter = field(default_factory=Counter)
@@ -74,6 +74,11 @@ def ready(serving: Serving) -> Serving:
     if not serving.engine.alive:
         raise Unavailable("the engine has stopped; this replica cannot serve")
     return serving
+
+
+def waiting_for_memory(serving: Serving, adapter_id: str) -> int:
+    """Requests (completions) of `adapter_id` waiting for adapter host memory."""
+    return sum(serving.memory_waiting.get(adapter_id, {}).values())
 
 
 def adapter_pool(name: str, threads: int) -> ThreadPoolExecutor:

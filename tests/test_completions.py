@@ -17,6 +17,7 @@ from clients.client import Client
 from protos.loraplex.v1 import inference_pb2 as pb
 from server import token_choice
 from server.errors import InvalidArgument
+from server.serving import waiting_for_memory
 from tests.helpers import (LLAMA_TARGETS, assert_logprobs_close, lora_root, make_peft_adapter, scrape, slow_decode,
                            start_server, wait_for)
 
@@ -239,6 +240,67 @@ def test_a_replace_racing_the_completions_finds_them_all_on_one_version(model_di
     finally:
         versions.stop()
     assert len(queued) == 6 and all(len(keys) == 1 for keys in queued.values()), queued
+
+
+def test_completions_waiting_for_adapter_memory_count_as_requests(model_dirs, tmp_path):
+    """(review) A call waiting for its adapter's host memory counted once, whatever its n, to --max-queue-size, the
+    waiting gauge and GetAdapter; and an n the server never takes waited for memory before it was refused."""
+    for i, name in enumerate(("small", "big")):
+        make_peft_adapter(model_dirs["llama"], tmp_path / name, 10 + i, r=4 + 12 * i, lora_alpha=8,
+                          target_modules=["q_proj"] if i == 0 else LLAMA_TARGETS)
+    probe = start_server(model_dirs["llama"], tmp_path)
+    try:
+        with Client(probe.target, timeout=60) as client:
+            small = client.load_adapter("small").size_bytes
+    finally:
+        probe.stop()
+    tight = start_server(model_dirs["llama"], tmp_path, max_batch_size=4, max_queue_size=6,
+                         adapter_cache_bytes=small + 16)  # 'big' never fits beside 'small' in flight
+    try:
+        with Client(tight.target, timeout=60) as client, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            holder = client.generate_stream([5, 6], "small", max_new_tokens=400, ignore_eos=True)
+            next(iter(holder))
+            waiting = pool.submit(client.generate, PROMPT, "big", n=4, max_new_tokens=2)
+            assert wait_for(lambda: scrape(tight)["loraplex_num_requests_waiting"] == 4, timeout=20)
+            assert waiting_for_memory(tight.serving, "big") == 4  # as GetAdapter and UnloadAdapter count them
+            with pytest.raises(grpc.RpcError) as full:  # 4 + 3 waiting would pass --max-queue-size 6
+                client.generate(PROMPT, "big", n=3, max_new_tokens=2)
+            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "4 requests already wait for adapter host memory" in full.value.details()
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as never:  # refused at once, not after the wait
+                client.generate(PROMPT, "big", n=11, max_new_tokens=2)
+            assert never.value.code() == grpc.StatusCode.INVALID_ARGUMENT and time.monotonic() - started < 2
+            holder.cancel()
+            assert len(waiting.result().completions) == 4
+        assert wait_for(lambda: scrape(tight)["loraplex_num_requests_waiting"] == 0, timeout=20)
+    finally:
+        tight.stop()
+
+
+@pytest.mark.parametrize("scheduling", ["fair", "fifo"])
+def test_completions_taken_whole_are_not_cut_when_fair_admission_gives_rows_to_others(model_dirs, server, scheduling):
+    """(review) 4 rows, --max-queue-per-adapter 1: n=5 fits whole (1 + 4 free rows), then a base-model request
+    arriving in the same step took a row under fair admission, and the adapter's excess refusal cut the fifth
+    completion after the others had started: the call failed RESOURCE_EXHAUSTED."""
+    capped = start_server(model_dirs["llama"], server.serving.config.adapter_root, max_batch_size=4,
+                          max_queue_per_adapter=1, scheduling=scheduling)
+    gate = threading.Event()
+    try:
+        engine = capped.serving.engine
+        with Client(capped.target, timeout=60) as client, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            client.generate([5], "a", max_new_tokens=1)
+            held = engine.call(gate.wait)
+            call = pool.submit(client.generate, PROMPT, "a", n=5, max_new_tokens=4, ignore_eos=True)
+            assert wait_for(lambda: engine.pending_for("a") == 5, timeout=20)
+            base = pool.submit(client.generate, PROMPT, "", max_new_tokens=4, ignore_eos=True)
+            assert wait_for(lambda: engine.pending_for("") == 1, timeout=20)
+            gate.set()
+            held.result()
+            assert len(call.result().completions) == 5 and len(base.result().token_ids) == 4
+    finally:
+        gate.set()
+        capped.stop()
 
 
 def test_a_stream_cancelled_after_its_first_tokens_frees_every_completions_row(server):

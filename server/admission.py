@@ -103,7 +103,7 @@ class Admission:
     def _refuse_excess(self, free_rows: int) -> None:
         """--max-queue-per-adapter once the rows are given out: each adapter's newest requests beyond it (and the rows
         still free) are refused, as on arrival, where fair admission gave the free rows they were counted on to other
-        adapters' later requests. Completions of a call with n are not: they were taken whole (the overshoot is under n)."""
+        adapters' later requests. Completions of a call with n are not: they were taken whole (overshoot under n)."""
         cap = self.config.max_queue_per_adapter
         for request in self.waiting.beyond(cap + free_rows):
             if request.completions > 1:

@@ -63,8 +63,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
     a("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="the model's weights and compute")
     a("--adapter-kernel", default=d.adapter_kernel, choices=["auto", "native", "torch", "triton"],
-      help="how adapter deltas are computed: native (CPU with AVX-512 or AVX2, float32 model; built with the system C compiler "
-           "on first use), torch (batched matmuls, any device), triton (CUDA GPUs with triton installed: one "
+      help="how adapter deltas are computed: native (CPU with AVX-512 or AVX2, float32 model; built with the system C "
+           "compiler on first use), torch (batched matmuls, any device), triton (CUDA GPUs with triton installed: one "
            "launch per adapted module and decode step; not yet measured on a GPU, so auto does not pick it), "
            "auto (native where it runs, else torch)")
     a("--adapter-dtype", default=d.adapter_dtype, choices=["auto", "float32", "bfloat16", "float16"],

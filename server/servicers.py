@@ -215,10 +215,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                     f"(--adapter-cache-bytes {self.serving.config.adapter_cache_bytes}, at most "
                                     f"--max-queue-size of them); retry later")
         cap = self.serving.config.max_queue_per_adapter
-        queued = waiting_for_memory(self.serving, request.adapter_id) + self.serving.engine.pending_for(request.adapter_id)
+        adapter_id = request.adapter_id
+        queued = waiting_for_memory(self.serving, adapter_id) + self.serving.engine.pending_for(adapter_id)
         if cap and queued + count > cap:  # waiting for memory or for a row (no free rows count here: none serve them)
-            raise AdapterMemoryFull(queue_cap_message(request.adapter_id, cap) if count == 1 else
-                                    f"adapter {request.adapter_id!r} has {queued} requests waiting and {count} more "
+            raise AdapterMemoryFull(queue_cap_message(adapter_id, cap) if count == 1 else
+                                    f"adapter {adapter_id!r} has {queued} requests waiting and {count} more "
                                     f"would wait for adapter host memory with them (--max-queue-per-adapter {cap}); "
                                     f"retry later, or ask for fewer completions")
         self._refuse_if_unloading(request.adapter_id)  # (a drain may have begun while it was looked at)

@@ -214,7 +214,8 @@ def test_a_replace_racing_the_completions_finds_them_all_on_one_version(model_di
     greedy completions on two versions (20 of 30 tries). Now all are resolved and queued under the id's lock."""
     spare, root = tmp_path / "spare", tmp_path / "root"
     for seed in (3, 5):
-        make_peft_adapter(model_dirs["llama"], spare / str(seed), seed, r=8, lora_alpha=64, target_modules=LLAMA_TARGETS)
+        make_peft_adapter(model_dirs["llama"], spare / str(seed), seed, r=8, lora_alpha=64,
+                          target_modules=LLAMA_TARGETS)
     shutil.copytree(spare / "3", root / "a")
     versions = start_server(model_dirs["llama"], root)
     engine, queued = versions.serving.engine, {}

@@ -17,7 +17,7 @@ from tests.helpers import (LLAMA_TARGETS, Fake, assert_delta_equals_per_row_refe
 
 try:
     cpu_kernel.isa()
-except cpu_kernel.KernelUnavailable as exc:  # a CPU without AVX2 or AVX-512 cannot run it at all; anything else must work
+except cpu_kernel.KernelUnavailable as exc:  # a CPU without AVX2 or AVX-512 cannot run it; anything else must work
     pytest.skip(f"native kernel: {exc}", allow_module_level=True)
 
 

@@ -24,10 +24,9 @@ def count_of(request: pb.GenerateRequest) -> int | None:
 
 
 def copies(first: EngineRequest, count: int, matcher: Callable[[], object] | None) -> list[EngineRequest]:
-    """`first` and count - 1 copies of it: completion i draws with seed + i (mod 2^64) where a seed is set, each
-    follows its format with a matcher of its own, and only completion 0 scores the prompt."""
+    """`first` (made with completions=count) and count - 1 copies of it: completion i draws with seed + i (mod 2^64)
+    where a seed is set, each follows its format with a matcher of its own, and only completion 0 scores the prompt."""
     seed = first.sampling.seed
-    first.completions = count
     return [first] + [dataclasses.replace(
         first, prompt_logprobs=None, matcher=None if matcher is None else matcher(),
         sampling=first.sampling if seed is None else dataclasses.replace(first.sampling, seed=(seed + i) % 2 ** 64))

@@ -167,11 +167,10 @@ class Pending:
 
     def enter(self, requests: list[EngineRequest], queue: Callable[[EngineRequest], None]) -> None:
         """Count `requests` (one request's completions: one tenant) in and `queue` them, or refuse them all
-        (ResourceExhausted; InvalidArgument for more than the limits ever let in at once). Queued, then counted, under
-        one lock with `leave`: whoever sees the count sees the requests in the engine's inbox (a test under load saw
-        the count, ran three engine steps, and the request came later)."""
+        (ResourceExhausted; the front end refused more than the limits ever let in at once before: check_count).
+        Queued, then counted, under one lock with `leave`: whoever sees the count sees the requests in the engine's
+        inbox (a test under load saw the count, ran three engine steps, and the request came later)."""
         count, key = len(requests), tenant(requests[0])
-        self.check_count(count)
         with self._lock:
             if self.total + count > self.max_queue + self.free:
                 raise ResourceExhausted(

@@ -1,6 +1,6 @@
 """Engine events -> GenerateResponse and GenerateStreamResponse messages, for a request's one completion or its
 GenerateRequest.n. The events come as (completion index, (engine request, event)) pairs (InferenceServicer
-._completions)."""
+._events)."""
 from __future__ import annotations
 
 import asyncio

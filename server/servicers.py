@@ -162,7 +162,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         first = EngineRequest(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=ids, adapter=None,
                               sampling=sampling, stopping=stopping, sink=lambda event: None, logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs, cache_salt=request.cache_salt,
-                              matcher=None if matcher is None else matcher())
+                              matcher=None if matcher is None else matcher(), completions=count)
         return copies(first, count, matcher)
 
     async def _events(self, request: pb.GenerateRequest, count: int, stream: bool):

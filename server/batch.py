@@ -340,26 +340,34 @@ class Runner:
             job = self.start_prefill([Row(row.prompt_ids + row.fed, row.slot)])
             fresh = self.advance(job, job.length)
             n, end = job.cache.length, batch.cache.length  # a row's columns are the last ones of the shared time axis
-            for mine, pair in zip(batch.cache.layers, job.cache.tensors()):
+            for mine, pair in zip(batch.cache.tensors(), job.cache.tensors()):
                 if pair is not None:
-                    mine.k[i, :, end - n:end] = pair[0][0]
-                    mine.v[i, :, end - n:end] = pair[1][0]
+                    mine[0][i, :, end - n:end] = pair[0][0]
+                    mine[1][i, :, end - n:end] = pair[1][0]
             del job
             logits[i] = fresh[0]
         return logits
 
-    def keep(self, batch: Batch, keep: list[int]) -> Batch | None:
-        """The batch without the rows not in `keep` (indices), trimming pad columns no row needs any more."""
+    @torch.inference_mode()  # the buffers are inference tensors: changed in place only in inference mode
+    def keep(self, batch: Batch, keep: list[int], peak: int) -> Batch | None:
+        """The batch without the rows not in `keep` (indices), trimming pad columns no row needs any more. In place:
+        the last rows kept take the places of the rows leaving (the rows' order changes), and only they are copied.
+        `peak`: the columns the rows kept may grow to (KVCache.compact)."""
         if not keep:
             return None
         if len(keep) == len(batch):
             return batch
-        rows = torch.tensor(keep, device=self.device)
-        valid = batch.valid.index_select(0, rows)
+        order, kept = list(range(len(keep))), set(keep)
+        places = [i for i in order if i not in kept]
+        for place, row in zip(places, [i for i in keep if i >= len(keep)]):
+            order[place] = row
+        index = torch.tensor(order, device=self.device)
+        valid = batch.valid.index_select(0, index)
         start = int(valid.any(dim=0).long().argmax())
-        new_rows = [batch.rows[i] for i in keep]
-        return Batch(new_rows, batch.cache.select(rows, start), valid[:, start:].contiguous(),
-                     batch.positions.index_select(0, rows), self.bank.gather([r.slot for r in new_rows]))
+        batch.cache.compact(order, start, min(peak, self.max_context))
+        new_rows = [batch.rows[i] for i in order]
+        return Batch(new_rows, batch.cache, valid[:, start:].contiguous(), batch.positions.index_select(0, index),
+                     self.bank.gather([r.slot for r in new_rows]))
 
     def join(self, a: Batch | None, job: Prefill, max_length: int) -> Batch:
         """The rows of a finished prefill joined to `a`'s (`merge` of its batch): rows that shared a prompt are copied
@@ -370,14 +378,17 @@ class Runner:
         return self.merge(a, Batch(job.rows, job.cache, job.valid[index], job.positions[index, -1] + 1), max_length,
                           cache_rows=index)
 
+    @torch.inference_mode()
     def merge(self, a: Batch | None, b: Batch, max_length: int, cache_rows: torch.Tensor | None = None) -> Batch:
-        """`b`'s rows joined to `a`'s; `max_length`: the longest the joined cache may grow (its planned peak).
-        `cache_rows`: the row of `b.cache` each of `b`'s rows takes (KVCache.merge)."""
+        """`b`'s rows joined to `a`'s, in the places rows that left `a` left where there are enough (a's cache is then
+        the joined one's), else in new buffers; `max_length`: the longest the joined cache may grow (its planned
+        peak). `cache_rows`: the row of `b.cache` each of `b`'s rows takes (KVCache.merge)."""
         if a is None:
             return b
         length = max(a.valid.shape[1], b.valid.shape[1])
         pad = lambda v: torch.cat([v.new_zeros(v.shape[0], length - v.shape[1]), v], dim=1)  # noqa: E731
         rows = a.rows + b.rows
-        cache = KVCache.merge(a.cache, b.cache, min(max_length, self.max_context), cache_rows)
+        cache = a.cache if a.cache.place(b.cache, cache_rows) else \
+            KVCache.merge(a.cache, b.cache, min(max_length, self.max_context), cache_rows)
         return Batch(rows, cache, torch.cat([pad(a.valid), pad(b.valid)]), torch.cat([a.positions, b.positions]),
                      self.bank.gather([r.slot for r in rows]))

@@ -345,9 +345,10 @@ class Engine:
 
     def _retire(self, indices: list[int]) -> None:
         gone = set(indices)
-        # The trim copies the cache and can run out of memory: release nothing before it succeeds, or _reset
-        # would release the leaving rows' slots a second time.
-        kept = self.runner.keep(self._batch, [i for i in range(len(self._batch)) if i not in gone])
+        # The trim may copy the cache (its buffers shrinking) and run out of memory: release nothing before it
+        # succeeds, or _reset would release the leaving rows' slots a second time.
+        keep = [i for i in range(len(self._batch)) if i not in gone]
+        kept = self.runner.keep(self._batch, keep, plan([self._batch.rows[i].state.request for i in keep])[0])
         for i in gone:
             self.bank.release(self._batch.rows[i].slot)
         self._batch = kept

@@ -170,8 +170,9 @@ class EngineBench:
     process, where this process's own torch threads (HF/PEFT rounds) share libgomp with the engine."""
 
     def __init__(self, model_dir: Path, adapter_root: Path, names: list[str], args, kernel: str | None = None,
-                 factors: str | None = None, env: dict | None = None, **settings) -> None:
-        """`settings`: more server settings (ServerConfig fields: prefix_cache_tokens=4096)."""
+                 factors: str | None = None, env: dict | None = None, cwd: Path | None = None, **settings) -> None:
+        """`settings`: more server settings (ServerConfig fields: prefix_cache_tokens=4096). `cwd`: the checkout
+        whose server runs (`--server process` only; default: this one)."""
         self.temperature, self.top_p = getattr(args, "temperature", 0.0), getattr(args, "top_p", 1.0)
         self.config = ServerConfig(model=str(model_dir), adapter_root=str(adapter_root), port=free_port(),
                                    metrics_port=free_port(), device=args.device, max_batch_size=args.requests,
@@ -194,7 +195,7 @@ class EngineBench:
                      "--state-file", c.state_file]
             flags += [v for name, value in settings.items() for v in ("--" + name.replace("_", "-"), value)]
             env = {**dict(kv.split("=", 1) for kv in args.server_env), **(env or {})}
-            self.proc = ServerProcess(flags, args.server_module, env)
+            self.proc = ServerProcess(flags, args.server_module, env, cwd=cwd)
             self.config = replace(c, port=self.proc.port, metrics_port=self.proc.metrics_port)
         else:
             self.server = BackgroundServer(self.config).start()

@@ -20,13 +20,15 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """Started with `flags` (serve's command line, without ports: they are picked here); waits for SERVING."""
+    """Started with `flags` (serve's command line, without ports: they are picked here); waits for SERVING. `cwd`:
+    the checkout whose server runs (default: this one)."""
 
-    def __init__(self, flags: list, module: str = "server", env: dict | None = None, timeout: float = 600) -> None:
+    def __init__(self, flags: list, module: str = "server", env: dict | None = None, timeout: float = 600,
+                 cwd: Path | None = None) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         command = [sys.executable, "-m", module, *map(str, flags), "--port", str(self.port),
                    "--metrics-port", str(self.metrics_port)]
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, **(env or {})))
+        self.proc = subprocess.Popen(command, cwd=cwd or ROOT, env=dict(os.environ, **(env or {})))
         try:
             self._wait_serving(timeout)
         except BaseException:

@@ -388,7 +388,14 @@ class Runner:
         length = max(a.valid.shape[1], b.valid.shape[1])
         pad = lambda v: torch.cat([v.new_zeros(v.shape[0], length - v.shape[1]), v], dim=1)  # noqa: E731
         rows = a.rows + b.rows
+        # everything that can fail (run out of memory) before `a`'s cache changes: the engine goes on with `a` then
+        valid, positions = torch.cat([pad(a.valid), pad(b.valid)]), torch.cat([a.positions, b.positions])
+        factors = self.bank.gather([r.slot for r in rows])
         cache = a.cache if a.cache.place(b.cache, cache_rows) else \
             KVCache.merge(a.cache, b.cache, min(max_length, self.max_context), cache_rows)
-        return Batch(rows, cache, torch.cat([pad(a.valid), pad(b.valid)]), torch.cat([a.positions, b.positions]),
-                     self.bank.gather([r.slot for r in rows]))
+        return Batch(rows, cache, valid, positions, factors)
+
+    @torch.inference_mode()
+    def shrink(self, batch: Batch, peak: int) -> None:
+        """Give back the places rows that left `batch` left (KVCache.shrink; `peak`: what its rows may grow to)."""
+        batch.cache.shrink(min(peak, self.max_context))

@@ -226,6 +226,7 @@ class Engine:
         try:  # gathers the rows' factors and copies the donors' caches and cached prefixes: can run out of memory
             # (all copied before any joins the running batch, which moves its rows' columns, or the prefix cache
             # takes a new prompt, which may evict blocks)
+            self._make_room([rows for rows, _ in donated.values()] + groups)
             jobs = [self.runner.start_prefill(rows, prefixes={0: self.runner.held_prompt(self._batch, donor)})
                     for rows, donor in donated.values()]
             started = [self.runner.start_prefill(rows, *prefill_inputs(self.prefixes, rows)) for rows in groups]
@@ -240,6 +241,18 @@ class Engine:
                 self._prefilling = job  # the caller advances it
             else:
                 self._advance(job)
+
+    def _make_room(self, groups: list[list[Row]]) -> None:
+        """Admission keeps the rows' reservation within --max-kv-tokens; the running buffers may also hold places rows
+        left (for rows joining in place). Where those, the prompt prefilling and the caches of the prefills about to
+        run (`groups`, at most each group's rows x its longest prompt) would pass the budget, the places are given
+        back first: KV memory then stays within the reservation of the running and prefilling rows."""
+        if self._batch is None:
+            return
+        held = self._batch.cache.allocated()[0] + (self._prefilling.cache.allocated()[0] if self._prefilling else 0)
+        needed = sum(len(rows) * max(len(r.prompt_ids) for r in rows) for rows in groups)
+        if held + needed > self.config.max_kv_tokens:
+            self.runner.shrink(self._batch, plan([r.state.request for r in self._batch.rows])[0])
 
     def _held_prompts(self) -> dict[tuple, int]:
         return held_prompts(self._batch.rows if self._batch else [], self.runner.longrope is not None)

@@ -163,9 +163,15 @@ class KVCache(Cache):
         self.length -= start
         self.rows = len(order)
         if filled and filled[0].k.shape[0] * filled[0].k.shape[2] > 2 * self.rows * peak:
-            self.max_length = peak
-            for layer in filled:
-                layer.repack(self.rows, grown(self.length, self.length, peak), layer.k, layer.v)
+            self.shrink(peak)
+
+    def shrink(self, peak: int) -> None:
+        """New buffers of the batch's rows and window only (with the room the next step would grow them to, up to
+        `peak`, what its rows may grow to): the places and columns rows left are given back."""
+        self.max_length = peak
+        rows = self.size()
+        for layer in self._filled():
+            layer.repack(rows, grown(self.length, self.length, peak), layer.k, layer.v)
 
     def place(self, other: "KVCache", other_rows: torch.Tensor | None = None) -> bool:
         """In place, where the buffers have room: `other`'s rows (by `other_rows`: the row of `other` each takes)

@@ -132,3 +132,29 @@ def test_buffers_shrink_to_the_rows_left_once_they_hold_over_twice_what_those_re
     batch = runner.keep(batch, [0, 2], 18)  # 2 x 18 < 108 / 2: shrunk to the 2 rows (their 11 columns, room to 18)
     assert batch.cache.allocated()[0] == 2 * 18 and batch.cache.layers[0].first == 0
     rows.decode(batch, 3)
+
+
+def test_a_join_that_fails_leaves_the_running_batch_as_it_was(runner, monkeypatch):
+    """QA: a join failing after the newcomers were placed (gathering the rows' factors can run out of memory) left
+    the running batch's cache with their rows and a wider window: the engine fails the newcomers only and goes on
+    with the running batch, whose next step then failed, or whose next newcomer was written where no row read it."""
+    runner, slot = runner
+    rows = Rows(runner, slot)
+    a, b, c = rows.row("a", 5, True), rows.row("b", 9, False), rows.row("c", 4, True)
+    batch = rows.prefilled([a, b, c])
+    rows.decode(batch, 2)
+    batch = runner.keep(batch, [0, 2], runner.max_context)  # b leaves: a place, and 4 columns dropped
+    failing = rows.row("failing", 10, True)  # would widen the window into 3 of them
+    late, _ = runner.prefill([failing])
+    gather = runner.bank.gather
+
+    def out_of_memory(slots):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(runner.bank, "gather", out_of_memory)
+    with pytest.raises(RuntimeError):
+        runner.merge(batch, late, runner.max_context)
+    assert batch.cache.size() == 2 and batch.cache.length == batch.valid.shape[1] == 7
+    monkeypatch.setattr(runner.bank, "gather", gather)
+    rows.decode(batch, 2)
+    batch = rows.joined(batch, [rows.row("d", 3, True)])  # into the place left
+    rows.decode(batch, 2)

@@ -9,7 +9,7 @@ import pytest
 
 from clients.client import AsyncClient, Client
 from protos.loraplex.v1 import inference_pb2 as pb
-from tests.helpers import make_peft_adapter, scrape, start_server, status_of, wait_for
+from tests.helpers import make_peft_adapter, scrape, slow_decode, start_server, status_of, wait_for
 
 C = grpc.StatusCode
 
@@ -256,6 +256,43 @@ def test_kv_buffers_never_exceed_what_the_running_rows_reserved(model_dirs):
     assert all(allocated <= 400 for allocated, _, _ in seen), max(seen)
     over = [s for s in seen if s[0] > s[1]]
     assert all(left and allocated <= 2 * reserved for allocated, reserved, left in over), over[:5]
+
+
+def test_places_rows_left_are_given_back_before_prefills_would_pass_the_kv_budget(model_dirs, monkeypatch):
+    """QA: the places of rows that left (kept for rows joining in place) and the prefill caches of newcomers the
+    reservation admits passed --max-kv-tokens (580 slots of 400): running, prefilling and prefill buffers together
+    stay within it."""
+    server = start_server(model_dirs["llama"], None, max_kv_tokens=400, max_batch_size=4)
+    slow_decode(server, monkeypatch, 0.02)
+    engine, seen = server.serving.engine, []
+    advance = engine.runner.advance
+
+    def checked(job, columns):
+        logits = advance(job, columns)  # (its cache is allocated by its first forward)
+        held = [engine._batch, engine._prefilling, job if job is not engine._prefilling else None]
+        seen.append(sum(x.cache.allocated()[0] for x in held if x is not None))
+        return logits
+    monkeypatch.setattr(engine.runner, "advance", checked)
+    try:
+        async def run():
+            async with AsyncClient(server.target, timeout=120) as client:
+                # 4 rows of 60 + 40 = 100 slots each: the whole budget; two leave, two of 90 + 10 take their places
+                streams = [client.generate_stream(list(range(3 + i, 63 + i)), max_new_tokens=40, ignore_eos=True)
+                           for i in range(4)]
+                for stream in streams:
+                    await anext(aiter(stream))
+                for stream in streams[:2]:
+                    stream.cancel()
+                assert wait_for(lambda: engine._batch is not None and len(engine._batch) == 2)
+                late = await asyncio.gather(*[client.generate(list(range(5 + i, 95 + i)), max_new_tokens=10,
+                                                              ignore_eos=True) for i in range(2)])
+                rest = [[m async for m in stream] for stream in streams[2:]]
+                return late, rest
+        late, rest = asyncio.run(run())
+        assert [len(r.token_ids) for r in late] == [10, 10] and all(rest)
+    finally:
+        server.stop()
+    assert max(seen) <= 400, seen
 
 
 def _trained(normalizer, pre_tokenizer, model, special=(), added=()):

@@ -114,6 +114,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if self.serving.registry.release(engine_request.adapter):
                 self._wake_memory_waiters()
 
+    def _cancel(self, engine_requests: list[EngineRequest]) -> None:
+        """A call's completions end (its client left, or one failed): dropped at the engine's next step, their
+        adapter released now."""
+        for engine_request in engine_requests:
+            engine_request.cancelled = True
+            self._release(engine_request)
+
     def _ending(self, engine_request: EngineRequest, sink: Callable[[object], None]) -> Callable[[object], None]:
         """`sink`, releasing the request's adapter the moment the engine ends it, before its handler sees the end:
         a stream whose client stops reading leaves its handler blocked on an earlier token, and would otherwise
@@ -186,9 +193,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield index, (engine_requests[index], event)
                 running -= isinstance(event, FinishEvent)
         finally:  # client cancel, deadline or an error: free the rows at the engine's next step
-            for engine_request in engine_requests:
-                engine_request.cancelled = True
-                self._release(engine_request)
+            self._cancel(engine_requests)
 
     async def _queued(self, request: pb.GenerateRequest, sinks: list) -> list[EngineRequest]:
         """Prepare and queue the request off the event loop. While its adapter does not fit the host-memory
@@ -336,9 +341,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         counts each). Refused meanwhile (an unknown adapter, a bad parameter): counted here, once, as the client's
         cancel it was."""
         if not submitted.cancelled() and submitted.exception() is None:
-            for engine_request in submitted.result():
-                engine_request.cancelled = True
-                self._release(engine_request)
+            self._cancel(submitted.result())
         else:
             self._count_cancelled(adapter_id, arrival)
 

@@ -21,13 +21,14 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def _serve(args) -> int:
-    from server.app import serve
-    from server.config import ConfigError, config_from_args
+    from server.config import ConfigError, check_config, config_from_args
     config = config_from_args(args)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as transformers_logging
-    transformers_logging.disable_progress_bar()  # a server's log is read line by line, not as a terminal
     try:
+        check_config(config)  # before server.app's imports (torch, transformers: seconds), as serve does again
+        from server.app import serve
+        logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()  # a server's log is read line by line, not as a terminal
         asyncio.run(serve(config))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

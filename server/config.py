@@ -179,18 +179,13 @@ def check_config(c: ServerConfig) -> None:
         raise ConfigError(f"--adapter-kernel native runs on the CPU with --dtype float32, not {c.device} / {c.dtype}")
     if c.tls_client_ca and not c.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert/--tls-key (mutual TLS is TLS first)")
-    from loader.base_model import device_problem  # here, not at import: the CLI's parser reads this module
     problem = threads_problem(c.threads)
     if problem:
         raise ConfigError(problem)
-    serve_targets(c)
     if not math.isfinite(c.grace_period) or c.grace_period < 0:
         raise ConfigError(f"--grace-period must be a number of seconds >= 0, got {c.grace_period}")
     if not math.isfinite(c.stream_stall_timeout) or c.stream_stall_timeout <= 0:
         raise ConfigError(f"--stream-stall-timeout must be a number of seconds > 0, got {c.stream_stall_timeout}")
-    problem = device_problem(c.device)
-    if problem:
-        raise ConfigError(problem)
     if c.state_file:
         state = Path(c.state_file)
         if state.exists() and not state.is_file():
@@ -214,6 +209,12 @@ def check_config(c: ServerConfig) -> None:
             raise ConfigError(f"{flag} must be >= {low}{zero}, got {value}")
         if high is not None and value > high:
             raise ConfigError(f"{flag} must be {HIGHEST[high]}, got {value}")
+    # Last: these import torch (seconds), so a wrong number above is refused at once.
+    serve_targets(c)
+    from loader.base_model import device_problem  # here, not at import: the CLI's parser reads this module
+    problem = device_problem(c.device)
+    if problem:
+        raise ConfigError(problem)
 
 
 def serve_targets(c: ServerConfig) -> list[str] | str:

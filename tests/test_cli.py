@@ -182,6 +182,16 @@ def test_serve_start_up_failures_are_one_line_errors(server, model_dirs, what):
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_a_flag_that_cannot_work_is_refused_before_torch_is_imported():
+    """`loraplex serve --grace-period -1` imported torch and transformers (5 s here) before saying so."""
+    script = ("import sys\nfrom clients.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+              "    print(e.code, 'torch' in sys.modules)")
+    for flag in (["--grace-period", "-1"], ["--max-batch-size", "0"], ["--adapter-root", "/nonexistent/root"]):
+        result = subprocess.run([sys.executable, "-c", script, "serve", "--model", "/nonexistent", *flag],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert result.stdout == "2 False\n" and result.stderr.startswith(f"error: {flag[0]}"), result
+
+
 def test_serve_and_train_refuse_more_than_a_few_threads_per_cpu_alike(model_dirs, tmp_path):
     """`loraplex train --threads 3000` was accepted (and trained, 3000 threads per parallel region) where `serve`
     refused it: both refuse one thread beyond the bound with the same line, exit code 2, before anything is loaded."""

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import os
+import subprocess
 import tempfile
 import time
 import urllib.request
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import grpc
@@ -31,6 +35,28 @@ KERNELS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
     _NATIVE_PROBLEM is not None, reason=f"native kernel: {_NATIVE_PROBLEM}")),
     pytest.param("triton", marks=pytest.mark.skipif(_TRITON_PROBLEM is not None,
                                                     reason=f"triton kernel: {_TRITON_PROBLEM}"))]
+
+def run_cli(*argv) -> subprocess.CompletedProcess:
+    """`loraplex ARGV` in this process: the command's own entry point (clients.cli.main), its output and exit code,
+    without the 5 s a new interpreter spends importing torch and transformers. What the command changes in the
+    process is put back: the environment (it sets OMP_WAIT_POLICY), torch's threads (--threads) and its RNG.
+    Tests of what only a process shows (signals, torchrun, a start-up's whole stderr) start the real command."""
+    from clients import cli
+    out, err = io.StringIO(), io.StringIO()
+    env, threads, rng = dict(os.environ), torch.get_num_threads(), torch.get_rng_state()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            cli.main([str(arg) for arg in argv])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+    return subprocess.CompletedProcess(list(argv), code, out.getvalue(), err.getvalue())
+
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -12,7 +12,7 @@ import pytest
 from clients.client import AsyncClient
 from loader.builtin_tasks import BASE_TASKS, DEMO_TASKS, examples
 from loader.default_model import BUILTIN_DIR
-from tests.helpers import start_server
+from tests.helpers import run_cli, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 PER_TASK = 40
@@ -84,8 +84,7 @@ def test_build_command_refuses_unknown_adapters_and_an_out_without_a_base_model(
     --out without a built base model (or without the other demo adapters, which BUILD.json measures too) trained,
     then ended in a traceback. Each is one line now, exit code 2, and changes nothing."""
     def build_default(*args):
-        return subprocess.run([sys.executable, "-c", "from clients.cli import main; main()", "build-default",
-                               "--quick", *args], capture_output=True, text=True, timeout=600, cwd=REPO)
+        return run_cli("build-default", "--quick", *args)
     built = tmp_path / "built"
     shutil.copytree(BUILTIN_DIR / "model", built / "model")
     shutil.copy(BUILTIN_DIR / "BUILD.json", built / "BUILD.json")

@@ -1,10 +1,7 @@
 """--deploy proves the root is the server's before training, and checks that what the server loaded is what was
 trained: a wrong --deploy-root used to report 'deployed' while the server kept serving its own root."""
 import json
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -13,10 +10,7 @@ from clients.client import Client
 from loader.deploy import DeployError, check, deploy
 from loader.train_job_spec import TrainJob
 from loader.training_job import run_job
-from tests.helpers import start_server, write_task
-
-REPO = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-c", "from clients.cli import main; main()"]
+from tests.helpers import run_cli, start_server, write_task
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +32,8 @@ def test_a_root_that_is_not_the_servers_is_refused_before_training(model_dirs, s
     with Client(server.target, timeout=30) as client:
         assert client.list_adapters() == []  # and nothing stays loaded
     data = write_task(tmp_path / "train.jsonl", 16, 0)
-    result = subprocess.run([*CLI, "train", "--method", "lora", "--model", str(model_dirs["llama"]), "--data",
-                             str(data), "--out", str(tmp_path / "out" / "reverse"), "--max-steps", "2",
-                             "--deploy", server.target, "--deploy-root", str(other)],
-                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = run_cli("train", "--method", "lora", "--model", model_dirs["llama"], "--data", data, "--out",
+                     tmp_path / "out" / "reverse", "--max-steps", "2", "--deploy", server.target, "--deploy-root", other)
     assert result.returncode == 2 and "is not the adapter root of" in result.stderr, result.stderr
     assert not (tmp_path / "out" / "reverse").exists() and list(other.iterdir()) == []
 

@@ -1,23 +1,15 @@
 """`loraplex merge`: ResLoRA -> plain PEFT LoRA, with the merge error measured on eval data."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loader.reslora_files import save_reslora
-from tests.helpers import make_reslora_model, write_task
-
-REPO = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-c", "from clients.cli import main; main()"]
-
+from tests.helpers import make_reslora_model, run_cli, write_task
 
 def merge(model_dir, adapter, out, eval_path, *extra):
-    return subprocess.run([*CLI, "merge", str(adapter), "--out", str(out), "--model", str(model_dir),
-                           "--eval", str(eval_path), *extra], capture_output=True, text=True, timeout=300, cwd=REPO)
+    return run_cli("merge", adapter, "--out", out, "--model", model_dir, "--eval", eval_path, *extra)
 
 
 def test_block_shortcut_merges_exactly_into_peft_lora(model_dirs, tmp_path):

@@ -17,10 +17,9 @@ from clients.client import Client
 from loader.batch_jobs import my_share, read_jobs
 from loader.train_data import DataError
 from loader.train_job_spec import TrainJob
-from tests.helpers import make_peft_adapter, start_server, write_task
+from tests.helpers import make_peft_adapter, run_cli, start_server, write_task
 
 REPO = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-c", "from clients.cli import main; main()"]
 
 
 def test_jobs_file_runs_all_and_reports_failures(model_dirs, tmp_path):
@@ -32,9 +31,8 @@ def test_jobs_file_runs_all_and_reports_failures(model_dirs, tmp_path):
         {"method": "hydralora", "data": str(tmp_path / "broken.jsonl"), "out": str(tmp_path / "b")},
         {"method": "reslora", "data": str(data), "out": str(tmp_path / "c"), "structure": "is", "lr": 1e-3},
     ]) + "\n")
-    result = subprocess.run([*CLI, "train", "--jobs", str(jobs), "--model", str(model_dirs["llama"]),
-                             "--max-steps", "3", "--target-modules", "q_proj,v_proj"],
-                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = run_cli("train", "--jobs", str(jobs), "--model", str(model_dirs["llama"]),
+                     "--max-steps", "3", "--target-modules", "q_proj,v_proj")
     assert result.returncode == 1, result.stderr  # one job failed
     table = result.stdout.splitlines()
     row = {line.split()[0]: line for line in table if line[:1].isdigit()}
@@ -115,18 +113,16 @@ def test_train_deploy_generate(model_dirs, tmp_path):
     try:
         data = write_task(tmp_path / "train.jsonl", 128, 0)
         out = tmp_path / "trained" / "reverser"
-        result = subprocess.run([*CLI, "train", "--method", "lora", "--model", str(model_dirs["llama"]), "--data",
-                                 str(data), "--out", str(out), "--max-steps", "20", "--lr", "1e-2",
-                                 "--deploy", server.target, "--deploy-root", str(root)],
-                                capture_output=True, text=True, timeout=300, cwd=REPO)
+        result = run_cli("train", "--method", "lora", "--model", str(model_dirs["llama"]), "--data",
+                         str(data), "--out", str(out), "--max-steps", "20", "--lr", "1e-2",
+                         "--deploy", server.target, "--deploy-root", str(root))
         assert result.returncode == 0, result.stderr
         assert "deployed reverser (version 1)" in result.stdout
         with Client(server.target, timeout=60) as client:
             client.load_adapter("reverser", replace=True, pin=True)
-        again = subprocess.run([*CLI, "train", "--method", "lora", "--model", str(model_dirs["llama"]), "--data",
-                                str(data), "--out", str(out), "--max-steps", "20", "--lr", "1e-2", "--overwrite",
-                                "--deploy", server.target, "--deploy-root", str(root)],
-                               capture_output=True, text=True, timeout=300, cwd=REPO)
+        again = run_cli("train", "--method", "lora", "--model", str(model_dirs["llama"]), "--data",
+                        str(data), "--out", str(out), "--max-steps", "20", "--lr", "1e-2", "--overwrite",
+                        "--deploy", server.target, "--deploy-root", str(root))
         assert again.returncode == 0, again.stderr
         assert "deployed reverser (version 3, pinned)" in again.stdout  # a deploy keeps the id's pin
         prompt = [5, 6, 7, 8]
@@ -251,8 +247,7 @@ def test_jobs_that_cannot_run_are_refused_before_any_trains(model_dirs, tmp_path
     with pytest.raises(DataError, match="jobs.jsonl:1: 'method' must be one of"):
         read_jobs(jobs, TrainJob(method=None, data=None, out=None))
     jobs.write_text(json.dumps({"method": "lora", "data": "d", "out": str(tmp_path / "o")}) + "\n")
-    result = subprocess.run([*CLI, "train", "--jobs", str(jobs), "--model", str(model_dirs["llama"]), "--heads", "3"],
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = run_cli("train", "--jobs", str(jobs), "--model", str(model_dirs["llama"]), "--heads", "3")
     assert result.returncode == 2 and "--heads is given for the jobs, but no job's method uses it" in result.stderr
 
 
@@ -273,9 +268,9 @@ def test_an_adapter_the_server_could_not_take_is_refused_before_training(model_d
         for flags in (["--method", "lora", "--rank", "32"], ["--method", "hydralora", "--rank", "8", "--heads", "4"],
                       ["--method", "reslora", "--rank", "16", "--structure", "bs"],  # merged: 16 + its predecessor's 16
                       ["--method", "hydralora", "--rank", "16", "--heads", "auto"]):  # it chooses 2 or more
-            result = subprocess.run([*CLI, "train", *flags, "--model", str(model_dirs["llama"]), "--data", str(data),
-                                     "--out", str(tmp_path / "x"), "--deploy", server.target, "--deploy-root",
-                                     str(root)], capture_output=True, text=True, timeout=120, cwd=REPO)
+            result = run_cli("train", *flags, "--model", str(model_dirs["llama"]), "--data", str(data),
+                             "--out", str(tmp_path / "x"), "--deploy", server.target, "--deploy-root",
+                             str(root))
             assert result.returncode == 2 and "--max-lora-rank 16" in result.stderr, result.stderr
             assert "a slot 32 wide" in result.stderr and not (tmp_path / "x").exists()
             if "auto" in flags:  # was not checked: trained, then refused
@@ -294,23 +289,21 @@ def test_resume_deploys_a_job_trained_before_but_never_deployed(model_dirs, tmp_
     jobs.write_text("".join(json.dumps({"method": "lora", "data": str(data), "out": str(tmp_path / name)}) + "\n"
                             for name in ("j0", "j1")))
     common = ["--model", str(model_dirs["llama"]), "--max-steps", "2", "--target-modules", "q_proj"]
-    assert subprocess.run([*CLI, "train", "--jobs", str(jobs), *common], capture_output=True, text=True,
-                          timeout=300, cwd=REPO).returncode == 0  # trained, not deployed (as if the deploy failed)
+    assert run_cli("train", "--jobs", str(jobs), *common).returncode == 0  # trained, not deployed (a failed deploy)
     server = start_server(model_dirs["llama"], root)
     try:
         deploy = ["--deploy", server.target, "--deploy-root", str(root), "--resume"]
         for expected in ("deployed", "skipped"):  # deployed now, then nothing left to do
-            result = subprocess.run([*CLI, "train", "--jobs", str(jobs), *common, *deploy], capture_output=True,
-                                    text=True, timeout=300, cwd=REPO)
+            result = run_cli("train", "--jobs", str(jobs), *common, *deploy)
             assert result.returncode == 0, result.stdout + result.stderr
             rows = [line for line in result.stdout.splitlines() if line[:1].isdigit()]
             assert len(rows) == 2 and all(f" {expected} " in row for row in rows), result.stdout
         with Client(server.target, timeout=30) as client:
             assert {a.adapter_id: a.version for a in client.list_adapters()} == {"j0": 1, "j1": 1}
-        single = [*CLI, "train", "--method", "lora", "--data", str(data), "--out", str(tmp_path / "s"), *common]
-        assert subprocess.run(single, capture_output=True, text=True, timeout=300, cwd=REPO).returncode == 0
+        single = ["train", "--method", "lora", "--data", str(data), "--out", str(tmp_path / "s"), *common]
+        assert run_cli(*single).returncode == 0
         for _ in range(2):
-            result = subprocess.run([*single, *deploy], capture_output=True, text=True, timeout=300, cwd=REPO)
+            result = run_cli(*single, *deploy)
             assert result.returncode == 0, result.stderr
         with Client(server.target, timeout=30) as client:
             assert client.get_adapter("s").version == 1  # deployed once

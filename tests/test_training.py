@@ -23,7 +23,7 @@ from loader.train_data import DataError, read_jsonl
 from loader.default_model import build_model_dir
 from loader.train_job_spec import DEFAULT_TARGETS, JobError, TrainJob
 from loader.training_job import run_job
-from tests.helpers import FAST, training_job as job
+from tests.helpers import FAST, run_cli, training_job as job
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -328,10 +328,8 @@ def test_cli_train_end_to_end(model_dirs, data, tmp_path):
 def test_cli_checks_a_deploy_before_training(model_dirs, data, tmp_path, flags, says):
     (tmp_path / "root").mkdir()
     flags = [f.replace("ROOT", str(tmp_path / "root")) for f in flags]
-    result = subprocess.run(
-        [sys.executable, "-c", "from clients.cli import main; main()", "train", "--method", "lora", "--model",
-         str(model_dirs["llama"]), "--data", str(data[0]), "--out", str(tmp_path / "x"), *flags],
-        capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = run_cli("train", "--method", "lora", "--model", model_dirs["llama"], "--data", data[0], "--out",
+                     tmp_path / "x", *flags)
     assert result.returncode == 2 and says in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists() and not any((tmp_path / "root").iterdir())  # nothing trained or copied

@@ -131,7 +131,7 @@ class Admission:
                     break
                 continue
             prompt = prompt_key(request)
-            runs = prompt not in prompts and not takes_cache(prompt, request.prompt_ids, held)
+            runs = prompt not in prompts and not takes_cache(request, prompt, held)
             # a copy of a prompt admitted now takes its blocks (one prefill runs both); a running row's takes none
             blocks = cached_blocks(self.prefixes, request) if runs else matched.get(prompt, [])
             to_run = len(request.prompt_ids) - len(blocks) * BLOCK

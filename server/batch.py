@@ -205,12 +205,14 @@ class Runner:
         runs its last prefix tokens again: rows are right-aligned)."""
         scored, prefixes = scored or {}, prefixes or {}
         run, source, first, held = [], [], {}, []
-        for i, row in enumerate(rows):  # a scored row runs alone: its scores are its own (and rare)
-            key = ("scored", i) if i in scored else (row.share or (row.slot, tuple(row.prompt_ids)))
+        for i, row in enumerate(rows):
+            key = row.share or (row.slot, tuple(row.prompt_ids))
             if key not in first:
                 first[key] = len(run)
                 run.append(row)
-                held.append(None if i in scored else prefixes.get(i))
+                held.append(prefixes.get(i))
+            if i in scored:  # its scores need every position's logits: the prompt runs whole
+                held[first[key]] = None
             source.append(first[key])
         prompts = [r.prompt_ids for r in run]
         length = max(len(p) for p in prompts)

@@ -25,8 +25,11 @@ def count_of(request: pb.GenerateRequest) -> int | None:
 
 def copies(first: EngineRequest, count: int, matcher: Callable[[], object] | None) -> list[EngineRequest]:
     """`first` (made with completions=count) and count - 1 copies of it: completion i draws with seed + i (mod 2^64)
-    where a seed is set, each follows its format with a matcher of its own, and only completion 0 scores the prompt."""
+    where a seed is set, each follows its format with a matcher of its own, and only completion 0 scores the prompt
+    (its prefill runs it for them all)."""
     seed = first.sampling.seed
+    if first.prompt_logprobs is not None:
+        first = dataclasses.replace(first, scoring_call=object())
     return [first] + [dataclasses.replace(
         first, prompt_logprobs=None, matcher=None if matcher is None else matcher(),
         sampling=first.sampling if seed is None else dataclasses.replace(first.sampling, seed=(seed + i) % 2 ** 64))

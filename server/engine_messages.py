@@ -45,6 +45,9 @@ class EngineRequest:
     cache_salt: str = ""  # shares prompts' keys and values only with requests of the same salt
     matcher: object = None  # its response_format's llguidance matcher (server/response_format.py), else None
     completions: int = 1  # its call's GenerateRequest.n: the completions of one call are queued all or none
+    # A call that scores its prompt: an object of that call, on each of its completions (completion 0 scores). Its
+    # prompt runs whole, once for them all, apart from other calls' prefills (server/prompt_sharing.py).
+    scoring_call: object = None
     adapter_label: str = ""
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set from any thread; the engine drops the request at its next step

@@ -4,7 +4,8 @@ Requests with the same prompt and adapter version admitted together run it once;
 a running row holds takes that row's cached keys and values and runs its last token only; with a prefix cache
 (server/prefix_cache.py), a newcomer takes the keys and values of its prompt's first blocks that earlier requests of
 its adapter ran (their prompts, and what they generated), and runs the rest. A request scoring its prompt
-(prompt_logprobs) takes from none: its scores are its own.
+(prompt_logprobs) takes from none and gives to none but its call's other completions: its scores are its own, and
+need its whole prompt run.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ log = logging.getLogger("loraplex.engine")
 
 
 def prompt_key(request: EngineRequest) -> tuple:
-    """What makes requests' prefills the same: adapter version, cache salt and prompt."""
-    if request.prompt_logprobs is not None:
-        return (id(request),)
+    """What makes requests' prefills the same: adapter version, cache salt and prompt; for the completions of a call
+    that scores its prompt, that call."""
+    if request.prompt_logprobs is not None or request.scoring_call is not None:
+        return ("scored", id(request.scoring_call if request.scoring_call is not None else request))
     return (request.adapter.key if request.adapter is not None else None, request.cache_salt,
             tuple(request.prompt_ids))
 
@@ -36,10 +38,10 @@ def held_prompts(rows: list, longrope: bool) -> dict[tuple, int]:
     return held
 
 
-def takes_cache(key: tuple, prompt: list[int], held: dict[tuple, int]) -> bool:
+def takes_cache(request: EngineRequest, key: tuple, held: dict[tuple, int]) -> bool:
     """Whether a newcomer runs one token of its prompt, the rest copied from a running row's cache (a 1-token prompt
-    has nothing to copy)."""
-    return key in held and len(prompt) > 1
+    has nothing to copy; a scored prompt runs whole, though its call's other completions may be running it)."""
+    return key in held and len(request.prompt_ids) > 1 and request.prompt_logprobs is None
 
 
 def donors(newcomers: list[Row], held: dict[tuple, int]) -> dict[tuple, tuple[list[Row], int]]:
@@ -48,7 +50,7 @@ def donors(newcomers: list[Row], held: dict[tuple, int]) -> dict[tuple, tuple[li
     rows."""
     donated: dict[tuple, tuple[list[Row], int]] = {}
     for row in newcomers:
-        if takes_cache(row.state.prompt_key, row.prompt_ids, held):
+        if takes_cache(row.state.request, row.state.prompt_key, held):
             donated.setdefault(row.state.prompt_key, ([], held[row.state.prompt_key]))[0].append(row)
     return donated
 

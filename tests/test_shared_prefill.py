@@ -1,6 +1,6 @@
 """Rows with the same prompt and adapter in one prefill (n samples of one prompt, as RL rollouts and best-of-n send
 them) run that prompt once, and each gets a copy of its cache: every row's logits, and its tokens after, are those it
-gets alone; a row scoring its prompt (prompt_logprobs) runs its own."""
+gets alone; a row scoring its prompt (prompt_logprobs) runs it whole, shared with its call's other completions only."""
 import concurrent.futures
 import threading
 
@@ -10,8 +10,8 @@ import torch
 from clients.client import Client
 from loader.default_model import build_model_dir
 from server.batch import Row
-from tests.helpers import (decode_forced, decode_from, lora_root, random_lora_runner, scrape, slow_decode, start_server,
-                           wait_for)
+from tests.helpers import (assert_logprobs_close, decode_forced, decode_from, lora_root, random_lora_runner, scrape,
+                           slow_decode, start_server, wait_for)
 
 SMALL = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=128)
@@ -60,14 +60,23 @@ def test_a_running_rows_cached_prompt_given_to_newcomers_decodes_as_alone(runner
         torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=0)
 
 
-def test_a_row_scoring_its_prompt_runs_its_own(runner_and_slot):
+def test_a_row_scoring_its_prompt_runs_it_whole_for_the_rows_sharing_it(runner_and_slot):
     runner, slot = runner_and_slot
-    job = runner.start_prefill([Row(A, slot), Row(A, slot), Row(A, slot)], {1: 2})
-    assert job.width == 2 and job.source == [0, 1, 0]
+    alone = runner.start_prefill([Row(A, slot)], {0: 2})
+    alone_logits = runner.advance(alone, alone.length)
+    # the engine shares a scored prompt among its call's completions only (their key); a row whose prefix is
+    # cached runs it whole beside a scored row of its group
+    prefix = runner.held_prompt(runner.prefill([Row(A, slot)])[0], 0)
+    job = runner.start_prefill([Row(A, slot), Row(A, slot), Row(A, slot)], {1: 2}, prefixes={0: prefix})
+    assert job.width == 1 and job.source == [0, 0, 0] and job.done == 0
     logits = runner.advance(job, job.length)
     assert len(job.scores[1]) == len(A) - 1 and logits.shape[0] == 3
-    torch.testing.assert_close(logits[0], logits[2], atol=0, rtol=0)
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+    assert job.scores[1].top_ids == alone.scores[0].top_ids
+    for got, expected in ((job.scores[1].logprobs, alone.scores[0].logprobs),
+                          (job.scores[1].top_logprobs, alone.scores[0].top_logprobs)):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-5, rtol=0)
+    for i in range(3):
+        torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-5, rtol=0)
     batch = runner.prefilled(job)
     assert len(batch) == 3 and batch.cache.tensors()[0][0].shape[0] == 3
     assert runner.start_prefill([Row(A, slot), Row(B, slot)]).source is None  # nothing shared: nothing to copy
@@ -228,3 +237,39 @@ def test_rows_sharing_a_prompt_join_a_running_batch_as_alone(runner_and_slot):
     together, _ = decode_from(runner, joined, torch.cat([running_logits, logits]), forced, steps=3)
     for i in range(4):
         torch.testing.assert_close(together[i], alone[i], atol=1e-5, rtol=0)
+
+
+def test_the_completions_of_a_call_scoring_its_prompt_run_it_once(server, monkeypatch):
+    """n completions with prompt_logprobs ran the prompt twice (two rows of one forward): completion 0, which scores
+    it, apart from the others."""
+    prompt = [(3 * i) % 200 + 9 for i in range(40)]
+    kwargs = dict(max_new_tokens=6, ignore_eos=True, temperature=1.0, prompt_logprobs=2)
+    with Client(server.target, timeout=60) as client:
+        alone = [client.generate(prompt, "a", seed=7 + i, **kwargs) for i in range(3)]
+        runner = server.serving.engine.runner
+        shapes = []
+        forward = runner._forward
+        monkeypatch.setattr(runner, "_forward", lambda ids, *a, **k: shapes.append(ids.shape) or forward(ids, *a, **k))
+        reply = client.generate(prompt, "a", seed=7, n=3, **kwargs)
+    assert [tuple(shape) for shape in shapes if shape[1] > 1] == [(1, len(prompt))]  # once, for the three
+    assert [list(c.token_ids) for c in reply.completions] == [list(a.token_ids) for a in alone]
+    assert_logprobs_close(reply.prompt_logprobs, [(e.logprob, list(e.top_token_ids), list(e.top_logprobs))
+                                                  for e in alone[0].prompt_logprobs], 1e-4)
+
+
+def test_a_scored_prompt_shares_with_its_calls_completions_only_and_takes_no_running_rows_cache():
+    from server.completions import copies
+    from server.engine_messages import EngineRequest
+    from server.prompt_sharing import prompt_key, takes_cache
+    from server.sampling import SamplingParams
+    from server.stopping import StoppingParams
+
+    def call(n, scored):
+        return copies(EngineRequest("r", A, None, SamplingParams(), StoppingParams(4), sink=print,
+                                    prompt_logprobs=1 if scored else None, completions=n), n, None)
+    first, *others = call(3, scored=True)
+    assert len({prompt_key(r) for r in (first, *others)}) == 1  # one prefill for the call
+    assert prompt_key(call(3, scored=True)[0]) != prompt_key(first)  # another call's scores are its own
+    assert prompt_key(call(1, scored=False)[0]) != prompt_key(first)
+    held = {prompt_key(r): 0 for r in others}  # its copies, running before it was admitted (it waited its turn)
+    assert not takes_cache(first, prompt_key(first), held) and takes_cache(others[0], prompt_key(first), held)

@@ -1,7 +1,8 @@
 """What GenerateRequest.prompt_logprobs adds to a prefill: one prefill of --rows prompts of --length tokens on the
 benchmark model of bench/mixed_adapters.py (a random Llama, hidden 512, 8 layers, vocab 32000, fp32), through the
 server's Runner, with no row scoring its prompt, one, and all of them (0 and 20 alternatives; and with the scored
-positions projected inside the forward, as for soft-capped models); interleaved rounds, medians, each relative to the
+positions projected inside the forward, as for soft-capped models), and --rows copies of one prompt, one of them
+scored (a call with n completions: the prompts run are printed); interleaved rounds, medians, each relative to the
 prefill scoring none.
 
     .venv/bin/python bench/prompt_logprobs.py [--rows 8] [--length 256] [--vocab 32000] [--device cpu] [--rounds 7]
@@ -44,18 +45,22 @@ def main() -> None:
     every = dict.fromkeys(range(args.rows), 20)
     # (scored, projected inside the forward: the path of models whose logits are changed after the head, as
     # Gemma-2's soft-capping; server/prompt_scores.py)
-    cases = {"none scored": ({}, False), "1 row, 0 alternatives": ({0: 0}, False),
-             f"{args.rows} rows, 0 alternatives": (dict.fromkeys(range(args.rows), 0), False),
-             f"{args.rows} rows, 20 alternatives": (every, False),
-             f"{args.rows} rows, 20 alternatives, inside the forward": (every, True)}
+    copies = [prompts[0]] * args.rows
+    cases = {"none scored": ({}, False, prompts), "1 row, 0 alternatives": ({0: 0}, False, prompts),
+             f"{args.rows} rows, 0 alternatives": (dict.fromkeys(range(args.rows), 0), False, prompts),
+             f"{args.rows} rows, 20 alternatives": (every, False, prompts),
+             f"{args.rows} rows, 20 alternatives, inside the forward": (every, True, prompts),
+             f"{args.rows} copies of one prompt, 1 scored (n={args.rows})": ({0: 0}, False, copies)}
+    run = {}
 
-    def prefill(scored, inside) -> float:
+    def prefill(scored, inside, rows) -> float:
         runner.tap._gives_logits = not inside
         sync(args.device)
         start = time.perf_counter()
-        job = runner.start_prefill([Row(prompt, 0) for prompt in prompts], scored)
+        job = runner.start_prefill([Row(prompt, 0) for prompt in rows], scored)
         runner.advance(job, job.length)
         sync(args.device)
+        run[id(rows), tuple(scored)] = job.width
         return time.perf_counter() - start
     assert runner.tap.gives_logits()  # a Llama: its logits are its head's output
     times = {name: [] for name in cases}
@@ -67,10 +72,10 @@ def main() -> None:
     print(f"prefill of {args.rows} prompts x {args.length} tokens, vocab {args.vocab}, {args.device}, "
           f"{args.threads} thread(s); "
           f"median of {args.rounds} interleaved rounds; 'vs none' is the median of each round's ratio")
-    print("case | ms | vs none")
-    for name in cases:
+    print("case | prompts run | ms | vs none")
+    for name, (scored, _, rows) in cases.items():
         ratio = statistics.median(t / b for t, b in zip(times[name], times["none scored"]))
-        print(f"{name} | {1000 * statistics.median(times[name]):.1f} | {ratio:.2f}")
+        print(f"{name} | {run[id(rows), tuple(scored)]} | {1000 * statistics.median(times[name]):.1f} | {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from server.errors import InternalError, Unavailable
 from server.fair_queue import Pending, WaitingQueue
 from server.metrics import Metrics, count_by_adapter
 from server.prefix_cache import PrefixCache
-from server.prompt_sharing import donors, held_prompts, keep_prompts, keep_sequences, prefill_groups, prefill_inputs
+from server.prompt_sharing import (donors, held_prompts, keep_prompts, keep_sequences, own_prefills, prefill_groups,
+                                   prefill_inputs)
 from server.stopping import FinishReason
 from server.token_choice import choose, not_finite
 
@@ -222,7 +223,7 @@ class Engine:
         prompt becomes the one prefilling (`_prefilling`) and runs a chunk an iteration. While it runs, groups
         that fit one prefill still join, so an iteration prefills at most twice --max-prefill-tokens."""
         donated = donors(newcomers, self._held_prompts())
-        groups = prefill_groups([r for r in newcomers if r.state.prompt_key not in donated])
+        groups = prefill_groups(own_prefills(newcomers, donated))
         try:  # gathers the rows' factors and copies the donors' caches and cached prefixes: can run out of memory
             # (all copied before any joins the running batch, which moves its rows' columns, or the prefix cache
             # takes a new prompt, which may evict blocks)

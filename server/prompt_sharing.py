@@ -55,6 +55,13 @@ def donors(newcomers: list[Row], held: dict[tuple, int]) -> dict[tuple, tuple[li
     return donated
 
 
+def own_prefills(newcomers: list[Row], donated: dict[tuple, tuple[list[Row], int]]) -> list[Row]:
+    """The newcomers that run their prompt: those `donated` (donors) gives no running row's cache. By row, not by
+    key: a scored completion shares its key with the call's copies, yet takes no cache when they do."""
+    taken = {id(row) for rows, _ in donated.values() for row in rows}
+    return [row for row in newcomers if id(row) not in taken]
+
+
 def cache_key(request: EngineRequest) -> tuple:
     """What keys the prefix cache's blocks: the adapter's weights (the same files read again are the same weights),
     and the request's cache salt."""

@@ -3,6 +3,7 @@ them) run that prompt once, and each gets a copy of its cache: every row's logit
 gets alone; a row scoring its prompt (prompt_logprobs) runs it whole, shared with its call's other completions only."""
 import concurrent.futures
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -260,7 +261,7 @@ def test_the_completions_of_a_call_scoring_its_prompt_run_it_once(server, monkey
 def test_a_scored_prompt_shares_with_its_calls_completions_only_and_takes_no_running_rows_cache():
     from server.completions import copies
     from server.engine_messages import EngineRequest
-    from server.prompt_sharing import prompt_key, takes_cache
+    from server.prompt_sharing import donors, own_prefills, prompt_key, takes_cache
     from server.sampling import SamplingParams
     from server.stopping import StoppingParams
 
@@ -273,3 +274,9 @@ def test_a_scored_prompt_shares_with_its_calls_completions_only_and_takes_no_run
     assert prompt_key(call(1, scored=False)[0]) != prompt_key(first)
     held = {prompt_key(r): 0 for r in others}  # its copies, running before it was admitted (it waited its turn)
     assert not takes_cache(first, prompt_key(first), held) and takes_cache(others[0], prompt_key(first), held)
+    # (QA) admitted beside a copy while another copy runs: the copy takes that one's cache, and the scored one,
+    # whose key was given, was in neither the copies' prefill nor one of its own: admitted, never run, its call hung
+    newcomers = [Row(A, 0, SimpleNamespace(request=r, prompt_key=prompt_key(r))) for r in (first, others[1])]
+    donated = donors(newcomers, held)
+    assert [row.state.request for row in own_prefills(newcomers, donated)] == [first]
+    assert [row.state.request for rows, _ in donated.values() for row in rows] == [others[1]]

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import subprocess
 import tempfile
 import time
 import urllib.request
+import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -38,21 +40,30 @@ KERNELS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
 
 def run_cli(*argv) -> subprocess.CompletedProcess:
     """`loraplex ARGV` in this process: the command's own entry point (clients.cli.main), its output and exit code,
-    without the 5 s a new interpreter spends importing torch and transformers. What the command changes in the
-    process is put back: the environment (it sets OMP_WAIT_POLICY), torch's threads (--threads) and its RNG.
-    Tests of what only a process shows (signals, torchrun, a start-up's whole stderr) start the real command."""
+    without the 5 s a new interpreter spends importing torch and transformers. Its stderr holds what it logs and
+    warns too (pytest would take those), as a process's would. What the command changes in the process is put back:
+    the environment (it sets OMP_WAIT_POLICY), torch's threads (--threads) and its RNG. Tests of what only a
+    process shows (signals, torchrun, a start-up's whole stderr) start the real command."""
     from clients import cli
     out, err = io.StringIO(), io.StringIO()
     env, threads, rng = dict(os.environ), torch.get_num_threads(), torch.get_rng_state()
+    logged = logging.StreamHandler(err)
+    logging.getLogger().addHandler(logged)
     try:
-        with redirect_stdout(out), redirect_stderr(err):
+        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+                warnings.formatwarning(message, category, filename, lineno, line))
             cli.main([str(arg) for arg in argv])
         code = 0
     except SystemExit as exit_:
         code = exit_.code or 0
     finally:
-        os.environ.clear()
-        os.environ.update(env)
+        logging.getLogger().removeHandler(logged)
+        for key in set(os.environ) - set(env):  # key by key: servers' threads of this process read it meanwhile
+            del os.environ[key]
+        for key, value in env.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
     return subprocess.CompletedProcess(list(argv), code, out.getvalue(), err.getvalue())

@@ -312,11 +312,16 @@ def test_cli_train_end_to_end(model_dirs, data, tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", "from clients.cli import main; main()", "train", "--method", "hydralora", "--model",
          str(model_dirs["llama"]), "--data", str(data[0]), "--eval", str(data[1]), "--out", str(tmp_path / "h"),
-         "--max-steps", "6", "--heads", "auto", "--target-modules", "gate_proj,up_proj"],
+         "--max-steps", "6", "--heads", "auto", "--target-modules", "gate_proj,up_proj", "--max-length", "20"],
         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "hydralora\tsteps=6" in result.stdout and "train hydralora" in result.stderr  # tqdm bar
+    assert "were cut to it" in result.stderr  # what it logs
     assert json.loads((tmp_path / "h" / "adapter_config.json").read_text())["lora_nums"] >= 2
+    # The tests' in-process runs (tests.helpers.run_cli) see the same: pytest would take the log record
+    result = run_cli("train", "--method", "lora", "--model", model_dirs["llama"], "--data", data[0], "--out",
+                     tmp_path / "l", "--max-steps", "1", "--target-modules", "q_proj", "--max-length", "20")
+    assert result.returncode == 0 and "were cut to it" in result.stderr and "train lora" in result.stderr
 
 
 @pytest.mark.parametrize("flags, says", [

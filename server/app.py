@@ -31,8 +31,8 @@ from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.attention import UnsupportedAttention
 from server.auth import AuthInterceptor, watch_tokens
 from server.tls import tls_credentials
-from server.config import (ConfigError, ServerConfig, check_config, check_slot_bank, free_memory, resolve_limits,
-                           serve_targets, size_text)
+from server.config import (KV_SHARE, ConfigError, Limits, ServerConfig, check_config, check_slot_bank, free_memory,
+                           kv_room, resolve_limits, serve_targets, size_text)
 from server.engine import Engine, EngineConfig
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent
 from server.open_streams import Closing, HealthService, ReflectionService
@@ -140,6 +140,33 @@ def _prefix_cache(config: ServerConfig, tokens: int, runner: Runner) -> PrefixCa
     return cache
 
 
+def _limits(config: ServerConfig, runner: Runner, max_context: int) -> Limits:
+    """The limits in force, --max-kv-tokens 0 bounded by the memory free now (the model, the slot bank and the
+    prefix cache allocated): the default, every row of the batch at the full context, would run a large model out
+    of memory long before (a 7B Llama in fp16: 32 rows x 4096 tokens of keys and values take 64 GiB)."""
+    per_token = PrefixCache.bytes_per_token(runner.row_layout())
+    free = free_memory(config.device)
+    limits = resolve_limits(config, max_context, kv_room(free, per_token))
+    kv = f"{limits.max_kv_tokens} token slots ({size_text(limits.max_kv_tokens * per_token)})"
+    if not limits.kv_by_memory:
+        log.info("KV cache: up to %s, %s", kv, "--max-kv-tokens" if config.max_kv_tokens else
+                 "--max-batch-size x the context")
+        return limits
+    needs = f"--max-batch-size {config.max_batch_size} x the context {max_context} would need " \
+            f"{size_text(config.max_batch_size * max_context * per_token)}"
+    if limits.max_kv_tokens < 1:
+        raise ConfigError(f"no memory is left on {config.device} for the KV cache ({size_text(free)} free once the "
+                          f"model, the adapter slot bank and the prefix cache are allocated; {needs}): lower "
+                          f"--max-active-adapters, --max-lora-rank or --prefix-cache-tokens, or take a larger device")
+    log.info("KV cache: up to %s, what %d%% of the %s free on %s holds (%s; --max-kv-tokens sets it)", kv,
+             round(100 * KV_SHARE), size_text(free), config.device, needs)
+    if limits.max_kv_tokens < max_context:
+        log.warning("KV cache: requests whose prompt + max_new_tokens pass %d tokens (the context is %d) are "
+                    "refused, OUT_OF_RANGE: that many token slots is all the free memory holds", limits.max_kv_tokens,
+                    max_context)
+    return limits
+
+
 def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Serving:
     """Load the model, inject adapter layers, allocate the slot bank, start the engine (blocking)."""
     if config.threads:
@@ -184,11 +211,12 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
         runner.check_cache()
     except UnsupportedAttention as exc:
         raise ConfigError(f"--model: {exc}") from None
-    limits = resolve_limits(config, base.max_context)
+    prefixes = _prefix_cache(config, resolve_limits(config, base.max_context).prefix_cache_tokens, runner)
+    limits = _limits(config, runner, base.max_context)  # after everything else is allocated
     engine = Engine(runner, base.tokenizer, base.eos_token_ids,
                     EngineConfig(config.max_batch_size, config.max_queue_size, limits.max_kv_tokens,
                                  config.max_prefill_tokens, config.scheduling, config.max_queue_per_adapter), metrics,
-                    _prefix_cache(config, limits.prefix_cache_tokens, runner))
+                    prefixes)
     by_name = {s.name: s for s in shapes}
     layout = key_layout(base.model)  # older module names renamed as PEFT does; a vision tower's tensors left out
     residuals = ResidualCache()  # PiSSA/OLoRA terms: an adapter read again after an eviction takes no SVD again

@@ -31,7 +31,7 @@ class ServerConfig:
     default_max_new_tokens: int = 64
     max_prompt_tokens: int = 0       # 0: the model's context length
     max_new_tokens: int = 0          # 0: the model's context length
-    max_kv_tokens: int = 0           # 0: max_batch_size x the model's context length
+    max_kv_tokens: int = 0           # 0: max_batch_size x the model's context length, within free memory (KV_SHARE)
     max_prefill_tokens: int = 2048   # padded prompt tokens a step may prefill (a longer prompt: in chunks)
     prefix_cache_tokens: int = 0     # tokens of computed keys and values kept for later prompts (0: none)
     max_adapter_bytes: int = 1 << 30
@@ -95,7 +95,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-new-tokens", type=int, default=d.max_new_tokens, help="largest max_new_tokens accepted (0: context)")
     a("--max-kv-tokens", type=int, default=d.max_kv_tokens,
       help="KV-cache capacity in token slots (rows x cached positions) that running requests may reserve; "
-           "requests wait for room (0: max-batch-size x context)")
+           "requests wait for room (0: max-batch-size x context, at most what fits in 45%% of the memory free once "
+           "the model, the adapter slot bank and the prefix cache are allocated)")
     a("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
       help="prompt tokens (rows x longest prompt, as padded) one step prefills; later arrivals wait for the "
            "next step, and a longer prompt is prefilled alone, this many tokens a step (shorter requests still join "
@@ -272,6 +273,18 @@ def check_slot_bank(c: ServerConfig, features: list[tuple[int, int]], factor_byt
     return text
 
 
+# --max-kv-tokens 0 takes at most this share of the memory free at start (after the model, the slot bank and the
+# prefix cache): the cache is one rectangle of buffers, which a growth or a join without room copies into new ones
+# (both held for that moment: twice the budget), and a step's activations, masks and logits need room beside it.
+KV_SHARE = 0.45
+
+
+def kv_room(free: int | None, bytes_per_token: int) -> int | None:
+    """Token slots (rows x positions) whose keys and values fit in KV_SHARE of `free` bytes; None where the free
+    memory is not known."""
+    return None if free is None else int(free * KV_SHARE) // max(1, bytes_per_token)
+
+
 @dataclass(frozen=True)
 class Limits:
     """The limits in force, with the model-derived defaults (the 0s of the flags) resolved."""
@@ -282,12 +295,16 @@ class Limits:
     max_context: int
     default_max_new_tokens: int  # what a request that sets none gets: --default-max-new-tokens within --max-new-tokens
     prefix_cache_tokens: int  # --prefix-cache-tokens in whole blocks: what the prefix cache holds (0: none)
+    kv_by_memory: bool = False  # max_kv_tokens is what the free memory holds (--max-kv-tokens 0), not the rows' need
 
 
-def resolve_limits(c: ServerConfig, max_context: int) -> Limits:
+def resolve_limits(c: ServerConfig, max_context: int, room: int | None = None) -> Limits:
+    """`room`: kv_room of the memory free now (None: not known), the bound of a --max-kv-tokens left at 0."""
     max_new_tokens = min(c.max_new_tokens or max_context, max_context)
+    needed = c.max_batch_size * max_context
+    by_memory = not c.max_kv_tokens and room is not None and room < needed
     return Limits(max_prompt_tokens=min(c.max_prompt_tokens or max_context, max_context),
-                  max_new_tokens=max_new_tokens,
-                  max_kv_tokens=c.max_kv_tokens or c.max_batch_size * max_context, max_context=max_context,
+                  max_new_tokens=max_new_tokens, kv_by_memory=by_memory,
+                  max_kv_tokens=c.max_kv_tokens or (room if by_memory else needed), max_context=max_context,
                   default_max_new_tokens=min(c.default_max_new_tokens, max_new_tokens),
                   prefix_cache_tokens=c.prefix_cache_tokens // PREFIX_BLOCK * PREFIX_BLOCK)

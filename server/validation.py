@@ -182,8 +182,8 @@ def _fit_prompt(tokens: int, stopping: StoppingParams, explicit: bool, base, lim
                          f"model context of {base.max_context} tokens")
     if tokens + stopping.max_new_tokens > limits.max_kv_tokens:  # permanent, unlike a full queue
         raise OutOfRange(f"prompt ({tokens} tokens) + max_new_tokens ({stopping.max_new_tokens}) needs more "
-                         f"KV-cache token slots than the server's --max-kv-tokens {limits.max_kv_tokens}, even "
-                         f"alone")
+                         f"KV-cache token slots than the server's --max-kv-tokens {limits.max_kv_tokens}"
+                         f"{' (what its free memory held at start)' if limits.kv_by_memory else ''}, even alone")
     return stopping
 
 

@@ -379,6 +379,45 @@ def test_the_slot_bank_size_is_what_it_allocates(model_dirs, caplog):
         server.stop()
 
 
+def test_a_kv_budget_left_at_0_is_what_the_free_memory_holds(model_dirs, monkeypatch, caplog):
+    """--max-kv-tokens 0 was --max-batch-size x the context whatever the memory: 32 rows of a 7B model at 4096 tokens
+    want 64 GiB of keys and values, so a GPU ran out of memory under load. Now it is at most what KV_SHARE of the
+    memory free once everything else is allocated holds; below the context, longer requests are refused."""
+    import logging
+
+    from server import app
+    from server.config import KV_SHARE
+    from server.prefix_cache import PrefixCache
+    caplog.set_level(logging.INFO, logger="loraplex.app")
+    small = dict(max_active_adapters=1, max_lora_rank=1, max_hydra_heads=1)  # a slot bank of a few KiB
+    for free, warned in ((2 << 20, False), (400 << 10, True)):
+        monkeypatch.setattr(app, "free_memory", lambda device, free=free: free)
+        caplog.clear()
+        server = start_server(model_dirs["llama"], None, **small)
+        try:
+            per_token = PrefixCache.bytes_per_token(server.serving.engine.runner.row_layout())
+            budget = int(free * KV_SHARE) // per_token
+            with Client(server.target, timeout=60) as client:
+                info = client.server_info()
+                assert info.limits.max_kv_tokens == server.serving.engine.config.max_kv_tokens == budget
+                assert budget < info.max_batch_size * info.max_context_length
+                assert (budget < info.max_context_length) == warned
+                lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("KV cache: ")]
+                assert f"KV cache: up to {budget} token slots" in lines[0] and "--max-kv-tokens sets it" in lines[0]
+                assert (len(lines) == 2 and "are refused, OUT_OF_RANGE" in lines[1]) == warned
+                assert len(client.generate([5] * 100, max_new_tokens=200, ignore_eos=True).token_ids) == 200
+                if warned:
+                    code, details = status_of(client.generate, [5] * 300, max_new_tokens=100)
+                    assert code == C.OUT_OF_RANGE and f"--max-kv-tokens {budget} (what its free memory held at " \
+                                                      f"start), even alone" in details, details
+        finally:
+            server.stop()
+    calls = iter([1 << 30, 0])  # the slot bank fits; nothing is left once it is allocated
+    monkeypatch.setattr(app, "free_memory", lambda device: next(calls))
+    with pytest.raises(RuntimeError, match=r"no memory is left on cpu for the KV cache \(0 bytes free once the model"):
+        start_server(model_dirs["llama"], None, **small)
+
+
 def test_adapter_labels_are_bounded_and_never_an_adapters_own():
     """The 101st id and later share one overflow label, which no adapter id can be: it was `other`, a valid id,
     whose own series then counted every overflowed adapter too."""

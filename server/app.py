@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import os
@@ -140,17 +141,26 @@ def _prefix_cache(config: ServerConfig, tokens: int, runner: Runner) -> PrefixCa
     return cache
 
 
-def _limits(config: ServerConfig, runner: Runner, max_context: int) -> Limits:
-    """The limits in force, --max-kv-tokens 0 bounded by the memory free now (the model, the slot bank and the
-    prefix cache allocated): the default, every row of the batch at the full context, would run a large model out
-    of memory long before (a 7B Llama in fp16: 32 rows x 4096 tokens of keys and values take 64 GiB)."""
+def _limits(config: ServerConfig, runner: Runner, limits: Limits, before: int | None, held: int) -> Limits:
+    """`limits` with --max-kv-tokens 0 bounded by the memory free once the model, the slot bank and the prefix cache
+    are allocated: the default, every row of the batch at the full context, would run a large model out of memory
+    long before (a 7B Llama in fp16: 32 rows x 4096 tokens of keys and values take 64 GiB). That is the memory free
+    now, and at most the memory free `before` the model loaded less what the model and the slot bank take (`held`)
+    and the prefix cache: a model mapped from its checkpoint's file (the CPU, as stored) leaves the free memory as it
+    was, and the slot bank's HydraLoRA routers are allocated with the first routed adapter."""
+    max_context = limits.max_context
     per_token = PrefixCache.bytes_per_token(runner.row_layout())
+    gc.collect()  # the start-up checks' caches (a cache and its layers refer to each other)
     free = free_memory(config.device)
+    if free is not None and before is not None:
+        free = max(0, min(free, before - held - limits.prefix_cache_tokens * per_token))
     limits = resolve_limits(config, max_context, kv_room(free, per_token))
     kv = f"{limits.max_kv_tokens} token slots ({size_text(limits.max_kv_tokens * per_token)})"
+    share = f"{round(100 * KV_SHARE)}% of the {size_text(free)} free on {config.device}" if free is not None else ""
     if not limits.kv_by_memory:
         log.info("KV cache: up to %s, %s", kv, "--max-kv-tokens" if config.max_kv_tokens else
-                 "--max-batch-size x the context")
+                 f"--max-batch-size x the context (within {share})" if share else
+                 f"--max-batch-size x the context (the free memory on {config.device} is not known)")
         return limits
     needs = f"--max-batch-size {config.max_batch_size} x the context {max_context} would need " \
             f"{size_text(config.max_batch_size * max_context * per_token)}"
@@ -158,8 +168,7 @@ def _limits(config: ServerConfig, runner: Runner, max_context: int) -> Limits:
         raise ConfigError(f"no memory is left on {config.device} for the KV cache ({size_text(free)} free once the "
                           f"model, the adapter slot bank and the prefix cache are allocated; {needs}): lower "
                           f"--max-active-adapters, --max-lora-rank or --prefix-cache-tokens, or take a larger device")
-    log.info("KV cache: up to %s, what %d%% of the %s free on %s holds (%s; --max-kv-tokens sets it)", kv,
-             round(100 * KV_SHARE), size_text(free), config.device, needs)
+    log.info("KV cache: up to %s, what %s holds (%s; --max-kv-tokens sets it)", kv, share, needs)
     if limits.max_kv_tokens < max_context:
         log.warning("KV cache: requests whose prompt + max_new_tokens pass %d tokens (the context is %d) are "
                     "refused, OUT_OF_RANGE: that many token slots is all the free memory holds", limits.max_kv_tokens,
@@ -177,6 +186,7 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     slow = slow_dtype_warning(config.device, config.dtype)
     if slow:
         log.warning("%s", slow)
+    before = free_memory(config.device)  # what the model and the rest take of it bounds the KV cache (_limits)
     try:
         base = load_base_model(config.model, config.device, config.dtype)
     except (FileNotFoundError, UnservableModel) as exc:
@@ -194,8 +204,8 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
         log.warning("%s; adapters targeting them are refused", problem)
     dtype = next(base.model.parameters()).dtype
     factor_dtype = dtype if config.adapter_dtype == "auto" else getattr(torch, config.adapter_dtype)
-    size = check_slot_bank(config, [(s.d_in, s.d_out) for s in shapes], factor_dtype.itemsize,
-                           free_memory(config.device))
+    size, bank_bytes = check_slot_bank(config, [(s.d_in, s.d_out) for s in shapes], factor_dtype.itemsize,
+                                       free_memory(config.device))
     log.info("adapter slot bank: %s", size)
     try:
         bank = SlotBank(shapes, config.max_active_adapters, config.max_lora_rank, torch.device(config.device),
@@ -211,8 +221,10 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
         runner.check_cache()
     except UnsupportedAttention as exc:
         raise ConfigError(f"--model: {exc}") from None
-    prefixes = _prefix_cache(config, resolve_limits(config, base.max_context).prefix_cache_tokens, runner)
-    limits = _limits(config, runner, base.max_context)  # after everything else is allocated
+    limits = resolve_limits(config, base.max_context)
+    prefixes = _prefix_cache(config, limits.prefix_cache_tokens, runner)
+    model_bytes = sum(t.numel() * t.element_size() for t in [*base.model.parameters(), *base.model.buffers()])
+    limits = _limits(config, runner, limits, before, model_bytes + bank_bytes)  # after everything else is allocated
     engine = Engine(runner, base.tokenizer, base.eos_token_ids,
                     EngineConfig(config.max_batch_size, config.max_queue_size, limits.max_kv_tokens,
                                  config.max_prefill_tokens, config.scheduling, config.max_queue_per_adapter), metrics,

@@ -95,8 +95,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-new-tokens", type=int, default=d.max_new_tokens, help="largest max_new_tokens accepted (0: context)")
     a("--max-kv-tokens", type=int, default=d.max_kv_tokens,
       help="KV-cache capacity in token slots (rows x cached positions) that running requests may reserve; "
-           "requests wait for room (0: max-batch-size x context, at most what fits in 45%% of the memory free once "
-           "the model, the adapter slot bank and the prefix cache are allocated)")
+           f"requests wait for room (0: max-batch-size x context, at most what fits in {round(100 * KV_SHARE)}%% of "
+           f"the memory free once the model, the adapter slot bank and the prefix cache are allocated)")
     a("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
       help="prompt tokens (rows x longest prompt, as padded) one step prefills; later arrivals wait for the "
            "next step, and a longer prompt is prefilled alone, this many tokens a step (shorter requests still join "
@@ -244,6 +244,10 @@ def free_memory(device: str) -> int | None:
         return torch.cuda.mem_get_info(kind)[0] + torch.cuda.memory_reserved(kind) - torch.cuda.memory_allocated(kind)
     if kind.type != "cpu":
         return None
+    return _within_cgroup(_available())
+
+
+def _available() -> int | None:
     try:  # MemAvailable counts the page cache the kernel gives back; the free pages alone undercount it
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -256,11 +260,32 @@ def free_memory(device: str) -> int | None:
         return None
 
 
-def check_slot_bank(c: ServerConfig, features: list[tuple[int, int]], factor_bytes: int, free: int | None) -> str:
+def _within_cgroup(free: int | None, root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """`free`, at most what the process's cgroup (a container's memory limit; v2, else v1) still lets it take: the
+    machine's MemAvailable does not know the limit, past which the kernel kills the process. Inactive file pages,
+    which the kernel reclaims first, count as room (as `docker stats` counts them)."""
+    for limit_file, usage_file, inactive in (("memory.max", "memory.current", "inactive_file"),
+                                             ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                                              "total_inactive_file")):
+        try:
+            limit = (root / limit_file).read_text().strip()
+            usage = int((root / usage_file).read_text())
+            stat = dict(line.split() for line in ((root / limit_file).parent / "memory.stat").read_text().splitlines())
+            if limit == "max" or int(limit) >= 1 << 60:  # (v1 writes no limit as 2^63 rounded to pages)
+                return free
+            room = max(0, int(limit) - usage + int(stat.get(inactive, 0)))
+        except (OSError, ValueError):
+            continue
+        return room if free is None else min(free, room)
+    return free
+
+
+def check_slot_bank(c: ServerConfig, features: list[tuple[int, int]], factor_bytes: int,
+                    free: int | None) -> tuple[str, int]:
     """What the device adapter slot bank these flags ask for takes, once the adapted modules' (d_in, d_out) are known:
     refused (ConfigError naming the flags) beyond `free` bytes, before anything is allocated (rank 2^31-1 asked for
     54 TB, and the allocation failed with a traceback). Counts the HydraLoRA routers (float32), which are allocated
-    with the first routed adapter. Returns the sum as text, for the log."""
+    with the first routed adapter. Returns the sum as text, for the log, and in bytes."""
     slots = c.max_active_adapters + 1  # slot 0: no adapter
     factors = slots * c.max_lora_rank * sum(d_in + d_out for d_in, d_out in features) * factor_bytes
     routers = slots * c.max_hydra_heads * sum(d_in + 1 for d_in, _ in features) * 4
@@ -270,7 +295,7 @@ def check_slot_bank(c: ServerConfig, features: list[tuple[int, int]], factor_byt
     if free is not None and factors + routers > free:
         raise ConfigError(f"the adapter slot bank needs {text}, more than the {size_text(free)} free on {c.device}: "
                           f"lower --max-active-adapters, --max-lora-rank or --max-hydra-heads")
-    return text
+    return text, factors + routers
 
 
 # --max-kv-tokens 0 takes at most this share of the memory free at start (after the model, the slot bank and the

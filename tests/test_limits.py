@@ -382,21 +382,28 @@ def test_the_slot_bank_size_is_what_it_allocates(model_dirs, caplog):
 def test_a_kv_budget_left_at_0_is_what_the_free_memory_holds(model_dirs, monkeypatch, caplog):
     """--max-kv-tokens 0 was --max-batch-size x the context whatever the memory: 32 rows of a 7B model at 4096 tokens
     want 64 GiB of keys and values, so a GPU ran out of memory under load. Now it is at most what KV_SHARE of the
-    memory free once everything else is allocated holds; below the context, longer requests are refused."""
+    memory free once everything else is allocated holds; below the context, longer requests are refused. (QA) The
+    free memory is faked here as the same before and after the model loads, as on the CPU, where a model mapped from
+    its checkpoint's file leaves MemAvailable as it was: the model's bytes, and the slot bank's HydraLoRA routers
+    (allocated with the first routed adapter), are what the budget must leave."""
     import logging
 
     from server import app
-    from server.config import KV_SHARE
+    from server.config import KV_SHARE, check_slot_bank
     from server.prefix_cache import PrefixCache
     caplog.set_level(logging.INFO, logger="loraplex.app")
-    small = dict(max_active_adapters=1, max_lora_rank=1, max_hydra_heads=1)  # a slot bank of a few KiB
-    for free, warned in ((2 << 20, False), (400 << 10, True)):
+    small = dict(max_active_adapters=1, max_lora_rank=1, max_hydra_heads=64)  # 0.5 MiB of routers, not allocated
+    for free, warned in ((3 << 20, False), (1400 << 10, True)):
         monkeypatch.setattr(app, "free_memory", lambda device, free=free: free)
         caplog.clear()
         server = start_server(model_dirs["llama"], None, **small)
         try:
-            per_token = PrefixCache.bytes_per_token(server.serving.engine.runner.row_layout())
-            budget = int(free * KV_SHARE) // per_token
+            runner, model = server.serving.engine.runner, server.serving.base.model
+            per_token = PrefixCache.bytes_per_token(runner.row_layout())
+            held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+            bank = check_slot_bank(server.config, [(s.d_in, s.d_out) for s in runner.bank.shapes], 4, None)[1]
+            assert held > 200 << 10 and bank > 500 << 10 and all(g is None for g in runner.bank.g)
+            budget = int((free - held - bank) * KV_SHARE) // per_token
             with Client(server.target, timeout=60) as client:
                 info = client.server_info()
                 assert info.limits.max_kv_tokens == server.serving.engine.config.max_kv_tokens == budget
@@ -407,15 +414,35 @@ def test_a_kv_budget_left_at_0_is_what_the_free_memory_holds(model_dirs, monkeyp
                 assert (len(lines) == 2 and "are refused, OUT_OF_RANGE" in lines[1]) == warned
                 assert len(client.generate([5] * 100, max_new_tokens=200, ignore_eos=True).token_ids) == 200
                 if warned:
-                    code, details = status_of(client.generate, [5] * 300, max_new_tokens=100)
+                    code, details = status_of(client.generate, [5] * 400, max_new_tokens=100)
                     assert code == C.OUT_OF_RANGE and f"--max-kv-tokens {budget} (what its free memory held at " \
                                                       f"start), even alone" in details, details
         finally:
             server.stop()
-    calls = iter([1 << 30, 0])  # the slot bank fits; nothing is left once it is allocated
+    calls = iter([1 << 30, 1 << 30, 0])  # before the model loads; the slot bank fits; nothing is left once allocated
     monkeypatch.setattr(app, "free_memory", lambda device: next(calls))
     with pytest.raises(RuntimeError, match=r"no memory is left on cpu for the KV cache \(0 bytes free once the model"):
         start_server(model_dirs["llama"], None, **small)
+
+
+def test_free_memory_on_the_cpu_stays_within_the_containers_limit(tmp_path):
+    """MemAvailable is the machine's: a container's memory limit (its cgroup, v2 or v1) is what the kernel kills the
+    process past. Inactive file pages count as room, as the kernel reclaims them first."""
+    from server.config import _within_cgroup
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    v2.mkdir()
+    (v2 / "memory.stat").write_text("anon 100\ninactive_file 300\n")
+    (v2 / "memory.current").write_text("1000\n")
+    (v1 / "memory" / "memory.stat").write_text("cache 500\ntotal_inactive_file 200\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("1000\n")
+    for limit, expected in (("5000", 4300), ("max", 10 ** 9)):
+        (v2 / "memory.max").write_text(limit + "\n")
+        assert _within_cgroup(10 ** 9, v2) == expected and _within_cgroup(100, v2) == 100
+    for limit, expected in (("5000", 4200), (str(2 ** 63 - 4096), 10 ** 9)):
+        (v1 / "memory" / "memory.limit_in_bytes").write_text(limit + "\n")
+        assert _within_cgroup(10 ** 9, v1) == expected
+    assert _within_cgroup(10 ** 9, tmp_path / "none") == 10 ** 9 and _within_cgroup(None, v2) is None
 
 
 def test_adapter_labels_are_bounded_and_never_an_adapters_own():

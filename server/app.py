@@ -156,7 +156,8 @@ def _limits(config: ServerConfig, runner: Runner, limits: Limits, before: int | 
         free = max(0, min(free, before - held - limits.prefix_cache_tokens * per_token))
     limits = resolve_limits(config, max_context, kv_room(free, per_token))
     kv = f"{limits.max_kv_tokens} token slots ({size_text(limits.max_kv_tokens * per_token)})"
-    share = f"{round(100 * KV_SHARE)}% of the {size_text(free)} free on {config.device}" if free is not None else ""
+    share = f"{round(100 * KV_SHARE)}% of the {size_text(free)} free on {config.device} beside the model, the slot " \
+            f"bank and the prefix cache" if free is not None else ""
     if not limits.kv_by_memory:
         log.info("KV cache: up to %s, %s", kv, "--max-kv-tokens" if config.max_kv_tokens else
                  f"--max-batch-size x the context (within {share})" if share else
@@ -167,7 +168,8 @@ def _limits(config: ServerConfig, runner: Runner, limits: Limits, before: int | 
     if limits.max_kv_tokens < 1:
         raise ConfigError(f"no memory is left on {config.device} for the KV cache ({size_text(free)} free once the "
                           f"model, the adapter slot bank and the prefix cache are allocated; {needs}): lower "
-                          f"--max-active-adapters, --max-lora-rank or --prefix-cache-tokens, or take a larger device")
+                          f"--max-active-adapters, --max-lora-rank, --max-hydra-heads or --prefix-cache-tokens, or "
+                          f"take a larger device")
     log.info("KV cache: up to %s, what %s holds (%s; --max-kv-tokens sets it)", kv, share, needs)
     if limits.max_kv_tokens < max_context:
         log.warning("KV cache: requests whose prompt + max_new_tokens pass %d tokens (the context is %d) are "

@@ -260,23 +260,41 @@ def _available() -> int | None:
         return None
 
 
-def _within_cgroup(free: int | None, root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """`free`, at most what the process's cgroup (a container's memory limit; v2, else v1) still lets it take: the
-    machine's MemAvailable does not know the limit, past which the kernel kills the process. Inactive file pages,
-    which the kernel reclaims first, count as room (as `docker stats` counts them)."""
-    for limit_file, usage_file, inactive in (("memory.max", "memory.current", "inactive_file"),
-                                             ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
-                                              "total_inactive_file")):
-        try:
-            limit = (root / limit_file).read_text().strip()
-            usage = int((root / usage_file).read_text())
-            stat = dict(line.split() for line in ((root / limit_file).parent / "memory.stat").read_text().splitlines())
-            if limit == "max" or int(limit) >= 1 << 60:  # (v1 writes no limit as 2^63 rounded to pages)
-                return free
-            room = max(0, int(limit) - usage + int(stat.get(inactive, 0)))
-        except (OSError, ValueError):
-            continue
-        return room if free is None else min(free, room)
+def _within_cgroup(free: int | None, root: Path = Path("/sys/fs/cgroup"),
+                   own: Path = Path("/proc/self/cgroup")) -> int | None:
+    """`free`, at most what the process's cgroup and its ancestors (v2, else v1's memory controller) still let it
+    take: the machine's MemAvailable does not know a container's or a service's memory limit, past which the kernel
+    kills the process. The process's cgroup is the one /proc/self/cgroup names, under the mount (the mount itself
+    where a cgroup namespace shows it there). Inactive file pages, reclaimed first, count as room (as `docker stats`)."""
+    try:
+        lines = own.read_text().splitlines()
+    except OSError:
+        lines = []
+    paths = {}
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        paths.setdefault("v2" if not controllers else "v1" if "memory" in controllers.split(",") else "", path)
+    for kind, top, limit_file, usage_file, inactive in (
+            ("v2", root, "memory.max", "memory.current", "inactive_file"),
+            ("v1", root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
+        at = top / paths.get(kind, "").lstrip("/")
+        at = at if at.is_dir() else top
+        rooms, seen = [], False
+        while True:  # the process's cgroup, then each one above it up to the mount
+            try:
+                limit = (at / limit_file).read_text().strip()
+                usage = int((at / usage_file).read_text())
+                stat = dict(line.split()[:2] for line in (at / "memory.stat").read_text().splitlines())
+                seen = True
+                if limit != "max" and int(limit) < 1 << 60:  # (v1 writes no limit as 2^63 rounded to pages)
+                    rooms.append(max(0, int(limit) - usage + int(stat.get(inactive, 0))))
+            except (OSError, ValueError):
+                pass
+            if at == top:
+                break
+            at = at.parent
+        if seen:
+            return free if not rooms else min(rooms) if free is None else min(free, *rooms)
     return free
 
 

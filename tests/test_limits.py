@@ -421,28 +421,44 @@ def test_a_kv_budget_left_at_0_is_what_the_free_memory_holds(model_dirs, monkeyp
             server.stop()
     calls = iter([1 << 30, 1 << 30, 0])  # before the model loads; the slot bank fits; nothing is left once allocated
     monkeypatch.setattr(app, "free_memory", lambda device: next(calls))
-    with pytest.raises(RuntimeError, match=r"no memory is left on cpu for the KV cache \(0 bytes free once the model"):
+    with pytest.raises(RuntimeError, match=r"no memory is left on cpu for the KV cache \(0 bytes free once the model"
+                                           r".*lower --max-active-adapters, --max-lora-rank, --max-hydra-heads or "):
         start_server(model_dirs["llama"], None, **small)
 
 
 def test_free_memory_on_the_cpu_stays_within_the_containers_limit(tmp_path):
-    """MemAvailable is the machine's: a container's memory limit (its cgroup, v2 or v1) is what the kernel kills the
-    process past. Inactive file pages count as room, as the kernel reclaims them first."""
+    """MemAvailable is the machine's: a container's or a service's memory limit (its cgroup or one above it, v2 or v1)
+    is what the kernel kills the process past. Inactive file pages count as room, as the kernel reclaims them first.
+    (QA) The process's cgroup is the one /proc/self/cgroup names, not the mount's top (a host without a cgroup
+    namespace: a systemd service's MemoryMax=, this machine's v1 set-up)."""
     from server.config import _within_cgroup
+
+    def cgroup(at, limit, usage, inactive, v1=False):
+        at.mkdir(parents=True, exist_ok=True)
+        names = ("memory.limit_in_bytes", "memory.usage_in_bytes") if v1 else ("memory.max", "memory.current")
+        (at / names[0]).write_text(f"{limit}\n")
+        (at / names[1]).write_text(f"{usage}\n")
+        (at / "memory.stat").write_text(f"anon 1\n{'total_' if v1 else ''}inactive_file {inactive}\n")
+    own, none = tmp_path / "self", tmp_path / "no-such-file"
     v2, v1 = tmp_path / "v2", tmp_path / "v1"
-    (v1 / "memory").mkdir(parents=True)
-    v2.mkdir()
-    (v2 / "memory.stat").write_text("anon 100\ninactive_file 300\n")
-    (v2 / "memory.current").write_text("1000\n")
-    (v1 / "memory" / "memory.stat").write_text("cache 500\ntotal_inactive_file 200\n")
-    (v1 / "memory" / "memory.usage_in_bytes").write_text("1000\n")
-    for limit, expected in (("5000", 4300), ("max", 10 ** 9)):
-        (v2 / "memory.max").write_text(limit + "\n")
-        assert _within_cgroup(10 ** 9, v2) == expected and _within_cgroup(100, v2) == 100
-    for limit, expected in (("5000", 4200), (str(2 ** 63 - 4096), 10 ** 9)):
-        (v1 / "memory" / "memory.limit_in_bytes").write_text(limit + "\n")
-        assert _within_cgroup(10 ** 9, v1) == expected
-    assert _within_cgroup(10 ** 9, tmp_path / "none") == 10 ** 9 and _within_cgroup(None, v2) is None
+    for limit, expected in (("5000", 4300), ("max", 10 ** 9)):  # a container: its cgroup at the mount's top
+        cgroup(v2, limit, 1000, 300)
+        assert _within_cgroup(10 ** 9, v2, none) == expected and _within_cgroup(100, v2, none) == 100
+    for limit, expected in (("5000", 4200), (2 ** 63 - 4096, 10 ** 9)):
+        cgroup(v1 / "memory", limit, 1000, 200, v1=True)
+        assert _within_cgroup(10 ** 9, v1, none) == expected
+    assert _within_cgroup(10 ** 9, tmp_path / "none", none) == 10 ** 9 and _within_cgroup(None, v2, none) is None
+    cgroup(v2, "max", 10 ** 8, 0)  # a host's v2: the service's cgroup limits, and the slice above it limits more
+    cgroup(v2 / "system.slice", 9000, 2000, 0)
+    cgroup(v2 / "system.slice" / "loraplex.service", 5000, 1000, 300)
+    own.write_text("0::/system.slice/loraplex.service\n")
+    assert _within_cgroup(10 ** 9, v2, own) == 4300
+    cgroup(v2 / "system.slice", 5000, 2000, 0)
+    assert _within_cgroup(10 ** 9, v2, own) == 3000
+    cgroup(v1 / "memory", 2 ** 63 - 4096, 4 * 10 ** 9, 0, v1=True)  # v1, the hierarchy's root mounted
+    cgroup(v1 / "memory" / "process_api" / "x", 5000, 1000, 200, v1=True)
+    own.write_text("4:memory:/process_api/x\n1:cpu:/\n0::/\n")
+    assert _within_cgroup(10 ** 9, v1, own) == 4200
 
 
 def test_adapter_labels_are_bounded_and_never_an_adapters_own():

@@ -179,7 +179,7 @@ class Admission:
                 break
 
     def _fail_admission(self, request: EngineRequest, exc: Exception) -> None:
-        log.exception("could not admit request %s", request.request_id)
+        log.exception("could not admit request %s", request.name)
         self.waiting.take(request)
         self.pending.leave([request])
         tell(request, ErrorEvent(internal_failure(exc)))

@@ -31,6 +31,6 @@ def copies(first: EngineRequest, count: int, matcher: Callable[[], object] | Non
     if first.prompt_logprobs is not None:
         first = dataclasses.replace(first, scoring_call=object())
     return [first] + [dataclasses.replace(
-        first, prompt_logprobs=None, matcher=None if matcher is None else matcher(),
+        first, index=i, prompt_logprobs=None, matcher=None if matcher is None else matcher(),
         sampling=first.sampling if seed is None else dataclasses.replace(first.sampling, seed=(seed + i) % 2 ** 64))
         for i in range(1, count)]

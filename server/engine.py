@@ -331,7 +331,7 @@ class Engine:
             state = row.state
             if i in failed:
                 (log.error if isinstance(failed[i], InternalError) else log.warning)(
-                    "request %s failed at a token: %s", state.request.request_id, failed[i])
+                    "request %s failed at a token: %s", state.request.name, failed[i])
                 tell(state.request, ErrorEvent(failed[i]))
                 ended.append(row)
                 continue

@@ -45,6 +45,7 @@ class EngineRequest:
     cache_salt: str = ""  # shares prompts' keys and values only with requests of the same salt
     matcher: object = None  # its response_format's llguidance matcher (server/response_format.py), else None
     completions: int = 1  # its call's GenerateRequest.n: the completions of one call are queued all or none
+    index: int = 0  # which of them it is
     # A call that scores its prompt: an object of that call, on each of its completions (completion 0 scores). Its
     # prompt runs whole, once for them all, apart from other calls' prefills (server/prompt_sharing.py).
     scoring_call: object = None
@@ -52,6 +53,11 @@ class EngineRequest:
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set from any thread; the engine drops the request at its next step
     released: bool = False  # the front end has released its hold on `adapter` (the registry's memory budget)
+
+    @property
+    def name(self) -> str:
+        """How logs name it: its request_id, which a call's completions share, and which completion it is."""
+        return self.request_id if self.completions == 1 else f"{self.request_id} (completion {self.index})"
 
 
 def tell(request: EngineRequest, event) -> None:

@@ -134,4 +134,4 @@ def _keep(cache: PrefixCache, request: EngineRequest, tokens: list[int], kv: Row
     try:  # the requests were served: a failure to keep their keys and values costs only later prefills
         cache.store(cache_key(request), tokens, kv)
     except Exception:
-        log.exception("could not keep the keys and values of request %s in the prefix cache", request.request_id)
+        log.exception("could not keep the keys and values of request %s in the prefix cache", request.name)

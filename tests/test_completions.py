@@ -3,6 +3,7 @@ run once; unary replies hold them in `completions`, streams name them by `index`
 client that leaves frees every row, and one completion's failure ends the others; a request is prepared, resolved
 (one adapter version) and queued once, all its completions or none."""
 import concurrent.futures
+import re
 import shutil
 import subprocess
 import sys
@@ -188,7 +189,7 @@ def test_completions_beyond_the_adapters_queue_cap_are_refused_whole(model_dirs,
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_one_completions_failure_ends_the_call_and_cancels_the_others(server, monkeypatch, stream):
+def test_one_completions_failure_ends_the_call_and_cancels_the_others(server, monkeypatch, stream, caplog):
     calls = []
     real = token_choice.allowed
 
@@ -202,9 +203,12 @@ def test_one_completions_failure_ends_the_call_and_cancels_the_others(server, mo
     with Client(server.target, timeout=60) as client:
         before = _outcomes(server)
         with pytest.raises(grpc.RpcError) as err:
-            kwargs = dict(n=4, max_new_tokens=30, regex="[a-z]{20,30}", temperature=1.0, seed=1)
+            kwargs = dict(n=4, max_new_tokens=30, regex="[a-z]{20,30}", temperature=1.0, seed=1, request_id="fmt")
             list(client.generate_stream(PROMPT, "a", **kwargs)) if stream else client.generate(PROMPT, "a", **kwargs)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details() == "format failed here"
+    # the log names the completion (the call's four share its request_id)
+    [line] = [r.getMessage() for r in caplog.records if "failed at a token" in r.getMessage()]
+    assert re.fullmatch(r"request fmt \(completion [0-3]\) failed at a token: format failed here", line), line
     assert _counted(server, before) == {'loraplex_request_failure_total{code="INVALID_ARGUMENT"}': 1,
                                         'loraplex_request_success_total{finished_reason="cancelled"}': 3}
 

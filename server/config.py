@@ -270,10 +270,13 @@ def _within_cgroup(free: int | None, root: Path = Path("/sys/fs/cgroup"),
         lines = own.read_text().splitlines()
     except OSError:
         lines = []
-    paths = {}
+    paths = {}  # {"v2" or "v1": the process's cgroup under that hierarchy}
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        paths.setdefault("v2" if not controllers else "v1" if "memory" in controllers.split(",") else "", path)
+        if not controllers:
+            paths["v2"] = path
+        elif "memory" in controllers.split(","):
+            paths["v1"] = path
     for kind, top, limit_file, usage_file, inactive in (
             ("v2", root, "memory.max", "memory.current", "inactive_file"),
             ("v1", root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
@@ -284,7 +287,7 @@ def _within_cgroup(free: int | None, root: Path = Path("/sys/fs/cgroup"),
             try:
                 limit = (at / limit_file).read_text().strip()
                 usage = int((at / usage_file).read_text())
-                stat = dict(line.split()[:2] for line in (at / "memory.stat").read_text().splitlines())
+                stat = dict(entry.split()[:2] for entry in (at / "memory.stat").read_text().splitlines())
                 seen = True
                 if limit != "max" and int(limit) < 1 << 60:  # (v1 writes no limit as 2^63 rounded to pages)
                     rooms.append(max(0, int(limit) - usage + int(stat.get(inactive, 0))))

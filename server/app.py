@@ -117,15 +117,14 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "memory" in str(exc) or "allocate" in str(exc)
 
 
-def _prefix_cache(config: ServerConfig, tokens: int, runner: Runner) -> PrefixCache | None:
-    """The prefix cache's pools of `tokens` (Limits.prefix_cache_tokens), allocated now: a size the device cannot
-    hold is refused at start."""
+def _prefix_cache(config: ServerConfig, tokens: int, runner: Runner, layers: list) -> PrefixCache | None:
+    """The prefix cache's pools of `tokens` (Limits.prefix_cache_tokens) for a row of `layers` (Runner.row_layout),
+    allocated now: a size the device cannot hold is refused at start."""
     if not tokens:
         return None
     if runner.longrope is not None:
         raise ConfigError("--prefix-cache-tokens: a LongRoPE model's keys depend on the whole prompt's length (its "
                           "short or long rotary factors), not on the tokens before them alone; serve it without")
-    layers = runner.row_layout()
     needed = tokens * PrefixCache.bytes_per_token(layers)
     size, free = size_text(needed), free_memory(config.device)
     try:
@@ -141,15 +140,15 @@ def _prefix_cache(config: ServerConfig, tokens: int, runner: Runner) -> PrefixCa
     return cache
 
 
-def _limits(config: ServerConfig, runner: Runner, limits: Limits, before: int | None, held: int) -> Limits:
+def _limits(config: ServerConfig, per_token: int, limits: Limits, before: int | None, held: int) -> Limits:
     """`limits` with --max-kv-tokens 0 bounded by the memory free once the model, the slot bank and the prefix cache
     are allocated: the default, every row of the batch at the full context, would run a large model out of memory
     long before (a 7B Llama in fp16: 32 rows x 4096 tokens of keys and values take 64 GiB). That is the memory free
     now, and at most the memory free `before` the model loaded less what the model and the slot bank take (`held`)
     and the prefix cache: a model mapped from its checkpoint's file (the CPU, as stored) leaves the free memory as it
-    was, and the slot bank's HydraLoRA routers are allocated with the first routed adapter."""
+    was, and the slot bank's HydraLoRA routers are allocated with the first routed adapter. `per_token`: the bytes
+    of a token slot's keys and values."""
     max_context = limits.max_context
-    per_token = PrefixCache.bytes_per_token(runner.row_layout())
     gc.collect()  # the start-up checks' caches (a cache and its layers refer to each other)
     free = free_memory(config.device)
     if free is not None and before is not None:
@@ -224,9 +223,11 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     except UnsupportedAttention as exc:
         raise ConfigError(f"--model: {exc}") from None
     limits = resolve_limits(config, base.max_context)
-    prefixes = _prefix_cache(config, limits.prefix_cache_tokens, runner)
+    layers = runner.row_layout()  # a row's keys and values per layer: what the prefix cache and KV budget are made of
+    prefixes = _prefix_cache(config, limits.prefix_cache_tokens, runner, layers)
     model_bytes = sum(t.numel() * t.element_size() for t in [*base.model.parameters(), *base.model.buffers()])
-    limits = _limits(config, runner, limits, before, model_bytes + bank_bytes)  # after everything else is allocated
+    limits = _limits(config, PrefixCache.bytes_per_token(layers), limits, before,  # after everything else is allocated
+                     model_bytes + bank_bytes)
     engine = Engine(runner, base.tokenizer, base.eos_token_ids,
                     EngineConfig(config.max_batch_size, config.max_queue_size, limits.max_kv_tokens,
                                  config.max_prefill_tokens, config.scheduling, config.max_queue_per_adapter), metrics,

@@ -38,6 +38,7 @@ KERNELS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
     pytest.param("triton", marks=pytest.mark.skipif(_TRITON_PROBLEM is not None,
                                                     reason=f"triton kernel: {_TRITON_PROBLEM}"))]
 
+
 def run_cli(*argv) -> subprocess.CompletedProcess:
     """`loraplex ARGV` in this process: the command's own entry point (clients.cli.main), its output and exit code,
     without the 5 s a new interpreter spends importing torch and transformers. Its stderr holds what it logs and

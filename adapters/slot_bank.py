@@ -154,6 +154,10 @@ class SlotBank:
             del self._slot_of[key], self._key_of[slot]
             self._idle.move_to_end(slot, last=False)
 
+    def available(self, adapter: CanonicalAdapter | None) -> bool:
+        """Whether `acquire` would give `adapter` a slot now (resident, or an idle slot to write it into)."""
+        return adapter is None or adapter.key in self._slot_of or bool(self._idle)
+
     def resident(self, key: tuple) -> bool:
         return key in self._slot_of
 

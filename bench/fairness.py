@@ -3,11 +3,12 @@ under --scheduling fifo and fair, side by side on the same server settings, and 
 
 One adapter ("flood", a batch job) keeps --flood requests in flight, a new one as each ends; another ("steady", an
 interactive client) sends --steady requests one after the other, each as the last one ended, starting once the
-flood has filled the queue. Every request generates --max-new-tokens tokens (ignore_eos), on a batch of --batch
-rows. Reported per scheduling, medians over --repeats rounds alternating fifo and fair: the steady requests' time to
-first token and end-to-end latency (median and 90th percentile of each round's), and the tokens both adapters got
-until the steady client's last request ended, per second and the flood's share of them; then the steady client's
-requests alone on an idle server (fair), for scale.
+flood has filled the queue. Every steady request generates --max-new-tokens tokens, every flood one
+--flood-max-new-tokens (ignore_eos), on a batch of --batch rows. Reported per scheduling (fifo; fair without
+preemption; fair, the default), medians over --repeats rounds alternating them: the steady requests' time to first
+token and end-to-end latency (median and 90th percentile of each round's), and the tokens both adapters got until the
+steady client's last request ended, per second and the flood's share of them; then the steady client's requests alone
+on an idle server (fair), for scale.
 
     .venv/bin/python bench/fairness.py
 """
@@ -27,6 +28,8 @@ from bench.mixed_adapters import (EngineBench, add_common_arguments, build_adapt
                                   code_version, machine)
 
 NAMES = ["flood", "steady"]
+VARIANTS = {"fifo": dict(scheduling="fifo"), "fair, no preemption": dict(scheduling="fair", preemption=False),
+            "fair": dict(scheduling="fair")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,9 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
       "sending its next request as its last one ends)")
     a("--flood-head-start", type=float, default=1.0, help="seconds the flood runs before the steady client starts")
     a("--steady", type=int, default=5, help="requests the steady adapter sends one after the other")
+    a("--flood-max-new-tokens", type=int, default=None, help="tokens each flood request generates (default: "
+      "--max-new-tokens): long ones hold their rows until they end, unless preempted")
     a("--rank", type=int, default=8)
     p.set_defaults(max_new_tokens=32, repeats=3)
     args = p.parse_args(argv)
+    args.flood_max_new_tokens = args.flood_max_new_tokens or args.max_new_tokens
     args.adapters = len(NAMES)
     args.requests = args.batch  # EngineBench's --max-batch-size
     return args
@@ -57,8 +63,8 @@ async def one_round(client, args, prompt: list[int]) -> dict:
     async def timed(adapter: str) -> tuple[float, float]:
         sent = time.perf_counter()
         first = None
-        async for chunk in client.generate_stream(prompt, adapter, max_new_tokens=args.max_new_tokens,
-                                                  ignore_eos=True):
+        tokens_wanted = args.flood_max_new_tokens if adapter == "flood" else args.max_new_tokens
+        async for chunk in client.generate_stream(prompt, adapter, max_new_tokens=tokens_wanted, ignore_eos=True):
             if chunk.token_ids and first is None:
                 first = time.perf_counter() - sent
             tokens[adapter] += len(chunk.token_ids)
@@ -95,8 +101,8 @@ def main(argv=None) -> int:
     if not all((root / n / "adapter_model.safetensors").exists() for n in NAMES):
         build_adapters(model_dir, root, NAMES, args)
     prompt = list(range(3, 3 + args.prompt_min))
-    benches = {s: EngineBench(model_dir, root, NAMES, args, scheduling=s, max_queue_size=args.flood + args.steady)
-               for s in ("fifo", "fair")}
+    benches = {name: EngineBench(model_dir, root, NAMES, args, max_queue_size=args.flood + args.steady, **settings)
+               for name, settings in VARIANTS.items()}
     results: dict[str, list[dict]] = {s: [] for s in benches}
     try:
         for bench in benches.values():  # warm-up: one small round each
@@ -112,17 +118,18 @@ def main(argv=None) -> int:
             bench.close()
     med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in results.items()}
     print(f"# fairness: {machine(args)}; code {code_version()}")
-    print(f"# batch {args.batch}, flood {args.flood} requests in flight, steady {args.steady} one after the other, "
-          f"{args.max_new_tokens} tokens each, prompt {args.prompt_min} tokens; medians of {args.repeats} rounds")
-    print("| | fifo | fair | fair / fifo |\n|---|---:|---:|---:|")
+    print(f"# batch {args.batch}, flood {args.flood} requests in flight ({args.flood_max_new_tokens} tokens each), "
+          f"steady {args.steady} one after the other ({args.max_new_tokens} tokens each), prompt {args.prompt_min} "
+          f"tokens; medians of {args.repeats} rounds")
+    print("| | fifo | fair, no preemption | fair | fair / no preemption |\n|---|---:|---:|---:|---:|")
     for key, label in [("steady_ttft_p50", "steady: time to first token, median (s)"),
                        ("steady_ttft_p90", "steady: time to first token, p90 (s)"),
                        ("steady_e2e_p50", "steady: end to end, median (s)"),
                        ("steady_e2e_p90", "steady: end to end, p90 (s)"),
                        ("tokens_per_s", "tokens both got / wall time (tok/s)"),
                        ("flood_share", "the flood's share of those tokens")]:
-        a, b = med["fifo"][key], med["fair"][key]
-        print(f"| {label} | {a:.3f} | {b:.3f} | {b / a:.3f} |")
+        a, b, c = (med[name][key] for name in VARIANTS)
+        print(f"| {label} | {a:.3f} | {b:.3f} | {c:.3f} | {c / b:.3f} |")
     print(f"# the steady client alone: time to first token {alone['steady_ttft_p50']:.3f} s, end to end "
           f"{alone['steady_e2e_p50']:.3f} s (medians)")
     print("# rounds: " + "; ".join(f"{s}: " + ", ".join(f"{r['steady_e2e_p50']:.2f}" for r in rs)

@@ -193,7 +193,9 @@ class EngineBench:
                      "--max-lora-rank", c.max_lora_rank, "--threads", c.threads, "--log-level", c.log_level,
                      "--adapter-kernel", c.adapter_kernel, "--adapter-dtype", c.adapter_dtype,
                      "--state-file", c.state_file]
-            flags += [v for name, value in settings.items() for v in ("--" + name.replace("_", "-"), value)]
+            for name, value in settings.items():  # a boolean setting is a switch: --no-preemption for False
+                flag = "--" + name.replace("_", "-")
+                flags += [] if value is True else ["--no-" + flag[2:]] if value is False else [flag, value]
             env = {**dict(kv.split("=", 1) for kv in args.server_env), **(env or {})}
             self.proc = ServerProcess(flags, args.server_module, env, cwd=cwd)
             self.config = replace(c, port=self.proc.port, metrics_port=self.proc.metrics_port)

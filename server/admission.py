@@ -16,7 +16,7 @@ from server.fair_queue import Pending, WaitingQueue, queue_cap_message, tenant
 from server.metrics import Metrics
 from server.penalties import TokenHistory
 from server.prefix_cache import BLOCK, Block, PrefixCache
-from server.prompt_sharing import cached_blocks, prompt_key, takes_cache
+from server.prompt_sharing import cached_blocks, prefill_ids, prompt_key, takes_cache
 from server.sampling import make_generator
 from server.stopping import TextStream
 
@@ -31,6 +31,7 @@ class EngineConfig:
     max_prefill_tokens: int = 1 << 62  # padded prompt tokens (rows x longest prompt) one iteration may prefill
     scheduling: str = "fair"  # the order waiting requests are admitted in (server/fair_queue.py): fair or fifo
     max_queue_per_adapter: int = 0  # requests one adapter (or the base model) may have waiting; 0: no limit of its own
+    preemption: bool = True  # fair: rows above an adapter's share of a full batch give way (server/preemption.py)
 
 
 @dataclass
@@ -43,6 +44,12 @@ class RowState:
     prompt_key: tuple = ()  # rows with equal keys can share their prompt's prefill (server/prompt_sharing.py)
     prefix: list[Block] = field(default_factory=list)  # the prefix cache's blocks its prompt starts with
     last_token_time: float = 0.0
+
+    @property
+    def started(self) -> bool:
+        """Whether it generated a token already. At its row's prefill: it was preempted (server/preemption.py) and
+        resumes, the prefill running its prompt and the tokens it generated, and sampling its next token."""
+        return bool(self.stream.ids)
 
 
 def plan(requests: list) -> tuple[int, int]:
@@ -106,7 +113,7 @@ class Admission:
         adapters' later requests. Completions of a call with n are not: they were taken whole (overshoot under n)."""
         cap = self.config.max_queue_per_adapter
         for request in self.waiting.beyond(cap + free_rows):
-            if request.completions > 1:
+            if request.completions > 1 or request.resume is not None:  # (a preempted one started: never refused)
                 continue
             self.waiting.take(request)
             self.pending.leave([request])
@@ -134,7 +141,8 @@ class Admission:
             runs = prompt not in prompts and not takes_cache(request, prompt, held)
             # a copy of a prompt admitted now takes its blocks (one prefill runs both); a running row's takes none
             blocks = cached_blocks(self.prefixes, request) if runs else matched.get(prompt, [])
-            to_run = len(request.prompt_ids) - len(blocks) * BLOCK
+            ids = prefill_ids(request)
+            to_run = len(ids) - len(blocks) * BLOCK
             if chunking and to_run > self.config.max_prefill_tokens and runs:
                 # One long prompt chunks at a time: a second one waits in its place for its last chunk (then goes
                 # in its turn), and the requests after it that one prefill runs whole go ahead meanwhile. Unless
@@ -157,19 +165,23 @@ class Admission:
             except Exception as exc:  # e.g. out of memory writing the slot: this request fails, the rest go on
                 self._fail_admission(request, exc)
                 continue
+            resumed, request.resume = request.resume, None
             try:
-                state = RowState(request, TextStream(self.tokenizer, request.stopping, self.eos, request.prompt_ids),
-                                  make_generator(request.sampling), TokenHistory.of(
-                                      request.prompt_ids, request.sampling, request.stopping, self.eos),
-                                  time.monotonic(), prompt, blocks)
+                state = resumed or RowState(
+                    request, TextStream(self.tokenizer, request.stopping, self.eos, request.prompt_ids),
+                    make_generator(request.sampling),
+                    TokenHistory.of(request.prompt_ids, request.sampling, request.stopping, self.eos), time.monotonic())
             except Exception as exc:  # a bug: this request fails alone (its slot released), never lost to a reset
                 self.bank.release(slot)
                 self._fail_admission(request, exc)
                 continue
-            self.waiting.take(request, prompt_tokens=to_run if runs else 0)
-            metrics.queue_time.observe(state.admitted - request.arrival)
-            metrics.adapter_queue_time.labels(request.adapter_label).observe(state.admitted - request.arrival)
-            admitted.append(Row(request.prompt_ids, slot, state, share=prompt))
+            state.prompt_key, state.prefix = prompt, blocks
+            # a resumed request's tenant is not charged again for what it ran before, nor its wait counted again
+            self.waiting.take(request, prompt_tokens=to_run if runs and not resumed else 0)
+            if not resumed:
+                metrics.queue_time.observe(state.admitted - request.arrival)
+                metrics.adapter_queue_time.labels(request.adapter_label).observe(state.admitted - request.arrival)
+            admitted.append(Row(ids, slot, state, share=prompt))
             peak, count = max(peak, final(request)), count + 1
             if runs:
                 prompts.add(prompt)

@@ -230,7 +230,8 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
                      model_bytes + bank_bytes)
     engine = Engine(runner, base.tokenizer, base.eos_token_ids,
                     EngineConfig(config.max_batch_size, config.max_queue_size, limits.max_kv_tokens,
-                                 config.max_prefill_tokens, config.scheduling, config.max_queue_per_adapter), metrics,
+                                 config.max_prefill_tokens, config.scheduling, config.max_queue_per_adapter,
+                                 config.preemption), metrics,
                     prefixes)
     by_name = {s.name: s for s in shapes}
     layout = key_layout(base.model)  # older module names renamed as PEFT does; a vision tower's tensors left out

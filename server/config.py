@@ -27,6 +27,7 @@ class ServerConfig:
     max_queue_size: int = 256
     max_queue_per_adapter: int = 0   # 0: no limit of an adapter's own, only --max-queue-size
     scheduling: str = "fair"         # the order waiting requests are admitted in: fair between adapters, or fifo
+    preemption: bool = True          # fair: an adapter's rows above its share of a full batch give way to others'
     max_concurrent_rpcs: int = 1024
     default_max_new_tokens: int = 64
     max_prompt_tokens: int = 0       # 0: the model's context length
@@ -86,6 +87,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
       help="the order waiting requests get rows in: fair (each adapter, the base model as one, gets its share of the "
            "rows, counted in tokens served, however many requests others send; one adapter's in arrival order) "
            "or fifo (arrival order)")
+    a("--no-preemption", dest="preemption", action="store_false",
+      help="with --scheduling fair, never preempt: by default, while every row is taken and the next request is of an "
+           "adapter holding fewer than its share of the rows, a row of the adapter holding the most, above its share, "
+           "waits again (its tokens kept) and resumes where it stopped when a row is its again")
     a("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
       help="RPCs in flight before RESOURCE_EXHAUSTED (not counted: health checks, the Adapters service, "
            "GetServerInfo)")

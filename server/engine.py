@@ -24,8 +24,9 @@ from server.errors import InternalError, Unavailable
 from server.fair_queue import Pending, WaitingQueue
 from server.metrics import Metrics, count_by_adapter
 from server.prefix_cache import PrefixCache
+from server.preemption import victims
 from server.prompt_sharing import (donors, held_prompts, keep_prompts, keep_sequences, own_prefills, prefill_groups,
-                                   prefill_inputs)
+                                   prefill_ids, prefill_inputs)
 from server.stopping import FinishReason
 from server.token_choice import choose, not_finite
 
@@ -112,12 +113,12 @@ class Engine:
         return self._batch is None and self._prefilling is None and self._pending.total == 0
 
     def drain(self, error: Exception) -> Future:
-        """Accept no more requests, and end those still waiting (none started) with `error` between steps: on
+        """Accept no more requests, and end those still waiting that never started with `error` between steps: on
         another replica they start now, here they would wait for rows that may be cut when the grace runs out.
-        The running ones go on."""
+        The running ones go on, and so do the preempted ones (waiting to resume), which no longer are."""
         self._refusal = error
         self.draining = True
-        return self.call(lambda: self._fail_waiting(error))
+        return self.call(lambda: self._fail_waiting(error, started=False))
 
     def fail_in_flight(self, error: Exception) -> Future:
         """End every waiting and running request with `error` between steps (a shutdown's grace has run out):
@@ -145,6 +146,7 @@ class Engine:
     def _iterate(self) -> None:
         self._take_inbox()
         self._drop_cancelled()
+        self._preempt()
         newcomers = self._admit()
         if newcomers:
             self._prefill(newcomers)
@@ -210,6 +212,36 @@ class Engine:
                 self._finish_metrics(row.state.request, FinishReason.CANCELLED)
             keep_sequences(self.prefixes, self._batch, cancelled)  # a chat's next turn may hold the text it had
             self._retire([i for i, r in enumerate(self._batch.rows) if r.state.request.cancelled])
+
+    def _preempt(self) -> None:
+        """Rows of an adapter above its share of a full batch give their places to requests of adapters below theirs
+        (server/preemption.py): each waits again, first of its adapter's, to resume where it stopped."""
+        if not (self._waiting.fair and self.config.preemption) or self._batch is None or self.draining:
+            return
+        chosen = victims(self._waiting, self._rows(), self._batch.rows, self.config.max_batch_size, self._would_admit)
+        if not chosen:
+            return
+        keep_sequences(self.prefixes, self._batch, chosen)  # what they ran: copied, not run again, when they resume
+        leaving = {id(r) for r in chosen}
+        self._retire([i for i, r in enumerate(self._batch.rows) if id(r) in leaving])
+        for row in chosen:
+            request = row.state.request
+            request.resume = row.state
+            self._waiting.put_back(request)
+            self._pending.put_back(request)
+            self.metrics.preempted.labels(request.adapter_label).inc()
+            log.debug("request %s preempted after %d tokens", request.name, len(row.state.stream.ids))
+
+    def _would_admit(self, request: EngineRequest, leaving: list[Row]) -> bool:
+        """Whether admission would give `request` a row once `leaving` left: a slot for its adapter, room in the KV
+        budget, and (while a long prompt runs in chunks) a prefill it runs whole."""
+        if not self.bank.available(request.adapter):
+            return False
+        if self._prefilling is not None and len(prefill_ids(request)) > self.config.max_prefill_tokens:
+            return False
+        gone = {id(r) for r in leaving}
+        staying = [r.state.request for r in self._rows() if id(r) not in gone]
+        return plan(staying + [request])[1] <= self.config.max_kv_tokens
 
     def _kv_plan(self, newcomers: list[EngineRequest]) -> tuple[int, int]:
         """(columns, token slots) the rows holding slots plus `newcomers` may grow to in one batch."""
@@ -284,10 +316,12 @@ class Engine:
             self._prefilling = None
         keep_prompts(self.prefixes, job)
         self.metrics.batch_size.labels("prefill").observe(len(rows))
-        self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
+        fresh = [r for r in rows if not r.state.started]  # (resumed rows ran their prompts before)
+        self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in fresh))
+        self.metrics.resumed_tokens.inc(sum(len(r.prompt_ids) for r in rows if r.state.started))
         count_by_adapter(self.metrics.adapter_prompt_tokens,
-                         ((r.state.request.adapter_label, len(r.prompt_ids)) for r in rows))
-        self._emit(rows, tokens, logprobs, first=True, failed={i: not_finite() for i in job.broken} | failed,
+                         ((r.state.request.adapter_label, len(r.prompt_ids)) for r in fresh))
+        self._emit(rows, tokens, logprobs, failed={i: not_finite() for i in job.broken} | failed,
                    prompt_logprobs=job.scores)
         self._report()
 
@@ -313,10 +347,10 @@ class Engine:
             return
         self.metrics.step_time.labels("decode").observe(time.monotonic() - start)
         self.metrics.batch_size.labels("decode").observe(len(batch))
-        self._emit(batch.rows, tokens, logprobs, first=False, failed=failed)
+        self._emit(batch.rows, tokens, logprobs, failed=failed)
         self._report()
 
-    def _emit(self, rows: list[Row], tokens: list[int], logprobs: list, first: bool,
+    def _emit(self, rows: list[Row], tokens: list[int], logprobs: list,
               failed: dict[int, Exception] | None = None, prompt_logprobs: dict | None = None) -> None:
         """Each row's token (and its log-probabilities, where asked for; after a prefill, its prompt's, by row
         index, in `prompt_logprobs`) to its client; rows in `failed` (non-finite logits at its next token or a
@@ -338,11 +372,11 @@ class Engine:
             row.last_token = token
             self._waiting.charge(state.request, output_tokens=1)
             matcher = state.request.matcher  # a format ends at an end id only where it is complete (then stopped)
-            text = state.stream.push(token, matcher is not None and token in self.eos and not matcher.is_stopped())
-            if first:
-                self.metrics.ttft.observe(now - state.request.arrival)
-            else:
+            if state.started:  # (a resumed row's pause, while preempted, included)
                 self.metrics.itl.observe(now - state.last_token_time)
+            else:
+                self.metrics.ttft.observe(now - state.request.arrival)
+            text = state.stream.push(token, matcher is not None and token in self.eos and not matcher.is_stopped())
             state.last_token_time = now
             state.request.sink(TokenEvent([token], text, None if row_logprobs is None else [row_logprobs],
                                           (prompt_logprobs or {}).get(i)))
@@ -351,7 +385,7 @@ class Engine:
         for row in finished:
             request = row.state.request
             self._finish_metrics(request, row.state.stream.finish)  # before the client can see the end
-            request.sink(FinishEvent(row.state.stream.finish, len(row.prompt_ids), len(row.state.stream.ids)))
+            request.sink(FinishEvent(row.state.stream.finish, len(request.prompt_ids), len(row.state.stream.ids)))
         if finished or ended:
             keep_sequences(self.prefixes, self._batch, finished)
             done = {id(r) for r in finished + ended}
@@ -400,12 +434,13 @@ class Engine:
         self.bank.release(row.slot)
         tell(row.state.request, ErrorEvent(internal_failure(exc)))
 
-    def _fail_waiting(self, error: Exception) -> None:
-        waiting = list(self._waiting)
+    def _fail_waiting(self, error: Exception, started: bool = True) -> None:
+        """End the waiting requests with `error`; `started`: the preempted ones too (else they wait on to resume)."""
+        waiting = [r for r in self._waiting if started or r.resume is None]
         for request in waiting:
             tell(request, ErrorEvent(error))
+            self._waiting.take(request)
         self._pending.leave(waiting)
-        self._waiting.clear()
 
     def _fail_all(self, exc: Exception) -> None:
         for request in self._waiting:

@@ -49,6 +49,7 @@ class EngineRequest:
     # A call that scores its prompt: an object of that call, on each of its completions (completion 0 scores). Its
     # prompt runs whole, once for them all, apart from other calls' prefills (server/prompt_sharing.py).
     scoring_call: object = None
+    resume: object = None  # preempted (server/preemption.py): its engine state (admission.RowState) until a row takes it
     adapter_label: str = ""
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set from any thread; the engine drops the request at its next step

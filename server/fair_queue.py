@@ -17,7 +17,7 @@ import heapq
 import itertools
 import threading
 from collections import Counter, deque
-from typing import Callable, Iterator
+from typing import Callable, Iterator, KeysView
 
 from server.engine_messages import EngineRequest
 from server.errors import InvalidArgument, ResourceExhausted
@@ -63,6 +63,17 @@ class WaitingQueue:
         number = next(self._arrivals)
         self._queues[key].append((number, request))
         self._all[number] = request
+
+    def put_back(self, request: EngineRequest) -> None:
+        """A preempted request (server/preemption.py) waits again, first of its tenant's: it started before the
+        others of its tenant that wait."""
+        self.append(request)
+        key = self._key(request)
+        self._queues[key].rotate(1)
+
+    def tenants(self) -> KeysView[str]:
+        """The tenants with requests waiting (fair only: "" stands for every tenant otherwise); a view, not a copy."""
+        return self._queues.keys()
 
     def level(self) -> float:
         """The lowest counter a newly waiting tenant may have: the lowest among the waiting, else the counter now of
@@ -184,6 +195,14 @@ class Pending:
             for request in requests:
                 queue(request)
             self._gauge.inc(count)
+
+    def put_back(self, request: EngineRequest) -> None:
+        """Count in a preempted request waiting again: the limits are for arrivals, a started request is never
+        refused."""
+        with self._lock:
+            self.total += 1
+            self._by[tenant(request)] += 1
+            self._gauge.inc()
 
     def check_count(self, count: int) -> None:
         """InvalidArgument for more completions of one request than the limits ever let in at once."""

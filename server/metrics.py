@@ -47,6 +47,12 @@ class Metrics:
         self.prefix_cache_tokens = Gauge(p + "prefix_cache_tokens", "Tokens whose keys and values the prefix cache "
                                          "holds (--prefix-cache-tokens).", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated.", registry=r)
+        self.preempted = Counter(p + "requests_preempted", "Running requests that gave their row to a request of an "
+                                 "adapter below its share of a full batch (--scheduling fair), per adapter (bounded "
+                                 "label set); each resumes where it stopped.", ["adapter"], registry=r)
+        self.resumed_tokens = Counter(p + "resumed_tokens", "Prompt and generated tokens of preempted requests "
+                                      "prefilled again when they resumed (run, or copied from the prefix cache).",
+                                      registry=r)
         self.success = Counter(p + "request_success", "Finished requests.", ["finished_reason"], registry=r)
         self.failure = Counter(p + "request_failure", "Requests ended by an error, by the status their client got.",
                                ["code"], registry=r)

@@ -21,7 +21,9 @@ log = logging.getLogger("loraplex.engine")
 
 def prompt_key(request: EngineRequest) -> tuple:
     """What makes requests' prefills the same: adapter version, cache salt and prompt; for the completions of a call
-    that scores its prompt, that call."""
+    that scores its prompt, that call; a preempted request's is its own (its tokens follow its prompt)."""
+    if request.resume is not None:
+        return ("resumed", id(request))
     if request.prompt_logprobs is not None or request.scoring_call is not None:
         return ("scored", id(request.scoring_call if request.scoring_call is not None else request))
     return (request.adapter.key if request.adapter is not None else None, request.cache_salt,
@@ -68,11 +70,17 @@ def cache_key(request: EngineRequest) -> tuple:
     return (request.adapter.weights_key if request.adapter is not None else None, request.cache_salt)
 
 
+def prefill_ids(request: EngineRequest) -> list[int]:
+    """The tokens a request's prefill runs: its prompt, and a preempted one's generated tokens after it (the last
+    one's logits give its next token)."""
+    return request.prompt_ids if request.resume is None else request.prompt_ids + request.resume.stream.ids
+
+
 def cached_blocks(cache: PrefixCache | None, request: EngineRequest) -> list[Block]:
-    """The prefix cache's blocks that `request`'s prompt starts with."""
-    if cache is None or request.prompt_logprobs is not None:
+    """The prefix cache's blocks that `request`'s prefill (prefill_ids) starts with: none for a prompt it scores."""
+    if cache is None or (request.prompt_logprobs is not None and request.resume is None):
         return []
-    return cache.match(cache_key(request), request.prompt_ids)
+    return cache.match(cache_key(request), prefill_ids(request))
 
 
 def cached_prefix(cache: PrefixCache, blocks: list[Block]) -> Prefix:
@@ -99,7 +107,7 @@ def _padded(rows: list[Row]) -> int:
 def prefill_inputs(cache: PrefixCache | None, rows: list[Row]) -> tuple[dict[int, int], dict[int, Prefix]]:
     """Runner.start_prefill's `scored` and `prefixes` for engine rows."""
     scored = {i: r.state.request.prompt_logprobs for i, r in enumerate(rows)
-              if r.state.request.prompt_logprobs is not None}
+              if r.state.request.prompt_logprobs is not None and not r.state.started}  # (scored before it resumed)
     return scored, {i: cached_prefix(cache, r.state.prefix) for i, r in enumerate(rows) if r.state.prefix}
 
 
@@ -124,7 +132,8 @@ def keep_sequences(cache: PrefixCache | None, batch: Batch, rows: list[Row]) -> 
     for i, row in enumerate(batch.rows):
         if id(row) not in leaving:
             continue
-        tokens, end = row.prompt_ids + row.state.stream.ids[:-1], batch.cache.length  # rows end at the last column
+        tokens = row.state.request.prompt_ids + row.state.stream.ids[:-1]  # (a resumed row's prompt_ids hold some)
+        end = batch.cache.length  # rows end at the last column
         _keep(cache, row.state.request, tokens, batch.cache.row(i, end - len(tokens), end))
 
 

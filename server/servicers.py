@@ -396,6 +396,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 adapter_kernel=s.engine.bank.kernel, adapter_dtype=str(s.engine.bank.dtype).removeprefix("torch."),
                 chat_template=template_problem(b.tokenizer) is None, response_format=s.formats.problem is None,
                 scheduling=c.scheduling,
+                preemption=c.scheduling == "fair" and c.preemption,
                 limits=pb.Limits(
                     max_prompt_tokens=s.limits.max_prompt_tokens, max_new_tokens=s.limits.max_new_tokens,
                     max_concurrent_rpcs=c.max_concurrent_rpcs, max_queue_size=c.max_queue_size,

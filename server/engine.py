@@ -24,7 +24,7 @@ from server.errors import InternalError, Unavailable
 from server.fair_queue import Pending, WaitingQueue
 from server.metrics import Metrics, count_by_adapter
 from server.prefix_cache import PrefixCache
-from server.preemption import victims
+from server.preemption import victim
 from server.prompt_sharing import (donors, held_prompts, keep_prompts, keep_sequences, own_prefills, prefill_groups,
                                    prefill_ids, prefill_inputs)
 from server.stopping import FinishReason
@@ -214,33 +214,41 @@ class Engine:
             self._retire([i for i, r in enumerate(self._batch.rows) if r.state.request.cancelled])
 
     def _preempt(self) -> None:
-        """Rows of an adapter above its share of a full batch give their places to requests of adapters below theirs
-        (server/preemption.py): each waits again, first of its adapter's, to resume where it stopped."""
+        """A row of an adapter above its share of a full batch gives its place to a request of an adapter below its
+        own (server/preemption.py): it waits again, first of its adapter's, to resume where it stopped."""
         if not (self._waiting.fair and self.config.preemption) or self._batch is None or self.draining:
             return
-        chosen = victims(self._waiting, self._rows(), self._batch.rows, self.config.max_batch_size, self._would_admit)
-        if not chosen:
+        row = victim(self._waiting, self._rows(), [r for r in self._batch.rows if self._resumable(r)],
+                     self.config.max_batch_size, self._would_admit)
+        if row is None:
             return
-        keep_sequences(self.prefixes, self._batch, chosen)  # what they ran: copied, not run again, when they resume
-        leaving = {id(r) for r in chosen}
-        self._retire([i for i, r in enumerate(self._batch.rows) if id(r) in leaving])
-        for row in chosen:
-            request = row.state.request
-            request.resume = row.state
-            self._waiting.put_back(request)
-            self._pending.put_back(request)
-            self.metrics.preempted.labels(request.adapter_label).inc()
-            log.debug("request %s preempted after %d tokens", request.name, len(row.state.stream.ids))
+        keep_sequences(self.prefixes, self._batch, [row])  # what it ran: copied, not run again, when it resumes
+        self._retire([i for i, r in enumerate(self._batch.rows) if r is row])
+        request = row.state.request
+        request.resume = row.state
+        self._waiting.put_back(request)
+        self._pending.put_back(request)
+        self.metrics.preempted.labels(request.adapter_label).inc()
+        log.debug("request %s preempted after %d tokens", request.name, len(row.state.stream.ids))
 
-    def _would_admit(self, request: EngineRequest, leaving: list[Row]) -> bool:
+    def _resumable(self, row: Row) -> bool:
+        """Whether a prefill of the row's prompt and generated tokens gives the keys it holds. Not on a LongRoPE model
+        that keeps its cache past the original length (server/rope.py) once the row passed it from a prompt within
+        it: its first keys have the short factors, the later ones the long; one prefill would give all the long."""
+        longrope = self.runner.longrope
+        if longrope is None or self.runner.recompute_at is not None:
+            return True
+        sequence = len(row.state.request.prompt_ids) + len(row.state.stream.ids)
+        return not len(row.prompt_ids) <= longrope.original_length < sequence
+
+    def _would_admit(self, request: EngineRequest, leaving: Row) -> bool:
         """Whether admission would give `request` a row once `leaving` left: a slot for its adapter, room in the KV
         budget, and (while a long prompt runs in chunks) a prefill it runs whole."""
         if not self.bank.available(request.adapter):
             return False
         if self._prefilling is not None and len(prefill_ids(request)) > self.config.max_prefill_tokens:
             return False
-        gone = {id(r) for r in leaving}
-        staying = [r.state.request for r in self._rows() if id(r) not in gone]
+        staying = [r.state.request for r in self._rows() if r is not leaving]
         return plan(staying + [request])[1] <= self.config.max_kv_tokens
 
     def _kv_plan(self, newcomers: list[EngineRequest]) -> tuple[int, int]:

@@ -22,32 +22,27 @@ from server.engine_messages import EngineRequest
 from server.fair_queue import WaitingQueue, tenant
 
 
-def victims(waiting: WaitingQueue, rows: list[Row], running: list[Row], max_rows: int,
-            fits: Callable[[EngineRequest, list[Row]], bool]) -> list[Row]:
-    """The rows of `running` (the running batch's) to preempt now. `rows`: every row holding a place (running or
-    prefilling); `fits(request, leaving)`: whether `request` would be admitted once `leaving` left (its adapter's
-    slot, the KV budget): a row is never preempted for a request that would wait anyway."""
+def victim(waiting: WaitingQueue, rows: list[Row], running: list[Row], max_rows: int,
+           fits: Callable[[EngineRequest, Row], bool]) -> Row | None:
+    """The row of `running` (the running batch's preemptible rows) to preempt now, if any. `rows`: every row holding a
+    place (running or prefilling); `fits(request, row)`: whether `request` would be admitted once `row` left (its
+    adapter's slot, the KV budget): a row is never preempted for a request that would wait anyway. One a step: the
+    next step looks again at what admission then did (two preempted at once might be for requests of which only one
+    gets the slot or the KV room, and the second row would go to its own request again, ahead of the second needy)."""
     if len(rows) < max_rows or not waiting:  # free rows: admission gives them out in fair order
-        return []
+        return None
     counts = Counter(tenant(r.state.request) for r in rows)
     queued = waiting.tenants()
     share = max(1, max_rows // (len(queued) + sum(1 for key in counts if key not in queued)))
     if max(counts.values()) <= share:  # (every step of a full batch asks: O(rows) when nobody is above)
-        return []
-    chosen: list[Row] = []
-    for request in waiting.candidates():
-        needy = tenant(request)
-        if counts[needy] >= share:  # the next in turn has its share: it waits for a row to free, as always
-            break
-        over = [r for r in running if counts[tenant(r.state.request)] > share and not any(r is c for c in chosen)]
-        if not over:
-            break
-        most = max(counts[tenant(r.state.request)] for r in over)
-        victim = min((r for r in over if counts[tenant(r.state.request)] == most),
-                     key=lambda r: (len(r.state.stream.ids), -r.state.request.arrival))
-        if not fits(request, chosen + [victim]):
-            break
-        chosen.append(victim)
-        counts[tenant(victim.state.request)] -= 1
-        counts[needy] += 1
-    return chosen
+        return None
+    request = next(waiting.candidates())  # the next in turn, whom admission takes first
+    if counts[tenant(request)] >= share:  # at its share: it waits for a row to free, as always
+        return None
+    over = [r for r in running if counts[tenant(r.state.request)] > share]
+    if not over:
+        return None
+    most = max(counts[tenant(r.state.request)] for r in over)
+    row = min((r for r in over if counts[tenant(r.state.request)] == most),
+              key=lambda r: (len(r.state.stream.ids), -r.state.request.arrival))
+    return row if fits(request, row) else None

@@ -25,9 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.mixed_adapters import (EngineBench, add_common_arguments, build_adapters, build_model_dir,  # noqa: E402
-                                  code_version, machine)
+                                  code_version, machine, scrape)
 
 NAMES = ["flood", "steady"]
+PREEMPTED = 'loraplex_requests_preempted_total{adapter="flood"}'
 VARIANTS = {"fifo": dict(scheduling="fifo"), "fair, no preemption": dict(scheduling="fair", preemption=False),
             "fair": dict(scheduling="fair")}
 
@@ -108,9 +109,14 @@ def main(argv=None) -> int:
         for bench in benches.values():  # warm-up: one small round each
             bench.loop.run_until_complete(one_round(bench.client, argparse.Namespace(
                 **{**vars(args), "flood": args.batch, "steady": 1, "flood_head_start": 0.1}), prompt))
+        before = scrape(benches["fair"].config.metrics_port)
         for _ in range(args.repeats):
             for name, bench in benches.items():
                 results[name].append(bench.loop.run_until_complete(one_round(bench.client, args, prompt)))
+        after = scrape(benches["fair"].config.metrics_port)
+        cost = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in (PREEMPTED, "loraplex_resumed_tokens_total",
+                                                                      "loraplex_prompt_tokens_total",
+                                                                      "loraplex_generation_tokens_total")}
         alone = benches["fair"].loop.run_until_complete(one_round(benches["fair"].client, argparse.Namespace(
             **{**vars(args), "flood": 0, "flood_head_start": 0.0}), prompt))
     finally:
@@ -132,6 +138,10 @@ def main(argv=None) -> int:
         print(f"| {label} | {a:.3f} | {b:.3f} | {c:.3f} | {c / b:.3f} |")
     print(f"# the steady client alone: time to first token {alone['steady_ttft_p50']:.3f} s, end to end "
           f"{alone['steady_e2e_p50']:.3f} s (medians)")
+    print(f"# fair, over its {args.repeats} rounds: {cost[PREEMPTED]:.0f} requests preempted, "
+          f"{cost['loraplex_resumed_tokens_total']:.0f} tokens prefilled again as they resumed, beside "
+          f"{cost['loraplex_prompt_tokens_total']:.0f} prompt tokens prefilled and "
+          f"{cost['loraplex_generation_tokens_total']:.0f} tokens generated")
     print("# rounds: " + "; ".join(f"{s}: " + ", ".join(f"{r['steady_e2e_p50']:.2f}" for r in rs)
                                    for s, rs in results.items()) + " (steady end to end, median, s)")
     return 0

@@ -8,7 +8,8 @@ flood has filled the queue. Every steady request generates --max-new-tokens toke
 preemption; fair, the default), medians over --repeats rounds alternating them: the steady requests' time to first
 token and end-to-end latency (median and 90th percentile of each round's), and the tokens both adapters got until the
 steady client's last request ended, per second and the flood's share of them; then the steady client's requests alone
-on an idle server (fair), for scale.
+on an idle server (fair), for scale. With --duration, every round lasts that long whatever the scheduling: the steady
+client sends requests until then, and tokens count until then (throughput over equal windows).
 
     .venv/bin/python bench/fairness.py
 """
@@ -44,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--steady", type=int, default=5, help="requests the steady adapter sends one after the other")
     a("--flood-max-new-tokens", type=int, default=None, help="tokens each flood request generates (default: "
       "--max-new-tokens): long ones hold their rows until they end, unless preempted")
+    a("--duration", type=float, default=0.0, help="seconds a round lasts, the same for every scheduling: the steady "
+      "client sends requests until then (instead of --steady of them) and tokens count until then (0: a round lasts "
+      "until --steady requests ended, so a scheduling that serves them sooner has shorter rounds)")
     a("--rank", type=int, default=8)
     p.set_defaults(max_new_tokens=32, repeats=3)
     args = p.parse_args(argv)
@@ -68,7 +72,8 @@ async def one_round(client, args, prompt: list[int]) -> dict:
         async for chunk in client.generate_stream(prompt, adapter, max_new_tokens=tokens_wanted, ignore_eos=True):
             if chunk.token_ids and first is None:
                 first = time.perf_counter() - sent
-            tokens[adapter] += len(chunk.token_ids)
+            if deadline is None or time.perf_counter() <= deadline:
+                tokens[adapter] += len(chunk.token_ids)
         return first, time.perf_counter() - sent
 
     async def flooding() -> None:  # one of --flood clients, each sending its next request as its last one ends
@@ -76,13 +81,14 @@ async def one_round(client, args, prompt: list[int]) -> dict:
             await timed("flood")
 
     start = time.perf_counter()
+    deadline = start + args.duration if args.duration else None
     flood = [asyncio.create_task(flooding()) for _ in range(args.flood)]
     await asyncio.sleep(args.flood_head_start)  # the queue is full before the steady client starts
-    for _ in range(args.steady):
+    while len(steady_e2e) < args.steady if deadline is None else time.perf_counter() < deadline:
         ttft, e2e = await timed("steady")
         steady_ttft.append(ttft)
         steady_e2e.append(e2e)
-    wall = time.perf_counter() - start
+    wall = args.duration or time.perf_counter() - start
     served = dict(tokens)
     for task in flood:
         task.cancel()
@@ -108,7 +114,7 @@ def main(argv=None) -> int:
     try:
         for bench in benches.values():  # warm-up: one small round each
             bench.loop.run_until_complete(one_round(bench.client, argparse.Namespace(
-                **{**vars(args), "flood": args.batch, "steady": 1, "flood_head_start": 0.1}), prompt))
+                **{**vars(args), "flood": args.batch, "steady": 1, "flood_head_start": 0.1, "duration": 0.0}), prompt))
         before = scrape(benches["fair"].config.metrics_port)
         for _ in range(args.repeats):
             for name, bench in benches.items():
@@ -118,14 +124,15 @@ def main(argv=None) -> int:
                                                                       "loraplex_prompt_tokens_total",
                                                                       "loraplex_generation_tokens_total")}
         alone = benches["fair"].loop.run_until_complete(one_round(benches["fair"].client, argparse.Namespace(
-            **{**vars(args), "flood": 0, "flood_head_start": 0.0}), prompt))
+            **{**vars(args), "flood": 0, "flood_head_start": 0.0, "duration": 0.0}), prompt))
     finally:
         for bench in benches.values():
             bench.close()
     med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in results.items()}
     print(f"# fairness: {machine(args)}; code {code_version()}")
+    steady = f"for {args.duration:g} s" if args.duration else f"{args.steady}"
     print(f"# batch {args.batch}, flood {args.flood} requests in flight ({args.flood_max_new_tokens} tokens each), "
-          f"steady {args.steady} one after the other ({args.max_new_tokens} tokens each), prompt {args.prompt_min} "
+          f"steady {steady} one after the other ({args.max_new_tokens} tokens each), prompt {args.prompt_min} "
           f"tokens; medians of {args.repeats} rounds")
     print("| | fifo | fair, no preemption | fair | fair / no preemption |\n|---|---:|---:|---:|---:|")
     for key, label in [("steady_ttft_p50", "steady: time to first token, median (s)"),

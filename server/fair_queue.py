@@ -197,8 +197,8 @@ class Pending:
             self._gauge.inc(count)
 
     def put_back(self, request: EngineRequest) -> None:
-        """Count in a preempted request waiting again: the limits are for arrivals, a started request is never
-        refused."""
+        """Count in a preempted request waiting again. It is never refused (it started), but it waits like any
+        other: later arrivals are checked against the limits with it counted (its adapter's included)."""
         with self._lock:
             self.total += 1
             self._by[tenant(request)] += 1

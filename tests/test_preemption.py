@@ -2,6 +2,7 @@
 the adapter holding the most above its share; the preempted request waits first among its adapter's and resumes where
 it stopped, giving exactly the tokens it gives uninterrupted. The policy alone, then through the real server."""
 import asyncio
+import shutil
 import threading
 import time
 from types import SimpleNamespace
@@ -11,13 +12,14 @@ import pytest
 import torch
 
 from clients.client import AsyncClient, Client
+from loader.default_model import build_model_dir
+from protos.loraplex.v1 import inference_pb2 as pb
+from server.batch import Row
+from server.engine import Engine
 from server.engine_messages import EngineRequest
 from server.errors import Unavailable
 from server.fair_queue import WaitingQueue
-from server.engine import Engine
 from server.preemption import victim
-from loader.default_model import build_model_dir
-from server.batch import Row
 from tests.helpers import (LLAMA_TARGETS, decode_forced, make_peft_adapter, scrape, slow_decode, start_server,
                            wait_for)
 from tests.test_longrope import CROSSING, runner_for
@@ -111,19 +113,25 @@ def metric(server, name: str, adapter: str | None = None) -> float:
     return scrape(server).get(f'{name}{{adapter="{adapter}"}}' if adapter else name, 0.0)
 
 
+def joined(messages: list) -> SimpleNamespace:
+    """A stream's messages as one reply: tokens, text, log-probabilities, finish reason and usage."""
+    return SimpleNamespace(tokens=[t for m in messages for t in m.token_ids], text="".join(m.text for m in messages),
+                           logprobs=[p for m in messages for p in m.logprobs], finish=messages[-1].finish_reason,
+                           usage=messages[-1].usage)
+
+
 async def contest(server, other_tokens: int, during=None, **flood) -> tuple[list, object, list[str]]:
     """Two 'flood' streams fill the batch's two rows; once each has 3 tokens, an 'other' request comes (and then
-    `during(server)` runs in a thread). The flood's (tokens, usage), the other's response, and the order they ended."""
+    `during(server)` runs in a thread). The flood's replies (`joined`), the other's, and the order they ended."""
     ended, seen = [], [0, 0]
     async with AsyncClient(server.target, timeout=60) as client:
         async def stream(i: int):
-            tokens, usage = [], None
-            async for message in client.generate_stream(FLOOD[i], "flood", ignore_eos=True, **flood):
-                tokens.extend(message.token_ids)
-                seen[i] = len(tokens)
-                usage = message.usage if message.HasField("usage") else usage
+            messages = []
+            async for message in client.generate_stream(FLOOD[i], "flood", **{"ignore_eos": True, **flood}):
+                messages.append(message)
+                seen[i] += len(message.token_ids)
             ended.append(f"flood{i}")
-            return tokens, usage
+            return joined(messages)
         streams = [asyncio.create_task(stream(i)) for i in range(2)]
         assert await asyncio.to_thread(wait_for, lambda: min(seen) >= 3, 30)
         other = asyncio.create_task(client.generate(OTHER, "other", max_new_tokens=other_tokens, ignore_eos=True))
@@ -151,8 +159,8 @@ def test_a_preempted_request_resumes_with_the_tokens_it_gives_alone(model_dirs, 
     finally:
         server.stop()
     assert ended[0] == "other"  # it did not wait 40 steps for a flood row to end
-    assert [tokens for tokens, _ in results] == alone and list(other.token_ids) == other_alone
-    assert [(u.prompt_tokens, u.completion_tokens) for _, u in results] == [(len(p), 40) for p in FLOOD]
+    assert [r.tokens for r in results] == alone and list(other.token_ids) == other_alone
+    assert [(r.usage.prompt_tokens, r.usage.completion_tokens) for r in results] == [(len(p), 40) for p in FLOOD]
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     assert delta['loraplex_requests_preempted_total{adapter="flood"}'] == 1
     assert delta["loraplex_time_to_first_token_seconds_count"] == 3  # the resumed request's next token is no first
@@ -195,13 +203,14 @@ def test_a_preempted_request_is_not_ended_by_a_drain(model_dirs, adapters, monke
         results, other, ended = asyncio.run(contest(server, 10, drain, max_new_tokens=30))
     finally:
         server.stop()
-    assert [tokens for tokens, _ in results] == alone and len(other.token_ids) == 10
+    assert [r.tokens for r in results] == alone and len(other.token_ids) == 10
 
 
 def test_a_preempted_request_with_a_chunked_prefill_penalties_and_a_min_length_resumes_as_it_runs_alone(
         model_dirs, adapters, monkeypatch):
     flood = dict(max_new_tokens=30, temperature=0.9, seed=3, repetition_penalty=1.3, min_new_tokens=25)
-    server = start_server(model_dirs["llama"], adapters, max_batch_size=2, max_prefill_tokens=8, prefix_cache_tokens=256)
+    server = start_server(model_dirs["llama"], adapters, max_batch_size=2, max_prefill_tokens=8,
+                          prefix_cache_tokens=256)
     try:
         with Client(server.target, timeout=60) as client:
             alone = [list(client.generate(p, "flood", ignore_eos=True, **flood).token_ids) for p in FLOOD]
@@ -210,7 +219,7 @@ def test_a_preempted_request_with_a_chunked_prefill_penalties_and_a_min_length_r
         assert metric(server, "loraplex_requests_preempted_total", "flood") == 1
     finally:
         server.stop()
-    assert [tokens for tokens, _ in results] == alone
+    assert [r.tokens for r in results] == alone
 
 
 @pytest.mark.parametrize("prefix_cache", [0, 256])
@@ -329,3 +338,60 @@ def test_a_row_is_preempted_only_for_a_request_that_will_take_it(model_dirs, ada
         server.stop()
     assert state == (1, 4, 2)  # 'b' and the preempted request wait; no row is empty
     assert len(done) == 6 and len(done["b"].token_ids) == 116
+
+
+@pytest.mark.parametrize("held", ["format", "stop"])
+def test_a_preempted_request_keeps_its_response_format_stop_sequences_and_log_probabilities(model_dirs, adapters,
+                                                                                            monkeypatch, held):
+    """Sampled, with log-probabilities: its output held to a regex, or cut by a stop string that spans the preemption
+    (characters 2-14 of its text alone: the preemption comes after 3 tokens or more)."""
+    flood = dict(max_new_tokens=30, temperature=1.0, seed=5, logprobs=3)
+    server = start_server(model_dirs["llama"], adapters, max_batch_size=2)
+    try:
+        with Client(server.target, timeout=60) as client:
+            if held == "format":  # (30 tokens cannot complete it: no end of sequence before them)
+                flood.update(regex="([a-z]+ ){60}", ignore_eos=False)
+            else:
+                flood.update(ignore_eos=True)
+                flood["stop"] = [client.generate(p, "flood", **flood).text[2:14] for p in FLOOD]
+            alone = [joined(list(client.generate_stream(p, "flood", **flood))) for p in FLOOD]
+        slow_decode(server, monkeypatch, 0.03)
+        results, _, _ = asyncio.run(contest(server, 4, **flood))
+        assert metric(server, "loraplex_requests_preempted_total", "flood") == 1
+    finally:
+        server.stop()
+    assert [(r.tokens, r.text, r.finish) for r in results] == [(a.tokens, a.text, a.finish) for a in alone]
+    ended = pb.FINISH_REASON_LENGTH if held == "format" else pb.FINISH_REASON_STOP_SEQUENCE
+    assert {r.finish for r in results} == {ended}
+    for mine, theirs in zip(results, alone):
+        assert [list(p.top_token_ids) for p in mine.logprobs] == [list(p.top_token_ids) for p in theirs.logprobs]
+        assert max(abs(p.logprob - q.logprob) for p, q in zip(mine.logprobs, theirs.logprobs)) < 1e-4
+
+
+def test_a_request_preempted_across_a_hot_swap_resumes_on_the_version_it_started_with(model_dirs, adapters,
+                                                                                     monkeypatch, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(adapters, root)
+    server = start_server(model_dirs["llama"], root, max_batch_size=2, max_active_adapters=2)
+    engine = server.serving.engine
+    try:
+        with Client(server.target, timeout=60) as client:
+            alone = [list(client.generate(p, "flood", max_new_tokens=40, ignore_eos=True).token_ids) for p in FLOOD]
+        slow_decode(server, monkeypatch, 0.03)
+
+        def swap(server):
+            assert wait_for(lambda: any(r.resume is not None for r in engine._waiting), 30)
+            shutil.rmtree(root / "flood")
+            make_peft_adapter(model_dirs["llama"], root / "flood", 99, r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)
+            with Client(server.target, timeout=60) as client:
+                assert client.load_adapter("flood", replace=True).version == 2
+        results, _, _ = asyncio.run(contest(server, 10, swap, max_new_tokens=40))
+        with Client(server.target, timeout=60) as client:
+            new = [list(client.generate(p, "flood", max_new_tokens=40, ignore_eos=True).token_ids) for p in FLOOD]
+        assert wait_for(engine.idle, 10)
+        metrics = scrape(server)
+    finally:
+        server.stop()
+    assert [r.tokens for r in results] == alone and new != alone
+    assert (metrics["loraplex_num_requests_waiting"], metrics["loraplex_num_requests_running"],
+            metrics["loraplex_adapter_slots_used"]) == (0, 0, 0)

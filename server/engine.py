@@ -218,8 +218,8 @@ class Engine:
         own (server/preemption.py): it waits again, first of its adapter's, to resume where it stopped."""
         if not (self._waiting.fair and self.config.preemption) or self._batch is None or self.draining:
             return
-        row = victim(self._waiting, self._rows(), [r for r in self._batch.rows if self._resumable(r)],
-                     self.config.max_batch_size, self._would_admit)
+        row = victim(self._waiting, self._rows(), self._batch.rows, self.config.max_batch_size, self._would_admit,
+                     self._resumable)
         if row is None:
             return
         keep_sequences(self.prefixes, self._batch, [row])  # what it ran: copied, not run again, when it resumes

@@ -23,10 +23,11 @@ from server.fair_queue import WaitingQueue, tenant
 
 
 def victim(waiting: WaitingQueue, rows: list[Row], running: list[Row], max_rows: int,
-           fits: Callable[[EngineRequest, Row], bool]) -> Row | None:
-    """The row of `running` (the running batch's preemptible rows) to preempt now, if any. `rows`: every row holding a
-    place (running or prefilling); `fits(request, row)`: whether `request` would be admitted once `row` left (its
-    adapter's slot, the KV budget): a row is never preempted for a request that would wait anyway. One a step: the
+           fits: Callable[[EngineRequest, Row], bool], resumable: Callable[[Row], bool]) -> Row | None:
+    """The row of `running` (the running batch's) to preempt now, if any. `rows`: every row holding a place (running or
+    prefilling); `fits(request, row)`: whether `request` would be admitted once `row` left (its adapter's slot, the KV
+    budget): a row is never preempted for a request that would wait anyway; `resumable(row)`: whether the row could
+    resume as it runs (asked only of the candidates, past the checks every step of a full batch makes). One a step: the
     next step looks again at what admission then did (two preempted at once might be for requests of which only one
     gets the slot or the KV room, and the second row would go to its own request again, ahead of the second needy)."""
     if len(rows) < max_rows or not waiting:  # free rows: admission gives them out in fair order
@@ -39,7 +40,7 @@ def victim(waiting: WaitingQueue, rows: list[Row], running: list[Row], max_rows:
     request = next(waiting.candidates())  # the next in turn, whom admission takes first
     if counts[tenant(request)] >= share:  # at its share: it waits for a row to free, as always
         return None
-    over = [r for r in running if counts[tenant(r.state.request)] > share]
+    over = [r for r in running if counts[tenant(r.state.request)] > share and resumable(r)]
     if not over:
         return None
     most = max(counts[tenant(r.state.request)] for r in over)

@@ -36,11 +36,12 @@ def row(adapter: str, name: str, generated: int, arrival: float = 0.0):
                                                  stream=SimpleNamespace(ids=[7] * generated)))
 
 
-def chosen(rows, waiting: list[EngineRequest], max_rows: int = 4, fits=lambda request, leaving: True) -> str | None:
+def chosen(rows, waiting: list[EngineRequest], max_rows: int = 4, fits=lambda request, leaving: True,
+           resumable=lambda row: True) -> str | None:
     queue = WaitingQueue(fair=True)
     for r in waiting:
         queue.append(r)
-    row = victim(queue, rows, rows, max_rows, fits)
+    row = victim(queue, rows, rows, max_rows, fits, resumable)
     return None if row is None else row.state.request.request_id
 
 
@@ -60,6 +61,9 @@ def test_no_preemption_with_a_row_free_for_the_next_at_its_share_or_for_a_reques
     assert chosen(rows, [request("c", "c0")]) == "a1"  # share 4 // 3 = 1: c holds none, a holds 3
     assert chosen(rows, [request("b", "b1")]) == "a1"  # share 4 // 2 = 2: b holds 1, a holds 3
     assert chosen(rows, [request("c", "c0")], fits=lambda request, leaving: False) is None  # no slot or KV room
+    # a row that could not resume as it runs (Engine._resumable) is passed over; with none left, nobody goes
+    assert chosen(rows, [request("c", "c0")], resumable=lambda r: r.state.request.request_id != "a1") == "a0"
+    assert chosen(rows, [request("c", "c0")], resumable=lambda r: False) is None
     # the next in fair order is "a", at or above its share: nobody is preempted for the requests behind it either
     assert chosen(rows, [request("a", "a3"), request("c", "c0")]) is None
     # equal shares: nobody is above

@@ -140,23 +140,29 @@ def _prefix_cache(config: ServerConfig, tokens: int, runner: Runner, layers: lis
     return cache
 
 
-def _limits(config: ServerConfig, per_token: int, limits: Limits, before: int | None, held: int) -> Limits:
+def _limits(config: ServerConfig, per_token: int, limits: Limits, before: int | None, held: int,
+            host_cache: int) -> Limits:
     """`limits` with --max-kv-tokens 0 bounded by the memory free once the model, the slot bank and the prefix cache
     are allocated: the default, every row of the batch at the full context, would run a large model out of memory
     long before (a 7B Llama in fp16: 32 rows x 4096 tokens of keys and values take 64 GiB). That is the memory free
     now, and at most the memory free `before` the model loaded less what the model and the slot bank take (`held`)
     and the prefix cache: a model mapped from its checkpoint's file (the CPU, as stored) leaves the free memory as it
-    was, and the slot bank's HydraLoRA routers are allocated with the first routed adapter. `per_token`: the bytes
-    of a token slot's keys and values."""
+    was, and the slot bank's HydraLoRA routers are allocated with the first routed adapter. `host_cache`: the bytes
+    the host adapter cache may fill later in the same memory (on the CPU, --adapter-cache-bytes; else 0). `per_token`:
+    the bytes of a token slot's keys and values."""
     max_context = limits.max_context
     gc.collect()  # the start-up checks' caches (a cache and its layers refer to each other)
     free = free_memory(config.device)
     if free is not None and before is not None:
         free = max(0, min(free, before - held - limits.prefix_cache_tokens * per_token))
+    if free is not None:
+        free = max(0, free - host_cache)
     limits = resolve_limits(config, max_context, kv_room(free, per_token))
     kv = f"{limits.max_kv_tokens} token slots ({size_text(limits.max_kv_tokens * per_token)})"
-    share = f"{round(100 * KV_SHARE)}% of the {size_text(free)} free on {config.device} beside the model, the slot " \
-            f"bank and the prefix cache" if free is not None else ""
+    beside = "the model, the slot bank, the prefix cache" + \
+        (f" and the host adapter cache ({size_text(host_cache)}, --adapter-cache-bytes)" if host_cache else "")
+    share = f"{round(100 * KV_SHARE)}% of the {size_text(free)} free on {config.device} beside {beside}" \
+        if free is not None else ""
     if not limits.kv_by_memory:
         log.info("KV cache: up to %s, %s", kv, "--max-kv-tokens" if config.max_kv_tokens else
                  f"--max-batch-size x the context (within {share})" if share else
@@ -165,10 +171,10 @@ def _limits(config: ServerConfig, per_token: int, limits: Limits, before: int | 
     needs = f"--max-batch-size {config.max_batch_size} x the context {max_context} would need " \
             f"{size_text(config.max_batch_size * max_context * per_token)}"
     if limits.max_kv_tokens < 1:
-        raise ConfigError(f"no memory is left on {config.device} for the KV cache ({size_text(free)} free once the "
-                          f"model, the adapter slot bank and the prefix cache are allocated; {needs}): lower "
-                          f"--max-active-adapters, --max-lora-rank, --max-hydra-heads or --prefix-cache-tokens, or "
-                          f"take a larger device")
+        raise ConfigError(f"no memory is left on {config.device} for the KV cache ({size_text(free)} free beside "
+                          f"{beside}; {needs}): lower --max-active-adapters, --max-lora-rank, --max-hydra-heads"
+                          f"{', --adapter-cache-bytes' if host_cache else ''} or --prefix-cache-tokens, or take a "
+                          f"larger device")
     log.info("KV cache: up to %s, what %s holds (%s; --max-kv-tokens sets it)", kv, share, needs)
     if limits.max_kv_tokens < max_context:
         log.warning("KV cache: requests whose prompt + max_new_tokens pass %d tokens (the context is %d) are "
@@ -226,8 +232,13 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     layers = runner.row_layout()  # a row's keys and values per layer: what the prefix cache and KV budget are made of
     prefixes = _prefix_cache(config, limits.prefix_cache_tokens, runner, layers)
     model_bytes = sum(t.numel() * t.element_size() for t in [*base.model.parameters(), *base.model.buffers()])
+    root = Path(config.adapter_root) if config.adapter_root else None
+    if root is None and config.model == "default":
+        root = default_adapter_root()  # the built-in model comes with its demo adapters
+    # on the CPU the adapters read from disk share the KV cache's memory (with no adapter root, none is read)
+    host_cache = config.adapter_cache_bytes if root is not None and torch.device(config.device).type == "cpu" else 0
     limits = _limits(config, PrefixCache.bytes_per_token(layers), limits, before,  # after everything else is allocated
-                     model_bytes + bank_bytes)
+                     model_bytes + bank_bytes, host_cache)
     engine = Engine(runner, base.tokenizer, base.eos_token_ids,
                     EngineConfig(config.max_batch_size, config.max_queue_size, limits.max_kv_tokens,
                                  config.max_prefill_tokens, config.scheduling, config.max_queue_per_adapter,
@@ -250,9 +261,6 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
         finally:
             metrics.adapter_load.labels(result).observe(time.monotonic() - start)
 
-    root = Path(config.adapter_root) if config.adapter_root else None
-    if root is None and config.model == "default":
-        root = default_adapter_root()  # the built-in model comes with its demo adapters
     registry = AdapterRegistry(root, read, config.adapter_cache_bytes, config.autoload_adapters,
                                on_evict=lambda adapter: engine.call(lambda: bank.forget(adapter.key)),
                                on_change=lambda memory, disk: (metrics.adapters_loaded.labels("cpu").set(memory),

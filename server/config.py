@@ -101,7 +101,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-kv-tokens", type=int, default=d.max_kv_tokens,
       help="KV-cache capacity in token slots (rows x cached positions) that running requests may reserve; "
            f"requests wait for room (0: max-batch-size x context, at most what fits in {round(100 * KV_SHARE)}%% of "
-           f"the memory free once the model, the adapter slot bank and the prefix cache are allocated)")
+           f"the memory free once the model, the adapter slot bank and the prefix cache are allocated, on the CPU "
+           f"less --adapter-cache-bytes)")
     a("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
       help="prompt tokens (rows x longest prompt, as padded) one step prefills; later arrivals wait for the "
            "next step, and a longer prompt is prefilled alone, this many tokens a step (shorter requests still join "

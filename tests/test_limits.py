@@ -379,7 +379,7 @@ def test_the_slot_bank_size_is_what_it_allocates(model_dirs, caplog):
         server.stop()
 
 
-def test_a_kv_budget_left_at_0_is_what_the_free_memory_holds(model_dirs, monkeypatch, caplog):
+def test_a_kv_budget_left_at_0_is_what_the_free_memory_holds(model_dirs, monkeypatch, caplog, tmp_path):
     """--max-kv-tokens 0 was --max-batch-size x the context whatever the memory: 32 rows of a 7B model at 4096 tokens
     want 64 GiB of keys and values, so a GPU ran out of memory under load. Now it is at most what KV_SHARE of the
     memory free once everything else is allocated holds; below the context, longer requests are refused. (QA) The
@@ -393,17 +393,20 @@ def test_a_kv_budget_left_at_0_is_what_the_free_memory_holds(model_dirs, monkeyp
     from server.prefix_cache import PrefixCache
     caplog.set_level(logging.INFO, logger="loraplex.app")
     small = dict(max_active_adapters=1, max_lora_rank=1, max_hydra_heads=64)  # 0.5 MiB of routers, not allocated
-    for free, warned in ((3 << 20, False), (1400 << 10, True)):
+    # on the CPU, an adapter root's host adapter cache (--adapter-cache-bytes) fills the same memory later; with no
+    # root no adapter is read (tmp_path: an empty root)
+    for free, warned, cache in ((3 << 20, False, 0), (1400 << 10, True, 0), ((3 << 20) + (1 << 20), False, 1 << 20)):
         monkeypatch.setattr(app, "free_memory", lambda device, free=free: free)
         caplog.clear()
-        server = start_server(model_dirs["llama"], None, **small)
+        server = start_server(model_dirs["llama"], tmp_path if cache else None, adapter_cache_bytes=cache or 1 << 30,
+                              **small)
         try:
             runner, model = server.serving.engine.runner, server.serving.base.model
             per_token = PrefixCache.bytes_per_token(runner.row_layout())
             held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
             bank = check_slot_bank(server.config, [(s.d_in, s.d_out) for s in runner.bank.shapes], 4, None)[1]
             assert held > 200 << 10 and bank > 500 << 10 and all(g is None for g in runner.bank.g)
-            budget = int((free - held - bank) * KV_SHARE) // per_token
+            budget = int((free - held - bank - cache) * KV_SHARE) // per_token
             with Client(server.target, timeout=60) as client:
                 info = client.server_info()
                 assert info.limits.max_kv_tokens == server.serving.engine.config.max_kv_tokens == budget
@@ -411,6 +414,7 @@ def test_a_kv_budget_left_at_0_is_what_the_free_memory_holds(model_dirs, monkeyp
                 assert (budget < info.max_context_length) == warned
                 lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("KV cache: ")]
                 assert f"KV cache: up to {budget} token slots" in lines[0] and "--max-kv-tokens sets it" in lines[0]
+                assert ("host adapter cache (1.0 MiB, --adapter-cache-bytes)" in lines[0]) == bool(cache), lines[0]
                 assert (len(lines) == 2 and "are refused, OUT_OF_RANGE" in lines[1]) == warned
                 assert len(client.generate([5] * 100, max_new_tokens=200, ignore_eos=True).token_ids) == 200
                 if warned:
@@ -421,9 +425,15 @@ def test_a_kv_budget_left_at_0_is_what_the_free_memory_holds(model_dirs, monkeyp
             server.stop()
     calls = iter([1 << 30, 1 << 30, 0])  # before the model loads; the slot bank fits; nothing is left once allocated
     monkeypatch.setattr(app, "free_memory", lambda device: next(calls))
-    with pytest.raises(RuntimeError, match=r"no memory is left on cpu for the KV cache \(0 bytes free once the model"
+    with pytest.raises(RuntimeError, match=r"no memory is left on cpu for the KV cache \(0 bytes free beside the model"
                                            r".*lower --max-active-adapters, --max-lora-rank, --max-hydra-heads or "):
         start_server(model_dirs["llama"], None, **small)
+    calls = iter([1 << 30, 1 << 30, 1 << 30])  # the same, where the host adapter cache may take all that is left
+    monkeypatch.setattr(app, "free_memory", lambda device: next(calls))
+    with pytest.raises(RuntimeError, match=r"0 bytes free beside the model, the slot bank, the prefix cache and the "
+                                           r"host adapter cache \(1.0 GiB, --adapter-cache-bytes\).*--max-hydra-heads, "
+                                           r"--adapter-cache-bytes or --prefix-cache-tokens"):
+        start_server(model_dirs["llama"], tmp_path, adapter_cache_bytes=1 << 30, **small)
 
 
 def test_free_memory_on_the_cpu_stays_within_the_containers_limit(tmp_path):

@@ -43,9 +43,12 @@ def check_flag(name: str, value, optional: bool = False) -> bool | None:
 
 
 def check_integer(name: str, value, low: int, high: int) -> int | None:
-    """None, or an int with low <= value < high: what the field can carry (the server checks what it means)."""
-    if value is None:
-        return None
+    """None (an optional field left unset), or `integer`."""
+    return None if value is None else integer(name, value, low, high)
+
+
+def integer(name: str, value, low: int, high: int) -> int:
+    """An int with low <= value < high: what the field can carry (the server checks what it means)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if not low <= value < high:
@@ -58,11 +61,18 @@ def _power(bound: int) -> str:
 
 
 def check_number(name: str, value) -> float | None:
-    if value is None:
-        return None
+    """None (an optional field left unset), or `number`."""
+    return None if value is None else number(name, value)
+
+
+def number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond a double's range (10**400)
+        raise ValueError(f"{name} must be within a double's range (about 1.8e308 either way): got an int of "
+                         f"{int(value).bit_length()} bits") from None
 
 
 def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_tokens: int | None = None,
@@ -117,6 +127,9 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
     continued = check_flag("continue_final_message", continue_final_message)
     if isinstance(prompt, (bytes, bytearray)):  # a sequence of ints, but surely meant as text
         raise TypeError("prompt must be text (str) or token ids (a sequence of int), not bytes: decode it first")
+    if isinstance(prompt, Mapping):  # its keys would be taken as token ids
+        raise TypeError("prompt must be text (str), token ids (a sequence of int) or chat messages (a sequence of "
+                        "dicts), not one dict: pass [message]")
     if isinstance(prompt, str):
         ids = None
     else:
@@ -145,7 +158,7 @@ def build_request(prompt: str | Sequence[int], adapter_id: str = "", *, max_new_
         request.prompt_token_ids.ids.extend(ids)
     except (TypeError, ValueError):  # name the id protobuf refused (checked one by one only then: prompts are long)
         for position, token in enumerate(ids):
-            check_integer(f"prompt token id {position}", token, *INT32)
+            integer(f"prompt token id {position}", token, *INT32)
         raise
     return request
 
@@ -184,12 +197,7 @@ def _message(position: int, message) -> pb.ChatMessage:
 def _token_ids(name: str, ids) -> list[int]:
     if isinstance(ids, (str, bytes, bytearray)) or ids is None or not hasattr(ids, "__iter__"):
         raise TypeError(f"{name} must be a sequence of int (() for none), not {type(ids).__name__}")
-    ids = list(ids)
-    for position, token in enumerate(ids):
-        if token is None:
-            raise TypeError(f"{name}[{position}] must be an int, not NoneType")
-        check_integer(f"{name}[{position}]", token, *INT32)
-    return [int(token) for token in ids]
+    return [integer(f"{name}[{position}]", token, *INT32) for position, token in enumerate(ids)]
 
 
 def _logit_bias(bias) -> dict[int, float]:
@@ -197,14 +205,14 @@ def _logit_bias(bias) -> dict[int, float]:
         return {}
     if not isinstance(bias, Mapping):
         raise TypeError(f"logit_bias must be a dict of token id to bias, not {type(bias).__name__}")
-    return {check_integer(f"logit_bias token id {token!r}", token, *INT32):
-            check_number(f"logit_bias[{token}]", value) for token, value in bias.items()}
+    return {integer(f"logit_bias token id {token!r}", token, *INT32): number(f"logit_bias[{token!r}]", value)
+            for token, value in bias.items()}
 
 
 def _stops(stop) -> list[str]:
     if isinstance(stop, str):
         return [check_text("stop", stop)]
-    if stop is None or not hasattr(stop, "__iter__"):
+    if stop is None or isinstance(stop, (bytes, bytearray)) or not hasattr(stop, "__iter__"):
         raise TypeError(f"stop must be a str or a sequence of str (() for none), not {type(stop).__name__}")
     return [check_text(f"stop[{position}]", text) for position, text in enumerate(stop)]
 

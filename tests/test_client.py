@@ -113,6 +113,18 @@ def test_a_sync_stream_cancelled_ends_its_loop_cleanly(server, monkeypatch):
     (lambda c: c.generate("x", logit_bias=[(5, 1.0)]), TypeError, "logit_bias must be a dict of token id to bias"),
     (lambda c: c.generate("x", logit_bias={"5": 1.0}), TypeError, "logit_bias token id '5' must be an int"),
     (lambda c: c.generate("x", logit_bias={5: "1"}), TypeError, "logit_bias[5] must be a number, not str"),
+    # (QA) None inside a sequence or map, an int beyond a double, bytes as stop and one message as the prompt named
+    # nothing or the wrong argument (protobuf's "'NoneType' object cannot be interpreted as an integer", OverflowError)
+    (lambda c: c.generate([5, None]), TypeError, "prompt token id 1 must be an int, not NoneType"),
+    (lambda c: c.generate("x", stop_token_ids=[None]), TypeError, "stop_token_ids[0] must be an int, not NoneType"),
+    (lambda c: c.generate("x", logit_bias={None: 1.0}), TypeError, "logit_bias token id None must be an int"),
+    (lambda c: c.generate("x", logit_bias={5: None}), TypeError, "logit_bias[5] must be a number, not NoneType"),
+    (lambda c: c.generate("x", temperature=10 ** 400), ValueError,
+     "temperature must be within a double's range (about 1.8e308 either way): got an int of 1329 bits"),
+    (lambda c: c.generate("x", logit_bias={5: -10 ** 400}), ValueError, "logit_bias[5] must be within a double's"),
+    (lambda c: c.generate("x", stop=b"ab"), TypeError, "stop must be a str or a sequence of str (() for none), not bytes"),
+    (lambda c: c.generate({"role": "user", "content": "hi"}), TypeError,
+     "prompt must be text (str), token ids (a sequence of int) or chat messages (a sequence of dicts), not one dict"),
     (lambda c: c.load_adapter("demo", pin="no"), TypeError, "pin must be True or False or None, not str"),
     (lambda c: c.load_adapter("demo", replace=1), TypeError, "replace must be True or False, not int"),
     (lambda c: c.unload_adapter(None), TypeError, "adapter_id must be a str, not NoneType"),

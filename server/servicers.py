@@ -404,7 +404,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     max_lora_rank=c.max_lora_rank, max_hydra_heads=c.max_hydra_heads,
                     max_batch_size=c.max_batch_size, max_active_adapters=c.max_active_adapters,
                     adapter_cache_bytes=c.adapter_cache_bytes,
-                    prefix_cache_tokens=s.limits.prefix_cache_tokens, max_queue_per_adapter=c.max_queue_per_adapter),
+                    prefix_cache_tokens=s.limits.prefix_cache_tokens, max_queue_per_adapter=c.max_queue_per_adapter,
+                    max_prefill_tokens=c.max_prefill_tokens, stream_stall_timeout_seconds=c.stream_stall_timeout),
                 adapter_target_modules=[shape.name for shape in s.engine.bank.shapes],
                 supported_adapter_kinds=[pb.ADAPTER_KIND_LORA, pb.ADAPTER_KIND_ADALORA,
                                          pb.ADAPTER_KIND_HYDRALORA, pb.ADAPTER_KIND_RESLORA])

@@ -24,7 +24,8 @@ def adapter_root(model_dirs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dirs, adapter_root):
     s = start_server(model_dirs["llama"], adapter_root, max_prompt_tokens=20, max_new_tokens=50, max_kv_tokens=150,
-                     max_adapter_bytes=1000, max_concurrent_rpcs=3, max_queue_size=7, max_hydra_heads=3)
+                     max_adapter_bytes=1000, max_concurrent_rpcs=3, max_queue_size=7, max_hydra_heads=3,
+                     max_prefill_tokens=40, stream_stall_timeout=12.5)
     yield s
     s.stop()
 
@@ -36,6 +37,7 @@ def test_server_info_lists_every_limit(server):
     assert (limits.max_adapter_bytes, limits.max_concurrent_rpcs, limits.max_queue_size) == (1000, 3, 7)
     assert (limits.max_lora_rank, limits.max_hydra_heads, limits.max_batch_size) == (16, 3, 16)
     assert limits.max_active_adapters == 8 and limits.adapter_cache_bytes == 2 << 30
+    assert (limits.max_prefill_tokens, limits.stream_stall_timeout_seconds) == (40, 12.5)
 
 
 @pytest.mark.parametrize("flag,value,needle", [

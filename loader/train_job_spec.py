@@ -17,8 +17,12 @@ from loader.base_model import DTYPES, device_problem
 from loader.peft_files import CONFIG_FILE
 
 METHODS = ("lora", "adalora", "hydralora", "reslora")
-_FUSED_QKV = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
-              "phi": ["q_proj", "v_proj", "fc1", "fc2"], None: ["q_proj", "v_proj"]}
+# PEFT's LoRA defaults for the decoder-only architectures where they are not q_proj and v_proj (fused attention
+# projections mostly; PEFT is not a runtime dependency, so its table is not imported)
+_FUSED_QKV = {"gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "codegen": ["qkv_proj"], "gpt_neox": ["query_key_value"],
+              "falcon": ["query_key_value"], "bloom": ["query_key_value"], "mpt": ["Wqkv"],
+              "phi": ["q_proj", "v_proj", "fc1", "fc2"], "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+              None: ["q_proj", "v_proj"]}
 DEFAULT_TARGETS = {  # PEFT's per-architecture defaults (where PEFT has one); HydraLoRA's reference adapts the FFN
     "lora": _FUSED_QKV,
     "adalora": {**_FUSED_QKV, "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]},
@@ -112,9 +116,11 @@ def check_job(job: TrainJob) -> None:
     s = job.settings
     positive_int = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
     count = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer")
-    positive = (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0, "a positive number")
-    fraction = (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)")
-    non_negative = (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, "a non-negative number")
+    # a --jobs line's JSON true/false is a Python bool, an int: never a number here ("lr": true trained at 1.0)
+    real = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    positive = (lambda v: real(v) and math.isfinite(v) and v > 0, "a positive number")
+    fraction = (lambda v: real(v) and 0 <= v < 1, "in [0, 1)")
+    non_negative = (lambda v: real(v) and math.isfinite(v) and v >= 0, "a non-negative number")
     seed = (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 64,  # torch's generators
             "an integer from 0 to 2^64-1")
     checks = [("seed", s.seed, seed), ("rank", job.rank, positive_int), ("alpha", job.alpha, positive),

@@ -97,7 +97,13 @@ def test_a_jobs_file_without_jobs_is_refused(tmp_path, text):
     ({"data": ["d"]}, "--data must be a non-empty string"), ({"model": None}, "--model must be a non-empty string"),
     ({"dtype": "float64"}, "--dtype must be one of ['float32', 'bfloat16', 'float16']"),  # a KeyError at its turn
     ({"rslora": "yes"}, "--rslora must be true or false"), ({"lr": 0}, "--lr must be a positive number"),
-    ({"method": "reslora", "structure": "xs"}, "--structure must be one of ['bs', 'is', 'ms']")])
+    ({"method": "reslora", "structure": "xs"}, "--structure must be one of ['bs', 'is', 'ms']"),
+    # (QA) JSON true/false is a Python bool, an int: "lr": true trained at 1.0, "alpha": true wrote lora_alpha true
+    ({"lr": True}, "--lr must be a positive number, got True"), ({"alpha": True}, "--alpha must be a positive number"),
+    ({"max_grad_norm": True}, "--max-grad-norm must be a positive number"),
+    ({"weight_decay": False}, "--weight-decay must be a non-negative number, got False"),
+    ({"method": "adalora", "orth_reg_weight": True}, "--orth-reg-weight must be a non-negative number"),
+    ({"dropout": False}, "--dropout must be in [0, 1), got False")])
 def test_a_jobs_line_with_a_wrong_value_is_refused_naming_its_line_before_any_job_runs(tmp_path, edit, says):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"method": "lora", "data": "d", "out": "o"}) + "\n" +

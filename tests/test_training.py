@@ -372,7 +372,26 @@ def test_reslora_refuses_modules_outside_the_numbered_blocks(data, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("arch,method", [("gpt_neox", "lora"), ("gpt_neox", "hydralora"), ("opt", "adalora")])
+def test_default_targets_are_pefts_for_every_decoder_it_knows():
+    """(QA) PEFT has defaults for gpt_bigcode, codegen, bloom and mpt (fused projections), and nemotron_h: training
+    refused the first ones ("no default target modules") and took q_proj,v_proj for nemotron_h. PEFT's table, for
+    the decoder-only causal LMs transformers knows, is the oracle (PEFT is no runtime dependency, so not imported)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING as adalora
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as lora
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+    not_decoders = {"bart", "bert", "roberta", "xlm-roberta", "electra", "rwkv"}  # encoders' decoder heads, RNN
+    checked = 0
+    for method, table in (("lora", lora), ("reslora", lora), ("adalora", adalora)):
+        for model_type, names in table.items():
+            if model_type in causal and model_type not in not_decoders and isinstance(names, list):
+                ours = DEFAULT_TARGETS[method].get(model_type, DEFAULT_TARGETS[method][None])
+                assert sorted(ours) == sorted(names), (method, model_type)
+                checked += 1
+    assert checked > 40
+
+
+@pytest.mark.parametrize("arch,method", [("gpt_neox", "lora"), ("gpt_neox", "hydralora"), ("opt", "adalora"),
+                                         ("gpt_bigcode", "lora"), ("gpt_bigcode", "reslora")])
 def test_default_targets_follow_the_architecture(data, tmp_path, arch, method):
     """Without --target-modules a method adapts PEFT's default modules of the architecture (HydraLoRA: its FFN)."""
     model = build_model_dir(tmp_path / arch, arch, seed=0)

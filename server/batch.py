@@ -139,11 +139,15 @@ class Runner:
             compared.append((stepped(joined, [first[0], token])[1], alone))
         except Exception as exc:
             log.exception("the start-up check of the model's KV cache failed")
-            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            plain = self._plain_forward_error(first)
+            if plain is not None:  # not this server's cache or masks: the model fails alone (HF's generate too)
+                raise UnsupportedAttention(f"the model's own forward fails on {len(first)} tokens, without this "
+                                           f"server's KV cache or masks ({_first_line(plain)}): its config or weights "
+                                           f"do not make a working model") from None
             raise UnsupportedAttention(f"the model's forward fails with this server's KV cache and attention masks "
-                                       f"({why}; traceback logged): it serves decoder LMs whose attention takes 4D "
-                                       f"masks and keeps its state in the KV cache, not recurrent, state-space or "
-                                       f"linear-attention layers") from None
+                                       f"({_first_line(exc)}; traceback logged): it serves decoder LMs whose attention "
+                                       f"takes 4D masks and keeps its state in the KV cache, not recurrent, "
+                                       f"state-space or linear-attention layers") from None
         if len(empty) == len(running.cache.layers):
             raise UnsupportedAttention("no layer of the model keeps keys and values in the KV cache (recurrent or "
                                        "state-space layers keep other state); this server batches attention layers")
@@ -156,6 +160,15 @@ class Runner:
                                        f"{', in layers ' + str(empty) if empty else ''}), which this server cannot "
                                        f"batch")
         self.tap.gives_logits()  # now, not inside the first prefill that scores a prompt
+
+    def _plain_forward_error(self, ids: list[int]) -> Exception | None:
+        """What the model's own forward of `ids` raises, with no cache or mask of ours and no adapter (None: it runs)."""
+        try:
+            with torch.inference_mode():
+                self.model(input_ids=torch.tensor([ids], device=self.device))
+        except Exception as exc:
+            return exc
+        return None
 
     def row_layout(self) -> list[tuple[torch.Size, torch.Size, torch.dtype] | None]:
         """Each layer's key and value shapes of one row, [heads, 1, head dim], and their dtype (None: a layer keeping
@@ -401,3 +414,7 @@ class Runner:
     def shrink(self, batch: Batch, peak: int) -> None:
         """Give back the places rows that left `batch` left (KVCache.shrink; `peak`: what its rows may grow to)."""
         batch.cache.shrink(min(peak, self.max_context))
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -124,6 +124,16 @@ def test_models_whose_state_is_not_the_kv_cache_are_refused_at_start(tmp_path, a
         BackgroundServer(ServerConfig(model=str(model), port=0, metrics_port=0)).start()
 
 
+def test_a_model_whose_own_forward_fails_is_refused_as_such(tmp_path):
+    """(QA) A config whose forward fails in HF alone (CodeGen's rotary_dim left at 64 on 16-wide heads; HF's generate
+    fails too) was refused as if its state were outside the KV cache ("not recurrent, state-space ... layers")."""
+    model = build_model_dir(tmp_path / "codegen", "codegen", seed=0)
+    with pytest.raises(RuntimeError, match=r"ConfigError.*the model's own forward fails on 8 tokens, without this "
+                                           r"server's KV cache or masks \(RuntimeError: The size of tensor a \(16\) "
+                                           r"must match .*\): its config or weights do not make a working model"):
+        BackgroundServer(ServerConfig(model=str(model), port=0, metrics_port=0)).start()
+
+
 def test_keys_and_values_of_different_widths_join_a_running_batch(tmp_path):
     """Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3) caches keys wider than values: a row joining a running
     batch gets what it gets alone (a merge built values as wide as keys: INTERNAL), and the cache's bytes count both."""

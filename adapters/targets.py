@@ -40,15 +40,27 @@ def pattern_matches(what: str, pattern: str, name: str, full: bool = True) -> bo
     return found is not None
 
 
+# braces that are no repeat count ({2}, {2,}, {,3}, {2,3}), not escaped: literal text to re, fuzzy matching to the
+# regex module where they hold e, i, s or d ((?:q_proj){e<=1}: within one edit of q_proj, so k_proj too)
+_BRACES = re.compile(r"(?<!\\)\{(?!\d*,?\d*\})[^}]*\}")
+
+
 def read_otherwise(pattern: str) -> str | None:
-    """Why the regex module may read `pattern` otherwise than re (which PEFT matches with), or None: re warns of the
-    constructs whose meaning differs (nested sets and set operations: regex reads [[:digit:]] as a POSIX class, re as
-    a set of '[', ':', 'd', ... followed by ']'). re.error where re cannot compile it."""
+    """Why the regex module may read `pattern` otherwise than re (which PEFT matches with), or None: braces that are
+    no repeat count (fuzzy matching to regex), and the constructs re warns of (nested sets and set operations: regex
+    reads [[:digit:]] as a POSIX class, re as a set of '[', ':', 'd', ... followed by ']'). re.error where re cannot
+    compile it."""
     re.purge()  # a cached pattern is not parsed again, so it would not warn again
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         re.compile(pattern)
-    return next((str(w.message) for w in caught if issubclass(w.category, FutureWarning)), None)
+    braces = _BRACES.search(pattern)
+    if braces:
+        return (f"{braces.group()} is literal text to re, which no module path holds, and may be fuzzy matching to "
+                f"the regex module (within so many edits); write the names it should match")
+    warned = next((str(w.message) for w in caught if issubclass(w.category, FutureWarning)), None)
+    return None if warned is None else f"re warns: {warned} (a POSIX class such as [[:digit:]] is a set to re: " \
+                                       f"write [0-9])"
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -30,7 +30,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 MAX_CONFIG_BYTES = 4 << 20  # ResLoRA's per-module statistics for an 80-layer model take ~100 KB
 KEY_PREFIX = "base_model.model."
-POSIX_HINT = "(a POSIX class such as [[:digit:]] is a set to re: write [0-9])"  # what re and the regex module read otherwise
 MIN_TENSOR_BOUND = 4096  # tensors a weights file's header may list whatever the model (~600 KB of header)
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose on-disk layout we write and test against
 
@@ -329,8 +328,7 @@ def check_config_values(config: dict, adapter_id: str) -> None:
             except re.error as exc:
                 refuse(key, value, f"a valid regular expression ({exc})")
             if otherwise:
-                refuse(key, value, f"a regular expression Python's re (PEFT) reads as this server does; re warns: "
-                                   f"{otherwise} {POSIX_HINT}")
+                refuse(key, value, f"a regular expression Python's re (PEFT) reads as this server does: {otherwise}")
         elif value is not None and not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
             refuse(key, value, "a list of module names or a regular expression")
     for key in ("rank_pattern", "alpha_pattern", "merge_error"):
@@ -350,8 +348,7 @@ def check_config_values(config: dict, adapter_id: str) -> None:
                                          f"module paths (escape special characters)") from None
             if otherwise:
                 raise FailedPrecondition(f"adapter {adapter_id!r}: config {key} key {module!r} is read otherwise by "
-                                         f"Python's re (PEFT) than by this server; re warns: {otherwise} "
-                                         f"{POSIX_HINT}")
+                                         f"Python's re (PEFT) than by this server: {otherwise}")
     for module, value in (config.get("rank_pattern") or {}).items():
         ok = (isinstance(value, list) and all(isinstance(m, bool) for m in value)) if adalora else _count(value, 1)
         if not ok:

@@ -40,8 +40,14 @@ REFUSED = {
     "pattern-bad-rank": "rank_pattern key 'q_proj(' is not a valid regular expression",
     "pattern-bad-alpha": "alpha_pattern key 'v_proj)' is not a valid regular expression",
     "fp8-nan": "contains NaN or Inf",
-    "pattern-posix-targets": "a regular expression Python's re (PEFT) reads as this server does; re warns: "
+    "pattern-posix-targets": "a regular expression Python's re (PEFT) reads as this server does: re warns: "
                              "Possible nested set at position 3",
+    # (QA) braces that are no repeat count: literal to re (PEFT matched nothing, alpha 2 everywhere), fuzzy to the
+    # regex module (within one edit of q_proj: q/k/v/o_proj took alpha 64)
+    "pattern-fuzzy-alpha": "alpha_pattern key '(?:q_proj){e<=1}' is read otherwise by Python's re (PEFT) than by "
+                           "this server: {e<=1} is literal text to re, which no module path holds, and may be fuzzy",
+    "pattern-fuzzy-targets": "target_modules must be a regular expression Python's re (PEFT) reads as this server "
+                             "does: {e<=1} is literal text to re",
     "pattern-posix-rank": "is read otherwise by Python's re (PEFT) than by this server",
     "pattern-slow-targets": f"config target_modules {SLOW!r} took over 0.25 s of CPU to match the module path",
     "pattern-slow-exclude": f"config exclude_modules {SLOW!r} took over 0.25 s of CPU to match the module path",
@@ -79,6 +85,8 @@ def adapter_root(model_dirs, tmp_path_factory):
     _variant(root, "good", "pattern-bad-alpha", {"alpha_pattern": {"v_proj)": 2}})
     _variant(root, "good", "pattern-posix-targets", {"target_modules": ".*[[:digit:]].*"})  # regex: any digit
     _variant(root, "good", "pattern-posix-rank", {"rank_pattern": {"layers.[[:digit:]].self_attn.q_proj": 2}})
+    _variant(root, "good", "pattern-fuzzy-alpha", {"alpha_pattern": {"(?:q_proj){e<=1}": 64}})
+    _variant(root, "good", "pattern-fuzzy-targets", {"target_modules": ".*(?:q_proj){e<=1}"})
     _variant(root, "good", "pattern-slow-targets", {"target_modules": SLOW})
     _variant(root, "good", "pattern-slow-exclude", {"exclude_modules": SLOW})
     _variant(root, "good", "pattern-slow-rank", {"rank_pattern": {SLOW: 4}})

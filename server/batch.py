@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters.slot_bank import AdapterContext, RowFactors, SlotBank
+from server import attention_buckets
 from server.attention import AttentionLayout, UnsupportedAttention
 from server.kv_cache import KVCache, Prefix
 from server.logprobs import PromptLogprobs
@@ -40,6 +41,10 @@ class Batch:
     valid: torch.Tensor       # [B, T] bool: which cached columns hold real tokens
     positions: torch.Tensor   # [B] position id of the next token
     factors: RowFactors | None = field(default=None)
+    # decode attention's row groups (server/attention_buckets.py): (index, rows) each, the index a row's or a tensor
+    # of them; None: one call over the width; planned at its first step (rows joining or leaving make a new Batch)
+    groups: list[tuple[int | torch.Tensor, list[int]]] | None = field(default=None)
+    planned: bool = False
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -111,6 +116,10 @@ class Runner:
         self.longrope = LongRope.install(model)  # each row's own rotary factors; None: not a longrope model
         self.recompute_at = self.longrope.recompute_at if self.longrope is not None else None
         self.tap = HeadTap(model)  # what the LM head sees (server/prompt_scores.py)
+        # decode attention per group of rows of similar length (server/attention_buckets.py): measured on the CPU
+        self.grouped = self.device.type == "cpu" and getattr(model.config, "_attn_implementation", None) == "sdpa"
+        if self.grouped:
+            attention_buckets.install()
 
     def check_cache(self) -> None:
         """Refuse (UnsupportedAttention) a model whose state is not all in the KV cache the batch hands it, which
@@ -332,11 +341,26 @@ class Runner:
         # A row's columns are its tokens in order after its pads, so a key's position is its count of real columns.
         keys = batch.valid.long().cumsum(-1) - 1 if self.attention.window is not None else None
         masks = self.attention.masks(batch.valid[:, None, None, :], query, keys)
-        logits = self._forward(ids, masks, query, batch.cache, batch.factors)
+        with attention_buckets.grouped(self._attention_groups(batch)):
+            logits = self._forward(ids, masks, query, batch.cache, batch.factors)
         batch.positions = batch.positions + 1
         if self.recompute_at is not None:
             logits = self._recompute_crossing(batch, logits)
         return logits
+
+    def _attention_groups(self, batch: Batch) -> list[tuple[int | torch.Tensor, int]] | None:
+        """This step's (rows, width) groups for decode attention, or None: one call over the batch's width."""
+        if not self.grouped or len(batch) < 2:
+            return None
+        lengths = batch.valid.sum(-1).tolist()  # a row's real columns, the last of the axis (the CPU: no sync)
+        if not batch.planned:
+            groups = attention_buckets.plan(lengths)
+            batch.groups = None if groups is None else [
+                (g[0] if len(g) == 1 else torch.tensor(g, device=self.device), g) for g in groups]
+            batch.planned = True
+        if batch.groups is None:
+            return None
+        return [(index, max(lengths[i] for i in rows)) for index, rows in batch.groups]
 
     def _recompute_crossing(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         """Longrope families whose HF generate drops the cache when a sequence first passes the original length

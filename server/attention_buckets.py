@@ -3,7 +3,8 @@
 The batch's rows share one time axis, right-aligned, so its width is the longest row's: one row of 2000 tokens among
 short ones makes every row's attention read 2000 columns of keys and values, almost all of them padding it masks.
 In a decode step that traffic is most of the step's (a row's keys and values are read once per token, the weights
-once per step): 15 rows of 100 tokens and one of 2000 took 2.8 times the step of 16 rows of 100 (bench/RESULTS.md).
+once per step): 15 rows of 100 tokens and one of 2000 took 2.1-2.3 times the step of 16 rows of 100 on the
+benchmark model, and 1.2-1.3 times grouped (bench/RESULTS.md, "attention_width").
 
 So a decode step whose rows' lengths are far apart splits them into groups of similar length (`plan`), and
 SDPA runs per group over the group's longest row's columns only, the last ones of the axis. A masked column adds
@@ -22,7 +23,8 @@ from contextlib import contextmanager
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-CALL = 256  # the cost of one more SDPA call and its gather, in row-columns of attention (a guess on the safe side)
+CALL = 1024  # the cost of one more SDPA call, in row-columns of attention (bench/attention_width.py: 16 rows of
+# 100-2000 columns spread evenly, each alone, were no faster than one call over 2000)
 JUMP = 1.25  # the sorted rows are cut into groups only where a row is this much longer than the one before
 WORTH = 0.75  # groups are used where they cost at most this share of one call over the whole width
 

@@ -81,7 +81,7 @@ def test_grouped_decode_gives_the_logits_of_one_call(tmp_path, name, monkeypatch
 
 
 def test_served_rows_far_apart_in_length_give_what_they_give_alone(model_dirs, tmp_path, monkeypatch):
-    """Through the server, with the default cost: a 300-token prompt among short ones makes groups (seen here), and
+    """Through the server, with the default cost: a 400-token prompt among short ones makes groups (seen here), and
     every request's greedy tokens, with an adapter or not, are those it gets alone."""
     root = tmp_path / "adapters"
     make_peft_adapter(model_dirs["llama"], root / "a", 3, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -94,8 +94,8 @@ def test_served_rows_far_apart_in_length_give_what_they_give_alone(model_dirs, t
     monkeypatch.setattr(attention_buckets, "grouped", spy)
     server = start_server(model_dirs["llama"], root, max_batch_size=8)
     try:
-        prompts = [[(7 * j) % 250 + 3 for j in range(300)]] + [[40 + i, 41, 42 + i] for i in range(5)]
-        adapters = ["a", "", "a", "", "a", ""]
+        prompts = [[(7 * j) % 250 + 3 for j in range(400)]] + [[40 + i, 41, 42 + i] for i in range(7)]
+        adapters = ["a", "", "a", "", "a", "", "a", ""]
         alone, together = tokens_alone_and_together(server.target, prompts, adapters, 8)
         assert alone == together
         assert any(g is not None and len(g) > 1 for g in seen)

@@ -272,6 +272,14 @@ class AdapterRegistry:
             raise NotFound(f"adapter {adapter_id!r} is not loaded")
         return record
 
+    def touch(self, adapter_id: str) -> None:
+        """A request for the id came (and waits for room): its weights, if in memory, are the last the LRU evicts.
+        No I/O."""
+        with self._lock:
+            record = self._records.get(adapter_id)
+            if record is not None and record.weights is not None:
+                record.last_used = time.monotonic()
+
     def in_memory(self, adapter_id: str) -> bool:
         """Whether a request for the id would find its weights in host memory now (nothing to read). No I/O."""
         with self._lock:

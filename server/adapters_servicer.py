@@ -76,6 +76,13 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             if self.serving.unloading[request.adapter_id]:  # its unload would undo this load
                 raise FailedPrecondition(f"adapter {request.adapter_id!r} is being unloaded by an UnloadAdapter with "
                                          f"drain; load it once that call returns")
+            if request.replace:  # they arrived before it: they get the version they arrived under
+                try:
+                    await self._memory_waiters_in(self.serving, request.adapter_id)
+                except asyncio.CancelledError:  # the caller's deadline or cancel: in the audit trail too
+                    log.warning("LoadAdapter %r: cut while requests waited for adapter memory: not replaced",
+                                request.adapter_id)
+                    raise
             info = await self._changing_registry(lambda: self._info(self.serving.registry.load(
                 request.adapter_id, request.replace, request.pin if request.HasField("pin") else None)))
         except Exception as exc:
@@ -124,16 +131,23 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             return
         # NOT_FOUND / INVALID_ARGUMENT now, not after the wait (off the loop: it looks at the adapter root)
         await asyncio.get_running_loop().run_in_executor(None, s.registry.get, adapter_id)
-        s.unloading[adapter_id] += 1
+        s.unloading[adapter_id] += 1  # once marked: any later one is refused
         try:
-            waiting = set(s.memory_waiting.get(adapter_id, {}))  # once marked: any later one is refused
-            while waiting & s.memory_waiting.get(adapter_id, {}).keys():  # each has reached the engine, or left
-                await asyncio.sleep(0.02)
-                ready(s)  # a shutdown ends the wait (the waiters are ended by it too)
+            await self._memory_waiters_in(s, adapter_id)
         finally:  # (new requests from now on resolve it, and are drained with the rest, until it is unloaded)
             s.unloading[adapter_id] -= 1
             if not s.unloading[adapter_id]:
                 del s.unloading[adapter_id]
+
+    @staticmethod
+    async def _memory_waiters_in(s: Serving, adapter_id: str) -> None:
+        """Until the requests waiting for adapter host memory for the id now have gone on into the engine, holding
+        the version in memory, or left. Their adapter is resolved only then (they hold nothing while they wait), so
+        a replace or an unload before would give them another version, or none."""
+        waiting = set(s.memory_waiting.get(adapter_id, {}))
+        while waiting & s.memory_waiting.get(adapter_id, {}).keys():  # each has reached the engine, or left
+            await asyncio.sleep(0.02)
+            ready(s)  # a shutdown ends the wait (the waiters are ended by it too)
 
     @staticmethod
     def _count_and_unload(s: Serving, request: pb.UnloadAdapterRequest):

@@ -231,6 +231,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._memory_waiters += count
         token = object()
         self.serving.memory_waiting.setdefault(request.adapter_id, {})[token] = count  # its completions
+        # It resolves its adapter only once there is room, and would read an evicted one again from disk (whatever
+        # its files are by then): the weights it came for are kept as recently used.
+        self.serving.registry.touch(adapter_id)
         self.serving.metrics.waiting.inc(count)
         submitting = False
         try:

@@ -1,6 +1,7 @@
 """The host-memory budget for adapters (--adapter-cache-bytes): eviction to disk, a hard limit counting the
 adapters requests hold, waiting requests served in order and counted when their clients leave."""
 import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -381,6 +382,58 @@ def test_a_drain_lets_requests_waiting_for_adapter_memory_finish_on_it(one_adapt
         assert unloaded and unloaded[0].drained_requests == 1
         assert status_of(client.get_adapter, "a")[0] == grpc.StatusCode.NOT_FOUND
         assert not server.serving.memory_waiting and not server.serving.unloading
+
+
+def test_a_request_waiting_for_adapter_memory_runs_on_the_version_in_memory_when_it_came(model_dirs, adapter_root,
+                                                                                         tmp_path, monkeypatch):
+    """(QA) A request for an adapter in memory, queued behind another's wait for room, resolves its adapter only once
+    it goes on: a replace meanwhile gave it the new version, though it came before; and another adapter's load could
+    evict its weights meanwhile, which it then read again from changed files. Now the replace waits for it to go on
+    (as a drain does), and its weights are kept as recently used."""
+    import threading
+    root = tmp_path / "root"
+    shutil.copytree(adapter_root / "v1", root / "a")  # runs, holding its weights
+    shutil.copytree(adapter_root / "v2", root / "b")  # does not fit beside "a": waits for room
+    small = dict(r=2, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    make_peft_adapter(model_dirs["llama"], tmp_path / "new", 31, **small)
+    make_peft_adapter(model_dirs["llama"], root / "sw", 32, **small)  # fits beside "a"
+    size = {n: (root / n / "adapter_model.safetensors").stat().st_size for n in ("a", "sw")}
+    server = start_server(model_dirs["llama"], root, adapter_cache_bytes=size["a"] + size["sw"] + 16)
+    slow_decode(server, monkeypatch)
+    try:
+        with Client(server.target, timeout=60) as client:
+            client.load_adapter("sw")
+            came_for = list(client.generate([5, 6], "sw", max_new_tokens=4, ignore_eos=True).token_ids)
+            client.load_adapter("a")
+            running = client.generate_stream([5, 6], "a", max_new_tokens=400, ignore_eos=True)
+            next(running)
+            waits = []
+            for name in ("b", "sw"):  # "sw" is in memory, and queues behind "b"'s wait for room
+                waits.append(client.generate_stream([5, 6], name, max_new_tokens=4, ignore_eos=True))
+                assert wait_for(lambda: name in server.serving.memory_waiting)
+            shutil.copytree(tmp_path / "new", root / "sw", dirs_exist_ok=True)  # new files for "sw"
+            answers = []
+
+            def replace():  # (its second copy may not fit while the requests it let in hold the first: retried)
+                while not answers:
+                    try:
+                        answers.append(client.load_adapter("sw", replace=True))
+                    except grpc.RpcError as exc:
+                        if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            answers.append(exc)
+                        time.sleep(0.05)
+            replacing = threading.Thread(target=replace)
+            replacing.start()
+            time.sleep(0.5)
+            assert not answers and replacing.is_alive()  # waiting for the request that came before it
+            running.cancel()  # room: "b" goes on, evicting "a" (not "sw"), then "sw"'s request
+            got = [[t for m in stream for t in m.token_ids] for stream in waits]
+            replacing.join(timeout=30)
+            assert answers[0].version == 2, answers
+            new = list(client.generate([5, 6], "sw", max_new_tokens=4, ignore_eos=True).token_ids)
+        assert len(got[0]) == 4 and got[1] == came_for != new
+    finally:
+        server.stop()
 
 
 def test_an_evicted_adapter_whose_directory_is_gone_leaves_the_list(model_dirs, adapter_root, tmp_path):

@@ -350,7 +350,7 @@ class Runner:
 
     def _attention_groups(self, batch: Batch) -> list[tuple[int | torch.Tensor, int]] | None:
         """This step's (rows, width) groups for decode attention, or None: one call over the batch's width."""
-        if not self.grouped or len(batch) < 2:
+        if not self.grouped or len(batch) < 2 or (batch.planned and batch.groups is None):
             return None
         lengths = batch.valid.sum(-1).tolist()  # a row's real columns, the last of the axis (the CPU: no sync)
         if not batch.planned:

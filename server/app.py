@@ -159,8 +159,8 @@ def _limits(config: ServerConfig, per_token: int, limits: Limits, before: int | 
         free = max(0, free - host_cache)
     limits = resolve_limits(config, max_context, kv_room(free, per_token))
     kv = f"{limits.max_kv_tokens} token slots ({size_text(limits.max_kv_tokens * per_token)})"
-    beside = "the model, the slot bank, the prefix cache" + \
-        (f" and the host adapter cache ({size_text(host_cache)}, --adapter-cache-bytes)" if host_cache else "")
+    beside = "the model, the slot bank" + (f", the prefix cache and the host adapter cache ({size_text(host_cache)}, "
+                                           f"--adapter-cache-bytes)" if host_cache else " and the prefix cache")
     share = f"{round(100 * KV_SHARE)}% of the {size_text(free)} free on {config.device} beside {beside}" \
         if free is not None else ""
     if not limits.kv_by_memory:

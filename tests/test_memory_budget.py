@@ -96,8 +96,9 @@ def test_a_kv_budget_left_at_0_is_what_the_free_memory_holds(model_dirs, monkeyp
             server.stop()
     calls = iter([1 << 30, 1 << 30, 0])  # before the model loads; the slot bank fits; nothing is left once allocated
     monkeypatch.setattr(app, "free_memory", lambda device: next(calls))
-    with pytest.raises(RuntimeError, match=r"no memory is left on cpu for the KV cache \(0 bytes free beside the model"
-                                           r".*lower --max-active-adapters, --max-lora-rank, --max-hydra-heads or "):
+    with pytest.raises(RuntimeError, match=r"no memory is left on cpu for the KV cache \(0 bytes free beside the model,"
+                                           r" the slot bank and the prefix cache; .*lower --max-active-adapters, "
+                                           r"--max-lora-rank, --max-hydra-heads or "):
         start_server(model_dirs["llama"], None, **small)
     calls = iter([1 << 30, 1 << 30, 1 << 30])  # the same, where the host adapter cache may take all that is left
     monkeypatch.setattr(app, "free_memory", lambda device: next(calls))

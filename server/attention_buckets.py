@@ -82,8 +82,9 @@ def install() -> None:
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         groups = getattr(_local, "groups", None)
+        # (a per-row position_bias, as some models pass, is not sliced per group: such a model runs one call)
         if groups is None or query.shape[2] != 1 or attention_mask is None or attention_mask.dim() != 4 \
-                or attention_mask.shape[-1] != key.shape[2]:
+                or attention_mask.shape[-1] != key.shape[2] or kwargs.get("position_bias") is not None:
             return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
         out = None
         for rows, width in groups:

@@ -8,6 +8,7 @@ server's Runner (its KV cache, masks and slot bank), the CPU.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -18,20 +19,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from adapters.slot_bank import SlotBank  # noqa: E402
 from bench import micro  # noqa: E402
-from bench.mixed_adapters import code_version  # noqa: E402
+from bench.mixed_adapters import add_common_arguments, build_model_dir, code_version  # noqa: E402
 from loader.base_model import load_base_model  # noqa: E402
-from loader.default_model import build_tokenizer, tiny_config  # noqa: E402
 from loader.inject import inject  # noqa: E402
 from server.batch import Row, Runner  # noqa: E402
 
 
-def runner_for(out: Path) -> Runner:
-    from transformers import AutoModelForCausalLM
-    config = tiny_config("llama", 32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    build_tokenizer().save_pretrained(out)
+def runner_for(out: Path, context: int) -> Runner:
+    """A Runner over the benchmark model (mixed_adapters' defaults) with `context` positions."""
+    shape = argparse.ArgumentParser()
+    add_common_arguments(shape)
+    build_model_dir(out, shape.parse_args([]), context)
     base = load_base_model(str(out), "cpu", "float32")
     context, shapes = inject(base.model)
     bank = SlotBank(shapes, num_slots=1, max_rank=8, device=torch.device("cpu"), dtype=torch.float32)
@@ -55,7 +53,7 @@ def main() -> None:
     p.set_defaults(rows=16, threads=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    runner = runner_for(Path(tempfile.mkdtemp()) / "model")
+    runner = runner_for(Path(tempfile.mkdtemp()) / "model", 4096)
     n = args.rows
     mixes = {"short only": [args.short] * n,
              f"1 long of {n}": [args.short] * (n - 1) + [args.long],

@@ -102,12 +102,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- fixtures ----------------------------------------------------------------------------------------
-def build_model_dir(out: Path, args) -> None:
+def build_model_dir(out: Path, args, context: int = 1024) -> None:
     """Like loader.default_model.build_model_dir, but with a real-sized vocabulary (the byte tokenizer
     only covers ids < 259; prompts are token ids, and ids it cannot decode are skipped in text)."""
     config = tiny_config("llama", args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, max_position_embeddings=1024)
+                         num_key_value_heads=args.kv_heads, max_position_embeddings=context)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config)
     out.mkdir(parents=True, exist_ok=True)

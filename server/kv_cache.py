@@ -9,6 +9,7 @@ rows join and leave every few steps (continuous batching) does not copy its whol
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,7 +39,9 @@ class _Layer(DynamicLayer):
 
     def __init__(self, cache: "KVCache") -> None:
         super().__init__()
-        self._cache = cache
+        # weak: a cache the batch drops (a merge, a select) is freed at once, buffers and all; a cycle would keep
+        # them until Python's cyclic collector ran, which for a long-lived batch's cache can be minutes
+        self._cache = weakref.proxy(cache)
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.first = 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import ipaddress
 import logging
 import os
@@ -151,7 +150,6 @@ def _limits(config: ServerConfig, per_token: int, limits: Limits, before: int | 
     the host adapter cache may fill later in the same memory (on the CPU, --adapter-cache-bytes; else 0). `per_token`:
     the bytes of a token slot's keys and values."""
     max_context = limits.max_context
-    gc.collect()  # the start-up checks' caches (a cache and its layers refer to each other)
     free = free_memory(config.device)
     if free is not None and before is not None:
         free = max(0, min(free, before - held - limits.prefix_cache_tokens * per_token))

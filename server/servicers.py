@@ -6,6 +6,7 @@ import contextlib
 import functools
 import time
 import uuid
+import weakref
 from typing import Callable
 
 from loader.chat_template import template_problem
@@ -126,6 +127,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         a stream whose client stops reading leaves its handler blocked on an earlier token, and would otherwise
         hold the adapter's memory (and every request waiting for room) until the client reads or leaves."""
         ended = []
+        # weak: the request holds this sink, and a cycle would keep the request, and its adapter's weights with it,
+        # after an eviction or unload until Python's cyclic collector ran (whoever calls the sink holds the request)
+        request = weakref.ref(engine_request)
 
         def deliver(event) -> None:  # on the engine thread
             if isinstance(event, (FinishEvent, ErrorEvent)):
@@ -133,9 +137,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     return
                 ended.append(event)
             if isinstance(event, FinishEvent):  # (counted by the engine)
-                self._loop.call_soon_threadsafe(self._release, engine_request)
+                self._loop.call_soon_threadsafe(self._release, request())
             elif isinstance(event, ErrorEvent):  # counted now too: a client that never reads it is gone by then
-                self._loop.call_soon_threadsafe(self._failed, engine_request, event.error)
+                self._loop.call_soon_threadsafe(self._failed, request(), event.error)
             sink(event)
         return deliver
 

@@ -9,7 +9,7 @@ import torch
 
 from clients.client import Client
 from server.kv_cache import KVCache
-from tests.helpers import make_peft_adapter, start_server, status_of, tokens_alone_and_together, wait_for
+from tests.helpers import make_peft_adapter, scrape, start_server, status_of, tokens_alone_and_together, wait_for
 
 C = grpc.StatusCode
 
@@ -148,22 +148,33 @@ def test_free_memory_on_the_cpu_stays_within_the_containers_limit(tmp_path):
     assert _within_cgroup(10 ** 9, v1, own) == 4200
 
 
-def test_the_kv_caches_a_batch_drops_are_freed_at_once(model_dirs, tmp_path):
+
+def test_kv_caches_and_adapter_weights_the_server_drops_are_freed_at_once(model_dirs, tmp_path):
     """A KV cache and its layers referred to each other, so a cache the engine dropped (merged into a new batch's,
     selected, a prefill's once its rows joined) kept its buffers until Python's cyclic collector ran, which for a
     long-lived batch's cache (an old generation) can be minutes: with it on, 120 requests of staggered arrivals left
     95 dropped caches behind, and the bytes of all caches, sampled, peaked at 2.4x the engine's own, beyond the KV
-    budget it keeps to. With the collector off, this workload (prefix cache, a chunked prompt, rows joining and
-    leaving) leaves no tensor for it."""
-    make_peft_adapter(model_dirs["llama"], tmp_path / "a", 3, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    server = start_server(model_dirs["llama"], tmp_path, prefix_cache_tokens=256, max_prefill_tokens=32)
+    budget it keeps to. Likewise a request and its sink: an adapter evicted from the host cache, unloaded or replaced
+    kept its weights while a finished request on it waited for the collector. With the collector off, this workload
+    (prefix cache, a chunked prompt, rows joining and leaving, evictions, an unload, a replace) leaves no tensor."""
+    for i in range(3):
+        make_peft_adapter(model_dirs["llama"], tmp_path / f"a{i}", i, r=4, lora_alpha=8,
+                          target_modules=["q_proj", "v_proj"])
+    server = start_server(model_dirs["llama"], tmp_path, prefix_cache_tokens=256, max_prefill_tokens=32,
+                          max_active_adapters=2, adapter_cache_bytes=15_000)  # two of the three (7168 bytes each)
     prompts = [[(3 * i + j) % 200 + 4 for j in range(2 + 9 * i)] for i in range(8)]  # the longest: chunks
+    ids = ["a0", "", "a1", "", "a2", "a0", "a1", "a2"]
     gc.collect()
     gc.disable()
     try:
         for _ in range(2):  # the second time, prompts start from the prefix cache
-            alone, together = tokens_alone_and_together(server.target, prompts, ["a", ""] * 4, 12)
+            alone, together = tokens_alone_and_together(server.target, prompts, ids, 12)
             assert together == alone
+        assert scrape(server)['loraplex_adapters_loaded{tier="disk"}'] == 1  # one of them evicted
+        with Client(server.target, timeout=30) as client:
+            assert client.get_adapter("a0").size_bytes == 7168
+            client.load_adapter("a0", replace=True)
+            client.unload_adapter("a1")
         assert wait_for(server.serving.engine.idle)
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()

@@ -253,16 +253,16 @@ def _merge(args) -> int:
 
 
 def _build_default(args) -> int:
+    if args.quick and not args.out:  # before the imports below (torch, transformers: seconds)
+        print("error: --quick builds a wiring check, not a usable model: give --out DIR (without it, it would "
+              "replace the shipped built-in model)", file=sys.stderr)
+        return 2
     from dataclasses import replace
 
     from loader.builtin import BUILTIN_DIR, QUICK, BuildError, BuildSettings, build
     from loader.train_data import DataError
     from loader.train_job_spec import JobError
     from server.errors import LoraplexError
-    if args.quick and not args.out:
-        print(f"error: --quick builds a wiring check, not a usable model: give --out DIR (without it, it would "
-              f"replace the shipped model in {BUILTIN_DIR})", file=sys.stderr)
-        return 2
     settings = replace(QUICK if args.quick else BuildSettings(), seed=args.seed, device=args.device)
     try:
         report = build(Path(args.out) if args.out else BUILTIN_DIR, settings, args.adapters)

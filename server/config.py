@@ -216,6 +216,8 @@ def check_config(c: ServerConfig) -> None:
             raise ConfigError(f"{flag} must be >= {low}{zero}, got {value}")
         if high is not None and value > high:
             raise ConfigError(f"{flag} must be {HIGHEST[high]}, got {value}")
+    if c.model != "default" and not (Path(c.model) / "config.json").is_file():
+        raise ConfigError(f"--model: {c.model} is not a Hugging Face model directory (no config.json)")
     # Last: these import torch (seconds), so a wrong number above is refused at once.
     serve_targets(c)
     from loader.base_model import device_problem  # here, not at import: the CLI's parser reads this module

@@ -183,13 +183,19 @@ def test_serve_start_up_failures_are_one_line_errors(server, model_dirs, what):
 
 
 def test_a_flag_that_cannot_work_is_refused_before_torch_is_imported():
-    """`loraplex serve --grace-period -1` imported torch and transformers (5 s here) before saying so."""
+    """`loraplex serve --grace-period -1` imported torch and transformers (5-9 s here) before saying so; so did a
+    --model folder that does not exist and `build-default --quick` without --out."""
     script = ("import sys\nfrom clients.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
               "    print(e.code, 'torch' in sys.modules)")
-    for flag in (["--grace-period", "-1"], ["--max-batch-size", "0"], ["--adapter-root", "/nonexistent/root"]):
-        result = subprocess.run([sys.executable, "-c", script, "serve", "--model", "/nonexistent", *flag],
-                                capture_output=True, text=True, timeout=60, cwd=ROOT)
-        assert result.stdout == "2 False\n" and result.stderr.startswith(f"error: {flag[0]}"), result
+    serve = ["serve", "--model", "/nonexistent"]
+    for args, error in (([*serve, "--grace-period", "-1"], "--grace-period"),
+                        ([*serve, "--max-batch-size", "0"], "--max-batch-size"),
+                        ([*serve, "--adapter-root", "/nonexistent/root"], "--adapter-root"),
+                        (serve, "--model: /nonexistent is not a Hugging Face model directory (no config.json)"),
+                        (["build-default", "--quick"], "--quick builds a wiring check, not a usable model: give --out")):
+        result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=60,
+                                cwd=ROOT)
+        assert result.stdout == "2 False\n" and result.stderr.startswith(f"error: {error}"), result
 
 
 def test_serve_and_train_refuse_more_than_a_few_threads_per_cpu_alike(model_dirs, tmp_path):

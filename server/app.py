@@ -165,19 +165,19 @@ def _limits(config: ServerConfig, per_token: int, limits: Limits, before: int | 
         log.info("KV cache: up to %s, %s", kv, "--max-kv-tokens" if config.max_kv_tokens else
                  f"--max-batch-size x the context (within {share})" if share else
                  f"--max-batch-size x the context (the free memory on {config.device} is not known)")
-        return limits
-    needs = f"--max-batch-size {config.max_batch_size} x the context {max_context} would need " \
-            f"{size_text(config.max_batch_size * max_context * per_token)}"
-    if limits.max_kv_tokens < 1:
-        raise ConfigError(f"no memory is left on {config.device} for the KV cache ({size_text(free)} free beside "
-                          f"{beside}; {needs}): lower --max-active-adapters, --max-lora-rank, --max-hydra-heads"
-                          f"{', --adapter-cache-bytes' if host_cache else ''} or --prefix-cache-tokens, or take a "
-                          f"larger device")
-    log.info("KV cache: up to %s, what %s holds (%s; --max-kv-tokens sets it)", kv, share, needs)
+    else:
+        needs = f"--max-batch-size {config.max_batch_size} x the context {max_context} would need " \
+                f"{size_text(config.max_batch_size * max_context * per_token)}"
+        if limits.max_kv_tokens < 1:
+            raise ConfigError(f"no memory is left on {config.device} for the KV cache ({size_text(free)} free beside "
+                              f"{beside}; {needs}): lower --max-active-adapters, --max-lora-rank, --max-hydra-heads"
+                              f"{', --adapter-cache-bytes' if host_cache else ''} or --prefix-cache-tokens, or take a "
+                              f"larger device")
+        log.info("KV cache: up to %s, what %s holds (%s; --max-kv-tokens sets it)", kv, share, needs)
     if limits.max_kv_tokens < max_context:
         log.warning("KV cache: requests whose prompt + max_new_tokens pass %d tokens (the context is %d) are "
-                    "refused, OUT_OF_RANGE: that many token slots is all the free memory holds", limits.max_kv_tokens,
-                    max_context)
+                    "refused, OUT_OF_RANGE: that many token slots is %s", limits.max_kv_tokens, max_context,
+                    "all the free memory holds" if limits.kv_by_memory else "what --max-kv-tokens allows")
     return limits
 
 

@@ -140,9 +140,14 @@ def test_prompt_text_too_long_to_fit_is_refused_before_it_is_tokenized(server, m
         assert code == C.INVALID_ARGUMENT and "prompt_token_ids is empty" in details
 
 
-def test_kv_capacity_makes_requests_wait_not_fail(model_dirs):
-    # each request reserves (10 + 40) = 50 token slots; 120 holds two at a time, never three
+def test_kv_capacity_makes_requests_wait_not_fail(model_dirs, caplog):
+    """Each request reserves (10 + 40) = 50 token slots; 120 holds two at a time, never three. 120 is below the
+    context (512): the start warns that longer requests are refused, as it does where the free memory sets it."""
+    import logging
+    caplog.set_level(logging.INFO, logger="loraplex.app")
     server = start_server(model_dirs["llama"], None, max_kv_tokens=120)
+    assert "requests whose prompt + max_new_tokens pass 120 tokens (the context is 512) are refused, OUT_OF_RANGE: " \
+           "that many token slots is what --max-kv-tokens allows" in caplog.text
     try:
         async def run():
             async with AsyncClient(server.target, timeout=120) as client:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -119,7 +120,9 @@ def add_reslora(model: nn.Module, targets, r: int, alpha: float, dropout: float,
         for index, name in enumerate(names):
             layer = ResLoraLinear(found[name], r, alpha, dropout, structure, pre_num)
             layer._chain, layer.index = chain, index
-            chain.blocks.append(layer)
+            # weak: a block refers to its chain, and a cycle would keep a trained model (every block, the base
+            # modules they wrap) after a job until Python's cyclic collector ran: many jobs in one process
+            chain.blocks.append(weakref.proxy(layer))
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, layer)
             wrapped[name] = layer

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import logging
 import os
@@ -132,6 +133,22 @@ def status_of(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         fn(*args, **kwargs)
     return info.value.code(), info.value.details()
+
+
+def left_for_the_collector(work) -> tuple[object, int]:
+    """`work()`'s result, and how many tensors it left that only Python's cyclic collector would free (unreachable, in
+    reference cycles): memory that stays allocated, uncounted, until the collector next reaches their generation."""
+    gc.collect()
+    gc.disable()
+    try:
+        result = work()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable is kept in gc.garbage, to be looked at
+        gc.collect()
+        return result, sum(isinstance(o, torch.Tensor) for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
 
 
 def wait_for(predicate, timeout: float = 5.0) -> bool:

@@ -1,15 +1,12 @@
 """What the memory holds bounds the server at start: the adapter slot bank is refused before an allocation it cannot
 make, and a KV budget left at 0 is what the memory free beside everything else holds; the KV memory rows give back is
 freed as they leave."""
-import gc
-
 import grpc
 import pytest
-import torch
 
 from clients.client import Client
-from server.kv_cache import KVCache
-from tests.helpers import make_peft_adapter, scrape, start_server, status_of, tokens_alone_and_together, wait_for
+from tests.helpers import (left_for_the_collector, make_peft_adapter, scrape, start_server, status_of,
+                           tokens_alone_and_together, wait_for)
 
 C = grpc.StatusCode
 
@@ -164,9 +161,8 @@ def test_kv_caches_and_adapter_weights_the_server_drops_are_freed_at_once(model_
                           max_active_adapters=2, adapter_cache_bytes=15_000)  # two of the three (7168 bytes each)
     prompts = [[(3 * i + j) % 200 + 4 for j in range(2 + 9 * i)] for i in range(8)]  # the longest: chunks
     ids = ["a0", "", "a1", "", "a2", "a0", "a1", "a2"]
-    gc.collect()
-    gc.disable()
-    try:
+
+    def workload():
         for _ in range(2):  # the second time, prompts start from the prefix cache
             alone, together = tokens_alone_and_together(server.target, prompts, ids, 12)
             assert together == alone
@@ -176,12 +172,8 @@ def test_kv_caches_and_adapter_weights_the_server_drops_are_freed_at_once(model_
             client.load_adapter("a0", replace=True)
             client.unload_adapter("a1")
         assert wait_for(server.serving.engine.idle)
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (torch.Tensor, KVCache))]
+    try:
+        _, left = left_for_the_collector(workload)
     finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
         server.stop()
-    assert not left, f"{len(left)} tensors or caches waited for the cyclic collector"
+    assert left == 0, f"{left} tensors waited for the cyclic collector"

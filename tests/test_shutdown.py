@@ -132,6 +132,9 @@ def test_sigterm_drains_then_exits_zero(model_dirs):
         assert proc.wait(timeout=30) == 0
         log = proc.stdout.read()
         assert "stopped" in log and "Traceback" not in log and "Loading weights" not in log, log  # no tqdm bars
+        # the process is the server's: start-up's objects are kept out of the collector's full collections
+        frozen = re.search(r"garbage collector: (\d+) objects alive at start frozen out of its full collections", log)
+        assert frozen and int(frozen.group(1)) > 100_000, log
     finally:
         proc.kill()
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -100,18 +101,22 @@ def test_a_stop_while_the_model_loads_never_reports_serving(model_dirs, monkeypa
 
 def test_a_sigterm_as_soon_as_the_port_is_announced_is_a_clean_stop(model_dirs):
     """The signal handlers are installed before the port is announced (a SIGTERM in between killed the process
-    with the default action, exit -15); a second one while the model loads exits at once."""
-    for signals, code in ((1, 0), (2, 1)):
+    with the default action, exit -15); a second one while the model loads exits at once. The two processes start
+    together (each spends seconds importing torch and transformers), each signalled as its port is announced."""
+    def signalled(signals: int) -> tuple[int, str]:
         proc, _ = _server_process(model_dirs["llama"])
         try:
             for _ in range(signals):
                 proc.send_signal(signal.SIGTERM)
                 time.sleep(0.05)
-            assert proc.wait(timeout=60) == code
-            log = proc.stdout.read()
-            assert "ready" not in log and ("stopped" in log if code == 0 else "while the model loads" in log), log
+            return proc.wait(timeout=60), proc.stdout.read()
         finally:
             proc.kill()
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(signalled, (1, 2)))
+    for (code, log), expected in zip(outcomes, (0, 1)):
+        assert code == expected, log
+        assert "ready" not in log and ("stopped" in log if code == 0 else "while the model loads" in log), log
 
 
 def test_sigterm_drains_then_exits_zero(model_dirs):

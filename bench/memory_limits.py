@@ -7,7 +7,7 @@
 The server runs in this process (BackgroundServer); the figure is the growth of this process's peak RSS (VmHWM)
 over the whole burst, with the status codes the clients got and the burst's wall time.
 
-    .venv/bin/python bench/memory_limits.py [--probe prompts|budget] [--requests N] [--budget BYTES]
+    .venv/bin/python bench/memory_limits.py [--probe prompts|budget|kv] [--requests N] [--budget BYTES]
 """
 from __future__ import annotations
 

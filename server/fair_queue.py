@@ -103,7 +103,9 @@ class WaitingQueue:
 
     def take(self, request: EngineRequest, prompt_tokens: int = 0) -> None:
         """`request` leaves the queue (admitted, cancelled or failed), its tenant charged the prompt tokens its
-        prefill runs."""
+        prefill runs. A preempted one's state (admission took it first if it resumes) is dropped: it refers back to
+        the request, and the cycle would keep both, the adapter's weights with them, until the cyclic collector ran."""
+        request.resume = None
         self.charge(request, prompt_tokens=prompt_tokens)
         key = self._key(request)
         queue = self._queues[key]

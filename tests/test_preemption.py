@@ -20,8 +20,8 @@ from server.engine_messages import EngineRequest
 from server.errors import Unavailable
 from server.fair_queue import WaitingQueue
 from server.preemption import victim
-from tests.helpers import (LLAMA_TARGETS, decode_forced, make_peft_adapter, scrape, slow_decode, start_server,
-                           wait_for)
+from tests.helpers import (LLAMA_TARGETS, decode_forced, left_for_the_collector, make_peft_adapter, scrape,
+                           slow_decode, start_server, wait_for)
 from tests.test_longrope import CROSSING, runner_for
 from tests.test_longrope import MODELS as LONGROPE_MODELS
 
@@ -257,21 +257,23 @@ def test_completions_scoring_their_prompt_resume_without_scoring_it_again(model_
 
 
 def test_a_preempted_request_cancelled_while_it_waits_leaves_nothing_behind(model_dirs, adapters, monkeypatch):
+    """No row, slot or count, and nothing for the cyclic collector: its state (kept to resume) and the request
+    referred to each other, which kept both, and the adapter's weights once unloaded, until the collector ran."""
     server = start_server(model_dirs["llama"], adapters, max_batch_size=2)
     engine = server.serving.engine
-    try:
-        slow_decode(server, monkeypatch, 0.03)
-        streams, seen, ended = {}, [0, 0], {}
+    streams, seen, ended = {}, [0, 0], {}
 
-        def flood(i: int):
-            with Client(server.target, timeout=60) as client:
-                streams[i] = client.generate_stream(FLOOD[i], "flood", max_new_tokens=40, ignore_eos=True)
-                try:
-                    for message in streams[i]:
-                        seen[i] += len(message.token_ids)
-                    ended[i] = "finished"
-                except grpc.RpcError as exc:
-                    ended[i] = exc.code()
+    def flood(i: int):
+        with Client(server.target, timeout=60) as client:
+            streams[i] = client.generate_stream(FLOOD[i], "flood", max_new_tokens=40, ignore_eos=True)
+            try:
+                for message in streams[i]:
+                    seen[i] += len(message.token_ids)
+                ended[i] = "finished"
+            except grpc.RpcError as exc:
+                ended[i] = exc.code()
+
+    def workload() -> int:
         threads = [threading.Thread(target=flood, args=(i,)) for i in range(2)]
         for thread in threads:
             thread.start()
@@ -286,9 +288,16 @@ def test_a_preempted_request_cancelled_while_it_waits_leaves_nothing_behind(mode
         for thread in threads:
             thread.join(60)
         assert wait_for(engine.idle, 10)
+        with Client(server.target, timeout=60) as client:
+            client.unload_adapter("flood")
+        return preempted
+    try:
+        slow_decode(server, monkeypatch, 0.03)
+        preempted, left = left_for_the_collector(workload)
         metrics = scrape(server)
     finally:
         server.stop()
+    assert left == 0, f"{left} tensors waited for the cyclic collector"
     assert ended == {0: "finished", 1: "finished"}  # (the client's own cancel ends its stream quietly)
     assert seen[preempted] < 40 and seen[1 - preempted] == 40
     assert metrics['loraplex_request_success_total{finished_reason="cancelled"}'] == 1

@@ -63,6 +63,12 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, metrics=N
         log.error("unexpected error", exc_info=exc)
     if metrics is not None:
         metrics.failure.labels(code.name).inc()
+    # grpc keeps the abort's exception in a cycle, and through it `exc` with its traceback's frames and what they
+    # held (a refused request's resolved adapter) until the cyclic collector ran; reported, the frames are done with
+    chained = exc
+    while chained is not None:
+        chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__
     await context.abort(code, details)
 
 

@@ -1,11 +1,13 @@
 """What the memory holds bounds the server at start: the adapter slot bank is refused before an allocation it cannot
-make, and a KV budget left at 0 is what the memory free beside everything else holds; the KV memory rows give back is
-freed as they leave."""
+make, and a KV budget left at 0 is what the memory free beside everything else holds; what the server drops (KV
+caches, finished or refused requests, their adapters once unloaded) is freed at once, not by the cyclic collector."""
+import asyncio
+
 import grpc
 import pytest
 
-from clients.client import Client
-from tests.helpers import (left_for_the_collector, make_peft_adapter, scrape, start_server, status_of,
+from clients.client import AsyncClient, Client
+from tests.helpers import (left_for_the_collector, make_peft_adapter, scrape, slow_decode, start_server, status_of,
                            tokens_alone_and_together, wait_for)
 
 C = grpc.StatusCode
@@ -176,4 +178,34 @@ def test_kv_caches_and_adapter_weights_the_server_drops_are_freed_at_once(model_
         _, left = left_for_the_collector(workload)
     finally:
         server.stop()
+    assert left == 0, f"{left} tensors waited for the cyclic collector"
+
+
+def test_a_call_refused_once_its_adapter_was_resolved_leaves_nothing_for_the_collector(model_dirs, tmp_path,
+                                                                                         monkeypatch):
+    """A request refused by the engine's queue after its adapter was resolved (RESOURCE_EXHAUSTED): grpc keeps the
+    abort's exception in a cycle, and through the error's traceback the frames that held the request, its adapter
+    with it: once unloaded, the adapter's weights waited for the cyclic collector."""
+    make_peft_adapter(model_dirs["llama"], tmp_path / "a", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    server = start_server(model_dirs["llama"], tmp_path, max_batch_size=1, max_queue_size=1)
+    try:
+        with Client(server.target, timeout=60) as client:
+            client.generate([5, 6], "a", max_new_tokens=2)  # read before the burst: every call finds it resolved
+        slow_decode(server, monkeypatch, 0.02)
+
+        def workload() -> list:
+            async def burst():
+                async with AsyncClient(server.target, timeout=60) as client:
+                    return await asyncio.gather(*[client.generate([5, 6, i], "a", max_new_tokens=15, ignore_eos=True)
+                                                  for i in range(4)], return_exceptions=True)
+            replies = asyncio.run(burst())
+            assert wait_for(server.serving.engine.idle, 20)
+            with Client(server.target, timeout=60) as client:
+                client.unload_adapter("a")
+            return replies
+        replies, left = left_for_the_collector(workload)
+    finally:
+        server.stop()
+    refused = [r for r in replies if isinstance(r, grpc.RpcError)]
+    assert refused and all(r.code() == C.RESOURCE_EXHAUSTED for r in refused), replies
     assert left == 0, f"{left} tensors waited for the cyclic collector"

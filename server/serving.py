@@ -65,8 +65,9 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, metrics=N
         metrics.failure.labels(code.name).inc()
     # grpc keeps the abort's exception in a cycle, and through it `exc` with its traceback's frames and what they
     # held (a refused request's resolved adapter) until the cyclic collector ran; reported, the frames are done with
-    chained = exc
-    while chained is not None:
+    chained, seen = exc, set()
+    while chained is not None and id(chained) not in seen:  # (a chain may loop)
+        seen.add(id(chained))
         chained.__traceback__ = None
         chained = chained.__cause__ or chained.__context__
     await context.abort(code, details)

@@ -405,7 +405,8 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         await server.stop(None)
         raise
     serving.__dict__.update(loaded.__dict__)
-    if threading.current_thread() is threading.main_thread():  # the process is this server's (`loraplex serve`)
+    frozen = threading.current_thread() is threading.main_thread()  # the process is this server's (`loraplex serve`)
+    if frozen:
         log.info("garbage collector: %d objects alive at start frozen out of its full collections", freeze_heap())
     if not stop.is_set():  # a signal while loading: never announced SERVING, straight to the shutdown
         for name in ["", *SERVICES]:
@@ -448,6 +449,8 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     serving.engine.stop()
     for pool in (inference.resolving, adapters.changing):  # threads still reading a file finish on their own
         pool.shutdown(wait=False, cancel_futures=True)
+    if frozen:  # the exit's collection skips frozen objects: triton's bindings then report what it left as leaks
+        gc.unfreeze()
     log.info("stopped")
     if hurry.is_set() and serving.registry_changes.count:  # asyncio.run would wait for their threads' file reads
         _exit_now("a second signal: not waiting for the cut LoadAdapter/UnloadAdapter reads", 0)

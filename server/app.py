@@ -32,8 +32,8 @@ from protos.loraplex.v1 import inference_pb2_grpc as pb_grpc
 from server.attention import UnsupportedAttention
 from server.auth import AuthInterceptor, watch_tokens
 from server.tls import tls_credentials
-from server.config import (KV_SHARE, ConfigError, Limits, ServerConfig, check_config, check_slot_bank, free_memory,
-                           kv_room, resolve_limits, serve_targets, size_text)
+from server.config import (ConfigError, ServerConfig, check_config, check_slot_bank, free_memory, resolve_limits,
+                           serve_targets, size_text)
 from server.engine import Engine, EngineConfig
 from server.engine_messages import EngineRequest, ErrorEvent, FinishEvent
 from server.open_streams import Closing, HealthService, ReflectionService
@@ -42,6 +42,7 @@ from server.batch import Runner
 from server.prefix_cache import PrefixCache
 from server.response_format import Formats
 from server.interceptors import MalformedInterceptor, MetricsInterceptor, client_gone
+from server.kv_budget import kv_limits
 from server.metrics import Metrics
 from server.sampling import SamplingParams
 from server.adapters_servicer import AdaptersServicer
@@ -140,48 +141,6 @@ def _prefix_cache(config: ServerConfig, tokens: int, runner: Runner, layers: lis
     return cache
 
 
-def _limits(config: ServerConfig, per_token: int, limits: Limits, before: int | None, held: int,
-            host_cache: int) -> Limits:
-    """`limits` with --max-kv-tokens 0 bounded by the memory free once the model, the slot bank and the prefix cache
-    are allocated: the default, every row of the batch at the full context, would run a large model out of memory
-    long before (a 7B Llama in fp16: 32 rows x 4096 tokens of keys and values take 64 GiB). That is the memory free
-    now, and at most the memory free `before` the model loaded less what the model and the slot bank take (`held`)
-    and the prefix cache: a model mapped from its checkpoint's file (the CPU, as stored) leaves the free memory as it
-    was, and the slot bank's HydraLoRA routers are allocated with the first routed adapter. `host_cache`: the bytes
-    the host adapter cache may fill later in the same memory (on the CPU, --adapter-cache-bytes; else 0). `per_token`:
-    the bytes of a token slot's keys and values."""
-    max_context = limits.max_context
-    free = free_memory(config.device)
-    if free is not None and before is not None:
-        free = max(0, min(free, before - held - limits.prefix_cache_tokens * per_token))
-    if free is not None:
-        free = max(0, free - host_cache)
-    limits = resolve_limits(config, max_context, kv_room(free, per_token))
-    kv = f"{limits.max_kv_tokens} token slots ({size_text(limits.max_kv_tokens * per_token)})"
-    beside = "the model, the slot bank" + (f", the prefix cache and the host adapter cache ({size_text(host_cache)}, "
-                                           f"--adapter-cache-bytes)" if host_cache else " and the prefix cache")
-    share = f"{round(100 * KV_SHARE)}% of the {size_text(free)} free on {config.device} beside {beside}" \
-        if free is not None else ""
-    if not limits.kv_by_memory:
-        log.info("KV cache: up to %s, %s", kv, "--max-kv-tokens" if config.max_kv_tokens else
-                 f"--max-batch-size x the context (within {share})" if share else
-                 f"--max-batch-size x the context (the free memory on {config.device} is not known)")
-    else:
-        needs = f"--max-batch-size {config.max_batch_size} x the context {max_context} would need " \
-                f"{size_text(config.max_batch_size * max_context * per_token)}"
-        if limits.max_kv_tokens < 1:
-            raise ConfigError(f"no memory is left on {config.device} for the KV cache ({size_text(free)} free beside "
-                              f"{beside}; {needs}): lower --max-active-adapters, --max-lora-rank, --max-hydra-heads"
-                              f"{', --adapter-cache-bytes' if host_cache else ''} or --prefix-cache-tokens, or take a "
-                              f"larger device")
-        log.info("KV cache: up to %s, what %s holds (%s; --max-kv-tokens sets it)", kv, share, needs)
-    if limits.max_kv_tokens < max_context:
-        log.warning("KV cache: requests whose prompt + max_new_tokens pass %d tokens (the context is %d) are "
-                    "refused, OUT_OF_RANGE: that many token slots is %s", limits.max_kv_tokens, max_context,
-                    "all the free memory holds" if limits.kv_by_memory else "what --max-kv-tokens allows")
-    return limits
-
-
 def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Serving:
     """Load the model, inject adapter layers, allocate the slot bank, start the engine (blocking)."""
     if config.threads:
@@ -192,7 +151,7 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
     slow = slow_dtype_warning(config.device, config.dtype)
     if slow:
         log.warning("%s", slow)
-    before = free_memory(config.device)  # what the model and the rest take of it bounds the KV cache (_limits)
+    before = free_memory(config.device)  # what the model and the rest take of it bounds the KV cache (kv_limits)
     try:
         base = load_base_model(config.model, config.device, config.dtype)
     except (FileNotFoundError, UnservableModel) as exc:
@@ -236,8 +195,8 @@ def build_serving(config: ServerConfig, metrics: Metrics, kernel: str) -> Servin
         root = default_adapter_root()  # the built-in model comes with its demo adapters
     # on the CPU the adapters read from disk share the KV cache's memory (with no adapter root, none is read)
     host_cache = config.adapter_cache_bytes if root is not None and torch.device(config.device).type == "cpu" else 0
-    limits = _limits(config, PrefixCache.bytes_per_token(layers), limits, before,  # after everything else is allocated
-                     model_bytes + bank_bytes, host_cache)
+    limits = kv_limits(config, PrefixCache.bytes_per_token(layers), limits,  # after everything else is allocated
+                       free_memory(config.device), before, model_bytes + bank_bytes, host_cache)
     engine = Engine(runner, base.tokenizer, base.eos_token_ids,
                     EngineConfig(config.max_batch_size, config.max_queue_size, limits.max_kv_tokens,
                                  config.max_prefill_tokens, config.scheduling, config.max_queue_per_adapter,

@@ -342,7 +342,10 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
             hurry.set()
         stop.set()
     loop = asyncio.get_running_loop()
-    if threading.current_thread() is threading.main_thread():
+    # On the main thread the process is this server's (`loraplex serve`): it takes the signals and freezes the heap;
+    # an in-process server (tests, benchmarks) runs on a thread of its own and does neither.
+    owns_process = threading.current_thread() is threading.main_thread()
+    if owns_process:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
     await server.start()  # after the signal handlers: a SIGTERM once the port is announced is a drain
@@ -364,8 +367,7 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
         await server.stop(None)
         raise
     serving.__dict__.update(loaded.__dict__)
-    frozen = threading.current_thread() is threading.main_thread()  # the process is this server's (`loraplex serve`)
-    if frozen:
+    if owns_process:
         log.info("garbage collector: %d objects alive at start frozen out of its full collections", freeze_heap())
     if not stop.is_set():  # a signal while loading: never announced SERVING, straight to the shutdown
         for name in ["", *SERVICES]:
@@ -408,7 +410,7 @@ async def serve(config: ServerConfig, on_ready=None, stop_event: asyncio.Event |
     serving.engine.stop()
     for pool in (inference.resolving, adapters.changing):  # threads still reading a file finish on their own
         pool.shutdown(wait=False, cancel_futures=True)
-    if frozen:  # the exit's collection skips frozen objects: triton's bindings then report what it left as leaks
+    if owns_process:  # the exit's collection skips frozen objects: triton's bindings then report what it left as leaks
         gc.unfreeze()
     log.info("stopped")
     if hurry.is_set() and serving.registry_changes.count:  # asyncio.run would wait for their threads' file reads
